@@ -1,0 +1,239 @@
+"""Pure numerics behind the speedup report: curves, thresholds, first reach, bootstrap, multiplier, cost model.
+
+Everything here is NumPy on small arrays and has no I/O; ``report.py`` assembles it into results.json.
+
+Speedup to a threshold (spec algorithms.md §6): a method's *figure* is its step / backward-pass count /
+wall-clock at the first validation point whose score reaches the threshold; the *speedup ratio* is
+``GRPO's figure / method's figure`` (> 1 means the method is faster). Three threshold variants, all from the
+baseline's curve of the same seed (peak = max of that curve, v0 = its warm-start score):
+
+* ``strict``  first v >= peak (the papers' definition, no smoothing);
+* ``eps``     first v >= peak - eps;
+* ``gain90``  first v >= v0 + gain_frac * (peak - v0).
+
+Scores are compared with a tolerance of ``TIE_TOL`` so that a value equal to the target up to float rounding
+(e.g. ``0.6 - 0.01`` vs ``0.59``) counts as reached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+THRESHOLDS = ("strict", "eps", "gain90")
+TIE_TOL = 1e-9
+METHOD_KINDS = ("gxpo", "sfpo", "grpo")
+
+
+@dataclass
+class Curve:
+    """A validation curve: one entry per validation record, sorted by step (arrays of length T)."""
+    step: np.ndarray          # int64 [T]  update index (0 = warm start)
+    bp: np.ndarray            # float64 [T] cumulative backward passes
+    opt: np.ndarray           # float64 [T] cumulative optimizer steps
+    wall: np.ndarray          # float64 [T] cumulative training seconds (validation excluded)
+    score: np.ndarray         # float64 [T] the score_key value
+    per_prompt: Optional[np.ndarray] = None   # float64 [T, P] 0/1 correctness, when every point logs it
+
+    def rows(self) -> list:
+        return [[int(s), float(b), float(o), float(w), float(v)]
+                for s, b, o, w, v in zip(self.step, self.bp, self.opt, self.wall, self.score)]
+
+
+def curve_from_records(records: Sequence[Mapping], score_key: str = "greedy_acc") -> Curve:
+    """Extract the validation curve from per-step records (those carrying ``val``), sorted by ``step``."""
+    pts = sorted((r for r in records if r.get("val") is not None), key=lambda r: int(r["step"]))
+    if not pts:
+        raise ValueError("records hold no validation point (no record has a 'val' dict)")
+    for r in pts:
+        if score_key not in r["val"]:
+            raise ValueError(f"validation record at step {r['step']} has no score_key {score_key!r}")
+        if r["val"][score_key] is None or not np.isfinite(float(r["val"][score_key])):
+            raise ValueError(f"validation record at step {r['step']}: {score_key!r} is not a finite number")
+    pp = [r["val"].get("per_prompt") for r in pts]
+    per_prompt = None
+    if all(p is not None for p in pp) and len({len(p) for p in pp}) == 1 and len(pp[0]) > 0:
+        per_prompt = np.asarray(pp, dtype=np.float64)
+    return Curve(
+        step=np.array([int(r["step"]) for r in pts], dtype=np.int64),
+        bp=np.array([float(r.get("backward_passes", 0)) for r in pts]),
+        opt=np.array([float(r.get("optimizer_steps", 0)) for r in pts]),
+        wall=np.array([float(r.get("wall_clock", 0.0)) for r in pts]),
+        score=np.array([float(r["val"][score_key]) for r in pts]),
+        per_prompt=per_prompt,
+    )
+
+
+def threshold_targets(base_scores: np.ndarray, *, eps: float, gain_frac: float) -> dict:
+    """Targets of the three variants from baseline scores ``[..., T]`` (index 0 = warm start) -> ``{name: [...]}``."""
+    peak = base_scores.max(axis=-1)
+    v0 = base_scores[..., 0]
+    return {"strict": peak, "eps": peak - eps, "gain90": v0 + gain_frac * (peak - v0)}
+
+
+def first_reach(scores: np.ndarray, target) -> np.ndarray:
+    """Index of the first point with ``score >= target`` (up to TIE_TOL) along the last axis; -1 if never.
+
+    scores: [..., T]; target: scalar or [...] broadcastable to scores[..., 0].
+    """
+    hit = scores >= np.asarray(target, dtype=np.float64)[..., None] - TIE_TOL
+    idx = np.argmax(hit, axis=-1)
+    return np.where(hit.any(axis=-1), idx, -1)
+
+
+def speedup(base_fig, m_fig, reached) -> np.ndarray:
+    """``base_fig / m_fig`` elementwise (arrays broadcast); 0 where not reached; NaN where degenerate.
+
+    Degenerate = the baseline's figure is 0 (its threshold was already met at the warm start: nothing to
+    speed up) or a reached method's figure is 0. ``m_fig`` is ignored where not reached.
+    """
+    b, m, ok = np.broadcast_arrays(np.asarray(base_fig, np.float64), np.asarray(m_fig, np.float64),
+                                   np.asarray(reached, bool))
+    r = np.where(ok, b / np.where(m > 0, m, 1.0), 0.0)
+    return np.where((b <= 0) | (ok & (m <= 0)), np.nan, r)
+
+
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                 stat=np.median) -> list:
+    """Percentile bootstrap CI ``[lo, hi]`` of ``stat`` over ``values`` (resampled with replacement).
+
+    Deterministic given ``seed``; one value (or identical values) gives a zero-width interval.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError("values must be a non-empty 1-D sequence")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, size=(n_boot, v.size))
+    boot = stat(v[idx], axis=1)
+    return percentile_ci(boot, level)
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> Optional[list]:
+    """``[lo, hi]`` percentiles of the finite bootstrap samples, or None when none is finite."""
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return None
+    a = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(s, [a, 100.0 - a])
+    return [float(lo), float(hi)]
+
+
+def resample_counts(n_points: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicities ``[n_boot, n_points]`` of one with-replacement index draw per bootstrap replicate."""
+    idx = rng.integers(0, n_points, size=(n_boot, n_points))
+    flat = idx + np.arange(n_boot)[:, None] * n_points
+    return np.bincount(flat.ravel(), minlength=n_boot * n_points).reshape(n_boot, n_points).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Effective step multiplier
+# ----------------------------------------------------------------------------------------------------------
+def _step_multiplier(upd: Mapping, kind: str, step: int) -> float:
+    if not upd.get("active", False) or upd.get("fallback", False) or upd.get("fell_back", False):
+        return 1.0
+    if kind == "gxpo":
+        need = ("alpha", "scale_mean")
+    else:
+        need = ("alpha", "K")
+    missing = [k for k in need if upd.get(k) is None]
+    if missing:
+        raise ValueError(f"records: active {kind} step {step} has no update[{missing[0]!r}]")
+    if kind == "gxpo":
+        # θ̃ − θ0 = α·scale⊙(θ2 − θ0) with θ2 − θ0 ≈ 2 GRPO steps, then one corrective step.
+        return 2.0 * float(upd["alpha"]) * float(upd["scale_mean"]) + 1.0
+    # SFPO: θ̃ − θ0 = α(θ_K − θ0) ≈ α·K GRPO steps, then one slow step.
+    return float(upd["alpha"]) * float(upd["K"]) + 1.0
+
+
+def effective_step_multiplier(records: Sequence[Mapping], method_kind: str) -> float:
+    """Mean over update steps (step >= 1) of how many GRPO-sized steps each update moves θ.
+
+    * ``grpo``: 1 per step.
+    * ``gxpo``: an active step moves θ0 → θ0 + α·scale⊙(θ2 − θ0); θ2 − θ0 is two optimizer steps, so the
+      move is ≈ 2·α·scale_mean GRPO steps, plus one corrective step: ``2·α·scale_mean + 1``. Inactive
+      (gate fired) or fallback steps count 1. ``scale_mean`` is the coordinate mean of the scale, so this is
+      an approximation when scale varies across coordinates.
+    * ``sfpo``: ``α·K + 1`` while active, 1 after its gate fired.
+
+    Keys read from each record's ``update`` dict: ``active`` (bool; missing = False), ``fallback`` or
+    ``fell_back`` (optional bool: the step fell back to one GRPO step), ``alpha``, and ``scale_mean`` (gxpo)
+    or ``K`` (sfpo) on active steps. Raises ValueError if a needed key is missing (never a silent 1.0).
+    """
+    if method_kind not in METHOD_KINDS:
+        raise ValueError(f"method_kind must be one of {METHOD_KINDS}, got {method_kind!r}")
+    steps = [r for r in records if int(r.get("step", 0)) >= 1]
+    if not steps:
+        raise ValueError("records hold no update step (step >= 1)")
+    if method_kind == "grpo":
+        return 1.0
+    if not any("active" in (r.get("update") or {}) for r in steps):
+        raise ValueError(f"records log no update['active']: cannot tell active {method_kind} steps")
+    vals = [_step_multiplier(r.get("update") or {}, method_kind, int(r["step"])) for r in steps]
+    return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cost model
+# ----------------------------------------------------------------------------------------------------------
+def cost_model(records_by_seed: Iterable[Sequence[Mapping]]) -> Optional[dict]:
+    """Per-unit times from measured step times, median over all update steps of all seeds.
+
+    t_roll = median t_rollout (rollout + reward + old log-probs per step); t_bp = median of
+    t_backward / (backward passes this step); t_opt = median of t_optimizer / (optimizer steps this step).
+    Returns None when the timing keys are absent.
+    """
+    roll, bp, opt, n = [], [], [], 0
+    for records in records_by_seed:
+        recs = sorted(records, key=lambda r: int(r["step"]))
+        prev_bp, prev_opt = 0.0, 0.0
+        for r in recs:
+            d_bp = float(r.get("backward_passes", 0)) - prev_bp
+            d_opt = float(r.get("optimizer_steps", 0)) - prev_opt
+            prev_bp, prev_opt = float(r.get("backward_passes", 0)), float(r.get("optimizer_steps", 0))
+            if int(r["step"]) < 1 or any(r.get(k) is None for k in ("t_rollout", "t_backward", "t_optimizer")):
+                continue
+            n += 1
+            roll.append(float(r["t_rollout"]))
+            if d_bp > 0:
+                bp.append(float(r["t_backward"]) / d_bp)
+            if d_opt > 0:
+                opt.append(float(r["t_optimizer"]) / d_opt)
+    if not roll or not bp:
+        return None
+    return {"t_roll": float(np.median(roll)), "t_bp": float(np.median(bp)),
+            "t_opt": float(np.median(opt)) if opt else 0.0, "n_steps": n}
+
+
+def projected_rollout_time(share: float, base_cm: Mapping) -> float:
+    """Rollout time t_roll' per step such that for the baseline (1 pass + 1 optimizer step per step)
+    ``t_roll' / (t_roll' + t_bp + t_opt) = share``. ``share = 1`` gives ``inf`` (rollout-bound limit)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"rollout share must be in [0, 1], got {share}")
+    if share == 1.0:
+        return float("inf")
+    return share / (1.0 - share) * (float(base_cm["t_bp"]) + float(base_cm["t_opt"]))
+
+
+def projected_time(steps, bp, opt, t_roll: float, cm: Mapping):
+    """Projected time-to-threshold ``steps·t_roll' + bp·t_bp + opt·t_opt`` (arrays broadcast)."""
+    return (np.asarray(steps, np.float64) * t_roll + np.asarray(bp, np.float64) * cm["t_bp"]
+            + np.asarray(opt, np.float64) * cm["t_opt"])
+
+
+def projected_ratio(base_fig: Sequence, m_fig: Sequence, share: float, base_cm: Mapping, m_cm: Mapping,
+                    reached=True):
+    """Projected wall-clock speedup at rollout share ``share`` of the baseline's step time.
+
+    ``base_fig`` / ``m_fig`` = (steps, backward passes, optimizer steps) at the threshold (arrays allowed).
+    Rollout time is the same per step for every method (same batch); each method keeps its own t_bp, t_opt.
+    Share 0 with t_opt = 0 gives (BP_G·t_bp,G)/(BP_M·t_bp,M), i.e. BP_G/BP_M for equal pass costs; share 1
+    gives the step ratio exactly (the limit).
+    """
+    t_roll = projected_rollout_time(share, base_cm)
+    if np.isinf(t_roll):
+        return speedup(base_fig[0], m_fig[0], reached)
+    return speedup(projected_time(*base_fig, t_roll, base_cm), projected_time(*m_fig, t_roll, m_cm), reached)

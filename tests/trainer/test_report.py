@@ -1,0 +1,346 @@
+"""Speedup report (gxpo_kernels/trainer/report.py, stats.py, plot.py).
+
+Guards: threshold variants and speedup ratios on hand-made curves (never reached, ties, single seed,
+degenerate warm start), seed and prompt bootstrap CIs, the effective step multiplier, the cost-model
+projection (share 0, share -> 1, a hand-computed mid case), results.json schema, the PNG, the table,
+and the JSONL round trip / CLI.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gxpo_kernels.trainer import report, stats
+
+VAL_STEPS = [0, 10, 20, 30, 40, 50]
+
+
+def make_records(scores, *, bp=1, opt=1, t_roll=0.05, t_bp=0.06, t_opt=0.01, val_steps=VAL_STEPS,
+                 update=None, per_prompt=None):
+    """Per-step records 0..max(val_steps): each step does ``bp`` passes and ``opt`` optimizer steps and takes
+    t_roll + bp*t_bp + opt*t_opt seconds; ``scores[i]`` is the validation score at ``val_steps[i]``."""
+    recs, wall = [], 0.0
+    for step in range(val_steps[-1] + 1):
+        r = {"step": step, "backward_passes": step * bp, "optimizer_steps": step * opt}
+        if step:
+            wall += t_roll + bp * t_bp + opt * t_opt
+            r.update(t_rollout=t_roll, t_backward=bp * t_bp, t_optimizer=opt * t_opt,
+                     update=(update(step) if callable(update) else dict(update or {})))
+        r["wall_clock"] = wall
+        if step in val_steps:
+            i = val_steps.index(step)
+            r["val"] = {"greedy_acc": scores[i], "pass1": scores[i]}
+            if per_prompt is not None:
+                r["val"]["per_prompt"] = list(per_prompt[i])
+        recs.append(r)
+    return recs
+
+
+GRPO = [0.40, 0.45, 0.50, 0.55, 0.60, 0.58]
+FAST = [0.40, 0.52, 0.59, 0.60, 0.61, 0.60]    # SFPO-like: 4 passes/step, 4 optimizer steps
+SLOW = [0.40, 0.42, 0.44, 0.46, 0.48, 0.50]    # never reaches GRPO's peak
+WALL_G, WALL_F = 0.05 + 0.06 + 0.01, 0.05 + 4 * 0.06 + 4 * 0.01   # seconds per step
+
+
+def _one_seed(**kw):
+    runs = {"grpo": {0: make_records(GRPO)}, "sfpo": {0: make_records(FAST, bp=4, opt=4)},
+            "slow": {0: make_records(SLOW)}, "tie": {0: make_records(GRPO)}}
+    return runs
+
+
+@pytest.fixture
+def one_seed(tmp_path):
+    return report.build_report(_one_seed(), tmp_path, gain_frac=0.75, n_boot=200, plot=False)
+
+
+def test_thresholds_single_seed_hand_computed(one_seed):
+    t = one_seed["methods"]["sfpo"]["seeds"]["0"]["thresholds"]
+    # strict: GRPO peak 0.60 first at step 40; SFPO first >= 0.60 at step 30.
+    s = t["strict"]
+    assert s["reached"] and s["step"] == 30 and s["bp"] == 120 and s["target"] == pytest.approx(0.60)
+    assert s["ratio_steps"] == pytest.approx(40 / 30)
+    assert s["ratio_bp"] == pytest.approx(40 / 120)
+    assert s["ratio_wall"] == pytest.approx(40 * WALL_G / (30 * WALL_F))
+    # eps: target 0.59 (SFPO's 0.59 at step 20 ties it exactly); GRPO first >= 0.59 at 40.
+    e = t["eps"]
+    assert e["step"] == 20 and e["ratio_steps"] == pytest.approx(2.0) and e["ratio_bp"] == pytest.approx(0.5)
+    # gain90 with gain_frac 0.75: target 0.40 + 0.75*0.20 = 0.55; GRPO at 30, SFPO at 20.
+    g = t["gain90"]
+    assert g["target"] == pytest.approx(0.55)
+    assert g["step"] == 20 and g["ratio_steps"] == pytest.approx(1.5) and g["ratio_bp"] == pytest.approx(30 / 80)
+    assert g["ratio_wall"] == pytest.approx(30 * WALL_G / (20 * WALL_F))
+    # GRPO against itself, and an identical curve (ties): every ratio exactly 1.
+    for m in ("grpo", "tie"):
+        for name in stats.THRESHOLDS:
+            th = one_seed["methods"][m]["seeds"]["0"]["thresholds"][name]
+            assert th["reached"] and th["ratio_steps"] == th["ratio_bp"] == th["ratio_wall"] == 1.0
+    assert one_seed["methods"]["grpo"]["seeds"]["0"]["thresholds"]["strict"]["step"] == 40
+
+
+def test_never_reached_is_reported(one_seed, tmp_path):
+    t = one_seed["methods"]["slow"]["seeds"]["0"]["thresholds"]
+    for name in stats.THRESHOLDS:
+        assert t[name]["reached"] is False
+        assert t[name]["step"] is None and t[name]["ratio_steps"] is None and t[name]["ratio_wall"] is None
+        agg = one_seed["methods"]["slow"]["aggregate"][name]
+        assert agg["reached"] == "0/1" and agg["ratio_steps"]["median"] == 0.0 and agg["step"] is None
+    # with gain_frac 0.5 the target 0.50 is reached at step 50 (GRPO: 20)
+    res = report.build_report(_one_seed(), tmp_path, gain_frac=0.5, n_boot=50, plot=False)
+    g = res["methods"]["slow"]["seeds"]["0"]["thresholds"]["gain90"]
+    assert g["reached"] and g["ratio_steps"] == pytest.approx(20 / 50)
+    table = report.format_table(one_seed)
+    assert "not reached" in table and "NOT REACHED" in table.splitlines()[2]
+
+
+def test_first_reach_ties_and_tolerance():
+    scores = np.array([0.4, 0.6, 0.6, 0.5])
+    assert stats.first_reach(scores, 0.6) == 1                 # first of tied maxima
+    assert stats.first_reach(scores, 0.6 + 1e-12) == 1         # float rounding counts as a tie
+    assert stats.first_reach(scores, 0.61) == -1
+    assert stats.first_reach(scores, 0.3) == 0
+    np.testing.assert_array_equal(stats.first_reach(np.stack([scores, scores[::-1]]), np.array([0.55, 0.7])),
+                                  [1, -1])
+
+
+def test_degenerate_threshold_at_warm_start(tmp_path):
+    flat = [0.40, 0.40, 0.405, 0.40, 0.40, 0.40]   # GRPO barely moves: eps target 0.395 is met at step 0
+    runs = {"grpo": {0: make_records(flat)}, "sfpo": {0: make_records(FAST, bp=4, opt=4)}}
+    res = report.build_report(runs, tmp_path, n_boot=50, plot=False)
+    e = res["methods"]["sfpo"]["seeds"]["0"]["thresholds"]["eps"]
+    assert e["degenerate"] and e["ratio_steps"] is None
+    agg = res["methods"]["sfpo"]["aggregate"]["eps"]
+    assert agg["n_degenerate"] == 1 and agg["n_seeds"] == 0 and agg["ratio_steps"]["median"] is None
+    assert res["methods"]["sfpo"]["seeds"]["0"]["thresholds"]["strict"]["ratio_steps"] == pytest.approx(2.0)
+
+
+def test_aggregate_over_seeds_counts_not_reached(tmp_path):
+    # method reaches GRPO's peak at step 20 (2x), 40 (1x), never (0x) -> median 1, range [0, 2], reached 2/3
+    m_curves = {0: [0.40, 0.5, 0.60, 0.6, 0.6, 0.6], 1: [0.40, 0.5, 0.5, 0.5, 0.60, 0.6], 2: SLOW}
+    runs = {"grpo": {s: make_records(GRPO) for s in m_curves}, "x": {s: make_records(c) for s, c in m_curves.items()}}
+    res = report.build_report(runs, tmp_path, n_boot=300, plot=False)
+    a = res["methods"]["x"]["aggregate"]["strict"]
+    assert a["reached"] == "2/3" and a["n_reached"] == 2
+    assert (a["ratio_steps"]["median"], a["ratio_steps"]["min"], a["ratio_steps"]["max"]) == (1.0, 0.0, 2.0)
+    lo, hi = a["ratio_steps"]["ci_seeds"]
+    assert 0.0 <= lo <= 1.0 <= hi <= 2.0
+    assert a["step"] == 40.0          # median cost over {20, 40, inf}
+    assert a["ratio_steps"]["ci_prompts"] is None   # no per_prompt logged
+    assert res["meta"]["n_seeds"] == 3
+
+
+def test_bootstrap_ci_properties():
+    v = [0.8, 1.1, 1.3, 1.5, 2.0, 1.2, 0.9]
+    ci = stats.bootstrap_ci(v, n_boot=1000, seed=3)
+    assert ci[0] <= np.median(v) <= ci[1] and ci[0] < ci[1]
+    assert ci == stats.bootstrap_ci(v, n_boot=1000, seed=3)            # deterministic
+    assert stats.bootstrap_ci([1.7, 1.7, 1.7], n_boot=100) == [1.7, 1.7]  # identical seeds: zero width
+    assert stats.bootstrap_ci([2.5], n_boot=100) == [2.5, 2.5]            # single seed
+    with pytest.raises(ValueError, match="n_boot"):
+        stats.bootstrap_ci(v, n_boot=0)
+    counts = stats.resample_counts(7, 5, np.random.default_rng(0))
+    assert counts.shape == (5, 7) and np.all(counts.sum(1) == 7)
+
+
+def _nested(P, sizes):
+    """Rows of 0/1 correctness: row i has the first sizes[i] of P prompts correct (nested sets)."""
+    return np.array([[1.0] * k + [0.0] * (P - k) for k in sizes])
+
+
+def test_prompt_bootstrap_shared_draw(tmp_path):
+    # GRPO's rows are nested sets growing by 20 prompts (so every resample is strictly increasing and peaks
+    # at step 40 with probability 1 - 1e-9); the method is GRPO one validation step ahead. With the same
+    # prompt resample applied to both, the method ties GRPO's resampled peak at step 30 in every replicate:
+    # the prompt CI is exactly [4/3, 4/3]. (Independent draws would miss that tie about half the time.)
+    P = 120
+    g = _nested(P, [0, 20, 40, 60, 80, 60])
+    m = g[[0, 2, 3, 4, 4, 4]]
+    runs = {"grpo": {0: make_records(g.mean(1).tolist(), per_prompt=g)},
+            "ahead": {0: make_records(m.mean(1).tolist(), per_prompt=m)},
+            "same": {0: make_records(g.mean(1).tolist(), per_prompt=g)}}
+    res = report.build_report(runs, tmp_path, n_boot=400, plot=False)
+    a = res["methods"]["ahead"]["aggregate"]["strict"]["ratio_steps"]
+    assert a["median"] == pytest.approx(4 / 3)
+    assert a["ci_prompts"] == pytest.approx([4 / 3, 4 / 3])
+    assert res["methods"]["same"]["aggregate"]["eps"]["ratio_bp"]["ci_prompts"] == [1.0, 1.0]
+    assert res["meta"]["prompt_bootstrap"] == "ok"
+
+
+def test_prompt_bootstrap_noisy_and_deterministic(tmp_path):
+    rng = np.random.default_rng(1)
+    P = 200
+    runs = {"grpo": {}, "m": {}}
+    for s in (0, 1):
+        for name, p in (("grpo", [0.4, 0.45, 0.5, 0.55, 0.6, 0.6]), ("m", [0.4, 0.52, 0.6, 0.6, 0.61, 0.61])):
+            pp = (rng.random((6, P)) < np.array(p)[:, None]).astype(float)
+            pp[0] = runs["grpo"][s][0]["val"]["per_prompt"] if name == "m" else pp[0]   # shared warm start
+            runs[name][s] = make_records(pp.mean(1).tolist(), per_prompt=pp)
+    r1 = report.build_report(runs, tmp_path / "a", n_boot=300, plot=False)
+    r2 = report.build_report(runs, tmp_path / "b", n_boot=300, plot=False)
+    a1, a2 = (r["methods"]["m"]["aggregate"]["eps"]["ratio_steps"] for r in (r1, r2))
+    assert a1["ci_prompts"] == a2["ci_prompts"] and a1["ci_seeds"] == a2["ci_seeds"]
+    lo, hi = a1["ci_prompts"]
+    assert lo < hi   # noisy validation sets give a non-degenerate interval
+    # a per_prompt vector that does not average to the score is not used
+    runs["m"][0][10]["val"]["greedy_acc"] += 0.1
+    r3 = report.build_report(runs, tmp_path / "c", n_boot=50, plot=False)
+    assert r3["methods"]["m"]["aggregate"]["eps"]["ratio_steps"]["ci_prompts"] is None
+    assert "per_prompt" in r3["meta"]["prompt_bootstrap"]
+
+
+def test_effective_step_multiplier():
+    gx = [{"step": 0}] + [{"step": i, "update": u} for i, u in enumerate([
+        {"active": True, "alpha": 0.5, "scale_mean": 2.5},
+        {"active": True, "alpha": 0.5, "scale_mean": 2.5},
+        {"active": True, "alpha": 0.5, "scale_mean": 1.0},
+        {"active": False, "alpha": 0.5}], start=1)]
+    assert stats.effective_step_multiplier(gx, "gxpo") == pytest.approx((3.5 + 3.5 + 2.0 + 1.0) / 4)
+    gx[3]["update"]["fell_back"] = True    # a fallback is one GRPO step
+    assert stats.effective_step_multiplier(gx, "gxpo") == pytest.approx((3.5 + 3.5 + 1.0 + 1.0) / 4)
+    sf = [{"step": i, "update": {"active": i <= 3, "alpha": 0.8, "K": 3}} for i in range(1, 6)]
+    assert stats.effective_step_multiplier(sf, "sfpo") == pytest.approx((3 * 3.4 + 2) / 5)
+    assert stats.effective_step_multiplier(sf, "grpo") == 1.0
+    with pytest.raises(ValueError, match="scale_mean"):
+        stats.effective_step_multiplier([{"step": 1, "update": {"active": True, "alpha": 0.5}}], "gxpo")
+    with pytest.raises(ValueError, match="method_kind"):
+        stats.effective_step_multiplier(sf, "ppo")
+    with pytest.raises(ValueError, match="active"):   # nothing logged: no silent 1.0
+        stats.effective_step_multiplier([{"step": 1, "update": {}}], "sfpo")
+
+
+def test_multiplier_and_gate_in_report(tmp_path):
+    upd = lambda s: {"active": s <= 20, "alpha": 0.8, "K": 3, "gate": "entropy",  # noqa: E731
+                     "gate_fired_step": 21 if s > 20 else None}
+    runs = {"grpo": {0: make_records(GRPO)}, "sfpo": {0: make_records(FAST, bp=4, opt=4, update=upd)}}
+    res = report.build_report(runs, tmp_path, n_boot=50, plot=False)
+    r = res["methods"]["sfpo"]
+    assert r["kind"] == "sfpo"
+    assert r["effective_multiplier"] == pytest.approx((20 * 3.4 + 30) / 50)
+    assert r["gate"]["0"] == {"gate": "entropy", "fired_step": 21, "first_inactive_step": 21}
+    assert res["methods"]["grpo"]["effective_multiplier"] == 1.0
+
+
+def test_cost_model_and_projection():
+    recs = make_records(GRPO, bp=3, opt=3, t_roll=0.05, t_bp=0.06, t_opt=0.01)
+    cm = stats.cost_model([recs])
+    assert cm["t_roll"] == pytest.approx(0.05) and cm["t_bp"] == pytest.approx(0.06)
+    assert cm["t_opt"] == pytest.approx(0.01) and cm["n_steps"] == 50
+    assert stats.cost_model([[{"step": 0, "val": {}}]]) is None
+    base_cm = {"t_roll": 0.05, "t_bp": 0.06, "t_opt": 0.0}
+    g, m = (40, 40, 40), (20, 80, 80)
+    # share 0, t_opt = 0, equal pass cost: the backward-pass ratio
+    assert stats.projected_ratio(g, m, 0.0, base_cm, base_cm) == pytest.approx(40 / 80)
+    # ... with unequal pass costs: (BP_G t_bp,G) / (BP_M t_bp,M)
+    assert stats.projected_ratio(g, m, 0.0, base_cm, {"t_bp": 0.08, "t_opt": 0.0}) == pytest.approx(2.4 / 6.4)
+    # share -> 1 tends to the step ratio; exactly it at 1
+    assert stats.projected_ratio(g, m, 1.0, base_cm, base_cm) == 2.0
+    assert stats.projected_ratio(g, m, 1 - 1e-7, base_cm, base_cm) == pytest.approx(2.0, rel=1e-5)
+    assert abs(stats.projected_ratio(g, m, 0.9, base_cm, base_cm) - 2.0) < 0.5
+    # mid case by hand: share 0.5, base t_bp .06 t_opt .01 -> t_roll' = .07;
+    # GRPO 40(.07+.06+.01) = 5.6; M 20*.07 + 80*.06 + 80*.02 = 7.8
+    cb, cmm = {"t_bp": 0.06, "t_opt": 0.01}, {"t_bp": 0.06, "t_opt": 0.02}
+    assert stats.projected_rollout_time(0.5, cb) == pytest.approx(0.07)
+    assert stats.projected_rollout_time(0.3, cb) == pytest.approx(0.03)
+    assert stats.projected_ratio(g, m, 0.5, cb, cmm) == pytest.approx(5.6 / 7.8)
+    assert stats.projected_ratio(g, m, 0.5, cb, cmm, reached=False) == 0.0
+    with pytest.raises(ValueError, match="share"):
+        stats.projected_rollout_time(1.5, cb)
+
+
+def test_projected_in_report_matches_hand(tmp_path):
+    res = report.build_report(_one_seed(), tmp_path, rollout_shares=(0.0, 0.5, 1.0), n_boot=50, plot=False)
+    p = res["methods"]["sfpo"]["seeds"]["0"]["thresholds"]["strict"]["projected"]
+    # t_roll' at 0.5 = .06 + .01 = .07: GRPO 40 * .14 = 5.6; SFPO 30 * .07 + 120 * .06 + 120 * .01 = 10.5
+    assert p["0.5"] == pytest.approx(5.6 / 10.5)
+    assert p["1"] == pytest.approx(40 / 30)
+    assert p["0"] == pytest.approx(40 * 0.07 / (120 * 0.07))
+    assert res["meta"]["baseline_measured_rollout_share"] == pytest.approx(0.05 / 0.12)
+    assert res["methods"]["slow"]["seeds"]["0"]["thresholds"]["strict"]["projected"]["0.5"] is None
+
+
+def test_build_report_files_schema_and_table(tmp_path):
+    runs = {"grpo": {s: make_records(GRPO) for s in (0, 1)},
+            "gxpo": {s: make_records(FAST, bp=3, opt=3, update={"active": True, "alpha": 0.5, "scale_mean": 2.5,
+                                                                 "gate": "window"}) for s in (0, 1)},
+            "slow": {0: make_records(SLOW)}}
+    res = report.build_report(runs, tmp_path, n_boot=100)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == res
+    meta = on_disk["meta"]
+    for k in ("baseline", "thresholds", "eps", "gain_frac", "rollout_shares", "score_key", "n_seeds"):
+        assert k in meta
+    assert set(meta["thresholds"]) == set(stats.THRESHOLDS)
+    m = on_disk["methods"]["gxpo"]
+    assert {"seeds", "aggregate", "effective_multiplier", "cost_model", "gate", "peak", "last_mean"} <= set(m)
+    seed = m["seeds"]["1"]
+    assert {"curve", "peak", "last_mean", "thresholds"} <= set(seed)
+    assert seed["curve"][0] == [0, 0.0, 0.0, 0.0, 0.40] and len(seed["curve"][0]) == 5
+    assert seed["last_mean"] == pytest.approx(np.mean(FAST[-3:]))
+    th = seed["thresholds"]["eps"]
+    assert {"reached", "step", "bp", "wall", "ratio_steps", "ratio_bp", "ratio_wall", "projected"} <= set(th)
+    assert set(th["projected"]) == {"0.3", "0.5", "0.7"}
+    agg = m["aggregate"]["strict"]
+    for k in ("ratio_steps", "ratio_bp", "ratio_wall"):
+        assert {"median", "min", "max", "ci_seeds", "ci_prompts"} <= set(agg[k])
+    assert agg["reached"] == "2/2" and agg["ratio_steps"]["ci_seeds"] == [4 / 3, 4 / 3]
+    assert m["effective_multiplier"] == pytest.approx(3.5)
+    assert set(m["cost_model"]) >= {"t_roll", "t_bp", "t_opt"}
+    png = (tmp_path / "speedup.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = report.format_table(res)
+    lines = table.splitlines()
+    assert lines[0] == "CONCLUSION" and lines[1].strip().startswith("gxpo vs grpo")
+    assert "needs 0.50x grpo's steps" in lines[1] and "1.50x its backward passes" in lines[1]
+    assert "measured" in table and "proj" in table and "not reached" in table
+
+
+def test_load_runs_roundtrip_and_cli(tmp_path, capsys):
+    runs = {"grpo": {0: make_records(GRPO), 2: make_records(GRPO)}, "sfpo": {0: make_records(FAST, bp=4, opt=4)}}
+    for m, seeds in runs.items():
+        (tmp_path / m).mkdir()
+        for s, recs in seeds.items():
+            (tmp_path / m / f"seed{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with open(tmp_path / "sfpo" / "seed0.jsonl", "a") as fh:
+        fh.write('{"step": 51, "backw')          # a run killed mid-write
+    with pytest.warns(UserWarning, match="truncated"):
+        loaded = report.load_runs(tmp_path)
+    assert loaded == runs
+    with pytest.warns(UserWarning):
+        assert report.main([str(tmp_path), "--n-boot", "20", "--no-plot"]) == 0
+    assert "CONCLUSION" in capsys.readouterr().out
+    assert (tmp_path / "results.json").exists()
+    with pytest.raises(FileNotFoundError):
+        report.load_runs(tmp_path / "grpo")
+    # the loop's own layout <method>/seed<k>/records.jsonl is read too
+    (tmp_path / "gxpo" / "seed3").mkdir(parents=True)
+    (tmp_path / "gxpo" / "seed3" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs["grpo"][0]))
+    with pytest.warns(UserWarning):
+        assert report.load_runs(tmp_path)["gxpo"] == {3: runs["grpo"][0]}
+
+
+@pytest.mark.parametrize("kw, match", [({"baseline": "ppo"}, "baseline"), ({"gain_frac": 0.0}, "gain_frac"),
+                                       ({"eps": -1.0}, "eps"), ({"rollout_shares": (1.2,)}, "rollout_shares"),
+                                       ({"n_boot": 0}, "n_boot"), ({"headline": "x"}, "headline"),
+                                       ({"score_key": "nope"}, "score_key")])
+def test_bad_arguments(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        report.build_report(_one_seed(), tmp_path, plot=False, **kw)
+
+
+def test_non_finite_score_rejected():
+    recs = make_records(GRPO)
+    recs[20]["val"]["greedy_acc"] = float("nan")
+    with pytest.raises(ValueError, match="step 20"):
+        stats.curve_from_records(recs)
+
+
+def test_missing_baseline_seed_is_kept(tmp_path):
+    runs = {"grpo": {0: make_records(GRPO)}, "sfpo": {0: make_records(FAST, bp=4, opt=4),
+                                                      7: make_records(FAST, bp=4, opt=4)}}
+    res = report.build_report(runs, tmp_path, n_boot=20, plot=False)
+    s7 = res["methods"]["sfpo"]["seeds"]["7"]
+    assert s7["thresholds"] is None and "no grpo run" in s7["note"]
+    assert res["methods"]["sfpo"]["effective_multiplier"] is None      # no update diagnostics logged
+    assert "active" in s7["effective_multiplier_note"]
+    assert res["methods"]["sfpo"]["aggregate"]["strict"]["reached"] == "1/1"
+    assert not math.isnan(res["methods"]["sfpo"]["peak"]["median"])
