@@ -1,0 +1,269 @@
+"""Group advantages: GRPO / Dr.GRPO (spec section 1) and FADE's focal advantage + controller (spec section 5).
+
+One implementation of per-group statistics (``group_stats``) serves every advantage here. Groups are given
+either as a regular layout (``group_size`` G: each prompt's G responses contiguous, or ``rewards`` shaped
+(num_prompts, G)) or ragged, by a (N,) integer ``group_ids`` tensor (any ids, any order). Statistics are
+computed in float64; advantages come back in the rewards' float dtype (float32 for integer/bool rewards).
+
+    GRPO     A_i = (r_i - mean_g) / (std_g + eps)        (unbiased std; a group of one gets 0)
+    Dr.GRPO  A_i = r_i - mean_g                          (scale="none")
+    FADE     A_i = (1 - mean_g)^(alpha - 1) * (r_i - mean_g), divided by delta when r_i < mean_g
+             (binary rewards; alpha = delta = 1 is Dr.GRPO)
+
+These are O(N) gathers/scatters over a few thousand rewards per step, negligible next to the loss and the
+model, so there is deliberately no fused kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+SCALES = ("std", "none")
+EMA_CONVENTIONS = ("slow", "fast")
+
+
+class GroupStats(NamedTuple):
+    mean: torch.Tensor   # (N,) float64, each element's group mean
+    std: torch.Tensor    # (N,) float64, unbiased group std (0 for a group of one)
+    count: torch.Tensor  # (N,) int64, each element's group size
+
+
+def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
+                group_ids: Optional[torch.Tensor] = None) -> GroupStats:
+    """Per-element group mean, unbiased std and size, for a regular or ragged grouping.
+
+    Args:
+        rewards: (N,) or (num_prompts, G) rewards (float, int or bool).
+        group_size: G for a regular layout (N must be a multiple); inferred from a 2-D ``rewards`` if None.
+        group_ids: (N,) integer group id per reward (ragged groups); exclusive with ``group_size``.
+
+    Returns: GroupStats of flat (N,) float64/int64 tensors in the flattened rewards order.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be (N,) or (num_prompts, G), got shape {tuple(rewards.shape)}")
+    if rewards.numel() == 0:
+        raise ValueError("rewards is empty: need at least one group with at least one response")
+    if rewards.is_complex():
+        raise TypeError(f"rewards must be real, got {rewards.dtype}")
+    r = rewards.reshape(-1).double()
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("rewards contains NaN or inf")
+    N = r.numel()
+    if group_ids is not None:
+        if group_size is not None:
+            raise ValueError("pass either group_size or group_ids, not both")
+        if not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point or \
+                group_ids.dtype == torch.bool or group_ids.is_complex():
+            raise TypeError("group_ids must be an integer torch.Tensor")
+        if tuple(group_ids.shape) != (N,):
+            raise ValueError(f"group_ids must have shape ({N},) (one id per reward), got {tuple(group_ids.shape)}")
+        if group_ids.device != rewards.device:
+            raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
+        _, inv = torch.unique(group_ids, return_inverse=True)   # dense 0..K-1 labels, any ids allowed
+        K = int(inv.max()) + 1
+        count = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
+        mean = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, r) / count
+        centred = r - mean[inv]
+        ss = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, centred * centred)
+        std = torch.where(count > 1, (ss / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
+        return GroupStats(mean[inv], std[inv], count[inv].long())
+    if group_size is None:
+        if rewards.dim() != 2:
+            raise ValueError("pass group_size (or group_ids) for 1-D rewards, or rewards shaped (num_prompts, G)")
+        group_size = rewards.shape[1]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.dim() == 2 and rewards.shape[1] != group_size:
+        raise ValueError(f"group_size={group_size} disagrees with rewards of shape {tuple(rewards.shape)}")
+    if N % group_size:
+        raise ValueError(f"rewards has {N} elements, not a multiple of group_size={group_size}")
+    g = r.view(-1, group_size)
+    mean = g.mean(-1, keepdim=True)
+    std = g.std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    count = torch.full_like(g, group_size, dtype=torch.int64)
+    return GroupStats(mean.expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1))
+
+
+def _out_dtype(rewards: torch.Tensor) -> torch.dtype:
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
+def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
+                     group_ids: Optional[torch.Tensor] = None, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (``scale="std"``: (R - mean) / (unbiased std + eps)) or Dr.GRPO (``"none"``: R - mean) advantages.
+
+    Args: see ``group_stats`` for ``rewards`` / ``group_size`` / ``group_ids``; ``eps`` >= 0.
+    Returns: advantages with the shape of ``rewards``; a group of one gets 0.
+
+    Example:
+        >>> group_advantages(torch.tensor([1., 0., 0., 1., 1., 1.]), group_size=3)
+        >>> group_advantages(rewards, group_ids=torch.tensor([0, 0, 0, 1, 1]), scale="none")   # ragged
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    st = group_stats(rewards, group_size, group_ids)
+    adv = rewards.reshape(-1).double() - st.mean
+    if scale == "std":
+        adv = torch.where(st.count > 1, adv / (st.std + eps), torch.zeros_like(adv))
+    return adv.to(_out_dtype(rewards)).view(rewards.shape)
+
+
+def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
+                    group_ids: Optional[torch.Tensor] = None, alpha: float = 1.0, delta: float = 1.0) -> torch.Tensor:
+    """FADE focal advantage: A_i = (1 - rbar)^(alpha - 1) * (r_i - rbar), divided by ``delta`` when r_i < rbar.
+
+    Args:
+        rewards: binary rewards in {0, 1} (float, int or bool), (N,) or (num_prompts, G).
+        group_size / group_ids: the grouping (see ``group_stats``).
+        alpha: focal exponent >= 1 (hard prompts, low rbar, get up-weighted); 1 disables the focal factor.
+        delta: > 0, divides the negative advantages (delta < 1 strengthens them).
+    Returns: advantages with the shape of ``rewards``; all-correct / all-wrong groups and groups of one get 0.
+    Raises ValueError on non-binary rewards (FADE is defined for verifiable 0/1 rewards).
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha < math.inf:
+        raise ValueError(f"alpha must be a finite float >= 1 (0**(alpha-1) is undefined below 1), got {alpha!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < math.inf:
+        raise ValueError(f"delta must be a finite float > 0, got {delta!r}")
+    st = group_stats(rewards, group_size, group_ids)
+    r = rewards.reshape(-1).double()
+    if not bool(((r == 0) | (r == 1)).all()):
+        bad = r[(r != 0) & (r != 1)][:3].tolist()
+        raise ValueError(f"fade_advantages needs binary rewards in {{0, 1}}; found e.g. {bad}")
+    centred = r - st.mean
+    adv = torch.pow(1.0 - st.mean, alpha - 1.0) * centred    # 0**0 == 1, and centred == 0 there anyway
+    adv = torch.where(r < st.mean, adv / delta, adv)
+    return adv.to(_out_dtype(rewards)).view(rewards.shape)
+
+
+def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Positive advantage mass over negative mass, sum(max(A, 0)) / sum(max(-A, 0)), for logging (0-d fp64).
+
+    ``mask`` (same shape, bool) selects the entries counted. inf when there is no negative mass (nan if both 0).
+    """
+    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
+        raise TypeError("advantages must be a floating-point torch.Tensor")
+    a = advantages.detach().double()
+    if mask is not None:
+        if tuple(mask.shape) != tuple(a.shape):
+            raise ValueError(f"mask must have shape {tuple(a.shape)}, got {tuple(mask.shape)}")
+        a = torch.where(mask.bool(), a, torch.zeros_like(a))
+    return a.clamp(min=0).sum() / (-a).clamp(min=0).sum()
+
+
+def _check_unit(x, name, lo_open=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not ((0 < x) if lo_open else (0 <= x)) or not x <= 1:
+        raise ValueError(f"{name} must be in {'(0' if lo_open else '[0'}, 1], got {x!r}")
+
+
+def _scalar(x, name) -> float:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
+
+
+class FADEController:
+    """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor), spec section 5.
+
+    Each step call ``update(mean_reward, mean_entropy)`` once, then use ``alpha`` / ``delta`` in
+    ``fade_advantages``:
+
+        p_hat <- EMA(batch-mean reward), starts at p0          alpha = clip(3 (1 - p_hat) / (2 p_hat), 1, alpha_max)
+        H_hat <- EMA(mean token entropy), starts at the first   delta = clip(1 + H_hat - H*, delta_min, delta_max)
+
+    ``ema_convention="slow"`` (default, INFERRED): x <- (1 - ema) x + ema * new (horizon ~ 1/ema steps);
+    ``"fast"`` (the transcribed form): x <- ema * x + (1 - ema) * new. ``target_entropy`` H* defaults to half
+    the first observed entropy (INFERRED; the paper's tables use 1.0). Before the first update alpha comes from
+    p0 and delta is delta_max.
+    """
+
+    def __init__(self, alpha_max: float = 3.0, target_entropy: Optional[float] = None, ema: float = 0.02,
+                 ema_convention: str = "slow", p0: float = 0.5, delta_min: float = 0.3, delta_max: float = 1.0):
+        if isinstance(alpha_max, bool) or not isinstance(alpha_max, (int, float)) or not 1 <= alpha_max < math.inf:
+            raise ValueError(f"alpha_max must be a finite float >= 1, got {alpha_max!r}")
+        if target_entropy is not None and (isinstance(target_entropy, bool) or
+                                           not isinstance(target_entropy, (int, float)) or
+                                           not 0 <= target_entropy < math.inf):
+            raise ValueError(f"target_entropy must be a finite float >= 0 or None, got {target_entropy!r}")
+        _check_unit(ema, "ema", lo_open=True)
+        if ema_convention not in EMA_CONVENTIONS:
+            raise ValueError(f"ema_convention must be one of {EMA_CONVENTIONS}, got {ema_convention!r}")
+        _check_unit(p0, "p0")
+        _check_unit(delta_min, "delta_min", lo_open=True)
+        if isinstance(delta_max, bool) or not isinstance(delta_max, (int, float)) or not delta_min <= delta_max < math.inf:
+            raise ValueError(f"delta_max must be a finite float >= delta_min={delta_min}, got {delta_max!r}")
+        self.alpha_max, self.ema, self.ema_convention = float(alpha_max), float(ema), ema_convention
+        self.p0, self.delta_min, self.delta_max = float(p0), float(delta_min), float(delta_max)
+        self.target_entropy = None if target_entropy is None else float(target_entropy)
+        self.p_hat: float = float(p0)
+        self.h_hat: Optional[float] = None
+        self.steps = 0
+
+    def _ema(self, old: float, new: float) -> float:
+        if self.ema_convention == "slow":
+            return (1.0 - self.ema) * old + self.ema * new
+        return self.ema * old + (1.0 - self.ema) * new
+
+    @property
+    def alpha(self) -> float:
+        if self.p_hat <= 0:           # no successes yet: maximal focus on hard prompts
+            return self.alpha_max
+        return min(max(3.0 * (1.0 - self.p_hat) / (2.0 * self.p_hat), 1.0), self.alpha_max)
+
+    @property
+    def delta(self) -> float:
+        if self.h_hat is None:
+            return self.delta_max
+        return min(max(1.0 + self.h_hat - self.target_entropy, self.delta_min), self.delta_max)
+
+    def update(self, mean_reward, mean_entropy) -> Dict[str, float]:
+        """Fold in one step's batch-mean reward (in [0, 1]) and mean token entropy (>= 0); return the new state.
+
+        Returns dict(alpha, delta, p_hat, h_hat) (python floats) for this step's advantages and logging.
+        """
+        r, h = _scalar(mean_reward, "mean_reward"), _scalar(mean_entropy, "mean_entropy")
+        if not 0 <= r <= 1:
+            raise ValueError(f"mean_reward must be in [0, 1] (binary rewards), got {r}")
+        if h < 0:
+            raise ValueError(f"mean_entropy must be >= 0, got {h}")
+        self.p_hat = self._ema(self.p_hat, r)
+        if self.h_hat is None:
+            self.h_hat = h
+            if self.target_entropy is None:
+                self.target_entropy = 0.5 * h
+        else:
+            self.h_hat = self._ema(self.h_hat, h)
+        self.steps += 1
+        return {"alpha": self.alpha, "delta": self.delta, "p_hat": self.p_hat, "h_hat": self.h_hat}
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"alpha_max": self.alpha_max, "target_entropy": self.target_entropy, "ema": self.ema,
+                "ema_convention": self.ema_convention, "p0": self.p0, "delta_min": self.delta_min,
+                "delta_max": self.delta_max, "p_hat": self.p_hat, "h_hat": self.h_hat, "steps": self.steps}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore hyperparameters and state saved by ``state_dict`` (validated through ``__init__``)."""
+        missing = {"alpha_max", "target_entropy", "ema", "ema_convention", "p0", "delta_min", "delta_max",
+                   "p_hat", "h_hat", "steps"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        self.__init__(alpha_max=state["alpha_max"], target_entropy=state["target_entropy"], ema=state["ema"],
+                      ema_convention=state["ema_convention"], p0=state["p0"], delta_min=state["delta_min"],
+                      delta_max=state["delta_max"])
+        self.p_hat = float(state["p_hat"])
+        self.h_hat = None if state["h_hat"] is None else float(state["h_hat"])
+        self.steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        return (f"FADEController(alpha={self.alpha:.4g}, delta={self.delta:.4g}, p_hat={self.p_hat:.4g}, "
+                f"h_hat={self.h_hat}, target_entropy={self.target_entropy}, ema={self.ema}, "
+                f"ema_convention={self.ema_convention!r})")

@@ -1,0 +1,230 @@
+"""Offline objectives with FPA gradient coefficients (spec algorithms.md section 4).
+
+Each offline method's gradient has the form  -[C_w * grad log pi(y_w) - C_l * grad log pi(y_l)]  with
+coefficients that depend on the current policy. FPA evaluates those coefficients at the future policy pi_hat
+(from ``fpa_logprobs``) instead, under stop-gradient:
+
+    L_FPA = -E[ sg(C_w(pi_hat)) * log pi_theta(y_w) - sg(C_l(pi_hat)) * log pi_theta(y_l) ]   (+ RPO's NLL)
+
+Every function here returns ``(loss, metrics)``. ``loss`` is a 0-d tensor whose *value* is the base method's
+loss at the current policy (for logging) and whose *gradient* is the FPA gradient above: it is built as
+``base.detach() + (surrogate - surrogate.detach())``. With lam = 0 (pi_hat = pi_theta), or ``fpa_logp=None``,
+the gradient is exactly the base method's autograd gradient. ``metrics`` holds per-sample coefficients
+``c_w``/``c_l`` (B,), ``base_loss`` and ``fpa_loss`` (the base loss evaluated at pi_hat), all detached.
+
+``fpa_side``: "both" evaluates C_w and C_l at pi_hat; "rejected" (the paper's ablation) evaluates only C_l at
+pi_hat and keeps C_w at pi_theta [INFERRED: a coefficient "at pi_hat" uses pi_hat for every policy
+log-prob inside it, e.g. both margins of DPO's u]. For unpaired methods (KTO, offline PG) "rejected" means
+undesirable / negative-advantage samples.
+
+Sequence log-probs: summed for DPO, RPO's DPO term and KTO; length-normalised (mean over the mask) for SimPER,
+RPO's NLL and the offline policy gradient, as each base method defines. Lengths use max(count, 1).
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._utils import check_choice, check_shape, check_tensor, normalize_mask
+
+FPA_SIDES = ("both", "rejected")
+Metrics = Dict[str, torch.Tensor]
+
+
+class FPALogProbs(NamedTuple):
+    """Per-token log-probs of one batch of sequences, as returned by ``fpa_logprobs`` (plus its mask).
+
+    logp: (B, T) log pi_theta(y_t), differentiable. ref_logp: (B, T) log pi_ref(y_t) or None (SimPER, PG).
+    fpa_logp: (B, T) log pi_hat(y_t) or None (then pi_hat = pi_theta: the base method). mask: (B, T) or None.
+    """
+    logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor] = None
+    fpa_logp: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+
+class _Seq(NamedTuple):
+    s: torch.Tensor       # (B,) differentiable sum_t m * logp (fp32 or fp64, the logp dtype)
+    s_hat: torch.Tensor   # (B,) detached sum over log pi_hat
+    ref: Optional[torch.Tensor]  # (B,) detached sum over log pi_ref
+    n: torch.Tensor       # (B,) lengths, max(count, 1)
+
+
+def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
+    if not isinstance(x, FPALogProbs):
+        if isinstance(x, tuple):
+            x = FPALogProbs(*x)
+        else:
+            raise TypeError(f"{name} must be an FPALogProbs(logp, ref_logp, fpa_logp, mask), got {type(x).__name__}")
+    check_tensor(x.logp, f"{name}.logp", ndim=2, floating=True)
+    shape = x.logp.shape
+    m = normalize_mask(x.mask, shape, x.logp.device)
+    zero = torch.zeros((), dtype=x.logp.dtype, device=x.logp.device)
+
+    def ssum(t, field):
+        check_tensor(t, f"{name}.{field}", floating=True)
+        check_shape(t, f"{name}.{field}", shape)
+        return torch.where(m, t.to(x.logp.dtype), zero).sum(-1)
+
+    s = torch.where(m, x.logp, zero).sum(-1)
+    s_hat = s.detach() if x.fpa_logp is None else ssum(x.fpa_logp.detach(), "fpa_logp")
+    if x.ref_logp is None and need_ref:
+        raise ValueError(f"{name}.ref_logp is required by this objective")
+    ref = None if x.ref_logp is None else ssum(x.ref_logp.detach(), "ref_logp")
+    n = m.sum(-1).clamp(min=1).to(x.logp.dtype)
+    return _Seq(s, s_hat, ref, n)
+
+
+def _check_pair(w: _Seq, l: _Seq):
+    if w.s.shape != l.s.shape:
+        raise ValueError(f"chosen and rejected must have the same batch size, got {w.s.shape[0]} and {l.s.shape[0]}")
+    if w.s.device != l.s.device:
+        raise ValueError("chosen and rejected must be on one device")
+
+
+def _check_pos(value, name, allow_zero=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok or value == float("inf"):
+        raise ValueError(f"{name} must be a finite float {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _finish(base: torch.Tensor, surrogate: torch.Tensor, fpa_base: torch.Tensor, c_w, c_l) -> Tuple[torch.Tensor, Metrics]:
+    # value = base loss at pi_theta; gradient = the FPA surrogate's
+    loss = base.detach() + (surrogate - surrogate.detach())
+    metrics = {"base_loss": base.detach(), "fpa_loss": fpa_base.detach(), "c_w": c_w.detach(), "c_l": c_l.detach()}
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------- paired methods
+def _dpo_parts(w: _Seq, l: _Seq, beta: float, fpa_side: str):
+    def margin(sw, sl):
+        return beta * ((sw - w.ref) - (sl - l.ref))
+
+    u_theta = margin(w.s.detach(), l.s.detach())
+    u_hat = margin(w.s_hat, l.s_hat)
+    c_hat = beta * torch.sigmoid(-u_hat)
+    c_w = c_hat if fpa_side == "both" else beta * torch.sigmoid(-u_theta)
+    c_l = c_hat
+    surrogate = -(c_w * w.s - c_l * l.s).mean()
+    return surrogate, -F.logsigmoid(u_theta).mean(), -F.logsigmoid(u_hat).mean(), c_w, c_l
+
+
+def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.1,
+                 fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
+    """DPO with FPA coefficients: base loss -log sigmoid(u), u = beta[(S_w - R_w) - (S_l - R_l)] (sums).
+
+    C_w = C_l = beta * sigmoid(-u) evaluated at pi_hat. ``chosen``/``rejected``: FPALogProbs with (B, T_w) and
+    (B, T_l) tensors (ref_logp required). Returns (loss (0-d), metrics); see the module docstring.
+    """
+    _check_pos(beta, "beta")
+    check_choice(fpa_side, "fpa_side", FPA_SIDES)
+    w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
+    _check_pair(w, l)
+    surrogate, base, fpa_base, c_w, c_l = _dpo_parts(w, l, beta, fpa_side)
+    return _finish(base, surrogate, fpa_base, c_w, c_l)
+
+
+def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.1, alpha: float = 1.0,
+                 fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
+    """RPO: the FPA-DPO term plus ``alpha`` * NLL(y_w) / |y_w| (the NLL gradient is the plain autograd one)."""
+    _check_pos(beta, "beta")
+    _check_pos(alpha, "alpha", allow_zero=True)
+    check_choice(fpa_side, "fpa_side", FPA_SIDES)
+    w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
+    _check_pair(w, l)
+    surrogate, base, fpa_base, c_w, c_l = _dpo_parts(w, l, beta, fpa_side)
+    nll = -(w.s / w.n).mean()
+    loss, metrics = _finish(base + alpha * nll.detach(), surrogate + alpha * nll, fpa_base + alpha * nll, c_w, c_l)
+    metrics["nll"] = nll.detach()
+    return loss, metrics
+
+
+def fpa_simper_loss(chosen: FPALogProbs, rejected: FPALogProbs, *,
+                    fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
+    """SimPER: base loss -pi(y_w)^(1/|y_w|) + pi(y_l)^(1/|y_l|); C = pi(y)^(1/|y|) / |y| per side, at pi_hat.
+
+    No reference model is needed (``ref_logp`` may be None).
+    """
+    check_choice(fpa_side, "fpa_side", FPA_SIDES)
+    w, l = _seq(chosen, "chosen", False), _seq(rejected, "rejected", False)
+    _check_pair(w, l)
+    pw, pl = torch.exp(w.s.detach() / w.n), torch.exp(l.s.detach() / l.n)
+    pw_hat, pl_hat = torch.exp(w.s_hat / w.n), torch.exp(l.s_hat / l.n)
+    c_w = (pw_hat if fpa_side == "both" else pw) / w.n
+    c_l = pl_hat / l.n
+    surrogate = -(c_w * w.s - c_l * l.s).mean()
+    return _finish((pl - pw).mean(), surrogate, (pl_hat - pw_hat).mean(), c_w, c_l)
+
+
+# ----------------------------------------------------------------------------------------- unpaired methods
+def _as_scalar_tensor(x, name, like):
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(x.shape)}")
+        return x.detach().reshape(()).to(device=like.device, dtype=like.dtype)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(x).__name__}")
+    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0.1,
+                 kl: Union[float, torch.Tensor] = 0.0, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0, fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
+    """KTO with FPA coefficients on an unpaired batch.
+
+    r = S - R (summed log-ratio), z_ref = ``kl`` (the detached KL estimate, e.g. TRL's clamped mismatched-pair
+    estimate; taken as given). Desirable: loss w_D (1 - sigmoid(beta (r - z_ref))); undesirable:
+    w_U (1 - sigmoid(beta (z_ref - r))). Coefficient w * beta * sigmoid(z)(1 - sigmoid(z)), evaluated at pi_hat.
+    ``desirable``: (B,) bool. Metrics ``c_w`` / ``c_l`` are zero on the other kind of sample.
+    """
+    _check_pos(beta, "beta")
+    _check_pos(desirable_weight, "desirable_weight", allow_zero=True)
+    _check_pos(undesirable_weight, "undesirable_weight", allow_zero=True)
+    check_choice(fpa_side, "fpa_side", FPA_SIDES)
+    x = _seq(batch, "batch", True)
+    check_tensor(desirable, "desirable", ndim=1)
+    check_shape(desirable, "desirable", x.s.shape)
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    z_ref = _as_scalar_tensor(kl, "kl", x.s)
+    sign = torch.where(desirable, 1.0, -1.0).to(x.s.dtype)         # +1 desirable, -1 undesirable
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(x.s.dtype)
+
+    def parts(s):
+        z = beta * sign * ((s - x.ref) - z_ref)
+        sig = torch.sigmoid(z)
+        return weight * (1 - sig), weight * beta * sig * (1 - sig)
+
+    loss_theta, c_theta = parts(x.s.detach())
+    loss_hat, c_hat = parts(x.s_hat)
+    c = torch.where(desirable, c_hat if fpa_side == "both" else c_theta, c_hat)
+    surrogate = -(sign * c * x.s).mean()
+    zero = torch.zeros_like(c)
+    return _finish(loss_theta.mean(), surrogate, loss_hat.mean(), torch.where(desirable, c, zero),
+                   torch.where(desirable, zero, c))
+
+
+def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
+                        fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
+    """Offline policy gradient [INFERRED]: base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
+
+    Its gradient is -A_i * w_i * grad(S_i / |y_i|) with w = pi(y)^(1/|y|) (length-normalised likelihood);
+    FPA evaluates w at pi_hat. ``advantages``: (B,). "rejected" applies pi_hat to A_i < 0 samples only.
+    Metrics ``c_w`` / ``c_l`` hold |A_i| * w_i / |y_i| on positive / negative samples (zero elsewhere).
+    """
+    check_choice(fpa_side, "fpa_side", FPA_SIDES)
+    x = _seq(batch, "batch", False)
+    check_tensor(advantages, "advantages", ndim=1, floating=True)
+    check_shape(advantages, "advantages", x.s.shape)
+    A = advantages.detach().to(x.s.dtype)
+    w_theta = torch.exp(x.s.detach() / x.n)
+    w_hat = torch.exp(x.s_hat / x.n)
+    neg = A < 0
+    w = w_hat if fpa_side == "both" else torch.where(neg, w_hat, w_theta)
+    coef = A * w / x.n                                        # d(-loss)/dS_i up to the 1/B of the mean
+    surrogate = -(coef * x.s).mean()
+    zero = torch.zeros_like(coef)
+    return _finish(-(A * w_theta).mean(), surrogate, -(A * w_hat).mean(), torch.where(neg, zero, coef),
+                   torch.where(neg, -coef, zero))

@@ -1,0 +1,335 @@
+"""FPA: fused log-probs (Triton under the interpreter + PyTorch path), hidden-state variant, offline objectives.
+
+Guards: values of log pi_theta / log pi_ref / log pi_hat against a float64 reference and against the product
+form pi_hat ∝ pi_theta^(1+lam) pi_ref^(-lam); lam = 0 gives logp exactly; gradient flows only through logp and
+equals the analytic stop-gradient form; bf16/fp32, awkward V, masks (with padding ids), temperature != 1,
+non-contiguous input; hidden-state variant vs materialised logits (values, d hidden, d weight); every offline
+objective vs a float64 reference (lam > 0, both fpa_side) and vs its base method at lam = 0 (value and grad);
+bad input.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from _utils import assert_close
+
+from gxpo_kernels.ops.fpa_logprobs import fpa_logprobs
+from gxpo_kernels.ops.fpa_logprobs_ref import fpa_logprobs_ref, fpa_probs_ref
+from gxpo_kernels.ops.fpa_objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss,
+                                             fpa_rpo_loss, fpa_simper_loss)
+from gxpo_kernels.ops.linear_fpa_logprobs import linear_fpa_logprobs
+
+BACKENDS = ["triton", "torch"]
+
+
+def _inputs(B, T, V, dtype, ref_dtype=None, masked=True, pad_id=-100):
+    logits = (torch.randn(B, T, V) * 2).to(dtype)
+    # the reference is close to the policy, as in practice
+    ref_logits = (logits.float() + 0.5 * torch.randn(B, T, V)).to(ref_dtype or dtype)
+    tokens = torch.randint(0, V, (B, T))
+    mask = None
+    if masked:
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        lengths[-1] = max(1, T // 2) if B > 1 else lengths[-1]     # at least one padded row when B > 1
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        tokens = torch.where(mask, tokens, torch.full_like(tokens, pad_id))  # padding ids never read
+    return logits, ref_logits, tokens, mask
+
+
+CASES = [
+    pytest.param(2, 7, 1000, torch.float32, None, 1.0, 1.0, id="B2-T7-V1000-fp32"),
+    pytest.param(2, 5, 4099, torch.float32, None, 1.5, 0.7, id="B2-T5-V4099-fp32-T0.7"),
+    pytest.param(3, 4, 1000, torch.bfloat16, None, 0.5, 1.3, id="B3-T4-V1000-bf16-T1.3"),
+    pytest.param(1, 6, 4099, torch.bfloat16, torch.float32, 2.0, 1.0, id="B1-T6-V4099-bf16-ref_fp32"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,V,dtype,ref_dtype,lam,temp", CASES)
+def test_fwd_bwd_vs_ref(backend, B, T, V, dtype, ref_dtype, lam, temp):
+    logits, ref_logits, tokens, mask = _inputs(B, T, V, dtype, ref_dtype)
+    logits.requires_grad_(True)
+    out = fpa_logprobs(logits, ref_logits, tokens, lam, temp, mask=mask, backend=backend)
+    ref = fpa_logprobs_ref(logits, ref_logits, tokens, lam, temp, mask=mask)
+    for name, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
+        assert a.dtype == torch.float32 and a.shape == (B, T)
+        assert_close(name, b.detach(), a.detach(), 1e-5)
+        assert bool((a[~mask] == 0).all()), f"{name}: masked positions must be 0"
+    g = torch.randn(B, T)
+    (d_tri,) = torch.autograd.grad((out[0] * g).sum(), logits)
+    (d_ref,) = torch.autograd.grad((ref[0] * g.double()).sum(), logits)
+    assert d_tri.dtype == dtype
+    assert_close("dlogits", d_ref, d_tri, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert bool((d_tri[~mask] == 0).all()), "masked rows must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_product_form_identity_and_lam_zero(backend):
+    logits, ref_logits, tokens, _ = _inputs(2, 6, 1000, torch.float32, masked=False)
+    lam, temp = 1.3, 0.9
+    _, _, fpa = fpa_logprobs(logits, ref_logits, tokens, lam, temp, backend=backend)
+    probs = fpa_probs_ref(logits, ref_logits, lam, temp)            # pi_theta^(1+lam) pi_ref^(-lam), renormalised
+    assert_close("fpa_logp vs product form", probs.gather(-1, tokens[..., None]).squeeze(-1).log(), fpa, 1e-5)
+    logp, _, fpa0 = fpa_logprobs(logits, ref_logits, tokens, 0.0, temp, backend=backend)
+    assert torch.equal(logp, fpa0), "lam=0 must give pi_hat == pi_theta exactly"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_only_through_logp(backend):
+    logits, ref_logits, tokens, mask = _inputs(2, 5, 1000, torch.float32)
+    logits[~mask] = 200.0     # padding rows with huge logits: exp overflows there unless they are skipped
+    logits.requires_grad_(True)
+    ref_logits.requires_grad_(True)
+    temp = 0.8
+    logp, ref_logp, fpa = fpa_logprobs(logits, ref_logits, tokens, 1.0, temp, mask=mask, backend=backend)
+    assert logp.requires_grad and not fpa.requires_grad and not ref_logp.requires_grad
+    a, b, c = torch.randn(3, 2, 5)
+    (a * logp + b * fpa + c * ref_logp).sum().backward()
+    assert ref_logits.grad is None
+    # analytic stop-gradient form: d/dh_v = a * (onehot(y)_v - softmax(h/T)_v) / T at unmasked rows only
+    p = torch.softmax(logits.detach().double() / temp, -1)
+    onehot = F.one_hot(tokens.clamp(min=0), 1000).double()
+    expect = (a.double() * mask)[..., None] * (onehot - p) / temp
+    assert_close("dlogits", expect, logits.grad, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_shifted_logits(backend):
+    full = torch.randn(2, 6, 1000)      # (B, T+1, V): the usual next-token shift gives a strided view
+    ref_full = torch.randn(2, 6, 1000)
+    tokens = torch.randint(0, 1000, (2, 5))
+    logits, ref_logits = full[:, :-1], ref_full[:, 1:]
+    out = fpa_logprobs(logits, ref_logits, tokens, 0.5, backend=backend)
+    ref = fpa_logprobs_ref(logits, ref_logits, tokens, 0.5)
+    for name, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
+        assert_close(name, b, a, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_vs_materialised(backend, dtype):
+    B, T, H, H_ref, V = 2, 5, 32, 24, 1000
+    hidden = torch.randn(B, T, H).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H) / H ** 0.5).to(dtype).requires_grad_(True)
+    ref_hidden = torch.randn(B, T, H_ref).to(dtype)
+    ref_weight = (torch.randn(V, H_ref) / H_ref ** 0.5).to(dtype)
+    _, _, tokens, mask = _inputs(B, T, V, torch.float32)
+    out = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, 1.0, 0.9, mask=mask, chunk_size=3,
+                              backend=backend)
+    h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    ref = fpa_logprobs_ref(h64 @ w64.T, ref_hidden.double() @ ref_weight.double().T, tokens, 1.0, 0.9, mask=mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2        # bf16 matmul rounds the logits
+    for name, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
+        assert_close(name, b.detach(), a.detach(), tol)
+    assert not out[1].requires_grad and not out[2].requires_grad
+    g = torch.randn(B, T)
+    d_h, d_w = torch.autograd.grad((out[0] * g).sum(), (hidden, weight))
+    r_h, r_w = torch.autograd.grad((ref[0] * g.double()).sum(), (h64, w64))
+    assert d_h.dtype == dtype and d_w.dtype == dtype
+    assert_close("dhidden", r_h, d_h, tol)
+    assert_close("dweight", r_w, d_w, tol)
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def _side(B, T, V, lam, seed):
+    """float64 per-token (logp, ref_logp, fpa_logp, mask) from leaf logits; pi_hat from the product form."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref_logits = logits.detach() + 0.7 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    fpa = fpa_probs_ref(logits.detach(), ref_logits, lam).gather(-1, tokens[..., None]).squeeze(-1).log()
+    return logits, FPALogProbs(logp, ref_logp, fpa, mask)
+
+
+def _sums(x: FPALogProbs):
+    m = x.mask.double()
+    n = m.sum(-1).clamp(min=1)
+    return (x.logp * m).sum(-1), (x.ref_logp * m).sum(-1), (x.fpa_logp * m).sum(-1), n
+
+
+def _dpo_ref(w, l, beta, side, hat):
+    """Spec section 4 in float64: base loss (differentiable) or the FPA surrogate sum_i sg(C) * S."""
+    Sw, Rw, Hw, nw = _sums(w)
+    Sl, Rl, Hl, nl = _sums(l)
+    if not hat:
+        return -F.logsigmoid(beta * ((Sw - Rw) - (Sl - Rl))).mean()
+    with torch.no_grad():
+        c_hat = beta * torch.sigmoid(-beta * ((Hw - Rw) - (Hl - Rl)))
+        c_cur = beta * torch.sigmoid(-beta * ((Sw - Rw) - (Sl - Rl)))
+        c_w = c_hat if side == "both" else c_cur
+    return -(c_w * Sw - c_hat * Sl).mean()
+
+
+def _rpo_ref(w, l, beta, side, hat, alpha=0.7):
+    Sw, _, _, nw = _sums(w)
+    return _dpo_ref(w, l, beta, side, hat) - alpha * (Sw / nw).mean()
+
+
+def _simper_ref(w, l, beta, side, hat):
+    Sw, _, Hw, nw = _sums(w)
+    Sl, _, Hl, nl = _sums(l)
+    if not hat:
+        return (-torch.exp(Sw / nw) + torch.exp(Sl / nl)).mean()
+    with torch.no_grad():
+        c_w = torch.exp((Hw if side == "both" else Sw) / nw) / nw
+        c_l = torch.exp(Hl / nl) / nl
+    return -(c_w * Sw - c_l * Sl).mean()
+
+
+def _kto_ref(x, desirable, beta, side, hat, kl=0.3):
+    S, R, Hs, _ = _sums(x)
+    losses, coefs = [], []
+    for i in range(S.shape[0]):
+        s = -1.0 if desirable[i] else 1.0
+        losses.append(1 - torch.sigmoid(-s * beta * (S[i] - R[i] - kl)))
+        use_hat = hat and (side == "both" or not desirable[i])
+        zi = -s * beta * ((Hs[i] if use_hat else S[i]).detach() - R[i] - kl)
+        coefs.append(s * beta * torch.sigmoid(zi) * (1 - torch.sigmoid(zi)))
+    if not hat:
+        return torch.stack(losses).mean()
+    return (torch.stack(coefs) * S).mean()
+
+
+def _pg_ref(x, A, side, hat):
+    S, _, Hs, n = _sums(x)
+    if not hat:
+        return -(A * torch.exp(S / n)).mean()
+    with torch.no_grad():
+        use_hat = torch.ones_like(A, dtype=torch.bool) if side == "both" else A < 0
+        w = torch.exp(torch.where(use_hat, Hs, S) / n)
+    return -(A * w * S / n).mean()
+
+
+def _run(method, lam, side):
+    B, V = 4, 37
+    lw, w = _side(B, 6, V, lam, 1)
+    ll, l = _side(B, 9, V, lam, 2)
+    leaves = (lw, ll)
+    if method == "dpo":
+        loss, met = fpa_dpo_loss(w, l, beta=0.5, fpa_side=side)
+        ref_fn = lambda hat: _dpo_ref(w, l, 0.5, side, hat)  # noqa: E731
+    elif method == "rpo":
+        loss, met = fpa_rpo_loss(w, l, beta=0.5, alpha=0.7, fpa_side=side)
+        ref_fn = lambda hat: _rpo_ref(w, l, 0.5, side, hat)  # noqa: E731
+    elif method == "simper":
+        loss, met = fpa_simper_loss(w, l, fpa_side=side)
+        ref_fn = lambda hat: _simper_ref(w, l, None, side, hat)  # noqa: E731
+    elif method == "kto":
+        desirable = torch.tensor([True, False, True, False])
+        loss, met = fpa_kto_loss(w, desirable, beta=0.5, kl=0.3, fpa_side=side)
+        ref_fn = lambda hat: _kto_ref(w, desirable, 0.5, side, hat)  # noqa: E731
+        leaves = (lw,)
+    else:
+        A = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=torch.float64)
+        loss, met = fpa_offline_pg_loss(w, A, fpa_side=side)
+        ref_fn = lambda hat: _pg_ref(w, A, side, hat)  # noqa: E731
+        leaves = (lw,)
+    return loss, met, ref_fn, leaves
+
+
+METHODS = ["dpo", "rpo", "simper", "kto", "pg"]
+
+
+@pytest.mark.parametrize("side", ["both", "rejected"])
+@pytest.mark.parametrize("method", METHODS)
+def test_objective_vs_float64_ref(method, side):
+    loss, met, ref_fn, leaves = _run(method, 1.0, side)
+    base = ref_fn(False)
+    torch.testing.assert_close(loss, base.detach(), rtol=1e-12, atol=1e-12)   # value = base loss at pi_theta
+    torch.testing.assert_close(met["base_loss"], base.detach(), rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(loss, leaves, retain_graph=True)
+    want = torch.autograd.grad(ref_fn(True), leaves, retain_graph=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{method} grad {i}")
+    # FPA must actually move the gradient away from the base method's at lam > 0
+    base_grad = torch.autograd.grad(base, leaves)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(got, base_grad))
+    assert met["c_w"].shape == met["c_l"].shape == (4,)
+
+
+@pytest.mark.parametrize("side", ["both", "rejected"])
+@pytest.mark.parametrize("method", METHODS)
+def test_objective_lam_zero_is_base(method, side):
+    loss, met, ref_fn, leaves = _run(method, 0.0, side)
+    base = ref_fn(False)
+    torch.testing.assert_close(loss, base.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(met["fpa_loss"], base.detach(), rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(loss, leaves, retain_graph=True)
+    want = torch.autograd.grad(base, leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpo_pipeline_fp32_and_no_fpa(backend):
+    """fpa_logprobs (fp32) -> fpa_dpo_loss end to end; fpa_logp=None is the plain DPO gradient."""
+    V = 1000
+    lw, rw, tw, mw = _inputs(2, 5, V, torch.float32)
+    ll, rl, tl_, ml = _inputs(2, 4, V, torch.float32)
+    lw.requires_grad_(True)
+    ll.requires_grad_(True)
+    cw = FPALogProbs(*fpa_logprobs(lw, rw, tw, 0.0, mask=mw, backend=backend), mw)
+    cl = FPALogProbs(*fpa_logprobs(ll, rl, tl_, 0.0, mask=ml, backend=backend), ml)
+    loss, _ = fpa_dpo_loss(cw, cl, beta=0.1)
+    g = torch.autograd.grad(loss, (lw, ll), retain_graph=True)
+    plain, _ = fpa_dpo_loss(cw._replace(fpa_logp=None), cl._replace(fpa_logp=None), beta=0.1)
+    g2 = torch.autograd.grad(plain, (lw, ll))
+    ref_w = fpa_logprobs_ref(lw, rw, tw, 0.0, mask=mw)
+    ref_l = fpa_logprobs_ref(ll, rl, tl_, 0.0, mask=ml)
+    u = 0.1 * ((ref_w[0].sum(-1) - ref_w[1].sum(-1)) - (ref_l[0].sum(-1) - ref_l[1].sum(-1)))
+    want = torch.autograd.grad(-F.logsigmoid(u).mean(), (lw, ll))
+    for a, b, c in zip(g, g2, want):
+        assert_close("dlogits", c, a, 1e-5)
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_input():
+    logits, ref_logits, tokens, mask = _inputs(2, 3, 50, torch.float32)
+    with pytest.raises(ValueError, match="ref_logits"):
+        fpa_logprobs(logits, ref_logits[:, :2], tokens[:, :3], mask=mask)
+    with pytest.raises(ValueError, match="ref_logits"):
+        fpa_logprobs(logits, torch.randn(2, 3, 51), tokens, mask=mask)
+    with pytest.raises(ValueError, match="tokens"):
+        fpa_logprobs(logits, ref_logits, tokens)                 # padding ids are out of range without the mask
+    with pytest.raises(ValueError, match="tokens"):
+        fpa_logprobs(logits, ref_logits, tokens[:, :2], mask=mask)
+    with pytest.raises(TypeError, match="tokens"):
+        fpa_logprobs(logits, ref_logits, tokens.float(), mask=mask)
+    with pytest.raises(TypeError, match="logits"):
+        fpa_logprobs(logits.double(), ref_logits, tokens, mask=mask)
+    with pytest.raises(TypeError, match="ref_logits"):
+        fpa_logprobs(logits, ref_logits.long(), tokens, mask=mask)
+    with pytest.raises(ValueError, match="lam"):
+        fpa_logprobs(logits, ref_logits, tokens, -1.0, mask=mask)
+    with pytest.raises(ValueError, match="temperature"):
+        fpa_logprobs(logits, ref_logits, tokens, 1.0, 0.0, mask=mask)
+    with pytest.raises(ValueError, match="backend"):
+        fpa_logprobs(logits, ref_logits, tokens, mask=mask, backend="cuda")
+    with pytest.raises(ValueError, match="mask"):
+        fpa_logprobs(logits, ref_logits, tokens, mask=mask[:, :2])
+    h, w = torch.randn(2, 3, 8), torch.randn(50, 8)
+    with pytest.raises(ValueError, match="ref_weight"):
+        linear_fpa_logprobs(h, w, h, torch.randn(49, 8), tokens, mask=mask)
+    with pytest.raises(ValueError, match="hidden"):
+        linear_fpa_logprobs(torch.randn(2, 3, 7), w, h, w, tokens, mask=mask)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_fpa_logprobs(h, w, h, w, tokens, mask=mask, chunk_size=0)
+    x = FPALogProbs(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), mask)
+    with pytest.raises(ValueError, match="fpa_side"):
+        fpa_dpo_loss(x, x, fpa_side="chosen")
+    with pytest.raises(ValueError, match="ref_logp"):
+        fpa_dpo_loss(x._replace(ref_logp=None), x)
+    with pytest.raises(ValueError, match="batch size"):
+        fpa_dpo_loss(x, FPALogProbs(torch.randn(3, 3), torch.randn(3, 3)))
+    with pytest.raises(ValueError, match="fpa_logp"):
+        fpa_simper_loss(x._replace(fpa_logp=torch.randn(2, 4)), x)
+    with pytest.raises(ValueError, match="beta"):
+        fpa_dpo_loss(x, x, beta=0.0)
+    with pytest.raises(TypeError, match="desirable"):
+        fpa_kto_loss(x, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="advantages"):
+        fpa_offline_pg_loss(x, torch.randn(3))

@@ -1,0 +1,185 @@
+"""Group advantages (GRPO / Dr.GRPO), FADE's focal advantage and its controller.
+
+Guards: group_advantages vs group_advantages_ref (regular groups, both scales, groups of one) and vs a
+per-group loop (ragged, unordered ids); the FADE formula on hand-worked groups (all-correct / all-wrong give
+0); alpha = delta = 1 equals Dr.GRPO; the controller's alpha/delta trajectories against a closed-form EMA
+(both conventions), clipping at every bound, state_dict round trip; sign_ratio; bad input.
+"""
+import math
+
+import pytest
+import torch
+
+from gxpo_kernels.advantages import FADEController, fade_advantages, group_advantages, group_stats, sign_ratio
+from gxpo_kernels.ops.grpo_loss_ref import group_advantages_ref
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("G", [1, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_group_advantages_vs_ref(scale, G, dtype):
+    rewards = torch.randn(6 * G).to(dtype)
+    rewards[:G] = 1.0                          # a constant group: std 0 -> advantage 0 (eps keeps it finite)
+    got = group_advantages(rewards, group_size=G, scale=scale)
+    want = group_advantages_ref(rewards, G, scale=scale)
+    assert got.dtype == dtype and got.shape == rewards.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    # the (num_prompts, G) layout needs no group_size
+    torch.testing.assert_close(group_advantages(rewards.view(6, G), scale=scale), got.view(6, G))
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_group_advantages_ragged(scale):
+    rewards = torch.rand(11)
+    ids = torch.tensor([7, 3, 7, 3, 3, -2, 7, 9, 9, 3, 7])   # interleaved, non-contiguous ids, one singleton
+    got = group_advantages(rewards, group_ids=ids, scale=scale)
+    want = torch.empty(11, dtype=torch.float64)
+    for g in ids.unique():
+        sel = ids == g
+        want[sel] = group_advantages_ref(rewards[sel], int(sel.sum()), scale=scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert got[5] == 0                          # group of one
+    st = group_stats(rewards, group_ids=ids)
+    assert st.count.tolist() == [int((ids == i).sum()) for i in ids]
+
+
+def test_fade_hand_worked():
+    # G=4: [1,0,0,1] rbar=.5 -> factor (1-.5)^(2-1)=.5; + : .5*.5=.25; - : .5*(-.5)/.5=-.5 ; all-1 / all-0 -> 0
+    r = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32)
+    got = fade_advantages(r, group_size=4, alpha=2.0, delta=0.5)
+    torch.testing.assert_close(got, torch.tensor([.25, -.5, -.5, .25] + [0.0] * 8))
+    # G=3, [1,0,0]: rbar=1/3, factor (2/3)^2=4/9; +: 4/9*2/3=8/27; -: 4/9*(-1/3)/0.5=-8/27
+    got = fade_advantages(torch.tensor([1.0, 0.0, 0.0]), group_size=3, alpha=3.0, delta=0.5)
+    torch.testing.assert_close(got, torch.tensor([8 / 27, -8 / 27, -8 / 27]))
+    # integer / bool rewards are accepted and give float32
+    got_int = fade_advantages(torch.tensor([[1, 0, 0]]), alpha=3.0, delta=0.5)
+    assert got_int.dtype == torch.float32 and got_int.shape == (1, 3)
+    torch.testing.assert_close(got_int.flatten(), got)
+    torch.testing.assert_close(fade_advantages(torch.tensor([True, False, False]), 3, alpha=3.0, delta=0.5), got)
+
+
+def test_fade_ragged_and_reduces_to_dr_grpo():
+    rewards = torch.randint(0, 2, (13,)).float()
+    ids = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1, 3, 0, 1, 4])
+    alpha, delta = 2.3, 0.6
+    got = fade_advantages(rewards, group_ids=ids, alpha=alpha, delta=delta)
+    for g in ids.unique():
+        sel = ids == g
+        r = rewards[sel].double()
+        rbar = r.mean()
+        want = (1 - rbar) ** (alpha - 1) * (r - rbar)
+        want = torch.where(r < rbar, want / delta, want)
+        torch.testing.assert_close(got[sel].double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fade_advantages(rewards, group_ids=ids),
+                               group_advantages(rewards, group_ids=ids, scale="none"))
+    reg = torch.randint(0, 2, (4, 6)).float()
+    torch.testing.assert_close(fade_advantages(reg), group_advantages(reg, scale="none"))
+
+
+def _closed_form_ema(x0, xs, decay):
+    """x_k = decay^k x0 + (1 - decay) sum_j decay^(k-j) xs_j: the EMA unrolled, independent of the loop."""
+    k = len(xs)
+    return decay ** k * x0 + (1 - decay) * sum(decay ** (k - 1 - j) * x for j, x in enumerate(xs))
+
+
+@pytest.mark.parametrize("convention", ["slow", "fast"])
+def test_controller_trajectory(convention):
+    ema = 0.3 if convention == "slow" else 0.6                      # large enough that the trajectory moves
+    rewards = [0.2, 0.1, 0.5, 0.8, 0.05, 0.9, 0.3]
+    entropies = [2.0, 1.6, 1.9, 0.4, 0.3, 2.5, 1.2]
+    c = FADEController(alpha_max=2.5, ema=ema, ema_convention=convention)
+    assert c.alpha == pytest.approx(1.5) and c.delta == 1.0      # p0 = 0.5 before any update
+    decay = 1 - ema if convention == "slow" else ema
+    target = 0.5 * entropies[0]
+    for k in range(1, len(rewards) + 1):
+        out = c.update(torch.tensor(rewards[k - 1], dtype=torch.float64), entropies[k - 1])  # 0-d tensors ok
+        p = _closed_form_ema(0.5, rewards[:k], decay)
+        h = _closed_form_ema(entropies[0], entropies[1:k], decay)
+        assert out["p_hat"] == pytest.approx(p, rel=1e-12)
+        assert out["h_hat"] == pytest.approx(h, rel=1e-12)
+        assert out["alpha"] == pytest.approx(min(max(1.5 * (1 - p) / p, 1.0), 2.5), rel=1e-12)
+        assert out["delta"] == pytest.approx(min(max(1 + h - target, 0.3), 1.0), rel=1e-12)
+        assert (c.alpha, c.delta) == (out["alpha"], out["delta"])
+    assert c.target_entropy == target and c.steps == len(rewards)
+
+
+def test_controller_clips():
+    c = FADEController(alpha_max=3.0, target_entropy=1.0, ema=0.5)
+    for _ in range(3):
+        out = c.update(0.0, 5.0)                   # all wrong: p_hat -> 0.0625, raw alpha 22.5 -> alpha_max
+    assert out["alpha"] == 3.0 and out["delta"] == 1.0     # 1 + 5 - 1 = 5 -> clipped to 1
+    for _ in range(8):
+        out = c.update(1.0, 0.0)                   # all right: raw alpha < 1 -> 1; 1 + ~0.02 - 1 -> ~0.02 -> 0.3
+    assert out["alpha"] == 1.0 and out["delta"] == 0.3
+    assert out["p_hat"] > 0.6 and 0 < out["h_hat"] < 0.3
+    # p_hat = 0 exactly (p0 = 0) must not divide by zero
+    assert FADEController(p0=0.0).alpha == 3.0
+    # default target entropy is half the first observed entropy, 1 + H - H/2 clipped to 1
+    c = FADEController()
+    assert c.update(0.5, 1.0)["delta"] == 1.0 and c.target_entropy == 0.5
+
+
+def test_controller_state_dict_round_trip():
+    a = FADEController(alpha_max=2.0, ema=0.1, ema_convention="fast")
+    for r, h in [(0.3, 1.5), (0.6, 1.1), (0.1, 0.9)]:
+        a.update(r, h)
+    b = FADEController()
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    for r, h in [(0.4, 0.7), (0.9, 0.2)]:
+        assert a.update(r, h) == b.update(r, h)
+    with pytest.raises(ValueError, match="missing"):
+        b.load_state_dict({"p_hat": 0.5})
+
+
+def test_sign_ratio():
+    a = torch.tensor([1.0, 2.0, -0.5, -1.5, 4.0])
+    assert float(sign_ratio(a)) == pytest.approx(7.0 / 2.0)
+    m = torch.tensor([True, True, True, True, False])
+    assert float(sign_ratio(a, m)) == pytest.approx(3.0 / 2.0)
+    assert math.isinf(float(sign_ratio(torch.tensor([1.0, 0.0]))))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="binary"):
+        fade_advantages(torch.tensor([1.0, 0.5, 0.0, 1.0]), group_size=2)
+    with pytest.raises(ValueError, match="binary"):
+        fade_advantages(torch.tensor([2, 0]), group_size=2)
+    with pytest.raises(ValueError, match="empty"):
+        group_advantages(torch.tensor([]), group_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        fade_advantages(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.rand(10), group_size=4)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.rand(8), group_size=0)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.rand(8))
+    with pytest.raises(ValueError, match="not both"):
+        group_advantages(torch.rand(4), group_size=2, group_ids=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="group_ids"):
+        group_advantages(torch.rand(4), group_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids"):
+        group_advantages(torch.rand(4), group_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.rand(4), 2, scale="mad")
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="alpha"):
+        fade_advantages(torch.tensor([1.0, 0.0]), 2, alpha=0.5)
+    with pytest.raises(ValueError, match="delta"):
+        fade_advantages(torch.tensor([1.0, 0.0]), 2, delta=0.0)
+    with pytest.raises(ValueError, match="ema_convention"):
+        FADEController(ema_convention="medium")
+    with pytest.raises(ValueError, match="alpha_max"):
+        FADEController(alpha_max=0.5)
+    with pytest.raises(ValueError, match="ema"):
+        FADEController(ema=0.0)
+    c = FADEController()
+    with pytest.raises(ValueError, match="mean_reward"):
+        c.update(1.5, 1.0)
+    with pytest.raises(ValueError, match="mean_entropy"):
+        c.update(0.5, float("nan"))
+    with pytest.raises(ValueError, match="mean_entropy"):
+        c.update(0.5, -1.0)
+    assert c.steps == 0
