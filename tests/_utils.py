@@ -13,6 +13,6 @@ def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float, 
     """Pass when the RMS error is below ``ratio`` x RMS(ref), or the max abs error is below ``atol``."""
     assert ref.shape == tri.shape, f"{name}: shape {tuple(tri.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(tri).all(), f"{name}: non-finite values"
-    abs_err = float((ref.double() - tri.double()).abs().max()) if ref.numel() else 0.0
+    abs_err = float((ref.double() - tri.double()).abs().max().detach()) if ref.numel() else 0.0
     r = rms_err_ratio(ref, tri)
     assert abs_err <= atol or r <= ratio, f"{name}: rms err ratio {r:.3e} > {ratio:.1e} (max abs err {abs_err:.3e})"

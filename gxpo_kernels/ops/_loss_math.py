@@ -113,16 +113,17 @@ def grpo_token_loss(
 
 def validate_loss_inputs(
     B: int, T: int, vocab_size: int, device: torch.device,
-    tokens, advantages, mask, old_logprobs, ref_logprobs, opts: GRPOLossOptions,
+    tokens, advantages, mask, old_logprobs, ref_logprobs, opts: GRPOLossOptions, *, data_checks: bool = True,
 ) -> torch.Tensor:
     """Check the non-logit inputs shared by ``grpo_loss`` and ``linear_grpo_loss``; return the bool mask.
 
     Raises ``TypeError``/``ValueError`` naming the offending argument (shape, dtype, device, ids out of
-    range at unmasked positions, beta > 0 without ref_logprobs).
+    range at unmasked positions, beta > 0 without ref_logprobs). ``data_checks=False`` skips the checks
+    that read tensor values (token range, 0/1 mask values), which a ``torch.compile`` graph cannot branch on.
     """
     from .._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask
 
-    check_tensor(tokens, "tokens", ndim=2)
+    check_tensor(tokens, "tokens", ndim=2, dtypes=(torch.int64, torch.int32))
     check_shape(tokens, "tokens", (B, T))
     check_tensor(advantages, "advantages", ndim=(1, 2), floating=True)
     if advantages.dim() == 1:
@@ -137,6 +138,12 @@ def validate_loss_inputs(
                       mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     if opts.beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference model's per-token log-probs)")
+    if not data_checks:
+        if mask is None:
+            return torch.ones((B, T), dtype=torch.bool, device=device)
+        check_tensor(mask, "mask", ndim=2)
+        check_shape(mask, "mask", (B, T))
+        return mask if mask.dtype == torch.bool else mask != 0
     m = normalize_mask(mask, (B, T), device)
     check_tokens_in_range(tokens, vocab_size, m)
     return m

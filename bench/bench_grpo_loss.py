@@ -1,0 +1,131 @@
+"""grpo_loss forward + backward: gxpo vs eager fp32 PyTorch vs Liger-Kernel's triton_grpo_loss (CUDA only).
+
+Run (GPU):  python -m pytest bench/bench_grpo_loss.py --benchmark-json=bench/results/<device>/grpo_loss.json
+Smoke (CPU): python -m pytest bench/bench_grpo_loss.py --benchmark-disable -q
+
+Providers:
+  gxpo         ``grpo_loss`` (Triton on CUDA, chunked PyTorch path on CPU)
+  gxpo_inplace the same with ``inplace_backward=True`` (CUDA only)
+  eager        fp32 ``log_softmax`` materialised over the vocabulary + the same O(tokens) loss math
+               (``_loss_math.grpo_token_loss``): what a plain PyTorch trainer does
+  liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
+
+Every case is first checked against the float64 reference ``grpo_loss_ref`` on a slice of its rows. The
+bytes the op must move are recorded (fwd reads the logits, bwd reads them again and writes dlogits:
+3 * N * V * itemsize) together with the achieved GB/s. On CUDA the timing is ``triton.testing.do_bench`` with
+quantiles (p50, p20, p80); on CPU it is pytest-benchmark's own loop.
+"""
+import pytest
+import torch
+
+from gxpo_kernels.ops import grpo_loss
+from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
+from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
+
+CUDA = torch.cuda.is_available()
+OPTS = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, loss_agg_mode="token-mean")
+
+if CUDA:
+    # (B, T, V): N = B * T token rows; bf16 logits as a trainer produces them
+    SIZES = [(4, 256, 151936), (8, 512, 151936), (16, 1024, 151936), (8, 512, 32000)]
+    DTYPE = torch.bfloat16
+    PROVIDERS = ["gxpo", "gxpo_inplace", "eager", "liger"]
+else:
+    SIZES = [(2, 32, 4096), (4, 64, 32000)]
+    DTYPE = torch.float32
+    PROVIDERS = ["gxpo", "eager"]
+
+
+def _size_id(s):
+    B, T, V = s
+    return f"N{B * T}-V{V}"
+
+
+def _make(B, T, V, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(device=device, dtype=DTYPE)
+    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.1).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    old = (-torch.rand(B, T, generator=g) * 8).to(device)  # plausible log-probs; the pass cost does not depend
+    return logits, tokens, mask, adv, old
+
+
+def _eager_loss(logits, tokens, adv, mask, old):
+    """Plain PyTorch: fp32 log_softmax over V kept for backward, then the shared O(tokens) loss math."""
+    logprobs = torch.log_softmax(logits.float() / OPTS["temperature"], dim=-1)
+    logp = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return grpo_token_loss(logp, entropy, adv, mask, old, None, GRPOLossOptions(**OPTS))
+
+
+def _loss_fn(provider):
+    if provider in ("gxpo", "gxpo_inplace"):
+        inplace = provider == "gxpo_inplace"
+        return lambda x, tok, adv, mask, old: grpo_loss(x, tok, adv, mask, old, inplace_backward=inplace, **OPTS)
+    if provider == "eager":
+        return _eager_loss
+    if provider == "liger":
+        pytest.importorskip("liger_kernel.ops")
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        def liger(x, tok, adv, mask, old):
+            # Liger wants unshifted (B, T+1, V) contiguous logits; pad one row (outside the timing would be
+            # fairer, but its API forces the layout on every caller too)
+            xp = torch.cat([x, x[:, -1:]], dim=1)
+            return triton_grpo_loss(xp, old, None, tok, adv, mask.float(), temperature=OPTS["temperature"],
+                                    beta=0.0, eps_low=OPTS["eps_low"], eps_high=OPTS["eps_high"], inplace=False,
+                                    loss_type="bnpo", reduce=True)
+        return liger
+    raise ValueError(provider)
+
+
+def _check(provider, logits, tokens, mask, adv, old):
+    """Loss and dlogits on the first rows vs the float64 reference, before any timing."""
+    b = min(2, logits.shape[0])
+    t = min(64, logits.shape[1])
+    x = logits[:b, :t].detach().clone().requires_grad_()
+    loss, _ = _loss_fn(provider)(x, tokens[:b, :t], adv[:b], mask[:b, :t], old[:b, :t])
+    loss.backward()
+    xd = logits[:b, :t].detach().double().requires_grad_()
+    r_loss, _ = grpo_loss_ref(xd, tokens[:b, :t], adv[:b], mask[:b, :t], old[:b, :t], **OPTS)
+    r_loss.backward()
+    tol = 1e-4 if DTYPE == torch.float32 else 2e-2
+    loss, r_loss = loss.detach(), r_loss.detach()
+    assert abs(float(loss) - float(r_loss)) <= 1e-4 * max(1.0, abs(float(r_loss))), (float(loss), float(r_loss))
+    err = (x.grad.double() - xd.grad).norm() / xd.grad.norm().clamp(min=1e-30)
+    assert err <= tol, f"{provider}: dlogits rel err {float(err):.2e}"
+
+
+@pytest.mark.parametrize("size", [pytest.param(s, id=_size_id(s)) for s in SIZES])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_grpo_loss_fwd_bwd(benchmark, bench_meta, bench_device, provider, size):
+    B, T, V = size
+    logits, tokens, mask, adv, old = _make(B, T, V, bench_device)
+    _check(provider, logits, tokens, mask, adv, old)
+    x = logits.requires_grad_()
+    fn = _loss_fn(provider)
+
+    def step():
+        loss = fn(x, tokens, adv, mask, old)[0]
+        loss.backward()
+        x.grad = None
+
+    nbytes = 3 * B * T * V * logits.element_size()
+    bench_meta.update(provider=provider, mode="fwd+bwd", N=B * T, V=V, dtype=str(DTYPE).replace("torch.", ""),
+                      bytes=nbytes)
+    if CUDA:
+        import triton.testing
+        try:
+            step()
+            p50, p20, p80 = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
+        except torch.cuda.OutOfMemoryError:
+            pytest.skip(f"{provider} runs out of memory at N={B * T}, V={V}")
+        bench_meta.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, gbps=nbytes / (p50 * 1e-3) / 1e9)
+        benchmark.pedantic(step, rounds=1, iterations=1)
+    else:
+        benchmark(step)
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and getattr(stats, "stats", None) is not None:
+            med = stats.stats.median
+            bench_meta.update(p50_ms=med * 1e3, gbps=nbytes / med / 1e9)

@@ -1,0 +1,224 @@
+"""token_logprobs (the streaming vocabulary pass under grpo_loss): Triton (interpreter) and torch backends.
+
+Guards: logp / entropy / dlogits against the float64 reference for V not a power of two, multi-block online
+softmax, strided logits slices, ragged masks with a fully masked row, fp32 and bf16, temperature != 1; the
+entropy term of the backward is skipped when unused; in-place backward reuses the logits buffer; no_grad
+saves nothing; a new T or temperature never re-specialises the kernels; the torch.library ops pass opcheck.
+"""
+import importlib
+
+import pytest
+import torch
+from _utils import assert_close
+
+from gxpo_kernels.ops import token_logprobs
+from gxpo_kernels.ops.grpo_loss_ref import token_logprobs_ref
+
+TL = importlib.import_module("gxpo_kernels.ops.token_logprobs")
+BACKENDS = ("triton", "torch")
+
+CASES = [
+    # B, T, V, dtype, temperature, block_v (None = launch default), strided slice
+    pytest.param(2, 7, 1000, torch.float32, 1.0, None, False, id="B2-T7-V1000-fp32"),
+    pytest.param(3, 5, 4099, torch.float32, 0.7, 1024, True, id="B3-T5-V4099-fp32-blk1024-slice-temp0.7"),
+    pytest.param(2, 6, 4099, torch.bfloat16, 1.3, None, True, id="B2-T6-V4099-bf16-slice-temp1.3"),
+    pytest.param(3, 4, 1000, torch.bfloat16, 1.0, 256, False, id="B3-T4-V1000-bf16-blk256"),
+    pytest.param(1, 2, 32003, torch.float32, 0.9, None, False, id="B1-T2-V32003-fp32"),
+    pytest.param(4, 1, 777, torch.float16, 1.0, 128, True, id="B4-T1-V777-fp16-slice"),
+]
+
+
+def _inputs(B, T, V, dtype, sliced):
+    full = torch.randn(B, T + 1, V) * 3
+    x = full.to(dtype)[:, :-1] if sliced else full[:, :T].contiguous().to(dtype)
+    assert x.is_contiguous() != sliced or T == 1
+    tokens = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    mask[0, 0] = True
+    if B > 1:
+        mask[-1] = False                      # one fully masked row
+        tokens[-1] = -5                       # out-of-range ids at masked positions are allowed
+    return x, tokens, mask
+
+
+def _ref(x, tokens, mask, temperature, dlogp, dent):
+    xd = x.detach().double().requires_grad_()
+    logp, ent = token_logprobs_ref(xd, tokens, temperature)
+    zero = torch.zeros((), dtype=torch.float64)
+    logp, ent = torch.where(mask, logp, zero), torch.where(mask, ent, zero)
+    (logp * dlogp).sum().add((ent * dent).sum()).backward()
+    return logp.detach(), ent.detach(), xd.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,V,dtype,temperature,block_v,sliced", CASES)
+def test_fwd_bwd_vs_reference(B, T, V, dtype, temperature, block_v, sliced, backend):
+    x, tokens, mask = _inputs(B, T, V, dtype, sliced)
+    dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+    logp, ent, lse = TL.token_logprobs_fwd(x, tokens, mask, temperature, True, backend, block_v=block_v)
+    dlogits = TL.token_logprobs_bwd(x, tokens, mask, lse, ent, dlogp, dent, temperature, False, backend,
+                                    block_v=block_v)
+    r_logp, r_ent, r_grad = _ref(x, tokens, mask, temperature, dlogp, dent)
+    assert logp.dtype == ent.dtype == torch.float32 and dlogits.dtype == dtype
+    assert_close("logp", r_logp, logp, 1e-6, atol=2e-5)
+    assert_close("entropy", r_ent, ent, 1e-6, atol=2e-5)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 8e-3)   # half types: the output rounding
+    assert_close("dlogits", r_grad, dlogits, tol)
+    assert torch.all(dlogits[~mask] == 0), "masked rows must get exactly zero gradient"
+    assert torch.all(logp[~mask] == 0) and torch.all(ent[~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_public_autograd_and_entropy_flag(backend):
+    B, T, V = 3, 5, 1000
+    x, tokens, mask = _inputs(B, T, V, torch.float32, sliced=True)
+    dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+    xg = x.detach().clone().requires_grad_()
+    logp, ent = token_logprobs(xg, tokens, 0.8, mask=mask, backend=backend)
+    ((logp * dlogp).sum() + (ent * dent).sum()).backward()
+    r_logp, r_ent, r_grad = _ref(x, tokens, mask, 0.8, dlogp, dent)
+    assert_close("logp", r_logp, logp.detach(), 1e-6, atol=2e-5)
+    assert_close("dlogits", r_grad, xg.grad, 1e-5)
+
+    # compute_entropy=False: entropy is None and the gradient is the logp-only one
+    xg.grad = None
+    logp, ent = token_logprobs(xg, tokens, 0.8, mask=mask, compute_entropy=False, backend=backend)
+    assert ent is None
+    (logp * dlogp).sum().backward()
+    _, _, r_grad = _ref(x, tokens, mask, 0.8, dlogp, torch.zeros(B, T))
+    assert_close("dlogits(no entropy)", r_grad, xg.grad, 1e-5)
+
+
+def test_unused_entropy_skips_entropy_backward(monkeypatch):
+    """An entropy output that feeds nothing reaches the backward as None (no wasted entropy term)."""
+    seen = []
+    lib = importlib.import_module("gxpo_kernels.ops._library")
+    orig = lib.token_logprobs_bwd
+
+    def spy(*args, **kw):
+        seen.append(args[6] is None)  # dentropy
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(lib, "token_logprobs_bwd", spy)
+    x = torch.randn(2, 3, 300, requires_grad=True)
+    tokens = torch.randint(0, 300, (2, 3))
+    logp, ent = token_logprobs(x, tokens)
+    logp.sum().backward()
+    logp, ent = token_logprobs(x, tokens)
+    (logp.sum() + ent.sum()).backward()
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_reuses_buffer(backend):
+    B, T, V = 2, 6, 1000
+    x, tokens, mask = _inputs(B, T, V, torch.float32, sliced=False)
+    dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+    grads = {}
+    for inplace in (False, True):
+        leaf = x.detach().clone().requires_grad_()
+        logits = leaf * 1.0                    # non-leaf buffer the in-place backward may overwrite
+        ptrs = []
+        logits.register_hook(lambda g: ptrs.append(g.data_ptr()))
+        logp, ent = token_logprobs(logits, tokens, 1.2, mask=mask, inplace_backward=inplace, backend=backend)
+        ((logp * dlogp).sum() + (ent * dent).sum()).backward()
+        grads[inplace] = leaf.grad
+        assert (ptrs[0] == logits.data_ptr()) == inplace
+        if inplace:
+            assert torch.equal(logits.detach(), leaf.grad), "logits buffer must now hold dlogits"
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(2, 0, 300, requires_grad=True)
+    logp, ent = token_logprobs(x, torch.zeros(2, 0, dtype=torch.long), backend=backend)
+    assert logp.shape == ent.shape == (2, 0)
+    (logp.sum() + ent.sum()).backward()
+    assert x.grad.shape == x.shape
+
+
+def test_no_grad_saves_nothing():
+    x = torch.randn(2, 3, 500, requires_grad=True)
+    with torch.no_grad():
+        logp, ent = token_logprobs(x, torch.randint(0, 500, (2, 3)))
+    assert not logp.requires_grad and logp.grad_fn is None and ent.grad_fn is None
+
+
+def test_kernels_do_not_respecialise_on_T_or_temperature(monkeypatch):
+    """Every launch for different T / temperature / B must map to one JIT cache key.
+
+    The interpreter has no compile cache, so the key is computed with Triton's own binder (the function
+    ``JITFunction.run`` uses to build its cache key) on the exact arguments the launchers pass.
+    """
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    keys = {"fwd": set(), "bwd": set()}
+    seen = set()
+    for name, tag in (("_token_logprobs_fwd_kernel", "fwd"), ("_token_logprobs_bwd_kernel", "bwd")):
+        kernel = getattr(TL, name)
+        fn = getattr(kernel, "fn", kernel)
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", getattr(kernel, "do_not_specialize", None))
+        jf = JITFunction(fn, do_not_specialize=dns)
+        binder = create_function_from_signature(jf.signature, jf.params, BaseBackend)
+
+        class Recorder:
+            def __init__(self, real, binder, tag):
+                self.real, self.binder, self.tag = real, binder, tag
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    params, spec, opts = self.binder(*args, **kw)
+                    keys[self.tag].add((str(spec), str(sorted(opts.items()))))
+                    seen.add((self.tag, params["T"], params["inv_temp"]))
+                    return self.real[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(TL, name, Recorder(kernel, binder, tag))
+
+    V = 320
+    for B, T, temp in ((2, 1, 1.0), (3, 5, 0.7), (1, 16, 1.0), (2, 33, 2.5), (4, 64, 0.9)):
+        x = torch.randn(B, T + 1, V)[:, :-1].requires_grad_()
+        tokens = torch.randint(0, V, (B, T))
+        logp, ent = token_logprobs(x, tokens, temp, mask=torch.rand(B, T) > 0.2, backend="triton")
+        (logp.sum() + ent.sum()).backward()
+    assert len(keys["fwd"]) == 1, keys["fwd"]
+    assert len(keys["bwd"]) == 1, keys["bwd"]
+    # the recorder saw every launch, with T and temperature really changing (the check is not vacuous)
+    assert len({(t, it) for tag, t, it in seen if tag == "fwd"}) == 5
+    assert len({(t, it) for tag, t, it in seen if tag == "bwd"}) == 5
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 257, requires_grad=True)
+    tokens = torch.randint(0, 257, (2, 3))
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    for args in ((x, tokens, mask, 0.8, True, False, "torch"), (x, tokens, None, 1.0, False, False, "triton")):
+        torch.library.opcheck(torch.ops.gxpo.token_logprobs_fwd.default, args)
+    with torch.no_grad():
+        _, ent, lse = torch.ops.gxpo.token_logprobs_fwd(x, tokens, mask, 0.8, True, False, "torch")
+    bwd_args = (x.detach(), tokens, mask, lse, ent, torch.randn(2, 3), torch.randn(2, 3), 0.8, "torch")
+    torch.library.opcheck(torch.ops.gxpo.token_logprobs_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.gxpo.token_logprobs_bwd_.default,
+                          (x.detach().clone(),) + bwd_args[1:])
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    pytest.param(dict(logits=torch.zeros(2, 3, 5, dtype=torch.int64)), TypeError, "logits", id="int-logits"),
+    pytest.param(dict(logits=torch.zeros(6, 5)), ValueError, "logits", id="2d-logits"),
+    pytest.param(dict(tokens=torch.zeros(2, 3)), TypeError, "tokens", id="float-tokens"),
+    pytest.param(dict(tokens=torch.zeros(2, 4, dtype=torch.long)), ValueError, "tokens", id="tokens-shape"),
+    pytest.param(dict(tokens=torch.full((2, 3), 5)), ValueError, "tokens", id="tokens-out-of-range"),
+    pytest.param(dict(temperature=0.0), ValueError, "temperature", id="temperature-0"),
+    pytest.param(dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "mask", id="mask-shape"),
+    pytest.param(dict(tokens=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "tokens",
+                 id="device-mix"),
+    pytest.param(dict(backend="cuda"), ValueError, "backend", id="unknown-backend"),
+])
+def test_bad_inputs(bad, exc, match):
+    kw = dict(logits=torch.randn(2, 3, 5), tokens=torch.zeros(2, 3, dtype=torch.long), temperature=1.0)
+    kw.update(bad)
+    extra = {k: kw.pop(k) for k in ("mask", "backend") if k in kw}
+    with pytest.raises(exc, match=match):
+        token_logprobs(kw["logits"], kw["tokens"], kw["temperature"], **extra)
