@@ -1,0 +1,531 @@
+"""Per-token log-prob and entropy straight from hidden states: z = (hidden @ weight.T + bias) / T, never
+materialising the (tokens x vocab) logits.
+
+    logp[n] = z[n, y_n] - lse(z[n]),   entropy[n] = lse(z[n]) - sum_v p[n, v] z[n, v],   p = softmax(z[n])
+
+Shapes: hidden (N, H) or (B, T, H), weight (V, H), bias (V,) or None, tokens (N,) or (B, T) -> fp32 logp and
+entropy of the token shape. Backward, from (dlogp, dH) per token:
+    dz[n, v] = dlogp*(1[v=y] - p_v) - dH*p_v*(log p_v + H)      d(logits) = dz / T
+    grad_hidden = d(logits) @ weight,  grad_weight = d(logits).T @ hidden,  grad_bias = d(logits).sum(0)
+
+Two backends with the same memory behaviour (extra memory O(N) statistics plus the O(N*H) / O(V*H) fp32
+gradient accumulators, independent of N*V):
+  * Triton: the forward tiles (tokens x vocab) with ``tl.dot`` (operands in the input dtype, fp32
+    accumulation; fp32 operands with ``fp32_head``), keeps an online log-sum-exp, the target logit and the
+    entropy sum per token, optionally over vocab splits merged by a tiny torch epilogue. The backward
+    recomputes each logits tile and forms d(logits) in registers: atomics by default, or
+    ``deterministic=True`` = one kernel over token tiles (grad_hidden) and one over vocab tiles
+    (grad_weight, grad_bias), each accumulating in a fixed order.
+  * torch: chunks over tokens; per chunk fp32 logits, statistics, and in backward the recomputed chunk's
+    d(logits) feeding two GEMMs into fp32 accumulators. It is the reference the kernels are tested against.
+Reference on materialised logits: ``grpo_loss_ref.token_logprobs_ref``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range,
+                      resolve_backend, triton_interpret)
+from .._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
+
+HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
+# read constexpr globals)
+_NEG = tl.constexpr(-1.0e30)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_V) tile of (h @ w.T + b) / T; invalid rows/cols hold finite junk."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    r_h = o_m.to(tl.int64) * stride_h
+    r_w = o_v.to(tl.int64) * stride_w
+    for k0 in range(0, H, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        b_h = tl.load(h_ptr + r_h[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(w_ptr + r_w[:, None] + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)
+        if UPCAST:  # fp32_head, mixed dtypes, or the interpreter (whose bf16 dot is wrong)
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT: tl.constexpr):
+    """d(loss)/d(logits) tile from per-token (dlogp, dH); zero at invalid columns (rows: dlogp = dH = 0)."""
+    logp_v = z - b_lse[:, None]
+    p = tl.exp(logp_v)
+    coef = b_dlogp[:, None] + tl.zeros_like(z)
+    if HAS_DENT:
+        coef += b_dent[:, None] * (logp_v + b_ent[:, None])
+    dz = tl.where(o_v[None, :] == b_y[:, None], b_dlogp[:, None], 0.0) - p * coef
+    return tl.where(m_v[None, :], dz * inv_t, 0.0)
+
+
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, max_ptr, sum_ptr, ent_ptr, tgt_ptr,
+                N, V, H, stride_h, stride_w, inv_t, tiles_per_split,
+                HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid (token tiles, vocab splits); per (token, split): running max m, s = sum e^(z-m),
+    # a = sum e^(z-m) (z-m) (entropy numerator relative to m, no cancellation), target logit.
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1)
+    b_max = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)
+    b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_vt = tl.cdiv(V, BLOCK_V)
+    v_lo = i_s * tiles_per_split
+    v_hi = tl.minimum(v_lo + tiles_per_split, n_vt)
+    for i_v in range(v_lo, v_hi):
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        z = tl.where(m_v[None, :], z, _NEG)
+        b_tgt += tl.sum(tl.where(o_v[None, :] == b_y[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(b_max, tl.max(z, axis=1))
+        shift = b_max - new_max
+        scale = tl.exp(shift)
+        d = z - new_max[:, None]
+        e = tl.where(m_v[None, :], tl.exp(d), 0.0)
+        b_a = scale * (b_a + shift * b_sum) + tl.sum(e * tl.where(m_v[None, :], d, 0.0), axis=1)
+        b_sum = scale * b_sum + tl.sum(e, axis=1)
+        b_max = new_max
+    off = i_s * N + o_m
+    tl.store(max_ptr + off, b_max, mask=m_m)
+    tl.store(sum_ptr + off, b_sum, mask=m_m)
+    tl.store(ent_ptr + off, b_a, mask=m_m)
+    tl.store(tgt_ptr + off, b_tgt, mask=m_m)
+
+
+@triton.jit
+def _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, o_m, m_m, HAS_DENT: tl.constexpr):
+    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1)
+    b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
+    b_dlogp = tl.load(dlogp_ptr + o_m, mask=m_m, other=0.0)
+    b_ent = tl.zeros_like(b_lse)
+    b_dent = tl.zeros_like(b_lse)
+    if HAS_DENT:
+        b_ent = tl.load(ent_ptr + o_m, mask=m_m, other=0.0)
+        b_dent = tl.load(dent_ptr + o_m, mask=m_m, other=0.0)
+    return b_y, b_lse, b_ent, b_dlogp, b_dent
+
+
+@triton.jit(do_not_specialize=["N"])
+def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gh_ptr, gw_ptr, gb_ptr,
+                       N, V, H, stride_h, stride_w, inv_t,
+                       HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, NEED_DH: tl.constexpr,
+                       NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # grid (token tiles, vocab tiles): one recomputed tile, its d(logits) scattered with fp32 atomics
+    i_m = tl.program_id(0)
+    i_v = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    b_y, b_lse, b_ent, b_dlogp, b_dent = _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
+                                                         o_m, m_m, HAS_DENT)
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                     HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+    dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
+    r_h = o_m.to(tl.int64) * stride_h
+    r_w = o_v.to(tl.int64) * stride_w
+    r_g = o_m.to(tl.int64) * H
+    r_gw = o_v.to(tl.int64) * H
+    for k0 in range(0, H, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        if NEED_DH:
+            b_w = tl.load(w_ptr + r_w[:, None] + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)
+            if UPCAST:
+                b_w = b_w.to(tl.float32)
+            d_h = tl.dot(dz.to(b_w.dtype), b_w, input_precision=PRECISION)
+            tl.atomic_add(gh_ptr + r_g[:, None] + o_k[None, :], d_h, mask=m_m[:, None] & m_k[None, :])
+        if NEED_DW:
+            b_h = tl.load(h_ptr + r_h[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+            if UPCAST:
+                b_h = b_h.to(tl.float32)
+            d_w = tl.dot(tl.trans(dz.to(b_h.dtype)), b_h, input_precision=PRECISION)
+            tl.atomic_add(gw_ptr + r_gw[:, None] + o_k[None, :], d_w, mask=m_v[:, None] & m_k[None, :])
+    if NEED_DB:
+        tl.atomic_add(gb_ptr + o_v, tl.sum(dz, axis=0), mask=m_v)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gh_ptr,
+                   N, V, H, stride_h, stride_w, inv_t,
+                   HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # deterministic: this program owns its token rows of grad_hidden and walks the vocab in order
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    b_y, b_lse, b_ent, b_dlogp, b_dent = _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
+                                                         o_m, m_m, HAS_DENT)
+    r_g = o_m.to(tl.int64) * H
+    for i_v in range(0, tl.cdiv(V, BLOCK_V)):
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
+        r_w = o_v.to(tl.int64) * stride_w
+        for k0 in range(0, H, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < H
+            b_w = tl.load(w_ptr + r_w[:, None] + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)
+            if UPCAST:
+                b_w = b_w.to(tl.float32)
+            p_g = gh_ptr + r_g[:, None] + o_k[None, :]
+            msk = m_m[:, None] & m_k[None, :]
+            acc = tl.load(p_g, mask=msk, other=0.0)
+            tl.store(p_g, tl.dot(dz.to(b_w.dtype), b_w, acc, input_precision=PRECISION), mask=msk)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gw_ptr, gb_ptr,
+                   N, V, H, stride_h, stride_w, inv_t,
+                   HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # deterministic: this program owns its vocab rows of grad_weight / grad_bias and walks tokens in order
+    i_v = tl.program_id(0)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    r_gw = o_v.to(tl.int64) * H
+    b_gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for i_m in range(0, tl.cdiv(N, BLOCK_M)):
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = o_m < N
+        b_y, b_lse, b_ent, b_dlogp, b_dent = _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
+                                                             o_m, m_m, HAS_DENT)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
+        if NEED_DB:
+            b_gb += tl.sum(dz, axis=0)
+        if NEED_DW:
+            r_h = o_m.to(tl.int64) * stride_h
+            for k0 in range(0, H, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < H
+                b_h = tl.load(h_ptr + r_h[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+                if UPCAST:
+                    b_h = b_h.to(tl.float32)
+                p_g = gw_ptr + r_gw[:, None] + o_k[None, :]
+                msk = m_v[:, None] & m_k[None, :]
+                acc = tl.load(p_g, mask=msk, other=0.0)
+                tl.store(p_g, tl.dot(tl.trans(dz.to(b_h.dtype)), b_h, acc, input_precision=PRECISION), mask=msk)
+    if NEED_DB:
+        tl.store(gb_ptr + o_v, b_gb, mask=m_v)
+
+
+# ------------------------------------------------------------------------------------------- host side
+@dataclass(frozen=True)
+class _HeadConfig:
+    """Static choices of one call (not autograd inputs)."""
+    backend: str              # "triton" | "torch"
+    fp32_head: bool           # fp32 GEMM operands even for bf16/fp16 inputs
+    deterministic: bool       # fixed-order gradient accumulation (Triton); torch is always deterministic
+    chunk_size: Optional[int]  # torch backend: tokens per chunk (None: ~8M logits per chunk)
+    num_splits: Optional[int] = None  # Triton forward: vocab splits (None: enough programs to fill the GPU)
+
+
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps). GPU sizes chosen so that no kernel spills registers on sm_90
+# (checked with ptxas -v on AOT-compiled kernels); small tiles under the interpreter (serial programs).
+_INTERP_BLOCKS = (16, 32, 16, 4)
+_GPU_BLOCKS = {False: (64, 128, 32, 8), True: (64, 64, 32, 8)}   # key: fp32 operands
+
+
+def _kernel_flags(h: torch.Tensor, w: torch.Tensor, cfg: _HeadConfig):
+    """(UPCAST, PRECISION, blocks) for one launch."""
+    fp32_ops = cfg.fp32_head or h.dtype != w.dtype or h.dtype == torch.float32
+    if triton_interpret():
+        return True, "ieee", _INTERP_BLOCKS
+    # fp32 operands: 3xTF32 keeps fp32-level accuracy on tensor cores (plain IEEE fp32 dots spill badly);
+    # bf16/fp16 operands ignore the precision flag
+    prec = "tf32" if not fp32_ops else ("tf32x3" if torch.cuda.get_device_capability(h.device)[0] >= 8 else "ieee")
+    return fp32_ops, prec, _GPU_BLOCKS[fp32_ops]
+
+
+def _fwd_triton(h, w, b, y, inv_t, cfg):
+    N, H = h.shape
+    V = w.shape[0]
+    upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
+    n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, n_vt))
+    elif h.is_cuda:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        splits = max(1, min(n_vt, triton.cdiv(4 * sms, n_mt)))
+    else:
+        splits = 1
+    tps = triton.cdiv(n_vt, splits)
+    splits = triton.cdiv(n_vt, tps)
+    stats = torch.empty(4, splits, N, dtype=torch.float32, device=h.device)
+    _fwd_kernel[(n_mt, splits)](
+        h, w, b if b is not None else h, y, stats[0], stats[1], stats[2], stats[3],
+        N, V, H, h.stride(0), w.stride(0), inv_t, tps,
+        HAS_BIAS=b is not None, UPCAST=upcast, PRECISION=prec,
+        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
+    # epilogue over the splits (O(N * splits)): rebase every split's sums to the global max
+    m_k, s_k, a_k, t_k = stats.unbind(0)
+    M = m_k.max(0).values
+    f = torch.exp(m_k - M)
+    S = (f * s_k).sum(0)
+    A = (f * (a_k + (m_k - M) * s_k)).sum(0)
+    log_s = torch.log(S)
+    lse = M + log_s
+    return lse, log_s - A / S, t_k.sum(0) - lse
+
+
+def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
+    N, H = h.shape
+    V = w.shape[0]
+    upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
+    n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
+    need_dh, need_dw, need_db = need
+    gh = torch.zeros(N, H, dtype=torch.float32, device=h.device) if need_dh else None
+    gw = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
+    gb = torch.zeros(V, dtype=torch.float32, device=h.device) if need_db else None
+    has_dent = dent is not None
+    common = dict(HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
+                  BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
+    dummy = lse
+    args = (h, w, b if b is not None else h, y, lse, ent, dlogp, dent if has_dent else dummy)
+    dims = (N, V, H, h.stride(0), w.stride(0), inv_t)
+    if not cfg.deterministic:
+        _bwd_atomic_kernel[(n_mt, n_vt)](*args, gh if need_dh else dummy, gw if need_dw else dummy,
+                                          gb if need_db else dummy, *dims,
+                                          NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **common)
+    else:
+        if need_dh:
+            _bwd_dh_kernel[(n_mt,)](*args, gh, *dims, **common)
+        if need_dw or need_db:
+            _bwd_dw_kernel[(n_vt,)](*args, gw if need_dw else dummy, gb if need_db else dummy, *dims,
+                                    NEED_DW=need_dw, NEED_DB=need_db, **common)
+    return gh, gw, gb
+
+
+def _chunk_rows(cfg: _HeadConfig, V: int) -> int:
+    if cfg.chunk_size is not None:
+        return cfg.chunk_size
+    return max(16, 1 << max(0, (8 * 2 ** 20 // max(V, 1)).bit_length() - 1))  # ~8M fp32 logits per chunk
+
+
+def _chunk_logits(h_c, wf, bf, inv_t):
+    """fp32 (rows, V) logits / T of one chunk of rows."""
+    z = h_c.float() @ wf.t()
+    if bf is not None:
+        z += bf
+    return z.mul_(inv_t)
+
+
+def _fwd_torch(h, w, b, y, inv_t, cfg):
+    N = h.shape[0]
+    wf = w.float()                      # one O(V*H) upcast, independent of N
+    bf = None if b is None else b.float()
+    lse, ent, logp = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(3))
+    step = _chunk_rows(cfg, w.shape[0])
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        z = _chunk_logits(h[s:e], wf, bf, inv_t)
+        lse[s:e] = torch.logsumexp(z, dim=-1)
+        lp = z.sub_(lse[s:e, None])                          # log-softmax in place
+        logp[s:e] = lp.gather(1, y[s:e, None].long()).squeeze(1)
+        ent[s:e] = -(lp.exp().mul_(lp)).sum(-1)
+    return lse, ent, logp
+
+
+def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
+    N, H = h.shape
+    V = w.shape[0]
+    need_dh, need_dw, need_db = need
+    wf = w.float()
+    bf = None if b is None else b.float()
+    gh = torch.empty(N, H, dtype=torch.float32, device=h.device) if need_dh else None
+    gw = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
+    gb = torch.zeros(V, dtype=torch.float32, device=h.device) if need_db else None
+    step = _chunk_rows(cfg, V)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        h_c = h[s:e].float()
+        lp = _chunk_logits(h_c, wf, bf, inv_t).sub_(lse[s:e, None])   # saved lse: no second reduction
+        p = lp.exp()
+        g = dlogp[s:e, None]
+        if dent is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
+            coef = lp.add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
+        else:
+            coef = g
+        dz = p.mul_(coef).neg_()
+        dz.scatter_add_(1, y[s:e, None].long(), g.clone())
+        dz *= inv_t
+        if need_dh:
+            gh[s:e] = dz @ wf
+        if need_dw:
+            gw.addmm_(dz.t(), h_c)
+        if need_db:
+            gb += dz.sum(0)
+    return gh, gw, gb
+
+
+@torch.no_grad()
+def linear_token_stats_fwd(h, w, b, y, inv_t, cfg: _HeadConfig):
+    """Host forward on flat, validated inputs: (lse, entropy, logp), each fp32 (N,)."""
+    if h.shape[0] == 0:  # every row masked: nothing to launch
+        return tuple(torch.zeros(0, dtype=torch.float32, device=h.device) for _ in range(3))
+    fn = _fwd_triton if cfg.backend == "triton" else _fwd_torch
+    return fn(h, w, b, y, inv_t, cfg)
+
+
+@torch.no_grad()
+def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadConfig, need):
+    """Host backward: fp32 (grad_hidden (N,H), grad_weight (V,H), grad_bias (V,)); None where not needed."""
+    fn = _bwd_triton if cfg.backend == "triton" else _bwd_torch
+    if h.shape[0] == 0:
+        fn = _bwd_torch  # zero-size grads without a zero-size launch
+    dlogp = dlogp.float().contiguous()
+    dent = None if dent is None else dent.float().contiguous()
+    return fn(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need)
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """(hidden (N,H), weight (V,H), bias (V,)|None, tokens (N,)) -> fp32 (logp (N,), entropy (N,))."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, inv_t, cfg):
+        lse, ent, logp = linear_token_stats_fwd(hidden, weight, bias, tokens, inv_t, cfg)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
+        ctx.inv_t, ctx.cfg = inv_t, cfg
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        h, w, b, y, lse, ent = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, ctx.inv_t, ctx.cfg, need)
+        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
+                None if gb is None else gb.to(b.dtype), None, None, None)
+
+
+def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3)) -> None:
+    """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument)."""
+    check_tensor(hidden, "hidden", ndim=hidden_ndim, floating=True)
+    check_tensor(weight, "weight", floating=True)
+    if weight.dim() != 2:
+        hint = (" (a ZeRO-3 partitioned parameter? gather it with deepspeed.zero.GatheredParameters, or use "
+                "gxpo_kernels.integrations.hf.causal_lm_grpo_loss)") if weight.numel() == 0 else ""
+        raise ValueError(f"weight must be 2-D (vocab_size, hidden_size), got shape {tuple(weight.shape)}{hint}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
+                         f"(weight must be (vocab_size, hidden_size) = lm_head.weight)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has vocab_size 0")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in HEAD_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if hidden.dtype != weight.dtype and not fp32_head:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; pass "
+                        "fp32_head=True to run the head in fp32 with mixed inputs")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, floating=True)
+        check_shape(bias, "bias", (weight.shape[0],))
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+    check_same_device(hidden, "hidden", weight=weight, bias=bias)
+
+
+def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          temperature: float = 1.0, *, bias: Optional[torch.Tensor] = None,
+                          mask: Optional[torch.Tensor] = None, compute_entropy: bool = True,
+                          fp32_head: bool = False, deterministic: bool = False, chunk_size: Optional[int] = None,
+                          check_finite: bool = False, backend: str = "auto"
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-prob and entropy of ``tokens`` under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: (N, H) or (B, T, H) final hidden states; row n scores ``tokens[n]``.
+        weight: (V, H) lm_head weight (same dtype as ``hidden`` unless ``fp32_head``); bias: (V,) or None.
+        tokens: (N,) or (B, T) int64/int32 ids in [0, V) at unmasked positions.
+        temperature: logits are divided by it.
+        mask: optional bool/0-1 of the token shape; masked rows are skipped (no GEMM work) and get 0.
+        compute_entropy: return the full-distribution entropy (else ``None``).
+        fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
+        deterministic: bitwise reproducible gradients (Triton: fixed-order kernels instead of atomics).
+        chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
+            hidden or weight. backend: "auto" | "triton" | "torch".
+    Returns:
+        (logp, entropy), fp32 of the token shape; differentiable w.r.t. hidden, weight and bias. Under
+        ``torch.no_grad()`` nothing is saved (the fast path for old/reference log-probs).
+
+    Example::
+
+        logp, ent = linear_token_logprobs(h, model.lm_head.weight, ids, temperature=0.7, mask=completion_mask)
+    """
+    validate_head(hidden, weight, bias, fp32_head)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = hidden.shape[:-1]
+    check_tensor(tokens, "tokens", ndim=len(shape))
+    check_shape(tokens, "tokens", shape)
+    check_same_device(hidden, "hidden", tokens=tokens, mask=mask)
+    from .._utils import normalize_mask
+    m = normalize_mask(mask, shape, hidden.device)
+    check_tokens_in_range(tokens, weight.shape[0], m)
+    if check_finite:
+        _check_finite(hidden, "hidden")
+        _check_finite(weight, "weight")
+    cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
+    logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
+                                 m.reshape(-1), 1.0 / float(temperature), cfg)
+    logp = logp.view(shape)
+    return logp, (ent.view(shape) if compute_entropy else None)
+
+
+def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
+    """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
+    all_rows = bool(m1.all())
+    idx = None if all_rows else m1.nonzero().squeeze(1)
+    h_sel = h2 if all_rows else h2.index_select(0, idx)
+    y_sel = (tokens1 if all_rows else tokens1.index_select(0, idx)).contiguous()
+    h_sel, w = h_sel.contiguous(), weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    if grad_enabled is None:
+        grad_enabled = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (h_sel, w, b))
+    if grad_enabled:
+        logp, ent = LinearTokenLogprobsFunction.apply(h_sel, w, b, y_sel, inv_t, cfg)
+    else:
+        with torch.no_grad():
+            _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
+    if all_rows:
+        return logp, ent
+    z = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
+    return z.index_put((idx,), logp), z.index_put((idx,), ent)

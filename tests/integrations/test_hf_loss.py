@@ -1,0 +1,203 @@
+"""Guards ``gxpo_kernels.integrations.hf``: the fused lm_head GRPO loss on real (tiny, random) transformers
+models gives the same loss and the same gradient on every parameter as the model's own logits path followed
+by the float64 ``grpo_loss_ref`` (Qwen2, Llama, tied embeddings, prompt/completion split, left padding),
+the no-grad log-prob helper matches the logits path, and unsupported heads are refused."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gxpo_kernels.integrations.hf import (causal_lm_grpo_loss, causal_lm_hidden_states,  # noqa: E402
+                                          causal_lm_token_logprobs)
+from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref, token_logprobs_ref  # noqa: E402
+from tests._utils import assert_close  # noqa: E402
+
+V = 211
+
+
+def _model(family: str, tied: bool = False):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, tie_word_embeddings=tied)
+    cfg = (transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig)(**common)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    return model
+
+
+def _batch(B=3, P=5, K=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, P + K), generator=g)
+    am = torch.ones(B, P + K, dtype=torch.long)
+    am[0, :2] = 0                                 # left-padded prompt
+    cm = am[:, P:].clone()
+    cm[1, K - 3:] = 0                             # short completion, padded on the right
+    adv = torch.randn(B, generator=g)
+    return ids, am, cm, adv
+
+
+def _logits_path(model, ids, am, cm, adv, K, old=None, ref=None, **opts):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1]
+    loss, metrics = grpo_loss_ref(logits, ids[:, -K:], adv, cm.bool(), old, ref, **opts)
+    loss.backward()
+    return loss, metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _fused_path(model, ids, am, cm, adv, K, old=None, ref=None, **opts):
+    model.zero_grad(set_to_none=True)
+    loss, metrics = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                        old_logprobs=old, ref_logprobs=ref, **opts)
+    loss.backward()
+    return loss, metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family,tied,backend,extra", [
+    pytest.param("qwen2", False, "torch", dict(), id="qwen2-torch"),
+    pytest.param("llama", False, "torch", dict(deterministic=True), id="llama-torch"),
+    pytest.param("qwen2", True, "triton", dict(), id="qwen2-tied-triton"),
+])
+def test_fused_loss_matches_logits_path(family, tied, backend, extra):
+    model = _model(family, tied)
+    ids, am, cm, adv = _batch()
+    K = cm.shape[1]
+    with torch.no_grad():
+        lp = token_logprobs_ref(model(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1], ids[:, -K:], 0.8)[0]
+    old = (lp + 0.3 * torch.randn(lp.shape, dtype=lp.dtype)).float()
+    ref = (lp + 0.2 * torch.randn(lp.shape, dtype=lp.dtype)).float()
+    opts = dict(temperature=0.8, beta=0.05, entropy_coef=0.01, loss_agg_mode="seq-mean-token-mean")
+    rl, rm, rg = _logits_path(model, ids, am, cm, adv, K, old, ref, **opts)
+    fl, fm, fg = _fused_path(model, ids, am, cm, adv, K, old, ref, backend=backend, **extra, **opts)
+    assert_close("loss", rl.detach(), fl.detach().double(), 1e-5)
+    for k in rm:
+        assert_close(k, rm[k], fm[k].double(), 1e-5, atol=1e-6)
+    assert rg.keys() == fg.keys()
+    for name in rg:
+        assert_close(name, rg[name], fg[name], 2e-5, atol=1e-7)
+
+
+def test_default_alignment_scores_every_token_after_the_first():
+    model = _model("llama")
+    ids, am, _, adv = _batch(B=2, P=1, K=6, seed=1)
+    am[:] = 1
+    hidden, tokens = causal_lm_hidden_states(model, ids, am)
+    assert hidden.shape == (2, ids.shape[1] - 1, 64) and torch.equal(tokens, ids[:, 1:])
+    rl, _, rg = _logits_path(model, ids, am, am[:, 1:], adv, ids.shape[1] - 1)
+    model.zero_grad(set_to_none=True)
+    fl, _ = causal_lm_grpo_loss(model, ids, am, adv, backend="torch")
+    fl.backward()
+    assert_close("loss", rl.detach(), fl.detach().double(), 1e-5)
+    assert_close("lm_head", rg["lm_head.weight"], model.lm_head.weight.grad, 2e-5)
+
+
+def test_token_logprobs_helper_matches_logits():
+    model = _model("qwen2")
+    ids, am, cm, _ = _batch(seed=2)
+    K = cm.shape[1]
+    lp, ent = causal_lm_token_logprobs(model, ids, am, logits_to_keep=K, completion_mask=cm, temperature=0.9,
+                                       compute_entropy=True, backend="torch")
+    assert lp.shape == (3, K) and lp.grad_fn is None
+    with torch.no_grad():
+        rlp, rent = token_logprobs_ref(model(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1], ids[:, -K:], 0.9)
+    m = cm.bool()
+    assert_close("logp", rlp[m], lp[m], 1e-5)
+    assert_close("entropy", rent[m], ent[m], 1e-5)
+    assert (lp[~m] == 0).all()
+
+
+def test_bad_arguments():
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch()
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        causal_lm_grpo_loss(model, ids, am, adv, logits_to_keep=ids.shape[1])
+    with pytest.raises(ValueError, match="completion_mask"):
+        causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm[:, 1:], logits_to_keep=cm.shape[1])
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        causal_lm_grpo_loss(model, ids, am, adv)
+
+
+def test_zero3_style_head_runs_as_the_head_modules_forward():
+    # a parameter carrying ds_id takes the path that runs the loss as lm_head.forward (so DeepSpeed's module
+    # hooks gather the weight for forward and backward); without DeepSpeed the result must not change
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch(seed=3)
+    K = cm.shape[1]
+    rl, _, rg = _logits_path(model, ids, am, cm, adv, K, temperature=0.9)
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape))
+    model.lm_head.weight.ds_id = 0
+    try:
+        fl, fm, fg = _fused_path(model, ids, am, cm, adv, K, temperature=0.9, backend="torch")
+    finally:
+        del model.lm_head.weight.ds_id
+    assert calls == [(3, K, 64)]
+    assert "forward" not in model.lm_head.__dict__          # the class forward is restored
+    assert_close("loss", rl.detach(), fl.detach().double(), 1e-5)
+    assert set(fm) >= {"clip_frac_low", "ratio_mean", "entropy"}
+    for name in rg:
+        assert_close(name, rg[name], fg[name], 2e-5, atol=1e-7)
+
+
+_ZERO3_SCRIPT = r"""
+import copy, json, torch, torch.distributed as dist, deepspeed, transformers
+from deepspeed.utils import safe_get_full_grad
+from gxpo_kernels.integrations.hf import causal_lm_grpo_loss, causal_lm_token_logprobs
+from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
+dist.init_process_group("gloo")
+res = []
+for tied in (False, True):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=tied)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 211, (3, 12), generator=g); am = torch.ones_like(ids); am[0, :2] = 0
+    cm = am[:, 5:].clone(); cm[1, 4:] = 0; adv = torch.randn(3, generator=g); K = 7
+    logits = ref(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1]
+    rl, _ = grpo_loss_ref(logits, ids[:, -K:], adv, cm.bool(), temperature=0.8, entropy_coef=0.01)
+    rl.backward()
+    ds = {"train_micro_batch_size_per_gpu": 1,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    eng, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+    shape = list(eng.module.lm_head.weight.shape)
+    lp, _ = causal_lm_token_logprobs(eng.module, ids, am, logits_to_keep=K, completion_mask=cm, temperature=0.8,
+                                     backend="torch")
+    loss, _ = causal_lm_grpo_loss(eng.module, ids, am, adv, completion_mask=cm, logits_to_keep=K, temperature=0.8,
+                                  entropy_coef=0.01, backend="torch")
+    eng.backward(loss)
+    worst = max(float((safe_get_full_grad(p) - q.grad).abs().max() / q.grad.abs().max().clamp(min=1e-12))
+                for p, q in zip(eng.module.parameters(), ref.parameters()))
+    eng.step()
+    rlp = torch.log_softmax(logits.double() / 0.8, -1).gather(-1, ids[:, -K:, None]).squeeze(-1)
+    lp_err = float((lp.double() - rlp)[cm.bool()].abs().max())
+    res.append(dict(tied=tied, shape=shape, loss=float(loss), ref=float(rl), worst=worst, lp_err=lp_err))
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_real_zero3_single_rank_grads_match_plain_model():
+    pytest.importorskip("deepspeed")
+    import json
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", DS_ACCELERATOR="cpu", TRITON_INTERPRET="0")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _ZERO3_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for case in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert case["shape"] == [0], case                 # really partitioned outside forward
+        assert abs(case["loss"] - case["ref"]) < 1e-5, case
+        assert case["worst"] < 1e-5, case                 # every parameter's full gradient
+        assert case["lp_err"] < 1e-5, case
