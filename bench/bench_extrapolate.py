@@ -1,0 +1,183 @@
+"""Benchmark of the fused extrapolation op and of the GXPO step overhead (pytest-benchmark; not a unit test).
+
+    python -m pytest bench/bench_extrapolate.py -q --benchmark-json bench/results/cpu-extrapolate.json
+
+Providers over the parameter list of a Qwen2-0.5B-shaped model (embedding 151936 x 896, 24 layers of
+q/k/v/o + MLP + norms; ~494M elements): ``ours`` (C++/OpenMP on CPU, Triton on CUDA), ``foreach`` (the best
+``torch._foreach_*`` composition, ``extrapolate_foreach_``), ``loop`` (the same ops one parameter at a time),
+and ``copy`` (one large ``copy_``: the device's practical bandwidth). GB/s counts the bytes the op must move:
+read θ0, θ2, g0, g1, write θ̃ (+ the bf16 copy for ``ours+lowp``). On CPU the layout is scaled down to
+``GXPO_BENCH_LAYERS`` layers (default 3) and vocab/``GXPO_BENCH_VOCAB_DIV`` (default 8) so 2 cores finish in
+seconds; ``GXPO_BENCH_FULL=1`` runs the full layout (about 10 GB of RAM; ours + copy only).
+``test_gxpo_step_overhead`` times a GXPO active step on a tiny transformers Qwen2 against its 3 closures
+(fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
+"""
+import os
+import pathlib
+import statistics
+import time
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" /
+                                                  "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gxpo_kernels.ops.extrapolate import extrapolate_  # noqa: E402
+from gxpo_kernels.ops.extrapolate_ref import extrapolate_foreach_  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("GXPO_BENCH_FULL", "0") == "1" or DEVICE == "cuda"
+ALPHA, K = 0.5, 5
+
+
+def qwen2_05b_shapes(layers=24, vocab=151936, hidden=896, inter=4864, kv=128):
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (hidden,), (kv, hidden), (kv,), (kv, hidden), (kv,), (hidden, hidden),
+                   (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    return shapes + [(hidden,)]
+
+
+def _shapes():
+    if FULL:
+        return qwen2_05b_shapes()
+    return qwen2_05b_shapes(layers=int(os.environ.get("GXPO_BENCH_LAYERS", "3")),
+                            vocab=151936 // int(os.environ.get("GXPO_BENCH_VOCAB_DIV", "8")))
+
+
+_STATE = {}
+
+
+def _tensors():
+    if "t" not in _STATE:
+        g = torch.Generator().manual_seed(0)
+        shapes = _shapes()
+        p = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+        t0 = [x + 0.01 for x in p]
+        g0 = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+        g1 = [0.6 * x for x in g0]
+        _STATE["t"] = (p, t0, g0, g1)
+    return _STATE["t"]
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, reps=7):
+    fn()
+    _sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _copy_gbps(numel):
+    a = torch.randn(numel, device=DEVICE)
+    b = torch.empty_like(a)
+    sec = _time(lambda: b.copy_(a))
+    return 8 * numel / sec / 1e9
+
+
+@pytest.mark.parametrize("provider", ["copy", "ours", "ours+lowp", "foreach", "loop"])
+def test_extrapolate_bandwidth(benchmark, provider):
+    p, t0, g0, g1 = _tensors()
+    numel = sum(x.numel() for x in p)
+    if FULL and provider in ("foreach", "loop") and DEVICE == "cpu":
+        pytest.skip("the foreach baseline needs ~5 model-sized temporaries: scaled layout only on CPU")
+    lowp = [torch.empty_like(x, dtype=torch.bfloat16) for x in p] if provider == "ours+lowp" else None
+    if provider == "copy":
+        a = torch.cat([x.reshape(-1) for x in p])
+        b = torch.empty_like(a)
+        fn, nbytes = (lambda: b.copy_(a)), 8 * numel
+    elif provider.startswith("ours"):
+        fn = lambda: extrapolate_(p, t0, g0, g1, alpha=ALPHA, K=K, lowp_out=lowp)  # noqa: E731
+        nbytes = 20 * numel + (2 * numel if lowp is not None else 0)
+    elif provider == "foreach":
+        fn, nbytes = (lambda: extrapolate_foreach_(p, t0, g0, g1, alpha=ALPHA, K=K)), 20 * numel
+    else:
+        def fn():
+            for a, b, c, d in zip(p, t0, g0, g1):
+                extrapolate_foreach_([a], [b], [c], [d], alpha=ALPHA, K=K)
+        nbytes = 20 * numel
+
+    def timed():
+        fn()
+        _sync()
+    slow = provider in ("foreach", "loop")
+    benchmark.pedantic(timed, rounds=3 if slow else 7, iterations=1, warmup_rounds=0 if slow else 1)
+    sec = benchmark.stats.stats.median
+    copy_gbps = _STATE.setdefault("copy_gbps", _copy_gbps(min(numel, 64 * 2 ** 20)))
+    benchmark.extra_info.update(device=DEVICE, threads=torch.get_num_threads(), numel=numel, bytes=nbytes,
+                                gbps=nbytes / sec / 1e9, copy_gbps=copy_gbps,
+                                pct_of_copy=100 * nbytes / sec / 1e9 / copy_gbps, full_layout=FULL)
+    _STATE.setdefault("median", {})[provider] = sec
+
+
+def test_gxpo_step_overhead(benchmark):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from gxpo_kernels.update import GXPO
+    cfg = Qwen2Config(vocab_size=16, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE)
+    ids = torch.randint(0, 16, (8, 32), device=DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rule = GXPO(opt, K=5, alpha=0.5, gate=None)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    def baseline():
+        for _ in range(3):
+            closure()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    def gx():
+        rule.step(closure)
+    for f in (gx, baseline):
+        f()
+    w_g, w_b, c_g, c_b = [], [], [], []
+    for _ in range(9):  # interleaved so machine noise hits both alike; CPU time is robust to a loaded machine
+        for f, w, c in ((gx, w_g, c_g), (baseline, w_b, c_b)):
+            t, ct = time.perf_counter(), time.process_time()
+            f()
+            _sync()
+            w.append(time.perf_counter() - t)
+            c.append(time.process_time() - ct)
+    # the work GXPO adds (snapshot θ0, save ĝ0, the fused extrapolation, cos(g0, g̃)), timed on its own: a
+    # figure the machine's noise cannot swamp the way it swamps the difference of two multi-second medians
+    params = rule._param_list()
+    grads = [p.grad for p in params]
+
+    def extra():
+        with torch.no_grad():
+            rule._snapshot_params_()
+            rule._save_g0_(grads)
+            rule._extrapolate(params, rule._g0, grads, alpha=0.5, K=5)
+            rule._cos_g0(grads, 1.0, 1.0)
+    c_x = []
+    for _ in range(9):
+        ct = time.process_time()
+        extra()
+        c_x.append(time.process_time() - ct)
+    benchmark.pedantic(gx, rounds=3, iterations=1)
+    benchmark.extra_info.update(extra_work_cpu_s=statistics.median(c_x),
+                                extra_work_pct_of_baseline=100 * statistics.median(c_x) / statistics.median(c_b))
+    mg, mb = statistics.median(w_g), statistics.median(w_b)
+    cg, cb = statistics.median(c_g), statistics.median(c_b)
+    benchmark.extra_info.update(gxpo_step_s=mg, baseline_3fwdbwd_3steps_s=mb, overhead_pct=100 * (mg - mb) / mb,
+                                gxpo_step_cpu_s=cg, baseline_cpu_s=cb, overhead_cpu_pct=100 * (cg - cb) / cb,
+                                n_params=sum(p.numel() for p in model.parameters()), device=DEVICE)

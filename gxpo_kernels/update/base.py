@@ -1,0 +1,237 @@
+"""Shared machinery of the extrapolating update rules (GXPO, SFPO): a wrapper around any torch.optim.Optimizer.
+
+The rules are driven by a closure (the LBFGS convention: ``closure()`` zeroes the grads, computes the loss,
+calls ``backward()`` and returns the loss). Everything that touches tensors goes through a small set of hooks
+so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards) can reuse the algorithm:
+
+- ``_param_list()`` / ``_grad_list(params)``: the (param, grad) tensor lists the algorithm works on;
+- ``_global_grad_norm(grads)`` and ``_clip_grads_(grads, norm)``: global-norm clipping (torch's
+  ``clip_grad_norm_`` semantics: coef = min(1, c / (‖g‖ + 1e-6)));
+- ``_all_reduce_(stats)``: applied to every diagnostic / non-finite vector before a decision is taken.
+  Contract: entries [:-1] are SUM-reduced, the last entry is MAX-reduced (identity here);
+- ``_optimizer_step()``, ``_zero_grad()``;
+- ``_snapshot_params_()`` / ``_restore_params_()`` and ``_snapshot_optimizer_state_()`` /
+  ``_restore_optimizer_state_()``: in-place ``copy_`` into preallocated buffers, never replacing state entries
+  (except that state created after a snapshot of an empty state is removed again);
+- ``_lowp_targets()``: optional low-precision copies the extrapolation also writes (None here).
+Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..ops.extrapolate import extrapolate_
+
+
+class ExtrapolationRule:
+    """Base class. Subclasses implement ``step(closure, entropy=None) -> dict``.
+
+    Attributes: ``optimizer``, ``pass_index`` (which pass the closure is being called for), counters
+    ``total_backward_passes``, ``total_optimizer_steps``, ``outer_steps``, ``fallbacks``, and ``gate``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: Optional[float] = 1.0,
+                 transactional_state: bool = False, backend: str = "auto"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if backend not in ("auto", "triton", "cpp", "torch"):
+            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpp', 'torch'), got {backend!r}")
+        self.optimizer = optimizer
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.transactional_state = bool(transactional_state)
+        self.backend = backend
+        self.pass_index = 0
+        self.total_backward_passes = 0
+        self.total_optimizer_steps = 0
+        self.outer_steps = 0
+        self.fallbacks = 0
+        self._theta0: Optional[List[torch.Tensor]] = None
+        self._opt_snap: Optional[list] = None
+        self._warned_entropy = False
+
+    # ---- hooks a distributed subclass overrides -------------------------------------------------------
+    def _param_list(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    def _grad_list(self, params: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The grads of ``params`` (None where the closure left a param without one)."""
+        return [p.grad for p in params]
+
+    def _all_reduce_(self, stats: torch.Tensor) -> torch.Tensor:
+        """Reduce a local stats vector across ranks in place ([:-1] SUM, [-1] MAX). Identity here."""
+        return stats
+
+    def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        """Global L2 norm of ``grads`` over all ranks (a 0-d tensor); torch's ``get_total_norm`` here."""
+        grads = [g for g in grads if g is not None and g.numel()]
+        if not grads:
+            return torch.zeros(())
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+
+    def _clip_grads_(self, grads: List[torch.Tensor], total_norm: torch.Tensor) -> None:
+        """grads *= min(1, c / (total_norm + 1e-6)), bit for bit as ``torch.nn.utils.clip_grad_norm_``."""
+        coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
+        groups: Dict[tuple, List[torch.Tensor]] = {}
+        for g in grads:
+            if g is not None and g.numel():
+                groups.setdefault((g.device, g.dtype), []).append(g)
+        for (dev, _), gs in groups.items():
+            torch._foreach_mul_(gs, coef.to(dev))
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.total_optimizer_steps += 1
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _lowp_targets(self) -> Optional[List[Optional[torch.Tensor]]]:
+        return None
+
+    def _buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
+    def _snapshot_params_(self) -> None:
+        params = self._param_list()
+        if self._theta0 is None or len(self._theta0) != len(params) or any(
+                b.shape != p.shape for b, p in zip(self._theta0, params)):
+            self._theta0 = [torch.empty_like(p, dtype=self._buffer_dtype(p), memory_format=torch.contiguous_format)
+                            for p in params]
+        _copy_all_(self._theta0, params)
+
+    @torch.no_grad()
+    def _restore_params_(self) -> None:
+        _copy_all_(self._param_list(), self._theta0)
+
+    @torch.no_grad()
+    def _snapshot_optimizer_state_(self) -> None:
+        params = self._param_list()
+        old = {id(e[0]): e for e in self._opt_snap} if self._opt_snap else {}
+        snap = []
+        for p in params:
+            st = self.optimizer.state.get(p)
+            if not st:
+                snap.append((p, None, None))
+                continue
+            prev = old.get(id(p))
+            bufs = prev[1] if prev is not None and prev[1] is not None else {}
+            tens, other = {}, {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    b = bufs.get(k)
+                    if b is None or b.shape != v.shape or b.dtype != v.dtype or b.device != v.device:
+                        b = torch.empty_like(v)
+                    b.copy_(v)
+                    tens[k] = b
+                else:
+                    other[k] = v
+            snap.append((p, tens, other))
+        self._opt_snap = snap
+
+    @torch.no_grad()
+    def _restore_optimizer_state_(self) -> None:
+        for p, tens, other in self._opt_snap:
+            if tens is None:
+                self.optimizer.state.pop(p, None)  # the state did not exist at the snapshot
+                continue
+            st = self.optimizer.state[p]
+            for k, b in tens.items():
+                st[k].copy_(b)
+            for k, v in other.items():
+                st[k] = v
+
+    # ---- building blocks -----------------------------------------------------------------------------
+    def _run_closure(self, closure: Callable, pass_index: int):
+        self.pass_index = pass_index
+        with torch.enable_grad():
+            loss = closure()
+        self.total_backward_passes += 1
+        self._bp += 1
+        return loss
+
+    @torch.no_grad()
+    def _clip(self, params) -> tuple:
+        """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
+        grads = self._grad_list(params)
+        total = self._global_grad_norm(grads)
+        norm = float(total)
+        if not math.isfinite(norm):
+            return grads, norm, norm
+        if self.max_grad_norm is None:
+            return grads, norm, norm
+        self._clip_grads_(grads, total)
+        coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        return grads, norm, norm * coef
+
+    def _plain_step(self, closure: Callable) -> dict:
+        """One single-pass GRPO step: closure, clip, optimizer step (skipped when the grads are non-finite)."""
+        self._bp = 0
+        params = self._param_list()
+        loss = self._run_closure(closure, 0)
+        _, norm, _ = self._clip(params)
+        skipped = not math.isfinite(norm)
+        if skipped:
+            self._zero_grad()
+        else:
+            self._optimizer_step()
+        self.outer_steps += 1
+        return {"loss": _to_float(loss), "active": False, "fell_back": False, "skipped": skipped,
+                "fallback_reason": None, "gate_z": math.nan, "grad_norm_0": norm, "backward_passes": self._bp}
+
+    def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
+        return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
+                            inactive_threshold=inactive_threshold, lowp_out=self._lowp_targets(),
+                            backend=self.backend)
+
+    def _observe_entropy(self, entropy) -> None:
+        if entropy is None:
+            if not self._warned_entropy:
+                warnings.warn(f"{type(self).__name__}: the entropy gate needs step(closure, entropy=...); "
+                              "no value was passed, so the gate is not updated", RuntimeWarning)
+                self._warned_entropy = True
+            return None
+        return self.gate.observe(_to_float(entropy), step=self.outer_steps)
+
+    # ---- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Gate statistics, counters and the fired flag (the optimizer's own state is saved separately)."""
+        return {"gate": self.gate.state_dict(), "total_backward_passes": self.total_backward_passes,
+                "total_optimizer_steps": self.total_optimizer_steps, "outer_steps": self.outer_steps,
+                "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gate.load_state_dict(sd["gate"])
+        self.total_backward_passes = int(sd["total_backward_passes"])
+        self.total_optimizer_steps = int(sd["total_optimizer_steps"])
+        self.outer_steps = int(sd["outer_steps"])
+        self.fallbacks = int(sd["fallbacks"])
+
+
+def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
+    """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
+    groups: Dict[tuple, tuple] = {}
+    for d, s in zip(dst, src):
+        if s is None:
+            d.zero_()
+        elif d.numel():
+            key = (d.device, d.dtype, s.device, s.dtype)
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(d)
+            groups[key][1].append(s)
+    for ds, ss in groups.values():
+        torch._foreach_copy_(ds, ss)
+
+
+def _to_float(x) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, torch.Tensor):
+        return float(x.detach())
+    return float(x)

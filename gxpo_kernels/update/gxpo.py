@@ -1,0 +1,228 @@
+"""GXPO: one active update on a mini-batch (spec §2, the authors' Algorithm 1), around any torch optimizer.
+
+    θ0 ← θ
+    pass 0: g0 = ∇L(θ0); ĝ0 = clip(g0); non-finite or ‖g0‖ ≤ 1e-8 → FALLBACK;  θ1 = Opt(θ0, ĝ0)
+    pass 1: g1 = ∇L(θ1); ĝ1 = clip(g1); non-finite → FALLBACK;               θ2 = Opt(θ1, ĝ1)
+    r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) ∈ [−2, 3];  scale = clamp(S_K(r)/S_2(r), 1, K/2 + 1)
+    θ̃ = θ0 + α·scale⊙(θ2 − θ0)                   (one fused pass: ``ops.extrapolate.extrapolate_``)
+    pass 2: g̃ = ∇L(θ̃); ĝ̃ = clip(g̃); non-finite → FALLBACK;  θ_next = Opt(θ̃, ĝ̃);  gate.observe(‖ĝ̃‖)
+    FALLBACK: θ ← θ0, one plain step with ĝ0 (stored; recomputed in optimizer-aware mode); with non-finite g0
+              the step is skipped. After the gate fires: θ_next = Opt(θ, clip(∇L(θ))) forever (1 pass).
+Papers: GXPO arXiv 2605.06755; SFPO arXiv 2510.04072.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+
+from ..ops.extrapolate import STAT_INDEX, stats_to_dict
+from .base import ExtrapolationRule, _copy_all_, _to_float
+from .gates import Gate, make_gate
+
+
+class GXPO(ExtrapolationRule):
+    """GXPO update rule wrapping ``optimizer``.
+
+    Args:
+        optimizer: any torch.optim.Optimizer (AdamW in the paper).
+        K: virtual number of fast steps (int >= 2; 5). alpha: partial-move fraction (0.5). tau: gate threshold (0.5).
+        max_grad_norm: global clip norm c (1.0); None disables clipping (norms are still computed for checks).
+        gate: "ema" (default, paper), "window", "entropy" (value passed as ``step(closure, entropy=...)``),
+            None (never fires) or a :class:`~gxpo_kernels.update.gates.Gate`. omega, window: gate parameters.
+        scale_formula: "horner" (exact, default) or "closed" (the authors' guarded closed form).
+        transactional_state: snapshot the optimizer state before pass 0 and restore it before pass 2, so the
+            state advances once per mini-batch (costs a copy of the optimizer state).
+        inactive_threshold: None (off) or rel (the authors use 1e-3): |g0| <= rel·RMS(g0 of the tensor) -> r = 1.
+        optimizer_aware: compute r from the optimizer's displacements d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr instead
+            of the gradients (AdamW-style decoupled weight decay; lr and weight_decay read per param group).
+        min_grad_norm: ‖g0‖ at or below it falls back (1e-8). backend: extrapolation backend (see extrapolate_).
+    Memory: two fp32 buffers of the model's size (θ0 and ĝ0); g1 is read from ``.grad`` after the second
+    optimizer step and θ2 is the parameter itself. bf16 parameters are supported (buffers stay fp32).
+    The closure may read ``self.pass_index`` (0, 1, 2) e.g. to recompute old log-probs per pass
+    (``recompute_old_logp`` is the caller's business). Call ``scheduler.step()`` once after each ``step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, K: int = 5, alpha: float = 0.5, tau: float = 0.5,
+                 max_grad_norm: Optional[float] = 1.0, *, gate="ema", omega: float = 0.1, window: int = 30,
+                 scale_formula: str = "horner", transactional_state: bool = False,
+                 inactive_threshold: Optional[float] = None, optimizer_aware: bool = False,
+                 min_grad_norm: float = 1e-8, backend: str = "auto"):
+        super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
+                         backend=backend)
+        if isinstance(K, bool) or not isinstance(K, int) or K < 2:
+            raise ValueError(f"K must be an int >= 2, got {K!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        if scale_formula not in ("horner", "closed"):
+            raise ValueError(f"scale_formula must be 'horner' or 'closed', got {scale_formula!r}")
+        if inactive_threshold is not None and not inactive_threshold >= 0:
+            raise ValueError(f"inactive_threshold must be None or >= 0, got {inactive_threshold!r}")
+        if not min_grad_norm >= 0:
+            raise ValueError(f"min_grad_norm must be >= 0, got {min_grad_norm!r}")
+        self.K, self.alpha, self.tau = K, float(alpha), float(tau)
+        self.scale_formula = scale_formula
+        self.inactive_threshold = inactive_threshold
+        self.optimizer_aware = bool(optimizer_aware)
+        self.min_grad_norm = float(min_grad_norm)
+        self.gate: Gate = make_gate(gate, tau=tau, omega=omega, window=window)
+        self._g0: Optional[List[torch.Tensor]] = None
+
+    # ---- pieces ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _save_g0_(self, grads) -> None:
+        if self._g0 is None or len(self._g0) != len(self._theta0):
+            self._g0 = [torch.empty_like(b) for b in self._theta0]
+        self._had_grad0 = [g is not None for g in grads]
+        _copy_all_(self._g0, grads)
+
+    def _group_hparams(self, params) -> List[tuple]:
+        by_id = {}
+        for grp in self.optimizer.param_groups:
+            lr, wd = float(grp.get("lr", 0.0)), float(grp.get("weight_decay", 0.0))
+            for p in grp["params"]:
+                by_id[id(p)] = (lr, wd)
+        return [by_id[id(p)] for p in params]
+
+    @torch.no_grad()
+    def _displacements_(self, params, g1) -> None:
+        """Optimizer-aware mode: g0 buffer (holding θ1 − θ0) -> d0, g1 -> d1, d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr."""
+        for p, t0, b, g, (lr, wd) in zip(params, self._theta0, self._g0, g1, self._group_hparams(params)):
+            if lr <= 0:
+                raise ValueError("optimizer_aware=True needs a positive lr in every param group")
+            th1 = t0 + b                                  # θ1 exactly (b = θ1 − θ0 was exact)
+            g.copy_(((1 - lr * wd) * th1 - p.to(th1.dtype)) / lr)
+            b.copy_(((1 - lr * wd) * t0 - th1) / lr)
+
+    @torch.no_grad()
+    def _fallback(self, closure: Callable, params, reason: str, info: dict) -> dict:
+        self._restore_params_()
+        if self.transactional_state:
+            self._restore_optimizer_state_()
+        if self.optimizer_aware:                          # the g0 buffer now holds displacements
+            self._zero_grad()
+            self._run_closure(closure, 0)
+            _, norm, _ = self._clip(params)
+            ok = math.isfinite(norm)
+        else:
+            for p, b, had in zip(params, self._g0, self._had_grad0):
+                p.grad = b.to(p.dtype) if had else None
+            ok = True
+        if ok:
+            self._optimizer_step()
+        else:
+            self._zero_grad()
+        self.fallbacks += 1
+        info.update(fell_back=True, fallback_reason=reason, skipped=not ok)
+        return info
+
+    def _finish(self, info: dict) -> dict:
+        self.outer_steps += 1
+        info["backward_passes"] = self._bp
+        info["gate_fired_step"] = self.gate.fired_step
+        return info
+
+    # ---- the update --------------------------------------------------------------------------------------
+    def step(self, closure: Callable, entropy=None) -> dict:
+        """One GXPO outer update on the mini-batch the closure evaluates. Returns the diagnostics dict."""
+        if closure is None or not callable(closure):
+            raise TypeError("GXPO.step needs a closure: closure() zeroes grads, computes the loss, calls "
+                            "backward() and returns the loss")
+        if self.gate.fired:
+            info = self._plain_step(closure)
+            info["gate_fired_step"] = self.gate.fired_step
+            return info
+        self._bp = 0
+        params = self._param_list()
+        info = {"active": True, "fell_back": False, "fallback_reason": None, "skipped": False,
+                "gate_z": math.nan}
+        with torch.no_grad():
+            self._snapshot_params_()
+            if self.transactional_state:
+                self._snapshot_optimizer_state_()
+        info["loss"] = _to_float(self._run_closure(closure, 0))
+        grads, n0, _ = self._clip(params)
+        info["grad_norm_0"] = n0
+        if not math.isfinite(n0):
+            self._zero_grad()
+            self.fallbacks += 1
+            info.update(fell_back=True, fallback_reason="nonfinite_g0", skipped=True)
+            return self._finish(info)
+        if n0 <= self.min_grad_norm:
+            self._optimizer_step()
+            self.fallbacks += 1
+            info.update(fell_back=True, fallback_reason="small_g0")
+            return self._finish(info)
+        self._save_g0_(grads)
+        self._optimizer_step()
+        if self.optimizer_aware:
+            with torch.no_grad():
+                for b, p, t0 in zip(self._g0, params, self._theta0):
+                    b.copy_(p)
+                    b.sub_(t0)                            # θ1 − θ0, exact (Sterbenz) in the buffer dtype
+        info["loss_1"] = _to_float(self._run_closure(closure, 1))
+        grads, n1, _ = self._clip(params)
+        info["grad_norm_1"] = n1
+        if not math.isfinite(n1):
+            return self._finish(self._fallback(closure, params, "nonfinite_g1", info))
+        self._optimizer_step()
+        g1 = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        if self.optimizer_aware:
+            self._displacements_(params, g1)
+        stats = self._all_reduce_(self._extrapolate(params, self._g0, g1, alpha=self.alpha, K=self.K,
+                                                    scale_formula=self.scale_formula,
+                                                    inactive_threshold=self.inactive_threshold))
+        info.update(_derive(stats_to_dict(stats)))
+        if info["n_nonfinite"] > 0:
+            return self._finish(self._fallback(closure, params, "nonfinite_extrapolation", info))
+        if self.transactional_state:
+            self._restore_optimizer_state_()
+        info["loss_2"] = _to_float(self._run_closure(closure, 2))
+        grads, n2, n2c = self._clip(params)
+        info["grad_norm_corr"], info["grad_norm_corr_clipped"] = n2, n2c
+        if not math.isfinite(n2):
+            return self._finish(self._fallback(closure, params, "nonfinite_gcorr", info))
+        info["cos_g0_gcorr"] = self._cos_g0(grads, info["sq_g0"], n2c)
+        self._optimizer_step()
+        if self.gate.needs_entropy:
+            z = self._observe_entropy(entropy)
+        elif self.gate.name != "none":
+            z = self.gate.observe(n2c, step=self.outer_steps)
+        else:
+            z = math.nan
+        info["gate_z"] = math.nan if z is None else z
+        return self._finish(info)
+
+    @torch.no_grad()
+    def _cos_g0(self, grads, sq_g0: float, norm_corr: float) -> float:
+        """cos(ĝ0, ĝ̃) from the globally reduced dot; ‖ĝ0‖² comes from the kernel's stats, ‖ĝ̃‖ from the clip."""
+        dots = [torch.dot(b.reshape(-1), g.reshape(-1).to(b.dtype))
+                for b, g in zip(self._g0, grads) if g is not None and g.numel()]
+        dev = self._g0[0].device if self._g0 else torch.device("cpu")
+        acc = torch.zeros(2, dtype=torch.float64, device=dev)
+        if dots:
+            acc[0] = torch.stack(dots).double().sum()
+        acc = self._all_reduce_(acc)                      # last entry (0) is the MAX slot of the contract
+        den = math.sqrt(sq_g0) * norm_corr
+        return float(acc[0]) / den if den > 0 else math.nan
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.update(K=self.K, alpha=self.alpha)
+        return sd
+
+
+def _derive(sd: dict) -> dict:
+    """Diagnostics of spec §2 from the reduced stats sums."""
+    n = max(sd["numel"], 1.0)
+    mean_r = sd["sum_r"] / n
+    den = math.sqrt(sd["sq_g0"] * sd["sq_g1"])
+    return {"retention_mean": mean_r, "retention_std": math.sqrt(max(sd["sum_r2"] / n - mean_r ** 2, 0.0)),
+            "scale_mean": sd["sum_scale"] / n, "scale_max": sd["max_scale"],
+            "disp_norm": math.sqrt(sd["sq_disp"]), "scaled_disp_norm": math.sqrt(sd["sq_scaled_disp"]),
+            "cos_g0_g1": sd["dot_g0_g1"] / den if den > 0 else math.nan,
+            "inactive_frac": sd["n_inactive"] / n, "n_nonfinite": sd["n_nonfinite"], "sq_g0": sd["sq_g0"]}
+
+
+__all__ = ["GXPO", "STAT_INDEX"]

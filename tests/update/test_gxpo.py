@@ -1,0 +1,405 @@
+"""GXPO update rule.
+
+Guards: the plain-GD surrogate (virtual K-step point == true K-step SGD iterate in float64; GXPO.step lands on
+the corrective step from θ0 + α(θ_K − θ0)), overshooting r < 0 against the clamps, GXPO(K=2) == SFPO(K=2)
+bitwise, every FALLBACK path (NaN on pass 1 / pass 2, ‖g0‖ ≤ 1e-8, non-finite g0, non-finite reduced stats)
+with params and optimizer state checked against a plain torch step, the EMA and window gates on scripted
+norms, state_dict resume bit-exactness, the transactional-state and optimizer-aware options, inactive
+coordinates, bf16 parameters, the distributed hooks, validation.
+"""
+import copy
+import math
+import statistics
+from fractions import Fraction
+
+import pytest
+import torch
+
+from gxpo_kernels.ops.extrapolate import extrapolate_
+from gxpo_kernels.ops.extrapolate_ref import extrapolate_ref_
+from gxpo_kernels.update import GXPO, SFPO
+from tests.update._models import clone_setup, closure_for, loss_fn, mlp, params_equal, plain_step
+
+
+def _quad(h, c, theta, lr):
+    p = torch.nn.Parameter(theta.clone())
+    opt = torch.optim.SGD([p], lr=lr)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (h * (p - c) ** 2).sum()
+        loss.backward()
+        return loss
+    return p, opt, closure
+
+
+def _sgd_iterates(h, c, theta, lr, K):
+    th = [theta.clone()]
+    for _ in range(K):
+        th.append(th[-1] - lr * h * (th[-1] - c))
+    return th
+
+
+def _exact_scale(r, K):
+    r = Fraction(max(-2.0, min(3.0, r)))
+    s2 = 1 + r
+    v = math.inf if s2 == 0 and K % 2 else (K / 2 if s2 == 0 else float(sum(r ** i for i in range(K)) / s2))
+    return max(1.0, min(K / 2 + 1, v))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("K", [3, 5, 10])
+def test_plain_gd_surrogate_exact(backend, K):
+    d = torch.float64
+    lr = 0.1
+    h = torch.linspace(0.5, 9.5, 23, dtype=d)             # r = 1 − lr·h in [0.05, 0.95]: no clamp binds
+    c = torch.linspace(-1, 1, 23, dtype=d)
+    theta = torch.randn(23, dtype=d) + 2.0
+    th = _sgd_iterates(h, c, theta, lr, K)
+    # the op alone: α = 1 gives the virtual K-step point, which is the true K-step iterate
+    p2 = th[2].clone()
+    g0, g1 = [h * (th[0] - c)], [h * (th[1] - c)]
+    extrapolate_([p2], [th[0]], g0, g1, alpha=1.0, K=K, backend=backend)
+    torch.testing.assert_close(p2, th[K], rtol=1e-12, atol=1e-13)
+    # GXPO.step: corrective SGD step from θ0 + α(θ_K − θ0)
+    alpha = 0.5
+    p, opt, closure = _quad(h, c, theta, lr)
+    info = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, gate=None, backend=backend).step(closure)
+    tt = theta + alpha * (th[K] - theta)
+    expected = tt - lr * h * (tt - c)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-13)
+    assert info["active"] and not info["fell_back"] and info["backward_passes"] == 3
+    assert 1.0 <= info["scale_mean"] <= K / 2
+    gt = h * (tt - c)                                       # diagnostics against their definitions
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    assert info["cos_g0_g1"] == pytest.approx(cos(g0[0], g1[0]), rel=1e-9)
+    assert info["cos_g0_gcorr"] == pytest.approx(cos(g0[0], gt), rel=1e-9)
+    assert info["grad_norm_corr"] == pytest.approx(float(gt.norm()), rel=1e-12)
+    assert info["disp_norm"] == pytest.approx(float((th[2] - theta).norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("K", [4, 5])
+def test_overshooting_coordinates_hit_the_clamps(backend, K):
+    d = torch.float64
+    lr = 0.1
+    r_true = [0.5, -0.5, -1.5, -2.5, 2.0, 4.0, -3.0] + ([-1.0] if K % 2 == 0 else [])
+    h = torch.tensor([(1 - r) / lr for r in r_true], dtype=d)
+    c = torch.zeros(len(r_true), dtype=d)
+    theta = torch.linspace(1, 2, len(r_true), dtype=d)
+    th = _sgd_iterates(h, c, theta, lr, 2)
+    alpha = 0.7
+    scale = torch.tensor([_exact_scale(r, K) for r in r_true], dtype=d)
+    tt = theta + alpha * scale * (th[2] - theta)
+    expected = tt - lr * h * (tt - c)
+    p, opt, closure = _quad(h, c, theta, lr)
+    info = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, gate=None, backend=backend).step(closure)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-9)
+    assert info["scale_max"] == pytest.approx(K / 2 + 1)  # r = 3 (clamped from 4) hits the upper clamp
+    assert info["retention_mean"] == pytest.approx(
+        sum(max(-2.0, min(3.0, r)) for r in r_true) / len(r_true), rel=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.05])
+def test_k2_equals_sfpo_k2(max_norm):
+    runs = []
+    for cls in (GXPO, SFPO):
+        m = mlp()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
+        rule = cls(opt, K=2, alpha=0.6, max_grad_norm=max_norm, gate=None)
+        infos = [rule.step(closure_for(m, opt, rule, batch=t)) for t in range(4)]
+        runs.append((m, infos, rule))
+    assert params_equal(runs[0][0], runs[1][0])
+    assert [i["disp_norm"] for i in runs[0][1]] == [i["disp_norm"] for i in runs[1][1]]
+    assert runs[0][2].total_backward_passes == runs[1][2].total_backward_passes == 12
+
+
+@pytest.mark.parametrize("nan_pass,reason", [(1, "nonfinite_g1"), (2, "nonfinite_gcorr")])
+def test_fallback_sgd_bit_identical(nan_pass, reason):
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.0)
+    ref_m, ref_o = clone_setup(m, torch.optim.SGD, opt, lr=0.05)
+    rule = GXPO(opt, K=5, alpha=0.5)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=nan_pass))
+    plain_step(ref_m, ref_o)
+    assert params_equal(m, ref_m)
+    assert info["fell_back"] and info["fallback_reason"] == reason and not info["skipped"]
+    assert info["backward_passes"] == nan_pass + 1 and rule.total_optimizer_steps == nan_pass + 1
+    assert rule.gate.n_observed == 0 and not rule.gate.fired and rule.fallbacks == 1
+
+
+@pytest.mark.parametrize("nan_pass", [1, 2])
+def test_fallback_adamw_transactional_state_consistent(nan_pass):
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    plain_step(m, opt, batch=3)                            # the optimizer state exists before the step
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2)
+    rule = GXPO(opt, K=5, alpha=0.5, transactional_state=True)
+    rule.step(closure_for(m, opt, rule, nan_pass=nan_pass))
+    plain_step(ref_m, ref_o)
+    assert params_equal(m, ref_m)
+    for p, q in zip(m.parameters(), ref_m.parameters()):
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][k], ref_o.state[q][k]), k
+
+
+def test_fallback_adamw_without_transactional_keeps_finite_state():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt)
+    rule.step(closure_for(m, opt, rule, nan_pass=2))
+    for p in m.parameters():
+        st = opt.state[p]
+        assert float(st["step"]) == 3 and torch.isfinite(st["exp_avg"]).all() and torch.isfinite(p).all()
+
+
+def test_fallback_small_and_nonfinite_g0():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    before = copy.deepcopy(m)
+    rule = GXPO(opt)
+
+    def zero_closure():
+        opt.zero_grad()
+        loss = loss_fn(m) * 0.0
+        loss.backward()
+        return loss
+    info = rule.step(zero_closure)
+    assert info["fallback_reason"] == "small_g0" and info["backward_passes"] == 1
+    assert rule.total_optimizer_steps == 1 and params_equal(m, before)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=0))
+    assert info["fallback_reason"] == "nonfinite_g0" and info["skipped"] and rule.total_optimizer_steps == 1
+    assert params_equal(m, before) and rule.outer_steps == 2 and rule.fallbacks == 2
+
+
+def test_fallback_optimizer_aware_recomputes_g0():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    ref_m, ref_o = clone_setup(m, torch.optim.SGD, opt, lr=0.05)
+    rule = GXPO(opt, optimizer_aware=True)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=2))
+    plain_step(ref_m, ref_o)
+    assert params_equal(m, ref_m) and info["backward_passes"] == 4
+
+
+class _InjectNonfinite(GXPO):
+    """A 'distributed' subclass: another rank saw a non-finite value; the reduced stats must decide."""
+    calls = 0
+
+    def _all_reduce_(self, stats):
+        type(self).calls += 1
+        if stats.numel() == 12:
+            stats[9] += 1.0
+        return stats
+
+    def _global_grad_norm(self, grads):
+        type(self).calls += 100
+        return super()._global_grad_norm(grads)
+
+
+def test_decisions_use_reduced_stats():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    ref_m, ref_o = clone_setup(m, torch.optim.SGD, opt, lr=0.05)
+    rule = _InjectNonfinite(opt)
+    info = rule.step(closure_for(m, opt, rule))
+    plain_step(ref_m, ref_o)
+    assert info["fallback_reason"] == "nonfinite_extrapolation" and params_equal(m, ref_m)
+    assert _InjectNonfinite.calls == 201                   # two clip norms + one stats reduction
+
+
+def _norm_closure(param, opt, rule, seq):
+    """loss = c·Σw/2 on a 4-vector: the corrective gradient norm is exactly seq[outer step]."""
+    def closure():
+        opt.zero_grad()
+        c = seq[rule.outer_steps] if rule.pass_index == 2 or rule.gate.fired else 1.0
+        loss = c * param.sum() / 2
+        loss.backward()
+        return loss
+    return closure
+
+
+def _run_gate(gate, seq, **kw):
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    rule = GXPO(opt, K=5, alpha=0.5, max_grad_norm=None, gate=gate, **kw)
+    closure = _norm_closure(w, opt, rule, seq)
+    return rule, [rule.step(closure) for _ in range(len(seq))]
+
+
+def test_ema_gate_scripted_norms():
+    seq = [1.0, 1.0, 1.0, 1.0, 1.4, 1.45, 3.0, 3.0]
+    rule, infos = _run_gate("ema", seq, tau=0.5)
+    sig4 = 0.81                                            # σ after four H = μ = 1: sqrt(0.9)^4
+    assert infos[4]["gate_z"] == pytest.approx(0.4 / (sig4 + 1e-8), rel=1e-12)   # 0.494 < τ: no fire
+    sig5 = math.sqrt(0.9 * sig4 ** 2 + 0.1 * 0.4 ** 2)
+    assert infos[5]["gate_z"] == pytest.approx((1.45 - 1.04) / (sig5 + 1e-8), rel=1e-12)  # 0.526 >= τ
+    assert rule.gate.fired_step == 5 and [i["active"] for i in infos] == [True] * 6 + [False] * 2
+    assert [i["backward_passes"] for i in infos] == [3] * 6 + [1] * 2
+    assert rule.total_backward_passes == 20 and infos[7]["gate_fired_step"] == 5
+
+
+def test_window_gate_scripted_norms():
+    seq = [1.0, 100.0, 1.0, 100.0, 1.0, 50.5, 200.0, 1.0]
+    rule, infos = _run_gate("window", seq, tau=0.5, window=5)
+    assert all(math.isnan(i["gate_z"]) for i in infos[:5])  # no decision until the window is full
+    z5 = (50.5 - statistics.mean(seq[:5])) / (statistics.pstdev(seq[:5]) + 1e-8)
+    assert infos[5]["gate_z"] == pytest.approx(z5, rel=1e-12) and abs(z5) < 0.5
+    z6 = (200.0 - statistics.mean(seq[1:6])) / (statistics.pstdev(seq[1:6]) + 1e-8)
+    assert infos[6]["gate_z"] == pytest.approx(z6, rel=1e-12)
+    assert rule.gate.fired_step == 6 and infos[7]["backward_passes"] == 1 and not infos[7]["active"]
+
+
+def test_gate_none_never_fires_and_clipped_norm_observed():
+    rule, infos = _run_gate(None, [1.0, 50.0, 0.01, 80.0])
+    assert not rule.gate.fired and all(i["active"] for i in infos)
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    rule = GXPO(opt, max_grad_norm=1.0, gate="ema")
+    info = rule.step(_norm_closure(w, opt, rule, [3.0]))
+    assert info["grad_norm_corr"] == pytest.approx(3.0) and info["grad_norm_corr_clipped"] == pytest.approx(1.0)
+    assert info["gate_z"] == pytest.approx(0.0, abs=1e-5)  # the gate sees ‖ĝ̃‖ = c = μ0
+
+
+def _resume_run(split, total, **kw):
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate="window", window=3, tau=0.8, **kw)
+    for t in range(split):
+        rule.step(closure_for(m, opt, rule, batch=t))
+    ck = copy.deepcopy((m.state_dict(), opt.state_dict(), rule.state_dict()))
+    m2 = mlp(seed=7)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    rule2 = GXPO(opt2, gate="window", window=3, tau=0.8, **kw)
+    m2.load_state_dict(ck[0])
+    opt2.load_state_dict(ck[1])
+    rule2.load_state_dict(ck[2])
+    a = [rule.step(closure_for(m, opt, rule, batch=t)) for t in range(split, total)]
+    b = [rule2.step(closure_for(m2, opt2, rule2, batch=t)) for t in range(split, total)]
+    return m, m2, rule, rule2, a, b
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_state_dict_resume_bit_exact(transactional):
+    m, m2, rule, rule2, a, b = _resume_run(4, 9, transactional_state=transactional)
+    assert params_equal(m, m2)
+    assert [i["gate_z"] for i in a] == pytest.approx([i["gate_z"] for i in b], nan_ok=True, rel=0, abs=0)
+    assert rule.state_dict() == rule2.state_dict()
+    assert rule2.total_backward_passes == rule.total_backward_passes
+
+
+def test_transactional_state_advances_once_per_minibatch():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, transactional_state=True, gate=None)
+    rule.step(closure_for(m, opt, rule, batch=0))
+    assert all(float(opt.state[p]["step"]) == 1 for p in m.parameters())
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2)
+    rec = {}
+    rule.step(closure_for(m, opt, rule, batch=1, record=rec))
+    with torch.no_grad():                                  # reference: one AdamW step at θ̃ from the saved state
+        for q, t in zip(ref_m.parameters(), rec[2]):
+            q.copy_(t)
+    plain_step(ref_m, ref_o, batch=1)
+    assert params_equal(m, ref_m)
+    for p, q in zip(m.parameters(), ref_m.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ref_o.state[q]["exp_avg_sq"])
+        assert float(opt.state[p]["step"]) == 2
+
+
+def test_optimizer_aware_retention_float64():
+    lr, wd, alpha, K = 1e-2, 0.1, 0.5, 5
+    m = mlp(torch.float64)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd)
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=lr, weight_decay=wd)
+    rule = GXPO(opt, K=K, alpha=alpha, optimizer_aware=True, gate=None)
+    rec = {}
+    rule.step(closure_for(m, opt, rule, record=rec))
+    th0 = [p.detach().clone() for p in ref_m.parameters()]
+    plain_step(ref_m, ref_o)
+    th1 = [p.detach().clone() for p in ref_m.parameters()]
+    plain_step(ref_m, ref_o)
+    th2 = [p.detach().clone() for p in ref_m.parameters()]
+    for a, b in zip(th1, rec[1]):
+        assert torch.equal(a, b)
+    d0 = [((1 - lr * wd) * a - b) / lr for a, b in zip(th0, th1)]
+    d1 = [((1 - lr * wd) * a - b) / lr for a, b in zip(th1, th2)]
+    expected = [t.clone() for t in th2]
+    extrapolate_ref_(expected, th0, d0, d1, alpha=alpha, K=K)
+    for e, t in zip(expected, rec[2]):
+        torch.testing.assert_close(t, e, rtol=1e-9, atol=1e-11)
+    m3 = mlp(torch.float64)                                 # the option changes the result (Adam: d ≠ g)
+    opt3 = torch.optim.AdamW(m3.parameters(), lr=lr, weight_decay=wd)
+    rule3 = GXPO(opt3, K=K, alpha=alpha, gate=None)
+    rec3 = {}
+    rule3.step(closure_for(m3, opt3, rule3, record=rec3))
+    assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(rec3[2], rec[2]))
+
+
+def test_inactive_coordinates_reported():
+    emb = torch.nn.Embedding(50, 8)                       # rows never looked up get zero gradients
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    idx = torch.arange(10)
+    fracs = []
+    for thr in (None, 1e-3):
+        rule = GXPO(opt, inactive_threshold=thr, gate=None)
+
+        def closure():
+            opt.zero_grad()
+            loss = emb(idx).pow(2).sum()
+            loss.backward()
+            return loss
+        fracs.append(rule.step(closure)["inactive_frac"])
+    assert fracs[0] == 0.0 and fracs[1] == pytest.approx(40 / 50)
+
+
+def test_bf16_params_fp32_buffers():
+    m = mlp(torch.bfloat16)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate=None)
+    infos = [rule.step(closure_for(m, opt, rule, batch=t)) for t in range(2)]
+    assert all(b.dtype == torch.float32 for b in rule._theta0 + rule._g0)
+    assert all(torch.isfinite(p).all() for p in m.parameters()) and all(i["active"] for i in infos)
+    keys = {"loss", "grad_norm_0", "grad_norm_1", "grad_norm_corr", "retention_mean", "retention_std",
+            "scale_mean", "scale_max", "disp_norm", "scaled_disp_norm", "cos_g0_g1", "cos_g0_gcorr",
+            "inactive_frac", "gate_z", "active", "fell_back", "gate_fired_step", "backward_passes"}
+    assert keys <= set(infos[0])
+
+
+def test_pass_index_seen_by_closure():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    rule = GXPO(opt, gate=None)
+    rec = {}
+    rule.step(closure_for(m, opt, rule, record=rec))
+    assert sorted(rec) == [0, 1, 2]
+
+
+def test_validation():
+    opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    for kw, match in [(dict(K=1), "K"), (dict(alpha=0.0), "alpha"), (dict(gate="bogus"), "gate"),
+                      (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(scale_formula="x"), "scale_formula"),
+                      (dict(backend="cuda"), "backend")]:
+        with pytest.raises(ValueError, match=match):
+            GXPO(opt, **kw)
+    with pytest.raises(TypeError, match="optimizer"):
+        GXPO(object())
+    with pytest.raises(TypeError, match="closure"):
+        GXPO(opt).step(None)
+
+
+@pytest.mark.parametrize("nan_pass", [None, 1])
+def test_param_without_grad(nan_pass):
+    m = mlp()
+    extra = torch.nn.Parameter(torch.ones(3))               # in the optimizer, never used by the loss
+    opt = torch.optim.SGD(list(m.parameters()) + [extra], lr=0.05)
+    ref_m = copy.deepcopy(m)
+    ref_o = torch.optim.SGD(ref_m.parameters(), lr=0.05)
+    rule = GXPO(opt, gate=None)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=nan_pass))
+    assert torch.equal(extra.detach(), torch.ones(3)) and extra.grad is None  # SGD skips a grad-less param
+    if nan_pass is not None:
+        plain_step(ref_m, ref_o)
+        assert info["fell_back"] and params_equal(m, ref_m)
+    else:
+        assert info["active"] and not info["fell_back"] and info["n_nonfinite"] == 0

@@ -1,0 +1,132 @@
+"""SFPO update rule.
+
+Guards: bitwise equality with a hand-written loop (K fast AdamW steps with torch's clip_grad_norm_, the
+reposition θ0 + α(θ_K − θ0), one slow step) for the C++ and Triton-interpreter reposition, the one-sided
+entropy gate on a scripted entropy sequence (and the same gate inside GXPO), fallbacks, backward-pass costs,
+state_dict resume, the missing-entropy warning, validation.
+"""
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+from gxpo_kernels.update import GXPO, SFPO, EntropyGate
+from tests.update._models import clone_setup, closure_for, loss_fn, mlp, params_equal, plain_step
+
+
+def _manual_sfpo(model, opt, K, alpha, batch, max_norm=1.0):
+    th0 = [p.detach().clone() for p in model.parameters()]
+    for _ in range(K):
+        plain_step(model, opt, batch, max_norm)
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), th0):
+            p.copy_(t + alpha * (p - t))
+    plain_step(model, opt, batch, max_norm)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_matches_manual_loop(backend):
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2, weight_decay=0.01)
+    rule = SFPO(opt, K=3, alpha=0.8, gate=None, backend=backend)
+    for t in range(3):
+        info = rule.step(closure_for(m, opt, rule, batch=t))
+        _manual_sfpo(ref_m, ref_o, 3, 0.8, t)
+        assert info["backward_passes"] == 4 and info["active"]
+    assert params_equal(m, ref_m)
+    assert rule.total_backward_passes == 12 and rule.total_optimizer_steps == 12 and rule.outer_steps == 3
+
+
+def _entropy_run(cls, entropies, **kw):
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    rule = cls(opt, **kw)
+    infos = [rule.step(closure_for(m, opt, rule, batch=t % 16), entropy=torch.tensor(h))
+             for t, h in enumerate(entropies)]
+    return rule, infos
+
+
+def test_entropy_gate_scripted():
+    ent = [1.0, 1.1, 0.9, 1.0, 1.0, 0.5, 2.0, 1.0, 1.0]
+    rule, infos = _entropy_run(SFPO, ent, K=2, alpha=0.8, window=5, tau=1.0)
+    assert all(math.isnan(i["gate_z"]) for i in infos[:4])         # fewer than w values: no decision
+    z4 = (1.0 - statistics.mean(ent[:5])) / (statistics.pstdev(ent[:5]) + 1e-9)
+    z5 = (0.5 - statistics.mean(ent[1:6])) / (statistics.pstdev(ent[1:6]) + 1e-9)
+    z6 = (2.0 - statistics.mean(ent[2:7])) / (statistics.pstdev(ent[2:7]) + 1e-9)
+    assert infos[4]["gate_z"] == pytest.approx(z4, abs=1e-6)  # entropies arrive as fp32 tensors
+    assert infos[5]["gate_z"] == pytest.approx(z5, rel=1e-6) and z5 <= -1.0   # a drop does not fire
+    assert infos[6]["gate_z"] == pytest.approx(z6, rel=1e-6) and z6 >= 1.0
+    assert rule.gate.fired_step == 6
+    assert [i["backward_passes"] for i in infos] == [3] * 7 + [1] * 2
+    # the same gate inside GXPO (gate="entropy", value passed by the caller)
+    g_rule, g_infos = _entropy_run(GXPO, ent, gate="entropy", window=5, tau=1.0)
+    assert g_rule.gate.fired_step == 6 and [i["active"] for i in g_infos] == [True] * 7 + [False] * 2
+
+
+def test_missing_entropy_warns_once():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    rule = SFPO(opt, K=1)
+    with pytest.warns(RuntimeWarning, match="entropy"):
+        rule.step(closure_for(m, opt, rule))
+    rule.step(closure_for(m, opt, rule))
+    assert rule.gate.n_observed == 0
+
+
+@pytest.mark.parametrize("nan_pass,reason,bp", [(1, "nonfinite_g1", 3), (3, "nonfinite_gslow", 5)])
+def test_fallback_restores_theta0_plus_plain_step(nan_pass, reason, bp):
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    ref_m, ref_o = clone_setup(m, torch.optim.SGD, opt, lr=0.05)
+    rule = SFPO(opt, K=3, gate=None)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=nan_pass))
+    plain_step(ref_m, ref_o)
+    assert params_equal(m, ref_m)
+    assert info["fell_back"] and info["fallback_reason"] == reason and info["backward_passes"] == bp
+
+
+def test_fallback_nonfinite_first_pass_skips():
+    m = mlp()
+    before = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = SFPO(opt, K=3, gate=None)
+    info = rule.step(closure_for(m, opt, rule, nan_pass=0))
+    assert info["skipped"] and params_equal(m, before) and rule.total_optimizer_steps == 0
+
+
+def test_state_dict_resume_bit_exact():
+    ent = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0, 3.0, 1.0]
+
+    def make(seed=0):
+        m = mlp(seed=seed)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, opt, SFPO(opt, K=2, window=4)
+    m, opt, rule = make()
+    for t in range(4):
+        rule.step(closure_for(m, opt, rule, batch=t), entropy=ent[t])
+    ck = copy.deepcopy((m.state_dict(), opt.state_dict(), rule.state_dict()))
+    m2, opt2, rule2 = make(seed=5)
+    m2.load_state_dict(ck[0])
+    opt2.load_state_dict(ck[1])
+    rule2.load_state_dict(ck[2])
+    for t in range(4, 8):
+        a = rule.step(closure_for(m, opt, rule, batch=t), entropy=ent[t])
+        b = rule2.step(closure_for(m2, opt2, rule2, batch=t), entropy=ent[t])
+        assert a["active"] == b["active"]
+    assert params_equal(m, m2) and rule.state_dict() == rule2.state_dict() and rule.gate.fired
+
+
+def test_validation():
+    opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="K"):
+        SFPO(opt, K=0)
+    with pytest.raises(ValueError, match="alpha"):
+        SFPO(opt, alpha=math.inf)
+    with pytest.raises(ValueError, match="window"):
+        EntropyGate(window=1)
+    with pytest.raises(ValueError, match="gate"):
+        SFPO(opt).load_state_dict({**SFPO(opt, gate="ema").state_dict()})
+    assert loss_fn(mlp()) > 0
