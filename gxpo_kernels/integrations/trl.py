@@ -1,0 +1,439 @@
+"""Use gxpo-kernels from TRL's ``GRPOTrainer`` (optional extra ``[trl]``; tested with TRL 1.16.x).
+
+Two entry points:
+
+* ``enable_gxpo_loss(trainer)`` -- a loss hook: the trainer's ``_compute_loss`` runs on our fused ops. The
+  policy's per-token log-probs and entropies come from ``linear_token_logprobs`` (hidden states x lm_head,
+  never materialising the (B, T, V) logits) where the model allows it, else from ``token_logprobs`` on the
+  model's logits; the loss is ``_loss_math.grpo_token_loss`` with TRL's option names and semantics mapped on.
+* ``GXPOGRPOTrainer`` -- a ``GRPOTrainer`` subclass using that loss, whose training step can run the GXPO
+  or SFPO update rule on each mini-batch, and FADE advantages (defined in ``_trl_trainer.py``).
+
+Loss-type mapping (TRL 1.16 ``_compute_loss``; GA = ``current_gradient_accumulation_steps`` in training,
+1 in evaluation):
+
+=========  =========================================  ==================================================
+loss_type  TRL                                        here
+=========  =========================================  ==================================================
+grpo       mean_i(sum_t m l / n_i) / GA               ``seq-mean-token-mean`` / GA
+bnpo       sum m l / sum m / GA                       ``token-mean`` / GA
+dr_grpo    sum m l / (B * max_completion_length) / GA ``seq-mean-token-sum-norm`` (max_length) / GA
+luspo      mean_i(sum_t m l) / GA                     ``seq-mean-token-sum`` / GA
+dapo       sum m l / (N_global / P * GA / S)          ``seq-mean-token-sum`` * B / that normaliser
+=========  =========================================  ==================================================
+
+(N_global = ``num_items_in_batch`` (loss tokens of the whole generation batch over all ranks), P = number
+of processes, S = ``steps_per_generation``.) Our aggregation modes cannot take dapo's global normaliser, so
+the dapo sum is recovered as ``seq-mean-token-sum`` times B (equal up to one rounding). TRL's entropy
+bonus is the token mean of the entropy over the loss mask (divided by GA) whatever the loss type, so it is
+applied outside ``grpo_token_loss`` on the differentiable entropy. Multiplicative per-token weights that TRL applies to the
+policy term only (``top_entropy_quantile`` mask, ``off_policy_mask_threshold`` mask) are folded into the
+advantages: for w >= 0, w * max(-A r, -A clip(r)) = max(-(wA) r, -(wA) clip(r)); so is vLLM's
+importance-sampling correction (``importance_sampling_ratio``, colocate mode; server mode is refused).
+
+The KL term follows TRL, not ``grpo_token_loss``: k3 is not clamped (our ops clamp it to [-10, 10]) and,
+with ``use_bias_correction_kl`` (TRL's default), it is weighted by the (differentiable) importance ratio.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from dataclasses import replace
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops._agg import aggregate, masked_mean
+from ..ops._loss_math import GRPOLossOptions, grpo_token_loss
+
+TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
+ALLOW_UNTESTED_ENV = "GXPO_KERNELS_ALLOW_UNTESTED_TRL"
+LOSS_TYPES = {  # TRL loss_type -> our loss_agg_mode (dapo: the sum, divided by TRL's global normaliser)
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "luspo": "seq-mean-token-sum",
+    "dapo": "seq-mean-token-sum",
+}
+LOSS_PATHS = ("auto", "hidden", "logits")
+
+
+# ----------------------------------------------------------------------------------------------- version gate
+def check_trl_version(version: Optional[str] = None) -> str:
+    """Return TRL's version; raise if it lies outside ``TESTED_TRL`` (a warning instead when the environment
+    variable ``GXPO_KERNELS_ALLOW_UNTESTED_TRL=1`` is set). This module hooks TRL internals
+    (``GRPOTrainer._compute_loss``, its ``inputs`` keys, ``_metrics``), which change between minor releases."""
+    from packaging.version import Version
+    if version is None:
+        try:
+            import trl
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("gxpo_kernels.integrations.trl needs TRL: pip install 'gxpo-kernels[trl]'") from e
+        version = trl.__version__
+    lo, hi = TESTED_TRL
+    if not Version(lo) <= Version(version) < Version(hi):
+        msg = (f"gxpo_kernels.integrations.trl was tested with TRL >={lo},<{hi}; found TRL {version}. "
+               f"Install a tested version (pip install 'trl>={lo},<{hi}') or set {ALLOW_UNTESTED_ENV}=1 to try "
+               "anyway (the parity tests in tests/integrations/test_trl.py tell whether it still matches).")
+        if os.environ.get(ALLOW_UNTESTED_ENV, "0") == "1":
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        else:
+            raise RuntimeError(msg)
+    return version
+
+
+# ------------------------------------------------------------------------------------------ option checking
+def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
+    """The first TRL option this integration cannot honour, as an error message naming it, or None."""
+    args = trainer.args
+    if trainer.loss_type not in LOSS_TYPES:
+        return (f"loss_type={trainer.loss_type!r} is not supported by the gxpo-kernels loss "
+                f"(supported: {sorted(LOSS_TYPES)})")
+    checks = [
+        (getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", "server") == "server",
+         "use_vllm=True with vllm_mode='server'"),
+        (getattr(args, "use_liger_kernel", False), "use_liger_kernel=True"),
+        (getattr(args, "use_adaptive_entropy", False), "use_adaptive_entropy=True"),
+        (getattr(trainer, "aux_loss_enabled", False), "router_aux_loss_coef != 0 (MoE load-balancing loss)"),
+    ]
+    if for_update:
+        checks += [
+            (args.gradient_accumulation_steps != 1, f"gradient_accumulation_steps={args.gradient_accumulation_steps}"
+             " (the update rule needs the whole mini-batch in one closure; use 1)"),
+            (trainer.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"),
+             f"distributed_type={trainer.accelerator.distributed_type.name} (DeepSpeed/FSDP step inside "
+             "backward or shard the optimizer; the update rule runs on DDP or a single process)"),
+            (bool(getattr(args, "fp16", False)), "fp16=True (GradScaler cannot follow several optimizer steps "
+             "per update; use bf16=True)"),
+        ]
+    for bad, name in checks:
+        if bad:
+            return f"{name} is not supported by gxpo_kernels.integrations.trl"
+    return None
+
+
+def _loss_options(trainer) -> GRPOLossOptions:
+    """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
+    return GRPOLossOptions(
+        temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
+        eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
+        entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
+        loss_agg_mode=LOSS_TYPES[trainer.loss_type],
+        max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
+
+
+# -------------------------------------------------------------------------------------- the loss, TRL-shaped
+def trl_policy_loss(
+    logp: torch.Tensor,                  # (B, T) fp32 differentiable log pi_theta(completion token)
+    entropy: Optional[torch.Tensor],     # (B, T) differentiable entropy (needed when entropy_coef != 0)
+    mask: torch.Tensor,                  # (B, T) bool loss mask (completion_mask * tool_mask)
+    advantages: torch.Tensor,            # (B,) or (B, T)
+    old_logprobs: Optional[torch.Tensor],
+    ref_logprobs: Optional[torch.Tensor],
+    opts: GRPOLossOptions,
+    *,
+    loss_type: str,
+    accumulation: float = 1.0,           # TRL's GA normaliser (1 in evaluation)
+    dapo_normalizer=None,                # dapo (float or 0-d tensor): num_items_in_batch / P * GA / S, eval / P
+    entropy_coef: float = 0.0,
+    pg_weight: Optional[torch.Tensor] = None,  # (B, T) or (B, 1) >= 0 multiplies the policy term only
+    entropy_mask: Optional[torch.Tensor] = None,  # (B, T) bool: TRL's top-entropy mask (bonus acts on it too)
+    kl_ratio_weight: bool = False,       # TRL's use_bias_correction_kl: KL term times the importance ratio
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` semantics on our loss math. Returns (loss, metrics).
+
+    ``metrics`` holds our detached metrics plus ``policy_loss`` (the loss before the entropy bonus, before
+    GA scaling for the GA-scaled types, as TRL logs it)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    B = logp.shape[0]
+    adv = advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    weight = pg_weight
+    if entropy_mask is not None:
+        weight = entropy_mask.to(logp.dtype) if weight is None else weight * entropy_mask.to(logp.dtype)
+    if weight is not None:
+        adv = adv * weight.to(logp.dtype)  # w >= 0: scales the clipped surrogate, leaves the KL term alone
+    adv = adv.expand_as(logp)
+    beta = opts.beta
+    loss, metrics = grpo_token_loss(logp, entropy, adv, mask, old_logprobs, None, replace(opts, beta=0.0))
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs ref_logprobs")
+        # TRL's k3 (not clamped, unlike grpo_token_loss), optionally times the importance ratio
+        # (use_bias_correction_kl, TRL's default) whose gradient then reaches the KL term too
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        d = torch.where(mask, ref_logprobs.to(logp.dtype) - logp, zero)
+        kl = torch.exp(d) - d - 1.0
+        if kl_ratio_weight:
+            old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+            log_ratio = torch.where(mask, logp - old, zero)
+            if opts.importance_sampling == "sequence":
+                log_ratio = masked_mean(log_ratio, mask, dim=-1)[:, None].expand_as(logp)
+            kl = kl * torch.exp(log_ratio)
+        loss = loss + beta * aggregate(kl, mask, opts.loss_agg_mode, opts.max_length)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
+    if loss_type == "dapo":
+        if dapo_normalizer is None:
+            raise ValueError("loss_type='dapo' needs dapo_normalizer (TRL's num_items_in_batch-based normaliser)")
+        # seq-mean-token-sum * B = sum of m * l; the normaliser stays a tensor (no host sync)
+        norm = torch.as_tensor(dapo_normalizer, dtype=loss.dtype, device=loss.device)
+        loss = loss * B / norm
+        metrics["policy_loss"] = loss.detach()
+    else:
+        metrics["policy_loss"] = loss.detach()
+        loss = loss / accumulation
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs the differentiable entropy")
+        eff = mask if entropy_mask is None else mask & entropy_mask.bool()
+        loss = loss - entropy_coef * masked_mean(entropy, eff) / accumulation
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------ per-token log-probs
+def _head_model(trainer) -> nn.Module:
+    """The transformers model whose forward TRL patched (the PEFT base model when PEFT is used)."""
+    from accelerate.utils import is_peft_model
+    return trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+
+
+def _hidden_path_blocker(trainer) -> Optional[str]:
+    """Why the fused-linear (hidden-state) path cannot run on this model, or None when it can."""
+    model = _head_model(trainer)
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits (final_logit_softcapping)"
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({name})"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:  # a PEFT adapter on lm_head (TRL #4612) or a custom head
+        return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
+    if not hasattr(model, "base_model"):
+        return "the model exposes no backbone (base_model)"
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    if is_deepspeed_zero3_enabled():
+        # the fused backward re-reads lm_head.weight, which ZeRO-3 has re-partitioned by then
+        return "DeepSpeed ZeRO-3 is enabled"
+    return None
+
+
+def _install_hidden_forward(model: nn.Module) -> None:
+    """Let ``model(..., gxpo_targets=ids)`` return our fused (logp, entropy) from the final hidden states.
+
+    Running inside the model's forward (through the DDP wrapper, like TRL's own fused head) keeps DDP's
+    forward bookkeeping intact. Without ``gxpo_targets`` the previous forward (TRL's) runs unchanged, and
+    ``functools.wraps`` keeps the signature ``generate`` validates its kwargs against."""
+    if getattr(model, "_gxpo_hidden_forward", False):
+        return
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, gxpo_targets=None, gxpo_mask=None, gxpo_temperature=1.0, gxpo_fp32_head=False,
+                gxpo_backend="auto", **kwargs):
+        if gxpo_targets is None:
+            return previous(*args, **kwargs)
+        from ..ops.linear_token_logprobs import linear_token_logprobs
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        T = gxpo_targets.shape[1]
+        hidden = hidden[:, -T - 1:-1]  # position t predicts token t+1: the T positions before each target
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        dev = hidden.device.type
+        if gxpo_fp32_head:  # TRL's cast_lm_head_to_fp32: fp32 operands, outside autocast
+            hidden, fp32 = hidden.float(), True
+        elif torch.is_autocast_enabled(dev):
+            # as TRL's head does: GEMM operands in the autocast dtype (our kernels accumulate in fp32)
+            dt = torch.get_autocast_dtype(dev)
+            hidden, weight = hidden.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+            fp32 = False
+        else:
+            fp32 = hidden.dtype != weight.dtype
+        with torch.autocast(dev, enabled=False):
+            return linear_token_logprobs(hidden, weight, gxpo_targets.to(hidden.device), gxpo_temperature,
+                                         bias=bias, mask=gxpo_mask.to(hidden.device), fp32_head=fp32,
+                                         backend=gxpo_backend)
+
+    model.forward = types.MethodType(forward, model)
+    model._gxpo_hidden_forward = True
+
+
+def _text_only(inputs) -> Optional[str]:
+    for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids", "num_images"):
+        if inputs.get(key) is not None:
+            return key
+    return None
+
+
+def policy_token_logprobs(trainer, model, inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (logp, entropy) (B, T) of the completion tokens under the policy ``model`` (differentiable)."""
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    T = completion_ids.shape[1]
+    key = _text_only(inputs)
+    if key is not None:
+        raise ValueError(f"inputs carry {key!r}: multimodal GRPO is not supported by gxpo_kernels.integrations.trl")
+    # score every completion position the attention can see; positions outside `mask` are cheap (skipped rows)
+    score_mask = completion_mask.bool()
+    path = trainer._gxpo_loss_path
+    backend = trainer._gxpo_backend
+    with trainer.accelerator.autocast():
+        if path == "hidden":
+            logp, ent = model(input_ids=input_ids, attention_mask=attention_mask, gxpo_targets=completion_ids,
+                              gxpo_mask=score_mask, gxpo_temperature=float(trainer.temperature),
+                              gxpo_fp32_head=bool(trainer.args.cast_lm_head_to_fp32), gxpo_backend=backend)
+            return logp, ent
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
+                       use_cache=False).logits[:, :-1]
+    from ..ops.token_logprobs import token_logprobs
+    if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
+        logits = logits.float()
+    return token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)
+
+
+# ------------------------------------------------------------------------------ the hooked _compute_loss
+def _gxpo_compute_loss(self, model, inputs):
+    """Drop-in for ``GRPOTrainer._compute_loss`` (TRL 1.16) computed with gxpo-kernels' fused ops."""
+    mode = "train" if self.model.training else "eval"
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    mask = mask.bool()
+    logp, entropy = policy_token_logprobs(self, model, inputs)
+
+    advantages = inputs["advantages"]
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    old = inputs.get("old_per_token_logps")
+    old_d = logp.detach() if old is None else old
+
+    entropy_mask = None
+    if self.top_entropy_quantile < 1.0:
+        entropy_mask = self.get_high_entropy_mask(entropy.detach(), mask.float(), 1 - self.top_entropy_quantile)
+    pg_weight = None
+    if self.off_policy_mask_threshold is not None:
+        sampling = inputs.get("sampling_per_token_logps", old_d)
+        pg_weight = self.get_off_policy_mask(advantages=advantages, per_token_logps=logp, mask=mask.float(),
+                                             sampling_per_token_logps=sampling,
+                                             off_policy_threshold=self.off_policy_mask_threshold)
+
+    if self.use_vllm and self.vllm_importance_sampling_correction:
+        isr = inputs["importance_sampling_ratio"]  # >= 0, policy term only (truncated or masked by TRL)
+        pg_weight = isr if pg_weight is None else pg_weight * isr
+
+    opts = self._gxpo_opts
+    accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+    dapo_normalizer = None
+    if self.loss_type == "dapo":
+        dapo_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            ga, spg = self.current_gradient_accumulation_steps, self.args.steps_per_generation
+            dapo_normalizer = dapo_normalizer * ga / spg
+    coef = float(self.entropy_coef) if self._entropy_bonus_enabled else 0.0
+    loss, metrics = trl_policy_loss(
+        logp, entropy, mask, advantages, old, inputs.get("ref_per_token_logps"), opts, loss_type=self.loss_type,
+        accumulation=accumulation, dapo_normalizer=dapo_normalizer, entropy_coef=coef, pg_weight=pg_weight,
+        entropy_mask=entropy_mask, kl_ratio_weight=bool(getattr(self.args, "use_bias_correction_kl", False)))
+
+    if getattr(self, "_gxpo_pass_index", 0) == 0:  # an update's later passes re-score the same batch
+        _log_trl_metrics(self, mode, logp.detach(), old_d, entropy.detach(), mask, advantages,
+                         inputs.get("ref_per_token_logps"), metrics, coef)
+    ent_d = torch.where(mask, entropy.detach(), torch.zeros_like(logp))
+    self._gxpo_entropy_stats = (ent_d.sum(), mask.sum().to(ent_d.dtype))  # for entropy gates and FADE
+    self._gxpo_last_logp = logp.detach()
+    return loss
+
+
+def _log_trl_metrics(self, mode, logp, old, entropy, mask, advantages, ref, metrics, coef) -> None:
+    """The metrics TRL 1.16 logs from ``_compute_loss``, under the same names and reductions."""
+    from trl.trainer.utils import nanmax, nanmin
+    m = mask.float()
+    log_ratio = torch.where(mask, logp - old, torch.zeros_like(logp))
+    if self.importance_sampling_level == "sequence":
+        log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+
+    def seq_mean(x):
+        return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
+    def global_mean(x):
+        if x.shape[1] == 1:
+            s, c = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+        else:
+            s, c = (x * m).sum(), m.sum()
+        tot = self.accelerator.reduce(torch.stack([s, c.to(s.dtype)]), reduction="sum")
+        return (tot[0] / tot[1].clamp(min=1.0)).item()
+
+    store = self._metrics[mode]
+    if coef != 0.0:
+        store["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
+        if mode == "train" and self.accelerator.sync_gradients:
+            store["entropy_coef"].append(self.entropy_coef)
+    if self.beta != 0.0:
+        d = torch.where(mask, ref - logp, torch.zeros_like(logp))
+        kl = torch.exp(d) - d - 1
+        if getattr(self.args, "use_bias_correction_kl", False):
+            kl = kl * ratio
+        store["kl"].append(global_mean(kl))
+    store["entropy"].append(global_mean(entropy))
+    low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+    high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+    store["clip_ratio/low_mean"].append(global_mean(low))
+    store["clip_ratio/high_mean"].append(global_mean(high))
+    store["clip_ratio/region_mean"].append(global_mean(((low + high) > 0).float()))
+    store["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
+    store["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())
+
+
+def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto"):
+    """Make ``trainer`` (a TRL ``GRPOTrainer``) compute its loss with gxpo-kernels. Returns the trainer.
+
+    Args:
+        loss_path: "hidden" (fused lm_head + log-prob + entropy from the final hidden states; the (B, T, V)
+            logits never exist), "logits" (the model's own logits, then ``token_logprobs``), or "auto"
+            (hidden where the model allows: a plain ``nn.Linear`` head, no logit soft-capping or scaling,
+            no ZeRO-3; logits otherwise). The chosen path is ``trainer.gxpo_loss_path``.
+        backend: our kernels' backend ("auto", "triton", "torch").
+    Raises ValueError naming the TRL option when the trainer is configured with one we cannot honour.
+    """
+    from trl import GRPOTrainer
+    check_trl_version()
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
+    if loss_path not in LOSS_PATHS:
+        raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {loss_path!r}")
+    problem = _unsupported(trainer)
+    if problem:
+        raise ValueError(problem)
+    blocker = _hidden_path_blocker(trainer)
+    if loss_path == "hidden" and blocker:
+        raise ValueError(f"loss_path='hidden' is not possible: {blocker}; use loss_path='logits' or 'auto'")
+    path = "logits" if (loss_path == "logits" or blocker) else "hidden"
+    if path == "hidden":
+        _install_hidden_forward(_head_model(trainer))
+    trainer._gxpo_opts = _loss_options(trainer)
+    trainer._gxpo_loss_path = path
+    trainer._gxpo_backend = backend
+    trainer.gxpo_loss_path = path
+    trainer._compute_loss = types.MethodType(_gxpo_compute_loss, trainer)
+    return trainer
+
+
+def __getattr__(name):
+    # the subclass needs trl at class-creation time; build it on first access so importing this module
+    # (e.g. for trl_policy_loss) never imports TRL
+    if name == "GXPOGRPOTrainer":
+        from ._trl_trainer import make_trainer_class
+        cls = make_trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

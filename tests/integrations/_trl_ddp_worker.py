@@ -1,0 +1,19 @@
+"""Worker for test_trl.py::test_subclass_gxpo_under_ddp (run by torchrun, 2 CPU processes over gloo)."""
+import os
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_trl import gtrl, make_trainer  # noqa: E402
+
+out = pathlib.Path(sys.argv[1])
+tr = make_trainer(out, cls=gtrl.GXPOGRPOTrainer, per_device_train_batch_size=2, loss_type="dapo",
+                  trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None, "backend": "torch"},
+                                      backend="torch"))
+assert tr.accelerator.num_processes == 2, tr.accelerator.distributed_type
+tr.train()
+flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
+torch.save({"flat": flat, "passes": tr.gxpo_backward_passes, "steps": tr.state.global_step},
+           out / f"rank{tr.accelerator.process_index}.pt")

@@ -1,0 +1,413 @@
+"""gxpo-kernels inside TRL's GRPOTrainer: loss parity with TRL's own ``_compute_loss`` (value, parameter
+gradients and logged metrics) for every supported option, end-to-end training with the update rules, and
+clear refusals of unsupported TRL options. Tiny Qwen2 built from a config, tokenizer built in memory."""
+import copy
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from gxpo_kernels.integrations import trl as gtrl  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-=?."
+VOCAB = 131  # not a power of two; ids >= len(CHARS) + 3 decode to nothing
+
+
+def make_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    t.padding_side = "left"
+    return t
+
+
+def make_model(seed=0, tie=False):
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def reward_distinct(completions, **kw):
+    return [float(len(set(c))) / 4.0 for c in completions]
+
+
+def make_trainer(tmp_path, cls=GRPOTrainer, model=None, trainer_kwargs=None, **cfg):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=6, max_steps=2, report_to="none", logging_steps=1, use_cpu=True,
+                learning_rate=1e-2, save_strategy="no", disable_tqdm=True, seed=0, bf16=False)
+    base.update(cfg)
+    ds = datasets.Dataset.from_dict({"prompt": ["ab", "cd", "ef ", "gh1"] * 4})
+    model = model if model is not None else make_model()
+    if base.get("beta", 0.0) != 0.0:  # TRL builds the reference model from the policy's path: save it
+        model.save_pretrained(tmp_path / "model")
+        model = str(tmp_path / "model")
+    tr = cls(model=model, reward_funcs=reward_distinct,
+             args=GRPOConfig(**base), train_dataset=ds, processing_class=make_tokenizer(),
+             **(trainer_kwargs or {}))
+    tr.current_gradient_accumulation_steps = tr.args.gradient_accumulation_steps  # set by the training loop
+    return tr
+
+
+def make_batch(trainer, B=6, P=4, T=7, seed=1, old_noise=0.3, ref_noise=0.2, tool_mask=False, adv2d=False):
+    """A hand-made GRPO batch with ragged left-padded prompts and right-padded completions; old/ref
+    log-probs perturbed from the policy's so the clip, delta and KL terms all bind somewhere."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, VOCAB, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    for i in range(B):
+        pad = int(torch.randint(0, P - 1, (1,), generator=g))
+        prompt_mask[i, :pad] = 0
+        prompt_ids[i, :pad] = 0
+    completion_ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    lengths = torch.tensor([T, 1, 3, T - 1, 5, 2][:B])
+    completion_mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, 0)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask,
+              "advantages": torch.randn((B, T) if adv2d else (B,), generator=g),
+              "num_items_in_batch": completion_mask.sum() * 3}  # as if the generation batch were 3x larger
+    if tool_mask:
+        tm = torch.ones(B, T, dtype=torch.long)
+        tm[0, 2:4] = 0
+        inputs["tool_mask"] = tm
+    with torch.no_grad():
+        logp = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1), T)[0]
+    cm = completion_mask.bool()
+    if old_noise is not None:
+        inputs["old_per_token_logps"] = torch.where(cm, logp + old_noise * torch.randn(B, T, generator=g), 0.0)
+    if ref_noise is not None and trainer.beta != 0.0:
+        inputs["ref_per_token_logps"] = torch.where(cm, logp + ref_noise * torch.randn(B, T, generator=g), 0.0)
+    return inputs
+
+
+def loss_and_grads(trainer, fn, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = fn(trainer.model, copy.deepcopy(inputs))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
+
+
+def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="torch"):
+    """Our hooked loss vs TRL's own ``_compute_loss`` on the same model and batch. ``backend="torch"`` by
+    default: the Triton kernels run under the (slow) interpreter here, so only a few cases use them."""
+    trainer.model.train()
+    ref = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
+    gtrl.enable_gxpo_loss(trainer, loss_path=path, backend=backend)
+    ours = loss_and_grads(trainer, trainer._compute_loss, inputs)
+    torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
+    assert ref[1].keys() == ours[1].keys() and len(ref[1]) > 0
+    for name in ref[1]:
+        torch.testing.assert_close(ours[1][name], ref[1][name], rtol=rtol, atol=atol, msg=lambda s: f"{name}: {s}")
+    assert ref[2].keys() == ours[2].keys(), (sorted(ref[2]), sorted(ours[2]))
+    for key in ref[2]:
+        for a, b in zip(ref[2][key], ours[2][key]):
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
+    return ref, ours
+
+
+# ------------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+def test_loss_parity_loss_types(tmp_path, loss_type, is_level):
+    tr = make_trainer(tmp_path, loss_type=loss_type, importance_sampling_level=is_level, epsilon=0.2,
+                      epsilon_high=0.28, temperature=0.7)
+    inputs = make_batch(tr)
+    # the Triton kernels (interpreter on CPU) for one IS level, the torch backend for the other
+    ref, ours = check_parity(tr, inputs, backend="auto" if is_level == "token" else "torch")
+    assert tr.gxpo_loss_path == "hidden"
+    # the batch really exercises the clip: otherwise the test could not tell the surrogate from a plain PG
+    assert ref[2]["clip_ratio/region_mean"][0] > 0 or is_level == "sequence"
+
+
+@pytest.mark.parametrize("opts", [
+    dict(loss_type="grpo", beta=0.05),
+    dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=False),
+    dict(loss_type="grpo", beta=0.05, importance_sampling_level="sequence"),
+    dict(loss_type="dapo", beta=0.1, delta=1.5, importance_sampling_level="sequence"),
+    dict(loss_type="bnpo", delta=1.4, epsilon_high=0.3),
+    dict(loss_type="dr_grpo", entropy_coef=0.01, beta=0.02),
+    dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.02, entropy_coef=0.02),
+    dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.03),
+])
+def test_loss_parity_options(tmp_path, opts):
+    tr = make_trainer(tmp_path, temperature=1.3, **opts)
+    check_parity(tr, make_batch(tr, tool_mask=True))
+
+
+def test_loss_parity_vllm_importance_sampling_correction(tmp_path):
+    """vLLM colocate's truncated/masked IS ratio (simulated: no vLLM here) weights the policy term only."""
+    tr = make_trainer(tmp_path, loss_type="grpo", beta=0.05, off_policy_mask_threshold=0.05)
+    tr.use_vllm = tr.args.use_vllm = True  # only what _compute_loss reads; generation is never run here
+    inputs = make_batch(tr)
+    g = torch.Generator().manual_seed(5)
+    isr = torch.rand(inputs["completion_ids"].shape, generator=g) * 2
+    isr[1] = 0.0  # a masked sequence ("*_mask" modes)
+    inputs["importance_sampling_ratio"] = isr
+    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] - 0.1
+    check_parity(tr, inputs)
+
+
+def test_vllm_server_mode_refused(tmp_path):
+    tr = make_trainer(tmp_path)
+    tr.args.use_vllm, tr.args.vllm_mode = True, "server"
+    with pytest.raises(ValueError, match="vllm_mode='server'"):
+        gtrl.enable_gxpo_loss(tr)
+
+
+def test_loss_parity_logits_path_and_tied_head(tmp_path):
+    tr = make_trainer(tmp_path, model=make_model(tie=True), loss_type="grpo", beta=0.04, entropy_coef=0.01)
+    check_parity(tr, make_batch(tr, adv2d=True), path="logits", backend="auto")
+    assert tr.gxpo_loss_path == "logits"
+    tr2 = make_trainer(tmp_path, model=make_model(tie=True), loss_type="dapo")
+    check_parity(tr2, make_batch(tr2, old_noise=None))  # on-policy: TRL uses logp.detach() as old
+    assert tr2.gxpo_loss_path == "hidden"
+
+
+def test_loss_parity_gradient_accumulation_and_eval(tmp_path):
+    tr = make_trainer(tmp_path, loss_type="dapo", gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                      steps_per_generation=4)
+    tr.current_gradient_accumulation_steps = 2
+    check_parity(tr, make_batch(tr))
+    tr = make_trainer(tmp_path, loss_type="grpo")
+    tr.current_gradient_accumulation_steps = 3
+    check_parity(tr, make_batch(tr))
+    tr.model.eval()  # eval: no GA scaling, dapo normaliser without steps_per_generation
+    tr.loss_type = "dapo"  # eval's dapo normaliser has no GA / steps_per_generation factor
+    gtrl.enable_gxpo_loss(tr, backend="torch")
+    ref = GRPOTrainer._compute_loss(tr, tr.model, make_batch(tr))
+    ours = tr._compute_loss(tr.model, make_batch(tr))
+    torch.testing.assert_close(ours, ref, rtol=2e-4, atol=2e-6)
+
+
+def test_trl_policy_loss_matches_float64_formula():
+    """The pure loss function against a direct float64 transcription of TRL 1.16's dapo + entropy bonus."""
+    torch.manual_seed(3)
+    B, T = 5, 9
+    logp = (-torch.rand(B, T, dtype=torch.float64) * 3).requires_grad_()
+    ent = (torch.rand(B, T, dtype=torch.float64) * 2).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    mask = torch.rand(B, T) > 0.3
+    A = torch.randn(B, dtype=torch.float64)
+    opts = gtrl.GRPOLossOptions(eps_low=0.2, eps_high=0.28, loss_agg_mode="seq-mean-token-sum")
+    N = 37.0
+    loss, _ = gtrl.trl_policy_loss(logp, ent, mask, A, old, None, opts, loss_type="dapo", dapo_normalizer=N,
+                                   entropy_coef=0.1, accumulation=2.0)
+    r = torch.exp(logp - old)
+    pl = -torch.min(r * A[:, None], torch.clamp(r, 0.8, 1.28) * A[:, None])
+    m = mask.double()
+    want = (pl * m).sum() / N - 0.1 * (ent * m).sum() / m.sum() / 2.0
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(loss, (logp, ent))
+    g2 = torch.autograd.grad(want, (logp, ent))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("cfg, name", [
+    (dict(loss_type="cispo"), "loss_type='cispo'"),
+    (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(use_adaptive_entropy=True, entropy_coef=0.01), "use_adaptive_entropy"),
+])
+def test_unsupported_options_refused(tmp_path, cfg, name):
+    tr = make_trainer(tmp_path, **cfg)
+    with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+        gtrl.enable_gxpo_loss(tr)
+
+
+def test_liger_refused(tmp_path):
+    tr = make_trainer(tmp_path)
+    tr.args.use_liger_kernel = True  # building it for real needs liger's model patching; the check reads args
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        gtrl.enable_gxpo_loss(tr)
+
+
+def test_version_gate(monkeypatch):
+    assert gtrl.check_trl_version("1.16.3") == "1.16.3"
+    monkeypatch.delenv(gtrl.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="tested with TRL"):
+        gtrl.check_trl_version("1.17.0")
+    with pytest.raises(RuntimeError, match="tested with TRL"):
+        gtrl.check_trl_version("0.21.0")
+    monkeypatch.setenv(gtrl.ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="tested with TRL"):
+        gtrl.check_trl_version("1.17.0")
+
+
+def test_hidden_path_refused_where_impossible(tmp_path):
+    model = make_model()
+    model.config.final_logit_softcapping = 30.0
+    tr = make_trainer(tmp_path, model=model)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        gtrl.enable_gxpo_loss(tr, loss_path="hidden")
+    gtrl.enable_gxpo_loss(tr)  # auto falls back to the logits path
+    assert tr.gxpo_loss_path == "logits"
+    with pytest.raises(ValueError, match="loss_path"):
+        gtrl.enable_gxpo_loss(tr, loss_path="fused")
+
+
+# ------------------------------------------------------------------------------------- trainer subclass
+def reward_binary(completions, **kw):
+    return [float(len(set(c)) % 2) for c in completions]
+
+
+def count_backward(trainer):
+    calls = []
+    real = trainer.accelerator.backward
+
+    def backward(loss, **kw):
+        calls.append(trainer.state.global_step)
+        return real(loss, **kw)
+    trainer.accelerator.backward = backward
+    return calls
+
+
+def adam_steps(trainer):
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return {int(st["step"]) for st in opt.state.values()}
+
+
+@pytest.mark.parametrize("update, kwargs, per_step", [
+    ("grpo", {}, [1, 1]),
+    ("gxpo", {"gate": None}, [3, 3]),
+    ("gxpo", {"gate": "ema", "tau": 1e-9}, [3, 1]),  # the gate fires after the first update: GRPO from then on
+    ("sfpo", {"K": 3, "gate": None}, [4, 4]),
+])
+def test_subclass_trains_with_the_update_rule(tmp_path, update, kwargs, per_step):
+    # the torch backends keep this end-to-end test fast; the parity tests run our Triton kernels (interpreter)
+    kwargs = dict(kwargs, backend="torch") if update != "grpo" else kwargs
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, loss_type="dapo", learning_rate=5e-3, max_grad_norm=1.0,
+                      trainer_kwargs=dict(update=update, update_kwargs=kwargs, backend="torch"))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    calls = count_backward(tr)
+    tr.train()
+    # backward passes per outer update, counted at the accelerator (independent of the rule's own counter)
+    assert [calls.count(s) for s in range(2)] == per_step
+    assert tr.state.global_step == 2
+    # the inner optimizer stepped once per pass; HF's outer optimizer.step() added nothing
+    assert adam_steps(tr) == {sum(per_step)}
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert logs[0]["learning_rate"] > logs[1]["learning_rate"]  # scheduler stepped once per update
+    assert "entropy" in logs[0] and "clip_ratio/region_mean" in logs[0]
+    if update != "grpo":
+        assert [h[f"{update}/backward_passes"] for h in logs] == per_step
+    assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_subclass_old_logprobs_per_pass(tmp_path, recompute):
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, max_steps=1,
+                      trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None, "backend": "torch"},
+                                          recompute_old_logp=recompute, backend="torch"))
+    seen, real = [], tr._compute_loss
+
+    def spy(model, inputs):
+        seen.append((inputs.get("old_per_token_logps"), tr._gxpo_pass_index))
+        return real(model, inputs)
+    tr._compute_loss = spy
+    tr.train()
+    assert [k for _, k in seen] == [0, 1, 2] and seen[0][0] is None  # TRL stores none on-policy
+    if recompute:
+        assert all(old is None for old, _ in seen)  # rho = 1 at every pass (paper protocol)
+    else:  # passes 1 and 2 use theta0's log-probs, which differ from theirs after the first step
+        assert seen[1][0] is not None and seen[2][0] is seen[1][0]
+        assert tr._gxpo_last_logp.shape == seen[1][0].shape
+        assert not torch.allclose(tr._gxpo_last_logp, seen[1][0])
+
+
+def test_subclass_checkpoint_carries_gate_and_fade_state(tmp_path):
+    kw = dict(update="gxpo", update_kwargs={"gate": "window", "window": 3, "backend": "torch"},
+              advantage_estimator="fade", backend="torch")
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps", save_steps=2)
+    tr.reward_funcs = [reward_binary]
+    tr.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "gxpo_update_state.pt").exists()
+    tr2 = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    tr2.create_optimizer_and_scheduler(num_training_steps=2)
+    tr2._load_optimizer_and_scheduler(str(ckpt))
+    assert tr2._gxpo_pending_state == tr._gxpo_rule.state_dict()
+    assert tr2._gxpo_pending_state["total_backward_passes"] == 6
+    assert tr2._fade.state_dict() == tr._fade.state_dict()
+    rule = tr2._get_rule()  # built lazily on the first update: the saved gate/counters are applied then
+    assert rule.total_backward_passes == 6 and rule.gate.state_dict() == tr._gxpo_rule.gate.state_dict()
+
+
+def test_subclass_fade_advantages(tmp_path):
+    from gxpo_kernels.advantages import fade_advantages
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", fade_kwargs={"p0": 0.3},
+                                         backend="torch"))
+    tr.reward_funcs = [reward_binary]
+    tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert "fade/alpha" in logs[0] and math.isclose(logs[0]["fade/alpha"], min(3 * 0.7 / 0.6, 3.0), rel_tol=1e-6)
+    assert tr._fade.steps == 1  # the second batch folded in the first batch's reward and entropy
+    tr.model.train()
+    batch = tr._generate_and_score_completions([{"prompt": "ab"}] * 4)  # one prompt, num_generations times
+    rewards = (tr._gxpo_rewards_per_func * tr.reward_weights[None]).nansum(1)
+    want = fade_advantages(rewards, tr.num_generations, alpha=tr._fade.alpha, delta=tr._fade.delta)
+    assert 0 < rewards.mean() < 1 and want.abs().sum() > 0  # a mixed group: the check below has teeth
+    torch.testing.assert_close(batch["advantages"], want.to(batch["advantages"].dtype))
+
+
+@pytest.mark.parametrize("cfg, kwargs, name", [
+    (dict(gradient_accumulation_steps=2), dict(update="gxpo"), "gradient_accumulation_steps=2"),
+    (dict(), dict(update="adam"), "update must be one of"),
+    (dict(), dict(advantage_estimator="rloo"), "advantage_estimator"),
+    (dict(loss_type="vespo"), dict(update="grpo"), "loss_type='vespo'"),
+])
+def test_subclass_refusals(tmp_path, cfg, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kwargs, **cfg)
+
+
+def test_loss_close_to_trl_under_bf16_autocast(tmp_path):
+    """bf16 autocast (TRL's default on GPU): both heads take bf16 operands; TRL rounds its logit tiles and
+    dlogits to bf16 on CPU while ours accumulate in fp32, so agreement is to bf16 precision only."""
+    tr = make_trainer(tmp_path, bf16=True, loss_type="grpo", beta=0.05)
+    inputs = make_batch(tr)
+    tr.model.train()
+    ref = loss_and_grads(tr, lambda m, x: GRPOTrainer._compute_loss(tr, m, x), inputs)
+    gtrl.enable_gxpo_loss(tr, backend="torch")
+    ours = loss_and_grads(tr, tr._compute_loss, inputs)
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-3, atol=2e-4)
+    g_ref = torch.cat([g.flatten() for g in ref[1].values()])
+    g_ours = torch.cat([ours[1][n].flatten() for n in ref[1]])
+    cos = torch.nn.functional.cosine_similarity(g_ref.double(), g_ours.double(), dim=0)
+    assert cos > 0.9999 and abs(g_ours.norm() / g_ref.norm() - 1) < 5e-3, (float(cos), float(g_ours.norm()))
+
+
+@pytest.mark.slow
+def test_subclass_gxpo_under_ddp(tmp_path):
+    """Two CPU processes (DDP over gloo): the rule's three passes all-reduce their gradients, so both ranks
+    end with identical parameters after the updates."""
+    import os
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_trl_ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           worker, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert r0["steps"] == r1["steps"] == 2 and r0["passes"] == r1["passes"] == 6
+    assert torch.equal(r0["flat"], r1["flat"])
