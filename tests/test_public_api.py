@@ -1,0 +1,28 @@
+"""The public API is pinned: names users import from ``gxpo_kernels`` must not disappear or move."""
+import os
+import subprocess
+import sys
+
+import gxpo_kernels
+
+EXPECTED = {
+    "grpo_loss", "GRPOLoss", "token_logprobs", "linear_grpo_loss", "LinearGRPOLoss", "linear_token_logprobs",
+    "fpa_logprobs", "linear_fpa_logprobs", "FPALogProbs", "fpa_dpo_loss", "fpa_rpo_loss", "fpa_simper_loss",
+    "fpa_kto_loss", "fpa_offline_pg_loss", "extrapolate_", "stats_to_dict", "STAT_NAMES", "GXPO", "SFPO",
+    "EMAGate", "WindowGate", "EntropyGate", "group_advantages", "group_stats", "fade_advantages",
+    "FADEController", "sign_ratio",
+}
+
+
+def test_all_is_pinned():
+    assert set(gxpo_kernels.__all__) == EXPECTED
+    for name in EXPECTED:
+        assert getattr(gxpo_kernels, name) is not None, name
+
+
+def test_optional_integrations_not_imported_by_the_package():
+    # importing gxpo_kernels must not pull the optional heavy dependencies (fresh interpreter: pytest's own
+    # process may already hold them)
+    code = ("import sys, gxpo_kernels; bad = [m for m in ('trl', 'deepspeed') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
