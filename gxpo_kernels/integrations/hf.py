@@ -86,6 +86,10 @@ def gathered_lm_head(head: nn.Linear):
         yield
         return
     import deepspeed  # only reached when the parameters are DeepSpeed-managed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    # inside engine.forward DeepSpeed gathers a parameter on access and owns its release: gather only the
+    # partitioned ones, or the next forward fails with "Cannot free a ZeRO-3 parameter while it is still active"
+    params = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 

@@ -1,0 +1,112 @@
+"""GXPO and SFPO inside DeepSpeed ZeRO (stages 1, 2, 3 and the BF16_Optimizer), shard-local.
+
+    engine, gxpo = gxpo_kernels.integrations.deepspeed.initialize(
+        model=model, config=ds_config, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-6),
+        gxpo=dict(K=5, alpha=0.5, tau=0.5))            # or sfpo=dict(K=3, alpha=0.8)
+
+    def closure():                                    # one pass over the whole mini-batch
+        total = 0.0
+        for mb in micro_batches:                      # exactly gradient_accumulation_steps of them
+            loss = compute_loss(engine, mb)           # engine forward (+ the fused GRPO loss)
+            engine.backward(loss)
+            total += float(loss)
+        return total / len(micro_batches)
+
+    info = gxpo.step(closure)                         # 3 passes (GXPO active), K+1 (SFPO), 1 (after the gate)
+
+What the closure does: forward and ``engine.backward(loss)`` for each of the ``gradient_accumulation_steps``
+micro-batches of the mini-batch, and returns the loss (it must not call ``engine.step()`` or
+``engine.zero_grad()``; it may read ``gxpo.pass_index`` e.g. to recompute old log-probs). What the rule does:
+the ``engine.step()`` calls (one per micro-batch), the snapshot θ0, the fused extrapolation on each rank's local
+fp32 master shard (``ops.extrapolate_``: Triton on GPU shards, the C++ op on CPU / offloaded shards), the
+low-precision re-sync, every accept / fallback / gate decision from dp-all-reduced statistics, the fallback
+on non-finite gradients or a step DeepSpeed skipped (overflow), and one advance per outer update of the LR
+scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window. Full parameters are never
+gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's ``max_grad_norm``).
+
+Supported: ZeRO 1/2/3 (fp32, bf16, fp16), BF16_Optimizer, ZeRO-Offload of the optimizer (and params) to CPU,
+any torch optimizer (``"zero_allow_untested_optimizer": true``; with CPU offload also
+``"zero_force_ds_cpu_optimizer": false``) or DeepSpeed's Adam variants. Refused at start-up: NVMe offload,
+partial offload (ratio < 1), MiCS / hpZ, reduced-precision master weights, MoE, tensor/pipeline parallelism,
+torch_autocast, ZenFlow, Muon, ``managed_gradient_accumulation: false``, ``inactive_threshold`` (it is a
+per-tensor statistic; shards cut across tensors). DeepSpeed range: ``SUPPORTED_DEEPSPEED`` (tested 0.19.8).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Optional, Tuple, Union
+
+from ._loss import CausalLMGRPOLoss
+from ._rule import DeepSpeedGXPO, DeepSpeedSFPO
+from ._zero import SUPPORTED_DEEPSPEED, ZeroShards, check_engine
+
+__all__ = ["initialize", "wrap", "DeepSpeedGXPO", "DeepSpeedSFPO", "CausalLMGRPOLoss", "SUPPORTED_DEEPSPEED"]
+
+_ALGOS = {"gxpo": DeepSpeedGXPO, "sfpo": DeepSpeedSFPO}
+
+
+def wrap(engine, algo: str = "gxpo", **rule_kwargs) -> Union[DeepSpeedGXPO, DeepSpeedSFPO]:
+    """Attach a GXPO/SFPO rule to an existing ``deepspeed`` engine (ZeRO 1/2/3 or BF16_Optimizer).
+
+    Args:
+        engine: a ``deepspeed.DeepSpeedEngine`` with an optimizer. algo: "gxpo" or "sfpo".
+        **rule_kwargs: the keyword arguments of :class:`~gxpo_kernels.update.GXPO` / ``SFPO`` (K, alpha, tau,
+            gate, transactional_state, optimizer_aware, backend, ...). ``max_grad_norm`` (None = no clipping)
+            overrides the engine's ``gradient_clipping``; when omitted the engine's value is used.
+    Returns:
+        the rule; call ``rule.step(closure)`` once per mini-batch.
+    """
+    if algo not in _ALGOS:
+        raise ValueError(f"algo must be 'gxpo' or 'sfpo', got {algo!r}")
+    if rule_kwargs.get("inactive_threshold") is not None:
+        raise ValueError("inactive_threshold is not supported under DeepSpeed: it thresholds |g0| against the RMS "
+                         "of each parameter tensor, and ZeRO shards are flat slices across tensors")
+    kind = check_engine(engine)
+    zo = engine.optimizer
+    if "max_grad_norm" in rule_kwargs:
+        c = rule_kwargs["max_grad_norm"]
+        if c is not None and not (isinstance(c, (int, float)) and c > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {c!r}")
+        zo.clip_grad = 0.0 if c is None else float(c)
+    else:
+        rule_kwargs["max_grad_norm"] = float(zo.clip_grad) if zo.clip_grad and zo.clip_grad > 0 else None
+    return _ALGOS[algo](engine, ZeroShards(engine, kind), **rule_kwargs)
+
+
+def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sfpo: Optional[dict] = None,
+               **deepspeed_kwargs) -> Tuple[object, Union[DeepSpeedGXPO, DeepSpeedSFPO]]:
+    """``deepspeed.initialize`` + :func:`wrap`. Returns ``(engine, rule)``.
+
+    Args:
+        model, optimizer, **deepspeed_kwargs: passed to ``deepspeed.initialize`` (e.g. ``lr_scheduler``,
+            ``model_parameters``). optimizer may be a torch optimizer, a callable, or None (config "optimizer").
+        config: DeepSpeed config dict or JSON path; a copy is used. Its ``gradient_clipping`` and the rule's
+            ``max_grad_norm`` must agree when both are given; either fills in the other (default 1.0, the spec's
+            c). ``zero_allow_untested_optimizer`` defaults to true when a client optimizer is passed.
+        gxpo / sfpo: the rule's keyword arguments (give one of them; ``gxpo={}`` = GXPO defaults).
+    """
+    import deepspeed
+    if gxpo is not None and sfpo is not None:
+        raise ValueError("give either gxpo=... or sfpo=..., not both")
+    algo, kw = ("sfpo", dict(sfpo)) if sfpo is not None else ("gxpo", dict(gxpo or {}))
+    if isinstance(config, str):
+        with open(config) as f:
+            cfg = json.load(f)
+    elif isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    else:
+        raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+    ds_c = cfg.get("gradient_clipping")
+    if "max_grad_norm" in kw:
+        c = kw["max_grad_norm"]
+        if ds_c is not None and float(ds_c) != (0.0 if c is None else float(c)):
+            raise ValueError(f"config gradient_clipping={ds_c} disagrees with the rule's max_grad_norm={c}; "
+                             "DeepSpeed clips for the rule, so give one value")
+    else:
+        kw["max_grad_norm"] = 1.0 if ds_c is None else (float(ds_c) if float(ds_c) > 0 else None)
+    cfg["gradient_clipping"] = 0.0 if kw["max_grad_norm"] is None else float(kw["max_grad_norm"])
+    if optimizer is not None:
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, optimizer=optimizer, **deepspeed_kwargs)
+    return engine, wrap(engine, algo, **kw)

@@ -1,0 +1,292 @@
+"""GXPO / SFPO over a DeepSpeed engine: the plain-PyTorch rules with their hooks mapped onto ZeRO shards.
+
+How one pass maps onto DeepSpeed (the algorithm itself is ``update.gxpo`` / ``update.sfpo``, unchanged):
+
+1. ``_run_closure``: re-sync the low-precision weights if a shard was edited, run the user's closure (forward +
+   ``engine.backward`` for each of the ``gradient_accumulation_steps`` micro-batches; the rule calls the
+   non-boundary ``engine.step()`` after each backward), then the boundary ``engine.step()``.
+2. Inside that ``engine.step()`` DeepSpeed reduce-scatters, unscales, computes the global norm, clips (its
+   ``clip_grad`` is the rule's ``max_grad_norm``) and calls the base optimizer per shard. The wrapped
+   ``base_optimizer.step`` stashes each shard's final fp32 gradient and applies the optimizer step iff the
+   (already all-reduced) global norm is finite, which is exactly the branch every caller in ``update/``
+   takes after ``_clip`` (finite -> ``_optimizer_step``; not finite -> no step). The step is then "pending" and
+   the next ``_optimizer_step()`` consumes it; an ``_optimizer_step()`` with nothing pending (a fallback)
+   steps directly on the shards with the rule-provided ``.grad``.
+3. ``_grad_list`` returns the stashed shard gradients, ``_global_grad_norm`` DeepSpeed's reduced norm (NaN when
+   DeepSpeed skipped the step: overflow / ``was_step_applied() == False``), ``_clip_grads_`` is a no-op
+   (already clipped), ``_all_reduce_`` reduces over the dp group. Every decision is therefore rank-consistent.
+4. Edits of the shards outside ``engine.step`` (θ0 restore, extrapolation, direct steps) mark the low-precision
+   copy dirty; it is re-synced (a collective) before the next forward and at the end of ``step()``.
+Side effects of the internal ``engine.step()`` calls are undone once per outer update: the LR scheduler is
+detached during them and stepped once at the end (if any optimizer step was applied), ``global_steps`` /
+``global_samples`` advance by one update, and a dynamic fp16 loss scaler makes one update per outer step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ...update.gxpo import GXPO
+from ...update.sfpo import SFPO
+from ._zero import ZeroShards
+
+
+class _DeepSpeedRule:
+    """Mixin over ``GXPO`` / ``SFPO``: first in the MRO, so its hooks replace the single-process ones."""
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def _ds_init(self, engine, zero: ZeroShards) -> None:
+        self.engine, self.zero = engine, zero
+        self._capturing = False
+        self._capture_norm: Optional[float] = None
+        self._applied_in_ds = False
+        self._pending = False
+        self._pass_norm = math.nan
+        self._lp_dirty = False
+        self._stash = {}
+        self._any_applied = False
+        self._overflow_seen = False
+        self.last_extrapolation: Optional[dict] = None
+        self._pad_by_id = {id(sh): gaps for sh, gaps in zip(zero.shards(), zero.padding_segments())}
+        # DeepSpeed-owned persistent .grad buffers (CPU offload); restored after the rule borrows .grad
+        self._ds_grads = [s.grad for s in zero.shards()]
+        opt = zero.base_optimizer
+        if getattr(opt, "_gxpo_rule_attached", False):
+            raise ValueError("this engine already has a GXPO/SFPO rule attached; call rule.detach() first")
+        self._instance_step = vars(opt).get("step")     # e.g. an LR scheduler's step-tracking wrapper
+        orig = opt.step
+
+        def step(*args, **kwargs):
+            return self._wrapped_base_step(orig, *args, **kwargs)
+        opt.step = step                                   # instance attribute: DeepSpeed calls optimizer.step()
+        opt._gxpo_rule_attached = True
+
+    def detach(self) -> None:
+        """Remove the base-optimizer wrapper (the engine then trains as plain DeepSpeed again)."""
+        opt = self.zero.base_optimizer
+        if self._instance_step is not None:
+            opt.step = self._instance_step
+        else:
+            vars(opt).pop("step", None)
+        opt._gxpo_rule_attached = False
+
+    # ---- DeepSpeed's call into the base optimizer ----------------------------------------------------------
+    def _wrapped_base_step(self, orig, *args, **kwargs):
+        if not self._capturing:
+            return orig(*args, **kwargs)
+        if self._capture_norm is None:
+            self._capture_norm = self.zero.global_grad_norm()
+        for grp in self.zero.base_optimizer.param_groups:
+            for p in grp["params"]:
+                if p.grad is not None:
+                    buf = self._stash.get(id(p))
+                    if buf is None or buf.shape != p.grad.shape or buf.device != p.grad.device:
+                        buf = torch.empty_like(p.grad, dtype=torch.float32, memory_format=torch.contiguous_format)
+                        self._stash[id(p)] = buf
+                    buf.copy_(p.grad)
+                    for a, n in self._pad_by_id.get(id(p), ()):   # keep padding out of dot products
+                        buf.narrow(0, a, n).zero_()
+        if math.isfinite(self._capture_norm):
+            self._applied_in_ds = True
+            return orig(*args, **kwargs)
+        return None
+
+    def _ds_boundary_step(self) -> None:
+        eng = self.engine
+        if not eng.is_gradient_accumulation_boundary():
+            raise RuntimeError("internal: the rule's engine.step() is not on a gradient-accumulation boundary")
+        self._capturing, self._capture_norm, self._applied_in_ds = True, None, False
+        sched, eng.lr_scheduler = eng.lr_scheduler, None
+        try:
+            eng.step()
+        finally:
+            self._capturing = False
+            eng.lr_scheduler = sched
+        if eng.was_step_applied() and self._capture_norm is not None:
+            self._pass_norm = self._capture_norm
+        else:                                             # DeepSpeed skipped the step (overflow): fall back
+            self._pass_norm = math.nan
+            self._applied_in_ds = False
+        if not math.isfinite(self._pass_norm):
+            self._overflow_seen = True
+        self._pending = self._applied_in_ds
+        self.zero.relink_optimizer_views()
+
+    # ---- hooks of ExtrapolationRule ----------------------------------------------------------------------------
+    def _param_list(self) -> List[torch.Tensor]:
+        return self.zero.shards()
+
+    def _grad_list(self, params):
+        return [self._stash.get(id(p)) for p in params]
+
+    def _global_grad_norm(self, grads) -> torch.Tensor:
+        return torch.tensor(self._pass_norm, dtype=torch.float64)
+
+    def _clip_grads_(self, grads, total_norm) -> None:
+        return None                                       # DeepSpeed clipped (clip_grad = max_grad_norm)
+
+    def _all_reduce_(self, stats: torch.Tensor) -> torch.Tensor:
+        """[:-1] SUM, [-1] MAX over the dp group (on the accelerator: NCCL cannot reduce CPU tensors)."""
+        from deepspeed.accelerator import get_accelerator
+        if not dist.is_initialized() or dist.get_world_size(self.zero.dp_group) == 1:
+            return stats
+        dev = torch.device(get_accelerator().current_device_name())
+        s = stats.to(dev, torch.float64).clone()
+        head, tail = s[:-1].contiguous(), s[-1:].contiguous()
+        dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.zero.dp_group)
+        dist.all_reduce(tail, op=dist.ReduceOp.MAX, group=self.zero.dp_group)
+        stats.copy_(torch.cat([head, tail]).to(stats.device, stats.dtype))
+        return stats
+
+    def _optimizer_step(self) -> None:
+        if self._pending:                                 # already applied inside engine.step()
+            self._pending = False
+        else:
+            self.zero.direct_step()
+            self._restore_ds_grads()
+            self._lp_dirty = True
+        self._any_applied = True
+        self.total_optimizer_steps += 1
+
+    def _zero_grad(self) -> None:
+        if self._pending:
+            raise RuntimeError("internal: DeepSpeed applied an optimizer step the update rule then discarded")
+        self._restore_ds_grads()
+
+    def _restore_ds_grads(self) -> None:
+        for s, g in zip(self.zero.shards(), self._ds_grads):
+            s.grad = g
+
+    @torch.no_grad()
+    def _restore_params_(self) -> None:
+        super()._restore_params_()
+        self._lp_dirty = True
+
+    @torch.no_grad()
+    def _restore_optimizer_state_(self) -> None:
+        super()._restore_optimizer_state_()
+        self.zero.relink_optimizer_views()
+
+    def _extrapolate(self, params, g0, g1, **kw):
+        """The fused op on the shards' real data only: contiguous views that skip ZeRO's alignment padding
+        (uninitialised under ZeRO-3), so statistics and the non-finite check see parameters only."""
+        from ...ops.extrapolate import _resolve
+        segs = self.zero.valid_segments()
+
+        def cut(ts):
+            return None if ts is None else [t.reshape(-1).narrow(0, a, n) for t, runs in zip(ts, segs)
+                                            for a, n in runs]
+        t0_full, self._theta0 = self._theta0, cut(self._theta0)
+        try:
+            views = cut(params)
+            dev = params[0].device if params else torch.device("cpu")
+            self.last_extrapolation = {"backend": _resolve(self.backend, dev), "device": str(dev),
+                                       "numel": sum(v.numel() for v in views), "n_tensors": len(views)}
+            out = super()._extrapolate(views, cut(g0), cut(g1), **kw)
+        finally:
+            self._theta0 = t0_full
+        self._lp_dirty = True
+        return out
+
+    def _group_hparams(self, params) -> List[tuple]:
+        groups = self.zero.base_optimizer.param_groups
+        return [(float(groups[g].get("lr", 0.0)), float(groups[g].get("weight_decay", 0.0)))
+                for g in self.zero.group_index()]
+
+    def _observe_entropy(self, entropy):
+        if entropy is not None and dist.is_initialized():   # the gate sees the dp-mean entropy
+            from deepspeed.accelerator import get_accelerator
+            t = torch.tensor([float(entropy)], dtype=torch.float64,
+                             device=torch.device(get_accelerator().current_device_name()))
+            dist.all_reduce(t, group=self.zero.dp_group)
+            entropy = float(t) / dist.get_world_size(self.zero.dp_group)
+        return super()._observe_entropy(entropy)
+
+    def _sync_lp(self) -> None:
+        if self._lp_dirty:
+            self.zero.resync_lp()
+            self._lp_dirty = False
+
+    def _run_closure(self, closure: Callable, pass_index: int):
+        if self._pending:
+            raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
+        self._sync_lp()
+        eng = self.engine
+        gas = eng.gradient_accumulation_steps()
+        count = [0]
+        orig_backward = eng.backward
+
+        def backward(*args, **kwargs):
+            if count[0] >= gas:
+                raise RuntimeError(f"the closure called engine.backward more than gradient_accumulation_steps="
+                                   f"{gas} times in one pass")
+            out = orig_backward(*args, **kwargs)
+            count[0] += 1
+            if count[0] < gas:
+                eng.step()                                # non-boundary micro-step: bookkeeping only
+            return out
+
+        eng.backward = backward
+        try:
+            loss = super()._run_closure(closure, pass_index)
+        finally:
+            del eng.backward
+        if count[0] != gas:
+            raise RuntimeError(f"the closure must call engine.backward once per micro-batch "
+                               f"(gradient_accumulation_steps={gas}); it called it {count[0]} times")
+        self._ds_boundary_step()
+        return loss
+
+    # ---- the outer update -------------------------------------------------------------------------------------
+    def step(self, closure: Callable, entropy=None) -> dict:
+        """One outer update (see the rule's docstring); ``closure()`` runs forward + ``engine.backward(loss)`` for
+        every micro-batch and returns the loss. The rule calls ``engine.step()``. Returns the diagnostics dict."""
+        eng = self.engine
+        gas = eng.gradient_accumulation_steps()
+        if eng.micro_steps % gas:
+            raise RuntimeError(f"engine.micro_steps={eng.micro_steps} is not on a gradient-accumulation boundary "
+                               f"(gas={gas}): do not call engine.step() yourself between rule.step() calls")
+        g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
+        scaler = getattr(eng.optimizer, "loss_scaler", None)
+        scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
+        self._any_applied = self._overflow_seen = False
+        info = super().step(closure, entropy=entropy)
+        if self._pending:
+            raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
+        self._sync_lp()
+        eng.global_steps = g_steps + 1
+        eng.global_samples = g_samples + eng.train_batch_size()
+        eng.skipped_steps = skipped + (0 if self._any_applied else 1)
+        eng._step_applied = self._any_applied
+        if scaler_snap is not None:
+            vars(scaler).update(scaler_snap)
+            scaler.update_scale(self._overflow_seen)
+        if eng.lr_scheduler is not None and self._any_applied:
+            try:
+                eng.lr_scheduler.step()
+            except TypeError:                             # DeepSpeed's own fallback for Megatron-style schedulers
+                eng.lr_scheduler.step(eng.train_batch_size())
+        if self.last_extrapolation is not None:
+            info["shard_numel"] = self.last_extrapolation["numel"]
+            info["extrapolate_backend"] = self.last_extrapolation["backend"]
+        return info
+
+
+class DeepSpeedGXPO(_DeepSpeedRule, GXPO):
+    """:class:`~gxpo_kernels.update.GXPO` on a DeepSpeed engine (ZeRO 1/2/3, BF16_Optimizer); build it with
+    :func:`gxpo_kernels.integrations.deepspeed.initialize` or :func:`~gxpo_kernels.integrations.deepspeed.wrap`."""
+
+    def __init__(self, engine, zero: ZeroShards, **kw):
+        GXPO.__init__(self, zero.base_optimizer, **kw)
+        self._ds_init(engine, zero)
+
+
+class DeepSpeedSFPO(_DeepSpeedRule, SFPO):
+    """:class:`~gxpo_kernels.update.SFPO` on a DeepSpeed engine; see :class:`DeepSpeedGXPO`."""
+
+    def __init__(self, engine, zero: ZeroShards, **kw):
+        SFPO.__init__(self, zero.base_optimizer, **kw)
+        self._ds_init(engine, zero)

@@ -1,0 +1,310 @@
+"""Rank-side code of tests/integrations/test_deepspeed.py (spawned with torch.multiprocessing, gloo, CPU).
+
+Each rank builds the same tiny model, trains it with the DeepSpeed GXPO/SFPO rule on its half of every
+mini-batch, gathers full fp32 parameters / optimizer state with DeepSpeed's ``safe_get_full_*`` and saves
+what the parent compares against the single-process rules (``single_process_reference`` below).
+"""
+import math
+import os
+
+import torch
+
+WORLD = 2
+LR = 1e-2
+ROWS = 8                      # rows per mini-batch (each rank takes ROWS / WORLD)
+_G = torch.Generator().manual_seed(4321)
+X = torch.randn(6, ROWS, 7, generator=_G)
+Y = torch.randn(6, ROWS, 3, generator=_G)
+
+
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+
+
+V, P, K = 97, 4, 6
+_GL = torch.Generator().manual_seed(99)
+IDS = torch.randint(0, V, (6, ROWS, P + K), generator=_GL)
+AM = torch.ones(6, ROWS, P + K, dtype=torch.long)
+AM[:, 0, :2] = 0                                  # a left-padded prompt
+CM = AM[:, :, P:].clone()
+CM[:, 1, K - 2:] = 0                              # a short completion
+ADV = torch.randn(6, ROWS, generator=_GL)
+
+
+def make_lm(fused, seed=0):
+    import transformers
+    from gxpo_kernels.integrations.deepspeed import CausalLMGRPOLoss
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=48, tie_word_embeddings=False)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    return CausalLMGRPOLoss(lm, fused_linear=fused, backend="torch")
+
+
+def make_model(case):
+    return make_lm(case["lm"] == "fused") if "lm" in case else make_mlp()
+
+
+def batch_loss(model, step, lo, hi):
+    """Loss of rows [lo, hi) of mini-batch ``step``."""
+    if isinstance(getattr(model, "module", model), torch.nn.Sequential):
+        return mse(model, X[step, lo:hi], Y[step, lo:hi])
+    return model(IDS[step, lo:hi], AM[step, lo:hi], ADV[step, lo:hi], CM[step, lo:hi], K)
+
+
+def mse(model, x, y):
+    dt = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+    return ((model(x.to(dt)).float() - y) ** 2).mean()
+
+
+def rank_env(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import logging
+
+    import sys
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+    # DeepSpeed's optional CPU shared-memory all-reduce costs a ~2 min JIT build; gloo is all the tests need
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def make_optimizer(model, case):
+    """AdamW; ``groups=True``: two param groups (no weight decay on biases) -> one shard per group."""
+    if not case.get("groups"):
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.01},
+                              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
+
+
+def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False, clip=1.0, sub_group=None):
+    cfg = {"train_micro_batch_size_per_gpu": ROWS // WORLD // gas, "gradient_accumulation_steps": gas,
+           "gradient_clipping": clip, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+           "zero_optimization": {"stage": stage}, "wall_clock_breakdown": False}
+    if dtype == "bf16":                         # fp32 all-reduce: the reference sums bf16 grads in fp32
+        cfg["bf16"] = {"enabled": True}
+        cfg["communication_data_type"] = "fp32"
+        if bf16_optimizer:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if stage == 3:
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0)
+        if sub_group:
+            cfg["zero_optimization"]["sub_group_size"] = sub_group
+    return cfg
+
+
+def _closure(engine, rule, step, *, gas, nan_rank=None, nan_pass=None, nan_step=None):
+    rank = torch.distributed.get_rank()
+    lo = rank * ROWS // WORLD
+    mb = ROWS // WORLD // gas
+
+    def closure():
+        tot = 0.0
+        for j in range(gas):
+            loss = batch_loss(engine, step, lo + j * mb, lo + (j + 1) * mb)
+            if rank == nan_rank and step == nan_step and rule.pass_index == nan_pass:
+                loss = loss * math.nan
+            engine.backward(loss)
+            tot += float(loss.detach())
+        return tot / gas
+    return closure
+
+
+def gather_full(engine, rule):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    out = {"params": [], "exp_avg": [], "exp_avg_sq": []}
+    for p in engine.module.parameters():
+        out["params"].append(safe_get_full_fp32_param(p).detach().clone().float())
+        out["exp_avg"].append(safe_get_full_optimizer_state(p, "exp_avg").detach().clone().float())
+        out["exp_avg_sq"].append(safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone().float())
+    out["step"] = [float(rule.optimizer.state[s]["step"]) for s in rule.zero.shards()]
+    return out
+
+
+def lowp_full(engine):
+    """The low-precision model weights as the next forward sees them (Z3: gathered)."""
+    import deepspeed
+    ps = list(engine.module.parameters())
+    if hasattr(ps[0], "ds_id"):
+        with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
+            return [p.detach().clone().float() for p in ps]
+    return [p.detach().clone().float() for p in ps]
+
+
+def run_case(case):
+    """Train one configuration; returns the rank's record."""
+    from gxpo_kernels.integrations import deepspeed as gds
+    from gxpo_kernels.ops import _cpp
+    model = make_model(case)
+    if case.get("dtype") == "bf16":
+        model = model.to(torch.bfloat16)
+    opt = make_optimizer(model, case)
+    sched = None
+    if case.get("sched"):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + k))
+    cfg = ds_config(case["stage"], dtype=case.get("dtype", "fp32"), gas=case.get("gas", 1),
+                    offload=case.get("offload", False), bf16_optimizer=case.get("bf16_optimizer", False),
+                    sub_group=case.get("sub_group"))
+    kw = {case.get("algo", "gxpo"): dict(case.get("rule", {}))}
+    engine, rule = gds.initialize(model=model, config=cfg, optimizer=opt, lr_scheduler=sched, **kw)
+    calls = []
+    orig = _cpp.extrapolate_cpp_
+
+    def spy(params, theta0, g0, g1, lowp, thr, **k):
+        from gxpo_kernels.ops.extrapolate import extrapolate_
+        clones = [p.clone() for p in params]
+        out = orig(params, theta0, g0, g1, lowp, thr, **k)
+        ref = extrapolate_(clones, theta0, g0, g1, backend="torch", **k)   # the PyTorch reference, same inputs
+        calls.append({"numel": sum(p.numel() for p in params), "ok": out is not None,
+                      "stats": None if out is None else out.tolist(), "ref_stats": ref.tolist(),
+                      "params_err": max(float((a - b).abs().max()) for a, b in zip(params, clones))})
+        return out
+    _cpp.extrapolate_cpp_ = spy
+    infos = []
+    try:
+        for step in range(case.get("steps", 3)):
+            ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
+            info = rule.step(_closure(engine, rule, step, gas=case.get("gas", 1), nan_rank=case.get("nan_rank"),
+                                      nan_pass=case.get("nan_pass"), nan_step=case.get("nan_step")), entropy=ent)
+            infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
+    finally:
+        _cpp.extrapolate_cpp_ = orig
+    rec = gather_full(engine, rule)
+    rec.update(infos=infos, cpp_calls=calls, kind=rule.zero.kind, lowp=lowp_full(engine),
+               shard_numel=sum(s.numel() for s in rule.zero.shards()), n_shards=len(rule.zero.shards()),
+               valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
+               shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
+               lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
+               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()))
+    return rec
+
+
+def refused(case):
+    """Build an engine the rule must refuse; returns the error message."""
+    import deepspeed
+    from gxpo_kernels.integrations import deepspeed as gds
+    model = make_mlp()
+    cfg = ds_config(case["stage"])
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=LR))
+    try:
+        gds.wrap(engine, **case.get("rule", {}))
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def worker(rank, port, outdir, cases):
+    rank_env(rank, port)
+    recs = {}
+    for name, case in cases.items():
+        recs[name] = refused(case) if case.get("refused") else run_case(case)
+    # a local non-finite count on one rank only must reach every rank through the rule's reduction
+    recs["_allreduce"] = _allreduce_probe()
+    torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def _allreduce_probe():
+    from gxpo_kernels.integrations.deepspeed._rule import _DeepSpeedRule
+
+    class _Z:
+        dp_group = None
+    r = _DeepSpeedRule.__new__(_DeepSpeedRule)
+    r.zero = _Z()
+    rank = torch.distributed.get_rank()
+    st = torch.tensor([1.0 + rank, float(rank == 1), 2.0 + 3 * rank], dtype=torch.float64)
+    return r._all_reduce_(st).tolist()
+
+
+# ---- the single-process reference --------------------------------------------------------------------------
+def single_process_reference(case):
+    """The plain-PyTorch GXPO/SFPO on the full mini-batch (bf16: fp32 master weights + a bf16 model copy)."""
+    from gxpo_kernels.update import GXPO, SFPO
+    bf16 = case.get("dtype") == "bf16"
+    model = make_model(case)
+    lowp_model = None
+    if bf16:                                    # DeepSpeed's fp32 master starts from the bf16 weights
+        import copy
+        lowp_model = copy.deepcopy(model).to(torch.bfloat16)
+        model = model.to(torch.bfloat16).float()
+    master = [p for p in model.parameters()]
+    opt = make_optimizer(model, case)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + k)) if case.get("sched") else None
+    algo = case.get("algo", "gxpo")
+    cls = GXPO if algo == "gxpo" else SFPO
+    kw = dict(case.get("rule", {}))
+    if bf16:
+        cls = _master_rule(cls, lowp_model, list(model.parameters()))
+    rule = cls(opt, **kw)
+    gas = case.get("gas", 1)
+    infos = []
+    for step in range(case.get("steps", 3)):
+        def closure(step=step):
+            opt.zero_grad(set_to_none=True)
+            fwd = lowp_model if bf16 else model
+            fwd.zero_grad(set_to_none=True)
+            tot = 0.0
+            for r in range(WORLD):              # the same micro-batch split as the ranks: equal-size means
+                lo, mb = r * ROWS // WORLD, ROWS // WORLD // gas
+                for j in range(gas):
+                    loss = batch_loss(fwd, step, lo + j * mb, lo + (j + 1) * mb)
+                    if r == case.get("nan_rank") and step == case.get("nan_step") and \
+                            rule.pass_index == case.get("nan_pass"):
+                        loss = loss * math.nan
+                    (loss / (WORLD * gas)).backward()
+                    tot += float(loss.detach()) / (WORLD * gas)
+                    if bf16:                    # fp32 accumulation of each micro-batch's bf16 gradient
+                        for m, p in zip(master, lowp_model.parameters()):
+                            m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                            p.grad = None
+            if bf16 and not case.get("bf16_optimizer"):   # ZeRO keeps the reduced bf16 grad in bf16
+                for m in master:
+                    m.grad = m.grad.to(torch.bfloat16).float()
+            return tot
+        ent = None
+        if "entropy" in case:
+            ent = sum(case["entropy"][step]) / WORLD
+        infos.append(rule.step(closure, entropy=ent))
+        if sched is not None:
+            sched.step()
+    master = list(model.parameters())           # module order, as safe_get_full_* reads them
+    return {"params": [p.detach().clone() for p in master],
+            "exp_avg": [opt.state[p]["exp_avg"].clone() for p in master],
+            "exp_avg_sq": [opt.state[p]["exp_avg_sq"].clone() for p in master],
+            "step": sorted({float(opt.state[p]["step"]) for p in master}), "infos": infos,
+            "fired_step": rule.gate.fired_step, "fallbacks": rule.fallbacks, "lr": [g["lr"] for g in opt.param_groups]}
+
+
+def _master_rule(cls, lowp_model, master):
+    """fp32 master params driving a bf16 model copy: grads come in from the closure, weights go out after
+    every change of the master (what DeepSpeed's bf16 modes do, without sharding)."""
+
+    class Master(cls):
+        def _sync(self):
+            with torch.no_grad():
+                for m, p in zip(master, lowp_model.parameters()):
+                    p.copy_(m)
+
+        def _optimizer_step(self):
+            super()._optimizer_step()
+            self._sync()
+
+        def _restore_params_(self):
+            super()._restore_params_()
+            self._sync()
+
+        def _extrapolate(self, *a, **k):
+            out = super()._extrapolate(*a, **k)
+            self._sync()
+            return out
+    return Master

@@ -1,0 +1,239 @@
+"""GXPO / SFPO inside DeepSpeed ZeRO 1/2/3 and the BF16_Optimizer (gxpo_kernels.integrations.deepspeed).
+
+Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many configurations per spawn:
+
+* parity: N outer steps give the same full fp32 parameters, Adam moments and step counts (DeepSpeed's
+  ``safe_get_full_*``) as the single-process rule on the same data: stages 1/2/3 fp32, stage 2 bf16,
+  BF16_Optimizer, gradient accumulation, several param groups / ZeRO-3 sub-groups, CPU offload (stage 2 and
+  3), SFPO, transactional state,
+  optimizer-aware retention, an LR scheduler (advanced once per outer update);
+* shard-local: each rank's extrapolation touched only its shard (numel = total / 2 + padding), through the
+  C++ op (spied), and the low-precision weights equal the fp32 master after every update;
+* rank-consistent decisions: NaN injected on one rank in pass 0/1/2 -> both ranks take the same fallback
+  (the reference's), parameters identical across ranks; the gate fires on the same step on both ranks and
+  at the reference's step (the entropy gate sees the dp-mean entropy, per-rank values differ);
+* the fused GRPO losses in the engine's forward: fused-linear (ZeRO-3 lm_head gather, grad in forward) and
+  logits-path ``grpo_loss`` on a tiny Qwen2;
+* refusals at start-up (engine without ZeRO, inactive_threshold, and config checks on fakes).
+"""
+import os
+import socket
+import tempfile
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from tests.integrations import _ds_worker as W  # noqa: E402
+
+G = dict(gate=None)
+MLP_CASES = {
+    "z1": dict(stage=1, rule=G),
+    "z2_two_groups": dict(stage=2, groups=True, rule=G),
+    "z3": dict(stage=3, rule=G),
+    "z3_gas2_sched_subgroups": dict(stage=3, gas=2, sched=True, groups=True, sub_group=40, rule=G),
+    "z2_bf16": dict(stage=2, dtype="bf16", rule=G),
+    "bf16_optimizer": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups=True, rule=G),
+    "z2_offload": dict(stage=2, offload=True, rule=G),
+    "z3_offload_sfpo": dict(stage=3, offload=True, algo="sfpo", rule=G),
+    "z1_sfpo_gas2": dict(stage=1, gas=2, algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
+    "z2_transactional": dict(stage=2, groups=True, rule=dict(gate=None, transactional_state=True)),
+    "z1_optimizer_aware": dict(stage=1, rule=dict(gate=None, optimizer_aware=True)),
+    # non-finite gradients on ONE rank (pass index, step): every rank must fall back like the reference
+    "nan_z2_g1": dict(stage=2, rule=G, nan_rank=1, nan_pass=1, nan_step=1),
+    "nan_z3_gcorr": dict(stage=3, rule=G, nan_rank=0, nan_pass=2, nan_step=1),
+    "nan_z3_g0": dict(stage=3, rule=G, nan_rank=1, nan_pass=0, nan_step=0),
+    "nan_bf16opt_g1": dict(stage=1, dtype="bf16", bf16_optimizer=True, rule=G, nan_rank=1, nan_pass=1, nan_step=0),
+    "nan_offload_gcorr": dict(stage=2, offload=True, rule=G, nan_rank=1, nan_pass=2, nan_step=2),
+    "nan_sfpo_z1": dict(stage=1, algo="sfpo", rule=G, nan_rank=0, nan_pass=2, nan_step=1),
+    # gates: GXPO's window gate on the reduced norm; SFPO's entropy gate on per-rank entropies
+    "gate_window_z3": dict(stage=3, steps=5, rule=dict(gate="window", window=2, tau=0.3)),
+    "gate_entropy_z2": dict(stage=2, algo="sfpo", steps=4, rule=dict(gate="entropy", window=2, tau=0.5),
+                            entropy=[[1.0, 1.2], [1.0, 1.4], [1.0, 1.0], [2.0, 0.0]]),
+    "refuse_stage0": dict(refused=True, stage=0),
+    "refuse_inactive": dict(refused=True, stage=2, rule=dict(inactive_threshold=1e-3)),
+}
+LM_CASES = {
+    "lm_z3_fused_gas2": dict(stage=3, lm="fused", gas=2, steps=2, rule=G),
+    "lm_z2_fused": dict(stage=2, lm="fused", steps=2, rule=G),
+    "lm_z1_logits": dict(stage=1, lm="logits", steps=2, rule=G),
+}
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _spawn(cases):
+    import torch.multiprocessing as mp
+    d = tempfile.mkdtemp(prefix="gxpo_ds_")
+    mp.spawn(W.worker, args=(_free_port(), d, cases), nprocs=W.WORLD, join=True)
+    return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(W.WORLD)]
+
+
+@pytest.fixture(scope="module")
+def mlp_runs():
+    return _spawn(MLP_CASES)
+
+
+@pytest.fixture(scope="module")
+def lm_runs():
+    return _spawn(LM_CASES)
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1).double() for t in ts])
+
+
+def _check_parity(name, case, recs, rms_tol, max_tol):
+    ref = W.single_process_reference(case)
+    r0, r1 = recs[0][name], recs[1][name]
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        a, b, c = _flat(r0[key]), _flat(r1[key]), _flat(ref[key])
+        assert torch.equal(a, b), f"{name}/{key}: ranks disagree"
+        err = (a - c).abs()
+        rms = float((a - c).norm() / c.norm().clamp(min=1e-30))
+        assert rms <= rms_tol and float(err.max()) <= max_tol * max(1.0, float(c.abs().max())), \
+            f"{name}/{key}: rms ratio {rms:.2e}, max abs err {float(err.max()):.2e}"
+    assert sorted(set(r0["step"])) == sorted(set(r1["step"])) == ref["step"], (name, r0["step"], ref["step"])
+    # fallbacks and gate: the same branch on both ranks, and the reference's
+    for k in ("fallbacks", "fired_step"):
+        assert r0[k] == r1[k] == ref[k], (name, k, r0[k], r1[k], ref[k])
+    for i0, i1, ir in zip(r0["infos"], r1["infos"], ref["infos"]):
+        for k in ("active", "fell_back", "fallback_reason", "skipped", "backward_passes"):
+            assert i0.get(k) == i1.get(k) == ir.get(k), (name, k, i0.get(k), i1.get(k), ir.get(k))
+        for k in ("scale_mean", "scale_max", "grad_norm_0", "grad_norm_corr", "cos_g0_g1", "disp_norm"):
+            if isinstance(ir.get(k), float) and ir[k] == ir[k]:
+                assert i0[k] == i1[k], (name, k)
+                assert abs(i0[k] - ir[k]) <= 1e-4 * max(1.0, abs(ir[k])), (name, k, i0[k], ir[k])
+    assert r0["lr"] == r1["lr"] and all(abs(a - b) < 1e-12 for a, b in zip(r0["lr"], ref["lr"])), name
+    assert r0["global_steps"] == case.get("steps", 3), name
+    # the model the next forward sees is the master rounded to the model dtype, on every rank
+    for rec in (r0, r1):
+        lp, master = _flat(rec["lowp"]), _flat(rec["params"])
+        tol = 0.0 if case.get("dtype", "fp32") == "fp32" else 2 ** -8
+        assert float(((lp - master).abs() - tol * master.abs()).max()) <= 0, name
+
+
+@pytest.mark.parametrize("name", [n for n, c in MLP_CASES.items() if not c.get("refused")])
+def test_matches_single_process_rule(mlp_runs, name):
+    _check_parity(name, MLP_CASES[name], mlp_runs, rms_tol=1e-5, max_tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["z1", "z2_two_groups", "z3", "z3_gas2_sched_subgroups", "z2_bf16",
+                                  "bf16_optimizer", "z2_offload", "z3_offload_sfpo"])
+def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
+    kinds = {"z1": "z12", "z2_two_groups": "z12", "z3": "z3", "z3_gas2_sched_subgroups": "z3", "z2_bf16": "z12",
+             "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3"}
+    n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2}.get(name, 1)
+    total = mlp_runs[0][name]["total_numel"]
+    for rank, recs in enumerate(mlp_runs):
+        rec = recs[name]
+        assert rec["kind"] == kinds[name]
+        assert rec["shard_device"] == "cpu"
+        # Z1/2/BF16 pad each flat group to 2*dp; Z3 pads every parameter to a multiple of dp
+        assert total / W.WORLD <= rec["shard_numel"] <= total / W.WORLD + 4 * n_shards, (rec["shard_numel"], total)
+        assert rec["n_shards"] == n_shards
+        calls = rec["cpp_calls"]
+        assert len(calls) == MLP_CASES[name].get("steps", 3), calls      # one fused call per outer step
+        # only this rank's real data: ZeRO's alignment padding (uninitialised under ZeRO-3) is skipped
+        assert all(c["ok"] and c["numel"] == rec["valid_numel"] for c in calls), calls
+        for c in calls:                      # the C++ op agrees with the PyTorch reference on the same shard
+            assert c["params_err"] <= 1e-6, c
+            assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(c["stats"], c["ref_stats"])), c
+        assert rec["infos"][0]["extrapolate_backend"] == "cpp"
+        assert rec["infos"][0]["shard_numel"] == rec["valid_numel"]
+    assert sum(recs[name]["valid_numel"] for recs in mlp_runs) == total     # the shards tile the model
+
+
+def test_nan_on_one_rank_falls_back_on_both(mlp_runs):
+    expect = {"nan_z2_g1": (1, "nonfinite_g1"), "nan_z3_gcorr": (1, "nonfinite_gcorr"),
+              "nan_z3_g0": (0, "nonfinite_g0"), "nan_bf16opt_g1": (0, "nonfinite_g1"),
+              "nan_offload_gcorr": (2, "nonfinite_gcorr"), "nan_sfpo_z1": (1, "nonfinite_g2")}
+    for name, (step, reason) in expect.items():
+        for recs in mlp_runs:
+            info = recs[name]["infos"][step]
+            assert info["fell_back"] and info["fallback_reason"] == reason, (name, info)
+            assert all(torch.isfinite(p).all() for p in recs[name]["params"]), name
+        assert torch.equal(_flat(mlp_runs[0][name]["lowp"]), _flat(mlp_runs[1][name]["lowp"])), name
+
+
+def test_gates_fire_on_the_same_step(mlp_runs):
+    w0, w1 = mlp_runs[0]["gate_window_z3"], mlp_runs[1]["gate_window_z3"]
+    assert w0["fired_step"] is not None and w0["fired_step"] == w1["fired_step"] < 4
+    assert [i["active"] for i in w0["infos"]] == [i["active"] for i in w1["infos"]]
+    assert not w0["infos"][-1]["active"] and w0["infos"][-1]["backward_passes"] == 1
+    # per-rank entropies differ: only the dp-mean makes rank 0 (constant 1.0, 1.0) fire with rank 1
+    e0, e1 = mlp_runs[0]["gate_entropy_z2"], mlp_runs[1]["gate_entropy_z2"]
+    assert e0["fired_step"] == e1["fired_step"] == 1
+
+
+def test_allreduce_contract(mlp_runs):
+    # [:-1] SUM, [-1] MAX; rank 1's local non-finite count reaches rank 0
+    assert mlp_runs[0]["_allreduce"] == mlp_runs[1]["_allreduce"] == [3.0, 1.0, 5.0]
+
+
+def test_unsupported_engines_are_refused(mlp_runs):
+    for recs in mlp_runs:
+        assert "zero_optimization" in recs["refuse_stage0"] and "ZeRO stage 0" in recs["refuse_stage0"]
+        assert "inactive_threshold" in recs["refuse_inactive"]
+
+
+@pytest.mark.parametrize("name", list(LM_CASES))
+def test_fused_grpo_losses_in_engine_forward(lm_runs, name):
+    # Adam turns fp32 round-off on near-zero gradients into lr-sized steps on a few coordinates: RMS check
+    _check_parity(name, LM_CASES[name], lm_runs, rms_tol=1e-4, max_tol=1e-3)
+    assert lm_runs[0][name]["kind"] == ("z3" if LM_CASES[name]["stage"] == 3 else "z12")
+
+
+# ---- start-up checks on fakes (no processes) -----------------------------------------------------------------
+def _fake_engine(**zero_cfg):
+    from gxpo_kernels.integrations.deepspeed._zero import _ENGINE_ATTRS, _ZO_ATTRS
+    zo = types.SimpleNamespace(**{a: None for a in _ZO_ATTRS["z12"]})
+    zo.single_partition_of_fp32_groups = [torch.zeros(4)]
+    zo.compute_grad_norm = True
+    eng = types.SimpleNamespace(**{a: None for a in _ENGINE_ATTRS})
+    eng.optimizer = zo
+    eng.zero_optimization_stage = lambda: 2
+    zc = types.SimpleNamespace(offload_optimizer=None, offload_param=None, zero_hpz_partition_size=1)
+    for k, v in zero_cfg.items():
+        setattr(zc, k, v)
+    eng._config = types.SimpleNamespace(zero_config=zc, bfloat16_config=types.SimpleNamespace(),
+                                        float16_config=types.SimpleNamespace())
+    return eng
+
+
+@pytest.mark.parametrize("zero_cfg,match", [
+    (dict(offload_optimizer=types.SimpleNamespace(device="nvme", ratio=1.0)), "NVMe"),
+    (dict(offload_param=types.SimpleNamespace(device="nvme")), "NVMe"),
+    (dict(offload_optimizer=types.SimpleNamespace(device="cpu", ratio=0.5)), "partial optimizer offload"),
+    (dict(zero_hpz_partition_size=2), "hpZ"),
+    (dict(mics_shard_size=2), "MiCS"),
+])
+def test_config_refusals(zero_cfg, match):
+    from gxpo_kernels.integrations.deepspeed._zero import check_engine
+    with pytest.raises(ValueError, match=match):
+        check_engine(_fake_engine(**zero_cfg))
+
+
+def test_low_precision_master_and_missing_internals_are_refused():
+    from gxpo_kernels.integrations.deepspeed._zero import check_engine
+    eng = _fake_engine()
+    eng._config.bfloat16_config.bf16_master_weights_and_grads = True
+    with pytest.raises(ValueError, match="master weights"):
+        check_engine(eng)
+    eng = _fake_engine()
+    eng.optimizer.single_partition_of_fp32_groups = [torch.zeros(4, dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match="fp32 master shards"):
+        check_engine(eng)
+    eng = _fake_engine()
+    del eng.optimizer.update_lp_params
+    with pytest.raises(RuntimeError, match=r"update_lp_params.*0\.19"):
+        check_engine(eng)
+    assert check_engine(_fake_engine()) == "z12"
