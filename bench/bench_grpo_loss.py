@@ -15,6 +15,8 @@ bytes the op must move are recorded (fwd reads the logits, bwd reads them again 
 3 * N * V * itemsize) together with the achieved GB/s. On CUDA the timing is ``triton.testing.do_bench`` with
 quantiles (p50, p20, p80); on CPU it is pytest-benchmark's own loop.
 """
+import os
+
 import pytest
 import torch
 
@@ -23,9 +25,12 @@ from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
 from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
 
 CUDA = torch.cuda.is_available()
+SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"  # CI: every case once at a tiny size, as a correctness smoke
 OPTS = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, loss_agg_mode="token-mean")
 
-if CUDA:
+if SMOKE:
+    SIZES, DTYPE, PROVIDERS = [(2, 16, 1000)], torch.float32, ["gxpo", "eager"]
+elif CUDA:
     # (B, T, V): N = B * T token rows; bf16 logits as a trainer produces them
     SIZES = [(4, 256, 151936), (8, 512, 151936), (16, 1024, 151936), (8, 512, 32000)]
     DTYPE = torch.bfloat16

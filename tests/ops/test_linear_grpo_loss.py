@@ -10,15 +10,18 @@
 * clear errors on bad input.
 """
 import dataclasses
+import importlib
 
 import pytest
 import torch
 
-from gxpo_kernels.ops import linear_token_logprobs as ltl
 from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref, token_logprobs_ref
 from gxpo_kernels.ops.linear_grpo_loss import LinearGRPOLoss, linear_grpo_loss
 from gxpo_kernels.ops.linear_token_logprobs import linear_token_logprobs
 from tests._utils import assert_close
+
+# the module itself (gxpo_kernels.ops exports a function of the same name)
+ltl = importlib.import_module("gxpo_kernels.ops.linear_token_logprobs")
 
 
 def _inputs(B=3, T=9, H=40, V=301, dtype=torch.float32, bias=True, seed=0, temperature=1.0):

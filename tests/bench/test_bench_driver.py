@@ -1,0 +1,160 @@
+"""Guards the benchmark driver and the README table: record -> figure normalisation (bytes / FLOPs / % of the
+measured ceiling, quantiles from either source), the results schema check, device slugs, picking the latest
+results file per device, marker replacement, and one end-to-end driver run in smoke mode (tiny sizes)."""
+import copy
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from bench import readme_table as rt  # noqa: E402
+from bench import roofline as rl  # noqa: E402
+from bench import run as drv  # noqa: E402
+from bench.report import render_markdown  # noqa: E402
+
+CEIL = {"copy": {"gbps": 100.0, "p50_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "nbytes": 10 ** 8},
+        "matmul": {"tflops": 2.0, "p50_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "flops": 2 * 10 ** 9, "n": 1000,
+                   "dtype": "float32"}}
+
+
+def _doc(figures, date="2026-11-22", ts="2026-11-22T10:00:00+00:00", slug="cpu-x-2c", kind="cpu"):
+    return {"schema_version": drv.SCHEMA_VERSION, "date": date, "timestamp": ts,
+            "device": {"kind": kind, "name": "X (2 cores)", "slug": slug, "cores": 2},
+            "versions": {"torch": "2.13.0", "triton": "3.9.0", "transformers": "5", "deepspeed": None,
+                         "liger_kernel": "0.8.5"},
+            "git": {"commit": "abc123", "dirty": False}, "ceilings": copy.deepcopy(CEIL),
+            "suite": {"smoke": False}, "runs": [{"file": "bench_fpa.py", "status": "passed", "wall_s": 1.0}],
+            "figures": figures}
+
+
+def test_figure_from_own_quantiles_and_bytes():
+    rec = {"name": "test_fpa_logprobs[gxpo-fwd-N4-V8]", "params": {"provider": "gxpo"},
+           "extra_info": {"op": "fpa_logprobs", "provider": "gxpo", "mode": "fwd", "N": 4, "V": 8,
+                          "dtype": "float32", "bytes": 5 * 10 ** 7, "p50_ms": 1.0, "p20_ms": 0.8, "p80_ms": 1.5,
+                          "timer": "perf_counter"},
+           "stats": {"median": 9.0, "data": [9.0, 9.0]}}
+    f = drv.figure_from_record(rec, "bench_fpa.py", CEIL)
+    assert (f["op"], f["provider"], f["mode"], f["sizes"]) == ("fpa_logprobs", "gxpo", "fwd", {"N": 4, "V": 8})
+    assert (f["p50_ms"], f["p20_ms"], f["p80_ms"]) == (1.0, 0.8, 1.5)    # the bench's own timer wins
+    assert f["gbps"] == pytest.approx(50.0) and f["pct_copy_bw"] == pytest.approx(50.0)
+    assert f["tflops"] is None and f["pct_matmul"] is None and f["test"].startswith("bench_fpa.py::")
+
+
+def test_figure_from_pytest_benchmark_data_and_roofline_fill():
+    # helper-B style record: no op / bytes / quantiles, sizes + dtype + peak memory only
+    data = [0.001 * i for i in range(1, 12)]
+    rec = {"name": "test_cpu_fwd_bwd[fused]", "params": {"provider": "fused"},
+           "extra_info": {"B": 2, "T": 8, "H": 16, "V": 100, "dtype": "float32", "metric": "fwd+bwd",
+                          "peak_extra_mib": 12.5},
+           "stats": {"median": 0.006, "data": data}}
+    f = drv.figure_from_record(rec, "bench_linear_grpo_loss.py", CEIL)
+    assert f["op"] == "linear_grpo_loss" and f["provider"] == "fused" and f["mode"] == "fwd+bwd"
+    assert f["p50_ms"] == pytest.approx(6.0) and f["p20_ms"] == pytest.approx(3.0)
+    assert f["flops"] == 6 * 16 * 16 * 100 and f["bytes"] == rl.linear_grpo_loss_bytes(16, 16, 100, 4)
+    assert f["tflops"] == pytest.approx(f["flops"] / 6e-3 / 1e12)
+    assert f["pct_matmul"] == pytest.approx(100 * f["tflops"] / 2.0)
+    assert f["peak_mem_mib"] == 12.5
+    # per-test op names and unknown files
+    ext = drv.figure_from_record({"name": "test_gxpo_step_overhead", "extra_info": {}, "stats": None},
+                                 "bench_extrapolate.py", CEIL)
+    assert ext["op"] == "gxpo_step_overhead" and ext["p50_ms"] is None and ext["gbps"] is None
+    assert drv.figure_from_record({"name": "t", "extra_info": {}}, "bench_new.py", None)["op"] == "bench_new"
+
+
+def test_validate_results_accepts_and_names_problems():
+    rec = {"name": "t[a]", "extra_info": {"op": "grpo_loss", "provider": "a", "mode": "fwd+bwd", "N": 2, "V": 3,
+                                          "dtype": "bfloat16", "p50_ms": 1.0, "p20_ms": 0.5, "p80_ms": 2.0}}
+    doc = _doc([drv.figure_from_record(rec, "bench_grpo_loss.py", CEIL)])
+    drv.validate_results(doc)
+    assert doc["figures"][0]["bytes"] == rl.grpo_loss_bytes(2, 3, 2)
+    bad = copy.deepcopy(doc)
+    del bad["ceilings"]["copy"]["gbps"]
+    bad["figures"][0]["p50_ms"] = "fast"
+    bad["runs"][0]["status"] = "great"
+    del bad["versions"]["liger_kernel"]
+    with pytest.raises(ValueError) as e:
+        drv.validate_results(bad)
+    for part in ("ceilings.copy.gbps missing", "figures[0].p50_ms", "status 'great'", "versions.liger_kernel"):
+        assert part in str(e.value)
+    unordered = copy.deepcopy(doc)
+    unordered["figures"][0].update(p20_ms=3.0, timer="perf_counter")
+    with pytest.raises(ValueError, match="p20 <= p50 <= p80"):
+        drv.validate_results(unordered)
+    md = render_markdown(doc)
+    assert "| grpo_loss | a | fwd+bwd | N=2 V=3 | bfloat16 | 1 [0.5–2] |" in md
+
+
+def test_slug_and_device():
+    assert drv.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    dev = drv.detect_device()
+    assert dev["kind"] in ("cpu", "cuda") and dev["slug"] == drv.slugify(dev["slug"]) and dev["cores"] >= 1
+
+
+def test_readme_table_latest_per_device_and_markers(tmp_path):
+    fig = {"op": "extrapolate_", "provider": "ours", "mode": "-", "sizes": {"numel": 10}, "dtype": None,
+           "test": "x", "p50_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "bytes": 200, "flops": None, "gbps": 1e-4,
+           "tflops": None, "pct_copy_bw": 1e-4, "pct_matmul": None, "peak_mem_mib": None, "extra": {}}
+    old = _doc([dict(fig, provider="old")], date="2026-11-01", ts="2026-11-01T00:00:00+00:00")
+    new = _doc([fig], date="2026-11-22")
+    smoke = _doc([dict(fig, provider="smoke")], date="2026-12-01")
+    smoke["suite"]["smoke"] = True
+    other = _doc([dict(fig, provider="gpu")], slug="nvidia-h100", kind="cuda")
+    for d in (old, new, smoke, other):
+        (tmp_path / f"{d['device']['slug']}-{d['date']}.json").write_text(json.dumps(d))
+    (tmp_path / "notes.json").write_text("{}")
+    latest = rt.latest_per_device(tmp_path)
+    assert set(latest) == {"cpu-x-2c", "nvidia-h100"}
+    assert latest["cpu-x-2c"]["date"] == "2026-11-22"
+    sec = rt.render_section(latest)
+    assert sec.startswith(rt.BEGIN) and sec.rstrip().endswith(rt.END)
+    assert "| extrapolate_ | ours |" in sec and "| extrapolate_ | old |" not in sec and "smoke" not in sec
+    assert "not yet measured" not in sec                      # a CUDA results file exists
+    assert "not yet measured" in rt.render_section({"cpu-x-2c": new})
+    text = "intro\n<!-- bench:begin -->\nstale\n<!-- bench:end -->\noutro\n"
+    out = rt.replace_between_markers(text, sec)
+    assert out.startswith("intro\n<!-- bench:begin -->") and out.endswith("<!-- bench:end -->\noutro\n")
+    assert "stale" not in out and out.count(rt.BEGIN) == 1
+    with pytest.raises(ValueError, match="markers"):
+        rt.replace_between_markers("no markers", sec)
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert rt.main(["--results", str(tmp_path), "--write", str(readme)]) == 0
+    assert "| extrapolate_ | ours |" in readme.read_text()
+
+
+def test_driver_end_to_end_smoke(tmp_path):
+    """python -m bench --smoke on one file: ceilings measured, the file run, a valid .json + .md written."""
+    p = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--files", "bench_fpa.py", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    js = list(tmp_path.glob("*.json"))
+    assert len(js) == 1 and js[0].with_suffix(".md").is_file()
+    doc = json.loads(js[0].read_text())
+    drv.validate_results(doc)
+    assert doc["suite"]["smoke"] and doc["runs"][0]["status"] == "passed"
+    figs = [f for f in doc["figures"] if f["op"] == "fpa_logprobs"]
+    assert {f["provider"] for f in figs} >= {"gxpo", "ref_eager"} and {f["mode"] for f in figs} == {"fwd", "fwd+bwd"}
+    assert all(f["p50_ms"] > 0 and f["gbps"] > 0 and f["pct_copy_bw"] > 0 for f in figs)
+
+
+def test_best_ceilings_keeps_the_higher_and_both_values():
+    lo = copy.deepcopy(CEIL)
+    hi = copy.deepcopy(CEIL)
+    hi["copy"]["gbps"], lo["matmul"]["tflops"] = 150.0, 3.0
+    best = drv.best_ceilings(lo, hi)
+    assert best["copy"]["gbps"] == 150.0 and best["copy"]["measured_gbps"] == [100.0, 150.0]
+    assert best["matmul"]["tflops"] == 3.0 and best["matmul"]["measured_tflops"] == [3.0, 2.0]
+
+
+def test_bench_env_pins_paths_and_threads():
+    env = drv._bench_env(smoke=True, kind="cpu", threads=1)
+    assert env["BENCH_SMOKE"] == "1" and env["TRITON_INTERPRET"] == "0"     # real CPU paths, not the interpreter
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["PYTHONPATH"].split(drv.os.pathsep)[0] == str(ROOT)
+    assert drv._bench_env(smoke=False, kind="cpu")["BENCH_SMOKE"] == "0"
+    with pytest.raises(SystemExit):
+        drv.main(["--threads", "0"])
