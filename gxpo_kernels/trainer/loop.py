@@ -1,0 +1,338 @@
+"""The RL loop: warm start -> (rollout -> rewards -> advantages -> loss op -> update rule -> log) x steps.
+
+One record per step is appended to ``records.jsonl`` (schema in ``docs/readme/10-quickstart-trainer.md``);
+step 0 is the warm start's validation. ``wall_clock`` counts rollout + update seconds only (validation is
+excluded), and each step logs its measured ``t_rollout``, ``t_backward`` (all forward+backward passes) and
+``t_optimizer`` (the rest of the update: optimizer steps, clipping, the rule's own arithmetic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from ..advantages import FADEController, fade_advantages, group_advantages, sign_ratio
+from ..update import GXPO, SFPO
+from .config import TrainConfig
+from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
+from .rollout import encode_prompts, evaluate, policy_loss, position_ids, response_logits, rollout
+from .tasks import get_task, make_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Set-up: policy, warm start
+# ---------------------------------------------------------------------------------------------------------
+def check_deepspeed(path: Optional[str]) -> None:
+    """The ``--deepspeed`` hook: needs the integration module; a clear error until it exists."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--deepspeed {path!r}: no such file")
+    try:
+        import gxpo_kernels.integrations.deepspeed  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("--deepspeed needs gxpo_kernels.integrations.deepspeed, which could not be imported "
+                           f"({e}); run without --deepspeed") from None
+    raise RuntimeError("--deepspeed: the trainer does not drive DeepSpeed engines yet; run without --deepspeed")
+
+
+def build_policy(cfg: TrainConfig, device: torch.device):
+    """(model in train mode, tokenizer, task, model_key). ``model_key`` identifies the initial weights."""
+    task = get_task(cfg.task)
+    if cfg.model is not None:
+        model, hf_tok = load_local_model(cfg.model, device)
+        tok = make_tokenizer(task, hf_tok)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(f"--model {cfg.model!r}: vocab {model.config.vocab_size} is smaller than the "
+                             f"tokenizer's {tok.vocab_size}")
+        key = {"model": os.path.abspath(cfg.model), "mtime": os.path.getmtime(os.path.join(cfg.model, "config.json"))}
+    else:
+        tok = make_tokenizer(task)
+        mcfg = tiny_config_dict(tok.vocab_size, cfg.arch, cfg.hidden, cfg.layers, cfg.heads, 4 * cfg.hidden)
+        model = build_tiny_model(mcfg, tok, device, seed=cfg.init_seed)
+        key = {"tiny": mcfg, "init_seed": cfg.init_seed}
+    model.train()
+    return model, tok, task, key
+
+
+def _sft_batch(tok, pairs, device):
+    """Left-padded prompts + answers; labels only on answer tokens and EOS (-100 elsewhere)."""
+    ids, attn = encode_prompts(tok, [p for p, _ in pairs], device)
+    ans = [tok.encode_answer(a) for _, a in pairs]
+    La = max(len(a) for a in ans)
+    a_ids = torch.full((len(ans), La), tok.pad_token_id, dtype=torch.long)
+    a_mask = torch.zeros((len(ans), La), dtype=torch.long)
+    for i, a in enumerate(ans):
+        a_ids[i, :len(a)] = torch.tensor(a)
+        a_mask[i, :len(a)] = 1
+    a_ids, a_mask = a_ids.to(device), a_mask.to(device)
+    full, full_attn = torch.cat([ids, a_ids], 1), torch.cat([attn, a_mask], 1)
+    labels = torch.cat([torch.full_like(ids, -100), torch.where(a_mask.bool(), a_ids, -100)], 1)
+    return full, full_attn, labels
+
+
+def default_cache_dir(cfg: TrainConfig) -> str:
+    if cfg.cache_dir:
+        return cfg.cache_dir
+    root = os.path.dirname(os.path.abspath(cfg.out_dir)) if cfg.out_dir else os.path.abspath("runs")
+    return os.path.join(root, ".warmstart-cache")
+
+
+def warm_start(cfg: TrainConfig, model, tok, task, model_key: dict, val_pairs, max_new: int, log=print) -> dict:
+    """Supervised warm start, cached on disk by (task, model, SFT config, seed); loads ``model`` in place.
+
+    Stops at the first check with greedy accuracy >= ``sft.target_acc`` on the first ``sft.check_size``
+    validation prompts, or at ``sft.max_steps``. ``max_steps = 0`` skips it.
+    """
+    s = cfg.sft
+    if s.max_steps <= 0:
+        return {"sft_steps": 0, "sft_acc": None, "cached": False, "path": None}
+    blob = json.dumps({"task": task.name, "model": model_key, "sft": dataclasses.asdict(s), "max_new": max_new},
+                      sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    path = os.path.join(default_cache_dir(cfg), f"warmstart-{task.name}-{key}.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        return {"sft_steps": int(ck["sft_steps"]), "sft_acc": float(ck["sft_acc"]), "cached": True, "path": path}
+
+    device = next(model.parameters()).device
+    pool = task.sample(s.pool_size, "sft", seed=cfg.init_seed)
+    check = val_pairs[:s.check_size]
+    rng = random.Random(cfg.init_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99))
+    acc, step, t0 = 0.0, 0, time.perf_counter()
+    model.train()
+    while step < s.max_steps:
+        full, attn, labels = _sft_batch(tok, rng.sample(pool, s.batch_size), device)
+        with amp(device):
+            logits = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn)).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % s.check_every == 0 or step == s.max_steps:
+            acc = sum(evaluate(model, tok, task, check, max_new)) / max(len(check), 1)
+            if not cfg.quiet:
+                log(f"[warm start] step {step}: loss {loss.item():.4f}  greedy acc {acc:.3f}")
+            if acc >= s.target_acc:
+                break
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"state_dict": model.state_dict(), "sft_steps": step, "sft_acc": acc}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    return {"sft_steps": step, "sft_acc": acc, "cached": False, "path": path,
+            "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One RL run
+# ---------------------------------------------------------------------------------------------------------
+def _json_safe(x):
+    if isinstance(x, torch.Tensor):
+        x = x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (int, str, bool)) or x is None:
+        return x
+    try:
+        return _json_safe(float(x))
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_update(cfg: TrainConfig, model):
+    """(optimizer, rule or None, static fields for the ``update`` log). GRPO variants step the optimizer
+    themselves; SFPO/GXPO wrap it."""
+    lr = cfg.lr * (cfg.lr_mult if cfg.algo == "grpo_lr" else 1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    static = {"algo": cfg.algo, "lr": lr}
+    if cfg.algo == "gxpo":
+        gate = None if cfg.gxpo_gate == "none" else cfg.gxpo_gate
+        rule = GXPO(opt, K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, max_grad_norm=cfg.max_grad_norm,
+                    gate=gate)
+        static.update(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=cfg.gxpo_gate)
+        return opt, rule, static
+    if cfg.algo == "sfpo":
+        gate = None if cfg.sfpo_gate == "none" else cfg.sfpo_gate
+        rule = SFPO(opt, K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, max_grad_norm=cfg.max_grad_norm, gate=gate)
+        static.update(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate)
+        return opt, rule, static
+    static.update(epochs=cfg.epochs if cfg.algo == "grpo_epochs" else 1, gate=None)
+    return opt, None, static
+
+
+def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, fade_ctl):
+    """(advantages (B,), FADE controller state or None)."""
+    G = cfg.group
+    if cfg.advantage == "fade":
+        st = fade_ctl.update(float(rewards.mean()), entropy)
+        adv = fade_advantages(rewards, group_size=G, alpha=st["alpha"], delta=st["delta"])
+        st = dict(st, sign_ratio=float(sign_ratio(adv)))
+        return adv.float(), st
+    scale = "none" if cfg.advantage == "drgrpo" else "std"
+    return group_advantages(rewards, group_size=G, scale=scale).float(), None
+
+
+def validate_policy(cfg, model, tok, task, val_pairs, max_new) -> dict:
+    """Greedy exact match on the validation set; pass@1 on its first ``pass1_size`` prompts."""
+    greedy = evaluate(model, tok, task, val_pairs, max_new)
+    out = {"greedy_acc": sum(greedy) / len(greedy)}
+    if cfg.pass1_size > 0 and cfg.pass1_n > 0:
+        with torch.random.fork_rng(devices=[]):  # sampling here must not shift the training RNG stream
+            torch.manual_seed(10_000 + cfg.seed)
+            p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, do_sample=True, n=cfg.pass1_n,
+                          temperature=1.0)
+        out["pass1"] = sum(p1) / len(p1)
+    if cfg.log_per_prompt:
+        out["per_prompt"] = [int(v) for v in greedy]
+    return out
+
+
+def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None, log=print) -> List[dict]:
+    """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set)."""
+    cfg.validate()
+    check_deepspeed(cfg.deepspeed)
+    device = pick_device(cfg.device)
+    model, tok, task, model_key = build_policy(cfg, device)
+    max_new = cfg.max_new_tokens or task.max_answer_chars + 1
+    val_pairs = task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log)
+
+    torch.manual_seed(cfg.seed)
+    train_pairs = task.sample(cfg.steps * cfg.prompts, "train", seed=cfg.seed)
+    opt, rule, static = make_update(cfg, model)
+    fade_ctl = None
+    if cfg.advantage == "fade":
+        fade_ctl = FADEController() if cfg.fade_target_entropy is None else \
+            FADEController(target_entropy=cfg.fade_target_entropy)
+    loss_kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                   loss_agg_mode=cfg.agg_mode)
+    if cfg.agg_mode == "seq-mean-token-sum-norm":
+        loss_kw["max_length"] = max_new
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    records: List[dict] = []
+    out_f = None
+    if cfg.out_dir:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(_json_safe({"train": dataclasses.asdict(cfg), "warm_start": ws}), f, indent=1)
+        out_f = open(os.path.join(cfg.out_dir, "records.jsonl"), "w")
+
+    def emit(rec):
+        rec = _json_safe(rec)
+        records.append(rec)
+        if out_f is not None:
+            out_f.write(json.dumps(rec) + "\n")
+            out_f.flush()
+        if progress is not None:
+            progress(rec)
+
+    bp_total = opt_total = 0
+    wall = 0.0
+    gate_fired_at = None
+    t_val = time.perf_counter()
+    emit({"step": 0, "val": validate_policy(cfg, model, tok, task, val_pairs, max_new), "backward_passes": 0,
+          "optimizer_steps": 0, "wall_clock": 0.0, "t_val": time.perf_counter() - t_val,
+          "warm_start": ws, "method": static})
+    try:
+        for step in range(1, cfg.steps + 1):
+            t0 = _clock(device)
+            pairs = train_pairs[(step - 1) * cfg.prompts: step * cfg.prompts]
+            ro = rollout(model, tok, task, pairs, cfg.group, max_new, cfg.temperature)
+            adv, fade_state = compute_advantages(cfg, ro.rewards, ro.entropy, fade_ctl)
+            t_roll = _clock(device) - t0
+
+            timing = {"bwd": 0.0, "passes": 0}
+            first = {}
+
+            def closure():
+                tb = _clock(device)
+                opt.zero_grad(set_to_none=True)
+                k = getattr(rule, "pass_index", 0) if rule is not None else 0
+                # paper protocol: passes after the first use the current policy as "old" (ratio = 1); the
+                # rollout's old log-probs are pi_theta0's, i.e. exact for pass 0. PPO epochs keep them (clip).
+                old = None if (rule is not None and cfg.recompute_old_logp and k > 0) else ro.old_logp
+                with amp(device):
+                    logits = response_logits(model, ro.prompt_ids, ro.prompt_attn, ro.resp, ro.mask)
+                loss, metrics = policy_loss(logits, ro.resp, adv, ro.mask, old, loss_kw)
+                loss.backward()
+                timing["bwd"] += _clock(device) - tb
+                timing["passes"] += 1
+                if not first:
+                    first.update(loss=loss.detach(), metrics={k2: v.detach() for k2, v in metrics.items()})
+                return loss.detach()
+
+            t1 = _clock(device)
+            if rule is None:
+                info = {"grad_norm": []}
+                for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
+                    closure()
+                    info["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+                    opt.step()
+                info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
+            else:
+                kw = {"entropy": ro.entropy} if rule.gate.needs_entropy else {}
+                info = dict(rule.step(closure, **kw))
+            t_upd = _clock(device) - t1
+            if rule is not None:
+                bp_total = int(rule.total_backward_passes)
+                opt_total = int(rule.total_optimizer_steps)
+            else:
+                bp_total += timing["passes"]
+                opt_total += timing["passes"]
+            wall += t_roll + t_upd
+
+            g = ro.rewards.view(-1, cfg.group)
+            upd = dict(static)
+            upd.update(info)
+            if "fell_back" in upd and "fallback" not in upd:
+                upd["fallback"] = upd["fell_back"]   # the name stats.effective_step_multiplier reads
+            rec = {"step": step, "reward_mean": float(ro.rewards.mean()),
+                   "frac_zero_adv_groups": float((g.max(-1).values == g.min(-1).values).float().mean()),
+                   "rollout_entropy": ro.entropy, "response_len": float(ro.mask.float().sum(-1).mean()),
+                   "loss": first.get("loss"), "metrics": first.get("metrics", {}), "update": upd,
+                   "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
+                   "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0)}
+            if fade_state is not None:
+                rec["fade"] = dict(fade_state)
+            if rule is not None and gate_fired_at is None and rule.gate.fired:
+                # the rule counts outer steps from 0; ours start at 1. The gate fired on this step's
+                # observation (or an earlier one), so from the next step on the rule runs 1-pass GRPO.
+                fs = info.get("gate_fired_step")
+                gate_fired_at = step if fs is None else int(fs) + 1
+                rec["gate_fired"] = True
+            if rule is not None:
+                upd["gate_fired_step"] = gate_fired_at
+            rec["gate_fired_at"] = gate_fired_at
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                tv = _clock(device)
+                rec["val"] = validate_policy(cfg, model, tok, task, val_pairs, max_new)
+                rec["t_val"] = _clock(device) - tv
+            emit(rec)
+    finally:
+        if out_f is not None:
+            out_f.close()
+    return records

@@ -1,0 +1,139 @@
+"""Rollouts: left-padded prompts -> ``model.generate`` samples -> rewards, masks and old log-probs.
+
+Shapes: P prompts x G samples = B rows; prompt length Lp (left padded), response length T.
+``logits[:, t]`` of the loss op scores ``tokens[:, t]``: the causal shift is done here, by taking the model's
+outputs at positions Lp-1 .. Lp+T-2 for the response tokens at Lp .. Lp+T-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from ..ops.grpo_loss import grpo_loss
+from ..ops.token_logprobs import token_logprobs as _token_logprobs
+from .model import amp
+from .tasks import Task, score
+
+
+def loss_backend(device) -> str:
+    """Triton on CUDA; the PyTorch path on the CPU even under TRITON_INTERPRET=1 (the interpreter is a test
+    tool, far too slow to train with)."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def token_logprobs(logits, tokens, temperature=1.0, mask=None):
+    """(B, T, V), (B, T) -> per-token log pi and entropy, (B, T) fp32."""
+    logp, ent = _token_logprobs(logits, tokens, temperature, mask=mask, backend=loss_backend(logits.device))
+    return logp.float(), ent.float()
+
+
+def policy_loss(logits, tokens, advantages, mask, old_logprobs, loss_kwargs: dict):
+    """The fused GRPO loss op (``gxpo_kernels.ops.grpo_loss``) -> (loss, metrics)."""
+    return grpo_loss(logits, tokens, advantages, mask, old_logprobs, backend=loss_backend(logits.device),
+                     **loss_kwargs)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple:
+    """Left-pad the encoded prompts: (ids (P, Lp) int64, attention mask (P, Lp) int64)."""
+    enc = [tokenizer.encode_prompt(p) for p in prompts]
+    L = max(len(e) for e in enc)
+    ids = torch.full((len(enc), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(enc), L), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, L - len(e):] = torch.tensor(e)
+        mask[i, L - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding (``generate`` builds the same ones itself)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask(resp: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep tokens up to and including the first EOS; later tokens become PAD with mask 0."""
+    is_eos = resp == eos_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0     # strictly after the first EOS
+    mask = ~after
+    resp = torch.where(mask, resp, torch.full_like(resp, pad_id))
+    return resp, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, ids, attn, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+             num_return_sequences: int = 1) -> torch.Tensor:
+    """Response ids (B, T) after the prompt, B = P * num_return_sequences (each prompt's samples contiguous)."""
+    kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    if do_sample:  # plain sampling so rollouts match the training log-softmax at this temperature
+        kw.update(temperature=temperature, top_k=0, top_p=1.0)
+    out = model.generate(input_ids=ids, attention_mask=attn, **kw)
+    resp = out[:, ids.shape[1]:]
+    if resp.shape[1] == 0:
+        resp = torch.full((out.shape[0], 1), tokenizer.pad_token_id, dtype=out.dtype, device=out.device)
+    return resp
+
+
+def response_logits(model, prompt_ids, prompt_attn, resp, resp_mask):
+    """Forward the full sequences; return logits (B, T, V) where ``[:, t]`` scores ``resp[:, t]``."""
+    full = torch.cat([prompt_ids, resp], 1)
+    attn = torch.cat([prompt_attn, resp_mask.long()], 1)
+    out = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
+    Lp, T = prompt_ids.shape[1], resp.shape[1]
+    return out.logits[:, Lp - 1:Lp - 1 + T]
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor   # (B, Lp) left padded, each prompt repeated G times
+    prompt_attn: torch.Tensor  # (B, Lp)
+    resp: torch.Tensor         # (B, T) response ids, PAD after the first EOS
+    mask: torch.Tensor         # (B, T) bool, response tokens incl. the first EOS
+    rewards: torch.Tensor      # (B,) fp32 in {0, 1}
+    old_logp: torch.Tensor     # (B, T) fp32, log pi_old from a no-grad forward right after sampling
+    entropy: float             # mean token entropy of the rollout policy over the mask
+
+
+def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_tokens: int,
+            temperature: float = 1.0) -> Rollout:
+    device = next(model.parameters()).device
+    ids, attn = encode_prompts(tokenizer, [p for p, _ in pairs], device)
+    was_training = model.training
+    model.eval()
+    with amp(device):
+        resp = generate(model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, do_sample=True,
+                        temperature=temperature, num_return_sequences=G)
+    resp, mask = response_mask(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    answers = [a for _, a in pairs for _ in range(G)]
+    rewards = torch.tensor(score(task, tokenizer, resp.tolist(), answers), dtype=torch.float32, device=device)
+    ids, attn = ids.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)
+    with torch.no_grad(), amp(device):
+        logits = response_logits(model, ids, attn, resp, mask)
+        old_logp, ent = token_logprobs(logits, resp, temperature, mask=mask)
+    model.train(was_training)
+    m = mask.float()
+    entropy = float((torch.where(mask, ent, torch.zeros_like(ent)).sum() / m.sum().clamp(min=1)))
+    return Rollout(ids, attn, resp, mask, rewards, old_logp.detach(), entropy)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, pairs: List[tuple], max_new_tokens: int, *, batch_size: int = 1024,
+             do_sample: bool = False, n: int = 1, temperature: float = 1.0) -> List[float]:
+    """Per-prompt exact-match score over ``pairs``: greedy (0/1), or the mean over ``n`` samples (pass@1)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_prompt: List[float] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ids, attn = encode_prompts(tokenizer, [p for p, _ in chunk], device)
+        with amp(device):
+            resp = generate(model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, num_return_sequences=n)
+        answers = [a for _, a in chunk for _ in range(n)]
+        r = score(task, tokenizer, resp.tolist(), answers)
+        per_prompt += [sum(r[j * n:(j + 1) * n]) / n for j in range(len(chunk))]
+    model.train(was_training)
+    return per_prompt

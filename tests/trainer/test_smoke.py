@@ -1,0 +1,178 @@
+"""Guards the trainer end to end (tiny sizes, CPU).
+
+- ``gxpo-kernels speedup --preset test`` runs every default method in-process: per-run records.jsonl,
+  runs.json, results.json and speedup.png are written, the table is printed, and records follow the schema;
+- backward-pass and optimizer-step bookkeeping per method: GRPO/grpo_lr 1 per update, grpo_epochs 3,
+  SFPO K+1, GXPO 3 while active (1 once gated, fallbacks excluded), on batches with non-zero advantages;
+- the --lr-mult control really scales the learning rate;
+- bad input fails clearly: unknown algo / task / method names, a model folder that does not exist, --deepspeed
+  without the integration.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from gxpo_kernels.cli import main
+from gxpo_kernels.trainer import loop
+from gxpo_kernels.trainer.config import SFTConfig, TrainConfig, parse_method
+
+TINY = dict(steps=3, prompts=4, group=4, val_every=3, val_size=16, pass1_size=4, pass1_n=2, hidden=32,
+            sft=SFTConfig(max_steps=2, check_every=2, check_size=8, batch_size=16))
+STEP_KEYS = {"step", "reward_mean", "frac_zero_adv_groups", "loss", "metrics", "update", "backward_passes",
+             "optimizer_steps", "wall_clock", "t_rollout", "t_backward", "t_optimizer", "gate_fired_at"}
+
+
+def _check_schema(records, steps, val_size):
+    assert [r["step"] for r in records] == list(range(steps + 1))
+    assert records[0]["backward_passes"] == 0 and "greedy_acc" in records[0]["val"]
+    wall = 0.0
+    for r in records[1:]:
+        assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
+        assert 0.0 <= r["reward_mean"] <= 1.0 and 0.0 <= r["frac_zero_adv_groups"] <= 1.0
+        assert {"clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "logp_mean"} <= set(r["metrics"])
+        assert r["wall_clock"] >= wall and r["t_backward"] > 0
+        assert r["wall_clock"] == pytest.approx(wall + r["t_rollout"] + r["t_backward"] + r["t_optimizer"], rel=1e-6,
+                                                abs=1e-6)
+        wall = r["wall_clock"]
+        json.dumps(r, allow_nan=False)   # strictly JSON-safe
+    assert records[-1]["val"]["greedy_acc"] >= 0 and "pass1" in records[-1]["val"]
+    assert len(records[-1]["val"]["per_prompt"]) == val_size
+
+
+def test_speedup_test_preset_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["speedup", "--preset", "test", "--out", str(out), "--no-progress", "--quiet"])
+    text = capsys.readouterr().out
+    assert str(out) in text and "grpo" in text
+    assert (out / "results.json").is_file() and (out / "runs.json").is_file() and (out / "speedup.png").is_file()
+    index = json.loads((out / "runs.json").read_text())
+    assert index["methods"] == ["grpo", "sfpo", "gxpo", "gxpo+fade", "grpo_lr", "grpo_epochs"]
+    assert index["lr_mult"] is not None and index["lr_mult"] >= 1.0 and index["lr_mult_source"] == "gxpo"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(index["methods"])
+    for method in index["methods"]:
+        path = out / method / "seed0" / "records.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        steps = index["train"]["steps"]
+        _check_schema(records, steps, index["train"]["val_size"])
+        algo, adv = parse_method(method)
+        assert records[1]["update"]["algo"] == algo
+        if adv == "fade":
+            assert {"alpha", "delta", "p_hat", "h_hat"} <= set(records[1]["fade"])
+    # every run started from the same cached warm start
+    ws = {json.dumps(r["warm_start"]["path"]) for r in index["runs"]["grpo"].values()} | \
+         {json.dumps(r["warm_start"]["path"]) for m in index["runs"].values() for r in m.values()}
+    assert len(ws) == 1
+
+
+@pytest.fixture
+def random_advantages(monkeypatch):
+    """The tiny untrained policy scores 0 on every prompt; give the loss non-zero advantages instead, so the
+    update rules take real (non-fallback) steps and the pass bookkeeping is exercised."""
+    def fake(cfg, rewards, entropy, fade_ctl):
+        g = torch.Generator().manual_seed(int(rewards.numel()))
+        return torch.randn(rewards.shape, generator=g), None
+    monkeypatch.setattr(loop, "compute_advantages", fake)
+
+
+@pytest.mark.parametrize("algo,per_step", [("grpo", 1), ("grpo_lr", 1), ("grpo_epochs", 3), ("sfpo", 4),
+                                           ("gxpo", 3)])
+def test_backward_pass_counts(tmp_path, random_advantages, algo, per_step):
+    cfg = TrainConfig(algo=algo, out_dir=str(tmp_path / algo), cache_dir=str(tmp_path / "cache"), quiet=True,
+                      sfpo_K=3, gxpo_gate="none", sfpo_gate="none", **TINY)
+    records = loop.train(cfg)
+    _check_schema(records, cfg.steps, cfg.val_size)
+    prev_bp = prev_opt = 0
+    for r in records[1:]:
+        d_bp, d_opt = r["backward_passes"] - prev_bp, r["optimizer_steps"] - prev_opt
+        prev_bp, prev_opt = r["backward_passes"], r["optimizer_steps"]
+        u = r["update"]
+        assert not u.get("fell_back", False) and not u.get("fallback", False)
+        assert d_bp == per_step, (algo, r["step"], d_bp)
+        assert d_opt == per_step, (algo, r["step"], d_opt)
+        if algo in ("gxpo", "sfpo"):
+            assert u["active"] is True
+    lines = (tmp_path / algo / "records.jsonl").read_text().splitlines()
+    assert len(lines) == cfg.steps + 1
+
+
+def test_gxpo_gate_fires_and_falls_to_one_pass(tmp_path, random_advantages):
+    """A gate that fires on its first observation (EMA start mu = sigma = 1, tau tiny; no clipping, so the
+    observed norm is not pinned at 1) -> the later steps cost 1 pass."""
+    cfg = TrainConfig(algo="gxpo", gxpo_gate="ema", gxpo_tau=1e-6, max_grad_norm=1e6, out_dir=str(tmp_path / "g"),
+                      cache_dir=str(tmp_path / "cache"), quiet=True, **dict(TINY, steps=3))
+    records = loop.train(cfg)
+    bp = [r["backward_passes"] for r in records]
+    assert bp[1] == 3 and bp[2] - bp[1] == 1 and bp[3] - bp[2] == 1
+    assert records[1]["gate_fired_at"] == 1 and records[1]["gate_fired"] is True
+    assert records[3]["update"]["gate_fired_step"] == 1 and records[3]["update"]["gate"] == "ema"
+    assert records[1]["update"]["active"] is True and records[2]["update"]["active"] is False
+
+
+def test_lr_mult_scales_learning_rate(tmp_path):
+    base = TrainConfig(algo="grpo_lr", lr_mult=3.5, out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"),
+                       quiet=True, **dict(TINY, steps=1))
+    records = loop.train(base)
+    assert records[1]["update"]["lr"] == pytest.approx(3.5e-5)
+    records = loop.train(base.replace(algo="grpo", out_dir=str(tmp_path / "b")))
+    assert records[1]["update"]["lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--algo", "ppo"], "invalid choice"),
+    (["train", "--task", "multiplication"], "invalid choice"),
+    (["train", "--advantage", "rloo"], "invalid choice"),
+    (["speedup", "--methods", "grpo,dpo"], "unknown method"),
+    (["speedup", "--methods", "gxpo+rloo"], "unknown method"),
+    (["speedup", "--methods", "sfpo,gxpo"], "baseline"),
+    (["train", "--model", "/nonexistent/model/dir"], "no such directory"),
+    (["speedup", "--model", "/nonexistent/model/dir"], "no such directory"),
+])
+def test_bad_input_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_model_dir_without_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tmp_path)])
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_deepspeed_flag_errors_clearly(tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["train", "--deepspeed", str(ds), "--out", str(tmp_path / "o")])
+    assert "deepspeed" in capsys.readouterr().err.lower()
+
+
+def test_local_model_directory(tmp_path):
+    """--model PATH: a saved transformers folder (no tokenizer files -> the character tokenizer)."""
+    from gxpo_kernels.trainer.model import build_tiny_model, tiny_config_dict
+    from gxpo_kernels.trainer.tasks import CharTokenizer
+
+    tok = CharTokenizer()
+    build_tiny_model(tiny_config_dict(tok.vocab_size, hidden=32, intermediate=64), tok, torch.device("cpu")) \
+        .save_pretrained(tmp_path / "m")
+    cfg = TrainConfig(model=str(tmp_path / "m"), out_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+                      quiet=True, **TINY)
+    records = loop.train(cfg)
+    assert records[-1]["step"] == cfg.steps
+    assert os.path.isfile(tmp_path / "o" / "config.json")
+
+
+def test_sort_task_with_drgrpo_and_llama(tmp_path):
+    """The other task, advantage and architecture: Dr.GRPO picks its own aggregation (B * T_max)."""
+    cfg = TrainConfig(task="sort", advantage="drgrpo", arch="llama", out_dir=str(tmp_path / "o"),
+                      cache_dir=str(tmp_path / "c"), quiet=True, **dict(TINY, steps=2, val_every=1))
+    assert cfg.agg_mode == "seq-mean-token-sum-norm"
+    records = loop.train(cfg)
+    _check_schema(records, cfg.steps, cfg.val_size)
+    cfg_json = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg_json["train"]["task"] == "sort" and cfg_json["train"]["arch"] == "llama"
+    assert all("val" in r for r in records)
