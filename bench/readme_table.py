@@ -77,7 +77,9 @@ def render_section(docs: Dict[str, dict]) -> str:
 
 def replace_between_markers(text: str, section: str) -> str:
     """``text`` with everything from BEGIN to END (inclusive) replaced by ``section`` (which carries both)."""
-    i, j = text.find(BEGIN), text.find(END)
+    # markers count only alone on a line, so prose that mentions them is left alone
+    i = next((m.start() for m in re.finditer(rf"^{re.escape(BEGIN)}[ \t]*$", text, re.M)), -1)
+    j = next((m.start() for m in re.finditer(rf"^{re.escape(END)}[ \t]*$", text, re.M) if m.start() > i), -1)
     if i < 0 or j < 0 or j < i:
         raise ValueError(f"markers {BEGIN!r} ... {END!r} not found (in that order)")
     return text[:i] + section.rstrip("\n") + text[j + len(END):]
