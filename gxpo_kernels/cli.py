@@ -3,6 +3,8 @@
     gxpo-kernels speedup                      # the embedded default: tiny Qwen2, addition, 6 methods x 3 seeds
     gxpo-kernels speedup --preset smoke       # < 2 minutes on 2 CPU cores
     gxpo-kernels train --algo gxpo --advantage fade --task sort --steps 100 --out runs/gxpo-sort
+    gxpo-kernels train --algo fpa_dpo --fpa-lam 1.0 --steps 100    # offline FPA-DPO on rollout pairs
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gxpo_kernels.cli train --deepspeed ds_zero2.json --algo gxpo
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .trainer.config import ADVANTAGES, ALGOS, GATES, TrainConfig, parse_method, preset
+from .trainer.config import ADVANTAGES, ALGOS, FPA_SIDES, GATES, TrainConfig, parse_method, preset
 from .trainer.tasks import TASKS
 
 PRESETS = ("default", "smoke", "test")
@@ -44,6 +46,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sfpo-alpha", type=float)
     g.add_argument("--sfpo-gate", choices=GATES, help="SFPO gate (default entropy)")
     g.add_argument("--epochs", type=int, help="grpo_epochs: optimizer steps per batch (default 3)")
+    g.add_argument("--fpa-lam", type=float, help="fpa_*: extrapolation lambda of the future policy (default 1; "
+                   "0 = the base objective)")
+    g.add_argument("--fpa-side", choices=FPA_SIDES, help="fpa_*: coefficients at pi_hat on both sides (default) "
+                   "or on the rejected side only")
+    g.add_argument("--fpa-beta", type=float, help="fpa_dpo / fpa_rpo / fpa_kto: beta (default 0.1)")
     g = p.add_argument_group("validation and warm start")
     g.add_argument("--val-every", type=int, help="validate every N steps (default 10)")
     g.add_argument("--val-size", type=int, help="held-out prompts for greedy accuracy (default 2048)")
@@ -52,7 +59,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sft-steps", type=int, help="warm-start step cap (default 1500; 0 = no warm start)")
     g.add_argument("--sft-target", type=float, help="warm start stops at this greedy accuracy (default 0.30)")
     g.add_argument("--cache-dir", help="warm-start cache folder (default: <out>/../.warmstart-cache)")
-    g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (needs gxpo_kernels.integrations.deepspeed)")
+    g.add_argument("--deepspeed", metavar="JSON", help="train: run on a DeepSpeed ZeRO engine with this config "
+                   "(launch with torchrun / deepspeed; see the README)")
     g.add_argument("--quiet", action="store_true")
 
 
@@ -62,11 +70,14 @@ _TRAIN_FIELDS = {"task": "task", "model": "model", "arch": "arch", "device": "de
                  "gxpo_tau": "gxpo_tau", "gxpo_gate": "gxpo_gate", "sfpo_K": "sfpo_K", "sfpo_alpha": "sfpo_alpha",
                  "sfpo_gate": "sfpo_gate", "epochs": "epochs", "val_every": "val_every", "val_size": "val_size",
                  "pass1_size": "pass1_size", "pass1_n": "pass1_n", "cache_dir": "cache_dir",
-                 "deepspeed": "deepspeed", "quiet": "quiet"}
+                 "deepspeed": "deepspeed", "quiet": "quiet", "fpa_lam": "fpa_lam", "fpa_side": "fpa_side",
+                 "fpa_beta": "fpa_beta"}
 
 
 def _apply(tc: TrainConfig, a: argparse.Namespace) -> TrainConfig:
-    kw = {f: getattr(a, k) for k, f in _TRAIN_FIELDS.items() if getattr(a, k, None) not in (None, False)}
+    # "is not None", not "in (None, False)": 0.0 == False would drop e.g. --fpa-lam 0
+    kw = {f: getattr(a, k) for k, f in _TRAIN_FIELDS.items()
+          if getattr(a, k, None) is not None and getattr(a, k) is not False}
     if a.no_recompute_old_logp:
         kw["recompute_old_logp"] = False
     sft = tc.sft
@@ -79,6 +90,8 @@ def _apply(tc: TrainConfig, a: argparse.Namespace) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gxpo-kernels", description="GRPO / SFPO / GXPO trainer and speedup runner")
+    # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK is read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("speedup", help="run methods x seeds from one warm start and report speedup to peak")
@@ -106,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _speedup(a) -> int:
     from .trainer.speedup import format_table, run_speedup
 
+    if a.deepspeed:
+        raise ValueError("--deepspeed works with `train` (one method per launch), not with `speedup`")
     cfg = preset(a.preset)
     tc = _apply(cfg.train, a)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else cfg.methods
@@ -140,7 +155,8 @@ def _train(a) -> int:
                   f"  wall {rec['wall_clock']:.1f}s", flush=True)
 
     train(tc, progress=show)
-    print(f"records: {os.path.join(os.path.abspath(out), 'records.jsonl')}")
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun / deepspeed only rank 0 writes records
+        print(f"records: {os.path.join(os.path.abspath(out), 'records.jsonl')}")
     return 0
 
 

@@ -5,7 +5,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")
+FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
+FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
+ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs") + FPA_ALGOS
+DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed drives
+FPA_SIDES = ("both", "rejected")
 ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
 
@@ -57,6 +61,10 @@ class TrainConfig:
     sfpo_alpha: float = 0.8
     sfpo_gate: str = "entropy"
     fade_target_entropy: Optional[float] = None
+    fpa_lam: float = 1.0                  # fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = base method
+    fpa_side: str = "both"                # fpa_*: coefficients at pi_hat on both sides, or on the rejected only
+    fpa_beta: float = 0.1                 # fpa_dpo / fpa_rpo / fpa_kto: beta
+    fpa_rpo_alpha: float = 1.0            # fpa_rpo: weight of the chosen response's NLL
     val_every: int = 10
     val_size: int = 2048
     pass1_size: int = 128                 # pass@1 = mean over pass1_n samples at temperature 1 on a subset
@@ -76,6 +84,14 @@ class TrainConfig:
         for g in (self.gxpo_gate, self.sfpo_gate):
             if g not in GATES:
                 raise ValueError(f"gate must be one of {GATES}, got {g!r}")
+        if self.fpa_side not in FPA_SIDES:
+            raise ValueError(f"fpa_side must be one of {FPA_SIDES}, got {self.fpa_side!r}")
+        if not (self.fpa_lam >= 0 and self.fpa_lam != float("inf")):
+            raise ValueError(f"fpa_lam must be a finite float >= 0, got {self.fpa_lam!r}")
+        if not self.fpa_beta > 0:
+            raise ValueError(f"fpa_beta must be > 0, got {self.fpa_beta!r}")
+        if self.deepspeed is not None and self.algo not in DS_ALGOS:
+            raise ValueError(f"--deepspeed drives the algos {DS_ALGOS}, got algo {self.algo!r}")
         for name in ("steps", "prompts", "group", "epochs", "val_every", "val_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -7,6 +7,7 @@ excluded), and each step logs its measured ``t_rollout``, ``t_backward`` (all fo
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,8 @@ import torch
 
 from ..advantages import FADEController, fade_advantages, group_advantages, sign_ratio
 from ..update import GXPO, SFPO
-from .config import TrainConfig
+from . import fpa_offline
+from .config import FPA_ALGOS, TrainConfig
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, policy_loss, position_ids, response_logits, rollout
 from .tasks import get_task, make_tokenizer
@@ -29,20 +31,6 @@ from .tasks import get_task, make_tokenizer
 # ---------------------------------------------------------------------------------------------------------
 # Set-up: policy, warm start
 # ---------------------------------------------------------------------------------------------------------
-def check_deepspeed(path: Optional[str]) -> None:
-    """The ``--deepspeed`` hook: needs the integration module; a clear error until it exists."""
-    if path is None:
-        return
-    if not os.path.isfile(path):
-        raise ValueError(f"--deepspeed {path!r}: no such file")
-    try:
-        import gxpo_kernels.integrations.deepspeed  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError("--deepspeed needs gxpo_kernels.integrations.deepspeed, which could not be imported "
-                           f"({e}); run without --deepspeed") from None
-    raise RuntimeError("--deepspeed: the trainer does not drive DeepSpeed engines yet; run without --deepspeed")
-
-
 def build_policy(cfg: TrainConfig, device: torch.device):
     """(model in train mode, tokenizer, task, model_key). ``model_key`` identifies the initial weights."""
     task = get_task(cfg.task)
@@ -168,6 +156,10 @@ def make_update(cfg: TrainConfig, model):
     lr = cfg.lr * (cfg.lr_mult if cfg.algo == "grpo_lr" else 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     static = {"algo": cfg.algo, "lr": lr}
+    if cfg.algo in FPA_ALGOS:
+        static.update(objective=cfg.algo[len("fpa_"):], lam=cfg.fpa_lam, side=cfg.fpa_side, beta=cfg.fpa_beta,
+                      gate=None)
+        return opt, None, static
     if cfg.algo == "gxpo":
         gate = None if cfg.gxpo_gate == "none" else cfg.gxpo_gate
         rule = GXPO(opt, K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, max_grad_norm=cfg.max_grad_norm,
@@ -183,11 +175,13 @@ def make_update(cfg: TrainConfig, model):
     return opt, None, static
 
 
-def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, fade_ctl):
-    """(advantages (B,), FADE controller state or None)."""
+def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, fade_ctl,
+                       mean_reward: Optional[float] = None):
+    """(advantages (B,), FADE controller state or None). ``mean_reward`` (default ``rewards.mean()``) and
+    ``entropy`` feed the FADE controller (the DeepSpeed loop passes dp means)."""
     G = cfg.group
     if cfg.advantage == "fade":
-        st = fade_ctl.update(float(rewards.mean()), entropy)
+        st = fade_ctl.update(float(rewards.mean()) if mean_reward is None else float(mean_reward), entropy)
         adv = fade_advantages(rewards, group_size=G, alpha=st["alpha"], delta=st["delta"])
         st = dict(st, sign_ratio=float(sign_ratio(adv)))
         return adv.float(), st
@@ -195,15 +189,16 @@ def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, 
     return group_advantages(rewards, group_size=G, scale=scale).float(), None
 
 
-def validate_policy(cfg, model, tok, task, val_pairs, max_new) -> dict:
-    """Greedy exact match on the validation set; pass@1 on its first ``pass1_size`` prompts."""
-    greedy = evaluate(model, tok, task, val_pairs, max_new)
+def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dict:
+    """Greedy exact match on the validation set; pass@1 on its first ``pass1_size`` prompts. ``eval_kw``:
+    ``synced_gpus`` / ``use_amp`` of ``rollout.evaluate``."""
+    greedy = evaluate(model, tok, task, val_pairs, max_new, **eval_kw)
     out = {"greedy_acc": sum(greedy) / len(greedy)}
     if cfg.pass1_size > 0 and cfg.pass1_n > 0:
         with torch.random.fork_rng(devices=[]):  # sampling here must not shift the training RNG stream
             torch.manual_seed(10_000 + cfg.seed)
             p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, do_sample=True, n=cfg.pass1_n,
-                          temperature=1.0)
+                          temperature=1.0, **eval_kw)
         out["pass1"] = sum(p1) / len(p1)
     if cfg.log_per_prompt:
         out["per_prompt"] = [int(v) for v in greedy]
@@ -211,9 +206,12 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new) -> dict:
 
 
 def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None, log=print) -> List[dict]:
-    """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set)."""
+    """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set).
+    With ``cfg.deepspeed`` the run goes to ``ds_loop.train_deepspeed`` (a DeepSpeed ZeRO engine)."""
     cfg.validate()
-    check_deepspeed(cfg.deepspeed)
+    if cfg.deepspeed is not None:
+        from .ds_loop import train_deepspeed
+        return train_deepspeed(cfg, progress=progress, log=log)
     device = pick_device(cfg.device)
     model, tok, task, model_key = build_policy(cfg, device)
     max_new = cfg.max_new_tokens or task.max_answer_chars + 1
@@ -223,6 +221,10 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
     torch.manual_seed(cfg.seed)
     train_pairs = task.sample(cfg.steps * cfg.prompts, "train", seed=cfg.seed)
     opt, rule, static = make_update(cfg, model)
+    fpa = cfg.algo in FPA_ALGOS
+    ref_model = None
+    if fpa:  # the warm-start policy, frozen, is the reference of the offline objectives
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     fade_ctl = None
     if cfg.advantage == "fade":
         fade_ctl = FADEController() if cfg.fade_target_entropy is None else \
@@ -286,7 +288,13 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                 return loss.detach()
 
             t1 = _clock(device)
-            if rule is None:
+            if fpa:
+                info, got, tb, passes = fpa_offline.update(cfg, model, ref_model, opt, params, ro, adv,
+                                                           lambda: _clock(device))
+                first.update(got)
+                timing["bwd"] += tb
+                timing["passes"] += passes
+            elif rule is None:
                 info = {"grad_norm": []}
                 for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
                     closure()
@@ -302,7 +310,7 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                 opt_total = int(rule.total_optimizer_steps)
             else:
                 bp_total += timing["passes"]
-                opt_total += timing["passes"]
+                opt_total += int(info["optimizer_steps"])
             wall += t_roll + t_upd
 
             g = ro.rewards.view(-1, cfg.group)
@@ -318,6 +326,9 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                    "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0)}
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
+            if fpa:
+                rec["fpa"] = {k: first.get("metrics", {}).get(k) for k in ("pairs", "c_w_mean", "c_l_mean")}
+                rec["fpa"]["pairs"] = info["pairs"]
             if rule is not None and gate_fired_at is None and rule.gate.fired:
                 # the rule counts outer steps from 0; ours start at 1. The gate fired on this step's
                 # observation (or an earlier one), so from the next step on the rule runs 1-pass GRPO.

@@ -6,6 +6,7 @@ outputs at positions Lp-1 .. Lp+T-2 for the response tokens at Lp .. Lp+T-1.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -63,10 +64,15 @@ def response_mask(resp: torch.Tensor, eos_id: int, pad_id: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, ids, attn, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
-             num_return_sequences: int = 1) -> torch.Tensor:
-    """Response ids (B, T) after the prompt, B = P * num_return_sequences (each prompt's samples contiguous)."""
+             num_return_sequences: int = 1, synced_gpus: bool = False) -> torch.Tensor:
+    """Response ids (B, T) after the prompt, B = P * num_return_sequences (each prompt's samples contiguous).
+
+    ``synced_gpus``: keep forwarding until every rank is done (ZeRO-3 gathers parameters collectively inside
+    each forward, so all ranks must run the same number of them)."""
     kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    if synced_gpus:
+        kw["synced_gpus"] = True
     if do_sample:  # plain sampling so rollouts match the training log-softmax at this temperature
         kw.update(temperature=temperature, top_k=0, top_p=1.0)
     out = model.generate(input_ids=ids, attention_mask=attn, **kw)
@@ -97,19 +103,22 @@ class Rollout:
 
 
 def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_tokens: int,
-            temperature: float = 1.0) -> Rollout:
+            temperature: float = 1.0, *, synced_gpus: bool = False, use_amp: bool = True) -> Rollout:
+    """Sample G responses per prompt, score them, and take old log-probs. ``use_amp=False`` computes in the
+    weights' dtype (DeepSpeed engines own their precision); ``synced_gpus``: see ``generate``."""
     device = next(model.parameters()).device
     ids, attn = encode_prompts(tokenizer, [p for p, _ in pairs], device)
     was_training = model.training
     model.eval()
-    with amp(device):
+    amp_ = amp if use_amp else (lambda d: contextlib.nullcontext())
+    with amp_(device):
         resp = generate(model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, do_sample=True,
-                        temperature=temperature, num_return_sequences=G)
+                        temperature=temperature, num_return_sequences=G, synced_gpus=synced_gpus)
     resp, mask = response_mask(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
     answers = [a for _, a in pairs for _ in range(G)]
     rewards = torch.tensor(score(task, tokenizer, resp.tolist(), answers), dtype=torch.float32, device=device)
     ids, attn = ids.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)
-    with torch.no_grad(), amp(device):
+    with torch.no_grad(), amp_(device):
         logits = response_logits(model, ids, attn, resp, mask)
         old_logp, ent = token_logprobs(logits, resp, temperature, mask=mask)
     model.train(was_training)
@@ -120,8 +129,10 @@ def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_to
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, pairs: List[tuple], max_new_tokens: int, *, batch_size: int = 1024,
-             do_sample: bool = False, n: int = 1, temperature: float = 1.0) -> List[float]:
-    """Per-prompt exact-match score over ``pairs``: greedy (0/1), or the mean over ``n`` samples (pass@1)."""
+             do_sample: bool = False, n: int = 1, temperature: float = 1.0, synced_gpus: bool = False,
+             use_amp: bool = True) -> List[float]:
+    """Per-prompt exact-match score over ``pairs``: greedy (0/1), or the mean over ``n`` samples (pass@1).
+    ``synced_gpus`` / ``use_amp``: see ``rollout``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -129,9 +140,9 @@ def evaluate(model, tokenizer, task: Task, pairs: List[tuple], max_new_tokens: i
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         ids, attn = encode_prompts(tokenizer, [p for p, _ in chunk], device)
-        with amp(device):
+        with amp(device) if use_amp else contextlib.nullcontext():
             resp = generate(model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            temperature=temperature, num_return_sequences=n)
+                            temperature=temperature, num_return_sequences=n, synced_gpus=synced_gpus)
         answers = [a for _, a in chunk for _ in range(n)]
         r = score(task, tokenizer, resp.tolist(), answers)
         per_prompt += [sum(r[j * n:(j + 1) * n]) / n for j in range(len(chunk))]

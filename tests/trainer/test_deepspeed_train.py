@@ -1,0 +1,173 @@
+"""``gxpo-kernels train --deepspeed``: the RL loop on a DeepSpeed ZeRO engine, 2 CPU ranks (gloo).
+
+- the command as documented, ``torchrun --nproc_per_node 2 -m gxpo_kernels.cli train --deepspeed <zero2.json>
+  --algo gxpo --steps 3``: rank 0 alone writes config.json and records.jsonl (step 0 + 3 records, schema),
+  the backward-pass count follows GXPO (3 per active step, 1 on a fallback / after the gate);
+- one ``torch.multiprocessing`` spawn, runs with random advantages (the untrained tiny policy scores 0, so its
+  own advantages are 0 and every GXPO step would fall back): GXPO under ZeRO-2 takes 3 passes per step with no
+  fallback; SFPO under ZeRO-1 with gradient accumulation K+1; grpo_epochs under ZeRO-3 (``generate`` with
+  synced_gpus) 3 optimizer steps per batch; both ranks hold identical weights afterwards;
+- bad configs fail before any process group is created.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from gxpo_kernels.cli import main  # noqa: E402
+from gxpo_kernels.trainer.config import SFTConfig, TrainConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(prompts=4, group=4, hidden=32, val_every=3, val_size=16, pass1_size=4, pass1_n=2, quiet=True,
+            sft=SFTConfig(max_steps=0))
+ZERO = {"gradient_clipping": 1.0, "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
+
+
+def _ds_json(d, name, stage, gas=1):
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        json.dump(dict(ZERO, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=gas,
+                       zero_optimization={"stage": stage}), f)
+    return path
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _records(path):
+    return [json.loads(line) for line in open(path).read().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.isfile(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_torchrun_cli_gxpo_zero2(tmp_path):
+    ds = _ds_json(str(tmp_path), "zero2.json", 2, gas=2)
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun if os.path.isfile(torchrun) else "torchrun", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "gxpo_kernels.cli", "train", "--deepspeed", ds, "--algo", "gxpo", "--steps",
+           "3", "--sft-steps", "0", "--prompts", "4", "--group", "4", "--val-size", "16",
+           "--pass1-size", "4", "--pass1-n", "2", "--val-every", "3", "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache")]
+    p = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("records: ") == 1            # only rank 0 reports (and writes)
+    assert sorted(os.listdir(out)) == ["config.json", "records.jsonl"]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["world_size"] == 2 and conf["deepspeed"]["train_micro_batch_size_per_gpu"] == 8
+    recs = _records(out / "records.jsonl")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    m = recs[0]["method"]
+    assert m["algo"] == "gxpo" and m["zero_stage"] == 2 and m["world_size"] == 2
+    prev = 0
+    for r in recs[1:]:
+        u = r["update"]
+        per = 3 if (u["active"] and not u["fallback"]) else 1
+        assert r["backward_passes"] - prev == per == u["backward_passes"], r
+        prev = r["backward_passes"]
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["t_backward"] > 0 and r["wall_clock"] > 0
+        assert {"clip_frac_low", "ratio_mean", "entropy", "logp_mean"} <= set(r["metrics"])
+        json.dumps(r, allow_nan=False)
+    assert "greedy_acc" in recs[-1]["val"] and len(recs[-1]["val"]["per_prompt"]) == 16
+
+
+# --------------------------------------------------------------------------------------------- spawned runs
+CASES = {  # name: (algo, stage, gas, extra TrainConfig fields, backward passes per step)
+    "gxpo_z2": ("gxpo", 2, 1, dict(gxpo_gate="none"), 3),
+    "sfpo_z1_gas2": ("sfpo", 1, 2, dict(sfpo_gate="none", sfpo_K=2), 3),
+    "grpo_epochs_z3": ("grpo_epochs", 3, 1, dict(epochs=3), 3),
+}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, d):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from gxpo_kernels.trainer import ds_loop
+
+    def random_advantages(cfg, rewards, entropy, fade_ctl, mean_reward=None):
+        g = torch.Generator().manual_seed(int(rewards.numel()) + 7 * rank)   # differ per rank, like real data
+        return torch.randn(rewards.shape, generator=g), None
+    ds_loop.compute_advantages = random_advantages
+    out = {}
+    for name, (algo, stage, gas, extra, _) in CASES.items():
+        cfg = TrainConfig(algo=algo, steps=2, deepspeed=_ds_json(d, f"{name}.json", stage, gas),
+                          out_dir=os.path.join(d, name), cache_dir=os.path.join(d, "cache"), **TINY, **extra)
+        recs = ds_loop.train_deepspeed(cfg)
+        out[name] = {"records": recs}
+    torch.save(out, os.path.join(d, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    import torch.multiprocessing as mp
+    d = tempfile.mkdtemp(prefix="gxpo_dstrain_")
+    mp.spawn(_worker, args=(_free_port(), d), nprocs=2, join=True)
+    return d, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_spawned_bookkeeping(spawned, name):
+    d, ranks = spawned
+    algo, stage, gas, _, per = CASES[name]
+    recs = _records(os.path.join(d, name, "records.jsonl"))
+    assert recs == ranks[0][name]["records"]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert recs[0]["method"]["zero_stage"] == stage and recs[0]["method"]["world_size"] == 2
+    prev_bp = prev_opt = 0
+    for r in recs[1:]:
+        u = r["update"]
+        assert not u.get("fallback", False), u
+        assert r["backward_passes"] - prev_bp == per and r["optimizer_steps"] - prev_opt == per, (name, r)
+        prev_bp, prev_opt = r["backward_passes"], r["optimizer_steps"]
+        if algo != "grpo_epochs":
+            assert u["active"] is True
+        else:
+            assert len(u["grad_norm"]) == 3 and all(g > 0 for g in u["grad_norm"])
+    # rank 1 built the same (dp-reduced) records, except for its own timings
+    skip = {"wall_clock", "t_rollout", "t_backward", "t_optimizer", "t_val"}
+    for a, b in zip(ranks[0][name]["records"], ranks[1][name]["records"]):
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+@pytest.mark.parametrize("config,msg", [
+    ("{}", "stage 1, 2 or 3"),
+    ('{"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 3}', "must divide"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_config_fails_before_launch(tmp_path, capsys, config, msg):
+    ds = tmp_path / "ds.json"
+    ds.write_text(config)
+    with pytest.raises(SystemExit):
+        main(["train", "--deepspeed", str(ds), "--out", str(tmp_path / "o"), "--prompts", "4", "--group", "4"])
+    assert msg in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+def test_deepspeed_refuses_fpa_and_speedup(tmp_path, capsys):
+    ds = _ds_json(str(tmp_path), "z.json", 2)
+    with pytest.raises(SystemExit):
+        main(["train", "--deepspeed", ds, "--algo", "fpa_dpo", "--out", str(tmp_path / "o")])
+    assert "--deepspeed drives" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["speedup", "--deepspeed", ds, "--out", str(tmp_path / "s")])
+    assert "not with `speedup`" in capsys.readouterr().err
