@@ -138,7 +138,7 @@ def preset(name: str) -> SpeedupConfig:
         return SpeedupConfig(train=TrainConfig(steps=120, val_every=10, val_size=1024, pass1_size=64))
     if name == "smoke":
         # the warm start (~450 steps, shared cache with the default preset) is most of its time
-        return SpeedupConfig(methods=("grpo", "sfpo", "gxpo"), seeds=(0,),
+        return SpeedupConfig(methods=("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs"), seeds=(0,),
                              train=TrainConfig(steps=10, val_every=5, val_size=256, pass1_size=32, pass1_n=2))
     if name == "test":
         return SpeedupConfig(seeds=(0,), train=TrainConfig(

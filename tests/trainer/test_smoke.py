@@ -176,3 +176,22 @@ def test_sort_task_with_drgrpo_and_llama(tmp_path):
     cfg_json = json.loads((tmp_path / "o" / "config.json").read_text())
     assert cfg_json["train"]["task"] == "sort" and cfg_json["train"]["arch"] == "llama"
     assert all("val" in r for r in records)
+
+
+def test_smoke_preset_with_controls(tmp_path, capsys):
+    """The real --preset smoke (warm start from scratch, every method incl. both controls) end to end."""
+    out = tmp_path / "smoke"
+    main(["speedup", "--preset", "smoke", "--out", str(out), "--no-progress", "--quiet"])
+    index = json.loads((out / "runs.json").read_text())
+    assert index["methods"] == ["grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs"]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(index["methods"]) and (out / "speedup.png").stat().st_size > 0
+    per_update = {"grpo": {1}, "grpo_lr": {1}, "grpo_epochs": {3}, "sfpo": {4, 1}, "gxpo": {3, 1}}
+    for method, allowed in per_update.items():
+        records = [json.loads(line) for line in (out / method / "seed0" / "records.jsonl").read_text().splitlines()]
+        assert records[0]["step"] == 0 and records[-1]["step"] == index["train"]["steps"]
+        bp = [r["backward_passes"] for r in records]
+        deltas = {b - a for a, b in zip(bp, bp[1:])}
+        # fallback steps of sfpo/gxpo cost one pass; everything else costs what the method says
+        assert deltas <= allowed, (method, deltas)
+    assert "CONCLUSION" in capsys.readouterr().out
