@@ -407,6 +407,35 @@ def format_table(results: Mapping) -> str:
     return "\n".join(out)
 
 
+def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
+    """Markdown table of one threshold variant (default: the headline one), for README/issue reports.
+
+    Speedups are the baseline's cost / the method's cost (> 1 = faster), median over seeds with the bootstrap
+    CI over seeds; projected columns come from the cost model; "not reached" counts as 0x.
+    """
+    meta = results["meta"]
+    name = threshold or meta["headline"]
+    shares = list(next(iter(results["methods"].values()))["aggregate"][name]["projected"] or {})
+    hdr = (["method", "reached", "steps", "backward passes", "wall-clock (measured)"]
+           + [f"wall-clock (projected, rollout {100 * float(s):g}%)" for s in shares]
+           + ["effective step multiplier", "peak score", "gate fired at step"])
+    rows = []
+    for m, r in results["methods"].items():
+        a = r["aggregate"][name]
+        mult = r["effective_multiplier"]
+        gates = r.get("gate") or {}
+        fired = "/".join("never" if g["fired_step"] is None else str(g["fired_step"]) for g in gates.values())
+        rows.append([m, a["reached"]] + [_cell(a[k]).replace(",", ", ") for k in RATIO_KEYS]
+                    + [_cell((a["projected"] or {}).get(s), ci=False) for s in shares]
+                    + [f"{mult:.2f}" if mult is not None else "n/a", f"{r['peak']['median']:.3f}", fired or "-"])
+    lines = [f"Threshold: {meta['thresholds'][name]}; median over {meta['n_seeds']} seed(s) "
+             f"[{100 * meta['ci_level']:g}% bootstrap CI over seeds]; speedup = {meta['baseline']}'s cost / "
+             "method's cost (> 1 = faster).", "",
+             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Disk
 # ----------------------------------------------------------------------------------------------------------

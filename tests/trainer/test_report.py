@@ -344,3 +344,13 @@ def test_missing_baseline_seed_is_kept(tmp_path):
     assert "active" in s7["effective_multiplier_note"]
     assert res["methods"]["sfpo"]["aggregate"]["strict"]["reached"] == "1/1"
     assert not math.isnan(res["methods"]["sfpo"]["peak"]["median"])
+
+
+def test_markdown_table_renders_every_method_and_not_reached(one_seed):
+    md = report.markdown_table(one_seed)          # headline threshold: within eps=0.01 of GRPO's peak 0.60
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert list(rows)[1:] == ["grpo", "sfpo", "slow", "tie"]
+    # GRPO first reaches 0.59 at step 40, SFPO at step 20: 2x the steps, at 4 passes per step 0.5x the passes
+    assert "| 1/1 | 2.00x" in rows["sfpo"] and "0.50x" in rows["sfpo"]
+    assert "| 0/1 | 0.00x" in rows["slow"]        # never reached: counted as 0x, shown as 0/1
+    assert "| 1/1 | 1.00x" in rows["tie"]
