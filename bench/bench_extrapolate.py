@@ -9,6 +9,8 @@ and ``copy`` (one large ``copy_``: the device's practical bandwidth). GB/s count
 read θ0, θ2, g0, g1, write θ̃ (+ the bf16 copy for ``ours+lowp``). On CPU the layout is scaled down to
 ``GXPO_BENCH_LAYERS`` layers (default 3) and vocab/``GXPO_BENCH_VOCAB_DIV`` (default 8) so 2 cores finish in
 seconds; ``GXPO_BENCH_FULL=1`` runs the full layout (about 10 GB of RAM; ours + copy only).
+``test_extrapolate_cpu_interleaved`` (CPU only) alternates copy and ours at 1 thread (process CPU time per
+element) and 2 threads (wall clock), restoring θ2 before each call, and records medians and the load average.
 ``test_gxpo_step_overhead`` times a GXPO active step on a tiny transformers Qwen2 against its 3 closures
 (fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
 """
@@ -24,10 +26,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gxpo_kernels.ops.extrapolate import extrapolate_  # noqa: E402
-from gxpo_kernels.ops.extrapolate_ref import extrapolate_foreach_  # noqa: E402
+from gxpo_kernels.ops.extrapolate_ref import extrapolate_foreach_, extrapolate_ref_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FULL = os.environ.get("GXPO_BENCH_FULL", "0") == "1" or DEVICE == "cuda"
+SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # CI: each case once on a tiny layout, as a correctness smoke
+FULL = (os.environ.get("GXPO_BENCH_FULL", "0") == "1" or DEVICE == "cuda") and not SMOKE
 ALPHA, K = 0.5, 5
 
 
@@ -40,6 +43,8 @@ def qwen2_05b_shapes(layers=24, vocab=151936, hidden=896, inter=4864, kv=128):
 
 
 def _shapes():
+    if SMOKE:
+        return qwen2_05b_shapes(layers=1, vocab=1000, hidden=64, inter=128, kv=16)
     if FULL:
         return qwen2_05b_shapes()
     return qwen2_05b_shapes(layers=int(os.environ.get("GXPO_BENCH_LAYERS", "3")),
@@ -85,6 +90,20 @@ def _copy_gbps(numel):
     return 8 * numel / sec / 1e9
 
 
+def _check_against_reference(fn, p, t0, g0, g1):
+    """Run ``fn`` once on a copy of the first tensors' state and compare the moved params with the float64
+    reference, so no time counts for a wrong result (params are restored afterwards)."""
+    backup = [x.clone() for x in p]
+    want = [x.double() for x in p]
+    extrapolate_ref_(want, [x.double() for x in t0], [x.double() for x in g0], [x.double() for x in g1],
+                     alpha=ALPHA, K=K)
+    fn()
+    _sync()
+    for got, ref in zip(p, want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch._foreach_copy_(p, backup)
+
+
 @pytest.mark.parametrize("provider", ["copy", "ours", "ours+lowp", "foreach", "loop"])
 def test_extrapolate_bandwidth(benchmark, provider):
     p, t0, g0, g1 = _tensors()
@@ -107,17 +126,67 @@ def test_extrapolate_bandwidth(benchmark, provider):
                 extrapolate_foreach_([a], [b], [c], [d], alpha=ALPHA, K=K)
         nbytes = 20 * numel
 
+    if provider != "copy":
+        _check_against_reference(fn, p, t0, g0, g1)
+
     def timed():
         fn()
         _sync()
     slow = provider in ("foreach", "loop")
     benchmark.pedantic(timed, rounds=3 if slow else 7, iterations=1, warmup_rounds=0 if slow else 1)
+    if benchmark.stats is None:   # --benchmark-disable: ran once as a smoke test, nothing to record
+        return
     sec = benchmark.stats.stats.median
     copy_gbps = _STATE.setdefault("copy_gbps", _copy_gbps(min(numel, 64 * 2 ** 20)))
     benchmark.extra_info.update(device=DEVICE, threads=torch.get_num_threads(), numel=numel, bytes=nbytes,
                                 gbps=nbytes / sec / 1e9, copy_gbps=copy_gbps,
                                 pct_of_copy=100 * nbytes / sec / 1e9 / copy_gbps, full_layout=FULL)
     _STATE.setdefault("median", {})[provider] = sec
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU measurement mode (process CPU time per element)")
+def test_extrapolate_cpu_interleaved(benchmark):
+    """``copy`` and ``ours`` alternately, 9 rounds each, at 1 thread (process CPU time per element: robust to a
+    machine shared with other jobs) and at 2 threads (wall clock); θ2 is restored before every call, untimed,
+    so repeated moves do not drift into denormals. Medians, with the load average, go into extra_info."""
+    p, t0, g0, g1 = _tensors()
+    numel = sum(x.numel() for x in p)
+    backup = [x.clone() for x in p]
+    a = torch.cat([x.reshape(-1) for x in p])
+    b = torch.empty_like(a)
+    fns = {"copy": (lambda: b.copy_(a), 8 * numel),
+           "ours": (lambda: extrapolate_(p, t0, g0, g1, alpha=ALPHA, K=K), 20 * numel)}
+    threads0 = torch.get_num_threads()
+    info = {"load_avg_before": list(os.getloadavg()), "numel": numel}
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            wall = {k: [] for k in fns}
+            cpu = {k: [] for k in fns}
+            for name, (fn, _) in fns.items():  # warm-up (builds the extension, faults the pages in)
+                fn()
+            for _ in range(1 if SMOKE else 9):
+                for name, (fn, _) in fns.items():
+                    torch._foreach_copy_(p, backup)
+                    w, c = time.perf_counter(), time.process_time()
+                    fn()
+                    wall[name].append(time.perf_counter() - w)
+                    cpu[name].append(time.process_time() - c)
+            for name, (_, nbytes) in fns.items():
+                mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
+                info[f"t{nt}_{name}_wall_s"] = mw
+                info[f"t{nt}_{name}_wall_gbps"] = nbytes / mw / 1e9
+                info[f"t{nt}_{name}_cpu_ns_per_el"] = mc / numel * 1e9
+                info[f"t{nt}_{name}_cpu_gbps"] = nbytes / mc / 1e9 * nt
+            for kind in ("wall", "cpu"):
+                info[f"t{nt}_ours_pct_of_copy_{kind}"] = (100 * info[f"t{nt}_ours_{kind}_gbps"]
+                                                          / info[f"t{nt}_copy_{kind}_gbps"])
+    finally:
+        torch.set_num_threads(threads0)
+        torch._foreach_copy_(p, backup)
+    info["load_avg_after"] = list(os.getloadavg())
+    benchmark.pedantic(fns["ours"][0], rounds=1, iterations=1)
+    benchmark.extra_info.update(device=DEVICE, **info)
 
 
 def test_gxpo_step_overhead(benchmark):
@@ -150,7 +219,8 @@ def test_gxpo_step_overhead(benchmark):
     for f in (gx, baseline):
         f()
     w_g, w_b, c_g, c_b = [], [], [], []
-    for _ in range(9):  # interleaved so machine noise hits both alike; CPU time is robust to a loaded machine
+    # interleaved so machine noise hits both alike; CPU time is robust to a loaded machine
+    for _ in range(1 if SMOKE else 9):
         for f, w, c in ((gx, w_g, c_g), (baseline, w_b, c_b)):
             t, ct = time.perf_counter(), time.process_time()
             f()
@@ -169,7 +239,7 @@ def test_gxpo_step_overhead(benchmark):
             rule._extrapolate(params, rule._g0, grads, alpha=0.5, K=5)
             rule._cos_g0(grads, 1.0, 1.0)
     c_x = []
-    for _ in range(9):
+    for _ in range(1 if SMOKE else 9):
         ct = time.process_time()
         extra()
         c_x.append(time.process_time() - ct)
