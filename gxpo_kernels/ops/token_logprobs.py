@@ -166,13 +166,14 @@ def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.T
 
 
 # --------------------------------------------------------------------------------------------- torch path
-_TORCH_CHUNK_ROWS = 4096  # fp32 working set of at most this many rows at once
+_TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB fp32 per temporary: stays in cache and is reused by malloc (no page faults)
 
 
-def _chunks(B: int, T: int):
-    """Yield (b-slice, t-slice) blocks of at most ~_TORCH_CHUNK_ROWS rows of a (B, T) grid."""
-    tt = max(1, min(T, _TORCH_CHUNK_ROWS))
-    bb = max(1, _TORCH_CHUNK_ROWS // max(tt, 1))
+def _chunks(B: int, T: int, V: int):
+    """Yield (b-slice, t-slice) blocks of at most ~_TORCH_CHUNK_ELEMS / V rows (at least one) of a (B, T) grid."""
+    rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+    tt = max(1, min(T, rows))
+    bb = max(1, rows // max(tt, 1))
     for b0 in range(0, B, bb):
         for t0 in range(0, T, tt):
             yield slice(b0, min(b0 + bb, B)), slice(t0, min(t0 + tt, T))
@@ -195,7 +196,7 @@ def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
     logp = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(logp)
     lse = torch.zeros_like(logp)
-    for sb, st in _chunks(B, T):
+    for sb, st in _chunks(B, T, V):
         lp, c_lse = _log_probs_chunk(logits, sb, st, temperature)
         y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)  # masked positions may hold any id
         logp[sb, st] = lp.gather(-1, y).squeeze(-1)
@@ -214,7 +215,7 @@ def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
 def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature, out):
     # dz = onehot*dlogp - p*(dlogp + dH*(log p + H)): one exp, one fused multiply-add, one multiply per chunk
     B, T, V = logits.shape
-    for sb, st in _chunks(B, T):
+    for sb, st in _chunks(B, T, V):
         lp, _ = _log_probs_chunk(logits, sb, st, temperature, lse)
         p = torch.exp(lp)
         g_lp = dlogp[sb, st]
