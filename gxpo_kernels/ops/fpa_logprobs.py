@@ -22,7 +22,7 @@ from .._utils import (check_same_device, check_shape, check_tensor, check_tokens
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
-_TORCH_CHUNK_ELEMS = 1 << 22
+_TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB temporaries: cache-resident and reused by malloc
 
 
 # ----------------------------------------------------------------------------------------------- kernels
