@@ -41,7 +41,7 @@ from torch import nn
 
 from ..advantages import FADEController
 from .config import DS_ALGOS, TrainConfig
-from .loop import _json_safe, build_policy, compute_advantages, validate_policy, warm_start
+from .loop import RecordLog, build_policy, compute_advantages, validate_policy, warm_start
 from .rollout import policy_loss, response_logits, rollout
 
 
@@ -202,23 +202,10 @@ def _run(cfg: TrainConfig, ds_cfg: dict, progress, log) -> List[dict]:
         dist.all_reduce(t)
         return (t / world).tolist()
 
-    records: List[dict] = []
-    out_f = None
-    if lead and cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(_json_safe({"train": dataclasses.asdict(cfg), "warm_start": ws, "deepspeed": ds_cfg,
-                                  "world_size": world}), f, indent=1)
-        out_f = open(os.path.join(cfg.out_dir, "records.jsonl"), "w")
-
-    def emit(rec):
-        rec = _json_safe(rec)
-        records.append(rec)
-        if out_f is not None:
-            out_f.write(json.dumps(rec) + "\n")
-            out_f.flush()
-        if lead and progress is not None:
-            progress(rec)
+    emit = RecordLog(cfg.out_dir if lead else None,
+                     {"train": dataclasses.asdict(cfg), "warm_start": ws, "deepspeed": ds_cfg, "world_size": world},
+                     progress if lead else None)
+    records = emit.records
 
     def validate() -> dict:
         engine.eval()
@@ -315,6 +302,5 @@ def _run(cfg: TrainConfig, ds_cfg: dict, progress, log) -> List[dict]:
                 rec["t_val"] = clock() - tv
             emit(rec)
     finally:
-        if out_f is not None:
-            out_f.close()
+        emit.close()
     return records

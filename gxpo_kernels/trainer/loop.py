@@ -205,6 +205,35 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dic
     return out
 
 
+
+class RecordLog:
+    """Collects the per-step records and, when ``out_dir`` is set, writes ``config.json`` once and appends each
+    record to ``records.jsonl`` (flushed, so a crashed run keeps its curve); ``progress`` sees every record.
+    Shared by the plain loop and the DeepSpeed loop (where only the writing rank passes ``out_dir``)."""
+
+    def __init__(self, out_dir: Optional[str], config: dict, progress: Optional[Callable] = None):
+        self.records: List[dict] = []
+        self.progress = progress
+        self._f = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(_json_safe(config), f, indent=1)
+            self._f = open(os.path.join(out_dir, "records.jsonl"), "w")
+
+    def __call__(self, rec: dict) -> None:
+        rec = _json_safe(rec)
+        self.records.append(rec)
+        if self._f is not None:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+        if self.progress is not None:
+            self.progress(rec)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
 def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None, log=print) -> List[dict]:
     """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set).
     With ``cfg.deepspeed`` the run goes to ``ds_loop.train_deepspeed`` (a DeepSpeed ZeRO engine)."""
@@ -235,22 +264,8 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
         loss_kw["max_length"] = max_new
     params = [p for p in model.parameters() if p.requires_grad]
 
-    records: List[dict] = []
-    out_f = None
-    if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(_json_safe({"train": dataclasses.asdict(cfg), "warm_start": ws}), f, indent=1)
-        out_f = open(os.path.join(cfg.out_dir, "records.jsonl"), "w")
-
-    def emit(rec):
-        rec = _json_safe(rec)
-        records.append(rec)
-        if out_f is not None:
-            out_f.write(json.dumps(rec) + "\n")
-            out_f.flush()
-        if progress is not None:
-            progress(rec)
+    emit = RecordLog(cfg.out_dir, {"train": dataclasses.asdict(cfg), "warm_start": ws}, progress)
+    records = emit.records
 
     bp_total = opt_total = 0
     wall = 0.0
@@ -344,6 +359,5 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                 rec["t_val"] = _clock(device) - tv
             emit(rec)
     finally:
-        if out_f is not None:
-            out_f.close()
+        emit.close()
     return records
