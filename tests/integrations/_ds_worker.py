@@ -212,6 +212,10 @@ def worker(rank, port, outdir, cases):
     # a local non-finite count on one rank only must reach every rank through the rule's reduction
     recs["_allreduce"] = _allreduce_probe()
     torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))
+    # explicit teardown: a process group left to interpreter exit can abort a rank (gloo threads alive
+    # during static destruction: "terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _allreduce_probe():

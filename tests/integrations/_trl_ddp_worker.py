@@ -17,3 +17,8 @@ tr.train()
 flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
 torch.save({"flat": flat, "passes": tr.gxpo_backward_passes, "steps": tr.state.global_step},
            out / f"rank{tr.accelerator.process_index}.pt")
+# tear the process group down explicitly: leaving it to interpreter exit can abort a rank with
+# "terminate called without an active exception" (gloo threads still alive during static destruction)
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
