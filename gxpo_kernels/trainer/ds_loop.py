@@ -41,7 +41,7 @@ from torch import nn
 
 from ..advantages import FADEController
 from .config import DS_ALGOS, TrainConfig
-from .loop import RecordLog, build_policy, compute_advantages, validate_policy, warm_start
+from .loop import RecordLog, build_policy, mark_gate, compute_advantages, validate_policy, warm_start
 from .rollout import policy_loss, response_logits, rollout
 
 
@@ -289,13 +289,7 @@ def _run(cfg: TrainConfig, ds_cfg: dict, progress, log) -> List[dict]:
                    "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0)}
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
-            if rule is not None and gate_fired_at is None and rule.gate.fired:
-                fs = info.get("gate_fired_step")
-                gate_fired_at = step if fs is None else int(fs) + 1
-                rec["gate_fired"] = True
-            if rule is not None:
-                upd["gate_fired_step"] = gate_fired_at
-            rec["gate_fired_at"] = gate_fired_at
+            gate_fired_at = mark_gate(rec, upd, rule, info, step, gate_fired_at)
             if step % cfg.val_every == 0 or step == cfg.steps:
                 tv = clock()
                 rec["val"] = validate()

@@ -206,6 +206,21 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dic
 
 
 
+def mark_gate(rec: dict, upd: dict, rule, info: dict, step: int, gate_fired_at: Optional[int]) -> Optional[int]:
+    """Record when the update rule's gate fired (``rec["gate_fired_at"]``, ``upd["gate_fired_step"]``, and
+    ``rec["gate_fired"]`` on that step); return the (possibly new) firing step."""
+    if rule is not None and gate_fired_at is None and rule.gate.fired:
+        # the rule counts outer steps from 0; ours start at 1. The gate fired on this step's
+        # observation (or an earlier one), so from the next step on the rule runs 1-pass GRPO.
+        fs = info.get("gate_fired_step")
+        gate_fired_at = step if fs is None else int(fs) + 1
+        rec["gate_fired"] = True
+    if rule is not None:
+        upd["gate_fired_step"] = gate_fired_at
+    rec["gate_fired_at"] = gate_fired_at
+    return gate_fired_at
+
+
 class RecordLog:
     """Collects the per-step records and, when ``out_dir`` is set, writes ``config.json`` once and appends each
     record to ``records.jsonl`` (flushed, so a crashed run keeps its curve); ``progress`` sees every record.
@@ -344,15 +359,7 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
             if fpa:
                 rec["fpa"] = {k: first.get("metrics", {}).get(k) for k in ("pairs", "c_w_mean", "c_l_mean")}
                 rec["fpa"]["pairs"] = info["pairs"]
-            if rule is not None and gate_fired_at is None and rule.gate.fired:
-                # the rule counts outer steps from 0; ours start at 1. The gate fired on this step's
-                # observation (or an earlier one), so from the next step on the rule runs 1-pass GRPO.
-                fs = info.get("gate_fired_step")
-                gate_fired_at = step if fs is None else int(fs) + 1
-                rec["gate_fired"] = True
-            if rule is not None:
-                upd["gate_fired_step"] = gate_fired_at
-            rec["gate_fired_at"] = gate_fired_at
+            gate_fired_at = mark_gate(rec, upd, rule, info, step, gate_fired_at)
             if step % cfg.val_every == 0 or step == cfg.steps:
                 tv = _clock(device)
                 rec["val"] = validate_policy(cfg, model, tok, task, val_pairs, max_new)
