@@ -109,7 +109,8 @@ def _worker(rank, port, d):
     ds_loop.compute_advantages = random_advantages
     out = {}
     for name, (algo, stage, gas, extra, _) in CASES.items():
-        cfg = TrainConfig(algo=algo, steps=2, deepspeed=_ds_json(d, f"{name}.json", stage, gas),
+        # one config file per rank: both ranks writing one path races (the other rank can read it half-written)
+        cfg = TrainConfig(algo=algo, steps=2, deepspeed=_ds_json(d, f"{name}.rank{rank}.json", stage, gas),
                           out_dir=os.path.join(d, name), cache_dir=os.path.join(d, "cache"), **TINY, **extra)
         recs = ds_loop.train_deepspeed(cfg)
         out[name] = {"records": recs}
