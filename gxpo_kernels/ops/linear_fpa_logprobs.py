@@ -1,125 +1,246 @@
 """FPA log-probs from hidden states: never materialises the (N, V) policy or reference logits.
 
-logits = hidden @ weight.T and ref_logits = ref_hidden @ ref_weight.T are formed one chunk of ``chunk_size``
-token rows at a time; each chunk goes through the same host launchers as ``fpa_logprobs`` (Triton kernel on
-CUDA / under the interpreter, PyTorch otherwise), so peak extra memory is O(chunk_size * V). Backward
-recomputes each chunk's policy logits, turns d(logp) into d(logits) with the FPA backward launcher and
-accumulates d(hidden) = dlogits @ weight and d(weight) = dlogits.T @ hidden (fp32 accumulator). The reference
-side gets no gradient. Reference: ``fpa_logprobs_ref.py`` on materialised logits.
+With z = (hidden @ weight.T + bias) / T and z_ref = (ref_hidden @ ref_weight.T + ref_bias) / T:
 
-Note: this is a token-chunked PyTorch driver around the row kernel; a fused-linear Triton tiling (as in the
-fused-linear GRPO loss) can replace the per-chunk matmul + kernel later without changing this API.
+    logp = log_softmax(z)[y],  ref_logp = log_softmax(z_ref)[y],  fpa_logp = log_softmax((1+lam) z - lam z_ref)[y]
+
+It shares the tiling of the fused-linear GRPO head (``linear_token_logprobs``):
+  * Triton forward: one program per (token tile, vocab split) forms the policy and the reference logits tiles
+    with ``tl.dot`` (the same ``_logits_tile`` helper), keeps three online log-sum-exps and three target
+    logits per token, and a tiny torch epilogue merges the vocab splits. Only O(N) fp32 statistics are kept.
+  * Backward: gradient flows only through ``logp`` (into hidden, weight, bias), so it *is* the fused-linear
+    head's backward with no entropy term: ``linear_token_stats_bwd`` (atomics, or ``deterministic=True``).
+  * torch: chunks over tokens (fp32 logits of one chunk at a time, both sides); also the path on CPU tensors.
+Masked rows are dropped before any GEMM work and come back as 0. Reference: ``fpa_logprobs_ref.py`` on
+materialised logits.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
-                      resolve_backend)
-from .fpa_logprobs import FLOAT_DTYPES, check_lam_temperature, fpa_logprobs_bwd, fpa_logprobs_fwd
+                      triton_interpret)
+from .fpa_logprobs import check_lam_temperature
+from .linear_token_logprobs import (_GPU_BLOCKS, _NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
+                                    _logits_tile, linear_token_stats_bwd, make_head_config, validate_head)
 
-DEFAULT_CHUNK_SIZE = 1024
+
+# ----------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _lse_step(b_max, b_sum, z, m_v):
+    """Online log-sum-exp over one (BLOCK_M, BLOCK_V) tile; invalid columns hold _NEG and add nothing."""
+    new_max = tl.maximum(b_max, tl.max(z, axis=1))
+    e = tl.where(m_v[None, :], tl.exp(z - new_max[:, None]), 0.0)
+    return new_max, tl.exp(b_max - new_max) * b_sum + tl.sum(e, axis=1)
+
+
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
+                    N, V, H, H_REF, stride_h, stride_w, stride_hr, stride_wr, inv_t, lam, tiles_per_split,
+                    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                    UPCAST_REF: tl.constexpr, PRECISION: tl.constexpr, PRECISION_REF: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid (token tiles, vocab splits). st_ptr is (9, splits, N) fp32: (max, sum, target) for the policy,
+    # the reference and the extrapolated logits, relative to this split's vocabulary range.
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1)
+    m1 = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)
+    m2 = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)
+    m3 = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s3 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t3 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_vt = tl.cdiv(V, BLOCK_V)
+    v_lo = i_s * tiles_per_split
+    v_hi = tl.minimum(v_lo + tiles_per_split, n_vt)
+    for i_v in range(v_lo, v_hi):
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
+                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        zr = _logits_tile(hr_ptr, wr_ptr, br_ptr, o_m, m_m, o_v, m_v, H_REF, stride_hr, stride_wr, inv_t,
+                          HAS_REF_BIAS, UPCAST_REF, PRECISION_REF, BLOCK_M, BLOCK_V, BLOCK_K)
+        zf = tl.where(m_v[None, :], (1.0 + lam) * z - lam * zr, _NEG)
+        z = tl.where(m_v[None, :], z, _NEG)
+        zr = tl.where(m_v[None, :], zr, _NEG)
+        is_y = o_v[None, :] == b_y[:, None]
+        t1 += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+        t2 += tl.sum(tl.where(is_y, zr, 0.0), axis=1)
+        t3 += tl.sum(tl.where(is_y, zf, 0.0), axis=1)
+        m1, s1 = _lse_step(m1, s1, z, m_v)
+        m2, s2 = _lse_step(m2, s2, zr, m_v)
+        m3, s3 = _lse_step(m3, s3, zf, m_v)
+    off = i_s * N + o_m
+    plane = tl.num_programs(1) * N          # elements per statistic
+    tl.store(st_ptr + off, m1, mask=m_m)
+    tl.store(st_ptr + plane + off, s1, mask=m_m)
+    tl.store(st_ptr + 2 * plane + off, t1, mask=m_m)
+    tl.store(st_ptr + 3 * plane + off, m2, mask=m_m)
+    tl.store(st_ptr + 4 * plane + off, s2, mask=m_m)
+    tl.store(st_ptr + 5 * plane + off, t2, mask=m_m)
+    tl.store(st_ptr + 6 * plane + off, m3, mask=m_m)
+    tl.store(st_ptr + 7 * plane + off, s3, mask=m_m)
+    tl.store(st_ptr + 8 * plane + off, t3, mask=m_m)
+
+
+# ------------------------------------------------------------------------------------------- host side
+def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
+    N = h.shape[0]
+    V = w.shape[0]
+    upcast, prec, blocks = _kernel_flags(h, w, cfg)
+    upcast_r, prec_r, _ = _kernel_flags(hr, wr, cfg)
+    # two logits tiles live at once: the smaller fp32-operand tiles on a GPU for any dtype (ptxas -v, sm_90:
+    # 64x64 uses 184 registers in bf16 and 242 in fp32 with no spills; 64x128 bf16 reaches 255 registers)
+    BM, BV, BK, nw = blocks if triton_interpret() else _GPU_BLOCKS[True]
+    n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, n_vt))
+    elif h.is_cuda:   # enough programs to fill the GPU when there are few token tiles
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        splits = max(1, min(n_vt, triton.cdiv(4 * sms, n_mt)))
+    else:
+        splits = 1
+    tps = triton.cdiv(n_vt, splits)
+    splits = triton.cdiv(n_vt, tps)
+    st = torch.empty(9, splits, N, dtype=torch.float32, device=h.device)
+    _fpa_fwd_kernel[(n_mt, splits)](
+        h, w, b if b is not None else h, hr, wr, br if br is not None else hr, y, st,
+        N, V, h.shape[1], hr.shape[1], h.stride(0), w.stride(0), hr.stride(0), wr.stride(0), inv_t, lam, tps,
+        HAS_BIAS=b is not None, HAS_REF_BIAS=br is not None, UPCAST=upcast, UPCAST_REF=upcast_r,
+        PRECISION=prec, PRECISION_REF=prec_r, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
+    out = []
+    for m_k, s_k, t_k in st.view(3, 3, splits, N):       # epilogue over the splits, O(N * splits)
+        M = m_k.max(0).values
+        lse = M + torch.log((torch.exp(m_k - M) * s_k).sum(0))
+        out += [t_k.sum(0) - lse, lse]
+    (logp, lse), (ref_logp, _), (fpa_logp, _) = out[0:2], out[2:4], out[4:6]
+    return logp, ref_logp, fpa_logp, lse
+
+
+def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
+    N = h.shape[0]
+    wf, wrf = w.float(), wr.float()            # O(V*H) upcasts, independent of N
+    bf = None if b is None else b.float()
+    brf = None if br is None else br.float()
+    logp, ref_logp, fpa_logp, lse = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(4))
+    step = max(1, _chunk_rows(cfg, w.shape[0]) // 2)    # two (rows, V) logits tensors live per chunk
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        yc = y[s:e, None].long()
+        z = _chunk_logits(h[s:e], wf, bf, inv_t)
+        zr = _chunk_logits(hr[s:e], wrf, brf, inv_t)
+        lse[s:e] = torch.logsumexp(z, -1)
+        logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
+        ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
+        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam)          # in place: the extrapolated logits
+        fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
+    return logp, ref_logp, fpa_logp, lse
+
+
+@torch.no_grad()
+def linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
+    """Flat, validated rows -> (logp, ref_logp, fpa_logp, policy lse), each fp32 (N,)."""
+    if h.shape[0] == 0:
+        return tuple(torch.zeros(0, dtype=torch.float32, device=h.device) for _ in range(4))
+    fn = _fwd_triton if cfg.backend == "triton" else _fwd_torch
+    return fn(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
 
 
 class LinearFPALogprobsFunction(torch.autograd.Function):
+    """Flat rows (N, H), (V, H), (V,)|None, (N, H_ref), (V, H_ref), (V,)|None, (N,) -> three fp32 (N,)."""
+
     @staticmethod
-    def forward(ctx, hidden2d, weight, ref_hidden2d, ref_weight, tokens1d, mask1d, lam, temperature,
-                chunk_size, backend):
-        N = hidden2d.shape[0]
-        out = [torch.empty(N, dtype=torch.float32, device=hidden2d.device) for _ in range(4)]
-        with torch.no_grad():
-            for r0 in range(0, N, chunk_size):
-                sl = slice(r0, r0 + chunk_size)
-                logits = hidden2d[sl] @ weight.t()
-                ref_logits = ref_hidden2d[sl] @ ref_weight.t()
-                m = None if mask1d is None else mask1d[sl]
-                res = fpa_logprobs_fwd(logits, ref_logits, tokens1d[sl], m, lam, temperature, backend)
-                for k in range(4):
-                    out[k][sl] = res[k]
-        ctx.save_for_backward(hidden2d, weight, tokens1d, mask1d, out[3])
-        ctx.temperature, ctx.chunk_size, ctx.backend = temperature, chunk_size, backend
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out[0], out[1], out[2]
+    def forward(ctx, h, w, b, hr, wr, br, y, inv_t, lam, cfg):
+        logp, ref_logp, fpa_logp, lse = linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
+        ctx.save_for_backward(h, w, b, y, lse)
+        ctx.inv_t, ctx.cfg = inv_t, cfg
+        ctx.mark_non_differentiable(ref_logp, fpa_logp)
+        return logp, ref_logp, fpa_logp
 
     @staticmethod
     def backward(ctx, dlogp, _dref, _dfpa):
-        hidden2d, weight, tokens1d, mask1d, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if dlogp is None or not (need_h or need_w):
+        h, w, b, y, lse = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        if dlogp is None or not any(need):
             return (None,) * 10
-        N, step = hidden2d.shape[0], ctx.chunk_size
-        dhidden = torch.empty_like(hidden2d) if need_h else None
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for r0 in range(0, N, step):
-            sl = slice(r0, r0 + step)
-            h = hidden2d[sl]
-            logits = h @ weight.t()
-            m = None if mask1d is None else mask1d[sl]
-            dlogits = fpa_logprobs_bwd(dlogp[sl], logits, tokens1d[sl], m, lse[sl], ctx.temperature, ctx.backend)
-            if need_h:
-                dhidden[sl] = (dlogits @ weight).to(hidden2d.dtype)
-            if need_w:
-                dweight += (dlogits.t() @ h).float()
-        if need_w:
-            dweight = dweight.to(weight.dtype)
-        return dhidden, dweight, None, None, None, None, None, None, None, None
+        # d logp / d z = onehot(y) - softmax(z): the fused-linear head backward with no entropy term
+        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, None, dlogp, None, ctx.inv_t, ctx.cfg, need)
+        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
+                None if gb is None else gb.to(b.dtype)) + (None,) * 7
+
+
+def _check_ref_head(ref_hidden, ref_weight, ref_bias, hidden, V: int, fp32_head: bool) -> None:
+    validate_head(ref_hidden, ref_weight, ref_bias, fp32_head, hidden_ndim=None, prefix="ref_")
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"ref_weight must have the policy vocabulary V={V} rows, got {tuple(ref_weight.shape)}")
+    check_shape(ref_hidden, "ref_hidden", (*hidden.shape[:-1], ref_weight.shape[1]))
 
 
 def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
                         ref_weight: torch.Tensor, tokens: torch.Tensor, lam: float = 1.0, temperature: float = 1.0,
-                        *, mask: Optional[torch.Tensor] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fpa_logprobs`` on hidden states: logits = hidden @ weight.T, ref_logits = ref_hidden @ ref_weight.T.
+                        *, bias: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None, fp32_head: bool = False, deterministic: bool = False,
+                        chunk_size: Optional[int] = None, backend: str = "auto"
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fpa_logprobs`` on hidden states: logits = hidden @ weight.T + bias, ref_logits = ref_hidden @ ref_weight.T
+    + ref_bias, neither ever materialised for all tokens.
 
     Args:
         hidden: (B, T, H) (any leading dims) policy last hidden states; receives a gradient.
-        weight: (V, H) policy lm_head weight (no bias); receives a gradient.
+        weight: (V, H) policy lm_head weight; bias: (V,) or None. Both receive gradients.
         ref_hidden: (B, T, H_ref) reference hidden states (no gradient).
-        ref_weight: (V, H_ref) reference lm_head weight (no gradient).
+        ref_weight: (V, H_ref) reference lm_head weight; ref_bias: (V,) or None (no gradient).
         tokens: (B, T) token ids in [0, V) where ``mask`` is set.
-        lam, temperature, mask, backend: as in ``fpa_logprobs``.
-        chunk_size: token rows per chunk; peak extra memory ~ 2 * chunk_size * V logits.
+        lam, temperature: as in ``fpa_logprobs``. mask: optional bool/0-1 (B, T); masked rows cost no GEMM work.
+        fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows hidden/weight dtypes to differ).
+        deterministic: fixed-order gradient accumulation in the Triton backward (no atomics).
+        chunk_size: token rows per chunk of the torch backend (None: ~4M logits per side and chunk).
+        backend: "auto" (Triton on CUDA / under TRITON_INTERPRET=1, else torch) | "triton" | "torch".
 
     Returns:
-        (logp, ref_logp, fpa_logp), each (B, T) fp32; only ``logp`` is differentiable (w.r.t. hidden, weight).
+        (logp, ref_logp, fpa_logp), each (B, T) fp32, 0 at masked positions; only ``logp`` is differentiable.
 
     Example:
         >>> logp, ref_logp, fpa_logp = linear_fpa_logprobs(h, model.lm_head.weight, h_ref,
         ...                                                ref_model.lm_head.weight, tokens, lam=1.0, mask=mask)
     """
-    for name, x in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
-        check_tensor(x, name, floating=True)
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32/bfloat16/float16, got {x.dtype}")
-    check_tensor(tokens, "tokens")
-    check_tensor(weight, "weight", ndim=2)
-    check_tensor(ref_weight, "ref_weight", ndim=2)
-    if hidden.dim() < 2:
+    if isinstance(hidden, torch.Tensor) and hidden.dim() < 2:
         raise ValueError(f"hidden must have shape (*, H) with at least 2 dims, got {tuple(hidden.shape)}")
-    V, H = weight.shape
-    if hidden.shape[-1] != H:
-        raise ValueError(f"hidden's last dim {hidden.shape[-1]} must equal weight's H={H} (weight is (V, H))")
-    if ref_weight.shape[0] != V:
-        raise ValueError(f"ref_weight must have the policy vocabulary V={V} rows, got {tuple(ref_weight.shape)}")
-    check_shape(ref_hidden, "ref_hidden", (*hidden.shape[:-1], ref_weight.shape[1]))
-    if ref_hidden.dtype != ref_weight.dtype:
-        raise TypeError(f"ref_hidden ({ref_hidden.dtype}) and ref_weight ({ref_weight.dtype}) must share a dtype")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    validate_head(hidden, weight, bias, fp32_head, hidden_ndim=None)
+    V = weight.shape[0]
+    _check_ref_head(ref_hidden, ref_weight, ref_bias, hidden, V, fp32_head)
     lead = hidden.shape[:-1]
+    check_tensor(tokens, "tokens")
     check_shape(tokens, "tokens", lead)
-    check_same_device(hidden, "hidden", weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                      tokens=tokens, mask=mask)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_same_device(hidden, "hidden", weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                      ref_bias=ref_bias, tokens=tokens, mask=mask)
     lam, temperature = check_lam_temperature(lam, temperature)
-    m = None if mask is None else normalize_mask(mask, lead, hidden.device)
-    check_tokens_in_range(tokens, V, m)
-    be = resolve_backend(backend, hidden.device)
-    logp, ref_logp, fpa_logp = LinearFPALogprobsFunction.apply(
-        hidden.reshape(-1, H), weight, ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach(), ref_weight.detach(),
-        tokens.reshape(-1).contiguous(), None if m is None else m.reshape(-1).contiguous(), lam, temperature,
-        chunk_size, be)
-    return logp.view(lead), ref_logp.view(lead), fpa_logp.view(lead)
+    m = normalize_mask(mask, lead, hidden.device).reshape(-1)
+    check_tokens_in_range(tokens, V, m.view(lead))
+    cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
+
+    h2, hr2, y1 = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), tokens.reshape(-1)
+    all_rows = bool(m.all())
+    idx = None if all_rows else m.nonzero().squeeze(1)
+
+    def rows(x):
+        return (x if all_rows else x.index_select(0, idx)).contiguous()
+
+    out = LinearFPALogprobsFunction.apply(
+        rows(h2), weight.contiguous(), None if bias is None else bias.contiguous(), rows(hr2).detach(),
+        ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach().contiguous(), rows(y1),
+        1.0 / temperature, lam, cfg)
+    if not all_rows:
+        zero = torch.zeros(h2.shape[0], dtype=torch.float32, device=hidden.device)
+        out = tuple(zero.index_put((idx,), x) for x in out)
+    return tuple(x.view(lead) for x in out)

@@ -429,31 +429,32 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 None if gb is None else gb.to(b.dtype), None, None, None)
 
 
-def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3)) -> None:
-    """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument)."""
-    check_tensor(hidden, "hidden", ndim=hidden_ndim, floating=True)
-    check_tensor(weight, "weight", floating=True)
+def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), prefix: str = "") -> None:
+    """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument, with ``prefix``)."""
+    hn, wn, bn = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    check_tensor(hidden, hn, ndim=hidden_ndim, floating=True)
+    check_tensor(weight, wn, floating=True)
     if weight.dim() != 2:
         hint = (" (a ZeRO-3 partitioned parameter? gather it with deepspeed.zero.GatheredParameters, or use "
                 "gxpo_kernels.integrations.hf.causal_lm_grpo_loss)") if weight.numel() == 0 else ""
-        raise ValueError(f"weight must be 2-D (vocab_size, hidden_size), got shape {tuple(weight.shape)}{hint}")
+        raise ValueError(f"{wn} must be 2-D (vocab_size, hidden_size), got shape {tuple(weight.shape)}{hint}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
-                         f"(weight must be (vocab_size, hidden_size) = lm_head.weight)")
+        raise ValueError(f"{wn} has hidden size {weight.shape[1]} but {hn} has {hidden.shape[-1]} "
+                         f"({wn} must be (vocab_size, hidden_size) = lm_head.weight)")
     if weight.shape[0] == 0:
-        raise ValueError("weight has vocab_size 0")
-    for name, t in (("hidden", hidden), ("weight", weight)):
+        raise ValueError(f"{wn} has vocab_size 0")
+    for name, t in ((hn, hidden), (wn, weight)):
         if t.dtype not in HEAD_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if hidden.dtype != weight.dtype and not fp32_head:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; pass "
+        raise TypeError(f"{hn} ({hidden.dtype}) and {wn} ({weight.dtype}) must share a dtype; pass "
                         "fp32_head=True to run the head in fp32 with mixed inputs")
     if bias is not None:
-        check_tensor(bias, "bias", ndim=1, floating=True)
-        check_shape(bias, "bias", (weight.shape[0],))
+        check_tensor(bias, bn, ndim=1, floating=True)
+        check_shape(bias, bn, (weight.shape[0],))
         if bias.dtype != weight.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
-    check_same_device(hidden, "hidden", weight=weight, bias=bias)
+            raise TypeError(f"{bn} dtype {bias.dtype} must match {wn} dtype {weight.dtype}")
+    check_same_device(hidden, hn, **{wn: weight, bn: bias})
 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:

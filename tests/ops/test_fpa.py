@@ -7,6 +7,9 @@ non-contiguous input; hidden-state variant vs materialised logits (values, d hid
 objective vs a float64 reference (lam > 0, both fpa_side) and vs its base method at lam = 0 (value and grad);
 bad input.
 """
+import dataclasses
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,29 +108,81 @@ def test_non_contiguous_shifted_logits(backend):
         assert_close(name, b, a, 1e-5)
 
 
+LINEAR_CASES = [  # (H, H_ref, V, policy dtype, ref dtype, bias, deterministic, fp32_head, chunk_size)
+    pytest.param(32, 24, 1000, torch.float32, torch.float32, False, False, False, 3, id="fp32"),
+    pytest.param(37, 21, 203, torch.bfloat16, torch.bfloat16, True, True, False, None, id="bf16-bias-det"),
+    pytest.param(20, 33, 517, torch.bfloat16, torch.float32, True, False, True, 4, id="bf16-ref_fp32-fp32_head"),
+    pytest.param(19, 19, 300, torch.float16, torch.float16, False, True, False, 2, id="fp16-det"),
+]
+
+
+def _linear_inputs(H, H_ref, V, dtype, ref_dtype, bias, B=2, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).requires_grad_(True)
+    b = (0.3 * torch.randn(V, generator=g)).to(dtype).requires_grad_(True) if bias else None
+    ref_hidden = torch.randn(B, T, H_ref, generator=g).to(ref_dtype)
+    ref_weight = (torch.randn(V, H_ref, generator=g) / H_ref ** 0.5).to(ref_dtype)
+    ref_b = (0.3 * torch.randn(V, generator=g)).to(ref_dtype) if bias else None
+    return hidden, weight, b, ref_hidden, ref_weight, ref_b
+
+
+def _materialised_ref(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tokens, lam, temp, mask):
+    params = (hidden, weight) + ((bias,) if bias is not None else ())
+    leaves = [t.detach().double().requires_grad_(True) for t in params]
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0)
+    ref_logits = ref_hidden.double() @ ref_weight.double().T + (ref_bias.double() if ref_bias is not None else 0)
+    return fpa_logprobs_ref(logits, ref_logits, tokens, lam, temp, mask=mask), leaves
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_linear_vs_materialised(backend, dtype):
-    B, T, H, H_ref, V = 2, 5, 32, 24, 1000
-    hidden = torch.randn(B, T, H).to(dtype).requires_grad_(True)
-    weight = (torch.randn(V, H) / H ** 0.5).to(dtype).requires_grad_(True)
-    ref_hidden = torch.randn(B, T, H_ref).to(dtype)
-    ref_weight = (torch.randn(V, H_ref) / H_ref ** 0.5).to(dtype)
-    _, _, tokens, mask = _inputs(B, T, V, torch.float32)
-    out = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, 1.0, 0.9, mask=mask, chunk_size=3,
-                              backend=backend)
-    h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
-    ref = fpa_logprobs_ref(h64 @ w64.T, ref_hidden.double() @ ref_weight.double().T, tokens, 1.0, 0.9, mask=mask)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2        # bf16 matmul rounds the logits
-    for name, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
-        assert_close(name, b.detach(), a.detach(), tol)
-    assert not out[1].requires_grad and not out[2].requires_grad
-    g = torch.randn(B, T)
-    d_h, d_w = torch.autograd.grad((out[0] * g).sum(), (hidden, weight))
-    r_h, r_w = torch.autograd.grad((ref[0] * g.double()).sum(), (h64, w64))
-    assert d_h.dtype == dtype and d_w.dtype == dtype
-    assert_close("dhidden", r_h, d_h, tol)
-    assert_close("dweight", r_w, d_w, tol)
+@pytest.mark.parametrize("H,H_ref,V,dtype,ref_dtype,bias,det,fp32_head,chunk", LINEAR_CASES)
+def test_linear_vs_materialised(backend, H, H_ref, V, dtype, ref_dtype, bias, det, fp32_head, chunk):
+    # H, V not multiples of the tiles (interpreter tiles 16 x 32 x 16), ragged mask with padding ids
+    hidden, weight, b, ref_hidden, ref_weight, ref_b = _linear_inputs(H, H_ref, V, dtype, ref_dtype, bias)
+    _, _, tokens, mask = _inputs(2, 5, V, torch.float32)
+    lam, temp = 1.3, 0.9
+    out = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, lam, temp, bias=b, ref_bias=ref_b,
+                              mask=mask, fp32_head=fp32_head, deterministic=det, chunk_size=chunk, backend=backend)
+    ref, leaves = _materialised_ref(hidden, weight, b, ref_hidden, ref_weight, ref_b, tokens, lam, temp, mask)
+    for name, a, r in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
+        assert a.dtype == torch.float32 and a.shape == tokens.shape
+        assert_close(name, r.detach(), a.detach(), 1e-5)      # fp32 accumulation of the rounded inputs
+    assert out[0].requires_grad and not out[1].requires_grad and not out[2].requires_grad
+    g = torch.randn(2, 5)
+    ours = torch.autograd.grad((out[0] * g).sum(), [t for t in (hidden, weight, b) if t is not None])
+    theirs = torch.autograd.grad((ref[0] * g.double()).sum(), leaves)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2          # gradients come back in the input dtype
+    for name, a, r, x in zip(("dhidden", "dweight", "dbias"), ours, theirs, (hidden, weight, b)):
+        assert a.dtype == x.dtype
+        assert_close(name, r, a, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_lam_zero_and_no_grad(backend):
+    hidden, weight, b, ref_hidden, ref_weight, ref_b = _linear_inputs(24, 16, 301, torch.float32, torch.float32, True)
+    tokens = torch.randint(0, 301, (2, 5))
+    logp, _, fpa0 = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, 0.0, bias=b, ref_bias=ref_b,
+                                        backend=backend)
+    assert torch.equal(logp.detach(), fpa0), "lam=0 must give pi_hat == pi_theta exactly"
+    with torch.no_grad():    # the old/ref log-prob fast path: same numbers, nothing differentiable
+        again = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, 0.0, bias=b, ref_bias=ref_b,
+                                    backend=backend)
+    assert not again[0].requires_grad and torch.equal(again[0], logp.detach())
+
+
+def test_linear_triton_vocab_splits(monkeypatch):
+    # the epilogue merges three online log-sum-exps across 3 vocab splits (the last one ragged)
+    lfl = importlib.import_module("gxpo_kernels.ops.linear_fpa_logprobs")  # the package re-exports the function
+    real = lfl.make_head_config
+    monkeypatch.setattr(lfl, "make_head_config", lambda *a: dataclasses.replace(real(*a), num_splits=3))
+    hidden, weight, b, ref_hidden, ref_weight, ref_b = _linear_inputs(24, 16, 150, torch.float32, torch.float32, True)
+    tokens = torch.randint(0, 150, (2, 5))
+    out = linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, 0.7, bias=b, ref_bias=ref_b,
+                              backend="triton")
+    ref, _ = _materialised_ref(hidden, weight, b, ref_hidden, ref_weight, ref_b, tokens, 0.7, 1.0, None)
+    for name, a, r in zip(("logp", "ref_logp", "fpa_logp"), out, ref):
+        assert_close(name, r.detach(), a.detach(), 1e-6)
 
 
 # ------------------------------------------------------------------------------------------ objectives
@@ -318,6 +373,14 @@ def test_bad_input():
         linear_fpa_logprobs(torch.randn(2, 3, 7), w, h, w, tokens, mask=mask)
     with pytest.raises(ValueError, match="chunk_size"):
         linear_fpa_logprobs(h, w, h, w, tokens, mask=mask, chunk_size=0)
+    with pytest.raises(ValueError, match="ref_bias"):
+        linear_fpa_logprobs(h, w, h, w, tokens, mask=mask, ref_bias=torch.randn(49))
+    with pytest.raises(TypeError, match="fp32_head"):
+        linear_fpa_logprobs(h.bfloat16(), w, h, w, tokens, mask=mask)
+    with pytest.raises(ValueError, match="ref_hidden"):
+        linear_fpa_logprobs(h, w, h[:, :2], w, tokens, mask=mask)
+    with pytest.raises(ValueError, match="tokens"):
+        linear_fpa_logprobs(h, w, h, w, tokens)                  # padding ids are out of range without the mask
     x = FPALogProbs(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), mask)
     with pytest.raises(ValueError, match="fpa_side"):
         fpa_dpo_loss(x, x, fpa_side="chosen")
