@@ -5,7 +5,7 @@ Tests compare the fused op (both backends) against it; benchmarks use it as the 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 

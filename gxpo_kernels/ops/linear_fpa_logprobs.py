@@ -26,7 +26,8 @@ from .._utils import (check_same_device, check_shape, check_tensor, check_tokens
                       triton_interpret)
 from .fpa_logprobs import check_lam_temperature
 from .linear_token_logprobs import (_GPU_BLOCKS, _NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
-                                    _logits_tile, linear_token_stats_bwd, make_head_config, validate_head)
+                                    _logits_tile, linear_token_stats_bwd, make_head_config, validate_head,
+                                    vocab_splits)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -103,15 +104,7 @@ def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     # 64x64 uses 184 registers in bf16 and 242 in fp32 with no spills; 64x128 bf16 reaches 255 registers)
     BM, BV, BK, nw = blocks if triton_interpret() else _GPU_BLOCKS[True]
     n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
-    if cfg.num_splits is not None:
-        splits = max(1, min(cfg.num_splits, n_vt))
-    elif h.is_cuda:   # enough programs to fill the GPU when there are few token tiles
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-        splits = max(1, min(n_vt, triton.cdiv(4 * sms, n_mt)))
-    else:
-        splits = 1
-    tps = triton.cdiv(n_vt, splits)
-    splits = triton.cdiv(n_vt, tps)
+    splits, tps = vocab_splits(cfg, h.device, n_mt, n_vt)
     st = torch.empty(9, splits, N, dtype=torch.float32, device=h.device)
     _fpa_fwd_kernel[(n_mt, splits)](
         h, w, b if b is not None else h, hr, wr, br if br is not None else hr, y, st,

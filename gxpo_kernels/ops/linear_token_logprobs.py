@@ -267,20 +267,25 @@ def _kernel_flags(h: torch.Tensor, w: torch.Tensor, cfg: _HeadConfig):
     return fp32_ops, prec, _GPU_BLOCKS[fp32_ops]
 
 
+def vocab_splits(cfg: _HeadConfig, device, n_mt: int, n_vt: int):
+    """(splits, vocab tiles per split) of a forward grid: enough programs to fill the GPU when few token tiles."""
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, n_vt))
+    elif device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(n_vt, triton.cdiv(4 * sms, n_mt)))
+    else:
+        splits = 1
+    tps = triton.cdiv(n_vt, splits)
+    return triton.cdiv(n_vt, tps), tps
+
+
 def _fwd_triton(h, w, b, y, inv_t, cfg):
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
     n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
-    if cfg.num_splits is not None:
-        splits = max(1, min(cfg.num_splits, n_vt))
-    elif h.is_cuda:
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-        splits = max(1, min(n_vt, triton.cdiv(4 * sms, n_mt)))
-    else:
-        splits = 1
-    tps = triton.cdiv(n_vt, splits)
-    splits = triton.cdiv(n_vt, tps)
+    splits, tps = vocab_splits(cfg, h.device, n_mt, n_vt)
     stats = torch.empty(4, splits, N, dtype=torch.float32, device=h.device)
     _fwd_kernel[(n_mt, splits)](
         h, w, b if b is not None else h, y, stats[0], stats[1], stats[2], stats[3],
