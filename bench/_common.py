@@ -5,7 +5,11 @@
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,3 +45,43 @@ def timed_record(benchmark, fn: Callable[[int], object], *, n_rotate: int = 1, *
 
     benchmark.pedantic(once, rounds=1, iterations=1)
     return t
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def step_peak_rss(step: Callable[[], object]) -> dict:
+    """Reset the RSS high-water mark (Linux /proc/self/clear_refs), run ``step`` once: its extra peak RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                      # resets VmHWM to the current RSS
+    base = _rss_kb("VmRSS")
+    step()
+    return dict(peak_extra_mib=(_rss_kb("VmHWM") - base) / 1024, base_rss_mib=base / 1024)
+
+
+def cpu_peak_subprocess(module: str, provider: str, cfg: dict) -> dict:
+    """``bench.<module>.measure_cpu_peak(provider, cfg)`` in a fresh interpreter, so no other provider's
+    allocations (or the allocator's cache) count against this one."""
+    code = (f"import json, bench.{module} as b; "
+            f"print(json.dumps(b.measure_cpu_peak({provider!r}, {cfg!r})))")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cuda_step_peak_mib(step: Callable[[], object]) -> float:
+    """One warm-up ``step`` (compiles), then the CUDA memory a second one allocates above what is live, MiB."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20

@@ -16,14 +16,13 @@ is the step's own extra peak RSS; on CUDA, torch.cuda.max_memory_allocated above
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from ._common import cpu_peak_subprocess, cuda_step_peak_mib, step_peak_rss
 
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # tiny sizes: the CI smoke test of the bench suite
 CPU_CFG = dict(B=8, T=512, H=512, V=32000, dtype="float32")
@@ -105,32 +104,11 @@ def check_against_eager(provider, inputs, rtol):
     hidden.grad = None
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure_cpu_peak(provider, cfg) -> dict:
-    """Run in a fresh process: inputs first, then reset the RSS high-water mark and run one step."""
+    """Run in a fresh process (all cores): inputs first, then the step's own extra peak RSS."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    inputs = make_inputs(cfg, "cpu")
-    step = make_step(provider, inputs)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                      # resets VmHWM to the current RSS
-    base = _rss_kb("VmRSS")
-    step()
-    return dict(provider=provider, peak_extra_mib=(_rss_kb("VmHWM") - base) / 1024, base_rss_mib=base / 1024)
-
-
-def _cpu_peak_subprocess(provider, cfg) -> dict:
-    code = ("import json,sys; sys.path.insert(0, %r); import bench_linear_grpo_loss as b; "
-            "print(json.dumps(b.measure_cpu_peak(%r, %r)))" % (os.path.dirname(__file__), provider, cfg))
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    step = make_step(provider, make_inputs(cfg, "cpu"))
+    return dict(provider=provider, **step_peak_rss(step))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -139,7 +117,7 @@ def test_cpu_fwd_bwd(benchmark, provider):
         pytest.importorskip("liger_kernel.chunked_loss")
     if not SMOKE and not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
-    mem = {} if SMOKE else _cpu_peak_subprocess(provider, CPU_CFG)   # smoke: correctness only
+    mem = {} if SMOKE else cpu_peak_subprocess('bench_linear_grpo_loss', provider, CPU_CFG)   # smoke: correctness only
     inputs = make_inputs(CPU_CFG, "cpu")
     if SMOKE:
         check_against_eager(provider, inputs, 1e-4)
@@ -158,13 +136,7 @@ def test_gpu_fwd_bwd(benchmark, provider):
     inputs = make_inputs(GPU_CFG, "cuda")
     check_against_eager(provider, inputs, 3e-2)   # bf16 operands: loose
     step = make_step(provider, inputs)
-    step()                                 # warm-up / compile
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    peak = cuda_step_peak_mib(step)
     benchmark.extra_info.update(GPU_CFG, device=torch.cuda.get_device_name(), metric="fwd+bwd",
                                 peak_extra_mib=peak)
 

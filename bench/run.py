@@ -36,17 +36,18 @@ RESULTS_DIR = BENCH_DIR / "results"
 SCHEMA_VERSION = 1
 # run order = priority: a budget that runs out drops the last files first
 FILES = ["bench_grpo_loss.py", "bench_fpa.py", "bench_extrapolate.py", "bench_update_throughput.py",
-         "bench_linear_grpo_loss.py"]
+         "bench_linear_grpo_loss.py", "bench_linear_fpa.py"]
 RESERVE_S = 60.0   # time kept back for each file still to run, so one slow file cannot starve the rest
 # op name for records whose extra_info does not carry one: "file::test function", then "file"
 DEFAULT_OPS = {"bench_extrapolate.py::test_extrapolate_bandwidth": "extrapolate_",
                "bench_extrapolate.py::test_gxpo_step_overhead": "gxpo_step_overhead",
                "bench_grpo_loss.py": "grpo_loss", "bench_linear_grpo_loss.py": "linear_grpo_loss",
+               "bench_linear_fpa.py": "linear_fpa_logprobs",
                "bench_fpa.py": "fpa_logprobs", "bench_update_throughput.py": "update_step"}
 # tests left out by default on the CPU: bench_extrapolate's step-overhead test takes minutes on 2 shared cores
 # and bench_update_throughput measures the same overhead (two estimates); ``--deselect ''`` keeps everything
 CPU_DESELECT = ["bench/bench_extrapolate.py::test_gxpo_step_overhead"]
-SIZE_KEYS = ("name", "B", "T", "N", "H", "V", "hidden", "layers", "numel")
+SIZE_KEYS = ("name", "B", "T", "N", "H", "H_ref", "V", "hidden", "layers", "numel")
 VERSION_PACKAGES = {"torch": "torch", "triton": "triton", "transformers": "transformers", "deepspeed": "deepspeed",
                     "liger_kernel": "liger-kernel", "pytest_benchmark": "pytest-benchmark",
                     "gxpo_kernels": "gxpo-kernels"}

@@ -58,6 +58,16 @@ def test_figure_from_pytest_benchmark_data_and_roofline_fill():
     assert f["tflops"] == pytest.approx(f["flops"] / 6e-3 / 1e12)
     assert f["pct_matmul"] == pytest.approx(100 * f["tflops"] / 2.0)
     assert f["peak_mem_mib"] == 12.5
+    # the FPA head bench: op from the file name, H_ref kept as a size, FLOPs from the record itself
+    fpa = drv.figure_from_record({"name": "test_cpu_fwd_bwd[materialised]", "params": {"provider": "materialised"},
+                                  "extra_info": {"B": 2, "T": 8, "H": 16, "H_ref": 12, "V": 100, "dtype": "float32",
+                                                 "metric": "fwd+bwd", "provider": "materialised",
+                                                 "peak_extra_mib": 3.0, "flops": 10 ** 9},
+                                  "stats": {"median": 0.006, "data": data}}, "bench_linear_fpa.py", CEIL)
+    assert (fpa["op"], fpa["provider"], fpa["mode"]) == ("linear_fpa_logprobs", "materialised", "fwd+bwd")
+    assert fpa["sizes"] == {"B": 2, "T": 8, "H": 16, "H_ref": 12, "V": 100} and fpa["bytes"] is None
+    assert fpa["flops"] == 10 ** 9 and fpa["pct_matmul"] == pytest.approx(100 * (1e9 / 6e-3 / 1e12) / 2.0)
+    assert "bench_linear_fpa.py" in drv.FILES and fpa["peak_mem_mib"] == 3.0
     # per-test op names and unknown files
     ext = drv.figure_from_record({"name": "test_gxpo_step_overhead", "extra_info": {}, "stats": None},
                                  "bench_extrapolate.py", CEIL)

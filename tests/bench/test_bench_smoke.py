@@ -34,6 +34,7 @@ def test_every_bench_file_honours_smoke_or_is_pending():
 
 def test_bench_suite_smoke():
     assert "bench_fpa.py" in SMOKE_FILES and "bench_update_throughput.py" in SMOKE_FILES
+    assert "bench_linear_grpo_loss.py" in SMOKE_FILES and "bench_linear_fpa.py" in SMOKE_FILES
     env = dict(os.environ, BENCH_SMOKE="1", TRITON_INTERPRET="0", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pytest", *[f"bench/{f}" for f in SMOKE_FILES], "--benchmark-disable", "-q", "-x",
