@@ -126,7 +126,8 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     bf = None if b is None else b.float()
     brf = None if br is None else br.float()
     logp, ref_logp, fpa_logp, lse = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(4))
-    step = max(1, _chunk_rows(cfg, w.shape[0]) // 2)    # two (rows, V) logits tensors live per chunk
+    # default: half the fused-linear head's chunk, since two (rows, V) logits tensors live per chunk
+    step = cfg.chunk_size or max(1, _chunk_rows(cfg, w.shape[0]) // 2)
     for s in range(0, N, step):
         e = min(s + step, N)
         yc = y[s:e, None].long()
