@@ -33,6 +33,7 @@ class ExtrapolationRule:
     Attributes: ``optimizer``, ``pass_index`` (which pass the closure is being called for), counters
     ``total_backward_passes``, ``total_optimizer_steps``, ``outer_steps``, ``fallbacks``, and ``gate``.
     """
+    _rule_name = "ExtrapolationRule"   # the name errors give (subclasses such as DeepSpeedGXPO keep "GXPO")
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: Optional[float] = 1.0,
                  transactional_state: bool = False, backend: str = "auto"):
@@ -185,10 +186,55 @@ class ExtrapolationRule:
         return {"loss": _to_float(loss), "active": False, "fell_back": False, "skipped": skipped,
                 "fallback_reason": None, "gate_z": math.nan, "grad_norm_0": norm, "backward_passes": self._bp}
 
+    def _begin(self, closure: Callable) -> Optional[dict]:
+        """Start of ``step``: check the closure; once the gate has fired, run the single-pass step and return
+        its info, else reset the per-step pass counter and return None (the caller runs its active update)."""
+        if closure is None or not callable(closure):
+            raise TypeError(f"{self._rule_name}.step needs a closure: closure() zeroes grads, computes the loss, "
+                            "calls backward() and returns the loss")
+        if not self.gate.fired:
+            self._bp = 0
+            return None
+        info = self._plain_step(closure)
+        info["gate_fired_step"] = self.gate.fired_step
+        return info
+
+    def _finish(self, info: dict) -> dict:
+        self.outer_steps += 1
+        info["backward_passes"] = self._bp
+        info["gate_fired_step"] = self.gate.fired_step
+        return info
+
+    def _fresh_grads_finite(self, closure: Callable, params) -> bool:
+        """Recompute the gradient at the current parameters (a fallback after restoring θ0) and clip it."""
+        self._zero_grad()
+        self._run_closure(closure, 0)
+        return math.isfinite(self._clip(params)[1])
+
+    def _end_fallback(self, ok: bool, reason: str, info: dict) -> dict:
+        """Last part of every fallback: a plain optimizer step on the grads in place (none if non-finite)."""
+        if ok:
+            self._optimizer_step()
+        else:
+            self._zero_grad()
+        self.fallbacks += 1
+        info.update(fell_back=True, fallback_reason=reason, skipped=not ok)
+        return info
+
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
         return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
                             inactive_threshold=inactive_threshold, lowp_out=self._lowp_targets(),
                             backend=self.backend)
+
+    def _observe_gate(self, norm_clipped: float, entropy) -> float:
+        """Feed the gate after an active step (the entropy, or the post-clip gradient norm); its z or NaN."""
+        if self.gate.needs_entropy:
+            z = self._observe_entropy(entropy)
+        elif self.gate.name != "none":
+            z = self.gate.observe(norm_clipped, step=self.outer_steps)
+        else:
+            z = math.nan
+        return math.nan if z is None else z
 
     def _observe_entropy(self, entropy) -> None:
         if entropy is None:

@@ -43,6 +43,7 @@ class GXPO(ExtrapolationRule):
     The closure may read ``self.pass_index`` (0, 1, 2) e.g. to recompute old log-probs per pass
     (``recompute_old_logp`` is the caller's business). Call ``scheduler.step()`` once after each ``step()``.
     """
+    _rule_name = "GXPO"
 
     def __init__(self, optimizer: torch.optim.Optimizer, K: int = 5, alpha: float = 0.5, tau: float = 0.5,
                  max_grad_norm: Optional[float] = 1.0, *, gate="ema", omega: float = 0.1, window: int = 30,
@@ -101,39 +102,19 @@ class GXPO(ExtrapolationRule):
         if self.transactional_state:
             self._restore_optimizer_state_()
         if self.optimizer_aware:                          # the g0 buffer now holds displacements
-            self._zero_grad()
-            self._run_closure(closure, 0)
-            _, norm, _ = self._clip(params)
-            ok = math.isfinite(norm)
+            ok = self._fresh_grads_finite(closure, params)
         else:
             for p, b, had in zip(params, self._g0, self._had_grad0):
                 p.grad = b.to(p.dtype) if had else None
             ok = True
-        if ok:
-            self._optimizer_step()
-        else:
-            self._zero_grad()
-        self.fallbacks += 1
-        info.update(fell_back=True, fallback_reason=reason, skipped=not ok)
-        return info
-
-    def _finish(self, info: dict) -> dict:
-        self.outer_steps += 1
-        info["backward_passes"] = self._bp
-        info["gate_fired_step"] = self.gate.fired_step
-        return info
+        return self._end_fallback(ok, reason, info)
 
     # ---- the update --------------------------------------------------------------------------------------
     def step(self, closure: Callable, entropy=None) -> dict:
         """One GXPO outer update on the mini-batch the closure evaluates. Returns the diagnostics dict."""
-        if closure is None or not callable(closure):
-            raise TypeError("GXPO.step needs a closure: closure() zeroes grads, computes the loss, calls "
-                            "backward() and returns the loss")
-        if self.gate.fired:
-            info = self._plain_step(closure)
-            info["gate_fired_step"] = self.gate.fired_step
-            return info
-        self._bp = 0
+        gated = self._begin(closure)
+        if gated is not None:
+            return gated
         params = self._param_list()
         info = {"active": True, "fell_back": False, "fallback_reason": None, "skipped": False,
                 "gate_z": math.nan}
@@ -185,13 +166,7 @@ class GXPO(ExtrapolationRule):
             return self._finish(self._fallback(closure, params, "nonfinite_gcorr", info))
         info["cos_g0_gcorr"] = self._cos_g0(grads, info["sq_g0"], n2c)
         self._optimizer_step()
-        if self.gate.needs_entropy:
-            z = self._observe_entropy(entropy)
-        elif self.gate.name != "none":
-            z = self.gate.observe(n2c, step=self.outer_steps)
-        else:
-            z = math.nan
-        info["gate_z"] = math.nan if z is None else z
+        info["gate_z"] = self._observe_gate(n2c, entropy)
         return self._finish(info)
 
     @torch.no_grad()

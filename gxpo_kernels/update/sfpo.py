@@ -30,6 +30,7 @@ class SFPO(ExtrapolationRule):
     Memory: one fp32 buffer of the model's size (θ0). ``self.pass_index`` runs 0..K during a step.
     Call ``scheduler.step()`` once after each ``step()``.
     """
+    _rule_name = "SFPO"
 
     def __init__(self, optimizer: torch.optim.Optimizer, K: int = 3, alpha: float = 0.8,
                  max_grad_norm: Optional[float] = 1.0, *, gate="entropy", tau: float = 1.0, window: int = 30,
@@ -42,37 +43,16 @@ class SFPO(ExtrapolationRule):
         self.K, self.alpha = K, float(alpha)
         self.gate: Gate = make_gate(gate, tau=tau, omega=omega, window=window)
 
-    def _finish(self, info: dict) -> dict:
-        self.outer_steps += 1
-        info["backward_passes"] = self._bp
-        info["gate_fired_step"] = self.gate.fired_step
-        return info
-
     def _fallback(self, closure: Callable, params, reason: str, info: dict) -> dict:
         with torch.no_grad():
             self._restore_params_()
-        self._zero_grad()
-        self._run_closure(closure, 0)
-        _, norm, _ = self._clip(params)
-        ok = math.isfinite(norm)
-        if ok:
-            self._optimizer_step()
-        else:
-            self._zero_grad()
-        self.fallbacks += 1
-        info.update(fell_back=True, fallback_reason=reason, skipped=not ok)
-        return info
+        return self._end_fallback(self._fresh_grads_finite(closure, params), reason, info)
 
     def step(self, closure: Callable, entropy=None) -> dict:
         """One SFPO outer update. Returns a diagnostics dict (loss, grad norms, displacement, gate z, costs)."""
-        if closure is None or not callable(closure):
-            raise TypeError("SFPO.step needs a closure: closure() zeroes grads, computes the loss, calls "
-                            "backward() and returns the loss")
-        if self.gate.fired:
-            info = self._plain_step(closure)
-            info["gate_fired_step"] = self.gate.fired_step
-            return info
-        self._bp = 0
+        gated = self._begin(closure)
+        if gated is not None:
+            return gated
         params = self._param_list()
         info = {"active": True, "fell_back": False, "fallback_reason": None, "skipped": False,
                 "gate_z": math.nan, "grad_norms": []}
@@ -103,13 +83,7 @@ class SFPO(ExtrapolationRule):
         if not math.isfinite(norm):
             return self._finish(self._fallback(closure, params, "nonfinite_gslow", info))
         self._optimizer_step()
-        if self.gate.needs_entropy:
-            z = self._observe_entropy(entropy)
-        elif self.gate.name != "none":
-            z = self.gate.observe(normc, step=self.outer_steps)
-        else:
-            z = math.nan
-        info["gate_z"] = math.nan if z is None else z
+        info["gate_z"] = self._observe_gate(normc, entropy)
         return self._finish(info)
 
     def state_dict(self) -> dict:
