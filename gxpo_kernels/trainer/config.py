@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
@@ -14,89 +16,164 @@ ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
 
 
+def _f(default=dataclasses.MISSING, help: str = "", aliases=(), **kw):
+    """A dataclass field with its CLI help and TRL-style aliases (read by the generated CLI parser)."""
+    md = {"help": help}
+    if aliases:
+        md["aliases"] = list(aliases)
+    if default is dataclasses.MISSING:
+        return field(metadata=md, **kw)
+    return field(default=default, metadata=md, **kw)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass
 class SFTConfig:
-    """Supervised warm start (spec toy-task.md): stop at >= target greedy accuracy, checked every N steps."""
-    lr: float = 1e-3
-    batch_size: int = 128
-    target_acc: float = 0.30
-    check_every: int = 25
-    check_size: int = 512
-    max_steps: int = 1500
-    pool_size: int = 50000
+    """Supervised warm start: stop at >= target greedy accuracy, checked every N steps."""
+    lr: float = _f(1e-3, "warm-start AdamW learning rate")
+    batch_size: int = _f(128, "warm-start batch size (prompts)")
+    target_acc: float = _f(0.30, "warm start stops at this greedy accuracy, in (0, 1]")
+    check_every: int = _f(25, "warm-start accuracy check interval (steps)")
+    check_size: int = _f(512, "validation prompts used by the warm-start check")
+    max_steps: int = _f(1500, "warm-start step cap (0 = no warm start)")
+    pool_size: int = _f(50000, "size of the warm-start problem pool")
+
+    def validate(self) -> "SFTConfig":
+        if not (_finite(self.lr) and self.lr > 0):
+            raise ValueError(f"sft_lr must be a finite number > 0, got {self.lr!r}")
+        if not (_finite(self.target_acc) and 0 < self.target_acc <= 1):
+            raise ValueError(f"sft_target_acc must be in (0, 1], got {self.target_acc!r}")
+        for name in ("batch_size", "check_every", "check_size", "pool_size"):
+            _int_at_least(f"sft_{name}", getattr(self, name), 1)
+        _int_at_least("sft_max_steps", self.max_steps, 0)
+        return self
+
+
+def _int_at_least(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REWARDS = ("exact", "math")
 
 
 @dataclass
 class TrainConfig:
-    """One RL run: method, task, model, batch, loss, update rule, validation, output."""
-    algo: str = "grpo"
-    advantage: str = "grpo"
-    task: str = "addition"
-    model: Optional[str] = None           # local model directory; None = tiny model from config
-    arch: str = "qwen2"                   # tiny model family: qwen2 | llama
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    device: str = "auto"
-    seed: int = 0                         # RL seed (sampling, prompt order)
-    init_seed: int = 0                    # model init + warm start seed (shared by every method of a run)
-    steps: int = 200
-    prompts: int = 16
-    group: int = 8
-    max_new_tokens: Optional[int] = None  # None = the task's longest answer + EOS
-    temperature: float = 1.0
-    lr: float = 1e-5
-    lr_mult: float = 1.0                  # grpo_lr: the lr is multiplied by this
-    epochs: int = 3                       # grpo_epochs: optimizer steps per batch
-    max_grad_norm: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_agg_mode: Optional[str] = None   # None: token-mean (seq-mean-token-sum-norm for drgrpo)
-    recompute_old_logp: bool = True       # SFPO/GXPO passes >= 2 use the current policy as old (paper protocol)
-    gxpo_K: int = 5
-    gxpo_alpha: float = 0.5
-    gxpo_tau: float = 0.5
-    gxpo_gate: str = "window"             # the EMA gate with mu=sigma=1 fires at once on this toy (toy-task.md)
-    sfpo_K: int = 3
-    sfpo_alpha: float = 0.8
-    sfpo_gate: str = "entropy"
-    fade_target_entropy: Optional[float] = None
-    fpa_lam: float = 1.0                  # fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = base method
-    fpa_side: str = "both"                # fpa_*: coefficients at pi_hat on both sides, or on the rejected only
-    fpa_beta: float = 0.1                 # fpa_dpo / fpa_rpo / fpa_kto: beta
-    fpa_rpo_alpha: float = 1.0            # fpa_rpo: weight of the chosen response's NLL
-    val_every: int = 10
-    val_size: int = 2048
-    pass1_size: int = 128                 # pass@1 = mean over pass1_n samples at temperature 1 on a subset
-    pass1_n: int = 4
-    log_per_prompt: bool = True           # store 0/1 correctness per validation prompt (for bootstrap CIs)
+    """One RL run: method, task, model, batch, loss, update rule, validation, output.
+
+    Field names follow TRL's ``GRPOConfig`` where they mean the same thing through aliases on the command line
+    (``--num_generations`` = ``group``, ``--max_steps`` = ``steps``, ``--max_completion_length`` =
+    ``max_new_tokens``, ``--learning_rate`` = ``lr``, ``--epsilon`` / ``--epsilon_high`` = ``eps_low`` /
+    ``eps_high``, ``--num_iterations`` = ``epochs``, ``--eval_steps`` = ``val_every``).
+    """
+    algo: str = _f("grpo", "update rule: " + ", ".join(ALGOS))
+    advantage: str = _f("grpo", "advantage estimator: " + ", ".join(ADVANTAGES))
+    task: str = _f("addition", "toy task (addition, sort) or 'jsonl' (set by --dataset)")
+    model: Optional[str] = _f(None, "local transformers model folder (None: tiny model built from a config)")
+    dataset: Optional[str] = _f(None, "JSONL file of {prompt, answer} records (a real task; implies task jsonl)")
+    prompt_field: str = _f("prompt", "JSONL key of the prompt text")
+    answer_field: str = _f("answer", "JSONL key of the reference answer")
+    reward: Optional[str] = _f(None, "exact (string match) or math (math-verify answer equivalence); "
+                                     "None: exact for toy tasks, math for --dataset")
+    chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template when it has one")
+    arch: str = _f("qwen2", "tiny model family: qwen2 or llama")
+    hidden: int = _f(128, "tiny model hidden size")
+    layers: int = _f(2, "tiny model layers")
+    heads: int = _f(4, "tiny model attention heads")
+    device: str = _f("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    seed: int = _f(0, "RL seed (sampling, prompt order)")
+    init_seed: int = _f(0, "model init + warm start seed (shared by every method of a run)")
+    steps: int = _f(200, "RL update steps", aliases=("--max_steps", "--max-steps"))
+    prompts: int = _f(16, "prompts per step (P)")
+    group: int = _f(8, "samples per prompt (G, >= 2)", aliases=("--num_generations", "--num-generations"))
+    max_new_tokens: Optional[int] = _f(None, "rollout length cap (None: the task's longest answer + EOS)",
+                                       aliases=("--max_completion_length", "--max-completion-length"))
+    temperature: float = _f(1.0, "rollout sampling temperature (also the loss's)")
+    lr: float = _f(1e-5, "AdamW learning rate", aliases=("--learning_rate", "--learning-rate"))
+    lr_mult: float = _f(1.0, "grpo_lr: the learning rate is multiplied by this")
+    epochs: int = _f(3, "grpo_epochs: optimizer steps per batch", aliases=("--num_iterations", "--num-iterations"))
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    eps_low: float = _f(0.2, "PPO clip epsilon (low side)", aliases=("--epsilon",))
+    eps_high: float = _f(0.2, "PPO clip epsilon (high side)", aliases=("--epsilon_high", "--epsilon-high"))
+    loss_agg_mode: Optional[str] = _f(None, "one of " + ", ".join(AGG_MODES)
+                                      + " (None: token-mean; seq-mean-token-sum-norm for drgrpo)")
+    recompute_old_logp: bool = _f(True, "SFPO/GXPO: passes >= 2 use the current policy as old (paper protocol)")
+    gxpo_K: int = _f(5, "GXPO inner passes K (>= 2)")
+    gxpo_alpha: float = _f(0.5, "GXPO extrapolation alpha")
+    gxpo_tau: float = _f(0.5, "GXPO tau")
+    gxpo_gate: str = _f("window", "GXPO gate: " + ", ".join(GATES))  # EMA with mu=sigma=1 fires at once here
+    sfpo_K: int = _f(3, "SFPO inner passes K")
+    sfpo_alpha: float = _f(0.8, "SFPO alpha")
+    sfpo_gate: str = _f("entropy", "SFPO gate: " + ", ".join(GATES))
+    fade_target_entropy: Optional[float] = _f(None, "FADE target entropy (None: the controller's default)")
+    fpa_lam: float = _f(1.0, "fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = the base objective")
+    fpa_side: str = _f("both", "fpa_*: coefficients at pi_hat on both sides or the rejected side only")
+    fpa_beta: float = _f(0.1, "fpa_dpo / fpa_rpo / fpa_kto: beta")
+    fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL")
+    val_every: int = _f(10, "validate every N steps", aliases=("--eval_steps", "--eval-steps"))
+    val_size: int = _f(2048, "held-out prompts for greedy accuracy")
+    pass1_size: int = _f(128, "prompts for the sampled metrics pass@1 / pass@k (0 = off)")
+    pass1_n: int = _f(4, "samples per prompt for pass@1 / pass@k (n)")
+    val_temperature: float = _f(1.0, "sampling temperature of pass@1 / pass@k")
+    pass_k: List[int] = _f(help="k values of pass@k (unbiased estimator over n samples; each k <= n)",
+                           default_factory=lambda: [1])
+    log_per_prompt: bool = _f(True, "store 0/1 greedy correctness per validation prompt (bootstrap CIs)")
     sft: SFTConfig = field(default_factory=SFTConfig)
-    out_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
-    deepspeed: Optional[str] = None
-    quiet: bool = False
+    out_dir: Optional[str] = _f(None, "output folder", aliases=("--out",))
+    cache_dir: Optional[str] = _f(None, "warm-start cache folder (None: <out>/../.warmstart-cache)")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (train only; launch with torchrun)")
+    quiet: bool = _f(False, "no per-step log lines")
 
     def validate(self) -> "TrainConfig":
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
-        for g in (self.gxpo_gate, self.sfpo_gate):
-            if g not in GATES:
-                raise ValueError(f"gate must be one of {GATES}, got {g!r}")
-        if self.fpa_side not in FPA_SIDES:
-            raise ValueError(f"fpa_side must be one of {FPA_SIDES}, got {self.fpa_side!r}")
-        if not (self.fpa_lam >= 0 and self.fpa_lam != float("inf")):
-            raise ValueError(f"fpa_lam must be a finite float >= 0, got {self.fpa_lam!r}")
-        if not self.fpa_beta > 0:
-            raise ValueError(f"fpa_beta must be > 0, got {self.fpa_beta!r}")
+        """Check every field; raise ValueError with a one-line message on the first bad one."""
+        for name, allowed in (("algo", ALGOS), ("advantage", ADVANTAGES), ("gxpo_gate", GATES),
+                              ("sfpo_gate", GATES), ("fpa_side", FPA_SIDES), ("arch", ("qwen2", "llama"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.loss_agg_mode is not None and self.loss_agg_mode not in AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.reward is not None and self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        from .tasks import TASKS
+        if self.dataset is None:
+            if self.task not in TASKS:
+                raise ValueError(f"task must be one of {tuple(TASKS)} (or give --dataset), got {self.task!r}")
+        elif not os.path.isfile(self.dataset):
+            raise ValueError(f"dataset {self.dataset!r}: no such file")
+        elif self.model is None:
+            raise ValueError("--dataset needs --model (a local model folder with a tokenizer)")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:
             raise ValueError(f"--deepspeed drives the algos {DS_ALGOS}, got algo {self.algo!r}")
-        for name in ("steps", "prompts", "group", "epochs", "val_every", "val_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.lr_mult > 0:
-            raise ValueError(f"lr and lr_mult must be > 0, got {self.lr}, {self.lr_mult}")
+        ints = {"hidden": 1, "layers": 1, "heads": 1, "steps": 1, "prompts": 1, "group": 2, "epochs": 1,
+                "gxpo_K": 2, "sfpo_K": 1, "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1,
+                "seed": 0, "init_seed": 0}
+        for name, lo in ints.items():
+            _int_at_least(name, getattr(self, name), lo)
+        if self.max_new_tokens is not None:
+            _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        positive = ("temperature", "lr", "lr_mult", "max_grad_norm", "eps_low", "eps_high", "gxpo_alpha",
+                    "gxpo_tau", "sfpo_alpha", "fpa_beta", "val_temperature")
+        for name in positive:
+            v = getattr(self, name)
+            if not (_finite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("fpa_lam", "fpa_rpo_alpha"):
+            v = getattr(self, name)
+            if not (_finite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.fade_target_entropy is not None and not (_finite(self.fade_target_entropy)
+                                                         and self.fade_target_entropy > 0):
+            raise ValueError(f"fade_target_entropy must be a finite number > 0, got {self.fade_target_entropy!r}")
+        if not self.pass_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.pass1_n
+                                  for k in self.pass_k):
+            raise ValueError(f"pass_k must be ints in [1, pass1_n = {self.pass1_n}], got {self.pass_k!r}")
+        self.sft.validate()
         return self
 
     @property
@@ -128,14 +205,37 @@ class SpeedupConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lr_mult: Optional[float] = None       # grpo_lr's multiplier; None = measured from the GXPO (else SFPO) runs
     out_dir: Optional[str] = None
+    workers: Optional[int] = None         # parallel worker processes (one torch thread each); None = min(2, cores)
+
+    def validate(self) -> "SpeedupConfig":
+        if not self.methods:
+            raise ValueError("methods must not be empty")
+        for m in self.methods:
+            parse_method(m)
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods are repeated: {list(self.methods)}")
+        if "grpo" not in self.methods:
+            raise ValueError(f"methods must include 'grpo' (the report's baseline), got {list(self.methods)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {list(self.seeds)}")
+        for s in self.seeds:
+            _int_at_least("seed", s, 0)
+        if self.lr_mult is not None and not (_finite(self.lr_mult) and self.lr_mult > 0):
+            raise ValueError(f"lr_mult must be a finite number > 0, got {self.lr_mult!r}")
+        if self.workers is not None:
+            _int_at_least("workers", self.workers, 1)
+        if self.train.deepspeed is not None:
+            raise ValueError("--deepspeed works with `train` (one method per launch), not with `speedup`")
+        self.train.validate()
+        return self
 
 
 def preset(name: str) -> SpeedupConfig:
     """Named speedup presets. ``default`` fits in 20 min on 2 CPU cores; ``smoke`` in < 2 min; ``test`` is the
     in-process end-to-end test's (seconds)."""
     if name == "default":
-        # measured: 747 s of CPU time for 6 methods x 3 seeds incl. the 450-step warm start (--threads 1)
-        return SpeedupConfig(train=TrainConfig(steps=120, val_every=10, val_size=1024, pass1_size=64))
+        # 250 steps: long enough for GRPO to level off on this toy (the report checks it); 2 workers
+        return SpeedupConfig(train=TrainConfig(steps=250, val_every=10, val_size=1024, pass1_size=64, pass1_n=2))
     if name == "smoke":
         # the warm start (~450 steps, shared cache with the default preset) is most of its time
         return SpeedupConfig(methods=("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs"), seeds=(0,),

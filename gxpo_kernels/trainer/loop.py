@@ -25,7 +25,7 @@ from . import fpa_offline
 from .config import FPA_ALGOS, TrainConfig
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, policy_loss, position_ids, response_logits, rollout
-from .tasks import get_task, make_tokenizer
+from .tasks import make_task, make_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,14 +33,15 @@ from .tasks import get_task, make_tokenizer
 # ---------------------------------------------------------------------------------------------------------
 def build_policy(cfg: TrainConfig, device: torch.device):
     """(model in train mode, tokenizer, task, model_key). ``model_key`` identifies the initial weights."""
-    task = get_task(cfg.task)
+    task = make_task(cfg)
     if cfg.model is not None:
         model, hf_tok = load_local_model(cfg.model, device)
-        tok = make_tokenizer(task, hf_tok)
+        tok = make_tokenizer(task, hf_tok, cfg.chat_template)
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"--model {cfg.model!r}: vocab {model.config.vocab_size} is smaller than the "
                              f"tokenizer's {tok.vocab_size}")
-        key = {"model": os.path.abspath(cfg.model), "mtime": os.path.getmtime(os.path.join(cfg.model, "config.json"))}
+        key = {"model": os.path.abspath(cfg.model), "mtime": os.path.getmtime(os.path.join(cfg.model, "config.json")),
+               "dataset": os.path.abspath(cfg.dataset) if cfg.dataset else None, "chat": getattr(tok, "use_chat", False)}
     else:
         tok = make_tokenizer(task)
         mcfg = tiny_config_dict(tok.vocab_size, cfg.arch, cfg.hidden, cfg.layers, cfg.heads, 4 * cfg.hidden)
@@ -73,23 +74,45 @@ def default_cache_dir(cfg: TrainConfig) -> str:
     return os.path.join(root, ".warmstart-cache")
 
 
-def warm_start(cfg: TrainConfig, model, tok, task, model_key: dict, val_pairs, max_new: int, log=print) -> dict:
-    """Supervised warm start, cached on disk by (task, model, SFT config, seed); loads ``model`` in place.
+# Warm starts shipped with the package (the default speedup run's), found by the same cache key: loading one
+# makes the RL runs start from identical weights on every machine, whatever its floating-point path.
+BUNDLED_WARMSTARTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warmstarts")
 
-    Stops at the first check with greedy accuracy >= ``sft.target_acc`` on the first ``sft.check_size``
-    validation prompts, or at ``sft.max_steps``. ``max_steps = 0`` skips it.
+
+def warmstart_key(cfg: TrainConfig, task, model_key: dict, max_new: int) -> str:
+    """Cache key of a warm start: hash of (task, initial model, SFT config, completion cap)."""
+    blob = json.dumps({"task": task.name, "model": model_key, "sft": dataclasses.asdict(cfg.sft), "max_new": max_new},
+                      sort_keys=True, default=str)
+    return f"warmstart-{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _load_warmstart(model, path: str) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    load_model(model, path, strict=True, device=str(next(model.parameters()).device))
+    return {"sft_steps": int(meta.get("sft_steps", -1)), "sft_acc": float(meta.get("sft_acc", "nan")),
+            "cached": True, "path": path, "bundled": os.path.dirname(path) == BUNDLED_WARMSTARTS}
+
+
+def warm_start(cfg: TrainConfig, model, tok, task, model_key: dict, val_pairs, max_new: int, log=print) -> dict:
+    """Supervised warm start, cached on disk by ``warmstart_key``; loads ``model`` in place.
+
+    A checkpoint shipped in ``BUNDLED_WARMSTARTS`` with the same key is used first, then the cache folder
+    (safetensors: weights only, never unpickled). Otherwise it trains: stops at the first check with greedy
+    accuracy >= ``sft.target_acc`` on the first ``sft.check_size`` validation prompts, or at
+    ``sft.max_steps``. ``max_steps = 0`` skips it.
     """
     s = cfg.sft
     if s.max_steps <= 0:
         return {"sft_steps": 0, "sft_acc": None, "cached": False, "path": None}
-    blob = json.dumps({"task": task.name, "model": model_key, "sft": dataclasses.asdict(s), "max_new": max_new},
-                      sort_keys=True, default=str)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = os.path.join(default_cache_dir(cfg), f"warmstart-{task.name}-{key}.pt")
-    if os.path.isfile(path):
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["state_dict"])
-        return {"sft_steps": int(ck["sft_steps"]), "sft_acc": float(ck["sft_acc"]), "cached": True, "path": path}
+    name = warmstart_key(cfg, task, model_key, max_new)
+    for folder in (BUNDLED_WARMSTARTS, default_cache_dir(cfg)):
+        if os.path.isfile(os.path.join(folder, name)):
+            return _load_warmstart(model, os.path.join(folder, name))
+    path = os.path.join(default_cache_dir(cfg), name)
 
     device = next(model.parameters()).device
     pool = task.sample(s.pool_size, "sft", seed=cfg.init_seed)
@@ -115,12 +138,25 @@ def warm_start(cfg: TrainConfig, model, tok, task, model_key: dict, val_pairs, m
                 log(f"[warm start] step {step}: loss {loss.item():.4f}  greedy acc {acc:.3f}")
             if acc >= s.target_acc:
                 break
+    from safetensors.torch import save_model
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"state_dict": model.state_dict(), "sft_steps": step, "sft_acc": acc}, tmp)
+    save_model(model, tmp, metadata={"sft_steps": str(step), "sft_acc": repr(float(acc))})
     os.replace(tmp, path)  # atomic: concurrent runs never read half a file
     return {"sft_steps": step, "sft_acc": acc, "cached": False, "path": path,
             "seconds": time.perf_counter() - t0}
+
+
+def prepare_warm_start(cfg: TrainConfig, log=print) -> dict:
+    """Build the policy and run (or load) its warm start, so that later runs find it in the cache."""
+    cfg.validate()
+    c0 = time.process_time()
+    model, tok, task, model_key = build_policy(cfg, pick_device(cfg.device))
+    max_new = cfg.max_new_tokens or task.max_answer_chars + 1
+    val_pairs = task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log)
+    return dict(ws, cpu_seconds=time.process_time() - c0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +225,13 @@ def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, 
     return group_advantages(rewards, group_size=G, scale=scale).float(), None
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"need 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dict:
     """Greedy exact match on the validation set; pass@1 on its first ``pass1_size`` prompts. ``eval_kw``:
     ``synced_gpus`` / ``use_amp`` of ``rollout.evaluate``."""
@@ -198,8 +241,11 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dic
         with torch.random.fork_rng(devices=[]):  # sampling here must not shift the training RNG stream
             torch.manual_seed(10_000 + cfg.seed)
             p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, do_sample=True, n=cfg.pass1_n,
-                          temperature=1.0, **eval_kw)
+                          temperature=cfg.val_temperature, **eval_kw)
         out["pass1"] = sum(p1) / len(p1)
+        for k in cfg.pass_k:
+            if k > 1:   # per prompt: c = n * mean correct of the n samples
+                out[f"pass@{k}"] = sum(pass_at_k(cfg.pass1_n, round(v * cfg.pass1_n), k) for v in p1) / len(p1)
     if cfg.log_per_prompt:
         out["per_prompt"] = [int(v) for v in greedy]
     return out
@@ -291,17 +337,17 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
           "warm_start": ws, "method": static})
     try:
         for step in range(1, cfg.steps + 1):
-            t0 = _clock(device)
+            t0, c0 = _clock(device), time.process_time()
             pairs = train_pairs[(step - 1) * cfg.prompts: step * cfg.prompts]
             ro = rollout(model, tok, task, pairs, cfg.group, max_new, cfg.temperature)
             adv, fade_state = compute_advantages(cfg, ro.rewards, ro.entropy, fade_ctl)
-            t_roll = _clock(device) - t0
+            t_roll, c_roll = _clock(device) - t0, time.process_time() - c0
 
-            timing = {"bwd": 0.0, "passes": 0}
+            timing = {"bwd": 0.0, "cpu_bwd": 0.0, "passes": 0}
             first = {}
 
             def closure():
-                tb = _clock(device)
+                tb, cb = _clock(device), time.process_time()
                 opt.zero_grad(set_to_none=True)
                 k = getattr(rule, "pass_index", 0) if rule is not None else 0
                 # paper protocol: passes after the first use the current policy as "old" (ratio = 1); the
@@ -312,12 +358,13 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                 loss, metrics = policy_loss(logits, ro.resp, adv, ro.mask, old, loss_kw)
                 loss.backward()
                 timing["bwd"] += _clock(device) - tb
+                timing["cpu_bwd"] += time.process_time() - cb
                 timing["passes"] += 1
                 if not first:
                     first.update(loss=loss.detach(), metrics={k2: v.detach() for k2, v in metrics.items()})
                 return loss.detach()
 
-            t1 = _clock(device)
+            t1, c1 = _clock(device), time.process_time()
             if fpa:
                 info, got, tb, passes = fpa_offline.update(cfg, model, ref_model, opt, params, ro, adv,
                                                            lambda: _clock(device))
@@ -334,7 +381,7 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
             else:
                 kw = {"entropy": ro.entropy} if rule.gate.needs_entropy else {}
                 info = dict(rule.step(closure, **kw))
-            t_upd = _clock(device) - t1
+            t_upd, c_upd = _clock(device) - t1, time.process_time() - c1
             if rule is not None:
                 bp_total = int(rule.total_backward_passes)
                 opt_total = int(rule.total_optimizer_steps)
@@ -353,7 +400,10 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                    "rollout_entropy": ro.entropy, "response_len": float(ro.mask.float().sum(-1).mean()),
                    "loss": first.get("loss"), "metrics": first.get("metrics", {}), "update": upd,
                    "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
-                   "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0)}
+                   "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0),
+                   # process CPU time: what this run computed, not inflated by other work on the machine
+                   "t_update": t_upd, "cpu_rollout": c_roll, "cpu_update": c_upd,
+                   "cpu_backward": None if fpa else timing["cpu_bwd"]}
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
             if fpa:
@@ -361,9 +411,9 @@ def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None
                 rec["fpa"]["pairs"] = info["pairs"]
             gate_fired_at = mark_gate(rec, upd, rule, info, step, gate_fired_at)
             if step % cfg.val_every == 0 or step == cfg.steps:
-                tv = _clock(device)
+                tv, cv = _clock(device), time.process_time()
                 rec["val"] = validate_policy(cfg, model, tok, task, val_pairs, max_new)
-                rec["t_val"] = _clock(device) - tv
+                rec["t_val"], rec["cpu_val"] = _clock(device) - tv, time.process_time() - cv
             emit(rec)
     finally:
         emit.close()

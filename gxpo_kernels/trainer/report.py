@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -147,7 +148,9 @@ def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:
 def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float = 0.01, gain_frac: float = 0.9,
                  rollout_shares: Sequence[float] = (0.3, 0.5, 0.7), n_boot: int = 2000, seed: int = 0,
                  score_key: str = "greedy_acc", method_kinds: Optional[Mapping[str, str]] = None,
-                 ci_level: float = 0.95, headline: str = "eps", plot: bool = True) -> dict:
+                 ci_level: float = 0.95, headline: str = "eps", plot: bool = True,
+                 index: Optional[Mapping] = None, problems: Sequence[str] = (),
+                 compare: Optional[Mapping] = None) -> dict:
     """Compute speedup-to-peak statistics for every method against ``baseline``; write results.json (and
     speedup.png when ``plot``) into ``out_dir``; return the results dict (the JSON content).
 
@@ -162,6 +165,10 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
         score_key: key of ``val`` used as the validation score.
         method_kinds: optional ``{method: "gxpo"|"sfpo"|"grpo"}`` overriding kind inference.
         headline: threshold variant used for the conclusion lines.
+        index: the run's ``runs.json`` content (config, per-run status, lr multiplier, environment), summarised
+            into ``meta["runs"]``.
+        problems: integrity notes from ``load_index_runs`` (incomplete runs, foreign folders), kept in
+            ``meta["problems"]`` and printed with the table.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError("runs must be a non-empty {method: {seed: [records]}} mapping")
@@ -490,6 +497,55 @@ def load_runs(folder) -> dict:
     return runs
 
 
+def load_index_runs(folder, *, strict: bool = True) -> tuple:
+    """Read the runs a ``speedup`` run lists in ``<folder>/runs.json``: ``({method: {seed: [records]}}, problems)``.
+
+    Only the listed methods x seeds are read (a later run into the same folder with other methods or seeds
+    never mixes in stale ones). Problems (also returned as one-line strings): a listed run whose records are
+    missing or hold fewer update steps than configured (interrupted), a run not marked complete, a subfolder
+    runs.json does not list. With ``strict`` a problem with a listed run raises ValueError; foreign subfolders
+    are only reported.
+    """
+    folder = Path(folder)
+    path = folder / "runs.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (rebuild a folder without one with --no-index)")
+    try:
+        index = json.loads(path.read_text())
+        listed = {m: {int(s): e for s, e in seeds.items()} for m, seeds in index["runs"].items()}
+        steps = int(index["train"]["steps"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a runs.json written by gxpo-kernels speedup ({e})") from None
+    runs, problems = {}, []
+    for m, seeds in listed.items():
+        for s, e in sorted(seeds.items()):
+            d = folder / m / f"seed{s}"
+            f = d / "records.jsonl"
+            recs = _read_jsonl(f) if f.is_file() else []
+            n = sum(1 for r in recs if int(r.get("step", 0)) >= 1)
+            want = int(e.get("steps_configured", steps))
+            if not recs:
+                problems.append(f"{m} seed {s}: no records ({f} missing or empty)")
+                continue
+            if n < want or e.get("status") not in (None, "complete"):
+                problems.append(f"{m} seed {s}: incomplete ({n} of {want} steps recorded, status "
+                                f"{e.get('status')!r})")
+            runs.setdefault(m, {})[s] = recs
+    bad = list(problems)
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if d.name not in listed:
+            problems.append(f"folder {d.name}/ is not listed in runs.json: ignored")
+        else:
+            extra = sorted(x.name for x in d.iterdir() if x.is_dir() and x.name not in
+                           {f"seed{s}" for s in listed[d.name]})
+            if extra:
+                problems.append(f"{d.name}/: {', '.join(extra)} not listed in runs.json: ignored")
+    if strict and bad:
+        raise ValueError(f"{folder}: {len(bad)} incomplete run(s): " + "; ".join(bad)
+                         + " (rerun with speedup --resume, or pass --allow-incomplete to report anyway)")
+    return runs, problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gxpo_kernels.trainer.report",
                                 description="Rebuild results.json, speedup.png and the speedup table from "
@@ -505,13 +561,32 @@ def main(argv=None) -> int:
     p.add_argument("--score-key", default="greedy_acc")
     p.add_argument("--headline", default="eps", choices=THRESHOLDS)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="report runs with fewer steps than configured (flagged in results.json and the table)")
+    p.add_argument("--no-index", action="store_true",
+                   help="no runs.json: read every <method>/seed<k> subfolder (flagged in results.json)")
+    p.add_argument("--compare", metavar="RESULTS_JSON",
+                   help="a perturbed run's results.json: the headline ratios' shifts go into meta.sensitivity")
     a = p.parse_args(argv)
-    res = build_report(load_runs(a.folder), a.out or a.folder, baseline=a.baseline, eps=a.eps,
-                       gain_frac=a.gain_frac, rollout_shares=a.shares, n_boot=a.n_boot, seed=a.seed,
-                       score_key=a.score_key, headline=a.headline, plot=not a.no_plot)
+    try:
+        index = None
+        if a.no_index:
+            runs, problems = load_runs(a.folder), ["no runs.json: every <method>/seed<k> subfolder was read, "
+                                                   "without checking that the runs are complete or belong together"]
+        else:
+            runs, problems = load_index_runs(a.folder, strict=not a.allow_incomplete)
+            index = json.loads((Path(a.folder) / "runs.json").read_text())
+        other = json.loads(Path(a.compare).read_text()) if a.compare else None
+        res = build_report(runs, a.out or a.folder, baseline=a.baseline, eps=a.eps, gain_frac=a.gain_frac,
+                           rollout_shares=a.shares, n_boot=a.n_boot, seed=a.seed, score_key=a.score_key,
+                           headline=a.headline, plot=not a.no_plot, index=index, problems=problems,
+                           compare=other)
+    except (ValueError, FileNotFoundError, OSError, json.JSONDecodeError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(format_table(res))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

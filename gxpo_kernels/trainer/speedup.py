@@ -1,116 +1,323 @@
-"""Speedup-to-peak runner: every method x seed from one shared warm start, then the report.
+"""Speedup-to-peak runner: every method x seed from one shared warm start, in parallel worker processes.
 
 Layout of the output folder::
 
-    <out>/runs.json                       what ran (methods, seeds, lr multiplier, warm start, wall time)
-    <out>/<method>/seed<k>/records.jsonl  per-step records (method names kept as given, e.g. gxpo+fade) (schema: docs/readme/10-quickstart-trainer.md)
+    <out>/runs.json                       what ran: config, methods, seeds, per run its status, steps recorded
+                                          vs configured, wall and CPU seconds; the lr multiplier; the warm start
+    <out>/<method>/seed<k>/records.jsonl  per-step records (method names kept as given, e.g. gxpo+fade)
     <out>/<method>/seed<k>/config.json
-    <out>/results.json, speedup.png       written by ``report.build_report``
+    <out>/results.json, speedup.png       written by ``report.build_report`` (rebuild: ``report.main``)
 
-The control ``grpo_lr`` runs after GXPO/SFPO: its learning-rate multiplier is the *measured* effective step
-multiplier of the GXPO runs (else SFPO's), ``stats.effective_step_multiplier`` -- the one place that formula
-lives (GXPO: 1 + 2*alpha*mean(scale_mean) per active step; SFPO: 1 + alpha*K).
+Runs are independent, so they go to a process pool (``spawn``; one torch thread per worker: the tiny policy
+gains nothing from a second thread, and a fixed thread count keeps the arithmetic the same everywhere). The warm
+start runs first, once, in a worker; every run then loads it from the cache. The control ``grpo_lr`` is
+submitted as soon as the runs of the method its learning-rate multiplier is measured from have finished: the
+multiplier is the measured effective step multiplier of the GXPO runs (else SFPO's),
+``stats.effective_step_multiplier``.
+
+Reproducibility: before any worker starts, ``REPRODUCIBLE_ENV`` is put in the environment (unless already set)
+so every worker computes with the same ATen CPU kernels (AVX2) on any x86 machine; see docs/speedup.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
+import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Dict, List, Optional
 
-from .config import SpeedupConfig, parse_method
-from .loop import train
+from .config import SpeedupConfig, TrainConfig, parse_method
 from .stats import effective_step_multiplier
 
 from .report import build_report, format_table  # noqa: F401  (format_table: re-exported for the CLI)
 
+# ATen picks AVX-512 or AVX2 kernels by the CPU it runs on, and the two give different float rounding (the
+# toy's warm start and RL curves then differ between machines of the same kind); capping at AVX2 makes every
+# x86-64 machine with AVX2 run the same kernels. Must be set before torch is imported in the worker.
+REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-def _order(methods) -> List[str]:
-    """grpo_lr needs the GXPO/SFPO multiplier, so it runs after every other method."""
-    for m in methods:
-        parse_method(m)
-    return [m for m in methods if parse_method(m)[0] != "grpo_lr"] + \
-           [m for m in methods if parse_method(m)[0] == "grpo_lr"]
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def multiplier_source(methods) -> Optional[str]:
+    """The method grpo_lr's multiplier is measured from: plain gxpo, else gxpo+adv, else sfpo, else sfpo+adv."""
+    for want in ("gxpo", "sfpo"):
+        for m in [m for m in methods if parse_method(m) == (want, "grpo")] + \
+                 [m for m in methods if parse_method(m)[0] == want and parse_method(m)[1] != "grpo"]:
+            return m
+    return None
 
 
 def measured_multiplier(runs: Dict[str, Dict[int, list]]) -> Optional[tuple]:
-    """(multiplier, source method) from the plain GXPO runs, else any GXPO/SFPO runs; None if none ran."""
-    for want in ("gxpo", "sfpo"):
-        cands = [m for m in runs if parse_method(m) == (want, "grpo")] + \
-                [m for m in runs if parse_method(m)[0] == want and parse_method(m)[1] != "grpo"]
-        for m in cands:
-            vals = [effective_step_multiplier(recs, want) for recs in runs[m].values() if recs]
-            if vals:
-                return sum(vals) / len(vals), m
-    return None
+    """(multiplier, source method): the mean effective step multiplier of the source method's runs."""
+    src = multiplier_source(list(runs))
+    if src is None:
+        return None
+    kind = parse_method(src)[0]
+    vals = [effective_step_multiplier(recs, kind) for recs in runs[src].values() if recs]
+    return (sum(vals) / len(vals), src) if vals else None
 
 
 def default_out_dir() -> str:
     return os.path.join("runs", "speedup-" + time.strftime("%Y%m%d-%H%M%S"))
 
 
-def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_flags: Optional[dict] = None) -> dict:
-    """Run all methods x seeds; return ``{"results", "out_dir", "runs", "lr_mult", "seconds"}``."""
-    from tqdm.auto import tqdm
+OWN_FILES = ("runs.json", "records.jsonl", "config.json")
 
-    order = _order(cfg.methods)
-    if "grpo" not in order:
-        raise ValueError(f"methods must include 'grpo' (the report's baseline), got {list(cfg.methods)}")
-    if not cfg.seeds:
-        raise ValueError("seeds must not be empty")
-    out_dir = os.path.abspath(cfg.out_dir or default_out_dir())
+
+def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
+    """Validate ``--out`` before any work; return its absolute path.
+
+    Refuses a path under a file, a folder that cannot be created or written, and an existing non-empty folder
+    unless ``overwrite`` (only a folder an earlier ``speedup``/``train`` wrote, i.e. one holding runs.json or
+    records.jsonl: it is emptied) or ``resume`` (kept)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path}: exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {probe} is not writable")
+    if os.path.isdir(path) and os.listdir(path) and not resume:
+        if not overwrite:
+            raise ValueError(f"--out {path}: folder exists and is not empty (pass --overwrite to replace it, "
+                             "--resume to continue it, or choose another folder)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in OWN_FILES):
+            raise ValueError(f"--out {path}: --overwrite only replaces a folder written by gxpo-kernels "
+                             "(with runs.json or records.jsonl); this one is not")
+        shutil.rmtree(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs (run in worker processes; module-level so that ``spawn`` can import them)
+# ---------------------------------------------------------------------------------------------------------
+_QUEUE = None   # in a worker: the parent's progress queue (set by _init_worker)
+
+
+def _init_worker(queue) -> None:
+    global _QUEUE
+    import torch
+    torch.set_num_threads(1)
+    _QUEUE = queue
+
+
+def _warm_job(tc: TrainConfig) -> dict:
+    from .loop import prepare_warm_start
+    queue = _QUEUE
+    log = (lambda s: queue.put(("log", "setup", s))) if queue is not None else print
+    return prepare_warm_start(tc, log=log)
+
+
+def _run_job(tc: TrainConfig, job: str) -> dict:
+    from .loop import train
+    queue = _QUEUE
+    c0, t0 = time.process_time(), time.perf_counter()
+
+    def on_record(rec):
+        if queue is not None:
+            queue.put(("rec", job, int(rec["step"]), (rec.get("val") or {}).get("greedy_acc")))
+
+    log = (lambda s: queue.put(("log", job, s))) if queue is not None else print
+    records = train(tc, progress=on_record, log=log)
+    return {"records": records, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+
+
+class _Progress:
+    """One tqdm bar per run in the parent process, fed by the workers' messages."""
+
+    def __init__(self, jobs: Dict[str, int], enabled: bool, log):
+        from tqdm.auto import tqdm
+        self.enabled, self.log, self.bars, self.acc = enabled, log, {}, {}
+        for i, (job, total) in enumerate(jobs.items()):
+            self.bars[job] = tqdm(total=total, desc=f"{job:>20s}", position=i, disable=not enabled, leave=True,
+                                  dynamic_ncols=True, mininterval=2.0)
+
+    def __call__(self, msg) -> None:
+        kind, job = msg[0], msg[1]
+        if kind == "log":
+            (self.bars[job].write if self.enabled and job in self.bars else self.log)(f"[{job}] {msg[2]}")
+            return
+        step, acc = msg[2], msg[3]
+        bar = self.bars.get(job)
+        if bar is None:
+            return
+        if acc is not None:
+            self.acc[job] = acc
+            bar.set_postfix(acc=f"{acc:.3f}", refresh=False)
+        if step > bar.n:
+            bar.update(step - bar.n)
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------------
+def _write_index(out_dir: str, index: dict) -> None:
+    tmp = os.path.join(out_dir, f"runs.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out_dir, "runs.json"))
+
+
+def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dict[tuple, dict]:
+    """--resume: the complete runs of an earlier runs.json with the same config, as {(method, seed): entry}."""
+    from .report import load_index_runs
+    path = os.path.join(out_dir, "runs.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    keep = ("seed", "algo", "advantage", "out_dir", "lr_mult", "quiet")
+    diff = sorted(k for k in base_train if k not in keep and old.get("train", {}).get(k) != base_train[k])
+    if diff:
+        raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
+                         "use --overwrite or another --out")
+    runs, _ = load_index_runs(out_dir, strict=False)
+    return {(m, s): {"records": recs, **old["runs"][m][str(s)]} for m, seeds_ in runs.items()
+            for s, recs in seeds_.items() if m in methods and s in seeds
+            and old["runs"][m][str(s)].get("status") == "complete"}
+
+
+def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_flags: Optional[dict] = None,
+                overwrite: bool = False, resume: bool = False) -> dict:
+    """Run all methods x seeds; return ``{"results", "out_dir", "runs", "lr_mult", "seconds"}``.
+
+    ``cfg.workers`` processes (0 = in this process, one run after another). Every check happens before the
+    first run starts: the config, the methods, ``--out`` (see ``check_out_dir``)."""
+    cfg.validate()
+    out_dir = check_out_dir(cfg.out_dir or default_out_dir(), overwrite=overwrite, resume=resume)
     os.makedirs(out_dir, exist_ok=True)
+    workers = default_workers() if cfg.workers is None else cfg.workers
     base = cfg.train
-    cache = base.cache_dir or os.path.join(os.path.dirname(out_dir), ".warmstart-cache")
-    base = base.replace(cache_dir=cache, quiet=base.quiet)
-    t_start = time.perf_counter()
-    runs: Dict[str, Dict[int, list]] = {}
+    base = base.replace(cache_dir=base.cache_dir or os.path.join(os.path.dirname(out_dir), ".warmstart-cache"))
+    src = multiplier_source(cfg.methods)
+    # the multiplier's source method first, so grpo_lr can start while the others still run
+    order = sorted((m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"), key=lambda m: m != src)
+    lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
+    env = {k: os.environ.setdefault(k, v) for k, v in REPRODUCIBLE_ENV.items()} if workers else {}
     index = {"methods": list(cfg.methods), "seeds": list(cfg.seeds), "train": dataclasses.asdict(base),
-             "runs": {}, "lr_mult": None, "lr_mult_source": None}
+             "workers": workers, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
+             "lr_mult_source": None, "warm_start": None, "status": "running"}
+    done = _completed_from_index(out_dir, index["train"], cfg.methods, cfg.seeds) if resume else {}
+    runs: Dict[str, Dict[int, list]] = {m: {} for m in cfg.methods}
+    for (m, s), e in done.items():
+        runs[m][s] = e.pop("records")
+        index["runs"][m][str(s)] = e
+    todo = [(m, s) for m in order + lr_methods for s in cfg.seeds if (m, s) not in done]
+    for m, s in todo:
+        index["runs"][m][str(s)] = {"dir": os.path.join(out_dir, m, f"seed{s}"), "status": "pending",
+                                    "steps_configured": base.steps, "steps_recorded": 0}
+    _write_index(out_dir, index)
 
-    for method in order:
-        algo, adv = parse_method(method)
-        extra = {}
-        if algo == "grpo_lr":
-            if cfg.lr_mult is not None:
-                mult, src = cfg.lr_mult, "given"
-            else:
-                got = measured_multiplier(runs)
-                mult, src = got if got is not None else (1.0, "none (no GXPO/SFPO run; lr x 1)")
-            index["lr_mult"], index["lr_mult_source"] = mult, src
-            extra["lr_mult"] = mult
-            log(f"grpo_lr: lr x {mult:.3f} (effective step multiplier from {src})")
-        runs[method] = {}
-        for seed in cfg.seeds:
-            tc = base.replace(algo=algo, advantage=adv, seed=seed,
-                              out_dir=os.path.join(out_dir, method, f"seed{seed}"), **extra)
-            bar = tqdm(total=tc.steps, desc=f"{method:>12s} seed {seed}", disable=not progress, leave=True,
-                       dynamic_ncols=True)
-            state = {"acc": None}
+    t_start = time.perf_counter()
+    pool = queue = None
+    if workers:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(queue,))
+    bars = _Progress({f"{m} seed {s}": base.steps for m, s in todo}, progress, log)
 
-            def on_record(rec, bar=bar, state=state):
-                if rec.get("val"):
-                    state["acc"] = rec["val"]["greedy_acc"]
-                if rec["step"] > 0:
-                    bar.set_postfix(acc=state["acc"], bp=rec["backward_passes"], refresh=False)
-                    bar.update(1)
+    def submit(fn, *args):
+        if pool is not None:
+            return pool.submit(fn, *args)
+        from concurrent.futures import Future
+        f = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:   # noqa: BLE001 - re-raised by .result() below
+            f.set_exception(e)
+        return f
 
-            t0 = time.perf_counter()
-            try:
-                records = train(tc, progress=on_record, log=(lambda s: bar.write(s)) if progress else log)
-            finally:
-                bar.close()
-            runs[method][seed] = records
-            index["runs"].setdefault(method, {})[str(seed)] = {
-                "dir": tc.out_dir, "seconds": time.perf_counter() - t0,
-                "warm_start": records[0].get("warm_start") if records else None}
-        with open(os.path.join(out_dir, "runs.json"), "w") as f:
-            json.dump(index, f, indent=1, default=str)
+    def config_for(m, s, extra):
+        algo, adv = parse_method(m)
+        return base.replace(algo=algo, advantage=adv, seed=s, out_dir=os.path.join(out_dir, m, f"seed{s}"),
+                            **extra)
+
+    def drain(timeout: float):
+        if queue is None:
+            return
+        import queue as _q
+        try:
+            bars(queue.get(timeout=timeout))
+            while True:
+                bars(queue.get_nowait())
+        except _q.Empty:
+            pass
+
+    try:
+        if todo:
+            fut = submit(_warm_job, base)
+            while not fut.done():
+                drain(0.5)
+            index["warm_start"] = fut.result()
+            drain(0.0)
+            log(f"warm start: {index['warm_start']}")
+        pending = {}
+        waiting_lr = [(m, s) for m, s in todo if m in lr_methods]
+        for m, s in todo:
+            if m not in lr_methods:
+                pending[submit(_run_job, config_for(m, s, {}), f"{m} seed {s}")] = (m, s)
+                index["runs"][m][str(s)]["status"] = "running"
+        while pending or waiting_lr:
+            if waiting_lr and (src is None or all(s in runs[src] for s in cfg.seeds)):
+                if cfg.lr_mult is not None:
+                    mult, how = cfg.lr_mult, "given"
+                else:
+                    got = measured_multiplier({src: runs[src]}) if src else None
+                    mult, how = got if got is not None else (1.0, "none (no GXPO/SFPO run; lr x 1)")
+                index["lr_mult"], index["lr_mult_source"] = mult, how
+                log(f"grpo_lr: lr x {mult:.3f} (effective step multiplier from {how})")
+                for m, s in waiting_lr:
+                    pending[submit(_run_job, config_for(m, s, {"lr_mult": mult}), f"{m} seed {s}")] = (m, s)
+                    index["runs"][m][str(s)]["status"] = "running"
+                waiting_lr = []
+                _write_index(out_dir, index)
+            if not pending:
+                continue
+            finished, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+            drain(0.0 if finished else 0.5)
+            for f in finished:
+                m, s = pending.pop(f)
+                got = f.result()   # a failed run stops the runner (the pool is shut down below)
+                recs = got["records"]
+                runs[m][s] = recs
+                n = sum(1 for r in recs if int(r["step"]) >= 1)
+                index["runs"][m][str(s)].update(
+                    status="complete" if n == base.steps else "incomplete", steps_recorded=n,
+                    seconds=got["seconds"], cpu_seconds=got["cpu_seconds"],
+                    warm_start=recs[0].get("warm_start") if recs else None)
+                _write_index(out_dir, index)
+    except BaseException:
+        for m in index["runs"]:
+            for e in index["runs"][m].values():
+                if e["status"] in ("running", "pending"):
+                    e["status"] = "interrupted"
+        index["status"] = "interrupted"
+        _write_index(out_dir, index)
+        raise
+    finally:
+        bars.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            drain(0.0)
+            queue.close()
 
     seconds = time.perf_counter() - t_start
-    index["seconds"] = seconds
-    with open(os.path.join(out_dir, "runs.json"), "w") as f:
-        json.dump(index, f, indent=1, default=str)
-    results = build_report(runs, out_dir, **(report_flags or {}))
+    index.update(seconds=seconds, status="complete",
+                 cpu_seconds=sum(e.get("cpu_seconds") or 0.0 for m in index["runs"] for e in index["runs"][m].values()))
+    _write_index(out_dir, index)
+    results = build_report(runs, out_dir, index=index, **(report_flags or {}))
     return {"results": results, "out_dir": out_dir, "runs": runs, "lr_mult": index["lr_mult"], "seconds": seconds}

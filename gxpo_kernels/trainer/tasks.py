@@ -6,12 +6,15 @@ the response text before the first EOS equals the answer *and* an EOS was emitte
 malformed, truncated) scores 0.
 
 Tasks:
-  ``addition``  ``a+b=`` -> digits of a+b, a, b uniform in [10, 999] (spec toy-task.md)
+  ``addition``  ``a+b=`` -> digits of a+b, a, b uniform in [10, 999]
   ``sort``      ``3,14,2=`` -> ``2,3,14``: 3-5 numbers in [0, 99], ascending
+  ``jsonl``     a user's JSONL file of ``{"prompt": ..., "answer": ...}`` records (``JsonlTask``), with the
+                ``math`` reward: answer equivalence by ``math-verify`` (the checker TRL's accuracy reward uses)
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -58,8 +61,10 @@ class CharTokenizer:
 class HFTokenizerAdapter:
     """Wraps a Hugging Face tokenizer (for ``--model PATH`` directories that ship one) in the same interface."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, chat_template: bool = True):
         self.tok = tok
+        # instruction models are trained on their chat format: use it when the tokenizer ships one
+        self.use_chat = bool(chat_template and getattr(tok, "chat_template", None))
         if tok.eos_token_id is None:
             raise ValueError("the model's tokenizer has no eos_token_id; the checker needs one")
         self.eos_token_id = tok.eos_token_id
@@ -71,6 +76,10 @@ class HFTokenizerAdapter:
         return len(self.tok)
 
     def encode_prompt(self, text: str) -> List[int]:
+        if self.use_chat:
+            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+            return self.tok.encode(text, add_special_tokens=False)   # the template holds its own BOS
         ids = self.tok.encode(text, add_special_tokens=False)
         return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
 
@@ -138,8 +147,14 @@ class Task:
             out.append((self.prompt(p), self.answer(p)))
         return out
 
+    reward_mode = "exact"
+
     def reward(self, response_text: str, has_eos: bool, answer: str) -> float:
-        """1.0 iff an EOS was emitted and the text before it equals the answer exactly; else 0.0."""
+        """``exact``: 1.0 iff an EOS was emitted and the text before it equals the answer exactly.
+        ``math``: 1.0 iff math-verify finds the response's final answer equivalent to ``answer`` (the response
+        is graded even without EOS, as the math-reward protocols do). Else 0.0."""
+        if self.reward_mode == "math":
+            return math_reward(response_text, answer)
         return 1.0 if has_eos and response_text == answer else 0.0
 
 
@@ -171,13 +186,90 @@ class SortTask(Task):
         return ",".join(map(str, sorted(p)))
 
 
+def math_reward(response_text: str, answer: str) -> float:
+    """1.0 iff ``math_verify.verify(parse(answer), parse(response))`` (LaTeX/expression extraction, boxed
+    answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:  # pragma: no cover - exercised only without the optional extra
+        raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]'") from None
+    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+    if not gold:
+        return 0.0
+    pred = parse(response_text)
+    return 1.0 if pred and verify(gold, pred) else 0.0
+
+
+class JsonlTask(Task):
+    """A user's dataset: one JSON object per line with a prompt and an answer field (any other keys ignored).
+
+    Splits: a record's own ``split`` field (``train``, ``val``/``test``, ``sft``) when it has one, else the
+    hash split of the prompt (25% val, 25% sft, 50% train). ``sample`` draws with replacement for training
+    and, with ``distinct=True`` (validation), returns the pool's first ``n`` records in a seeded shuffle
+    (fewer when the pool is smaller).
+    """
+
+    name = "jsonl"
+    alphabet = ""
+    max_answer_chars = 511   # default completion cap of 512 tokens; set --max_completion_length for more
+
+    def __init__(self, path: str, prompt_field: str = "prompt", answer_field: str = "answer",
+                 reward: str = "math"):
+        self.path, self.reward_mode = path, reward
+        self.pools: Dict[str, List[Tuple[str, str]]] = {s: [] for s in SPLITS}
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i}: not a JSON object") from None
+                if not isinstance(rec, dict) or prompt_field not in rec or answer_field not in rec:
+                    raise ValueError(f"{path}:{i}: a record needs the fields {prompt_field!r} and {answer_field!r}")
+                p, a = rec[prompt_field], rec[answer_field]
+                if not isinstance(p, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                    raise ValueError(f"{path}:{i}: {prompt_field!r} must be a string and {answer_field!r} a "
+                                     "string or number")
+                split = {"test": "val"}.get(rec.get("split"), rec.get("split"))
+                if split not in SPLITS:
+                    split = _split_of(f"jsonl:{p}", self.val_frac, self.sft_frac)
+                self.pools[split].append((p, str(a)))
+        if not self.pools["train"] or not self.pools["val"]:
+            raise ValueError(f"{path}: need records in both the train and the val split "
+                             f"(got {len(self.pools['train'])} train, {len(self.pools['val'])} val)")
+
+    def sample(self, n: int, split: str, seed: int, distinct: bool = False) -> List[Tuple[str, str]]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        pool = self.pools[split]
+        if not pool:
+            raise ValueError(f"{self.path}: the {split!r} split is empty")
+        rng = random.Random(f"jsonl/{split}/{seed}")
+        if distinct:
+            return rng.sample(pool, min(n, len(pool)))
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+
 TASKS: Dict[str, type] = {"addition": AdditionTask, "sort": SortTask}
 
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or give --dataset)")
     return TASKS[name]()
+
+
+def make_task(cfg) -> Task:
+    """The task of a ``TrainConfig``: its JSONL dataset when ``cfg.dataset`` is set, else the toy task; the
+    reward is ``cfg.reward`` when set (``exact`` / ``math``)."""
+    if cfg.dataset is not None:
+        task = JsonlTask(cfg.dataset, cfg.prompt_field, cfg.answer_field, cfg.reward or "math")
+    else:
+        task = get_task(cfg.task)
+        if cfg.reward is not None:
+            task.reward_mode = cfg.reward
+    return task
 
 
 def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[float]:
@@ -189,5 +281,9 @@ def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[f
     return out
 
 
-def make_tokenizer(task: Task, hf_tokenizer: Optional[object] = None):
-    return CharTokenizer(task.alphabet) if hf_tokenizer is None else HFTokenizerAdapter(hf_tokenizer)
+def make_tokenizer(task: Task, hf_tokenizer: Optional[object] = None, chat_template: bool = True):
+    if hf_tokenizer is None:
+        if isinstance(task, JsonlTask):
+            raise ValueError("a --dataset task needs a --model folder with a tokenizer")
+        return CharTokenizer(task.alphabet)
+    return HFTokenizerAdapter(hf_tokenizer, chat_template)
