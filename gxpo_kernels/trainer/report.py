@@ -29,7 +29,7 @@ import numpy as np
 from . import stats
 from .stats import THRESHOLDS
 
-RATIO_KEYS = ("ratio_steps", "ratio_bp", "ratio_wall")
+RATIO_KEYS = ("ratio_steps", "ratio_bp", "ratio_cost", "ratio_wall")
 THRESHOLD_TEXT = {
     "strict": "first validation score >= {b}'s peak (no smoothing)",
     "eps": "first validation score >= {b}'s peak - {eps:g}",
@@ -84,6 +84,10 @@ def _gate_info(records: Sequence[Mapping]) -> Optional[dict]:
     return {"gate": gate, "fired_step": fired, "first_inactive_step": first_inactive}
 
 
+def _cost(c: stats.Curve) -> np.ndarray:
+    return c.wall if c.cost is None else c.cost
+
+
 def _ratios(base: stats.Curve, b_scores, cur: stats.Curve, m_scores, *, eps, gain_frac, shares,
             cm_base, cm_m) -> dict:
     """Vectorised over B resampled curves: scores are [B, T]. Returns {threshold: {field: array [B]}}."""
@@ -98,6 +102,7 @@ def _ratios(base: stats.Curve, b_scores, cur: stats.Curve, m_scores, *, eps, gai
              "degenerate": (base.step[ib] <= 0) | (ok & (cur.step[im] <= 0)),
              "ratio_steps": stats.speedup(bfig[0], mfig[0], ok),
              "ratio_bp": stats.speedup(bfig[1], mfig[1], ok),
+             "ratio_cost": stats.speedup(_cost(base)[ib], _cost(cur)[im], ok),
              "ratio_wall": stats.speedup(base.wall[ib], cur.wall[im], ok), "projected": {}}
         if cm_base is not None and cm_m is not None:
             for s in shares:
@@ -121,6 +126,7 @@ def _seed_entry(cur: stats.Curve, r: Optional[dict]) -> dict:
             "target": float(d["target"][0]), "reached": ok, "degenerate": bool(d["degenerate"][0]),
             "step": int(cur.step[im]) if ok else None, "bp": float(cur.bp[im]) if ok else None,
             "optimizer_steps": float(cur.opt[im]) if ok else None, "wall": float(cur.wall[im]) if ok else None,
+            "cost": float(_cost(cur)[im]) if ok else None,
             **{k: (_f(d[k][0]) if ok else None) for k in RATIO_KEYS},
             "projected": {s: (_f(v[0]) if ok else None) for s, v in d["projected"].items()} or None}
     return entry
@@ -143,6 +149,52 @@ def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:
         warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN draws -> NaN, dropped by percentile_ci
         med = np.nanmedian(m, axis=0)
     return stats.percentile_ci(med, level)
+
+
+def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
+    """What ran, from runs.json: workers, environment, lr multiplier, warm start, per-run status and seconds."""
+    if not index:
+        return None
+    per = {m: {s: {k: e.get(k) for k in ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds")}
+               for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
+    ws = index.get("warm_start") or {}
+    return {"workers": index.get("workers"), "env": index.get("env"), "status": index.get("status"),
+            "seconds": index.get("seconds"), "cpu_seconds": index.get("cpu_seconds"),
+            "lr_mult": index.get("lr_mult"), "lr_mult_source": index.get("lr_mult_source"),
+            "warm_start": {k: ws.get(k) for k in ("sft_steps", "sft_acc", "bundled", "cached")} if ws else None,
+            "runs": per}
+
+
+def _headline_medians(results: Mapping) -> dict:
+    h = results["meta"]["headline"]
+    return {m: {k: r["aggregate"][h][k]["median"] for k in ("ratio_steps", "ratio_cost")}
+            for m, r in results["methods"].items() if m != results["meta"]["baseline"]}
+
+
+def _sensitivity(results: Mapping, compare: Optional[Mapping]) -> dict:
+    """How far the headline medians move: leaving one seed out (always), and against ``compare`` (another
+    run's results.json, e.g. with a perturbed thread count, CPU kernel set or warm-start draw)."""
+    h = results["meta"]["headline"]
+    out = {"leave_one_seed_out": {}}
+    for m, r in results["methods"].items():
+        if m == results["meta"]["baseline"]:
+            continue
+        ents = [e["thresholds"][h] for e in r["seeds"].values() if e.get("thresholds")]
+        d = {}
+        for k in ("ratio_steps", "ratio_cost"):
+            v = np.array([_nan(e[k]) if e["reached"] else 0.0 for e in ents if not e["degenerate"]])
+            meds = [float(np.nanmedian(np.delete(v, i))) for i in range(v.size)] if v.size > 1 else []
+            meds = [x for x in meds if np.isfinite(x)]
+            d[k] = [min(meds), max(meds)] if meds else None
+        out["leave_one_seed_out"][m] = d
+    if compare is not None:
+        here, there = _headline_medians(results), _headline_medians(compare)
+        out["compare"] = {"note": compare["meta"].get("sensitivity_label") or "another run's results.json",
+                          "methods": {m: {k: {"here": here[m][k], "there": there[m][k],
+                                              "shift": (None if here[m][k] is None or there[m][k] is None
+                                                        else there[m][k] - here[m][k])}
+                                          for k in here[m]} for m in here if m in there}}
+    return out
 
 
 def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float = 0.01, gain_frac: float = 0.9,
@@ -189,9 +241,17 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             raise ValueError(f"runs[{m!r}] must be a non-empty {{seed: [records]}} mapping")
     shares = tuple(float(s) for s in rollout_shares)
     methods = [baseline] + [m for m in runs if m != baseline]
-    curves = {m: {int(s): stats.curve_from_records(recs, score_key) for s, recs in sorted(runs[m].items())}
-              for m in methods}
-    cms = {m: stats.cost_model(runs[m].values()) for m in methods}
+    every = [recs for m in methods for recs in runs[m].values()]
+    clock = stats.cost_clock(every)
+    t_roll = stats.shared_rollout_time(every, clock) if clock else None
+    curves = {}
+    for m in methods:
+        curves[m] = {}
+        for s, recs in sorted(runs[m].items()):
+            c = stats.curve_from_records(recs, score_key)
+            c.cost = stats.cost_curve(recs, c.step, clock, t_roll)
+            curves[m][int(s)] = c
+    cms = {m: stats.cost_model(runs[m].values(), clock, t_roll) if clock else None for m in methods}
     kw = dict(eps=eps, gain_frac=gain_frac, shares=shares, cm_base=cms[baseline])
     base_curves = curves[baseline]
 
@@ -217,9 +277,11 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             c = curves[m][s]
             boot[m][s] = _ratios(bc, b_scores, c, W @ c.per_prompt.T / P, cm_m=cms[m], **kw)
 
-    t_roll = ({_share_key(s): _f(stats.projected_rollout_time(s, cms[baseline])) for s in shares}
+    t_proj = ({_share_key(s): _f(stats.projected_rollout_time(s, cms[baseline])) for s in shares}
               if cms[baseline] else None)
     cb = cms[baseline]
+    rising = {str(s): stats.still_rising(c.step, c.score, tol=eps / 2) for s, c in base_curves.items()}
+    n_rising = sum(r["rising"] for r in rising.values())
     results = {"meta": {
         "baseline": baseline, "score_key": score_key, "thresholds": {
             k: v.format(b=baseline, eps=eps, gf=gain_frac) for k, v in THRESHOLD_TEXT.items()},
@@ -229,9 +291,24 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
         "n_seeds": len({s for m in methods for s in curves[m]}), "methods": methods,
         "speedup": f"{baseline}'s figure / method's figure at the threshold (> 1 = faster); not reached = 0",
         "prompt_bootstrap": boot_note or "ok",
+        "clocks": {
+            "ratio_steps": "update steps", "ratio_bp": "backward passes",
+            "ratio_cost": ("measured cost: " + stats.CLOCK_TEXT[clock] + "; rollout = the shared median per step "
+                           "over all runs, update = the run's own") if clock else "wall_clock of the records",
+            "ratio_wall": "measured wall-clock of each run (" + stats.CLOCK_TEXT["wall"] + "); informational",
+            "projected": ("cost model on " + stats.CLOCK_TEXT[clock]) if clock else None},
+        "cost_clock": clock,
+        "shared_rollout_time": _f(t_roll) if t_roll is not None else None,
+        "shared_rollout_time_note": "median rollout time per step over every update step of every run and method "
+                                    "(the same work for every method)",
         "baseline_measured_rollout_share": (_f(cb["t_roll"] / (cb["t_roll"] + cb["t_bp"] + cb["t_opt"]))
                                             if cb else None),
-        "projected_t_roll": t_roll,
+        "projected_t_roll": t_proj,
+        "baseline_peaked": {"all": n_rising == 0, "n_rising": n_rising, "seeds": rising,
+                            "rule": "still rising = best score in the last 3 validations and their mean above "
+                                    f"the 3 before by more than eps/2 = {eps / 2:g}"},
+        "problems": list(problems),
+        "runs": _index_summary(index),
     }, "methods": {}}
 
     for m in methods:
@@ -259,7 +336,7 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             a = {"n_seeds": len(valid), "n_degenerate": len(ents) - len(valid),
                  "n_reached": sum(t["reached"] for _, t in valid)}
             a["reached"] = f"{a['n_reached']}/{a['n_seeds']}"
-            for fig in ("step", "bp", "wall"):   # median cost with not-reached = infinite
+            for fig in ("step", "bp", "cost", "wall"):   # median cost with not-reached = infinite
                 v = [t[fig] if t["reached"] else np.inf for _, t in valid]
                 a[fig] = _f(np.median(v)) if v else None
             has_boot = bool(valid) and all(s in boot[m] for s, _ in valid)
@@ -287,6 +364,7 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             "last_mean": {"median": float(np.median(lasts)), "min": min(lasts), "max": max(lasts)},
             "effective_multiplier": float(np.mean(mults)) if mults else None,
             "cost_model": cms[m], "gate": gates or None}
+    results["meta"]["sensitivity"] = _sensitivity(results, compare)
     results["conclusion"] = conclusion_lines(results)
 
     out = Path(out_dir)
@@ -314,7 +392,10 @@ def conclusion_lines(results: Mapping) -> list:
     meta = results["meta"]
     b, h = meta["baseline"], meta["headline"]
     what = HEADLINE_NAME[h].format(b=b, eps=meta["eps"], pct=100 * meta["gain_frac"])
-    lines = []
+    lines = [peak_warning(meta)] if peak_warning(meta) else []
+    if meta.get("problems"):
+        lines.append(f"INTEGRITY: {len(meta['problems'])} problem(s): " + "; ".join(meta["problems"]))
+    clock = {"cpu": "CPU time", "wall": "wall-clock"}.get(meta.get("cost_clock"), "wall-clock")
     for m in meta["methods"]:
         if m == b:
             continue
@@ -330,12 +411,12 @@ def conclusion_lines(results: Mapping) -> list:
                          f"{a['n_seeds'] - a['n_reached']}/{a['n_seeds']}).")
             continue
         s = (head + f"needs {_frac(med['ratio_steps'])} {b}'s steps, {_frac(med['ratio_bp'])} its backward passes, "
-             f"{_frac(med['ratio_wall'])} its measured wall-clock")
+             f"{_frac(med['ratio_cost'])} its measured {clock}")
         if a["projected"]:
             proj = "/".join(_frac(v["median"]) for v in a["projected"].values())
             pct = "/".join(f"{100 * float(k):g}%" for k in a["projected"])
-            s += f" (projected wall-clock at {pct} rollout share: {proj})"
-        verdict = ("faster" if (med["ratio_wall"] or 0) > 1 else "not faster") + f" than {b} in measured wall-clock"
+            s += f" (projected {clock} at {pct} rollout share: {proj})"
+        verdict = ("faster" if (med["ratio_cost"] or 0) > 1 else "not faster") + f" than {b} in measured {clock}"
         if a["projected"]:
             fast = [k for k, v in a["projected"].items() if (v["median"] or 0) > 1]
             verdict += (f"; projected faster at rollout share {', '.join(f'{100 * float(k):g}%' for k in fast)}"
@@ -347,6 +428,17 @@ def conclusion_lines(results: Mapping) -> list:
                   + (": consistent with a larger step size alone." if sp <= mult else "."))
         lines.append(s)
     return lines
+
+
+def peak_warning(meta: Mapping) -> Optional[str]:
+    """One line when the baseline was still rising at its last validation in some seed, else None."""
+    bp = meta.get("baseline_peaked")
+    if not bp or bp["all"]:
+        return None
+    seeds = [s for s, r in bp["seeds"].items() if r["rising"]]
+    return (f"WARNING: {meta['baseline']} was still rising at its last step in {bp['n_rising']}/{len(bp['seeds'])} "
+            f"seed(s) ({', '.join(seeds)}): its 'peak' is where the horizon ended, so the ratios measure the time "
+            f"to {meta['baseline']}'s score at the horizon, not to its peak (train longer).")
 
 
 def _ci(c) -> str:
@@ -376,9 +468,11 @@ def format_table(results: Mapping) -> str:
     out = ["CONCLUSION"] + [f"  {ln}" for ln in results.get("conclusion") or conclusion_lines(results)]
     out += ["", f"speedup = {b}'s figure / method's figure at the threshold (> 1 = faster); median over "
             f"{meta['n_seeds']} seed(s) [{100 * meta['ci_level']:g}% bootstrap CI over seeds]; not reached counts "
-            "as 0x. steps/BP/wall[s] = median cost to the threshold. x wall(meas.) = measured wall-clock; "
-            f"x proj s = projected wall-clock speedup if rollout took s of {b}'s step time (cost model, medians)."]
-    hdr = (["method", "reached", "steps", "BP", "wall[s]", "x steps", "x BP", "x wall(meas.)"]
+            "as 0x. steps/BP/cost[s] = median figure at the threshold. x cost = measured cost "
+            f"({meta.get('cost_clock') or 'wall'} clock: shared rollout median + own update); x wall = each run's "
+            f"own wall-clock (moves with other load); x proj s = projected speedup if rollout took s of {b}'s "
+            "step time (cost model, medians)."]
+    hdr = (["method", "reached", "steps", "BP", "cost[s]", "x steps", "x BP", "x cost", "x wall"]
            + [f"x proj {100 * float(s):g}%" for s in shares])
     for name in THRESHOLDS:
         rows, notes = [hdr], []
@@ -388,7 +482,7 @@ def format_table(results: Mapping) -> str:
             rows.append([m, a["reached"] + (f" ({a['n_degenerate']} degen.)" if a["n_degenerate"] else ""),
                          f"{a['step']:g}" if a["step"] is not None else nr,
                          f"{a['bp']:g}" if a["bp"] is not None else nr,
-                         f"{a['wall']:.1f}" if a["wall"] is not None else nr]
+                         f"{a['cost']:.1f}" if a["cost"] is not None else nr]
                         + [_cell(a[k]) for k in RATIO_KEYS]
                         + [_cell((a["projected"] or {}).get(s), ci=False) for s in shares])
             if a["n_reached"] < a["n_seeds"]:
@@ -410,7 +504,20 @@ def format_table(results: Mapping) -> str:
                    + ("  cost " + "/".join(f"{cm[k]:.4f}" for k in ("t_roll", "t_bp", "t_opt")) if cm else "")
                    + _gate_text(r["gate"]))
     if meta.get("baseline_measured_rollout_share") is not None:
-        out.append(f"  measured rollout share of {b}'s step time: {meta['baseline_measured_rollout_share']:.2f}")
+        out.append(f"  measured rollout share of {b}'s step time: {meta['baseline_measured_rollout_share']:.2f} "
+                   f"(shared rollout {meta['shared_rollout_time']:.4f} s/step, {meta.get('cost_clock')} clock)")
+    sens = (meta.get("sensitivity") or {}).get("leave_one_seed_out")
+    if sens:
+        out.append("  sensitivity, headline median when one seed is left out [min, max]: " + "; ".join(
+            f"{m} steps {_ci(d['ratio_steps']) or 'n/a'} cost {_ci(d['ratio_cost']) or 'n/a'}"
+            for m, d in sens.items()))
+    cmp_ = (meta.get("sensitivity") or {}).get("compare")
+    if cmp_:
+        out.append(f"  sensitivity vs {cmp_['note']}: " + "; ".join(
+            f"{m} steps {d['ratio_steps']['here']} -> {d['ratio_steps']['there']}"
+            for m, d in cmp_["methods"].items()))
+    for p in meta.get("problems") or []:
+        out.append(f"  PROBLEM: {p}")
     return "\n".join(out)
 
 
@@ -423,8 +530,9 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
     meta = results["meta"]
     name = threshold or meta["headline"]
     shares = list(next(iter(results["methods"].values()))["aggregate"][name]["projected"] or {})
-    hdr = (["method", "reached", "steps", "backward passes", "wall-clock (measured)"]
-           + [f"wall-clock (projected, rollout {100 * float(s):g}%)" for s in shares]
+    clock = {"cpu": "CPU time", "wall": "wall-clock"}.get(meta.get("cost_clock"), "wall-clock")
+    hdr = (["method", "reached", "steps", "backward passes", f"{clock} (measured)"]
+           + [f"{clock} (projected, rollout {100 * float(s):g}%)" for s in shares]
            + ["effective step multiplier", "peak score", "gate fired at step"])
     rows = []
     for m, r in results["methods"].items():
@@ -432,7 +540,7 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
         mult = r["effective_multiplier"]
         gates = r.get("gate") or {}
         fired = "/".join("never" if g["fired_step"] is None else str(g["fired_step"]) for g in gates.values())
-        rows.append([m, a["reached"]] + [_cell(a[k]).replace(",", ", ") for k in RATIO_KEYS]
+        rows.append([m, a["reached"]] + [_cell(a[k]).replace(",", ", ") for k in RATIO_KEYS[:3]]
                     + [_cell((a["projected"] or {}).get(s), ci=False) for s in shares]
                     + [f"{mult:.2f}" if mult is not None else "n/a", f"{r['peak']['median']:.3f}", fired or "-"])
     lines = [f"Threshold: {meta['thresholds'][name]}; median over {meta['n_seeds']} seed(s) "
@@ -440,6 +548,16 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
              "method's cost (> 1 = faster).", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = [n for n in (peak_warning(meta),) if n]
+    bp = meta.get("baseline_peaked")
+    if bp and bp["all"]:
+        notes.append(f"{meta['baseline']} levelled off before its last step in every seed (best score not in "
+                     "its last 3 validations, or no upward trend over them).")
+    if meta.get("cost_clock"):
+        notes.append(f"Measured and projected {clock}: {meta['clocks']['ratio_cost']}.")
+    notes += [f"PROBLEM: {p}" for p in meta.get("problems") or []]
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
 
 

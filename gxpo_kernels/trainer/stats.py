@@ -35,10 +35,13 @@ class Curve:
     wall: np.ndarray          # float64 [T] cumulative training seconds (validation excluded)
     score: np.ndarray         # float64 [T] the score_key value
     per_prompt: Optional[np.ndarray] = None   # float64 [T, P] 0/1 correctness, when every point logs it
+    cost: Optional[np.ndarray] = None         # float64 [T] measured cost (``cost_curve``); None = wall
 
     def rows(self) -> list:
-        return [[int(s), float(b), float(o), float(w), float(v)]
-                for s, b, o, w, v in zip(self.step, self.bp, self.opt, self.wall, self.score)]
+        """[step, backward passes, optimizer steps, wall, score, cost] per validation point."""
+        cost = self.wall if self.cost is None else self.cost
+        return [[int(s), float(b), float(o), float(w), float(v), float(c)]
+                for s, b, o, w, v, c in zip(self.step, self.bp, self.opt, self.wall, self.score, cost)]
 
 
 def curve_from_records(records: Sequence[Mapping], score_key: str = "greedy_acc") -> Curve:
@@ -179,33 +182,122 @@ def effective_step_multiplier(records: Sequence[Mapping], method_kind: str) -> f
 # ----------------------------------------------------------------------------------------------------------
 # Cost model
 # ----------------------------------------------------------------------------------------------------------
-def cost_model(records_by_seed: Iterable[Sequence[Mapping]]) -> Optional[dict]:
-    """Per-unit times from measured step times, median over all update steps of all seeds.
+# Record keys of each clock: (rollout, backward passes, whole update). "cpu" = process CPU time of the run (what
+# it computed, not inflated by other work on a shared machine); "wall" = perf_counter seconds.
+CLOCK_KEYS = {"cpu": ("cpu_rollout", "cpu_backward", "cpu_update"), "wall": ("t_rollout", "t_backward", None)}
+CLOCK_TEXT = {"cpu": "process CPU time (time.process_time of the run's own process)",
+              "wall": "wall-clock (time.perf_counter; includes waiting for other work on the machine)"}
 
-    t_roll = median t_rollout (rollout + reward + old log-probs per step); t_bp = median of
-    t_backward / (backward passes this step); t_opt = median of t_optimizer / (optimizer steps this step).
-    Returns None when the timing keys are absent.
+
+def _update_steps(records: Iterable[Mapping]):
+    return [r for r in records if int(r.get("step", 0)) >= 1]
+
+
+def _has(r: Mapping, keys) -> bool:
+    return all(r.get(k) is not None for k in keys if k is not None)
+
+
+def cost_clock(all_records: Iterable[Sequence[Mapping]]) -> Optional[str]:
+    """``"cpu"`` when every update step of every run logs the CPU keys, else ``"wall"`` when every one logs the
+    wall keys (``t_rollout``, ``t_backward``, ``t_optimizer``), else None (no cost model)."""
+    steps = [r for recs in all_records for r in _update_steps(recs)]
+    if steps and all(_has(r, CLOCK_KEYS["cpu"]) for r in steps):
+        return "cpu"
+    if steps and all(_has(r, ("t_rollout", "t_backward", "t_optimizer")) for r in steps):
+        return "wall"
+    return None
+
+
+def _phase_times(r: Mapping, clock: str) -> tuple:
+    """(rollout, backward, rest of the update) seconds of one step record on ``clock``."""
+    if clock == "cpu":
+        bwd = float(r["cpu_backward"])
+        return float(r["cpu_rollout"]), bwd, max(float(r["cpu_update"]) - bwd, 0.0)
+    return float(r["t_rollout"]), float(r["t_backward"]), float(r["t_optimizer"])
+
+
+def shared_rollout_time(all_records: Iterable[Sequence[Mapping]], clock: str) -> float:
+    """Median rollout time per step over every update step of every run (all methods, all seeds).
+
+    A rollout is the same work for every method (same batch shape, same generation), so one shared figure is
+    used for all of them instead of each method's own sample, which another process on the machine can skew."""
+    vals = [_phase_times(r, clock)[0] for recs in all_records for r in _update_steps(recs)]
+    if not vals:
+        raise ValueError("records hold no update step with timing")
+    return float(np.median(vals))
+
+
+def cost_model(records_by_seed: Iterable[Sequence[Mapping]], clock: Optional[str] = None,
+               t_roll: Optional[float] = None) -> Optional[dict]:
+    """Per-unit times of one method, medians over all its update steps of all seeds, on ``clock``.
+
+    t_bp = median of backward time / backward passes this step; t_opt = median of the rest of the update
+    (optimizer steps, clipping, the rule's arithmetic) / optimizer steps this step; t_roll = ``t_roll`` when
+    given (the shared figure of ``shared_rollout_time``), else this method's own median rollout time.
+    ``clock`` None picks ``cost_clock`` of these records. Returns None when the timing keys are absent.
     """
+    records_by_seed = [list(r) for r in records_by_seed]
+    clock = clock or cost_clock(records_by_seed)
+    if clock is None:
+        return None
     roll, bp, opt, n = [], [], [], 0
     for records in records_by_seed:
-        recs = sorted(records, key=lambda r: int(r["step"]))
         prev_bp, prev_opt = 0.0, 0.0
-        for r in recs:
+        for r in sorted(records, key=lambda r: int(r["step"])):
             d_bp = float(r.get("backward_passes", 0)) - prev_bp
             d_opt = float(r.get("optimizer_steps", 0)) - prev_opt
             prev_bp, prev_opt = float(r.get("backward_passes", 0)), float(r.get("optimizer_steps", 0))
-            if int(r["step"]) < 1 or any(r.get(k) is None for k in ("t_rollout", "t_backward", "t_optimizer")):
+            if int(r["step"]) < 1:
+                continue
+            try:
+                t_r, t_b, t_o = _phase_times(r, clock)
+            except (KeyError, TypeError):
                 continue
             n += 1
-            roll.append(float(r["t_rollout"]))
+            roll.append(t_r)
             if d_bp > 0:
-                bp.append(float(r["t_backward"]) / d_bp)
+                bp.append(t_b / d_bp)
             if d_opt > 0:
-                opt.append(float(r["t_optimizer"]) / d_opt)
+                opt.append(t_o / d_opt)
     if not roll or not bp:
         return None
-    return {"t_roll": float(np.median(roll)), "t_bp": float(np.median(bp)),
-            "t_opt": float(np.median(opt)) if opt else 0.0, "n_steps": n}
+    return {"t_roll": float(np.median(roll)) if t_roll is None else float(t_roll), "t_bp": float(np.median(bp)),
+            "t_opt": float(np.median(opt)) if opt else 0.0, "n_steps": n, "clock": clock,
+            "t_roll_own": float(np.median(roll))}
+
+
+def cost_curve(records: Sequence[Mapping], steps: np.ndarray, clock: Optional[str],
+               t_roll: Optional[float]) -> np.ndarray:
+    """Measured cost up to each step in ``steps``: ``step * t_roll`` (the shared rollout figure) plus the run's
+    own measured update time (backward passes + the rest) summed over steps 1..step. ``clock`` None: the
+    records' ``wall_clock``."""
+    recs = sorted(_update_steps(records), key=lambda r: int(r["step"]))
+    if clock is None or t_roll is None:
+        by_step = {int(r["step"]): float(r.get("wall_clock", 0.0)) for r in recs}
+        return np.array([by_step.get(int(s), 0.0) for s in steps], dtype=np.float64)
+    upd = np.cumsum([0.0] + [sum(_phase_times(r, clock)[1:]) for r in recs])
+    idx = np.searchsorted([int(r["step"]) for r in recs], np.asarray(steps), side="right")
+    return np.asarray(steps, np.float64) * t_roll + upd[idx]
+
+
+def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: float = 0.0) -> dict:
+    """Whether a validation curve is still rising at its end, i.e. its peak measures the horizon.
+
+    Rising = the best score lies in the last ``window`` validation points *and* the mean of those points
+    exceeds the mean of the ``window`` points before them by more than ``tol``. A curve with fewer than
+    ``2 * window`` points is reported as rising (too short to tell)."""
+    step, score = np.asarray(step), np.asarray(score, np.float64)
+    if score.size < 2 * window:
+        return {"rising": True, "reason": f"fewer than {2 * window} validation points", "peak_step": None,
+                "trend": None}
+    last, prev = score[-window:].mean(), score[-2 * window:-window].mean()
+    peak_i = int(np.argmax(score))
+    rising = bool(peak_i >= score.size - window and last - prev > tol)
+    return {"rising": rising, "peak_step": int(step[peak_i]), "last_step": int(step[-1]),
+            "trend": float(last - prev),
+            "reason": ("peak in the last {w} validations and their mean above the {w} before by {d:+.4f}"
+                       if rising else "peak earlier or no upward trend over the last {w} validations "
+                       "(mean change {d:+.4f})").format(w=window, d=last - prev)}
 
 
 def projected_rollout_time(share: float, base_cm: Mapping) -> float:
