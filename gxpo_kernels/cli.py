@@ -1,10 +1,16 @@
 """``gxpo-kernels`` command line: ``speedup`` (all methods x seeds + report) and ``train`` (one method).
 
     gxpo-kernels speedup                      # the embedded default: tiny Qwen2, addition, 6 methods x 3 seeds
-    gxpo-kernels speedup --preset smoke       # < 2 minutes on 2 CPU cores
-    gxpo-kernels train --algo gxpo --advantage fade --task sort --steps 100 --out runs/gxpo-sort
-    gxpo-kernels train --algo fpa_dpo --fpa-lam 1.0 --steps 100    # offline FPA-DPO on rollout pairs
+    gxpo-kernels speedup --preset smoke       # a few minutes on 2 CPU cores
+    gxpo-kernels train --algo gxpo --advantage fade --task sort --max_steps 100 --out runs/gxpo-sort
+    gxpo-kernels train --model ./my-model --dataset math.jsonl --num_generations 8 --max_completion_length 1024
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gxpo_kernels.cli train --deepspeed ds_zero2.json --algo gxpo
+
+Every ``TrainConfig`` field (and the warm start's ``SFTConfig`` ones, as ``--sft_<name>``) is an option,
+generated from the dataclasses by ``transformers.HfArgumentParser``: ``--field_name`` and ``--field-name``,
+plus the TRL ``GRPOConfig`` name where one means the same thing (``--num_generations``, ``--max_steps``,
+``--max_completion_length``, ``--learning_rate`` ...). ``--help`` shows each default (for ``speedup``, the
+default preset's). Every check runs before any work; a bad value is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -13,169 +19,182 @@ import dataclasses
 import os
 import sys
 import time
+import typing
 from typing import List, Optional
 
-from .trainer.config import ADVANTAGES, ALGOS, FPA_SIDES, GATES, TrainConfig, parse_method, preset
-from .trainer.tasks import TASKS
+from .trainer.config import SFTConfig, TrainConfig, parse_method, preset
 
 PRESETS = ("default", "smoke", "test")
+PROG = "gxpo-kernels"
+# TrainConfig fields the speedup runner sets itself per run (methods x seeds), so not options of `speedup`
+SPEEDUP_OWN = ("algo", "advantage", "seed", "lr_mult", "deepspeed")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("task and model")
-    g.add_argument("--task", choices=sorted(TASKS), help="toy task (default addition)")
-    g.add_argument("--model", metavar="PATH", help="local transformers model folder (default: tiny Qwen2 from config)")
-    g.add_argument("--arch", choices=("qwen2", "llama"), help="tiny model family (default qwen2)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: 1 for speedup with the built-in model on CPU, else torch's)")
-    g = p.add_argument_group("RL")
-    g.add_argument("--steps", type=int, help="RL steps per run")
-    g.add_argument("--prompts", type=int, help="prompts per step (P)")
-    g.add_argument("--group", type=int, help="samples per prompt (G)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5)")
-    g.add_argument("--max-new-tokens", type=int, help="rollout length cap (default: longest answer + EOS)")
-    g.add_argument("--loss-agg-mode", help="token-mean | seq-mean-token-mean | seq-mean-token-sum | "
-                                          "seq-mean-token-sum-norm (default token-mean; Dr.GRPO's for drgrpo)")
-    g.add_argument("--no-recompute-old-logp", action="store_true",
-                   help="SFPO/GXPO: keep the rollout's old log-probs on every pass (default: recompute, paper)")
-    g.add_argument("--gxpo-K", type=int)
-    g.add_argument("--gxpo-alpha", type=float)
-    g.add_argument("--gxpo-tau", type=float)
-    g.add_argument("--gxpo-gate", choices=GATES, help="GXPO gate (default window; 'none' = always active)")
-    g.add_argument("--sfpo-K", type=int)
-    g.add_argument("--sfpo-alpha", type=float)
-    g.add_argument("--sfpo-gate", choices=GATES, help="SFPO gate (default entropy)")
-    g.add_argument("--epochs", type=int, help="grpo_epochs: optimizer steps per batch (default 3)")
-    g.add_argument("--fpa-lam", type=float, help="fpa_*: extrapolation lambda of the future policy (default 1; "
-                   "0 = the base objective)")
-    g.add_argument("--fpa-side", choices=FPA_SIDES, help="fpa_*: coefficients at pi_hat on both sides (default) "
-                   "or on the rejected side only")
-    g.add_argument("--fpa-beta", type=float, help="fpa_dpo / fpa_rpo / fpa_kto: beta (default 0.1)")
-    g = p.add_argument_group("validation and warm start")
-    g.add_argument("--val-every", type=int, help="validate every N steps (default 10)")
-    g.add_argument("--val-size", type=int, help="held-out prompts for greedy accuracy (default 2048)")
-    g.add_argument("--pass1-size", type=int, help="prompts for pass@1 (0 = off)")
-    g.add_argument("--pass1-n", type=int, help="samples per prompt for pass@1")
-    g.add_argument("--sft-steps", type=int, help="warm-start step cap (default 1500; 0 = no warm start)")
-    g.add_argument("--sft-target", type=float, help="warm start stops at this greedy accuracy (default 0.30)")
-    g.add_argument("--cache-dir", help="warm-start cache folder (default: <out>/../.warmstart-cache)")
-    g.add_argument("--deepspeed", metavar="JSON", help="train: run on a DeepSpeed ZeRO engine with this config "
-                   "(launch with torchrun / deepspeed; see the README)")
-    g.add_argument("--quiet", action="store_true")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(2)
 
 
-_TRAIN_FIELDS = {"task": "task", "model": "model", "arch": "arch", "device": "device", "steps": "steps",
-                 "prompts": "prompts", "group": "group", "lr": "lr", "max_new_tokens": "max_new_tokens",
-                 "loss_agg_mode": "loss_agg_mode", "gxpo_K": "gxpo_K", "gxpo_alpha": "gxpo_alpha",
-                 "gxpo_tau": "gxpo_tau", "gxpo_gate": "gxpo_gate", "sfpo_K": "sfpo_K", "sfpo_alpha": "sfpo_alpha",
-                 "sfpo_gate": "sfpo_gate", "epochs": "epochs", "val_every": "val_every", "val_size": "val_size",
-                 "pass1_size": "pass1_size", "pass1_n": "pass1_n", "cache_dir": "cache_dir",
-                 "deepspeed": "deepspeed", "quiet": "quiet", "fpa_lam": "fpa_lam", "fpa_side": "fpa_side",
-                 "fpa_beta": "fpa_beta"}
+def _fail(message) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(2)
 
 
-def _apply(tc: TrainConfig, a: argparse.Namespace) -> TrainConfig:
-    # "is not None", not "in (None, False)": 0.0 == False would drop e.g. --fpa-lam 0
-    kw = {f: getattr(a, k) for k, f in _TRAIN_FIELDS.items()
-          if getattr(a, k, None) is not None and getattr(a, k) is not False}
-    if a.no_recompute_old_logp:
-        kw["recompute_old_logp"] = False
-    sft = tc.sft
-    if a.sft_steps is not None:
-        sft = dataclasses.replace(sft, max_steps=a.sft_steps)
-    if a.sft_target is not None:
-        sft = dataclasses.replace(sft, target_acc=a.sft_target)
-    return tc.replace(sft=sft, **kw)
+def _flat_dataclass(cls, prefix: str = "", exclude=()):
+    """A flat copy of dataclass ``cls`` (nested dataclass fields dropped, names prefixed) for HfArgumentParser."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        kw = {"metadata": dict(f.metadata)}
+        if f.default_factory is not dataclasses.MISSING:
+            kw["default_factory"] = f.default_factory
+        else:
+            kw["default"] = f.default
+        fields.append((prefix + f.name, hints[f.name], dataclasses.field(**kw)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Args", fields)
+
+
+def _add_config_options(p: argparse.ArgumentParser, defaults: TrainConfig, exclude=()) -> None:
+    """Add every TrainConfig / SFTConfig field of ``defaults`` as options of ``p``. Their parsed default is
+    SUPPRESS (so only what the user typed overrides the preset); help shows the real default."""
+    from transformers import HfArgumentParser
+
+    src = HfArgumentParser([_flat_dataclass(TrainConfig, exclude=exclude), _flat_dataclass(SFTConfig, "sft_")],
+                           add_help=False)
+    shown = {**dataclasses.asdict(defaults), **{f"sft_{k}": v for k, v in dataclasses.asdict(defaults.sft).items()}}
+    g = p.add_argument_group("configuration (TrainConfig / SFTConfig fields)")
+    for a in src._actions:
+        if not a.option_strings:
+            continue
+        kw = dict(dest=a.dest, default=argparse.SUPPRESS, required=False)
+        if isinstance(a, argparse._StoreFalseAction):
+            g.add_argument(*a.option_strings, action="store_false", help=f"set {a.dest} to False", **kw)
+            continue
+        help_ = f"{a.help or ''} (default: {shown[a.dest]})".strip()
+        g.add_argument(*a.option_strings, type=a.type, nargs=a.nargs, const=a.const, choices=a.choices,
+                       help=help_, metavar=a.metavar, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gxpo-kernels", description="GRPO / SFPO / GXPO trainer and speedup runner")
+    p = _Parser(prog=PROG, description="GRPO / SFPO / GXPO trainer and speedup-to-peak runner")
     # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    s = sub.add_parser("speedup", help="run methods x seeds from one warm start and report speedup to peak")
-    s.add_argument("--preset", choices=PRESETS, default="default", help="default (<= 20 min on 2 CPU cores), "
-                   "smoke (< 2 min), test (seconds; for the test suite)")
-    s.add_argument("--methods", help="comma list, e.g. grpo,sfpo,gxpo,gxpo+fade,grpo_lr,grpo_epochs "
-                   "(algo[+advantage], algo in %s, advantage in %s)" % (ALGOS, ADVANTAGES))
-    s.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    s.add_argument("--lr-mult", type=float, help="grpo_lr's lr multiplier (default: measured from GXPO/SFPO)")
-    s.add_argument("--out", help="output folder (default ./runs/speedup-<timestamp>)")
-    s.add_argument("--no-progress", action="store_true")
-    _common(s)
+    s = sub.add_parser("speedup", formatter_class=fmt,
+                       help="run methods x seeds from one warm start and report speedup to GRPO's peak")
+    s.add_argument("--preset", choices=PRESETS, default="default",
+                   help="default (the committed run), smoke (minutes), test (seconds; the test suite's)")
+    s.add_argument("--methods", help="comma list of algo[+advantage], e.g. grpo,sfpo,gxpo,gxpo+fade,grpo_lr,"
+                   "grpo_epochs (default: the preset's)")
+    s.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the preset's)")
+    s.add_argument("--lr_mult", "--lr-mult", type=float,
+                   help="grpo_lr's lr multiplier (default: measured from the GXPO, else SFPO, runs)")
+    s.add_argument("--workers", type=int, help="parallel worker processes, one torch thread each (default: "
+                   "min(2, CPU cores) on CPU, 1 on CUDA; 0 = in this process)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--resume", action="store_true", help="keep the complete runs of an existing output folder "
+                   "(same config) and run the rest")
+    s.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bars")
+    _add_config_options(s, preset("default").train, exclude=SPEEDUP_OWN)
 
-    t = sub.add_parser("train", help="run one method")
-    t.add_argument("--algo", choices=ALGOS, default="grpo")
-    t.add_argument("--advantage", choices=ADVANTAGES, default="grpo")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--init-seed", type=int, default=0, help="model init + warm start seed")
-    t.add_argument("--lr-mult", type=float, help="grpo_lr: lr multiplier (default 1)")
-    t.add_argument("--out", help="output folder (default ./runs/<algo>-<timestamp>)")
-    _common(t)
+    t = sub.add_parser("train", formatter_class=fmt, help="run one method")
+    t.add_argument("--threads", type=int, help="torch CPU threads (None: torch's choice)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
+    _add_config_options(t, TrainConfig())
     return p
 
 
-def _speedup(a) -> int:
-    from .trainer.speedup import format_table, run_speedup
+def config_from_args(a: argparse.Namespace, base: TrainConfig, exclude=()) -> TrainConfig:
+    """``base`` with every option the user gave (``sft_*`` into ``base.sft``), validated."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(exclude)
+    kw = {k: v for k, v in vars(a).items() if k in names}
+    sft = {k[4:]: v for k, v in vars(a).items() if k.startswith("sft_")}
+    tc = base.replace(sft=dataclasses.replace(base.sft, **sft), **kw)
+    return tc.validate()
 
-    if a.deepspeed:
-        raise ValueError("--deepspeed works with `train` (one method per launch), not with `speedup`")
-    cfg = preset(a.preset)
-    tc = _apply(cfg.train, a)
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else cfg.methods
-    for m in methods:
-        parse_method(m)
-    seeds = tuple(range(a.seeds)) if a.seeds else cfg.seeds
-    if a.model:   # fail fast, before any warm start
-        from .trainer.model import load_local_model, pick_device
-        load_local_model(a.model, pick_device(tc.device))
-    cfg = dataclasses.replace(cfg, train=tc, methods=methods, seeds=seeds, lr_mult=a.lr_mult, out_dir=a.out)
+
+def _speedup(a) -> int:
+    from .trainer.config import SpeedupConfig
+    from .trainer.speedup import check_out_dir, default_out_dir, format_table, run_speedup
+
+    if getattr(a, "deepspeed", None):
+        _fail("--deepspeed works with `train` (one method per launch), not with `speedup`")
+    cfg: SpeedupConfig = preset(a.preset)
+    tc = config_from_args(a, cfg.train, exclude=SPEEDUP_OWN)
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods is not None else cfg.methods
+    if a.seeds is not None and a.seeds < 1:
+        _fail(f"--seeds must be >= 1, got {a.seeds}")
+    seeds = tuple(range(a.seeds)) if a.seeds is not None else cfg.seeds
+    cfg = dataclasses.replace(cfg, train=tc, methods=methods, seeds=seeds, lr_mult=a.lr_mult,
+                              out_dir=tc.out_dir or default_out_dir(), workers=a.workers)
+    cfg.validate()
+    check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # before any work
     t0 = time.perf_counter()
-    out = run_speedup(cfg, progress=not a.no_progress)
+    out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
     print(format_table(out["results"]))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {out['out_dir']}")
     return 0
 
 
+class _TrainProgress:
+    """tqdm bar over the RL steps; validation lines above it."""
+
+    def __init__(self, tc: TrainConfig, enabled: bool):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=tc.steps, desc=f"{tc.algo}", disable=not enabled, dynamic_ncols=True)
+        self.quiet = tc.quiet
+
+    def __call__(self, rec) -> None:
+        v = rec.get("val")
+        if v:
+            self.bar.set_postfix(acc=f"{v['greedy_acc']:.3f}", refresh=False)
+            if not self.quiet:
+                self.bar.write(f"step {rec['step']:4d}  greedy {v['greedy_acc']:.3f}  pass@1 "
+                               f"{v.get('pass1', float('nan')):.3f}  reward {rec.get('reward_mean', float('nan')):.3f}"
+                               f"  bp {rec['backward_passes']}")
+        if rec["step"] > self.bar.n:
+            self.bar.update(rec["step"] - self.bar.n)
+
+
 def _train(a) -> int:
-    from .trainer.loop import train
+    from .trainer import loop
+    from .trainer.speedup import check_out_dir
 
-    tc = _apply(TrainConfig(algo=a.algo, advantage=a.advantage, seed=a.seed, init_seed=a.init_seed), a)
-    if a.lr_mult is not None:
-        tc = tc.replace(lr_mult=a.lr_mult)
-    out = a.out or os.path.join("runs", f"{a.algo}-" + time.strftime("%Y%m%d-%H%M%S"))
+    tc = config_from_args(a, TrainConfig())
+    out = tc.out_dir or os.path.join("runs", f"{tc.algo}-" + time.strftime("%Y%m%d-%H%M%S"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if a.threads is not None and a.threads < 1:
+        _fail(f"--threads must be >= 1, got {a.threads}")
+    if rank0:   # under torchrun / deepspeed only rank 0 writes records
+        check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)))
     tc = tc.replace(out_dir=out)
-
-    def show(rec):
-        if rec.get("val") and not tc.quiet:
-            v = rec["val"]
-            print(f"step {rec['step']:4d}  greedy {v['greedy_acc']:.3f}  pass@1 {v.get('pass1', float('nan')):.3f}"
-                  f"  reward {rec.get('reward_mean', float('nan')):.3f}  bp {rec['backward_passes']}"
-                  f"  wall {rec['wall_clock']:.1f}s", flush=True)
-
-    train(tc, progress=show)
-    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun / deepspeed only rank 0 writes records
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    bar = _TrainProgress(tc, enabled=rank0 and not a.no_progress)
+    try:
+        loop.train(tc, progress=bar, log=bar.bar.write if not a.no_progress else print)
+    finally:
+        bar.bar.close()
+    if rank0:
         print(f"records: {os.path.join(os.path.abspath(out), 'records.jsonl')}")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    import torch
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    elif a.command == "speedup" and getattr(a, "model", None) is None and not torch.cuda.is_available():
-        # the built-in 0.5M-parameter policy gains nothing from a second thread and loses a lot when the
-        # cores are shared; one thread keeps the default run inside its 20-minute budget on 2 cores
-        torch.set_num_threads(1)
+    a = build_parser().parse_args(argv)
     try:
         return _speedup(a) if a.command == "speedup" else _train(a)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"gxpo-kernels: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        _fail(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from .tasks import TASKS
+
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
 ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs") + FPA_ALGOS
@@ -14,13 +16,16 @@ DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspe
 FPA_SIDES = ("both", "rejected")
 ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
+TASK_NAMES = tuple(TASKS)   # the toy tasks; a --dataset file is the other kind
 
 
-def _f(default=dataclasses.MISSING, help: str = "", aliases=(), **kw):
-    """A dataclass field with its CLI help and TRL-style aliases (read by the generated CLI parser)."""
+def _f(default=dataclasses.MISSING, help: str = "", aliases=(), choices=None, **kw):
+    """A dataclass field with its CLI help, choices and TRL-style aliases (read by the generated CLI parser)."""
     md = {"help": help}
     if aliases:
         md["aliases"] = list(aliases)
+    if choices:
+        md["choices"] = list(choices)
     if default is dataclasses.MISSING:
         return field(metadata=md, **kw)
     return field(default=default, metadata=md, **kw)
@@ -35,10 +40,11 @@ class SFTConfig:
     """Supervised warm start: stop at >= target greedy accuracy, checked every N steps."""
     lr: float = _f(1e-3, "warm-start AdamW learning rate")
     batch_size: int = _f(128, "warm-start batch size (prompts)")
-    target_acc: float = _f(0.30, "warm start stops at this greedy accuracy, in (0, 1]")
+    target_acc: float = _f(0.30, "warm start stops at this greedy accuracy, in (0, 1]",
+                           aliases=("--sft_target", "--sft-target"))
     check_every: int = _f(25, "warm-start accuracy check interval (steps)")
     check_size: int = _f(512, "validation prompts used by the warm-start check")
-    max_steps: int = _f(1500, "warm-start step cap (0 = no warm start)")
+    max_steps: int = _f(1500, "warm-start step cap (0 = no warm start)", aliases=("--sft_steps", "--sft-steps"))
     pool_size: int = _f(50000, "size of the warm-start problem pool")
 
     def validate(self) -> "SFTConfig":
@@ -70,17 +76,17 @@ class TrainConfig:
     ``max_new_tokens``, ``--learning_rate`` = ``lr``, ``--epsilon`` / ``--epsilon_high`` = ``eps_low`` /
     ``eps_high``, ``--num_iterations`` = ``epochs``, ``--eval_steps`` = ``val_every``).
     """
-    algo: str = _f("grpo", "update rule: " + ", ".join(ALGOS))
-    advantage: str = _f("grpo", "advantage estimator: " + ", ".join(ADVANTAGES))
-    task: str = _f("addition", "toy task (addition, sort) or 'jsonl' (set by --dataset)")
+    algo: str = _f("grpo", "update rule", choices=ALGOS)
+    advantage: str = _f("grpo", "advantage estimator", choices=ADVANTAGES)
+    task: str = _f("addition", "toy task (ignored with --dataset)", choices=TASK_NAMES)
     model: Optional[str] = _f(None, "local transformers model folder (None: tiny model built from a config)")
     dataset: Optional[str] = _f(None, "JSONL file of {prompt, answer} records (a real task; implies task jsonl)")
     prompt_field: str = _f("prompt", "JSONL key of the prompt text")
     answer_field: str = _f("answer", "JSONL key of the reference answer")
     reward: Optional[str] = _f(None, "exact (string match) or math (math-verify answer equivalence); "
-                                     "None: exact for toy tasks, math for --dataset")
+                                     "None: exact for toy tasks, math for --dataset", choices=REWARDS)
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template when it has one")
-    arch: str = _f("qwen2", "tiny model family: qwen2 or llama")
+    arch: str = _f("qwen2", "tiny model family", choices=("qwen2", "llama"))
     hidden: int = _f(128, "tiny model hidden size")
     layers: int = _f(2, "tiny model layers")
     heads: int = _f(4, "tiny model attention heads")
@@ -99,19 +105,20 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eps_low: float = _f(0.2, "PPO clip epsilon (low side)", aliases=("--epsilon",))
     eps_high: float = _f(0.2, "PPO clip epsilon (high side)", aliases=("--epsilon_high", "--epsilon-high"))
-    loss_agg_mode: Optional[str] = _f(None, "one of " + ", ".join(AGG_MODES)
-                                      + " (None: token-mean; seq-mean-token-sum-norm for drgrpo)")
+    loss_agg_mode: Optional[str] = _f(None, "loss aggregation (None: token-mean; seq-mean-token-sum-norm for "
+                                            "drgrpo)", choices=AGG_MODES)
     recompute_old_logp: bool = _f(True, "SFPO/GXPO: passes >= 2 use the current policy as old (paper protocol)")
     gxpo_K: int = _f(5, "GXPO inner passes K (>= 2)")
     gxpo_alpha: float = _f(0.5, "GXPO extrapolation alpha")
     gxpo_tau: float = _f(0.5, "GXPO tau")
-    gxpo_gate: str = _f("window", "GXPO gate: " + ", ".join(GATES))  # EMA with mu=sigma=1 fires at once here
+    gxpo_gate: str = _f("window", "GXPO gate ('none' = always active)", choices=GATES)  # EMA with mu=sigma=1 fires at once here
     sfpo_K: int = _f(3, "SFPO inner passes K")
     sfpo_alpha: float = _f(0.8, "SFPO alpha")
-    sfpo_gate: str = _f("entropy", "SFPO gate: " + ", ".join(GATES))
+    sfpo_gate: str = _f("entropy", "SFPO gate ('none' = always active)", choices=GATES)
     fade_target_entropy: Optional[float] = _f(None, "FADE target entropy (None: the controller's default)")
     fpa_lam: float = _f(1.0, "fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = the base objective")
-    fpa_side: str = _f("both", "fpa_*: coefficients at pi_hat on both sides or the rejected side only")
+    fpa_side: str = _f("both", "fpa_*: coefficients at pi_hat on both sides or the rejected side only",
+                       choices=FPA_SIDES)
     fpa_beta: float = _f(0.1, "fpa_dpo / fpa_rpo / fpa_kto: beta")
     fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL")
     val_every: int = _f(10, "validate every N steps", aliases=("--eval_steps", "--eval-steps"))
@@ -138,7 +145,11 @@ class TrainConfig:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.reward is not None and self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        from .tasks import TASKS
+        if self.model is not None and not os.path.isdir(self.model):
+            raise ValueError(f"--model {self.model!r}: no such directory (give a local model folder)")
+        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"--model {self.model!r}: the folder has no config.json, so it is not a "
+                             "transformers model")
         if self.dataset is None:
             if self.task not in TASKS:
                 raise ValueError(f"task must be one of {tuple(TASKS)} (or give --dataset), got {self.task!r}")

@@ -40,7 +40,11 @@ from .report import build_report, format_table  # noqa: F401  (format_table: re-
 REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def default_workers() -> int:
+def default_workers(device: str = "auto") -> int:
+    """min(2, CPU cores) on CPU; 1 on CUDA (runs would share one GPU)."""
+    from .model import pick_device
+    if pick_device(device).type == "cuda":
+        return 1
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -199,23 +203,30 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     cfg.validate()
     out_dir = check_out_dir(cfg.out_dir or default_out_dir(), overwrite=overwrite, resume=resume)
     os.makedirs(out_dir, exist_ok=True)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(cfg.train.device) if cfg.workers is None else cfg.workers
     base = cfg.train
     base = base.replace(cache_dir=base.cache_dir or os.path.join(os.path.dirname(out_dir), ".warmstart-cache"))
     src = multiplier_source(cfg.methods)
-    # the multiplier's source method first, so grpo_lr can start while the others still run
-    order = sorted((m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"), key=lambda m: m != src)
+    order = [m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"]
     lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
     env = {k: os.environ.setdefault(k, v) for k, v in REPRODUCIBLE_ENV.items()} if workers else {}
     index = {"methods": list(cfg.methods), "seeds": list(cfg.seeds), "train": dataclasses.asdict(base),
              "workers": workers, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
              "lr_mult_source": None, "warm_start": None, "status": "running"}
     done = _completed_from_index(out_dir, index["train"], cfg.methods, cfg.seeds) if resume else {}
+    if done:   # keep what the earlier run measured for the runs kept
+        with open(os.path.join(out_dir, "runs.json")) as f:
+            old = json.load(f)
+        for k in ("lr_mult", "lr_mult_source", "warm_start"):
+            index[k] = old.get(k)
     runs: Dict[str, Dict[int, list]] = {m: {} for m in cfg.methods}
     for (m, s), e in done.items():
         runs[m][s] = e.pop("records")
         index["runs"][m][str(s)] = e
     todo = [(m, s) for m in order + lr_methods for s in cfg.seeds if (m, s) not in done]
+    # priority: the multiplier's source, then the baseline, then grpo_lr (once it can start), then the rest
+    rank = {m: i for i, m in enumerate([src, "grpo"] + lr_methods)}
+    todo.sort(key=lambda ms: rank.get(ms[0], len(rank)))
     for m, s in todo:
         index["runs"][m][str(s)] = {"dir": os.path.join(out_dir, m, f"seed{s}"), "status": "pending",
                                     "steps_configured": base.steps, "steps_recorded": 0}
@@ -265,28 +276,32 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             index["warm_start"] = fut.result()
             drain(0.0)
             log(f"warm start: {index['warm_start']}")
-        pending = {}
-        waiting_lr = [(m, s) for m, s in todo if m in lr_methods]
-        for m, s in todo:
-            if m not in lr_methods:
-                pending[submit(_run_job, config_for(m, s, {}), f"{m} seed {s}")] = (m, s)
+        pending, mult = {}, None
+        lr_ready = lambda: src is None or all(s in runs[src] for s in cfg.seeds)   # noqa: E731
+        while todo or pending:
+            # at most `workers` runs in flight, so grpo_lr can jump the queue once its multiplier is known
+            while todo and len(pending) < max(workers, 1):
+                nxt = next(((m, s) for m, s in todo if m not in lr_methods or lr_ready()), None)
+                if nxt is None:
+                    break
+                todo.remove(nxt)
+                m, s = nxt
+                extra = {}
+                if m in lr_methods:
+                    if mult is None:
+                        if cfg.lr_mult is not None:
+                            mult, how = cfg.lr_mult, "given"
+                        else:
+                            got = measured_multiplier({src: runs[src]}) if src else None
+                            mult, how = got if got is not None else (1.0, "none (no GXPO/SFPO run; lr x 1)")
+                        index["lr_mult"], index["lr_mult_source"] = mult, how
+                        log(f"grpo_lr: lr x {mult:.3f} (effective step multiplier from {how})")
+                    extra = {"lr_mult": mult}
+                pending[submit(_run_job, config_for(m, s, extra), f"{m} seed {s}")] = (m, s)
                 index["runs"][m][str(s)]["status"] = "running"
-        while pending or waiting_lr:
-            if waiting_lr and (src is None or all(s in runs[src] for s in cfg.seeds)):
-                if cfg.lr_mult is not None:
-                    mult, how = cfg.lr_mult, "given"
-                else:
-                    got = measured_multiplier({src: runs[src]}) if src else None
-                    mult, how = got if got is not None else (1.0, "none (no GXPO/SFPO run; lr x 1)")
-                index["lr_mult"], index["lr_mult_source"] = mult, how
-                log(f"grpo_lr: lr x {mult:.3f} (effective step multiplier from {how})")
-                for m, s in waiting_lr:
-                    pending[submit(_run_job, config_for(m, s, {"lr_mult": mult}), f"{m} seed {s}")] = (m, s)
-                    index["runs"][m][str(s)]["status"] = "running"
-                waiting_lr = []
                 _write_index(out_dir, index)
             if not pending:
-                continue
+                raise RuntimeError(f"cannot schedule {todo}: the runs grpo_lr waits for are missing")
             finished, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
             drain(0.0 if finished else 0.5)
             for f in finished:
