@@ -129,3 +129,126 @@ def test_training_forward_matches_generate_scores():
         ref = torch.log_softmax(gen_logits.float(), -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
         logp, _ = token_logprobs(response_logits(model, ids, attn, resp, mask), resp, 1.0, mask=mask)
     torch.testing.assert_close(torch.where(mask, logp, 0.0), torch.where(mask, ref, 0.0), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real tasks: a local model folder with its own tokenizer + a JSONL dataset, math answer-equivalence reward
+# ---------------------------------------------------------------------------------------------------------
+CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _save_tiny_model_with_tokenizer(folder, chat_template=CHAT):
+    """A byte-level BPE tokenizer trained on a few sentences + a random tiny Qwen2 of its vocab, saved."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"What is {a}+{b}? The answer is \\boxed{{{a + b}}}." for a in range(30) for b in range(9)],
+                            vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>")
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    # spare embedding rows, as real models have: AutoTokenizer may add a special token once config.json exists
+    conf = Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(conf).save_pretrained(folder)
+    return tok
+
+
+def _write_jsonl(path, n=40, split=True):
+    import json
+    rows = []
+    for i in range(n):
+        rec = {"question": f"What is {i}+{i % 7}?", "solution": str(i + i % 7)}
+        if split:
+            rec["split"] = "test" if i % 4 == 0 else "train"
+        rows.append(json.dumps(rec))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("gold, response, want", [
+    ("\\frac{1}{2}", "so the answer is \\boxed{0.5}", 1.0),
+    ("0.5", "The answer is $\\frac{1}{2}$", 1.0),
+    ("42", "After some work: \\boxed{42}", 1.0),
+    ("42", "\\boxed{43}", 0.0),
+    ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),
+    ("7", "no number here", 0.0),
+])
+def test_math_reward_answer_equivalence(gold, response, want):
+    from gxpo_kernels.trainer.tasks import math_reward
+    assert math_reward(response, gold) == want
+
+
+def test_jsonl_task_splits_sampling_and_errors(tmp_path):
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = _write_jsonl(tmp_path / "d.jsonl", n=40)
+    t = JsonlTask(str(p), "question", "solution")
+    assert len(t.pools["val"]) == 10 and len(t.pools["train"]) == 30 and t.reward_mode == "math"
+    val = t.sample(100, "val", seed=0, distinct=True)      # capped at the pool, no repeats
+    assert len(val) == 10 and len(set(val)) == 10 and val == t.sample(100, "val", seed=0, distinct=True)
+    train = t.sample(64, "train", seed=1)
+    assert len(train) == 64 and set(train) <= set(t.pools["train"])
+    assert t.reward("The sum is \\boxed{5}", False, "5") == 1.0          # math: graded without EOS too
+    # a file without split fields is split by a hash of the prompt
+    h = JsonlTask(str(_write_jsonl(tmp_path / "h.jsonl", n=200, split=False)), "question", "solution", "exact")
+    assert all(h.pools[s] for s in ("train", "val")) and sum(map(len, h.pools.values())) == 200
+    assert h.reward("5", True, "5") == 1.0 and h.reward("5", False, "5") == 0.0
+    bad = tmp_path / "bad.jsonl"
+    for text, match in [('{"question": "q"}\n', "needs the fields"), ("not json\n", "not a JSON object"),
+                        ('{"question": 3, "solution": "1"}\n', "must be a string"),
+                        ('{"question": "q", "solution": "1", "split": "train"}\n', "val split")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            JsonlTask(str(bad), "question", "solution")
+
+
+def test_chat_template_wraps_prompts(tmp_path):
+    from transformers import AutoTokenizer
+    from gxpo_kernels.trainer.tasks import HFTokenizerAdapter
+    _save_tiny_model_with_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    with_chat, plain = HFTokenizerAdapter(hf), HFTokenizerAdapter(hf, chat_template=False)
+    ids = with_chat.encode_prompt("What is 2+2?")
+    assert with_chat.use_chat and not plain.use_chat
+    assert ids[0] == hf.convert_tokens_to_ids("<|user|>") and ids[-1] == hf.convert_tokens_to_ids("<|assistant|>")
+    assert hf.decode(ids) == "<|user|>What is 2+2?<|assistant|>"
+    assert plain.encode_prompt("What is 2+2?")[0] == hf.bos_token_id
+
+
+def test_train_on_local_model_and_jsonl_end_to_end(tmp_path):
+    """`train --model DIR --dataset FILE`: chat template, math reward, n samples per prompt, pass@k."""
+    import json
+    from gxpo_kernels.cli import main
+    model = tmp_path / "model"
+    _save_tiny_model_with_tokenizer(model)
+    data = _write_jsonl(tmp_path / "d.jsonl", n=40)
+    out = tmp_path / "o"
+    main(["train", "--model", str(model), "--dataset", str(data), "--prompt_field", "question",
+          "--answer_field", "solution", "--max_steps", "2", "--num_generations", "3", "--prompts", "2",
+          "--max_completion_length", "6", "--eval_steps", "2", "--val_size", "8", "--pass1_size", "4",
+          "--pass1_n", "3", "--pass_k", "1", "3", "--val_temperature", "0.7", "--sft_max_steps", "0",
+          "--out", str(out), "--no_progress", "--quiet"])
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    cfg = json.loads((out / "config.json").read_text())["train"]
+    assert cfg["dataset"] == str(data) and cfg["group"] == 3 and cfg["max_new_tokens"] == 6
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    v = recs[-1]["val"]
+    assert len(v["per_prompt"]) == 8 and 0 <= v["pass1"] <= v["pass@3"] <= 1
+    assert all(r["response_len"] <= 6 for r in recs[1:])
+
+
+def test_pass_at_k_estimator():
+    from math import comb
+    from gxpo_kernels.trainer.loop import pass_at_k
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - comb(3, 3) / comb(5, 3))
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
