@@ -76,8 +76,9 @@ def _add_config_options(p: argparse.ArgumentParser, defaults: TrainConfig, exclu
             g.add_argument(*a.option_strings, action="store_false", help=f"set {a.dest} to False", **kw)
             continue
         help_ = f"{a.help or ''} (default: {shown[a.dest]})".strip()
-        g.add_argument(*a.option_strings, type=a.type, nargs=a.nargs, const=a.const, choices=a.choices,
-                       help=help_, metavar=a.metavar, **kw)
+        act = g.add_argument(*a.option_strings, type=a.type, nargs=a.nargs, const=a.const, choices=a.choices,
+                             help=help_, metavar=a.metavar, **kw)
+        act.shown_default, act.plain_help = shown[a.dest], a.help or ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def markdown_reference() -> str:
+    """docs/cli.md: every option of every sub-command with its default, from the parser itself."""
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    lines = ["# Command-line reference", "",
+             "Generated from the parser by `python docs/build_cli_doc.py` (do not edit by hand). Options of the",
+             "form `--name` also accept `--name-with-hyphens`; TRL `GRPOConfig` names are listed as aliases.",
+             "Defaults of `speedup` are its default preset's; `--preset smoke|test` changes them.", ""]
+    for name, sp in sub.choices.items():
+        lines += [f"## `gxpo-kernels {name}`", "", sp.description or next(
+            a.help for a in sub._choices_actions if a.dest == name), "",
+                  "| option | default | description |", "|---|---|---|"]
+        for a in sp._actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+                continue
+            # the --name-with-hyphens twins are not listed (the header says they exist)
+            opts = [o for o in a.option_strings
+                    if not ("-" in o[2:] and "--" + o[2:].replace("-", "_") in a.option_strings)]
+            if hasattr(a, "shown_default"):
+                default, text = a.shown_default, a.plain_help
+            elif isinstance(a, argparse._StoreFalseAction):
+                default, text = "", a.help
+            else:
+                default, text = a.default, a.help or ""
+            if a.choices:
+                text += " (one of: " + ", ".join(map(str, a.choices)) + ")"
+            cell = "" if default is None or default == "" else f"`{default}`"
+            lines.append(f"| {', '.join(f'`{o}`' for o in opts)} | {cell} | {text.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def config_from_args(a: argparse.Namespace, base: TrainConfig, exclude=()) -> TrainConfig:
     """``base`` with every option the user gave (``sft_*`` into ``base.sft``), validated."""
     names = {f.name for f in dataclasses.fields(TrainConfig)} - set(exclude)
@@ -123,7 +156,7 @@ def config_from_args(a: argparse.Namespace, base: TrainConfig, exclude=()) -> Tr
 
 def _speedup(a) -> int:
     from .trainer.config import SpeedupConfig
-    from .trainer.speedup import check_out_dir, default_out_dir, format_table, run_speedup
+    from .trainer.speedup import check_out_dir, check_writable_dir, default_out_dir, format_table, run_speedup
 
     if getattr(a, "deepspeed", None):
         _fail("--deepspeed works with `train` (one method per launch), not with `speedup`")
@@ -137,6 +170,8 @@ def _speedup(a) -> int:
                               out_dir=tc.out_dir or default_out_dir(), workers=a.workers)
     cfg.validate()
     check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # before any work
+    if tc.cache_dir:
+        check_writable_dir(tc.cache_dir, "--cache_dir")
     t0 = time.perf_counter()
     out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
     print(format_table(out["results"]))
@@ -166,7 +201,7 @@ class _TrainProgress:
 
 def _train(a) -> int:
     from .trainer import loop
-    from .trainer.speedup import check_out_dir
+    from .trainer.speedup import check_out_dir, check_writable_dir
 
     tc = config_from_args(a, TrainConfig())
     out = tc.out_dir or os.path.join("runs", f"{tc.algo}-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -175,6 +210,8 @@ def _train(a) -> int:
         _fail(f"--threads must be >= 1, got {a.threads}")
     if rank0:   # under torchrun / deepspeed only rank 0 writes records
         check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)))
+        if tc.cache_dir:
+            check_writable_dir(tc.cache_dir, "--cache_dir")
     tc = tc.replace(out_dir=out)
     if a.threads:
         import torch

@@ -74,22 +74,29 @@ def default_out_dir() -> str:
 OWN_FILES = ("runs.json", "records.jsonl", "config.json")
 
 
+def check_writable_dir(path: str, what: str) -> str:
+    """Absolute ``path`` if it is a folder, or can be created as one, that this process can write; else
+    ValueError naming ``what``."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
 def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
     """Validate ``--out`` before any work; return its absolute path.
 
     Refuses a path under a file, a folder that cannot be created or written, and an existing non-empty folder
     unless ``overwrite`` (only a folder an earlier ``speedup``/``train`` wrote, i.e. one holding runs.json or
     records.jsonl: it is emptied) or ``resume`` (kept)."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {path}: exists and is not a folder")
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"--out {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: {probe} is not writable")
+    path = check_writable_dir(path, "--out")
     if os.path.isdir(path) and os.listdir(path) and not resume:
         if not overwrite:
             raise ValueError(f"--out {path}: folder exists and is not empty (pass --overwrite to replace it, "

@@ -1,0 +1,210 @@
+"""Guards the ``gxpo-kernels`` command line.
+
+- every TrainConfig / SFTConfig field is an option (generated, so a new field cannot be forgotten), with its
+  default in --help (speedup: the default preset's), and TRL's names reach the same fields;
+- every bad value fails before any work (no warm start, no run) as one stderr line with exit code 2;
+- --out: a path under a file, an existing non-empty folder (unless --overwrite / --resume), --overwrite of a
+  folder gxpo-kernels did not write;
+- `train` shows a progress bar; docs/cli.md is the parser's current reference.
+"""
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+
+import pytest
+
+from gxpo_kernels import cli
+from gxpo_kernels.trainer import loop, speedup
+from gxpo_kernels.trainer.config import SFTConfig, TrainConfig, preset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _example(name, tp, default):
+    """A valid non-default CLI value for a field, and what it parses to."""
+    tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
+    choices = None
+    for cls in (TrainConfig, SFTConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                choices = f.metadata.get("choices")
+    if choices:
+        v = next(c for c in choices if c != default)
+        return [v], v
+    if tp is bool:
+        return ["false" if default else "true"], not default
+    if tp is int:
+        return ["7"], 7
+    if tp is float:
+        return ["0.375"], 0.375
+    if typing.get_origin(tp) is list:
+        return ["1", "2"], [1, 2]
+    return ["some/where"], "some/where"
+
+
+def _fields():
+    out = []
+    for cls, prefix in ((TrainConfig, ""), (SFTConfig, "sft_")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(hints[f.name]):
+                out.append((prefix + f.name, hints[f.name], f.default if f.default is not dataclasses.MISSING
+                            else f.default_factory()))
+    return out
+
+
+@pytest.mark.parametrize("name, tp, default", _fields(), ids=[f[0] for f in _fields()])
+def test_every_field_is_an_option(name, tp, default):
+    argv, want = _example(name, tp, default)
+    a = cli.build_parser().parse_args(["train", f"--{name}", *argv])
+    got = getattr(a, name)
+    assert got == want
+    # the hyphenated spelling reaches the same field
+    if "_" in name:
+        a = cli.build_parser().parse_args(["train", f"--{name.replace('_', '-')}", *argv])
+        assert getattr(a, name) == want
+
+
+def test_options_reach_the_config_and_trl_aliases():
+    p = cli.build_parser()
+    a = p.parse_args(["train", "--num_generations", "4", "--max_steps", "9", "--max_completion_length", "5",
+                      "--learning_rate", "3e-6", "--epsilon", "0.1", "--epsilon_high", "0.28", "--num_iterations",
+                      "2", "--eval_steps", "3", "--sft-steps", "11", "--sft-target", "0.5", "--no_chat_template",
+                      "--temperature", "0.9", "--max_grad_norm", "0.5", "--gxpo-K", "4", "--out", "x"])
+    tc = cli.config_from_args(a, TrainConfig())
+    assert (tc.group, tc.steps, tc.max_new_tokens, tc.lr, tc.eps_low, tc.eps_high, tc.epochs, tc.val_every) == \
+        (4, 9, 5, 3e-6, 0.1, 0.28, 2, 3)
+    assert (tc.sft.max_steps, tc.sft.target_acc, tc.chat_template, tc.temperature, tc.max_grad_norm, tc.gxpo_K,
+            tc.out_dir) == (11, 0.5, False, 0.9, 0.5, 4, "x")
+    # nothing typed -> the base config untouched (the speedup preset's values survive)
+    base = preset("smoke").train
+    assert cli.config_from_args(p.parse_args(["speedup"]), base, exclude=cli.SPEEDUP_OWN) == base
+
+
+def test_help_shows_defaults(capsys):
+    for argv, want in ((["train", "--help"], ["(default: 200)", "(default: 1e-05)", "(default: 1500)",
+                                              "--num_generations", "--max_completion_length"]),
+                       (["speedup", "--help"], [f"(default: {preset('default').train.steps})", "--workers"])):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = " ".join(capsys.readouterr().out.split())   # undo the help formatter's line wrapping
+        for w in want:
+            assert w in out, (argv, w)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any warm start or run fails the test: the CLI must reject bad input before it."""
+    def boom(*a, **k):
+        raise AssertionError("work started before validation")
+    monkeypatch.setattr(loop, "train", boom)
+    monkeypatch.setattr(loop, "prepare_warm_start", boom)
+    monkeypatch.setattr(speedup, "run_speedup", boom)
+
+
+BAD = [
+    (["train", "--loss_agg_mode", "bogus"], "invalid choice"),
+    (["train", "--gxpo_K", "1"], "gxpo_K must be an int >= 2"),
+    (["train", "--group", "1"], "group must be an int >= 2"),
+    (["train", "--num_generations", "1"], "group must be an int >= 2"),
+    (["train", "--sft_target", "nan"], "sft_target_acc must be in (0, 1]"),
+    (["train", "--max_new_tokens", "0"], "max_new_tokens must be an int >= 1"),
+    (["train", "--lr", "inf"], "lr must be a finite number > 0"),
+    (["train", "--lr", "0"], "lr must be a finite number > 0"),
+    (["train", "--temperature", "nan"], "temperature must be a finite number > 0"),
+    (["train", "--threads", "-1"], "--threads must be >= 1"),
+    (["train", "--steps", "0"], "steps must be an int >= 1"),
+    (["train", "--pass_k", "5"], "pass_k must be ints in [1, pass1_n"),
+    (["train", "--hidden", "30"], "multiple of heads"),
+    (["train", "--steps", "abc"], "invalid int value"),
+    (["train", "--dataset", "/nonexistent.jsonl"], "no such file"),
+    (["speedup", "--lr-mult", "-1"], "lr_mult must be a finite number > 0"),
+    (["speedup", "--workers", "-1"], "workers must be an int >= 1"),
+    (["speedup", "--seeds", "0"], "--seeds must be >= 1"),
+    (["speedup", "--methods", "grpo,grpo"], "repeated"),
+    (["speedup", "--sft-steps", "-3"], "sft_max_steps must be an int >= 0"),
+    (["speedup", "--algo", "gxpo"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("argv, msg", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_fail_before_work_in_one_line(argv, msg, capsys, no_work, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_folder_checks(tmp_path, capsys, no_work):
+    f = tmp_path / "file"
+    f.write_text("x")
+    cases = [(["train", "--out", str(f / "sub")], "is a file"), (["train", "--out", str(f)], "not a folder"),
+             (["speedup", "--out", str(f / "a" / "b")], "is a file"),
+             (["train", "--out", str(tmp_path / "ok"), "--cache_dir", str(f / "c")], "--cache_dir"),
+             (["speedup", "--out", str(tmp_path / "ok"), "--cache_dir", str(f)], "--cache_dir")]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    cases += [(["train", "--out", str(full)], "not empty"), (["speedup", "--out", str(full)], "not empty"),
+              (["train", "--out", str(full), "--overwrite"], "only replaces a folder written by gxpo-kernels")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert (full / "notes.txt").read_text() == "mine"
+    if os.geteuid() != 0:   # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--out", str(ro / "x")])
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_own_folder(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "records.jsonl").write_text("{}\n")
+    (own / "config.json").write_text("{}")
+    assert speedup.check_out_dir(str(own), overwrite=True) == str(own)
+    assert not own.exists()
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "runs.json").write_text("{}")
+    assert speedup.check_out_dir(str(tmp_path / "keep"), resume=True) and (tmp_path / "keep" / "runs.json").exists()
+
+
+def test_train_progress_bar_and_refuses_second_run(tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["train", "--steps", "2", "--prompts", "2", "--group", "2", "--hidden", "16", "--heads", "2",
+            "--layers", "1", "--val_every", "2", "--val_size", "8", "--pass1_size", "0", "--sft_max_steps", "0",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    assert "2/2" in cap.err and "greedy" in cap.out         # tqdm bar on stderr, validation lines on stdout
+    before = (out / "records.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "not empty" in capsys.readouterr().err and (out / "records.jsonl").read_text() == before
+    assert cli.main(argv + ["--overwrite", "--quiet", "--no_progress"]) == 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is generated from the parser: regenerate with `python docs/build_cli_doc.py`."""
+    assert (ROOT / "docs" / "cli.md").read_text() == cli.markdown_reference()
+
+
+def test_report_cli_errors_are_one_line(tmp_path, capsys):
+    from gxpo_kernels.trainer import report
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert report.main([str(tmp_path)]) == 2                   # no runs.json
+    (tmp_path / "runs.json").write_text("{not json")
+    assert report.main([str(tmp_path)]) == 2
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": []}))
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(e.startswith("python -m gxpo_kernels.trainer.report: error:") for e in err)
