@@ -27,6 +27,9 @@ extrapolate_(p, t0, g0, g1, alpha=0.5, K=5)           # backend "auto" on CPU ->
 extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5)
 assert _cpp._MODULE is not None and not _cpp._FAILED, "C++ op not used"
 assert torch.equal(p[0], q[0])
+import json
+from gxpo_kernels.examples import CONFIGS, config_path
+assert all(json.loads(config_path(c).read_text()) for c in CONFIGS)   # shipped configs
 print("WHEEL-OK")
 """
 
