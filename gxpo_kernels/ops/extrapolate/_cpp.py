@@ -38,11 +38,8 @@ _DEFAULT_FLAGS = "-O3 -march=native -ffp-contract=off -fopenmp"
 
 
 def _source() -> Optional[pathlib.Path]:
-    here = pathlib.Path(__file__).resolve().parent
-    for cand in (here / _SOURCE_NAME, here.parents[1] / "csrc" / _SOURCE_NAME):
-        if cand.is_file():
-            return cand
-    return None
+    cand = pathlib.Path(__file__).resolve().parent / _SOURCE_NAME
+    return cand if cand.is_file() else None
 
 
 def _flags():
