@@ -15,7 +15,8 @@ import importlib
 import pytest
 import torch
 
-from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
 from gxpo_kernels.ops.grpo.linear import LinearGRPOLoss, linear_grpo_loss
 from gxpo_kernels.ops.fused_head.engine import linear_token_logprobs
 from tests._utils import assert_close
