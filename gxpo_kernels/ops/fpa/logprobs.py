@@ -6,8 +6,8 @@ logits and keeps three online log-sum-exps, so the extrapolated logits are never
 
 Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
 upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
-through ``logp`` only (backward recomputes the softmax from the saved lse); ``ref_logp`` and ``fpa_logp`` are
-non-differentiable by construction. Reference: ``fpa_logprobs_ref.py``. Paper: arXiv 2509.19893.
+through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
+and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Paper: arXiv 2509.19893.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       resolve_backend, triton_interpret)
+from ..logprobs.kernel import token_logprobs_bwd
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
@@ -86,33 +87,6 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
         tl.store(p_lse + i_row, 0.0)
 
 
-@triton.jit(do_not_specialize=["V", "temperature"])
-def _fpa_logprobs_bwd_kernel(p_logits, p_tokens, p_mask, p_lse, p_dlogp, p_dlogits, stride_l, stride_d, V,
-                             temperature, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
-    # d logp / d h_v = (onehot(y)_v - softmax(h / T)_v) / T
-    i_row = tl.program_id(0).to(tl.int64)
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(p_mask + i_row) != 0
-    p_d = p_dlogits + i_row * stride_d
-    o_v = tl.arange(0, BLOCK_V)
-    if valid:
-        p_l = p_logits + i_row * stride_l
-        lse = tl.load(p_lse + i_row)
-        g = tl.load(p_dlogp + i_row).to(tl.float32) / temperature
-        tok = tl.load(p_tokens + i_row).to(tl.int64)
-        for v0 in range(0, V, BLOCK_V):
-            m_v = (v0 + o_v) < V
-            b_h = tl.load(p_l + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
-            b_p = tl.exp(b_h - lse)
-            b_d = g * (tl.where(v0 + o_v == tok, 1.0, 0.0) - b_p)
-            tl.store(p_d + v0 + o_v, b_d.to(p_dlogits.dtype.element_ty), mask=m_v)
-    else:
-        for v0 in range(0, V, BLOCK_V):
-            m_v = (v0 + o_v) < V
-            tl.store(p_d + v0 + o_v, tl.zeros([BLOCK_V], tl.float32).to(p_dlogits.dtype.element_ty), mask=m_v)
-
-
 # ------------------------------------------------------------------------------------------ host launchers
 def _launch_cfg(V: int):
     # interpreter: wider blocks mean fewer (slow, serial) loop iterations; GPU: 4096 lanes fit registers
@@ -148,19 +122,15 @@ def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torc
 
 def fpa_logprobs_bwd(dlogp: torch.Tensor, logits2d: torch.Tensor, tokens1d: torch.Tensor,
                      mask1d: Optional[torch.Tensor], lse: torch.Tensor, temperature: float, backend: str):
-    """d(loss)/d(logits2d) from d(loss)/d(logp) (N,); returned in the logits dtype, shape (N, V)."""
-    N, V = logits2d.shape
-    if backend == "torch":
-        return _fpa_bwd_torch(dlogp, logits2d, tokens1d, mask1d, lse, temperature)
-    dlogits = torch.empty((N, V), dtype=logits2d.dtype, device=logits2d.device)
-    if N == 0:
-        return dlogits
-    block_v, warps = _launch_cfg(V)
-    m = mask1d if mask1d is not None else tokens1d
-    _fpa_logprobs_bwd_kernel[(N,)](
-        logits2d, tokens1d, m, lse, dlogp.contiguous(), dlogits, logits2d.stride(0), dlogits.stride(0), V,
-        float(temperature), HAS_MASK=mask1d is not None, BLOCK_V=block_v, num_warps=warps)
-    return dlogits
+    """d(loss)/d(logits2d) from d(loss)/d(logp) (N,); returned in the logits dtype, shape (N, V).
+
+    ``logp`` is the log-softmax of logits / temperature at the target, exactly ``token_logprobs``' output, so
+    this is its backward with no entropy term, (onehot(y) - softmax(logits / T)) * dlogp / T (one row block).
+    """
+    row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731  (N, ...) -> (1, N, ...)
+    # the entropy argument is read only with a dentropy; lse stands in for it
+    return token_logprobs_bwd(row(logits2d), row(tokens1d), row(mask1d), row(lse), row(lse), row(dlogp), None,
+                              temperature, False, backend)[0]
 
 
 def _chunk_rows(V: int) -> int:
@@ -188,25 +158,6 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
         for o in out:
             o.masked_fill_(~mask1d, 0.0)
     return tuple(out)
-
-
-def _fpa_bwd_torch(dlogp, logits2d, tokens1d, mask1d, lse, temperature):
-    N, V = logits2d.shape
-    dlogits = torch.empty((N, V), dtype=logits2d.dtype, device=logits2d.device)
-    g = dlogp.float() / temperature
-    if mask1d is not None:
-        g = torch.where(mask1d, g, torch.zeros_like(g))
-    idx = tokens1d.long().clamp(0, max(V - 1, 0)).unsqueeze(-1)
-    step = _chunk_rows(V)
-    for r0 in range(0, N, step):
-        sl = slice(r0, r0 + step)
-        p = torch.exp(logits2d[sl].float() / temperature - lse[sl, None])
-        d = -g[sl, None] * p
-        d.scatter_add_(-1, idx[sl], g[sl, None])
-        if mask1d is not None:  # masked rows may hold overflowing p: force exact zeros there
-            d.masked_fill_(~mask1d[sl, None], 0.0)
-        dlogits[sl] = d.to(logits2d.dtype)
-    return dlogits
 
 
 # ----------------------------------------------------------------------------------------------- autograd
