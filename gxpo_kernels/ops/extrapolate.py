@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .._utils import triton_interpret
 from .extrapolate_ref import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
@@ -35,11 +36,11 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 @triton.jit
 def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, n_chunks, stats_out,
-                        alpha, K, coef0, coef1, delta, r_min, r_max, scale_hi,
+                        alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
                         P_DT: tl.constexpr, T0_DT: tl.constexpr, G0_DT: tl.constexpr, G1_DT: tl.constexpr,
                         L_DT: tl.constexpr, C_DT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_LOWP: tl.constexpr,
-                        USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, LIB_POW: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks chunks pid, pid + G, ...; a chunk is CHUNK elements of one tensor whose addresses
     # come from the int64 pointer table (row: param, theta0, g0, g1, lowp).
     i_p = tl.program_id(0)
@@ -87,24 +88,34 @@ def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, 
                 b_r = tl.where(b_r != b_r, 1.0, b_r)
                 b_r = tl.minimum(tl.maximum(b_r, r_min), r_max)
                 if CLOSED:
-                    b_rk = b_r
-                    for _ in range(K - 1):
-                        b_rk = b_rk * b_r
+                    # r^K as torch.pow computes it on CUDA: x·x, x·x·x for K = 2, 3, else pow (libdevice)
+                    if K == 2:
+                        b_rk = b_r * b_r
+                    elif K == 3:
+                        b_rk = b_r * b_r * b_r
+                    elif LIB_POW:
+                        b_rk = libdevice.pow(b_r, tl.full([BLOCK], K, C_DT))
+                    else:  # the interpreter has no libdevice: repeated products (last-bit differences)
+                        b_rk = b_r
+                        for _ in tl.static_range(K - 1):
+                            b_rk = b_rk * b_r
                     b_den2 = (1.0 - b_r) + delta
                     b_s = ((1.0 - b_rk) / b_den2) / ((1.0 - b_r * b_r) / b_den2 + delta)
                 else:
                     if K % 2 == 0:  # S_K/S_2 = S_{K/2}(r^2)
                         b_q = b_r * b_r
                         b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in range(K // 2 - 1):
+                        for _ in tl.static_range(K // 2 - 1):
                             b_s = b_s * b_q + 1.0
                     else:
                         b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in range(K - 1):
+                        for _ in tl.static_range(K - 1):
                             b_s = b_s * b_r + 1.0
                         b_s = b_s / (b_r + 1.0)
                 b_s = tl.where(b_s != b_s, 1.0, b_s)
                 b_s = tl.minimum(tl.maximum(b_s, 1.0), scale_hi)
+                if USE_INACTIVE:
+                    b_s = tl.where(b_in, 1.0, b_s)  # neutral retention
                 b_new = b_t0 + (alpha * b_s) * b_d
                 # x·0 == 0 exactly when x is finite (no inf constant needed)
                 b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & ((b_new * 0.0) == 0.0)
@@ -202,12 +213,13 @@ def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, *, alpha, K, clip
         thr_tab = thr[idx] if thr is not None else numel_tab  # dummy pointer when unused
         _extrapolate_kernel[(grid,)](
             ptr_tab, numel_tab, thr_tab, c_t, c_s, n_chunks, out,
-            float(alpha), int(K), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
-            K / 2 + 1.0,
+            float(alpha), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
+            K / 2 + 1.0, K=int(K),
             P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], G0_DT=_TL_DTYPES[g0dt or torch.float32],
             G1_DT=_TL_DTYPES[g1dt or torch.float32], L_DT=_TL_DTYPES[ldt or torch.float32],
             C_DT=_TL_DTYPES[cdt], HAS_GRAD=has_grad, HAS_LOWP=ldt is not None,
-            USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", CHUNK=chunk, BLOCK=block,
+            USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed",
+            LIB_POW=not triton_interpret(), CHUNK=chunk, BLOCK=block,
             num_warps=4)
         parts.append(out.double())
     return _combine(parts, device)
@@ -271,6 +283,31 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
                 raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {dev}")
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous")
+    _check_no_alias(params, theta0, g0, g1, lowp_out)
+
+
+def _check_no_alias(params, theta0, g0, g1, lowp_out) -> None:
+    """Refuse a written tensor (params, lowp_out) whose memory overlaps any other tensor of the call: the move
+    would be applied twice, or read after it was written (e.g. one tensor passed twice, params[i] a view of
+    theta0[j], two params sharing storage). Read-only inputs may share memory with each other."""
+    spans = []   # (start, end, written, name) byte ranges; every tensor is contiguous here
+    lists = [("params", params, True), ("theta0", theta0, False), ("g0", g0, False), ("g1", g1, False),
+             ("lowp_out", lowp_out, True)]
+    for name, ts, written in lists:
+        if ts is None:
+            continue
+        for i, t in enumerate(ts):
+            if t is not None and t.numel():
+                a = t.data_ptr()
+                spans.append((a, a + t.numel() * t.element_size(), written, f"{name}[{i}]"))
+    spans.sort()
+    reach, owner = -1, None   # furthest end so far and the span that reaches it
+    for a, e, w, nm in spans:
+        if owner is not None and a < reach and (w or owner[1]):
+            raise ValueError(f"extrapolate_: {nm} overlaps {owner[0]} in memory; the in-place move needs "
+                             "distinct, non-overlapping tensors (pass a copy)")
+        if e > reach:
+            reach, owner = e, (nm, w)
 
 
 def _resolve(backend: str, device: torch.device) -> str:
