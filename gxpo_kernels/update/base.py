@@ -247,7 +247,7 @@ class ExtrapolationRule:
             if p.device != params[0].device:
                 raise ValueError(f"{self._rule_name}: parameters live on {params[0].device} and {p.device}; "
                                  "one device per rule")
-        from ..ops.extrapolate import _check_no_alias
+        from ..ops.extrapolate.op import _check_no_alias
         _check_no_alias(params, [], None, None, None)
 
     def _guarded(self, body: Callable[[], dict], *, snapshot: bool) -> dict:
