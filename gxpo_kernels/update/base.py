@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..ops.extrapolate.op import extrapolate_
+from ..ops.extrapolate.op import ExtrapolationPlan, _resolve, extrapolate_
 
 
 class ExtrapolationRule:
@@ -310,9 +310,18 @@ class ExtrapolationRule:
         return info
 
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
+        lowp = self._lowp_targets()
+        if lowp is None and _resolve(self.backend, params[0].device) == "triton":
+            # a prepared plan: the parameters and the rule's own buffers are validated and tabulated once, a
+            # call only reads g1's addresses (rebuilt when a buffer or a parameter's storage changes)
+            key = (id(self._theta0), id(g0), tuple(map(torch.Tensor.data_ptr, params)))
+            if getattr(self, "_xplan_key", None) != key:
+                self._xplan = ExtrapolationPlan(params, self._theta0, g0, backend=self.backend)
+                self._xplan_key = key
+            return self._xplan(g1, alpha=alpha, K=K, scale_formula=scale_formula,
+                               inactive_threshold=inactive_threshold)
         return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
-                            inactive_threshold=inactive_threshold, lowp_out=self._lowp_targets(),
-                            backend=self.backend)
+                            inactive_threshold=inactive_threshold, lowp_out=lowp, backend=self.backend)
 
     def _observe_gate(self, norm_clipped: float, entropy) -> float:
         """Feed the gate after an active step (the entropy, or the post-clip gradient norm); its z or NaN."""

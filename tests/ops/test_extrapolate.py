@@ -299,3 +299,22 @@ def test_aliasing_tensors_are_refused(backend):
     extrapolate_([base[:32], base[32:]], [torch.zeros(32), torch.zeros(32)], [g0[0][:32], g0[0][:32]],
                  [g0[0][:32], g0[0][:32]], **kw)
     assert not torch.equal(base, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_plan_matches_extrapolate_and_follows_fresh_gradients(backend):
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    shapes = [(37,), (0,), (64, 3), (5,), (1030,)]
+    p, t0, g0, _ = _make(torch.float32, shapes=shapes)
+    plan = ExtrapolationPlan(p, t0, g0, backend=backend)
+    for seed in range(3):                                 # new gradient tensors (new addresses) every call
+        _, _, _, g1 = _make(torch.float32, shapes=shapes, seed=seed + 1)
+        g1[2] = torch.randn(64 * 3 + 1)[1:].view(64, 3)   # a gradient off the 16-byte grid: general path
+        q = _clone(p)
+        st = plan(g1, alpha=0.5, K=5, inactive_threshold=1e-2)
+        ref = extrapolate_(q, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="torch")
+        _check("plan", q, p, ref, st, torch.float32)
+        p = q                                              # keep both on the same θ2 for the next round
+        plan = ExtrapolationPlan(p, t0, g0, backend=backend)
+    with pytest.raises(ValueError, match="one tensor per param|must have 5 tensors"):
+        plan(g1[:2], alpha=0.5, K=5)
