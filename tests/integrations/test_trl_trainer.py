@@ -243,3 +243,29 @@ def test_pickle_payload_in_checkpoint_is_refused(tmp_path):
         tr._load_optimizer_and_scheduler(str(ckpt))
     assert RAN == [] and tr._gxpo_pending_state is None
     assert os.path.exists(ckpt / "gxpo_update_state.pt")
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed ZeRO
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gxpo_under_deepspeed(tmp_path, stage):
+    """2 CPU ranks (gloo), DeepSpeed config through accelerate, gradient_accumulation_steps=2: the rule is the
+    shard-local DeepSpeed one, 3 passes per update (each over both micro-batches), one engine step / scheduler
+    step per update, identical full parameters on both ranks; under ZeRO-3 the fused hidden path runs."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_trl_ds_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           worker, str(tmp_path), str(stage)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert torch.equal(r0["flat"], r1["flat"])
+    init = torch.cat([p.detach().flatten() for p in make_model().parameters()])
+    assert r0["flat"].shape == init.shape and not torch.allclose(r0["flat"], init)
+    assert r0["path"] == "hidden"
+    assert r0["steps"] == r0["engine_global_steps"] == 2 and r0["passes"] == 6 and r0["bp"] == [3, 3]
+    assert r0["opt_steps"] == 6 and r0["lr"][0] > r0["lr"][1]
+    if stage > 1:
+        assert 0 < r0["shard_numel"][0] < init.numel()  # the extrapolation ran on this rank's shard only
