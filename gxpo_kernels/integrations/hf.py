@@ -45,8 +45,8 @@ try:  # transformers is needed only by the patched forward's output type
 except ImportError:  # pragma: no cover - depends on the environment
     ModelOutputBase = object
 
-from ..ops.linear_grpo_loss import linear_grpo_loss
-from ..ops.linear_token_logprobs import linear_token_logprobs
+from ..ops.grpo.linear import linear_grpo_loss
+from ..ops.fused_head.engine import linear_token_logprobs
 
 
 def _wrapper_name(model: nn.Module) -> Optional[str]:
@@ -293,7 +293,7 @@ def _token_logprobs_forward(model, input_ids, attention_mask, targets, mask, tem
     autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
     def head_forward(h):
-        from ..ops.linear_token_logprobs import linear_token_logprobs
+        from ..ops.fused_head.engine import linear_token_logprobs
         weight, bias = head.weight, head.bias
         h = h.to(weight.device)
         if fp32_head:                     # TRL's cast_lm_head_to_fp32: fp32 operands, outside autocast

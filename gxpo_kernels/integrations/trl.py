@@ -266,7 +266,7 @@ def policy_token_logprobs(trainer, model, inputs):
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
                     **extra)
         logits = out.logits[:, :-1]
-    from ..ops.token_logprobs import token_logprobs
+    from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
         logits = logits.float()
     logp, ent = token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)
