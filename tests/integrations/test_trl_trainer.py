@@ -76,9 +76,12 @@ def test_active_update_sees_trl_old_logprobs_at_pass0(tmp_path, cfg):
 def test_gradient_accumulation_equals_plain_trl_when_single_pass(tmp_path):
     """gradient_accumulation_steps=2: the window's two micro-batches form one pass (DDP-style accumulation in
     one closure); with the gate fired it is TRL's own step, so parameters and logs match plain TRL."""
-    cfg = dict(loss_type="dapo", gradient_accumulation_steps=2, per_device_train_batch_size=2, learning_rate=3e-2,
-               steps_per_generation=4)
+    # no clipping (a huge max_grad_norm): the two clip implementations round differently, and Adam's
+    # m / sqrt(v) magnifies that for near-zero gradient entries
+    cfg = dict(loss_type="dapo", gradient_accumulation_steps=2, per_device_train_batch_size=4, learning_rate=3e-2,
+               steps_per_generation=4, max_grad_norm=1e6)
     plain_tr = make_trainer(tmp_path / "plain", **cfg)
+    gtrl.enable_gxpo_loss(plain_tr, backend="torch")  # the same loss kernels: only the update path differs
     plain = train_logs(plain_tr)
     ours_tr = make_trainer(tmp_path / "ours", cls=gtrl.GXPOGRPOTrainer, **cfg,
                            trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": fired_gate(), "backend": "torch"},
@@ -89,7 +92,7 @@ def test_gradient_accumulation_equals_plain_trl_when_single_pass(tmp_path):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
     p0, p1 = params(plain_tr), params(ours_tr)
     for n in p0:
-        torch.testing.assert_close(p1[n], p0[n], rtol=1e-4, atol=2e-5)  # clip/step rounding order
+        torch.testing.assert_close(p1[n], p0[n], rtol=1e-6, atol=1e-7)
     assert plain[1]["clip_ratio/region_mean"] > 0
 
 
