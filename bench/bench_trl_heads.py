@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -124,7 +125,7 @@ def measure(provider) -> dict:
         step()
         times.append(time.process_time() - t0)
     return dict(provider=provider, rel_err_dhidden=err, peak_extra_mib=mem["peak_extra_mib"],
-                cpu_s=sorted(times)[len(times) // 2], cpu_s_all=times)
+                cpu_s=statistics.median(times), cpu_s_all=times)
 
 
 def main() -> None:
