@@ -158,7 +158,7 @@ def train(case, steps=None, model=None, opt=None, rule=None, start=0, counter=No
 
 
 def run_case(case):
-    from gxpo_kernels.ops import _cpp
+    from gxpo_kernels.ops.extrapolate import _cpp
     calls, orig = [], _cpp.extrapolate_cpp_
 
     def spy(params, *a, **k):
