@@ -103,9 +103,12 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
         checks += [
             (args.gradient_accumulation_steps != 1, f"gradient_accumulation_steps={args.gradient_accumulation_steps}"
              " (the update rule needs the whole mini-batch in one closure; use 1)"),
-            (trainer.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"),
-             f"distributed_type={trainer.accelerator.distributed_type.name} (DeepSpeed/FSDP step inside "
-             "backward or shard the optimizer; the update rule runs on DDP or a single process)"),
+            (trainer.accelerator.distributed_type.name == "DEEPSPEED",
+             "distributed_type=DEEPSPEED (DeepSpeed steps inside backward and shards the optimizer; the update "
+             "rule runs on DDP or a single process here, gxpo_kernels.integrations.deepspeed in your own loop)"),
+            (trainer.accelerator.distributed_type.name == "FSDP",
+             "distributed_type=FSDP (untested here: accelerate enables FSDP only on accelerators, a CPU run "
+             "falls back to DDP; use gxpo_kernels.integrations.fsdp with fully_shard in your own loop)"),
             (bool(getattr(args, "fp16", False)), "fp16=True (GradScaler cannot follow several optimizer steps "
              "per update; use bf16=True)"),
         ]

@@ -179,3 +179,19 @@ def test_unsupported_configurations_are_refused(runs):
         assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
+
+
+def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
+    """accelerate enables FSDP only on accelerators (a CPU run with an FSDP plugin becomes DDP), so the TRL
+    trainer's FSDP path cannot run here; the GXPO/SFPO trainer refuses it by name (the plain GRPO loss path
+    does not care). The distributed type is faked as a GPU run would report it."""
+    pytest.importorskip("trl")
+    from accelerate.utils import DistributedType
+
+    from gxpo_kernels.integrations import trl as gtrl
+    from tests.integrations.test_trl import make_trainer
+    tr = make_trainer(tmp_path)
+    monkeypatch.setattr(type(tr.accelerator), "distributed_type", property(lambda self: DistributedType.FSDP))
+    msg = gtrl._unsupported(tr, for_update=True)
+    assert "distributed_type=FSDP" in msg and "gxpo_kernels.integrations.fsdp" in msg
+    assert gtrl._unsupported(tr, for_update=False) is None

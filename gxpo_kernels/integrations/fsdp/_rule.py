@@ -45,9 +45,9 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
                         f"FSDPModule), got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    for mod in model.modules():
-        group = mod._get_fsdp_state()._fsdp_param_group if isinstance(mod, FSDPModule) else None
-        if group is not None and isinstance(group.offload_policy, CPUOffloadPolicy):
+    for mod in model.modules():      # FSDP2's per-module state (private; the device check below also catches it)
+        group = getattr(mod._get_fsdp_state(), "_fsdp_param_group", None) if isinstance(mod, FSDPModule) else None
+        if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
             raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
                              "an accelerator); shard without offload_policy")
     owned = {id(p) for p in model.parameters()}
