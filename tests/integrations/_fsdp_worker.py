@@ -242,6 +242,16 @@ def refusals():
     m2 = sharded({})
     m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
     attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
+    # the model must come back resharded from the closure: the rule edits the shards between passes
+    m3 = sharded({})
+    m3.set_reshard_after_backward(False)
+    opt = torch.optim.AdamW(m3.parameters())
+    rule = gf.wrap(m3, opt)
+    try:
+        rule.step(fsdp_closure(m3, opt, rule, 0, {}))
+        out["unsharded_after_closure"] = None
+    except RuntimeError as e:
+        out["unsharded_after_closure"] = str(e)
     return out
 
 

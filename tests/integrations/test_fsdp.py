@@ -12,7 +12,8 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
   size, and the rule issues only the documented collectives (no gather of any parameter);
 * checkpoint: N steps == k steps + torch.distributed.checkpoint save + load into fresh objects + N - k steps,
   bit for bit (parameters, optimizer state, rule state, diagnostics);
-* refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param.
+* refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param,
+  a closure that leaves the model unsharded; the TRL trainer's FSDP refusal.
 """
 import os
 import socket
@@ -179,6 +180,7 @@ def test_unsupported_configurations_are_refused(runs):
         assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
+        assert "still unsharded after the closure" in r["unsharded_after_closure"]
 
 
 def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):

@@ -79,8 +79,20 @@ class _FSDPRule(ShardedReductions):
     """Mixin over ``GXPO`` / ``SFPO``: first in the MRO, so its hooks replace the single-process ones."""
 
     def _fsdp_init(self, model, mesh) -> None:
+        from torch.distributed.fsdp import FSDPModule
         self.model, self.mesh = model, mesh
         self.last_extrapolation: Optional[dict] = None
+        self._shard_groups = [g for m in model.modules() if isinstance(m, FSDPModule)
+                              for g in [getattr(m._get_fsdp_state(), "_fsdp_param_group", None)] if g is not None]
+
+    def _run_closure(self, closure, pass_index: int):
+        loss = super()._run_closure(closure, pass_index)
+        if not all(getattr(g, "is_sharded", True) for g in self._shard_groups):
+            raise RuntimeError("an FSDP module is still unsharded after the closure (set_reshard_after_backward"
+                               "(False) or a forward without backward?): GXPO/SFPO edit the shards between passes and "
+                               "the next forward would reuse the stale unsharded copy; leave resharding on for the "
+                               "closure's last backward")
+        return loss
 
     # ---- reductions ---------------------------------------------------------------------------------------------
     def _reduce_group(self):
