@@ -183,15 +183,17 @@ def run_resume(case, k):
     dist.broadcast_object_list(path, src=0)
     model, opt, rule, infos = train(case, steps=k)
     saved_theta0 = [b.clone() for b in rule._theta0]
-    gf.save_checkpoint(path[0], model, opt, rule, buffers=True)
+    gf.save_checkpoint(path[0], model, opt, rule, buffers=True, extra={"marker": torch.tensor([k + 0.5])})
     model = sharded(case)
     opt = make_optimizer(model, case)
     rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
-    gf.load_checkpoint(path[0], model, opt, rule, buffers=True)
+    extra = {"marker": torch.zeros(1)}
+    gf.load_checkpoint(path[0], model, opt, rule, buffers=True, extra=extra)
     loaded_theta0_equal = all(torch.equal(a, b) for a, b in zip(saved_theta0, rule._theta0))
     *_, more = train(case, model=model, opt=opt, rule=rule, start=k)
     rec = record(model, opt, rule, infos + more)
     rec["loaded_theta0_equal"] = loaded_theta0_equal
+    rec["extra_marker"] = float(extra["marker"])
     return rec
 
 

@@ -170,6 +170,7 @@ def test_checkpoint_resume_is_bit_exact(runs, name, straight):
             a.pop("collectives", None), b.pop("collectives", None)
             assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
         assert res["loaded_theta0_equal"]           # buffers=True: θ0 of the last step came back
+        assert res["extra_marker"] == CASES[name]["k"] + 0.5
 
 
 def test_unsupported_configurations_are_refused(runs):
