@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..ops.extrapolate.op import extrapolate_
+from .._utils import check_choice
+from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, extrapolate_
 
 
 class ExtrapolationRule:
@@ -41,8 +42,7 @@ class ExtrapolationRule:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpp', 'torch'), got {backend!r}")
+        check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
         self.optimizer = optimizer
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.transactional_state = bool(transactional_state)

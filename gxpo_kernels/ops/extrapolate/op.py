@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import triton_interpret
+from ..._utils import resolve_backend, triton_interpret
 from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
@@ -273,16 +273,9 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
                 raise ValueError(f"{name}[{i}] must be contiguous")
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in EXTRAPOLATE_BACKENDS:
-        raise ValueError(f"backend must be one of {EXTRAPOLATE_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpp"
-    if backend == "triton" and device.type != "cuda" and not triton_interpret():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
-    return backend
+def extrapolate_backend(backend: str, device) -> str:
+    """The backend ``extrapolate_`` runs for ``backend`` on ``device`` ("auto": CUDA -> triton, CPU -> cpp)."""
+    return resolve_backend(backend, device, choices=EXTRAPOLATE_BACKENDS, cpu="cpp", interpret=False)
 
 
 @torch.no_grad()
@@ -318,7 +311,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     if len(params) == 0:
         return _combine([], torch.device("cpu"))
     device = params[0].device
-    be = _resolve(backend, device)
+    be = extrapolate_backend(backend, device)
     thr = None
     if inactive_threshold is not None and g0 is not None:
         if not float(inactive_threshold) >= 0:
