@@ -1,0 +1,84 @@
+"""``token_logprobs``: the public function (validation, backend choice) over the registered op of ``_library.py``.
+
+The math, shapes and kernels are described in ``kernel.py``; the float64 reference is ``reference.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
+from . import _library
+
+
+def validate_logits(logits, name: str = "logits") -> None:
+    check_tensor(logits, name, ndim=3)
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    compute_entropy: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probability of each target token and the entropy of each position's distribution, at temperature T.
+
+    Args:
+        logits: (B, T, V) fp32/bf16/fp16 scores, already aligned with ``tokens`` (for causal LM output
+            ``logits[:, :-1]`` with ``tokens = input_ids[:, 1:]``; the slice is read in place, not copied).
+        tokens: (B, T) int64/int32 target ids in [0, V) at unmasked positions.
+        temperature: divides the logits before the softmax (> 0). Runtime value: no recompilation.
+        mask: (B, T) bool or 0/1, or None. Masked positions get logp = entropy = 0 and zero gradient, and
+            cost no pass over the vocabulary.
+        compute_entropy: also return the entropy (almost free: same pass); ``False`` returns ``None``.
+        inplace_backward: the backward writes dlogits into the ``logits`` buffer (saves B*T*V memory). The
+            logits' values are destroyed by the backward; do not reuse them. Ignored under ``torch.compile``.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton" or "torch".
+
+    Returns:
+        (logp, entropy): fp32 (B, T) each, differentiable w.r.t. ``logits``; ``entropy`` is None when not
+        computed. Under ``torch.no_grad`` nothing is saved for backward.
+
+    Example:
+        >>> logits = torch.randn(2, 5, 1000)
+        >>> tokens = torch.randint(0, 1000, (2, 5))
+        >>> logp, ent = token_logprobs(logits, tokens, temperature=0.7, mask=tokens > 10)
+        >>> logp.shape, ent.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
+    """
+    validate_logits(logits)
+    B, T, V = logits.shape
+    check_tensor(tokens, "tokens", ndim=2)
+    if tuple(tokens.shape) != (B, T):
+        raise ValueError(f"tokens must have shape {(B, T)}, got {tuple(tokens.shape)}")
+    check_same_device(logits, "logits", tokens=tokens, mask=mask)
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if torch.compiler.is_compiling():
+        # value checks (ids in range, 0/1 mask) read tensor data, which a traced graph cannot branch on
+        check_shape(mask, "mask", (B, T))
+        m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    else:
+        m = normalize_mask(mask, (B, T), logits.device) if mask is not None else None
+        check_tokens_in_range(tokens, V, m)
+    bk = resolve_backend(backend, logits.device)
+    return _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
+
+
+def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_backward, backend):
+    """Validated entry shared by ``token_logprobs`` and ``grpo_loss`` (mask: bool (B, T) or None)."""
+    if torch.compiler.is_compiling():
+        inplace_backward = False  # a mutation inside a compiled backward graph is not worth the risk
+    logp, ent = _library.token_logprobs_op(logits, tokens, mask, temperature, compute_entropy,
+                                           inplace_backward, backend)
+    return logp, (ent if compute_entropy else None)
+
