@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpo_lr's lr multiplier (default: measured from the GXPO, else SFPO, runs)")
     s.add_argument("--workers", type=int, help="parallel worker processes, one torch thread each (default: "
                    "min(2, CPU cores) on CPU, 1 on CUDA; 0 = in this process)")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--resume", action="store_true", help="keep the complete runs of an existing output folder "
                    "(same config) and run the rest")
@@ -167,7 +168,7 @@ def _speedup(a) -> int:
         _fail(f"--seeds must be >= 1, got {a.seeds}")
     seeds = tuple(range(a.seeds)) if a.seeds is not None else cfg.seeds
     cfg = dataclasses.replace(cfg, train=tc, methods=methods, seeds=seeds, lr_mult=a.lr_mult,
-                              out_dir=tc.out_dir or default_out_dir(), workers=a.workers)
+                              out_dir=tc.out_dir or default_out_dir(), workers=a.workers, threads=a.threads)
     cfg.validate()
     check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # before any work
     if tc.cache_dir:

@@ -216,7 +216,8 @@ class SpeedupConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lr_mult: Optional[float] = None       # grpo_lr's multiplier; None = measured from the GXPO (else SFPO) runs
     out_dir: Optional[str] = None
-    workers: Optional[int] = None         # parallel worker processes (one torch thread each); None = min(2, cores)
+    workers: Optional[int] = None         # parallel worker processes; None = min(2, cores) on CPU, 1 on CUDA
+    threads: int = 1                      # torch threads per worker (1: the tiny policy gains nothing from more)
 
     def validate(self) -> "SpeedupConfig":
         if not self.methods:
@@ -234,7 +235,8 @@ class SpeedupConfig:
         if self.lr_mult is not None and not (_finite(self.lr_mult) and self.lr_mult > 0):
             raise ValueError(f"lr_mult must be a finite number > 0, got {self.lr_mult!r}")
         if self.workers is not None:
-            _int_at_least("workers", self.workers, 1)
+            _int_at_least("workers", self.workers, 0)
+        _int_at_least("threads", self.threads, 1)
         if self.train.deepspeed is not None:
             raise ValueError("--deepspeed works with `train` (one method per launch), not with `speedup`")
         self.train.validate()

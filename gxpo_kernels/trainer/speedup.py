@@ -34,10 +34,12 @@ from .stats import effective_step_multiplier
 
 from .report import build_report, format_table  # noqa: F401  (format_table: re-exported for the CLI)
 
-# ATen picks AVX-512 or AVX2 kernels by the CPU it runs on, and the two give different float rounding (the
-# toy's warm start and RL curves then differ between machines of the same kind); capping at AVX2 makes every
-# x86-64 machine with AVX2 run the same kernels. Must be set before torch is imported in the worker.
-REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# ATen picks AVX-512 or AVX2 kernels by the CPU it runs on, and the two round differently (the toy's warm start
+# and RL curves then differ between machines of the same kind); capping ATen at AVX2 makes every x86-64 machine
+# with AVX2 run the same kernels. MKL (CNR mode) and oneDNN get the same cap, against their own CPU dispatch.
+# Must be in the environment before torch is imported: workers are spawned with it.
+REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def default_workers(device: str = "auto") -> int:
@@ -114,10 +116,10 @@ def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -
 _QUEUE = None   # in a worker: the parent's progress queue (set by _init_worker)
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, threads: int = 1) -> None:
     global _QUEUE
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     _QUEUE = queue
 
 
@@ -216,9 +218,10 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     src = multiplier_source(cfg.methods)
     order = [m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"]
     lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
-    env = {k: os.environ.setdefault(k, v) for k, v in REPRODUCIBLE_ENV.items()} if workers else {}
+    want = dict(REPRODUCIBLE_ENV, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    env = {k: os.environ.setdefault(k, v) for k, v in want.items()} if workers else {}
     index = {"methods": list(cfg.methods), "seeds": list(cfg.seeds), "train": dataclasses.asdict(base),
-             "workers": workers, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
+             "workers": workers, "threads": cfg.threads, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
              "lr_mult_source": None, "warm_start": None, "status": "running"}
     done = _completed_from_index(out_dir, index["train"], cfg.methods, cfg.seeds) if resume else {}
     if done:   # keep what the earlier run measured for the runs kept
@@ -245,7 +248,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(queue,))
+                                   initargs=(queue, cfg.threads))
     bars = _Progress({f"{m} seed {s}": base.steps for m, s in todo}, progress, log)
 
     def submit(fn, *args):

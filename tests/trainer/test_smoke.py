@@ -179,7 +179,7 @@ def test_sort_task_with_drgrpo_and_llama(tmp_path):
 
 
 def test_smoke_preset_with_controls(tmp_path, capsys):
-    """The real --preset smoke (warm start from scratch, every method incl. both controls) end to end."""
+    """The real --preset smoke (the bundled default warm start, every method incl. both controls) end to end."""
     out = tmp_path / "smoke"
     main(["speedup", "--preset", "smoke", "--out", str(out), "--no-progress", "--quiet"])
     index = json.loads((out / "runs.json").read_text())

@@ -1,0 +1,114 @@
+"""Guards the speedup runner's bookkeeping and the report's integrity checks.
+
+- runs.json lists every run with its status and steps recorded vs configured; a second run into the same
+  folder is refused, --resume reruns only what is not complete, --overwrite leaves no stale method behind;
+- the report reads only what runs.json lists: foreign subfolders are flagged and ignored, an interrupted run
+  is refused (or, when allowed, flagged in results.json and the table);
+- the measured cost uses one shared rollout figure for every method (median over all runs).
+"""
+import dataclasses
+import json
+
+import pytest
+
+from gxpo_kernels.trainer import report, speedup, stats
+from gxpo_kernels.trainer.config import preset
+
+
+def _cfg(out, methods=("grpo", "gxpo")):
+    cfg = preset("test")
+    return dataclasses.replace(cfg, methods=methods, out_dir=str(out), workers=0,
+                               train=cfg.train.replace(quiet=True, cache_dir=str(out.parent / "cache")))
+
+
+def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None)
+    index = json.loads((out / "runs.json").read_text())
+    assert index["status"] == "complete" and index["workers"] == 0
+    for m in ("grpo", "gxpo"):
+        e = index["runs"][m]["0"]
+        assert (e["status"], e["steps_recorded"], e["steps_configured"]) == ("complete", 3, 3)
+        assert e["cpu_seconds"] > 0
+    with pytest.raises(ValueError, match="not empty"):
+        speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None)
+
+    # interrupt gxpo: keep step 0 and 1 only, as a killed run leaves it
+    f = out / "gxpo" / "seed0" / "records.jsonl"
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[:2]))
+    index["runs"]["gxpo"]["0"]["status"] = "interrupted"
+    (out / "runs.json").write_text(json.dumps(index))
+    (out / "stale_method" / "seed0").mkdir(parents=True)           # a folder runs.json does not list
+    with pytest.raises(ValueError, match=r"gxpo seed 0: incomplete \(1 of 3 steps"):
+        report.load_index_runs(out)
+    runs, problems = report.load_index_runs(out, strict=False)
+    assert set(runs) == {"grpo", "gxpo"} and any("stale_method" in p for p in problems)
+    assert report.main([str(out), "--no-plot", "--n-boot", "20"]) == 2
+    assert report.main([str(out), "--no-plot", "--n-boot", "20", "--allow-incomplete"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert any("incomplete" in p for p in res["meta"]["problems"])
+    assert "PROBLEM" in report.format_table(res) and "PROBLEM" in report.markdown_table(res)
+
+    # --resume reruns only the interrupted run
+    ran = []
+    real = speedup._run_job
+    monkeypatch.setattr(speedup, "_run_job", lambda tc, job: ran.append(job) or real(tc, job))
+    again = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None, resume=True)
+    assert ran == ["gxpo seed 0"]
+    assert again["runs"]["grpo"][0] == first["runs"]["grpo"][0]
+    assert len(again["runs"]["gxpo"][0]) == 4
+    assert report.load_index_runs(out, strict=True)[0].keys() == {"grpo", "gxpo"}
+    # --resume with another config is refused
+    other = _cfg(out)
+    other = dataclasses.replace(other, train=other.train.replace(lr=2e-5))
+    with pytest.raises(ValueError, match="differs in lr"):
+        speedup.run_speedup(other, progress=False, log=lambda s: None, resume=True)
+
+    # --overwrite with fewer methods: nothing of the old run survives into the report
+    speedup.run_speedup(_cfg(out, ("grpo",)), progress=False, log=lambda s: None, overwrite=True)
+    assert not (out / "gxpo").exists() and not (out / "stale_method").exists()
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"grpo"}
+
+
+def _recs(n, roll, bwd, upd_rest, bp=1):
+    out = [{"step": 0, "val": {"greedy_acc": 0.1}, "backward_passes": 0, "optimizer_steps": 0}]
+    for s in range(1, n + 1):
+        out.append({"step": s, "backward_passes": s * bp, "optimizer_steps": s, "wall_clock": 9.0 * s,
+                    "t_rollout": 5.0, "t_backward": 5.0, "t_optimizer": 5.0,
+                    "cpu_rollout": roll[s - 1], "cpu_backward": bwd * bp, "cpu_update": bwd * bp + upd_rest,
+                    "val": {"greedy_acc": 0.1 + 0.01 * s}})
+    return out
+
+
+def test_shared_rollout_cost_and_cpu_clock(tmp_path):
+    # method A's rollouts were slowed by a neighbour (0.9 s); B's were not (0.1 s): same work, one figure
+    a = _recs(4, [0.9, 0.9, 0.9, 0.9], bwd=0.2, upd_rest=0.05, bp=3)
+    b = _recs(4, [0.1, 0.1, 0.1, 0.1], bwd=0.2, upd_rest=0.05)
+    c = _recs(4, [0.1, 0.1, 0.1, 0.1], bwd=0.2, upd_rest=0.05)
+    assert stats.cost_clock([a, b, c]) == "cpu"
+    t = stats.shared_rollout_time([a, b, c], "cpu")
+    assert t == pytest.approx(0.1)
+    cm = stats.cost_model([a], "cpu", t)
+    assert cm["t_roll"] == pytest.approx(0.1) and cm["t_roll_own"] == pytest.approx(0.9)
+    assert cm["t_bp"] == pytest.approx(0.2) and cm["t_opt"] == pytest.approx(0.05) and cm["clock"] == "cpu"
+    # cost at step 2: 2 * shared rollout + A's own updates (2 * (3 * 0.2 + 0.05))
+    assert stats.cost_curve(a, [0, 2], "cpu", t).tolist() == pytest.approx([0.0, 0.2 + 2 * 0.65])
+    # a record without the CPU keys: the wall clock for everything, named as such
+    d = _recs(4, [0.1] * 4, bwd=0.2, upd_rest=0.05)
+    del d[2]["cpu_rollout"]
+    assert stats.cost_clock([a, d]) == "wall"
+    res = report.build_report({"grpo": {0: b}, "m": {0: a}, "c": {0: c}}, tmp_path, plot=False, n_boot=10)
+    meta = res["meta"]
+    assert meta["cost_clock"] == "cpu" and "process CPU time" in meta["clocks"]["ratio_cost"]
+    assert meta["shared_rollout_time"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("scores, rising", [
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], True),                 # climbing to the end
+    ([0.1, 0.4, 0.5, 0.52, 0.5, 0.51, 0.5, 0.52, 0.51], False),  # flat: best at the end but no trend
+    ([0.1, 0.5, 0.6, 0.6, 0.55, 0.56, 0.55], False),             # peaked earlier
+    ([0.1, 0.2, 0.3], True),                                     # too short to tell
+])
+def test_still_rising(scores, rising):
+    steps = list(range(0, 10 * len(scores), 10))
+    assert stats.still_rising(steps, scores, tol=0.005)["rising"] is rising
