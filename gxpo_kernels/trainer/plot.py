@@ -9,8 +9,10 @@ from typing import Mapping
 
 import numpy as np
 
+# curve rows: [step, backward passes, optimizer steps, wall-clock, score, measured cost]
 _PANELS = (("steps", 0, "update steps"), ("backward passes", 1, "backward passes"),
-           ("wall-clock", 3, "training wall-clock [s] (validation excluded)"))
+           ("cost", 5, "measured cost [s]"))
+_CLOCK = {"cpu": "CPU time [s]: shared rollout median + own update", "wall": "wall-clock [s] (validation excluded)"}
 
 
 def _mean_curve(seed_curves: list) -> np.ndarray:
@@ -37,7 +39,10 @@ def plot_speedup(results: Mapping, path) -> Path:
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     base_peaks = [s["peak"] for s in results["methods"][baseline]["seeds"].values()]
     peak = float(np.median(base_peaks))
+    clock = _CLOCK.get(meta.get("cost_clock"), "wall-clock [s] (validation excluded)")
     for ax, (title, col, xlabel) in zip(axes, _PANELS):
+        if col == 5:
+            title, xlabel = clock.split(" [")[0], f"training {clock}"
         for m in methods:
             seeds = results["methods"][m]["seeds"]
             curves = [np.asarray(s["curve"], dtype=np.float64) for s in seeds.values()]

@@ -25,6 +25,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Dict, List, Optional
@@ -243,6 +245,10 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     _write_index(out_dir, index)
 
     t_start = time.perf_counter()
+    # `kill` (SIGTERM) stops the runner like Ctrl-C, so runs.json says which runs were interrupted
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     pool = queue = None
     if workers:
         ctx = multiprocessing.get_context("spawn")
@@ -334,6 +340,8 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
         _write_index(out_dir, index)
         raise
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         bars.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
