@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
 ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs") + FPA_ALGOS
-DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed drives
+DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed and --fsdp drive
 FPA_SIDES = ("both", "rejected")
 ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
@@ -75,6 +75,7 @@ class TrainConfig:
     out_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     deepspeed: Optional[str] = None
+    fsdp: bool = False                    # run on PyTorch FSDP2 (fully_shard), one process per rank (torchrun)
     loss_path: str = "fused_linear"       # fused_linear: hidden states + lm_head, no logits | logits: grpo_loss
     save_steps: int = 0                   # write <out_dir>/checkpoint-<step> every N steps (0 = never)
     save_model: bool = True               # save_pretrained of the final policy + tokenizer into <out_dir>/model
@@ -97,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"fpa_beta must be > 0, got {self.fpa_beta!r}")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:
             raise ValueError(f"--deepspeed drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("--fsdp and --deepspeed are two engines: choose one")
+        if self.fsdp and self.algo not in DS_ALGOS:
+            raise ValueError(f"--fsdp drives the algos {DS_ALGOS}, got algo {self.algo!r}")
         if self.loss_path not in LOSS_PATHS:
             raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {self.loss_path!r}")
         if int(self.save_steps) < 0:

@@ -10,7 +10,8 @@
 - data-parallel means of logged values, and the engine part of a checkpoint (model + optimizer state).
 
 Engines: :class:`PlainEngine` (one process), :class:`DeepSpeedEngine` (``--deepspeed ds.json``; ZeRO 1/2/3 through
-``integrations.deepspeed``). ``make_engine(cfg)`` picks one.
+``integrations.deepspeed``), :class:`FSDPEngine` (``--fsdp``; FSDP2 ``fully_shard``, GXPO/SFPO through
+``integrations.fsdp``). ``make_engine(cfg)`` picks one.
 
 The loss path (``TrainConfig.loss_path``): ``"fused_linear"`` (default) runs the decoder up to its final hidden
 states and ``ops.linear_grpo_loss`` on them and the lm_head weight (``integrations.hf.causal_lm_grpo_loss``; the
@@ -374,8 +375,104 @@ class DeepSpeedEngine(_DistributedEngine):
             return {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()} if self.lead else None
 
 
+class FSDPEngine(_DistributedEngine):
+    """PyTorch FSDP2 (``--fsdp``; ``torchrun``, gloo on CPU, NCCL on CUDA), one process per rank.
+
+    - every decoder layer and then the causal LM itself are ``fully_shard``-ed (the LM is the root unit: its
+      embedding, final norm and lm_head, tied or not, are gathered by the root's hooks); parameters are
+      DTensors whose local shard lives on this rank, and the AdamW state is sharded alike;
+    - the loss runs inside the root's forward: the logits path calls the model, the fused path runs as the
+      model's forward for one call, so FSDP gathers the root parameters and reduce-scatters their gradients;
+    - ``gxpo`` / ``sfpo``: ``integrations.fsdp.wrap`` (shard-local extrapolation, globally reduced norm, gate
+      and finite checks); the GRPO variants clip with ``clip_grad_norm_`` over the sharded gradients;
+    - every forward all-gathers layers collectively, so ``generate`` runs with ``synced_gpus``;
+    - checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shards).
+    """
+
+    name = "fsdp"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from .model import pick_device
+        device = pick_device(cfg.device)
+        owned = not dist.is_initialized()
+        if owned:
+            _single_rank_env()
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self._join(owned)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        self.device = device
+        self.gen_kw = dict(synced_gpus=True)
+
+    def setup(self, model: nn.Module, loss_kw: dict) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        cfg = self.cfg
+        lr = learning_rate(cfg)
+        layers = getattr(getattr(model, getattr(model, "base_model_prefix", "model"), None), "layers", None)
+        if layers is None:
+            raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (model.model.layers)")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        self.policy = model
+        self.module = PolicyLoss(model, loss_kw, cfg.loss_path, use_amp=True)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        algo, kw, static = rule_options(cfg)
+        if algo is not None:
+            from ..integrations import fsdp as gfsdp
+            self.rule = gfsdp.wrap(model, self.optimizer, algo, max_grad_norm=cfg.max_grad_norm, **kw)
+        self.static = dict(algo=cfg.algo, lr=lr, **static, world_size=self.world)
+
+    def forward(self, *batch) -> torch.Tensor:
+        if self.module.loss_path == "logits":
+            return self.module(*batch)                    # calls the model: the root's hooks fire
+        from ..integrations.hf import _call_as_forward
+        return _call_as_forward(self.policy, lambda *b: self.module(*b), *batch)   # a function, not a Module
+
+    def optimizer_step(self) -> Optional[float]:
+        norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor over the shards
+        self.optimizer.step()
+        return float(norm)
+
+    def _dcp_state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(self.policy, self.optimizer)
+        return {"model": msd, "optimizer": osd}
+
+    def save_state(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._dcp_state(), checkpoint_id=os.path.join(path, "fsdp"))
+
+    def load_state(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        sd = self._dcp_state()
+        dcp.load(sd, checkpoint_id=os.path.join(path, "fsdp"))
+        set_state_dict(self.policy, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.lead:
+            return None
+        owners: Dict[int, List[str]] = {}
+        for n, p in self.policy.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(n)
+        for names in owners.values():                     # tied weights: one tensor, so save_pretrained dedups
+            for n in names[1:]:
+                if names[0] in sd and n in sd:
+                    sd[n] = sd[names[0]]
+        return sd
+
+
 def make_engine(cfg: TrainConfig) -> Engine:
-    """The engine ``cfg`` asks for: DeepSpeed (``cfg.deepspeed``), else plain."""
+    """The engine ``cfg`` asks for: DeepSpeed (``cfg.deepspeed``), FSDP2 (``cfg.fsdp``), else plain."""
     if cfg.deepspeed is not None:
         return DeepSpeedEngine(cfg)
+    if cfg.fsdp:
+        return FSDPEngine(cfg)
     return PlainEngine(cfg)
