@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
+from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       resolve_backend, triton_interpret)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
