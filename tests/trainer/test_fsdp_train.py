@@ -25,6 +25,8 @@ TINY = dict(prompts=4, group=4, hidden=32, val_every=1, val_size=8, pass1_size=0
             sft=SFTConfig(max_steps=0), save_steps=2)
 ALGOS = {  # algo: (extra TrainConfig fields, backward passes per step)
     "grpo_epochs": (dict(epochs=2), 2),
+    "gxpo": (dict(gxpo_gate="none"), 3),
+    "sfpo": (dict(sfpo_gate="none", sfpo_K=2), 3),
 }
 
 
