@@ -145,8 +145,11 @@ def check_config(path: str, config: dict) -> None:
     """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``)."""
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
-    diff = sorted(k for k in set(saved) | set(config)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+
+    def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
+        a, b = saved.get(k), config.get(k)
+        return (a is None) == (b is None) if k == "deepspeed" else a == b
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and not same(k))
     if diff:
         raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +
                          ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff))

@@ -7,6 +7,8 @@
   own advantages are 0 and every GXPO step would fall back): GXPO under ZeRO-2 takes 3 passes per step with no
   fallback; SFPO under ZeRO-1 with gradient accumulation K+1; grpo_epochs under ZeRO-3 (``generate`` with
   synced_gpus) 3 optimizer steps per batch; both ranks hold identical weights afterwards;
+- resume under ZeRO-3 (GXPO with a gate that fires): a run stopped after step 3 and resumed from its step-2
+  checkpoint equals the uninterrupted run (records, RNG, final weights);
 - bad configs fail before any process group is created.
 """
 import json
@@ -115,6 +117,16 @@ def _worker(rank, port, d):
                           out_dir=os.path.join(d, name), cache_dir=os.path.join(d, "cache"), **TINY, **extra)
         recs = loop.train(cfg)
         out[name] = {"records": recs}
+    # resume under ZeRO-3: stop after step 3 (checkpoint at 2), resume, compare with the uninterrupted 4 steps
+    base = TrainConfig(algo="gxpo", gxpo_gate="ema", gxpo_tau=1e-6, steps=4, save_steps=2,
+                       deepspeed=_ds_json(d, f"resume.rank{rank}.json", 3), cache_dir=os.path.join(d, "cache"),
+                       **dict(TINY, val_every=1, val_size=8, pass1_size=0, pass1_n=0))
+    full = loop.train(base.replace(out_dir=os.path.join(d, "resume", "full")))
+    rng_full = torch.get_rng_state()
+    loop.train(base.replace(steps=3, out_dir=os.path.join(d, "resume", "cut")))
+    torch.manual_seed(999)
+    resumed = loop.train(base.replace(out_dir=os.path.join(d, "resume", "cut"), resume="latest"))
+    out["resume"] = {"full": full, "resumed": resumed, "rng": (rng_full, torch.get_rng_state())}
     torch.save(out, os.path.join(d, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -173,3 +185,27 @@ def test_deepspeed_refuses_fpa_and_speedup(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["speedup", "--deepspeed", ds, "--out", str(tmp_path / "s")])
     assert "not with `speedup`" in capsys.readouterr().err
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "wall_clock" and not k.startswith(("t_", "cpu_", "gpu_"))}
+            for r in records]
+
+
+def test_resume_zero3_is_bit_exact(spawned):
+    """GXPO (EMA gate fires at step 1) on ZeRO-3: the rule's state rides in trainer_state.pt, DeepSpeed's own
+    partitioned model / optimizer files in checkpoint-<N>/deepspeed; the resumed run equals the full one."""
+    from safetensors.torch import load_file
+    d, ranks = spawned
+    for r in range(2):
+        res = ranks[r]["resume"]
+        assert _strip(res["resumed"]) == _strip(res["full"]) and torch.equal(*res["rng"])
+        assert res["full"][1]["gate_fired_at"] == 1 and res["full"][4]["update"]["active"] is False
+    wa = load_file(os.path.join(d, "resume", "full", "model", "model.safetensors"))
+    wb = load_file(os.path.join(d, "resume", "cut", "model", "model.safetensors"))
+    assert set(wa) == set(wb) and all(wa[k].numel() > 0 and torch.equal(wa[k], wb[k]) for k in wa)
+    for run in ("full", "cut"):
+        c = os.path.join(d, "resume", run, "checkpoint-4")
+        assert os.path.isdir(os.path.join(c, "deepspeed"))
+        st = torch.load(os.path.join(c, "trainer_state.pt"), weights_only=True)
+        assert st["step"] == 4 and st["rule"]["gate"]["fired"] is True and st["world_size"] == 2

@@ -236,6 +236,7 @@ class _DeepSpeedRule(ShardedReductions):
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
+        self.last_extrapolation = None                    # report shard_numel / backend only for this step's
         info = super().step(closure, entropy=entropy)
         if self._pending:
             raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
