@@ -59,7 +59,7 @@ class ShardedReductions:
         return super()._observe_entropy(entropy)
 
     def _record_extrapolation(self, views: List[torch.Tensor]) -> None:
-        from ..ops.extrapolate.op import _resolve
+        from ..ops.extrapolate.op import extrapolate_backend
         dev = views[0].device if views else torch.device("cpu")
-        self.last_extrapolation = {"backend": _resolve(self.backend, dev), "device": str(dev),
+        self.last_extrapolation = {"backend": extrapolate_backend(self.backend, dev), "device": str(dev),
                                    "numel": sum(v.numel() for v in views), "n_tensors": len(views)}

@@ -183,15 +183,17 @@ def run_resume(case, k):
     dist.broadcast_object_list(path, src=0)
     model, opt, rule, infos = train(case, steps=k)
     saved_theta0 = [b.clone() for b in rule._theta0]
-    gf.save_checkpoint(path[0], model, opt, rule, buffers=True)
+    gf.save_checkpoint(path[0], model, opt, rule, buffers=True, extra={"marker": torch.tensor([k + 0.5])})
     model = sharded(case)
     opt = make_optimizer(model, case)
     rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
-    gf.load_checkpoint(path[0], model, opt, rule, buffers=True)
+    extra = {"marker": torch.zeros(1)}
+    gf.load_checkpoint(path[0], model, opt, rule, buffers=True, extra=extra)
     loaded_theta0_equal = all(torch.equal(a, b) for a, b in zip(saved_theta0, rule._theta0))
     *_, more = train(case, model=model, opt=opt, rule=rule, start=k)
     rec = record(model, opt, rule, infos + more)
     rec["loaded_theta0_equal"] = loaded_theta0_equal
+    rec["extra_marker"] = float(extra["marker"])
     return rec
 
 
@@ -242,6 +244,16 @@ def refusals():
     m2 = sharded({})
     m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
     attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
+    # the model must come back resharded from the closure: the rule edits the shards between passes
+    m3 = sharded({})
+    m3.set_reshard_after_backward(False)
+    opt = torch.optim.AdamW(m3.parameters())
+    rule = gf.wrap(m3, opt)
+    try:
+        rule.step(fsdp_closure(m3, opt, rule, 0, {}))
+        out["unsharded_after_closure"] = None
+    except RuntimeError as e:
+        out["unsharded_after_closure"] = str(e)
     return out
 
 

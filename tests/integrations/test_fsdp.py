@@ -12,7 +12,8 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
   size, and the rule issues only the documented collectives (no gather of any parameter);
 * checkpoint: N steps == k steps + torch.distributed.checkpoint save + load into fresh objects + N - k steps,
   bit for bit (parameters, optimizer state, rule state, diagnostics);
-* refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param.
+* refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param,
+  a closure that leaves the model unsharded; the TRL trainer's FSDP refusal.
 """
 import os
 import socket
@@ -169,6 +170,7 @@ def test_checkpoint_resume_is_bit_exact(runs, name, straight):
             a.pop("collectives", None), b.pop("collectives", None)
             assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
         assert res["loaded_theta0_equal"]           # buffers=True: θ0 of the last step came back
+        assert res["extra_marker"] == CASES[name]["k"] + 0.5
 
 
 def test_unsupported_configurations_are_refused(runs):
@@ -179,3 +181,20 @@ def test_unsupported_configurations_are_refused(runs):
         assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
+        assert "still unsharded after the closure" in r["unsharded_after_closure"]
+
+
+def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
+    """accelerate enables FSDP only on accelerators (a CPU run with an FSDP plugin becomes DDP), so the TRL
+    trainer's FSDP path cannot run here; the GXPO/SFPO trainer refuses it by name (the plain GRPO loss path
+    does not care). The distributed type is faked as a GPU run would report it."""
+    pytest.importorskip("trl")
+    from accelerate.utils import DistributedType
+
+    from gxpo_kernels.integrations import trl as gtrl
+    from tests.integrations.test_trl import make_trainer
+    tr = make_trainer(tmp_path)
+    monkeypatch.setattr(type(tr.accelerator), "distributed_type", property(lambda self: DistributedType.FSDP))
+    msg = gtrl._unsupported(tr, for_update=True)
+    assert "distributed_type=FSDP" in msg and "gxpo_kernels.integrations.fsdp" in msg
+    assert gtrl._unsupported(tr, for_update=False) is None

@@ -224,7 +224,13 @@ class _DeepSpeedRule(ShardedReductions):
         return loss
 
     # ---- the outer update -------------------------------------------------------------------------------------
-    def step(self, closure: Callable, entropy=None) -> dict:
+    def _abort_step_(self) -> None:
+        """An exception inside the step: drop a DeepSpeed-applied step that was not consumed (the rewind of the
+        shards and the optimizer state follows) and re-sync the low-precision copy after the rewind."""
+        self._pending = False
+        self._lp_dirty = True
+
+    def step(self, closure: Callable, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` runs forward + ``engine.backward(loss)`` for
         every micro-batch and returns the loss. The rule calls ``engine.step()``. Returns the diagnostics dict."""
         eng = self.engine
@@ -237,7 +243,11 @@ class _DeepSpeedRule(ShardedReductions):
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
         self.last_extrapolation = None                    # report shard_numel / backend only for this step's
-        info = super().step(closure, entropy=entropy)
+        try:
+            info = super().step(closure, entropy=entropy, force_plain=force_plain)
+        except BaseException:
+            self._sync_lp()
+            raise
         if self._pending:
             raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
         self._sync_lp()

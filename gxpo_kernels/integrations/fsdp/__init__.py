@@ -81,8 +81,8 @@ def save_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
 
 def load_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = False,
                     extra: Optional[dict] = None) -> None:
-    """Inverse of :func:`save_checkpoint` into a freshly built model / optimizer / rule (same sharding, or any
-    other world size: DCP reshards). Resuming continues bit-exactly where the saved run stopped. ``extra`` is
+    """Inverse of :func:`save_checkpoint` into a freshly built model / optimizer / rule, sharded the same way
+    (tested on the same world size). Resuming continues bit-exactly where the saved run stopped. ``extra`` is
     filled in place with the saved entries of the same names."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict

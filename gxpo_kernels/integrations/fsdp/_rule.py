@@ -45,9 +45,9 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
                         f"FSDPModule), got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    for mod in model.modules():
-        group = mod._get_fsdp_state()._fsdp_param_group if isinstance(mod, FSDPModule) else None
-        if group is not None and isinstance(group.offload_policy, CPUOffloadPolicy):
+    for mod in model.modules():      # FSDP2's per-module state (private; the device check below also catches it)
+        group = getattr(mod._get_fsdp_state(), "_fsdp_param_group", None) if isinstance(mod, FSDPModule) else None
+        if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
             raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
                              "an accelerator); shard without offload_policy")
     owned = {id(p) for p in model.parameters()}
@@ -79,8 +79,20 @@ class _FSDPRule(ShardedReductions):
     """Mixin over ``GXPO`` / ``SFPO``: first in the MRO, so its hooks replace the single-process ones."""
 
     def _fsdp_init(self, model, mesh) -> None:
+        from torch.distributed.fsdp import FSDPModule
         self.model, self.mesh = model, mesh
         self.last_extrapolation: Optional[dict] = None
+        self._shard_groups = [g for m in model.modules() if isinstance(m, FSDPModule)
+                              for g in [getattr(m._get_fsdp_state(), "_fsdp_param_group", None)] if g is not None]
+
+    def _run_closure(self, closure, pass_index: int):
+        loss = super()._run_closure(closure, pass_index)
+        if not all(getattr(g, "is_sharded", True) for g in self._shard_groups):
+            raise RuntimeError("an FSDP module is still unsharded after the closure (set_reshard_after_backward"
+                               "(False) or a forward without backward?): GXPO/SFPO edit the shards between passes and "
+                               "the next forward would reuse the stale unsharded copy; leave resharding on for the "
+                               "closure's last backward")
+        return loss
 
     # ---- reductions ---------------------------------------------------------------------------------------------
     def _reduce_group(self):
