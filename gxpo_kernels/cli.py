@@ -27,7 +27,7 @@ from .trainer.config import SFTConfig, TrainConfig, parse_method, preset
 PRESETS = ("default", "smoke", "test")
 PROG = "gxpo-kernels"
 # TrainConfig fields the speedup runner sets itself per run (methods x seeds), so not options of `speedup`
-SPEEDUP_OWN = ("algo", "advantage", "seed", "lr_mult", "deepspeed")
+SPEEDUP_OWN = ("algo", "advantage", "seed", "lr_mult", "deepspeed", "fsdp", "resume")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,11 +12,12 @@ from .tasks import TASKS
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
 ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs") + FPA_ALGOS
-DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed drives
+DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed and --fsdp drive
 FPA_SIDES = ("both", "rejected")
 ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
 TASK_NAMES = tuple(TASKS)   # the toy tasks; a --dataset file is the other kind
+LOSS_PATHS = ("fused_linear", "logits")   # the trainer's loss: fused lm_head + GRPO loss, or materialised logits
 
 
 def _f(default=dataclasses.MISSING, help: str = "", aliases=(), choices=None, **kw):
@@ -133,6 +134,12 @@ class TrainConfig:
     out_dir: Optional[str] = _f(None, "output folder", aliases=("--out",))
     cache_dir: Optional[str] = _f(None, "warm-start cache folder (None: <out>/../.warmstart-cache)")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (train only; launch with torchrun)")
+    fsdp: bool = _f(False, "run on PyTorch FSDP2 (fully_shard), one process per rank (train only; torchrun)")
+    loss_path: str = _f("fused_linear", "training loss from hidden states + lm_head (no logits) or from "
+                                        "materialised logits", choices=LOSS_PATHS)
+    save_steps: int = _f(0, "write <out_dir>/checkpoint-<step> every N steps (0 = never)")
+    save_model: bool = _f(True, "save_pretrained of the final policy + tokenizer into <out_dir>/model")
+    resume: Optional[str] = _f(None, "checkpoint folder to continue from, or 'latest' (newest in out_dir)")
     quiet: bool = _f(False, "no per-step log lines")
 
     def validate(self) -> "TrainConfig":
@@ -159,6 +166,15 @@ class TrainConfig:
             raise ValueError("--dataset needs --model (a local model folder with a tokenizer)")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:
             raise ValueError(f"--deepspeed drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("--fsdp and --deepspeed are two engines: choose one")
+        if self.fsdp and self.algo not in DS_ALGOS:
+            raise ValueError(f"--fsdp drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {self.loss_path!r}")
+        _int_at_least("save_steps", self.save_steps, 0)
+        if self.resume == "latest" and not self.out_dir:
+            raise ValueError("resume='latest' needs out_dir (the run's output folder)")
         ints = {"hidden": 1, "layers": 1, "heads": 1, "steps": 1, "prompts": 1, "group": 2, "epochs": 1,
                 "gxpo_K": 2, "sfpo_K": 1, "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1,
                 "seed": 0, "init_seed": 0}
