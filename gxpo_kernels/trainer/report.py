@@ -615,14 +615,15 @@ def load_runs(folder) -> dict:
     return runs
 
 
-def load_index_runs(folder, *, strict: bool = True) -> tuple:
+def load_index_runs(folder, *, strict: bool = True, methods: Optional[Sequence[str]] = None) -> tuple:
     """Read the runs a ``speedup`` run lists in ``<folder>/runs.json``: ``({method: {seed: [records]}}, problems)``.
 
     Only the listed methods x seeds are read (a later run into the same folder with other methods or seeds
     never mixes in stale ones). Problems (also returned as one-line strings): a listed run whose records are
     missing or hold fewer update steps than configured (interrupted), a run not marked complete, a subfolder
     runs.json does not list. With ``strict`` a problem with a listed run raises ValueError; foreign subfolders
-    are only reported.
+    are only reported. ``methods``: report only these of the listed methods (the others are named in the
+    problems as left out, with how many of their runs were complete).
     """
     folder = Path(folder)
     path = folder / "runs.json"
@@ -635,7 +636,17 @@ def load_index_runs(folder, *, strict: bool = True) -> tuple:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a runs.json written by gxpo-kernels speedup ({e})") from None
     runs, problems = {}, []
+    if methods is not None:
+        unknown = [m for m in methods if m not in listed]
+        if unknown:
+            raise ValueError(f"{path}: methods {unknown} are not in this run (it has {sorted(listed)})")
+        for m in listed:
+            if m not in methods:
+                done = sum(e.get("status") == "complete" for e in listed[m].values())
+                problems.append(f"{m}: left out of the report ({done}/{len(listed[m])} runs complete)")
     for m, seeds in listed.items():
+        if methods is not None and m not in methods:
+            continue
         for s, e in sorted(seeds.items()):
             d = folder / m / f"seed{s}"
             f = d / "records.jsonl"
@@ -649,7 +660,7 @@ def load_index_runs(folder, *, strict: bool = True) -> tuple:
                 problems.append(f"{m} seed {s}: incomplete ({n} of {want} steps recorded, status "
                                 f"{e.get('status')!r})")
             runs.setdefault(m, {})[s] = recs
-    bad = list(problems)
+    bad = [p for p in problems if "left out of the report" not in p]
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name not in listed:
             problems.append(f"folder {d.name}/ is not listed in runs.json: ignored")
@@ -683,6 +694,8 @@ def main(argv=None) -> int:
                    help="report runs with fewer steps than configured (flagged in results.json and the table)")
     p.add_argument("--no-index", action="store_true",
                    help="no runs.json: read every <method>/seed<k> subfolder (flagged in results.json)")
+    p.add_argument("--methods", help="comma list: report only these methods of runs.json (the others are "
+                   "named as left out)")
     p.add_argument("--compare", metavar="RESULTS_JSON",
                    help="a perturbed run's results.json: the headline ratios' shifts go into meta.sensitivity")
     a = p.parse_args(argv)
@@ -692,7 +705,8 @@ def main(argv=None) -> int:
             runs, problems = load_runs(a.folder), ["no runs.json: every <method>/seed<k> subfolder was read, "
                                                    "without checking that the runs are complete or belong together"]
         else:
-            runs, problems = load_index_runs(a.folder, strict=not a.allow_incomplete)
+            runs, problems = load_index_runs(a.folder, strict=not a.allow_incomplete,
+                                             methods=a.methods.split(",") if a.methods else None)
             index = json.loads((Path(a.folder) / "runs.json").read_text())
         other = json.loads(Path(a.compare).read_text()) if a.compare else None
         res = build_report(runs, a.out or a.folder, baseline=a.baseline, eps=a.eps, gain_frac=a.gain_frac,

@@ -44,6 +44,11 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     runs, problems = report.load_index_runs(out, strict=False)
     assert set(runs) == {"grpo", "gxpo"} and any("stale_method" in p for p in problems)
     assert report.main([str(out), "--no-plot", "--n-boot", "20"]) == 2
+    # reporting only the complete methods is allowed; the left-out ones are named
+    only, notes = report.load_index_runs(out, methods=["grpo"])
+    assert set(only) == {"grpo"} and any("gxpo: left out of the report (0/1 runs complete)" in n for n in notes)
+    with pytest.raises(ValueError, match="not in this run"):
+        report.load_index_runs(out, methods=["sfpo"])
     assert report.main([str(out), "--no-plot", "--n-boot", "20", "--allow-incomplete"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert any("incomplete" in p for p in res["meta"]["problems"])
