@@ -557,7 +557,7 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
         notes.append(f"Measured and projected {clock}: {meta['clocks']['ratio_cost']}.")
     notes += [f"PROBLEM: {p}" for p in meta.get("problems") or []]
     if notes:
-        lines += [""] + notes
+        lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
 
