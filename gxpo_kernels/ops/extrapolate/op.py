@@ -1,4 +1,4 @@
-"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``extrapolate_ref.py``).
+"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``reference.py``).
 
     θ̃ = θ0 + α·clamp(S_K(r)/S_2(r), 1, K/2+1)·(θ2 − θ0),   r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) clamped to [−2, 3]
 

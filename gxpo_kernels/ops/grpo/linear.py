@@ -7,7 +7,7 @@ Shapes: hidden (B, T, H), weight (V, H), bias (V,), tokens / mask / old / ref lo
 (B,) or (B, T). The per-token stage streams over the vocabulary once forward and once (recomputing) backward;
 the loss math runs on O(B*T) values, so every GRPO option and aggregation mode is available at no extra pass,
 and ``grpo_loss`` (logits input) and this op share one definition of the loss.
-Reference: ``grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
+Reference: ``reference.grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``token_logprobs``: the public function (validation, backend choice) over the registered op of ``_library.py``.
+"""``token_logprobs``: the public function (validation, backend choice) over the op registered in ``_library.py``.
 
 The math, shapes and kernels are described in ``kernel.py``; the float64 reference is ``reference.py``.
 """
