@@ -298,3 +298,23 @@ def test_gxpo_under_deepspeed(tmp_path):
         flats[stage] = r0["flat"]
     for stage in (2, 3):
         torch.testing.assert_close(flats[stage], flats[1], rtol=1e-4, atol=1e-5)
+
+
+def test_trl_trainer_resume_continues_the_rule(tmp_path):
+    """save_steps=1, then resume_from_checkpoint=checkpoint-1 for the second update: the gate's window and the
+    rule's counters continue from the checkpoint, and the end state equals the uninterrupted run's."""
+    kw = dict(update="gxpo", update_kwargs={"gate": "window", "window": 2, "tau": 50.0, "backend": "torch"},
+              backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1)
+    full.train()
+    ckpt = tmp_path / "full" / "out" / "checkpoint-1"
+    assert torch.load(ckpt / "gxpo_update_state.pt", weights_only=True)["rule"]["total_backward_passes"] == 3
+    resumed = make_trainer(tmp_path / "resumed", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.gxpo_backward_passes == 3          # only the second update ran here
+    assert resumed._gxpo_rule.state_dict() == full._gxpo_rule.state_dict()
+    assert resumed._gxpo_rule.total_backward_passes == 6 and len(resumed._gxpo_rule.gate.values) == 2
+    p0, p1 = params(full), params(resumed)
+    for n in p0:
+        torch.testing.assert_close(p1[n], p0[n], rtol=1e-6, atol=1e-7)
