@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     ModelOutputBase = object
 
 from ..ops.grpo.linear import linear_grpo_loss
-from ..ops.fused_head.engine import linear_token_logprobs
+from ..ops.logprobs.linear import linear_token_logprobs
 
 
 def _wrapper_name(model: nn.Module) -> Optional[str]:
@@ -293,7 +293,6 @@ def _token_logprobs_forward(model, input_ids, attention_mask, targets, mask, tem
     autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
     def head_forward(h):
-        from ..ops.fused_head.engine import linear_token_logprobs
         weight, bias = head.weight, head.bias
         h = h.to(weight.device)
         if fp32_head:                     # TRL's cast_lm_head_to_fp32: fp32 operands, outside autocast
