@@ -20,8 +20,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PKG
 ALLOWED_CYCLES = {
     # issue 13, trainer: one step loop replaces loop.py + ds_loop.py
     frozenset({"gxpo_kernels.trainer.loop", "gxpo_kernels.trainer.ds_loop"}),
-    # issue 16, TRL integration: trl.py <-> _trl_trainer.py
-    frozenset({"gxpo_kernels.integrations.trl", "gxpo_kernels.integrations._trl_trainer"}),
 }
 
 
