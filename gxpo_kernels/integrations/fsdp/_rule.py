@@ -154,12 +154,12 @@ class _FSDPRule(ShardedReductions):
                                         shape=p.shape, stride=p.stride()) if h else None
 
     # ---- the outer update ---------------------------------------------------------------------------------------
-    def step(self, closure, entropy=None) -> dict:
+    def step(self, closure, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` zeroes the grads, runs forward and
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
         count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
         self.last_extrapolation = None
-        info = super().step(closure, entropy=entropy)
+        info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
