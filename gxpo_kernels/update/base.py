@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..ops.extrapolate.op import ExtrapolationPlan, _resolve, extrapolate_
+from .._utils import check_choice
+from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, _resolve, extrapolate_
 
 
 class ExtrapolationRule:
@@ -42,10 +43,8 @@ class ExtrapolationRule:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpp', 'torch'), got {backend!r}")
-        if fallback_grad not in ("reuse", "recompute"):
-            raise ValueError(f"fallback_grad must be 'reuse' or 'recompute', got {fallback_grad!r}")
+        check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
+        check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
         if fallback_state not in (None, "restore", "keep"):
             raise ValueError(f"fallback_state must be None, 'restore' or 'keep', got {fallback_state!r}")
         if fallback_state == "restore" and not (atomic or transactional_state):

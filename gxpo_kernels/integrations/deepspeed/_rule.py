@@ -173,7 +173,7 @@ class _DeepSpeedRule:
     def _extrapolate(self, params, g0, g1, **kw):
         """The fused op on the shards' real data only: contiguous views that skip ZeRO's alignment padding
         (uninitialised under ZeRO-3), so statistics and the non-finite check see parameters only."""
-        from ...ops.extrapolate.op import _resolve
+        from ...ops.extrapolate.op import extrapolate_backend
         segs = self.zero.valid_segments()
 
         def cut(ts):
@@ -183,7 +183,7 @@ class _DeepSpeedRule:
         try:
             views = cut(params)
             dev = params[0].device if params else torch.device("cpu")
-            self.last_extrapolation = {"backend": _resolve(self.backend, dev), "device": str(dev),
+            self.last_extrapolation = {"backend": extrapolate_backend(self.backend, dev), "device": str(dev),
                                        "numel": sum(v.numel() for v in views), "n_tensors": len(views)}
             out = super()._extrapolate(views, cut(g0), cut(g1), **kw)
         finally:

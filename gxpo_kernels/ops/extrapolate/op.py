@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..._utils import triton_interpret
+from ..._utils import resolve_backend, triton_interpret
 from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "ExtrapolationPlan", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
@@ -455,16 +455,9 @@ def _check_no_alias(params, theta0, g0, g1, lowp_out) -> None:
             reach, owner = e, (nm, w)
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in EXTRAPOLATE_BACKENDS:
-        raise ValueError(f"backend must be one of {EXTRAPOLATE_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpp"
-    if backend == "triton" and device.type != "cuda" and not triton_interpret():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
-    return backend
+def extrapolate_backend(backend: str, device) -> str:
+    """The backend ``extrapolate_`` runs for ``backend`` on ``device`` ("auto": CUDA -> triton, CPU -> cpp)."""
+    return resolve_backend(backend, device, choices=EXTRAPOLATE_BACKENDS, cpu="cpp", interpret=False)
 
 
 @torch.no_grad()
@@ -500,7 +493,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     if len(params) == 0:
         return _combine([], torch.device("cpu"))
     device = params[0].device
-    be = _resolve(backend, device)
+    be = extrapolate_backend(backend, device)
     thr = None
     if inactive_threshold is not None and g0 is not None:
         if not float(inactive_threshold) >= 0:
