@@ -276,10 +276,10 @@ def host_overhead(out_path=None, reps=60):
     class _Stub:
         def __getitem__(self, grid):
             return lambda *a, **k: None
-    saved = X._extrapolate_kernel, X._launch_config, X._resolve
+    saved = X._extrapolate_kernel, X._launch_config, X.extrapolate_backend
     X._extrapolate_kernel = _Stub()
     X._launch_config = lambda device: (512, 16384, 8 * 132)
-    X._resolve = lambda backend, device: "triton"
+    X.extrapolate_backend = lambda backend, device: "triton"
     try:
         shapes = qwen2_15b_shapes()
         mk = lambda: [torch.empty(s) for s in shapes]  # noqa: E731
@@ -305,7 +305,7 @@ def host_overhead(out_path=None, reps=60):
             res[name] = dict(first_call_ms=1e3 * first, median_ms=1e3 * statistics.median(ts),
                              p10_ms=1e3 * ts[len(ts) // 10], p90_ms=1e3 * ts[9 * len(ts) // 10])
     finally:
-        X._extrapolate_kernel, X._launch_config, X._resolve = saved
+        X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
                layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(math.prod(s) for s in shapes),
                threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res)

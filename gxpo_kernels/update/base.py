@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .._utils import check_choice
-from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, _resolve, extrapolate_
+from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
 
 class ExtrapolationRule:
@@ -310,7 +310,7 @@ class ExtrapolationRule:
 
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
         lowp = self._lowp_targets()
-        if lowp is None and _resolve(self.backend, params[0].device) == "triton":
+        if lowp is None and extrapolate_backend(self.backend, params[0].device) == "triton":
             # a prepared plan: the parameters and the rule's own buffers are validated and tabulated once, a
             # call only reads g1's addresses (rebuilt when a buffer or a parameter's storage changes)
             key = (id(self._theta0), id(g0), tuple(map(torch.Tensor.data_ptr, params)))

@@ -306,7 +306,7 @@ class ExtrapolationPlan:
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto"):
         _validate(params, theta0, g0, g0, lowp_out, 0.5, 2, "horner")
         self.params, self.theta0, self.g0, self.lowp_out = list(params), list(theta0), g0, lowp_out
-        self.backend = _resolve(backend, params[0].device) if len(params) else "torch"
+        self.backend = extrapolate_backend(backend, params[0].device) if len(params) else "torch"
         self._plan = _Plan(params, theta0, g0, lowp_out, g0 is not None) \
             if self.backend == "triton" and len(params) else None
 
