@@ -267,9 +267,10 @@ def host_overhead(out_path=None, reps=60):
     """Host part of one extrapolation on the CUDA path, measured on the CPU with process CPU time and the Triton
     launch stubbed out (the launch itself is a few microseconds of Triton's C launcher on a GPU machine). The
     tensors are CPU tensors of the real sizes (allocated, never touched); the launch configuration is CUDA's
-    (CHUNK 16384, 8 x 132 programs). Fresh g1 tensors every other call, as gradients are. Cases:
-    ``extrapolate_`` (the public op: validation and tables cached per layout, g1 checked per call) and
-    ``ExtrapolationPlan`` (what the rules call: only g1's addresses are read)."""
+    (CHUNK 16384, 8 x 132 programs). Cases:
+    ``extrapolate_`` (the public op: validation and tables cached per layout, g1 checked per call; fresh g1
+    every other call) and ``ExtrapolationPlan`` (what the rules call: only g1's addresses are read), with
+    gradients at fresh or at repeated addresses."""
     import json
     from gxpo_kernels.ops.extrapolate import op as X
 
@@ -289,14 +290,18 @@ def host_overhead(out_path=None, reps=60):
             X.extrapolate_(P, T0, G0, g1, alpha=0.5, K=5)
         plan = X.ExtrapolationPlan(P, T0, G0)
         res = {}
-        for name, fn in (("extrapolate_", cached), ("plan", lambda g1: plan(g1, alpha=0.5, K=5))):
+        run_plan = lambda g1: plan(g1, alpha=0.5, K=5)  # noqa: E731
+        # fresh: new gradient tensors at new addresses before every call; same: the addresses repeat (what a
+        # caching allocator usually does from step to step)
+        for name, fn, fresh in (("extrapolate_", cached, 2), ("plan_fresh_addresses", run_plan, 1),
+                                ("plan_same_addresses", run_plan, 0)):
             g1 = mk()
             t = time.process_time()
             fn(g1)
             first = time.process_time() - t
             ts = []
             for i in range(reps):
-                if i % 2:
+                if fresh and i % fresh == 0:
                     g1 = mk()
                 t = time.process_time()
                 fn(g1)
