@@ -111,6 +111,9 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
     if for_update:
         engine = _engine(trainer)
         checks += [
+            (engine == "fsdp",
+             "distributed_type=FSDP (untested: accelerate enables FSDP only on accelerators and a CPU run falls "
+             "back to DDP; use gxpo_kernels.integrations.fsdp with fully_shard in your own loop)"),
             (engine not in UPDATE_ENGINES,
              f"distributed_type={trainer.accelerator.distributed_type.name} (the update rule runs on a single "
              "process, DDP, or DeepSpeed ZeRO 1/2/3)"),
