@@ -40,8 +40,8 @@ def _speedup_table() -> str:
 
 @generator("bench-table")
 def _bench_table() -> str:
-    from bench.readme_table import latest_per_device, render_section
-    return render_section(latest_per_device())
+    from bench.readme_table import BEGIN, END, latest_per_device, render_section
+    return render_section(latest_per_device()).replace(BEGIN, "").replace(END, "").strip()
 
 
 def _bench_rows(rel: str, labels: Dict[str, str]) -> str:
