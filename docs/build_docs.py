@@ -92,6 +92,27 @@ def _trl_heads() -> str:
     return render(json.loads(RESULTS.read_text()))
 
 
+@generator("extrapolate-cpu")
+def _extrapolate_cpu() -> str:
+    rel = "bench/results/cpu-extrapolate.json"
+    doc = _json(rel)
+    out = [f"From `{rel}` ({doc['datetime'][:10]}, commit `{(doc.get('commit_info') or {}).get('id', '?')[:10]}`), "
+           "CPU, fp32, a Qwen2-0.5B-shaped parameter list scaled to fit (wall-clock on a shared 2-core machine):", "",
+           "| provider | threads | elements | median (s) | GB/s | % of the same run's copy |", "|---|---:|---:|---:|---:|---:|"]
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info", {})
+        if b["name"].startswith("test_extrapolate_bandwidth["):
+            prov = b["name"][len("test_extrapolate_bandwidth["):-1]
+            out.append(f"| {prov} | {e.get('threads', '?')} | {e.get('numel', 0):,} | {b['stats']['median']:.3f} | "
+                       f"{e.get('gbps', float('nan')):.2f} | {e.get('pct_of_copy', float('nan')):.0f}% |")
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info", {})
+        if b["name"].startswith("test_gxpo_step_overhead"):
+            out += ["", f"GXPO bookkeeping on a {e.get('n_params', 0):,}-parameter Qwen2 (`{b['name']}`): "
+                    + ", ".join(f"`{k}` = {v:.2f}" for k, v in e.items() if k.endswith("pct"))]
+    return "\n".join(out)
+
+
 def render(text: str) -> str:
     def sub(m):
         name = m.group("name")
