@@ -319,6 +319,36 @@ def host_overhead(out_path=None, reps=60):
     return out
 
 
+def host_overhead_ab(out_path, before: str, rounds=3):
+    """``host_overhead`` of this checkout and of the checkout at ``before`` (another worktree: the "before"
+    figures), alternated ``rounds`` times in fresh processes so load spikes hit both alike; the medians over
+    rounds go to ``out_path`` as ``results`` (this checkout) and ``before`` (that one, with its commit)."""
+    import json
+    import subprocess
+    import sys
+    code = "import json, bench.bench_extrapolate as b; print(json.dumps(b.host_overhead()))"
+    runs = {"after": [], "before": []}
+    here = str(pathlib.Path(__file__).resolve().parents[1])
+    for _ in range(rounds):
+        for name, root in (("before", before), ("after", here)):
+            env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+            out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True,
+                                 text=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+
+    def med(rs):
+        return {case: {k: statistics.median(r["results"][case][k] for r in rs) for k in rs[0]["results"][case]}
+                for case in rs[0]["results"]}
+    doc = dict(runs["after"][0], results=med(runs["after"]), load_avg=os.getloadavg(), rounds=rounds)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=before, capture_output=True, text=True).stdout
+    doc["before"] = dict(commit=commit.strip(), results=med(runs["before"]))
+    pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
 if __name__ == "__main__":
     import sys
-    print(host_overhead(sys.argv[1] if len(sys.argv) > 1 else None))
+    if len(sys.argv) > 3 and sys.argv[2] == "--before":   # OUT --before OTHER_CHECKOUT
+        print(host_overhead_ab(sys.argv[1], sys.argv[3]))
+    else:
+        print(host_overhead(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -51,7 +51,7 @@ elif CUDA:
 else:
     SIZES = [dict(name="tiny", hidden=64, layers=2, heads=4, inter=256, V=2048, B=4, T=32),
              dict(name="small", hidden=128, layers=2, heads=4, inter=512, V=4096, B=4, T=64)]
-    REPS = 4
+    REPS = 15   # a few ms of bookkeeping inside 50-160 ms steps on a shared machine: medians need the reps
 RULES = ["grpo", "sfpo", "gxpo"]
 # the CPU runs one intra-op thread on a shared machine: process CPU time is the stable measure of the work;
 # CUDA work is asynchronous, so there the steps are timed on the wall clock between synchronisations
