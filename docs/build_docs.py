@@ -110,7 +110,39 @@ def _extrapolate_cpu() -> str:
         if b["name"].startswith("test_gxpo_step_overhead"):
             out += ["", f"GXPO bookkeeping on a {e.get('n_params', 0):,}-parameter Qwen2 (`{b['name']}`): "
                     + ", ".join(f"`{k}` = {v:.2f}" for k, v in e.items() if k.endswith("pct"))]
-    return "\n".join(out)
+    return "\n".join(out + _extrapolate_host() + _gxpo_bookkeeping())
+
+
+def _extrapolate_host() -> list:
+    rel = "bench/results/cpu-extrapolate-host.json"
+    doc = _json(rel)
+    before = doc.get("before") or {}
+    out = ["", f"Host part of one call on the CUDA path, {doc['layout']} layout ({doc['n_tensors']} tensors), launch "
+           f"stubbed, process CPU time per call (from `{rel}`, load average {doc['load_avg'][0]:.1f} on 2 cores"
+           + (f", {doc.get('rounds', 1)} interleaved rounds; before = commit `{before['commit'][:10]}`" if before
+              else "") + "):", ""]
+    cols = "| case | median (ms) | p10 (ms) | p90 (ms) |" + (" before: median (ms) |" if before else "")
+    out += [cols, "|---|---:|---:|---:|" + ("---:|" if before else "")]
+    for case, r in doc["results"].items():
+        row = f"| `{case}` | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} |"
+        if before:
+            row += f" {before['results'][case]['median_ms']:.3f} |"
+        out.append(row)
+    return out
+
+
+def _gxpo_bookkeeping() -> list:
+    rel = "bench/results/cpu-update-throughput-gxpo.json"
+    doc = _json(rel)
+    out = ["", f"GXPO bookkeeping (snapshots, saved g0, extrapolation, cosine) in an active step of "
+           f"`bench_update_throughput` (from `{rel}`, CPU, 1 thread, process CPU time, `atomic=True`):", "",
+           "| size | GXPO step p50 (ms) | GRPO step p50 (ms) | bookkeeping, timer (ms) | share, timer | share, subtraction |"
+           " reps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for b in doc["benchmarks"]:
+        e = b["extra_info"]
+        out.append(f"| {e['name']} | {e['p50_ms']:.1f} | {e['grpo_p50_ms']:.1f} | {e['overhead_timer_ms']:.2f} | "
+                   f"{100 * e['overhead_timer_frac']:.1f}% | {100 * e['overhead_sub_frac']:.1f}% | {e['reps']} |")
+    return out
 
 
 def render(text: str) -> str:
