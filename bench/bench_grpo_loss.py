@@ -7,7 +7,7 @@ Providers:
   gxpo         ``grpo_loss`` (Triton on CUDA, chunked PyTorch path on CPU)
   gxpo_inplace the same with ``inplace_backward=True`` (CUDA only)
   eager        fp32 ``log_softmax`` materialised over the vocabulary + the same O(tokens) loss math
-               (``_loss_math.grpo_token_loss``): what a plain PyTorch trainer does
+               (``gxpo_kernels.losses.grpo_token_loss``): what a plain PyTorch trainer does
   liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
 
 Every case is first checked against the float64 reference ``grpo_loss_ref`` on a slice of its rows. The
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gxpo_kernels.ops import grpo_loss
-from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
+from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
 from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
 
 CUDA = torch.cuda.is_available()

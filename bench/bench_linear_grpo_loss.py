@@ -53,7 +53,7 @@ def make_inputs(cfg, device):
 
 def make_step(provider, inputs):
     """A closure running one forward + backward of ``provider`` (grads are dropped each time)."""
-    from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
+    from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
     hidden, weight, bias, tokens, adv, mask, old, ref = inputs
 
     if provider == "fused":

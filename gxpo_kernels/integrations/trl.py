@@ -46,8 +46,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops._agg import aggregate, masked_mean
-from ..ops._loss_math import GRPOLossOptions, grpo_token_loss
+from ..losses import aggregate, masked_mean
+from ..losses import GRPOLossOptions, grpo_token_loss
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
 ALLOW_UNTESTED_ENV = "GXPO_KERNELS_ALLOW_UNTESTED_TRL"

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range,
+from .._utils import (check_same_device, check_shape, check_tensor, check_temperature, check_tokens_in_range,
+                      masked_row_index,
                       resolve_backend, triton_interpret)
 from .._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 
@@ -69,7 +70,7 @@ def _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DE
     p = tl.exp(logp_v)
     coef = b_dlogp[:, None] + tl.zeros_like(z)
     if HAS_DENT:
-        coef += b_dent[:, None] * (logp_v + b_ent[:, None])
+        coef += b_dent[:, None] * tl.where(p > 0, logp_v + b_ent[:, None], 0.0)  # p = 0: no 0 * inf
     dz = tl.where(o_v[None, :] == b_y[:, None], b_dlogp[:, None], 0.0) - p * coef
     return tl.where(m_v[None, :], dz * inv_t, 0.0)
 
@@ -105,7 +106,8 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, max_ptr, sum_ptr, ent_ptr, tgt_ptr,
         scale = tl.exp(shift)
         d = z - new_max[:, None]
         e = tl.where(m_v[None, :], tl.exp(d), 0.0)
-        b_a = scale * (b_a + shift * b_sum) + tl.sum(e * tl.where(m_v[None, :], d, 0.0), axis=1)
+        # where(e > 0): a -inf logit (padded lane or -inf bias) is probability 0, not 0 * -inf
+        b_a = scale * (b_a + shift * b_sum) + tl.sum(e * tl.where(e > 0, d, 0.0), axis=1)
         b_sum = scale * b_sum + tl.sum(e, axis=1)
         b_max = new_max
     off = i_s * N + o_m
@@ -357,6 +359,7 @@ def _fwd_torch(h, w, b, y, inv_t, cfg):
         lse[s:e] = torch.logsumexp(z, dim=-1)
         lp = z.sub_(lse[s:e, None])                          # log-softmax in place
         logp[s:e] = lp.gather(1, y[s:e, None].long()).squeeze(1)
+        lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf
         ent[s:e] = -(lp.exp().mul_(lp)).sum(-1)
     return lse, ent, logp
 
@@ -378,7 +381,8 @@ def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
         p = lp.exp()
         g = dlogp[s:e, None]
         if dent is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
-            coef = lp.add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            coef = lp.nan_to_num_(neginf=0.0).add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
         else:
             coef = g
         dz = p.mul_(coef).neg_()
@@ -420,6 +424,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, inv_t, cfg):
         lse, ent, logp = linear_token_stats_fwd(hidden, weight, bias, tokens, inv_t, cfg)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
+        ctx.set_materialize_grads(False)  # an unused entropy arrives as None: the backward skips its term
         ctx.inv_t, ctx.cfg = inv_t, cfg
         return logp, ent
 
@@ -427,6 +432,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, dlogp, dent):
         h, w, b, y, lse, ent = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        if dlogp is None and dent is None:
+            return None, None, None, None, None, None
         if dlogp is None:
             dlogp = torch.zeros_like(lse)
         gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, ctx.inv_t, ctx.cfg, need)
@@ -496,8 +503,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         logp, ent = linear_token_logprobs(h, model.lm_head.weight, ids, temperature=0.7, mask=completion_mask)
     """
     validate_head(hidden, weight, bias, fp32_head)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     shape = hidden.shape[:-1]
     check_tensor(tokens, "tokens", ndim=len(shape))
     check_shape(tokens, "tokens", shape)
@@ -506,7 +512,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     m = normalize_mask(mask, shape, hidden.device)
     check_tokens_in_range(tokens, weight.shape[0], m)
     if check_finite:
-        _check_finite(hidden, "hidden")
+        _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
     logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
@@ -517,10 +523,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
 def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
     """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
-    all_rows = bool(m1.all())
-    idx = None if all_rows else m1.nonzero().squeeze(1)
-    h_sel = h2 if all_rows else h2.index_select(0, idx)
-    y_sel = (tokens1 if all_rows else tokens1.index_select(0, idx)).contiguous()
+    idx = masked_row_index(m1)
+    all_rows = idx is None
+    if all_rows:  # every row, masked ones neutralised (zero hidden, id 0): no host sync on CUDA
+        h_sel = torch.where(m1[:, None], h2, torch.zeros((), dtype=h2.dtype, device=h2.device))
+        y_sel = torch.where(m1, tokens1, torch.zeros((), dtype=tokens1.dtype, device=tokens1.device))
+    else:
+        h_sel, y_sel = h2.index_select(0, idx), tokens1.index_select(0, idx).contiguous()
     h_sel, w = h_sel.contiguous(), weight.contiguous()
     b = None if bias is None else bias.contiguous()
     if grad_enabled is None:
@@ -532,6 +541,7 @@ def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Op
         with torch.no_grad():
             _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
     if all_rows:
-        return logp, ent
+        zero = torch.zeros((), dtype=torch.float32, device=h2.device)
+        return torch.where(m1, logp, zero), torch.where(m1, ent, zero)
     z = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
     return z.index_put((idx,), logp), z.index_put((idx,), ent)

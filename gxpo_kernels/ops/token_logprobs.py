@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
-from .._utils import triton_interpret
+from .._utils import check_temperature, has_internal_overlap, triton_interpret
 
 # Row counts, the batch row stride and the temperature change from call to call: never specialise on them, so a
 # new sequence length or temperature reuses the compiled kernel. stride_t (normally V) stays specialised so the
@@ -124,7 +124,7 @@ def _token_logprobs_bwd_kernel(
         b_p = tl.exp(b_logp)
         b_g = tl.where(o_v == y, dlogp, 0.0) - dlogp * b_p
         if HAS_DENTROPY:
-            b_g -= dh * b_p * (b_logp + h)
+            b_g -= dh * b_p * tl.where(b_p > 0, b_logp + h, 0.0)  # p = 0 (a -inf logit): no 0 * -inf
         tl.store(p_out + o_v, (b_g * inv_temp).to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
@@ -221,7 +221,8 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
         g_lp = dlogp[sb, st]
         if dentropy is not None:
             dh = dentropy[sb, st]
-            coef = lp.mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            coef = lp.nan_to_num_(neginf=0.0).mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
             g = p.mul_(coef)
         else:
             g = p.mul_(-g_lp.unsqueeze(-1))
@@ -230,7 +231,7 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
         if temperature != 1.0:
             g.mul_(1.0 / temperature)
         if mask is not None:
-            g[~mask[sb, st]] = 0.0  # masked rows: zero gradient even if their logits are garbage
+            g.masked_fill_(~mask[sb, st, None], 0.0)  # masked rows: zero gradient even if their logits are garbage
         out[sb, st] = g
     return out
 
@@ -353,8 +354,7 @@ def token_logprobs(
     if tuple(tokens.shape) != (B, T):
         raise ValueError(f"tokens must have shape {(B, T)}, got {tuple(tokens.shape)}")
     check_same_device(logits, "logits", tokens=tokens, mask=mask)
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     if torch.compiler.is_compiling():
         # value checks (ids in range, 0/1 mask) read tensor data, which a traced graph cannot branch on
         check_shape(mask, "mask", (B, T))
@@ -370,6 +370,11 @@ def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_
     """Validated entry shared by ``token_logprobs`` and ``grpo_loss`` (mask: bool (B, T) or None)."""
     if torch.compiler.is_compiling():
         inplace_backward = False  # a mutation inside a compiled backward graph is not worth the risk
+    elif inplace_backward and has_internal_overlap(logits):
+        # rows sharing memory (stride-0 expand, unfold windows) would overwrite each other's gradient
+        raise ValueError(f"inplace_backward=True needs logits whose elements do not overlap in memory; got shape "
+                         f"{tuple(logits.shape)} with strides {logits.stride()} (pass inplace_backward=False, "
+                         "or a contiguous copy)")
     logp, ent = _library.token_logprobs_op(logits, tokens, mask, temperature, compute_entropy,
                                            inplace_backward, backend)
     return logp, (ent if compute_entropy else None)
