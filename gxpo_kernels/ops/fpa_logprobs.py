@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
+from .._utils import (check_same_device, check_scalar, check_shape, check_temperature, check_tensor,
+                      check_tokens_in_range, normalize_mask,
                       resolve_backend, triton_interpret)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,7 +65,8 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
             # upcast right after the load: bf16 arithmetic is wrong under the interpreter
             b_h = tl.load(p_l + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
             b_r = tl.load(p_r + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
-            b_x = (1.0 + lam) * b_h - lam * b_r
+            # a -inf policy logit stays probability 0 under pi_hat (not -inf + inf = NaN when ref is -inf too)
+            b_x = tl.where(b_h == float("-inf"), float("-inf"), (1.0 + lam) * b_h - lam * b_r)
             m1, s1 = _online_lse_update(m1, s1, tl.where(m_v, b_h, float("-inf")))
             m2, s2 = _online_lse_update(m2, s2, tl.where(m_v, b_r, float("-inf")))
             m3, s3 = _online_lse_update(m3, s3, tl.where(m_v, b_x, float("-inf")))
@@ -74,7 +76,7 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
         tok = tl.load(p_tokens + i_row).to(tl.int64)
         t_h = tl.load(p_l + tok).to(tl.float32) / temperature
         t_r = tl.load(p_r + tok).to(tl.float32) / temperature
-        t_x = (1.0 + lam) * t_h - lam * t_r
+        t_x = tl.where(t_h == float("-inf"), float("-inf"), (1.0 + lam) * t_h - lam * t_r)
         tl.store(p_logp + i_row, t_h - lse1)
         tl.store(p_ref_logp + i_row, t_r - lse2)
         tl.store(p_fpa_logp + i_row, t_x - lse3)
@@ -177,7 +179,7 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
         sl = slice(r0, r0 + step)
         h = logits2d[sl].float() / temperature
         r = ref2d[sl].float() / temperature
-        x = (1.0 + lam) * h - lam * r
+        x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
         lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
         i = idx[sl]
         out[0][sl] = h.gather(-1, i).squeeze(-1) - lse1
@@ -233,12 +235,7 @@ class FPALogprobsFunction(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------- public fn
 def check_lam_temperature(lam, temperature) -> Tuple[float, float]:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    return float(lam), float(temperature)
+    return check_scalar(lam, "lam", "[0, inf)"), check_temperature(temperature)
 
 
 def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, lam: float = 1.0,

@@ -71,7 +71,8 @@ def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
                          HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         zr = _logits_tile(hr_ptr, wr_ptr, br_ptr, o_m, m_m, o_v, m_v, H_REF, stride_hr, stride_wr, inv_t,
                           HAS_REF_BIAS, UPCAST_REF, PRECISION_REF, BLOCK_M, BLOCK_V, BLOCK_K)
-        zf = tl.where(m_v[None, :], (1.0 + lam) * z - lam * zr, _NEG)
+        # a -inf policy logit (a -inf bias) stays probability 0 under pi_hat, not -inf + inf = NaN
+        zf = tl.where(m_v[None, :], tl.where(z == float("-inf"), z, (1.0 + lam) * z - lam * zr), _NEG)
         z = tl.where(m_v[None, :], z, _NEG)
         zr = tl.where(m_v[None, :], zr, _NEG)
         is_y = o_v[None, :] == b_y[:, None]
@@ -136,7 +137,8 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
         lse[s:e] = torch.logsumexp(z, -1)
         logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
         ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
-        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam)          # in place: the extrapolated logits
+        ban = z == float("-inf")                             # stays probability 0 under pi_hat
+        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam).masked_fill_(ban, float("-inf"))  # in place: extrapolated
         fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
     return logp, ref_logp, fpa_logp, lse
 
