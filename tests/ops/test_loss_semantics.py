@@ -17,8 +17,8 @@ import torch
 
 from gxpo_kernels.losses import GRPOLossOptions
 from gxpo_kernels.ops import GRPOLoss, LinearGRPOLoss, fpa_logprobs, grpo_loss, linear_grpo_loss, token_logprobs
-from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref, token_logprobs_ref
-from gxpo_kernels.ops.linear_token_logprobs import linear_token_logprobs
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops import linear_token_logprobs
 from tests._utils import assert_close
 
 BACKENDS = ("triton", "torch")
