@@ -151,10 +151,10 @@ def _finite_grad_case(kind):
     elif kind == "logp-minus-old-95":
         old = old.clone()
         old[0, 0], old[1, 0] = lp[0, 0] - 95.0, lp[1, 0] - 95.0   # a positive and a negative advantage
-    elif kind == "old-minus-inf-dual-clip":
+    elif kind in ("old-minus-inf", "old-minus-inf-dual-clip"):
         old = old.clone()
-        old[1, 0] = -math.inf
-        opts = dict(dual_clip=3.0)
+        old[0, 0], old[1, 0] = -math.inf, -math.inf       # a positive and a negative advantage
+        opts = dict(dual_clip=3.0) if kind.endswith("dual-clip") else {}
     elif kind == "old-minus-inf-gspo":
         old = old.clone()
         old[0, 1] = -math.inf
@@ -164,7 +164,7 @@ def _finite_grad_case(kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["ref-minus-logp-90", "ref-minus-logp-90-unclamped-kl", "logp-minus-old-95",
-                                  "old-minus-inf-dual-clip", "old-minus-inf-gspo"])
+                                  "old-minus-inf", "old-minus-inf-dual-clip", "old-minus-inf-gspo"])
 def test_exp_overflow_gives_finite_values_and_gradients(kind, backend):
     args, opts = _finite_grad_case(kind)
     ours = _run_ours(*args, backend, **opts)
