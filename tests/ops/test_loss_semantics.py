@@ -427,3 +427,61 @@ def test_full_validation_checks_mask_values():
     with pytest.raises(ValueError, match="0/1"):
         grpo_loss(logits, tokens, adv, m, old, validate="full")
     grpo_loss(logits, tokens, adv, m, old)                 # cheap: non-zero counts as True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_fpa_minus_inf_bias_in_policy_and_reference(backend):
+    from gxpo_kernels.ops import linear_fpa_logprobs
+    g = torch.Generator().manual_seed(10)
+    B, T, H, V = 2, 5, 16, 80
+    h, hr = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
+    w, wr = torch.randn(V, H, generator=g) * 0.3, torch.randn(V, H, generator=g) * 0.3
+    b, br = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    b[V - 15:], br[V - 15:] = -math.inf, -math.inf
+    tokens = torch.randint(0, V - 15, (B, T), generator=g)
+    hh = h.clone().requires_grad_()
+    logp, ref_logp, fpa_logp = linear_fpa_logprobs(hh, w, hr, wr, tokens, lam=0.7, bias=b, ref_bias=br,
+                                                   backend=backend)
+    logp.sum().backward()
+    keep = slice(0, V - 15)
+    z = h.double() @ w[keep].double().T + b[keep].double()
+    zr = hr.double() @ wr[keep].double().T + br[keep].double()
+    expect = torch.log_softmax(1.7 * z - 0.7 * zr, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.isfinite(hh.grad).all()
+    assert_close("fpa_logp", expect, fpa_logp.double(), 1e-5)
+
+
+@pytest.mark.parametrize("scale", ("std", "none"))
+def test_group_advantages_eps0_constant_groups_are_zero(scale):
+    from gxpo_kernels import group_advantages
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    a = group_advantages(r, group_size=3, eps=0.0, scale=scale)
+    assert torch.isfinite(a).all() and bool((a[:6] == 0).all())
+    mixed = r[6:].double()
+    expect = (mixed - mixed.mean()) / (mixed.std() if scale == "std" else 1.0)
+    torch.testing.assert_close(a[6:].double(), expect)
+    with pytest.raises(TypeError, match="eps"):
+        group_advantages(r, group_size=3, eps=True)
+
+
+def test_fpa_kto_rejects_nan_kl_and_bool_beta():
+    from gxpo_kernels.ops import FPALogProbs, fpa_kto_loss
+    lp = torch.randn(3, 4, requires_grad=True)
+    batch = FPALogProbs(lp, torch.randn(3, 4), torch.randn(3, 4))
+    desirable = torch.tensor([True, False, True])
+    with pytest.raises(ValueError, match="kl"):
+        fpa_kto_loss(batch, desirable, kl=float("nan"))
+    with pytest.raises(TypeError, match="beta"):
+        fpa_kto_loss(batch, desirable, beta=True)
+    fpa_kto_loss(batch, desirable, kl=np.float32(0.1), beta=torch.tensor(0.2))[0].backward()
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_fpa_objectives_detach_their_constants():
+    """The FPA objectives follow the same policy: only logp carries gradient."""
+    from gxpo_kernels.ops import FPALogProbs, fpa_offline_pg_loss
+    lp = torch.randn(3, 4, requires_grad=True)
+    fpa = (lp * 1.1).detach().requires_grad_()
+    adv = torch.randn(3, requires_grad=True)
+    fpa_offline_pg_loss(FPALogProbs(lp, None, fpa), adv)[0].backward()
+    assert lp.grad is not None and fpa.grad is None and adv.grad is None
