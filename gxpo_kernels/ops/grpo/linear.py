@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import check_validate, masked_row_index, safe_tokens
+from ..._utils import check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
-from ..fused_head.engine import (linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                    token_stats_rows, validate_head)
+from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
+                                 token_stats_rows, validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -40,23 +40,14 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def _loss_with_grads_in_forward(h2, weight, bias, y1, m1, inv_t, cfg, B, T, loss_fn, entropy_needed):
     """Forward statistics, the loss on detached per-token leaves, then the head's backward at once."""
-    idx = masked_row_index(m1)
-    if idx is None:  # every row, masked ones neutralised: no host sync (see masked_row_index)
-        h = torch.where(m1[:, None], h2, torch.zeros((), dtype=h2.dtype, device=h2.device)).contiguous()
-        y = y1.contiguous()
-    else:
-        h, y = h2.index_select(0, idx).contiguous(), y1.index_select(0, idx).contiguous()
+    rows = MaskedRows(m1)
+    h, y = rows.take(h2), rows.take(y1)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
     lse, ent, logp = linear_token_stats_fwd(h, w, b, y, inv_t, cfg)
     with torch.enable_grad():
         lp_leaf = logp.requires_grad_(True)
         ent_leaf = ent.requires_grad_(entropy_needed)
-        if idx is None:
-            lp_full, ent_full = lp_leaf, ent_leaf
-        else:
-            z = torch.zeros(B * T, dtype=torch.float32, device=h.device)
-            lp_full, ent_full = z.index_put((idx,), lp_leaf), z.index_put((idx,), ent_leaf)
-        loss, metrics = loss_fn(lp_full.view(B, T), ent_full.view(B, T))
+        loss, metrics = loss_fn(rows.put(lp_leaf).view(B, T), rows.put(ent_leaf).view(B, T))
         grads = torch.autograd.grad(loss, [lp_leaf] + ([ent_leaf] if entropy_needed else []), allow_unused=True)
     dlogp = grads[0] if grads[0] is not None else torch.zeros_like(lse)
     need = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad)

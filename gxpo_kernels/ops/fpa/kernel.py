@@ -1,0 +1,147 @@
+"""FPA log-probs kernels: log pi_theta(y), log pi_ref(y) and log pi_hat(y) in one streaming pass.
+
+With h = logits / temperature, the future policy is pi_hat = softmax((1 + lam) * h_theta - lam * h_ref), i.e.
+pi_hat ∝ pi_theta^(1+lam) * pi_ref^(-lam). One program per token row walks the vocabulary once over both
+logits and keeps three online log-sum-exps, so the extrapolated logits are never materialised.
+
+Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
+upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
+through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
+and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration: ``_library.py``; public
+function: ``logprobs.py``. Paper: arXiv 2509.19893.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._utils import triton_interpret
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
+_TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB temporaries: cache-resident and reused by malloc
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _online_lse_update(m_v, s_v, z):
+    """Per-lane online log-sum-exp step: lanes are combined once at the end of the row."""
+    m_new = tl.maximum(m_v, z)
+    s_new = s_v * tl.exp(m_v - m_new) + tl.exp(z - m_new)
+    return m_new, s_new
+
+
+@triton.jit
+def _lse_finish(m_v, s_v):
+    m = tl.max(m_v, axis=0)
+    return m + tl.log(tl.sum(s_v * tl.exp(m_v - m), axis=0))
+
+
+@triton.jit(do_not_specialize=["V", "lam", "temperature"])
+def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_logp, p_fpa_logp, p_lse,
+                             stride_l, stride_r, V, lam, temperature,
+                             HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+    i_row = tl.program_id(0).to(tl.int64)
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(p_mask + i_row) != 0
+    if valid:
+        p_l = p_logits + i_row * stride_l
+        p_r = p_ref + i_row * stride_r
+        o_v = tl.arange(0, BLOCK_V)
+        # finite start for the running maxima: exp(-inf - (-inf)) would give NaN on all-padding lanes
+        m1 = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        m2 = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        m3 = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        s1 = tl.zeros([BLOCK_V], tl.float32)
+        s2 = tl.zeros([BLOCK_V], tl.float32)
+        s3 = tl.zeros([BLOCK_V], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            m_v = (v0 + o_v) < V
+            # upcast right after the load: bf16 arithmetic is wrong under the interpreter
+            b_h = tl.load(p_l + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
+            b_r = tl.load(p_r + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
+            # a -inf policy logit stays probability 0 under pi_hat (not -inf + inf = NaN when ref is -inf too)
+            b_x = tl.where(b_h == float("-inf"), float("-inf"), (1.0 + lam) * b_h - lam * b_r)
+            m1, s1 = _online_lse_update(m1, s1, tl.where(m_v, b_h, float("-inf")))
+            m2, s2 = _online_lse_update(m2, s2, tl.where(m_v, b_r, float("-inf")))
+            m3, s3 = _online_lse_update(m3, s3, tl.where(m_v, b_x, float("-inf")))
+        lse1 = _lse_finish(m1, s1)
+        lse2 = _lse_finish(m2, s2)
+        lse3 = _lse_finish(m3, s3)
+        tok = tl.load(p_tokens + i_row).to(tl.int64)
+        t_h = tl.load(p_l + tok).to(tl.float32) / temperature
+        t_r = tl.load(p_r + tok).to(tl.float32) / temperature
+        t_x = tl.where(t_h == float("-inf"), float("-inf"), (1.0 + lam) * t_h - lam * t_r)
+        tl.store(p_logp + i_row, t_h - lse1)
+        tl.store(p_ref_logp + i_row, t_r - lse2)
+        tl.store(p_fpa_logp + i_row, t_x - lse3)
+        tl.store(p_lse + i_row, lse1)
+    else:
+        tl.store(p_logp + i_row, 0.0)
+        tl.store(p_ref_logp + i_row, 0.0)
+        tl.store(p_fpa_logp + i_row, 0.0)
+        tl.store(p_lse + i_row, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ host launchers
+def _launch_cfg(V: int):
+    # interpreter: wider blocks mean fewer (slow, serial) loop iterations; GPU: 4096 lanes fit registers
+    cap = 8192 if triton_interpret() else 4096
+    block_v = min(triton.next_power_of_2(V), cap)
+    return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(*, V) -> (N, V) with unit stride along V (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torch.Tensor,
+                     mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
+    """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,) fp32)."""
+    N, V = logits2d.shape
+    if backend == "torch":
+        return _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature)
+    # four separate buffers (not views of one) so autograd never sees outputs that alias each other
+    out = [torch.empty(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    if N == 0:
+        return tuple(out)
+    block_v, warps = _launch_cfg(V)
+    m = mask1d if mask1d is not None else tokens1d  # dummy pointer when HAS_MASK is False
+    _fpa_logprobs_fwd_kernel[(N,)](
+        logits2d, ref2d, tokens1d, m, out[0], out[1], out[2], out[3],
+        logits2d.stride(0), ref2d.stride(0), V, float(lam), float(temperature),
+        HAS_MASK=mask1d is not None, BLOCK_V=block_v, num_warps=warps)
+    return out[0], out[1], out[2], out[3]
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+
+
+def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
+    # same math as the kernel, chunked over rows so fp32 temporaries stay bounded
+    N, V = logits2d.shape
+    out = [torch.zeros(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    idx = tokens1d.long().clamp(0, max(V - 1, 0)).unsqueeze(-1)
+    step = _chunk_rows(V)
+    for r0 in range(0, N, step):
+        sl = slice(r0, r0 + step)
+        h = logits2d[sl].float() / temperature
+        r = ref2d[sl].float() / temperature
+        x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
+        lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
+        i = idx[sl]
+        out[0][sl] = h.gather(-1, i).squeeze(-1) - lse1
+        out[1][sl] = r.gather(-1, i).squeeze(-1) - lse2
+        out[2][sl] = x.gather(-1, i).squeeze(-1) - lse3
+        out[3][sl] = lse1
+    if mask1d is not None:
+        for o in out:
+            o.masked_fill_(~mask1d, 0.0)
+    return tuple(out)

@@ -1,0 +1,303 @@
+"""Per-token log-probs and entropies from logits in one streaming pass over the vocabulary.
+
+For every position (b, t) with z = logits[b, t] / T (temperature T) and target y = tokens[b, t]:
+
+    lse = logsumexp(z),   logp = z_y - lse,   H = lse - sum_v p_v z_v   (p = softmax(z))
+
+Backward (recomputes p from the saved ``lse``; nothing of size V is kept between the passes):
+
+    dlogits_v = ( dlogp * (1[v = y] - p_v) - dH * p_v * (log p_v + H) ) / T
+
+Shapes: logits (B, T, V) fp32/bf16/fp16 (last dim contiguous; other strides free, e.g. ``logits[:, :-1]``),
+tokens (B, T) int64/int32, mask (B, T) bool or None. Outputs logp, entropy, lse are fp32 (B, T); dlogits has
+the logits dtype. All arithmetic is fp32 (inputs are upcast right after loading).
+
+Two backends share one API: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and a chunked
+PyTorch path (CPU). Reference: ``reference.token_logprobs_ref``. The ``torch.library`` registrations
+(compile support, autograd) live in ``_library.py``, the public function in ``op.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._utils import triton_interpret
+
+# Row counts, the batch row stride and the temperature change from call to call: never specialise on them, so a
+# new sequence length or temperature reuses the compiled kernel. stride_t (normally V) stays specialised so the
+# compiler can prove 16-byte alignment of every row and vectorise the loads.
+_DNS = ["N", "T", "rows_b", "inv_temp"]
+
+
+@triton.jit(do_not_specialize=_DNS)
+def _token_logprobs_fwd_kernel(
+    p_logits,      # (B, T, V) any float dtype; row (b, t) starts at (b * rows_b + t) * stride_t
+    p_tokens,      # (N,) int
+    p_mask,        # (N,) int8 or dummy
+    p_logp,        # (N,) fp32 out
+    p_entropy,     # (N,) fp32 out (untouched when COMPUTE_ENTROPY is False)
+    p_lse,         # (N,) fp32 out
+    N, T, rows_b, stride_t, V, inv_temp,
+    HAS_MASK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(p_mask + i_row) == 0:
+            # masked rows cost one load: zeros keep downstream sums finite
+            tl.store(p_logp + i_row, 0.0)
+            tl.store(p_lse + i_row, 0.0)
+            if COMPUTE_ENTROPY:
+                tl.store(p_entropy + i_row, 0.0)
+            return
+    i_b = i_row // T
+    i_t = i_row - i_b * T
+    p_row = p_logits + (i_b * rows_b + i_t) * stride_t
+
+    # online log-sum-exp; s = sum exp(z - m), a = sum exp(z - m) * (z - m), both relative to the running max m.
+    # A finite sentinel (not -inf) keeps (m_old - m_new) * s at 0 before the first block instead of NaN.
+    m_i = -1e30
+    s_i = 0.0
+    a_i = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m_i, tl.max(b_z, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        b_e = tl.exp(b_z - m_new)
+        if COMPUTE_ENTROPY:
+            # rescale a to the new max: sum e^{z-m'}(z-m') = alpha * (a + (m - m') * s)
+            # where() before the product: padded lanes (and -inf logits) give 0 * -inf otherwise
+            b_d = tl.where(b_e > 0, b_z - m_new, 0.0)
+            a_i = alpha * (a_i + (m_i - m_new) * s_i) + tl.sum(b_e * b_d, axis=0)
+        s_i = s_i * alpha + tl.sum(b_e, axis=0)
+        m_i = m_new
+    lse = m_i + tl.log(s_i)
+
+    y = tl.load(p_tokens + i_row).to(tl.int64)
+    z_y = tl.load(p_row + y).to(tl.float32) * inv_temp
+    tl.store(p_logp + i_row, z_y - lse)
+    tl.store(p_lse + i_row, lse)
+    if COMPUTE_ENTROPY:
+        # H = lse - E[z] = log s - E[z - m]
+        tl.store(p_entropy + i_row, tl.log(s_i) - a_i / s_i)
+
+
+@triton.jit(do_not_specialize=_DNS + ["rows_b_out"])
+def _token_logprobs_bwd_kernel(
+    p_logits,      # (B, T, V) input logits (same layout rule as the forward)
+    p_dlogits,     # (B, T, V) out, logits dtype; may alias p_logits (in-place backward)
+    p_tokens, p_mask, p_lse, p_entropy, p_dlogp, p_dentropy,
+    N, T, rows_b, stride_t, rows_b_out, stride_t_out, V, inv_temp,
+    HAS_MASK: tl.constexpr, HAS_DENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    i_b = i_row // T
+    i_t = i_row - i_b * T
+    p_row = p_logits + (i_b * rows_b + i_t) * stride_t
+    p_out = p_dlogits + (i_b * rows_b_out + i_t) * stride_t_out
+    skip = False
+    if HAS_MASK:
+        skip = tl.load(p_mask + i_row) == 0
+    if skip:
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            tl.store(p_out + o_v, tl.zeros([BLOCK_V], dtype=tl.float32).to(p_dlogits.dtype.element_ty),
+                     mask=o_v < V)
+        return
+
+    lse = tl.load(p_lse + i_row)
+    dlogp = tl.load(p_dlogp + i_row)
+    y = tl.load(p_tokens + i_row).to(tl.int64)
+    if HAS_DENTROPY:
+        dh = tl.load(p_dentropy + i_row)
+        h = tl.load(p_entropy + i_row)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_z = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32) * inv_temp
+        b_logp = b_z - lse
+        b_p = tl.exp(b_logp)
+        b_g = tl.where(o_v == y, dlogp, 0.0) - dlogp * b_p
+        if HAS_DENTROPY:
+            b_g -= dh * b_p * tl.where(b_p > 0, b_logp + h, 0.0)  # p = 0 (a -inf logit): no 0 * -inf
+        tl.store(p_out + o_v, (b_g * inv_temp).to(p_dlogits.dtype.element_ty), mask=m_v)
+
+
+# --------------------------------------------------------------------------------------------- launch helpers
+def _launch_config(V: int, block_v: Optional[int] = None) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps) from the vocabulary size; one config only (no autotune under the interpreter)."""
+    if block_v is None:
+        # interpreter: big blocks mean fewer numpy steps; 2048 still exercises the multi-block online path.
+        cap = 2048 if triton_interpret() else 4096
+        block_v = min(triton.next_power_of_2(V), cap)
+    num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+    return block_v, num_warps
+
+
+def _row_layout(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(tensor, rows_b, stride_t) such that row (b, t) starts at (b * rows_b + t) * stride_t.
+
+    Any layout with a contiguous last dim and stride(0) a multiple of stride(1) is used as is (contiguous,
+    or a time slice such as ``logits[:, :-1]``); anything else is copied once.
+    """
+    B, T, V = x.shape
+    if x.stride(-1) != 1 and V > 1:
+        x = x.contiguous()
+    s0, s1 = x.stride(0), x.stride(1)
+    if s1 > 0 and s0 % s1 == 0:
+        return x, s0 // s1, s1
+    if T == 1:
+        return x, 1, s0
+    if B == 1:
+        return x, 0, s1
+    x = x.contiguous()
+    return x, T, V
+
+
+def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    if mask is None:
+        return like, False  # dummy pointer, never read
+    return mask.reshape(-1).to(torch.int8).contiguous(), True
+
+
+# --------------------------------------------------------------------------------------------- torch path
+_TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB fp32 per temporary: stays in cache and is reused by malloc (no page faults)
+
+
+def _chunks(B: int, T: int, V: int):
+    """Yield (b-slice, t-slice) blocks of at most ~_TORCH_CHUNK_ELEMS / V rows (at least one) of a (B, T) grid."""
+    rows = max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+    tt = max(1, min(T, rows))
+    bb = max(1, rows // max(tt, 1))
+    for b0 in range(0, B, bb):
+        for t0 in range(0, T, tt):
+            yield slice(b0, min(b0 + bb, B)), slice(t0, min(t0 + tt, T))
+
+
+def _log_probs_chunk(logits, sb, st, temperature, lse=None):
+    """fp32 log-probs z - lse of one chunk (a fresh buffer, safe to modify) and the chunk's lse.
+
+    z - logsumexp(z) rather than torch.log_softmax/softmax: on CPU their vectorised kernels lose ~4e-6
+    relative precision in the entropy at V = 32k, this form stays at fp32 rounding.
+    """
+    z = logits[sb, st].float()
+    z = z * (1.0 / temperature) if temperature != 1.0 else z
+    c_lse = torch.logsumexp(z, dim=-1) if lse is None else lse[sb, st]
+    return torch.sub(z, c_lse.unsqueeze(-1)), c_lse
+
+
+def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
+    B, T, V = logits.shape
+    logp = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+    ent = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    for sb, st in _chunks(B, T, V):
+        lp, c_lse = _log_probs_chunk(logits, sb, st, temperature)
+        y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)  # masked positions may hold any id
+        logp[sb, st] = lp.gather(-1, y).squeeze(-1)
+        lse[sb, st] = c_lse
+        if compute_entropy:
+            # -sum p log p; clamping log p = -inf (a -inf logit) to the lowest finite float makes those
+            # lanes 0 * finite = 0 instead of NaN (torch.special.xlogy would too, but is ~4x slower on CPU)
+            lp.clamp_(min=torch.finfo(torch.float32).min)
+            ent[sb, st] = -torch.linalg.vecdot(torch.exp(lp), lp)
+    if mask is not None:
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+        logp, ent, lse = (torch.where(mask, t, zero) for t in (logp, ent, lse))
+    return logp, ent, lse
+
+
+def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature, out):
+    # dz = onehot*dlogp - p*(dlogp + dH*(log p + H)): one exp, one fused multiply-add, one multiply per chunk
+    B, T, V = logits.shape
+    for sb, st in _chunks(B, T, V):
+        lp, _ = _log_probs_chunk(logits, sb, st, temperature, lse)
+        p = torch.exp(lp)
+        g_lp = dlogp[sb, st]
+        if dentropy is not None:
+            dh = dentropy[sb, st]
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            coef = lp.nan_to_num_(neginf=0.0).mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
+            g = p.mul_(coef)
+        else:
+            g = p.mul_(-g_lp.unsqueeze(-1))
+        y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)
+        g.scatter_add_(-1, y, g_lp.unsqueeze(-1))
+        if temperature != 1.0:
+            g.mul_(1.0 / temperature)
+        if mask is not None:
+            g.masked_fill_(~mask[sb, st, None], 0.0)  # masked rows: zero gradient even if their logits are garbage
+        out[sb, st] = g
+    return out
+
+
+# --------------------------------------------------------------------------------------------- host launchers
+def token_logprobs_fwd(
+    logits: torch.Tensor,            # (B, T, V) float, last dim contiguous
+    tokens: torch.Tensor,            # (B, T) int
+    mask: Optional[torch.Tensor],    # (B, T) bool or None
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    backend: str = "triton",         # "triton" or "torch" (already resolved)
+    block_v: Optional[int] = None,   # test hook: force the vocabulary block
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (logp, entropy, lse), each fp32 (B, T); zeros at masked rows (and entropy when not computed)."""
+    if backend == "torch":
+        return _fwd_torch(logits, tokens, mask, temperature, compute_entropy)
+    B, T, V = logits.shape
+    N = B * T
+    logp = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if compute_entropy else torch.zeros_like(logp)
+    if N == 0:
+        return logp, ent, lse
+    x, rows_b, stride_t = _row_layout(logits)
+    tok = tokens.reshape(-1).contiguous()
+    m, has_mask = _mask_arg(mask, tok)
+    BLOCK_V, num_warps = _launch_config(V, block_v)
+    _token_logprobs_fwd_kernel[(N,)](
+        x, tok, m, logp, ent, lse, N, T, rows_b, stride_t, V, 1.0 / float(temperature),
+        HAS_MASK=has_mask, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=BLOCK_V, num_warps=num_warps)
+    return logp, ent, lse
+
+
+def token_logprobs_bwd(
+    logits: torch.Tensor,                # (B, T, V)
+    tokens: torch.Tensor,                # (B, T)
+    mask: Optional[torch.Tensor],        # (B, T) bool or None
+    lse: torch.Tensor,                   # (B, T) fp32 from the forward
+    entropy: torch.Tensor,               # (B, T) fp32 from the forward (read only when dentropy is given)
+    dlogp: torch.Tensor,                 # (B, T) fp32
+    dentropy: Optional[torch.Tensor],    # (B, T) fp32 or None (entropy term skipped)
+    temperature: float = 1.0,
+    inplace: bool = False,               # write dlogits into ``logits`` (modified in place)
+    backend: str = "triton",
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
+    """Return dlogits (B, T, V) in the logits dtype; it is ``logits`` itself when ``inplace``."""
+    B, T, V = logits.shape
+    out = logits if inplace else torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    dlogp = dlogp.float().contiguous()
+    dentropy = None if dentropy is None else dentropy.float().contiguous()
+    if backend == "torch":
+        return _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature, out)
+    N = B * T
+    if N == 0:
+        return out
+    x, rows_b, stride_t = _row_layout(logits)
+    if inplace and x.data_ptr() != logits.data_ptr():
+        out = x  # odd layout was copied: write into the copy (still no extra V-sized buffer)
+    o, rows_b_o, stride_t_o = _row_layout(out)
+    tok = tokens.reshape(-1).contiguous()
+    m, has_mask = _mask_arg(mask, tok)
+    BLOCK_V, num_warps = _launch_config(V, block_v)
+    _token_logprobs_bwd_kernel[(N,)](
+        x, o, tok, m, lse.contiguous(), entropy.contiguous(), dlogp,
+        dlogp if dentropy is None else dentropy,
+        N, T, rows_b, stride_t, rows_b_o, stride_t_o, V, 1.0 / float(temperature),
+        HAS_MASK=has_mask, HAS_DENTROPY=dentropy is not None, BLOCK_V=BLOCK_V, num_warps=num_warps)
+    return o
