@@ -3,12 +3,13 @@
 On the CPU, a TorchDispatchMode records every aten op of a forward + backward and flags the ops that make a
 CUDA stream synchronise with the host (reading a value: ``_local_scalar_dense`` behind ``item``/``bool``/
 ``int``; data-dependent output sizes: ``nonzero``, ``masked_select``, boolean indexing, ``unique``; copies to
-the host). ``host_sync_free`` is patched to True so the code takes its CUDA path. The test is shown to catch
+the host), inside the library's custom ops too. ``host_sync_free`` is patched to True so the code takes its CUDA path. The test is shown to catch
 syncs: the same call with ``validate="full"`` or ``check_finite=True`` is flagged. On a GPU,
 ``torch.cuda.set_sync_debug_mode("error")`` makes any sync raise.
 """
 import pytest
 import torch
+from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gxpo_kernels._utils as gutils
@@ -31,6 +32,12 @@ class SyncRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
+        opdef = OPDEFS.get(func._schema.name)
+        if opdef is not None and func._schema.name.startswith("gxpo::"):
+            # look inside the library's own custom ops (masked-row handling, launchers) instead of treating
+            # them as opaque: their Python implementation runs with this recorder active again
+            with self:
+                return opdef._init_fn(*args, **kwargs)
         if func in _SYNC_OPS:
             self.syncs.append(name)
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):

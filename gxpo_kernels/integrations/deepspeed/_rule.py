@@ -242,6 +242,7 @@ class _DeepSpeedRule(ShardedReductions):
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
+        self.last_extrapolation = None                    # report shard_numel / backend only for this step's
         try:
             info = super().step(closure, entropy=entropy, force_plain=force_plain)
         except BaseException:

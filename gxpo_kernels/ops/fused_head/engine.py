@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import check_same_device, check_shape, check_tensor, masked_row_index, resolve_backend, triton_interpret
+from ..._utils import (check_same_device, check_shape, check_tensor, masked_row_index, resolve_backend,
+                       triton_interpret)
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -415,30 +416,6 @@ def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadC
     return fn(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need)
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """(hidden (N,H), weight (V,H), bias (V,)|None, tokens (N,)) -> fp32 (logp (N,), entropy (N,))."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, inv_t, cfg):
-        lse, ent, logp = linear_token_stats_fwd(hidden, weight, bias, tokens, inv_t, cfg)
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
-        ctx.inv_t, ctx.cfg = inv_t, cfg
-        ctx.set_materialize_grads(False)  # an unused entropy arrives as None: the backward skips its term
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, dlogp, dent):
-        h, w, b, y, lse, ent = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if dlogp is None and dent is None:
-            return None, None, None, None, None, None
-        if dlogp is None:
-            dlogp = torch.zeros_like(lse)
-        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, ctx.inv_t, ctx.cfg, need)
-        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(b.dtype), None, None, None)
-
-
 def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), prefix: str = "") -> None:
     """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument, with ``prefix``)."""
     hn, wn, bn = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
@@ -468,6 +445,7 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
+    """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
@@ -494,21 +472,6 @@ class MaskedRows:
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
         if self.idx is not None:
-            return x.new_zeros(self.n).index_put((self.idx,), x)
-        return torch.where(self.m1, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
-    """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
-    rows = MaskedRows(m1)
-    h_sel, y_sel, w = rows.take(h2), rows.take(tokens1), weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    if grad_enabled is None:
-        grad_enabled = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (h_sel, w, b))
-    if grad_enabled:
-        logp, ent = LinearTokenLogprobsFunction.apply(h_sel, w, b, y_sel, inv_t, cfg)
-    else:
-        with torch.no_grad():
-            _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
-    return rows.put(logp), rows.put(ent)
+            return x.new_zeros((self.n,) + x.shape[1:]).index_put((self.idx,), x)
+        keep = self.m1.view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -7,7 +7,7 @@ Shapes: hidden (B, T, H), weight (V, H), bias (V,), tokens / mask / old / ref lo
 (B,) or (B, T). The per-token stage streams over the vocabulary once forward and once (recomputing) backward;
 the loss math runs on O(B*T) values, so every GRPO option and aggregation mode is available at no extra pass,
 and ``grpo_loss`` (logits input) and this op share one definition of the loss.
-Reference: ``grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
+Reference: ``reference.grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from torch import nn
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from ..._utils import check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                 token_stats_rows, validate_head)
+                                 validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -93,7 +94,8 @@ def linear_grpo_loss(
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen
             while the parameter is gathered, e.g. inside a module forward whose hooks re-gather it for backward,
-            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges). Needs ``reduce=True``.
+            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges). Needs ``reduce=True``;
+            ignored under ``torch.compile``.
         backend: "auto" | "triton" | "torch".
 
     Masked rows: on CPU they are dropped before the GEMMs (no work); on CUDA and under ``torch.compile``
@@ -132,7 +134,7 @@ def linear_grpo_loss(
         return grpo_token_loss(lp, en if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts,
                                num_items_in_batch=num_items_in_batch)
 
-    if grad_in_forward and torch.is_grad_enabled():
+    if grad_in_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         if not opts.reduce:
             raise ValueError("grad_in_forward=True needs a scalar loss (reduce=True)")
         return _loss_with_grads_in_forward(hidden.reshape(B * T, H), weight, bias, tok.reshape(-1), m.reshape(-1),
