@@ -66,7 +66,7 @@ def make_step(provider, inputs):
         return trl_policy_loss(logp, ent, mask, adv, old, None, opts, loss_type="grpo")[0]
 
     if provider == "gxpo_hook":
-        from gxpo_kernels.ops.fused_head.engine import linear_token_logprobs
+        from gxpo_kernels.ops.logprobs.linear import linear_token_logprobs
 
         def fwd():
             logp, ent = linear_token_logprobs(hidden, weight, tokens, 1.0, mask=mask)

@@ -111,6 +111,9 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
     if for_update:
         engine = _engine(trainer)
         checks += [
+            (engine == "fsdp",
+             "distributed_type=FSDP (untested: accelerate enables FSDP only on accelerators and a CPU run falls "
+             "back to DDP; use gxpo_kernels.integrations.fsdp with fully_shard in your own loop)"),
             (engine not in UPDATE_ENGINES,
              f"distributed_type={trainer.accelerator.distributed_type.name} (the update rule runs on a single "
              "process, DDP, or DeepSpeed ZeRO 1/2/3)"),
@@ -226,6 +229,8 @@ def _hidden_path_blocker(trainer) -> Optional[str]:
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
     if not hasattr(model, "base_model"):
         return "the model exposes no backbone (base_model)"
+    if _engine(trainer) == "fsdp":
+        return "FSDP shards the lm_head weight, which the fused head reads whole"
     if getattr(trainer, "aux_loss_enabled", False) and not has_moe_aux_loss(model):
         return "the model's MoE load-balancing loss cannot be computed from its router logits"
     # ZeRO-3 is fine: the fused head runs as the lm_head module's forward (see integrations.hf)
