@@ -25,7 +25,7 @@ import triton.language as tl
 from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       triton_interpret)
 from .fpa_logprobs import check_lam_temperature
-from .linear_token_logprobs import (_GPU_BLOCKS, _NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
+from .linear_token_logprobs import (_NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
                                     _logits_tile, linear_token_stats_bwd, make_head_config, validate_head,
                                     vocab_splits)
 
@@ -100,9 +100,9 @@ def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     V = w.shape[0]
     upcast, prec, blocks = _kernel_flags(h, w, cfg)
     upcast_r, prec_r, _ = _kernel_flags(hr, wr, cfg)
-    # two logits tiles live at once: the smaller fp32-operand tiles on a GPU for any dtype (ptxas -v, sm_90:
-    # 64x64 uses 184 registers in bf16 and 242 in fp32 with no spills; 64x128 bf16 reaches 255 registers)
-    BM, BV, BK, nw = blocks if triton_interpret() else _GPU_BLOCKS[True]
+    # two logits tiles live at once: 64x64 tiles on a GPU for any dtype (sm_90 compile check, python -m
+    # bench.sm90: ~140 registers in bf16 and ~200 in fp32, no spills; 64x128 bf16 reaches 255 registers)
+    BM, BV, BK, nw = blocks if triton_interpret() else (64, 64, 32, 8)
     n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
     splits, tps = vocab_splits(cfg, h.device, n_mt, n_vt)
     st = torch.empty(9, splits, N, dtype=torch.float32, device=h.device)

@@ -166,7 +166,7 @@ class _HeadConfig:
 # the largest wgmma tiles with no register spill on Triton 3.6 and 3.9 (bf16: 128x128 -> wgmma n128, ~190
 # registers); small tiles under the interpreter (serial programs).
 _INTERP_BLOCKS = (16, 32, 16, 4)
-_GPU_BLOCKS = {False: (128, 128, 64, 8), True: (64, 64, 32, 8)}   # key: fp32 operands
+_GPU_BLOCKS = {False: (128, 128, 64, 8), True: (128, 64, 32, 8)}   # key: fp32 operands (tf32x3: wgmma n64)
 
 
 def _kernel_flags(h: torch.Tensor, w: torch.Tensor, cfg: _HeadConfig):
@@ -241,8 +241,8 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
         n = e - s
         dz = dz_buf[:n]
         _bwd_dlogits_kernel[(triton.cdiv(n, BM), triton.cdiv(V, BV))](
-            h[s:e], w, b if b is not None else h, y[s:e], lse[s:e], ent[s:e], dlogp[s:e],
-            dent[s:e] if has_dent else lse[s:e], dz, n, V, H, h.stride(0), w.stride(0), inv_t,
+            h[s:e], w, b if b is not None else h, y[s:e], lse[s:e], ent[s:e] if has_dent else lse[s:e],
+            dlogp[s:e], dent[s:e] if has_dent else lse[s:e], dz, n, V, H, h.stride(0), w.stride(0), inv_t,
             HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
             BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
         if need_dh:
