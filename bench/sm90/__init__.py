@@ -26,8 +26,9 @@ def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float]) -> Optiona
     inner = [lp for lp in res["loops"] if lp.innermost]
     if not inner:
         return None
-    # the hot loop: the innermost loop that moves the most data (loads, stores, atomics, MMAs), then the largest
-    hot = max(inner, key=lambda lp: (lp.counts["LDG"] + lp.counts["STG"] + lp.counts["RED_ATOM"] + lp.counts["MMA"]
+    # the hot loop: an innermost loop that reads (loads / MMAs) and moves the most data, then the largest
+    hot = max(inner, key=lambda lp: (lp.counts["LDG"] + lp.counts["MMA"] + lp.counts["LDGSTS_TMA"] > 0,
+                                     lp.counts["LDG"] + lp.counts["STG"] + lp.counts["RED_ATOM"] + lp.counts["MMA"]
                                      + lp.counts["LDGSTS_TMA"], lp.n_instr))
     out = {"n_instr": hot.n_instr, **hot.counts}
     if elems_per_thread:
@@ -127,9 +128,19 @@ def run(ops: Optional[List[str]] = None, jobs: Optional[int] = None, sass_dir: O
                             f"budget {budget}")
         kernels.append(rec)
     return {"kind": "prediction: static sm_90 compile figures (no GPU run)", "target": "cuda sm_90 (sm_90a)",
-            "triton": triton.__version__, "python": platform.python_version(),
+            "triton": triton.__version__, "git_commit": _git_commit(), "python": platform.python_version(),
             "n_compiles": len(items), "wall_s": round(time.time() - t0, 1), "jobs": jobs,
             "failures": failures, "kernels": kernels}
+
+
+def _git_commit() -> Optional[str]:
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 class _L:
