@@ -25,8 +25,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(__file__).resolve
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gxpo_kernels.ops.extrapolate import extrapolate_  # noqa: E402
-from gxpo_kernels.ops.extrapolate_ref import extrapolate_foreach_, extrapolate_ref_  # noqa: E402
+from gxpo_kernels.ops.extrapolate.op import extrapolate_  # noqa: E402
+from gxpo_kernels.ops.extrapolate.reference import extrapolate_foreach_, extrapolate_ref_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # CI: each case once on a tiny layout, as a correctness smoke

@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gxpo_kernels.ops.fpa_logprobs import fpa_logprobs
-from gxpo_kernels.ops.fpa_logprobs_ref import fpa_logprobs_ref
+from gxpo_kernels.ops.fpa.logprobs import fpa_logprobs
+from gxpo_kernels.ops.fpa.reference import fpa_logprobs_ref
 
 from ._common import CUDA, DEVICE, SMOKE, timed_record
 from .roofline import fpa_logprobs_bytes, n_copies

@@ -24,7 +24,7 @@ import torch
 
 from gxpo_kernels.ops import grpo_loss
 from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
-from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
 
 CUDA = torch.cuda.is_available()
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"  # CI: every case once at a tiny size, as a correctness smoke

@@ -3,7 +3,7 @@
 Providers (same inputs: lam=1.0, temperature=0.9, 1/8 of the positions masked as padding):
   fused        gxpo_kernels.linear_fpa_logprobs (torch chunked backend on CPU, Triton on CUDA)
   materialised logits = hidden @ W.T, ref_logits = ref_hidden @ W_ref.T, then
-               gxpo_kernels.ops.fpa_logprobs.fpa_logprobs on the logits
+               gxpo_kernels.ops.fpa_logprobs on the logits
   eager        plain PyTorch: fp32 log_softmax of z, of z_ref and of (1+lam) z - lam z_ref (z = logits / T),
                gathers; only logp keeps a graph (ref_logp and fpa_logp are computed under no_grad)
 
@@ -68,13 +68,13 @@ def make_step(provider, inputs):
     hidden, weight, ref_hidden, ref_weight, tokens, mask, w = inputs
 
     if provider == "fused":
-        from gxpo_kernels.ops.linear_fpa_logprobs import linear_fpa_logprobs
+        from gxpo_kernels.ops.fpa.linear import linear_fpa_logprobs
 
         def fwd():
             return linear_fpa_logprobs(hidden, weight, ref_hidden, ref_weight, tokens, LAM, TEMPERATURE,
                                        mask=mask)
     elif provider == "materialised":
-        from gxpo_kernels.ops.fpa_logprobs import fpa_logprobs
+        from gxpo_kernels.ops.fpa.logprobs import fpa_logprobs
 
         def fwd():
             logits = hidden @ weight.T

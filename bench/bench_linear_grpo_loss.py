@@ -2,7 +2,7 @@
 
 Providers (same inputs, same GRPO options: token-mean, beta=0.04 with ref log-probs, old log-probs):
   fused        gxpo_kernels.linear_grpo_loss (torch chunked backend on CPU, Triton on CUDA)
-  materialised logits = hidden @ W.T + b, then gxpo_kernels.ops.grpo_loss.grpo_loss on the logits
+  materialised logits = hidden @ W.T + b, then gxpo_kernels.ops.grpo_loss on the logits
   eager        plain PyTorch: logits, fp32 log_softmax over V, gather, entropy, the shared GRPO loss math
   liger        LigerFusedLinearGRPOLoss(compiled=False, loss_type="bnpo"), Liger's chunked torch path
 
@@ -64,12 +64,12 @@ def make_step(provider, inputs):
     hidden, weight, bias, tokens, adv, mask, old, ref = inputs
 
     if provider == "fused":
-        from gxpo_kernels.ops.linear_grpo_loss import linear_grpo_loss
+        from gxpo_kernels.ops.grpo.linear import linear_grpo_loss
 
         def fwd():
             return linear_grpo_loss(hidden, weight, tokens, adv, mask, old, ref, bias=bias, **OPTS)[0]
     elif provider == "materialised":
-        from gxpo_kernels.ops.grpo_loss import grpo_loss
+        from gxpo_kernels.ops.grpo.op import grpo_loss
 
         def fwd():
             logits = hidden @ weight.T

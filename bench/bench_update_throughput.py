@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from gxpo_kernels.ops import grpo_loss
-from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
 from gxpo_kernels.update import GXPO, SFPO
 
 from ._common import CUDA, DEVICE, SMOKE, sync

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gxpo_kernels.advantages import FADEController, fade_advantages, group_advantages, group_stats, sign_ratio
-from gxpo_kernels.ops.grpo_loss_ref import group_advantages_ref
+from gxpo_kernels.ops.grpo.reference import group_advantages_ref
 
 
 @pytest.mark.parametrize("scale", ["std", "none"])

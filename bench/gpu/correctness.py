@@ -36,8 +36,8 @@ def _rows(N: int, V: int):
 
 
 def case_token_logprobs(dev, dtype, N, V, masked: bool):
-    tl_mod = importlib.import_module("gxpo_kernels.ops.token_logprobs")
-    ref_mod = importlib.import_module("gxpo_kernels.ops.grpo_loss_ref")
+    tl_mod = importlib.import_module("gxpo_kernels.ops.logprobs.op")
+    ref_mod = importlib.import_module("gxpo_kernels.ops.grpo.reference")
     g = torch.Generator(device=dev).manual_seed(1)
     x = (torch.randn(1, N, V, generator=g, device=dev, dtype=dtype) * 3)
     tok = torch.randint(0, V, (1, N), generator=g, device=dev)
@@ -61,8 +61,8 @@ def case_token_logprobs(dev, dtype, N, V, masked: bool):
 
 
 def case_fpa(dev, dtype, N, V):
-    m = importlib.import_module("gxpo_kernels.ops.fpa_logprobs")
-    ref = importlib.import_module("gxpo_kernels.ops.fpa_logprobs_ref")
+    m = importlib.import_module("gxpo_kernels.ops.fpa.logprobs")
+    ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
     g = torch.Generator(device=dev).manual_seed(2)
     x = torch.randn(N, V, generator=g, device=dev, dtype=dtype) * 2
     xr_ = (x.float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
@@ -81,7 +81,7 @@ def case_fpa(dev, dtype, N, V):
 
 
 def case_linear(dev, dtype, N, H, V, fp32_head: bool):
-    m = importlib.import_module("gxpo_kernels.ops.linear_token_logprobs")
+    m = importlib.import_module("gxpo_kernels.ops.fused_head.engine")
     g = torch.Generator(device=dev).manual_seed(3)
     h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype).requires_grad_()
@@ -90,7 +90,7 @@ def case_linear(dev, dtype, N, H, V, fp32_head: bool):
     logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, fp32_head=fp32_head, backend="triton")
     ((logp * dlogp).sum() + (ent * dent).sum()).backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    rl, re = importlib.import_module("gxpo_kernels.ops.grpo_loss_ref").token_logprobs_ref(hd @ wd.T, tok, 0.9)
+    rl, re = importlib.import_module("gxpo_kernels.ops.grpo.reference").token_logprobs_ref(hd @ wd.T, tok, 0.9)
     ((rl * dlogp).sum() + (re * dent).sum()).backward()
     tol = 2e-5 if dtype == torch.float32 else 1e-2      # bf16 gradients are returned in bf16 (fp32_head too)
     errs = {"logp": rel(logp, rl.detach()), "entropy": rel(ent, re.detach()), "d_hidden": rel(h.grad, hd.grad),
@@ -101,8 +101,8 @@ def case_linear(dev, dtype, N, H, V, fp32_head: bool):
 
 
 def case_linear_fpa(dev, dtype, N, H, V):
-    m = importlib.import_module("gxpo_kernels.ops.linear_fpa_logprobs")
-    ref = importlib.import_module("gxpo_kernels.ops.fpa_logprobs_ref")
+    m = importlib.import_module("gxpo_kernels.ops.fpa.linear")
+    ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
     g = torch.Generator(device=dev).manual_seed(4)
     h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype)
     w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype)

@@ -34,7 +34,7 @@ class Scenario:
 
 
 def _mod(name: str):
-    return importlib.import_module(f"gxpo_kernels.ops.{name}")
+    return importlib.import_module(f"gxpo_kernels.ops.{name}")   # e.g. "logprobs.op"
 
 
 def _e(*shape, dtype=torch.float32):
@@ -55,7 +55,7 @@ def _per_block_v(c):
 
 
 def token_logprobs_scenarios() -> List[Scenario]:
-    m = _mod("token_logprobs")
+    m = _mod("logprobs.op")
     out = []
     for dn, dt in DTYPES.items():
         logits = _e(B, T, V, dtype=dt)
@@ -78,7 +78,7 @@ def token_logprobs_scenarios() -> List[Scenario]:
 
 
 def fpa_scenarios() -> List[Scenario]:
-    m = _mod("fpa_logprobs")
+    m = _mod("fpa.logprobs")
     out = []
     for dn, dt in DTYPES.items():
         lg = _e(N, V, dtype=dt)
@@ -102,7 +102,7 @@ HEADS = [("bf16", torch.bfloat16, torch.bfloat16, False), ("bf16+fp32_head", tor
 
 
 def linear_head_scenarios() -> List[Scenario]:
-    m = _mod("linear_token_logprobs")
+    m = _mod("fused_head.engine")
     out = []
     for H in HS:
         for label, hdt, wdt, f32 in HEADS:
@@ -131,8 +131,8 @@ def linear_head_scenarios() -> List[Scenario]:
 
 
 def linear_fpa_scenarios() -> List[Scenario]:
-    m = _mod("linear_fpa_logprobs")
-    lt = _mod("linear_token_logprobs")
+    m = _mod("fpa.linear")
+    lt = _mod("fused_head.engine")
     out = []
     for H in HS:
         for label, hdt, wdt, f32 in HEADS:
@@ -157,7 +157,7 @@ def _cuda_launch_config(mod):
 
 
 def extrapolate_scenarios() -> List[Scenario]:
-    m = _mod("extrapolate")
+    m = _mod("extrapolate.op")
     out = []
     # a small layout is enough: the kernel's configuration does not depend on the sizes
     shapes = [(1536, 1536), (8960, 1536), (1536,)]

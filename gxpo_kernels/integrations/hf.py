@@ -29,8 +29,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.linear_grpo_loss import linear_grpo_loss
-from ..ops.linear_token_logprobs import linear_token_logprobs
+from ..ops.grpo.linear import linear_grpo_loss
+from ..ops.fused_head.engine import linear_token_logprobs
 
 
 def _lm_head(model: nn.Module) -> nn.Linear:

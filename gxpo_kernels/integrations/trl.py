@@ -238,7 +238,7 @@ def _install_hidden_forward(model: nn.Module) -> None:
                 gxpo_backend="auto", **kwargs):
         if gxpo_targets is None:
             return previous(*args, **kwargs)
-        from ..ops.linear_token_logprobs import linear_token_logprobs
+        from ..ops.fused_head.engine import linear_token_logprobs
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         T = gxpo_targets.shape[1]
@@ -295,7 +295,7 @@ def policy_token_logprobs(trainer, model, inputs) -> Tuple[torch.Tensor, torch.T
             return logp, ent
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
                        use_cache=False).logits[:, :-1]
-    from ..ops.token_logprobs import token_logprobs
+    from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
         logits = logits.float()
     return token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)

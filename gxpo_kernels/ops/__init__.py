@@ -1,13 +1,11 @@
-"""Public ops (functions and modules only; kernels and references stay in their modules)."""
+"""Public ops (functions and modules only). Each op lives in its own subpackage, kernel beside its reference:
+``logprobs/``, ``fused_head/``, ``grpo/``, ``fpa/``, ``extrapolate/``."""
 from .extrapolate import STAT_NAMES, extrapolate_, stats_to_dict
-from .fpa_logprobs import fpa_logprobs
-from .fpa_objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss, fpa_rpo_loss,
-                             fpa_simper_loss)
-from .grpo_loss import GRPOLoss, grpo_loss
-from .linear_fpa_logprobs import linear_fpa_logprobs
-from .linear_grpo_loss import LinearGRPOLoss, linear_grpo_loss
-from .linear_token_logprobs import linear_token_logprobs
-from .token_logprobs import token_logprobs
+from .fpa import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_logprobs, fpa_offline_pg_loss, fpa_rpo_loss,
+                  fpa_simper_loss, linear_fpa_logprobs)
+from .fused_head import linear_token_logprobs
+from .grpo import GRPOLoss, LinearGRPOLoss, grpo_loss, linear_grpo_loss
+from .logprobs import token_logprobs
 
 __all__ = [
     "grpo_loss", "GRPOLoss", "token_logprobs",

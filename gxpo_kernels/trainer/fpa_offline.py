@@ -8,7 +8,7 @@ Per RL step the loop rolls out G responses per prompt as usual; this module then
 2. runs one policy forward over the 2n paired rows and one no-grad forward of the frozen reference (the
    warm-start model), and ``ops.fpa_logprobs`` -> per-token log pi_theta, log pi_ref, log pi_hat
    (pi_hat = softmax((1 + lam) h_theta - lam h_ref), ``--fpa-lam``; lam = 0 is the base method);
-3. evaluates the objective of ``ops.fpa_objectives`` (coefficients at pi_hat, ``--fpa-side``), one backward,
+3. evaluates the objective of ``ops.fpa.objectives`` (coefficients at pi_hat, ``--fpa-side``), one backward,
    gradient clipping, one optimizer step.
 
 Unpaired objectives use the same rows: KTO takes chosen as desirable and rejected as undesirable (kl = 0);
@@ -23,8 +23,8 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..ops.fpa_logprobs import fpa_logprobs
-from ..ops.fpa_objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss, fpa_rpo_loss,
+from ..ops.fpa.logprobs import fpa_logprobs
+from ..ops.fpa.objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss, fpa_rpo_loss,
                                   fpa_simper_loss)
 from .model import amp
 from .rollout import Rollout, loss_backend, response_logits
@@ -45,7 +45,7 @@ def build_pairs(rewards: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.
 
 
 def objective(cfg, batch: FPALogProbs, n: int, advantages: torch.Tensor):
-    """The ``cfg.algo`` objective on 2n rows (chosen first) -> (loss, metrics of ``ops.fpa_objectives``)."""
+    """The ``cfg.algo`` objective on 2n rows (chosen first) -> (loss, metrics of ``ops.fpa.objectives``)."""
     name = cfg.algo[len("fpa_"):]
     if name in ("dpo", "rpo", "simper"):
         w = FPALogProbs(*(None if t is None else t[:n] for t in batch))

@@ -12,8 +12,8 @@ from typing import List, Sequence
 
 import torch
 
-from ..ops.grpo_loss import grpo_loss
-from ..ops.token_logprobs import token_logprobs as _token_logprobs
+from ..ops.grpo.op import grpo_loss
+from ..ops.logprobs.op import token_logprobs as _token_logprobs
 from .model import amp
 from .tasks import Task, score
 

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..ops.extrapolate import extrapolate_
+from ..ops.extrapolate.op import extrapolate_
 
 
 class ExtrapolationRule:

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..ops.extrapolate import STAT_INDEX, stats_to_dict
+from ..ops.extrapolate.op import STAT_INDEX, stats_to_dict
 from .base import ExtrapolationRule, _copy_all_, _to_float
 from .gates import Gate, make_gate
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..ops.extrapolate import stats_to_dict
+from ..ops.extrapolate.op import stats_to_dict
 from .base import ExtrapolationRule, _to_float
 from .gates import Gate, make_gate
 

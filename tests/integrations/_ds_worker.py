@@ -144,7 +144,7 @@ def lowp_full(engine):
 def run_case(case):
     """Train one configuration; returns the rank's record."""
     from gxpo_kernels.integrations import deepspeed as gds
-    from gxpo_kernels.ops import _cpp
+    from gxpo_kernels.ops.extrapolate import _cpp
     model = make_model(case)
     if case.get("dtype") == "bf16":
         model = model.to(torch.bfloat16)
@@ -161,7 +161,7 @@ def run_case(case):
     orig = _cpp.extrapolate_cpp_
 
     def spy(params, theta0, g0, g1, lowp, thr, **k):
-        from gxpo_kernels.ops.extrapolate import extrapolate_
+        from gxpo_kernels.ops.extrapolate.op import extrapolate_
         clones = [p.clone() for p in params]
         out = orig(params, theta0, g0, g1, lowp, thr, **k)
         ref = extrapolate_(clones, theta0, g0, g1, backend="torch", **k)   # the PyTorch reference, same inputs

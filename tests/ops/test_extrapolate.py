@@ -11,8 +11,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from gxpo_kernels.ops.extrapolate import STAT_INDEX, extrapolate_, stats_to_dict
-from gxpo_kernels.ops.extrapolate_ref import extrapolate_ref_, retention_scale
+from gxpo_kernels.ops.extrapolate.op import STAT_INDEX, extrapolate_, stats_to_dict
+from gxpo_kernels.ops.extrapolate.reference import extrapolate_ref_, retention_scale
 from tests._utils import assert_close
 
 SHAPES = [(37,), (0,), (5, 301), (1,), (2049,), (3, 0, 2), (7, 9)]
@@ -206,7 +206,7 @@ def test_triton_int64_offsets_cuda():
 def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
     from torch.utils import cpp_extension
 
-    from gxpo_kernels.ops import _cpp
+    from gxpo_kernels.ops.extrapolate import _cpp
 
     def boom(*a, **k):
         raise RuntimeError("no compiler")

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from _utils import assert_close
 
-from gxpo_kernels.ops.fpa_logprobs import fpa_logprobs
-from gxpo_kernels.ops.fpa_logprobs_ref import fpa_logprobs_ref, fpa_probs_ref
-from gxpo_kernels.ops.fpa_objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss,
+from gxpo_kernels.ops.fpa.logprobs import fpa_logprobs
+from gxpo_kernels.ops.fpa.reference import fpa_logprobs_ref, fpa_probs_ref
+from gxpo_kernels.ops.fpa.objectives import (FPALogProbs, fpa_dpo_loss, fpa_kto_loss, fpa_offline_pg_loss,
                                              fpa_rpo_loss, fpa_simper_loss)
-from gxpo_kernels.ops.linear_fpa_logprobs import linear_fpa_logprobs
+from gxpo_kernels.ops.fpa.linear import linear_fpa_logprobs
 
 BACKENDS = ["triton", "torch"]
 
@@ -173,7 +173,7 @@ def test_linear_lam_zero_and_no_grad(backend):
 
 def test_linear_triton_vocab_splits(monkeypatch):
     # the epilogue merges three online log-sum-exps across 3 vocab splits (the last one ragged)
-    lfl = importlib.import_module("gxpo_kernels.ops.linear_fpa_logprobs")  # the package re-exports the function
+    lfl = importlib.import_module("gxpo_kernels.ops.fpa.linear")  # the package re-exports the function
     real = lfl.make_head_config
     monkeypatch.setattr(lfl, "make_head_config", lambda *a: dataclasses.replace(real(*a), num_splits=3))
     hidden, weight, b, ref_hidden, ref_weight, ref_b = _linear_inputs(24, 16, 150, torch.float32, torch.float32, True)

@@ -11,7 +11,7 @@ import torch
 from _utils import assert_close
 
 from gxpo_kernels.ops import GRPOLoss, grpo_loss
-from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
 
 BACKENDS = ("triton", "torch")
 

@@ -15,13 +15,13 @@ import importlib
 import pytest
 import torch
 
-from gxpo_kernels.ops.grpo_loss_ref import grpo_loss_ref, token_logprobs_ref
-from gxpo_kernels.ops.linear_grpo_loss import LinearGRPOLoss, linear_grpo_loss
-from gxpo_kernels.ops.linear_token_logprobs import linear_token_logprobs
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops.grpo.linear import LinearGRPOLoss, linear_grpo_loss
+from gxpo_kernels.ops.fused_head.engine import linear_token_logprobs
 from tests._utils import assert_close
 
 # the module itself (gxpo_kernels.ops exports a function of the same name)
-ltl = importlib.import_module("gxpo_kernels.ops.linear_token_logprobs")
+ltl = importlib.import_module("gxpo_kernels.ops.fused_head.engine")
 
 
 def _inputs(B=3, T=9, H=40, V=301, dtype=torch.float32, bias=True, seed=0, temperature=1.0):
@@ -199,7 +199,7 @@ def test_module_and_no_grad_token_logprobs():
 
 def test_same_loss_as_logits_op_grpo_loss():
     # the logits-input op shares the loss math: the two must agree on loss, metrics and grads
-    from gxpo_kernels.ops.grpo_loss import grpo_loss
+    from gxpo_kernels.ops.grpo.op import grpo_loss
     d = _inputs(seed=7)
     opts = dict(beta=0.1, entropy_coef=0.02, dual_clip=3.0, loss_agg_mode="seq-mean-token-sum")
     h = d["hidden"].clone().requires_grad_()

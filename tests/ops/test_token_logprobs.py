@@ -12,9 +12,9 @@ import torch
 from _utils import assert_close
 
 from gxpo_kernels.ops import token_logprobs
-from gxpo_kernels.ops.grpo_loss_ref import token_logprobs_ref
+from gxpo_kernels.ops.grpo.reference import token_logprobs_ref
 
-TL = importlib.import_module("gxpo_kernels.ops.token_logprobs")
+TL = importlib.import_module("gxpo_kernels.ops.logprobs.op")
 BACKENDS = ("triton", "torch")
 
 CASES = [
@@ -92,7 +92,7 @@ def test_public_autograd_and_entropy_flag(backend):
 def test_unused_entropy_skips_entropy_backward(monkeypatch):
     """An entropy output that feeds nothing reaches the backward as None (no wasted entropy term)."""
     seen = []
-    lib = importlib.import_module("gxpo_kernels.ops._library")
+    lib = importlib.import_module("gxpo_kernels.ops.logprobs._library")
     orig = lib.token_logprobs_bwd
 
     def spy(*args, **kw):

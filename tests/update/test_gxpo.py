@@ -15,8 +15,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from gxpo_kernels.ops.extrapolate import extrapolate_
-from gxpo_kernels.ops.extrapolate_ref import extrapolate_ref_
+from gxpo_kernels.ops.extrapolate.op import extrapolate_
+from gxpo_kernels.ops.extrapolate.reference import extrapolate_ref_
 from gxpo_kernels.update import GXPO, SFPO
 from tests.update._models import clone_setup, closure_for, loss_fn, mlp, params_equal, plain_step
 

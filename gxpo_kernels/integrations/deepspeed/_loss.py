@@ -50,7 +50,7 @@ class CausalLMGRPOLoss(nn.Module):
                                                 old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                                 **self.loss_opts)
         else:
-            from ...ops.grpo_loss import grpo_loss
+            from ...ops.grpo.op import grpo_loss
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             loss, metrics = grpo_loss(logits[:, L - K - 1:L - 1], input_ids[:, L - K:], advantages,
                                       completion_mask, old_logprobs, ref_logprobs, **self.loss_opts)

@@ -173,7 +173,7 @@ class _DeepSpeedRule:
     def _extrapolate(self, params, g0, g1, **kw):
         """The fused op on the shards' real data only: contiguous views that skip ZeRO's alignment padding
         (uninitialised under ZeRO-3), so statistics and the non-finite check see parameters only."""
-        from ...ops.extrapolate import _resolve
+        from ...ops.extrapolate.op import _resolve
         segs = self.zero.valid_segments()
 
         def cut(ts):

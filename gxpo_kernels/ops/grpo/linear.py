@@ -16,9 +16,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
-from .linear_token_logprobs import (linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
+from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
+from .._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..fused_head.engine import (linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
                                     token_stats_rows, validate_head)
 
 

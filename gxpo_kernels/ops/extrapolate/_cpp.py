@@ -1,8 +1,7 @@
-"""Loader of the C++/OpenMP CPU extension (``csrc/extrapolate_cpu.cpp``), built on first use and cached.
+"""Loader of the C++/OpenMP CPU extension (``extrapolate_cpu.cpp``, beside this file), built on first use and cached.
 
 ``torch.utils.cpp_extension.load`` compiles into ``$TORCH_EXTENSIONS_DIR`` (its default when unset) and
-reuses the build while the source is unchanged. Sources are looked up in the repository's top-level ``csrc/``
-and, for an installed wheel, in ``gxpo_kernels/csrc/``. When no compiler is available (or the build fails)
+reuses the build while the source is unchanged. When no compiler is available (or the build fails)
 the callers fall back to the PyTorch reference after a one-time warning. ``GXPO_CPP_CFLAGS`` replaces the
 default flags (``-O3 -march=native -ffp-contract=off -fopenmp``: no FMA contraction, so results match the
 reference bit for bit; the extension is built on the machine that runs it).
@@ -23,11 +22,8 @@ _FAILED = False
 
 
 def _source() -> Optional[pathlib.Path]:
-    here = pathlib.Path(__file__).resolve()
-    for cand in (here.parents[2] / "csrc" / "extrapolate_cpu.cpp", here.parents[1] / "csrc" / "extrapolate_cpu.cpp"):
-        if cand.is_file():
-            return cand
-    return None
+    cand = pathlib.Path(__file__).resolve().parent / "extrapolate_cpu.cpp"
+    return cand if cand.is_file() else None
 
 
 def load_extension():
@@ -41,7 +37,7 @@ def load_extension():
         src = _source()
         try:
             if src is None:
-                raise FileNotFoundError("csrc/extrapolate_cpu.cpp not found")
+                raise FileNotFoundError("gxpo_kernels/ops/extrapolate/extrapolate_cpu.cpp not found")
             from torch.utils import cpp_extension
             flags = os.environ.get("GXPO_CPP_CFLAGS", "-O3 -march=native -ffp-contract=off -fopenmp").split()
             _MODULE = cpp_extension.load(name="gxpo_extrapolate_cpu", sources=[str(src)], extra_cflags=flags,

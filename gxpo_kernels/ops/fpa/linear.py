@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
+from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       triton_interpret)
-from .fpa_logprobs import check_lam_temperature
-from .linear_token_logprobs import (_NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
+from .logprobs import check_lam_temperature
+from ..fused_head.engine import (_NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
                                     _logits_tile, linear_token_stats_bwd, make_head_config, validate_head,
                                     vocab_splits)
 

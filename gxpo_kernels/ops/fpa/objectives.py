@@ -27,7 +27,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._utils import check_choice, check_shape, check_tensor, normalize_mask
+from ..._utils import check_choice, check_shape, check_tensor, normalize_mask
 
 FPA_SIDES = ("both", "rejected")
 Metrics = Dict[str, torch.Tensor]

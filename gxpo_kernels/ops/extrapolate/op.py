@@ -7,7 +7,7 @@ sums of the same pass returned as one float64 vector (layout ``STAT_NAMES``, one
 
 Backends: CUDA -> one Triton launch per dtype group over ALL tensors (a pointer table of int64 addresses per
 tensor plus a chunk -> (tensor, start) map; int64 offsets; empty tensors get no chunk). CPU -> the C++/OpenMP
-extension in ``csrc/extrapolate_cpu.cpp`` (built on first use; the PyTorch reference with a one-time warning
+extension in ``extrapolate_cpu.cpp`` (built on first use; the PyTorch reference with a one-time warning
 when it cannot be built). Unlike the loss ops, ``backend="auto"`` on CPU tensors picks C++ even under
 ``TRITON_INTERPRET=1``: the interpreter is for tests; force ``backend="triton"`` to run the kernel there.
 Dtype policy: loads upcast to float32 (float64 when the params are float64), stores cast to each tensor's dtype.
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import triton_interpret
-from .extrapolate_ref import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
+from ..._utils import triton_interpret
+from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
 

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
+from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       resolve_backend, triton_interpret)
-from .token_logprobs import _LN2, _LOG2E, _lse_group_step, _vec
+from ..logprobs.op import _LN2, _LOG2E, _lse_group_step, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)

@@ -15,10 +15,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._utils import check_finite as _check_finite
-from .._utils import BACKENDS, check_choice, resolve_backend
-from ._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
-from .token_logprobs import _token_logprobs, validate_logits
+from ..._utils import check_finite as _check_finite
+from ..._utils import BACKENDS, check_choice, resolve_backend
+from .._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..logprobs.op import _token_logprobs, validate_logits
 
 
 def grpo_loss(

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
-from .._utils import triton_interpret
+from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
+from ..._utils import triton_interpret
 
 # Row counts, the batch row stride and the temperature change from call to call: never specialise on them, so a
 # new sequence length or temperature reuses the compiled kernel. stride_t (normally V) stays specialised so the

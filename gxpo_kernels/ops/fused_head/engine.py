@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range,
+from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range,
                       resolve_backend, triton_interpret)
-from .._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
+from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -433,7 +433,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     check_tensor(tokens, "tokens", ndim=len(shape))
     check_shape(tokens, "tokens", shape)
     check_same_device(hidden, "hidden", tokens=tokens, mask=mask)
-    from .._utils import normalize_mask
+    from ..._utils import normalize_mask
     m = normalize_mask(mask, shape, hidden.device)
     check_tokens_in_range(tokens, weight.shape[0], m)
     if check_finite:
