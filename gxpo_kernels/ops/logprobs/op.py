@@ -274,6 +274,7 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
         g_lp = dlogp[sb, st]
         if dentropy is not None:
             dh = dentropy[sb, st]
+            lp.clamp_(min=torch.finfo(torch.float32).min)   # -inf logit: p = 0 times a finite log p, not NaN
             coef = lp.mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
             g = p.mul_(coef)
         else:
