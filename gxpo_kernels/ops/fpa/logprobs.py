@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       resolve_backend, triton_interpret)
-from ..logprobs.op import _LN2, _LOG2E, _lse_group_step, _vec
+from ..logprobs.op import _LN2, _LOG2E, _lse_group_step, _num_warps, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
@@ -137,7 +137,7 @@ def _launch_cfg(V: int):
     # interpreter: wider blocks mean fewer (slow, serial) loop iterations; GPU: 4096 lanes fit registers
     cap = 8192 if triton_interpret() else 4096
     block_v = min(triton.next_power_of_2(V), cap)
-    return block_v, (8 if block_v >= 2048 else 4)
+    return block_v, _num_warps(block_v)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -183,8 +183,14 @@ def _launch_config(V: int, block_v: Optional[int] = None) -> Tuple[int, int]:
         # interpreter: big blocks mean fewer numpy steps; 2048 still exercises the multi-block online path.
         cap = 2048 if triton_interpret() else 4096
         block_v = min(triton.next_power_of_2(V), cap)
-    num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
-    return block_v, num_warps
+    return block_v, _num_warps(block_v)
+
+
+def _num_warps(block_v: int) -> int:
+    """Warps for a streaming tile: at least 8 elements (one 16-byte bf16 group) per thread, so the per-group
+    statistics never straddle threads (sm_90 sweep, bench/SM90.md: 9.4 SASS instructions per element from 8
+    elements per thread on, 12-20 below), and at most 8 warps."""
+    return max(1, min(8, block_v // 256))
 
 
 def _vec(x: torch.Tensor, block_v: int) -> int:
