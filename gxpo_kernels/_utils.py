@@ -18,18 +18,26 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return "triton" or "torch" for a tensor on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def resolve_backend(backend: str, device, *, choices=BACKENDS, cpu: str = "torch", interpret: bool = True) -> str:
+    """The backend that runs on ``device`` (the one dispatch rule of the library).
+
+    ``backend="auto"`` gives "triton" for CUDA tensors, and on the CPU ``cpu`` ("torch" for the loss ops,
+    "cpp" for ``extrapolate_``), or "triton" when ``interpret`` and ``TRITON_INTERPRET=1`` (how the tests run
+    the kernels on the CPU). A forced backend is checked against the device; ``choices`` lists the allowed names.
+    """
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {tuple(choices)}, got {backend!r}")
+    device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" or triton_interpret():
+        if device.type == "cuda" or (interpret and triton_interpret()):
             return "triton"
-        return "torch"
+        return cpu
     if backend == "triton" and device.type != "cuda" and not triton_interpret():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the "
             f"kernels on the CPU); got a tensor on {device}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
     return backend
 
 

@@ -36,8 +36,8 @@ def _rows(N: int, V: int):
 
 
 def case_token_logprobs(dev, dtype, N, V, masked: bool):
-    tl_mod = importlib.import_module("gxpo_kernels.ops.logprobs.op")
-    ref_mod = importlib.import_module("gxpo_kernels.ops.grpo.reference")
+    tl_mod = importlib.import_module("gxpo_kernels.ops.logprobs.kernel")
+    ref_mod = importlib.import_module("gxpo_kernels.ops.logprobs.reference")
     g = torch.Generator(device=dev).manual_seed(1)
     x = (torch.randn(1, N, V, generator=g, device=dev, dtype=dtype) * 3)
     tok = torch.randint(0, V, (1, N), generator=g, device=dev)
@@ -61,21 +61,22 @@ def case_token_logprobs(dev, dtype, N, V, masked: bool):
 
 
 def case_fpa(dev, dtype, N, V):
+    """The public op (forward kernel, then token_logprobs' backward kernel) on the target size."""
     m = importlib.import_module("gxpo_kernels.ops.fpa.logprobs")
     ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
     g = torch.Generator(device=dev).manual_seed(2)
-    x = torch.randn(N, V, generator=g, device=dev, dtype=dtype) * 2
-    xr_ = (x.float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
+    x = (torch.randn(N, V, generator=g, device=dev, dtype=dtype) * 2).requires_grad_()
+    xr_ = (x.detach().float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
     tok = torch.randint(0, V, (N,), generator=g, device=dev)
-    out = m.fpa_logprobs_fwd(x, xr_, tok, None, 1.0, 0.9, "triton")
+    out = m.fpa_logprobs(x, xr_, tok, 1.0, 0.9, backend="triton")
     dlogp = torch.randn(N, device=dev)
-    dx = m.fpa_logprobs_bwd(dlogp, x, tok, None, out[3], 0.9, "triton")
+    (out[0] * dlogp).sum().backward()
     r = _rows(N, V).to(dev)
-    xd = x[r].double().requires_grad_()
+    xd = x.detach()[r].double().requires_grad_()
     rl, rr, rf = ref.fpa_logprobs_ref(xd, xr_[r].double(), tok[r], 1.0, 0.9)
     (rl * dlogp[r]).sum().backward()
-    errs = {"logp": rel(out[0][r], rl.detach()), "ref_logp": rel(out[1][r], rr), "fpa_logp": rel(out[2][r], rf),
-            "dlogits": rel(dx[r], xd.grad)}
+    errs = {"logp": rel(out[0][r], rl), "ref_logp": rel(out[1][r], rr), "fpa_logp": rel(out[2][r], rf),
+            "dlogits": rel(x.grad[r], xd.grad)}
     ok = max(errs["logp"], errs["ref_logp"], errs["fpa_logp"]) <= STAT_TOL and errs["dlogits"] <= TOL[dtype]
     return ok, errs
 
@@ -90,7 +91,7 @@ def case_linear(dev, dtype, N, H, V, fp32_head: bool):
     logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, fp32_head=fp32_head, backend="triton")
     ((logp * dlogp).sum() + (ent * dent).sum()).backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    rl, re = importlib.import_module("gxpo_kernels.ops.grpo.reference").token_logprobs_ref(hd @ wd.T, tok, 0.9)
+    rl, re = importlib.import_module("gxpo_kernels.ops.logprobs.reference").token_logprobs_ref(hd @ wd.T, tok, 0.9)
     ((rl * dlogp).sum() + (re * dent).sum()).backward()
     tol = 2e-5 if dtype == torch.float32 else 1e-2      # bf16 gradients are returned in bf16 (fp32_head too)
     errs = {"logp": rel(logp, rl.detach()), "entropy": rel(ent, re.detach()), "d_hidden": rel(h.grad, hd.grad),

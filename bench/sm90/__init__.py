@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 # The streaming kernels must stay well under the ~17 instructions per element that an H100 can issue per bf16
 # element at copy bandwidth (see bench/SM90.md); the FPA forward reads two tensors per element position.
 BUDGETS = {"_token_logprobs_fwd_kernel": 12.0, "_token_logprobs_bwd_kernel": 12.0,
-           "_fpa_logprobs_fwd_kernel": 26.0, "_fpa_logprobs_bwd_kernel": 12.0}
+           "_fpa_logprobs_fwd_kernel": 26.0}
 
 
 def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float]) -> Optional[Dict[str, Any]]:

@@ -34,7 +34,7 @@ class Scenario:
 
 
 def _mod(name: str):
-    return importlib.import_module(f"gxpo_kernels.ops.{name}")   # e.g. "logprobs.op"
+    return importlib.import_module(f"gxpo_kernels.ops.{name}")   # e.g. "logprobs.kernel"
 
 
 def _e(*shape, dtype=torch.float32):
@@ -55,7 +55,7 @@ def _per_block_v(c):
 
 
 def token_logprobs_scenarios() -> List[Scenario]:
-    m = _mod("logprobs.op")
+    m = _mod("logprobs.kernel")
     out = []
     for dn, dt in DTYPES.items():
         logits = _e(B, T, V, dtype=dt)
@@ -78,20 +78,16 @@ def token_logprobs_scenarios() -> List[Scenario]:
 
 
 def fpa_scenarios() -> List[Scenario]:
-    m = _mod("fpa.logprobs")
+    m = _mod("fpa.kernel")
     out = []
     for dn, dt in DTYPES.items():
         lg = _e(N, V, dtype=dt)
         tok = _e(N, dtype=torch.int64)
         msk = _e(N, dtype=torch.bool)
-        st = _e(N)
-        for has_mask in (False, True):
+        for has_mask in (False, True):     # (its backward is token_logprobs' backward)
             mk = msk if has_mask else None
             out.append(Scenario("fpa_logprobs_fwd", f"{dn} mask={has_mask}", {"N": N, "V": V},
                                 lambda lg=lg, mk=mk: m.fpa_logprobs_fwd(lg, lg, tok, mk, 1.0, 0.9, "triton"),
-                                _per_block_v))
-            out.append(Scenario("fpa_logprobs_bwd", f"{dn} mask={has_mask}", {"N": N, "V": V},
-                                lambda lg=lg, mk=mk: m.fpa_logprobs_bwd(st, lg, tok, mk, st, 0.9, "triton"),
                                 _per_block_v))
     return out
 

@@ -14,8 +14,8 @@ import importlib  # noqa: E402
 from unittest import mock  # noqa: E402
 
 # op -> module whose _launch_config picks (BLOCK_V, num_warps)
-LAUNCHERS = {"token_logprobs_fwd": "logprobs.op", "token_logprobs_bwd": "logprobs.op",
-             "fpa_logprobs_fwd": "fpa.logprobs", "fpa_logprobs_bwd": "fpa.logprobs"}
+LAUNCHERS = {"token_logprobs_fwd": "logprobs.kernel", "token_logprobs_bwd": "logprobs.kernel",
+             "fpa_logprobs_fwd": "fpa.kernel"}
 
 
 def main(argv=None) -> int:

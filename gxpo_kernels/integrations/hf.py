@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..ops.grpo.linear import linear_grpo_loss
-from ..ops.fused_head.engine import linear_token_logprobs
+from ..ops.logprobs.linear import linear_token_logprobs
 
 
 def _lm_head(model: nn.Module) -> nn.Linear:

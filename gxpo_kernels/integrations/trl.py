@@ -238,7 +238,7 @@ def _install_hidden_forward(model: nn.Module) -> None:
                 gxpo_backend="auto", **kwargs):
         if gxpo_targets is None:
             return previous(*args, **kwargs)
-        from ..ops.fused_head.engine import linear_token_logprobs
+        from ..ops.logprobs.linear import linear_token_logprobs
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         T = gxpo_targets.shape[1]

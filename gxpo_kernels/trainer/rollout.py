@@ -12,6 +12,7 @@ from typing import List, Sequence
 
 import torch
 
+from .._utils import resolve_backend
 from ..ops.grpo.op import grpo_loss
 from ..ops.logprobs.op import token_logprobs as _token_logprobs
 from .model import amp
@@ -21,7 +22,7 @@ from .tasks import Task, score
 def loss_backend(device) -> str:
     """Triton on CUDA; the PyTorch path on the CPU even under TRITON_INTERPRET=1 (the interpreter is a test
     tool, far too slow to train with)."""
-    return "triton" if torch.device(device).type == "cuda" else "torch"
+    return resolve_backend("auto", device, interpret=False)
 
 
 def token_logprobs(logits, tokens, temperature=1.0, mask=None):

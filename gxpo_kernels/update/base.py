@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..ops.extrapolate.op import extrapolate_
+from .._utils import check_choice
+from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
 
 class ExtrapolationRule:
@@ -36,16 +37,27 @@ class ExtrapolationRule:
     _rule_name = "ExtrapolationRule"   # the name errors give (subclasses such as DeepSpeedGXPO keep "GXPO")
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: Optional[float] = 1.0,
-                 transactional_state: bool = False, backend: str = "auto"):
+                 transactional_state: bool = False, atomic: bool = True, fallback_grad: str = "reuse",
+                 fallback_state: Optional[str] = None, backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpp', 'torch'), got {backend!r}")
+        check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
+        if fallback_grad not in ("reuse", "recompute"):
+            raise ValueError(f"fallback_grad must be 'reuse' or 'recompute', got {fallback_grad!r}")
+        if fallback_state not in (None, "restore", "keep"):
+            raise ValueError(f"fallback_state must be None, 'restore' or 'keep', got {fallback_state!r}")
+        if fallback_state == "restore" and not (atomic or transactional_state):
+            raise ValueError("fallback_state='restore' needs a snapshot of the optimizer state: set atomic=True "
+                             "or transactional_state=True")
         self.optimizer = optimizer
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.transactional_state = bool(transactional_state)
+        self.atomic = bool(atomic)
+        self.fallback_grad = fallback_grad
+        # a fallback rewinds the optimizer state too whenever a snapshot exists, unless asked to keep it
+        self.fallback_state = fallback_state or ("restore" if (atomic or transactional_state) else "keep")
         self.backend = backend
         self.pass_index = 0
         self.total_backward_passes = 0
@@ -102,7 +114,8 @@ class ExtrapolationRule:
     def _snapshot_params_(self) -> None:
         params = self._param_list()
         if self._theta0 is None or len(self._theta0) != len(params) or any(
-                b.shape != p.shape for b, p in zip(self._theta0, params)):
+                b.shape != p.shape or b.dtype != self._buffer_dtype(p) or b.device != p.device
+                for b, p in zip(self._theta0, params)):
             self._theta0 = [torch.empty_like(p, dtype=self._buffer_dtype(p), memory_format=torch.contiguous_format)
                             for p in params]
         _copy_all_(self._theta0, params)
@@ -174,6 +187,7 @@ class ExtrapolationRule:
     def _plain_step(self, closure: Callable) -> dict:
         """One single-pass GRPO step: closure, clip, optimizer step (skipped when the grads are non-finite)."""
         self._bp = 0
+        self.pass_index = 0
         params = self._param_list()
         loss = self._run_closure(closure, 0)
         _, norm, _ = self._clip(params)
@@ -186,18 +200,84 @@ class ExtrapolationRule:
         return {"loss": _to_float(loss), "active": False, "fell_back": False, "skipped": skipped,
                 "fallback_reason": None, "gate_z": math.nan, "grad_norm_0": norm, "backward_passes": self._bp}
 
-    def _begin(self, closure: Callable) -> Optional[dict]:
-        """Start of ``step``: check the closure; once the gate has fired, run the single-pass step and return
-        its info, else reset the per-step pass counter and return None (the caller runs its active update)."""
+    def _check_closure(self, closure) -> None:
         if closure is None or not callable(closure):
             raise TypeError(f"{self._rule_name}.step needs a closure: closure() zeroes grads, computes the loss, "
                             "calls backward() and returns the loss")
-        if not self.gate.fired:
-            self._bp = 0
-            return None
-        info = self._plain_step(closure)
-        info["gate_fired_step"] = self.gate.fired_step
-        return info
+
+    def step(self, closure, entropy=None, *, force_plain: bool = False) -> dict:
+        """One outer update on the mini-batch the closure evaluates; returns the diagnostics dict.
+
+        ``force_plain=True`` takes a single-pass step without touching the gate (e.g. a degenerate batch whose
+        rollouts nearly all scored zero: the authors' "degenerate-batch skip"); it is reported as a fallback
+        with reason "forced". Atomic: if anything raises inside an active step (the closure on any pass, a
+        check of this library, the optimizer), the parameters, the optimizer state, the counters and the gate
+        are restored to where the step began (``atomic=True``, the default) and the exception propagates.
+        Everything that can be checked is checked before the first optimizer step.
+        """
+        self._check_closure(closure)
+        if self.gate.rearm_due():
+            self.gate.rearm()
+        if force_plain or self.gate.fired:
+            info = self._guarded(lambda: self._plain_step(closure), snapshot=False)
+            if force_plain:
+                self.fallbacks += 1
+                info.update(fell_back=True, fallback_reason="forced")
+            else:
+                self.gate.count_plain_step()
+            info["gate_fired_step"] = self.gate.fired_step
+            return info
+        params = self._param_list()
+        self._validate_step(params)
+        return self._guarded(lambda: self._active_step(closure, params, entropy), snapshot=True)
+
+    def _active_step(self, closure, params, entropy) -> dict:
+        raise NotImplementedError
+
+    def _validate_step(self, params) -> None:
+        """Checks of everything an active step needs, before anything changes."""
+        if not params:
+            raise ValueError(f"{self._rule_name}: the optimizer has no parameter with requires_grad=True")
+        for i, p in enumerate(params):
+            if not p.is_contiguous():
+                raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
+                                 "the fused extrapolation needs contiguous parameters (p.data = p.data.contiguous())")
+            if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise TypeError(f"{self._rule_name}: parameter {i} has dtype {p.dtype}; float dtypes only")
+            if p.device != params[0].device:
+                raise ValueError(f"{self._rule_name}: parameters live on {params[0].device} and {p.device}; "
+                                 "one device per rule")
+        from ..ops.extrapolate.op import _check_no_alias
+        _check_no_alias(params, [], None, None, None)
+
+    def _guarded(self, body: Callable[[], dict], *, snapshot: bool) -> dict:
+        """Run ``body``; on any exception rewind to the start of the step and re-raise."""
+        counters = (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks)
+        gate_sd = self.gate.state_dict()
+        self._snapped_params = self._snapped_opt = False
+        if snapshot:
+            with torch.no_grad():
+                self._snapshot_params_()
+                self._snapped_params = True
+                if self.atomic or self.transactional_state:
+                    self._snapshot_optimizer_state_()
+                    self._snapped_opt = True
+        try:
+            return body()
+        except BaseException:
+            self._abort_step_()
+            if self._snapped_params:
+                with torch.no_grad():
+                    self._restore_params_()
+                    if self._snapped_opt:
+                        self._restore_optimizer_state_()
+            (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
+            self.gate.load_state_dict(gate_sd)
+            self._zero_grad()
+            raise
+
+    def _abort_step_(self) -> None:
+        """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
 
     def _finish(self, info: dict) -> dict:
         self.outer_steps += 1
@@ -211,6 +291,14 @@ class ExtrapolationRule:
         self._run_closure(closure, 0)
         return math.isfinite(self._clip(params)[1])
 
+    @torch.no_grad()
+    def _rewind_for_fallback(self) -> None:
+        """θ0 back into the parameters; the optimizer state back to the step's start unless fallback_state is
+        'keep' (the authors' light fallback: the probe steps' moment updates stay)."""
+        self._restore_params_()
+        if self.fallback_state == "restore" and self._snapped_opt:
+            self._restore_optimizer_state_()
+
     def _end_fallback(self, ok: bool, reason: str, info: dict) -> dict:
         """Last part of every fallback: a plain optimizer step on the grads in place (none if non-finite)."""
         if ok:
@@ -222,9 +310,18 @@ class ExtrapolationRule:
         return info
 
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
+        lowp = self._lowp_targets()
+        if lowp is None and extrapolate_backend(self.backend, params[0].device) == "triton":
+            # a prepared plan: the parameters and the rule's own buffers are validated and tabulated once, a
+            # call only reads g1's addresses (rebuilt when a buffer or a parameter's storage changes)
+            key = (id(self._theta0), id(g0), tuple(map(torch.Tensor.data_ptr, params)))
+            if getattr(self, "_xplan_key", None) != key:
+                self._xplan = ExtrapolationPlan(params, self._theta0, g0, backend=self.backend)
+                self._xplan_key = key
+            return self._xplan(g1, alpha=alpha, K=K, scale_formula=scale_formula,
+                               inactive_threshold=inactive_threshold)
         return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
-                            inactive_threshold=inactive_threshold, lowp_out=self._lowp_targets(),
-                            backend=self.backend)
+                            inactive_threshold=inactive_threshold, lowp_out=lowp, backend=self.backend)
 
     def _observe_gate(self, norm_clipped: float, entropy) -> float:
         """Feed the gate after an active step (the entropy, or the post-clip gradient norm); its z or NaN."""
@@ -250,9 +347,20 @@ class ExtrapolationRule:
         """Gate statistics, counters and the fired flag (the optimizer's own state is saved separately)."""
         return {"gate": self.gate.state_dict(), "total_backward_passes": self.total_backward_passes,
                 "total_optimizer_steps": self.total_optimizer_steps, "outer_steps": self.outer_steps,
-                "fallbacks": self.fallbacks}
+                "fallbacks": self.fallbacks, **self._hparams()}
+
+    def _hparams(self) -> dict:
+        """Hyper-parameters a checkpoint must agree on (saved in state_dict, checked by load_state_dict)."""
+        return {}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore what ``state_dict`` saved. Raises ValueError when the checkpoint was written by a rule with
+        other hyper-parameters (K, alpha, scale formula, ...): resuming it here would silently change the run."""
+        diff = {k: (sd[k], v) for k, v in self._hparams().items() if k in sd and sd[k] != v}
+        if diff:
+            desc = ", ".join(f"{k}: checkpoint {a!r} vs rule {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint was saved with other settings "
+                             f"({desc}); build the rule with the checkpoint's settings")
         self.gate.load_state_dict(sd["gate"])
         self.total_backward_passes = int(sd["total_backward_passes"])
         self.total_optimizer_steps = int(sd["total_optimizer_steps"])

@@ -10,6 +10,16 @@ bit-exact. Under data parallelism the observed value must already be globally re
   observations (population std, + 1e-8); no decision until that window is full. Fires when |Z| ≥ τ.
 - ``EntropyGate`` (SFPO): append the mean token entropy; once ≥ ``window`` values, z = (H_last − mean)/
   (pop-std + 1e-9) over the last ``window`` values (the latest included). Fires when z ≥ τ (one-sided).
+
+Options every gate takes (defaults keep the behaviour above):
+- ``one_sided``: fire on z ≥ τ only (an upward excursion), not on |z| ≥ τ. The GXPO authors' later code is
+  one-sided ("a low-norm observation is not evidence that extrapolation became unsafe").
+- ``patience``: fire after this many consecutive violations (1). ``WindowGate`` scores the rest of a streak
+  against the baseline frozen at its first violation (as the authors do), so a sustained excursion can satisfy
+  patience > 1 although it enters the window.
+- ``warmup``: the first ``warmup`` observations update the statistics but cannot fire.
+- ``rearm_after``: None (a fired gate stays fired: permanent) or n: after n single-pass steps the gate re-arms,
+  keeping its statistics (the authors' "temporary" fallback).
 """
 from __future__ import annotations
 
@@ -24,38 +34,82 @@ class Gate:
     name = "none"
     needs_entropy = False
 
-    def __init__(self, tau: float = math.inf):
+    def __init__(self, tau: float = math.inf, *, one_sided: bool = False, patience: int = 1, warmup: int = 0,
+                 rearm_after: Optional[int] = None):
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
+        for nm, v, lo in (("patience", patience, 1), ("warmup", warmup, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{nm} must be an int >= {lo}, got {v!r}")
+        if rearm_after is not None and (isinstance(rearm_after, bool) or not isinstance(rearm_after, int)
+                                        or rearm_after < 1):
+            raise ValueError(f"rearm_after must be None or an int >= 1, got {rearm_after!r}")
         self.tau = float(tau)
+        self.one_sided, self.patience, self.warmup, self.rearm_after = bool(one_sided), patience, warmup, rearm_after
         self.fired = False
         self.fired_step: Optional[int] = None
         self.n_observed = 0
+        self.streak = 0
+        self.plain_steps = 0      # single-pass steps since the gate fired (for rearm_after)
 
     def _z(self, value: float) -> float:
         return math.nan
 
     def _fires(self, z: float) -> bool:
-        return abs(z) >= self.tau
+        return z >= self.tau if self.one_sided else abs(z) >= self.tau
+
+    def _streak_opened(self) -> None:
+        """Hook: a violation streak starts (WindowGate freezes its baseline)."""
+
+    def _streak_closed(self) -> None:
+        """Hook: a violation streak ends."""
 
     def observe(self, value: float, step: Optional[int] = None) -> float:
         value = float(value)
         z = self._z(value)
         self.n_observed += 1
-        if not self.fired and not math.isnan(z) and self._fires(z):
-            self.fired = True
-            self.fired_step = step
+        if self.fired:
+            return z
+        if math.isnan(z) or self.n_observed <= self.warmup or not self._fires(z):
+            if self.streak:
+                self._streak_closed()
+            self.streak = 0
+            return z
+        if self.streak == 0:
+            self._streak_opened()
+        self.streak += 1
+        if self.streak >= self.patience:
+            self.fired, self.fired_step, self.plain_steps = True, step, 0
+            self.streak = 0
+            self._streak_closed()
         return z
+
+    def count_plain_step(self) -> None:
+        """Called once per single-pass step taken because the gate fired; re-arms after ``rearm_after``."""
+        self.plain_steps += 1
+
+    def rearm_due(self) -> bool:
+        return self.fired and self.rearm_after is not None and self.plain_steps >= self.rearm_after
+
+    def rearm(self) -> None:
+        self.fired, self.plain_steps = False, 0
 
     def state_dict(self) -> dict:
         return {"name": self.name, "tau": self.tau, "fired": self.fired, "fired_step": self.fired_step,
-                "n_observed": self.n_observed}
+                "n_observed": self.n_observed, "one_sided": self.one_sided, "patience": self.patience,
+                "warmup": self.warmup, "rearm_after": self.rearm_after, "streak": self.streak,
+                "plain_steps": self.plain_steps}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("name") != self.name:
             raise ValueError(f"state_dict is for gate {sd.get('name')!r}, this gate is {self.name!r}")
         self.tau, self.fired, self.fired_step = float(sd["tau"]), bool(sd["fired"]), sd["fired_step"]
         self.n_observed = int(sd["n_observed"])
+        self.one_sided = bool(sd.get("one_sided", self.one_sided))
+        self.patience = int(sd.get("patience", self.patience))
+        self.warmup = int(sd.get("warmup", self.warmup))
+        self.rearm_after = sd.get("rearm_after", self.rearm_after)
+        self.streak, self.plain_steps = int(sd.get("streak", 0)), int(sd.get("plain_steps", 0))
 
 
 class NoGate(Gate):
@@ -69,8 +123,8 @@ class EMAGate(Gate):
     name = "ema"
 
     def __init__(self, tau: float = 0.5, omega: float = 0.1, mu0: float = 1.0, sigma0: float = 1.0,
-                 sigma_min: float = 0.01):
-        super().__init__(tau)
+                 sigma_min: float = 0.01, **opts):
+        super().__init__(tau, **opts)
         if not 0 < omega <= 1:
             raise ValueError(f"omega must be in (0, 1], got {omega!r}")
         self.omega, self.sigma_min = float(omega), float(sigma_min)
@@ -94,8 +148,8 @@ class EMAGate(Gate):
 
 
 class _WindowBase(Gate):
-    def __init__(self, tau: float, window: int):
-        super().__init__(tau)
+    def __init__(self, tau: float, window: int, **opts):
+        super().__init__(tau, **opts)
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"window must be an int >= 2, got {window!r}")
         self.window = window
@@ -117,26 +171,46 @@ class _WindowBase(Gate):
 
 
 class WindowGate(_WindowBase):
+    """``eps``: added to the std (1e-8; the authors' later code uses 1e-9)."""
     name = "window"
 
-    def __init__(self, tau: float = 0.5, window: int = 30):
-        super().__init__(tau, window)
+    def __init__(self, tau: float = 0.5, window: int = 30, *, eps: float = 1e-8, **opts):
+        super().__init__(tau, window, **opts)
+        self.eps = float(eps)
+        self.frozen: Optional[tuple] = None   # (mean, std) pinned while a violation streak is open
 
     def _z(self, h: float) -> float:
         prev = list(self.values)[-self.window:]
         self.values.append(h)
         if len(prev) < self.window:
             return math.nan
-        mean, std = self._mean_std(prev)
-        return (h - mean) / (std + 1e-8)
+        mean, std = self.frozen if self.frozen is not None else self._mean_std(prev)
+        self._last = (mean, std)
+        return (h - mean) / (std + self.eps)
+
+    def _streak_opened(self) -> None:
+        self.frozen = self._last
+
+    def _streak_closed(self) -> None:
+        self.frozen = None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "eps": self.eps, "frozen": self.frozen}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        self.eps = float(sd.get("eps", self.eps))
+        fr = sd.get("frozen")
+        self.frozen = None if fr is None else tuple(fr)
 
 
 class EntropyGate(_WindowBase):
     name = "entropy"
     needs_entropy = True
 
-    def __init__(self, tau: float = 1.0, window: int = 30):
-        super().__init__(tau, window)
+    def __init__(self, tau: float = 1.0, window: int = 30, **opts):
+        opts.setdefault("one_sided", True)
+        super().__init__(tau, window, **opts)
 
     def _z(self, h: float) -> float:
         self.values.append(h)
@@ -146,20 +220,21 @@ class EntropyGate(_WindowBase):
         mean, std = self._mean_std(last)
         return (h - mean) / (std + 1e-9)
 
-    def _fires(self, z: float) -> bool:
-        return z >= self.tau
 
-
-def make_gate(gate, *, tau: float, omega: float = 0.1, window: int = 30) -> Gate:
-    """``gate`` is a Gate instance, None (never fires), "ema", "window" or "entropy"."""
+def make_gate(gate, *, tau: float, omega: float = 0.1, window: int = 30, **opts) -> Gate:
+    """``gate`` is a Gate instance, None (never fires), "ema", "window" or "entropy"; ``opts`` are the common
+    gate options (one_sided, patience, warmup, rearm_after; None entries keep the gate's default)."""
+    opts = {k: v for k, v in opts.items() if v is not None}
     if isinstance(gate, Gate):
+        if opts:
+            raise ValueError(f"gate options {sorted(opts)} apply to a gate built by name; set them on the Gate")
         return gate
     if gate is None:
         return NoGate()
     if gate == "ema":
-        return EMAGate(tau=tau, omega=omega)
+        return EMAGate(tau=tau, omega=omega, **opts)
     if gate == "window":
-        return WindowGate(tau=tau, window=window)
+        return WindowGate(tau=tau, window=window, **opts)
     if gate == "entropy":
-        return EntropyGate(tau=tau, window=window)
+        return EntropyGate(tau=tau, window=window, **opts)
     raise ValueError(f"gate must be 'ema', 'window', 'entropy', None or a Gate instance, got {gate!r}")

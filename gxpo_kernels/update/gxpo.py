@@ -6,8 +6,8 @@
     r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) ∈ [−2, 3];  scale = clamp(S_K(r)/S_2(r), 1, K/2 + 1)
     θ̃ = θ0 + α·scale⊙(θ2 − θ0)                   (one fused pass: ``ops.extrapolate.extrapolate_``)
     pass 2: g̃ = ∇L(θ̃); ĝ̃ = clip(g̃); non-finite → FALLBACK;  θ_next = Opt(θ̃, ĝ̃);  gate.observe(‖ĝ̃‖)
-    FALLBACK: θ ← θ0, one plain step with ĝ0 (stored; recomputed in optimizer-aware mode); with non-finite g0
-              the step is skipped. After the gate fires: θ_next = Opt(θ, clip(∇L(θ))) forever (1 pass).
+    FALLBACK: θ ← θ0 (and the optimizer state, by default), one plain step with ĝ0 (stored, or recomputed:
+              ``fallback_grad``); with non-finite g0 the step is skipped. After the gate fires: θ_next = Opt(θ, clip(∇L(θ))) forever (1 pass).
 Papers: GXPO arXiv 2605.06755; SFPO arXiv 2510.04072.
 """
 from __future__ import annotations
@@ -22,6 +22,9 @@ from .base import ExtrapolationRule, _copy_all_, _to_float
 from .gates import Gate, make_gate
 
 
+GATE_SIGNALS = ("corr_norm_clipped", "corr_norm", "g0_norm", "cosine")
+
+
 class GXPO(ExtrapolationRule):
     """GXPO update rule wrapping ``optimizer``.
 
@@ -31,30 +34,59 @@ class GXPO(ExtrapolationRule):
         max_grad_norm: global clip norm c (1.0); None disables clipping (norms are still computed for checks).
         gate: "ema" (default, paper), "window", "entropy" (value passed as ``step(closure, entropy=...)``),
             None (never fires) or a :class:`~gxpo_kernels.update.gates.Gate`. omega, window: gate parameters.
-        scale_formula: "horner" (exact, default) or "closed" (the authors' guarded closed form).
-        transactional_state: snapshot the optimizer state before pass 0 and restore it before pass 2, so the
-            state advances once per mini-batch (costs a copy of the optimizer state).
-        inactive_threshold: None (off) or rel (the authors use 1e-3): |g0| <= rel·RMS(g0 of the tensor) -> r = 1.
+        gate_one_sided, gate_patience, gate_warmup, gate_rearm_after: the common gate options (see
+            :mod:`~gxpo_kernels.update.gates`; None keeps the gate's default: two-sided, 1, 0, permanent).
+        gate_signal: what the gate observes after an active step: "corr_norm_clipped" (‖ĝ̃‖ after the clip; the
+            paper), "corr_norm" (‖g̃‖ before the clip: the authors' later code, which does not saturate at c),
+            "g0_norm" (‖g0‖ before the clip) or "cosine" (1 − |cos(g0, g̃)|). Ignored by the entropy gate.
+        scale_formula: "horner" (exact S_K/S_2, default) or "closed" (the authors' guarded closed form with pow:
+            bit-exact with their update).
+        inactive_threshold: None (off) or rel (the authors' later code uses 1e-3): coordinates with
+            |g0| <= rel·RMS(g0 of the tensor) keep their two-step displacement (r = 1, scale = 1).
         optimizer_aware: compute r from the optimizer's displacements d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr instead
             of the gradients (AdamW-style decoupled weight decay; lr and weight_decay read per param group).
+        zero_lr: optimizer-aware mode with a param group at lr <= 0 (a warm-up starting at 0): "raise" (default,
+            checked before the first optimizer step) or "neutral" (that group's coordinates get r = 0, scale 1:
+            its displacement is zero anyway; the authors' behaviour).
+        skip_corrective: no pass 2: the repositioned point θ̃ is the update (the authors' ablation; 2 passes).
+        transactional_state: restore the optimizer state to the step's start before pass 2, so the state
+            advances once per mini-batch (the corrective step's update only).
+        atomic: snapshot the optimizer state at the start of every active step (one copy of the optimizer
+            state, in preallocated buffers) so that an exception anywhere in the step rewinds it; parameters
+            are always rewound (θ0 is kept anyway).
+        fallback_grad: "reuse" (default: the fallback steps with the stored ĝ0; no extra pass) or "recompute"
+            (one more pass at θ0, as the authors do; same parameters, one more backward pass counted).
+        fallback_state: "restore" (default when a snapshot exists: a fallback equals a plain step, optimizer
+            state included) or "keep" (the authors' light fallback: only θ0 is restored).
         min_grad_norm: ‖g0‖ at or below it falls back (1e-8). backend: extrapolation backend (see extrapolate_).
-    Memory: two fp32 buffers of the model's size (θ0 and ĝ0); g1 is read from ``.grad`` after the second
-    optimizer step and θ2 is the parameter itself. bf16 parameters are supported (buffers stay fp32).
-    The closure may read ``self.pass_index`` (0, 1, 2) e.g. to recompute old log-probs per pass
-    (``recompute_old_logp`` is the caller's business). Call ``scheduler.step()`` once after each ``step()``.
+    Memory: two fp32 buffers of the model's size (θ0 and ĝ0), plus a copy of the optimizer state when atomic or
+    transactional; g1 is read from ``.grad`` after the second optimizer step and θ2 is the parameter itself.
+    bf16 parameters are supported (buffers stay fp32). The closure may read ``self.pass_index`` (0, 1, 2) e.g.
+    to recompute old log-probs per pass (the caller's business). Call ``scheduler.step()`` once after each
+    ``step()``. ``GXPO.paper_protocol(optimizer)`` builds the rule with the authors' paper settings.
     """
     _rule_name = "GXPO"
+    #: the authors' paper-reproduction settings (their verl fork): see ``paper_protocol``
+    PAPER_PROTOCOL = dict(K=5, alpha=0.5, tau=0.5, max_grad_norm=1.0, gate="ema", omega=0.1,
+                          gate_signal="corr_norm_clipped", scale_formula="closed", inactive_threshold=None,
+                          optimizer_aware=False, skip_corrective=False, transactional_state=False,
+                          fallback_grad="recompute", fallback_state="keep", min_grad_norm=1e-8)
 
     def __init__(self, optimizer: torch.optim.Optimizer, K: int = 5, alpha: float = 0.5, tau: float = 0.5,
                  max_grad_norm: Optional[float] = 1.0, *, gate="ema", omega: float = 0.1, window: int = 30,
-                 scale_formula: str = "horner", transactional_state: bool = False,
-                 inactive_threshold: Optional[float] = None, optimizer_aware: bool = False,
+                 gate_one_sided: Optional[bool] = None, gate_patience: Optional[int] = None,
+                 gate_warmup: Optional[int] = None, gate_rearm_after: Optional[int] = None,
+                 gate_signal: str = "corr_norm_clipped", scale_formula: str = "horner",
+                 transactional_state: bool = False, inactive_threshold: Optional[float] = None,
+                 optimizer_aware: bool = False, zero_lr: str = "raise", skip_corrective: bool = False,
+                 atomic: bool = True, fallback_grad: str = "reuse", fallback_state: Optional[str] = None,
                  min_grad_norm: float = 1e-8, backend: str = "auto"):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
+                         atomic=atomic, fallback_grad=fallback_grad, fallback_state=fallback_state,
                          backend=backend)
         if isinstance(K, bool) or not isinstance(K, int) or K < 2:
             raise ValueError(f"K must be an int >= 2, got {K!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         if scale_formula not in ("horner", "closed"):
             raise ValueError(f"scale_formula must be 'horner' or 'closed', got {scale_formula!r}")
@@ -62,18 +94,42 @@ class GXPO(ExtrapolationRule):
             raise ValueError(f"inactive_threshold must be None or >= 0, got {inactive_threshold!r}")
         if not min_grad_norm >= 0:
             raise ValueError(f"min_grad_norm must be >= 0, got {min_grad_norm!r}")
+        if gate_signal not in GATE_SIGNALS:
+            raise ValueError(f"gate_signal must be one of {GATE_SIGNALS}, got {gate_signal!r}")
+        if zero_lr not in ("raise", "neutral"):
+            raise ValueError(f"zero_lr must be 'raise' or 'neutral', got {zero_lr!r}")
         self.K, self.alpha, self.tau = K, float(alpha), float(tau)
         self.scale_formula = scale_formula
         self.inactive_threshold = inactive_threshold
         self.optimizer_aware = bool(optimizer_aware)
+        self.zero_lr = zero_lr
+        self.skip_corrective = bool(skip_corrective)
+        self.gate_signal = gate_signal
         self.min_grad_norm = float(min_grad_norm)
-        self.gate: Gate = make_gate(gate, tau=tau, omega=omega, window=window)
+        self.gate: Gate = make_gate(gate, tau=tau, omega=omega, window=window, one_sided=gate_one_sided,
+                                    patience=gate_patience, warmup=gate_warmup, rearm_after=gate_rearm_after)
         self._g0: Optional[List[torch.Tensor]] = None
+
+    @classmethod
+    def paper_protocol(cls, optimizer: torch.optim.Optimizer, **overrides) -> "GXPO":
+        """GXPO exactly as the authors ran it for the paper (``PAPER_PROTOCOL``): K = 5, α = 0.5, the EMA gate
+        (τ = 0.5, ω = 0.1, |Z| ≥ τ) on the clipped corrective norm, the closed-form scale with ``pow``, no
+        inactive mask, fallbacks that restore θ0 only and recompute g0. Their passes 1 and 2 also recompute the
+        old log-probs at the current parameters: do that in the closure when ``pass_index > 0``.
+        ``overrides`` replace single settings."""
+        return cls(optimizer, **{**cls.PAPER_PROTOCOL, **overrides})
+
+    def _hparams(self) -> dict:
+        return {"K": self.K, "alpha": self.alpha, "scale_formula": self.scale_formula,
+                "inactive_threshold": self.inactive_threshold, "optimizer_aware": self.optimizer_aware,
+                "skip_corrective": self.skip_corrective}
 
     # ---- pieces ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _save_g0_(self, grads) -> None:
-        if self._g0 is None or len(self._g0) != len(self._theta0):
+        if self._g0 is None or len(self._g0) != len(self._theta0) or any(
+                a.shape != b.shape or a.dtype != b.dtype or a.device != b.device
+                for a, b in zip(self._g0, self._theta0)):
             self._g0 = [torch.empty_like(b) for b in self._theta0]
         self._had_grad0 = [g is not None for g in grads]
         _copy_all_(self._g0, grads)
@@ -86,42 +142,44 @@ class GXPO(ExtrapolationRule):
                 by_id[id(p)] = (lr, wd)
         return [by_id[id(p)] for p in params]
 
+    def _validate_step(self, params) -> None:
+        super()._validate_step(params)
+        if self.optimizer_aware and self.zero_lr == "raise":
+            bad = sorted({lr for lr, _ in self._group_hparams(params) if not lr > 0})
+            if bad:
+                raise ValueError(f"GXPO(optimizer_aware=True) needs lr > 0 in every param group (got lr={bad[0]}"
+                                 "); pass zero_lr='neutral' to give such groups scale 1 instead")
+
     @torch.no_grad()
     def _displacements_(self, params, g1) -> None:
-        """Optimizer-aware mode: g0 buffer (holding θ1 − θ0) -> d0, g1 -> d1, d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr."""
+        """Optimizer-aware mode: g0 buffer (holding θ1 − θ0) -> d0, g1 -> d1, d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr.
+        A group at lr <= 0 (zero_lr="neutral") gets d0 = d1 = 0: r = 0, scale 1."""
         for p, t0, b, g, (lr, wd) in zip(params, self._theta0, self._g0, g1, self._group_hparams(params)):
-            if lr <= 0:
-                raise ValueError("optimizer_aware=True needs a positive lr in every param group")
+            if not lr > 0:
+                b.zero_()
+                g.zero_()
+                continue
             th1 = t0 + b                                  # θ1 exactly (b = θ1 − θ0 was exact)
             g.copy_(((1 - lr * wd) * th1 - p.to(th1.dtype)) / lr)
             b.copy_(((1 - lr * wd) * t0 - th1) / lr)
 
-    @torch.no_grad()
     def _fallback(self, closure: Callable, params, reason: str, info: dict) -> dict:
-        self._restore_params_()
-        if self.transactional_state:
-            self._restore_optimizer_state_()
-        if self.optimizer_aware:                          # the g0 buffer now holds displacements
+        self._rewind_for_fallback()
+        if self.optimizer_aware or self.fallback_grad == "recompute":   # (the g0 buffer may hold displacements)
             ok = self._fresh_grads_finite(closure, params)
         else:
-            for p, b, had in zip(params, self._g0, self._had_grad0):
-                p.grad = b.to(p.dtype) if had else None
+            with torch.no_grad():
+                for p, b, had in zip(params, self._g0, self._had_grad0):
+                    p.grad = b.to(p.dtype) if had else None
             ok = True
         return self._end_fallback(ok, reason, info)
 
     # ---- the update --------------------------------------------------------------------------------------
-    def step(self, closure: Callable, entropy=None) -> dict:
-        """One GXPO outer update on the mini-batch the closure evaluates. Returns the diagnostics dict."""
-        gated = self._begin(closure)
-        if gated is not None:
-            return gated
-        params = self._param_list()
+    def _active_step(self, closure: Callable, params, entropy) -> dict:
+        """One GXPO outer update (θ0 and the optimizer snapshot are taken by ``step``)."""
+        self._bp = 0
         info = {"active": True, "fell_back": False, "fallback_reason": None, "skipped": False,
                 "gate_z": math.nan}
-        with torch.no_grad():
-            self._snapshot_params_()
-            if self.transactional_state:
-                self._snapshot_optimizer_state_()
         info["loss"] = _to_float(self._run_closure(closure, 0))
         grads, n0, _ = self._clip(params)
         info["grad_norm_0"] = n0
@@ -131,6 +189,8 @@ class GXPO(ExtrapolationRule):
             info.update(fell_back=True, fallback_reason="nonfinite_g0", skipped=True)
             return self._finish(info)
         if n0 <= self.min_grad_norm:
+            if self.fallback_grad == "recompute":
+                return self._finish(self._fallback(closure, params, "small_g0", info))
             self._optimizer_step()
             self.fallbacks += 1
             info.update(fell_back=True, fallback_reason="small_g0")
@@ -157,6 +217,12 @@ class GXPO(ExtrapolationRule):
         info.update(_derive(stats_to_dict(stats)))
         if info["n_nonfinite"] > 0:
             return self._finish(self._fallback(closure, params, "nonfinite_extrapolation", info))
+        if self.skip_corrective:                          # θ̃ is the update; the gate sees pass 1's gradient
+            self._zero_grad()
+            n_sig = {"corr_norm_clipped": min(n1, self.max_grad_norm or math.inf), "corr_norm": n1,
+                     "g0_norm": n0, "cosine": 1.0 - abs(info["cos_g0_g1"])}[self.gate_signal]
+            info["gate_z"] = self._observe_gate(n_sig, entropy)
+            return self._finish(info)
         if self.transactional_state:
             self._restore_optimizer_state_()
         info["loss_2"] = _to_float(self._run_closure(closure, 2))
@@ -166,7 +232,9 @@ class GXPO(ExtrapolationRule):
             return self._finish(self._fallback(closure, params, "nonfinite_gcorr", info))
         info["cos_g0_gcorr"] = self._cos_g0(grads, info["sq_g0"], n2c)
         self._optimizer_step()
-        info["gate_z"] = self._observe_gate(n2c, entropy)
+        n_sig = {"corr_norm_clipped": n2c, "corr_norm": n2, "g0_norm": n0,
+                 "cosine": 1.0 - abs(info["cos_g0_gcorr"])}[self.gate_signal]
+        info["gate_z"] = self._observe_gate(n_sig, entropy)
         return self._finish(info)
 
     @torch.no_grad()
@@ -182,11 +250,6 @@ class GXPO(ExtrapolationRule):
         den = math.sqrt(sq_g0) * norm_corr
         return float(acc[0]) / den if den > 0 else math.nan
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd.update(K=self.K, alpha=self.alpha)
-        return sd
-
 
 def _derive(sd: dict) -> dict:
     """Diagnostics of spec §2 from the reduced stats sums."""
@@ -200,4 +263,4 @@ def _derive(sd: dict) -> dict:
             "inactive_frac": sd["n_inactive"] / n, "n_nonfinite": sd["n_nonfinite"], "sq_g0": sd["sq_g0"]}
 
 
-__all__ = ["GXPO", "STAT_INDEX"]
+__all__ = ["GXPO", "STAT_INDEX", "GATE_SIGNALS"]

@@ -61,7 +61,7 @@ def test_sm90_check_installed_triton(tmp_path):
     _check_doc(doc)
     names = {k["kernel"] for k in doc["kernels"]}
     assert {"_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_fpa_logprobs_fwd_kernel",
-            "_fpa_logprobs_bwd_kernel", "_fwd_kernel", "_bwd_dlogits_kernel", "_fpa_fwd_kernel"} <= names
+            "_fwd_kernel", "_bwd_dlogits_kernel", "_fpa_fwd_kernel", "_extrapolate_kernel"} <= names
     fwd = [k for k in doc["kernels"] if k["kernel"] == "_token_logprobs_fwd_kernel"]
     assert len(fwd) == 8 and all(k["hot_loop"]["instr_per_elem"] <= 12 for k in fwd)
     assert all(k["hot_loop"]["SHFL"] == 0 and k["hot_loop"]["BAR"] == 0 for k in fwd)   # no cross-thread work
@@ -71,15 +71,16 @@ def test_sm90_check_installed_triton(tmp_path):
 
 
 def test_sm90_formerly_spilling_kernels_on_triton36(tmp_path):
-    """Triton 3.6 (GPU machines): the FPA backward and the fused-linear backward used to spill there."""
+    """Triton 3.6 (GPU machines): the logits backward (which FPA's backward now is; FPA's own used to spill
+    there) and the fused-linear backward (whose d(weight) kernel used to spill there)."""
     out = tmp_path / "sm90-t36.json"
-    p = subprocess.run(["bash", ".ci/sm90_triton36.sh", "--json", str(out), "--ops", "fpa_logprobs_bwd",
+    p = subprocess.run(["bash", ".ci/sm90_triton36.sh", "--json", str(out), "--ops", "token_logprobs_bwd",
                         "linear_head_bwd", "--cases", "bf16"], cwd=ROOT, env=dict(_env(), PYTHON=sys.executable),
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     doc = json.loads(out.read_text())
     _check_doc(doc, "3.6.0")
-    assert {k["kernel"] for k in doc["kernels"]} == {"_fpa_logprobs_bwd_kernel", "_bwd_dlogits_kernel"}
+    assert {k["kernel"] for k in doc["kernels"]} == {"_token_logprobs_bwd_kernel", "_bwd_dlogits_kernel"}
 
 
 def test_gpu_check_dry_run(tmp_path):

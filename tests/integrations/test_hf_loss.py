@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from gxpo_kernels.integrations.hf import (causal_lm_grpo_loss, causal_lm_hidden_states,  # noqa: E402
                                           causal_lm_token_logprobs)
-from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref  # noqa: E402
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref  # noqa: E402
 from tests._utils import assert_close  # noqa: E402
 
 V = 211

@@ -11,7 +11,8 @@ import torch
 from _utils import assert_close
 
 from gxpo_kernels.ops import GRPOLoss, grpo_loss
-from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
 
 BACKENDS = ("triton", "torch")
 

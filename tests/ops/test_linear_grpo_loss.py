@@ -15,13 +15,14 @@ import importlib
 import pytest
 import torch
 
-from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
+from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
 from gxpo_kernels.ops.grpo.linear import LinearGRPOLoss, linear_grpo_loss
-from gxpo_kernels.ops.fused_head.engine import linear_token_logprobs
+from gxpo_kernels.ops.logprobs.linear import linear_token_logprobs
 from tests._utils import assert_close
 
 # the module itself (gxpo_kernels.ops exports a function of the same name)
-ltl = importlib.import_module("gxpo_kernels.ops.fused_head.engine")
+ltl = importlib.import_module("gxpo_kernels.ops.logprobs.linear")
 
 
 def _inputs(B=3, T=9, H=40, V=301, dtype=torch.float32, bias=True, seed=0, temperature=1.0):

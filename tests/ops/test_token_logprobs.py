@@ -12,9 +12,9 @@ import torch
 from _utils import assert_close
 
 from gxpo_kernels.ops import token_logprobs
-from gxpo_kernels.ops.grpo.reference import token_logprobs_ref
+from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
 
-TL = importlib.import_module("gxpo_kernels.ops.logprobs.op")
+TL = importlib.import_module("gxpo_kernels.ops.logprobs.kernel")
 BACKENDS = ("triton", "torch")
 
 CASES = [

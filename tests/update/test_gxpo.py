@@ -143,10 +143,30 @@ def test_fallback_adamw_transactional_state_consistent(nan_pass):
             assert torch.equal(opt.state[p][k], ref_o.state[q][k]), k
 
 
-def test_fallback_adamw_without_transactional_keeps_finite_state():
+@pytest.mark.parametrize("nan_pass", [1, 2])
+@pytest.mark.parametrize("fresh_state", [True, False])
+def test_fallback_adamw_default_equals_a_plain_step(nan_pass, fresh_state):
+    # without transactional_state: the atomic snapshot rewinds the optimizer state, so the fallback is exactly
+    # one plain step (parameters, moments and step count), also when the state did not exist before the step
     m = mlp()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    if not fresh_state:
+        plain_step(m, opt, batch=3)
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2)
     rule = GXPO(opt)
+    rule.step(closure_for(m, opt, rule, nan_pass=nan_pass))
+    plain_step(ref_m, ref_o)
+    assert params_equal(m, ref_m)
+    for p, q in zip(m.parameters(), ref_o.state):
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][k], ref_o.state[q][k]), k
+
+
+def test_fallback_adamw_keep_state_is_the_authors_light_fallback():
+    # fallback_state="keep": θ0 restored, the probe steps' moment updates stay (step count 3 after pass 2 fails)
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, fallback_state="keep")
     rule.step(closure_for(m, opt, rule, nan_pass=2))
     for p in m.parameters():
         st = opt.state[p]

@@ -173,7 +173,7 @@ class _DeepSpeedRule:
     def _extrapolate(self, params, g0, g1, **kw):
         """The fused op on the shards' real data only: contiguous views that skip ZeRO's alignment padding
         (uninitialised under ZeRO-3), so statistics and the non-finite check see parameters only."""
-        from ...ops.extrapolate.op import _resolve
+        from ...ops.extrapolate.op import extrapolate_backend
         segs = self.zero.valid_segments()
 
         def cut(ts):
@@ -183,7 +183,7 @@ class _DeepSpeedRule:
         try:
             views = cut(params)
             dev = params[0].device if params else torch.device("cpu")
-            self.last_extrapolation = {"backend": _resolve(self.backend, dev), "device": str(dev),
+            self.last_extrapolation = {"backend": extrapolate_backend(self.backend, dev), "device": str(dev),
                                        "numel": sum(v.numel() for v in views), "n_tensors": len(views)}
             out = super()._extrapolate(views, cut(g0), cut(g1), **kw)
         finally:
@@ -241,7 +241,13 @@ class _DeepSpeedRule:
         return loss
 
     # ---- the outer update -------------------------------------------------------------------------------------
-    def step(self, closure: Callable, entropy=None) -> dict:
+    def _abort_step_(self) -> None:
+        """An exception inside the step: drop a DeepSpeed-applied step that was not consumed (the rewind of the
+        shards and the optimizer state follows) and re-sync the low-precision copy after the rewind."""
+        self._pending = False
+        self._lp_dirty = True
+
+    def step(self, closure: Callable, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` runs forward + ``engine.backward(loss)`` for
         every micro-batch and returns the loss. The rule calls ``engine.step()``. Returns the diagnostics dict."""
         eng = self.engine
@@ -253,7 +259,11 @@ class _DeepSpeedRule:
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
-        info = super().step(closure, entropy=entropy)
+        try:
+            info = super().step(closure, entropy=entropy, force_plain=force_plain)
+        except BaseException:
+            self._sync_lp()
+            raise
         if self._pending:
             raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
         self._sync_lp()

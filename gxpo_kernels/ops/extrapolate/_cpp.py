@@ -1,16 +1,29 @@
-"""Loader of the C++/OpenMP CPU extension (``extrapolate_cpu.cpp``, beside this file), built on first use and cached.
+"""Loader of the C++/OpenMP CPU op (``extrapolate_cpu.cpp``, shipped inside the package), built on first use.
 
-``torch.utils.cpp_extension.load`` compiles into ``$TORCH_EXTENSIONS_DIR`` (its default when unset) and
-reuses the build while the source is unchanged. When no compiler is available (or the build fails)
-the callers fall back to the PyTorch reference after a one-time warning. ``GXPO_CPP_CFLAGS`` replaces the
-default flags (``-O3 -march=native -ffp-contract=off -fopenmp``: no FMA contraction, so results match the
-reference bit for bit; the extension is built on the machine that runs it).
+The build is ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (torch's default cache when
+unset), in a folder named after a hash of the source, the flags and the torch version: a changed source or flag
+never reuses a stale build, and every checkout or installed copy with the same source shares one build (the
+source is copied into that folder and compiled from there, so ninja sees the same paths from any checkout).
+
+The first build says so on stderr and reports its duration (about 30-90 s). Builds are serialised by an OS file
+lock (``fcntl.flock``), which the kernel releases when its holder dies; torch's own lock file is not released
+when a build is killed midway (timeout, Ctrl-C), and every later build would wait on it forever. Whoever holds
+the OS lock knows that no build is running, so a torch lock file found then is stale and is removed.
+
+When no compiler is available (or the build fails) the callers fall back to the PyTorch reference after a
+one-time warning. ``GXPO_CPP_CFLAGS`` replaces the default flags (``-O3 -march=native -ffp-contract=off
+-fopenmp``: no FMA contraction, so results match the reference bit for bit; the op is built on the machine that
+runs it). ``GXPO_CPP_BUILD_TIMEOUT`` (seconds, default 900) bounds the wait for another process's build.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pathlib
+import sys
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -19,11 +32,90 @@ import torch
 _LOCK = threading.Lock()
 _MODULE = None
 _FAILED = False
+_NAME = "gxpo_extrapolate_cpu"
+_SOURCE_NAME = "extrapolate_cpu.cpp"
+_DEFAULT_FLAGS = "-O3 -march=native -ffp-contract=off -fopenmp"
 
 
 def _source() -> Optional[pathlib.Path]:
-    cand = pathlib.Path(__file__).resolve().parent / "extrapolate_cpu.cpp"
+    cand = pathlib.Path(__file__).resolve().parent / _SOURCE_NAME
     return cand if cand.is_file() else None
+
+
+def _flags():
+    return os.environ.get("GXPO_CPP_CFLAGS", _DEFAULT_FLAGS).split()
+
+
+def build_directory(src: bytes, flags) -> pathlib.Path:
+    """The cache folder of this source + flags + torch version (created if missing)."""
+    from torch.utils import cpp_extension
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), torch.__version__.encode(),
+                                       sys.version.encode()])).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    path = pathlib.Path(root) / f"{_NAME}_{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(path: pathlib.Path):
+    """Hold an OS lock on ``path.flock`` (released by the kernel if this process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    timeout = float(os.environ.get("GXPO_CPP_BUILD_TIMEOUT", "900"))
+    with open(str(path) + ".flock", "a+") as fh:
+        t0, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    print(f"gxpo_kernels: waiting for another process to finish building the C++ op in {path}",
+                          file=sys.stderr, flush=True)
+                    told = True
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"another process has been building the C++ op in {path} for over "
+                                       f"{timeout:.0f} s (GXPO_CPP_BUILD_TIMEOUT)")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build():
+    src_path = _source()
+    if src_path is None:
+        raise FileNotFoundError(f"{_SOURCE_NAME} is missing from the installed package")
+    from torch.utils import cpp_extension
+    src, flags = src_path.read_bytes(), _flags()
+    path = build_directory(src, flags)
+    with _build_lock(path):
+        stale = path / "lock"   # torch's lock file; nobody else can be building while we hold the OS lock
+        if stale.exists():
+            print(f"gxpo_kernels: removing a stale build lock left by an interrupted build: {stale}",
+                  file=sys.stderr, flush=True)
+            stale.unlink()
+        local_src = path / _SOURCE_NAME
+        if not local_src.is_file() or local_src.read_bytes() != src:
+            tmp = path / f".{_SOURCE_NAME}.{os.getpid()}"
+            tmp.write_bytes(src)
+            os.replace(tmp, local_src)
+        built = any(path.glob(f"{path.name}*.so"))
+        if not built:
+            print(f"gxpo_kernels: building the C++ CPU op on first use (about 30-90 s) in {path}",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        mod = cpp_extension.load(name=path.name, sources=[str(local_src)], extra_cflags=flags,
+                                 extra_ldflags=["-fopenmp"], build_directory=str(path), verbose=False)
+        if not built:
+            print(f"gxpo_kernels: built the C++ CPU op in {time.perf_counter() - t0:.0f} s (cached for later use)",
+                  file=sys.stderr, flush=True)
+    return mod
 
 
 def load_extension():
@@ -34,14 +126,8 @@ def load_extension():
     with _LOCK:
         if _MODULE is not None or _FAILED:
             return _MODULE
-        src = _source()
         try:
-            if src is None:
-                raise FileNotFoundError("gxpo_kernels/ops/extrapolate/extrapolate_cpu.cpp not found")
-            from torch.utils import cpp_extension
-            flags = os.environ.get("GXPO_CPP_CFLAGS", "-O3 -march=native -ffp-contract=off -fopenmp").split()
-            _MODULE = cpp_extension.load(name="gxpo_extrapolate_cpu", sources=[str(src)], extra_cflags=flags,
-                                         extra_ldflags=["-fopenmp"], verbose=False)
+            _MODULE = _build()
         except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
             _FAILED = True
             warnings.warn(f"gxpo_kernels: could not build the C++ extrapolation extension ({type(e).__name__}: "

@@ -19,7 +19,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <omp.h>
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -164,7 +164,7 @@ inline void vstore(void* p, const V& v) {
 template <typename C>
 struct Consts {  // broadcast hyper-parameters
   typedef typename VT<C>::V V;
-  V zero, one, sign, alpha, c0, c1, dl, rmin, rmax, shi, thr, lane;
+  V zero, one, sign, alpha, c0, c1, dl, rmin, rmax, shi, thr, lane, nan, kf;
   Consts(const HParams& hp, C t) {
     zero = V{};
     one = zero + C(1);
@@ -177,6 +177,8 @@ struct Consts {  // broadcast hyper-parameters
     rmax = zero + static_cast<C>(hp.rmax);
     shi = zero + static_cast<C>(hp.shi);
     thr = zero + t;
+    nan = zero + std::numeric_limits<C>::quiet_NaN();
+    kf = zero + static_cast<C>(hp.K);
     for (int j = 0; j < VT<C>::W; ++j) lane[j] = static_cast<C>(j);
   }
 };
@@ -200,15 +202,17 @@ inline void grad_vec(const C* g0, const C* g1, C* r_out, int64_t i, int64_t m, c
   const I flip = ~(I)(a0 >= k.zero) & sb;  // sgn(â0) = −1 (NaN: irrelevant, r -> 1)
   V r = (V)((I)q ^ flip);
   const auto valid = MASK ? (k.lane + static_cast<C>(i)) < static_cast<C>(m) : k.lane == k.lane;
+  const auto in = (vg0 < k.zero ? -vg0 : vg0) <= k.thr;
   if constexpr (INACT) {
-    const auto in = (vg0 < k.zero ? -vg0 : vg0) <= k.thr;
     r = in ? k.one : r;
     a[INA] += (in & valid) ? k.one : k.zero;
   }
   r = r != r ? k.one : r;
   r = r < k.rmin ? k.rmin : r;
   r = r > k.rmax ? k.rmax : r;
-  vstore(r_out + i, r);
+  // an inactive lane hands NaN to loop 2, whose scale_of maps NaN to 1: neutral retention (r = 1 in the sums)
+  if constexpr (INACT) vstore(r_out + i, in ? k.nan : r);
+  else vstore(r_out + i, r);
   const V rz = MASK ? (valid ? r : k.zero) : r;
   const V a0z = MASK ? (valid ? a0 : k.zero) : a0, a1z = MASK ? (valid ? a1 : k.zero) : a1;
   a[SR] += rz;
@@ -216,6 +220,49 @@ inline void grad_vec(const C* g0, const C* g1, C* r_out, int64_t i, int64_t m, c
   a[G01] = fmadd(a0z, a1z, a[G01]);
   a[G00] = fmadd(a0z, a0z, a[G00]);
   a[G11] = fmadd(a1z, a1z, a[G11]);
+}
+
+// r^K as torch.pow computes it on the CPU: x·x and x·x·x for K = 2, 3, else SLEEF's pow (1-ulp; the function
+// torch's vectorised CPU kernel calls, linked from libtorch). Weak symbols: a torch build without them gets the C
+// library's pow (then the closed form can differ from the reference in the last bit). torch.pow itself sends the
+// last < 2 vectors of each thread's range through std::pow: the reference matches this exactly when those tails
+// are empty (tests use such sizes).
+extern "C" {
+#if defined(__AVX2__)
+__m256 Sleef_powf8_u10(__m256, __m256) __attribute__((weak));
+__m256d Sleef_powd4_u10(__m256d, __m256d) __attribute__((weak));
+#endif
+}
+
+template <typename C>
+inline typename VT<C>::V pow_k(typename VT<C>::V r, int64_t K, const Consts<C>& k) {
+  typedef typename VT<C>::V V;
+  if (K == 2) return r * r;
+  if (K == 3) return r * r * r;
+#if defined(__AVX2__)
+  if constexpr (sizeof(C) == 4) {
+    if (Sleef_powf8_u10 != nullptr) {
+      __m256 x;
+      std::memcpy(&x, &r, 32);
+      __m256 y = Sleef_powf8_u10(x, reinterpret_cast<const __m256&>(k.kf));
+      V out;
+      std::memcpy(&out, &y, 32);
+      return out;
+    }
+  } else {
+    if (Sleef_powd4_u10 != nullptr) {
+      __m256d x;
+      std::memcpy(&x, &r, 32);
+      __m256d y = Sleef_powd4_u10(x, reinterpret_cast<const __m256d&>(k.kf));
+      V out;
+      std::memcpy(&out, &y, 32);
+      return out;
+    }
+  }
+#endif
+  V out;
+  for (int j = 0; j < VT<C>::W; ++j) out[j] = std::pow(r[j], static_cast<C>(K));
+  return out;
 }
 
 // scale = clamp(S_K(r)/S_2(r), 1, K/2+1), NaN -> 1, as retention_scale(); KC > 0: K known at compile time
@@ -226,8 +273,7 @@ inline typename VT<C>::V scale_of(typename VT<C>::V r, int64_t Krt, const Consts
   const int64_t K = KC > 0 ? KC : Krt;
   V s = k.one;
   if constexpr (CLOSED) {
-    V rk = r;
-    for (int64_t j = 0; j < K - 1; ++j) rk = rk * r;
+    const V rk = pow_k(r, K, k);
     const V den2 = (k.one - r) + k.dl;
     s = ((k.one - rk) / den2) / ((k.one - r * r) / den2 + k.dl);
   } else {

@@ -15,17 +15,20 @@ Dtype policy: loads upcast to float32 (float64 when the params are float64), sto
 from __future__ import annotations
 
 import math
+import operator
+from array import array
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ..._utils import triton_interpret
+from ..._utils import resolve_backend, triton_interpret
 from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
-__all__ = ["extrapolate_", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
+__all__ = ["extrapolate_", "ExtrapolationPlan", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
 
 EXTRAPOLATE_BACKENDS = ("auto", "triton", "cpp", "torch")
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
@@ -34,14 +37,18 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 
 @triton.jit
-def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, n_chunks, stats_out,
-                        alpha, K, coef0, coef1, delta, r_min, r_max, scale_hi,
+def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g1_off, numel_tab, thr_tab,
+                        chunk_tensor, chunk_start, n_chunks, stats_out,
+                        alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
                         P_DT: tl.constexpr, T0_DT: tl.constexpr, G0_DT: tl.constexpr, G1_DT: tl.constexpr,
                         L_DT: tl.constexpr, C_DT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_LOWP: tl.constexpr,
-                        USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    # Each program walks chunks pid, pid + G, ...; a chunk is CHUNK elements of one tensor whose addresses
-    # come from the int64 pointer table (row: param, theta0, g0, g1, lowp).
+                        USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, LIB_POW: tl.constexpr,
+                        ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # Each program walks chunks pid, pid + G, ...; a chunk is CHUNK elements of one tensor. A tensor is addressed
+    # as base pointer of its list (a kernel argument, so Triton knows its 16-byte alignment) + an int64 element
+    # offset from the table (row: param, theta0, g0, lowp; g1's offsets come per call in their own vector).
+    # ALIGN > 1: every offset and numel of this launch is a multiple of ALIGN elements (checked on the host),
+    # which lets the compiler emit 16-byte accesses; ALIGN = 1 is the general path.
     i_p = tl.program_id(0)
     n_prog = tl.num_programs(0)
     b_sr = tl.zeros([BLOCK], C_DT)
@@ -59,13 +66,13 @@ def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, 
     o_b = tl.arange(0, BLOCK).to(tl.int64)
     for i_c in range(i_p, n_chunks, n_prog):
         i_t = tl.load(chunk_tensor + i_c).to(tl.int64)
-        start = tl.load(chunk_start + i_c)
-        n = tl.load(numel_tab + i_t)
-        p_p = tl.load(ptr_tab + i_t * 5).to(tl.pointer_type(P_DT))
-        p_t0 = tl.load(ptr_tab + i_t * 5 + 1).to(tl.pointer_type(T0_DT))
-        p_g0 = tl.load(ptr_tab + i_t * 5 + 2).to(tl.pointer_type(G0_DT))
-        p_g1 = tl.load(ptr_tab + i_t * 5 + 3).to(tl.pointer_type(G1_DT))
-        p_l = tl.load(ptr_tab + i_t * 5 + 4).to(tl.pointer_type(L_DT))
+        start = tl.multiple_of(tl.load(chunk_start + i_c), ALIGN)
+        n = tl.multiple_of(tl.load(numel_tab + i_t), ALIGN)
+        p_p = base_p + tl.multiple_of(tl.load(off_tab + i_t * 4), ALIGN)
+        p_t0 = base_t0 + tl.multiple_of(tl.load(off_tab + i_t * 4 + 1), ALIGN)
+        p_g0 = base_g0 + tl.multiple_of(tl.load(off_tab + i_t * 4 + 2), ALIGN)
+        p_l = base_l + tl.multiple_of(tl.load(off_tab + i_t * 4 + 3), ALIGN)
+        p_g1 = base_g1 + tl.multiple_of(tl.load(g1_off + i_t), ALIGN)
         for off in range(0, CHUNK, BLOCK):
             o = start + off + o_b
             m = o < n
@@ -87,24 +94,34 @@ def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, 
                 b_r = tl.where(b_r != b_r, 1.0, b_r)
                 b_r = tl.minimum(tl.maximum(b_r, r_min), r_max)
                 if CLOSED:
-                    b_rk = b_r
-                    for _ in range(K - 1):
-                        b_rk = b_rk * b_r
+                    # r^K as torch.pow computes it on CUDA: x·x, x·x·x for K = 2, 3, else pow (libdevice)
+                    if K == 2:
+                        b_rk = b_r * b_r
+                    elif K == 3:
+                        b_rk = b_r * b_r * b_r
+                    elif LIB_POW:
+                        b_rk = libdevice.pow(b_r, tl.full([BLOCK], K, C_DT))
+                    else:  # the interpreter has no libdevice: repeated products (last-bit differences)
+                        b_rk = b_r
+                        for _ in tl.static_range(K - 1):
+                            b_rk = b_rk * b_r
                     b_den2 = (1.0 - b_r) + delta
                     b_s = ((1.0 - b_rk) / b_den2) / ((1.0 - b_r * b_r) / b_den2 + delta)
                 else:
                     if K % 2 == 0:  # S_K/S_2 = S_{K/2}(r^2)
                         b_q = b_r * b_r
                         b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in range(K // 2 - 1):
+                        for _ in tl.static_range(K // 2 - 1):
                             b_s = b_s * b_q + 1.0
                     else:
                         b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in range(K - 1):
+                        for _ in tl.static_range(K - 1):
                             b_s = b_s * b_r + 1.0
                         b_s = b_s / (b_r + 1.0)
                 b_s = tl.where(b_s != b_s, 1.0, b_s)
                 b_s = tl.minimum(tl.maximum(b_s, 1.0), scale_hi)
+                if USE_INACTIVE:
+                    b_s = tl.where(b_in, 1.0, b_s)  # neutral retention
                 b_new = b_t0 + (alpha * b_s) * b_d
                 # x·0 == 0 exactly when x is finite (no inf constant needed)
                 b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & ((b_new * 0.0) == 0.0)
@@ -144,73 +161,172 @@ def _extrapolate_kernel(ptr_tab, numel_tab, thr_tab, chunk_tensor, chunk_start, 
 
 # Host side ---------------------------------------------------------------------------------------------------
 
-_META_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_META_CACHE_SIZE = 16
+_PLAN_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_PLAN_CACHE_SIZE = 8
 
 
 def _launch_config(device: torch.device):
     if triton_interpret() or device.type != "cuda":
         return 1024, 1024, 64          # BLOCK, CHUNK, max programs (interpreter: few big numpy ops)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return 1024, 16384, 8 * sms
+    return 512, 16384, 8 * sms         # 512 x 4 warps: 4 fp32 per thread (one 16-byte access per list)
 
 
-def _group_metadata(rows, numels, device, chunk):
-    """Pointer table [n, 5] int64, numels [n] int64 and the chunk -> (tensor, start) map, cached by addresses."""
-    key = (device, chunk, tuple(rows), tuple(numels))
-    hit = _META_CACHE.get(key)
-    if hit is not None:
-        _META_CACHE.move_to_end(key)
-        return hit
-    c_t, c_s = [], []
-    for i, n in enumerate(numels):
-        nc = -(-n // chunk)  # empty tensors contribute no chunk
-        c_t.extend([i] * nc)
-        c_s.extend(range(0, nc * chunk, chunk))
-    meta = (torch.tensor(rows, dtype=torch.int64).to(device), torch.tensor(numels, dtype=torch.int64).to(device),
-            torch.tensor(c_t, dtype=torch.int32).to(device), torch.tensor(c_s, dtype=torch.int64).to(device))
-    _META_CACHE[key] = meta
-    if len(_META_CACHE) > _META_CACHE_SIZE:
-        _META_CACHE.popitem(last=False)
-    return meta
+class _Plan:
+    """The validated launch state of one (params, theta0, g0, lowp_out) layout: per dtype group the base tensors,
+    the element-offset table, numels and chunk map on the device. Only g1's offsets change from call to call
+    (gradients are fresh tensors every pass); everything else is built once."""
+
+    def __init__(self, params, theta0, g0, lowp_out, has_grad: bool):
+        self.device = params[0].device
+        self.block, self.chunk, self.max_prog = _launch_config(self.device)
+        self.lib_pow = not triton_interpret()
+        groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
+        for i, p in enumerate(params):
+            if p.numel() == 0:
+                continue
+            ldt = lowp_out[i].dtype if lowp_out is not None and lowp_out[i] is not None else None
+            key = (p.dtype, theta0[i].dtype, g0[i].dtype if has_grad else None, ldt)
+            groups.setdefault(key, []).append(i)
+        self.groups = []
+        for (pdt, t0dt, g0dt, ldt), idx in groups.items():
+            cols = [[params[i] for i in idx], [theta0[i] for i in idx],
+                    [g0[i] for i in idx] if has_grad else None,
+                    [lowp_out[i] for i in idx] if ldt is not None else None]
+            bases = [c[0] if c is not None else params[idx[0]] for c in cols]
+            offs = [[_elem_offset(t, b) for t in c] if c is not None else [0] * len(idx)
+                    for c, b in zip(cols, bases)]
+            numels = [params[i].numel() for i in idx]
+            c_t, c_s = [], []
+            for j, n in enumerate(numels):
+                nc = -(-n // self.chunk)  # empty tensors contribute no chunk
+                c_t.extend([j] * nc)
+                c_s.extend(range(0, nc * self.chunk, self.chunk))
+            tensors = [t for c in cols if c is not None for t in c]
+            align = _alignment(tensors, numels, min(t.element_size() for t in tensors))
+            dev = self.device
+            self.groups.append(dict(
+                idx=idx, whole=idx == list(range(len(params))), dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
+                numel_sum=sum(numels),
+                off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
+                numel_tab=torch.tensor(numels, dtype=torch.int64).to(dev),
+                c_t=torch.tensor(c_t, dtype=torch.int32).to(dev), c_s=torch.tensor(c_s, dtype=torch.int64).to(dev),
+                n_chunks=len(c_t), align=align, min_elsize=min(t.element_size() for t in tensors)))
+
+    def run(self, g1, thr, *, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max):
+        parts = []
+        for grp in self.groups:
+            idx = grp["idx"]
+            pdt, t0dt, g0dt, ldt = grp["dtypes"]
+            align = grp["align"]
+            if g1 is not None:
+                g1s = g1 if grp["whole"] else [g1[i] for i in idx]
+                base_g1 = g1s[0]
+                g1dt = base_g1.dtype
+                esz = base_g1.element_size()
+                # gradients of one group's params share their dtype (torch enforces .grad's dtype)
+                ptrs = list(map(torch.Tensor.data_ptr, g1s))
+                b = ptrs[0]
+                if any(p & 15 for p in ptrs):
+                    align = 1   # this call's gradients are not all 16-byte aligned
+                    if any(p % esz for p in ptrs):
+                        raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
+                g1_off = torch.frombuffer(array("q", [(p - b) // esz for p in ptrs]), dtype=torch.int64)
+                g1_off = g1_off.to(self.device, non_blocking=True)
+            else:
+                base_g1, g1dt, g1_off = grp["bases"][0], None, grp["numel_tab"]   # unused by the kernel
+            n_chunks = grp["n_chunks"]
+            grid = min(max(min(n_chunks, self.max_prog), -(-grp["numel_sum"] // _MAX_PER_PROGRAM)), n_chunks)
+            cdt = torch.float64 if pdt == torch.float64 else torch.float32
+            out = torch.empty((grid, 12), dtype=cdt, device=self.device)
+            thr_tab = thr[idx] if thr is not None else grp["numel_tab"]  # dummy pointer when unused
+            bp, bt0, bg0, bl = grp["bases"]
+            _extrapolate_kernel[(grid,)](
+                bp, bt0, bg0, base_g1, bl, grp["off_tab"], g1_off, grp["numel_tab"], thr_tab,
+                grp["c_t"], grp["c_s"], n_chunks, out,
+                float(alpha), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
+                K / 2 + 1.0, K=int(K),
+                P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], G0_DT=_TL_DTYPES[g0dt or torch.float32],
+                G1_DT=_TL_DTYPES[g1dt or torch.float32], L_DT=_TL_DTYPES[ldt or bl.dtype],
+                C_DT=_TL_DTYPES[cdt], HAS_GRAD=g1 is not None, HAS_LOWP=ldt is not None,
+                USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed",
+                LIB_POW=self.lib_pow, ALIGN=align, CHUNK=self.chunk, BLOCK=self.block,
+                num_warps=4)
+            parts.append(out.double())
+        return _combine(parts, self.device)
 
 
-def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, *, alpha, K, clip_coef0, clip_coef1,
-                        scale_formula, delta, r_min, r_max) -> torch.Tensor:
-    device = params[0].device
-    block, chunk, max_prog = _launch_config(device)
-    has_grad = g0 is not None
-    groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        key = (p.dtype, theta0[i].dtype, g0[i].dtype if has_grad else None, g1[i].dtype if has_grad else None,
-               lowp_out[i].dtype if lowp_out is not None and lowp_out[i] is not None else None)
-        groups.setdefault(key, []).append(i)
-    parts = []
-    for (pdt, t0dt, g0dt, g1dt, ldt), idx in groups.items():
-        rows = [(params[i].data_ptr(), theta0[i].data_ptr(), g0[i].data_ptr() if has_grad else 0,
-                 g1[i].data_ptr() if has_grad else 0, lowp_out[i].data_ptr() if ldt is not None else 0)
-                for i in idx]
-        numels = [params[i].numel() for i in idx]
-        ptr_tab, numel_tab, c_t, c_s = _group_metadata(rows, numels, device, chunk)
-        n_chunks = c_t.numel()
-        grid = max(min(n_chunks, max_prog), -(-sum(numels) // _MAX_PER_PROGRAM))
-        grid = min(grid, n_chunks)
-        cdt = torch.float64 if pdt == torch.float64 else torch.float32
-        out = torch.empty((grid, 12), dtype=cdt, device=device)
-        thr_tab = thr[idx] if thr is not None else numel_tab  # dummy pointer when unused
-        _extrapolate_kernel[(grid,)](
-            ptr_tab, numel_tab, thr_tab, c_t, c_s, n_chunks, out,
-            float(alpha), int(K), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
-            K / 2 + 1.0,
-            P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], G0_DT=_TL_DTYPES[g0dt or torch.float32],
-            G1_DT=_TL_DTYPES[g1dt or torch.float32], L_DT=_TL_DTYPES[ldt or torch.float32],
-            C_DT=_TL_DTYPES[cdt], HAS_GRAD=has_grad, HAS_LOWP=ldt is not None,
-            USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", CHUNK=chunk, BLOCK=block,
-            num_warps=4)
-        parts.append(out.double())
-    return _combine(parts, device)
+def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
+    d = t.data_ptr() - base.data_ptr()
+    if d % t.element_size():
+        raise ValueError("extrapolate_: tensors of one dtype group are not element-aligned to each other")
+    return d // t.element_size()
+
+
+def _alignment(tensors, numels, min_elsize) -> int:
+    """ALIGN in elements: 16 bytes of the smallest dtype when every tensor starts on a 16-byte boundary and every
+    numel is a multiple of it (then each list's accesses can be 16 bytes wide), else 1."""
+    a = 16 // min_elsize
+    if all(t.data_ptr() % 16 == 0 for t in tensors) and all(n % a == 0 for n in numels):
+        return a
+    return 1
+
+
+def _plan_for(params, theta0, g0, lowp_out) -> "_Plan":
+    """The cached plan of this layout: keyed by the identity and address of every tensor of the static lists
+    (a tensor freed and another allocated at its address is a different object, so it misses)."""
+    key = _layout_key(params, theta0, g0, lowp_out)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _Plan(params, theta0, g0, lowp_out, g0 is not None)
+        _PLAN_CACHE[key] = plan
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    return plan
+
+
+def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, **kw) -> torch.Tensor:
+    return _plan_for(params, theta0, g0, lowp_out).run(g1, thr, **kw)
+
+
+class ExtrapolationPlan:
+    """``extrapolate_`` prepared for repeated calls over the same params / theta0 / g0 / lowp_out (an update rule's
+    parameters and buffers): everything about these lists is validated and tabulated once, so a call only reads
+    g1's addresses (fresh gradient tensors every pass) and launches.
+
+    ``plan(g1, alpha=..., K=..., ...)`` takes the remaining arguments of ``extrapolate_`` and returns its stats.
+    Contract: the static lists and their tensors stay as they were (same objects, same storage; rebuild the
+    plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] is the gradient of
+    params[i] (same numel, contiguous; only its count, dtype and addresses are checked per call). On the CPU the
+    plan forwards to ``extrapolate_`` (the C++ op checks its inputs itself at negligible cost).
+    """
+
+    def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto"):
+        _validate(params, theta0, g0, g0, lowp_out, 0.5, 2, "horner")
+        self.params, self.theta0, self.g0, self.lowp_out = list(params), list(theta0), g0, lowp_out
+        self.backend = extrapolate_backend(backend, params[0].device) if len(params) else "torch"
+        self._plan = _Plan(params, theta0, g0, lowp_out, g0 is not None) \
+            if self.backend == "triton" and len(params) else None
+
+    def __call__(self, g1, *, alpha: float, K: int, clip_coef0: float = 1.0, clip_coef1: float = 1.0,
+                 scale_formula: str = "horner", inactive_threshold: Optional[float] = None, delta: float = 1e-8,
+                 r_min: float = -2.0, r_max: float = 3.0) -> torch.Tensor:
+        kw = dict(alpha=alpha, K=K, clip_coef0=clip_coef0, clip_coef1=clip_coef1, scale_formula=scale_formula,
+                  inactive_threshold=inactive_threshold, delta=delta, r_min=r_min, r_max=r_max)
+        if self._plan is None:
+            return extrapolate_(self.params, self.theta0, self.g0, g1, lowp_out=self.lowp_out,
+                                backend=self.backend, **kw)
+        if (g1 is None) != (self.g0 is None) or (g1 is not None and len(g1) != len(self.params)):
+            raise ValueError("ExtrapolationPlan: g1 must have one tensor per param (None iff the plan has no g0)")
+        if isinstance(K, bool) or not isinstance(K, int) or K < 2 or scale_formula not in SCALE_FORMULAS:
+            raise ValueError(f"K must be an int >= 2 and scale_formula one of {SCALE_FORMULAS}")
+        thr = None
+        if inactive_threshold is not None and self.g0 is not None:
+            thr = _thresholds(self.g0, float(inactive_threshold))
+        kw.pop("inactive_threshold")
+        return self._plan.run(g1, thr, **{**kw, "alpha": float(alpha)})
 
 
 def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
@@ -218,7 +334,7 @@ def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
         st = torch.zeros(N_STATS, dtype=torch.float64, device=device)
         st[-1] = 1.0
         return st
-    allp = torch.cat(list(parts), 0)
+    allp = parts[0] if len(parts) == 1 else torch.cat(list(parts), 0)
     return torch.cat([allp[:, :-1].sum(0), allp[:, -1:].max(0).values])
 
 
@@ -271,18 +387,77 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
                 raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {dev}")
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous")
+    _check_no_alias(params, theta0, g0, g1, lowp_out)
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in EXTRAPOLATE_BACKENDS:
-        raise ValueError(f"backend must be one of {EXTRAPOLATE_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpp"
-    if backend == "triton" and device.type != "cuda" and not triton_interpret():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
-    return backend
+_VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> None:
+    """``_validate`` once per layout of the static lists (params, theta0, g0, lowp_out: identity and address of
+    every tensor, see ``_plan_for``); on later calls with the same layout only g1 (fresh gradients every pass)
+    is checked: count, numel, contiguity, device."""
+    if isinstance(params, (list, tuple)) and isinstance(theta0, (list, tuple)) and \
+            (g0 is None or isinstance(g0, (list, tuple))) and (lowp_out is None or isinstance(lowp_out, (list, tuple))):
+        key = _layout_key(params, theta0, g0, lowp_out)
+        hit = _VALIDATED.get(key)
+        if hit is not None and (g0 is None) == (g1 is None):
+            numels, dev = hit
+            if isinstance(K, bool) or not isinstance(K, int) or K < 2 or not math.isfinite(float(alpha)) or \
+                    scale_formula not in SCALE_FORMULAS:
+                return _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+            if g1 is None:
+                return
+            if isinstance(g1, (list, tuple)) and len(g1) == len(numels) and \
+                    list(map(torch.Tensor.numel, g1)) == numels and all(map(torch.Tensor.is_contiguous, g1)) and \
+                    set(map(_DTYPE, g1)) <= _TL_DTYPES.keys() and set(map(_DEVICE, g1)) == {dev}:
+                return
+    else:
+        key = None
+    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    if key is not None and len(params):
+        _VALIDATED[key] = ([p.numel() for p in params], params[0].device)
+        if len(_VALIDATED) > _PLAN_CACHE_SIZE:
+            _VALIDATED.popitem(last=False)
+
+
+def _layout_key(params, theta0, g0, lowp_out) -> tuple:
+    lists = [params, theta0] + ([g0] if g0 is not None else [])
+    key = (g0 is not None, lowp_out is not None) + tuple(
+        (tuple(map(id, ts)), tuple(map(torch.Tensor.data_ptr, ts))) for ts in lists)
+    if lowp_out is not None:
+        key += ((tuple(map(id, lowp_out)), tuple(t.data_ptr() if t is not None else 0 for t in lowp_out)),)
+    return key
+
+
+def _check_no_alias(params, theta0, g0, g1, lowp_out) -> None:
+    """Refuse a written tensor (params, lowp_out) whose memory overlaps any other tensor of the call: the move
+    would be applied twice, or read after it was written (e.g. one tensor passed twice, params[i] a view of
+    theta0[j], two params sharing storage). Read-only inputs may share memory with each other."""
+    spans = []   # (start, end, written, name) byte ranges; every tensor is contiguous here
+    lists = [("params", params, True), ("theta0", theta0, False), ("g0", g0, False), ("g1", g1, False),
+             ("lowp_out", lowp_out, True)]
+    for name, ts, written in lists:
+        if ts is None:
+            continue
+        for i, t in enumerate(ts):
+            if t is not None and t.numel():
+                a = t.data_ptr()
+                spans.append((a, a + t.numel() * t.element_size(), written, f"{name}[{i}]"))
+    spans.sort()
+    reach, owner = -1, None   # furthest end so far and the span that reaches it
+    for a, e, w, nm in spans:
+        if owner is not None and a < reach and (w or owner[1]):
+            raise ValueError(f"extrapolate_: {nm} overlaps {owner[0]} in memory; the in-place move needs "
+                             "distinct, non-overlapping tensors (pass a copy)")
+        if e > reach:
+            reach, owner = e, (nm, w)
+
+
+def extrapolate_backend(backend: str, device) -> str:
+    """The backend ``extrapolate_`` runs for ``backend`` on ``device`` ("auto": CUDA -> triton, CPU -> cpp)."""
+    return resolve_backend(backend, device, choices=EXTRAPOLATE_BACKENDS, cpu="cpp", interpret=False)
 
 
 @torch.no_grad()
@@ -314,11 +489,11 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]
     """
-    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
     if len(params) == 0:
         return _combine([], torch.device("cpu"))
     device = params[0].device
-    be = _resolve(backend, device)
+    be = extrapolate_backend(backend, device)
     thr = None
     if inactive_threshold is not None and g0 is not None:
         if not float(inactive_threshold) >= 0:

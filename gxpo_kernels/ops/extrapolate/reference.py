@@ -1,11 +1,15 @@
 """PyTorch reference of the GXPO in-place extrapolation (spec §2): the executable spec the kernels are tested against.
 
 Per coordinate, with ĝ0 = clip_coef0·g0 and ĝ1 = clip_coef1·g1:
-    r     = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ))        (sgn 0 = +1), inactive coords r = 1, NaN -> 1, clamp [r_min, r_max]
+    r     = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ))        (sgn 0 = +1), NaN -> 1, clamp [r_min, r_max]
     scale = clamp(S_K(r) / S_2(r), 1, K/2 + 1)  S_n(r) = 1 + r + ... + r^(n-1)
+    inactive coordinates (|g0| <= the tensor's threshold): r = 1 and scale = 1 ("neutral retention": they keep
+    the observed two-step displacement, as in the authors' code)
     θ̃     = θ0 + α·scale·(θ2 − θ0)             written into ``params`` (θ2) in place, optionally into ``lowp_out``
 Horner form: for even K, S_K/S_2 = S_{K/2}(r²) (a polynomial, exact, no 0/0 at r = −1); for odd K, S_K(r)/(1+r).
-``scale_formula="closed"`` reproduces the authors' guarded closed form (1−r^K)/(1−r+δ) / ((1−r²)/(1−r+δ) + δ).
+``scale_formula="closed"`` reproduces the authors' guarded closed form (1−r^K)/(1−r+δ) / ((1−r²)/(1−r+δ) + δ)
+with r^K from ``torch.pow`` (as they call it; ``pow`` differs from repeated multiplication in the last bit), so
+this form reproduces their update bit for bit; it gives 1 where r == 1 exactly (Horner: K/2).
 With ``g0 = g1 = None`` the op is the plain partial move θ0 + α·(θ2 − θ0) (SFPO's reposition; scale ≡ 1).
 
 Stats (one float64 vector, layout ``STAT_NAMES``; every entry is a SUM over all coordinates except the last,
@@ -39,9 +43,7 @@ def _scale_horner(r: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _scale_closed(r: torch.Tensor, K: int, delta: float) -> torch.Tensor:
-    rk = r
-    for _ in range(K - 1):
-        rk = rk * r
+    rk = torch.pow(r, K)
     den = (1.0 - r) + delta
     s_k = (1.0 - rk) / den
     s_2 = (1.0 - r * r) / den
@@ -100,6 +102,7 @@ def extrapolate_ref_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tens
             a1 = g1[i].reshape(-1).to(cdt) * clip_coef1
             sgn = torch.where(a0 >= 0, 1.0, -1.0).to(cdt)
             r = a1 / (sgn * torch.maximum(a0.abs(), torch.tensor(delta, dtype=cdt, device=p.device)))
+            inact = None
             if thresholds is not None:
                 inact = g0[i].reshape(-1).to(cdt).abs() <= thresholds[i]
                 r = torch.where(inact, torch.ones_like(r), r)
@@ -107,6 +110,8 @@ def extrapolate_ref_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tens
             r = torch.where(torch.isnan(r), torch.ones_like(r), r)
             r = torch.clamp(r, r_min, r_max)
             scale = retention_scale(r, K, scale_formula, delta)
+            if inact is not None:                       # neutral retention
+                scale = torch.where(inact, torch.ones_like(scale), scale)
             new = t0 + (alpha * scale) * d
             bad |= ~torch.isfinite(a0) | ~torch.isfinite(a1)
             stats[STAT_INDEX["sum_r"]] += r.double().sum()

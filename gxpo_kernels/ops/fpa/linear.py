@@ -9,7 +9,7 @@ It shares the tiling of the fused-linear GRPO head (``linear_token_logprobs``):
     with ``tl.dot`` (the same ``_logits_tile`` helper), keeps three online log-sum-exps and three target
     logits per token, and a tiny torch epilogue merges the vocab splits. Only O(N) fp32 statistics are kept.
   * Backward: gradient flows only through ``logp`` (into hidden, weight, bias), so it *is* the fused-linear
-    head's backward with no entropy term: ``linear_token_stats_bwd`` (atomics, or ``deterministic=True``).
+    head's backward with no entropy term: ``linear_token_stats_bwd`` (d(logits) chunks and library GEMMs).
   * torch: chunks over tokens (fp32 logits of one chunk at a time, both sides); also the path on CPU tensors.
 Masked rows are dropped before any GEMM work and come back as 0. Reference: ``fpa_logprobs_ref.py`` on
 materialised logits.
@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
                       triton_interpret)
+from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
+                                 _kernel_flags, _logits_tile, linear_token_stats_bwd, make_head_config,
+                                 validate_head, vocab_splits)
 from .logprobs import check_lam_temperature
-from ..fused_head.engine import (_NEG, _HeadConfig, _chunk_logits, _chunk_rows, _kernel_flags,
-                                    _logits_tile, linear_token_stats_bwd, make_head_config, validate_head,
-                                    vocab_splits)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -197,7 +197,7 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
         tokens: (B, T) token ids in [0, V) where ``mask`` is set.
         lam, temperature: as in ``fpa_logprobs``. mask: optional bool/0-1 (B, T); masked rows cost no GEMM work.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows hidden/weight dtypes to differ).
-        deterministic: fixed-order gradient accumulation in the Triton backward (no atomics).
+        deterministic: bitwise reproducible gradients (always the case: no atomics in either backend).
         chunk_size: token rows per chunk of the torch backend (None: ~4M logits per side and chunk).
         backend: "auto" (Triton on CUDA / under TRITON_INTERPRET=1, else torch) | "triton" | "torch".
 
@@ -224,17 +224,9 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
 
     h2, hr2, y1 = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), tokens.reshape(-1)
-    all_rows = bool(m.all())
-    idx = None if all_rows else m.nonzero().squeeze(1)
-
-    def rows(x):
-        return (x if all_rows else x.index_select(0, idx)).contiguous()
-
+    rows = MaskedRows(m)
     out = LinearFPALogprobsFunction.apply(
-        rows(h2), weight.contiguous(), None if bias is None else bias.contiguous(), rows(hr2).detach(),
-        ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach().contiguous(), rows(y1),
-        1.0 / temperature, lam, cfg)
-    if not all_rows:
-        zero = torch.zeros(h2.shape[0], dtype=torch.float32, device=hidden.device)
-        out = tuple(zero.index_put((idx,), x) for x in out)
-    return tuple(x.view(lead) for x in out)
+        rows.take(h2), weight.contiguous(), None if bias is None else bias.contiguous(), rows.take(hr2).detach(),
+        ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach().contiguous(),
+        rows.take(y1), 1.0 / temperature, lam, cfg)
+    return tuple(rows.put(x).view(lead) for x in out)

@@ -1,5 +1,2 @@
-"""Fused linear head (hidden @ W.T + b never materialised): ``engine.py`` holds the Triton/PyTorch engine shared
-by ``linear_grpo_loss`` and ``linear_fpa_logprobs``, and the public ``linear_token_logprobs`` op."""
-from .engine import linear_token_logprobs
-
-__all__ = ["linear_token_logprobs"]
+"""The fused linear head engine (private; ``engine.py``): hidden @ W.T + b is never materialised. The public
+ops built on it are ``linear_token_logprobs``, ``linear_grpo_loss`` and ``linear_fpa_logprobs``."""

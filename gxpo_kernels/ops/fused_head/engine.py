@@ -1,5 +1,6 @@
-"""Per-token log-prob and entropy straight from hidden states: z = (hidden @ weight.T + bias) / T, never
-materialising the (tokens x vocab) logits.
+"""The fused linear head engine (private): per-token log-prob and entropy straight from hidden states,
+z = (hidden @ weight.T + bias) / T, never materialising the (tokens x vocab) logits. Shared by the public ops
+``linear_token_logprobs`` (``logprobs/linear.py``), ``linear_grpo_loss`` and ``linear_fpa_logprobs``.
 
     logp[n] = z[n, y_n] - lse(z[n]),   entropy[n] = lse(z[n]) - sum_v p[n, v] z[n, v],   p = softmax(z[n])
 
@@ -18,7 +19,7 @@ gradient accumulators and one bounded chunk of logits, independent of N*V):
     extra memory is one d(logits) chunk of ~2^28 entries, or ``chunk_size`` rows).
   * torch: chunks over tokens; per chunk fp32 logits, statistics, and in backward the recomputed chunk's
     d(logits) feeding two GEMMs into fp32 accumulators. It is the reference the kernels are tested against.
-Reference on materialised logits: ``grpo_loss_ref.token_logprobs_ref``.
+Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_ref``.
 """
 from __future__ import annotations
 
@@ -29,9 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range,
-                      resolve_backend, triton_interpret)
-from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
+from ..._utils import check_same_device, check_shape, check_tensor, resolve_backend, triton_interpret
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -399,60 +398,26 @@ def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
 
 
-def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                          temperature: float = 1.0, *, bias: Optional[torch.Tensor] = None,
-                          mask: Optional[torch.Tensor] = None, compute_entropy: bool = True,
-                          fp32_head: bool = False, deterministic: bool = False, chunk_size: Optional[int] = None,
-                          check_finite: bool = False, backend: str = "auto"
-                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token log-prob and entropy of ``tokens`` under softmax((hidden @ weight.T + bias) / temperature).
+class MaskedRows:
+    """The unmasked rows of a flat (N,) bool mask, so masked rows cost no GEMM work: ``take`` gathers a (N, ...)
+    tensor's kept rows (contiguous), ``put`` scatters per-row results back to (N,) with 0 at masked rows
+    (differentiable). With every row kept both are identities (no copy beyond ``contiguous``)."""
 
-    Args:
-        hidden: (N, H) or (B, T, H) final hidden states; row n scores ``tokens[n]``.
-        weight: (V, H) lm_head weight (same dtype as ``hidden`` unless ``fp32_head``); bias: (V,) or None.
-        tokens: (N,) or (B, T) int64/int32 ids in [0, V) at unmasked positions.
-        temperature: logits are divided by it.
-        mask: optional bool/0-1 of the token shape; masked rows are skipped (no GEMM work) and get 0.
-        compute_entropy: return the full-distribution entropy (else ``None``).
-        fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
-        deterministic: bitwise reproducible gradients (always the case now: no atomics in either backend).
-        chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
-            hidden or weight. backend: "auto" | "triton" | "torch".
-    Returns:
-        (logp, entropy), fp32 of the token shape; differentiable w.r.t. hidden, weight and bias. Under
-        ``torch.no_grad()`` nothing is saved (the fast path for old/reference log-probs).
+    def __init__(self, m1: torch.Tensor):
+        self.n = m1.shape[0]
+        self.idx = None if bool(m1.all()) else m1.nonzero().squeeze(1)
 
-    Example::
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return (x if self.idx is None else x.index_select(0, self.idx)).contiguous()
 
-        logp, ent = linear_token_logprobs(h, model.lm_head.weight, ids, temperature=0.7, mask=completion_mask)
-    """
-    validate_head(hidden, weight, bias, fp32_head)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    shape = hidden.shape[:-1]
-    check_tensor(tokens, "tokens", ndim=len(shape))
-    check_shape(tokens, "tokens", shape)
-    check_same_device(hidden, "hidden", tokens=tokens, mask=mask)
-    from ..._utils import normalize_mask
-    m = normalize_mask(mask, shape, hidden.device)
-    check_tokens_in_range(tokens, weight.shape[0], m)
-    if check_finite:
-        _check_finite(hidden, "hidden")
-        _check_finite(weight, "weight")
-    cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
-    logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
-                                 m.reshape(-1), 1.0 / float(temperature), cfg)
-    logp = logp.view(shape)
-    return logp, (ent.view(shape) if compute_entropy else None)
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.idx is None else x.new_zeros(self.n).index_put((self.idx,), x)
 
 
 def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
     """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
-    all_rows = bool(m1.all())
-    idx = None if all_rows else m1.nonzero().squeeze(1)
-    h_sel = h2 if all_rows else h2.index_select(0, idx)
-    y_sel = (tokens1 if all_rows else tokens1.index_select(0, idx)).contiguous()
-    h_sel, w = h_sel.contiguous(), weight.contiguous()
+    rows = MaskedRows(m1)
+    h_sel, y_sel, w = rows.take(h2), rows.take(tokens1), weight.contiguous()
     b = None if bias is None else bias.contiguous()
     if grad_enabled is None:
         grad_enabled = torch.is_grad_enabled() and any(
@@ -462,7 +427,4 @@ def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Op
     else:
         with torch.no_grad():
             _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
-    if all_rows:
-        return logp, ent
-    z = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
-    return z.index_put((idx,), logp), z.index_put((idx,), ent)
+    return rows.put(logp), rows.put(ent)

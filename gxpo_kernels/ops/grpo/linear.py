@@ -18,8 +18,8 @@ from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from .._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
-from ..fused_head.engine import (linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                    token_stats_rows, validate_head)
+from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
+                                 token_stats_rows, validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -39,21 +39,14 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def _loss_with_grads_in_forward(h2, weight, bias, y1, m1, inv_t, cfg, B, T, loss_fn, entropy_needed):
     """Forward statistics, the loss on detached per-token leaves, then the head's backward at once."""
-    all_rows = bool(m1.all())
-    idx = None if all_rows else m1.nonzero().squeeze(1)
-    h = (h2 if all_rows else h2.index_select(0, idx)).contiguous()
-    y = (y1 if all_rows else y1.index_select(0, idx)).contiguous()
+    rows = MaskedRows(m1)
+    h, y = rows.take(h2), rows.take(y1)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
     lse, ent, logp = linear_token_stats_fwd(h, w, b, y, inv_t, cfg)
     with torch.enable_grad():
         lp_leaf = logp.requires_grad_(True)
         ent_leaf = ent.requires_grad_(entropy_needed)
-        if idx is None:
-            lp_full, ent_full = lp_leaf, ent_leaf
-        else:
-            z = torch.zeros(B * T, dtype=torch.float32, device=h.device)
-            lp_full, ent_full = z.index_put((idx,), lp_leaf), z.index_put((idx,), ent_leaf)
-        loss, metrics = loss_fn(lp_full.view(B, T), ent_full.view(B, T))
+        loss, metrics = loss_fn(rows.put(lp_leaf).view(B, T), rows.put(ent_leaf).view(B, T))
         grads = torch.autograd.grad(loss, [lp_leaf] + ([ent_leaf] if entropy_needed else []), allow_unused=True)
     dlogp = grads[0] if grads[0] is not None else torch.zeros_like(lse)
     need = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad)
@@ -93,7 +86,8 @@ def linear_grpo_loss(
             buffer to overwrite here, so it changes nothing.
         check_finite: raise ValueError if hidden/weight or the per-token log-probs are NaN/inf.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows a bf16 hidden with an fp32 weight).
-        deterministic: bitwise reproducible gradients (no atomics). chunk_size: torch-backend tokens/chunk.
+        deterministic: bitwise reproducible gradients (always the case: no atomics). chunk_size: token rows
+            per chunk of the torch backend and of the Triton backward's d(logits) buffer.
         grad_in_forward: run the head's backward during forward and keep d(hidden), d(weight), d(bias) (O(N*H +
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen

@@ -9,14 +9,7 @@ from typing import Dict, Tuple
 
 import torch
 
-
-def token_logprobs_ref(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
-    """log pi(tokens) and the full-distribution entropy per position, in float64. Shapes (B, T, V) -> (B, T)."""
-    z = logits.double() / temperature
-    logprobs = torch.log_softmax(z, dim=-1)
-    logp = logprobs.gather(-1, tokens.long().clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, entropy
+from ..logprobs.reference import token_logprobs_ref
 
 
 def group_advantages_ref(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6):

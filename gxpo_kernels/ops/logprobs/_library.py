@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .op import token_logprobs_bwd, token_logprobs_fwd
+from .kernel import token_logprobs_bwd, token_logprobs_fwd
 
 
 @torch.library.custom_op("gxpo::token_logprobs_fwd", mutates_args=())

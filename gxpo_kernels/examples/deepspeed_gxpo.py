@@ -1,10 +1,10 @@
 """GXPO (or SFPO) with the fused GRPO loss inside DeepSpeed ZeRO-2 / ZeRO-3, on a tiny random Qwen2.
 
 Launch (CPU, gloo; 2 processes):
-    torchrun --nproc_per_node 2 examples/deepspeed_gxpo.py --config examples/ds_zero3.json
-    torchrun --nproc_per_node 2 examples/deepspeed_gxpo.py --config examples/ds_zero2.json --algo sfpo
+    torchrun --nproc_per_node 2 -m gxpo_kernels.examples.deepspeed_gxpo --config ds_zero3.json
+    torchrun --nproc_per_node 2 -m gxpo_kernels.examples.deepspeed_gxpo --config ds_zero2.json --algo sfpo
 GPUs (NCCL):
-    deepspeed --num_gpus 2 examples/deepspeed_gxpo.py --config examples/ds_zero3.json
+    deepspeed --num_gpus 2 --module gxpo_kernels.examples.deepspeed_gxpo --config ds_zero3.json
 
 Toy task (no data, no tokenizer): the prompt is 4 random digits, the completion is 6 sampled tokens, and the
 reward is the fraction of completion tokens equal to the prompt's first digit. Every rank samples its own
@@ -16,6 +16,7 @@ Set ``DS_ACCELERATOR=cpu`` on machines without GPUs (DeepSpeed then uses gloo).
 """
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -25,6 +26,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from gxpo_kernels.advantages import group_advantages
+from gxpo_kernels.examples import config_path
 from gxpo_kernels.integrations import deepspeed as gds
 
 V, PROMPT, COMPLETION = 16, 4, 6
@@ -52,7 +54,7 @@ def rollout(lm, prompts: torch.Tensor, G: int, dtype) -> torch.Tensor:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="examples/ds_zero3.json")
+    ap.add_argument("--config", default="ds_zero3.json", help="a DeepSpeed JSON file, or the name of a shipped one")
     ap.add_argument("--algo", choices=("gxpo", "sfpo"), default="gxpo")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -64,7 +66,8 @@ def main():
 
     deepspeed.init_distributed()                            # gloo on CPU, NCCL on GPUs
     rank = torch.distributed.get_rank()
-    with open(args.config) as f:
+    path = args.config if os.path.exists(args.config) else config_path(args.config)
+    with open(path) as f:
         cfg = json.load(f)
     gas = cfg["gradient_accumulation_steps"]
     n = args.prompts * args.group

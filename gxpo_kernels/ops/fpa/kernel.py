@@ -1,0 +1,159 @@
+"""FPA log-probs kernels: log pi_theta(y), log pi_ref(y) and log pi_hat(y) in one streaming pass.
+
+With h = logits / temperature, the future policy is pi_hat = softmax((1 + lam) * h_theta - lam * h_ref), i.e.
+pi_hat ∝ pi_theta^(1+lam) * pi_ref^(-lam). One program per token row walks the vocabulary once over both
+logits and keeps three online log-sum-exps, so the extrapolated logits are never materialised.
+
+Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
+upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
+through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
+and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration: ``_library.py``; public
+function: ``logprobs.py``. Paper: arXiv 2509.19893.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._utils import triton_interpret
+from ..logprobs.kernel import _LN2, _LOG2E, _lse_group_step, _num_warps, _vec
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
+_TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB temporaries: cache-resident and reused by malloc
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _fpa_step(p_l, p_r, o_g, c, lam, m1, s1, m2, s2, m3, s3, mask, MASKED: tl.constexpr):
+    """One (groups, VEC) tile of both logits rows into the three per-group online log-sum-exps (base 2)."""
+    if MASKED:   # ragged tail: padding reads as -inf and adds nothing
+        x_h = tl.load(p_l + o_g, mask=mask, other=float("-inf")).to(tl.float32)
+        x_r = tl.load(p_r + o_g, mask=mask, other=float("-inf")).to(tl.float32)
+        x_f = tl.where(mask, (1.0 + lam) * x_h - lam * x_r, float("-inf"))
+    else:
+        x_h = tl.load(p_l + o_g).to(tl.float32)
+        x_r = tl.load(p_r + o_g).to(tl.float32)
+        x_f = (1.0 + lam) * x_h - lam * x_r
+    m1, s1, _ = _lse_group_step(x_h, m1, s1, s1, c, False)
+    m2, s2, _ = _lse_group_step(x_r, m2, s2, s2, c, False)
+    m3, s3, _ = _lse_group_step(x_f, m3, s3, s3, c, False)
+    return m1, s1, m2, s2, m3, s3
+
+
+@triton.jit
+def _lse_finish(m_g, s_g):
+    """Natural-log lse of a row from its per-group base-2 statistics (the one cross-thread combine)."""
+    m = tl.max(m_g, axis=0)
+    return (m + tl.log2(tl.sum(s_g * tl.exp2(m_g - m), axis=0))) * _LN2
+
+
+@triton.jit(do_not_specialize=["V", "lam", "temperature"])
+def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_logp, p_fpa_logp, p_lse,
+                             stride_l, stride_r, V, lam, temperature,
+                             HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    i_row = tl.program_id(0).to(tl.int64)
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(p_mask + i_row) != 0
+    if valid:
+        p_l = p_logits + i_row * stride_l
+        p_r = p_ref + i_row * stride_r
+        # (BLOCK_V / VEC, VEC) tiles: each group of VEC contiguous logits belongs to one thread and keeps its
+        # own running statistics for the whole row; the finite start avoids exp(-inf - (-inf)) = NaN
+        G: tl.constexpr = BLOCK_V // VEC
+        o_g = tl.arange(0, G)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        c = _LOG2E / temperature
+        m1 = tl.full([G], -1.0e30, tl.float32)
+        m2 = tl.full([G], -1.0e30, tl.float32)
+        m3 = tl.full([G], -1.0e30, tl.float32)
+        s1 = tl.zeros([G], tl.float32)
+        s2 = tl.zeros([G], tl.float32)
+        s3 = tl.zeros([G], tl.float32)
+        v_full = V - V % BLOCK_V
+        for v0 in range(0, v_full, BLOCK_V):
+            m1, s1, m2, s2, m3, s3 = _fpa_step(p_l + v0, p_r + v0, o_g, c, lam, m1, s1, m2, s2, m3, s3,
+                                               None, False)
+        if v_full < V:
+            m1, s1, m2, s2, m3, s3 = _fpa_step(p_l + v_full, p_r + v_full, o_g, c, lam, m1, s1, m2, s2, m3, s3,
+                                               v_full + o_g < V, True)
+        lse1 = _lse_finish(m1, s1)
+        lse2 = _lse_finish(m2, s2)
+        lse3 = _lse_finish(m3, s3)
+        tok = tl.load(p_tokens + i_row).to(tl.int64)
+        t_h = tl.load(p_l + tok).to(tl.float32) / temperature
+        t_r = tl.load(p_r + tok).to(tl.float32) / temperature
+        t_x = (1.0 + lam) * t_h - lam * t_r
+        tl.store(p_logp + i_row, t_h - lse1)
+        tl.store(p_ref_logp + i_row, t_r - lse2)
+        tl.store(p_fpa_logp + i_row, t_x - lse3)
+        tl.store(p_lse + i_row, lse1)
+    else:
+        tl.store(p_logp + i_row, 0.0)
+        tl.store(p_ref_logp + i_row, 0.0)
+        tl.store(p_fpa_logp + i_row, 0.0)
+        tl.store(p_lse + i_row, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ host launchers
+def _launch_cfg(V: int):
+    # interpreter: wider blocks mean fewer (slow, serial) loop iterations; GPU: 4096 lanes fit registers
+    cap = 8192 if triton_interpret() else 4096
+    block_v = min(triton.next_power_of_2(V), cap)
+    return block_v, _num_warps(block_v)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(*, V) -> (N, V) with unit stride along V (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torch.Tensor,
+                     mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
+    """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,) fp32)."""
+    N, V = logits2d.shape
+    if backend == "torch":
+        return _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature)
+    # four separate buffers (not views of one) so autograd never sees outputs that alias each other
+    out = [torch.empty(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    if N == 0:
+        return tuple(out)
+    block_v, warps = _launch_cfg(V)
+    m = mask1d if mask1d is not None else tokens1d  # dummy pointer when HAS_MASK is False
+    _fpa_logprobs_fwd_kernel[(N,)](
+        logits2d, ref2d, tokens1d, m, out[0], out[1], out[2], out[3],
+        logits2d.stride(0), ref2d.stride(0), V, float(lam), float(temperature),
+        HAS_MASK=mask1d is not None, BLOCK_V=block_v, VEC=min(_vec(logits2d, block_v), _vec(ref2d, block_v)),
+        num_warps=warps)
+    return out[0], out[1], out[2], out[3]
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
+
+
+def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
+    # same math as the kernel, chunked over rows so fp32 temporaries stay bounded
+    N, V = logits2d.shape
+    out = [torch.zeros(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    idx = tokens1d.long().clamp(0, max(V - 1, 0)).unsqueeze(-1)
+    step = _chunk_rows(V)
+    for r0 in range(0, N, step):
+        sl = slice(r0, r0 + step)
+        h = logits2d[sl].float() / temperature
+        r = ref2d[sl].float() / temperature
+        x = (1.0 + lam) * h - lam * r
+        lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
+        i = idx[sl]
+        out[0][sl] = h.gather(-1, i).squeeze(-1) - lse1
+        out[1][sl] = r.gather(-1, i).squeeze(-1) - lse2
+        out[2][sl] = x.gather(-1, i).squeeze(-1) - lse3
+        out[3][sl] = lse1
+    if mask1d is not None:
+        for o in out:
+            o.masked_fill_(~mask1d, 0.0)
+    return tuple(out)

@@ -1,0 +1,388 @@
+"""The authors' semantics and atomic steps (GXPO and SFPO).
+
+Guards: every exception (each pass of the closure, a library check, the optimizer) rewinds parameters, optimizer
+state, counters and gate bit for bit; checks before the first optimizer step (non-contiguous, dtype change after
+model.double(), lr = 0 in optimizer-aware mode, frozen-set change); paper_protocol against loops written from
+the authors' code (GXPO over 20 AdamW steps incl. moments and step counts; SFPO with m = 2 mini-batches);
+one-sided / patience / warmup / re-arming gates on scripted sequences; BP counts in fallbacks per option;
+skip_corrective, force_plain, zero_lr="neutral"; load_state_dict refusing other K / alpha / formula.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from gxpo_kernels.update import GXPO, SFPO
+from gxpo_kernels.update.gates import EMAGate, WindowGate
+from tests.update._models import X, Y, loss_fn, mlp
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _closure(model, opt, rule, batch=0, raise_at=None, entropy=None):
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        if raise_at is not None and calls[0] == raise_at:
+            raise Boom("injected")
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss if entropy is None else (loss, entropy)
+    return closure
+
+
+def _state(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+             for i, p in enumerate(model.parameters()) if p in opt.state})
+
+
+def _assert_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert a[1].keys() == b[1].keys()
+    for i in a[1]:
+        assert a[1][i].keys() == b[1][i].keys()
+        for k in a[1][i]:
+            assert torch.equal(torch.as_tensor(a[1][i][k]), torch.as_tensor(b[1][i][k])), (i, k)
+
+
+def _rules():
+    return [("gxpo", lambda o: GXPO(o), 3), ("gxpo_tx", lambda o: GXPO(o, transactional_state=True), 3),
+            ("gxpo_aware", lambda o: GXPO(o, optimizer_aware=True), 3),
+            ("sfpo", lambda o: SFPO(o, K=2), 3), ("sfpo_tx", lambda o: SFPO(o, K=2, transactional_state=True), 3)]
+
+
+@pytest.mark.parametrize("name,make,n_pass", _rules(), ids=[r[0] for r in _rules()])
+@pytest.mark.parametrize("warm", [False, True])
+def test_exception_on_every_pass_rewinds_everything(name, make, n_pass, warm):
+    for raise_at in range(1, n_pass + 1):
+        m = mlp()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        rule = make(opt)
+        if warm:                                          # optimizer state and gate history exist
+            rule.step(_closure(m, opt, rule, batch=2), entropy=1.0)
+        before, counters, gate = _state(m, opt), (rule.total_backward_passes, rule.total_optimizer_steps,
+                                                   rule.outer_steps, rule.fallbacks), rule.gate.state_dict()
+        with pytest.raises(Boom):
+            rule.step(_closure(m, opt, rule, raise_at=raise_at), entropy=1.0)
+        _assert_same(_state(m, opt), before)
+        assert (rule.total_backward_passes, rule.total_optimizer_steps, rule.outer_steps,
+                rule.fallbacks) == counters and rule.gate.state_dict() == gate
+        # and the rule goes on as if the failed step never happened
+        m2, o2 = copy.deepcopy(m), None
+        o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.1)
+        o2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        r2 = make(o2)
+        r2.load_state_dict(rule.state_dict())
+        rule.step(_closure(m, opt, rule), entropy=1.0)
+        r2.step(_closure(m2, o2, r2), entropy=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+def test_exception_in_the_optimizer_and_in_the_extrapolation_rewinds():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt)
+    rule.step(_closure(m, opt, rule))
+    before = _state(m, opt)
+    orig, n = opt.step, [0]
+
+    def flaky(*a, **k):
+        n[0] += 1
+        if n[0] == 2:
+            raise Boom("optimizer")
+        return orig(*a, **k)
+    opt.step = flaky
+    with pytest.raises(Boom):
+        rule.step(_closure(m, opt, rule))
+    del opt.step
+    _assert_same(_state(m, opt), before)
+    rule._extrapolate = lambda *a, **k: (_ for _ in ()).throw(Boom("kernel"))
+    with pytest.raises(Boom):
+        rule.step(_closure(m, opt, rule))
+    _assert_same(_state(m, opt), before)
+
+
+def test_checks_before_the_first_optimizer_step():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate=None)
+    rule.step(_closure(m, opt, rule))
+    rule.step(_closure(m, opt, rule))
+    before = _state(m, opt)
+    w = m[0].weight
+    w.data = w.data.t().contiguous().t()                 # same values, transposed strides
+    with pytest.raises(ValueError, match="not contiguous"):
+        rule.step(_closure(m, opt, rule))
+    _assert_same(_state(m, opt), before)
+    w.data = w.data.contiguous()
+    # optimizer-aware with a warm-up starting at lr = 0: refused before anything moves ...
+    r2 = GXPO(opt, optimizer_aware=True)
+    opt.param_groups[0]["lr"] = 0.0
+    with pytest.raises(ValueError, match="lr > 0"):
+        r2.step(_closure(m, opt, r2))
+    _assert_same(_state(m, opt), before)
+    # ... or neutral: no displacement, no NaN, one AdamW step at lr 0 leaves the parameters
+    r3 = GXPO(opt, optimizer_aware=True, zero_lr="neutral")
+    info = r3.step(_closure(m, opt, r3))
+    assert not info["fell_back"] and info["scale_max"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters()))
+
+
+def test_model_double_and_frozen_set_change_reallocate_buffers():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = GXPO(opt, gate=None)
+    rule.step(_closure(m, opt, rule))
+    m.double()
+    info = rule.step(_closure(m, opt, rule))
+    assert rule._theta0[0].dtype == torch.float64 and rule._g0[0].dtype == torch.float64 and info["active"]
+    m[0].weight.requires_grad_(False)                    # another frozen set, same count of shapes differs
+    m[2].bias.requires_grad_(False)
+    info = rule.step(_closure(m, opt, rule))
+    assert info["active"] and not info["fell_back"] and len(rule._g0) == 2
+
+
+# ---- the authors' semantics -------------------------------------------------------------------------------
+def _authors_gxpo_step(model, opt, batch, st, clip=1.0, K=5, alpha=0.5, delta=1e-8, tau=0.5, omega=0.1):
+    """One mini-batch step of the authors' paper-era GXPO (their _gxpo_minibatch_step), re-derived: post-clip
+    g0/g1, closed form with pow, light fallback (θ0 only, recomputed g0), EMA gate on the clipped ‖ĝ_corr‖."""
+    params = list(model.parameters())
+
+    def backward():
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+
+    def standard():
+        backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+    if st["fired"]:
+        return standard()
+    t0 = [p.detach().clone() for p in params]
+    backward()
+    gn0 = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not math.isfinite(gn0) or gn0 <= 1e-8:
+        return standard()
+    g0 = [p.grad.clone() for p in params]
+    opt.step()
+    backward()
+    gn1 = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    g1 = [p.grad.clone() for p in params]
+    opt.step()
+    with torch.no_grad():
+        for p, a, x, y in zip(params, t0, g0, g1):
+            sgn = torch.where(x >= 0, 1.0, -1.0)
+            r = (y / (x.abs().clamp(min=delta) * sgn)).clamp(-2.0, 3.0).nan_to_num(nan=1.0)
+            s = (((1.0 - r.pow(K)) / ((1.0 - r) + delta)) / ((1.0 - r * r) / ((1.0 - r) + delta) + delta))
+            p.copy_(((p - a) * s.clamp(1.0, K / 2 + 1.0)) * alpha + a)
+    backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    h = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
+    opt.step()
+    z = (h - st["mu"]) / (st["sigma"] + 1e-8)
+    st["sigma"] = max(0.01, ((1 - omega) * st["sigma"] ** 2 + omega * (h - st["mu"]) ** 2) ** 0.5)
+    st["mu"] = (1 - omega) * st["mu"] + omega * h
+    st["fired"] = abs(z) >= tau
+    assert math.isfinite(gn1)
+
+
+# backend="torch": on the CPU torch.pow itself sends each thread's loop tail through std::pow, which the C++
+# kernel (SLEEF's pow throughout) cannot mirror for tensors this small; on CUDA pow is elementwise
+@pytest.mark.parametrize("backend", ["torch"])
+def test_gxpo_paper_protocol_is_bit_exact_with_the_authors_update(backend):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    m2 = copy.deepcopy(m)
+    o1 = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=3e-3, weight_decay=0.01)
+    rule = GXPO.paper_protocol(o1, backend=backend)
+    st = {"mu": 1.0, "sigma": 1.0, "fired": False}
+    fired_at = None
+    for step in range(20):
+        rule.step(_closure(m, o1, rule, batch=step % 16))
+        _authors_gxpo_step(m2, o2, step % 16, st)
+        assert rule.gate.fired == st["fired"]
+        fired_at = step if fired_at is None and st["fired"] else fired_at
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())), step
+        for p, q in zip(m.parameters(), m2.parameters()):
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(o1.state[p][k], o2.state[q][k]), (step, k)
+    assert fired_at is not None          # both regimes (active, then single-pass) were compared
+
+
+def _authors_sfpo_step(model, opt, batches, K, alpha, clip=1.0):
+    """The authors' sfpo_update_actor, re-derived: K full passes over the mini-batches (one optimizer step each),
+    one reposition per batch, then a slow full pass; returns the slow pass's mean entropy stand-in (its losses)."""
+    params = list(model.parameters())
+
+    def full_pass():
+        out = []
+        for b in batches:
+            opt.zero_grad()
+            loss = loss_fn(model, b)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            out.append(float(loss))
+        return out
+    slow = [p.detach().clone() for p in params]
+    for _ in range(K):
+        full_pass()
+    with torch.no_grad():
+        for p, s in zip(params, slow):
+            p.copy_(s + alpha * (p - s))
+    return sum(full_pass()) / len(batches)
+
+
+def test_sfpo_paper_protocol_two_minibatches_and_slow_pass_entropy():
+    torch.manual_seed(1)
+    m = mlp()
+    m2 = copy.deepcopy(m)
+    o1 = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    rule = SFPO.paper_protocol(o1, window=3)
+    fired, container = False, []
+    for step in range(8):
+        batches = [2 * step % 16, (2 * step + 1) % 16]
+        closures = []
+        for b in batches:                                 # the slow-pass entropy stand-in: the loss value
+            def c(b=b):
+                o1.zero_grad()
+                loss = loss_fn(m, b)
+                loss.backward()
+                return loss, float(loss)
+            closures.append(c)
+        info = rule.step(closures)
+        if not fired:
+            h = _authors_sfpo_step(m2, o2, batches, K=3, alpha=0.8)
+            assert info["active"] and info["backward_passes"] == 8 and info["entropy_signal"] == h
+        else:
+            for b in batches:
+                o2.zero_grad()
+                loss_fn(m2, b).backward()
+                torch.nn.utils.clip_grad_norm_(list(m2.parameters()), 1.0)
+                o2.step()
+            h = None
+        if h is not None:
+            container.append(h)
+        if len(container) >= 3 and not fired:
+            last = container[-3:]
+            mu = sum(last) / 3
+            z = (container[-1] - mu) / ((sum((x - mu) ** 2 for x in last) / 3) ** 0.5 + 1e-9)
+            fired = z >= 1.0
+        assert rule.gate.fired == fired
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())), step
+        assert all(torch.equal(o1.state[p]["step"], o2.state[q]["step"])
+                   for p, q in zip(m.parameters(), m2.parameters()))
+
+
+def test_sfpo_mini_batches_reposition_once():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    rule = SFPO(opt, K=2, alpha=0.5, gate=None)
+    seen = []
+
+    def mk(b):
+        def c():
+            opt.zero_grad()
+            seen.append((rule.pass_index, rule.minibatch_index))
+            loss = loss_fn(m, b)
+            loss.backward()
+            return loss
+        return c
+    info = rule.step([mk(0), mk(1)])
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert info["backward_passes"] == 6 and rule.total_optimizer_steps == 6 and rule.outer_steps == 1
+
+
+def test_gate_one_sided_patience_warmup_rearm_scripted():
+    seq = [1.0, 1.1, 0.9, 1.0, 0.2, 0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 5.0]
+    fired_at = {}
+    for one_sided in (False, True):
+        g = WindowGate(tau=2.0, window=4, one_sided=one_sided, patience=2, eps=1e-9)
+        zs = [g.observe(v, step=i) for i, v in enumerate(seq)]
+        fired_at[one_sided] = g.fired_step
+        # the second violation of a streak is scored against the baseline frozen at the first
+        i = g.fired_step
+        assert zs[i] == zs[i - 1]
+    assert fired_at == {False: 5, True: 12}              # two-sided: the drop; one-sided: the second rise
+    e = EMAGate(tau=0.5, warmup=3, rearm_after=2)
+    e.observe(30.0)                                      # a cold-start spike inside the warm-up cannot fire
+    assert not e.fired
+    for v in (30.0, 30.0, 90.0):
+        e.observe(v)
+    assert e.fired
+    e.count_plain_step()
+    assert not e.rearm_due()
+    e.count_plain_step()
+    assert e.rearm_due()
+    e.rearm()
+    assert not e.fired and e.mu > 10                     # statistics kept
+
+
+def test_rule_rearms_after_n_plain_steps_and_force_plain_skips_the_gate():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = GXPO(opt, tau=1e-9, gate_rearm_after=2)
+    actives = [rule.step(_closure(m, opt, rule, batch=i))["active"] for i in range(6)]
+    assert actives == [True, False, False, True, False, False]    # fires at once, 2 plain steps, re-armed
+    n = rule.gate.n_observed
+    info = rule.step(_closure(m, opt, rule), force_plain=True)
+    assert not info["active"] and info["fallback_reason"] == "forced" and rule.gate.n_observed == n
+
+
+@pytest.mark.parametrize("fallback_grad,nan_pass,bp", [("reuse", 1, 2), ("recompute", 1, 3), ("reuse", 2, 3),
+                                                        ("recompute", 2, 4)])
+def test_backward_passes_in_fallbacks(fallback_grad, nan_pass, bp):
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    m2 = copy.deepcopy(m)
+    rule = GXPO(opt, fallback_grad=fallback_grad)
+
+    def c():
+        opt.zero_grad()
+        loss = loss_fn(m, 0) * (math.nan if rule.pass_index == nan_pass else 1.0)
+        loss.backward()
+        return loss
+    info = rule.step(c)
+    assert info["fell_back"] and info["backward_passes"] == bp == rule.total_backward_passes
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.05)           # same parameters either way: one plain step
+    o2.zero_grad()
+    loss_fn(m2, 0).backward()
+    torch.nn.utils.clip_grad_norm_(m2.parameters(), 1.0)
+    o2.step()
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+def test_skip_corrective_is_the_repositioned_point():
+    m = mlp(torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    m2 = copy.deepcopy(m)
+    info = GXPO(opt, gate=None, skip_corrective=True, backend="torch").step(_closure(m, opt, None))
+    assert info["backward_passes"] == 2
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.05)
+    r2 = GXPO(o2, gate=None, backend="torch")
+    rec = {}
+    r2._run_closure = (lambda f: lambda c, k: (rec.setdefault("theta", [p.detach().clone() for p in
+                                                                        m2.parameters()]) if k == 2 else None,
+                                               f(c, k))[1])(r2._run_closure)
+    r2.step(_closure(m2, o2, r2))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), rec["theta"]))
+
+
+def test_load_state_dict_refuses_other_settings():
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    sd = GXPO(opt, K=5, alpha=0.5).state_dict()
+    for kw in (dict(K=4), dict(alpha=0.3), dict(scale_formula="closed")):
+        with pytest.raises(ValueError, match="other settings"):
+            GXPO(opt, **kw).load_state_dict(sd)
+    GXPO(opt).load_state_dict(sd)
+    with pytest.raises(ValueError, match="other settings"):
+        SFPO(opt, K=2).load_state_dict(SFPO(opt, K=3).state_dict())
