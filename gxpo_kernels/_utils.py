@@ -84,6 +84,27 @@ def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[
         raise ValueError(f"{name} must lie in [0, {vocab_size}) at unmasked positions; found ids in [{lo}, {hi}]")
 
 
+def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tensor, vocab_size: int, *,
+                 none_is_all: bool = True) -> Optional[torch.Tensor]:
+    """The validated bool mask of ``shape`` for an op's ``mask`` and ``tokens`` arguments.
+
+    ``None`` gives all True (or stays None when not ``none_is_all``). Checks 0/1 values and ``tokens`` in
+    [0, vocab_size) at unmasked positions, except under ``torch.compile``: a traced graph cannot branch on
+    tensor values, so only the checks that need no data (shape, dtype) run there.
+    """
+    shape = tuple(shape)
+    if torch.compiler.is_compiling():
+        check_shape(mask, "mask", shape)
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+        if mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=device) if none_is_all else None
+        return mask if mask.dtype == torch.bool else mask != 0
+    m = normalize_mask(mask, shape, device) if (mask is not None or none_is_all) else None
+    check_tokens_in_range(tokens, vocab_size, m)
+    return m
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")

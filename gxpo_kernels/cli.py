@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-seed", type=int, default=0, help="model init + warm start seed")
     t.add_argument("--lr-mult", type=float, help="grpo_lr: lr multiplier (default 1)")
     t.add_argument("--out", help="output folder (default ./runs/<algo>-<timestamp>)")
+    t.add_argument("--fsdp", action="store_true", help="run on PyTorch FSDP2 (launch with torchrun)")
+    t.add_argument("--save-steps", type=int, help="write <out>/checkpoint-<step> every N steps (default 0 = never)")
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint folder, or 'latest' in --out")
+    t.add_argument("--loss-path", choices=("fused_linear", "logits"),
+                   help="training loss from hidden states + lm_head (default) or from materialised logits")
     _common(t)
     return p
 
@@ -145,6 +150,8 @@ def _train(a) -> int:
     tc = _apply(TrainConfig(algo=a.algo, advantage=a.advantage, seed=a.seed, init_seed=a.init_seed), a)
     if a.lr_mult is not None:
         tc = tc.replace(lr_mult=a.lr_mult)
+    tc = tc.replace(fsdp=a.fsdp, **{k: getattr(a, k) for k in ("save_steps", "resume", "loss_path")
+                                    if getattr(a, k) is not None})
     out = a.out or os.path.join("runs", f"{a.algo}-" + time.strftime("%Y%m%d-%H%M%S"))
     tc = tc.replace(out_dir=out)
 

@@ -1,105 +1,186 @@
-"""``GXPOGRPOTrainer``: TRL's ``GRPOTrainer`` with gxpo-kernels' loss, the GXPO / SFPO update and FADE.
+"""``GXPOGRPOTrainer`` / ``GXPOGRPOConfig``: TRL's ``GRPOTrainer`` with gxpo-kernels' loss, the GXPO / SFPO
+update and FADE.
 
-Imported lazily by ``gxpo_kernels.integrations.trl`` (the class subclasses TRL's, so it is built on first
-access). See the class docstring for how the update rule interacts with HF Trainer's optimizer, scheduler and
-gradient handling.
+Built lazily by ``gxpo_kernels.integrations.trl`` (the classes subclass TRL's, so they are created on first
+access). This module never imports ``integrations.trl``: the loss hook and the option checks it needs are passed
+to :func:`make_trainer_classes`. See the trainer's docstring for how the update rule interacts with HF Trainer's
+accumulation, optimizer, scheduler and DeepSpeed.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 
-from .trl import _unsupported, check_trl_version, enable_gxpo_loss
-
 UPDATE_STATE_FILE = "gxpo_update_state.pt"
+UPDATES = ("gxpo", "sfpo", "grpo")
+ADVANTAGE_ESTIMATORS = ("grpo", "fade")
 
 
-def make_trainer_class():
-    from trl import GRPOTrainer
+def load_update_state(path: str) -> dict:
+    """The trainer's saved update state (``gxpo_update_state.pt``), loaded with ``weights_only=True``: only
+    tensors, numbers, strings and containers of them; a file carrying pickled objects is refused."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, entropy_bonus_coef):
+    """Build ``(GXPOGRPOConfig, GXPOGRPOTrainer)`` on the installed TRL. The arguments are
+    ``integrations.trl``'s ``enable_gxpo_loss``, ``_unsupported``, ``check_trl_version``, ``_engine`` and
+    ``_entropy_bonus_coef``."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    @dataclass
+    class GXPOGRPOConfig(GRPOConfig):
+        """``GRPOConfig`` plus the GXPO / SFPO / FADE options, so ``TrlParser``, YAML and the command line
+        can set them (``--update sfpo --update_kwargs '{"K": 3}'``). The dict options take a dict or a JSON
+        string. Field meanings: see ``GXPOGRPOTrainer``."""
+        update: str = field(default="gxpo", metadata={"help": "Update rule: 'gxpo', 'sfpo' or 'grpo'."})
+        update_kwargs: Optional[Union[dict, str]] = field(
+            default=None, metadata={"help": "Keyword arguments of GXPO / SFPO (K, alpha, tau, gate, ...), JSON."})
+        recompute_old_logp: bool = field(
+            default=True, metadata={"help": "Passes after the first take rho = 1 (their own log-probs as old)."})
+        advantage_estimator: str = field(default="grpo", metadata={"help": "'grpo' (TRL's) or 'fade'."})
+        fade_kwargs: Optional[Union[dict, str]] = field(
+            default=None, metadata={"help": "Keyword arguments of FADEController, JSON."})
+        loss_path: str = field(default="auto", metadata={"help": "'auto', 'hidden' (fused head) or 'logits'."})
+        kernel_backend: str = field(default="auto", metadata={"help": "Kernel backend: 'auto', 'triton', 'torch'."})
+
+        _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["update_kwargs", "fade_kwargs"]
+
+    _OPTION_DEFAULTS = dict(update="gxpo", update_kwargs=None, recompute_old_logp=True, advantage_estimator="grpo",
+                            fade_kwargs=None, loss_path="auto", backend="auto")
+    _CONFIG_NAME = {"backend": "kernel_backend"}
 
     class GXPOGRPOTrainer(GRPOTrainer):
         """TRL ``GRPOTrainer`` with gxpo-kernels' fused loss and an optional GXPO / SFPO update and FADE.
 
-        Extra args (everything else is ``GRPOTrainer``'s):
+        Options, as constructor keywords or as fields of a ``GXPOGRPOConfig`` passed as ``args`` (not both):
             update: "gxpo" (default), "sfpo" or "grpo" (plain TRL step, with our loss).
             update_kwargs: passed to ``GXPO``/``SFPO`` (K, alpha, tau, gate, ...). ``max_grad_norm`` defaults
-                to ``args.max_grad_norm`` (the clip the rule applies at every pass).
-            recompute_old_logp: True (paper protocol): every pass of an update takes its importance ratio
-                against its own parameters (rho = 1); False: against the log-probs at the start of the update
-                (TRL's stored ``old_per_token_logps`` if any, else theta0's).
+                to ``args.max_grad_norm`` (the clip the rule applies at every pass; DeepSpeed's
+                ``gradient_clipping`` under DeepSpeed).
+            recompute_old_logp: the old log-probs of the passes after the first. Pass 0 always uses TRL's
+                stored ``old_per_token_logps`` when TRL has them (off-policy batches: ``steps_per_generation >
+                gradient_accumulation_steps``, ``num_iterations > 1``, vLLM's sampling log-probs), so the PPO
+                clip binds exactly as in plain TRL. True (paper protocol): later passes take their importance
+                ratio against their own parameters (rho = 1); False: against pass 0's old log-probs (TRL's
+                if stored, else theta0's).
             advantage_estimator: "grpo" (TRL's) or "fade" (binary rewards; FADE's focal advantages with the
-                alpha/delta controllers; the controllers lag one generation batch: batch k's advantages use
-                the EMAs of rewards and first-pass token entropies through batch k-1); fade_kwargs: passed
-                to ``FADEController``.
-            loss_path, backend: see ``enable_gxpo_loss``.
+                alpha/delta controllers; the controllers lag one generation batch); fade_kwargs: passed to
+                ``FADEController``.
+            loss_path, backend (``kernel_backend`` in the config): see ``enable_gxpo_loss``.
 
-        How the update runs inside HF Trainer: ``training_step`` (called once per optimizer step, since
-        gradient_accumulation_steps must be 1) prepares the batch once (TRL generates and scores it), then
-        calls ``rule.step(closure)``; the closure zeroes the grads, runs ``compute_loss`` (our fused loss)
-        and ``accelerator.backward``. The rule clips and steps the *inner* torch optimizer itself (3 passes
+        One update per optimizer step. HF Trainer calls ``training_step`` once per micro-batch; the trainer
+        prepares each micro-batch (TRL generates and scores) and keeps it until the accumulation window's last
+        micro-batch, then runs ``rule.step(closure)``: one *pass* is one full gradient over the window's
+        ``gradient_accumulation_steps`` micro-batches (forward + backward of each, DDP synchronising on the
+        last only), as the papers count backward passes. The rule clips and steps the optimizer itself (3 passes
         and 3 optimizer steps for an active GXPO update, K + 1 for SFPO, 1 after the gate fired). HF's own
-        ``optimizer.step()`` that follows is then a no-op for that update (the accelerate-wrapped optimizer's
-        ``step`` is wrapped once to skip exactly one call), while the LR scheduler steps once and
-        ``model.zero_grad()`` runs as usual: one scheduler step and one ``global_step`` per outer update.
-        The update's diagnostics are logged as ``<update>/<name>`` (e.g. ``gxpo/backward_passes``).
+        ``optimizer.step()`` that follows is skipped for that update, while the LR scheduler steps once and
+        ``model.zero_grad()`` runs as usual: one scheduler step and one ``global_step`` per update.
+
+        DeepSpeed (ZeRO 1/2/3, through accelerate): the rule is ``integrations.deepspeed.wrap(engine)``; it
+        runs the engine's micro-steps, extrapolates each rank's fp32 master shard and advances the engine's LR
+        scheduler once per update. Under ZeRO-3 the fused head runs as the lm_head's forward.
+
+        The update's diagnostics are logged as ``<update>/<name>`` (e.g. ``gxpo/backward_passes``). The gate,
+        counters and FADE state are saved in each checkpoint (``gxpo_update_state.pt``, loaded with
+        ``weights_only=True``).
         """
 
-        def __init__(self, *args, update: str = "gxpo", update_kwargs: Optional[dict] = None,
-                     recompute_old_logp: bool = True, advantage_estimator: str = "grpo",
-                     fade_kwargs: Optional[dict] = None, loss_path: str = "auto", backend: str = "auto",
-                     **kwargs):
-            if update not in ("gxpo", "sfpo", "grpo"):
-                raise ValueError(f"update must be one of ('gxpo', 'sfpo', 'grpo'), got {update!r}")
-            if advantage_estimator not in ("grpo", "fade"):
-                raise ValueError(f"advantage_estimator must be 'grpo' or 'fade', got {advantage_estimator!r}")
-            check_trl_version()
+        def __init__(self, *args, update=None, update_kwargs=None, recompute_old_logp=None,
+                     advantage_estimator=None, fade_kwargs=None, loss_path=None, backend=None, **kwargs):
+            given = dict(update=update, update_kwargs=update_kwargs, recompute_old_logp=recompute_old_logp,
+                         advantage_estimator=advantage_estimator, fade_kwargs=fade_kwargs, loss_path=loss_path,
+                         backend=backend)
+            cfg = kwargs.get("args", args[1] if len(args) > 1 else None)
+            opts = {}
+            for name, value in given.items():
+                from_cfg = getattr(cfg, _CONFIG_NAME.get(name, name), None) if isinstance(cfg, GXPOGRPOConfig) \
+                    else None
+                if value is not None and from_cfg is not None and value != from_cfg \
+                        and from_cfg != _OPTION_DEFAULTS[name]:
+                    raise ValueError(f"{name} is set both in GXPOGRPOConfig ({from_cfg!r}) and as a keyword "
+                                     f"({value!r}); set it in one place")
+                opts[name] = value if value is not None else (from_cfg if from_cfg is not None
+                                                              else _OPTION_DEFAULTS[name])
+            if opts["update"] not in UPDATES:
+                raise ValueError(f"update must be one of {UPDATES}, got {opts['update']!r}")
+            if opts["advantage_estimator"] not in ADVANTAGE_ESTIMATORS:
+                raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, "
+                                 f"got {opts['advantage_estimator']!r}")
+            check_version()
             super().__init__(*args, **kwargs)
-            enable_gxpo_loss(self, loss_path=loss_path, backend=backend)
-            if update != "grpo":
-                problem = _unsupported(self, for_update=True)
+            enable_loss(self, loss_path=opts["loss_path"], backend=opts["backend"])
+            if opts["update"] != "grpo":
+                problem = unsupported(self, for_update=True)
                 if problem:
-                    raise ValueError(f"{problem} with update={update!r}")
-            self.gxpo_update = update
-            self._gxpo_update_kwargs = dict(update_kwargs or {})
-            self._gxpo_recompute_old = bool(recompute_old_logp)
+                    raise ValueError(f"{problem} with update={opts['update']!r}")
+            self.gxpo_update = opts["update"]
+            self._gxpo_update_kwargs = dict(opts["update_kwargs"] or {})
+            self._gxpo_recompute_old = bool(opts["recompute_old_logp"])
             self._gxpo_rule = None
             self._gxpo_pending_state = None
             self._gxpo_skip_outer_step = False
+            self._gxpo_window = []
             self.gxpo_backward_passes = 0
             self._fade = None
-            if advantage_estimator == "fade":
+            if opts["advantage_estimator"] == "fade":
                 from ..advantages import FADEController
-                self._fade = FADEController(**(fade_kwargs or {}))
+                self._fade = FADEController(**(opts["fade_kwargs"] or {}))
             self._fade_pending_reward = None
             self._fade_entropy = []
 
-        # ---- the update rule ---------------------------------------------------------------------------
-        def _get_rule(self):
+        # ---- the update rule (the only engine-specific code: the rule's construction and the backward) -------
+        def _get_rule(self, model):
+            eng = engine(self)
+            if eng == "deepspeed":
+                if self._gxpo_rule is None or self._gxpo_rule.engine is not model:
+                    from .deepspeed import wrap
+                    self._gxpo_rule = wrap(model, self.gxpo_update, **self._gxpo_update_kwargs)
+                    self._gxpo_apply_pending_state()
+                return self._gxpo_rule      # accelerate's DeepSpeed optimizer.step() is already a no-op
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
             if self._gxpo_rule is None or self._gxpo_rule.optimizer is not inner:
                 from ..update import GXPO, SFPO
                 kw = dict(self._gxpo_update_kwargs)
                 kw.setdefault("max_grad_norm", self.args.max_grad_norm if self.args.max_grad_norm > 0 else None)
                 self._gxpo_rule = (GXPO if self.gxpo_update == "gxpo" else SFPO)(inner, **kw)
-                if self._gxpo_pending_state is not None:  # resumed from a checkpoint before the rule existed
-                    self._gxpo_rule.load_state_dict(self._gxpo_pending_state)
-                    self._gxpo_pending_state = None
+                self._gxpo_apply_pending_state()
             outer = self.optimizer
             if getattr(outer, "_gxpo_owner", None) is not self:
                 real_step = outer.step
 
-                def step(*a, **k):  # HF's per-update optimizer.step(): the rule already stepped
+                # HF's per-update optimizer.step(): the rule already stepped. functools.wraps keeps the marker
+                # torch's LR scheduler put on the step it wrapped, so it does not warn that step was replaced.
+                @functools.wraps(real_step)
+                def step(*a, **k):
                     if self._gxpo_skip_outer_step:
                         self._gxpo_skip_outer_step = False
+                        outer._opt_called = True  # what the scheduler's wrapper records: the step happened
                         return None
                     return real_step(*a, **k)
                 outer.step = step
                 outer._gxpo_owner = self
             return self._gxpo_rule
+
+        def _gxpo_backward(self, model, loss):
+            if engine(self) == "deepspeed":
+                # the rule runs the engine's micro-steps itself; TRL already scaled the loss for accumulation
+                model.backward(loss, scale_wrt_gas=False)
+            else:
+                self.accelerator.backward(loss)
+
+        def _gxpo_apply_pending_state(self):
+            if self._gxpo_pending_state is not None:  # resumed from a checkpoint before the rule existed
+                self._gxpo_rule.load_state_dict(self._gxpo_pending_state)
+                self._gxpo_pending_state = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.gxpo_update == "grpo":
@@ -112,37 +193,15 @@ def make_trainer_class():
             model.train()
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            rule = self._get_rule()
-            self._gxpo_skip_outer_step = False  # only HF's step right after this update is skipped
-            entropy = torch.zeros((), dtype=torch.float64)  # filled at pass 0; the entropy gate reads it after
-            start_old = {}
-
-            def closure():
-                k = rule.pass_index
-                self._gxpo_pass_index = k
-                batch = dict(inputs)
-                if self._gxpo_recompute_old:
-                    batch.pop("old_per_token_logps", None)
-                elif k > 0 and "old" in start_old:
-                    batch["old_per_token_logps"] = start_old["old"]
-                model.zero_grad(set_to_none=True)
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, batch)
-                self.accelerator.backward(loss)
-                self.gxpo_backward_passes += 1
-                if k == 0:
-                    entropy.fill_(self._gxpo_global_entropy())
-                    if not self._gxpo_recompute_old and "old_per_token_logps" not in inputs:
-                        start_old["old"] = self._gxpo_last_logp
-                return loss.detach()
-
-            info = rule.step(closure, entropy=entropy)
-            self._gxpo_pass_index = 0
-            if self._fade is not None:
-                self._fade_entropy.append(float(entropy))  # the batch's entropy at theta0 (pass 0)
-            self._gxpo_skip_outer_step = True
-            self._step += 1  # GRPOTrainer.training_step's bookkeeping (generation buffer index, step time)
+            self._gxpo_window.append(self._prepare_inputs(inputs))
+            self._step += 1  # GRPOTrainer.training_step's bookkeeping (generation buffer index), per micro-batch
+            self._current_train_step_time += time.perf_counter() - t0
+            if not self.accelerator.sync_gradients:
+                # the update runs once the window's last micro-batch is here; its loss is reported then
+                return torch.zeros((), device=self.args.device)
+            window, self._gxpo_window = self._gxpo_window, []
+            t0 = time.perf_counter()
+            info = self._gxpo_update(model, window)
             self._current_train_step_time += time.perf_counter() - t0
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
@@ -150,9 +209,60 @@ def make_trainer_class():
             for key, val in info.items():
                 if isinstance(val, bool) or (isinstance(val, (int, float)) and val is not None):
                     store[f"{self.gxpo_update}/{key}"].append(float(val))
-            store[f"{self.gxpo_update}/total_backward_passes"].append(float(rule.total_backward_passes))
+            store[f"{self.gxpo_update}/total_backward_passes"].append(float(self._gxpo_rule.total_backward_passes))
             loss = info.get("loss", math.nan)
             return torch.tensor(loss if math.isfinite(loss) else math.nan, device=self.args.device)
+
+        def _gxpo_update(self, model, window) -> dict:
+            """One GXPO / SFPO update over the accumulation window's micro-batches."""
+            rule = self._get_rule(model)
+            self._gxpo_skip_outer_step = False  # only HF's step right after this update is skipped
+            n, ddp = len(window), engine(self) == "ddp"
+            start_old = [None] * n          # pass 0's log-probs, the later passes' old ones (recompute=False)
+            entropy = torch.zeros((), dtype=torch.float64)  # filled at pass 0; the entropy gate reads it after
+            self._gxpo_frozen_entropy_coef = None
+            self._gxpo_frozen_entropy_coef = entropy_bonus_coef(self, "train")  # one coefficient per update
+
+            def closure():
+                k = rule.pass_index
+                self._gxpo_pass_index = k
+                if engine(self) != "deepspeed":
+                    model.zero_grad(set_to_none=True)
+                total = torch.zeros((), dtype=torch.float64)
+                ent = torch.zeros(2, dtype=torch.float64)
+                for i, inputs in enumerate(window):
+                    batch = dict(inputs)
+                    if k > 0:  # pass 0 keeps TRL's stored old log-probs (the clip binds as in plain TRL)
+                        if self._gxpo_recompute_old:
+                            batch.pop("old_per_token_logps", None)  # rho = 1 against this pass's parameters
+                        elif batch.get("old_per_token_logps") is None:
+                            batch["old_per_token_logps"] = start_old[i]
+                    self._gxpo_window_end = i == n - 1
+                    sync = contextlib.nullcontext() if (i == n - 1 or not ddp) else self.accelerator.no_sync(model)
+                    with sync:
+                        with self.compute_loss_context_manager():
+                            loss = self.compute_loss(model, batch)
+                        self._gxpo_backward(model, loss)
+                    total += loss.detach().double().cpu()
+                    if k == 0:
+                        ent += torch.stack(self._gxpo_entropy_stats).double().cpu()
+                        start_old[i] = self._gxpo_last_logp
+                self.gxpo_backward_passes += 1
+                if k == 0:
+                    tot = self.accelerator.reduce(ent.to(self.accelerator.device), reduction="sum")
+                    entropy.fill_(float(tot[0] / tot[1].clamp(min=1.0)))
+                return total
+
+            try:
+                info = rule.step(closure, entropy=entropy)
+            finally:
+                self._gxpo_pass_index = 0
+                self._gxpo_window_end = None
+                self._gxpo_frozen_entropy_coef = None
+            if self._fade is not None:
+                self._fade_entropy.append(float(entropy))  # the batch's entropy at theta0 (pass 0)
+            self._gxpo_skip_outer_step = engine(self) != "deepspeed"
+            return info
 
         def _gxpo_global_entropy(self) -> float:
             s, c = self._gxpo_entropy_stats
@@ -160,6 +270,12 @@ def make_trainer_class():
             return float(tot[0] / tot[1].clamp(min=1.0))
 
         # ---- checkpoints: the gate / counters and FADE's controller travel with HF's checkpoint --------------
+        def gxpo_state_dict(self) -> dict:
+            """The update state saved with each checkpoint (plain numbers, strings and lists only)."""
+            return {"rule": None if self._gxpo_rule is None else self._gxpo_rule.state_dict(),
+                    "fade": None if self._fade is None else self._fade.state_dict(),
+                    "fade_pending_reward": self._fade_pending_reward}
+
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             if not self.args.should_save:
@@ -167,17 +283,14 @@ def make_trainer_class():
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), name)
-            torch.save({"rule": None if self._gxpo_rule is None else self._gxpo_rule.state_dict(),
-                        "fade": None if self._fade is None else self._fade.state_dict(),
-                        "fade_pending_reward": self._fade_pending_reward},
-                       os.path.join(folder, UPDATE_STATE_FILE))
+            torch.save(self.gxpo_state_dict(), os.path.join(folder, UPDATE_STATE_FILE))
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
             path = None if checkpoint is None else os.path.join(checkpoint, UPDATE_STATE_FILE)
             if path is None or not os.path.exists(path):
                 return
-            st = torch.load(path, weights_only=False)
+            st = load_update_state(path)
             if st["rule"] is not None:
                 if self._gxpo_rule is not None:
                     self._gxpo_rule.load_state_dict(st["rule"])
@@ -220,4 +333,4 @@ def make_trainer_class():
                 store[f"fade/{key}"].append(float(val))
             return out
 
-    return GXPOGRPOTrainer
+    return GXPOGRPOConfig, GXPOGRPOTrainer

@@ -20,20 +20,61 @@ backward, and even a gradient computed during forward fails when autograd accumu
 the (0,)-shaped parameter. The no-grad log-prob helper only needs ``GatheredParameters``. With gradient
 accumulation, compute the loss inside the DeepSpeed engine's forward (see ``integrations.deepspeed``): ZeRO-3's
 per-micro-step bookkeeping happens there.
+
+Data parallelism (DDP, FSDP, ZeRO-3): a loss computed *outside* the wrapper's forward (on ``ddp.module``)
+misses the wrapper's forward bookkeeping, so DDP's gradient all-reduce (and FSDP's / ZeRO-3's gathers) do
+not happen as they should. ``patch_causal_lm(model)`` moves the loss into the model's own forward: after it,
+``wrapper(input_ids, attention_mask, advantages=..., completion_mask=..., ...)`` returns a ``GRPOLossOutput``
+whose ``loss`` every wrapper's hooks have seen. ``causal_lm_grpo_loss`` refuses wrapped models and names the
+wrapper and the fix.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
+import types
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+try:  # transformers is needed only by the patched forward's output type
+    from transformers.utils import ModelOutput as ModelOutputBase
+except ImportError:  # pragma: no cover - depends on the environment
+    ModelOutputBase = object
+
 from ..ops.grpo.linear import linear_grpo_loss
 from ..ops.logprobs.linear import linear_token_logprobs
 
 
+def _wrapper_name(model: nn.Module) -> Optional[str]:
+    """The name of the training wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT), or None."""
+    names = {c.__name__ for c in type(model).__mro__}
+    for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel"):
+        if name in names:
+            return name
+    return None
+
+
+def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
+    """Raise a TypeError naming the wrapper (and what to do) when ``model`` is DDP / FSDP / DeepSpeed / PEFT."""
+    name = _wrapper_name(model)
+    if name is None:
+        return
+    if name == "PeftModel":
+        raise TypeError(f"{fn} got a PEFT model ({type(model).__name__}): pass peft_model.get_base_model() (the "
+                        "adapters live inside it and are trained as usual; adapters on lm_head are not supported)")
+    raise TypeError(
+        f"{fn} got a {name} wrapper ({type(model).__name__}). A loss computed on wrapper.module runs outside the "
+        f"wrapper's forward, so its gradient synchronisation / parameter gathering is skipped. Instead call "
+        "gxpo_kernels.integrations.hf.patch_causal_lm(model) on the unwrapped model (before or after wrapping), "
+        "then wrapper(input_ids, attention_mask, advantages=..., completion_mask=..., ...).loss")
+
+
 def _lm_head(model: nn.Module) -> nn.Linear:
+    check_unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise TypeError(
@@ -171,3 +212,123 @@ def causal_lm_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attentio
     with gathered_lm_head(head):
         return linear_token_logprobs(hidden, head.weight, tokens, temperature, bias=head.bias, mask=mask,
                                      compute_entropy=compute_entropy, fp32_head=fp32_head, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------ patch_causal_lm
+@dataclass
+class GRPOLossOutput(ModelOutputBase):
+    """What a patched model returns when called with GRPO targets: ``loss`` (0-d) and ``metrics`` (detached)."""
+    loss: Optional[torch.Tensor] = None
+    metrics: Optional[Dict[str, torch.Tensor]] = None
+
+
+def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
+    """Make ``model(...)`` compute the fused GRPO loss inside its own forward when given GRPO targets.
+
+    After ``patch_causal_lm(model)``, a call with ``advantages=`` returns a :class:`GRPOLossOutput`::
+
+        out = model(input_ids, attention_mask, advantages=adv, completion_mask=cm, logits_to_keep=K,
+                    old_logprobs=old, ref_logprobs=ref)        # or ddp_model(...), fsdp_model(...), engine(...)
+        out.loss.backward()
+
+    Args (of the patched forward, besides the model's own ``input_ids`` (B, L), ``attention_mask`` (B, L) and
+    decoder kwargs): ``advantages`` (B,) or (B, K); ``completion_mask`` (B, K) (default
+    ``attention_mask[:, -K:]``); ``logits_to_keep`` K (default L - 1); ``old_logprobs``, ``ref_logprobs`` (B, K)
+    or None; ``grpo_options`` (dict) overriding the options given here. Without ``advantages`` the model's
+    previous forward runs unchanged (generation and ordinary training keep working).
+
+    Args (of this function): ``model``: an unwrapped transformers causal LM with a plain ``nn.Linear`` head
+    (patch before wrapping it, or patch ``wrapper.module``: the wrapper calls the patched forward);
+    ``**loss_opts``: default options of ``linear_grpo_loss`` (temperature, eps_low, eps_high, beta, ...).
+    Returns ``model`` (patched in place; patching again only replaces the default options).
+    """
+    check_unwrapped(model, "patch_causal_lm")
+    _lm_head(model)                        # refuse unsupported heads now, not at the first training step
+    _decoder(model)
+    model._gxpo_loss_opts = dict(loss_opts)
+    if getattr(model, "_gxpo_patched", False):
+        return model
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)  # keeps the signature ``generate`` validates its kwargs against
+    def forward(self, input_ids=None, attention_mask=None, *args, advantages=None, completion_mask=None,
+                logits_to_keep=None, old_logprobs=None, ref_logprobs=None, grpo_options=None,
+                gxpo_targets=None, gxpo_mask=None, gxpo_temperature=1.0, gxpo_fp32_head=False,
+                gxpo_backend="auto", gxpo_aux_loss=False, **kwargs):
+        if gxpo_targets is not None:       # TRL's hook: fused per-token log-probs and entropies
+            return _token_logprobs_forward(self, input_ids, attention_mask, gxpo_targets, gxpo_mask,
+                                           gxpo_temperature, gxpo_fp32_head, gxpo_backend, gxpo_aux_loss, kwargs)
+        if advantages is None:
+            for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("logits_to_keep", logits_to_keep)):
+                if val is not None:
+                    kwargs[key] = val
+            return previous(*args, **kwargs)
+        if args:
+            raise TypeError("pass the decoder's extra inputs by keyword when computing the GRPO loss")
+        opts = {**self._gxpo_loss_opts, **(grpo_options or {})}
+        loss, metrics = causal_lm_grpo_loss(self, input_ids, attention_mask, advantages,
+                                            completion_mask=completion_mask, logits_to_keep=logits_to_keep,
+                                            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                            model_kwargs=kwargs, **opts)
+        return GRPOLossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
+
+    model.forward = types.MethodType(forward, model)
+    model._gxpo_patched = True
+    return model
+
+
+def _token_logprobs_forward(model, input_ids, attention_mask, targets, mask, temperature, fp32_head, backend,
+                            aux, kwargs):
+    """(logp, entropy[, aux_loss]) (B, T) of ``targets``, the last T tokens of ``input_ids``, from the final
+    hidden states through the fused head (TRL's per-token log-prob contract; used by ``integrations.trl``)."""
+    kwargs["use_cache"] = False
+    if aux:
+        kwargs["output_router_logits"] = True
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    T = targets.shape[1]
+    hidden = out.last_hidden_state[:, -T - 1:-1]   # position t predicts token t+1
+    head = model.get_output_embeddings()
+    dev = hidden.device.type
+    autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+    def head_forward(h):
+        weight, bias = head.weight, head.bias
+        h = h.to(weight.device)
+        if fp32_head:                     # TRL's cast_lm_head_to_fp32: fp32 operands, outside autocast
+            h, fp32 = h.float(), True
+        elif autocast_dtype is not None:  # as TRL's head: GEMM operands in the autocast dtype (fp32 accumulate)
+            h, weight = h.to(autocast_dtype), weight.to(autocast_dtype)
+            bias = None if bias is None else bias.to(autocast_dtype)
+            fp32 = False
+        else:
+            fp32 = h.dtype != weight.dtype
+        with torch.autocast(dev, enabled=False):
+            logp, ent = linear_token_logprobs(h, weight, targets.to(h.device), temperature, bias=bias,
+                                              mask=mask.to(h.device), fp32_head=fp32, backend=backend)
+        return torch.stack([logp, ent])   # one output tensor: one ZeRO-3 backward hook
+
+    if hasattr(head.weight, "ds_id"):     # ZeRO-3: gathered for the head's forward and again for its backward
+        logp, ent = _call_as_forward(head, head_forward, hidden).unbind(0)
+    else:
+        logp, ent = head_forward(hidden).unbind(0)
+    if not aux:
+        return logp, ent
+    return logp, ent, moe_aux_loss(model, out, attention_mask)
+
+
+def moe_aux_loss(model: nn.Module, decoder_out, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own forward would compute (transformers' per-architecture
+    ``load_balancing_loss_func`` on the router logits), without the coefficient."""
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    if fn is None or not hasattr(model, "num_experts") or getattr(decoder_out, "router_logits", None) is None:
+        raise NotImplementedError(f"{type(model).__name__}: no load_balancing_loss_func / router logits to compute "
+                                  "the MoE auxiliary loss from")
+    return fn(decoder_out.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+
+
+def has_moe_aux_loss(model: nn.Module) -> bool:
+    """Whether :func:`moe_aux_loss` can compute this model's load-balancing loss."""
+    mod = sys.modules.get(type(model).__module__)
+    return hasattr(mod, "load_balancing_loss_func") and hasattr(model, "num_experts") \
+        and hasattr(model, "num_experts_per_tok")

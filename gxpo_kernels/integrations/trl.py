@@ -7,7 +7,8 @@ Two entry points:
   never materialising the (B, T, V) logits) where the model allows it, else from ``token_logprobs`` on the
   model's logits; the loss is ``_loss_math.grpo_token_loss`` with TRL's option names and semantics mapped on.
 * ``GXPOGRPOTrainer`` -- a ``GRPOTrainer`` subclass using that loss, whose training step can run the GXPO
-  or SFPO update rule on each mini-batch, and FADE advantages (defined in ``_trl_trainer.py``).
+  or SFPO update rule on each mini-batch, and FADE advantages; ``GXPOGRPOConfig`` -- a ``GRPOConfig`` carrying
+  their options (both defined in ``_trl_trainer.py``).
 
 Loss-type mapping (TRL 1.16 ``_compute_loss``; GA = ``current_gradient_accumulation_steps`` in training,
 1 in evaluation):
@@ -29,14 +30,13 @@ bonus is the token mean of the entropy over the loss mask (divided by GA) whatev
 applied outside ``grpo_token_loss`` on the differentiable entropy. Multiplicative per-token weights that TRL applies to the
 policy term only (``top_entropy_quantile`` mask, ``off_policy_mask_threshold`` mask) are folded into the
 advantages: for w >= 0, w * max(-A r, -A clip(r)) = max(-(wA) r, -(wA) clip(r)); so is vLLM's
-importance-sampling correction (``importance_sampling_ratio``, colocate mode; server mode is refused).
+importance-sampling correction (``importance_sampling_ratio``, vLLM colocate or server mode).
 
 The KL term follows TRL, not ``grpo_token_loss``: k3 is not clamped (our ops clamp it to [-10, 10]) and,
 with ``use_bias_correction_kl`` (TRL's default), it is weighted by the (differentiable) importance ratio.
 """
 from __future__ import annotations
 
-import functools
 import os
 import types
 import warnings
@@ -86,28 +86,40 @@ def check_trl_version(version: Optional[str] = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ option checking
+def _engine(trainer) -> str:
+    """How the trainer's model is distributed: "single", "ddp" or "deepspeed" (accelerate's names otherwise).
+    The one place the TRL integration branches on the engine."""
+    kind = trainer.accelerator.distributed_type.name
+    if kind == "NO":
+        return "single"
+    if kind in ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU", "MULTI_SDAA",
+                "MULTI_MUSA"):
+        return "ddp"
+    return kind.lower()
+
+
+UPDATE_ENGINES = ("single", "ddp", "deepspeed")
+
+
 def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
-    """The first TRL option this integration cannot honour, as an error message naming it, or None."""
+    """The first TRL option this integration cannot honour, as an error message naming it and why, or None."""
     args = trainer.args
     if trainer.loss_type not in LOSS_TYPES:
         return (f"loss_type={trainer.loss_type!r} is not supported by the gxpo-kernels loss "
                 f"(supported: {sorted(LOSS_TYPES)})")
-    checks = [
-        (getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", "server") == "server",
-         "use_vllm=True with vllm_mode='server'"),
-        (getattr(args, "use_liger_kernel", False), "use_liger_kernel=True"),
-        (getattr(args, "use_adaptive_entropy", False), "use_adaptive_entropy=True"),
-        (getattr(trainer, "aux_loss_enabled", False), "router_aux_loss_coef != 0 (MoE load-balancing loss)"),
-    ]
+    checks = []
     if for_update:
+        engine = _engine(trainer)
         checks += [
-            (args.gradient_accumulation_steps != 1, f"gradient_accumulation_steps={args.gradient_accumulation_steps}"
-             " (the update rule needs the whole mini-batch in one closure; use 1)"),
-            (trainer.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"),
-             f"distributed_type={trainer.accelerator.distributed_type.name} (DeepSpeed/FSDP step inside "
-             "backward or shard the optimizer; the update rule runs on DDP or a single process)"),
-            (bool(getattr(args, "fp16", False)), "fp16=True (GradScaler cannot follow several optimizer steps "
-             "per update; use bf16=True)"),
+            (engine == "fsdp",
+             "distributed_type=FSDP (untested: accelerate enables FSDP only on accelerators and a CPU run falls "
+             "back to DDP; use gxpo_kernels.integrations.fsdp with fully_shard in your own loop)"),
+            (engine not in UPDATE_ENGINES,
+             f"distributed_type={trainer.accelerator.distributed_type.name} (the update rule runs on a single "
+             "process, DDP, or DeepSpeed ZeRO 1/2/3)"),
+            (bool(getattr(args, "fp16", False)) and engine != "deepspeed",
+             "fp16=True without DeepSpeed (torch's GradScaler cannot follow several optimizer steps per update; "
+             "use bf16=True, or DeepSpeed's fp16, whose loss scale the rule advances once per update)"),
         ]
     for bad, name in checks:
         if bad:
@@ -204,6 +216,7 @@ def _head_model(trainer) -> nn.Module:
 
 def _hidden_path_blocker(trainer) -> Optional[str]:
     """Why the fused-linear (hidden-state) path cannot run on this model, or None when it can."""
+    from .hf import has_moe_aux_loss
     model = _head_model(trainer)
     cfg = model.config.get_text_config()
     if getattr(cfg, "final_logit_softcapping", None) is not None:
@@ -216,54 +229,12 @@ def _hidden_path_blocker(trainer) -> Optional[str]:
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
     if not hasattr(model, "base_model"):
         return "the model exposes no backbone (base_model)"
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    if is_deepspeed_zero3_enabled():
-        # the fused backward re-reads lm_head.weight, which ZeRO-3 has re-partitioned by then
-        return "DeepSpeed ZeRO-3 is enabled"
+    if _engine(trainer) == "fsdp":
+        return "FSDP shards the lm_head weight, which the fused head reads whole"
+    if getattr(trainer, "aux_loss_enabled", False) and not has_moe_aux_loss(model):
+        return "the model's MoE load-balancing loss cannot be computed from its router logits"
+    # ZeRO-3 is fine: the fused head runs as the lm_head module's forward (see integrations.hf)
     return None
-
-
-def _install_hidden_forward(model: nn.Module) -> None:
-    """Let ``model(..., gxpo_targets=ids)`` return our fused (logp, entropy) from the final hidden states.
-
-    Running inside the model's forward (through the DDP wrapper, like TRL's own fused head) keeps DDP's
-    forward bookkeeping intact. Without ``gxpo_targets`` the previous forward (TRL's) runs unchanged, and
-    ``functools.wraps`` keeps the signature ``generate`` validates its kwargs against."""
-    if getattr(model, "_gxpo_hidden_forward", False):
-        return
-    previous = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, gxpo_targets=None, gxpo_mask=None, gxpo_temperature=1.0, gxpo_fp32_head=False,
-                gxpo_backend="auto", **kwargs):
-        if gxpo_targets is None:
-            return previous(*args, **kwargs)
-        from ..ops.logprobs.linear import linear_token_logprobs
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        T = gxpo_targets.shape[1]
-        hidden = hidden[:, -T - 1:-1]  # position t predicts token t+1: the T positions before each target
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        hidden = hidden.to(weight.device)
-        dev = hidden.device.type
-        if gxpo_fp32_head:  # TRL's cast_lm_head_to_fp32: fp32 operands, outside autocast
-            hidden, fp32 = hidden.float(), True
-        elif torch.is_autocast_enabled(dev):
-            # as TRL's head does: GEMM operands in the autocast dtype (our kernels accumulate in fp32)
-            dt = torch.get_autocast_dtype(dev)
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-            fp32 = False
-        else:
-            fp32 = hidden.dtype != weight.dtype
-        with torch.autocast(dev, enabled=False):
-            return linear_token_logprobs(hidden, weight, gxpo_targets.to(hidden.device), gxpo_temperature,
-                                         bias=bias, mask=gxpo_mask.to(hidden.device), fp32_head=fp32,
-                                         backend=gxpo_backend)
-
-    model.forward = types.MethodType(forward, model)
-    model._gxpo_hidden_forward = True
 
 
 def _text_only(inputs) -> Optional[str]:
@@ -273,8 +244,9 @@ def _text_only(inputs) -> Optional[str]:
     return None
 
 
-def policy_token_logprobs(trainer, model, inputs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (logp, entropy) (B, T) of the completion tokens under the policy ``model`` (differentiable)."""
+def policy_token_logprobs(trainer, model, inputs):
+    """fp32 (logp, entropy) (B, T) of the completion tokens under the policy ``model`` (differentiable), and
+    the MoE load-balancing loss (0-d) when TRL's ``router_aux_loss_coef`` is in use, else None."""
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -287,28 +259,77 @@ def policy_token_logprobs(trainer, model, inputs) -> Tuple[torch.Tensor, torch.T
     score_mask = completion_mask.bool()
     path = trainer._gxpo_loss_path
     backend = trainer._gxpo_backend
+    aux = bool(getattr(trainer, "aux_loss_enabled", False))
     with trainer.accelerator.autocast():
         if path == "hidden":
-            logp, ent = model(input_ids=input_ids, attention_mask=attention_mask, gxpo_targets=completion_ids,
-                              gxpo_mask=score_mask, gxpo_temperature=float(trainer.temperature),
-                              gxpo_fp32_head=bool(trainer.args.cast_lm_head_to_fp32), gxpo_backend=backend)
-            return logp, ent
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
-                       use_cache=False).logits[:, :-1]
+            out = model(input_ids=input_ids, attention_mask=attention_mask, gxpo_targets=completion_ids,
+                        gxpo_mask=score_mask, gxpo_temperature=float(trainer.temperature),
+                        gxpo_fp32_head=bool(trainer.args.cast_lm_head_to_fp32), gxpo_backend=backend,
+                        gxpo_aux_loss=aux)
+            return (out[0], out[1], out[2] if aux else None)
+        extra = {"output_router_logits": True} if aux else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
+                    **extra)
+        logits = out.logits[:, :-1]
     from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
         logits = logits.float()
-    return token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)
+    logp, ent = token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)
+    return logp, ent, (out.aux_loss if aux else None)
 
 
 # ------------------------------------------------------------------------------ the hooked _compute_loss
+def _window_end(trainer) -> bool:
+    """Whether this loss call is the last micro-batch of an optimizer step's accumulation window
+    (``GXPOGRPOTrainer`` sets it while it replays a window inside the update rule's passes)."""
+    end = getattr(trainer, "_gxpo_window_end", None)
+    return trainer.accelerator.sync_gradients if end is None else end
+
+
+def _entropy_bonus_coef(self, mode: str) -> float:
+    """The entropy-bonus coefficient TRL applies to this micro-batch (0 when the bonus is off). With
+    ``use_adaptive_entropy`` it is the coefficient from the end of the previous optimizer step, gated by that
+    step's world entropy; the update rule's later passes reuse the value of the update's first pass."""
+    if not self._entropy_bonus_enabled:
+        return 0.0
+    frozen = getattr(self, "_gxpo_frozen_entropy_coef", None)
+    if frozen is not None:
+        return frozen
+    if self.use_adaptive_entropy:
+        return float(self.entropy_coef) if self._last_world_entropy <= self.args.entropy_target else 0.0
+    return float(self.entropy_coef)
+
+
+def _adaptive_entropy_observe(self, entropy, mask, entropy_mask) -> None:
+    """TRL's adaptive entropy controller: accumulate the window's entropy sum and token count, and at the window
+    end move ``entropy_coef`` one ``entropy_coef_delta`` towards keeping the world entropy above
+    ``entropy_target``."""
+    eff = mask if entropy_mask is None else mask & entropy_mask.bool()
+    m = eff.to(entropy.dtype)
+    stats = torch.stack([(entropy * m).sum(), m.sum()]).detach()
+    prev = self._entropy_window_stats
+    self._entropy_window_stats = stats if prev is None else prev + stats
+    if not _window_end(self):
+        return
+    tot = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+    world = (tot[0] / tot[1].clamp(min=1.0)).item()
+    a = self.args
+    if world <= a.entropy_target:
+        self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+    else:
+        self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+    self._last_world_entropy = world
+    self._entropy_window_stats = None
+
+
 def _gxpo_compute_loss(self, model, inputs):
     """Drop-in for ``GRPOTrainer._compute_loss`` (TRL 1.16) computed with gxpo-kernels' fused ops."""
     mode = "train" if self.model.training else "eval"
+    first_pass = getattr(self, "_gxpo_pass_index", 0) == 0  # an update's later passes re-score the same batch
     completion_mask = inputs["completion_mask"]
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
     mask = mask.bool()
-    logp, entropy = policy_token_logprobs(self, model, inputs)
+    logp, entropy, aux_loss = policy_token_logprobs(self, model, inputs)
 
     advantages = inputs["advantages"]
     if advantages.dim() == 1:
@@ -338,22 +359,26 @@ def _gxpo_compute_loss(self, model, inputs):
         if mode == "train":
             ga, spg = self.current_gradient_accumulation_steps, self.args.steps_per_generation
             dapo_normalizer = dapo_normalizer * ga / spg
-    coef = float(self.entropy_coef) if self._entropy_bonus_enabled else 0.0
+    coef = _entropy_bonus_coef(self, mode)
     loss, metrics = trl_policy_loss(
         logp, entropy, mask, advantages, old, inputs.get("ref_per_token_logps"), opts, loss_type=self.loss_type,
         accumulation=accumulation, dapo_normalizer=dapo_normalizer, entropy_coef=coef, pg_weight=pg_weight,
         entropy_mask=entropy_mask, kl_ratio_weight=bool(getattr(self.args, "use_bias_correction_kl", False)))
+    if self.use_adaptive_entropy and mode == "train" and first_pass:
+        _adaptive_entropy_observe(self, entropy.detach(), mask, entropy_mask)
+    if aux_loss is not None:  # MoE load balancing, scaled for accumulation like the policy loss (TRL)
+        loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
-    if getattr(self, "_gxpo_pass_index", 0) == 0:  # an update's later passes re-score the same batch
+    if first_pass:
         _log_trl_metrics(self, mode, logp.detach(), old_d, entropy.detach(), mask, advantages,
-                         inputs.get("ref_per_token_logps"), metrics, coef)
+                         inputs.get("ref_per_token_logps"), metrics, aux_loss)
     ent_d = torch.where(mask, entropy.detach(), torch.zeros_like(logp))
     self._gxpo_entropy_stats = (ent_d.sum(), mask.sum().to(ent_d.dtype))  # for entropy gates and FADE
     self._gxpo_last_logp = logp.detach()
     return loss
 
 
-def _log_trl_metrics(self, mode, logp, old, entropy, mask, advantages, ref, metrics, coef) -> None:
+def _log_trl_metrics(self, mode, logp, old, entropy, mask, advantages, ref, metrics, aux_loss) -> None:
     """The metrics TRL 1.16 logs from ``_compute_loss``, under the same names and reductions."""
     from trl.trainer.utils import nanmax, nanmin
     m = mask.float()
@@ -374,10 +399,12 @@ def _log_trl_metrics(self, mode, logp, old, entropy, mask, advantages, ref, metr
         return (tot[0] / tot[1].clamp(min=1.0)).item()
 
     store = self._metrics[mode]
-    if coef != 0.0:
+    if self._entropy_bonus_enabled:
         store["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
-        if mode == "train" and self.accelerator.sync_gradients:
+        if mode == "train" and _window_end(self):
             store["entropy_coef"].append(self.entropy_coef)
+    if aux_loss is not None:
+        store["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
     if self.beta != 0.0:
         d = torch.where(mask, ref - logp, torch.zeros_like(logp))
         kl = torch.exp(d) - d - 1
@@ -400,8 +427,8 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
     Args:
         loss_path: "hidden" (fused lm_head + log-prob + entropy from the final hidden states; the (B, T, V)
             logits never exist), "logits" (the model's own logits, then ``token_logprobs``), or "auto"
-            (hidden where the model allows: a plain ``nn.Linear`` head, no logit soft-capping or scaling,
-            no ZeRO-3; logits otherwise). The chosen path is ``trainer.gxpo_loss_path``.
+            (hidden where the model allows: a plain ``nn.Linear`` head, no logit soft-capping or scaling;
+            logits otherwise). Under DeepSpeed ZeRO-3 the fused head runs as the lm_head's forward. The chosen path is ``trainer.gxpo_loss_path``.
         backend: our kernels' backend ("auto", "triton", "torch").
     Raises ValueError naming the TRL option when the trainer is configured with one we cannot honour.
     """
@@ -419,7 +446,8 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
         raise ValueError(f"loss_path='hidden' is not possible: {blocker}; use loss_path='logits' or 'auto'")
     path = "logits" if (loss_path == "logits" or blocker) else "hidden"
     if path == "hidden":
-        _install_hidden_forward(_head_model(trainer))
+        from .hf import patch_causal_lm
+        patch_causal_lm(_head_model(trainer))
     trainer._gxpo_opts = _loss_options(trainer)
     trainer._gxpo_loss_path = path
     trainer._gxpo_backend = backend
@@ -429,11 +457,14 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
 
 
 def __getattr__(name):
-    # the subclass needs trl at class-creation time; build it on first access so importing this module
-    # (e.g. for trl_policy_loss) never imports TRL
-    if name == "GXPOGRPOTrainer":
-        from ._trl_trainer import make_trainer_class
-        cls = make_trainer_class()
-        globals()[name] = cls
-        return cls
+    # the subclasses need trl at class-creation time; build them on first access so importing this module
+    # (e.g. for trl_policy_loss) never imports TRL. They receive this module's hook functions as arguments, so
+    # _trl_trainer never imports this module (no import cycle).
+    if name in ("GXPOGRPOTrainer", "GXPOGRPOConfig"):
+        from ._trl_trainer import make_trainer_classes
+        config_cls, trainer_cls = make_trainer_classes(
+            enable_loss=enable_gxpo_loss, unsupported=_unsupported, check_version=check_trl_version,
+            engine=_engine, entropy_bonus_coef=_entropy_bonus_coef)
+        globals().update(GXPOGRPOConfig=config_cls, GXPOGRPOTrainer=trainer_cls)
+        return globals()[name]
     raise AttributeError(name)

@@ -8,10 +8,11 @@ from typing import Optional, Tuple
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
 ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs") + FPA_ALGOS
-DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed drives
+DS_ALGOS = ("grpo", "sfpo", "gxpo", "grpo_lr", "grpo_epochs")   # what --deepspeed and --fsdp drive
 FPA_SIDES = ("both", "rejected")
 ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
+LOSS_PATHS = ("fused_linear", "logits")   # the trainer's loss: fused lm_head + GRPO loss, or materialised logits
 
 
 @dataclass
@@ -74,6 +75,11 @@ class TrainConfig:
     out_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     deepspeed: Optional[str] = None
+    fsdp: bool = False                    # run on PyTorch FSDP2 (fully_shard), one process per rank (torchrun)
+    loss_path: str = "fused_linear"       # fused_linear: hidden states + lm_head, no logits | logits: grpo_loss
+    save_steps: int = 0                   # write <out_dir>/checkpoint-<step> every N steps (0 = never)
+    save_model: bool = True               # save_pretrained of the final policy + tokenizer into <out_dir>/model
+    resume: Optional[str] = None          # checkpoint folder to continue from, or "latest" (newest in out_dir)
     quiet: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -92,6 +98,16 @@ class TrainConfig:
             raise ValueError(f"fpa_beta must be > 0, got {self.fpa_beta!r}")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:
             raise ValueError(f"--deepspeed drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("--fsdp and --deepspeed are two engines: choose one")
+        if self.fsdp and self.algo not in DS_ALGOS:
+            raise ValueError(f"--fsdp drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {self.loss_path!r}")
+        if int(self.save_steps) < 0:
+            raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
+        if self.resume == "latest" and not self.out_dir:
+            raise ValueError("resume='latest' needs out_dir (the run's output folder)")
         for name in ("steps", "prompts", "group", "epochs", "val_every", "val_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,12 +1,17 @@
-"""The RL loop: warm start -> (rollout -> rewards -> advantages -> loss op -> update rule -> log) x steps.
+"""The RL loop: warm start -> (rollout -> rewards -> advantages -> loss -> update rule -> log) x steps.
 
-One record per step is appended to ``records.jsonl`` (schema in ``docs/readme/10-quickstart-trainer.md``);
-step 0 is the warm start's validation. ``wall_clock`` counts rollout + update seconds only (validation is
-excluded), and each step logs its measured ``t_rollout``, ``t_backward`` (all forward+backward passes) and
-``t_optimizer`` (the rest of the update: optimizer steps, clipping, the rule's own arithmetic).
+One loop for every engine (``engines``: plain PyTorch, DeepSpeed ZeRO). One record per step is appended to
+``records.jsonl``; step 0 is the warm start's validation. Timings per step: ``t_rollout`` (sampling, rewards,
+advantages), ``t_update`` (every forward + backward pass, optimizer steps, clipping and the rule's own
+arithmetic; split into ``t_backward`` = the passes and ``t_optimizer`` = the rest) and ``t_val`` (validation,
+on the steps that validate), in wall-clock seconds after a device sync; the same phases in process CPU seconds
+(``cpu_rollout``, ``cpu_update``, ``cpu_val``) and, on CUDA, CUDA-event seconds (``gpu_rollout``,
+``gpu_update``, ``gpu_val``). ``wall_clock`` is the running sum of ``t_rollout + t_update`` (validation
+excluded). Checkpoints and resume: ``checkpoint``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -20,11 +25,12 @@ from typing import Callable, List, Optional
 import torch
 
 from ..advantages import FADEController, fade_advantages, group_advantages, sign_ratio
-from ..update import GXPO, SFPO
+from . import checkpoint as ckpt
 from . import fpa_offline
 from .config import FPA_ALGOS, TrainConfig
-from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
-from .rollout import encode_prompts, evaluate, policy_loss, position_ids, response_logits, rollout
+from .engines import Engine, make_engine
+from .model import amp, build_tiny_model, load_local_model, tiny_config_dict
+from .rollout import encode_prompts, evaluate, position_ids, rollout
 from .tasks import get_task, make_tokenizer
 
 
@@ -143,38 +149,6 @@ def _json_safe(x):
         return str(x)
 
 
-def _clock(device: torch.device) -> float:
-    """perf_counter after the device's queued work (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def make_update(cfg: TrainConfig, model):
-    """(optimizer, rule or None, static fields for the ``update`` log). GRPO variants step the optimizer
-    themselves; SFPO/GXPO wrap it."""
-    lr = cfg.lr * (cfg.lr_mult if cfg.algo == "grpo_lr" else 1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    static = {"algo": cfg.algo, "lr": lr}
-    if cfg.algo in FPA_ALGOS:
-        static.update(objective=cfg.algo[len("fpa_"):], lam=cfg.fpa_lam, side=cfg.fpa_side, beta=cfg.fpa_beta,
-                      gate=None)
-        return opt, None, static
-    if cfg.algo == "gxpo":
-        gate = None if cfg.gxpo_gate == "none" else cfg.gxpo_gate
-        rule = GXPO(opt, K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, max_grad_norm=cfg.max_grad_norm,
-                    gate=gate)
-        static.update(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=cfg.gxpo_gate)
-        return opt, rule, static
-    if cfg.algo == "sfpo":
-        gate = None if cfg.sfpo_gate == "none" else cfg.sfpo_gate
-        rule = SFPO(opt, K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, max_grad_norm=cfg.max_grad_norm, gate=gate)
-        static.update(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate)
-        return opt, rule, static
-    static.update(epochs=cfg.epochs if cfg.algo == "grpo_epochs" else 1, gate=None)
-    return opt, None, static
-
-
 def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, fade_ctl,
                        mean_reward: Optional[float] = None):
     """(advantages (B,), FADE controller state or None). ``mean_reward`` (default ``rewards.mean()``) and
@@ -226,15 +200,23 @@ class RecordLog:
     record to ``records.jsonl`` (flushed, so a crashed run keeps its curve); ``progress`` sees every record.
     Shared by the plain loop and the DeepSpeed loop (where only the writing rank passes ``out_dir``)."""
 
-    def __init__(self, out_dir: Optional[str], config: dict, progress: Optional[Callable] = None):
-        self.records: List[dict] = []
+    def __init__(self, out_dir: Optional[str], config: dict, progress: Optional[Callable] = None,
+                 resumed: Optional[List[dict]] = None):
+        """``resumed``: the records of a checkpoint being resumed; ``records.jsonl`` restarts from them (records
+        written after the checkpoint are dropped) and ``config.json`` keeps the original run's."""
+        self.records: List[dict] = list(resumed or [])
         self.progress = progress
         self._f = None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "config.json"), "w") as f:
-                json.dump(_json_safe(config), f, indent=1)
+            path = os.path.join(out_dir, "config.json")
+            if resumed is None or not os.path.isfile(path):
+                with open(path, "w") as f:
+                    json.dump(_json_safe(config), f, indent=1)
             self._f = open(os.path.join(out_dir, "records.jsonl"), "w")
+            for rec in self.records:
+                self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
 
     def __call__(self, rec: dict) -> None:
         rec = _json_safe(rec)
@@ -249,122 +231,208 @@ class RecordLog:
         if self._f is not None:
             self._f.close()
 
+
+
+class PhaseTimer:
+    """Times one phase of a step into a record: ``t_<phase>`` wall-clock seconds (``perf_counter`` after a
+    device sync, so queued CUDA work is counted), ``cpu_<phase>`` process CPU seconds (``time.process_time``,
+    all threads of this process) and, on CUDA, ``gpu_<phase>`` seconds between two CUDA events."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, rec: dict):
+        ev = None
+        if self.cuda:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        w0 = self.now()
+        c0 = time.process_time()
+        if ev is not None:
+            ev[0].record()
+        yield
+        if ev is not None:
+            ev[1].record()
+        rec[f"t_{name}"] = self.now() - w0
+        rec[f"cpu_{name}"] = time.process_time() - c0
+        if ev is not None:
+            rec[f"gpu_{name}"] = ev[0].elapsed_time(ev[1]) / 1000.0
+
+
+def _loss_kwargs(cfg: TrainConfig, max_new: int) -> dict:
+    kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_agg_mode=cfg.agg_mode)
+    if cfg.agg_mode == "seq-mean-token-sum-norm":
+        kw["max_length"] = max_new
+    return kw
+
+
 def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None, log=print) -> List[dict]:
     """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set).
-    With ``cfg.deepspeed`` the run goes to ``ds_loop.train_deepspeed`` (a DeepSpeed ZeRO engine)."""
+
+    The engine (``engines.make_engine``) is plain PyTorch, or DeepSpeed with ``cfg.deepspeed`` (one call per
+    rank under ``torchrun`` / ``deepspeed``; every rank builds the same records, rank 0 writes them and calls
+    ``progress``). ``cfg.save_steps`` writes a checkpoint every N steps, ``cfg.resume`` continues from one,
+    ``cfg.save_model`` saves the final policy + tokenizer into ``<out_dir>/model`` (``checkpoint`` module).
+    """
     cfg.validate()
-    if cfg.deepspeed is not None:
-        from .ds_loop import train_deepspeed
-        return train_deepspeed(cfg, progress=progress, log=log)
-    device = pick_device(cfg.device)
-    model, tok, task, model_key = build_policy(cfg, device)
+    engine = make_engine(cfg)
+    try:
+        return _run(cfg, engine, progress, log)
+    finally:
+        engine.close()
+
+
+def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
+    device, rank, world = engine.device, engine.rank, engine.world
+    resume = ckpt.resolve_resume(cfg.resume, cfg.out_dir) if cfg.resume else None
+    config = {"train": dataclasses.asdict(cfg)}
+    if resume is not None:
+        ckpt.check_config(resume, config["train"])
+    model, tok, task, model_key = build_policy(cfg, device)   # same init_seed -> same weights on every rank
     max_new = cfg.max_new_tokens or task.max_answer_chars + 1
     val_pairs = task.sample(cfg.val_size, "val", seed=0, distinct=True)
-    ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log)
-
-    torch.manual_seed(cfg.seed)
-    train_pairs = task.sample(cfg.steps * cfg.prompts, "train", seed=cfg.seed)
-    opt, rule, static = make_update(cfg, model)
+    ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log) if engine.lead else None
+    ws = engine.share_warm_start(model, ws)
     fpa = cfg.algo in FPA_ALGOS
     ref_model = None
     if fpa:  # the warm-start policy, frozen, is the reference of the offline objectives
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    engine.setup(model, _loss_kwargs(cfg, max_new))
+    rule, policy = engine.rule, engine.policy
+    static = engine.static
+    torch.manual_seed(cfg.seed + 100_003 * rank)      # each rank samples its own responses
+    train_pairs = task.sample(cfg.steps * cfg.prompts * world, "train", seed=cfg.seed)
     fade_ctl = None
     if cfg.advantage == "fade":
         fade_ctl = FADEController() if cfg.fade_target_entropy is None else \
             FADEController(target_entropy=cfg.fade_target_entropy)
-    loss_kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                   loss_agg_mode=cfg.agg_mode)
-    if cfg.agg_mode == "seq-mean-token-sum-norm":
-        loss_kw["max_length"] = max_new
-    params = [p for p in model.parameters() if p.requires_grad]
+    config.update(warm_start=ws)
+    if engine.name != "plain":
+        config.update({engine.name: getattr(engine, "ds_config", True), "world_size": world})
+    timer = PhaseTimer(device)
 
-    emit = RecordLog(cfg.out_dir, {"train": dataclasses.asdict(cfg), "warm_start": ws}, progress)
+    def validate() -> dict:
+        with engine.eval_mode():
+            return validate_policy(cfg, policy, tok, task, val_pairs, max_new, **engine.gen_kw)
+
+    start, bp_total, opt_total, wall, gate_fired_at, resumed = 0, 0, 0, 0.0, None, None
+    if resume is not None:
+        st, resumed = ckpt.load_checkpoint(resume, engine)
+        start, bp_total, opt_total = int(st["step"]), int(st["backward_passes"]), int(st["optimizer_steps"])
+        wall, gate_fired_at = float(st["wall_clock"]), st["gate_fired_at"]
+        if rule is not None:
+            rule.load_state_dict(st["rule"])
+        if fade_ctl is not None:
+            fade_ctl.load_state_dict(st["fade"])
+        if not cfg.quiet and engine.lead:
+            log(f"resumed from {resume} at step {start}")
+    emit = RecordLog(cfg.out_dir if engine.lead else None, config, progress if engine.lead else None, resumed)
     records = emit.records
-
-    bp_total = opt_total = 0
-    wall = 0.0
-    gate_fired_at = None
-    t_val = time.perf_counter()
-    emit({"step": 0, "val": validate_policy(cfg, model, tok, task, val_pairs, max_new), "backward_passes": 0,
-          "optimizer_steps": 0, "wall_clock": 0.0, "t_val": time.perf_counter() - t_val,
-          "warm_start": ws, "method": static})
     try:
-        for step in range(1, cfg.steps + 1):
-            t0 = _clock(device)
-            pairs = train_pairs[(step - 1) * cfg.prompts: step * cfg.prompts]
-            ro = rollout(model, tok, task, pairs, cfg.group, max_new, cfg.temperature)
-            adv, fade_state = compute_advantages(cfg, ro.rewards, ro.entropy, fade_ctl)
-            t_roll = _clock(device) - t0
+        if resume is None:
+            rec0 = {"step": 0, "backward_passes": 0, "optimizer_steps": 0, "wall_clock": 0.0, "warm_start": ws,
+                    "method": static}
+            with timer.phase("val", rec0):
+                rec0["val"] = validate()
+            emit(rec0)
+        for step in range(start + 1, cfg.steps + 1):
+            rec = {"step": step}
+            with timer.phase("rollout", rec):
+                lo = ((step - 1) * world + rank) * cfg.prompts
+                ro = rollout(policy, tok, task, train_pairs[lo:lo + cfg.prompts], cfg.group, max_new,
+                             cfg.temperature, **engine.gen_kw)
+                g = ro.rewards.view(-1, cfg.group)
+                r_mean, frac0, ent, rlen = engine.dp_mean([
+                    float(ro.rewards.mean()), float((g.max(-1).values == g.min(-1).values).float().mean()),
+                    ro.entropy, float(ro.mask.float().sum(-1).mean())])
+                adv, fade_state = compute_advantages(cfg, ro.rewards, ent, fade_ctl, mean_reward=r_mean)
 
             timing = {"bwd": 0.0, "passes": 0}
             first = {}
+            B, n_mb = ro.resp.shape[0], engine.micro_batches
+            mb = B // n_mb
 
             def closure():
-                tb = _clock(device)
-                opt.zero_grad(set_to_none=True)
-                k = getattr(rule, "pass_index", 0) if rule is not None else 0
+                tb = timer.now()
+                k = rule.pass_index if rule is not None else 0
                 # paper protocol: passes after the first use the current policy as "old" (ratio = 1); the
                 # rollout's old log-probs are pi_theta0's, i.e. exact for pass 0. PPO epochs keep them (clip).
                 old = None if (rule is not None and cfg.recompute_old_logp and k > 0) else ro.old_logp
-                with amp(device):
-                    logits = response_logits(model, ro.prompt_ids, ro.prompt_attn, ro.resp, ro.mask)
-                loss, metrics = policy_loss(logits, ro.resp, adv, ro.mask, old, loss_kw)
-                loss.backward()
-                timing["bwd"] += _clock(device) - tb
+                engine.zero_grad()
+                total, msum = 0.0, {}
+                for j in range(n_mb):
+                    sl = slice(j * mb, (j + 1) * mb)
+                    loss = engine.forward(ro.prompt_ids[sl], ro.prompt_attn[sl], ro.resp[sl], ro.mask[sl], adv[sl],
+                                          None if old is None else old[sl])
+                    engine.backward(loss, last=j == n_mb - 1)
+                    total += float(loss.detach()) / n_mb
+                    for name, v in engine.module.metrics.items():
+                        msum[name] = msum.get(name, 0.0) + float(v) / n_mb
+                total = engine.dp_mean([total])[0]           # the rule logs it: the same value on every rank
+                timing["bwd"] += timer.now() - tb
                 timing["passes"] += 1
                 if not first:
-                    first.update(loss=loss.detach(), metrics={k2: v.detach() for k2, v in metrics.items()})
-                return loss.detach()
+                    first.update(loss=total, metrics=msum)
+                return total
 
-            t1 = _clock(device)
-            if fpa:
-                info, got, tb, passes = fpa_offline.update(cfg, model, ref_model, opt, params, ro, adv,
-                                                           lambda: _clock(device))
-                first.update(got)
-                timing["bwd"] += tb
-                timing["passes"] += passes
-            elif rule is None:
-                info = {"grad_norm": []}
-                for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
-                    closure()
-                    info["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-                    opt.step()
-                info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
-            else:
-                kw = {"entropy": ro.entropy} if rule.gate.needs_entropy else {}
-                info = dict(rule.step(closure, **kw))
-            t_upd = _clock(device) - t1
+            with timer.phase("update", rec):
+                if fpa:
+                    info, got, tb, passes = fpa_offline.update(cfg, policy, ref_model, engine.optimizer,
+                                                               [p for p in policy.parameters() if p.requires_grad],
+                                                               ro, adv, timer.now)
+                    first.update(got)
+                    timing["bwd"] += tb
+                    timing["passes"] += passes
+                elif rule is None:
+                    info = {"grad_norm": []}
+                    for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
+                        closure()
+                        info["grad_norm"].append(engine.optimizer_step())
+                    info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
+                else:
+                    kw = {"entropy": ro.entropy} if rule.gate.needs_entropy else {}
+                    info = dict(rule.step(closure, **kw))
             if rule is not None:
-                bp_total = int(rule.total_backward_passes)
-                opt_total = int(rule.total_optimizer_steps)
+                bp_total, opt_total = int(rule.total_backward_passes), int(rule.total_optimizer_steps)
             else:
                 bp_total += timing["passes"]
                 opt_total += int(info["optimizer_steps"])
-            wall += t_roll + t_upd
+            wall += rec["t_rollout"] + rec["t_update"]
 
-            g = ro.rewards.view(-1, cfg.group)
+            names = sorted(first.get("metrics", {}))
+            metrics = dict(zip(names, engine.dp_mean([first["metrics"][n] for n in names]))) if not fpa \
+                else first.get("metrics", {})
             upd = dict(static)
             upd.update(info)
             if "fell_back" in upd and "fallback" not in upd:
                 upd["fallback"] = upd["fell_back"]   # the name stats.effective_step_multiplier reads
-            rec = {"step": step, "reward_mean": float(ro.rewards.mean()),
-                   "frac_zero_adv_groups": float((g.max(-1).values == g.min(-1).values).float().mean()),
-                   "rollout_entropy": ro.entropy, "response_len": float(ro.mask.float().sum(-1).mean()),
-                   "loss": first.get("loss"), "metrics": first.get("metrics", {}), "update": upd,
-                   "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
-                   "t_rollout": t_roll, "t_backward": timing["bwd"], "t_optimizer": max(t_upd - timing["bwd"], 0.0)}
+            rec.update({"reward_mean": r_mean, "frac_zero_adv_groups": frac0, "rollout_entropy": ent,
+                        "response_len": rlen, "loss": first.get("loss"), "metrics": metrics, "update": upd,
+                        "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
+                        "t_backward": timing["bwd"], "t_optimizer": max(rec["t_update"] - timing["bwd"], 0.0)})
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
             if fpa:
-                rec["fpa"] = {k: first.get("metrics", {}).get(k) for k in ("pairs", "c_w_mean", "c_l_mean")}
+                rec["fpa"] = {k: metrics.get(k) for k in ("pairs", "c_w_mean", "c_l_mean")}
                 rec["fpa"]["pairs"] = info["pairs"]
             gate_fired_at = mark_gate(rec, upd, rule, info, step, gate_fired_at)
             if step % cfg.val_every == 0 or step == cfg.steps:
-                tv = _clock(device)
-                rec["val"] = validate_policy(cfg, model, tok, task, val_pairs, max_new)
-                rec["t_val"] = _clock(device) - tv
+                with timer.phase("val", rec):
+                    rec["val"] = validate()
             emit(rec)
+            if cfg.out_dir and cfg.save_steps > 0 and step % cfg.save_steps == 0:
+                state = {"step": step, "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
+                         "gate_fired_at": gate_fired_at, "rule": None if rule is None else rule.state_dict(),
+                         "fade": None if fade_ctl is None else fade_ctl.state_dict()}
+                ckpt.save_checkpoint(cfg.out_dir, step, engine, state, records, config["train"])
+        if cfg.out_dir and cfg.save_model:
+            ckpt.save_final_model(cfg.out_dir, engine, tok)
     finally:
         emit.close()
     return records

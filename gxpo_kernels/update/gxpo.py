@@ -151,6 +151,13 @@ class GXPO(ExtrapolationRule):
                                  "); pass zero_lr='neutral' to give such groups scale 1 instead")
 
     @torch.no_grad()
+    def _save_first_move_(self, params) -> None:
+        """Optimizer-aware mode: the g0 buffer takes θ1 − θ0 (exact, Sterbenz, in the buffer dtype)."""
+        for b, p, t0 in zip(self._g0, params, self._theta0):
+            b.copy_(p)
+            b.sub_(t0)
+
+    @torch.no_grad()
     def _displacements_(self, params, g1) -> None:
         """Optimizer-aware mode: g0 buffer (holding θ1 − θ0) -> d0, g1 -> d1, d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr.
         A group at lr <= 0 (zero_lr="neutral") gets d0 = d1 = 0: r = 0, scale 1."""
@@ -163,14 +170,19 @@ class GXPO(ExtrapolationRule):
             g.copy_(((1 - lr * wd) * th1 - p.to(th1.dtype)) / lr)
             b.copy_(((1 - lr * wd) * t0 - th1) / lr)
 
+    def _set_grads_(self, params, bufs, had) -> None:
+        """p.grad = the stored ĝ0 in the param's dtype (None where pass 0 left no grad); a sharded subclass
+        wraps the local buffers into its own gradient type."""
+        for p, b, h in zip(params, bufs, had):
+            p.grad = b.to(p.dtype) if h else None
+
+    @torch.no_grad()
     def _fallback(self, closure: Callable, params, reason: str, info: dict) -> dict:
         self._rewind_for_fallback()
         if self.optimizer_aware or self.fallback_grad == "recompute":   # (the g0 buffer may hold displacements)
             ok = self._fresh_grads_finite(closure, params)
         else:
-            with torch.no_grad():
-                for p, b, had in zip(params, self._g0, self._had_grad0):
-                    p.grad = b.to(p.dtype) if had else None
+            self._set_grads_(params, self._g0, self._had_grad0)
             ok = True
         return self._end_fallback(ok, reason, info)
 
@@ -198,10 +210,7 @@ class GXPO(ExtrapolationRule):
         self._save_g0_(grads)
         self._optimizer_step()
         if self.optimizer_aware:
-            with torch.no_grad():
-                for b, p, t0 in zip(self._g0, params, self._theta0):
-                    b.copy_(p)
-                    b.sub_(t0)                            # θ1 − θ0, exact (Sterbenz) in the buffer dtype
+            self._save_first_move_(params)
         info["loss_1"] = _to_float(self._run_closure(closure, 1))
         grads, n1, _ = self._clip(params)
         info["grad_norm_1"] = n1

@@ -202,3 +202,86 @@ def test_real_zero3_single_rank_grads_match_plain_model():
         assert abs(case["loss"] - case["ref"]) < 1e-5, case
         assert case["worst"] < 1e-5, case                 # every parameter's full gradient
         assert case["lp_err"] < 1e-5, case
+
+
+# ------------------------------------------------------------------------------------------ patch_causal_lm
+def test_patch_causal_lm_forward_matches_the_loss_function():
+    from gxpo_kernels.integrations.hf import GRPOLossOutput, patch_causal_lm
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch(seed=4)
+    K = cm.shape[1]
+    opts = dict(temperature=0.9, beta=0.0, eps_high=0.28, backend="torch")
+    want, wm, wg = _fused_path(model, ids, am, cm, adv, K, **opts)
+    with torch.no_grad():
+        plain_logits = model(input_ids=ids, attention_mask=am).logits
+    assert patch_causal_lm(model, temperature=0.9, eps_high=0.28) is model
+    model.zero_grad(set_to_none=True)
+    out = model(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=K, grpo_options={"backend": "torch"})
+    assert isinstance(out, GRPOLossOutput) and set(out.metrics) == set(wm)
+    out.loss.backward()
+    assert_close("loss", want.detach().double(), out.loss.detach().double(), 1e-6)
+    for name, p in model.named_parameters():
+        assert_close(name, wg[name], p.grad, 1e-6, atol=1e-8)
+    with torch.no_grad():  # without GRPO targets the model's own forward runs unchanged
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, plain_logits)
+    gen = model.generate(ids[:1], attention_mask=am[:1], max_new_tokens=2, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 2)
+
+
+def test_wrapped_models_refused_by_name():
+    from gxpo_kernels.integrations.hf import patch_causal_lm
+
+    class Wrapper(torch.nn.Module):  # stand-ins: the check reads the class names (of the MRO) only
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    DistributedDataParallel, FullyShardedDataParallel, DeepSpeedEngine, PeftModel = (
+        type(n, (Wrapper,), {}) for n in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine",
+                                          "PeftModel"))
+    PeftModelForCausalLM = type("PeftModelForCausalLM", (PeftModel,), {})
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch()
+    for cls, fix in ((DistributedDataParallel, "patch_causal_lm"), (FullyShardedDataParallel, "patch_causal_lm"),
+                     (DeepSpeedEngine, "patch_causal_lm"), (PeftModelForCausalLM, "get_base_model")):
+        wrapped = cls(model)
+        name = [c.__name__ for c in type(wrapped).__mro__ if c.__name__ in
+                ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel")][0]
+        for fn in (lambda: causal_lm_grpo_loss(wrapped, ids, am, adv), lambda: patch_causal_lm(wrapped)):
+            with pytest.raises(TypeError, match=f"{name}.*{fix}|{fix}.*{name}|PEFT.*{fix}"):
+                fn()
+
+
+@pytest.mark.slow
+def test_patch_causal_lm_under_ddp():
+    """2 CPU ranks (gloo), each with half the batch: after DDP's all-reduce both ranks hold the same gradient,
+    equal to the single-process gradient of the mean of the two half-batch losses."""
+    import os
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    from tests.integrations import _hf_ddp_worker as W
+    from gxpo_kernels.integrations.hf import patch_causal_lm
+    ids, am, cm, adv = _batch(B=4, seed=6)
+    model = _model("qwen2")
+    K = cm.shape[1]
+    with torch.no_grad():
+        lp = model(input_ids=ids, attention_mask=am).logits[:, -K - 1:-1].float().log_softmax(-1)
+        lp = lp.gather(-1, ids[:, -K:, None]).squeeze(-1)
+    batch = dict(ids=ids, am=am, cm=cm, adv=adv, old=lp + 0.2 * torch.randn(lp.shape))
+    opts = dict(eps_high=0.28, loss_agg_mode="token-mean", backend="torch")
+    patch_causal_lm(model, **opts)
+    halves = [{k: v.chunk(2)[r] for k, v in batch.items()} for r in range(2)]
+    losses = [model(h["ids"], h["am"], advantages=h["adv"], completion_mask=h["cm"], logits_to_keep=K,
+                    old_logprobs=h["old"]).loss for h in halves]
+    ((losses[0] + losses[1]) / 2).backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tempfile.mkdtemp(prefix="gxpo_hf_ddp_")
+    mp.spawn(W.worker, args=(port, d, batch, opts), nprocs=2, join=True)
+    r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2))
+    assert not torch.equal(r0["loss"], r1["loss"])        # the ranks really saw different data
+    assert "DistributedDataParallel" in r0["refused"] and "patch_causal_lm" in r0["refused"]
+    for name, p in model.named_parameters():
+        assert torch.equal(r0["grads"][name], r1["grads"][name]), name
+        assert_close(name, p.grad, r0["grads"][name], 1e-5, atol=1e-7)

@@ -7,6 +7,8 @@
   own advantages are 0 and every GXPO step would fall back): GXPO under ZeRO-2 takes 3 passes per step with no
   fallback; SFPO under ZeRO-1 with gradient accumulation K+1; grpo_epochs under ZeRO-3 (``generate`` with
   synced_gpus) 3 optimizer steps per batch; both ranks hold identical weights afterwards;
+- resume under ZeRO-3 (GXPO with a gate that fires): a run stopped after step 3 and resumed from its step-2
+  checkpoint equals the uninterrupted run (records, RNG, final weights);
 - bad configs fail before any process group is created.
 """
 import json
@@ -63,7 +65,8 @@ def test_torchrun_cli_gxpo_zero2(tmp_path):
     p = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("records: ") == 1            # only rank 0 reports (and writes)
-    assert sorted(os.listdir(out)) == ["config.json", "records.jsonl"]
+    assert sorted(os.listdir(out)) == ["config.json", "model", "records.jsonl"]
+    assert os.path.isfile(out / "model" / "config.json") and os.path.isfile(out / "model" / "char_tokenizer.json")
     conf = json.loads((out / "config.json").read_text())
     assert conf["world_size"] == 2 and conf["deepspeed"]["train_micro_batch_size_per_gpu"] == 8
     recs = _records(out / "records.jsonl")
@@ -101,19 +104,29 @@ def _worker(rank, port, d):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from gxpo_kernels.trainer import ds_loop
+    from gxpo_kernels.trainer import loop
 
     def random_advantages(cfg, rewards, entropy, fade_ctl, mean_reward=None):
         g = torch.Generator().manual_seed(int(rewards.numel()) + 7 * rank)   # differ per rank, like real data
         return torch.randn(rewards.shape, generator=g), None
-    ds_loop.compute_advantages = random_advantages
+    loop.compute_advantages = random_advantages
     out = {}
     for name, (algo, stage, gas, extra, _) in CASES.items():
         # one config file per rank: both ranks writing one path races (the other rank can read it half-written)
         cfg = TrainConfig(algo=algo, steps=2, deepspeed=_ds_json(d, f"{name}.rank{rank}.json", stage, gas),
                           out_dir=os.path.join(d, name), cache_dir=os.path.join(d, "cache"), **TINY, **extra)
-        recs = ds_loop.train_deepspeed(cfg)
+        recs = loop.train(cfg)
         out[name] = {"records": recs}
+    # resume under ZeRO-3: stop after step 3 (checkpoint at 2), resume, compare with the uninterrupted 4 steps
+    base = TrainConfig(algo="gxpo", gxpo_gate="ema", gxpo_tau=1e-6, steps=4, save_steps=2,
+                       deepspeed=_ds_json(d, f"resume.rank{rank}.json", 3), cache_dir=os.path.join(d, "cache"),
+                       **dict(TINY, val_every=1, val_size=8, pass1_size=0, pass1_n=0))
+    full = loop.train(base.replace(out_dir=os.path.join(d, "resume", "full")))
+    rng_full = torch.get_rng_state()
+    loop.train(base.replace(steps=3, out_dir=os.path.join(d, "resume", "cut")))
+    torch.manual_seed(999)
+    resumed = loop.train(base.replace(out_dir=os.path.join(d, "resume", "cut"), resume="latest"))
+    out["resume"] = {"full": full, "resumed": resumed, "rng": (rng_full, torch.get_rng_state())}
     torch.save(out, os.path.join(d, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -145,9 +158,9 @@ def test_spawned_bookkeeping(spawned, name):
         else:
             assert len(u["grad_norm"]) == 3 and all(g > 0 for g in u["grad_norm"])
     # rank 1 built the same (dp-reduced) records, except for its own timings
-    skip = {"wall_clock", "t_rollout", "t_backward", "t_optimizer", "t_val"}
+    own = lambda r: {k: v for k, v in r.items() if k != "wall_clock" and not k.startswith(("t_", "cpu_", "gpu_"))}
     for a, b in zip(ranks[0][name]["records"], ranks[1][name]["records"]):
-        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+        assert own(a) == own(b)
 
 
 @pytest.mark.parametrize("config,msg", [
@@ -172,3 +185,27 @@ def test_deepspeed_refuses_fpa_and_speedup(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["speedup", "--deepspeed", ds, "--out", str(tmp_path / "s")])
     assert "not with `speedup`" in capsys.readouterr().err
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "wall_clock" and not k.startswith(("t_", "cpu_", "gpu_"))}
+            for r in records]
+
+
+def test_resume_zero3_is_bit_exact(spawned):
+    """GXPO (EMA gate fires at step 1) on ZeRO-3: the rule's state rides in trainer_state.pt, DeepSpeed's own
+    partitioned model / optimizer files in checkpoint-<N>/deepspeed; the resumed run equals the full one."""
+    from safetensors.torch import load_file
+    d, ranks = spawned
+    for r in range(2):
+        res = ranks[r]["resume"]
+        assert _strip(res["resumed"]) == _strip(res["full"]) and torch.equal(*res["rng"])
+        assert res["full"][1]["gate_fired_at"] == 1 and res["full"][4]["update"]["active"] is False
+    wa = load_file(os.path.join(d, "resume", "full", "model", "model.safetensors"))
+    wb = load_file(os.path.join(d, "resume", "cut", "model", "model.safetensors"))
+    assert set(wa) == set(wb) and all(wa[k].numel() > 0 and torch.equal(wa[k], wb[k]) for k in wa)
+    for run in ("full", "cut"):
+        c = os.path.join(d, "resume", run, "checkpoint-4")
+        assert os.path.isdir(os.path.join(c, "deepspeed"))
+        st = torch.load(os.path.join(c, "trainer_state.pt"), weights_only=True)
+        assert st["step"] == 4 and st["rule"]["gate"]["fired"] is True and st["world_size"] == 2

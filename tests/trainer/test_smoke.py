@@ -71,7 +71,7 @@ def test_speedup_test_preset_end_to_end(tmp_path, capsys):
 def random_advantages(monkeypatch):
     """The tiny untrained policy scores 0 on every prompt; give the loss non-zero advantages instead, so the
     update rules take real (non-fallback) steps and the pass bookkeeping is exercised."""
-    def fake(cfg, rewards, entropy, fade_ctl):
+    def fake(cfg, rewards, entropy, fade_ctl, mean_reward=None):
         g = torch.Generator().manual_seed(int(rewards.numel()))
         return torch.randn(rewards.shape, generator=g), None
     monkeypatch.setattr(loop, "compute_advantages", fake)

@@ -24,6 +24,12 @@ on non-finite gradients or a step DeepSpeed skipped (overflow), and one advance 
 scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window. Full parameters are never
 gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's ``max_grad_norm``).
 
+Checkpoints: the rule's own state (gate statistics, fired flag, counters) is not part of DeepSpeed's checkpoint;
+without it a resumed run silently restarts the gate. :func:`save_checkpoint` / :func:`load_checkpoint` carry it
+in ``client_state`` next to DeepSpeed's parameters, optimizer moments and LR scheduler; the resumed run then
+continues bit-exactly (tested on ZeRO-2 and ZeRO-3). The rule's state is plain numbers, strings and lists, so it
+also loads with ``torch.load(..., weights_only=True)``.
+
 Supported: ZeRO 1/2/3 (fp32, bf16, fp16), BF16_Optimizer, ZeRO-Offload of the optimizer (and params) to CPU,
 any torch optimizer (``"zero_allow_untested_optimizer": true``; with CPU offload also
 ``"zero_force_ds_cpu_optimizer": false``) or DeepSpeed's Adam variants. Refused at start-up: NVMe offload,
@@ -41,7 +47,10 @@ from ._loss import CausalLMGRPOLoss
 from ._rule import DeepSpeedGXPO, DeepSpeedSFPO
 from ._zero import SUPPORTED_DEEPSPEED, ZeroShards, check_engine
 
-__all__ = ["initialize", "wrap", "DeepSpeedGXPO", "DeepSpeedSFPO", "CausalLMGRPOLoss", "SUPPORTED_DEEPSPEED"]
+__all__ = ["initialize", "wrap", "save_checkpoint", "load_checkpoint", "DeepSpeedGXPO", "DeepSpeedSFPO",
+           "CausalLMGRPOLoss", "SUPPORTED_DEEPSPEED", "CLIENT_STATE_KEY"]
+
+CLIENT_STATE_KEY = "gxpo_kernels_update_rule"  # where the rule's state lives in DeepSpeed's client_state
 
 _ALGOS = {"gxpo": DeepSpeedGXPO, "sfpo": DeepSpeedSFPO}
 
@@ -110,3 +119,30 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
         cfg.setdefault("zero_allow_untested_optimizer", True)
     engine, *_ = deepspeed.initialize(model=model, config=cfg, optimizer=optimizer, **deepspeed_kwargs)
     return engine, wrap(engine, algo, **kw)
+
+
+def save_checkpoint(engine, rule, save_dir: str, tag=None, client_state: Optional[dict] = None, **kwargs):
+    """``engine.save_checkpoint`` with the rule's state (``rule.state_dict()``) added to ``client_state`` under
+    ``CLIENT_STATE_KEY``. Call it between ``rule.step`` calls, on every rank (DeepSpeed saves collectively).
+    ``kwargs`` go to ``engine.save_checkpoint``. Returns its result."""
+    state = dict(client_state or {})
+    if CLIENT_STATE_KEY in state:
+        raise ValueError(f"client_state already has the key {CLIENT_STATE_KEY!r}, which holds the rule's state")
+    state[CLIENT_STATE_KEY] = rule.state_dict()
+    return engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+
+
+def load_checkpoint(engine, rule, load_dir: str, tag=None, **kwargs) -> Tuple[str, dict]:
+    """``engine.load_checkpoint`` (parameters, optimizer state, LR scheduler) plus the rule's state saved by
+    :func:`save_checkpoint`. Returns ``(path, client_state)`` without the rule's entry. Raises
+    ``FileNotFoundError`` when DeepSpeed finds no checkpoint and ``KeyError`` when the checkpoint carries no rule
+    state (saved with ``engine.save_checkpoint`` alone: resuming would silently restart the gate)."""
+    path, client = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {load_dir!r} (tag={tag!r})")
+    client = dict(client or {})
+    if CLIENT_STATE_KEY not in client:
+        raise KeyError(f"the checkpoint at {path!r} has no {CLIENT_STATE_KEY!r} entry in its client_state: it was "
+                       "not saved with gxpo_kernels.integrations.deepspeed.save_checkpoint")
+    rule.load_state_dict(client.pop(CLIENT_STATE_KEY))
+    return path, client

@@ -27,14 +27,14 @@ import math
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from ...update.gxpo import GXPO
 from ...update.sfpo import SFPO
+from .._sharded import ShardedReductions
 from ._zero import ZeroShards
 
 
-class _DeepSpeedRule:
+class _DeepSpeedRule(ShardedReductions):
     """Mixin over ``GXPO`` / ``SFPO``: first in the MRO, so its hooks replace the single-process ones."""
 
     # ---- set-up ----------------------------------------------------------------------------------------------
@@ -128,18 +128,13 @@ class _DeepSpeedRule:
     def _clip_grads_(self, grads, total_norm) -> None:
         return None                                       # DeepSpeed clipped (clip_grad = max_grad_norm)
 
-    def _all_reduce_(self, stats: torch.Tensor) -> torch.Tensor:
-        """[:-1] SUM, [-1] MAX over the dp group (on the accelerator: NCCL cannot reduce CPU tensors)."""
+    def _reduce_group(self):
+        return self.zero.dp_group
+
+    def _reduce_device(self) -> torch.device:
+        """The accelerator (NCCL cannot reduce CPU tensors; DeepSpeed's CPU accelerator reduces over gloo)."""
         from deepspeed.accelerator import get_accelerator
-        if not dist.is_initialized() or dist.get_world_size(self.zero.dp_group) == 1:
-            return stats
-        dev = torch.device(get_accelerator().current_device_name())
-        s = stats.to(dev, torch.float64).clone()
-        head, tail = s[:-1].contiguous(), s[-1:].contiguous()
-        dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.zero.dp_group)
-        dist.all_reduce(tail, op=dist.ReduceOp.MAX, group=self.zero.dp_group)
-        stats.copy_(torch.cat([head, tail]).to(stats.device, stats.dtype))
-        return stats
+        return torch.device(get_accelerator().current_device_name())
 
     def _optimizer_step(self) -> None:
         if self._pending:                                 # already applied inside engine.step()
@@ -173,7 +168,6 @@ class _DeepSpeedRule:
     def _extrapolate(self, params, g0, g1, **kw):
         """The fused op on the shards' real data only: contiguous views that skip ZeRO's alignment padding
         (uninitialised under ZeRO-3), so statistics and the non-finite check see parameters only."""
-        from ...ops.extrapolate.op import extrapolate_backend
         segs = self.zero.valid_segments()
 
         def cut(ts):
@@ -182,9 +176,7 @@ class _DeepSpeedRule:
         t0_full, self._theta0 = self._theta0, cut(self._theta0)
         try:
             views = cut(params)
-            dev = params[0].device if params else torch.device("cpu")
-            self.last_extrapolation = {"backend": extrapolate_backend(self.backend, dev), "device": str(dev),
-                                       "numel": sum(v.numel() for v in views), "n_tensors": len(views)}
+            self._record_extrapolation(views)
             out = super()._extrapolate(views, cut(g0), cut(g1), **kw)
         finally:
             self._theta0 = t0_full
@@ -195,15 +187,6 @@ class _DeepSpeedRule:
         groups = self.zero.base_optimizer.param_groups
         return [(float(groups[g].get("lr", 0.0)), float(groups[g].get("weight_decay", 0.0)))
                 for g in self.zero.group_index()]
-
-    def _observe_entropy(self, entropy):
-        if entropy is not None and dist.is_initialized():   # the gate sees the dp-mean entropy
-            from deepspeed.accelerator import get_accelerator
-            t = torch.tensor([float(entropy)], dtype=torch.float64,
-                             device=torch.device(get_accelerator().current_device_name()))
-            dist.all_reduce(t, group=self.zero.dp_group)
-            entropy = float(t) / dist.get_world_size(self.zero.dp_group)
-        return super()._observe_entropy(entropy)
 
     def _sync_lp(self) -> None:
         if self._lp_dirty:
@@ -259,6 +242,7 @@ class _DeepSpeedRule:
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
+        self.last_extrapolation = None                    # report shard_numel / backend only for this step's
         try:
             info = super().step(closure, entropy=entropy, force_plain=force_plain)
         except BaseException:

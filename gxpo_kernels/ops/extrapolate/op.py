@@ -1,4 +1,4 @@
-"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``extrapolate_ref.py``).
+"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``reference.py``).
 
     θ̃ = θ0 + α·clamp(S_K(r)/S_2(r), 1, K/2+1)·(θ2 − θ0),   r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) clamped to [−2, 3]
 
@@ -226,13 +226,18 @@ class _Plan:
                 esz = base_g1.element_size()
                 # gradients of one group's params share their dtype (torch enforces .grad's dtype)
                 ptrs = list(map(torch.Tensor.data_ptr, g1s))
-                b = ptrs[0]
-                if any(p & 15 for p in ptrs):
-                    align = 1   # this call's gradients are not all 16-byte aligned
-                    if any(p % esz for p in ptrs):
-                        raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
-                g1_off = torch.frombuffer(array("q", [(p - b) // esz for p in ptrs]), dtype=torch.int64)
-                g1_off = g1_off.to(self.device, non_blocking=True)
+                last = grp.get("g1_last")
+                if last is not None and last[0] == ptrs and last[1] == esz:
+                    g1_off, align = last[2], last[3]  # the allocator handed out the same addresses again
+                else:
+                    b = ptrs[0]
+                    if any(p & 15 for p in ptrs):
+                        align = 1   # this call's gradients are not all 16-byte aligned
+                        if any(p % esz for p in ptrs):
+                            raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
+                    g1_off = torch.frombuffer(array("q", [(p - b) // esz for p in ptrs]), dtype=torch.int64)
+                    g1_off = g1_off.to(self.device, non_blocking=True)
+                    grp["g1_last"] = (ptrs, esz, g1_off, align)
             else:
                 base_g1, g1dt, g1_off = grp["bases"][0], None, grp["numel_tab"]   # unused by the kernel
             n_chunks = grp["n_chunks"]

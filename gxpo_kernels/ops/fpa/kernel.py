@@ -7,12 +7,12 @@ logits and keeps three online log-sum-exps, so the extrapolated logits are never
 Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
 upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
 through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
-and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration: ``_library.py``; public
-function: ``logprobs.py``. Paper: arXiv 2509.19893.
+and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration:
+``_library.py``; public function: ``logprobs.py``. Paper: arXiv 2509.19893.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

@@ -9,10 +9,12 @@ It shares the tiling of the fused-linear GRPO head (``linear_token_logprobs``):
     with ``tl.dot`` (the same ``_logits_tile`` helper), keeps three online log-sum-exps and three target
     logits per token, and a tiny torch epilogue merges the vocab splits. Only O(N) fp32 statistics are kept.
   * Backward: gradient flows only through ``logp`` (into hidden, weight, bias), so it *is* the fused-linear
-    head's backward with no entropy term: ``linear_token_stats_bwd`` (d(logits) chunks and library GEMMs).
+    head's backward with no entropy term: the registered ``gxpo::linear_token_stats_bwd`` (d(logits) chunks
+    and library GEMMs).
   * torch: chunks over tokens (fp32 logits of one chunk at a time, both sides); also the path on CPU tensors.
-Masked rows are dropped before any GEMM work and come back as 0. Reference: ``fpa_logprobs_ref.py`` on
-materialised logits.
+Masked rows are dropped before any GEMM work and come back as 0. The forward is the ``torch.library`` custom
+op ``gxpo::linear_fpa_stats_fwd`` (registered below; ``torch.compile`` fullgraph works). Reference:
+``reference.py`` on materialised logits.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
-                      triton_interpret)
+from ..._utils import check_same_device, check_shape, check_tensor, checked_mask, triton_interpret
+from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
-                                 _kernel_flags, _logits_tile, linear_token_stats_bwd, make_head_config,
-                                 validate_head, vocab_splits)
+                                 _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
 from .logprobs import check_lam_temperature
 
 
@@ -150,27 +152,48 @@ def linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     return fn(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
 
 
-class LinearFPALogprobsFunction(torch.autograd.Function):
-    """Flat rows (N, H), (V, H), (V,)|None, (N, H_ref), (V, H_ref), (V,)|None, (N,) -> three fp32 (N,)."""
+@torch.library.custom_op("gxpo::linear_fpa_stats_fwd", mutates_args=())
+def _linear_fpa_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                         ref_weight: Tensor, ref_bias: Optional[Tensor], tokens: Tensor, mask: Tensor, inv_t: float,
+                         lam: float, backend: str, fp32_head: bool, deterministic: bool, chunk_size: Optional[int],
+                         num_splits: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flat rows (N, H), (V, H), (V,)|None, (N, H_ref), (V, H_ref), (V,)|None, (N,), (N,) bool -> fp32 (N,)
+    (logp, ref_logp, fpa_logp, policy lse), 0 at masked rows (which cost no GEMM work)."""
+    cfg = _HeadConfig(backend, fp32_head, deterministic, chunk_size, num_splits)
+    rows = MaskedRows(mask)
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    out = linear_fpa_stats_fwd(rows.take(hidden), weight.contiguous(), contig(bias), rows.take(ref_hidden),
+                               ref_weight.contiguous(), contig(ref_bias), rows.take(tokens), inv_t, lam, cfg)
+    return tuple(rows.put(x) for x in out)
 
-    @staticmethod
-    def forward(ctx, h, w, b, hr, wr, br, y, inv_t, lam, cfg):
-        logp, ref_logp, fpa_logp, lse = linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
-        ctx.save_for_backward(h, w, b, y, lse)
-        ctx.inv_t, ctx.cfg = inv_t, cfg
-        ctx.mark_non_differentiable(ref_logp, fpa_logp)
-        return logp, ref_logp, fpa_logp
 
-    @staticmethod
-    def backward(ctx, dlogp, _dref, _dfpa):
-        h, w, b, y, lse = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if dlogp is None or not any(need):
-            return (None,) * 10
-        # d logp / d z = onehot(y) - softmax(z): the fused-linear head backward with no entropy term
-        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, None, dlogp, None, ctx.inv_t, ctx.cfg, need)
-        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(b.dtype)) + (None,) * 7
+@_linear_fpa_stats_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tokens, mask, inv_t, lam, *cfg):
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=torch.float32) for _ in range(4))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, _, _, _, tokens, mask, inv_t, _, *cfg = inputs
+    _, ref_logp, fpa_logp, lse = output
+    ctx.save_for_backward(hidden, weight, bias, tokens, mask, lse)
+    ctx.inv_t, ctx.cfg = inv_t, cfg
+    ctx.mark_non_differentiable(ref_logp, fpa_logp, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dlogp, _dref, _dfpa, _dlse):
+    hidden, weight, bias, tokens, mask, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if dlogp is None or not any(need):
+        return (None,) * 15
+    # d logp / d z = onehot(y) - softmax(z): the fused-linear head backward with no entropy term (lse stands in
+    # for the entropy, which is read only with a dentropy)
+    grads = torch.ops.gxpo.linear_token_stats_bwd(hidden, weight, bias, tokens, mask, lse, lse, dlogp, None,
+                                                  ctx.inv_t, need[0], need[1], need[2], *ctx.cfg)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 12
+
+
+torch.library.register_autograd("gxpo::linear_fpa_stats_fwd", _backward, setup_context=_setup_context)
 
 
 def _check_ref_head(ref_hidden, ref_weight, ref_bias, hidden, V: int, fp32_head: bool) -> None:
@@ -219,14 +242,11 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     check_same_device(hidden, "hidden", weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias, tokens=tokens, mask=mask)
     lam, temperature = check_lam_temperature(lam, temperature)
-    m = normalize_mask(mask, lead, hidden.device).reshape(-1)
-    check_tokens_in_range(tokens, V, m.view(lead))
+    m = checked_mask(mask, lead, hidden.device, tokens, V).reshape(-1)
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
 
     h2, hr2, y1 = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), tokens.reshape(-1)
-    rows = MaskedRows(m)
-    out = LinearFPALogprobsFunction.apply(
-        rows.take(h2), weight.contiguous(), None if bias is None else bias.contiguous(), rows.take(hr2).detach(),
-        ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach().contiguous(),
-        rows.take(y1), 1.0 / temperature, lam, cfg)
-    return tuple(rows.put(x).view(lead) for x in out)
+    logp, ref_logp, fpa_logp, _ = torch.ops.gxpo.linear_fpa_stats_fwd(
+        h2, weight, bias, hr2.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), y1, m,
+        1.0 / temperature, lam, *cfg_args(cfg))
+    return logp.view(lead), ref_logp.view(lead), fpa_logp.view(lead)

@@ -24,7 +24,7 @@ Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -343,27 +343,6 @@ def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadC
     return fn(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need)
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """(hidden (N,H), weight (V,H), bias (V,)|None, tokens (N,)) -> fp32 (logp (N,), entropy (N,))."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, inv_t, cfg):
-        lse, ent, logp = linear_token_stats_fwd(hidden, weight, bias, tokens, inv_t, cfg)
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
-        ctx.inv_t, ctx.cfg = inv_t, cfg
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, dlogp, dent):
-        h, w, b, y, lse, ent = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if dlogp is None:
-            dlogp = torch.zeros_like(lse)
-        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, ctx.inv_t, ctx.cfg, need)
-        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(b.dtype), None, None, None)
-
-
 def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), prefix: str = "") -> None:
     """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument, with ``prefix``)."""
     hn, wn, bn = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
@@ -393,6 +372,7 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
+    """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
@@ -400,7 +380,7 @@ def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _
 
 class MaskedRows:
     """The unmasked rows of a flat (N,) bool mask, so masked rows cost no GEMM work: ``take`` gathers a (N, ...)
-    tensor's kept rows (contiguous), ``put`` scatters per-row results back to (N,) with 0 at masked rows
+    tensor's kept rows (contiguous), ``put`` scatters per-row results back to (N, ...) with 0 at masked rows
     (differentiable). With every row kept both are identities (no copy beyond ``contiguous``)."""
 
     def __init__(self, m1: torch.Tensor):
@@ -411,20 +391,4 @@ class MaskedRows:
         return (x if self.idx is None else x.index_select(0, self.idx)).contiguous()
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.idx is None else x.new_zeros(self.n).index_put((self.idx,), x)
-
-
-def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
-    """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
-    rows = MaskedRows(m1)
-    h_sel, y_sel, w = rows.take(h2), rows.take(tokens1), weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    if grad_enabled is None:
-        grad_enabled = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (h_sel, w, b))
-    if grad_enabled:
-        logp, ent = LinearTokenLogprobsFunction.apply(h_sel, w, b, y_sel, inv_t, cfg)
-    else:
-        with torch.no_grad():
-            _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
-    return rows.put(logp), rows.put(ent)
+        return x if self.idx is None else x.new_zeros((self.n,) + x.shape[1:]).index_put((self.idx,), x)

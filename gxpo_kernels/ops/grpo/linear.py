@@ -7,7 +7,7 @@ Shapes: hidden (B, T, H), weight (V, H), bias (V,), tokens / mask / old / ref lo
 (B,) or (B, T). The per-token stage streams over the vocabulary once forward and once (recomputing) backward;
 the loss math runs on O(B*T) values, so every GRPO option and aggregation mode is available at no extra pass,
 and ``grpo_loss`` (logits input) and this op share one definition of the loss.
-Reference: ``grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
+Reference: ``reference.grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from .._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                 token_stats_rows, validate_head)
+                                 validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -92,7 +93,7 @@ def linear_grpo_loss(
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen
             while the parameter is gathered, e.g. inside a module forward whose hooks re-gather it for backward,
-            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges).
+            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges). Ignored under ``torch.compile``.
         backend: "auto" | "triton" | "torch".
     Returns:
         (loss, metrics): 0-d fp32 loss; dict of 0-d detached fp32 metrics ``clip_frac_low``,
@@ -113,13 +114,13 @@ def linear_grpo_loss(
     validate_head(hidden, weight, bias, fp32_head, hidden_ndim=3)
     B, T, H = hidden.shape
     m = validate_loss_inputs(B, T, weight.shape[0], hidden.device, tokens, advantages, mask, old_logprobs,
-                             ref_logprobs, opts)
+                             ref_logprobs, opts, data_checks=not torch.compiler.is_compiling())
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
     if check_finite:
         _check_finite(hidden, "hidden")
         _check_finite(weight, "weight")
     keep_entropy = compute_entropy or opts.needs_entropy_grad
-    if grad_in_forward and torch.is_grad_enabled():
+    if grad_in_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         def loss_fn(lp, en):
             if check_finite:
                 _check_finite(torch.where(m, lp.detach(), 0.0), "per-token log-probs")

@@ -6,7 +6,7 @@
 Two stages: one streaming pass over the vocabulary (``token_logprobs``: fp32 per-token log pi and entropy,
 nothing of size V saved) and the O(tokens) loss math of ``_loss_math.grpo_token_loss``. The backward runs
 one more pass that writes dlogits (optionally into the logits buffer). Shapes: logits (B, T, V), everything
-else (B, T) (advantages also (B,)). Reference: ``grpo_loss_ref.grpo_loss_ref`` (float64).
+else (B, T) (advantages also (B,)). Reference: ``reference.grpo_loss_ref`` (float64).
 """
 from __future__ import annotations
 

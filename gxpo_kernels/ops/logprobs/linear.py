@@ -8,9 +8,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask
+from ..._utils import check_same_device, check_shape, check_tensor, checked_mask
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..fused_head.engine import make_head_config, token_stats_rows, validate_head
+from ..fused_head._library import token_stats_rows
+from ..fused_head.engine import make_head_config, validate_head
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
@@ -47,8 +48,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     check_tensor(tokens, "tokens", ndim=len(shape))
     check_shape(tokens, "tokens", shape)
     check_same_device(hidden, "hidden", tokens=tokens, mask=mask)
-    m = normalize_mask(mask, shape, hidden.device)
-    check_tokens_in_range(tokens, weight.shape[0], m)
+    m = checked_mask(mask, shape, hidden.device, tokens, weight.shape[0])
     if check_finite:
         _check_finite(hidden, "hidden")
         _check_finite(weight, "weight")

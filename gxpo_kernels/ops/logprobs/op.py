@@ -1,4 +1,4 @@
-"""``token_logprobs``: the public function (validation, backend choice) over the registered op of ``_library.py``.
+"""``token_logprobs``: the public function (validation, backend choice) over the op registered in ``_library.py``.
 
 The math, shapes and kernels are described in ``kernel.py``; the float64 reference is ``reference.py``.
 """
@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
+from ..._utils import check_same_device, check_tensor, checked_mask, resolve_backend
 from . import _library
 
 
@@ -63,13 +63,7 @@ def token_logprobs(
     check_same_device(logits, "logits", tokens=tokens, mask=mask)
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if torch.compiler.is_compiling():
-        # value checks (ids in range, 0/1 mask) read tensor data, which a traced graph cannot branch on
-        check_shape(mask, "mask", (B, T))
-        m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    else:
-        m = normalize_mask(mask, (B, T), logits.device) if mask is not None else None
-        check_tokens_in_range(tokens, V, m)
+    m = checked_mask(mask, (B, T), logits.device, tokens, V, none_is_all=False)
     bk = resolve_backend(backend, logits.device)
     return _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
 

@@ -1,0 +1,65 @@
+"""What every sharded GXPO/SFPO integration shares (DeepSpeed ZeRO, FSDP2): the rule's tensors are this rank's
+shards, so every quantity a decision depends on is reduced over the data-parallel group first.
+
+``ShardedReductions`` is a mixin placed before ``GXPO`` / ``SFPO`` in the MRO. A subclass names the group and
+the device the collectives run on (NCCL reduces accelerator tensors only, gloo CPU tensors):
+
+- ``_all_reduce_(stats)``: the rule's reduction contract ([:-1] SUM, [-1] MAX) in ONE collective: an all-gather
+  of the local vector, then a sum / max over the ranks in rank order (bit-identical on every rank);
+- ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies;
+- ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # recent torch names it all_gather_single (all_gather_into_tensor warns there)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
+
+
+class ShardedReductions:
+    """Mixin: decision statistics reduced over ``_reduce_group()`` on ``_reduce_device()``."""
+
+    last_extrapolation: Optional[dict] = None
+
+    def _reduce_group(self):
+        """The data-parallel process group (None = the default group)."""
+        raise NotImplementedError
+
+    def _reduce_device(self) -> torch.device:
+        """The device the group's collectives take tensors on."""
+        raise NotImplementedError
+
+    def _world(self) -> int:
+        return dist.get_world_size(self._reduce_group()) if dist.is_initialized() else 1
+
+    def _all_reduce_(self, stats: torch.Tensor) -> torch.Tensor:
+        """In place: entries [:-1] summed over the ranks, the last one maxed (one all-gather of len(stats))."""
+        world = self._world()
+        if world == 1:
+            return stats
+        local = stats.detach().to(self._reduce_device(), torch.float64).reshape(-1).contiguous()
+        rows = local.new_empty(world * local.numel())
+        _all_gather(rows, local, group=self._reduce_group())
+        rows = rows.view(world, -1)
+        out = torch.cat([rows[:, :-1].sum(0), rows[:, -1:].amax(0)])
+        stats.copy_(out.to(stats.device, stats.dtype).view_as(stats))
+        return stats
+
+    def _observe_entropy(self, entropy):
+        if entropy is not None and self._world() > 1:     # the gate sees the dp-mean entropy
+            t = torch.tensor([float(entropy)], dtype=torch.float64, device=self._reduce_device())
+            dist.all_reduce(t, group=self._reduce_group())
+            entropy = float(t) / self._world()
+        return super()._observe_entropy(entropy)
+
+    def _record_extrapolation(self, views: List[torch.Tensor]) -> None:
+        from ..ops.extrapolate.op import extrapolate_backend
+        dev = views[0].device if views else torch.device("cpu")
+        self.last_extrapolation = {"backend": extrapolate_backend(self.backend, dev), "device": str(dev),
+                                   "numel": sum(v.numel() for v in views), "n_tensors": len(views)}

@@ -1,0 +1,194 @@
+"""Trainer checkpoints: save every ``save_steps`` steps, resume bit-exactly, save the final model.
+
+A checkpoint is a folder ``<out_dir>/checkpoint-<step>/`` holding
+
+- the engine's model + optimizer state (``engine.pt`` for the plain engine; DeepSpeed's own per-rank files
+  under ``deepspeed/``);
+- ``trainer_state.pt``: the loop's counters, the update rule's ``state_dict`` (gate included) and the FADE
+  controller's, the world size;
+- ``rng_rank<r>.pt``: each rank's RNG states (torch CPU / CUDA, Python ``random``, NumPy) as tensors;
+- ``records.jsonl`` (the records up to that step) and ``config.json`` (the run's ``TrainConfig``).
+
+Every ``.pt`` file the trainer writes holds tensors and plain Python values only, so it loads with
+``torch.load(..., weights_only=True)`` (no pickled code runs on load). A checkpoint is written into
+``checkpoint-<step>.tmp`` and renamed into place once complete, so a crash mid-save never leaves a folder that
+looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+PREFIX = "checkpoint-"
+# TrainConfig fields that may differ between a run and its resumption (everything else must match)
+RESUMABLE_CHANGES = ("steps", "resume", "out_dir", "cache_dir", "quiet", "save_steps", "save_model")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG states as tensors
+# ---------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and ints (loadable with ``weights_only=True``)."""
+    py = random.getstate()                    # (version, tuple of 625 ints, gauss_next)
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out = {"torch": torch.get_rng_state(),
+           "python": torch.tensor(py[1], dtype=torch.int64), "python_version": int(py[0]),
+           "python_gauss": py[2],
+           "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": int(np_pos),
+           "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss), "numpy_name": str(np_name)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python_version"], tuple(int(v) for v in s["python"].tolist()), s["python_gauss"]))
+    np.random.set_state((s["numpy_name"], s["numpy"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_gauss"]))
+    if "cuda" in s:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------------------------
+def checkpoint_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"{PREFIX}{step}")
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The finished ``checkpoint-<N>`` folder with the largest N in ``out_dir``, or None."""
+    if not out_dir or not os.path.isdir(out_dir):
+        return None
+    best = None
+    for name in os.listdir(out_dir):
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
+        if m and os.path.isfile(os.path.join(out_dir, name, "trainer_state.pt")):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), os.path.join(out_dir, name))
+    return None if best is None else best[1]
+
+
+def resolve_resume(resume: str, out_dir: Optional[str]) -> str:
+    """``resume`` is a checkpoint folder, or ``"latest"`` = the newest checkpoint in ``out_dir``."""
+    if resume == "latest":
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            raise ValueError(f"--resume latest: no finished checkpoint-<step> folder in {out_dir!r}")
+        return path
+    if not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
+        raise ValueError(f"--resume {resume!r}: not a trainer checkpoint (no trainer_state.pt in it)")
+    return resume
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished folder ``tmp`` to ``final`` (an older ``final`` is removed only after the move)."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_records(path: str, records: List[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_records(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------------------
+def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, records: List[dict], config: dict) -> str:
+    """Write ``checkpoint-<step>`` (every rank calls this; see the module docstring). Returns its path."""
+    final = checkpoint_dir(out_dir, step)
+    tmp = f"{final}.tmp"
+    if engine.lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    engine.barrier()
+    engine.save_state(tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{engine.rank}.pt"))
+    if engine.lead:
+        torch.save(dict(trainer_state, world_size=engine.world), os.path.join(tmp, "trainer_state.pt"))
+        write_records(os.path.join(tmp, "records.jsonl"), records)
+        _write_json(os.path.join(tmp, "config.json"), config)
+    engine.barrier()
+    if engine.lead:
+        replace_dir(tmp, final)
+    engine.barrier()
+    return final
+
+
+def check_config(path: str, config: dict) -> None:
+    """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``)."""
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+
+    def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
+        a, b = saved.get(k), config.get(k)
+        return (a is None) == (b is None) if k == "deepspeed" else a == b
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and not same(k))
+    if diff:
+        raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +
+                         ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff))
+
+
+def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
+    """Restore the engine's model + optimizer and this rank's RNG; return (trainer_state, records)."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    if int(state["world_size"]) != engine.world:
+        raise ValueError(f"--resume {path!r}: saved with {state['world_size']} ranks, resumed with {engine.world}")
+    engine.load_state(path)
+    set_rng_state(torch.load(os.path.join(path, f"rng_rank{engine.rank}.pt"), map_location="cpu",
+                             weights_only=True))
+    return state, read_records(os.path.join(path, "records.jsonl"))
+
+
+def save_tokenizer(tok, path: str) -> None:
+    """A transformers tokenizer via ``save_pretrained``; the built-in character tokenizer as a small JSON."""
+    inner = getattr(tok, "tok", None)
+    if inner is not None and hasattr(inner, "save_pretrained"):
+        inner.save_pretrained(path)
+    else:
+        _write_json(os.path.join(path, "char_tokenizer.json"),
+                    {"alphabet": tok.alphabet, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id})
+
+
+def save_final_model(out_dir: str, engine, tok) -> Optional[str]:
+    """``save_pretrained`` of the policy (full weights, gathered if sharded) + tokenizer into ``<out_dir>/model``
+    (every rank calls this; the lead writes). Returns the folder on the lead rank."""
+    sd = engine.full_state_dict()
+    if not engine.lead:
+        engine.barrier()
+        return None
+    final = os.path.join(out_dir, "model")
+    tmp = f"{final}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.policy.save_pretrained(tmp, state_dict=sd)
+    save_tokenizer(tok, tmp)
+    replace_dir(tmp, final)
+    engine.barrier()
+    return final

@@ -1,0 +1,336 @@
+"""Rank-side code of tests/integrations/test_fsdp.py (spawned with torch.multiprocessing, gloo, CPU).
+
+Each rank shards the same tiny model with FSDP2 (``fully_shard``), trains it with the FSDP GXPO/SFPO rule on
+its half of every mini-batch and records full tensors (``DTensor.full_tensor()``, gathered for the record
+only), per-step diagnostics, the collectives the rule issued outside the closure and its extrapolation calls;
+the parent compares them with ``single_process_reference`` (the plain rule on the whole mini-batch).
+"""
+import copy
+import math
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from tests.integrations import _ds_worker as DW
+
+WORLD, ROWS, LR = DW.WORLD, DW.ROWS, DW.LR
+X, Y = DW.X, DW.Y
+NAN_LOCAL = (0, 0)          # rank-local index of l1.weight's grad that gets a NaN ...
+NAN_GLOBAL = (7, 0)         # ... which is this row of the full (13, 7) grad on rank 1 (rows 7..12 live there)
+
+
+class Net(torch.nn.Module):
+    """Linear(7, 13) -> tanh -> Linear(13, 3) -> * gain; gain is (1, 3): on 2 ranks rank 1's shard is empty."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = torch.nn.Linear(7, 13)
+        self.l2 = torch.nn.Linear(13, 3)
+        self.gain = torch.nn.Parameter(1.0 + 0.1 * torch.randn(1, 3))
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x))) * self.gain
+
+
+def mse(model, x, y, dtype=torch.float32):
+    return ((model(x.to(dtype)).float() - y) ** 2).mean()
+
+
+def make_optimizer(model, case):
+    if not case.get("groups"):
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.01},
+                              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
+
+
+def sharded(case):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model = Net()
+    kw = {"mesh": init_device_mesh("cpu", (WORLD,))}
+    if case.get("mp"):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model.l1, **kw)
+    fully_shard(model.l2, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _entropy(case, step, rank):
+    return case["entropy"][step][rank] if "entropy" in case else None
+
+
+def fsdp_closure(model, opt, rule, step, case):
+    rank = dist.get_rank()
+    lo, hi = rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = mse(model, X[step, lo:hi], Y[step, lo:hi])
+        loss.backward()
+        if rank == 1 and (step, rule.pass_index) == case.get("nan"):   # a NaN in ONE rank's local shard only
+            model.l1.weight.grad.to_local()[NAN_LOCAL] = math.nan
+        _maybe_raise(case, step, rule.pass_index)
+        return loss
+    return closure
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _maybe_raise(case, step, pass_index):
+    """Raise once (on every rank) at case["raise_at"] = (step, pass): the rule must rewind the whole step."""
+    if (step, pass_index) == case.get("raise_at") and not case.setdefault("_raised", set()) >= {step}:
+        case["_raised"].add(step)
+        raise Injected(f"injected at step {step}, pass {pass_index}")
+
+
+def _step(rule, closure, entropy, force_plain):
+    """rule.step; an injected exception is retried once (the rule rewound the step)."""
+    try:
+        return rule.step(closure, entropy=entropy, force_plain=force_plain)
+    except Injected:
+        return rule.step(closure, entropy=entropy, force_plain=force_plain)
+
+
+class CollectiveCounter:
+    """Counts the collectives issued outside the closure (FSDP's own all-gather / reduce-scatter run inside it),
+    including DTensor's functional collectives (a redistribution would show up here)."""
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "broadcast",
+             "all_to_all_single", "reduce", "gather", "scatter", "all_gather_object")
+    FUNCOL = ("all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_all_single")
+
+    def __init__(self):
+        import torch.distributed._functional_collectives as fc
+        self.inside, self.calls, self._orig = False, [], []
+        for mod, names in ((dist, self.NAMES), (fc, self.FUNCOL)):
+            for n in names:
+                f = getattr(mod, n, None)
+                if f is None:
+                    continue
+                self._orig.append((mod, n, f))
+                setattr(mod, n, self._spy(f"{mod.__name__.split('.')[-1]}.{n}", f))
+
+    def _spy(self, name, f):
+        def call(*a, **k):
+            if not self.inside:
+                t = a[0] if a and isinstance(a[0], torch.Tensor) else (a[1] if len(a) > 1 else None)
+                self.calls.append((name, int(t.numel()) if isinstance(t, torch.Tensor) else -1))
+            return f(*a, **k)
+        return call
+
+    def wrap(self, closure):
+        def c():
+            self.inside = True
+            try:
+                return closure()
+            finally:
+                self.inside = False
+        return c
+
+    def restore(self):
+        for mod, n, f in self._orig:
+            setattr(mod, n, f)
+
+
+def full(t):
+    from torch.distributed.tensor import DTensor
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone().float()
+
+
+def record(model, opt, rule, infos):
+    ps = list(model.parameters())
+    return {"params": [full(p) for p in ps],
+            "exp_avg": [full(opt.state[p]["exp_avg"]) for p in ps],
+            "exp_avg_sq": [full(opt.state[p]["exp_avg_sq"]) for p in ps],
+            "step": [float(opt.state[p]["step"]) for p in ps], "infos": infos,
+            "fired_step": rule.gate.fired_step, "fallbacks": rule.fallbacks, "rule_state": rule.state_dict(),
+            "local_shapes": [tuple(p.to_local().shape) for p in rule._param_list()],   # the rule's order
+            "theta0_shapes": [tuple(b.shape) for b in rule._theta0],
+            "g0_shapes": [tuple(b.shape) for b in getattr(rule, "_g0", None) or []],
+            "total_numel": sum(p.numel() for p in ps)}
+
+
+def _info(info):
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def train(case, steps=None, model=None, opt=None, rule=None, start=0, counter=None):
+    from gxpo_kernels.integrations import fsdp as gf
+    if model is None:
+        model = sharded(case)
+        opt = make_optimizer(model, case)
+        rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
+    infos = []
+    for step in range(start, case.get("steps", 3) if steps is None else steps):
+        c = fsdp_closure(model, opt, rule, step, case)
+        n0 = len(counter.calls) if counter else 0
+        info = _step(rule, counter.wrap(c) if counter else c, _entropy(case, step, dist.get_rank()),
+                     step in case.get("force_plain", ()))
+        if counter:
+            info["collectives"] = repr(counter.calls[n0:])
+        infos.append(_info(info))
+    return model, opt, rule, infos
+
+
+def run_case(case):
+    from gxpo_kernels.ops.extrapolate import _cpp
+    calls, orig = [], _cpp.extrapolate_cpp_
+
+    def spy(params, *a, **k):
+        calls.append({"numel": sum(p.numel() for p in params), "n": len(params)})
+        return orig(params, *a, **k)
+    _cpp.extrapolate_cpp_ = spy
+    counter = CollectiveCounter()
+    try:
+        model, opt, rule, infos = train(case, counter=counter)
+    finally:
+        counter.restore()
+        _cpp.extrapolate_cpp_ = orig
+    rec = record(model, opt, rule, infos)
+    rec["cpp_calls"] = calls
+    return rec
+
+
+def run_resume(case, k):
+    """k steps, save (DCP), a fresh model / optimizer / rule, load, the remaining steps."""
+    from gxpo_kernels.integrations import fsdp as gf
+    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    model, opt, rule, infos = train(case, steps=k)
+    saved_theta0 = [b.clone() for b in rule._theta0]
+    gf.save_checkpoint(path[0], model, opt, rule, buffers=True, extra={"marker": torch.tensor([k + 0.5])})
+    model = sharded(case)
+    opt = make_optimizer(model, case)
+    rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
+    extra = {"marker": torch.zeros(1)}
+    gf.load_checkpoint(path[0], model, opt, rule, buffers=True, extra=extra)
+    loaded_theta0_equal = all(torch.equal(a, b) for a, b in zip(saved_theta0, rule._theta0))
+    *_, more = train(case, model=model, opt=opt, rule=rule, start=k)
+    rec = record(model, opt, rule, infos + more)
+    rec["loaded_theta0_equal"] = loaded_theta0_equal
+    rec["extra_marker"] = float(extra["marker"])
+    return rec
+
+
+def run_deepspeed_z3(case):
+    """The same steps as DeepSpeed ZeRO-3 (gxpo_kernels.integrations.deepspeed) on the same model and data."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from gxpo_kernels.integrations import deepspeed as gds
+    model = Net()
+    cfg = DW.ds_config(3)
+    kw = {case.get("algo", "gxpo"): dict(case.get("rule", {}))}
+    engine, rule = gds.initialize(model=model, config=cfg, optimizer=make_optimizer(model, case), **kw)
+    rank = dist.get_rank()
+    lo, hi = rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD
+    for step in range(case.get("steps", 3)):
+        def closure(step=step):
+            loss = mse(engine, X[step, lo:hi], Y[step, lo:hi])
+            engine.backward(loss)
+            return float(loss)
+        rule.step(closure, entropy=_entropy(case, step, rank))
+    ps = list(engine.module.parameters())
+    return {"params": [safe_get_full_fp32_param(p).detach().clone().float() for p in ps],
+            "exp_avg": [safe_get_full_optimizer_state(p, "exp_avg").detach().clone().float() for p in ps],
+            "exp_avg_sq": [safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone().float() for p in ps],
+            "fired_step": rule.gate.fired_step}
+
+
+def refusals():
+    """Error messages of configurations the rule must refuse."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from gxpo_kernels.integrations import fsdp as gf
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = None
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    m = sharded({})
+    attempt("inactive_threshold", lambda: gf.wrap(m, torch.optim.AdamW(m.parameters()), inactive_threshold=1e-3))
+    plain = Net()
+    attempt("not_fsdp", lambda: gf.wrap(plain, torch.optim.AdamW(plain.parameters())))
+    attempt("algo", lambda: gf.wrap(m, torch.optim.AdamW(m.parameters()), "adam"))
+    attempt("foreign_param", lambda: gf.wrap(m, torch.optim.AdamW(list(m.parameters()) + list(plain.parameters()))))
+    # FSDP2 builds no CPUOffloadPolicy without an accelerator: give one shard group the policy it would hold
+    m2 = sharded({})
+    m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
+    attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
+    # the model must come back resharded from the closure: the rule edits the shards between passes
+    m3 = sharded({})
+    m3.set_reshard_after_backward(False)
+    opt = torch.optim.AdamW(m3.parameters())
+    rule = gf.wrap(m3, opt)
+    try:
+        rule.step(fsdp_closure(m3, opt, rule, 0, {}))
+        out["unsharded_after_closure"] = None
+    except RuntimeError as e:
+        out["unsharded_after_closure"] = str(e)
+    return out
+
+
+def worker(rank, port, outdir, cases):
+    DW.rank_env(rank, port)
+    recs = {}
+    for name, case in cases.items():
+        kind = case.get("kind", "fsdp")
+        if kind == "fsdp":
+            recs[name] = run_case(case)
+        elif kind == "resume":
+            recs[name] = run_resume(case, case["k"])
+        elif kind == "deepspeed":
+            recs[name] = run_deepspeed_z3(case)
+    recs["_refusals"] = refusals()
+    torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- the single-process reference --------------------------------------------------------------------------
+def single_process_reference(case):
+    """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
+    from gxpo_kernels.update import GXPO, SFPO
+    case = dict(case)                              # _maybe_raise marks it
+    model = Net()
+    opt = make_optimizer(model, case)
+    cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
+    fwd, dtype = model, torch.float32
+    if case.get("mp"):
+        fwd, dtype = copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
+        cls = DW._master_rule(cls, fwd, list(model.parameters()))
+    rule = cls(opt, **case.get("rule", {}))
+    infos = []
+    for step in range(case.get("steps", 3)):
+        def closure(step=step):
+            opt.zero_grad(set_to_none=True)
+            fwd.zero_grad(set_to_none=True)
+            tot = 0.0
+            for r in range(WORLD):                 # FSDP averages the ranks' gradients of their half-batch means
+                lo, hi = r * ROWS // WORLD, (r + 1) * ROWS // WORLD
+                loss = mse(fwd, X[step, lo:hi], Y[step, lo:hi], dtype)
+                (loss / WORLD).backward()
+                tot += float(loss.detach()) / WORLD
+                if fwd is not model:               # each rank's bf16 grad, reduced in fp32
+                    for m, p in zip(model.parameters(), fwd.parameters()):
+                        m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                        p.grad = None
+            if (step, rule.pass_index) == case.get("nan"):
+                model.l1.weight.grad[NAN_GLOBAL] = math.nan
+            _maybe_raise(case, step, rule.pass_index)
+            return tot
+        ent = None if "entropy" not in case else sum(case["entropy"][step]) / WORLD
+        infos.append(_step(rule, closure, ent, step in case.get("force_plain", ())))
+    ps = list(model.parameters())
+    return {"params": [p.detach().clone() for p in ps], "exp_avg": [opt.state[p]["exp_avg"].clone() for p in ps],
+            "exp_avg_sq": [opt.state[p]["exp_avg_sq"].clone() for p in ps],
+            "step": [float(opt.state[p]["step"]) for p in ps], "infos": infos,
+            "fired_step": rule.gate.fired_step, "fallbacks": rule.fallbacks, "rule_state": rule.state_dict()}

@@ -1,0 +1,206 @@
+"""GXPO / SFPO on PyTorch FSDP2 (gxpo_kernels.integrations.fsdp).
+
+Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s per spawn):
+
+* parity: after several outer steps the gathered parameters, Adam moments and step counts equal the
+  single-process rule's on the same data (GXPO with the window gate firing and a NaN put into one rank's
+  local gradient shard; SFPO with the entropy gate on per-rank entropies and a NaN fallback; two param groups
+  with transactional state and optimizer-aware retention; bf16 compute over fp32 shards via
+  MixedPrecisionPolicy), and the same steps under DeepSpeed ZeRO-3 agree;
+* shard-local: θ0 / ĝ0 have the local shard shapes (rank 1 holds an empty shard of the (1, 3) gain), the
+  extrapolation is one C++ call per active step on the local shards whose element counts sum to the model
+  size, and the rule issues only the documented collectives (no gather of any parameter);
+* checkpoint: N steps == k steps + torch.distributed.checkpoint save + load into fresh objects + N - k steps,
+  bit for bit (parameters, optimizer state, rule state, diagnostics);
+* refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param,
+  a closure that leaves the model unsharded; the TRL trainer's FSDP refusal.
+"""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from tests.integrations import _fsdp_worker as W  # noqa: E402
+
+NAN_G1 = dict(nan=(1, 1))
+CASES = {
+    "gxpo_gate_nan": dict(steps=5, rule=dict(gate="window", window=2, tau=0.3), **NAN_G1),
+    # + an exception on pass 1 of step 1 (the step is rewound and retried) and a forced plain step 2
+    "gxpo_nan_gcorr": dict(steps=4, rule=dict(gate=None), nan=(0, 2), raise_at=(1, 1), force_plain=(2,)),
+    "sfpo_entropy_nan": dict(algo="sfpo", steps=5, rule=dict(K=2, gate="entropy", window=2, tau=0.5),
+                             nan=(0, 1), entropy=[[1.0, 1.0], [1.0, 1.2], [1.0, 1.4], [1.0, 1.0], [2.0, 0.0]]),
+    "gxpo_groups_transactional_aware": dict(groups=True, rule=dict(gate=None, transactional_state=True,
+                                                                   optimizer_aware=True)),
+    "gxpo_mixed_precision": dict(mp=True, rule=dict(gate=None)),
+    "gxpo_plain": dict(steps=4, rule=dict(gate="window", window=2, tau=0.3)),
+    "ds_z3_gxpo_plain": dict(kind="deepspeed", steps=4, rule=dict(gate="window", window=2, tau=0.3)),
+}
+# resume = the same case stopped after k steps, checkpointed, loaded into fresh objects and continued
+CASES["resume_gxpo"] = dict(CASES["gxpo_gate_nan"], kind="resume", k=2)
+CASES["resume_sfpo"] = dict(CASES["sfpo_entropy_nan"], kind="resume", k=2)
+PARITY = [n for n, c in CASES.items() if c.get("kind", "fsdp") == "fsdp"]
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def runs():
+    import torch.multiprocessing as mp
+    d = tempfile.mkdtemp(prefix="gxpo_fsdp_")
+    mp.spawn(W.worker, args=(_free_port(), d, CASES), nprocs=W.WORLD, join=True)
+    return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W.WORLD)]
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1).double() for t in ts])
+
+
+def _close(a, b, tol, what):
+    a, b = _flat(a), _flat(b)
+    err = float((a - b).abs().max())
+    assert err <= tol * max(1.0, float(b.abs().max())), f"{what}: max abs err {err:.2e}"
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_matches_single_process_rule(runs, name):
+    case, ref = CASES[name], W.single_process_reference(CASES[name])
+    r0, r1 = runs[0][name], runs[1][name]
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(_flat(r0[key]), _flat(r1[key])), f"{name}/{key}: ranks disagree"
+        _close(r0[key], ref[key], 1e-6, f"{name}/{key}")
+    assert r0["step"] == r1["step"] == ref["step"]
+    for k in ("fallbacks", "fired_step"):
+        assert r0[k] == r1[k] == ref[k], (name, k, r0[k], r1[k], ref[k])
+    assert r0["rule_state"]["gate"] == r1["rule_state"]["gate"]
+    for i0, i1, ir in zip(r0["infos"], r1["infos"], ref["infos"]):
+        for k in ("active", "fell_back", "fallback_reason", "skipped", "backward_passes"):
+            assert i0.get(k) == i1.get(k) == ir.get(k), (name, k, i0.get(k), i1.get(k), ir.get(k))
+        for k in ("grad_norm_0", "grad_norm_1", "grad_norm_corr", "scale_mean", "scale_max", "retention_mean",
+                  "cos_g0_g1", "cos_g0_gcorr", "disp_norm", "gate_z"):
+            if isinstance(ir.get(k), float) and ir[k] == ir[k]:
+                assert i0[k] == i1[k], (name, k)
+                assert abs(i0[k] - ir[k]) <= 1e-5 * max(1.0, abs(ir[k])), (name, k, i0[k], ir[k])
+
+
+def test_gate_fires_and_nan_on_one_rank_falls_back_on_both(runs):
+    expect = {"gxpo_gate_nan": (1, "nonfinite_g1"), "gxpo_nan_gcorr": (0, "nonfinite_gcorr"),
+              "sfpo_entropy_nan": (0, "nonfinite_g1")}
+    for name, (step, reason) in expect.items():
+        for recs in runs:
+            info = recs[name]["infos"][step]
+            assert info["fell_back"] and info["fallback_reason"] == reason, (name, info)
+            assert all(torch.isfinite(p).all() for p in recs[name]["params"]), name
+    for name in ("gxpo_gate_nan", "sfpo_entropy_nan"):
+        fired = [recs[name]["fired_step"] for recs in runs]
+        assert fired[0] is not None and fired[0] == fired[1], (name, fired)
+        assert not runs[0][name]["infos"][-1]["active"] and runs[0][name]["infos"][-1]["backward_passes"] == 1
+    # the injected exception rewound step 1 (retried as a normal step); step 2 was forced plain, on both ranks
+    for recs in runs:
+        infos = recs["gxpo_nan_gcorr"]["infos"]
+        assert infos[1]["active"] and not infos[1]["fell_back"] and infos[1]["backward_passes"] == 3
+        assert infos[2]["fallback_reason"] == "forced" and infos[2]["backward_passes"] == 1
+    # SFPO's entropy gate (not fed on the step-0 fallback): rank 0's entropies are constant and would never
+    # fire it alone; the dp-mean (1.1, 1.2) does, at the second observation
+    assert runs[0]["sfpo_entropy_nan"]["fired_step"] == 2
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_buffers_and_extrapolation_are_shard_local(runs, name):
+    total = runs[0][name]["total_numel"]
+    for rank, recs in enumerate(runs):
+        rec = recs[name]
+        assert rec["theta0_shapes"] == rec["local_shapes"]
+        assert rec["g0_shapes"] in ([], rec["local_shapes"])
+        active = [i for i in rec["infos"] if i["active"] and i["fallback_reason"] in (None, "nonfinite_gcorr")]
+        assert len(rec["cpp_calls"]) == len(active) > 0                   # one fused call per extrapolation
+        local = sum(torch.Size(s).numel() for s in rec["local_shapes"])
+        assert all(c["numel"] == local and c["n"] == len(rec["local_shapes"]) for c in rec["cpp_calls"])
+        assert all(i["shard_numel"] == local and i["extrapolate_backend"] == "cpp" for i in active)
+    assert rank == 1 and (0, 3) in runs[1][name]["local_shapes"]          # rank 1's empty shard of the gain
+    assert sum(sum(torch.Size(s).numel() for s in recs[name]["local_shapes"]) for recs in runs) == total
+
+
+GATHER = "distributed.all_gather_single" if hasattr(torch.distributed, "all_gather_single") else \
+    "distributed.all_gather_into_tensor"
+
+
+def _collectives(info):
+    return eval(info["collectives"])
+
+
+def test_rule_collectives_are_the_documented_ones(runs):
+    # per pass one all-reduce of 1 float64 (grad norm); per extrapolation one all-gather of 12 (stats); GXPO's
+    # cos(g0, g_corr) one all-gather of 2; SFPO's entropy gate one all-reduce of 1. Nothing else, no gathers.
+    n = 12 * W.WORLD
+    gxpo_active = [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + \
+        [("distributed.all_reduce", 1), (GATHER, 2 * W.WORLD)]
+    plain = runs[0]["gxpo_plain"]["infos"]
+    for info in plain:
+        expect = gxpo_active if info["active"] else [("distributed.all_reduce", 1)]
+        assert _collectives(info) == expect, info["collectives"]
+    g = runs[0]["gxpo_gate_nan"]["infos"][1]                    # nonfinite g1: two norms, then the fallback
+    assert _collectives(g) == [("distributed.all_reduce", 1)] * 2
+    s = runs[0]["sfpo_entropy_nan"]["infos"]
+    assert _collectives(s[1]) == [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + \
+        [("distributed.all_reduce", 1)] * 2                            # K = 2 norms, stats, slow norm, entropy
+
+
+def test_same_steps_as_deepspeed_zero3(runs):
+    for recs in runs:
+        ds, fs = recs["ds_z3_gxpo_plain"], recs["gxpo_plain"]
+        for key in ("params", "exp_avg", "exp_avg_sq"):
+            _close(fs[key], ds[key], 1e-6, f"fsdp vs zero-3 {key}")
+        assert fs["fired_step"] == ds["fired_step"] is not None
+
+
+@pytest.mark.parametrize("name,straight", [("resume_gxpo", "gxpo_gate_nan"), ("resume_sfpo", "sfpo_entropy_nan")])
+def test_checkpoint_resume_is_bit_exact(runs, name, straight):
+    for recs in runs:
+        res, ref = recs[name], recs[straight]
+        for key in ("params", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(_flat(res[key]), _flat(ref[key])), f"{name}/{key} differs after resume"
+        assert res["step"] == ref["step"] and res["rule_state"] == ref["rule_state"]
+        assert res["fired_step"] == ref["fired_step"] is not None and res["fallbacks"] == ref["fallbacks"] == 1
+        for a, b in zip(res["infos"], ref["infos"]):
+            a, b = dict(a), dict(b)
+            a.pop("collectives", None), b.pop("collectives", None)
+            assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
+        assert res["loaded_theta0_equal"]           # buffers=True: θ0 of the last step came back
+        assert res["extra_marker"] == CASES[name]["k"] + 0.5
+
+
+def test_unsupported_configurations_are_refused(runs):
+    for recs in runs:
+        r = recs["_refusals"]
+        assert "CPUOffloadPolicy" in r["cpu_offload"]
+        assert "inactive_threshold" in r["inactive_threshold"]
+        assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
+        assert "'gxpo' or 'sfpo'" in r["algo"]
+        assert "not the model's" in r["foreign_param"]
+        assert "still unsharded after the closure" in r["unsharded_after_closure"]
+
+
+def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
+    """accelerate enables FSDP only on accelerators (a CPU run with an FSDP plugin becomes DDP), so the TRL
+    trainer's FSDP path cannot run here; the GXPO/SFPO trainer refuses it by name (the plain GRPO loss path
+    does not care). The distributed type is faked as a GPU run would report it."""
+    pytest.importorskip("trl")
+    from accelerate.utils import DistributedType
+
+    from gxpo_kernels.integrations import trl as gtrl
+    from tests.integrations.test_trl import make_trainer
+    tr = make_trainer(tmp_path)
+    monkeypatch.setattr(type(tr.accelerator), "distributed_type", property(lambda self: DistributedType.FSDP))
+    msg = gtrl._unsupported(tr, for_update=True)
+    assert "distributed_type=FSDP" in msg and "gxpo_kernels.integrations.fsdp" in msg
+    assert gtrl._unsupported(tr, for_update=False) is None

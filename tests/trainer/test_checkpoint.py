@@ -1,0 +1,174 @@
+"""Trainer checkpoints (``trainer.checkpoint``): save every ``save_steps``, resume bit-exactly, final model.
+
+- 5 + 5 steps == 10 steps: a run that crashes after step 6 (checkpoint-5 on disk, step 6 already logged) and is
+  resumed with ``resume="latest"`` ends with the same parameters, optimizer state, update-rule state (gate
+  fired), FADE state, RNG states and records (timings aside) as an uninterrupted 10-step run, bit for bit;
+  GXPO with an EMA gate that fires, and SFPO with FADE advantages and its entropy gate;
+- every ``.pt`` file of a checkpoint loads with ``torch.load(..., weights_only=True)``; a checkpoint whose
+  trainer state carries a pickled object is refused on resume and its payload never runs;
+- a save that fails midway leaves no ``checkpoint-<N>`` folder (only the ``.tmp`` one, which resume ignores);
+- resuming with different settings, or from a folder that is no checkpoint, fails clearly;
+- the final model folder loads with ``from_pretrained`` and holds the trained weights.
+"""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from gxpo_kernels.cli import main
+from gxpo_kernels.trainer import checkpoint as ckpt
+from gxpo_kernels.trainer import loop
+from gxpo_kernels.trainer.config import SFTConfig, TrainConfig
+
+TINY = dict(steps=10, prompts=4, group=4, val_every=4, val_size=16, pass1_size=4, pass1_n=2, hidden=32, quiet=True,
+            save_steps=5, sft=SFTConfig(max_steps=0))
+
+
+@pytest.fixture
+def random_advantages(monkeypatch):
+    """The untrained policy scores 0 everywhere: random advantages make every step a real update. FADE's
+    controller still sees the step's reward and entropy, so its state evolves."""
+    def fake(cfg, rewards, entropy, fade_ctl, mean_reward=None):
+        st = None if fade_ctl is None else fade_ctl.update(float(rewards.mean()) + 0.3, entropy)
+        return torch.randn(rewards.shape), st                 # the global RNG: part of what resume restores
+    monkeypatch.setattr(loop, "compute_advantages", fake)
+
+
+class Crash(Exception):
+    pass
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "wall_clock" and not k.startswith(("t_", "cpu_", "gpu_"))}
+            for r in records]
+
+
+def _pt_files(path):
+    return {os.path.relpath(f, path): torch.load(f, weights_only=True)
+            for f in sorted(glob.glob(os.path.join(path, "**", "*.pt"), recursive=True))}
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and a != a:
+        assert b != b, where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("extra", [dict(algo="gxpo", gxpo_gate="ema", gxpo_tau=1e-6, max_grad_norm=1e6),
+                                   dict(algo="sfpo", advantage="fade", sfpo_K=2)])
+def test_resume_is_bit_exact(tmp_path, random_advantages, extra):
+    base = TrainConfig(cache_dir=str(tmp_path / "c"), **TINY, **extra)
+    ref_records = loop.train(base.replace(out_dir=str(tmp_path / "full")))
+    ref_rng = torch.get_rng_state()
+
+    def crash_after_6(rec):
+        if rec["step"] == 6:
+            raise Crash
+    out = str(tmp_path / "cut")
+    with pytest.raises(Crash):
+        loop.train(base.replace(out_dir=out), progress=crash_after_6)
+    assert ckpt.latest_checkpoint(out).endswith("checkpoint-5")
+    assert len(open(os.path.join(out, "records.jsonl")).read().splitlines()) == 7      # steps 0..6 logged
+    torch.manual_seed(12345)                                   # the resumed run must not depend on this
+    records = loop.train(base.replace(out_dir=out, resume="latest"))
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+
+    assert [r["step"] for r in records] == list(range(11))
+    assert _strip(records) == _strip(ref_records)
+    on_disk = [json.loads(x) for x in open(os.path.join(out, "records.jsonl")).read().splitlines()]
+    assert _strip(on_disk) == _strip(ref_records)
+    if extra["algo"] == "gxpo":
+        assert records[1]["gate_fired_at"] == 1 and records[10]["update"]["active"] is False
+    else:
+        assert records[10]["fade"]["p_hat"] == ref_records[10]["fade"]["p_hat"]
+    # checkpoint-10 of both runs: parameters, optimizer moments, rule + gate, FADE, RNG, counters
+    a, b = _pt_files(str(tmp_path / "full" / "checkpoint-10")), _pt_files(os.path.join(out, "checkpoint-10"))
+    assert set(a) == {"engine.pt", "trainer_state.pt", "rng_rank0.pt"}
+    assert a["trainer_state.pt"].pop("wall_clock") > 0 and b["trainer_state.pt"].pop("wall_clock") > 0   # timing
+    _assert_same(a, b)
+    st = a["trainer_state.pt"]
+    assert st["step"] == 10 and st["rule"]["outer_steps"] == 10 and len(a["engine.pt"]["optimizer"]["state"]) > 0
+    assert (st["fade"] is None) == (extra.get("advantage") != "fade")
+    # the final model
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    wb = load_file(os.path.join(out, "model", "model.safetensors"))
+    _assert_same(wa, wb)
+
+
+def test_final_model_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=2))
+    loop.train(cfg)
+    m = AutoModelForCausalLM.from_pretrained(str(out / "model"), local_files_only=True)
+    saved = torch.load(out / "checkpoint-2" / "engine.pt", weights_only=True)["model"]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    tok = json.loads((out / "model" / "char_tokenizer.json").read_text())
+    assert tok["eos_token_id"] == 2 and tok["alphabet"]
+    assert not any(p.endswith(".tmp") for p in os.listdir(out))
+
+
+def test_pickle_payload_refused(tmp_path):
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=2))
+    loop.train(cfg)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    path = out / "checkpoint-2" / "trainer_state.pt"
+    st = torch.load(path, weights_only=True)
+    st["rule"] = Payload()
+    torch.save(st, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported"):
+        loop.train(cfg.replace(resume=str(out / "checkpoint-2"), steps=3))
+    assert not marker.exists()
+
+
+def test_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    from gxpo_kernels.trainer.engines import PlainEngine
+    out = tmp_path / "o"
+
+    def broken(self, path):
+        open(os.path.join(path, "engine.pt"), "w").write("half")
+        raise OSError("disk full")
+    monkeypatch.setattr(PlainEngine, "save_state", broken)
+    with pytest.raises(OSError, match="disk full"):
+        loop.train(TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=2)))
+    assert not (out / "checkpoint-2").exists() and (out / "checkpoint-2.tmp").exists()
+    assert ckpt.latest_checkpoint(str(out)) is None
+    with pytest.raises(ValueError, match="no finished checkpoint"):
+        loop.train(TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), resume="latest",
+                               **dict(TINY, steps=2)))
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=1, hidden=128))
+    loop.train(cfg)
+    with pytest.raises(ValueError, match="lr=1e-05 .now 0.001"):
+        loop.train(cfg.replace(resume="latest", lr=1e-3))
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        loop.train(cfg.replace(resume=str(tmp_path)))
+    # the CLI flag reaches the config and extends the run (steps may change on resume)
+    main(["train", "--out", str(out), "--resume", "latest", "--steps", "3", "--sft-steps", "0", "--prompts", "4",
+          "--group", "4", "--val-size", "16", "--pass1-size", "4", "--pass1-n", "2", "--val-every", "4",
+          "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
