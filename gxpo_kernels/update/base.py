@@ -379,6 +379,7 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> No
     """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
     groups: Dict[tuple, tuple] = {}
     for d, s in zip(dst, src):
+        d, s = _local(d), _local(s)
         if s is None:
             d.zero_()
         elif d.numel():
@@ -388,6 +389,12 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> No
             groups[key][1].append(s)
     for ds, ss in groups.values():
         torch._foreach_copy_(ds, ss)
+
+
+def _local(t):
+    """A sharded tensor (DTensor, e.g. FSDP2 optimizer state) as its local shard; anything else as is. Copies
+    between identically sharded tensors are local, and torch has no foreach copy for DTensors."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _to_float(x) -> float:
