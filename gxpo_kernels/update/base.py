@@ -375,11 +375,16 @@ class ExtrapolationRule:
         self.fallbacks = int(sd["fallbacks"])
 
 
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (FSDP2 parameters and their optimizer state); other tensors as they are."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
     """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
     groups: Dict[tuple, tuple] = {}
     for d, s in zip(dst, src):
-        d, s = _local(d), _local(s)
+        d, s = _local(d), _local(s)      # sharded (DTensor) state: copy shard to shard, no collective
         if s is None:
             d.zero_()
         elif d.numel():
@@ -389,12 +394,6 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> No
             groups[key][1].append(s)
     for ds, ss in groups.values():
         torch._foreach_copy_(ds, ss)
-
-
-def _local(t):
-    """A sharded tensor (DTensor, e.g. FSDP2 optimizer state) as its local shard; anything else as is. Copies
-    between identically sharded tensors are local, and torch has no foreach copy for DTensors."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _to_float(x) -> float:

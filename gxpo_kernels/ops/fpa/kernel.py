@@ -12,7 +12,7 @@ and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

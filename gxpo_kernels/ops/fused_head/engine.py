@@ -24,7 +24,7 @@ Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
