@@ -87,7 +87,8 @@ def linear_grpo_loss(
             buffer to overwrite here, so it changes nothing.
         check_finite: raise ValueError if hidden/weight or the per-token log-probs are NaN/inf.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows a bf16 hidden with an fp32 weight).
-        deterministic: bitwise reproducible gradients (no atomics). chunk_size: torch-backend tokens/chunk.
+        deterministic: bitwise reproducible gradients (always the case: no atomics). chunk_size: token rows
+            per chunk of the torch backend and of the Triton backward's d(logits) buffer.
         grad_in_forward: run the head's backward during forward and keep d(hidden), d(weight), d(bias) (O(N*H +
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen
