@@ -375,10 +375,16 @@ class ExtrapolationRule:
         self.fallbacks = int(sd["fallbacks"])
 
 
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (FSDP2 parameters and their optimizer state); other tensors as they are."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
     """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
     groups: Dict[tuple, tuple] = {}
     for d, s in zip(dst, src):
+        d, s = _local(d), _local(s)      # sharded (DTensor) state: copy shard to shard, no collective
         if s is None:
             d.zero_()
         elif d.numel():

@@ -89,7 +89,8 @@ def linear_grpo_loss(
         check_finite: raise ValueError if hidden (unmasked rows), weight or the per-token log-probs are
             NaN/inf (a host sync). validate: "cheap" | "full", as ``grpo_loss``.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows a bf16 hidden with an fp32 weight).
-        deterministic: bitwise reproducible gradients (no atomics). chunk_size: torch-backend tokens/chunk.
+        deterministic: bitwise reproducible gradients (always the case: no atomics). chunk_size: token rows
+            per chunk of the torch backend and of the Triton backward's d(logits) buffer.
         grad_in_forward: run the head's backward during forward and keep d(hidden), d(weight), d(bias) (O(N*H +
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen

@@ -30,7 +30,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         mask: optional bool/0-1 of the token shape; masked rows are skipped (no GEMM work) and get 0.
         compute_entropy: return the full-distribution entropy (else ``None``).
         fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
-        deterministic: bitwise reproducible gradients (Triton: fixed-order kernels instead of atomics).
+        deterministic: bitwise reproducible gradients (always the case: neither backend uses atomics).
         chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
             hidden or weight. backend: "auto" | "triton" | "torch".
     Returns:
