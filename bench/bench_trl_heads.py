@@ -128,6 +128,13 @@ def measure(provider) -> dict:
                 cpu_s=statistics.median(times), cpu_s_all=times)
 
 
+def test_providers_agree_with_logits_path():
+    """What pytest (and the BENCH_SMOKE=1 smoke run) checks of this script: every provider's d(hidden) agrees
+    with the logits path at the small CHECK_CFG size. The measurement itself is ``main()``."""
+    for p in PROVIDERS:
+        assert check(p) < 1e-5, p
+
+
 def main() -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=root)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._utils import check_choice
+from .._utils import check_choice, check_scalar
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
 
@@ -41,8 +41,7 @@ class ExtrapolationRule:
                  fallback_state: Optional[str] = None, backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        max_grad_norm = check_scalar(max_grad_norm, "max_grad_norm", "(0, inf)", optional=True)
         check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
         check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
         if fallback_state not in (None, "restore", "keep"):

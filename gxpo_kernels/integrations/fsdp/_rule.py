@@ -22,18 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from ...update.base import _copy_all_
+from ...update.base import _copy_all_, _local
 from ...update.gxpo import GXPO
 from ...update.sfpo import SFPO
 from .._sharded import ShardedReductions
 
 
-def _local(t):
-    """The local shard of a DTensor (the tensor itself otherwise); None stays None."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _locals(ts):
+    """Local shards of a list of DTensors (plain tensors and None as they are)."""
     return None if ts is None else [_local(t) for t in ts]
 
 

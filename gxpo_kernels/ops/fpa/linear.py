@@ -9,8 +9,8 @@ It shares the tiling of the fused-linear GRPO head (``linear_token_logprobs``):
     with ``tl.dot`` (the same ``_logits_tile`` helper), keeps three online log-sum-exps and three target
     logits per token, and a tiny torch epilogue merges the vocab splits. Only O(N) fp32 statistics are kept.
   * Backward: gradient flows only through ``logp`` (into hidden, weight, bias), so it *is* the fused-linear
-    head's backward with no entropy term: the registered ``gxpo::linear_token_stats_bwd`` (atomics, or
-    ``deterministic=True``).
+    head's backward with no entropy term: the registered ``gxpo::linear_token_stats_bwd`` (d(logits) chunks
+    and library GEMMs).
   * torch: chunks over tokens (fp32 logits of one chunk at a time, both sides); also the path on CPU tensors.
 Masked rows are dropped before any GEMM work and come back as 0. The forward is the ``torch.library`` custom
 op ``gxpo::linear_fpa_stats_fwd`` (registered below; ``torch.compile`` fullgraph works). Reference:
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..._utils import check_same_device, check_shape, check_tensor, checked_mask, triton_interpret
 from ..fused_head._library import cfg_args
-from ..fused_head.engine import (_GPU_BLOCKS, _NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
+from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
                                  _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
 from .logprobs import check_lam_temperature
 
@@ -73,7 +73,8 @@ def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
                          HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         zr = _logits_tile(hr_ptr, wr_ptr, br_ptr, o_m, m_m, o_v, m_v, H_REF, stride_hr, stride_wr, inv_t,
                           HAS_REF_BIAS, UPCAST_REF, PRECISION_REF, BLOCK_M, BLOCK_V, BLOCK_K)
-        zf = tl.where(m_v[None, :], (1.0 + lam) * z - lam * zr, _NEG)
+        # a -inf policy logit (a -inf bias) stays probability 0 under pi_hat, not -inf + inf = NaN
+        zf = tl.where(m_v[None, :], tl.where(z == float("-inf"), z, (1.0 + lam) * z - lam * zr), _NEG)
         z = tl.where(m_v[None, :], z, _NEG)
         zr = tl.where(m_v[None, :], zr, _NEG)
         is_y = o_v[None, :] == b_y[:, None]
@@ -102,9 +103,9 @@ def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     V = w.shape[0]
     upcast, prec, blocks = _kernel_flags(h, w, cfg)
     upcast_r, prec_r, _ = _kernel_flags(hr, wr, cfg)
-    # two logits tiles live at once: the smaller fp32-operand tiles on a GPU for any dtype (ptxas -v, sm_90:
-    # 64x64 uses 184 registers in bf16 and 242 in fp32 with no spills; 64x128 bf16 reaches 255 registers)
-    BM, BV, BK, nw = blocks if triton_interpret() else _GPU_BLOCKS[True]
+    # two logits tiles live at once: 64x64 tiles on a GPU for any dtype (sm_90 compile check, python -m
+    # bench.sm90: ~140 registers in bf16 and ~200 in fp32, no spills; 64x128 bf16 reaches 255 registers)
+    BM, BV, BK, nw = blocks if triton_interpret() else (64, 64, 32, 8)
     n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
     splits, tps = vocab_splits(cfg, h.device, n_mt, n_vt)
     st = torch.empty(9, splits, N, dtype=torch.float32, device=h.device)
@@ -138,7 +139,8 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
         lse[s:e] = torch.logsumexp(z, -1)
         logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
         ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
-        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam)          # in place: the extrapolated logits
+        ban = z == float("-inf")                             # stays probability 0 under pi_hat
+        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam).masked_fill_(ban, float("-inf"))  # in place: extrapolated
         fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
     return logp, ref_logp, fpa_logp, lse
 
@@ -220,7 +222,7 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
         tokens: (B, T) token ids in [0, V) where ``mask`` is set.
         lam, temperature: as in ``fpa_logprobs``. mask: optional bool/0-1 (B, T); masked rows cost no GEMM work.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows hidden/weight dtypes to differ).
-        deterministic: fixed-order gradient accumulation in the Triton backward (no atomics).
+        deterministic: bitwise reproducible gradients (always the case: no atomics in either backend).
         chunk_size: token rows per chunk of the torch backend (None: ~4M logits per side and chunk).
         backend: "auto" (Triton on CUDA / under TRITON_INTERPRET=1, else torch) | "triton" | "torch".
 

@@ -8,18 +8,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_tensor, checked_mask, resolve_backend
+from ..._utils import (check_same_device, check_scalar, check_shape, check_temperature, check_tensor, checked_mask,
+                       resolve_backend)
 from ._library import fpa_logprobs_op
 from .kernel import FLOAT_DTYPES, _rows
 
 
 def check_lam_temperature(lam, temperature) -> Tuple[float, float]:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    return float(lam), float(temperature)
+    return check_scalar(lam, "lam", "[0, inf)"), check_temperature(temperature)
 
 
 def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, lam: float = 1.0,
