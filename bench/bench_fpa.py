@@ -2,7 +2,7 @@
 
 Providers:
   gxpo        ``fpa_logprobs`` (Triton on CUDA; the chunked PyTorch path on the CPU)
-  ref_eager   ``fpa_logprobs_ref`` as shipped (the executable spec: float64, three materialised log-softmaxes)
+  ref_eager   ``fpa_logprobs_ref`` as shipped (the executable reference: float64, three materialised log-softmaxes)
   ref_compile ``torch.compile(fpa_logprobs_ref)`` (CUDA only: a cold compile costs ~25 s on the CPU)
 Modes: ``fwd`` (no grad: the rollout/scoring use) and ``fwd+bwd`` (gradient into the policy logits via logp).
 

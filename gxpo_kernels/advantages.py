@@ -1,4 +1,4 @@
-"""Group advantages: GRPO / Dr.GRPO (spec section 1) and FADE's focal advantage + controller (spec section 5).
+"""Group advantages: GRPO / Dr.GRPO and FADE's focal advantage + controller (docs/algorithms.md, sections 1 and 5).
 
 One implementation of per-group statistics (``group_stats``) serves every advantage here. Groups are given
 either as a regular layout (``group_size`` G: each prompt's G responses contiguous, or ``rewards`` shaped
@@ -167,7 +167,7 @@ def _scalar(x, name) -> float:
 
 
 class FADEController:
-    """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor), spec section 5.
+    """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor) (docs/algorithms.md, section 5).
 
     Each step call ``update(mean_reward, mean_entropy)`` once, then use ``alpha`` / ``delta`` in
     ``fade_advantages``:
@@ -175,9 +175,9 @@ class FADEController:
         p_hat <- EMA(batch-mean reward), starts at p0          alpha = clip(3 (1 - p_hat) / (2 p_hat), 1, alpha_max)
         H_hat <- EMA(mean token entropy), starts at the first   delta = clip(1 + H_hat - H*, delta_min, delta_max)
 
-    ``ema_convention="slow"`` (default, INFERRED): x <- (1 - ema) x + ema * new (horizon ~ 1/ema steps);
+    ``ema_convention="slow"`` (default, our choice): x <- (1 - ema) x + ema * new (horizon ~ 1/ema steps);
     ``"fast"`` (the transcribed form): x <- ema * x + (1 - ema) * new. ``target_entropy`` H* defaults to half
-    the first observed entropy (INFERRED; the paper's tables use 1.0). Before the first update alpha comes from
+    the first observed entropy (our choice; the paper's tables use 1.0). Before the first update alpha comes from
     p0 and delta is delta_max.
     """
 

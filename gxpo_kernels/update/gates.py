@@ -1,4 +1,4 @@
-"""Gates that switch an extrapolating update rule to plain single-pass GRPO, permanently (spec §2, §3).
+"""Gates that switch an extrapolating update rule to plain single-pass GRPO, permanently.
 
 Each gate sees one scalar per active step (``observe``), returns its z-score, and sets ``fired`` when the
 rule must stop extrapolating. All statistics are Python floats (float64) so ``state_dict`` round trips are

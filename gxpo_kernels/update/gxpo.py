@@ -1,4 +1,4 @@
-"""GXPO: one active update on a mini-batch (spec §2, the authors' Algorithm 1), around any torch optimizer.
+"""GXPO: one active update on a mini-batch (the authors' Algorithm 1), around any torch optimizer.
 
     θ0 ← θ
     pass 0: g0 = ∇L(θ0); ĝ0 = clip(g0); non-finite or ‖g0‖ ≤ 1e-8 → FALLBACK;  θ1 = Opt(θ0, ĝ0)
@@ -258,7 +258,7 @@ class GXPO(ExtrapolationRule):
 
 
 def _derive(sd: dict) -> dict:
-    """Diagnostics of spec §2 from the reduced stats sums."""
+    """Diagnostics (docs/extrapolate.md) from the reduced stats sums."""
     n = max(sd["numel"], 1.0)
     mean_r = sd["sum_r"] / n
     den = math.sqrt(sd["sq_g0"] * sd["sq_g1"])

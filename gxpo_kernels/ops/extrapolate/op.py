@@ -1,4 +1,4 @@
-"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``reference.py``).
+"""Fused in-place GXPO extrapolation over a whole list of tensors (reference: ``reference.py``).
 
     θ̃ = θ0 + α·clamp(S_K(r)/S_2(r), 1, K/2+1)·(θ2 − θ0),   r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) clamped to [−2, 3]
 
@@ -492,7 +492,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         scale_formula: "horner" (exact S_K/S_2) or "closed" (the authors' guarded closed form).
         inactive_threshold: None, or rel: coordinates with |g0| <= rel·RMS(g0 of its tensor) get r = 1.
         lowp_out: optional list (entries may be None) also receiving θ̃ in its own dtype (e.g. a bf16 model copy).
-        delta, r_min, r_max: δ of the denominator guard and the clamp of r (spec: 1e-8, −2, 3).
+        delta, r_min, r_max: δ of the denominator guard and the clamp of r (defaults 1e-8, −2, 3).
         backend: "auto" (CUDA -> triton, CPU -> cpp), "triton", "cpp" or "torch" (the reference loop).
     Returns:
         float64 tensor [len(STAT_NAMES)] on the params' device: sums over all coordinates (r, r², scale,

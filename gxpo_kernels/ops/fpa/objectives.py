@@ -1,4 +1,4 @@
-"""Offline objectives with FPA gradient coefficients (spec algorithms.md section 4).
+"""Offline objectives with FPA gradient coefficients.
 
 Each offline method's gradient has the form  -[C_w * grad log pi(y_w) - C_l * grad log pi(y_l)]  with
 coefficients that depend on the current policy. FPA evaluates those coefficients at the future policy pi_hat
@@ -13,7 +13,7 @@ the gradient is exactly the base method's autograd gradient. ``metrics`` holds p
 ``c_w``/``c_l`` (B,), ``base_loss`` and ``fpa_loss`` (the base loss evaluated at pi_hat), all detached.
 
 ``fpa_side``: "both" evaluates C_w and C_l at pi_hat; "rejected" (the paper's ablation) evaluates only C_l at
-pi_hat and keeps C_w at pi_theta [INFERRED: a coefficient "at pi_hat" uses pi_hat for every policy
+pi_hat and keeps C_w at pi_theta [our choice: a coefficient "at pi_hat" uses pi_hat for every policy
 log-prob inside it, e.g. both margins of DPO's u]. For unpaired methods (KTO, offline PG) "rejected" means
 undesirable / negative-advantage samples.
 
@@ -204,7 +204,7 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
 
 def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
                         fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
-    """Offline policy gradient [INFERRED]: base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
+    """Offline policy gradient (our choice): base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
 
     Its gradient is -A_i * w_i * grad(S_i / |y_i|) with w = pi(y)^(1/|y|) (length-normalised likelihood);
     FPA evaluates w at pi_hat. ``advantages``: (B,). "rejected" applies pi_hat to A_i < 0 samples only.
