@@ -14,6 +14,7 @@ element) and 2 threads (wall clock), restoring θ2 before each call, and records
 ``test_gxpo_step_overhead`` times a GXPO active step on a tiny transformers Qwen2 against its 3 closures
 (fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
 """
+import math
 import os
 import pathlib
 import statistics
@@ -251,3 +252,103 @@ def test_gxpo_step_overhead(benchmark):
     benchmark.extra_info.update(gxpo_step_s=mg, baseline_3fwdbwd_3steps_s=mb, overhead_pct=100 * (mg - mb) / mb,
                                 gxpo_step_cpu_s=cg, baseline_cpu_s=cb, overhead_cpu_pct=100 * (cg - cb) / cb,
                                 n_params=sum(p.numel() for p in model.parameters()), device=DEVICE)
+
+
+def qwen2_15b_shapes(layers=28, vocab=151936, hidden=1536, inter=8960, kv=256):
+    """The parameter list of a Qwen2-1.5B-shaped model: 338 tensors, 1.54e9 elements."""
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (hidden,), (kv, hidden), (kv,), (kv, hidden), (kv,), (hidden, hidden),
+                   (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    return shapes + [(hidden,)]
+
+
+def host_overhead(out_path=None, reps=60):
+    """Host part of one extrapolation on the CUDA path, measured on the CPU with process CPU time and the Triton
+    launch stubbed out (the launch itself is a few microseconds of Triton's C launcher on a GPU machine). The
+    tensors are CPU tensors of the real sizes (allocated, never touched); the launch configuration is CUDA's
+    (CHUNK 16384, 8 x 132 programs). Cases:
+    ``extrapolate_`` (the public op: validation and tables cached per layout, g1 checked per call; fresh g1
+    every other call) and ``ExtrapolationPlan`` (what the rules call: only g1's addresses are read), with
+    gradients at fresh or at repeated addresses."""
+    import json
+    from gxpo_kernels.ops.extrapolate import op as X
+
+    class _Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+    saved = X._extrapolate_kernel, X._launch_config, X.extrapolate_backend
+    X._extrapolate_kernel = _Stub()
+    X._launch_config = lambda device: (512, 16384, 8 * 132)
+    X.extrapolate_backend = lambda backend, device: "triton"
+    try:
+        shapes = qwen2_15b_shapes()
+        mk = lambda: [torch.empty(s) for s in shapes]  # noqa: E731
+        P, T0, G0 = mk(), mk(), mk()
+
+        def cached(g1):
+            X.extrapolate_(P, T0, G0, g1, alpha=0.5, K=5)
+        plan = X.ExtrapolationPlan(P, T0, G0)
+        res = {}
+        run_plan = lambda g1: plan(g1, alpha=0.5, K=5)  # noqa: E731
+        # fresh: new gradient tensors at new addresses before every call; same: the addresses repeat (what a
+        # caching allocator usually does from step to step)
+        for name, fn, fresh in (("extrapolate_", cached, 2), ("plan_fresh_addresses", run_plan, 1),
+                                ("plan_same_addresses", run_plan, 0)):
+            g1 = mk()
+            t = time.process_time()
+            fn(g1)
+            first = time.process_time() - t
+            ts = []
+            for i in range(reps):
+                if fresh and i % fresh == 0:
+                    g1 = mk()
+                t = time.process_time()
+                fn(g1)
+                ts.append(time.process_time() - t)
+            ts.sort()
+            res[name] = dict(first_call_ms=1e3 * first, median_ms=1e3 * statistics.median(ts),
+                             p10_ms=1e3 * ts[len(ts) // 10], p90_ms=1e3 * ts[9 * len(ts) // 10])
+    finally:
+        X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
+    out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
+               layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(math.prod(s) for s in shapes),
+               threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res)
+    if out_path:
+        pathlib.Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def host_overhead_ab(out_path, before: str, rounds=3):
+    """``host_overhead`` of this checkout and of the checkout at ``before`` (another worktree: the "before"
+    figures), alternated ``rounds`` times in fresh processes so load spikes hit both alike; the medians over
+    rounds go to ``out_path`` as ``results`` (this checkout) and ``before`` (that one, with its commit)."""
+    import json
+    import subprocess
+    import sys
+    code = "import json, bench.bench_extrapolate as b; print(json.dumps(b.host_overhead()))"
+    runs = {"after": [], "before": []}
+    here = str(pathlib.Path(__file__).resolve().parents[1])
+    for _ in range(rounds):
+        for name, root in (("before", before), ("after", here)):
+            env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+            out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True,
+                                 text=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+
+    def med(rs):
+        return {case: {k: statistics.median(r["results"][case][k] for r in rs) for k in rs[0]["results"][case]}
+                for case in rs[0]["results"]}
+    doc = dict(runs["after"][0], results=med(runs["after"]), load_avg=os.getloadavg(), rounds=rounds)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=before, capture_output=True, text=True).stdout
+    doc["before"] = dict(commit=commit.strip(), results=med(runs["before"]))
+    pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) > 3 and sys.argv[2] == "--before":   # OUT --before OTHER_CHECKOUT
+        print(host_overhead_ab(sys.argv[1], sys.argv[3]))
+    else:
+        print(host_overhead(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -2,7 +2,7 @@
 
 Providers:
   gxpo        ``fpa_logprobs`` (Triton on CUDA; the chunked PyTorch path on the CPU)
-  ref_eager   ``fpa_logprobs_ref`` as shipped (the executable spec: float64, three materialised log-softmaxes)
+  ref_eager   ``fpa_logprobs_ref`` as shipped (the executable reference: float64, three materialised log-softmaxes)
   ref_compile ``torch.compile(fpa_logprobs_ref)`` (CUDA only: a cold compile costs ~25 s on the CPU)
 Modes: ``fwd`` (no grad: the rollout/scoring use) and ``fwd+bwd`` (gradient into the policy logits via logp).
 
@@ -106,9 +106,12 @@ def test_fpa_logprobs(benchmark, provider, mode, size):
         x.grad = None
         return out
 
-    benchmark.extra_info.update(op="fpa_logprobs", provider=provider, mode=mode, N=N, V=V,
-                                dtype=str(DTYPE).replace("torch.", ""),
-                                bytes=fpa_logprobs_bytes(N, V, itemsize, mode), device=DEVICE)
+    # masked rows are skipped (one mask load each): their logits are not read; the backward still writes
+    # their zero rows of dlogits
+    n_valid = int(mask.sum())
+    nbytes = fpa_logprobs_bytes(n_valid, V, itemsize, mode) + (0 if mode == "fwd" else (N - n_valid) * V * itemsize)
+    benchmark.extra_info.update(op="fpa_logprobs", provider=provider, mode=mode, N=N, N_valid=n_valid, V=V,
+                                dtype=str(DTYPE).replace("torch.", ""), bytes=nbytes, device=DEVICE)
     try:
         timed_record(benchmark, step, n_rotate=copies, **({} if CUDA else dict(budget_s=1.0, max_reps=20)))
     except torch.cuda.OutOfMemoryError:   # the float64 reference materialises 3 x N x V doubles

@@ -7,12 +7,14 @@ Providers:
   gxpo         ``grpo_loss`` (Triton on CUDA, chunked PyTorch path on CPU)
   gxpo_inplace the same with ``inplace_backward=True`` (CUDA only)
   eager        fp32 ``log_softmax`` materialised over the vocabulary + the same O(tokens) loss math
-               (``_loss_math.grpo_token_loss``): what a plain PyTorch trainer does
+               (``gxpo_kernels.losses.grpo_token_loss``): what a plain PyTorch trainer does
   liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
 
 Every case is first checked against the float64 reference ``grpo_loss_ref`` on a slice of its rows. The
-bytes the op must move are recorded (fwd reads the logits, bwd reads them again and writes dlogits:
-3 * N * V * itemsize) together with the achieved GB/s. On CUDA the timing is ``triton.testing.do_bench`` with
+bytes the op must move are recorded (fwd reads the unmasked rows' logits, bwd reads them again and writes the
+whole dlogits: (2 * N_valid + N) * V * itemsize) together with the achieved GB/s. Inputs are drawn on the
+device; all providers read the same (B, T + 1, V) logits buffer (ours through the shifted view, Liger whole).
+On CUDA the timing is ``triton.testing.do_bench`` with
 quantiles (p50, p20, p80); on CPU it is pytest-benchmark's own loop.
 """
 import os
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from gxpo_kernels.ops import grpo_loss
-from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
+from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
 from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
 
 CUDA = torch.cuda.is_available()
@@ -47,13 +49,24 @@ def _size_id(s):
 
 
 def _make(B, T, V, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(device=device, dtype=DTYPE)
-    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
-    mask = (torch.rand(B, T, generator=g) > 0.1).to(device)
-    adv = torch.randn(B, generator=g).to(device)
-    old = (-torch.rand(B, T, generator=g) * 8).to(device)  # plausible log-probs; the pass cost does not depend
-    return logits, tokens, mask, adv, old
+    """Inputs drawn on ``device`` (a host draw of 2.5e9 normals alone takes about a minute).
+
+    The logits live in a (B, T + 1, V) buffer, the layout of a causal LM's output: our ops read the shifted
+    view ``buf[:, :-1]`` in place, and Liger (which wants the unshifted tensor) gets ``buf`` itself, so no
+    provider pays for a copy the others do not."""
+    g = torch.Generator(device=device).manual_seed(0)
+    buf = torch.randn(B, T + 1, V, generator=g, device=device, dtype=DTYPE) * 2
+    tokens = torch.randint(0, V, (B, T), generator=g, device=device)
+    mask = torch.rand(B, T, generator=g, device=device) > 0.1
+    adv = torch.randn(B, generator=g, device=device)
+    old = -torch.rand(B, T, generator=g, device=device) * 8  # plausible log-probs; the pass cost does not depend
+    return buf, tokens, mask, adv, old
+
+
+def op_bytes(N_valid: int, N: int, V: int, itemsize: int) -> int:
+    """Bytes the op must move: forward and backward read the logits of the unmasked rows only (masked rows cost
+    one mask load); the backward writes the whole dlogits tensor (zeros at masked rows)."""
+    return (2 * N_valid + N) * V * itemsize
 
 
 def _eager_loss(logits, tokens, adv, mask, old):
@@ -65,40 +78,41 @@ def _eager_loss(logits, tokens, adv, mask, old):
 
 
 def _loss_fn(provider):
+    """fn(buf, tokens, adv, mask, old) -> (loss, ...) on the (B, T + 1, V) logits buffer."""
     if provider in ("gxpo", "gxpo_inplace"):
         inplace = provider == "gxpo_inplace"
-        return lambda x, tok, adv, mask, old: grpo_loss(x, tok, adv, mask, old, inplace_backward=inplace, **OPTS)
+        return lambda buf, tok, adv, mask, old: grpo_loss(buf[:, :-1], tok, adv, mask, old,
+                                                          inplace_backward=inplace, **OPTS)
     if provider == "eager":
-        return _eager_loss
+        return lambda buf, tok, adv, mask, old: _eager_loss(buf[:, :-1], tok, adv, mask, old)
     if provider == "liger":
         pytest.importorskip("liger_kernel.ops")
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-        def liger(x, tok, adv, mask, old):
-            # Liger wants unshifted (B, T+1, V) contiguous logits; pad one row (outside the timing would be
-            # fairer, but its API forces the layout on every caller too)
-            xp = torch.cat([x, x[:, -1:]], dim=1)
-            return triton_grpo_loss(xp, old, None, tok, adv, mask.float(), temperature=OPTS["temperature"],
+        def liger(buf, tok, adv, mask, old):
+            # Liger takes the unshifted (B, T + 1, V) logits and drops the last position itself
+            return triton_grpo_loss(buf, old, None, tok, adv, mask.float(), temperature=OPTS["temperature"],
                                     beta=0.0, eps_low=OPTS["eps_low"], eps_high=OPTS["eps_high"], inplace=False,
                                     loss_type="bnpo", reduce=True)
         return liger
     raise ValueError(provider)
 
 
-def _check(provider, logits, tokens, mask, adv, old):
+def _check(provider, buf, tokens, mask, adv, old):
     """Loss and dlogits on the first rows vs the float64 reference, before any timing."""
-    b = min(2, logits.shape[0])
-    t = min(64, logits.shape[1])
-    x = logits[:b, :t].detach().clone().requires_grad_()
+    b = min(2, buf.shape[0])
+    t = min(64, buf.shape[1] - 1)
+    x = buf[:b, :t + 1].detach().clone().requires_grad_()
     loss, _ = _loss_fn(provider)(x, tokens[:b, :t], adv[:b], mask[:b, :t], old[:b, :t])
     loss.backward()
-    xd = logits[:b, :t].detach().double().requires_grad_()
+    xd = buf[:b, :t].detach().double().requires_grad_()
     r_loss, _ = grpo_loss_ref(xd, tokens[:b, :t], adv[:b], mask[:b, :t], old[:b, :t], **OPTS)
     r_loss.backward()
     tol = 1e-4 if DTYPE == torch.float32 else 2e-2
     loss, r_loss = loss.detach(), r_loss.detach()
     assert abs(float(loss) - float(r_loss)) <= 1e-4 * max(1.0, abs(float(r_loss))), (float(loss), float(r_loss))
-    err = (x.grad.double() - xd.grad).norm() / xd.grad.norm().clamp(min=1e-30)
+    g = x.grad[:, :t].double()
+    err = (g - xd.grad).norm() / xd.grad.norm().clamp(min=1e-30)
     assert err <= tol, f"{provider}: dlogits rel err {float(err):.2e}"
 
 
@@ -106,9 +120,9 @@ def _check(provider, logits, tokens, mask, adv, old):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_grpo_loss_fwd_bwd(benchmark, bench_meta, bench_device, provider, size):
     B, T, V = size
-    logits, tokens, mask, adv, old = _make(B, T, V, bench_device)
-    _check(provider, logits, tokens, mask, adv, old)
-    x = logits.requires_grad_()
+    buf, tokens, mask, adv, old = _make(B, T, V, bench_device)
+    _check(provider, buf, tokens, mask, adv, old)
+    x = buf.requires_grad_()
     fn = _loss_fn(provider)
 
     def step():
@@ -116,9 +130,10 @@ def test_grpo_loss_fwd_bwd(benchmark, bench_meta, bench_device, provider, size):
         loss.backward()
         x.grad = None
 
-    nbytes = 3 * B * T * V * logits.element_size()
-    bench_meta.update(provider=provider, mode="fwd+bwd", N=B * T, V=V, dtype=str(DTYPE).replace("torch.", ""),
-                      bytes=nbytes)
+    n_valid = int(mask.sum())
+    nbytes = op_bytes(n_valid, B * T, V, buf.element_size())
+    bench_meta.update(provider=provider, mode="fwd+bwd", N=B * T, N_valid=n_valid, V=V,
+                      dtype=str(DTYPE).replace("torch.", ""), bytes=nbytes)
     if CUDA:
         import triton.testing
         try:

@@ -40,26 +40,27 @@ LAM, TEMPERATURE = 1.0, 0.9
 CPU_RTOL, GPU_RTOL = 1e-4, 3e-2          # d(hidden) vs eager, relative norm (bf16 operands on GPU: loose)
 
 
-def useful_flops(cfg) -> int:
-    """Forward 2·N·V·(H + H_ref) (both heads' logits), backward 4·N·H·V (d hidden, d weight); recompute not
-    counted, masked rows counted (the same convention as ``roofline.linear_grpo_loss_flops``)."""
-    N = cfg["B"] * cfg["T"]
-    return 2 * N * cfg["V"] * (cfg["H"] + cfg["H_ref"]) + 4 * N * cfg["H"] * cfg["V"]
+def useful_flops(cfg, n_valid: int) -> int:
+    """Forward 2·N_valid·V·(H + H_ref) (both heads' logits), backward 4·N_valid·H·V (d hidden, d weight); the
+    recompute is not counted, and neither are masked rows, which the fused op skips."""
+    return 2 * n_valid * cfg["V"] * (cfg["H"] + cfg["H_ref"]) + 4 * n_valid * cfg["H"] * cfg["V"]
 
 
 def make_inputs(cfg, device):
-    g = torch.Generator().manual_seed(0)
+    """Inputs drawn on ``device`` directly (no host draw and copy of the O(V*H) weights)."""
+    g = torch.Generator(device=device).manual_seed(0)
     B, T, H, H_ref, V = cfg["B"], cfg["T"], cfg["H"], cfg["H_ref"], cfg["V"]
     dt = getattr(torch, cfg["dtype"])
-    hidden = (torch.randn(B, T, H, generator=g) * 0.5).to(device, dt).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dt).requires_grad_()
-    ref_hidden = (torch.randn(B, T, H_ref, generator=g) * 0.5).to(device, dt)
-    ref_weight = (torch.randn(V, H_ref, generator=g) / H_ref ** 0.5).to(device, dt)
-    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    kw = dict(generator=g, device=device)
+    hidden = (torch.randn(B, T, H, **kw) * 0.5).to(dt).requires_grad_()
+    weight = (torch.randn(V, H, **kw) / H ** 0.5).to(dt).requires_grad_()
+    ref_hidden = (torch.randn(B, T, H_ref, **kw) * 0.5).to(dt)
+    ref_weight = (torch.randn(V, H_ref, **kw) / H_ref ** 0.5).to(dt)
+    tokens = torch.randint(0, V, (B, T), **kw)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     mask[:, T - T // 8:] = False          # some padding
-    w = torch.randn(B, T, generator=g).to(device)     # per-token weights of the scalar loss
-    return hidden, weight, ref_hidden, ref_weight, tokens, mask.to(device), w
+    w = torch.randn(B, T, **kw)            # per-token weights of the scalar loss
+    return hidden, weight, ref_hidden, ref_weight, tokens, mask, w
 
 
 def make_step(provider, inputs):
@@ -153,7 +154,8 @@ def test_cpu_fwd_bwd(benchmark, provider, cpu_inputs):
     step = make_step(provider, cpu_inputs)
     benchmark.extra_info.update(CPU_CFG, device="cpu", metric="fwd+bwd", **dict(mem, provider=provider),
                                 n_tokens=CPU_CFG["B"] * CPU_CFG["T"], lam=LAM, temperature=TEMPERATURE,
-                                dhidden_rel_err=err, flops=useful_flops(CPU_CFG), threads=torch.get_num_threads())
+                                dhidden_rel_err=err, N_valid=int(cpu_inputs[5].sum()),
+                                flops=useful_flops(CPU_CFG, int(cpu_inputs[5].sum())), threads=torch.get_num_threads())
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)   # ~10 s a step at 1 thread
 
 
@@ -167,7 +169,7 @@ def test_gpu_fwd_bwd(benchmark, provider, gpu_inputs):
     peak = cuda_step_peak_mib(step)
     benchmark.extra_info.update(GPU_CFG, device=torch.cuda.get_device_name(), metric="fwd+bwd", provider=provider,
                                 peak_extra_mib=peak, lam=LAM, temperature=TEMPERATURE, dhidden_rel_err=err,
-                                flops=useful_flops(GPU_CFG))
+                                N_valid=int(inputs[5].sum()), flops=useful_flops(GPU_CFG, int(inputs[5].sum())))
 
     def timed():
         step()

@@ -35,25 +35,32 @@ OPTS = dict(beta=0.04, eps_low=0.2, eps_high=0.2)
 
 
 def make_inputs(cfg, device):
-    g = torch.Generator().manual_seed(0)
+    """Inputs drawn on ``device`` directly (no host draw and copy of the O(V*H) weight)."""
+    g = torch.Generator(device=device).manual_seed(0)
     B, T, H, V = cfg["B"], cfg["T"], cfg["H"], cfg["V"]
     dt = getattr(torch, cfg["dtype"])
-    hidden = (torch.randn(B, T, H, generator=g) * 0.5).to(device, dt).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dt).requires_grad_()
+    kw = dict(generator=g, device=device)
+    hidden = (torch.randn(B, T, H, **kw) * 0.5).to(dt).requires_grad_()
+    weight = (torch.randn(V, H, **kw) / H ** 0.5).to(dt).requires_grad_()
     bias = None
-    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    tokens = torch.randint(0, V, (B, T), **kw)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     mask[:, T - T // 8:] = False          # some padding
-    adv = torch.randn(B, generator=g).to(device)
+    adv = torch.randn(B, **kw)
     # near the model's own log-probs (logits have std ~0.5), so ratios clip sometimes and k3 never hits its clamp
-    old = (-math.log(V) + 0.3 * torch.randn(B, T, generator=g)).to(device)
-    ref = old + 0.1 * torch.randn(B, T, generator=g).to(device)
-    return hidden, weight, bias, tokens, adv, mask.to(device), old, ref
+    old = -math.log(V) + 0.3 * torch.randn(B, T, **kw)
+    ref = old + 0.1 * torch.randn(B, T, **kw)
+    return hidden, weight, bias, tokens, adv, mask, old, ref
+
+
+def useful_flops(cfg, n_valid: int) -> int:
+    """6 * N_valid * H * V: the fused op skips masked rows, so they are not counted (the recompute neither)."""
+    return 6 * n_valid * cfg["H"] * cfg["V"]
 
 
 def make_step(provider, inputs):
     """A closure running one forward + backward of ``provider`` (grads are dropped each time)."""
-    from gxpo_kernels.ops._loss_math import GRPOLossOptions, grpo_token_loss
+    from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
     hidden, weight, bias, tokens, adv, mask, old, ref = inputs
 
     if provider == "fused":
@@ -122,8 +129,10 @@ def test_cpu_fwd_bwd(benchmark, provider):
     if SMOKE:
         check_against_eager(provider, inputs, 1e-4)
     step = make_step(provider, inputs)
+    n_valid = int(inputs[5].sum())
     benchmark.extra_info.update(CPU_CFG, device="cpu", metric="fwd+bwd", **mem,
-                                n_tokens=CPU_CFG["B"] * CPU_CFG["T"])
+                                n_tokens=CPU_CFG["B"] * CPU_CFG["T"], N_valid=n_valid,
+                                flops=useful_flops(CPU_CFG, n_valid))
     benchmark.pedantic(step, rounds=2, iterations=1, warmup_rounds=0)
 
 
@@ -137,8 +146,9 @@ def test_gpu_fwd_bwd(benchmark, provider):
     check_against_eager(provider, inputs, 3e-2)   # bf16 operands: loose
     step = make_step(provider, inputs)
     peak = cuda_step_peak_mib(step)
+    n_valid = int(inputs[5].sum())
     benchmark.extra_info.update(GPU_CFG, device=torch.cuda.get_device_name(), metric="fwd+bwd",
-                                peak_extra_mib=peak)
+                                peak_extra_mib=peak, N_valid=n_valid, flops=useful_flops(GPU_CFG, n_valid))
 
     def timed():
         step()

@@ -66,7 +66,7 @@ def make_step(provider, inputs):
         return trl_policy_loss(logp, ent, mask, adv, old, None, opts, loss_type="grpo")[0]
 
     if provider == "gxpo_hook":
-        from gxpo_kernels.ops.fused_head.engine import linear_token_logprobs
+        from gxpo_kernels.ops.logprobs.linear import linear_token_logprobs
 
         def fwd():
             logp, ent = linear_token_logprobs(hidden, weight, tokens, 1.0, mask=mask)
@@ -126,6 +126,13 @@ def measure(provider) -> dict:
         times.append(time.process_time() - t0)
     return dict(provider=provider, rel_err_dhidden=err, peak_extra_mib=mem["peak_extra_mib"],
                 cpu_s=statistics.median(times), cpu_s_all=times)
+
+
+def test_providers_agree_with_logits_path():
+    """What pytest (and the BENCH_SMOKE=1 smoke run) checks of this script: every provider's d(hidden) agrees
+    with the logits path at the small CHECK_CFG size. The measurement itself is ``main()``."""
+    for p in PROVIDERS:
+        assert check(p) < 1e-5, p
 
 
 def main() -> None:

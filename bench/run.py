@@ -47,7 +47,11 @@ DEFAULT_OPS = {"bench_extrapolate.py::test_extrapolate_bandwidth": "extrapolate_
 # tests left out by default on the CPU: bench_extrapolate's step-overhead test takes minutes on 2 shared cores
 # and bench_update_throughput measures the same overhead (two estimates); ``--deselect ''`` keeps everything
 CPU_DESELECT = ["bench/bench_extrapolate.py::test_gxpo_step_overhead"]
-SIZE_KEYS = ("name", "B", "T", "N", "H", "H_ref", "V", "hidden", "layers", "numel")
+# tests left out by default on CUDA: the CPU measurements of the linear benches (minutes of CPU GEMMs at their
+# CPU sizes, and not what a GPU run is for)
+CUDA_DESELECT = ["bench/bench_linear_grpo_loss.py::test_cpu_fwd_bwd", "bench/bench_linear_fpa.py::test_cpu_fwd_bwd",
+                 "bench/bench_extrapolate.py::test_extrapolate_cpu_interleaved"]
+SIZE_KEYS = ("name", "B", "T", "N", "N_valid", "H", "H_ref", "V", "hidden", "layers", "numel")
 VERSION_PACKAGES = {"torch": "torch", "triton": "triton", "transformers": "transformers", "deepspeed": "deepspeed",
                     "liger_kernel": "liger-kernel", "pytest_benchmark": "pytest-benchmark",
                     "gxpo_kernels": "gxpo-kernels"}
@@ -137,7 +141,9 @@ def _itemsize(dtype: Optional[str]) -> Optional[int]:
 def roofline_for(op: str, mode: str, sizes: dict, dtype: Optional[str]) -> Dict[str, Optional[int]]:
     """Bytes / FLOPs from the shapes when a record does not carry them (None where the op has no model)."""
     isz = _itemsize(dtype)
-    N = sizes.get("N") or ((sizes["B"] * sizes["T"]) if "B" in sizes and "T" in sizes else None)
+    # masked rows are skipped by the ops: the unmasked row count, when the record has it
+    N = sizes.get("N_valid") or sizes.get("N") or ((sizes["B"] * sizes["T"]) if "B" in sizes and "T" in sizes
+                                                   else None)
     m = mode if mode in rl.MODES else None
     out = {"bytes": None, "flops": None}
     if N is None or isz is None or m is None:
@@ -323,7 +329,7 @@ def run_suite(files: List[str], budget_s: float, smoke: bool = False, out_dir: p
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     ceilings = measure_ceilings(str(device["kind"]), smoke=smoke)
     if deselect is None:
-        deselect = CPU_DESELECT if device["kind"] == "cpu" else []
+        deselect = CPU_DESELECT if device["kind"] == "cpu" else CUDA_DESELECT
     runs, records = [], []
     for i, file in enumerate(files):
         left = budget_s - (time.perf_counter() - t_start) - RESERVE_S * (len(files) - 1 - i)
@@ -365,7 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (BENCH_SMOKE=1) and tiny ceilings")
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="output folder (bench/results)")
     ap.add_argument("--deselect", nargs="*", default=None,
-                    help=f"pytest node ids to leave out (default on the CPU: {' '.join(CPU_DESELECT)})")
+                    help=f"pytest node ids to leave out (default on the CPU: {' '.join(CPU_DESELECT)}; on CUDA: "
+                         f"{' '.join(CUDA_DESELECT)})")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for the ceilings and the benches (default: the machine's default); 1 gives "
                          "stable figures on a shared, oversubscribed machine")

@@ -2,10 +2,12 @@
 
 Ops (Triton on CUDA, PyTorch/C++ on CPU): ``grpo_loss``, ``linear_grpo_loss``, ``token_logprobs``,
 ``linear_token_logprobs``, ``fpa_logprobs``, ``extrapolate_``. Update rules: ``GXPO``, ``SFPO``.
-Advantages: ``group_advantages``, ``fade_advantages``, ``FADEController``. Integrations (optional
-dependencies, imported on demand): ``gxpo_kernels.integrations.{hf, deepspeed, trl}``.
+Loss options: ``GRPOLossOptions`` (the loss math lives in ``gxpo_kernels.losses``). Advantages:
+``group_advantages``, ``fade_advantages``, ``FADEController``. Integrations (optional dependencies, imported on
+demand): ``gxpo_kernels.integrations.{hf, deepspeed, trl}``.
 """
 from .advantages import FADEController, fade_advantages, group_advantages, group_stats, sign_ratio
+from .losses import GRPOLossOptions
 from .ops import (STAT_NAMES, FPALogProbs, GRPOLoss, LinearGRPOLoss, extrapolate_, fpa_dpo_loss, fpa_kto_loss,
                   fpa_logprobs, fpa_offline_pg_loss, fpa_rpo_loss, fpa_simper_loss, grpo_loss,
                   linear_fpa_logprobs, linear_grpo_loss, linear_token_logprobs, stats_to_dict, token_logprobs)
@@ -14,7 +16,7 @@ from .update import GXPO, SFPO, EMAGate, EntropyGate, WindowGate
 __version__ = "0.1.0"
 
 __all__ = [
-    "grpo_loss", "GRPOLoss", "token_logprobs",
+    "grpo_loss", "GRPOLoss", "GRPOLossOptions", "token_logprobs",
     "linear_grpo_loss", "LinearGRPOLoss", "linear_token_logprobs",
     "fpa_logprobs", "linear_fpa_logprobs", "FPALogProbs",
     "fpa_dpo_loss", "fpa_rpo_loss", "fpa_simper_loss", "fpa_kto_loss", "fpa_offline_pg_loss",

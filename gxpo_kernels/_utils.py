@@ -6,8 +6,11 @@ interpreter (how the test suite exercises them). ``backend=`` forces a path.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from typing import Optional
+import re
+from typing import Optional, Union
 
 import torch
 
@@ -71,6 +74,104 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+_INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9.e]+)\s*,\s*(inf|[-+0-9.e]+)\s*([\])])$")
+
+
+def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: bool = False,
+                 integer: bool = False) -> Union[float, int, None]:
+    """Validate a hyperparameter and return it as a Python ``float`` (``int`` when ``integer``).
+
+    Accepts Python/numpy real numbers and 0-d tensors (read once, on the host: pass host scalars on the hot
+    path). Rejects booleans, NaN/inf, non-numbers and values outside ``interval``, a string in interval
+    notation such as ``"[0, 1)"`` or ``"(0, inf)"``; the error names the argument and the interval.
+    ``optional=True`` lets ``None`` through unchanged.
+    """
+    if value is None and optional:
+        return None
+    what = "an integer" if integer else "a finite real number"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be {what} in {interval}, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, (bool,)) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what} in {interval}{' or None' if optional else ''}, "
+                        f"got {value!r} ({type(value).__name__})")
+    if integer:
+        if not isinstance(value, numbers.Integral):
+            if not (math.isfinite(float(value)) and float(value) == int(value)):
+                raise TypeError(f"{name} must be {what} in {interval}, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be {what} in {interval}, got {value!r}")
+    m = _INTERVAL.match(interval)
+    if m is None:  # pragma: no cover - programming error
+        raise AssertionError(f"bad interval {interval!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    ok_lo = value >= lo if m.group(1) == "[" else value > lo
+    ok_hi = value <= hi if m.group(4) == "]" else value < hi
+    if not (ok_lo and ok_hi):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+# logits / temperature and its reciprocal stay finite and well-scaled in fp32 over this range
+TEMPERATURE_RANGE = "[1e-6, 1e6]"
+
+
+def check_temperature(temperature) -> float:
+    """The sampling temperature as a float in ``TEMPERATURE_RANGE`` (one rule for every op)."""
+    return check_scalar(temperature, "temperature", TEMPERATURE_RANGE)
+
+
+VALIDATE_LEVELS = ("cheap", "full")
+
+
+def check_validate(validate: str) -> str:
+    """``"cheap"``: shapes, dtypes, devices and host scalars only (no host sync); ``"full"``: also the
+    checks that read tensor values (ids in range, 0/1 mask), which synchronise with a GPU."""
+    check_choice(validate, "validate", VALIDATE_LEVELS)
+    return validate
+
+
+def host_sync_free(device: torch.device) -> bool:
+    """True where reading a tensor's value on the host would stall the device (CUDA), or under
+    ``torch.compile``: the ops then pick paths that never do (e.g. no masked-row compaction)."""
+    return device.type == "cuda" or torch.compiler.is_compiling()
+
+
+def masked_row_index(mask1d: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the True rows of a flat bool mask, or None for "use every row".
+
+    Compacting the rows saves the work of masked rows but needs their count on the host, a sync on CUDA;
+    where ``host_sync_free`` the answer is None and callers neutralise masked rows instead."""
+    if host_sync_free(mask1d.device) or bool(mask1d.all()):
+        return None
+    return mask1d.nonzero().squeeze(1)
+
+
+def safe_tokens(tokens: torch.Tensor, vocab_size: int, mask: torch.Tensor):
+    """Device-side id check: (ids clamped into [0, V) so kernels never read out of bounds, bool (B, T) of the
+    unmasked positions whose id was out of range). Callers turn those positions' log-probs into NaN, so a bad
+    id poisons the loss loudly instead of reading memory it does not own; no host sync."""
+    bad = mask & ((tokens < 0) | (tokens >= vocab_size))
+    return torch.where(bad | ~mask, torch.zeros((), dtype=tokens.dtype, device=tokens.device), tokens), bad
+
+
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """True if two indices of ``x`` may share memory (stride 0 broadcasts, ``unfold`` windows). Conservative:
+    a layout it cannot prove overlap-free counts as overlapping. Reads strides only (no sync)."""
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1)
+    extent = 1  # 1 + the largest offset reachable through the faster dims
+    for st, sz in dims:
+        if st < extent:
+            return True
+        extent += st * (sz - 1)
+    return False
+
+
 def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor] = None,
                           name: str = "tokens") -> None:
     """Token ids at unmasked positions must lie in [0, vocab_size); masked positions may hold anything."""
@@ -84,13 +185,42 @@ def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[
         raise ValueError(f"{name} must lie in [0, {vocab_size}) at unmasked positions; found ids in [{lo}, {hi}]")
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tensor, vocab_size: int, *,
+                 none_is_all: bool = True) -> Optional[torch.Tensor]:
+    """The validated bool mask of ``shape`` for an op's ``mask`` and ``tokens`` arguments.
+
+    ``None`` gives all True (or stays None when not ``none_is_all``). Checks 0/1 values and ``tokens`` in
+    [0, vocab_size) at unmasked positions, except under ``torch.compile``: a traced graph cannot branch on
+    tensor values, so only the checks that need no data (shape, dtype) run there.
+    """
+    shape = tuple(shape)
+    if torch.compiler.is_compiling():
+        check_shape(mask, "mask", shape)
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+        if mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=device) if none_is_all else None
+        return mask if mask.dtype == torch.bool else mask != 0
+    m = normalize_mask(mask, shape, device) if (mask is not None or none_is_all) else None
+    check_tokens_in_range(tokens, vocab_size, m)
+    return m
 
 
-def normalize_mask(mask: Optional[torch.Tensor], shape, device) -> torch.Tensor:
-    """Return a bool mask of ``shape`` (all True when ``mask`` is None), validating dtype and shape."""
+def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError if ``x`` holds NaN/inf; with a bool ``mask`` (broadcast over x's leading dims) only
+    unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA."""
+    ok = torch.isfinite(x)
+    if mask is not None:
+        ok = ok | ~mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
+    if not bool(ok.all()):
+        raise ValueError(f"{name} contains NaN or inf" + (" at unmasked positions" if mask is not None else ""))
+
+
+def normalize_mask(mask: Optional[torch.Tensor], shape, device, check_values: bool = True) -> torch.Tensor:
+    """Return a bool mask of ``shape`` (all True when ``mask`` is None), validating dtype and shape.
+
+    A numeric mask must hold only 0/1; ``check_values=False`` skips reading it (no host sync) and treats
+    every non-zero entry as True."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if not isinstance(mask, torch.Tensor):
@@ -99,7 +229,7 @@ def normalize_mask(mask: Optional[torch.Tensor], shape, device) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        if bool(((mask != 0) & (mask != 1)).any()):
+        if check_values and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0/1 (or be bool)")
         return mask != 0
     raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")

@@ -1,4 +1,4 @@
-"""Group advantages: GRPO / Dr.GRPO (spec section 1) and FADE's focal advantage + controller (spec section 5).
+"""Group advantages: GRPO / Dr.GRPO and FADE's focal advantage + controller (docs/algorithms.md, sections 1 and 5).
 
 One implementation of per-group statistics (``group_stats``) serves every advantage here. Groups are given
 either as a regular layout (``group_size`` G: each prompt's G responses contiguous, or ``rewards`` shaped
@@ -19,6 +19,8 @@ import math
 from typing import Dict, NamedTuple, Optional
 
 import torch
+
+from ._utils import check_scalar
 
 SCALES = ("std", "none")
 EMA_CONVENTIONS = ("slow", "fast")
@@ -105,12 +107,13 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    eps = check_scalar(eps, "eps", "[0, inf)")
     st = group_stats(rewards, group_size, group_ids)
     adv = rewards.reshape(-1).double() - st.mean
     if scale == "std":
-        adv = torch.where(st.count > 1, adv / (st.std + eps), torch.zeros_like(adv))
+        # a constant group (all right / all wrong) has R - mean = 0 and std = 0: its advantage is 0, also at eps=0
+        denom = st.std + eps
+        adv = torch.where((st.count > 1) & (denom > 0), adv / torch.where(denom > 0, denom, 1.0), torch.zeros_like(adv))
     return adv.to(_out_dtype(rewards)).view(rewards.shape)
 
 
@@ -126,10 +129,8 @@ def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     Returns: advantages with the shape of ``rewards``; all-correct / all-wrong groups and groups of one get 0.
     Raises ValueError on non-binary rewards (FADE is defined for verifiable 0/1 rewards).
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 <= alpha < math.inf:
-        raise ValueError(f"alpha must be a finite float >= 1 (0**(alpha-1) is undefined below 1), got {alpha!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < math.inf:
-        raise ValueError(f"delta must be a finite float > 0, got {delta!r}")
+    alpha = check_scalar(alpha, "alpha", "[1, inf)")  # 0**(alpha-1) is undefined below 1
+    delta = check_scalar(delta, "delta", "(0, inf)")
     st = group_stats(rewards, group_size, group_ids)
     r = rewards.reshape(-1).double()
     if not bool(((r == 0) | (r == 1)).all()):
@@ -162,17 +163,11 @@ def _check_unit(x, name, lo_open=False):
 
 
 def _scalar(x, name) -> float:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {x!r}")
-    return float(x)
+    return check_scalar(x, name)
 
 
 class FADEController:
-    """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor), spec section 5.
+    """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor) (docs/algorithms.md, section 5).
 
     Each step call ``update(mean_reward, mean_entropy)`` once, then use ``alpha`` / ``delta`` in
     ``fade_advantages``:
@@ -180,27 +175,22 @@ class FADEController:
         p_hat <- EMA(batch-mean reward), starts at p0          alpha = clip(3 (1 - p_hat) / (2 p_hat), 1, alpha_max)
         H_hat <- EMA(mean token entropy), starts at the first   delta = clip(1 + H_hat - H*, delta_min, delta_max)
 
-    ``ema_convention="slow"`` (default, INFERRED): x <- (1 - ema) x + ema * new (horizon ~ 1/ema steps);
+    ``ema_convention="slow"`` (default, our choice): x <- (1 - ema) x + ema * new (horizon ~ 1/ema steps);
     ``"fast"`` (the transcribed form): x <- ema * x + (1 - ema) * new. ``target_entropy`` H* defaults to half
-    the first observed entropy (INFERRED; the paper's tables use 1.0). Before the first update alpha comes from
+    the first observed entropy (our choice; the paper's tables use 1.0). Before the first update alpha comes from
     p0 and delta is delta_max.
     """
 
     def __init__(self, alpha_max: float = 3.0, target_entropy: Optional[float] = None, ema: float = 0.02,
                  ema_convention: str = "slow", p0: float = 0.5, delta_min: float = 0.3, delta_max: float = 1.0):
-        if isinstance(alpha_max, bool) or not isinstance(alpha_max, (int, float)) or not 1 <= alpha_max < math.inf:
-            raise ValueError(f"alpha_max must be a finite float >= 1, got {alpha_max!r}")
-        if target_entropy is not None and (isinstance(target_entropy, bool) or
-                                           not isinstance(target_entropy, (int, float)) or
-                                           not 0 <= target_entropy < math.inf):
-            raise ValueError(f"target_entropy must be a finite float >= 0 or None, got {target_entropy!r}")
+        alpha_max = check_scalar(alpha_max, "alpha_max", "[1, inf)")
+        target_entropy = check_scalar(target_entropy, "target_entropy", "[0, inf)", optional=True)
         _check_unit(ema, "ema", lo_open=True)
         if ema_convention not in EMA_CONVENTIONS:
             raise ValueError(f"ema_convention must be one of {EMA_CONVENTIONS}, got {ema_convention!r}")
         _check_unit(p0, "p0")
         _check_unit(delta_min, "delta_min", lo_open=True)
-        if isinstance(delta_max, bool) or not isinstance(delta_max, (int, float)) or not delta_min <= delta_max < math.inf:
-            raise ValueError(f"delta_max must be a finite float >= delta_min={delta_min}, got {delta_max!r}")
+        delta_max = check_scalar(delta_max, "delta_max", f"[{delta_min}, inf)")
         self.alpha_max, self.ema, self.ema_convention = float(alpha_max), float(ema), ema_convention
         self.p0, self.delta_min, self.delta_max = float(p0), float(delta_min), float(delta_max)
         self.target_entropy = None if target_entropy is None else float(target_entropy)

@@ -10,20 +10,8 @@ blocks never run and never count.
 import ast
 import pathlib
 
-import pytest
-
 PKG = "gxpo_kernels"
 ROOT = pathlib.Path(__file__).resolve().parents[1] / PKG
-
-# Design cycles (through function-level imports) that other open work removes; each entry names its owner.
-# Empty once that work has landed; the load-time graph has no allow-list.
-ALLOWED_CYCLES = {
-    # issue 13, trainer: one step loop replaces loop.py + ds_loop.py
-    frozenset({"gxpo_kernels.trainer.loop", "gxpo_kernels.trainer.ds_loop"}),
-    # issue 16, TRL integration: trl.py <-> _trl_trainer.py
-    frozenset({"gxpo_kernels.integrations.trl", "gxpo_kernels.integrations._trl_trainer"}),
-}
-
 
 def _modules():
     """{dotted module name: (path, is_package)} for every .py file of the package."""
@@ -157,16 +145,5 @@ def test_no_import_cycles_at_load_time():
 def test_no_import_cycles_in_design():
     graph = import_graph(lazy=True)
     cycles = find_cycles(graph)
-    unexpected = [c for c in cycles if frozenset(c) not in ALLOWED_CYCLES]
-    for c in cycles:
-        if frozenset(c) in ALLOWED_CYCLES:  # shown with -rA or on failure: still to remove
-            print("allowed for now (see ALLOWED_CYCLES):", _cycle_path(graph, c))
-    assert not unexpected, "import cycles:\n" + "\n".join(_cycle_path(graph, c) for c in unexpected)
-
-
-def test_allow_list_is_not_stale():
-    """An allowed cycle that no longer exists must leave the list, so it cannot come back unnoticed."""
-    cycles = {frozenset(c) for c in find_cycles(import_graph(lazy=True))}
-    stale = [sorted(c) for c in ALLOWED_CYCLES if c not in cycles]
-    if stale:
-        pytest.fail(f"remove from ALLOWED_CYCLES (the cycle is gone): {stale}")
+    assert not cycles, "import cycles (function-level imports included):\n" + "\n".join(
+        _cycle_path(graph, c) for c in cycles)

@@ -6,7 +6,7 @@ import sys
 import gxpo_kernels
 
 EXPECTED = {
-    "grpo_loss", "GRPOLoss", "token_logprobs", "linear_grpo_loss", "LinearGRPOLoss", "linear_token_logprobs",
+    "grpo_loss", "GRPOLoss", "GRPOLossOptions", "token_logprobs", "linear_grpo_loss", "LinearGRPOLoss", "linear_token_logprobs",
     "fpa_logprobs", "linear_fpa_logprobs", "FPALogProbs", "fpa_dpo_loss", "fpa_rpo_loss", "fpa_simper_loss",
     "fpa_kto_loss", "fpa_offline_pg_loss", "extrapolate_", "stats_to_dict", "STAT_NAMES", "GXPO", "SFPO",
     "EMAGate", "WindowGate", "EntropyGate", "group_advantages", "group_stats", "fade_advantages",

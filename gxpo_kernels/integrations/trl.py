@@ -5,7 +5,8 @@ Two entry points:
 * ``enable_gxpo_loss(trainer)`` -- a loss hook: the trainer's ``_compute_loss`` runs on our fused ops. The
   policy's per-token log-probs and entropies come from ``linear_token_logprobs`` (hidden states x lm_head,
   never materialising the (B, T, V) logits) where the model allows it, else from ``token_logprobs`` on the
-  model's logits; the loss is ``_loss_math.grpo_token_loss`` with TRL's option names and semantics mapped on.
+  model's logits; the loss is ``gxpo_kernels.losses.grpo_token_loss`` with TRL's option names and semantics
+  mapped on.
 * ``GXPOGRPOTrainer`` -- a ``GRPOTrainer`` subclass using that loss, whose training step can run the GXPO
   or SFPO update rule on each mini-batch, and FADE advantages; ``GXPOGRPOConfig`` -- a ``GRPOConfig`` carrying
   their options (both defined in ``_trl_trainer.py``).
@@ -32,8 +33,9 @@ policy term only (``top_entropy_quantile`` mask, ``off_policy_mask_threshold`` m
 advantages: for w >= 0, w * max(-A r, -A clip(r)) = max(-(wA) r, -(wA) clip(r)); so is vLLM's
 importance-sampling correction (``importance_sampling_ratio``, vLLM colocate or server mode).
 
-The KL term follows TRL, not ``grpo_token_loss``: k3 is not clamped (our ops clamp it to [-10, 10]) and,
-with ``use_bias_correction_kl`` (TRL's default), it is weighted by the (differentiable) importance ratio.
+The KL term follows TRL through the loss options: k3 is not clamped (``kl_clamp=None``; our ops' default
+clamps it to [-10, 10]) and, with ``use_bias_correction_kl`` (TRL's default), it is weighted by the
+(differentiable) importance ratio. dapo is ``token-mean`` with ``num_items_in_batch`` = TRL's normaliser.
 """
 from __future__ import annotations
 
@@ -46,8 +48,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops._agg import aggregate, masked_mean
-from ..ops._loss_math import GRPOLossOptions, grpo_token_loss
+from ..losses import GRPOLossOptions, grpo_token_loss, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
 ALLOW_UNTESTED_ENV = "GXPO_KERNELS_ALLOW_UNTESTED_TRL"
@@ -111,6 +112,9 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
     if for_update:
         engine = _engine(trainer)
         checks += [
+            (engine == "fsdp",
+             "distributed_type=FSDP (untested: accelerate enables FSDP only on accelerators and a CPU run falls "
+             "back to DDP; use gxpo_kernels.integrations.fsdp with fully_shard in your own loop)"),
             (engine not in UPDATE_ENGINES,
              f"distributed_type={trainer.accelerator.distributed_type.name} (the update rule runs on a single "
              "process, DDP, or DeepSpeed ZeRO 1/2/3)"),
@@ -158,7 +162,6 @@ def trl_policy_loss(
     GA scaling for the GA-scaled types, as TRL logs it)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-    B = logp.shape[0]
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None]
@@ -168,33 +171,20 @@ def trl_policy_loss(
     if weight is not None:
         adv = adv * weight.to(logp.dtype)  # w >= 0: scales the clipped surrogate, leaves the KL term alone
     adv = adv.expand_as(logp)
-    beta = opts.beta
-    loss, metrics = grpo_token_loss(logp, entropy, adv, mask, old_logprobs, None, replace(opts, beta=0.0))
-    if beta != 0.0:
-        if ref_logprobs is None:
-            raise ValueError("beta != 0 needs ref_logprobs")
-        # TRL's k3 (not clamped, unlike grpo_token_loss), optionally times the importance ratio
-        # (use_bias_correction_kl, TRL's default) whose gradient then reaches the KL term too
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-        d = torch.where(mask, ref_logprobs.to(logp.dtype) - logp, zero)
-        kl = torch.exp(d) - d - 1.0
-        if kl_ratio_weight:
-            old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
-            log_ratio = torch.where(mask, logp - old, zero)
-            if opts.importance_sampling == "sequence":
-                log_ratio = masked_mean(log_ratio, mask, dim=-1)[:, None].expand_as(logp)
-            kl = kl * torch.exp(log_ratio)
-        loss = loss + beta * aggregate(kl, mask, opts.loss_agg_mode, opts.max_length)
-        metrics["kl"] = masked_mean(kl.detach(), mask)
+    if opts.beta != 0.0 and ref_logprobs is None:
+        raise ValueError("beta != 0 needs ref_logprobs")
+    # TRL's KL: k3 not clamped, optionally times the (differentiable) importance ratio
+    opts = replace(opts, kl_clamp=None, use_bias_correction_kl=bool(kl_ratio_weight))
+    num_items = None
     if loss_type == "dapo":
         if dapo_normalizer is None:
             raise ValueError("loss_type='dapo' needs dapo_normalizer (TRL's num_items_in_batch-based normaliser)")
-        # seq-mean-token-sum * B = sum of m * l; the normaliser stays a tensor (no host sync)
-        norm = torch.as_tensor(dapo_normalizer, dtype=loss.dtype, device=loss.device)
-        loss = loss * B / norm
-        metrics["policy_loss"] = loss.detach()
-    else:
-        metrics["policy_loss"] = loss.detach()
+        # sum of m * l over TRL's normaliser; a tensor normaliser stays on the device (no host sync)
+        opts, num_items = replace(opts, loss_agg_mode="token-mean"), dapo_normalizer
+    loss, metrics = grpo_token_loss(logp, entropy, adv, mask, old_logprobs, ref_logprobs if opts.beta else None,
+                                    opts, num_items_in_batch=num_items)
+    metrics["policy_loss"] = loss.detach()
+    if loss_type != "dapo":
         loss = loss / accumulation
     if entropy_coef != 0.0:
         if entropy is None:
@@ -226,6 +216,8 @@ def _hidden_path_blocker(trainer) -> Optional[str]:
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"
     if not hasattr(model, "base_model"):
         return "the model exposes no backbone (base_model)"
+    if _engine(trainer) == "fsdp":
+        return "FSDP shards the lm_head weight, which the fused head reads whole"
     if getattr(trainer, "aux_loss_enabled", False) and not has_moe_aux_loss(model):
         return "the model's MoE load-balancing loss cannot be computed from its router logits"
     # ZeRO-3 is fine: the fused head runs as the lm_head module's forward (see integrations.hf)

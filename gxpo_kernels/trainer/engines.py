@@ -13,8 +13,9 @@ Engines: :class:`PlainEngine` (one process), :class:`DeepSpeedEngine` (``--deeps
 ``integrations.deepspeed``), :class:`FSDPEngine` (``--fsdp``; FSDP2 ``fully_shard``, GXPO/SFPO through
 ``integrations.fsdp``). ``make_engine(cfg)`` picks one.
 
-The loss path (``TrainConfig.loss_path``): ``"fused_linear"`` (default) runs the decoder up to its final hidden
-states and ``ops.linear_grpo_loss`` on them and the lm_head weight (``integrations.hf.causal_lm_grpo_loss``; the
+The loss path (``TrainConfig.loss_path``): ``"fused_linear"`` (default) patches the model with
+``integrations.hf.patch_causal_lm``, so ``model(..., advantages=...)`` runs the decoder up to its final hidden
+states and ``ops.linear_grpo_loss`` on them and the lm_head weight inside the model's own forward (the
 (B, T, V) logits never exist; under ZeRO-3 the loss runs as the lm_head's forward); ``"logits"`` materialises
 the response logits and calls ``ops.grpo_loss``. Both compute the same loss and gradients.
 """
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..integrations.hf import causal_lm_grpo_loss
+from ..integrations.hf import patch_causal_lm
 from ..update import GXPO, SFPO
 from .config import LOSS_PATHS, TrainConfig
 from .model import amp
@@ -56,6 +57,8 @@ class PolicyLoss(nn.Module):
         super().__init__()
         if loss_path not in LOSS_PATHS:
             raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {loss_path!r}")
+        if loss_path == "fused_linear":
+            patch_causal_lm(model)   # model(..., advantages=...) computes the fused loss inside its own forward
         self.model = model
         self.loss_kwargs = dict(loss_kwargs)
         self.loss_path = loss_path
@@ -70,10 +73,11 @@ class PolicyLoss(nn.Module):
             attn = torch.cat([prompt_attn, mask.long()], 1)
             # under CUDA autocast the decoder's output can be bf16 while the lm_head weight is the fp32 master
             kw = dict(self.loss_kwargs, backend=loss_backend(device), fp32_head=self.use_amp and device.type == "cuda")
-            with ctx:
-                loss, metrics = causal_lm_grpo_loss(
-                    self.model, full, attn, advantages, completion_mask=mask, logits_to_keep=resp.shape[1],
-                    old_logprobs=old_logp, model_kwargs={"position_ids": position_ids(attn)}, **kw)
+            with ctx:   # through the model's __call__, so FSDP / DeepSpeed module hooks see the loss
+                out = self.model(input_ids=full, attention_mask=attn, advantages=advantages, completion_mask=mask,
+                                 logits_to_keep=resp.shape[1], old_logprobs=old_logp,
+                                 position_ids=position_ids(attn), grpo_options=kw)
+            loss, metrics = out.loss, out.metrics
         else:
             with ctx:
                 logits = response_logits(self.model, prompt_ids, prompt_attn, resp, mask)
@@ -156,6 +160,10 @@ class Engine:
 
     def eval_mode(self):
         return contextlib.nullcontext()
+
+    def config_entries(self) -> dict:
+        """What the run's ``config.json`` records about the engine besides the ``TrainConfig``."""
+        return {}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:
@@ -241,6 +249,9 @@ class _DistributedEngine(Engine):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def config_entries(self) -> dict:
+        return {self.name: True, "world_size": self.world}
 
     def broadcast_object(self, obj):
         box = [obj]
@@ -332,6 +343,9 @@ class DeepSpeedEngine(_DistributedEngine):
         self.static = dict(algo=cfg.algo, lr=lr, **static, zero_stage=stage, world_size=self.world,
                            gradient_clipping=self.ds_config["gradient_clipping"])
 
+    def config_entries(self) -> dict:
+        return {"deepspeed": self.ds_config, "world_size": self.world}   # the config as DeepSpeed received it
+
     def zero_grad(self) -> None:
         pass                                              # DeepSpeed zeroes after each boundary step
 
@@ -381,8 +395,8 @@ class FSDPEngine(_DistributedEngine):
     - every decoder layer and then the causal LM itself are ``fully_shard``-ed (the LM is the root unit: its
       embedding, final norm and lm_head, tied or not, are gathered by the root's hooks); parameters are
       DTensors whose local shard lives on this rank, and the AdamW state is sharded alike;
-    - the loss runs inside the root's forward: the logits path calls the model, the fused path runs as the
-      model's forward for one call, so FSDP gathers the root parameters and reduce-scatters their gradients;
+    - the loss runs inside the root's forward (both loss paths call the model), so FSDP gathers the root
+      parameters for it and reduce-scatters their gradients;
     - ``gxpo`` / ``sfpo``: ``integrations.fsdp.wrap`` (shard-local extrapolation, globally reduced norm, gate
       and finite checks); the GRPO variants clip with ``clip_grad_norm_`` over the sharded gradients;
     - every forward all-gathers layers collectively, so ``generate`` runs with ``synced_gpus``;
@@ -414,23 +428,17 @@ class FSDPEngine(_DistributedEngine):
         layers = getattr(getattr(model, getattr(model, "base_model_prefix", "model"), None), "layers", None)
         if layers is None:
             raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (model.model.layers)")
+        self.module = PolicyLoss(model, loss_kw, cfg.loss_path, use_amp=True)   # patches the model before sharding
         for layer in layers:
             fully_shard(layer)
         fully_shard(model)
         self.policy = model
-        self.module = PolicyLoss(model, loss_kw, cfg.loss_path, use_amp=True)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         algo, kw, static = rule_options(cfg)
         if algo is not None:
             from ..integrations import fsdp as gfsdp
             self.rule = gfsdp.wrap(model, self.optimizer, algo, max_grad_norm=cfg.max_grad_norm, **kw)
         self.static = dict(algo=cfg.algo, lr=lr, **static, world_size=self.world)
-
-    def forward(self, *batch) -> torch.Tensor:
-        if self.module.loss_path == "logits":
-            return self.module(*batch)                    # calls the model: the root's hooks fire
-        from ..integrations.hf import _call_as_forward
-        return _call_as_forward(self.policy, lambda *b: self.module(*b), *batch)   # a function, not a Module
 
     def optimizer_step(self) -> Optional[float]:
         norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.max_grad_norm)

@@ -358,9 +358,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     if cfg.advantage == "fade":
         fade_ctl = FADEController() if cfg.fade_target_entropy is None else \
             FADEController(target_entropy=cfg.fade_target_entropy)
-    config.update(warm_start=ws)
-    if engine.name != "plain":
-        config.update({engine.name: getattr(engine, "ds_config", True), "world_size": world})
+    config.update(warm_start=ws, **engine.config_entries())
     timer = PhaseTimer(device)
 
     def validate() -> dict:

@@ -42,7 +42,7 @@ def amp(device: torch.device):
 
 def tiny_config_dict(vocab_size: int, arch: str = "qwen2", hidden: int = 128, layers: int = 2, heads: int = 4,
                      intermediate: int = 512, max_positions: int = 64) -> dict:
-    """The measured toy policy of spec toy-task.md (0.53M parameters at vocab 16)."""
+    """The toy policy of docs/toy-task.md (0.53M parameters at vocab 16)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     return dict(arch=arch, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._utils import check_choice
+from .._utils import check_choice, check_scalar
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
 
@@ -41,11 +41,9 @@ class ExtrapolationRule:
                  fallback_state: Optional[str] = None, backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        max_grad_norm = check_scalar(max_grad_norm, "max_grad_norm", "(0, inf)", optional=True)
         check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
-        if fallback_grad not in ("reuse", "recompute"):
-            raise ValueError(f"fallback_grad must be 'reuse' or 'recompute', got {fallback_grad!r}")
+        check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
         if fallback_state not in (None, "restore", "keep"):
             raise ValueError(f"fallback_state must be None, 'restore' or 'keep', got {fallback_state!r}")
         if fallback_state == "restore" and not (atomic or transactional_state):
@@ -128,7 +126,7 @@ class ExtrapolationRule:
     def _snapshot_optimizer_state_(self) -> None:
         params = self._param_list()
         old = {id(e[0]): e for e in self._opt_snap} if self._opt_snap else {}
-        snap = []
+        snap, dst, src = [], [], []
         for p in params:
             st = self.optimizer.state.get(p)
             if not st:
@@ -142,24 +140,29 @@ class ExtrapolationRule:
                     b = bufs.get(k)
                     if b is None or b.shape != v.shape or b.dtype != v.dtype or b.device != v.device:
                         b = torch.empty_like(v)
-                    b.copy_(v)
+                    dst.append(b)
+                    src.append(v)
                     tens[k] = b
                 else:
                     other[k] = v
             snap.append((p, tens, other))
+        _copy_all_(dst, src)                              # batched per (device, dtype)
         self._opt_snap = snap
 
     @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
+        dst, src = [], []
         for p, tens, other in self._opt_snap:
             if tens is None:
                 self.optimizer.state.pop(p, None)  # the state did not exist at the snapshot
                 continue
             st = self.optimizer.state[p]
             for k, b in tens.items():
-                st[k].copy_(b)
+                dst.append(st[k])
+                src.append(b)
             for k, v in other.items():
                 st[k] = v
+        _copy_all_(dst, src)
 
     # ---- building blocks -----------------------------------------------------------------------------
     def _run_closure(self, closure: Callable, pass_index: int):
@@ -247,8 +250,11 @@ class ExtrapolationRule:
             if p.device != params[0].device:
                 raise ValueError(f"{self._rule_name}: parameters live on {params[0].device} and {p.device}; "
                                  "one device per rule")
-        from ..ops.extrapolate.op import _check_no_alias
-        _check_no_alias(params, [], None, None, None)
+        key = tuple(map(torch.Tensor.data_ptr, params))
+        if key != getattr(self, "_alias_checked", None):   # once per parameter layout
+            from ..ops.extrapolate.op import _check_no_alias
+            _check_no_alias(params, [], None, None, None)
+            self._alias_checked = key
 
     def _guarded(self, body: Callable[[], dict], *, snapshot: bool) -> dict:
         """Run ``body``; on any exception rewind to the start of the step and re-raise."""
@@ -368,10 +374,16 @@ class ExtrapolationRule:
         self.fallbacks = int(sd["fallbacks"])
 
 
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (FSDP2 parameters and their optimizer state); other tensors as they are."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
     """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
     groups: Dict[tuple, tuple] = {}
     for d, s in zip(dst, src):
+        d, s = _local(d), _local(s)      # sharded (DTensor) state: copy shard to shard, no collective
         if s is None:
             d.zero_()
         elif d.numel():

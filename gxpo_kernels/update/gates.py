@@ -1,4 +1,4 @@
-"""Gates that switch an extrapolating update rule to plain single-pass GRPO, permanently (spec §2, §3).
+"""Gates that switch an extrapolating update rule to plain single-pass GRPO, permanently.
 
 Each gate sees one scalar per active step (``observe``), returns its z-score, and sets ``fired`` when the
 rule must stop extrapolating. All statistics are Python floats (float64) so ``state_dict`` round trips are
@@ -27,6 +27,8 @@ import math
 from collections import deque
 from typing import Optional
 
+from .._utils import check_scalar
+
 
 class Gate:
     """Base: ``observe(value) -> z`` (NaN while undecided), ``fired``, ``fired_step``, state dicts."""
@@ -36,14 +38,11 @@ class Gate:
 
     def __init__(self, tau: float = math.inf, *, one_sided: bool = False, patience: int = 1, warmup: int = 0,
                  rearm_after: Optional[int] = None):
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
-        for nm, v, lo in (("patience", patience, 1), ("warmup", warmup, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{nm} must be an int >= {lo}, got {v!r}")
-        if rearm_after is not None and (isinstance(rearm_after, bool) or not isinstance(rearm_after, int)
-                                        or rearm_after < 1):
-            raise ValueError(f"rearm_after must be None or an int >= 1, got {rearm_after!r}")
+        if not (isinstance(tau, float) and tau == math.inf):          # inf: a gate that never fires
+            tau = check_scalar(tau, "tau", "(0, inf)")
+        patience = check_scalar(patience, "patience", "[1, inf)", integer=True)
+        warmup = check_scalar(warmup, "warmup", "[0, inf)", integer=True)
+        rearm_after = check_scalar(rearm_after, "rearm_after", "[1, inf)", integer=True, optional=True)
         self.tau = float(tau)
         self.one_sided, self.patience, self.warmup, self.rearm_after = bool(one_sided), patience, warmup, rearm_after
         self.fired = False
@@ -125,8 +124,7 @@ class EMAGate(Gate):
     def __init__(self, tau: float = 0.5, omega: float = 0.1, mu0: float = 1.0, sigma0: float = 1.0,
                  sigma_min: float = 0.01, **opts):
         super().__init__(tau, **opts)
-        if not 0 < omega <= 1:
-            raise ValueError(f"omega must be in (0, 1], got {omega!r}")
+        omega = check_scalar(omega, "omega", "(0, 1]")
         self.omega, self.sigma_min = float(omega), float(sigma_min)
         self.mu, self.sigma = float(mu0), float(sigma0)
 
@@ -150,8 +148,7 @@ class EMAGate(Gate):
 class _WindowBase(Gate):
     def __init__(self, tau: float, window: int, **opts):
         super().__init__(tau, **opts)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an int >= 2, got {window!r}")
+        window = check_scalar(window, "window", "[2, inf)", integer=True)
         self.window = window
         self.values: deque = deque(maxlen=window + 1)
 

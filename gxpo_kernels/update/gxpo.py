@@ -1,4 +1,4 @@
-"""GXPO: one active update on a mini-batch (spec §2, the authors' Algorithm 1), around any torch optimizer.
+"""GXPO: one active update on a mini-batch (the authors' Algorithm 1), around any torch optimizer.
 
     θ0 ← θ
     pass 0: g0 = ∇L(θ0); ĝ0 = clip(g0); non-finite or ‖g0‖ ≤ 1e-8 → FALLBACK;  θ1 = Opt(θ0, ĝ0)
@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .._utils import check_scalar
 from ..ops.extrapolate.op import STAT_INDEX, stats_to_dict
 from .base import ExtrapolationRule, _copy_all_, _to_float
 from .gates import Gate, make_gate
@@ -84,16 +85,12 @@ class GXPO(ExtrapolationRule):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
                          atomic=atomic, fallback_grad=fallback_grad, fallback_state=fallback_state,
                          backend=backend)
-        if isinstance(K, bool) or not isinstance(K, int) or K < 2:
-            raise ValueError(f"K must be an int >= 2, got {K!r}")
-        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        K = check_scalar(K, "K", "[2, inf)", integer=True)
+        alpha = check_scalar(alpha, "alpha", "(0, inf)")
         if scale_formula not in ("horner", "closed"):
             raise ValueError(f"scale_formula must be 'horner' or 'closed', got {scale_formula!r}")
-        if inactive_threshold is not None and not inactive_threshold >= 0:
-            raise ValueError(f"inactive_threshold must be None or >= 0, got {inactive_threshold!r}")
-        if not min_grad_norm >= 0:
-            raise ValueError(f"min_grad_norm must be >= 0, got {min_grad_norm!r}")
+        inactive_threshold = check_scalar(inactive_threshold, "inactive_threshold", "[0, inf)", optional=True)
+        min_grad_norm = check_scalar(min_grad_norm, "min_grad_norm", "[0, inf)")
         if gate_signal not in GATE_SIGNALS:
             raise ValueError(f"gate_signal must be one of {GATE_SIGNALS}, got {gate_signal!r}")
         if zero_lr not in ("raise", "neutral"):
@@ -261,7 +258,7 @@ class GXPO(ExtrapolationRule):
 
 
 def _derive(sd: dict) -> dict:
-    """Diagnostics of spec §2 from the reduced stats sums."""
+    """Diagnostics (docs/extrapolate.md) from the reduced stats sums."""
     n = max(sd["numel"], 1.0)
     mean_r = sd["sum_r"] / n
     den = math.sqrt(sd["sq_g0"] * sd["sq_g1"])

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._utils import check_scalar
 from ..ops.extrapolate.op import stats_to_dict
 from .base import ExtrapolationRule, _to_float
 from .gates import Gate, make_gate
@@ -61,10 +62,8 @@ class SFPO(ExtrapolationRule):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
                          atomic=atomic, fallback_grad="recompute", fallback_state=fallback_state,
                          backend=backend)
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"K must be an int >= 1, got {K!r}")
-        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        K = check_scalar(K, "K", "[1, inf)", integer=True)
+        alpha = check_scalar(alpha, "alpha", "(0, inf)")
         if entropy_signal not in ENTROPY_SIGNALS:
             raise ValueError(f"entropy_signal must be one of {ENTROPY_SIGNALS}, got {entropy_signal!r}")
         self.K, self.alpha = K, float(alpha)

@@ -74,8 +74,28 @@ def fsdp_closure(model, opt, rule, step, case):
         loss.backward()
         if rank == 1 and (step, rule.pass_index) == case.get("nan"):   # a NaN in ONE rank's local shard only
             model.l1.weight.grad.to_local()[NAN_LOCAL] = math.nan
+        _maybe_raise(case, step, rule.pass_index)
         return loss
     return closure
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _maybe_raise(case, step, pass_index):
+    """Raise once (on every rank) at case["raise_at"] = (step, pass): the rule must rewind the whole step."""
+    if (step, pass_index) == case.get("raise_at") and not case.setdefault("_raised", set()) >= {step}:
+        case["_raised"].add(step)
+        raise Injected(f"injected at step {step}, pass {pass_index}")
+
+
+def _step(rule, closure, entropy, force_plain):
+    """rule.step; an injected exception is retried once (the rule rewound the step)."""
+    try:
+        return rule.step(closure, entropy=entropy, force_plain=force_plain)
+    except Injected:
+        return rule.step(closure, entropy=entropy, force_plain=force_plain)
 
 
 class CollectiveCounter:
@@ -150,7 +170,8 @@ def train(case, steps=None, model=None, opt=None, rule=None, start=0, counter=No
     for step in range(start, case.get("steps", 3) if steps is None else steps):
         c = fsdp_closure(model, opt, rule, step, case)
         n0 = len(counter.calls) if counter else 0
-        info = rule.step(counter.wrap(c) if counter else c, entropy=_entropy(case, step, dist.get_rank()))
+        info = _step(rule, counter.wrap(c) if counter else c, _entropy(case, step, dist.get_rank()),
+                     step in case.get("force_plain", ()))
         if counter:
             info["collectives"] = repr(counter.calls[n0:])
         infos.append(_info(info))
@@ -278,6 +299,7 @@ def worker(rank, port, outdir, cases):
 def single_process_reference(case):
     """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
     from gxpo_kernels.update import GXPO, SFPO
+    case = dict(case)                              # _maybe_raise marks it
     model = Net()
     opt = make_optimizer(model, case)
     cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
@@ -303,9 +325,10 @@ def single_process_reference(case):
                         p.grad = None
             if (step, rule.pass_index) == case.get("nan"):
                 model.l1.weight.grad[NAN_GLOBAL] = math.nan
+            _maybe_raise(case, step, rule.pass_index)
             return tot
         ent = None if "entropy" not in case else sum(case["entropy"][step]) / WORLD
-        infos.append(rule.step(closure, entropy=ent))
+        infos.append(_step(rule, closure, ent, step in case.get("force_plain", ())))
     ps = list(model.parameters())
     return {"params": [p.detach().clone() for p in ps], "exp_avg": [opt.state[p]["exp_avg"].clone() for p in ps],
             "exp_avg_sq": [opt.state[p]["exp_avg_sq"].clone() for p in ps],

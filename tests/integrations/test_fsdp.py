@@ -29,7 +29,8 @@ from tests.integrations import _fsdp_worker as W  # noqa: E402
 NAN_G1 = dict(nan=(1, 1))
 CASES = {
     "gxpo_gate_nan": dict(steps=5, rule=dict(gate="window", window=2, tau=0.3), **NAN_G1),
-    "gxpo_nan_gcorr": dict(steps=2, rule=dict(gate=None), nan=(0, 2)),
+    # + an exception on pass 1 of step 1 (the step is rewound and retried) and a forced plain step 2
+    "gxpo_nan_gcorr": dict(steps=4, rule=dict(gate=None), nan=(0, 2), raise_at=(1, 1), force_plain=(2,)),
     "sfpo_entropy_nan": dict(algo="sfpo", steps=5, rule=dict(K=2, gate="entropy", window=2, tau=0.5),
                              nan=(0, 1), entropy=[[1.0, 1.0], [1.0, 1.2], [1.0, 1.4], [1.0, 1.0], [2.0, 0.0]]),
     "gxpo_groups_transactional_aware": dict(groups=True, rule=dict(gate=None, transactional_state=True,
@@ -103,6 +104,11 @@ def test_gate_fires_and_nan_on_one_rank_falls_back_on_both(runs):
         fired = [recs[name]["fired_step"] for recs in runs]
         assert fired[0] is not None and fired[0] == fired[1], (name, fired)
         assert not runs[0][name]["infos"][-1]["active"] and runs[0][name]["infos"][-1]["backward_passes"] == 1
+    # the injected exception rewound step 1 (retried as a normal step); step 2 was forced plain, on both ranks
+    for recs in runs:
+        infos = recs["gxpo_nan_gcorr"]["infos"]
+        assert infos[1]["active"] and not infos[1]["fell_back"] and infos[1]["backward_passes"] == 3
+        assert infos[2]["fallback_reason"] == "forced" and infos[2]["backward_passes"] == 1
     # SFPO's entropy gate (not fed on the step-0 fallback): rank 0's entropies are constant and would never
     # fire it alone; the dp-mean (1.1, 1.2) does, at the second observation
     assert runs[0]["sfpo_entropy_nan"]["fired_step"] == 2

@@ -9,7 +9,8 @@ test_grpo_loss.py.
 import pytest
 import torch
 
-from gxpo_kernels.ops import fpa_logprobs, token_logprobs
+from gxpo_kernels.ops import (fpa_logprobs, linear_fpa_logprobs, linear_grpo_loss, linear_token_logprobs,
+                              token_logprobs)
 
 BACKENDS = ["torch", "triton"]
 
@@ -65,3 +66,68 @@ def test_fpa_logprobs_opcheck():
     for args in ((x, ref, tokens, mask, 0.5, 0.8, "torch"), (x, ref, tokens, None, 1.0, 1.0, "triton"),
                  (x.detach().bfloat16().requires_grad_(), ref, tokens, mask, 0.0, 1.3, "torch")):
         torch.library.opcheck(torch.ops.gxpo.fpa_logprobs_fwd.default, args)
+
+
+def _head(seed, N=10, H=12, V=37, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, N // 2, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    b = 0.3 * torch.randn(V, generator=g) if bias else None
+    tokens = torch.randint(0, V, (2, N // 2), generator=g)
+    mask = torch.rand(2, N // 2, generator=g) > 0.3
+    return hidden, weight, b, tokens, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_logprobs_fullgraph(backend):
+    hidden, weight, bias, tokens, mask = _head(3)
+
+    def fn(h, w, b):
+        return linear_token_logprobs(h, w, tokens, 0.9, bias=b, mask=mask, backend=backend)
+
+    _compiled_matches_eager(fn, [hidden, weight, bias], grad_of=[0, 1, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_grpo_loss_fullgraph(backend):
+    hidden, weight, bias, tokens, mask = _head(4)
+    g = torch.Generator().manual_seed(5)
+    adv, old = torch.randn(2, generator=g), -torch.rand(2, 5, generator=g)
+
+    def fn(h, w, b):
+        loss, m = linear_grpo_loss(h, w, tokens, adv, mask, old, bias=b, temperature=0.8, entropy_coef=0.01,
+                                   loss_agg_mode="seq-mean-token-mean", grad_in_forward=True, backend=backend)
+        return loss, m["entropy"]
+
+    _compiled_matches_eager(fn, [hidden, weight, bias], grad_of=[0, 1, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_fpa_logprobs_fullgraph(backend):
+    hidden, weight, bias, tokens, mask = _head(6)
+    ref_hidden, ref_weight, ref_bias, _, _ = _head(7, H=8)
+
+    def fn(h, w, b):
+        return linear_fpa_logprobs(h, w, ref_hidden, ref_weight, tokens, 0.5, 0.8, bias=b, ref_bias=ref_bias,
+                                   mask=mask, backend=backend)
+
+    _compiled_matches_eager(fn, [hidden, weight, bias], grad_of=[0, 1, 2])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_fused_head_opcheck(bias):
+    hidden, weight, b, tokens, mask = _head(8, bias=bias)
+    h2, y1, m1 = hidden.reshape(10, -1).requires_grad_(), tokens.reshape(-1), mask.reshape(-1)
+    w = weight.requires_grad_()
+    for cfg in (("torch", False, False, None, None), ("triton", False, True, None, 3), ("torch", True, False, 3, None)):
+        args = (h2, w, b, y1, m1, 1.25) + cfg
+        torch.library.opcheck(torch.ops.gxpo.linear_token_stats_fwd.default, args)
+        with torch.no_grad():
+            _, ent, lse = torch.ops.gxpo.linear_token_stats_fwd(*args)
+        dl, de = torch.randn(10), torch.randn(10)
+        for need in ((True, True, True), (False, True, False)):
+            torch.library.opcheck(torch.ops.gxpo.linear_token_stats_bwd.default,
+                                  (h2.detach(), w.detach(), b, y1, m1, lse, ent, dl, de, 1.25) + need + cfg)
+        ref_h, ref_w, ref_b, _, _ = _head(9, H=8, bias=bias)
+        torch.library.opcheck(torch.ops.gxpo.linear_fpa_stats_fwd.default,
+                              (h2, w, b, ref_h.reshape(10, -1), ref_w, ref_b, y1, m1, 1.25, 0.7) + cfg)

@@ -44,6 +44,11 @@ CASES = [
     pytest.param(2, 5, 4099, torch.float32, None, 1.5, 0.7, id="B2-T5-V4099-fp32-T0.7"),
     pytest.param(3, 4, 1000, torch.bfloat16, None, 0.5, 1.3, id="B3-T4-V1000-bf16-T1.3"),
     pytest.param(1, 6, 4099, torch.bfloat16, torch.float32, 2.0, 1.0, id="B1-T6-V4099-bf16-ref_fp32"),
+    # Triton: two full (unmasked) 8192-wide tiles + a ragged tail; an exact multiple (no tail); V below one
+    # 16-byte group
+    pytest.param(2, 3, 16389, torch.bfloat16, None, 1.0, 0.9, id="B2-T3-V16389-bf16-full-tiles"),
+    pytest.param(1, 3, 8192, torch.float32, None, 0.5, 1.0, id="B1-T3-V8192-fp32-no-tail"),
+    pytest.param(2, 2, 3, torch.bfloat16, None, 1.0, 1.0, id="B2-T2-V3-bf16-tiny"),
 ]
 
 

@@ -25,6 +25,8 @@ CASES = [
     pytest.param(3, 4, 1000, torch.bfloat16, 1.0, 256, False, id="B3-T4-V1000-bf16-blk256"),
     pytest.param(1, 2, 32003, torch.float32, 0.9, None, False, id="B1-T2-V32003-fp32"),
     pytest.param(4, 1, 777, torch.float16, 1.0, 128, True, id="B4-T1-V777-fp16-slice"),
+    pytest.param(2, 3, 1024, torch.float32, 1.1, 256, False, id="B2-T3-V1024-fp32-blk256-no-tail"),
+    pytest.param(2, 2, 3, torch.bfloat16, 0.8, None, False, id="B2-T2-V3-bf16-below-one-group"),
 ]
 
 
@@ -222,3 +224,24 @@ def test_bad_inputs(bad, exc, match):
     extra = {k: kw.pop(k) for k in ("mask", "backend") if k in kw}
     with pytest.raises(exc, match=match):
         token_logprobs(kw["logits"], kw["tokens"], kw["temperature"], **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_minus_inf_logits(backend, dtype):
+    """-inf logits (a banned vocabulary slice) give p = 0 there: finite entropy, zero gradient, no NaN, in the
+    full tiles and in the tail alike (the reference sees a finite -1e4, whose probability is exactly 0)."""
+    B, T, V = 2, 3, 1100
+    x, tokens, mask = _inputs(B, T, V, dtype, sliced=False)
+    x[..., 5:300] = float("-inf")           # inside the first 256-wide tiles
+    x[..., 1050:] = float("-inf")           # in the ragged tail
+    tokens = tokens.clamp(min=300, max=1049)
+    dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+    logp, ent, lse = TL.token_logprobs_fwd(x, tokens, mask, 0.9, True, backend, block_v=256)
+    dx = TL.token_logprobs_bwd(x, tokens, mask, lse, ent, dlogp, dent, 0.9, False, backend, block_v=256)
+    r_logp, r_ent, r_grad = _ref(x.clamp(min=-1e4), tokens, mask, 0.9, dlogp, dent)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(dx.float()).all()
+    assert_close("logp", r_logp, logp, 1e-6, atol=2e-5)
+    assert_close("entropy", r_ent, ent, 1e-6, atol=2e-5)
+    assert_close("dlogits", r_grad, dx, 1e-5 if dtype == torch.float32 else 8e-3)
+    assert torch.all(dx[..., 5:300] == 0) and torch.all(dx[..., 1050:] == 0)

@@ -91,7 +91,7 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
         model, optimizer, **deepspeed_kwargs: passed to ``deepspeed.initialize`` (e.g. ``lr_scheduler``,
             ``model_parameters``). optimizer may be a torch optimizer, a callable, or None (config "optimizer").
         config: DeepSpeed config dict or JSON path; a copy is used. Its ``gradient_clipping`` and the rule's
-            ``max_grad_norm`` must agree when both are given; either fills in the other (default 1.0, the spec's
+            ``max_grad_norm`` must agree when both are given; either fills in the other (default 1.0, the papers'
             c). ``zero_allow_untested_optimizer`` defaults to true when a client optimizer is passed.
         gxpo / sfpo: the rule's keyword arguments (give one of them; ``gxpo={}`` = GXPO defaults).
     """

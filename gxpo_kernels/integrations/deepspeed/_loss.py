@@ -20,7 +20,8 @@ class CausalLMGRPOLoss(nn.Module):
     Args:
         model: a transformers causal LM (its parameters become this module's parameters).
         fused_linear: True (default) -> ``integrations.hf.causal_lm_grpo_loss`` (fused lm_head + loss, the logits
-            never exist; under ZeRO-3 the lm_head is gathered read-only and its gradient is computed in forward);
+            never exist; under ZeRO-3 the fused loss runs as the lm_head module's forward, so DeepSpeed's hooks
+            gather the weight for the forward and again for the backward, and reduce-scatter its gradient);
             False -> ``model(...).logits`` + ``ops.grpo_loss``.
         **loss_opts: GRPO options (temperature, eps_low, eps_high, beta, loss_agg_mode, ...).
     Forward args: input_ids (B, L), attention_mask (B, L) or None, advantages (B,) or (B, K); completion_mask

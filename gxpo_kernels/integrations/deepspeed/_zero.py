@@ -3,7 +3,7 @@ shards, the low-precision re-sync, a direct (out-of-``engine.step``) optimizer s
 
 Tested with DeepSpeed 0.19.x (0.19.8); ``SUPPORTED_DEEPSPEED`` is checked at start-up together with the
 presence of every private attribute used here, so a DeepSpeed release that renames one fails loudly at
-``wrap()`` time instead of corrupting a run. Notes on the internals: docs/ (spec ``deepspeed-notes.md``).
+``wrap()`` time instead of corrupting a run. Notes on the internals: docs/deepspeed.md.
 
 Wrappers (detected by attribute, as DeepSpeed itself builds them):
 

@@ -22,18 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from ...update.base import _copy_all_
+from ...update.base import _copy_all_, _local
 from ...update.gxpo import GXPO
 from ...update.sfpo import SFPO
 from .._sharded import ShardedReductions
 
 
-def _local(t):
-    """The local shard of a DTensor (the tensor itself otherwise); None stays None."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _locals(ts):
+    """Local shards of a list of DTensors (plain tensors and None as they are)."""
     return None if ts is None else [_local(t) for t in ts]
 
 
@@ -118,10 +114,14 @@ class _FSDPRule(ShardedReductions):
     def _grad_list(self, params):
         return [_local(p.grad) for p in params]
 
+    def _validate_step(self, params) -> None:
+        super()._validate_step(_locals(params))            # contiguity, dtypes, no aliasing: of the local shards
+
     @torch.no_grad()
     def _snapshot_params_(self) -> None:
         local = _locals(self._param_list())
-        if self._theta0 is None or [b.shape for b in self._theta0] != [t.shape for t in local]:
+        if self._theta0 is None or [(b.shape, b.dtype, b.device) for b in self._theta0] != [
+                (t.shape, self._buffer_dtype(t), t.device) for t in local]:
             self._theta0 = [torch.empty_like(t, dtype=self._buffer_dtype(t), memory_format=torch.contiguous_format)
                             for t in local]
         _copy_all_(self._theta0, local)
@@ -150,12 +150,12 @@ class _FSDPRule(ShardedReductions):
                                         shape=p.shape, stride=p.stride()) if h else None
 
     # ---- the outer update ---------------------------------------------------------------------------------------
-    def step(self, closure, entropy=None) -> dict:
+    def step(self, closure, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` zeroes the grads, runs forward and
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
         count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
         self.last_extrapolation = None
-        info = super().step(closure, entropy=entropy)
+        info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]

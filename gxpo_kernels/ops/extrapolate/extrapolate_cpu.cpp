@@ -1,4 +1,4 @@
-// CPU implementation of gxpo_kernels.ops.extrapolate_ (spec §2; reference: gxpo_kernels/ops/extrapolate_ref.py).
+// CPU implementation of gxpo_kernels.ops.extrapolate_ (spec §2; reference: gxpo_kernels/ops/extrapolate/reference.py).
 //
 // One pass over a list of tensors: theta_new = theta0 + alpha * scale * (theta2 - theta0), written into params
 // (and an optional low-precision copy), with the diagnostic sums of the same pass. OpenMP threads take chunks
@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t kBlock = 512;
 constexpr int64_t kChunk = 1 << 16;
-constexpr int kStats = 12;  // layout of STAT_NAMES in extrapolate_ref.py; the last entry is a max
+constexpr int kStats = 12;  // layout of STAT_NAMES in reference.py; the last entry is a max
 enum Stat { SR, SR2, SS, DD, SD, G01, G00, G11, INA, BAD, CNT, MX };
 
 enum class DT : int { F32, F64, BF16, F16 };

@@ -1,4 +1,4 @@
-"""Fused in-place GXPO extrapolation over a whole list of tensors (spec §2; reference: ``extrapolate_ref.py``).
+"""Fused in-place GXPO extrapolation over a whole list of tensors (reference: ``reference.py``).
 
     θ̃ = θ0 + α·clamp(S_K(r)/S_2(r), 1, K/2+1)·(θ2 − θ0),   r = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ)) clamped to [−2, 3]
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from array import array
+from functools import reduce
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
@@ -225,20 +226,26 @@ class _Plan:
                 g1dt = base_g1.dtype
                 esz = base_g1.element_size()
                 # gradients of one group's params share their dtype (torch enforces .grad's dtype)
-                ptrs = list(map(torch.Tensor.data_ptr, g1s))
-                b = ptrs[0]
-                if any(p & 15 for p in ptrs):
-                    align = 1   # this call's gradients are not all 16-byte aligned
-                    if any(p % esz for p in ptrs):
-                        raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
-                g1_off = torch.frombuffer(array("q", [(p - b) // esz for p in ptrs]), dtype=torch.int64)
-                g1_off = g1_off.to(self.device, non_blocking=True)
+                ptrs = array("q", map(torch.Tensor.data_ptr, g1s))   # one C-level pass over the list
+                last = grp.get("g1_last")
+                if last is not None and last[0] == ptrs and last[1] == esz:
+                    g1_off, align = last[2], last[3]  # the allocator handed out the same addresses again
+                else:
+                    low = reduce(operator.or_, ptrs)   # low bits of any address: alignment of all at once
+                    if low & 15:
+                        align = 1   # this call's gradients are not all 16-byte aligned
+                        if low % esz:
+                            raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
+                    # element offsets from g1[0], vectorised (ptrs stays intact for the next comparison)
+                    g1_off = torch.frombuffer(ptrs, dtype=torch.int64).sub(ptrs[0]).div_(esz, rounding_mode="floor")
+                    g1_off = g1_off.to(self.device, non_blocking=True)
+                    grp["g1_last"] = (ptrs, esz, g1_off, align)
             else:
                 base_g1, g1dt, g1_off = grp["bases"][0], None, grp["numel_tab"]   # unused by the kernel
             n_chunks = grp["n_chunks"]
             grid = min(max(min(n_chunks, self.max_prog), -(-grp["numel_sum"] // _MAX_PER_PROGRAM)), n_chunks)
             cdt = torch.float64 if pdt == torch.float64 else torch.float32
-            out = torch.empty((grid, 12), dtype=cdt, device=self.device)
+            out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
             thr_tab = thr[idx] if thr is not None else grp["numel_tab"]  # dummy pointer when unused
             bp, bt0, bg0, bl = grp["bases"]
             _extrapolate_kernel[(grid,)](
@@ -252,7 +259,7 @@ class _Plan:
                 USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed",
                 LIB_POW=self.lib_pow, ALIGN=align, CHUNK=self.chunk, BLOCK=self.block,
                 num_warps=4)
-            parts.append(out.double())
+            parts.append(out)
         return _combine(parts, self.device)
 
 
@@ -272,10 +279,12 @@ def _alignment(tensors, numels, min_elsize) -> int:
     return 1
 
 
-def _plan_for(params, theta0, g0, lowp_out) -> "_Plan":
+def _plan_for(params, theta0, g0, lowp_out, key=None) -> "_Plan":
     """The cached plan of this layout: keyed by the identity and address of every tensor of the static lists
-    (a tensor freed and another allocated at its address is a different object, so it misses)."""
-    key = _layout_key(params, theta0, g0, lowp_out)
+    (a tensor freed and another allocated at its address is a different object, so it misses). ``key``: the
+    ``_layout_key`` of these lists when the caller already has it."""
+    if key is None:
+        key = _layout_key(params, theta0, g0, lowp_out)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         plan = _Plan(params, theta0, g0, lowp_out, g0 is not None)
@@ -287,8 +296,8 @@ def _plan_for(params, theta0, g0, lowp_out) -> "_Plan":
     return plan
 
 
-def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, **kw) -> torch.Tensor:
-    return _plan_for(params, theta0, g0, lowp_out).run(g1, thr, **kw)
+def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, key=None, **kw) -> torch.Tensor:
+    return _plan_for(params, theta0, g0, lowp_out, key).run(g1, thr, **kw)
 
 
 class ExtrapolationPlan:
@@ -335,7 +344,9 @@ def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
         st[-1] = 1.0
         return st
     allp = parts[0] if len(parts) == 1 else torch.cat(list(parts), 0)
-    return torch.cat([allp[:, :-1].sum(0), allp[:, -1:].max(0).values])
+    st = allp.sum(0)                # the last column's sum is overwritten by its max (fewer ops than a cat)
+    st[-1] = allp[:, -1].max()
+    return st
 
 
 def stats_to_dict(stats: torch.Tensor) -> dict:
@@ -394,10 +405,11 @@ _VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
-def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> None:
+def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> Optional[tuple]:
     """``_validate`` once per layout of the static lists (params, theta0, g0, lowp_out: identity and address of
     every tensor, see ``_plan_for``); on later calls with the same layout only g1 (fresh gradients every pass)
-    is checked: count, numel, contiguity, device."""
+    is checked: count, numel, contiguity, dtype, device. Returns the layout key (None for unkeyable input) so
+    that the plan cache does not compute it again."""
     if isinstance(params, (list, tuple)) and isinstance(theta0, (list, tuple)) and \
             (g0 is None or isinstance(g0, (list, tuple))) and (lowp_out is None or isinstance(lowp_out, (list, tuple))):
         key = _layout_key(params, theta0, g0, lowp_out)
@@ -408,11 +420,11 @@ def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) 
                     scale_formula not in SCALE_FORMULAS:
                 return _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
             if g1 is None:
-                return
+                return key
             if isinstance(g1, (list, tuple)) and len(g1) == len(numels) and \
                     list(map(torch.Tensor.numel, g1)) == numels and all(map(torch.Tensor.is_contiguous, g1)) and \
                     set(map(_DTYPE, g1)) <= _TL_DTYPES.keys() and set(map(_DEVICE, g1)) == {dev}:
-                return
+                return key
     else:
         key = None
     _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
@@ -420,6 +432,7 @@ def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) 
         _VALIDATED[key] = ([p.numel() for p in params], params[0].device)
         if len(_VALIDATED) > _PLAN_CACHE_SIZE:
             _VALIDATED.popitem(last=False)
+    return key
 
 
 def _layout_key(params, theta0, g0, lowp_out) -> tuple:
@@ -479,7 +492,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         scale_formula: "horner" (exact S_K/S_2) or "closed" (the authors' guarded closed form).
         inactive_threshold: None, or rel: coordinates with |g0| <= rel·RMS(g0 of its tensor) get r = 1.
         lowp_out: optional list (entries may be None) also receiving θ̃ in its own dtype (e.g. a bf16 model copy).
-        delta, r_min, r_max: δ of the denominator guard and the clamp of r (spec: 1e-8, −2, 3).
+        delta, r_min, r_max: δ of the denominator guard and the clamp of r (defaults 1e-8, −2, 3).
         backend: "auto" (CUDA -> triton, CPU -> cpp), "triton", "cpp" or "torch" (the reference loop).
     Returns:
         float64 tensor [len(STAT_NAMES)] on the params' device: sums over all coordinates (r, r², scale,
@@ -489,7 +502,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]
     """
-    _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    key = _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
     if len(params) == 0:
         return _combine([], torch.device("cpu"))
     device = params[0].device
@@ -508,7 +521,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
             return out
         be = "torch"  # no compiler or an unsupported dtype combination
     if be == "triton":
-        return _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, **kw)
+        return _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, key, **kw)
     return extrapolate_ref_(params, theta0, g0, g1, lowp_out=lowp_out,
                             thresholds=None if thr is None else thr.tolist(), **kw)
 

@@ -1,4 +1,4 @@
-"""PyTorch reference of the GXPO in-place extrapolation (spec §2): the executable spec the kernels are tested against.
+"""PyTorch reference of the GXPO in-place extrapolation: the executable reference the kernels are tested against.
 
 Per coordinate, with ĝ0 = clip_coef0·g0 and ĝ1 = clip_coef1·g1:
     r     = ĝ1 / (sgn(ĝ0)·max(|ĝ0|, δ))        (sgn 0 = +1), NaN -> 1, clamp [r_min, r_max]

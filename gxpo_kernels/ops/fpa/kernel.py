@@ -7,18 +7,19 @@ logits and keeps three online log-sum-exps, so the extrapolated logits are never
 Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
 upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
 through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
-and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration: ``_library.py``; public
-function: ``logprobs.py``. Paper: arXiv 2509.19893.
+and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration:
+``_library.py``; public function: ``logprobs.py``. Paper: arXiv 2509.19893.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._utils import triton_interpret
+from ..logprobs.kernel import _LN2, _LOG2E, _lse_group_step, _num_warps, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
@@ -27,23 +28,33 @@ _TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB temporaries: cache-resident and reused by
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _online_lse_update(m_v, s_v, z):
-    """Per-lane online log-sum-exp step: lanes are combined once at the end of the row."""
-    m_new = tl.maximum(m_v, z)
-    s_new = s_v * tl.exp(m_v - m_new) + tl.exp(z - m_new)
-    return m_new, s_new
+def _fpa_step(p_l, p_r, o_g, c, lam, m1, s1, m2, s2, m3, s3, mask, MASKED: tl.constexpr):
+    """One (groups, VEC) tile of both logits rows into the three per-group online log-sum-exps (base 2)."""
+    if MASKED:   # ragged tail: padding reads as -inf and adds nothing
+        x_h = tl.load(p_l + o_g, mask=mask, other=float("-inf")).to(tl.float32)
+        x_r = tl.load(p_r + o_g, mask=mask, other=float("-inf")).to(tl.float32)
+    else:
+        x_h = tl.load(p_l + o_g).to(tl.float32)
+        x_r = tl.load(p_r + o_g).to(tl.float32)
+    # a -inf policy logit (and padding) stays probability 0 under pi_hat, not -inf + inf = NaN when ref is -inf
+    x_f = tl.where(x_h == float("-inf"), float("-inf"), (1.0 + lam) * x_h - lam * x_r)
+    m1, s1, _ = _lse_group_step(x_h, m1, s1, s1, c, False)
+    m2, s2, _ = _lse_group_step(x_r, m2, s2, s2, c, False)
+    m3, s3, _ = _lse_group_step(x_f, m3, s3, s3, c, False)
+    return m1, s1, m2, s2, m3, s3
 
 
 @triton.jit
-def _lse_finish(m_v, s_v):
-    m = tl.max(m_v, axis=0)
-    return m + tl.log(tl.sum(s_v * tl.exp(m_v - m), axis=0))
+def _lse_finish(m_g, s_g):
+    """Natural-log lse of a row from its per-group base-2 statistics (the one cross-thread combine)."""
+    m = tl.max(m_g, axis=0)
+    return (m + tl.log2(tl.sum(s_g * tl.exp2(m_g - m), axis=0))) * _LN2
 
 
 @triton.jit(do_not_specialize=["V", "lam", "temperature"])
 def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_logp, p_fpa_logp, p_lse,
                              stride_l, stride_r, V, lam, temperature,
-                             HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+                             HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     i_row = tl.program_id(0).to(tl.int64)
     valid = True
     if HAS_MASK:
@@ -51,30 +62,31 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
     if valid:
         p_l = p_logits + i_row * stride_l
         p_r = p_ref + i_row * stride_r
-        o_v = tl.arange(0, BLOCK_V)
-        # finite start for the running maxima: exp(-inf - (-inf)) would give NaN on all-padding lanes
-        m1 = tl.full([BLOCK_V], -1.0e30, tl.float32)
-        m2 = tl.full([BLOCK_V], -1.0e30, tl.float32)
-        m3 = tl.full([BLOCK_V], -1.0e30, tl.float32)
-        s1 = tl.zeros([BLOCK_V], tl.float32)
-        s2 = tl.zeros([BLOCK_V], tl.float32)
-        s3 = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            m_v = (v0 + o_v) < V
-            # upcast right after the load: bf16 arithmetic is wrong under the interpreter
-            b_h = tl.load(p_l + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
-            b_r = tl.load(p_r + v0 + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
-            b_x = (1.0 + lam) * b_h - lam * b_r
-            m1, s1 = _online_lse_update(m1, s1, tl.where(m_v, b_h, float("-inf")))
-            m2, s2 = _online_lse_update(m2, s2, tl.where(m_v, b_r, float("-inf")))
-            m3, s3 = _online_lse_update(m3, s3, tl.where(m_v, b_x, float("-inf")))
+        # (BLOCK_V / VEC, VEC) tiles: each group of VEC contiguous logits belongs to one thread and keeps its
+        # own running statistics for the whole row; the finite start avoids exp(-inf - (-inf)) = NaN
+        G: tl.constexpr = BLOCK_V // VEC
+        o_g = tl.arange(0, G)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        c = _LOG2E / temperature
+        m1 = tl.full([G], -1.0e30, tl.float32)
+        m2 = tl.full([G], -1.0e30, tl.float32)
+        m3 = tl.full([G], -1.0e30, tl.float32)
+        s1 = tl.zeros([G], tl.float32)
+        s2 = tl.zeros([G], tl.float32)
+        s3 = tl.zeros([G], tl.float32)
+        v_full = V - V % BLOCK_V
+        for v0 in range(0, v_full, BLOCK_V):
+            m1, s1, m2, s2, m3, s3 = _fpa_step(p_l + v0, p_r + v0, o_g, c, lam, m1, s1, m2, s2, m3, s3,
+                                               None, False)
+        if v_full < V:
+            m1, s1, m2, s2, m3, s3 = _fpa_step(p_l + v_full, p_r + v_full, o_g, c, lam, m1, s1, m2, s2, m3, s3,
+                                               v_full + o_g < V, True)
         lse1 = _lse_finish(m1, s1)
         lse2 = _lse_finish(m2, s2)
         lse3 = _lse_finish(m3, s3)
         tok = tl.load(p_tokens + i_row).to(tl.int64)
         t_h = tl.load(p_l + tok).to(tl.float32) / temperature
         t_r = tl.load(p_r + tok).to(tl.float32) / temperature
-        t_x = (1.0 + lam) * t_h - lam * t_r
+        t_x = tl.where(t_h == float("-inf"), float("-inf"), (1.0 + lam) * t_h - lam * t_r)
         tl.store(p_logp + i_row, t_h - lse1)
         tl.store(p_ref_logp + i_row, t_r - lse2)
         tl.store(p_fpa_logp + i_row, t_x - lse3)
@@ -91,7 +103,7 @@ def _launch_cfg(V: int):
     # interpreter: wider blocks mean fewer (slow, serial) loop iterations; GPU: 4096 lanes fit registers
     cap = 8192 if triton_interpret() else 4096
     block_v = min(triton.next_power_of_2(V), cap)
-    return block_v, (8 if block_v >= 2048 else 4)
+    return block_v, _num_warps(block_v)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +127,8 @@ def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torc
     _fpa_logprobs_fwd_kernel[(N,)](
         logits2d, ref2d, tokens1d, m, out[0], out[1], out[2], out[3],
         logits2d.stride(0), ref2d.stride(0), V, float(lam), float(temperature),
-        HAS_MASK=mask1d is not None, BLOCK_V=block_v, num_warps=warps)
+        HAS_MASK=mask1d is not None, BLOCK_V=block_v, VEC=min(_vec(logits2d, block_v), _vec(ref2d, block_v)),
+        num_warps=warps)
     return out[0], out[1], out[2], out[3]
 
 
@@ -133,7 +146,7 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
         sl = slice(r0, r0 + step)
         h = logits2d[sl].float() / temperature
         r = ref2d[sl].float() / temperature
-        x = (1.0 + lam) * h - lam * r
+        x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
         lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
         i = idx[sl]
         out[0][sl] = h.gather(-1, i).squeeze(-1) - lse1

@@ -9,10 +9,12 @@ It shares the tiling of the fused-linear GRPO head (``linear_token_logprobs``):
     with ``tl.dot`` (the same ``_logits_tile`` helper), keeps three online log-sum-exps and three target
     logits per token, and a tiny torch epilogue merges the vocab splits. Only O(N) fp32 statistics are kept.
   * Backward: gradient flows only through ``logp`` (into hidden, weight, bias), so it *is* the fused-linear
-    head's backward with no entropy term: ``linear_token_stats_bwd`` (atomics, or ``deterministic=True``).
+    head's backward with no entropy term: the registered ``gxpo::linear_token_stats_bwd`` (d(logits) chunks
+    and library GEMMs).
   * torch: chunks over tokens (fp32 logits of one chunk at a time, both sides); also the path on CPU tensors.
-Masked rows are dropped before any GEMM work and come back as 0. Reference: ``fpa_logprobs_ref.py`` on
-materialised logits.
+Masked rows are dropped before any GEMM work and come back as 0. The forward is the ``torch.library`` custom
+op ``gxpo::linear_fpa_stats_fwd`` (registered below; ``torch.compile`` fullgraph works). Reference:
+``reference.py`` on materialised logits.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
-                      triton_interpret)
-from ..fused_head.engine import (_GPU_BLOCKS, _NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
-                                 _kernel_flags, _logits_tile, linear_token_stats_bwd, make_head_config,
-                                 validate_head, vocab_splits)
+from ..._utils import check_same_device, check_shape, check_tensor, checked_mask, triton_interpret
+from ..fused_head._library import cfg_args
+from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
+                                 _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
 from .logprobs import check_lam_temperature
 
 
@@ -71,7 +73,8 @@ def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
                          HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         zr = _logits_tile(hr_ptr, wr_ptr, br_ptr, o_m, m_m, o_v, m_v, H_REF, stride_hr, stride_wr, inv_t,
                           HAS_REF_BIAS, UPCAST_REF, PRECISION_REF, BLOCK_M, BLOCK_V, BLOCK_K)
-        zf = tl.where(m_v[None, :], (1.0 + lam) * z - lam * zr, _NEG)
+        # a -inf policy logit (a -inf bias) stays probability 0 under pi_hat, not -inf + inf = NaN
+        zf = tl.where(m_v[None, :], tl.where(z == float("-inf"), z, (1.0 + lam) * z - lam * zr), _NEG)
         z = tl.where(m_v[None, :], z, _NEG)
         zr = tl.where(m_v[None, :], zr, _NEG)
         is_y = o_v[None, :] == b_y[:, None]
@@ -100,9 +103,9 @@ def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     V = w.shape[0]
     upcast, prec, blocks = _kernel_flags(h, w, cfg)
     upcast_r, prec_r, _ = _kernel_flags(hr, wr, cfg)
-    # two logits tiles live at once: the smaller fp32-operand tiles on a GPU for any dtype (ptxas -v, sm_90:
-    # 64x64 uses 184 registers in bf16 and 242 in fp32 with no spills; 64x128 bf16 reaches 255 registers)
-    BM, BV, BK, nw = blocks if triton_interpret() else _GPU_BLOCKS[True]
+    # two logits tiles live at once: 64x64 tiles on a GPU for any dtype (sm_90 compile check, python -m
+    # bench.sm90: ~140 registers in bf16 and ~200 in fp32, no spills; 64x128 bf16 reaches 255 registers)
+    BM, BV, BK, nw = blocks if triton_interpret() else (64, 64, 32, 8)
     n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
     splits, tps = vocab_splits(cfg, h.device, n_mt, n_vt)
     st = torch.empty(9, splits, N, dtype=torch.float32, device=h.device)
@@ -136,7 +139,8 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
         lse[s:e] = torch.logsumexp(z, -1)
         logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
         ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
-        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam)          # in place: the extrapolated logits
+        ban = z == float("-inf")                             # stays probability 0 under pi_hat
+        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam).masked_fill_(ban, float("-inf"))  # in place: extrapolated
         fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
     return logp, ref_logp, fpa_logp, lse
 
@@ -150,27 +154,48 @@ def linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     return fn(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
 
 
-class LinearFPALogprobsFunction(torch.autograd.Function):
-    """Flat rows (N, H), (V, H), (V,)|None, (N, H_ref), (V, H_ref), (V,)|None, (N,) -> three fp32 (N,)."""
+@torch.library.custom_op("gxpo::linear_fpa_stats_fwd", mutates_args=())
+def _linear_fpa_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                         ref_weight: Tensor, ref_bias: Optional[Tensor], tokens: Tensor, mask: Tensor, inv_t: float,
+                         lam: float, backend: str, fp32_head: bool, deterministic: bool, chunk_size: Optional[int],
+                         num_splits: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flat rows (N, H), (V, H), (V,)|None, (N, H_ref), (V, H_ref), (V,)|None, (N,), (N,) bool -> fp32 (N,)
+    (logp, ref_logp, fpa_logp, policy lse), 0 at masked rows (which cost no GEMM work)."""
+    cfg = _HeadConfig(backend, fp32_head, deterministic, chunk_size, num_splits)
+    rows = MaskedRows(mask)
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    out = linear_fpa_stats_fwd(rows.take(hidden), weight.contiguous(), contig(bias), rows.take(ref_hidden),
+                               ref_weight.contiguous(), contig(ref_bias), rows.take(tokens), inv_t, lam, cfg)
+    return tuple(rows.put(x) for x in out)
 
-    @staticmethod
-    def forward(ctx, h, w, b, hr, wr, br, y, inv_t, lam, cfg):
-        logp, ref_logp, fpa_logp, lse = linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg)
-        ctx.save_for_backward(h, w, b, y, lse)
-        ctx.inv_t, ctx.cfg = inv_t, cfg
-        ctx.mark_non_differentiable(ref_logp, fpa_logp)
-        return logp, ref_logp, fpa_logp
 
-    @staticmethod
-    def backward(ctx, dlogp, _dref, _dfpa):
-        h, w, b, y, lse = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if dlogp is None or not any(need):
-            return (None,) * 10
-        # d logp / d z = onehot(y) - softmax(z): the fused-linear head backward with no entropy term
-        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, None, dlogp, None, ctx.inv_t, ctx.cfg, need)
-        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(b.dtype)) + (None,) * 7
+@_linear_fpa_stats_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tokens, mask, inv_t, lam, *cfg):
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=torch.float32) for _ in range(4))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, _, _, _, tokens, mask, inv_t, _, *cfg = inputs
+    _, ref_logp, fpa_logp, lse = output
+    ctx.save_for_backward(hidden, weight, bias, tokens, mask, lse)
+    ctx.inv_t, ctx.cfg = inv_t, cfg
+    ctx.mark_non_differentiable(ref_logp, fpa_logp, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dlogp, _dref, _dfpa, _dlse):
+    hidden, weight, bias, tokens, mask, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if dlogp is None or not any(need):
+        return (None,) * 15
+    # d logp / d z = onehot(y) - softmax(z): the fused-linear head backward with no entropy term (lse stands in
+    # for the entropy, which is read only with a dentropy)
+    grads = torch.ops.gxpo.linear_token_stats_bwd(hidden, weight, bias, tokens, mask, lse, lse, dlogp, None,
+                                                  ctx.inv_t, need[0], need[1], need[2], *ctx.cfg)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 12
+
+
+torch.library.register_autograd("gxpo::linear_fpa_stats_fwd", _backward, setup_context=_setup_context)
 
 
 def _check_ref_head(ref_hidden, ref_weight, ref_bias, hidden, V: int, fp32_head: bool) -> None:
@@ -197,7 +222,7 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
         tokens: (B, T) token ids in [0, V) where ``mask`` is set.
         lam, temperature: as in ``fpa_logprobs``. mask: optional bool/0-1 (B, T); masked rows cost no GEMM work.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows hidden/weight dtypes to differ).
-        deterministic: fixed-order gradient accumulation in the Triton backward (no atomics).
+        deterministic: bitwise reproducible gradients (always the case: no atomics in either backend).
         chunk_size: token rows per chunk of the torch backend (None: ~4M logits per side and chunk).
         backend: "auto" (Triton on CUDA / under TRITON_INTERPRET=1, else torch) | "triton" | "torch".
 
@@ -219,14 +244,11 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     check_same_device(hidden, "hidden", weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias, tokens=tokens, mask=mask)
     lam, temperature = check_lam_temperature(lam, temperature)
-    m = normalize_mask(mask, lead, hidden.device).reshape(-1)
-    check_tokens_in_range(tokens, V, m.view(lead))
+    m = checked_mask(mask, lead, hidden.device, tokens, V).reshape(-1)
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
 
     h2, hr2, y1 = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), tokens.reshape(-1)
-    rows = MaskedRows(m)
-    out = LinearFPALogprobsFunction.apply(
-        rows.take(h2), weight.contiguous(), None if bias is None else bias.contiguous(), rows.take(hr2).detach(),
-        ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach().contiguous(),
-        rows.take(y1), 1.0 / temperature, lam, cfg)
-    return tuple(rows.put(x).view(lead) for x in out)
+    logp, ref_logp, fpa_logp, _ = torch.ops.gxpo.linear_fpa_stats_fwd(
+        h2, weight, bias, hr2.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), y1, m,
+        1.0 / temperature, lam, *cfg_args(cfg))
+    return logp.view(lead), ref_logp.view(lead), fpa_logp.view(lead)

@@ -1,4 +1,4 @@
-"""``fpa_logprobs``: the public function (validation, backend choice) over the registered op of ``_library.py``.
+"""``fpa_logprobs``: the public function (validation, backend choice) over the op registered in ``_library.py``.
 
 The math, shapes and kernels are described in ``kernel.py``; the float64 reference is ``reference.py``.
 """
@@ -8,19 +8,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask,
-                      resolve_backend)
+from ..._utils import (check_same_device, check_scalar, check_shape, check_temperature, check_tensor, checked_mask,
+                       resolve_backend)
 from ._library import fpa_logprobs_op
 from .kernel import FLOAT_DTYPES, _rows
 
 
 def check_lam_temperature(lam, temperature) -> Tuple[float, float]:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    return float(lam), float(temperature)
+    return check_scalar(lam, "lam", "[0, inf)"), check_temperature(temperature)
 
 
 def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, lam: float = 1.0,
@@ -63,13 +58,7 @@ def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.T
     lead, V = logits.shape[:-1], logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a non-empty vocabulary dim")
-    if torch.compiler.is_compiling():
-        # value checks (ids in range, 0/1 mask) read tensor data, which a traced graph cannot branch on
-        check_shape(mask, "mask", lead)
-        m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    else:
-        m = None if mask is None else normalize_mask(mask, lead, logits.device)
-        check_tokens_in_range(tokens, V, m)
+    m = checked_mask(mask, lead, logits.device, tokens, V, none_is_all=False)
     be = resolve_backend(backend, logits.device)
     mask1d = None if m is None else m.reshape(-1).contiguous()
     logp, ref_logp, fpa_logp = fpa_logprobs_op(_rows(logits), _rows(ref_logits), tokens.reshape(-1).contiguous(),

@@ -1,4 +1,4 @@
-"""Offline objectives with FPA gradient coefficients (spec algorithms.md section 4).
+"""Offline objectives with FPA gradient coefficients.
 
 Each offline method's gradient has the form  -[C_w * grad log pi(y_w) - C_l * grad log pi(y_l)]  with
 coefficients that depend on the current policy. FPA evaluates those coefficients at the future policy pi_hat
@@ -13,7 +13,7 @@ the gradient is exactly the base method's autograd gradient. ``metrics`` holds p
 ``c_w``/``c_l`` (B,), ``base_loss`` and ``fpa_loss`` (the base loss evaluated at pi_hat), all detached.
 
 ``fpa_side``: "both" evaluates C_w and C_l at pi_hat; "rejected" (the paper's ablation) evaluates only C_l at
-pi_hat and keeps C_w at pi_theta [INFERRED: a coefficient "at pi_hat" uses pi_hat for every policy
+pi_hat and keeps C_w at pi_theta [our choice: a coefficient "at pi_hat" uses pi_hat for every policy
 log-prob inside it, e.g. both margins of DPO's u]. For unpaired methods (KTO, offline PG) "rejected" means
 undesirable / negative-advantage samples.
 
@@ -27,7 +27,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..._utils import check_choice, check_shape, check_tensor, normalize_mask
+from ..._utils import check_choice, check_scalar, check_shape, check_tensor, normalize_mask
 
 FPA_SIDES = ("both", "rejected")
 Metrics = Dict[str, torch.Tensor]
@@ -85,9 +85,7 @@ def _check_pair(w: _Seq, l: _Seq):
 
 
 def _check_pos(value, name, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok or value == float("inf"):
-        raise ValueError(f"{name} must be a finite float {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return check_scalar(value, name, "[0, inf)" if allow_zero else "(0, inf)")
 
 
 def _finish(base: torch.Tensor, surrogate: torch.Tensor, fpa_base: torch.Tensor, c_w, c_l) -> Tuple[torch.Tensor, Metrics]:
@@ -118,7 +116,7 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     C_w = C_l = beta * sigmoid(-u) evaluated at pi_hat. ``chosen``/``rejected``: FPALogProbs with (B, T_w) and
     (B, T_l) tensors (ref_logp required). Returns (loss (0-d), metrics); see the module docstring.
     """
-    _check_pos(beta, "beta")
+    beta = _check_pos(beta, "beta")
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
     _check_pair(w, l)
@@ -129,8 +127,8 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
 def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.1, alpha: float = 1.0,
                  fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
     """RPO: the FPA-DPO term plus ``alpha`` * NLL(y_w) / |y_w| (the NLL gradient is the plain autograd one)."""
-    _check_pos(beta, "beta")
-    _check_pos(alpha, "alpha", allow_zero=True)
+    beta = _check_pos(beta, "beta")
+    alpha = _check_pos(alpha, "alpha", allow_zero=True)
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
     _check_pair(w, l)
@@ -164,9 +162,7 @@ def _as_scalar_tensor(x, name, like):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(x.shape)}")
         return x.detach().reshape(()).to(device=like.device, dtype=like.dtype)
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(x).__name__}")
-    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+    return torch.tensor(check_scalar(x, name), dtype=like.dtype, device=like.device)
 
 
 def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0.1,
@@ -179,9 +175,9 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
     w_U (1 - sigmoid(beta (z_ref - r))). Coefficient w * beta * sigmoid(z)(1 - sigmoid(z)), evaluated at pi_hat.
     ``desirable``: (B,) bool. Metrics ``c_w`` / ``c_l`` are zero on the other kind of sample.
     """
-    _check_pos(beta, "beta")
-    _check_pos(desirable_weight, "desirable_weight", allow_zero=True)
-    _check_pos(undesirable_weight, "undesirable_weight", allow_zero=True)
+    beta = _check_pos(beta, "beta")
+    desirable_weight = _check_pos(desirable_weight, "desirable_weight", allow_zero=True)
+    undesirable_weight = _check_pos(undesirable_weight, "undesirable_weight", allow_zero=True)
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     x = _seq(batch, "batch", True)
     check_tensor(desirable, "desirable", ndim=1)
@@ -208,7 +204,7 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
 
 def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
                         fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
-    """Offline policy gradient [INFERRED]: base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
+    """Offline policy gradient (our choice): base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
 
     Its gradient is -A_i * w_i * grad(S_i / |y_i|) with w = pi(y)^(1/|y|) (length-normalised likelihood);
     FPA evaluates w at pi_hat. ``advantages``: (B,). "rejected" applies pi_hat to A_i < 0 samples only.

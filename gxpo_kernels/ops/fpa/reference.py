@@ -1,4 +1,4 @@
-"""Float64 PyTorch reference for FPA log-probs (spec algorithms.md section 4): the executable spec.
+"""Float64 PyTorch reference for FPA log-probs: the executable reference.
 
 Materialises the extrapolated logits h_hat = (1 + lam) * h_theta - lam * h_ref (h = logits / temperature) and
 takes three log-softmaxes. Tests compare ``fpa_logprobs`` / ``linear_fpa_logprobs`` (both backends) against it.

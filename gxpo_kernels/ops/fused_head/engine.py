@@ -9,14 +9,14 @@ entropy of the token shape. Backward, from (dlogp, dH) per token:
     dz[n, v] = dlogp*(1[v=y] - p_v) - dH*p_v*(log p_v + H)      d(logits) = dz / T
     grad_hidden = d(logits) @ weight,  grad_weight = d(logits).T @ hidden,  grad_bias = d(logits).sum(0)
 
-Two backends with the same memory behaviour (extra memory O(N) statistics plus the O(N*H) / O(V*H) fp32
-gradient accumulators, independent of N*V):
+Two backends with the same memory behaviour (extra memory O(N) statistics, the O(N*H) / O(V*H) fp32
+gradient accumulators and one bounded chunk of logits, independent of N*V):
   * Triton: the forward tiles (tokens x vocab) with ``tl.dot`` (operands in the input dtype, fp32
     accumulation; fp32 operands with ``fp32_head``), keeps an online log-sum-exp, the target logit and the
-    entropy sum per token, optionally over vocab splits merged by a tiny torch epilogue. The backward
-    recomputes each logits tile and forms d(logits) in registers: atomics by default, or
-    ``deterministic=True`` = one kernel over token tiles (grad_hidden) and one over vocab tiles
-    (grad_weight, grad_bias), each accumulating in a fixed order.
+    entropy sum per token, optionally over vocab splits merged by a tiny torch epilogue. The backward walks
+    chunks of token rows: a kernel recomputes the chunk's logits tiles and writes d(logits) in the operand
+    dtype, and grad_hidden / grad_weight are two library GEMMs on it (no atomics: deterministic as is; the
+    extra memory is one d(logits) chunk of ~2^28 entries, or ``chunk_size`` rows).
   * torch: chunks over tokens; per chunk fp32 logits, statistics, and in backward the recomputed chunk's
     d(logits) feeding two GEMMs into fp32 accumulators. It is the reference the kernels are tested against.
 Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_ref``.
@@ -24,13 +24,14 @@ Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._utils import check_same_device, check_shape, check_tensor, resolve_backend, triton_interpret
+from ..._utils import (check_same_device, check_shape, check_tensor, masked_row_index, resolve_backend,
+                       triton_interpret)
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -68,7 +69,7 @@ def _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DE
     p = tl.exp(logp_v)
     coef = b_dlogp[:, None] + tl.zeros_like(z)
     if HAS_DENT:
-        coef += b_dent[:, None] * (logp_v + b_ent[:, None])
+        coef += b_dent[:, None] * tl.where(p > 0, logp_v + b_ent[:, None], 0.0)  # p = 0: no 0 * inf
     dz = tl.where(o_v[None, :] == b_y[:, None], b_dlogp[:, None], 0.0) - p * coef
     return tl.where(m_v[None, :], dz * inv_t, 0.0)
 
@@ -104,7 +105,8 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, max_ptr, sum_ptr, ent_ptr, tgt_ptr,
         scale = tl.exp(shift)
         d = z - new_max[:, None]
         e = tl.where(m_v[None, :], tl.exp(d), 0.0)
-        b_a = scale * (b_a + shift * b_sum) + tl.sum(e * tl.where(m_v[None, :], d, 0.0), axis=1)
+        # where(e > 0): a -inf logit (padded lane or -inf bias) is probability 0, not 0 * -inf
+        b_a = scale * (b_a + shift * b_sum) + tl.sum(e * tl.where(e > 0, d, 0.0), axis=1)
         b_sum = scale * b_sum + tl.sum(e, axis=1)
         b_max = new_max
     off = i_s * N + o_m
@@ -128,13 +130,13 @@ def _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, o_m, m_m, HAS_
 
 
 @triton.jit(do_not_specialize=["N"])
-def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gh_ptr, gw_ptr, gb_ptr,
-                       N, V, H, stride_h, stride_w, inv_t,
-                       HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, NEED_DH: tl.constexpr,
-                       NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    # grid (token tiles, vocab tiles): one recomputed tile, its d(logits) scattered with fp32 atomics
+def _bwd_dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, dz_ptr,
+                        N, V, H, stride_h, stride_w, inv_t,
+                        HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # grid (token tiles, vocab tiles) of one chunk of rows: recompute the logits tile, write d(logits) (N, V)
+    # in the GEMM operand dtype; the two gradient GEMMs that consume it run on the tensor-core library
     i_m = tl.program_id(0)
     i_v = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,96 +148,8 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, 
     z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
                      HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
     dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
-    r_h = o_m.to(tl.int64) * stride_h
-    r_w = o_v.to(tl.int64) * stride_w
-    r_g = o_m.to(tl.int64) * H
-    r_gw = o_v.to(tl.int64) * H
-    for k0 in range(0, H, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < H
-        if NEED_DH:
-            b_w = tl.load(w_ptr + r_w[:, None] + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)
-            if UPCAST:
-                b_w = b_w.to(tl.float32)
-            d_h = tl.dot(dz.to(b_w.dtype), b_w, input_precision=PRECISION)
-            tl.atomic_add(gh_ptr + r_g[:, None] + o_k[None, :], d_h, mask=m_m[:, None] & m_k[None, :])
-        if NEED_DW:
-            b_h = tl.load(h_ptr + r_h[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-            if UPCAST:
-                b_h = b_h.to(tl.float32)
-            d_w = tl.dot(tl.trans(dz.to(b_h.dtype)), b_h, input_precision=PRECISION)
-            tl.atomic_add(gw_ptr + r_gw[:, None] + o_k[None, :], d_w, mask=m_v[:, None] & m_k[None, :])
-    if NEED_DB:
-        tl.atomic_add(gb_ptr + o_v, tl.sum(dz, axis=0), mask=m_v)
-
-
-@triton.jit(do_not_specialize=["N"])
-def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gh_ptr,
-                   N, V, H, stride_h, stride_w, inv_t,
-                   HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # deterministic: this program owns its token rows of grad_hidden and walks the vocab in order
-    i_m = tl.program_id(0)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    b_y, b_lse, b_ent, b_dlogp, b_dent = _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
-                                                         o_m, m_m, HAS_DENT)
-    r_g = o_m.to(tl.int64) * H
-    for i_v in range(0, tl.cdiv(V, BLOCK_V)):
-        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
-                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-        dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
-        r_w = o_v.to(tl.int64) * stride_w
-        for k0 in range(0, H, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < H
-            b_w = tl.load(w_ptr + r_w[:, None] + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)
-            if UPCAST:
-                b_w = b_w.to(tl.float32)
-            p_g = gh_ptr + r_g[:, None] + o_k[None, :]
-            msk = m_m[:, None] & m_k[None, :]
-            acc = tl.load(p_g, mask=msk, other=0.0)
-            tl.store(p_g, tl.dot(dz.to(b_w.dtype), b_w, acc, input_precision=PRECISION), mask=msk)
-
-
-@triton.jit(do_not_specialize=["N"])
-def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, gw_ptr, gb_ptr,
-                   N, V, H, stride_h, stride_w, inv_t,
-                   HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # deterministic: this program owns its vocab rows of grad_weight / grad_bias and walks tokens in order
-    i_v = tl.program_id(0)
-    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_v = o_v < V
-    r_gw = o_v.to(tl.int64) * H
-    b_gb = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for i_m in range(0, tl.cdiv(N, BLOCK_M)):
-        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_m = o_m < N
-        b_y, b_lse, b_ent, b_dlogp, b_dent = _load_row_stats(y_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
-                                                             o_m, m_m, HAS_DENT)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, o_m, m_m, o_v, m_v, H, stride_h, stride_w, inv_t,
-                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-        dz = _dlogits_tile(z, o_v, m_v, b_y, b_lse, b_ent, b_dlogp, b_dent, inv_t, HAS_DENT)
-        if NEED_DB:
-            b_gb += tl.sum(dz, axis=0)
-        if NEED_DW:
-            r_h = o_m.to(tl.int64) * stride_h
-            for k0 in range(0, H, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                m_k = o_k < H
-                b_h = tl.load(h_ptr + r_h[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-                if UPCAST:
-                    b_h = b_h.to(tl.float32)
-                p_g = gw_ptr + r_gw[:, None] + o_k[None, :]
-                msk = m_v[:, None] & m_k[None, :]
-                acc = tl.load(p_g, mask=msk, other=0.0)
-                tl.store(p_g, tl.dot(tl.trans(dz.to(b_h.dtype)), b_h, acc, input_precision=PRECISION), mask=msk)
-    if NEED_DB:
-        tl.store(gb_ptr + o_v, b_gb, mask=m_v)
+    p_dz = dz_ptr + o_m.to(tl.int64)[:, None] * V + o_v[None, :]
+    tl.store(p_dz, dz.to(dz_ptr.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -244,15 +158,16 @@ class _HeadConfig:
     """Static choices of one call (not autograd inputs)."""
     backend: str              # "triton" | "torch"
     fp32_head: bool           # fp32 GEMM operands even for bf16/fp16 inputs
-    deterministic: bool       # fixed-order gradient accumulation (Triton); torch is always deterministic
-    chunk_size: Optional[int]  # torch backend: tokens per chunk (None: ~8M logits per chunk)
+    deterministic: bool       # bitwise reproducible gradients (both backends already are; kept for the API)
+    chunk_size: Optional[int]  # tokens per chunk: torch backend (None: ~8M logits), Triton backward (None: ~2^28)
     num_splits: Optional[int] = None  # Triton forward: vocab splits (None: enough programs to fill the GPU)
 
 
-# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps). GPU sizes chosen so that no kernel spills registers on sm_90
-# (checked with ptxas -v on AOT-compiled kernels); small tiles under the interpreter (serial programs).
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps). GPU sizes chosen with the sm_90 compile check (python -m bench.sm90):
+# the largest wgmma tiles with no register spill on Triton 3.6 and 3.9 (bf16: 128x128 -> wgmma n128, ~190
+# registers); small tiles under the interpreter (serial programs).
 _INTERP_BLOCKS = (16, 32, 16, 4)
-_GPU_BLOCKS = {False: (64, 128, 32, 8), True: (64, 64, 32, 8)}   # key: fp32 operands
+_GPU_BLOCKS = {False: (128, 128, 64, 8), True: (128, 64, 32, 8)}   # key: fp32 operands (tf32x3: wgmma n64)
 
 
 def _kernel_flags(h: torch.Tensor, w: torch.Tensor, cfg: _HeadConfig):
@@ -303,31 +218,49 @@ def _fwd_triton(h, w, b, y, inv_t, cfg):
 
 
 def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
+    """Chunks of token rows: a Triton kernel recomputes the chunk's logits and writes d(logits) (rows, V) in the
+    operand dtype; then grad_hidden[chunk] = dz @ W and grad_weight += dz.T @ h[chunk] are library GEMMs.
+
+    Gradient traffic per chunk is one write and two reads of dz (2 bytes per logit in bf16) instead of a
+    read-modify-write of fp32 grad_hidden per vocabulary tile; the result is deterministic (no atomics), so
+    ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``)."""
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
-    n_mt, n_vt = triton.cdiv(N, BM), triton.cdiv(V, BV)
     need_dh, need_dw, need_db = need
-    gh = torch.zeros(N, H, dtype=torch.float32, device=h.device) if need_dh else None
+    op_dt = torch.float32 if upcast else h.dtype
+    hg = h if h.dtype == op_dt else h.float()
+    wg = w if w.dtype == op_dt else w.float()          # fp32 operands: one O(V*H) upcast, independent of N
+    gh = torch.empty(N, H, dtype=torch.float32, device=h.device) if need_dh else None
     gw = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
     gb = torch.zeros(V, dtype=torch.float32, device=h.device) if need_db else None
     has_dent = dent is not None
-    common = dict(HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
-                  BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
-    dummy = lse
-    args = (h, w, b if b is not None else h, y, lse, ent, dlogp, dent if has_dent else dummy)
-    dims = (N, V, H, h.stride(0), w.stride(0), inv_t)
-    if not cfg.deterministic:
-        _bwd_atomic_kernel[(n_mt, n_vt)](*args, gh if need_dh else dummy, gw if need_dw else dummy,
-                                          gb if need_db else dummy, *dims,
-                                          NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **common)
-    else:
+    step = _bwd_chunk_rows(cfg, V, BM)
+    dz_buf = torch.empty(min(step, N), V, dtype=op_dt, device=h.device)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        n = e - s
+        dz = dz_buf[:n]
+        _bwd_dlogits_kernel[(triton.cdiv(n, BM), triton.cdiv(V, BV))](
+            h[s:e], w, b if b is not None else h, y[s:e], lse[s:e], ent[s:e] if has_dent else lse[s:e],
+            dlogp[s:e], dent[s:e] if has_dent else lse[s:e], dz, n, V, H, h.stride(0), w.stride(0), inv_t,
+            HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
+            BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
         if need_dh:
-            _bwd_dh_kernel[(n_mt,)](*args, gh, *dims, **common)
-        if need_dw or need_db:
-            _bwd_dw_kernel[(n_vt,)](*args, gw if need_dw else dummy, gb if need_db else dummy, *dims,
-                                    NEED_DW=need_dw, NEED_DB=need_db, **common)
+            gh[s:e] = dz @ wg                           # every row once: no accumulation across chunks
+        if need_dw:
+            gw += dz.t() @ hg[s:e]
+        if need_db:
+            gb += dz.sum(0, dtype=torch.float32)
     return gh, gw, gb
+
+
+def _bwd_chunk_rows(cfg: _HeadConfig, V: int, block_m: int) -> int:
+    """Token rows per backward chunk of the Triton path: ``chunk_size`` if given, else ~2^28 logits per chunk
+    (512 MiB of bf16 d(logits)), a multiple of the token tile."""
+    if cfg.chunk_size is not None:
+        return cfg.chunk_size
+    return max(block_m, (2 ** 28 // max(V, 1)) // block_m * block_m)
 
 
 def _chunk_rows(cfg: _HeadConfig, V: int) -> int:
@@ -356,6 +289,7 @@ def _fwd_torch(h, w, b, y, inv_t, cfg):
         lse[s:e] = torch.logsumexp(z, dim=-1)
         lp = z.sub_(lse[s:e, None])                          # log-softmax in place
         logp[s:e] = lp.gather(1, y[s:e, None].long()).squeeze(1)
+        lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf
         ent[s:e] = -(lp.exp().mul_(lp)).sum(-1)
     return lse, ent, logp
 
@@ -377,7 +311,8 @@ def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
         p = lp.exp()
         g = dlogp[s:e, None]
         if dent is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
-            coef = lp.add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            coef = lp.nan_to_num_(neginf=0.0).add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
         else:
             coef = g
         dz = p.mul_(coef).neg_()
@@ -412,27 +347,6 @@ def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadC
     return fn(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need)
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """(hidden (N,H), weight (V,H), bias (V,)|None, tokens (N,)) -> fp32 (logp (N,), entropy (N,))."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, inv_t, cfg):
-        lse, ent, logp = linear_token_stats_fwd(hidden, weight, bias, tokens, inv_t, cfg)
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
-        ctx.inv_t, ctx.cfg = inv_t, cfg
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, dlogp, dent):
-        h, w, b, y, lse, ent = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if dlogp is None:
-            dlogp = torch.zeros_like(lse)
-        gh, gw, gb = linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, ctx.inv_t, ctx.cfg, need)
-        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(b.dtype), None, None, None)
-
-
 def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), prefix: str = "") -> None:
     """Check hidden/weight/bias shapes and dtypes (TypeError/ValueError naming the argument, with ``prefix``)."""
     hn, wn, bn = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
@@ -462,6 +376,7 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
+    """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
@@ -470,30 +385,24 @@ def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _
 class MaskedRows:
     """The unmasked rows of a flat (N,) bool mask, so masked rows cost no GEMM work: ``take`` gathers a (N, ...)
     tensor's kept rows (contiguous), ``put`` scatters per-row results back to (N,) with 0 at masked rows
-    (differentiable). With every row kept both are identities (no copy beyond ``contiguous``)."""
+    (differentiable).
+
+    Gathering needs the row count on the host, a sync on CUDA (``masked_row_index``). Where that is avoided,
+    every row is kept: ``take`` zeroes the masked rows (so garbage there never reaches a gradient) and ``put``
+    zeroes their results; masked rows then cost GEMM work but no sync."""
 
     def __init__(self, m1: torch.Tensor):
-        self.n = m1.shape[0]
-        self.idx = None if bool(m1.all()) else m1.nonzero().squeeze(1)
+        self.n, self.m1 = m1.shape[0], m1
+        self.idx = masked_row_index(m1)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
-        return (x if self.idx is None else x.index_select(0, self.idx)).contiguous()
+        if self.idx is not None:
+            return x.index_select(0, self.idx).contiguous()
+        keep = self.m1.view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).contiguous()
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.idx is None else x.new_zeros(self.n).index_put((self.idx,), x)
-
-
-def token_stats_rows(h2, weight, bias, tokens1, m1, inv_t, cfg, grad_enabled: Optional[bool] = None):
-    """Flat (N,H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows."""
-    rows = MaskedRows(m1)
-    h_sel, y_sel, w = rows.take(h2), rows.take(tokens1), weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    if grad_enabled is None:
-        grad_enabled = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (h_sel, w, b))
-    if grad_enabled:
-        logp, ent = LinearTokenLogprobsFunction.apply(h_sel, w, b, y_sel, inv_t, cfg)
-    else:
-        with torch.no_grad():
-            _, ent, logp = linear_token_stats_fwd(h_sel, w, b, y_sel, inv_t, cfg)
-    return rows.put(logp), rows.put(ent)
+        if self.idx is not None:
+            return x.new_zeros((self.n,) + x.shape[1:]).index_put((self.idx,), x)
+        keep = self.m1.view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

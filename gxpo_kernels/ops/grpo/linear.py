@@ -1,25 +1,27 @@
 """Fused-linear GRPO loss from final hidden states: the (tokens x vocab) logits never exist.
 
     logits = hidden @ weight.T + bias   (streamed tile by tile, see ``linear_token_logprobs``)
-    loss   = GRPO(logp, entropy)        (spec algorithms.md section 1, the shared ``_loss_math``)
+    loss   = GRPO(logp, entropy)        (``gxpo_kernels.losses``, shared with ``grpo_loss``)
 
 Shapes: hidden (B, T, H), weight (V, H), bias (V,), tokens / mask / old / ref log-probs (B, T), advantages
 (B,) or (B, T). The per-token stage streams over the vocabulary once forward and once (recomputing) backward;
 the loss math runs on O(B*T) values, so every GRPO option and aggregation mode is available at no extra pass,
 and ``grpo_loss`` (logits input) and this op share one definition of the loss.
-Reference: ``grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
+Reference: ``reference.grpo_loss_ref`` on explicitly materialised ``hidden @ weight.T + bias``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from .._loss_math import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..._utils import check_validate, safe_tokens
+from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
+from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                 token_stats_rows, validate_head)
+                                 validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -62,40 +64,47 @@ def linear_grpo_loss(
     hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
     mask: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
     ref_logprobs: Optional[torch.Tensor] = None, *, bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: Optional[float] = None,
-    delta: Optional[float] = None, beta: float = 0.0, entropy_coef: float = 0.0,
-    importance_sampling: str = "token", loss_agg_mode: str = "token-mean", max_length: Optional[int] = None,
+    options: Optional[GRPOLossOptions] = None, num_items_in_batch: Union[None, int, float, torch.Tensor] = None,
     compute_entropy: bool = True, inplace_backward: bool = False, check_finite: bool = False,
-    fp32_head: bool = False, deterministic: bool = False, chunk_size: Optional[int] = None,
-    grad_in_forward: bool = False, backend: str = "auto",
+    validate: str = "cheap", fp32_head: bool = False, deterministic: bool = False,
+    chunk_size: Optional[int] = None, grad_in_forward: bool = False, backend: str = "auto", **loss_options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """GRPO loss (spec algorithms.md section 1) from final hidden states and the lm_head, fused.
+    """GRPO-family loss from final hidden states and the lm_head, fused (the logits never exist).
 
     Args:
         hidden: (B, T, H) final hidden states; ``hidden[:, t]`` scores ``tokens[:, t]`` (already shifted:
             see ``gxpo_kernels.integrations.hf`` for the causal-LM alignment).
         weight: (V, H) lm_head weight, same dtype as ``hidden`` unless ``fp32_head``.
-        tokens: (B, T) int64/int32 ids in [0, V) at unmasked positions (masked ones may hold anything).
-        advantages: (B,) or (B, T). mask: (B, T) bool or 0/1 (default all ones); masked rows cost no GEMM.
+        tokens: (B, T) int64/int32 ids in [0, V) at unmasked positions (masked ones may hold anything; an
+            unmasked id out of range makes the loss NaN, or raises with ``validate="full"``).
+        advantages: (B,), (B, 1) or (B, T). mask: (B, T) bool or 0/1 (default all ones).
         old_logprobs, ref_logprobs: (B, T) or None (on-policy: old = logp.detach()); ref needed if beta > 0.
-        bias: (V,) lm_head bias or None.
-        temperature, eps_low, eps_high, dual_clip, delta, beta, entropy_coef, importance_sampling,
-        loss_agg_mode, max_length: as ``grpo_loss`` (``GRPOLossOptions``).
+            Advantages, old and ref log-probs are constants of the loss (detached).
+        bias: (V,) lm_head bias or None (a -inf entry is a token of probability 0).
+        options, num_items_in_batch, **loss_options: the loss options, as ``grpo_loss``
+            (:class:`gxpo_kernels.losses.GRPOLossOptions`).
         compute_entropy: report the mean-entropy metric (forced on when ``entropy_coef != 0``).
         inplace_backward: accepted for signature compatibility with ``grpo_loss``; there is no logits
             buffer to overwrite here, so it changes nothing.
-        check_finite: raise ValueError if hidden/weight or the per-token log-probs are NaN/inf.
+        check_finite: raise ValueError if hidden (unmasked rows), weight or the per-token log-probs are
+            NaN/inf (a host sync). validate: "cheap" | "full", as ``grpo_loss``.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows a bf16 hidden with an fp32 weight).
-        deterministic: bitwise reproducible gradients (no atomics). chunk_size: torch-backend tokens/chunk.
+        deterministic: bitwise reproducible gradients (always the case: no atomics). chunk_size: token rows
+            per chunk of the torch backend and of the Triton backward's d(logits) buffer.
         grad_in_forward: run the head's backward during forward and keep d(hidden), d(weight), d(bias) (O(N*H +
             V*H)) until ``backward`` hands them out. The weight is then not read in backward; note that autograd
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen
             while the parameter is gathered, e.g. inside a module forward whose hooks re-gather it for backward,
-            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges).
+            which is what ``integrations.hf.causal_lm_grpo_loss`` arranges). Needs ``reduce=True``;
+            ignored under ``torch.compile``.
         backend: "auto" | "triton" | "torch".
+
+    Masked rows: on CPU they are dropped before the GEMMs (no work); on CUDA and under ``torch.compile``
+    they are zeroed and computed, because dropping them needs their count on the host (a sync).
     Returns:
-        (loss, metrics): 0-d fp32 loss; dict of 0-d detached fp32 metrics ``clip_frac_low``,
-        ``clip_frac_high``, ``ratio_mean``, ``logp_mean``, ``entropy`` (if computed), ``kl`` (if ref given).
+        (loss, metrics): 0-d fp32 loss ((B, T) with ``reduce=False``); dict of 0-d detached fp32 metrics
+        ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``logp_mean``, ``entropy`` (if computed),
+        ``kl`` (if ref given).
 
     Example::
 
@@ -105,39 +114,43 @@ def linear_grpo_loss(
         loss.backward()
     """
     del inplace_backward  # no logits buffer exists
-    opts = GRPOLossOptions(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                           delta=delta, beta=beta, entropy_coef=entropy_coef,
-                           importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode,
-                           max_length=max_length)
+    opts = GRPOLossOptions.build(options, **loss_options)
     validate_head(hidden, weight, bias, fp32_head, hidden_ndim=3)
     B, T, H = hidden.shape
-    m = validate_loss_inputs(B, T, weight.shape[0], hidden.device, tokens, advantages, mask, old_logprobs,
-                             ref_logprobs, opts)
+    V = weight.shape[0]
+    m = validate_loss_inputs(B, T, V, hidden.device, tokens, advantages, mask, old_logprobs, ref_logprobs, opts,
+                             validate=validate)
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
     if check_finite:
-        _check_finite(hidden, "hidden")
+        _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
+    tok, bad = safe_tokens(tokens, V, m)
     keep_entropy = compute_entropy or opts.needs_entropy_grad
-    if grad_in_forward and torch.is_grad_enabled():
-        def loss_fn(lp, en):
-            if check_finite:
-                _check_finite(torch.where(m, lp.detach(), 0.0), "per-token log-probs")
-            return grpo_token_loss(lp, en if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts)
-        return _loss_with_grads_in_forward(hidden.reshape(B * T, H), weight, bias, tokens.reshape(-1), m.reshape(-1),
-                                           1.0 / float(temperature), cfg, B, T, loss_fn, opts.needs_entropy_grad)
-    logp, ent = token_stats_rows(hidden.reshape(B * T, H), weight, bias, tokens.reshape(-1), m.reshape(-1),
-                                 1.0 / float(temperature), cfg)
-    logp, ent = logp.view(B, T), ent.view(B, T)
-    if check_finite:
-        _check_finite(torch.where(m, logp.detach(), 0.0), "per-token log-probs")
-    return grpo_token_loss(logp, ent if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts)
+    inv_t = 1.0 / opts.temperature
+
+    def loss_fn(lp, en):
+        lp = torch.where(bad, float("nan"), lp)
+        if check_finite:
+            _check_finite(lp.detach(), "per-token log-probs", m)
+        return grpo_token_loss(lp, en if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts,
+                               num_items_in_batch=num_items_in_batch)
+
+    if grad_in_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not opts.reduce:
+            raise ValueError("grad_in_forward=True needs a scalar loss (reduce=True)")
+        return _loss_with_grads_in_forward(hidden.reshape(B * T, H), weight, bias, tok.reshape(-1), m.reshape(-1),
+                                           inv_t, cfg, B, T, loss_fn, opts.needs_entropy_grad)
+    logp, ent = token_stats_rows(hidden.reshape(B * T, H), weight, bias, tok.reshape(-1), m.reshape(-1), inv_t, cfg)
+    return loss_fn(logp.view(B, T), ent.view(B, T))
 
 
 class LinearGRPOLoss(nn.Module):
-    """Module form of ``linear_grpo_loss``: options fixed at construction, tensors per call.
+    """Module form of ``linear_grpo_loss``: options fixed (and validated) at construction, tensors per call.
 
-    ``forward(hidden, weight, tokens, advantages, mask=None, old_logprobs=None, ref_logprobs=None, bias=None)``
-    returns ``(loss, metrics)``.
+    ``LinearGRPOLoss(options=None, *, compute_entropy, check_finite, validate, fp32_head, deterministic,
+    chunk_size, grad_in_forward, backend, **loss_options)``; ``forward(hidden, weight, tokens, advantages,
+    mask=None, old_logprobs=None, ref_logprobs=None, bias=None, num_items_in_batch=None)`` returns
+    ``(loss, metrics)``. ``self.options`` is the :class:`GRPOLossOptions`.
 
     Example::
 
@@ -145,28 +158,22 @@ class LinearGRPOLoss(nn.Module):
         loss, metrics = loss_fn(hidden, model.lm_head.weight, tokens, advantages, mask, old_logprobs)
     """
 
-    def __init__(self, *, temperature: float = 1.0, eps_low: float = 0.2, eps_high: float = 0.2,
-                 dual_clip: Optional[float] = None, delta: Optional[float] = None, beta: float = 0.0,
-                 entropy_coef: float = 0.0, importance_sampling: str = "token", loss_agg_mode: str = "token-mean",
-                 max_length: Optional[int] = None, compute_entropy: bool = True, check_finite: bool = False,
-                 fp32_head: bool = False, deterministic: bool = False, chunk_size: Optional[int] = None,
-                 grad_in_forward: bool = False, backend: str = "auto"):
+    def __init__(self, options: Optional[GRPOLossOptions] = None, *, compute_entropy: bool = True,
+                 check_finite: bool = False, validate: str = "cheap", fp32_head: bool = False,
+                 deterministic: bool = False, chunk_size: Optional[int] = None, grad_in_forward: bool = False,
+                 backend: str = "auto", **loss_options):
         super().__init__()
         # validate now so a bad option fails at construction, not at the first step
-        GRPOLossOptions(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                        delta=delta, beta=beta, entropy_coef=entropy_coef, importance_sampling=importance_sampling,
-                        loss_agg_mode=loss_agg_mode, max_length=max_length)
-        self.options = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                            delta=delta, beta=beta, entropy_coef=entropy_coef,
-                            importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode,
-                            max_length=max_length, compute_entropy=compute_entropy, check_finite=check_finite,
-                            fp32_head=fp32_head, deterministic=deterministic, chunk_size=chunk_size,
-                            grad_in_forward=grad_in_forward, backend=backend)
+        self.options = GRPOLossOptions.build(options, **loss_options)
+        check_validate(validate)
+        self.call_options = dict(compute_entropy=compute_entropy, check_finite=check_finite, validate=validate,
+                                 fp32_head=fp32_head, deterministic=deterministic, chunk_size=chunk_size,
+                                 grad_in_forward=grad_in_forward, backend=backend)
 
     def forward(self, hidden, weight, tokens, advantages, mask=None, old_logprobs=None, ref_logprobs=None,
-                bias=None):
-        return linear_grpo_loss(hidden, weight, tokens, advantages, mask, old_logprobs, ref_logprobs,
-                                bias=bias, **self.options)
+                bias=None, num_items_in_batch=None):
+        return linear_grpo_loss(hidden, weight, tokens, advantages, mask, old_logprobs, ref_logprobs, bias=bias,
+                                options=self.options, num_items_in_batch=num_items_in_batch, **self.call_options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in {**vars(self.options), **self.call_options}.items())

@@ -32,6 +32,28 @@ from ..._utils import triton_interpret
 _DNS = ["N", "T", "rows_b", "inv_temp"]
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY: tl.constexpr):
+    """Online log-sum-exp (base 2) over one (groups, VEC) tile of raw logits x; every group is VEC contiguous
+    elements held by one thread, so the group max and sums need no cross-thread traffic. Per group: m_g the
+    running max of z2 = x * c (c = log2(e) / T), s_g = sum 2^(z2 - m_g), a_g = sum 2^(z2 - m_g) (z2 - m_g)."""
+    m_new = tl.maximum(m_g, tl.max(x, axis=1) * c)          # c > 0: max commutes with the scaling
+    # 2^(z2 - m_new) per element: one MUFU; the finite clamp keeps 0 * -inf out of the entropy sum
+    d = tl.maximum(x * c - m_new[:, None], -1.0e30)
+    e = tl.exp2(d)
+    shift = m_g - m_new
+    alpha = tl.exp2(shift)
+    if COMPUTE_ENTROPY:
+        # rescale a to the new max: sum e'(z - m') = alpha * (a + (m - m') * s)
+        a_g = alpha * (a_g + shift * s_g) + tl.sum(e * d, axis=1)
+    s_g = alpha * s_g + tl.sum(e, axis=1)
+    return m_new, s_g, a_g
+
+
 @triton.jit(do_not_specialize=_DNS)
 def _token_logprobs_fwd_kernel(
     p_logits,      # (B, T, V) any float dtype; row (b, t) starts at (b * rows_b + t) * stride_t
@@ -41,7 +63,7 @@ def _token_logprobs_fwd_kernel(
     p_entropy,     # (N,) fp32 out (untouched when COMPUTE_ENTROPY is False)
     p_lse,         # (N,) fp32 out
     N, T, rows_b, stride_t, V, inv_temp,
-    HAS_MASK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
@@ -56,34 +78,37 @@ def _token_logprobs_fwd_kernel(
     i_t = i_row - i_b * T
     p_row = p_logits + (i_b * rows_b + i_t) * stride_t
 
-    # online log-sum-exp; s = sum exp(z - m), a = sum exp(z - m) * (z - m), both relative to the running max m.
-    # A finite sentinel (not -inf) keeps (m_old - m_new) * s at 0 before the first block instead of NaN.
-    m_i = -1e30
-    s_i = 0.0
-    a_i = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m_i, tl.max(b_z, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        b_e = tl.exp(b_z - m_new)
-        if COMPUTE_ENTROPY:
-            # rescale a to the new max: sum e^{z-m'}(z-m') = alpha * (a + (m - m') * s)
-            # where() before the product: padded lanes (and -inf logits) give 0 * -inf otherwise
-            b_d = tl.where(b_e > 0, b_z - m_new, 0.0)
-            a_i = alpha * (a_i + (m_i - m_new) * s_i) + tl.sum(b_e * b_d, axis=0)
-        s_i = s_i * alpha + tl.sum(b_e, axis=0)
-        m_i = m_new
-    lse = m_i + tl.log(s_i)
+    # The row is walked as (BLOCK_V / VEC, VEC) tiles, VEC = 16 bytes of logits per group. Each group keeps its
+    # own running statistics across the whole row (base-2 online log-sum-exp); groups are combined once, after
+    # the loop. A finite start (not -inf) keeps (m_old - m_new) * s at 0 before the first tile instead of NaN.
+    G: tl.constexpr = BLOCK_V // VEC
+    o_g = tl.arange(0, G)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    c = inv_temp * _LOG2E
+    m_g = tl.full([G], -1.0e30, tl.float32)
+    s_g = tl.zeros([G], tl.float32)
+    a_g = tl.zeros([G], tl.float32)
+    v_full = V - V % BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):                     # full tiles: no bounds mask
+        x = tl.load(p_row + v0 + o_g).to(tl.float32)
+        m_g, s_g, a_g = _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY)
+    if v_full < V:                                           # ragged tail; padding reads as -inf (adds 0)
+        x = tl.load(p_row + v_full + o_g, mask=v_full + o_g < V, other=float("-inf")).to(tl.float32)
+        m_g, s_g, a_g = _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY)
+    # the one cross-thread combine of the row: rebase every group to the row max M
+    M = tl.max(m_g, axis=0)
+    f = tl.exp2(m_g - M)
+    s = tl.sum(f * s_g, axis=0)
+    log2_s = tl.log2(s)
+    lse = (M + log2_s) * _LN2
 
     y = tl.load(p_tokens + i_row).to(tl.int64)
     z_y = tl.load(p_row + y).to(tl.float32) * inv_temp
     tl.store(p_logp + i_row, z_y - lse)
     tl.store(p_lse + i_row, lse)
     if COMPUTE_ENTROPY:
-        # H = lse - E[z] = log s - E[z - m]
-        tl.store(p_entropy + i_row, tl.log(s_i) - a_i / s_i)
+        # H = lse - E[z] = (log2 s - E[z2 - M]) * ln 2, with sum e (z2 - M) = sum f (a_g + (m_g - M) s_g)
+        a = tl.sum(f * (a_g + (m_g - M) * s_g), axis=0)
+        tl.store(p_entropy + i_row, (log2_s - a / s) * _LN2)
 
 
 @triton.jit(do_not_specialize=_DNS + ["rows_b_out"])
@@ -109,22 +134,45 @@ def _token_logprobs_bwd_kernel(
                      mask=o_v < V)
         return
 
-    lse = tl.load(p_lse + i_row)
+    # dz_v = (1[v = y] dlogp - p_v (dlogp + dH (log p_v + H))) / T, in base 2: with l2 = z_v log2(e) - lse log2(e),
+    # p_v = 2^l2 and log p_v = l2 ln 2, so the non-target part is p_v * (k0 + k1 * l2): one MUFU and three FMAs
+    # per element. The target's 1[v = y] dlogp / T is added afterwards by one scalar store.
+    lse2 = tl.load(p_lse + i_row) * _LOG2E
     dlogp = tl.load(p_dlogp + i_row)
     y = tl.load(p_tokens + i_row).to(tl.int64)
+    c = inv_temp * _LOG2E
+    k0 = -dlogp * inv_temp
+    k1 = 0.0
     if HAS_DENTROPY:
         dh = tl.load(p_dentropy + i_row)
-        h = tl.load(p_entropy + i_row)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32) * inv_temp
-        b_logp = b_z - lse
-        b_p = tl.exp(b_logp)
-        b_g = tl.where(o_v == y, dlogp, 0.0) - dlogp * b_p
-        if HAS_DENTROPY:
-            b_g -= dh * b_p * (b_logp + h)
-        tl.store(p_out + o_v, (b_g * inv_temp).to(p_dlogits.dtype.element_ty), mask=m_v)
+        k0 -= dh * tl.load(p_entropy + i_row) * inv_temp
+        k1 = -dh * _LN2 * inv_temp
+    x_y = tl.load(p_row + y).to(tl.float32)     # read before the loop: the in-place backward overwrites it
+    o_v = tl.arange(0, BLOCK_V)
+    v_full = V - V % BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):         # full tiles: no bounds mask
+        x = tl.load(p_row + v0 + o_v).to(tl.float32)
+        tl.store(p_out + v0 + o_v, _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty))
+    if v_full < V:
+        m_v = v_full + o_v < V
+        x = tl.load(p_row + v_full + o_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.store(p_out + v_full + o_v, _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty),
+                 mask=m_v)
+    # the target element: every thread's stores above are ordered before this one by the barrier
+    tl.debug_barrier()
+    g_y = _dlogits_block(x_y, c, lse2, k0, k1, HAS_DENTROPY) + dlogp * inv_temp
+    tl.store(p_out + y, g_y.to(p_dlogits.dtype.element_ty))
+
+
+@triton.jit
+def _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY: tl.constexpr):
+    """Non-target part of dz / T for raw logits x (any shape): p * (k0 + k1 * l2), l2 = log2 p."""
+    l2 = x * c - lse2
+    p = tl.exp2(l2)
+    if HAS_DENTROPY:
+        # a -inf logit has p = 0 and log p = -inf: the finite clamp makes its gradient 0, not 0 * inf = NaN
+        return p * (k0 + k1 * tl.maximum(l2, -1.0e30))
+    return p * k0
 
 
 # --------------------------------------------------------------------------------------------- launch helpers
@@ -134,8 +182,19 @@ def _launch_config(V: int, block_v: Optional[int] = None) -> Tuple[int, int]:
         # interpreter: big blocks mean fewer numpy steps; 2048 still exercises the multi-block online path.
         cap = 2048 if triton_interpret() else 4096
         block_v = min(triton.next_power_of_2(V), cap)
-    num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
-    return block_v, num_warps
+    return block_v, _num_warps(block_v)
+
+
+def _num_warps(block_v: int) -> int:
+    """Warps for a streaming tile: at least 8 elements (one 16-byte bf16 group) per thread, so the per-group
+    statistics never straddle threads (sm_90 sweep, bench/SM90.md: 9.4 SASS instructions per element from 8
+    elements per thread on, 12-20 below), and at most 8 warps."""
+    return max(1, min(8, block_v // 256))
+
+
+def _vec(x: torch.Tensor, block_v: int) -> int:
+    """Elements per 16-byte group: the unit a thread owns (one vector load) in the streaming kernels."""
+    return min(16 // x.element_size(), block_v)
 
 
 def _row_layout(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
@@ -220,7 +279,8 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
         g_lp = dlogp[sb, st]
         if dentropy is not None:
             dh = dentropy[sb, st]
-            coef = lp.mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            coef = lp.nan_to_num_(neginf=0.0).mul_(-dh.unsqueeze(-1)).sub_((g_lp + dh * entropy[sb, st]).unsqueeze(-1))
             g = p.mul_(coef)
         else:
             g = p.mul_(-g_lp.unsqueeze(-1))
@@ -229,7 +289,7 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
         if temperature != 1.0:
             g.mul_(1.0 / temperature)
         if mask is not None:
-            g[~mask[sb, st]] = 0.0  # masked rows: zero gradient even if their logits are garbage
+            g.masked_fill_(~mask[sb, st, None], 0.0)  # masked rows: zero gradient even if their logits are garbage
         out[sb, st] = g
     return out
 
@@ -260,7 +320,8 @@ def token_logprobs_fwd(
     BLOCK_V, num_warps = _launch_config(V, block_v)
     _token_logprobs_fwd_kernel[(N,)](
         x, tok, m, logp, ent, lse, N, T, rows_b, stride_t, V, 1.0 / float(temperature),
-        HAS_MASK=has_mask, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=BLOCK_V, num_warps=num_warps)
+        HAS_MASK=has_mask, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=BLOCK_V, VEC=_vec(x, BLOCK_V),
+        num_warps=num_warps)
     return logp, ent, lse
 
 

@@ -8,9 +8,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask
+from ..._utils import check_same_device, check_shape, check_temperature, check_tensor, checked_mask
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..fused_head.engine import make_head_config, token_stats_rows, validate_head
+from ..fused_head._library import token_stats_rows
+from ..fused_head.engine import make_head_config, validate_head
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
@@ -29,7 +30,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         mask: optional bool/0-1 of the token shape; masked rows are skipped (no GEMM work) and get 0.
         compute_entropy: return the full-distribution entropy (else ``None``).
         fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
-        deterministic: bitwise reproducible gradients (Triton: fixed-order kernels instead of atomics).
+        deterministic: bitwise reproducible gradients (always the case: neither backend uses atomics).
         chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
             hidden or weight. backend: "auto" | "triton" | "torch".
     Returns:
@@ -41,16 +42,14 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         logp, ent = linear_token_logprobs(h, model.lm_head.weight, ids, temperature=0.7, mask=completion_mask)
     """
     validate_head(hidden, weight, bias, fp32_head)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     shape = hidden.shape[:-1]
     check_tensor(tokens, "tokens", ndim=len(shape))
     check_shape(tokens, "tokens", shape)
     check_same_device(hidden, "hidden", tokens=tokens, mask=mask)
-    m = normalize_mask(mask, shape, hidden.device)
-    check_tokens_in_range(tokens, weight.shape[0], m)
+    m = checked_mask(mask, shape, hidden.device, tokens, weight.shape[0])
     if check_finite:
-        _check_finite(hidden, "hidden")
+        _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
     logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),

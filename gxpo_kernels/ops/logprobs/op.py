@@ -1,4 +1,4 @@
-"""``token_logprobs``: the public function (validation, backend choice) over the registered op of ``_library.py``.
+"""``token_logprobs``: the public function (validation, backend choice) over the op registered in ``_library.py``.
 
 The math, shapes and kernels are described in ``kernel.py``; the float64 reference is ``reference.py``.
 """
@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_tensor, check_tokens_in_range, normalize_mask, resolve_backend
+from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, has_internal_overlap,
+                       resolve_backend)
 from . import _library
 
 
@@ -61,15 +62,8 @@ def token_logprobs(
     if tuple(tokens.shape) != (B, T):
         raise ValueError(f"tokens must have shape {(B, T)}, got {tuple(tokens.shape)}")
     check_same_device(logits, "logits", tokens=tokens, mask=mask)
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if torch.compiler.is_compiling():
-        # value checks (ids in range, 0/1 mask) read tensor data, which a traced graph cannot branch on
-        check_shape(mask, "mask", (B, T))
-        m = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    else:
-        m = normalize_mask(mask, (B, T), logits.device) if mask is not None else None
-        check_tokens_in_range(tokens, V, m)
+    temperature = check_temperature(temperature)
+    m = checked_mask(mask, (B, T), logits.device, tokens, V, none_is_all=False)
     bk = resolve_backend(backend, logits.device)
     return _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
 
@@ -78,6 +72,11 @@ def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_
     """Validated entry shared by ``token_logprobs`` and ``grpo_loss`` (mask: bool (B, T) or None)."""
     if torch.compiler.is_compiling():
         inplace_backward = False  # a mutation inside a compiled backward graph is not worth the risk
+    elif inplace_backward and has_internal_overlap(logits):
+        # rows sharing memory (stride-0 expand, unfold windows) would overwrite each other's gradient
+        raise ValueError(f"inplace_backward=True needs logits whose elements do not overlap in memory; got shape "
+                         f"{tuple(logits.shape)} with strides {logits.stride()} (pass inplace_backward=False, "
+                         "or a contiguous copy)")
     logp, ent = _library.token_logprobs_op(logits, tokens, mask, temperature, compute_entropy,
                                            inplace_backward, backend)
     return logp, (ent if compute_entropy else None)

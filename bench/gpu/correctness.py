@@ -1,0 +1,168 @@
+"""Every Triton kernel at the tile configuration its launcher picks on the GPU, at the target sizes, against
+float64 references: ``python -m bench.gpu.correctness --out correctness.json [--tiny]``.
+
+Sizes (full): N = 16,384 token rows x V = 151,936, so the last rows of a logits tensor start past the 2^31-th
+element (row 14,134 on); the rows checked are the first ones, some around that offset and the last ones. The
+fused-linear heads run at H = 1,536 on N = 2,048 rows (their backward chunks rows, so the 2^31 offset is
+exercised through the d(logits) chunk). ``--tiny`` shrinks every size for a CPU dry run (TRITON_INTERPRET=1).
+Each case records pass/fail, the worst relative error per output and the wall time; the exit code is 1 if any
+case fails.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}      # d(logits) / gradients, relative norm per checked row set
+STAT_TOL = 2e-5                                        # logp / entropy (fp32 math on either input dtype)
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _rows(N: int, V: int):
+    """Rows to check: the first, around the 2^31-element offset, and the last."""
+    k = max(1, (2 ** 31) // V)
+    rows = {0, 1, N // 2, N - 2, N - 1} | ({k - 1, k, k + 1} if k + 1 < N else set())
+    return torch.tensor(sorted(r for r in rows if 0 <= r < N))
+
+
+def case_token_logprobs(dev, dtype, N, V, masked: bool):
+    tl_mod = importlib.import_module("gxpo_kernels.ops.logprobs.kernel")
+    ref_mod = importlib.import_module("gxpo_kernels.ops.logprobs.reference")
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = (torch.randn(1, N, V, generator=g, device=dev, dtype=dtype) * 3)
+    tok = torch.randint(0, V, (1, N), generator=g, device=dev)
+    mask = (torch.rand(1, N, generator=g, device=dev) > 0.2) if masked else None
+    dlogp, dent = torch.randn(1, N, device=dev), torch.randn(1, N, device=dev)
+    logp, ent, lse = tl_mod.token_logprobs_fwd(x, tok, mask, 0.9, True, "triton")
+    dx = tl_mod.token_logprobs_bwd(x, tok, mask, lse, ent, dlogp, dent, 0.9, False, "triton")
+    r = _rows(N, V).to(dev)
+    xr = x[0, r].double().requires_grad_()
+    rl, re = ref_mod.token_logprobs_ref(xr[None], tok[:, r], 0.9)
+    keep = torch.ones_like(rl, dtype=torch.bool) if mask is None else mask[:, r]
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    rl, re = torch.where(keep, rl, zero), torch.where(keep, re, zero)
+    ((rl * dlogp[:, r]).sum() + (re * dent[:, r]).sum()).backward()
+    errs = {"logp": rel(logp[0, r], rl[0].detach()), "entropy": rel(ent[0, r], re[0].detach()),
+            "dlogits": rel(dx[0, r], xr.grad)}
+    ok = errs["logp"] <= STAT_TOL and errs["entropy"] <= STAT_TOL and errs["dlogits"] <= TOL[dtype]
+    if mask is not None:
+        ok = ok and bool((dx[0, r][~mask[0, r]] == 0).all())
+    return ok, errs
+
+
+def case_fpa(dev, dtype, N, V):
+    """The public op (forward kernel, then token_logprobs' backward kernel) on the target size."""
+    m = importlib.import_module("gxpo_kernels.ops")
+    ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = (torch.randn(N, V, generator=g, device=dev, dtype=dtype) * 2).requires_grad_()
+    xr_ = (x.detach().float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
+    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    out = m.fpa_logprobs(x, xr_, tok, 1.0, 0.9, backend="triton")
+    dlogp = torch.randn(N, device=dev)
+    (out[0] * dlogp).sum().backward()
+    r = _rows(N, V).to(dev)
+    xd = x.detach()[r].double().requires_grad_()
+    rl, rr, rf = ref.fpa_logprobs_ref(xd, xr_[r].double(), tok[r], 1.0, 0.9)
+    (rl * dlogp[r]).sum().backward()
+    errs = {"logp": rel(out[0][r], rl), "ref_logp": rel(out[1][r], rr), "fpa_logp": rel(out[2][r], rf),
+            "dlogits": rel(x.grad[r], xd.grad)}
+    ok = max(errs["logp"], errs["ref_logp"], errs["fpa_logp"]) <= STAT_TOL and errs["dlogits"] <= TOL[dtype]
+    return ok, errs
+
+
+def case_linear(dev, dtype, N, H, V, fp32_head: bool):
+    m = importlib.import_module("gxpo_kernels.ops")          # the public functions: stable across moves
+    g = torch.Generator(device=dev).manual_seed(3)
+    h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype).requires_grad_()
+    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    dlogp, dent = torch.randn(N, device=dev), torch.randn(N, device=dev)
+    logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, fp32_head=fp32_head, backend="triton")
+    ((logp * dlogp).sum() + (ent * dent).sum()).backward()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rl, re = importlib.import_module("gxpo_kernels.ops.logprobs.reference").token_logprobs_ref(hd @ wd.T, tok, 0.9)
+    ((rl * dlogp).sum() + (re * dent).sum()).backward()
+    tol = 2e-5 if dtype == torch.float32 else 1e-2      # bf16 gradients are returned in bf16 (fp32_head too)
+    errs = {"logp": rel(logp, rl.detach()), "entropy": rel(ent, re.detach()), "d_hidden": rel(h.grad, hd.grad),
+            "d_weight": rel(w.grad, wd.grad)}
+    # bf16 operands: the logits themselves carry bf16-product error, so the statistics get the loose tolerance
+    ok = all(v <= (tol if k.startswith("d_") else max(tol, STAT_TOL)) for k, v in errs.items())
+    return ok, errs
+
+
+def case_linear_fpa(dev, dtype, N, H, V):
+    m = importlib.import_module("gxpo_kernels.ops")
+    ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
+    g = torch.Generator(device=dev).manual_seed(4)
+    h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype)
+    w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype)
+    hr = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype)
+    wr = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype)
+    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    out = m.linear_fpa_logprobs(h, w, hr, wr, tok, 1.0, 0.9, backend="triton")
+    r = ref.fpa_logprobs_ref(h.double() @ w.double().T, hr.double() @ wr.double().T, tok, 1.0, 0.9)
+    errs = {k: rel(a, b) for k, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, r)}
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    return all(v <= tol for v in errs.values()), errs
+
+
+def cases(tiny: bool):
+    if tiny:
+        N, V, NL, H, VL = 6, 1500, 40, 24, 301
+    else:
+        N, V, NL, H, VL = 16_384, 151_936, 2_048, 1_536, 151_936
+    out = []
+    for dt in (torch.bfloat16, torch.float32):
+        dn = str(dt).replace("torch.", "")
+        out.append((f"token_logprobs {dn} N={N} V={V}", lambda dev, dt=dt: case_token_logprobs(dev, dt, N, V, False)))
+        out.append((f"token_logprobs {dn} masked", lambda dev, dt=dt: case_token_logprobs(dev, dt, N, V, True)))
+        out.append((f"fpa_logprobs {dn} N={N} V={V}", lambda dev, dt=dt: case_fpa(dev, dt, N, V)))
+        out.append((f"linear_token_logprobs {dn} N={NL} H={H} V={VL}",
+                    lambda dev, dt=dt: case_linear(dev, dt, NL, H, VL, False)))
+        out.append((f"linear_fpa_logprobs {dn} N={NL} H={H} V={VL}",
+                    lambda dev, dt=dt: case_linear_fpa(dev, dt, NL, H, VL)))
+    out.append((f"linear_token_logprobs bf16 fp32_head N={NL} H={H} V={VL}",
+                lambda dev: case_linear(dev, torch.bfloat16, NL, H, VL, True)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu.correctness")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU dry run under TRITON_INTERPRET=1)")
+    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for name, fn in cases(args.tiny):
+        t0 = time.time()
+        try:
+            ok, errs = fn(dev)
+            rec = {"name": name, "status": "pass" if ok else "FAIL", "errs": errs}
+        except Exception as e:
+            rec = {"name": name, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
+                   "trace": traceback.format_exc()[-3000:]}
+        rec["wall_s"] = round(time.time() - t0, 2)
+        results.append(rec)
+        print(f"{rec['status']:5} {name} {rec.get('errs', rec.get('error'))} ({rec['wall_s']} s)", flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "tiny": args.tiny,
+           "torch": torch.__version__, "triton": importlib.import_module("triton").__version__, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    return 0 if all(r["status"] == "pass" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Sweep the (BLOCK_V, num_warps) launch configuration of the streaming kernels by static SASS size:
+``python -m bench.sm90.sweep [--ops token_logprobs_fwd ...] [--blocks 1024 2048 4096 8192] [--warps 4 8 16]``.
+
+For each configuration the launcher's ``_launch_config`` is replaced, the op's scenarios are compiled for sm_90
+and the hot loop's SASS instructions per element, registers and spills are printed (predictions, no GPU).
+"""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+from unittest import mock  # noqa: E402
+
+# op -> module whose _launch_config picks (BLOCK_V, num_warps)
+LAUNCHERS = {"token_logprobs_fwd": "logprobs.kernel", "token_logprobs_bwd": "logprobs.kernel",
+             "fpa_logprobs_fwd": "fpa.kernel"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.sm90.sweep")
+    ap.add_argument("--ops", nargs="*", default=["token_logprobs_fwd", "token_logprobs_bwd"])
+    ap.add_argument("--blocks", nargs="*", type=int, default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16])
+    ap.add_argument("--cases", nargs="*", default=["bf16", "mask=False", "entropy=True"],
+                    help="scenario label filter (default: the bf16, unmasked, entropy case)")
+    ap.add_argument("--jobs", type=int, default=None)
+    args = ap.parse_args(argv)
+    from . import run
+    print(f"{'op':<22} {'BLOCK_V':>7} {'warps':>5} {'elem/thr':>8} {'instr/elem':>10} {'regs':>4} {'local':>5}  case")
+    for op in args.ops:
+        mod = importlib.import_module(f"gxpo_kernels.ops.{LAUNCHERS[op]}")
+        for bv in args.blocks:
+            for nw in args.warps:
+                if bv < 32 * nw:
+                    continue
+                with mock.patch.object(mod, "_launch_config", lambda *a, bv=bv, nw=nw, **k: (bv, nw)):
+                    doc = run([op], args.jobs, cases=args.cases)
+                for k in doc["kernels"]:
+                    hl = k.get("hot_loop") or {}
+                    print(f"{op:<22} {bv:>7} {nw:>5} {hl.get('elems_per_thread', 0):>8.0f} "
+                          f"{hl.get('instr_per_elem', float('nan')):>10} {k.get('registers', '-'):>4} "
+                          f"{k.get('local_bytes', '-'):>5}  {k['cases'][0][:60]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Fill the generated blocks of README.md and docs/*.md from committed result files.
+
+    python docs/build_docs.py           # rewrite the blocks in place
+    python docs/build_docs.py --check   # exit 1 if any block differs from what the result files give
+
+A generated block is the text between ``<!-- gen:NAME -->`` and ``<!-- /gen:NAME -->``; NAME picks a generator
+below, each of which reads one committed result file. Figures in README and docs come only from such blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+from typing import Callable, Dict
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BLOCK = re.compile(r"(<!-- gen:(?P<name>[\w.-]+) -->\n).*?(<!-- /gen:(?P=name) -->)", re.S)
+GENERATORS: Dict[str, Callable[[], str]] = {}
+
+
+def generator(name: str):
+    def deco(fn):
+        GENERATORS[name] = fn
+        return fn
+    return deco
+
+
+def _json(rel: str):
+    return json.loads((ROOT / rel).read_text())
+
+
+@generator("speedup-table")
+def _speedup_table() -> str:
+    from gxpo_kernels.trainer.report import markdown_table
+    return markdown_table(_json("docs/results/speedup-default-results.json"))
+
+
+@generator("bench-table")
+def _bench_table() -> str:
+    from bench.readme_table import BEGIN, END, latest_per_device, render_section
+    return render_section(latest_per_device()).replace(BEGIN, "").replace(END, "").strip()
+
+
+def _bench_rows(rel: str, labels: Dict[str, str]) -> str:
+    """A provider table (extra peak memory, median and min time) from a pytest-benchmark JSON file."""
+    doc = _json(rel)
+    rows, info = [], {}
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info", {})
+        if e.get("provider") not in labels:
+            continue
+        info = e
+        rows.append((labels[e["provider"]], e.get("peak_extra_mib"), b["stats"]["median"], b["stats"]["min"],
+                     b["stats"]["rounds"]))
+    base = next((r[1] for r in rows if r[1]), None)
+    out = [f"From `{rel}` ({doc['datetime'][:10]}, commit `{(doc.get('commit_info') or {}).get('id', '?')[:10]}`): "
+           f"one forward + backward, N = {info.get('n_tokens', '?')} tokens, H = {info.get('H', '?')}, "
+           f"V = {info.get('V', '?')}, {info.get('dtype', '?')}, CPU. Time is wall-clock on a shared 2-core machine: "
+           "it does not rank the providers; memory does.", "",
+           "| provider | extra peak memory (MiB) | x fused | median time (s) | min time (s) | rounds |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, mib, med, mn, rounds in rows:
+        ratio = f"{mib / base:.1f}x" if mib and base else "-"
+        out.append(f"| {name} | {mib:,.0f} | {ratio} | {med:.2f} | {mn:.2f} | {rounds} |" if mib is not None
+                   else f"| {name} | - | - | {med:.2f} | {mn:.2f} | {rounds} |")
+    return "\n".join(out)
+
+
+@generator("linear-grpo-memory")
+def _linear_grpo_memory() -> str:
+    return _bench_rows("bench/results/cpu-linear-grpo-loss.json", {
+        "fused": "`linear_grpo_loss` (PyTorch chunked backend)",
+        "materialised": "materialised logits + `grpo_loss`",
+        "eager": "eager PyTorch (logits, fp32 log_softmax, same loss math)",
+        "liger": "Liger `LigerFusedLinearGRPOLoss(compiled=False)`"})
+
+
+@generator("linear-fpa-memory")
+def _linear_fpa_memory() -> str:
+    return _bench_rows("bench/results/cpu-linear-fpa.json", {
+        "fused": "`linear_fpa_logprobs` (PyTorch chunked backend)",
+        "materialised": "materialised logits + `fpa_logprobs`",
+        "eager": "eager PyTorch"})
+
+
+@generator("trl-heads")
+def _trl_heads() -> str:
+    from bench.trl_heads_table import RESULTS, render
+    return render(json.loads(RESULTS.read_text()))
+
+
+@generator("extrapolate-cpu")
+def _extrapolate_cpu() -> str:
+    rel = "bench/results/cpu-extrapolate.json"
+    doc = _json(rel)
+    out = [f"From `{rel}` ({doc['datetime'][:10]}, commit `{(doc.get('commit_info') or {}).get('id', '?')[:10]}`), "
+           "CPU, fp32, a Qwen2-0.5B-shaped parameter list scaled to fit (wall-clock on a shared 2-core machine):", "",
+           "| provider | threads | elements | median (s) | GB/s | % of the same run's copy |", "|---|---:|---:|---:|---:|---:|"]
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info", {})
+        if b["name"].startswith("test_extrapolate_bandwidth["):
+            prov = b["name"][len("test_extrapolate_bandwidth["):-1]
+            out.append(f"| {prov} | {e.get('threads', '?')} | {e.get('numel', 0):,} | {b['stats']['median']:.3f} | "
+                       f"{e.get('gbps', float('nan')):.2f} | {e.get('pct_of_copy', float('nan')):.0f}% |")
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info", {})
+        if b["name"].startswith("test_gxpo_step_overhead"):
+            out += ["", f"GXPO bookkeeping on a {e.get('n_params', 0):,}-parameter Qwen2 (`{b['name']}`): "
+                    + ", ".join(f"`{k}` = {v:.2f}" for k, v in e.items() if k.endswith("pct"))]
+    return "\n".join(out + _extrapolate_host() + _gxpo_bookkeeping())
+
+
+def _extrapolate_host() -> list:
+    rel = "bench/results/cpu-extrapolate-host.json"
+    doc = _json(rel)
+    before = doc.get("before") or {}
+    out = ["", f"Host part of one call on the CUDA path, {doc['layout']} layout ({doc['n_tensors']} tensors), launch "
+           f"stubbed, process CPU time per call (from `{rel}`, load average {doc['load_avg'][0]:.1f} on 2 cores"
+           + (f", {doc.get('rounds', 1)} interleaved rounds; before = commit `{before['commit'][:10]}`" if before
+              else "") + "):", ""]
+    cols = "| case | median (ms) | p10 (ms) | p90 (ms) |" + (" before: median (ms) |" if before else "")
+    out += [cols, "|---|---:|---:|---:|" + ("---:|" if before else "")]
+    for case, r in doc["results"].items():
+        row = f"| `{case}` | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} |"
+        if before:
+            row += f" {before['results'][case]['median_ms']:.3f} |"
+        out.append(row)
+    return out
+
+
+def _gxpo_bookkeeping() -> list:
+    rel = "bench/results/cpu-update-throughput-gxpo.json"
+    doc = _json(rel)
+    out = ["", f"GXPO bookkeeping (snapshots, saved g0, extrapolation, cosine) in an active step of "
+           f"`bench_update_throughput` (from `{rel}`, CPU, 1 thread, process CPU time, `atomic=True`):", "",
+           "| size | GXPO step p50 (ms) | GRPO step p50 (ms) | bookkeeping, timer (ms) | share, timer | share, subtraction |"
+           " reps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for b in doc["benchmarks"]:
+        e = b["extra_info"]
+        out.append(f"| {e['name']} | {e['p50_ms']:.1f} | {e['grpo_p50_ms']:.1f} | {e['overhead_timer_ms']:.2f} | "
+                   f"{100 * e['overhead_timer_frac']:.1f}% | {100 * e['overhead_sub_frac']:.1f}% | {e['reps']} |")
+    return out
+
+
+def render(text: str) -> str:
+    def sub(m):
+        name = m.group("name")
+        if name not in GENERATORS:
+            raise KeyError(f"unknown generated block {name!r}")
+        return m.group(1) + GENERATORS[name]().rstrip("\n") + "\n" + m.group(3)
+    return BLOCK.sub(sub, text)
+
+
+def pages():
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if a generated block is stale")
+    args = ap.parse_args(argv)
+    stale = []
+    for page in pages():
+        old = page.read_text()
+        new = render(old)
+        if new != old:
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print("stale generated blocks in: " + ", ".join(map(str, stale)) + " (run python docs/build_docs.py)")
+        return 1
+    print(f"{len(pages())} pages checked, {len(stale)} {'stale' if args.check else 'rewritten'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

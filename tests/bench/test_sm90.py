@@ -1,0 +1,96 @@
+"""The sm_90 compile check (bench/sm90): the SASS reader on a known snippet, the whole check on the installed
+Triton, the formerly spilling kernels on Triton 3.6 (in a throwaway venv, as .ci/sm90_triton36.sh does), and
+the GPU command's CPU dry run."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from bench.sm90.compile import parse_sass
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   MUFU.EX2 R5, R5 ;
+        /*0030*/                   SHFL.BFLY PT, R6, R5, 0x10, 0x1f ;
+.L_x_2:
+        /*0040*/                   FADD R7, R7, R5 ;
+        /*0050*/              @!P1 BRA `(.L_x_2) ;
+        /*0060*/                   STL [R1], R7 ;
+        /*0070*/              @P0 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def _env():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def test_parse_sass_loops_and_counts():
+    instrs, loops = parse_sass(SASS)
+    assert len(instrs) == 9
+    outer, inner = sorted(loops, key=lambda lp: -lp.n_instr)
+    assert (outer.n_instr, outer.innermost) == (7, False)
+    assert (inner.n_instr, inner.innermost) == (2, True)
+    assert outer.counts["LDG"] == 1 and outer.counts["MUFU"] == 1 and outer.counts["SHFL"] == 1
+    assert outer.counts["LDL_STL"] == 1 and inner.counts["LDG"] == 0
+
+
+def _check_doc(doc, triton_version=None):
+    assert doc["failures"] == [], doc["failures"]
+    assert doc["kernels"] and all("error" not in k for k in doc["kernels"])
+    if triton_version:
+        assert doc["triton"] == triton_version
+    for k in doc["kernels"]:
+        assert 0 < k["registers"] <= 255 and k["local_bytes"] == 0 and k["spill_instructions"] == 0
+
+
+def test_sm90_check_installed_triton(tmp_path):
+    """Every kernel compiles for sm_90 at the launchers' configurations, without a spill, within budget."""
+    out = tmp_path / "sm90.json"
+    p = subprocess.run([sys.executable, "-m", "bench.sm90", "--json", str(out)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    doc = json.loads(out.read_text())
+    _check_doc(doc)
+    names = {k["kernel"] for k in doc["kernels"]}
+    assert {"_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_fpa_logprobs_fwd_kernel",
+            "_fwd_kernel", "_bwd_dlogits_kernel", "_fpa_fwd_kernel", "_extrapolate_kernel"} <= names
+    fwd = [k for k in doc["kernels"] if k["kernel"] == "_token_logprobs_fwd_kernel"]
+    assert len(fwd) == 8 and all(k["hot_loop"]["instr_per_elem"] <= 12 for k in fwd)
+    assert all(k["hot_loop"]["SHFL"] == 0 and k["hot_loop"]["BAR"] == 0 for k in fwd)   # no cross-thread work
+    bf16_head = [k for k in doc["kernels"] if k["kernel"] == "_bwd_dlogits_kernel"
+                 and k["signature"]["h_ptr"] == "*bf16" and not k["constexprs"]["UPCAST"]]
+    assert bf16_head and all(any("64x128x16" in m for m in k["mma"]) for k in bf16_head)
+
+
+def test_sm90_formerly_spilling_kernels_on_triton36(tmp_path):
+    """Triton 3.6 (GPU machines): the logits backward (which FPA's backward now is; FPA's own used to spill
+    there) and the fused-linear backward (whose d(weight) kernel used to spill there)."""
+    out = tmp_path / "sm90-t36.json"
+    p = subprocess.run(["bash", ".ci/sm90_triton36.sh", "--json", str(out), "--ops", "token_logprobs_bwd",
+                        "linear_head_bwd", "--cases", "bf16"], cwd=ROOT, env=dict(_env(), PYTHON=sys.executable),
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    doc = json.loads(out.read_text())
+    _check_doc(doc, "3.6.0")
+    assert {k["kernel"] for k in doc["kernels"]} == {"_token_logprobs_bwd_kernel", "_bwd_dlogits_kernel"}
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bash bench/gpu_check.sh OUTDIR with GPU_CHECK_DRYRUN=1: interpreter, tiny sizes, every stage passes."""
+    env = dict(_env(), GPU_CHECK_DRYRUN="1", PY=sys.executable, OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    doc = json.loads((tmp_path / "correctness.json").read_text())
+    assert len(doc["results"]) >= 11 and all(r["status"] == "pass" for r in doc["results"])
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "correctness rc=0" in summary and "bench_driver rc=0" in summary and "probe rc=0" in summary
+    assert list((tmp_path / "bench").glob("*.json")) and (tmp_path / "gpu_check.log").is_file()

@@ -1,0 +1,38 @@
+"""The update rules validate their hyperparameters with the library's one scalar rule: booleans are not
+numbers, NaN/inf are refused, numpy scalars and 0-d tensors are accepted, and the error names the range."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gxpo_kernels import SFPO, GXPO, WindowGate
+
+
+def _opt():
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+
+
+@pytest.mark.parametrize("rule, kw, err, text", [
+    (GXPO, dict(max_grad_norm=True), TypeError, "max_grad_norm"),
+    (GXPO, dict(alpha=True), TypeError, "alpha"),
+    (GXPO, dict(alpha=math.nan), ValueError, r"\(0, inf\)"),
+    (GXPO, dict(K=1), ValueError, r"\[2, inf\)"),
+    (GXPO, dict(K=2.5), TypeError, "K"),
+    (GXPO, dict(tau=-1.0), ValueError, "tau"),
+    (GXPO, dict(min_grad_norm=math.inf), ValueError, "min_grad_norm"),
+    (GXPO, dict(gate="window", window=1), ValueError, "window"),
+    (GXPO, dict(gate="ema", omega=1.5), ValueError, r"omega"),
+    (SFPO, dict(K=0), ValueError, r"\[1, inf\)"),
+    (SFPO, dict(alpha=math.inf), ValueError, "alpha"),
+    (SFPO, dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+])
+def test_bad_hyperparameters_are_refused(rule, kw, err, text):
+    with pytest.raises(err, match=text):
+        rule(_opt(), **kw)
+
+
+def test_numpy_and_tensor_scalars_are_accepted():
+    g = GXPO(_opt(), K=np.int64(5), alpha=np.float32(0.5), max_grad_norm=torch.tensor(1.0))
+    assert (g.K, g.alpha, g.max_grad_norm) == (5, 0.5, 1.0) and isinstance(g.alpha, float)
+    assert WindowGate(tau=np.float64(0.5), window=np.int32(4)).window == 4
