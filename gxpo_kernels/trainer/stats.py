@@ -2,7 +2,7 @@
 
 Everything here is NumPy on small arrays and has no I/O; ``report.py`` assembles it into results.json.
 
-Speedup to a threshold (spec algorithms.md §6): a method's *figure* is its step / backward-pass count /
+Speedup to a threshold: a method's *figure* is its step / backward-pass count /
 wall-clock at the first validation point whose score reaches the threshold; the *speedup ratio* is
 ``GRPO's figure / method's figure`` (> 1 means the method is faster). Three threshold variants, all from the
 baseline's curve of the same seed (peak = max of that curve, v0 = its warm-start score):
