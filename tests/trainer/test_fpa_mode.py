@@ -117,7 +117,9 @@ def test_cli_flags_and_speedup_opt_in(tmp_path, monkeypatch, mixed_rewards, caps
     capsys.readouterr()
 
     out = tmp_path / "s"
-    main(["speedup", "--preset", "test", "--methods", "grpo,fpa_dpo", "--out", str(out), "--no-progress", "--quiet"])
+    # in this process (--workers 0): the mixed_rewards monkeypatch does not reach spawned workers
+    main(["speedup", "--preset", "test", "--methods", "grpo,fpa_dpo", "--out", str(out), "--no-progress", "--quiet",
+          "--workers", "0"])
     index = json.loads((out / "runs.json").read_text())
     assert index["methods"] == ["grpo", "fpa_dpo"]
     results = json.loads((out / "results.json").read_text())
