@@ -116,6 +116,9 @@ class TrainConfig:
     sfpo_K: int = _f(3, "SFPO inner passes K")
     sfpo_alpha: float = _f(0.8, "SFPO alpha")
     sfpo_gate: str = _f("entropy", "SFPO gate ('none' = always active)", choices=GATES)
+    sfpo_entropy_signal: str = _f("rollout", "entropy the SFPO entropy gate sees: 'rollout' (the rollout's mean "
+                                  "token entropy) or 'slow_pass' (the slow pass's, at the repositioned point, as "
+                                  "the SFPO authors do)", choices=("rollout", "slow_pass"))
     fade_target_entropy: Optional[float] = _f(None, "FADE target entropy (None: the controller's default)")
     fpa_lam: float = _f(1.0, "fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = the base objective")
     fpa_side: str = _f("both", "fpa_*: coefficients at pi_hat on both sides or the rejected side only",

@@ -94,8 +94,9 @@ def rule_options(cfg: TrainConfig) -> Tuple[Optional[str], dict, dict]:
             dict(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=cfg.gxpo_gate)
     if cfg.algo == "sfpo":
         gate = None if cfg.sfpo_gate == "none" else cfg.sfpo_gate
-        return "sfpo", dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=gate), \
-            dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate)
+        signal = "slow_pass" if cfg.sfpo_entropy_signal == "slow_pass" else "argument"
+        return "sfpo", dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=gate, entropy_signal=signal), \
+            dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate, entropy_source=cfg.sfpo_entropy_signal)
     if cfg.algo.startswith("fpa_"):
         return None, {}, dict(objective=cfg.algo[len("fpa_"):], lam=cfg.fpa_lam, side=cfg.fpa_side,
                               beta=cfg.fpa_beta, gate=None)

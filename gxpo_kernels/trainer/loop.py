@@ -402,6 +402,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
             B, n_mb = ro.resp.shape[0], engine.micro_batches
             mb = B // n_mb
 
+            slow_pass_k = rule.K if getattr(rule, "entropy_signal", None) == "slow_pass" else None
+
             def closure():
                 tb, cb = timer.now(), time.process_time()
                 k = rule.pass_index if rule is not None else 0
@@ -424,6 +426,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                 timing["passes"] += 1
                 if not first:
                     first.update(loss=total, metrics=msum)
+                if k == slow_pass_k:                         # SFPO's slow pass reports its entropy to the gate
+                    return total, engine.dp_mean([msum["entropy"]])[0]
                 return total
 
             with timer.phase("update", rec):
@@ -441,7 +445,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                         info["grad_norm"].append(engine.optimizer_step())
                     info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
                 else:
-                    kw = {"entropy": ro.entropy} if rule.gate.needs_entropy else {}
+                    kw = {"entropy": ro.entropy} if rule.gate.needs_entropy and slow_pass_k is None else {}
                     info = dict(rule.step(closure, **kw))
             if rule is not None:
                 bp_total, opt_total = int(rule.total_backward_passes), int(rule.total_optimizer_steps)

@@ -195,3 +195,20 @@ def test_smoke_preset_with_controls(tmp_path, capsys):
         # fallback steps of sfpo/gxpo cost one pass; everything else costs what the method says
         assert deltas <= allowed, (method, deltas)
     assert "CONCLUSION" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signal", ["rollout", "slow_pass"])
+def test_sfpo_entropy_signal(tmp_path, random_advantages, signal):
+    """The SFPO entropy gate sees the rollout's entropy (default) or, as the SFPO authors do, the slow pass's
+    entropy at the repositioned point (its loss metric); both run the K + 1 passes."""
+    cfg = TrainConfig(algo="sfpo", sfpo_K=2, sfpo_entropy_signal=signal, out_dir=str(tmp_path / signal),
+                      cache_dir=str(tmp_path / "cache"), quiet=True, **dict(TINY, steps=2))
+    records = loop.train(cfg)
+    for r in records[1:]:
+        u = r["update"]
+        assert u["active"] is True and u["entropy_source"] == signal
+        if signal == "rollout":
+            assert u["entropy_signal"] == pytest.approx(r["rollout_entropy"])
+        else:   # the slow pass's policy differs from the rollout's, and so does its entropy
+            assert u["entropy_signal"] > 0 and u["entropy_signal"] != pytest.approx(r["rollout_entropy"], rel=1e-9)
+    assert records[-1]["backward_passes"] == 2 * 3
