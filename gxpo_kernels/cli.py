@@ -159,8 +159,6 @@ def _speedup(a) -> int:
     from .trainer.config import SpeedupConfig
     from .trainer.speedup import check_out_dir, check_writable_dir, default_out_dir, format_table, run_speedup
 
-    if getattr(a, "deepspeed", None):
-        _fail("--deepspeed works with `train` (one method per launch), not with `speedup`")
     cfg: SpeedupConfig = preset(a.preset)
     tc = config_from_args(a, cfg.train, exclude=SPEEDUP_OWN)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods is not None else cfg.methods
@@ -228,7 +226,12 @@ def _train(a) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["speedup"]:   # name the train-only launch options instead of "unrecognized arguments"
+        for opt in ("--deepspeed", "--fsdp"):
+            if any(x == opt or x.startswith(opt + "=") for x in args):
+                _fail(f"{opt} works with `train` (one method per launch), not with `speedup`")
+    a = build_parser().parse_args(args)
     try:
         return _speedup(a) if a.command == "speedup" else _train(a)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:

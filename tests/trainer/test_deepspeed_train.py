@@ -120,7 +120,7 @@ def _worker(rank, port, d):
     # resume under ZeRO-3: stop after step 3 (checkpoint at 2), resume, compare with the uninterrupted 4 steps
     base = TrainConfig(algo="gxpo", gxpo_gate="ema", gxpo_tau=1e-6, steps=4, save_steps=2,
                        deepspeed=_ds_json(d, f"resume.rank{rank}.json", 3), cache_dir=os.path.join(d, "cache"),
-                       **dict(TINY, val_every=1, val_size=8, pass1_size=0, pass1_n=0))
+                       **dict(TINY, val_every=1, val_size=8, pass1_size=0, pass1_n=1))
     full = loop.train(base.replace(out_dir=os.path.join(d, "resume", "full")))
     rng_full = torch.get_rng_state()
     loop.train(base.replace(steps=3, out_dir=os.path.join(d, "resume", "cut")))

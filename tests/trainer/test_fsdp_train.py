@@ -21,7 +21,7 @@ import torch
 from gxpo_kernels.cli import main
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig
 
-TINY = dict(prompts=4, group=4, hidden=32, val_every=1, val_size=8, pass1_size=0, pass1_n=0, quiet=True,
+TINY = dict(prompts=4, group=4, hidden=32, val_every=1, val_size=8, pass1_size=0, pass1_n=1, quiet=True,
             sft=SFTConfig(max_steps=0), save_steps=2)
 ALGOS = {  # algo: (extra TrainConfig fields, backward passes per step)
     "grpo_epochs": (dict(epochs=2), 2),
