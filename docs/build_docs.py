@@ -86,12 +86,6 @@ def _linear_fpa_memory() -> str:
         "eager": "eager PyTorch"})
 
 
-@generator("trl-heads")
-def _trl_heads() -> str:
-    from bench.trl_heads_table import RESULTS, render
-    return render(json.loads(RESULTS.read_text()))
-
-
 @generator("extrapolate-cpu")
 def _extrapolate_cpu() -> str:
     rel = "bench/results/cpu-extrapolate.json"

@@ -1,5 +1,15 @@
-"""Comparison helpers shared by the tests (fla-style named RMS-ratio check plus exact float64 checks)."""
+"""Helpers shared by the tests: fla-style named RMS-ratio check plus exact float64 checks, and a free local port
+for multi-rank spawns."""
+import socket
+
 import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (MASTER_PORT of a spawned process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rms_err_ratio(ref: torch.Tensor, tri: torch.Tensor) -> float:

@@ -17,7 +17,6 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
 * refusals at start-up (engine without ZeRO, inactive_threshold, and config checks on fakes).
 """
 import os
-import socket
 import tempfile
 import types
 
@@ -27,6 +26,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _ds_worker as W  # noqa: E402
+from tests._utils import free_port  # noqa: E402
 
 G = dict(gate=None)
 MLP_CASES = {
@@ -62,18 +62,12 @@ LM_CASES = {
 }
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _spawn(cases):
     import torch.multiprocessing as mp
     d = tempfile.mkdtemp(prefix="gxpo_ds_")
-    mp.spawn(W.worker, args=(_free_port(), d, cases), nprocs=W.WORLD, join=True)
+    mp.spawn(W.worker, args=(free_port(), d, cases), nprocs=W.WORLD, join=True)
     return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(W.WORLD)]
 
 

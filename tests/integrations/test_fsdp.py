@@ -16,7 +16,6 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
   a closure that leaves the model unsharded; the TRL trainer's FSDP refusal.
 """
 import os
-import socket
 import tempfile
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _fsdp_worker as W  # noqa: E402
+from tests._utils import free_port  # noqa: E402
 
 NAN_G1 = dict(nan=(1, 1))
 CASES = {
@@ -45,19 +45,13 @@ CASES["resume_sfpo"] = dict(CASES["sfpo_entropy_nan"], kind="resume", k=2)
 PARITY = [n for n, c in CASES.items() if c.get("kind", "fsdp") == "fsdp"]
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
 def runs():
     import torch.multiprocessing as mp
     d = tempfile.mkdtemp(prefix="gxpo_fsdp_")
-    mp.spawn(W.worker, args=(_free_port(), d, CASES), nprocs=W.WORLD, join=True)
+    mp.spawn(W.worker, args=(free_port(), d, CASES), nprocs=W.WORLD, join=True)
     return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W.WORLD)]
 
 

@@ -14,7 +14,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ pytest.importorskip("deepspeed")
 
 from gxpo_kernels.cli import main  # noqa: E402
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig  # noqa: E402
+from tests._utils import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(prompts=4, group=4, hidden=32, val_every=3, val_size=16, pass1_size=4, pass1_n=2, quiet=True,
@@ -58,7 +58,7 @@ def test_torchrun_cli_gxpo_zero2(tmp_path):
     out = tmp_path / "out"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun if os.path.isfile(torchrun) else "torchrun", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "gxpo_kernels.cli", "train", "--deepspeed", ds, "--algo", "gxpo", "--steps",
+           str(free_port()), "-m", "gxpo_kernels.cli", "train", "--deepspeed", ds, "--algo", "gxpo", "--steps",
            "3", "--sft-steps", "0", "--prompts", "4", "--group", "4", "--val-size", "16",
            "--pass1-size", "4", "--pass1-n", "2", "--val-every", "3", "--out", str(out),
            "--cache-dir", str(tmp_path / "cache")]
@@ -93,10 +93,6 @@ CASES = {  # name: (algo, stage, gas, extra TrainConfig fields, backward passes 
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, d):
@@ -135,7 +131,7 @@ def _worker(rank, port, d):
 def spawned():
     import torch.multiprocessing as mp
     d = tempfile.mkdtemp(prefix="gxpo_dstrain_")
-    mp.spawn(_worker, args=(_free_port(), d), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), d), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 

@@ -12,7 +12,6 @@ spawn for every case (random advantages: the untrained tiny policy scores 0, so 
 """
 import json
 import os
-import socket
 import tempfile
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 from gxpo_kernels.cli import main
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig
+from tests._utils import free_port  # noqa: E402
 
 TINY = dict(prompts=4, group=4, hidden=32, val_every=1, val_size=8, pass1_size=0, pass1_n=1, quiet=True,
             sft=SFTConfig(max_steps=0), save_steps=2)
@@ -30,10 +30,6 @@ ALGOS = {  # algo: (extra TrainConfig fields, backward passes per step)
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(path):
@@ -88,7 +84,7 @@ def _worker(rank, port, d):
 def spawned():
     import torch.multiprocessing as mp
     d = tempfile.mkdtemp(prefix="gxpo_fsdptrain_")
-    mp.spawn(_worker, args=(_free_port(), d), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), d), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 
