@@ -205,3 +205,17 @@ def test_resume_zero3_is_bit_exact(spawned):
         assert os.path.isdir(os.path.join(c, "deepspeed"))
         st = torch.load(os.path.join(c, "trainer_state.pt"), weights_only=True)
         assert st["step"] == 4 and st["rule"]["gate"]["fired"] is True and st["world_size"] == 2
+
+
+def test_shipped_config_names_resolve(tmp_path, monkeypatch):
+    """`--deepspeed ds_zero2.json` with no such file here uses the config shipped in gxpo_kernels/examples; any
+    other missing name is a clear error listing the shipped ones."""
+    from gxpo_kernels.trainer.engines import load_ds_config
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(algo="gxpo", prompts=4, group=4)
+    assert load_ds_config("ds_zero2.json", cfg)["zero_optimization"]["stage"] == 2
+    assert load_ds_config("ds_zero3.json", cfg)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="shipped configs: ds_zero2.json"):
+        load_ds_config("ds_zero9.json", cfg)
+    with pytest.raises(ValueError, match="no such file"):
+        load_ds_config(str(tmp_path / "sub" / "ds_zero2.json"), cfg)
