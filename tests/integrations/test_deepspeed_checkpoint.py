@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.integrations.test_deepspeed import _free_port  # noqa: E402
+from tests._utils import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def records():
     import torch.multiprocessing as mp
     from tests.integrations import _ds_ckpt_worker as CW
     d = tempfile.mkdtemp(prefix="gxpo_ds_ckpt_")
-    mp.spawn(CW.worker, args=(_free_port(), d, (2, 3)), nprocs=2, join=True)
+    mp.spawn(CW.worker, args=(free_port(), d, (2, 3)), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
 
 
