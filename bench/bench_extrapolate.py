@@ -265,12 +265,18 @@ def qwen2_15b_shapes(layers=28, vocab=151936, hidden=1536, inter=8960, kv=256):
 
 def host_overhead(out_path=None, reps=60):
     """Host part of one extrapolation on the CUDA path, measured on the CPU with process CPU time and the Triton
-    launch stubbed out (the launch itself is a few microseconds of Triton's C launcher on a GPU machine). The
-    tensors are CPU tensors of the real sizes (allocated, never touched); the launch configuration is CUDA's
-    (CHUNK 16384, 8 x 132 programs). Cases:
-    ``extrapolate_`` (the public op: validation and tables cached per layout, g1 checked per call; fresh g1
-    every other call) and ``ExtrapolationPlan`` (what the rules call: only g1's addresses are read), with
-    gradients at fresh or at repeated addresses."""
+    launch stubbed out (the launch itself is Triton's launcher on a GPU machine). The tensors are CPU tensors of
+    the real sizes (allocated, never touched); the launch configuration is CUDA's (CHUNK 16384, 8 x 132
+    programs). Cases:
+
+    - ``extrapolate_``: the public op (validation and tables cached per layout, g1 checked per call; new g1
+      every other call);
+    - ``plan_*``: ``ExtrapolationPlan`` with static g0 (what the rules call with a g0 buffer), and
+      ``plan_kept_g0_*`` with ``g0="per_call"`` (GXPO keeping pass 0's gradients: g0 and g1 read per call);
+    - ``*_same_addresses``: the gradients sit at the addresses of the previous call (a caching allocator's
+      steady state); ``*_new_addresses``: new gradient tensors at new addresses before every call, carved from
+      one pool as a caching allocator hands out cached blocks; ``plan_new_tensors_os``: new gradient tensors
+      that the OS allocates just before the call (cold tensor metadata: the pessimistic case)."""
     import json
     from gxpo_kernels.ops.extrapolate import op as X
 
@@ -283,28 +289,43 @@ def host_overhead(out_path=None, reps=60):
     X.extrapolate_backend = lambda backend, device: "triton"
     try:
         shapes = qwen2_15b_shapes()
+        sizes = [math.prod(s) for s in shapes]
         mk = lambda: [torch.empty(s) for s in shapes]  # noqa: E731
+        pool = torch.empty(2 * sum(sizes) + 64 * len(shapes))   # never touched: no memory is committed
+        shift = iter(range(10 ** 9))
+
+        def carve():   # new tensors at new addresses (16-byte aligned, as a caching allocator returns them)
+            o, out = 4 * (next(shift) % 997), []
+            for s, n in zip(shapes, sizes):
+                out.append(pool[o:o + n].view(s))
+                o += n + 4 * (1 + next(shift) % 3)
+            return out
         P, T0, G0 = mk(), mk(), mk()
 
-        def cached(g1):
-            X.extrapolate_(P, T0, G0, g1, alpha=0.5, K=5)
+        def cached(g):
+            X.extrapolate_(P, T0, G0, g[1], alpha=0.5, K=5)
         plan = X.ExtrapolationPlan(P, T0, G0)
+        kept = X.ExtrapolationPlan(P, T0, "per_call")
+        run_plan = lambda g: plan(g[1], alpha=0.5, K=5)  # noqa: E731
+        run_kept = lambda g: kept(g[1], g0=g[0], alpha=0.5, K=5)  # noqa: E731
         res = {}
-        run_plan = lambda g1: plan(g1, alpha=0.5, K=5)  # noqa: E731
-        # fresh: new gradient tensors at new addresses before every call; same: the addresses repeat (what a
-        # caching allocator usually does from step to step)
-        for name, fn, fresh in (("extrapolate_", cached, 2), ("plan_fresh_addresses", run_plan, 1),
-                                ("plan_same_addresses", run_plan, 0)):
-            g1 = mk()
+        # (name, fn, how the gradients change: 0 never, "os" OS-allocated before every call, "pool" carved
+        # before every call, 2 OS-allocated every other call)
+        for name, fn, fresh in (("extrapolate_", cached, 2), ("plan_same_addresses", run_plan, 0),
+                                ("plan_new_addresses", run_plan, "pool"), ("plan_new_tensors_os", run_plan, "os"),
+                                ("plan_kept_g0_same_addresses", run_kept, 0),
+                                ("plan_kept_g0_new_addresses", run_kept, "pool")):
+            new = (lambda: (carve(), carve())) if fresh == "pool" else (lambda: (mk(), mk()))
+            g = new()
             t = time.process_time()
-            fn(g1)
+            fn(g)
             first = time.process_time() - t
             ts = []
             for i in range(reps):
-                if fresh and i % fresh == 0:
-                    g1 = mk()
+                if fresh in ("os", "pool") or (fresh == 2 and i % 2 == 0):
+                    g = new()
                 t = time.process_time()
-                fn(g1)
+                fn(g)
                 ts.append(time.process_time() - t)
             ts.sort()
             res[name] = dict(first_call_ms=1e3 * first, median_ms=1e3 * statistics.median(ts),
@@ -312,7 +333,7 @@ def host_overhead(out_path=None, reps=60):
     finally:
         X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
-               layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(math.prod(s) for s in shapes),
+               layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(sizes),
                threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res)
     if out_path:
         pathlib.Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
@@ -336,7 +357,7 @@ def host_overhead_ab(out_path, before: str, rounds=3):
                                  text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
 
-    def med(rs):
+    def med(rs):   # (the other checkout may time fewer or other cases)
         return {case: {k: statistics.median(r["results"][case][k] for r in rs) for k in rs[0]["results"][case]}
                 for case in rs[0]["results"]}
     doc = dict(runs["after"][0], results=med(runs["after"]), load_avg=os.getloadavg(), rounds=rounds)

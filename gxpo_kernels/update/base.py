@@ -27,6 +27,9 @@ import torch
 from .._utils import check_choice, check_scalar
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
+# torch optimizers that read ``p.grad`` without writing into it: a rule may keep pass 0's gradients as ĝ0
+_KEEPS_GRADS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
 
 class ExtrapolationRule:
     """Base class. Subclasses implement ``step(closure, entropy=None) -> dict``.
@@ -315,16 +318,36 @@ class ExtrapolationRule:
         info.update(fell_back=True, fallback_reason=reason, skipped=not ok)
         return info
 
-    def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None):
+    def _can_keep_grads(self, grads) -> bool:
+        """Whether pass 0's gradient tensors can serve as ĝ0 as they are (no copy; ``p.grad`` is then set to None so
+        that the next backward allocates new ones): plain ``.grad`` tensors of this process (a sharded subclass
+        overrides ``_grad_list``), a torch optimizer that never writes into its grads (a wrapper or a custom
+        optimizer might), every grad present, contiguous and not a view (a DDP bucket view is overwritten by
+        the next backward)."""
+        return (type(self)._grad_list is ExtrapolationRule._grad_list and type(self.optimizer) in _KEEPS_GRADS
+                and all(g is not None and g.layout == torch.strided and g.is_contiguous() and not g._is_view()
+                        for g in grads))
+
+    @torch.no_grad()
+    def _release_grads_(self, params) -> None:
+        """Detach the kept ĝ0 tensors from the parameters: nothing (zero_grad without set_to_none, backward
+        accumulation) can write into them afterwards."""
+        for p in params:
+            p.grad = None
+
+    def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None,
+                     g0_kept: bool = False):
         lowp = self._lowp_targets()
         if lowp is None and extrapolate_backend(self.backend, params[0].device) == "triton":
             # a prepared plan: the parameters and the rule's own buffers are validated and tabulated once, a
-            # call only reads g1's addresses (rebuilt when a buffer or a parameter's storage changes)
-            key = (id(self._theta0), id(g0), tuple(map(torch.Tensor.data_ptr, params)))
+            # call only reads the gradients' addresses (rebuilt when a buffer or a parameter's storage changes);
+            # kept pass-0 gradients (g0_kept) are new tensors every step, so the plan reads g0 per call too
+            key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)))
             if getattr(self, "_xplan_key", None) != key:
-                self._xplan = ExtrapolationPlan(params, self._theta0, g0, backend=self.backend)
+                self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
+                                                backend=self.backend)
                 self._xplan_key = key
-            return self._xplan(g1, alpha=alpha, K=K, scale_formula=scale_formula,
+            return self._xplan(g1, g0=g0 if g0_kept else None, alpha=alpha, K=K, scale_formula=scale_formula,
                                inactive_threshold=inactive_threshold)
         return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
                             inactive_threshold=inactive_threshold, lowp_out=lowp, backend=self.backend)

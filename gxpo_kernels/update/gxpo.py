@@ -59,9 +59,15 @@ class GXPO(ExtrapolationRule):
             (one more pass at θ0, as the authors do; same parameters, one more backward pass counted).
         fallback_state: "restore" (default when a snapshot exists: a fallback equals a plain step, optimizer
             state included) or "keep" (the authors' light fallback: only θ0 is restored).
-        min_grad_norm: ‖g0‖ at or below it falls back (1e-8). backend: extrapolation backend (see extrapolate_).
-    Memory: two fp32 buffers of the model's size (θ0 and ĝ0), plus a copy of the optimizer state when atomic or
-    transactional; g1 is read from ``.grad`` after the second optimizer step and θ2 is the parameter itself.
+        min_grad_norm: ‖g0‖ at or below it falls back (1e-8).
+        corrective_cosine: also compute ``info["cos_g0_gcorr"]`` = cos(ĝ0, ĝ̃) (one more read of both per active
+            step; NaN when off). Always computed with ``gate_signal="cosine"``.
+        backend: extrapolation backend (see extrapolate_).
+    Memory: an fp32 buffer of the model's size for θ0, plus a copy of the optimizer state when atomic or
+    transactional. ĝ0 is pass 0's gradient itself (kept, not copied; ``p.grad`` is set to None after the first
+    optimizer step) with plain params and torch's AdamW / Adam / SGD; otherwise (sharded subclasses, other
+    optimizers, optimizer-aware mode) a second fp32 buffer. g1 is read from ``.grad`` after the second optimizer
+    step and θ2 is the parameter itself.
     bf16 parameters are supported (buffers stay fp32). The closure may read ``self.pass_index`` (0, 1, 2) e.g.
     to recompute old log-probs per pass (the caller's business). Call ``scheduler.step()`` once after each
     ``step()``. ``GXPO.paper_protocol(optimizer)`` builds the rule with the authors' paper settings.
@@ -81,7 +87,7 @@ class GXPO(ExtrapolationRule):
                  transactional_state: bool = False, inactive_threshold: Optional[float] = None,
                  optimizer_aware: bool = False, zero_lr: str = "raise", skip_corrective: bool = False,
                  atomic: bool = True, fallback_grad: str = "reuse", fallback_state: Optional[str] = None,
-                 min_grad_norm: float = 1e-8, backend: str = "auto"):
+                 min_grad_norm: float = 1e-8, corrective_cosine: bool = False, backend: str = "auto"):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
                          atomic=atomic, fallback_grad=fallback_grad, fallback_state=fallback_state,
                          backend=backend)
@@ -105,7 +111,9 @@ class GXPO(ExtrapolationRule):
         self.min_grad_norm = float(min_grad_norm)
         self.gate: Gate = make_gate(gate, tau=tau, omega=omega, window=window, one_sided=gate_one_sided,
                                     patience=gate_patience, warmup=gate_warmup, rearm_after=gate_rearm_after)
+        self.corrective_cosine = bool(corrective_cosine)
         self._g0: Optional[List[torch.Tensor]] = None
+        self._g0_kept = False
 
     @classmethod
     def paper_protocol(cls, optimizer: torch.optim.Optimizer, **overrides) -> "GXPO":
@@ -124,6 +132,13 @@ class GXPO(ExtrapolationRule):
     # ---- pieces ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _save_g0_(self, grads) -> None:
+        """Keep ĝ0: pass 0's gradient tensors themselves when ``_can_keep_grads`` allows it (released from the
+        params after the first optimizer step; no copy, no buffer between steps), else a copy into fp32 buffers
+        (sharded subclasses, optimizer-aware mode, which writes displacements into them, other optimizers)."""
+        self._g0_kept = not self.optimizer_aware and self._can_keep_grads(grads)
+        if self._g0_kept:
+            self._g0, self._had_grad0 = list(grads), [True] * len(grads)
+            return
         if self._g0 is None or len(self._g0) != len(self._theta0) or any(
                 a.shape != b.shape or a.dtype != b.dtype or a.device != b.device
                 for a, b in zip(self._g0, self._theta0)):
@@ -169,9 +184,11 @@ class GXPO(ExtrapolationRule):
 
     def _set_grads_(self, params, bufs, had) -> None:
         """p.grad = the stored ĝ0 in the param's dtype (None where pass 0 left no grad); a sharded subclass
-        wraps the local buffers into its own gradient type."""
+        wraps the local buffers into its own gradient type. A copy of the rule's buffer: a grad aliasing it would
+        let the next step's closure (zero_grad without set_to_none, accumulation) overwrite ĝ0 mid-step. Kept
+        gradients go back as they are (the rule drops them at the end of the step)."""
         for p, b, h in zip(params, bufs, had):
-            p.grad = b.to(p.dtype) if h else None
+            p.grad = b.to(p.dtype, copy=not self._g0_kept) if h else None
 
     @torch.no_grad()
     def _fallback(self, closure: Callable, params, reason: str, info: dict) -> dict:
@@ -182,6 +199,16 @@ class GXPO(ExtrapolationRule):
             self._set_grads_(params, self._g0, self._had_grad0)
             ok = True
         return self._end_fallback(ok, reason, info)
+
+    def _finish(self, info: dict) -> dict:
+        if self._g0_kept:   # kept gradients are not held between steps
+            self._g0, self._g0_kept = None, False
+        return super()._finish(info)
+
+    def _abort_step_(self) -> None:
+        super()._abort_step_()
+        if self._g0_kept:
+            self._g0, self._g0_kept = None, False
 
     # ---- the update --------------------------------------------------------------------------------------
     def _active_step(self, closure: Callable, params, entropy) -> dict:
@@ -206,6 +233,8 @@ class GXPO(ExtrapolationRule):
             return self._finish(info)
         self._save_g0_(grads)
         self._optimizer_step()
+        if self._g0_kept:
+            self._release_grads_(params)
         if self.optimizer_aware:
             self._save_first_move_(params)
         info["loss_1"] = _to_float(self._run_closure(closure, 1))
@@ -219,7 +248,8 @@ class GXPO(ExtrapolationRule):
             self._displacements_(params, g1)
         stats = self._all_reduce_(self._extrapolate(params, self._g0, g1, alpha=self.alpha, K=self.K,
                                                     scale_formula=self.scale_formula,
-                                                    inactive_threshold=self.inactive_threshold))
+                                                    inactive_threshold=self.inactive_threshold,
+                                                    g0_kept=self._g0_kept))
         info.update(_derive(stats_to_dict(stats)))
         if info["n_nonfinite"] > 0:
             return self._finish(self._fallback(closure, params, "nonfinite_extrapolation", info))
@@ -236,7 +266,8 @@ class GXPO(ExtrapolationRule):
         info["grad_norm_corr"], info["grad_norm_corr_clipped"] = n2, n2c
         if not math.isfinite(n2):
             return self._finish(self._fallback(closure, params, "nonfinite_gcorr", info))
-        info["cos_g0_gcorr"] = self._cos_g0(grads, info["sq_g0"], n2c)
+        info["cos_g0_gcorr"] = self._cos_g0(grads, info["sq_g0"], n2c) \
+            if self.corrective_cosine or self.gate_signal == "cosine" else math.nan
         self._optimizer_step()
         n_sig = {"corr_norm_clipped": n2c, "corr_norm": n2, "g0_norm": n0,
                  "cosine": 1.0 - abs(info["cos_g0_gcorr"])}[self.gate_signal]
@@ -246,8 +277,9 @@ class GXPO(ExtrapolationRule):
     @torch.no_grad()
     def _cos_g0(self, grads, sq_g0: float, norm_corr: float) -> float:
         """cos(ĝ0, ĝ̃) from the globally reduced dot; ‖ĝ0‖² comes from the kernel's stats, ‖ĝ̃‖ from the clip."""
-        dots = [torch.dot(b.reshape(-1), g.reshape(-1).to(b.dtype))
-                for b, g in zip(self._g0, grads) if g is not None and g.numel()]
+        def f(t):   # fp32 accumulation at least (kept bf16 gradients), float64 stays
+            return t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+        dots = [torch.dot(f(b), f(g).to(f(b).dtype)) for b, g in zip(self._g0, grads) if g is not None and g.numel()]
         dev = self._g0[0].device if self._g0 else torch.device("cpu")
         acc = torch.zeros(2, dtype=torch.float64, device=dev)
         if dots:

@@ -318,3 +318,34 @@ def test_prepared_plan_matches_extrapolate_and_follows_fresh_gradients(backend):
         plan = ExtrapolationPlan(p, t0, g0, backend=backend)
     with pytest.raises(ValueError, match="one tensor per param|must have 5 tensors"):
         plan(g1[:2], alpha=0.5, K=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_plan_with_per_call_g0(backend, dtype):
+    """g0="per_call" (a rule that keeps pass 0's gradients): one plan, new g0 and g1 tensors on every call (new
+    addresses, one off the 16-byte grid, then the same addresses again), each call against the reference."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    shapes = [(37,), (0,), (64, 3), (5,), (1030,)]
+    p, t0, _, _ = _make(dtype, shapes=shapes)
+    plan = ExtrapolationPlan(p, t0, "per_call", backend=backend)
+    g0_same = g1_same = None
+    for call in range(4):
+        if call == 3:
+            g0, g1 = g0_same, g1_same                        # repeated addresses: the cached offsets
+        else:
+            _, _, g0, g1 = _make(dtype, shapes=shapes, seed=call + 1)
+            g0 = [g.to(dtype) for g in g0]                  # gradients have their parameter's dtype
+        if call == 1:
+            g0[4] = torch.randn(1031).to(dtype)[1:]          # off the 16-byte grid: the general path
+            g0_same, g1_same = g0, g1
+        before = _clone(p)
+        st = plan(g1, g0=g0, alpha=0.5, K=5, inactive_threshold=1e-2)
+        ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="torch")
+        _check(f"per-call g0, call {call}", before, p, ref, st, dtype)
+    with pytest.raises(ValueError, match="per_call"):
+        plan(g1, alpha=0.5, K=5)                             # g0 missing
+    with pytest.raises(ValueError, match="per_call"):
+        ExtrapolationPlan(p, t0, "every_call", backend=backend)
+    with pytest.raises(ValueError, match="one tensor per param|one per param"):
+        plan(g1, g0=g0[:2], alpha=0.5, K=5)

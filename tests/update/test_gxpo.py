@@ -64,7 +64,8 @@ def test_plain_gd_surrogate_exact(backend, K):
     # GXPO.step: corrective SGD step from θ0 + α(θ_K − θ0)
     alpha = 0.5
     p, opt, closure = _quad(h, c, theta, lr)
-    info = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, gate=None, backend=backend).step(closure)
+    info = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, gate=None, corrective_cosine=True,
+                backend=backend).step(closure)
     tt = theta + alpha * (th[K] - theta)
     expected = tt - lr * h * (tt - c)
     torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-13)
@@ -378,7 +379,8 @@ def test_bf16_params_fp32_buffers():
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     rule = GXPO(opt, gate=None)
     infos = [rule.step(closure_for(m, opt, rule, batch=t)) for t in range(2)]
-    assert all(b.dtype == torch.float32 for b in rule._theta0 + rule._g0)
+    assert all(b.dtype == torch.float32 for b in rule._theta0)
+    assert rule._g0 is None    # AdamW on plain params: ĝ0 was pass 0's (bf16) gradient, released after the step
     assert all(torch.isfinite(p).all() for p in m.parameters()) and all(i["active"] for i in infos)
     keys = {"loss", "grad_norm_0", "grad_norm_1", "grad_norm_corr", "retention_mean", "retention_std",
             "scale_mean", "scale_max", "disp_norm", "scaled_disp_norm", "cos_g0_g1", "cos_g0_gcorr",
@@ -423,3 +425,84 @@ def test_param_without_grad(nan_pass):
         assert info["fell_back"] and params_equal(m, ref_m)
     else:
         assert info["active"] and not info["fell_back"] and info["n_nonfinite"] == 0
+
+
+# ---- ĝ0 kept as pass 0's gradient tensors vs copied into a buffer -------------------------------------------
+class _AdamWCopy(torch.optim.AdamW):
+    """An optimizer type GXPO does not trust to leave ``.grad`` alone: it copies ĝ0 into its own buffer."""
+
+
+def _zeroing_closure(model, opt, rule, batch, nan_pass, zero, bucket=None):
+    """``zero``: "none" (set_to_none, torch's default) or "in_place" (zero_grad(set_to_none=False)). ``bucket``:
+    every grad a view of one flat buffer that backward accumulates into (DDP's gradient_as_bucket_view)."""
+    def closure():
+        if bucket is not None:
+            off = 0
+            for p in model.parameters():                 # as DDP: the grads are the bucket's views
+                p.grad = bucket[off:off + p.numel()].view_as(p)
+                off += p.numel()
+            bucket.zero_()
+        else:
+            opt.zero_grad(set_to_none=zero == "none")
+        loss = loss_fn(model, batch)
+        if nan_pass is not None and rule.pass_index == nan_pass:
+            loss = loss * math.nan
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nan_pass", [None, 1, 2])
+@pytest.mark.parametrize("zero", ["none", "in_place", "bucket_view"])
+def test_kept_g0_equals_copied_g0(dtype, nan_pass, zero):
+    """AdamW keeps pass 0's gradients as ĝ0 (no copy); an AdamW subclass makes the rule copy them. Both give the
+    same parameters, optimizer state, grads and diagnostics bit for bit over 3 steps (the second falls back on
+    ``nan_pass``), also when the closure zeroes grads in place. Gradients that are views of one bucket are
+    never kept: the next backward would overwrite them."""
+    m1 = mlp(dtype)
+    m2 = copy.deepcopy(m1)
+    o1, o2 = torch.optim.AdamW(m1.parameters(), lr=1e-2), _AdamWCopy(m2.parameters(), lr=1e-2)
+    r1 = GXPO(o1, gate=None, corrective_cosine=True)
+    r2 = GXPO(o2, gate=None, corrective_cosine=True)
+    n = sum(p.numel() for p in m1.parameters())
+    b1 = torch.zeros(n, dtype=dtype) if zero == "bucket_view" else None
+    b2 = torch.zeros(n, dtype=dtype) if zero == "bucket_view" else None
+    for t in range(3):
+        nan = nan_pass if t == 1 else None
+        i1 = r1.step(_zeroing_closure(m1, o1, r1, t, nan, zero, b1))
+        i2 = r2.step(_zeroing_closure(m2, o2, r2, t, nan, zero, b2))
+        assert r1._g0_kept is False and (r1._g0 is None) == (zero != "bucket_view")   # released after the step
+        assert r2._g0 is not None
+        assert i1["fell_back"] == i2["fell_back"] == (nan is not None)
+        for k in i1:
+            a, b = i1[k], i2[k]
+            assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), k
+        assert params_equal(m1, m2)
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p.grad, q.grad)
+            for k in o1.state[p]:
+                assert torch.equal(o1.state[p][k], o2.state[q][k])
+
+
+def test_kept_g0_only_for_plain_grads_and_trusted_optimizers():
+    m = mlp()
+    rule = GXPO(torch.optim.AdamW(m.parameters()), gate=None)
+    loss_fn(m).backward()
+    grads = [p.grad for p in m.parameters()]
+    assert rule._can_keep_grads(grads)
+    assert not rule._can_keep_grads([grads[0][:1]] + grads[1:])          # a view
+    assert not rule._can_keep_grads([None] + grads[1:])                  # a param without grad
+    assert not rule._can_keep_grads([grads[0].t()] + grads[1:])          # not contiguous
+    assert not GXPO(_AdamWCopy(m.parameters()), gate=None)._can_keep_grads(grads)
+
+
+def test_corrective_cosine_is_opt_in():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate=None)
+    assert math.isnan(rule.step(closure_for(m, opt, rule))["cos_g0_gcorr"])
+    m2 = mlp()
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    rule2 = GXPO(opt2, gate=None, gate_signal="cosine")
+    assert -1.0 <= rule2.step(closure_for(m2, opt2, rule2))["cos_g0_gcorr"] <= 1.0

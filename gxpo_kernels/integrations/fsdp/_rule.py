@@ -145,8 +145,9 @@ class _FSDPRule(ShardedReductions):
         return super()._group_hparams(self._param_list())  # by the DTensor params (same order as ``params``)
 
     def _set_grads_(self, params, bufs, had) -> None:
+        # a copy: a grad aliasing the ĝ0 buffer would be zeroed / accumulated into by the next step's closure
         for p, b, h in zip(params, bufs, had):
-            p.grad = DTensor.from_local(b.to(p.dtype), p.device_mesh, p.placements, run_check=False,
+            p.grad = DTensor.from_local(b.to(p.dtype, copy=True), p.device_mesh, p.placements, run_check=False,
                                         shape=p.shape, stride=p.stride()) if h else None
 
     # ---- the outer update ---------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 import operator
 from array import array
-from functools import reduce
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +38,7 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 
 @triton.jit
-def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g1_off, numel_tab, thr_tab,
+def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_off, g1_off, numel_tab, thr_tab,
                         chunk_tensor, chunk_start, n_chunks, stats_out,
                         alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
                         P_DT: tl.constexpr, T0_DT: tl.constexpr, G0_DT: tl.constexpr, G1_DT: tl.constexpr,
@@ -47,7 +47,8 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g1_o
                         ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks chunks pid, pid + G, ...; a chunk is CHUNK elements of one tensor. A tensor is addressed
     # as base pointer of its list (a kernel argument, so Triton knows its 16-byte alignment) + an int64 element
-    # offset from the table (row: param, theta0, g0, lowp; g1's offsets come per call in their own vector).
+    # offset from the table (row: param, theta0, lowp); g0's and g1's offsets come in their own vectors (gradients
+    # may sit at new addresses on every call).
     # ALIGN > 1: every offset and numel of this launch is a multiple of ALIGN elements (checked on the host),
     # which lets the compiler emit 16-byte accesses; ALIGN = 1 is the general path.
     i_p = tl.program_id(0)
@@ -69,10 +70,10 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g1_o
         i_t = tl.load(chunk_tensor + i_c).to(tl.int64)
         start = tl.multiple_of(tl.load(chunk_start + i_c), ALIGN)
         n = tl.multiple_of(tl.load(numel_tab + i_t), ALIGN)
-        p_p = base_p + tl.multiple_of(tl.load(off_tab + i_t * 4), ALIGN)
-        p_t0 = base_t0 + tl.multiple_of(tl.load(off_tab + i_t * 4 + 1), ALIGN)
-        p_g0 = base_g0 + tl.multiple_of(tl.load(off_tab + i_t * 4 + 2), ALIGN)
-        p_l = base_l + tl.multiple_of(tl.load(off_tab + i_t * 4 + 3), ALIGN)
+        p_p = base_p + tl.multiple_of(tl.load(off_tab + i_t * 3), ALIGN)
+        p_t0 = base_t0 + tl.multiple_of(tl.load(off_tab + i_t * 3 + 1), ALIGN)
+        p_l = base_l + tl.multiple_of(tl.load(off_tab + i_t * 3 + 2), ALIGN)
+        p_g0 = base_g0 + tl.multiple_of(tl.load(g0_off + i_t), ALIGN)
         p_g1 = base_g1 + tl.multiple_of(tl.load(g1_off + i_t), ALIGN)
         for off in range(0, CHUNK, BLOCK):
             o = start + off + o_b
@@ -176,24 +177,28 @@ def _launch_config(device: torch.device):
 class _Plan:
     """The validated launch state of one (params, theta0, g0, lowp_out) layout: per dtype group the base tensors,
     the element-offset table, numels and chunk map on the device. Only g1's offsets change from call to call
-    (gradients are fresh tensors every pass); everything else is built once."""
+    (gradients are fresh tensors every pass), and g0's too with ``g0_per_call`` (a rule that keeps pass 0's
+    gradient tensors instead of copying them); everything else is built once."""
 
-    def __init__(self, params, theta0, g0, lowp_out, has_grad: bool):
+    def __init__(self, params, theta0, g0, lowp_out, has_grad: bool, g0_per_call: bool = False):
         self.device = params[0].device
         self.block, self.chunk, self.max_prog = _launch_config(self.device)
         self.lib_pow = not triton_interpret()
+        self.g0_per_call = g0_per_call
         groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
         for i, p in enumerate(params):
             if p.numel() == 0:
                 continue
             ldt = lowp_out[i].dtype if lowp_out is not None and lowp_out[i] is not None else None
-            key = (p.dtype, theta0[i].dtype, g0[i].dtype if has_grad else None, ldt)
-            groups.setdefault(key, []).append(i)
+            # a gradient has its parameter's dtype (torch enforces it), so per-call g0 groups by p.dtype
+            g0dt = (p.dtype if g0_per_call else g0[i].dtype) if has_grad else None
+            groups.setdefault((p.dtype, theta0[i].dtype, g0dt, ldt), []).append(i)
         self.groups = []
         for (pdt, t0dt, g0dt, ldt), idx in groups.items():
+            # static columns: params, theta0, lowp (the table) and g0 unless it comes per call
             cols = [[params[i] for i in idx], [theta0[i] for i in idx],
-                    [g0[i] for i in idx] if has_grad else None,
                     [lowp_out[i] for i in idx] if ldt is not None else None]
+            g0s = [g0[i] for i in idx] if has_grad and not g0_per_call else None
             bases = [c[0] if c is not None else params[idx[0]] for c in cols]
             offs = [[_elem_offset(t, b) for t in c] if c is not None else [0] * len(idx)
                     for c, b in zip(cols, bases)]
@@ -203,53 +208,65 @@ class _Plan:
                 nc = -(-n // self.chunk)  # empty tensors contribute no chunk
                 c_t.extend([j] * nc)
                 c_s.extend(range(0, nc * self.chunk, self.chunk))
-            tensors = [t for c in cols if c is not None for t in c]
+            tensors = [t for c in cols + [g0s] if c is not None for t in c]
             align = _alignment(tensors, numels, min(t.element_size() for t in tensors))
             dev = self.device
             self.groups.append(dict(
                 idx=idx, whole=idx == list(range(len(params))), dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
                 numel_sum=sum(numels),
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
+                g0=(g0s[0], torch.tensor([_elem_offset(t, g0s[0]) for t in g0s], dtype=torch.int64).to(dev))
+                if g0s is not None else None,
                 numel_tab=torch.tensor(numels, dtype=torch.int64).to(dev),
                 c_t=torch.tensor(c_t, dtype=torch.int32).to(dev), c_s=torch.tensor(c_s, dtype=torch.int64).to(dev),
-                n_chunks=len(c_t), align=align, min_elsize=min(t.element_size() for t in tensors)))
+                n_chunks=len(c_t), align=align))
 
-    def run(self, g1, thr, *, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max):
+    def _call_offsets(self, grp, slot: str, ts) -> tuple:
+        """(base tensor, device element offsets, ALIGN) of a list read on every call (gradients). The offsets are
+        rebuilt only when the addresses change; ALIGN drops to 1 when a tensor is not 16-byte aligned."""
+        base = ts[0]
+        esz = base.element_size()   # one group's gradients share their dtype (their params' dtype)
+        ptrs = array("q", map(torch.Tensor.data_ptr, ts))   # one C-level pass over the list
+        last = grp.get(slot)
+        if last is not None and last[0] == ptrs and last[1] == esz:
+            return base, last[2], last[3]   # the allocator handed out the same addresses again
+        addr = np.frombuffer(ptrs, dtype=np.int64)
+        low = int(np.bitwise_or.reduce(addr))   # low bits of any address: alignment of all at once
+        align = grp["align"]
+        if low & 15:
+            align = 1
+            if low % esz:
+                raise ValueError(f"extrapolate_: {slot} tensors must be aligned to their element size")
+        # element offsets from ts[0], vectorised (ptrs stays intact for the next comparison)
+        off = torch.from_numpy((addr - ptrs[0]) // esz).to(self.device, non_blocking=True)
+        grp[slot] = (ptrs, esz, off, align)
+        return base, off, align
+
+    def run(self, g1, thr, *, g0=None, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max):
         parts = []
         for grp in self.groups:
             idx = grp["idx"]
             pdt, t0dt, g0dt, ldt = grp["dtypes"]
             align = grp["align"]
+            bp, bt0, bl = grp["bases"]
             if g1 is not None:
-                g1s = g1 if grp["whole"] else [g1[i] for i in idx]
-                base_g1 = g1s[0]
-                g1dt = base_g1.dtype
-                esz = base_g1.element_size()
-                # gradients of one group's params share their dtype (torch enforces .grad's dtype)
-                ptrs = array("q", map(torch.Tensor.data_ptr, g1s))   # one C-level pass over the list
-                last = grp.get("g1_last")
-                if last is not None and last[0] == ptrs and last[1] == esz:
-                    g1_off, align = last[2], last[3]  # the allocator handed out the same addresses again
+                base_g1, g1_off, a1 = self._call_offsets(grp, "g1", g1 if grp["whole"] else [g1[i] for i in idx])
+                if self.g0_per_call:
+                    base_g0, g0_off, a0 = self._call_offsets(grp, "g0", g0 if grp["whole"] else [g0[i] for i in idx])
                 else:
-                    low = reduce(operator.or_, ptrs)   # low bits of any address: alignment of all at once
-                    if low & 15:
-                        align = 1   # this call's gradients are not all 16-byte aligned
-                        if low % esz:
-                            raise ValueError("extrapolate_: g1 tensors must be aligned to their element size")
-                    # element offsets from g1[0], vectorised (ptrs stays intact for the next comparison)
-                    g1_off = torch.frombuffer(ptrs, dtype=torch.int64).sub(ptrs[0]).div_(esz, rounding_mode="floor")
-                    g1_off = g1_off.to(self.device, non_blocking=True)
-                    grp["g1_last"] = (ptrs, esz, g1_off, align)
-            else:
-                base_g1, g1dt, g1_off = grp["bases"][0], None, grp["numel_tab"]   # unused by the kernel
+                    (base_g0, g0_off), a0 = grp["g0"], align
+                align = min(align, a0, a1)
+                g0dt, g1dt = base_g0.dtype, base_g1.dtype
+            else:   # unused by the kernel
+                base_g0 = base_g1 = bp
+                g1dt, g0_off, g1_off = None, grp["numel_tab"], grp["numel_tab"]
             n_chunks = grp["n_chunks"]
             grid = min(max(min(n_chunks, self.max_prog), -(-grp["numel_sum"] // _MAX_PER_PROGRAM)), n_chunks)
             cdt = torch.float64 if pdt == torch.float64 else torch.float32
             out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
             thr_tab = thr[idx] if thr is not None else grp["numel_tab"]  # dummy pointer when unused
-            bp, bt0, bg0, bl = grp["bases"]
             _extrapolate_kernel[(grid,)](
-                bp, bt0, bg0, base_g1, bl, grp["off_tab"], g1_off, grp["numel_tab"], thr_tab,
+                bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
                 grp["c_t"], grp["c_s"], n_chunks, out,
                 float(alpha), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
                 K / 2 + 1.0, K=int(K),
@@ -306,36 +323,50 @@ class ExtrapolationPlan:
     g1's addresses (fresh gradient tensors every pass) and launches.
 
     ``plan(g1, alpha=..., K=..., ...)`` takes the remaining arguments of ``extrapolate_`` and returns its stats.
+    ``g0="per_call"``: g0 is not fixed either (a rule that keeps pass 0's gradient tensors rather than copying
+    them): pass it on every call, ``plan(g1, g0=..., ...)``; its addresses are read per call like g1's.
     Contract: the static lists and their tensors stay as they were (same objects, same storage; rebuild the
-    plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] is the gradient of
-    params[i] (same numel, contiguous; only its count, dtype and addresses are checked per call). On the CPU the
-    plan forwards to ``extrapolate_`` (the C++ op checks its inputs itself at negligible cost).
+    plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
+    is the gradient of params[i] (same numel and dtype, contiguous; only the count and the addresses are checked
+    per call). On the CPU the plan forwards to ``extrapolate_`` (the C++ op checks its inputs itself at
+    negligible cost).
     """
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto"):
-        _validate(params, theta0, g0, g0, lowp_out, 0.5, 2, "horner")
-        self.params, self.theta0, self.g0, self.lowp_out = list(params), list(theta0), g0, lowp_out
+        self.g0_per_call = isinstance(g0, str)
+        if self.g0_per_call and g0 != "per_call":
+            raise ValueError(f"g0 must be a list of tensors, None or 'per_call', got {g0!r}")
+        g0_fixed = None if self.g0_per_call else g0
+        _validate(params, theta0, g0_fixed, g0_fixed, lowp_out, 0.5, 2, "horner")
+        self.params, self.theta0, self.g0, self.lowp_out = list(params), list(theta0), g0_fixed, lowp_out
+        self.has_grad = g0 is not None
         self.backend = extrapolate_backend(backend, params[0].device) if len(params) else "torch"
-        self._plan = _Plan(params, theta0, g0, lowp_out, g0 is not None) \
+        self._plan = _Plan(params, theta0, g0_fixed, lowp_out, self.has_grad, self.g0_per_call) \
             if self.backend == "triton" and len(params) else None
 
-    def __call__(self, g1, *, alpha: float, K: int, clip_coef0: float = 1.0, clip_coef1: float = 1.0,
+    def __call__(self, g1, *, g0=None, alpha: float, K: int, clip_coef0: float = 1.0, clip_coef1: float = 1.0,
                  scale_formula: str = "horner", inactive_threshold: Optional[float] = None, delta: float = 1e-8,
                  r_min: float = -2.0, r_max: float = 3.0) -> torch.Tensor:
+        if (g0 is not None) != self.g0_per_call:
+            raise ValueError("ExtrapolationPlan: pass g0 on every call exactly when the plan was built with "
+                             "g0='per_call'")
+        g0 = g0 if self.g0_per_call else self.g0
         kw = dict(alpha=alpha, K=K, clip_coef0=clip_coef0, clip_coef1=clip_coef1, scale_formula=scale_formula,
                   inactive_threshold=inactive_threshold, delta=delta, r_min=r_min, r_max=r_max)
         if self._plan is None:
-            return extrapolate_(self.params, self.theta0, self.g0, g1, lowp_out=self.lowp_out,
-                                backend=self.backend, **kw)
-        if (g1 is None) != (self.g0 is None) or (g1 is not None and len(g1) != len(self.params)):
-            raise ValueError("ExtrapolationPlan: g1 must have one tensor per param (None iff the plan has no g0)")
+            return extrapolate_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out, backend=self.backend, **kw)
+        n = len(self.params)
+        if (g1 is None) != (not self.has_grad) or (g1 is not None and len(g1) != n) or \
+                (self.g0_per_call and len(g0) != n):
+            raise ValueError("ExtrapolationPlan: g1 (and a per-call g0) must have one tensor per param (None iff "
+                             "the plan has no g0)")
         if isinstance(K, bool) or not isinstance(K, int) or K < 2 or scale_formula not in SCALE_FORMULAS:
             raise ValueError(f"K must be an int >= 2 and scale_formula one of {SCALE_FORMULAS}")
         thr = None
-        if inactive_threshold is not None and self.g0 is not None:
-            thr = _thresholds(self.g0, float(inactive_threshold))
+        if inactive_threshold is not None and g0 is not None:
+            thr = _thresholds(g0, float(inactive_threshold))
         kw.pop("inactive_threshold")
-        return self._plan.run(g1, thr, **{**kw, "alpha": float(alpha)})
+        return self._plan.run(g1, thr, g0=g0, **{**kw, "alpha": float(alpha)})
 
 
 def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
