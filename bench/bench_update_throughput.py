@@ -14,7 +14,7 @@ with ``time.perf_counter`` between device synchronisations (the rules sync on th
 grad norms); p50/p20/p80 over the timed steps. The GXPO rule runs with its defaults (``atomic=True``: the
 bookkeeping includes the per-step snapshot of the AdamW state).
 
-GXPO bookkeeping overhead (snapshot of θ0, the saved ĝ0, the fused extrapolation, norms and diagnostics), two
+GXPO bookkeeping overhead (snapshots of θ0 and the optimizer state, the fused extrapolation, norms), two
 estimates, both reported as a fraction of the GXPO step's median time; the GRPO baseline steps are interleaved
 step by step with the GXPO steps (same process, separate model copies) so machine noise hits both alike:
   - ``overhead_sub``   = t(gxpo) - 3 * t(grpo)  (medians);
@@ -51,7 +51,7 @@ elif CUDA:
 else:
     SIZES = [dict(name="tiny", hidden=64, layers=2, heads=4, inter=256, V=2048, B=4, T=32),
              dict(name="small", hidden=128, layers=2, heads=4, inter=512, V=4096, B=4, T=64)]
-    REPS = 15   # a few ms of bookkeeping inside 50-160 ms steps on a shared machine: medians need the reps
+    REPS = 30   # a few ms of bookkeeping inside 40-160 ms steps on a shared machine: medians need the reps
 RULES = ["grpo", "sfpo", "gxpo"]
 # the CPU runs one intra-op thread on a shared machine: process CPU time is the stable measure of the work;
 # CUDA work is asynchronous, so there the steps are timed on the wall clock between synchronisations

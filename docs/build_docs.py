@@ -119,8 +119,9 @@ def _extrapolate_host() -> list:
     out += [cols, "|---|---:|---:|---:|" + ("---:|" if before else "")]
     for case, r in doc["results"].items():
         row = f"| `{case}` | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} |"
-        if before:
-            row += f" {before['results'][case]['median_ms']:.3f} |"
+        if before:   # a case the other checkout does not time: –
+            b = before["results"].get(case)
+            row += f" {b['median_ms']:.3f} |" if b else " – |"
         out.append(row)
     return out
 
@@ -128,7 +129,7 @@ def _extrapolate_host() -> list:
 def _gxpo_bookkeeping() -> list:
     rel = "bench/results/cpu-update-throughput-gxpo.json"
     doc = _json(rel)
-    out = ["", f"GXPO bookkeeping (snapshots, saved g0, extrapolation, cosine) in an active step of "
+    out = ["", f"GXPO bookkeeping (the θ0 and optimizer-state snapshots, the extrapolation, norms) in an active step of "
            f"`bench_update_throughput` (from `{rel}`, CPU, 1 thread, process CPU time, `atomic=True`):", "",
            "| size | GXPO step p50 (ms) | GRPO step p50 (ms) | bookkeeping, timer (ms) | share, timer | share, subtraction |"
            " reps |", "|---|---:|---:|---:|---:|---:|---:|"]

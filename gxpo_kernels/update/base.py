@@ -338,10 +338,10 @@ class ExtrapolationRule:
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None,
                      g0_kept: bool = False):
         lowp = self._lowp_targets()
-        if lowp is None and extrapolate_backend(self.backend, params[0].device) == "triton":
-            # a prepared plan: the parameters and the rule's own buffers are validated and tabulated once, a
-            # call only reads the gradients' addresses (rebuilt when a buffer or a parameter's storage changes);
-            # kept pass-0 gradients (g0_kept) are new tensors every step, so the plan reads g0 per call too
+        if lowp is None and extrapolate_backend(self.backend, params[0].device) in ("triton", "cpp"):
+            # a prepared plan: the parameters and the rule's own buffers are validated (and on CUDA tabulated)
+            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage changes).
+            # Kept pass-0 gradients (g0_kept) are new tensors every step, so the plan takes g0 per call too
             key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)))
             if getattr(self, "_xplan_key", None) != key:
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,

@@ -328,8 +328,8 @@ class ExtrapolationPlan:
     Contract: the static lists and their tensors stay as they were (same objects, same storage; rebuild the
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
     is the gradient of params[i] (same numel and dtype, contiguous; only the count and the addresses are checked
-    per call). On the CPU the plan forwards to ``extrapolate_`` (the C++ op checks its inputs itself at
-    negligible cost).
+    per call). On the CPU the plan calls the C++ op directly (it checks every tensor's device, contiguity and
+    numel itself at negligible cost); with ``backend="torch"`` it forwards to ``extrapolate_``.
     """
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto"):
@@ -353,7 +353,7 @@ class ExtrapolationPlan:
         g0 = g0 if self.g0_per_call else self.g0
         kw = dict(alpha=alpha, K=K, clip_coef0=clip_coef0, clip_coef1=clip_coef1, scale_formula=scale_formula,
                   inactive_threshold=inactive_threshold, delta=delta, r_min=r_min, r_max=r_max)
-        if self._plan is None:
+        if self._plan is None and self.backend != "cpp":
             return extrapolate_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out, backend=self.backend, **kw)
         n = len(self.params)
         if (g1 is None) != (not self.has_grad) or (g1 is not None and len(g1) != n) or \
@@ -362,11 +362,24 @@ class ExtrapolationPlan:
                              "the plan has no g0)")
         if isinstance(K, bool) or not isinstance(K, int) or K < 2 or scale_formula not in SCALE_FORMULAS:
             raise ValueError(f"K must be an int >= 2 and scale_formula one of {SCALE_FORMULAS}")
+        if not math.isfinite(float(alpha)):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
         thr = None
         if inactive_threshold is not None and g0 is not None:
+            if not float(inactive_threshold) >= 0:
+                raise ValueError(f"inactive_threshold must be >= 0, got {inactive_threshold!r}")
             thr = _thresholds(g0, float(inactive_threshold))
         kw.pop("inactive_threshold")
-        return self._plan.run(g1, thr, g0=g0, **{**kw, "alpha": float(alpha)})
+        kw = {**kw, "alpha": float(alpha), "clip_coef0": float(clip_coef0), "clip_coef1": float(clip_coef1),
+              "delta": float(delta), "r_min": float(r_min), "r_max": float(r_max)}
+        if self._plan is None:   # C++: the op checks every tensor's device, contiguity and numel itself
+            from ._cpp import extrapolate_cpp_
+            out = extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
+            if out is not None:
+                return out
+            return extrapolate_ref_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out,
+                                    thresholds=None if thr is None else thr.tolist(), **kw)
+        return self._plan.run(g1, thr, g0=g0, **kw)
 
 
 def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
