@@ -152,13 +152,15 @@ def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:
 
 
 def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
-    """What ran, from runs.json: workers, environment, lr multiplier, warm start, per-run status and seconds."""
+    """What ran, from runs.json: workers, threads, the train config, environment, lr multiplier, warm start,
+    per-run status and seconds."""
     if not index:
         return None
     per = {m: {s: {k: e.get(k) for k in ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds")}
                for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
     ws = index.get("warm_start") or {}
-    return {"workers": index.get("workers"), "env": index.get("env"), "status": index.get("status"),
+    return {"workers": index.get("workers"), "threads": index.get("threads"), "train": index.get("train"),
+            "env": index.get("env"), "status": index.get("status"),
             "seconds": index.get("seconds"), "cpu_seconds": index.get("cpu_seconds"),
             "lr_mult": index.get("lr_mult"), "lr_mult_source": index.get("lr_mult_source"),
             "warm_start": {k: ws.get(k) for k in ("sft_steps", "sft_acc", "bundled", "cached")} if ws else None,
@@ -169,6 +171,18 @@ def _headline_medians(results: Mapping) -> dict:
     h = results["meta"]["headline"]
     return {m: {k: r["aggregate"][h][k]["median"] for k in ("ratio_steps", "ratio_cost")}
             for m, r in results["methods"].items() if m != results["meta"]["baseline"]}
+
+
+def _run_difference(here: Optional[Mapping], there: Optional[Mapping]) -> str:
+    """What the compared run changed, from the two runs.json indexes: e.g. "a rerun with threads 1 -> 2,
+    workers 2 -> 1"."""
+    if not here or not there:
+        return "another run's results.json"
+    diffs = [f"{k} {here.get(k)} -> {there.get(k)}" for k in ("threads", "workers") if here.get(k) != there.get(k)]
+    ht, tt = here.get("train") or {}, there.get("train") or {}
+    diffs += [f"{k} {ht.get(k)} -> {tt.get(k)}" for k in sorted(set(ht) | set(tt))
+              if k not in ("out_dir", "cache_dir", "quiet") and ht.get(k) != tt.get(k)]
+    return "a rerun with " + (", ".join(diffs) if diffs else "the same settings")
 
 
 def _sensitivity(results: Mapping, compare: Optional[Mapping]) -> dict:
@@ -189,7 +203,8 @@ def _sensitivity(results: Mapping, compare: Optional[Mapping]) -> dict:
         out["leave_one_seed_out"][m] = d
     if compare is not None:
         here, there = _headline_medians(results), _headline_medians(compare)
-        out["compare"] = {"note": compare["meta"].get("sensitivity_label") or "another run's results.json",
+        out["compare"] = {"note": compare["meta"].get("sensitivity_label")
+                          or _run_difference(results["meta"].get("runs"), compare["meta"].get("runs")),
                           "methods": {m: {k: {"here": here[m][k], "there": there[m][k],
                                               "shift": (None if here[m][k] is None or there[m][k] is None
                                                         else there[m][k] - here[m][k])}
@@ -555,6 +570,19 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
                      "its last 3 validations, or no upward trend over them).")
     if meta.get("cost_clock"):
         notes.append(f"Measured and projected {clock}: {meta['clocks']['ratio_cost']}.")
+    sens = meta.get("sensitivity") or {}
+    loo = {m: d for m, d in (sens.get("leave_one_seed_out") or {}).items() if d.get("ratio_steps")}
+    if loo:
+        notes.append("Sensitivity, the median when one seed is left out [min, max]: " + "; ".join(
+            f"{m} steps {_ci(d['ratio_steps'])}, {clock} {_ci(d['ratio_cost']) or 'n/a'}" for m, d in loo.items())
+            + ".")
+    cmp_ = sens.get("compare")
+    if cmp_ and cmp_["methods"]:
+        def shift(d):
+            return "n/a" if d["here"] is None or d["there"] is None else f"{d['here']:.2f}x -> {d['there']:.2f}x"
+        notes.append(f"Sensitivity against {cmp_['note']}: " + "; ".join(
+            f"{m} steps {shift(d['ratio_steps'])}, {clock} {shift(d['ratio_cost'])}"
+            for m, d in cmp_["methods"].items()) + ".")
     notes += [f"PROBLEM: {p}" for p in meta.get("problems") or []]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]

@@ -358,3 +358,25 @@ def test_markdown_table_renders_every_method_and_not_reached(one_seed):
     assert "| 1/1 | 2.00x" in rows["sfpo"] and "0.50x" in rows["sfpo"]
     assert "| 0/1 | 0.00x" in rows["slow"]        # never reached: counted as 0x, shown as 0/1
     assert "| 1/1 | 1.00x" in rows["tie"]
+
+
+def test_sensitivity_leave_one_seed_out_and_compare(tmp_path):
+    """Leave-one-seed-out medians of the headline ratios, and the shift against a perturbed rerun (described
+    from the two runs.json indexes), in results.json and in the table's notes."""
+    m_curves = {0: [0.40, 0.5, 0.60, 0.6, 0.6, 0.6], 1: [0.40, 0.5, 0.5, 0.5, 0.60, 0.6], 2: SLOW}
+    runs = {"grpo": {s: make_records(GRPO) for s in m_curves}, "x": {s: make_records(c) for s, c in m_curves.items()}}
+    idx = {"threads": 1, "workers": 2, "train": {"steps": 50, "init_seed": 0, "out_dir": "a"}, "runs": {}}
+    other = report.build_report({"grpo": runs["grpo"], "x": {s: make_records(GRPO) for s in m_curves}},
+                                tmp_path / "b", n_boot=100, plot=False,
+                                index=dict(idx, threads=2, workers=1, train=dict(idx["train"], out_dir="b")))
+    res = report.build_report(runs, tmp_path / "a", n_boot=100, plot=False, index=idx, compare=other)
+    sens = res["meta"]["sensitivity"]
+    # per-seed step ratios 2, 1, 0 (never) -> medians without one seed: 0.5, 1.0, 1.5
+    assert sens["leave_one_seed_out"]["x"]["ratio_steps"] == [0.5, 1.5]
+    c = sens["compare"]
+    assert c["note"] == "a rerun with threads 1 -> 2, workers 2 -> 1"     # out_dir differences are not named
+    assert c["methods"]["x"]["ratio_steps"] == {"here": 1.0, "there": 1.0, "shift": 0.0}
+    table = report.markdown_table(res)
+    assert "one seed is left out [min, max]: x steps [0.50,1.50]" in table
+    assert "Sensitivity against a rerun with threads 1 -> 2, workers 2 -> 1: x steps 1.00x -> 1.00x" in table
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["sensitivity"] == sens
