@@ -185,9 +185,9 @@ def _run_difference(here: Optional[Mapping], there: Optional[Mapping]) -> str:
     return "a rerun with " + (", ".join(diffs) if diffs else "the same settings")
 
 
-def _sensitivity(results: Mapping, compare: Optional[Mapping]) -> dict:
-    """How far the headline medians move: leaving one seed out (always), and against ``compare`` (another
-    run's results.json, e.g. with a perturbed thread count, CPU kernel set or warm-start draw)."""
+def _sensitivity(results: Mapping, compare) -> dict:
+    """How far the headline medians move: leaving one seed out (always), and against each run of ``compare``
+    (other runs' results.json, e.g. with a perturbed thread count, CPU kernel set or warm-start draw)."""
     h = results["meta"]["headline"]
     out = {"leave_one_seed_out": {}}
     for m, r in results["methods"].items():
@@ -202,13 +202,17 @@ def _sensitivity(results: Mapping, compare: Optional[Mapping]) -> dict:
             d[k] = [min(meds), max(meds)] if meds else None
         out["leave_one_seed_out"][m] = d
     if compare is not None:
-        here, there = _headline_medians(results), _headline_medians(compare)
-        out["compare"] = {"note": compare["meta"].get("sensitivity_label")
-                          or _run_difference(results["meta"].get("runs"), compare["meta"].get("runs")),
-                          "methods": {m: {k: {"here": here[m][k], "there": there[m][k],
-                                              "shift": (None if here[m][k] is None or there[m][k] is None
-                                                        else there[m][k] - here[m][k])}
-                                          for k in here[m]} for m in here if m in there}}
+        here = _headline_medians(results)
+        out["compare"] = []
+        for other in ([compare] if isinstance(compare, Mapping) else compare):
+            there = _headline_medians(other)
+            out["compare"].append({
+                "note": other["meta"].get("sensitivity_label")
+                or _run_difference(results["meta"].get("runs"), other["meta"].get("runs")),
+                "methods": {m: {k: {"here": here[m][k], "there": there[m][k],
+                                    "shift": (None if here[m][k] is None or there[m][k] is None
+                                              else there[m][k] - here[m][k])}
+                                for k in here[m]} for m in here if m in there}})
     return out
 
 
@@ -217,7 +221,7 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
                  score_key: str = "greedy_acc", method_kinds: Optional[Mapping[str, str]] = None,
                  ci_level: float = 0.95, headline: str = "eps", plot: bool = True,
                  index: Optional[Mapping] = None, problems: Sequence[str] = (),
-                 compare: Optional[Mapping] = None) -> dict:
+                 compare=None) -> dict:
     """Compute speedup-to-peak statistics for every method against ``baseline``; write results.json (and
     speedup.png when ``plot``) into ``out_dir``; return the results dict (the JSON content).
 
@@ -236,6 +240,8 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             into ``meta["runs"]``.
         problems: integrity notes from ``load_index_runs`` (incomplete runs, foreign folders), kept in
             ``meta["problems"]`` and printed with the table.
+        compare: another run's results dict, or a list of them (perturbed reruns): the shifts of the headline
+            medians go into ``meta["sensitivity"]["compare"]`` (one entry per run) and the table's notes.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError("runs must be a non-empty {method: {seed: [records]}} mapping")
@@ -526,8 +532,7 @@ def format_table(results: Mapping) -> str:
         out.append("  sensitivity, headline median when one seed is left out [min, max]: " + "; ".join(
             f"{m} steps {_ci(d['ratio_steps']) or 'n/a'} cost {_ci(d['ratio_cost']) or 'n/a'}"
             for m, d in sens.items()))
-    cmp_ = (meta.get("sensitivity") or {}).get("compare")
-    if cmp_:
+    for cmp_ in (meta.get("sensitivity") or {}).get("compare") or []:
         out.append(f"  sensitivity vs {cmp_['note']}: " + "; ".join(
             f"{m} steps {d['ratio_steps']['here']} -> {d['ratio_steps']['there']}"
             for m, d in cmp_["methods"].items()))
@@ -576,13 +581,13 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
         notes.append("Sensitivity, the median when one seed is left out [min, max]: " + "; ".join(
             f"{m} steps {_ci(d['ratio_steps'])}, {clock} {_ci(d['ratio_cost']) or 'n/a'}" for m, d in loo.items())
             + ".")
-    cmp_ = sens.get("compare")
-    if cmp_ and cmp_["methods"]:
-        def shift(d):
-            return "n/a" if d["here"] is None or d["there"] is None else f"{d['here']:.2f}x -> {d['there']:.2f}x"
-        notes.append(f"Sensitivity against {cmp_['note']}: " + "; ".join(
-            f"{m} steps {shift(d['ratio_steps'])}, {clock} {shift(d['ratio_cost'])}"
-            for m, d in cmp_["methods"].items()) + ".")
+    def shift(d):
+        return "n/a" if d["here"] is None or d["there"] is None else f"{d['here']:.2f}x -> {d['there']:.2f}x"
+    for cmp_ in sens.get("compare") or []:
+        if cmp_["methods"]:
+            notes.append(f"Sensitivity against {cmp_['note']}: " + "; ".join(
+                f"{m} steps {shift(d['ratio_steps'])}, {clock} {shift(d['ratio_cost'])}"
+                for m, d in cmp_["methods"].items()) + ".")
     notes += [f"PROBLEM: {p}" for p in meta.get("problems") or []]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -724,8 +729,9 @@ def main(argv=None) -> int:
                    help="no runs.json: read every <method>/seed<k> subfolder (flagged in results.json)")
     p.add_argument("--methods", help="comma list: report only these methods of runs.json (the others are "
                    "named as left out)")
-    p.add_argument("--compare", metavar="RESULTS_JSON",
-                   help="a perturbed run's results.json: the headline ratios' shifts go into meta.sensitivity")
+    p.add_argument("--compare", metavar="RESULTS_JSON", action="append",
+                   help="a perturbed run's results.json (repeatable): the headline ratios' shifts go into "
+                        "meta.sensitivity.compare")
     a = p.parse_args(argv)
     try:
         index = None
@@ -736,7 +742,7 @@ def main(argv=None) -> int:
             runs, problems = load_index_runs(a.folder, strict=not a.allow_incomplete,
                                              methods=a.methods.split(",") if a.methods else None)
             index = json.loads((Path(a.folder) / "runs.json").read_text())
-        other = json.loads(Path(a.compare).read_text()) if a.compare else None
+        other = [json.loads(Path(c).read_text()) for c in a.compare] if a.compare else None
         res = build_report(runs, a.out or a.folder, baseline=a.baseline, eps=a.eps, gain_frac=a.gain_frac,
                            rollout_shares=a.shares, n_boot=a.n_boot, seed=a.seed, score_key=a.score_key,
                            headline=a.headline, plot=not a.no_plot, index=index, problems=problems,

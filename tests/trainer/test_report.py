@@ -373,10 +373,33 @@ def test_sensitivity_leave_one_seed_out_and_compare(tmp_path):
     sens = res["meta"]["sensitivity"]
     # per-seed step ratios 2, 1, 0 (never) -> medians without one seed: 0.5, 1.0, 1.5
     assert sens["leave_one_seed_out"]["x"]["ratio_steps"] == [0.5, 1.5]
-    c = sens["compare"]
+    c, = sens["compare"]
     assert c["note"] == "a rerun with threads 1 -> 2, workers 2 -> 1"     # out_dir differences are not named
     assert c["methods"]["x"]["ratio_steps"] == {"here": 1.0, "there": 1.0, "shift": 0.0}
     table = report.markdown_table(res)
     assert "one seed is left out [min, max]: x steps [0.50,1.50]" in table
     assert "Sensitivity against a rerun with threads 1 -> 2, workers 2 -> 1: x steps 1.00x -> 1.00x" in table
     assert json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["sensitivity"] == sens
+
+
+def test_compare_several_runs_from_the_cli(tmp_path, capsys):
+    """``--compare`` is repeatable: one sensitivity entry per perturbed run, each described by its difference."""
+    runs = {"grpo": {0: make_records(GRPO), 1: make_records(GRPO)}, "x": {0: make_records(FAST), 1: make_records(GRPO)}}
+    for name, threads in (("a", 1), ("b", 2), ("c", 1)):
+        d = tmp_path / name
+        report.build_report(runs, d, n_boot=50, plot=False)
+        idx = {"threads": threads, "workers": 1, "train": {"steps": 50, "init_seed": 7 if name == "c" else 0},
+               "runs": {m: {str(s): {"status": "complete", "steps_recorded": 50, "steps_configured": 50}
+                            for s in seeds} for m, seeds in runs.items()}}
+        for m, seeds in runs.items():
+            for s, recs in seeds.items():
+                (d / m / f"seed{s}").mkdir(parents=True)
+                (d / m / f"seed{s}" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "runs.json").write_text(json.dumps(idx))
+        assert report.main([str(d), "--no-plot", "--n-boot", "50"]) == 0
+    assert report.main([str(tmp_path / "a"), "--no-plot", "--n-boot", "50", "--compare",
+                        str(tmp_path / "b" / "results.json"), "--compare", str(tmp_path / "c" / "results.json")]) == 0
+    sens = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["sensitivity"]["compare"]
+    assert [c["note"] for c in sens] == ["a rerun with threads 1 -> 2", "a rerun with init_seed 0 -> 7"]
+    out = capsys.readouterr().out
+    assert "sensitivity vs a rerun with threads 1 -> 2" in out and "sensitivity vs a rerun with init_seed 0 -> 7" in out
