@@ -462,6 +462,10 @@ def peak_warning(meta: Mapping) -> Optional[str]:
             f"to {meta['baseline']}'s score at the horizon, not to its peak (train longer).")
 
 
+def _x(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _ci(c) -> str:
     return f"[{c[0]:.2f},{c[1]:.2f}]" if c else ""
 
@@ -534,7 +538,7 @@ def format_table(results: Mapping) -> str:
             for m, d in sens.items()))
     for cmp_ in (meta.get("sensitivity") or {}).get("compare") or []:
         out.append(f"  sensitivity vs {cmp_['note']}: " + "; ".join(
-            f"{m} steps {d['ratio_steps']['here']} -> {d['ratio_steps']['there']}"
+            f"{m} steps {_x(d['ratio_steps']['here'])} -> {_x(d['ratio_steps']['there'])}"
             for m, d in cmp_["methods"].items()))
     for p in meta.get("problems") or []:
         out.append(f"  PROBLEM: {p}")
