@@ -8,10 +8,12 @@ import torch
 WORLD = 2
 
 
-def worker(rank, port, outdir, batch, opts):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank, outdir, batch, opts):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store in the test's folder: no TCP port to race for (a port picked, released and then taken by
+    # something else made rank 1 abort in a CI run)
+    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(outdir, "store"), rank=rank,
+                                         world_size=WORLD)
     from tests.integrations.test_hf_loss import _model
     from gxpo_kernels.integrations.hf import patch_causal_lm
     model = patch_causal_lm(_model("qwen2"), **opts)
