@@ -27,8 +27,10 @@ import torch
 from .._utils import check_choice, check_scalar
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
-# torch optimizers that read ``p.grad`` without writing into it: a rule may keep pass 0's gradients as ĝ0
-_KEEPS_GRADS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+# torch optimizers whose step reads ``p.grad`` without writing into it (not fused, no grad scaler: see
+# ``_can_keep_grads``): a rule may keep pass 0's gradients as ĝ0. Not SGD: its foreach path with Nesterov
+# momentum adds the momentum buffer into the grads in place.
+_KEEPS_GRADS = (torch.optim.AdamW, torch.optim.Adam)
 
 
 class ExtrapolationRule:
@@ -321,10 +323,13 @@ class ExtrapolationRule:
     def _can_keep_grads(self, grads) -> bool:
         """Whether pass 0's gradient tensors can serve as ĝ0 as they are (no copy; ``p.grad`` is then set to None so
         that the next backward allocates new ones): plain ``.grad`` tensors of this process (a sharded subclass
-        overrides ``_grad_list``), a torch optimizer that never writes into its grads (a wrapper or a custom
-        optimizer might), every grad present, contiguous and not a view (a DDP bucket view is overwritten by
-        the next backward)."""
-        return (type(self)._grad_list is ExtrapolationRule._grad_list and type(self.optimizer) in _KEEPS_GRADS
+        overrides ``_grad_list``), torch's Adam / AdamW, not fused and without a grad scaler (their step never
+        writes into the grads; a wrapper, a custom optimizer or SGD with Nesterov momentum might), every grad
+        present, contiguous and not a view (a DDP bucket view is overwritten by the next backward)."""
+        opt = self.optimizer
+        return (type(self)._grad_list is ExtrapolationRule._grad_list and type(opt) in _KEEPS_GRADS
+                and not any(g.get("fused") for g in opt.param_groups)      # fused kernels may unscale in place
+                and getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
                 and all(g is not None and g.layout == torch.strided and g.is_contiguous() and not g._is_view()
                         for g in grads))
 

@@ -65,7 +65,7 @@ class GXPO(ExtrapolationRule):
         backend: extrapolation backend (see extrapolate_).
     Memory: an fp32 buffer of the model's size for θ0, plus a copy of the optimizer state when atomic or
     transactional. ĝ0 is pass 0's gradient itself (kept, not copied; ``p.grad`` is set to None after the first
-    optimizer step) with plain params and torch's AdamW / Adam / SGD; otherwise (sharded subclasses, other
+    optimizer step) with plain params and torch's AdamW / Adam (not fused); otherwise (sharded subclasses, other
     optimizers, optimizer-aware mode) a second fp32 buffer. g1 is read from ``.grad`` after the second optimizer
     step and θ2 is the parameter itself.
     bf16 parameters are supported (buffers stay fp32). The closure may read ``self.pass_index`` (0, 1, 2) e.g.
@@ -279,7 +279,7 @@ class GXPO(ExtrapolationRule):
         """cos(ĝ0, ĝ̃) from the globally reduced dot; ‖ĝ0‖² comes from the kernel's stats, ‖ĝ̃‖ from the clip."""
         def f(t):   # fp32 accumulation at least (kept bf16 gradients), float64 stays
             return t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-        dots = [torch.dot(f(b), f(g).to(f(b).dtype)) for b, g in zip(self._g0, grads) if g is not None and g.numel()]
+        dots = [torch.dot(f(b), f(g)) for b, g in zip(self._g0, grads) if g is not None and g.numel()]
         dev = self._g0[0].device if self._g0 else torch.device("cpu")
         acc = torch.zeros(2, dtype=torch.float64, device=dev)
         if dots:

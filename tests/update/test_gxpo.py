@@ -495,6 +495,34 @@ def test_kept_g0_only_for_plain_grads_and_trusted_optimizers():
     assert not rule._can_keep_grads([None] + grads[1:])                  # a param without grad
     assert not rule._can_keep_grads([grads[0].t()] + grads[1:])          # not contiguous
     assert not GXPO(_AdamWCopy(m.parameters()), gate=None)._can_keep_grads(grads)
+    assert not GXPO(torch.optim.AdamW(m.parameters(), fused=True), gate=None)._can_keep_grads(grads)
+    # SGD's foreach path with Nesterov momentum adds the momentum buffer into the grads in place
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    assert not GXPO(sgd, gate=None)._can_keep_grads(grads)
+
+
+def test_nesterov_sgd_writes_grads_so_g0_is_copied(monkeypatch):
+    """Why SGD is not among the optimizers whose grads GXPO keeps: its foreach step with Nesterov momentum adds the
+    momentum buffer into .grad in place. Forcing the kept path changes the result; the default (copy) equals
+    an SGD subclass (always copied) bit for bit."""
+    from gxpo_kernels.update import base
+
+    class _SGDSub(torch.optim.SGD):
+        pass
+
+    def run(opt_cls, force_keep):
+        m = mlp()
+        opt = opt_cls(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True)
+        if force_keep:
+            monkeypatch.setattr(base, "_KEEPS_GRADS", (torch.optim.SGD,))
+        rule = GXPO(opt, gate=None)
+        for t in range(3):
+            assert rule.step(closure_for(m, opt, rule, batch=t))["active"]
+        monkeypatch.undo()
+        return m
+    default, copied, forced = run(torch.optim.SGD, False), run(_SGDSub, False), run(torch.optim.SGD, True)
+    assert params_equal(default, copied)
+    assert not params_equal(forced, copied)
 
 
 def test_corrective_cosine_is_opt_in():
