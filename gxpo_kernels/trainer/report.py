@@ -159,7 +159,8 @@ def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
     per = {m: {s: {k: e.get(k) for k in ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds")}
                for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
     ws = index.get("warm_start") or {}
-    return {"workers": index.get("workers"), "threads": index.get("threads"), "train": index.get("train"),
+    return {"code": index.get("code"), "workers": index.get("workers"), "threads": index.get("threads"),
+            "train": index.get("train"),
             "env": index.get("env"), "status": index.get("status"),
             "seconds": index.get("seconds"), "cpu_seconds": index.get("cpu_seconds"),
             "lr_mult": index.get("lr_mult"), "lr_mult_source": index.get("lr_mult_source"),

@@ -2,8 +2,9 @@
 
 Layout of the output folder::
 
-    <out>/runs.json                       what ran: config, methods, seeds, per run its status, steps recorded
-                                          vs configured, wall and CPU seconds; the lr multiplier; the warm start
+    <out>/runs.json                       what ran: the code (version, git commit), config, methods, seeds, per
+                                          run its status, steps recorded vs configured, wall and CPU seconds;
+                                          the lr multiplier; the warm start
     <out>/<method>/seed<k>/records.jsonl  per-step records (method names kept as given, e.g. gxpo+fade)
     <out>/<method>/seed<k>/config.json
     <out>/results.json, speedup.png       written by ``report.build_report`` (rebuild: ``report.main``)
@@ -92,6 +93,23 @@ def check_writable_dir(path: str, what: str) -> str:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: {probe} is not writable")
     return path
+
+
+def code_version() -> dict:
+    """The code a run used: the package version and, when it is imported from a git checkout, the commit and
+    whether the working tree had changes (None when git or the checkout is not there)."""
+    import subprocess
+    from .. import __version__
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {"version": __version__, "git_commit": None, "git_dirty": None}
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        out["git_commit"] = git("rev-parse", "HEAD")
+        out["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
@@ -222,7 +240,8 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
     want = dict(REPRODUCIBLE_ENV, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     env = {k: os.environ.setdefault(k, v) for k, v in want.items()} if workers else {}
-    index = {"methods": list(cfg.methods), "seeds": list(cfg.seeds), "train": dataclasses.asdict(base),
+    index = {"code": code_version(), "methods": list(cfg.methods), "seeds": list(cfg.seeds),
+             "train": dataclasses.asdict(base),
              "workers": workers, "threads": cfg.threads, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
              "lr_mult_source": None, "warm_start": None, "status": "running"}
     done = _completed_from_index(out_dir, index["train"], cfg.methods, cfg.seeds) if resume else {}
@@ -231,6 +250,8 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             old = json.load(f)
         for k in ("lr_mult", "lr_mult_source", "warm_start"):
             index[k] = old.get(k)
+        if old.get("code") != index["code"]:   # the kept runs were made by other code: say so
+            index["code_earlier"] = old.get("code")
     runs: Dict[str, Dict[int, list]] = {m: {} for m in cfg.methods}
     for (m, s), e in done.items():
         runs[m][s] = e.pop("records")

@@ -8,9 +8,11 @@
 """
 import dataclasses
 import json
+import pathlib
 
 import pytest
 
+import gxpo_kernels
 from gxpo_kernels.trainer import report, speedup, stats
 from gxpo_kernels.trainer.config import preset
 
@@ -26,6 +28,10 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     first = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None)
     index = json.loads((out / "runs.json").read_text())
     assert index["status"] == "complete" and index["workers"] == 0
+    code = index["code"]                      # in a git checkout the commit is recorded, else None
+    in_git = (pathlib.Path(gxpo_kernels.__file__).resolve().parents[1] / ".git").exists()
+    assert code["version"] == gxpo_kernels.__version__
+    assert (len(code["git_commit"] or "") == 40) == in_git and isinstance(code["git_dirty"], bool) == in_git
     for m in ("grpo", "gxpo"):
         e = index["runs"][m]["0"]
         assert (e["status"], e["steps_recorded"], e["steps_configured"]) == ("complete", 3, 3)
@@ -54,12 +60,16 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     assert any("incomplete" in p for p in res["meta"]["problems"])
     assert "PROBLEM" in report.format_table(res) and "PROBLEM" in report.markdown_table(res)
 
-    # --resume reruns only the interrupted run
+    # --resume reruns only the interrupted run (and names the other code that made the kept runs)
+    idx = json.loads((out / "runs.json").read_text())
+    earlier = dict(idx["code"], git_commit="0" * 40)
+    (out / "runs.json").write_text(json.dumps(dict(idx, code=earlier)))
     ran = []
     real = speedup._run_job
     monkeypatch.setattr(speedup, "_run_job", lambda tc, job: ran.append(job) or real(tc, job))
     again = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None, resume=True)
     assert ran == ["gxpo seed 0"]
+    assert json.loads((out / "runs.json").read_text())["code_earlier"] == earlier
     assert again["runs"]["grpo"][0] == first["runs"]["grpo"][0]
     assert len(again["runs"]["gxpo"][0]) == 4
     assert report.load_index_runs(out, strict=True)[0].keys() == {"grpo", "gxpo"}
