@@ -19,10 +19,19 @@ def loss_fn(model, batch=0):
     return ((model(X[batch].to(dt)) - Y[batch].to(dt)) ** 2).mean()
 
 
-def closure_for(model, opt, rule=None, *, batch=0, nan_pass=None, record=None):
-    """LBFGS-style closure; NaN loss on ``rule.pass_index == nan_pass``; ``record`` collects params per pass."""
+def closure_for(model, opt, rule=None, *, batch=0, nan_pass=None, record=None, set_to_none=True, bucket=None):
+    """LBFGS-style closure; NaN loss on ``rule.pass_index == nan_pass``; ``record`` collects params per pass.
+    ``set_to_none=False`` zeroes the grads in place; ``bucket``: every grad a view of this flat buffer, zeroed
+    and accumulated into by backward (DDP's gradient_as_bucket_view)."""
     def closure():
-        opt.zero_grad()
+        if bucket is not None:
+            off = 0
+            for p in model.parameters():
+                p.grad = bucket[off:off + p.numel()].view_as(p)
+                off += p.numel()
+            bucket.zero_()
+        else:
+            opt.zero_grad(set_to_none=set_to_none)
         if record is not None:
             record[rule.pass_index] = [p.detach().clone() for p in model.parameters()]
         loss = loss_fn(model, batch)

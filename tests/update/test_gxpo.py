@@ -432,26 +432,6 @@ class _AdamWCopy(torch.optim.AdamW):
     """An optimizer type GXPO does not trust to leave ``.grad`` alone: it copies ĝ0 into its own buffer."""
 
 
-def _zeroing_closure(model, opt, rule, batch, nan_pass, zero, bucket=None):
-    """``zero``: "none" (set_to_none, torch's default) or "in_place" (zero_grad(set_to_none=False)). ``bucket``:
-    every grad a view of one flat buffer that backward accumulates into (DDP's gradient_as_bucket_view)."""
-    def closure():
-        if bucket is not None:
-            off = 0
-            for p in model.parameters():                 # as DDP: the grads are the bucket's views
-                p.grad = bucket[off:off + p.numel()].view_as(p)
-                off += p.numel()
-            bucket.zero_()
-        else:
-            opt.zero_grad(set_to_none=zero == "none")
-        loss = loss_fn(model, batch)
-        if nan_pass is not None and rule.pass_index == nan_pass:
-            loss = loss * math.nan
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nan_pass", [None, 1, 2])
 @pytest.mark.parametrize("zero", ["none", "in_place", "bucket_view"])
@@ -470,8 +450,9 @@ def test_kept_g0_equals_copied_g0(dtype, nan_pass, zero):
     b2 = torch.zeros(n, dtype=dtype) if zero == "bucket_view" else None
     for t in range(3):
         nan = nan_pass if t == 1 else None
-        i1 = r1.step(_zeroing_closure(m1, o1, r1, t, nan, zero, b1))
-        i2 = r2.step(_zeroing_closure(m2, o2, r2, t, nan, zero, b2))
+        kw = dict(batch=t, nan_pass=nan, set_to_none=zero == "none")
+        i1 = r1.step(closure_for(m1, o1, r1, bucket=b1, **kw))
+        i2 = r2.step(closure_for(m2, o2, r2, bucket=b2, **kw))
         assert r1._g0_kept is False and (r1._g0 is None) == (zero != "bucket_view")   # released after the step
         assert r2._g0 is not None
         assert i1["fell_back"] == i2["fell_back"] == (nan is not None)
