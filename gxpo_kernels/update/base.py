@@ -23,6 +23,7 @@ import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .._utils import check_choice, check_scalar
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
@@ -100,7 +101,13 @@ class ExtrapolationRule:
         for (dev, _), gs in groups.items():
             torch._foreach_mul_(gs, coef.to(dev))
 
+    #: snapshot at the first optimizer step rather than at the start of the step (False where an optimizer step
+    #: can happen inside the closure, as with DeepSpeed's engine.step())
+    _late_snapshot = True
+    _snapshot_due = False
+
     def _optimizer_step(self) -> None:
+        self._take_due_snapshot_()
         self.optimizer.step()
         self.total_optimizer_steps += 1
 
@@ -121,7 +128,23 @@ class ExtrapolationRule:
                 for b, p in zip(self._theta0, params)):
             self._theta0 = [torch.empty_like(p, dtype=self._buffer_dtype(p), memory_format=torch.contiguous_format)
                             for p in params]
-        _copy_all_(self._theta0, params)
+        self._snapshot_copy_(self._theta0, params)
+
+    def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
+        """``_copy_all_`` for the snapshots (θ0, the optimizer state, a copied ĝ0): buffers read again only much
+        later, if ever. Where the extrapolation runs the C++ op (the CPU), the plain same-dtype pairs are copied
+        by its non-temporal stores, which skip reading the destination into the cache first (a third less memory
+        traffic than ``copy_``); the other pairs, and every pair elsewhere, by ``_copy_all_``."""
+        if not dst or extrapolate_backend(self.backend, dst[0].device) != "cpp" or \
+                not all(type(t) in _PLAIN for t in src) or not all(type(t) in _PLAIN for t in dst):
+            _copy_all_(dst, src)   # (a None in src is not a plain tensor: zeroed there)
+            return
+        from ..ops.extrapolate._cpp import snapshot_copy_
+        left = snapshot_copy_(dst, src)
+        if left is None:               # no C++ extension (a warning was given once)
+            _copy_all_(dst, src)
+        elif left:
+            _copy_all_([dst[i] for i in left], [src[i] for i in left])
 
     @torch.no_grad()
     def _restore_params_(self) -> None:
@@ -151,7 +174,7 @@ class ExtrapolationRule:
                 else:
                     other[k] = v
             snap.append((p, tens, other))
-        _copy_all_(dst, src)                              # batched per (device, dtype)
+        self._snapshot_copy_(dst, src)
         self._opt_snap = snap
 
     @torch.no_grad()
@@ -266,13 +289,9 @@ class ExtrapolationRule:
         counters = (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks)
         gate_sd = self.gate.state_dict()
         self._snapped_params = self._snapped_opt = False
-        if snapshot:
-            with torch.no_grad():
-                self._snapshot_params_()
-                self._snapped_params = True
-                if self.atomic or self.transactional_state:
-                    self._snapshot_optimizer_state_()
-                    self._snapped_opt = True
+        self._snapshot_due = snapshot
+        if snapshot and not self._late_snapshot:
+            self._take_due_snapshot_()
         try:
             return body()
         except BaseException:
@@ -286,6 +305,23 @@ class ExtrapolationRule:
             self.gate.load_state_dict(gate_sd)
             self._zero_grad()
             raise
+        finally:
+            self._snapshot_due = False
+
+    @torch.no_grad()
+    def _take_due_snapshot_(self) -> None:
+        """θ0 (and the optimizer state when atomic or transactional) of an active step, once. With
+        ``_late_snapshot`` it runs just before the step's first optimizer step (``_optimizer_step`` calls it):
+        nothing changes before that, and the step then reads the same parameters and moments while they are
+        still in cache (taken before pass 0 instead, the copies read them cold from memory)."""
+        if not self._snapshot_due:
+            return
+        self._snapshot_due = False
+        self._snapshot_params_()
+        self._snapped_params = True
+        if self.atomic or self.transactional_state:
+            self._snapshot_optimizer_state_()
+            self._snapped_opt = True
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
@@ -306,6 +342,8 @@ class ExtrapolationRule:
     def _rewind_for_fallback(self) -> None:
         """θ0 back into the parameters; the optimizer state back to the step's start unless fallback_state is
         'keep' (the authors' light fallback: the probe steps' moment updates stay)."""
+        if not self._snapped_params:   # before the first optimizer step: nothing has moved yet
+            return
         self._restore_params_()
         if self.fallback_state == "restore" and self._snapped_opt:
             self._restore_optimizer_state_()
@@ -407,20 +445,29 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
-    """dst[i].copy_(src[i]) (zero where src[i] is None), batched per (device, dtype pair) with _foreach_copy_."""
-    groups: Dict[tuple, tuple] = {}
+    """dst[i].copy_(src[i]) (zero where src[i] is None) with _foreach_copy_: one call on the CPU, else one per
+    (device, dtype) of dst so that CUDA takes its multi-tensor path (AdamW's ``step`` counters live on the CPU);
+    torch's C++ grouping, as a Python loop building the groups cost more than the copies of a small model."""
+    ds, ss = [], []
     for d, s in zip(dst, src):
-        d, s = _local(d), _local(s)      # sharded (DTensor) state: copy shard to shard, no collective
         if s is None:
-            d.zero_()
-        elif d.numel():
-            key = (d.device, d.dtype, s.device, s.dtype)
-            groups.setdefault(key, ([], []))
-            groups[key][0].append(d)
-            groups[key][1].append(s)
-    for ds, ss in groups.values():
-        torch._foreach_copy_(ds, ss)
+            _local(d).zero_()
+        else:
+            ds.append(d)
+            ss.append(s)
+    if not all(type(t) in _PLAIN for t in ds) or not all(type(t) in _PLAIN for t in ss):
+        ds, ss = list(map(_local, ds)), list(map(_local, ss))   # sharded (DTensor) state: shard to shard
+    if not ds:
+        return
+    if all(t.is_cpu for t in ds) and all(t.is_cpu for t in ss):
+        torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
+        return
+    for (gd, gs), _ in _group_tensors_by_device_and_dtype([ds, ss]).values():
+        torch._foreach_copy_(gd, gs)
 
 
 def _to_float(x) -> float:

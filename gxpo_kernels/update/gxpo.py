@@ -19,7 +19,7 @@ import torch
 
 from .._utils import check_scalar
 from ..ops.extrapolate.op import STAT_INDEX, stats_to_dict
-from .base import ExtrapolationRule, _copy_all_, _to_float
+from .base import ExtrapolationRule, _to_float
 from .gates import Gate, make_gate
 
 
@@ -52,9 +52,9 @@ class GXPO(ExtrapolationRule):
         skip_corrective: no pass 2: the repositioned point θ̃ is the update (the authors' ablation; 2 passes).
         transactional_state: restore the optimizer state to the step's start before pass 2, so the state
             advances once per mini-batch (the corrective step's update only).
-        atomic: snapshot the optimizer state at the start of every active step (one copy of the optimizer
-            state, in preallocated buffers) so that an exception anywhere in the step rewinds it; parameters
-            are always rewound (θ0 is kept anyway).
+        atomic: snapshot the optimizer state in every active step (one copy of the optimizer state, in
+            preallocated buffers, taken just before the first optimizer step) so that an exception anywhere in
+            the step rewinds it; parameters are always rewound (θ0 is kept anyway).
         fallback_grad: "reuse" (default: the fallback steps with the stored ĝ0; no extra pass) or "recompute"
             (one more pass at θ0, as the authors do; same parameters, one more backward pass counted).
         fallback_state: "restore" (default when a snapshot exists: a fallback equals a plain step, optimizer
@@ -144,7 +144,7 @@ class GXPO(ExtrapolationRule):
                 for a, b in zip(self._g0, self._theta0)):
             self._g0 = [torch.empty_like(b) for b in self._theta0]
         self._had_grad0 = [g is not None for g in grads]
-        _copy_all_(self._g0, grads)
+        self._snapshot_copy_(self._g0, grads)
 
     def _group_hparams(self, params) -> List[tuple]:
         by_id = {}
@@ -212,7 +212,7 @@ class GXPO(ExtrapolationRule):
 
     # ---- the update --------------------------------------------------------------------------------------
     def _active_step(self, closure: Callable, params, entropy) -> dict:
-        """One GXPO outer update (θ0 and the optimizer snapshot are taken by ``step``)."""
+        """One GXPO outer update (θ0 and the optimizer snapshot are taken before the first optimizer step)."""
         self._bp = 0
         info = {"active": True, "fell_back": False, "fallback_reason": None, "skipped": False,
                 "gate_z": math.nan}
@@ -231,6 +231,7 @@ class GXPO(ExtrapolationRule):
             self.fallbacks += 1
             info.update(fell_back=True, fallback_reason="small_g0")
             return self._finish(info)
+        self._take_due_snapshot_()   # θ0 first: a copied ĝ0 takes its buffers' shapes from it
         self._save_g0_(grads)
         self._optimizer_step()
         if self._g0_kept:

@@ -128,7 +128,7 @@ class SFPO(ExtrapolationRule):
         return self._end_fallback(ok, reason, info)
 
     def _active_step(self, closure, params, entropy) -> dict:
-        """One SFPO outer update (θ0 and the optimizer snapshot are taken by ``step``)."""
+        """One SFPO outer update (θ0 and the optimizer snapshot are taken before the first optimizer step)."""
         closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
         self._bp = 0
         self._reported = []

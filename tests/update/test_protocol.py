@@ -84,24 +84,60 @@ def test_exception_on_every_pass_rewinds_everything(name, make, n_pass, warm):
         assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
 
 
-def test_exception_in_the_optimizer_and_in_the_extrapolation_rewinds():
+@pytest.mark.parametrize("make", [lambda o: GXPO(o), lambda o: SFPO(o, K=2)], ids=["gxpo", "sfpo"])
+@pytest.mark.parametrize("call,applied", [(1, True), (2, False), (2, True), (3, True)])
+def test_exception_in_an_optimizer_step_rewinds(make, call, applied):
+    """The snapshot is taken just before the first optimizer step: an optimizer step that raises before or
+    after it has applied its update (the first one included) still rewinds parameters and moments."""
     m = mlp()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    rule = GXPO(opt)
-    rule.step(_closure(m, opt, rule))
+    rule = make(opt)
+    rule.step(_closure(m, opt, rule), entropy=1.0)
     before = _state(m, opt)
     orig, n = opt.step, [0]
 
     def flaky(*a, **k):
         n[0] += 1
-        if n[0] == 2:
+        if n[0] == call:
+            if applied:
+                orig(*a, **k)
             raise Boom("optimizer")
         return orig(*a, **k)
     opt.step = flaky
     with pytest.raises(Boom):
-        rule.step(_closure(m, opt, rule))
+        rule.step(_closure(m, opt, rule), entropy=1.0)
     del opt.step
     _assert_same(_state(m, opt), before)
+
+
+def test_snapshot_is_taken_at_the_first_optimizer_step():
+    """Nothing is copied before pass 0 (the copies run when the optimizer is about to read the same tensors);
+    θ0 is the parameters at the step's start all the same."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate=None)
+    seen = []
+
+    def closure():
+        seen.append((rule.pass_index, rule._snapped_params, rule._snapped_opt))
+        opt.zero_grad()
+        loss = loss_fn(m, 0)
+        loss.backward()
+        return loss
+    rule.step(closure)
+    start = [p.detach().clone() for p in m.parameters()]
+    seen.clear()
+    rule.step(closure)
+    assert seen == [(0, False, False), (1, True, True), (2, True, True)]
+    assert all(torch.equal(a, b) for a, b in zip(rule._theta0, start))
+
+
+def test_exception_in_the_extrapolation_rewinds():
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt)
+    rule.step(_closure(m, opt, rule))
+    before = _state(m, opt)
     rule._extrapolate = lambda *a, **k: (_ for _ in ()).throw(Boom("kernel"))
     with pytest.raises(Boom):
         rule.step(_closure(m, opt, rule))

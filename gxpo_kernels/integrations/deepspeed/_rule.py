@@ -136,6 +136,8 @@ class _DeepSpeedRule(ShardedReductions):
         from deepspeed.accelerator import get_accelerator
         return torch.device(get_accelerator().current_device_name())
 
+    _late_snapshot = False   # engine.step() inside the closure may apply the first optimizer step
+
     def _optimizer_step(self) -> None:
         if self._pending:                                 # already applied inside engine.step()
             self._pending = False

@@ -124,7 +124,7 @@ class _FSDPRule(ShardedReductions):
                 (t.shape, self._buffer_dtype(t), t.device) for t in local]:
             self._theta0 = [torch.empty_like(t, dtype=self._buffer_dtype(t), memory_format=torch.contiguous_format)
                             for t in local]
-        _copy_all_(self._theta0, local)
+        self._snapshot_copy_(self._theta0, local)
 
     @torch.no_grad()
     def _restore_params_(self) -> None:

@@ -146,3 +146,14 @@ def extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, *, alpha, K, clip_co
                                list(lowp_out) if lowp_out is not None else [], thr,
                                float(alpha), int(K), float(clip_coef0), float(clip_coef1),
                                scale_formula == "closed", float(delta), float(r_min), float(r_max))
+
+
+def snapshot_copy_(dst, src) -> Optional[list]:
+    """``dst[i].copy_(src[i])`` with non-temporal stores (the C++ op's ``snapshot_copy``) for every pair that is
+    CPU, contiguous, of one dtype and one numel; returns the indices of the other pairs (the caller copies those),
+    or None when the extension is unavailable."""
+    mod = load_extension()
+    if mod is None:
+        return None
+    return mod.snapshot_copy(list(dst), list(src))
+

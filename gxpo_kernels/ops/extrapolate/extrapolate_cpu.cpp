@@ -19,7 +19,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <omp.h>
-#if defined(__FMA__) || defined(__AVX2__)
+#if defined(__FMA__) || defined(__AVX2__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -544,6 +544,53 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
   return f64 ? run_any<double>(items, hp) : run_any<float>(items, hp);
 }
 
+// dst[i] <- src[i], byte for byte, with non-temporal (streaming) stores where the target has AVX: for the update
+// rules' snapshots (theta0, the optimizer state), buffers that are read again only much later, if at all. A
+// plain store first reads each destination line into the cache (read for ownership) and later evicts it: a copy
+// moves 3 bytes per byte; streaming stores skip the read and bypass the cache, 2 bytes per byte. Pairs that are
+// not CPU, contiguous, of one dtype and one numel are left alone: their indices are returned for the caller's
+// ordinary copy.
+std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::Tensor> src) {
+  TORCH_CHECK(dst.size() == src.size(), "snapshot_copy: dst and src must have the same length");
+  struct Piece { char* d; const char* s; int64_t n; };
+  constexpr int64_t kPiece = 1 << 20;  // bytes per parallel task
+  std::vector<Piece> pieces;
+  std::vector<int64_t> left;
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const auto& d = dst[i];
+    const auto& s = src[i];
+    if (!d.device().is_cpu() || !s.device().is_cpu() || !d.is_contiguous() || !s.is_contiguous() ||
+        d.scalar_type() != s.scalar_type() || d.numel() != s.numel()) {
+      left.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    const int64_t bytes = d.numel() * static_cast<int64_t>(d.element_size());
+    char* dp = static_cast<char*>(d.data_ptr());
+    const char* sp = static_cast<const char*>(s.data_ptr());
+    for (int64_t o = 0; o < bytes; o += kPiece) pieces.push_back({dp + o, sp + o, std::min(kPiece, bytes - o)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      char* d = pieces[k].d;
+      const char* s = pieces[k].s;
+      int64_t n = pieces[k].n, i = 0;
+#if defined(__AVX__)
+      const int64_t head = std::min<int64_t>(n, (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+      std::memcpy(d, s, head);
+      for (i = head; i + 32 <= n; i += 32)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#endif
+      std::memcpy(d + i, s + i, n - i);
+    }
+#if defined(__AVX__)
+    _mm_sfence();  // the streamed stores are globally visible before this task ends
+#endif
+  });
+  return left;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("extrapolate_cpu", &extrapolate_cpu, "GXPO in-place extrapolation over a tensor list (CPU, OpenMP)");
+  m.def("snapshot_copy", &snapshot_copy, "byte copy of a tensor list with non-temporal stores (CPU)");
 }
