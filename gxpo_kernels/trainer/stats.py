@@ -16,6 +16,7 @@ Scores are compared with a tolerance of ``TIE_TOL`` so that a value equal to the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -298,6 +299,26 @@ def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: floa
             "reason": ("peak in the last {w} validations and their mean above the {w} before by {d:+.4f}"
                        if rising else "peak earlier or no upward trend over the last {w} validations "
                        "(mean change {d:+.4f})").format(w=window, d=last - prev)}
+
+
+def late_trend(step: np.ndarray, score: np.ndarray, frac: float = 0.5) -> dict:
+    """How much a validation curve still climbs over its last ``frac`` of validations (at least 4 points): the
+    least-squares line's gain across them, that gain as a share of the curve's whole gain (best − first), and the
+    slope's t statistic (about 2 or more: a climb the validation noise does not explain). A levelled-off curve
+    has a gain near 0 and a small t; a slow creep has a small share but a large t."""
+    step, score = np.asarray(step, np.float64), np.asarray(score, np.float64)
+    k = max(4, int(np.ceil(frac * score.size)))
+    if score.size < k or k < 4:
+        return {"points": int(score.size), "gain": None, "share": None, "t": None}
+    x, y = step[-k:] - step[-k:].mean(), score[-k:]
+    sxx = float(x @ x)
+    slope = float(x @ (y - y.mean())) / sxx
+    resid = y - y.mean() - slope * x
+    se = math.sqrt(float(resid @ resid) / (k - 2) / sxx)
+    total = float(score.max() - score[0])
+    gain = slope * float(step[-1] - step[-k])
+    return {"points": k, "from_step": int(step[-k]), "gain": gain,
+            "share": gain / total if total > 0 else None, "t": slope / se if se > 0 else None}
 
 
 def projected_rollout_time(share: float, base_cm: Mapping) -> float:

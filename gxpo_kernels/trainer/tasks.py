@@ -172,6 +172,15 @@ class AdditionTask(Task):
         return str(p[0] + p[1])
 
 
+class Addition2Task(AdditionTask):
+    """Two-digit addition: small enough (8,100 problems) that RL saturates on the tiny model."""
+    name = "addition2"
+    max_answer_chars = 3
+
+    def _sample(self, rng):
+        return rng.randint(10, 99), rng.randint(10, 99)
+
+
 class SortTask(Task):
     name = "sort"
     max_answer_chars = 14   # five two-digit numbers and four commas
@@ -251,7 +260,7 @@ class JsonlTask(Task):
         return [pool[rng.randrange(len(pool))] for _ in range(n)]
 
 
-TASKS: Dict[str, type] = {"addition": AdditionTask, "sort": SortTask}
+TASKS: Dict[str, type] = {"addition": AdditionTask, "addition2": Addition2Task, "sort": SortTask}
 
 
 def get_task(name: str) -> Task:

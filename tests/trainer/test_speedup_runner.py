@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 import gxpo_kernels
@@ -127,3 +128,20 @@ def test_shared_rollout_cost_and_cpu_clock(tmp_path):
 def test_still_rising(scores, rising):
     steps = list(range(0, 10 * len(scores), 10))
     assert stats.still_rising(steps, scores, tol=0.005)["rising"] is rising
+
+
+def test_late_trend_separates_a_plateau_from_a_creep():
+    """Same noise, same first half: a curve level over its second half has a gain near 0 and |t| small; one
+    still creeping by 0.04 over it has that gain back (within noise) and a large t; the share is of best − first."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 610, 10)
+    rise = 0.4 + 0.3 * (1 - np.exp(-steps / 60))
+    noise = rng.normal(0, 0.01, steps.size)
+    level = np.minimum(rise, 0.69) + noise
+    creeping = level + np.clip(steps - 300, 0, None) * (0.04 / 300)
+    flat, creep = stats.late_trend(steps, level), stats.late_trend(steps, creeping)
+    assert flat["points"] == creep["points"] == 31 and flat["from_step"] == 300
+    assert abs(flat["gain"]) < 0.01 and abs(flat["t"]) < 2.5
+    assert creep["gain"] == pytest.approx(0.04, abs=0.012) and creep["t"] > 5
+    assert creep["share"] == pytest.approx(creep["gain"] / (creeping.max() - creeping[0]), rel=1e-9)
+    assert stats.late_trend(steps[:3], rise[:3])["gain"] is None   # too few points for a slope and its error
