@@ -349,3 +349,54 @@ def test_prepared_plan_with_per_call_g0(backend, dtype):
         ExtrapolationPlan(p, t0, "every_call", backend=backend)
     with pytest.raises(ValueError, match="one tensor per param|one per param"):
         plan(g1, g0=g0[:2], alpha=0.5, K=5)
+
+
+def test_snapshot_copy_is_a_byte_copy_and_leaves_what_it_cannot_do():
+    """The C++ op's non-temporal copy (the update rules' snapshots on the CPU): bit-equal for every dtype, at
+    offsets that leave unaligned heads and tails, across a 1 MiB task boundary and for empty tensors; pairs of
+    two dtypes, two numels or a non-contiguous side are returned untouched for the caller's copy_."""
+    from gxpo_kernels.ops.extrapolate._cpp import snapshot_copy_
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2 ** 19 + 77, generator=g)
+    src = [base[5:5 + 2 ** 18 + 33],                           # 4-byte offset: unaligned head
+           torch.randn(1, generator=g), torch.empty(0),
+           torch.randn(13, generator=g, dtype=torch.float64),
+           torch.randn(3, 7, generator=g).bfloat16(), torch.randn(9, generator=g).half(),
+           torch.randn(5, generator=g), torch.randn(6, generator=g), torch.randn(4, 4, generator=g).t()]
+    dst = [torch.full_like(s, 7.0) for s in src[:6]] + [
+        torch.full((5,), 7.0, dtype=torch.float64), torch.full((7,), 7.0), torch.full((4, 4), 7.0)]
+    dst[0] = torch.full((2 ** 19 + 64,), 7.0)[3:3 + src[0].numel()]   # another unaligned destination
+    left = snapshot_copy_(dst, src)
+    assert left == [6, 7, 8]
+    for d, s in zip(dst[:6], src[:6]):
+        assert d.dtype == s.dtype and torch.equal(d.view(-1).view(torch.uint8), s.reshape(-1).view(torch.uint8))
+    assert all(bool((d == 7).all()) for d in dst[6:])   # untouched
+
+
+def test_rules_snapshot_through_the_cpp_copy_only_with_the_cpp_backend(monkeypatch):
+    """GXPO's snapshots use the non-temporal copy where its extrapolation runs the C++ op, and plain copy_
+    with backend="torch"; both give the same step."""
+    from gxpo_kernels.ops.extrapolate import _cpp
+    from gxpo_kernels.update import GXPO
+    calls = []
+    orig = _cpp.snapshot_copy_
+    monkeypatch.setattr(_cpp, "snapshot_copy_", lambda d, s: calls.append(len(d)) or orig(d, s))
+    out = []
+    for backend in ("cpp", "torch"):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        rule = GXPO(opt, gate=None, backend=backend)
+        x = torch.randn(8, 6)
+        n = len(calls)
+
+        def closure():
+            opt.zero_grad()
+            loss = (m(x) ** 2).mean() * (1 + rule.pass_index)
+            loss.backward()
+            return loss
+        for _ in range(3):
+            rule.step(closure)
+        out.append([p.detach().clone() for p in m.parameters()])
+        assert (len(calls) > n) is (backend == "cpp")
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -1,6 +1,6 @@
 """Guards the toy tasks and rollout plumbing of the trainer.
 
-- exact answers for addition and sort; the checker scores wrong, malformed and truncated (no EOS) outputs 0;
+- exact answers for addition (3- and 2-digit) and sort; the checker scores wrong, malformed and truncated (no EOS) outputs 0;
 - generation is deterministic per seed, and the train / val / sft pools are disjoint;
 - the character tokenizer round-trips and stops at the first EOS;
 - response masks end at the first EOS (later tokens become PAD), and left padding does not change the
@@ -12,15 +12,18 @@ import torch
 
 from gxpo_kernels.trainer.model import build_tiny_model, tiny_config_dict
 from gxpo_kernels.trainer.rollout import encode_prompts, position_ids, response_logits, response_mask
-from gxpo_kernels.trainer.tasks import SPLITS, AdditionTask, CharTokenizer, SortTask, get_task, score
+from gxpo_kernels.trainer.tasks import SPLITS, Addition2Task, AdditionTask, CharTokenizer, SortTask, get_task, score
 
 
-def test_addition_answers_exact():
-    t = AdditionTask()
-    for prompt, ans in t.sample(200, "train", seed=3):
+@pytest.mark.parametrize("task, hi", [(AdditionTask(), 999), (Addition2Task(), 99)])
+def test_addition_answers_exact(task, hi):
+    seen = set()
+    for prompt, ans in task.sample(400, "train", seed=3):
         a, b = prompt[:-1].split("+")
-        assert prompt.endswith("=") and 10 <= int(a) <= 999 and 10 <= int(b) <= 999
-        assert ans == str(int(a) + int(b))
+        assert prompt.endswith("=") and 10 <= int(a) <= hi and 10 <= int(b) <= hi
+        assert ans == str(int(a) + int(b)) and len(ans) <= task.max_answer_chars
+        seen.add(max(int(a), int(b)) > 99)
+    assert (True in seen) is (hi > 99)   # three-digit operands exactly when the task has them
 
 
 def test_sort_answers_exact():
@@ -32,7 +35,7 @@ def test_sort_answers_exact():
         assert ans == ",".join(str(x) for x in sorted(nums))   # no spaces, no leading zeros
 
 
-@pytest.mark.parametrize("name", ["addition", "sort"])
+@pytest.mark.parametrize("name", ["addition", "addition2", "sort"])
 def test_deterministic_per_seed_and_disjoint_splits(name):
     t = get_task(name)
     assert t.sample(50, "train", seed=7) == t.sample(50, "train", seed=7)
@@ -45,7 +48,7 @@ def test_deterministic_per_seed_and_disjoint_splits(name):
     assert len({p for p, _ in val}) == 300
 
 
-@pytest.mark.parametrize("task", [AdditionTask(), SortTask()])
+@pytest.mark.parametrize("task", [AdditionTask(), Addition2Task(), SortTask()])
 def test_checker_scores(task):
     tok = CharTokenizer(task.alphabet)
     prompt, ans = task.sample(1, "val", seed=0)[0]
