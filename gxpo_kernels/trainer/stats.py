@@ -304,8 +304,9 @@ def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: floa
 def late_trend(step: np.ndarray, score: np.ndarray, frac: float = 0.5) -> dict:
     """How much a validation curve still climbs over its last ``frac`` of validations (at least 4 points): the
     least-squares line's gain across them, that gain as a share of the curve's whole gain (best − first), and the
-    slope's t statistic (about 2 or more: a climb the validation noise does not explain). A levelled-off curve
-    has a gain near 0 and a small t; a slow creep has a small share but a large t."""
+    slope's t statistic (about 2 or more: a climb the validation noise does not explain; None for points exactly
+    on a line). A levelled-off curve has a gain near 0 and a small t; a slow creep has a small share but a large
+    t."""
     step, score = np.asarray(step, np.float64), np.asarray(score, np.float64)
     k = max(4, int(np.ceil(frac * score.size)))
     if score.size < k or k < 4:

@@ -360,6 +360,22 @@ def test_markdown_table_renders_every_method_and_not_reached(one_seed):
     assert "| 1/1 | 1.00x" in rows["tie"]
 
 
+def test_second_half_climb_in_results_and_notes(tmp_path):
+    """Each baseline seed's second-half least-squares climb (stats.late_trend of its curve) is in
+    meta.baseline_peaked and in a note under the table."""
+    runs = {"grpo": {0: make_records(GRPO), 1: make_records(SLOW)}, "x": {0: make_records(FAST), 1: make_records(FAST)}}
+    res = report.build_report(runs, tmp_path, n_boot=20, plot=False)
+    seeds = res["meta"]["baseline_peaked"]["seeds"]
+    for s, curve in (("0", GRPO), ("1", SLOW)):
+        assert seeds[s]["second_half"] == stats.late_trend(np.array(VAL_STEPS), np.array(curve))
+    h = seeds["1"]["second_half"]     # SLOW climbs 0.02 per validation; the last half is 3 points, so 4 are used
+    assert h["points"] == 4 and h["gain"] == pytest.approx(0.06) and h["share"] == pytest.approx(0.6)
+    table = report.markdown_table(res)
+    assert (f"grpo's climb over the second half of the run (least-squares gain; share of the seed's whole gain; "
+            f"slope t): seed 0 {seeds['0']['second_half']['gain']:+.3f} from step") in table
+    assert "seed 1 +0.060 from step 20; 60%" in table
+
+
 def test_sensitivity_leave_one_seed_out_and_compare(tmp_path):
     """Leave-one-seed-out medians of the headline ratios, and the shift against a perturbed rerun (described
     from the two runs.json indexes), in results.json and in the table's notes."""
