@@ -137,6 +137,20 @@ def _gxpo_bookkeeping() -> list:
         e = b["extra_info"]
         out.append(f"| {e['name']} | {e['p50_ms']:.1f} | {e['grpo_p50_ms']:.1f} | {e['overhead_timer_ms']:.2f} | "
                    f"{100 * e['overhead_timer_frac']:.1f}% | {100 * e['overhead_sub_frac']:.1f}% | {e['reps']} |")
+    return out + _gxpo_bookkeeping_ab()
+
+
+def _gxpo_bookkeeping_ab() -> list:
+    rel = "bench/results/cpu-update-throughput-gxpo-ab.json"
+    doc = _json(rel)
+    sizes = list(doc["rounds"][0]["after"])
+    out = ["", f"The same, this checkout against commit `{doc['before_commit'][:10]}` (before the snapshot changes), "
+           f"alternated in fresh processes (from `{rel}`; share of the GXPO step, timer estimate):", "",
+           "| round | " + " | ".join(f"{s}: after | {s}: before" for s in sizes) + " |",
+           "|---:|" + "---:|---:|" * len(sizes)]
+    for i, r in enumerate(doc["rounds"], 1):
+        out.append(f"| {i} | " + " | ".join(f"{100 * r['after'][s]['overhead_timer_frac']:.1f}% | "
+                                            f"{100 * r['before'][s]['overhead_timer_frac']:.1f}%" for s in sizes) + " |")
     return out
 
 
