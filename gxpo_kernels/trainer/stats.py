@@ -309,7 +309,7 @@ def late_trend(step: np.ndarray, score: np.ndarray, frac: float = 0.5) -> dict:
     t."""
     step, score = np.asarray(step, np.float64), np.asarray(score, np.float64)
     k = max(4, int(np.ceil(frac * score.size)))
-    if score.size < k or k < 4:
+    if score.size < k:
         return {"points": int(score.size), "gain": None, "share": None, "t": None}
     x, y = step[-k:] - step[-k:].mean(), score[-k:]
     sxx = float(x @ x)
