@@ -26,6 +26,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .._utils import check_choice, check_scalar
+from ..ops.extrapolate import _cpp
 from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
 
 # torch optimizers whose step reads ``p.grad`` without writing into it (not fused, no grad scaler: see
@@ -132,19 +133,9 @@ class ExtrapolationRule:
 
     def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
         """``_copy_all_`` for the snapshots (θ0, the optimizer state, a copied ĝ0): buffers read again only much
-        later, if ever. Where the extrapolation runs the C++ op (the CPU), the plain same-dtype pairs are copied
-        by its non-temporal stores, which skip reading the destination into the cache first (a third less memory
-        traffic than ``copy_``); the other pairs, and every pair elsewhere, by ``_copy_all_``."""
-        if not dst or extrapolate_backend(self.backend, dst[0].device) != "cpp" or \
-                not all(type(t) in _PLAIN for t in src) or not all(type(t) in _PLAIN for t in dst):
-            _copy_all_(dst, src)   # (a None in src is not a plain tensor: zeroed there)
-            return
-        from ..ops.extrapolate._cpp import snapshot_copy_
-        left = snapshot_copy_(dst, src)
-        if left is None:               # no C++ extension (a warning was given once)
-            _copy_all_(dst, src)
-        elif left:
-            _copy_all_([dst[i] for i in left], [src[i] for i in left])
+        later, if ever, so where the extrapolation runs the C++ op (the CPU) they are written with its
+        non-temporal stores."""
+        _copy_all_(dst, src, stream=bool(dst) and extrapolate_backend(self.backend, dst[0].device) == "cpp")
 
     @torch.no_grad()
     def _restore_params_(self) -> None:
@@ -448,10 +439,13 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
+def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], stream: bool = False) -> None:
     """dst[i].copy_(src[i]) (zero where src[i] is None) with _foreach_copy_: one call on the CPU, else one per
     (device, dtype) of dst so that CUDA takes its multi-tensor path (AdamW's ``step`` counters live on the CPU);
-    torch's C++ grouping, as a Python loop building the groups cost more than the copies of a small model."""
+    torch's C++ grouping, as a Python loop building the groups cost more than the copies of a small model.
+    ``stream``: on the CPU, copy through the C++ op's non-temporal stores (``snapshot_copy``), which skip reading
+    each destination line into the cache first (a third less memory traffic), for buffers read much later; the
+    pairs it cannot take (another dtype, numel or layout) and a missing extension fall back to _foreach_copy_."""
     ds, ss = [], []
     for d, s in zip(dst, src):
         if s is None:
@@ -464,7 +458,11 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> No
     if not ds:
         return
     if all(t.is_cpu for t in ds) and all(t.is_cpu for t in ss):
-        torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
+        left = _cpp.snapshot_copy_(ds, ss) if stream else None
+        if left is not None:
+            ds, ss = [ds[i] for i in left], [ss[i] for i in left]
+        if ds:
+            torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
         return
     for (gd, gs), _ in _group_tensors_by_device_and_dtype([ds, ss]).values():
         torch._foreach_copy_(gd, gs)
