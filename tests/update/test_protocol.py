@@ -132,6 +132,46 @@ def test_snapshot_is_taken_at_the_first_optimizer_step():
     assert all(torch.equal(a, b) for a, b in zip(rule._theta0, start))
 
 
+class _CountingSGD(torch.optim.SGD):
+    """SGD with momentum plus a plain-int step count in its state (a non-tensor value that changes)."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for st in self.state.values():
+            st["n"] = st.get("n", 0) + 1
+        return out
+
+
+@pytest.mark.parametrize("change", ["none", "loaded_state_dict", "replaced_tensor", "non_tensor_value"])
+def test_optimizer_snapshot_reuse_follows_the_state(change):
+    """Consecutive active steps over the same state objects reuse the last snapshot's buffers and copy pairs; a
+    loaded state dict (new tensors, other values), a replaced state tensor or a changed non-tensor value is
+    snapshotted afresh. Each time an exception in pass 3 rewinds to the values at the step's start."""
+    m = mlp()
+    opt = (_CountingSGD(m.parameters(), lr=1e-2, momentum=0.9) if change == "non_tensor_value"
+           else torch.optim.AdamW(m.parameters(), lr=1e-2))
+    rule = GXPO(opt, gate=None)
+    for b in range(3):                     # from the third step on the state holds the same objects
+        rule.step(_closure(m, opt, rule, batch=b))
+    reused = rule._opt_snap_pairs
+    p0 = next(m.parameters())
+    if change == "loaded_state_dict":      # new tensor objects with other values
+        sd = copy.deepcopy(opt.state_dict())
+        for st in sd["state"].values():
+            st["exp_avg"].mul_(2.0)
+        opt.load_state_dict(sd)
+    elif change == "replaced_tensor":
+        opt.state[p0]["exp_avg_sq"] = opt.state[p0]["exp_avg_sq"] * 3.0
+    before = _state(m, opt)
+    with pytest.raises(Boom):
+        rule.step(_closure(m, opt, rule, raise_at=3))
+    _assert_same(_state(m, opt), before)
+    assert (rule._opt_snap_pairs is reused) == (change == "none")
+    assert all(a is b for a, b in zip(rule._opt_snap_pairs[1], (v for p in m.parameters()
+                                                                 for v in opt.state[p].values()
+                                                                 if torch.is_tensor(v))))
+
+
 def test_exception_in_the_extrapolation_rewinds():
     m = mlp()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
