@@ -18,6 +18,7 @@ ADVANTAGES = ("grpo", "drgrpo", "fade")
 GATES = ("ema", "window", "entropy", "none")
 TASK_NAMES = tuple(TASKS)   # the toy tasks; a --dataset file is the other kind
 LOSS_PATHS = ("fused_linear", "logits")   # the trainer's loss: fused lm_head + GRPO loss, or materialised logits
+LR_SCHEDULES = ("constant", "linear", "cosine")   # transformers' schedules of these names, without warm-up
 
 
 def _f(default=dataclasses.MISSING, help: str = "", aliases=(), choices=None, **kw):
@@ -102,6 +103,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "rollout sampling temperature (also the loss's)")
     lr: float = _f(1e-5, "AdamW learning rate", aliases=("--learning_rate", "--learning-rate"))
     lr_mult: float = _f(1.0, "grpo_lr: the learning rate is multiplied by this")
+    lr_scheduler_type: str = _f("constant", "learning-rate schedule over the RL steps, no warm-up: constant (the "
+                                "GXPO authors'), linear to 0 (TRL's default) or cosine to 0",
+                                choices=LR_SCHEDULES)
     epochs: int = _f(3, "grpo_epochs: optimizer steps per batch", aliases=("--num_iterations", "--num-iterations"))
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eps_low: float = _f(0.2, "PPO clip epsilon (low side)", aliases=("--epsilon",))
@@ -148,7 +152,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError with a one-line message on the first bad one."""
         for name, allowed in (("algo", ALGOS), ("advantage", ADVANTAGES), ("gxpo_gate", GATES),
-                              ("sfpo_gate", GATES), ("fpa_side", FPA_SIDES), ("arch", ("qwen2", "llama"))):
+                              ("sfpo_gate", GATES), ("fpa_side", FPA_SIDES), ("arch", ("qwen2", "llama")),
+                              ("lr_scheduler_type", LR_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.loss_agg_mode is not None and self.loss_agg_mode not in AGG_MODES:

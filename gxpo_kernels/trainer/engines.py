@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from typing import Dict, List, Optional, Tuple
@@ -103,8 +104,19 @@ def rule_options(cfg: TrainConfig) -> Tuple[Optional[str], dict, dict]:
     return None, {}, dict(epochs=cfg.epochs if cfg.algo == "grpo_epochs" else 1, gate=None)
 
 
-def learning_rate(cfg: TrainConfig) -> float:
-    return cfg.lr * (cfg.lr_mult if cfg.algo == "grpo_lr" else 1.0)
+def learning_rate(cfg: TrainConfig, step: Optional[int] = None) -> float:
+    """The run's learning rate (``lr``, times ``lr_mult`` for grpo_lr), at RL step ``step`` (1-based) of
+    ``cfg.steps`` under ``cfg.lr_scheduler_type`` when given. The schedules are transformers' of the same names
+    without warm-up, stepped once per RL step (every optimizer step of one RL step uses its rate): linear
+    (steps - step + 1) / steps, cosine (1 + cos(pi (step - 1) / steps)) / 2. The rate is a function of the step
+    alone, so a resumed run needs no scheduler state."""
+    lr = cfg.lr * (cfg.lr_mult if cfg.algo == "grpo_lr" else 1.0)
+    if step is None or cfg.lr_scheduler_type == "constant":
+        return lr
+    progress = (step - 1) / cfg.steps
+    if cfg.lr_scheduler_type == "linear":
+        return lr * (1.0 - progress)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Engine:
@@ -148,6 +160,11 @@ class Engine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """``last``: the pass's final micro-batch (the accumulation boundary)."""
         loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every param group (the optimizer's, which DeepSpeed's ZeRO wrapper forwards)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     def optimizer_step(self) -> Optional[float]:
         """Clip to ``max_grad_norm`` and step (the plain GRPO variants); return the pre-clip gradient norm."""

@@ -28,7 +28,7 @@ from ..advantages import FADEController, fade_advantages, group_advantages, sign
 from . import checkpoint as ckpt
 from . import fpa_offline
 from .config import FPA_ALGOS, TrainConfig
-from .engines import Engine, make_engine
+from .engines import Engine, learning_rate, make_engine
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, position_ids, rollout
 from .tasks import make_task, make_tokenizer
@@ -386,7 +386,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                 rec0["val"] = validate()
             emit(rec0)
         for step in range(start + 1, cfg.steps + 1):
-            rec = {"step": step}
+            rec = {"step": step, "learning_rate": learning_rate(cfg, step)}
+            engine.set_lr(rec["learning_rate"])
             with timer.phase("rollout", rec):
                 lo = ((step - 1) * world + rank) * cfg.prompts
                 ro = rollout(policy, tok, task, train_pairs[lo:lo + cfg.prompts], cfg.group, max_new,

@@ -120,6 +120,42 @@ def test_lr_mult_scales_learning_rate(tmp_path):
     assert records[1]["update"]["lr"] == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("steps", [1, 7, 600])
+def test_lr_schedules_are_transformers(kind, steps):
+    """learning_rate(cfg, step) = transformers' scheduler of that name (no warm-up) after step - 1 of its steps."""
+    from transformers import get_scheduler
+    from gxpo_kernels.trainer.engines import learning_rate
+    cfg = TrainConfig(algo="grpo_lr", lr=3e-5, lr_mult=2.0, steps=steps, lr_scheduler_type=kind)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=6e-5)
+    sched = get_scheduler(kind, opt, num_warmup_steps=0, num_training_steps=steps)
+    for step in range(1, steps + 1):
+        assert learning_rate(cfg, step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), step
+        opt.step()
+        sched.step()
+    assert learning_rate(cfg) == pytest.approx(6e-5)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "gxpo"])
+def test_trainer_applies_the_lr_schedule(tmp_path, monkeypatch, algo):
+    """Every optimizer step of RL step s runs at the scheduled rate of s (GXPO's three included), and each step's
+    record says which."""
+    seen, orig = [], torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+    cfg = TrainConfig(algo=algo, lr=1e-4, lr_scheduler_type="linear", gxpo_gate="none",
+                      out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"), quiet=True,
+                      **dict(TINY, steps=4, sft=SFTConfig(max_steps=0)))
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    records = loop.train(cfg)
+    want = [1e-4 * (4 - s + 1) / 4 for s in range(1, 5)]
+    assert [r["learning_rate"] for r in records[1:]] == pytest.approx(want)
+    per_step = [r["update"].get("backward_passes", 1) if algo == "gxpo" else 1 for r in records[1:]]
+    assert seen == pytest.approx([lr for lr, n in zip(want, per_step) for _ in range(n)])
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--algo", "ppo"], "invalid choice"),
     (["train", "--task", "multiplication"], "invalid choice"),
