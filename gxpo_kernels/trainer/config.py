@@ -110,6 +110,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eps_low: float = _f(0.2, "PPO clip epsilon (low side)", aliases=("--epsilon",))
     eps_high: float = _f(0.2, "PPO clip epsilon (high side)", aliases=("--epsilon_high", "--epsilon-high"))
+    beta: float = _f(0.0, "KL penalty coefficient against the warm-start policy (the loss's k3 estimator per "
+                          "token); > 0 keeps a frozen copy of that policy for the reference log-probs (plain engine)")
     loss_agg_mode: Optional[str] = _f(None, "loss aggregation (None: token-mean; seq-mean-token-sum-norm for "
                                             "drgrpo)", choices=AGG_MODES)
     recompute_old_logp: bool = _f(True, "SFPO/GXPO: passes >= 2 use the current policy as old (paper protocol)")
@@ -178,6 +180,11 @@ class TrainConfig:
             raise ValueError("--fsdp and --deepspeed are two engines: choose one")
         if self.fsdp and self.algo not in DS_ALGOS:
             raise ValueError(f"--fsdp drives the algos {DS_ALGOS}, got algo {self.algo!r}")
+        if self.beta and (self.deepspeed is not None or self.fsdp):
+            raise ValueError("--beta > 0 (a KL penalty with a reference model) runs on the plain engine, not with "
+                             "--deepspeed or --fsdp")
+        if self.beta and self.algo in FPA_ALGOS:
+            raise ValueError(f"--beta is the GRPO loss's KL penalty; the {self.algo} objective takes --fpa_beta")
         if self.loss_path not in LOSS_PATHS:
             raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {self.loss_path!r}")
         _int_at_least("save_steps", self.save_steps, 0)
@@ -198,7 +205,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not (_finite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("fpa_lam", "fpa_rpo_alpha"):
+        for name in ("fpa_lam", "fpa_rpo_alpha", "beta"):
             v = getattr(self, name)
             if not (_finite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")

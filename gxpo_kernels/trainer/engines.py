@@ -40,10 +40,12 @@ from .rollout import loss_backend, policy_loss, position_ids, response_logits
 
 
 class PolicyLoss(nn.Module):
-    """``forward(prompt_ids, prompt_attn, resp, mask, advantages, old_logp=None) -> loss`` of a causal LM.
+    """``forward(prompt_ids, prompt_attn, resp, mask, advantages, old_logp=None, ref_logp=None) -> loss`` of a
+    causal LM.
 
     Shapes: prompt_ids / prompt_attn (b, Lp) left padded; resp (b, T); mask (b, T) bool; advantages (b,);
-    old_logp (b, T) fp32 or None (= the current policy, ratio 1). The loss op's metrics of the last call are
+    old_logp (b, T) fp32 or None (= the current policy, ratio 1); ref_logp (b, T) fp32, the KL penalty's
+    reference (needed when the loss options have beta > 0). The loss op's metrics of the last call are
     kept in ``self.metrics`` (detached 0-d tensors).
 
     Args:
@@ -66,7 +68,7 @@ class PolicyLoss(nn.Module):
         self.use_amp = use_amp
         self.metrics: Dict[str, torch.Tensor] = {}
 
-    def forward(self, prompt_ids, prompt_attn, resp, mask, advantages, old_logp=None):
+    def forward(self, prompt_ids, prompt_attn, resp, mask, advantages, old_logp=None, ref_logp=None):
         device = resp.device
         ctx = amp(device) if self.use_amp else contextlib.nullcontext()
         if self.loss_path == "fused_linear":
@@ -76,13 +78,13 @@ class PolicyLoss(nn.Module):
             kw = dict(self.loss_kwargs, backend=loss_backend(device), fp32_head=self.use_amp and device.type == "cuda")
             with ctx:   # through the model's __call__, so FSDP / DeepSpeed module hooks see the loss
                 out = self.model(input_ids=full, attention_mask=attn, advantages=advantages, completion_mask=mask,
-                                 logits_to_keep=resp.shape[1], old_logprobs=old_logp,
+                                 logits_to_keep=resp.shape[1], old_logprobs=old_logp, ref_logprobs=ref_logp,
                                  position_ids=position_ids(attn), grpo_options=kw)
             loss, metrics = out.loss, out.metrics
         else:
             with ctx:
                 logits = response_logits(self.model, prompt_ids, prompt_attn, resp, mask)
-            loss, metrics = policy_loss(logits, resp, advantages, mask, old_logp, self.loss_kwargs)
+            loss, metrics = policy_loss(logits, resp, advantages, mask, old_logp, self.loss_kwargs, ref_logp)
         self.metrics = {k: v.detach() for k, v in metrics.items()}
         return loss
 

@@ -313,6 +313,8 @@ class PhaseTimer:
 
 def _loss_kwargs(cfg: TrainConfig, max_new: int) -> dict:
     kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_agg_mode=cfg.agg_mode)
+    if cfg.beta:
+        kw["beta"] = cfg.beta
     if cfg.agg_mode == "seq-mean-token-sum-norm":
         kw["max_length"] = max_new
     return kw
@@ -347,7 +349,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     ws = engine.share_warm_start(model, ws)
     fpa = cfg.algo in FPA_ALGOS
     ref_model = None
-    if fpa:  # the warm-start policy, frozen, is the reference of the offline objectives
+    if fpa or cfg.beta:  # the warm-start policy, frozen, is the reference (offline objectives, KL penalty)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     engine.setup(model, _loss_kwargs(cfg, max_new))
     rule, policy = engine.rule, engine.policy
@@ -391,7 +393,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
             with timer.phase("rollout", rec):
                 lo = ((step - 1) * world + rank) * cfg.prompts
                 ro = rollout(policy, tok, task, train_pairs[lo:lo + cfg.prompts], cfg.group, max_new,
-                             cfg.temperature, **engine.gen_kw)
+                             cfg.temperature, ref_model=ref_model if cfg.beta else None, **engine.gen_kw)
                 g = ro.rewards.view(-1, cfg.group)
                 r_mean, frac0, ent, rlen = engine.dp_mean([
                     float(ro.rewards.mean()), float((g.max(-1).values == g.min(-1).values).float().mean()),
@@ -416,7 +418,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                 for j in range(n_mb):
                     sl = slice(j * mb, (j + 1) * mb)
                     loss = engine.forward(ro.prompt_ids[sl], ro.prompt_attn[sl], ro.resp[sl], ro.mask[sl], adv[sl],
-                                          None if old is None else old[sl])
+                                          None if old is None else old[sl],
+                                          None if ro.ref_logp is None else ro.ref_logp[sl])
                     engine.backward(loss, last=j == n_mb - 1)
                     total += float(loss.detach()) / n_mb
                     for name, v in engine.module.metrics.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -31,10 +31,10 @@ def token_logprobs(logits, tokens, temperature=1.0, mask=None):
     return logp.float(), ent.float()
 
 
-def policy_loss(logits, tokens, advantages, mask, old_logprobs, loss_kwargs: dict):
+def policy_loss(logits, tokens, advantages, mask, old_logprobs, loss_kwargs: dict, ref_logprobs=None):
     """The fused GRPO loss op (``gxpo_kernels.ops.grpo_loss``) -> (loss, metrics)."""
-    return grpo_loss(logits, tokens, advantages, mask, old_logprobs, backend=loss_backend(logits.device),
-                     **loss_kwargs)
+    return grpo_loss(logits, tokens, advantages, mask, old_logprobs, ref_logprobs,
+                     backend=loss_backend(logits.device), **loss_kwargs)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple:
@@ -101,12 +101,14 @@ class Rollout:
     rewards: torch.Tensor      # (B,) fp32 in {0, 1}
     old_logp: torch.Tensor     # (B, T) fp32, log pi_old from a no-grad forward right after sampling
     entropy: float             # mean token entropy of the rollout policy over the mask
+    ref_logp: Optional[torch.Tensor] = None   # (B, T) fp32, log pi_ref of the KL penalty (None: no penalty)
 
 
 def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_tokens: int,
-            temperature: float = 1.0, *, synced_gpus: bool = False, use_amp: bool = True) -> Rollout:
-    """Sample G responses per prompt, score them, and take old log-probs. ``use_amp=False`` computes in the
-    weights' dtype (DeepSpeed engines own their precision); ``synced_gpus``: see ``generate``."""
+            temperature: float = 1.0, *, ref_model=None, synced_gpus: bool = False, use_amp: bool = True) -> Rollout:
+    """Sample G responses per prompt, score them, and take old log-probs (and the reference model's, for the KL
+    penalty, when ``ref_model`` is given). ``use_amp=False`` computes in the weights' dtype (DeepSpeed engines own
+    their precision); ``synced_gpus``: see ``generate``."""
     device = next(model.parameters()).device
     ids, attn = encode_prompts(tokenizer, [p for p, _ in pairs], device)
     was_training = model.training
@@ -122,10 +124,14 @@ def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_to
     with torch.no_grad(), amp_(device):
         logits = response_logits(model, ids, attn, resp, mask)
         old_logp, ent = token_logprobs(logits, resp, temperature, mask=mask)
+        ref_logp = None
+        if ref_model is not None:
+            ref_logp = token_logprobs(response_logits(ref_model, ids, attn, resp, mask), resp, temperature,
+                                      mask=mask)[0]
     model.train(was_training)
     m = mask.float()
     entropy = float((torch.where(mask, ent, torch.zeros_like(ent)).sum() / m.sum().clamp(min=1)))
-    return Rollout(ids, attn, resp, mask, rewards, old_logp.detach(), entropy)
+    return Rollout(ids, attn, resp, mask, rewards, old_logp.detach(), entropy, ref_logp)
 
 
 @torch.no_grad()

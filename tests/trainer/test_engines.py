@@ -38,7 +38,8 @@ def _batch(V, seed, B=6, Lp=5, T=7):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
-def test_loss_paths_agree(arch, dtype, agg):
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_loss_paths_agree(arch, dtype, agg, beta):
     tok = CharTokenizer("0123456789+=,abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRS")   # V = 64
     model = build_tiny_model(tiny_config_dict(tok.vocab_size, arch, hidden=48, layers=2, heads=4, intermediate=96),
                              tok, torch.device("cpu"), seed=3).to(dtype)
@@ -46,6 +47,9 @@ def test_loss_paths_agree(arch, dtype, agg):
     if agg == "seq-mean-token-sum-norm":
         kw["max_length"] = 9
     batch = _batch(tok.vocab_size, seed=11)
+    if beta:   # a KL penalty against reference log-probs near the old ones
+        kw["beta"] = beta
+        batch = batch + (batch[-1] - 0.5 * torch.rand(batch[-1].shape, generator=torch.Generator().manual_seed(5)),)
     out = {}
     for path in ("fused_linear", "logits"):
         model.zero_grad(set_to_none=True)
@@ -55,6 +59,11 @@ def test_loss_paths_agree(arch, dtype, agg):
         out[path] = (loss.detach().double(), {k: float(v) for k, v in mod.metrics.items()},
                      {n: p.grad.double().clone() for n, p in model.named_parameters()})
     (lf, mf, gf), (ll, ml, gl) = out["fused_linear"], out["logits"]
+    if beta:   # the penalty is in the loss: without it (same inputs) the loss drops by beta * KL (token-mean)
+        assert mf["kl"] > 0.01
+        if agg == "token-mean" and dtype == torch.float32:
+            plain = PolicyLoss(model, {k: v for k, v in kw.items() if k != "beta"}, loss_path="logits")
+            assert float(ll - plain(*batch[:-1]).detach().double()) == pytest.approx(beta * ml["kl"], rel=1e-4)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-3)
     assert lf.item() != 0.0
     torch.testing.assert_close(lf, ll, **tol)

@@ -156,6 +156,18 @@ def test_trainer_applies_the_lr_schedule(tmp_path, monkeypatch, algo):
     assert seen == pytest.approx([lr for lr, n in zip(want, per_step) for _ in range(n)])
 
 
+def test_kl_penalty_against_the_warm_start_policy(tmp_path):
+    """beta > 0: the reference is the frozen warm-start policy, so the first step's KL is 0 and later ones are
+    not; with beta = 0 no reference is kept and the loss reports no KL."""
+    cfg = TrainConfig(algo="grpo", lr=1e-3, beta=0.5, out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"),
+                      quiet=True, **dict(TINY, steps=3))
+    records = loop.train(cfg)
+    kl = [r["metrics"]["kl"] for r in records[1:]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[2] > 1e-6, kl
+    records = loop.train(cfg.replace(beta=0.0, out_dir=str(tmp_path / "b")))
+    assert "kl" not in records[1]["metrics"]
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--algo", "ppo"], "invalid choice"),
     (["train", "--task", "multiplication"], "invalid choice"),
