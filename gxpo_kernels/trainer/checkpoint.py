@@ -26,6 +26,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from .config import saved_setting
+
 PREFIX = "checkpoint-"
 # TrainConfig fields that may differ between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = ("steps", "resume", "out_dir", "cache_dir", "quiet", "save_steps", "save_model")
@@ -147,12 +149,12 @@ def check_config(path: str, config: dict) -> None:
         saved = json.load(f)
 
     def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
-        a, b = saved.get(k), config.get(k)
+        a, b = saved_setting(saved, k), config.get(k)
         return (a is None) == (b is None) if k == "deepspeed" else a == b
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and not same(k))
     if diff:
         raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +
-                         ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff))
+                         ", ".join(f"{k}={saved_setting(saved, k)!r} (now {config.get(k)!r})" for k in diff))
 
 
 def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:

@@ -274,6 +274,20 @@ class SpeedupConfig:
         return self
 
 
+def saved_setting(saved: dict, key: str):
+    """A ``TrainConfig`` field as a run recorded it (its config.json / runs.json ``train`` dict). A field that
+    record lacks was added after it was written, and the run behaved as the field's default does: comparing
+    the default keeps such runs resumable."""
+    if key in saved:
+        return saved[key]
+    f = TrainConfig.__dataclass_fields__.get(key)
+    if f is None:
+        return None
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.asdict(f.default_factory()) if key == "sft" else f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def preset(name: str) -> SpeedupConfig:
     """Named speedup presets; none saves the final models (a speedup run compares curves).
 

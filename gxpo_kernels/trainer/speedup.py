@@ -32,7 +32,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Dict, List, Optional
 
-from .config import SpeedupConfig, TrainConfig, parse_method
+from .config import SpeedupConfig, TrainConfig, parse_method, saved_setting
 from .stats import effective_step_multiplier
 
 from .report import build_report, format_table  # noqa: F401  (format_table: re-exported for the CLI)
@@ -213,7 +213,8 @@ def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dic
     with open(path) as f:
         old = json.load(f)
     keep = ("seed", "algo", "advantage", "out_dir", "lr_mult", "quiet")
-    diff = sorted(k for k in base_train if k not in keep and old.get("train", {}).get(k) != base_train[k])
+    saved = old.get("train", {})
+    diff = sorted(k for k in base_train if k not in keep and saved_setting(saved, k) != base_train[k])
     if diff:
         raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
                          "use --overwrite or another --out")

@@ -172,3 +172,28 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
           "--cache-dir", str(tmp_path / "c"), "--quiet"])
     recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
+
+
+def test_resume_a_checkpoint_older_than_a_setting(tmp_path):
+    """A checkpoint written before a TrainConfig field existed (its config.json lacks it) resumes when the field
+    is at its default (the old run behaved so) and is refused when it is not."""
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=1))
+    loop.train(cfg)
+    for ck in out.glob("checkpoint-*"):
+        saved = json.loads((ck / "config.json").read_text())
+        del saved["beta"], saved["lr_scheduler_type"]
+        (ck / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="beta=0.0 .now 0.1"):
+        loop.train(cfg.replace(resume="latest", steps=3, beta=0.1))
+    recs = loop.train(cfg.replace(resume="latest", steps=3))
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+
+
+def test_saved_setting_defaults_for_missing_fields():
+    import dataclasses
+    from gxpo_kernels.trainer.config import SFTConfig, saved_setting
+    assert saved_setting({"beta": 0.3}, "beta") == 0.3
+    assert saved_setting({}, "beta") == 0.0 and saved_setting({}, "lr_scheduler_type") == "constant"
+    assert saved_setting({}, "pass_k") == [1] and saved_setting({}, "sft") == dataclasses.asdict(SFTConfig())
+    assert saved_setting({}, "no_such_field") is None
