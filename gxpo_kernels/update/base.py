@@ -18,6 +18,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import warnings
@@ -71,6 +72,7 @@ class ExtrapolationRule:
         self.outer_steps = 0
         self.fallbacks = 0
         self._theta0: Optional[List[torch.Tensor]] = None
+        self._theta0_sig: Optional[tuple] = None   # (params, (addresses, dtypes)) the θ0 buffers were checked for
         self._opt_snap: Optional[list] = None
         self._opt_snap_pairs: Optional[tuple] = None   # (buffers, state tensors) of the last snapshot
         self._opt_snap_sig: Optional[tuple] = None     # (params, state keys and values) it was taken of
@@ -127,11 +129,19 @@ class ExtrapolationRule:
     @torch.no_grad()
     def _snapshot_params_(self) -> None:
         params = self._param_list()
-        if self._theta0 is None or len(self._theta0) != len(params) or any(
-                b.shape != p.shape or b.dtype != self._buffer_dtype(p) or b.device != p.device
-                for b, p in zip(self._theta0, params)):
-            self._theta0 = [torch.empty_like(p, dtype=self._buffer_dtype(p), memory_format=torch.contiguous_format)
-                            for p in params]
+        # the same parameter objects at the same addresses in the same dtypes as when the buffers were last
+        # checked: they still fit, so the per-tensor checks are skipped (a reshaped view of the same storage
+        # would make a copy fail loudly, never silently)
+        sig = (list(map(torch.Tensor.data_ptr, params)), list(map(_DTYPE, params)))
+        last = self._theta0_sig
+        if last is None or len(last[0]) != len(params) or not all(map(operator.is_, last[0], params)) \
+                or last[1] != sig:
+            if self._theta0 is None or len(self._theta0) != len(params) or any(
+                    b.shape != p.shape or b.dtype != self._buffer_dtype(p) or b.device != p.device
+                    for b, p in zip(self._theta0, params)):
+                self._theta0 = [torch.empty_like(p, dtype=self._buffer_dtype(p),
+                                                 memory_format=torch.contiguous_format) for p in params]
+            self._theta0_sig = (params, sig)
         self._snapshot_copy_(self._theta0, params)
 
     def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
@@ -273,15 +283,19 @@ class ExtrapolationRule:
         """Checks of everything an active step needs, before anything changes."""
         if not params:
             raise ValueError(f"{self._rule_name}: the optimizer has no parameter with requires_grad=True")
-        for i, p in enumerate(params):
-            if not p.is_contiguous():
-                raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
-                                 "the fused extrapolation needs contiguous parameters (p.data = p.data.contiguous())")
-            if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise TypeError(f"{self._rule_name}: parameter {i} has dtype {p.dtype}; float dtypes only")
-            if p.device != params[0].device:
-                raise ValueError(f"{self._rule_name}: parameters live on {params[0].device} and {p.device}; "
-                                 "one device per rule")
+        # C-level passes first (this runs every step); the loop below only names the offending parameter
+        if not (all(map(torch.Tensor.is_contiguous, params)) and set(map(_DTYPE, params)) <= _FLOATS
+                and len(set(map(_DEVICE, params))) == 1):
+            for i, p in enumerate(params):
+                if not p.is_contiguous():
+                    raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
+                                     "the fused extrapolation needs contiguous parameters "
+                                     "(p.data = p.data.contiguous())")
+                if p.dtype not in _FLOATS:
+                    raise TypeError(f"{self._rule_name}: parameter {i} has dtype {p.dtype}; float dtypes only")
+                if p.device != params[0].device:
+                    raise ValueError(f"{self._rule_name}: parameters live on {params[0].device} and {p.device}; "
+                                     "one device per rule")
         key = tuple(map(torch.Tensor.data_ptr, params))
         if key != getattr(self, "_alias_checked", None):   # once per parameter layout
             from ..ops.extrapolate.op import _check_no_alias
@@ -449,7 +463,11 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], stream: bool = False) -> None:
@@ -459,18 +477,20 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], strea
     ``stream``: on the CPU, copy through the C++ op's non-temporal stores (``snapshot_copy``), which skip reading
     each destination line into the cache first (a third less memory traffic), for buffers read much later; the
     pairs it cannot take (another dtype, numel or layout) and a missing extension fall back to _foreach_copy_."""
-    ds, ss = [], []
-    for d, s in zip(dst, src):
-        if s is None:
-            _local(d).zero_()
-        else:
-            ds.append(d)
-            ss.append(s)
-    if not all(type(t) in _PLAIN for t in ds) or not all(type(t) in _PLAIN for t in ss):
+    ds, ss = list(dst), list(src)   # (C-level passes below: this runs several times per step)
+    if any(map(operator.is_, ss, itertools.repeat(None))):
+        ds, ss = [], []
+        for d, s in zip(dst, src):
+            if s is None:
+                _local(d).zero_()
+            else:
+                ds.append(d)
+                ss.append(s)
+    if not set(map(type, ds)) <= _PLAIN or not set(map(type, ss)) <= _PLAIN:
         ds, ss = list(map(_local, ds)), list(map(_local, ss))   # sharded (DTensor) state: shard to shard
     if not ds:
         return
-    if all(t.is_cpu for t in ds) and all(t.is_cpu for t in ss):
+    if all(map(_IS_CPU, ds)) and all(map(_IS_CPU, ss)):
         left = _cpp.snapshot_copy_(ds, ss) if stream else None
         if left is not None:
             ds, ss = [ds[i] for i in left], [ss[i] for i in left]
