@@ -158,9 +158,10 @@ def _gxpo_bookkeeping_ab() -> list:
 def _plateau_trials() -> str:
     """GRPO-only trials of the default task (and the default run itself): does GRPO level off?"""
     rows = [("docs/results/speedup-default", "the default run")] + [
-        (f"docs/results/plateau-trials/{n}", f"trial `{n}`") for n in ("constant-1200", "linear-600", "beta0.5-600")]
-    out = ["| run | lr schedule | beta | steps | seeds | GRPO peak (median) | flagged still rising | second-half gain "
-           "per seed (share of the whole gain; t) | code |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+        (f"docs/results/plateau-trials/{n}", f"trial `{n}`") for n in ("constant-1200", "linear-600", "beta0.5-600",
+                                                                              "hidden64-600")]
+    out = ["| run | lr schedule | beta | hidden | steps | seeds | GRPO peak (median) | flagged still rising | second-half gain "
+           "per seed (share of the whole gain; t) | code |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     from gxpo_kernels.trainer.config import saved_setting
     for rel, name in rows:
         res, runs = _json(rel + "-results.json"), _json(rel + "-runs.json")
@@ -169,7 +170,7 @@ def _plateau_trials() -> str:
                            f"t = {v['second_half']['t']:.1f})" for v in bp["seeds"].values())
         code = runs["code"]
         out.append(f"| {name} | {saved_setting(tr, 'lr_scheduler_type')} | "
-                   f"{saved_setting(tr, 'beta')} | {tr['steps']} | {len(bp['seeds'])} | "
+                   f"{saved_setting(tr, 'beta')} | {tr['hidden']} | {tr['steps']} | {len(bp['seeds'])} | "
                    f"{res['methods']['grpo']['peak']['median']:.3f} | {bp['n_rising']}/{len(bp['seeds'])} | "
                    f"{halves} | `{code['git_commit'][:7]}`{' (uncommitted changes)' if code.get('git_dirty') else ''} |")
     return "\n".join(out)
