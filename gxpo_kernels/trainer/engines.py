@@ -168,6 +168,9 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def optimizer_step(self) -> Optional[float]:
         """Clip to ``max_grad_norm`` and step (the plain GRPO variants); return the pre-clip gradient norm."""
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -303,6 +306,9 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
     if stage not in (1, 2, 3) and not (stage == 0 and bf16):
         raise ValueError(f"--deepspeed {path!r}: needs zero_optimization.stage 1, 2 or 3 (or bf16 at stage 0, the "
                          f"BF16_Optimizer); got stage {stage}")
+    if "scheduler" in d and cfg.lr_scheduler_type != "constant":
+        raise ValueError(f"--deepspeed {path!r} has its own scheduler and --lr_scheduler_type is "
+                         f"{cfg.lr_scheduler_type!r}: choose one")
     B = cfg.prompts * cfg.group
     gas = int(d.get("gradient_accumulation_steps", 1))
     if gas < 1 or B % gas:

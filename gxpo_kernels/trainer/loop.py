@@ -388,8 +388,9 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                 rec0["val"] = validate()
             emit(rec0)
         for step in range(start + 1, cfg.steps + 1):
-            rec = {"step": step, "learning_rate": learning_rate(cfg, step)}
-            engine.set_lr(rec["learning_rate"])
+            if cfg.lr_scheduler_type != "constant":   # (else a DeepSpeed config's own scheduler stays in charge)
+                engine.set_lr(learning_rate(cfg, step))
+            rec = {"step": step, "learning_rate": engine.current_lr()}
             with timer.phase("rollout", rec):
                 lo = ((step - 1) * world + rank) * cfg.prompts
                 ro = rollout(policy, tok, task, train_pairs[lo:lo + cfg.prompts], cfg.group, max_new,

@@ -219,3 +219,16 @@ def test_shipped_config_names_resolve(tmp_path, monkeypatch):
         load_ds_config("ds_zero9.json", cfg)
     with pytest.raises(ValueError, match="no such file"):
         load_ds_config(str(tmp_path / "sub" / "ds_zero2.json"), cfg)
+
+
+def test_config_scheduler_and_lr_scheduler_type_are_exclusive(tmp_path):
+    """A DeepSpeed config's own scheduler runs with lr_scheduler_type='constant' only (which then leaves the rate
+    to DeepSpeed); another schedule on top of it is refused before any work."""
+    from gxpo_kernels.trainer.engines import load_ds_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}}))
+    cfg = TrainConfig(algo="gxpo", prompts=4, group=4)
+    assert load_ds_config(str(path), cfg)["scheduler"]["type"] == "WarmupLR"
+    with pytest.raises(ValueError, match="has its own scheduler"):
+        load_ds_config(str(path), cfg.replace(lr_scheduler_type="linear"))
