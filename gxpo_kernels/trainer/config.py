@@ -271,6 +271,9 @@ class SpeedupConfig:
         if self.train.deepspeed is not None:
             raise ValueError("--deepspeed works with `train` (one method per launch), not with `speedup`")
         self.train.validate()
+        for m in self.methods:   # each run's own config, so a method-specific refusal comes before any run
+            algo, adv = parse_method(m)
+            self.train.replace(algo=algo, advantage=adv).validate()
         return self
 
 

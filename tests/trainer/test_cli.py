@@ -124,6 +124,7 @@ BAD = [
     (["train", "--beta", "0.04", "--fsdp"], "runs on the plain engine"),
     (["train", "--beta", "0.04", "--algo", "fpa_dpo"], "takes --fpa_beta"),
     (["train", "--lr_scheduler_type", "polynomial"], "invalid choice"),
+    (["speedup", "--methods", "grpo,fpa_dpo", "--beta", "0.1"], "takes --fpa_beta"),
     (["speedup", "--lr-mult", "-1"], "lr_mult must be a finite number > 0"),
     (["speedup", "--workers", "-1"], "workers must be an int >= 0"),
     (["speedup", "--threads", "0"], "threads must be an int >= 1"),
