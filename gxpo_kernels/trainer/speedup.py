@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -90,8 +91,10 @@ def check_writable_dir(path: str, what: str) -> str:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise ValueError(f"{what} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {probe} is not writable")
+    try:   # a real entry, not os.access: root passes that check on read-only file systems such as /proc
+        tempfile.TemporaryDirectory(dir=probe, prefix=".gxpo-write-probe-").cleanup()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {probe} is not writable ({e.strerror or e})") from None
     return path
 
 

@@ -169,6 +169,13 @@ def test_out_folder_checks(tmp_path, capsys, no_work):
         with pytest.raises(SystemExit):
             cli.main(["train", "--out", str(ro / "x")])
         assert "not writable" in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):   # procfs refuses new entries even to root (whom os.access would pass)
+        for argv in (["train", "--out", "/proc/gxpo-out"], ["speedup", "--out", str(tmp_path / "ok2"),
+                                                            "--cache_dir", "/proc/gxpo-cache"]):
+            with pytest.raises(SystemExit):
+                cli.main(argv)
+            err = capsys.readouterr().err
+            assert "not writable" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_overwrite_replaces_only_own_folder(tmp_path):
