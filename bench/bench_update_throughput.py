@@ -231,3 +231,51 @@ def test_update_throughput(benchmark, cpu_threads, rule, size):
                                     overhead_timer_ms=timer, overhead_timer_frac=timer / t)
     closure.batch = batches[0]           # the record pytest-benchmark keeps: one more step of the same rule
     benchmark.pedantic(lambda: (step(), sync()), rounds=1, iterations=1)
+
+
+_AB_KEYS = ("p50_ms", "grpo_p50_ms", "overhead_timer_ms", "overhead_timer_frac", "overhead_sub_frac")
+
+
+def bookkeeping_ab(out_path, before: str, rounds: int = 6) -> dict:
+    """The GXPO bookkeeping figures of this checkout and of the checkout at ``before`` (another worktree),
+    ``test_update_throughput -k gxpo`` in fresh processes, alternated ``rounds`` times so that load on a shared
+    machine hits both alike; every round's figures per size go to ``out_path``, with both commits."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+    here = str(pathlib.Path(__file__).resolve().parents[1])
+
+    def commit(root):
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    doc = dict(what="GXPO bookkeeping in bench_update_throughput (CPU, 1 thread, process CPU time): this checkout "
+                    f"and another, alternated in fresh processes, {rounds} rounds",
+               command="OMP_NUM_THREADS=1 python -m pytest bench/bench_update_throughput.py -k gxpo "
+                       "--benchmark-json=F, in each checkout alternately",
+               after_commit=commit(here), before_commit=commit(before), rounds=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            row = {}
+            for name, root in (("after", here), ("before", before)):
+                f = os.path.join(tmp, f"{name}-{r}.json")
+                env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+                subprocess.run([sys.executable, "-m", "pytest", "bench/bench_update_throughput.py", "-k", "gxpo",
+                                "-q", "-p", "no:cacheprovider", f"--benchmark-json={f}"], cwd=root, env=env,
+                               check=True, capture_output=True)
+                row[name] = {b["extra_info"]["name"]: {k: b["extra_info"][k] for k in _AB_KEYS}
+                             for b in json.loads(pathlib.Path(f).read_text())["benchmarks"]}
+            doc["rounds"].append(row)
+            print(f"round {r + 1}: " + ", ".join(f"{n} {s}: {100 * v['overhead_timer_frac']:.2f}%"
+                                                 for n, sizes in row.items() for s, v in sizes.items()), flush=True)
+    doc["load_avg"] = os.getloadavg()
+    pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":   # python -m bench.bench_update_throughput OUT.json --before OTHER_CHECKOUT [ROUNDS]
+    import sys
+    if len(sys.argv) < 4 or sys.argv[2] != "--before":
+        sys.exit("usage: python -m bench.bench_update_throughput OUT.json --before OTHER_CHECKOUT [ROUNDS]")
+    bookkeeping_ab(sys.argv[1], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 6)

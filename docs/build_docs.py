@@ -12,6 +12,7 @@ import argparse
 import json
 import pathlib
 import re
+import statistics
 import sys
 from typing import Callable, Dict
 
@@ -141,16 +142,19 @@ def _gxpo_bookkeeping() -> list:
 
 
 def _gxpo_bookkeeping_ab() -> list:
-    rel = "bench/results/cpu-update-throughput-gxpo-ab.json"
-    doc = _json(rel)
-    sizes = list(doc["rounds"][0]["after"])
-    out = ["", f"The same, this checkout against commit `{doc['before_commit'][:10]}` (before the snapshot changes), "
-           f"alternated in fresh processes (from `{rel}`; share of the GXPO step, timer estimate):", "",
-           "| round | " + " | ".join(f"{s}: after | {s}: before" for s in sizes) + " |",
-           "|---:|" + "---:|---:|" * len(sizes)]
-    for i, r in enumerate(doc["rounds"], 1):
-        out.append(f"| {i} | " + " | ".join(f"{100 * r['after'][s]['overhead_timer_frac']:.1f}% | "
-                                            f"{100 * r['before'][s]['overhead_timer_frac']:.1f}%" for s in sizes) + " |")
+    out = []
+    for rel, change in (("bench/results/cpu-update-throughput-gxpo-ab.json", "the late, non-temporal snapshots"),
+                        ("bench/results/cpu-update-throughput-gxpo-ab2.json",
+                         "the snapshot reuse and the cheaper per-step checks")):
+        doc = _json(rel)
+        sizes = list(doc["rounds"][0]["after"])
+        out += ["", f"Commit `{doc['after_commit'][:10]}` against `{doc['before_commit'][:10]}` ({change}), alternated "
+                f"in fresh processes (from `{rel}`; share of the GXPO step, timer estimate):", "",
+                "| round | " + " | ".join(f"{s}: after | {s}: before" for s in sizes) + " |",
+                "|---:|" + "---:|---:|" * len(sizes)]
+        rows = [[100 * r[w][s]["overhead_timer_frac"] for s in sizes for w in ("after", "before")] for r in doc["rounds"]]
+        for i, r in enumerate(rows + [[statistics.median(c) for c in zip(*rows)]], 1):
+            out.append(f"| {i if i <= len(rows) else 'median'} | " + " | ".join(f"{v:.1f}%" for v in r) + " |")
     return out
 
 
