@@ -287,7 +287,8 @@ def saved_setting(saved: dict, key: str):
     if f is None:
         return None
     if f.default_factory is not dataclasses.MISSING:
-        return dataclasses.asdict(f.default_factory()) if key == "sft" else f.default_factory()
+        v = f.default_factory()
+        return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v   # as the record stores it
     return None if f.default is dataclasses.MISSING else f.default
 
 

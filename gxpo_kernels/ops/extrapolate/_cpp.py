@@ -156,4 +156,3 @@ def snapshot_copy_(dst, src) -> Optional[list]:
     if mod is None:
         return None
     return mod.snapshot_copy(list(dst), list(src))
-
