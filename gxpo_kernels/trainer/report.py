@@ -303,7 +303,8 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
               if cms[baseline] else None)
     cb = cms[baseline]
     rising = {str(s): {**stats.still_rising(c.step, c.score, tol=eps / 2),
-                       "second_half": stats.late_trend(c.step, c.score, 0.5)} for s, c in base_curves.items()}
+                       "second_half": stats.late_trend(c.step, c.score, 0.5),
+                       "last_quarter": stats.late_trend(c.step, c.score, 0.25)} for s, c in base_curves.items()}
     n_rising = sum(r["rising"] for r in rising.values())
     results = {"meta": {
         "baseline": baseline, "score_key": score_key, "thresholds": {
@@ -331,7 +332,8 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
                             "rule": "still rising = best score in the last 3 validations and their mean above "
                                     f"the 3 before by more than eps/2 = {eps / 2:g}",
                             "second_half": "least-squares gain over the last half of the validations, its share "
-                                           "of the seed's whole gain (best - first) and the slope's t statistic"},
+                                           "of the seed's whole gain (best - first) and the slope's t statistic",
+                            "last_quarter": "the same over the last quarter of the validations (at least 4)"},
         "problems": list(problems),
         "runs": _index_summary(index),
     }, "methods": {}}
@@ -581,13 +583,14 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
     if bp and bp["all"]:
         notes.append(f"{meta['baseline']} levelled off before its last step in every seed (best score not in "
                      "its last 3 validations, or no upward trend over them).")
-    halves = {s: r.get("second_half") for s, r in (bp or {}).get("seeds", {}).items()}
-    if halves and all(h and h["gain"] is not None for h in halves.values()):
-        notes.append(f"{meta['baseline']}'s climb over the second half of the run (least-squares gain; share of "
-                     "the seed's whole gain; slope t): " + "; ".join(
-                         f"seed {s} {h['gain']:+.3f} from step {h['from_step']}; "
-                         + ("n/a" if h["share"] is None else f"{100 * h['share']:.0f}%")
-                         + ("" if h["t"] is None else f"; t = {h['t']:.1f}") for s, h in halves.items()) + ".")
+    for key, span in (("second_half", "second half"), ("last_quarter", "last quarter")):
+        parts = {s: r.get(key) for s, r in (bp or {}).get("seeds", {}).items()}
+        if parts and all(h and h["gain"] is not None for h in parts.values()):
+            notes.append(f"{meta['baseline']}'s climb over the {span} of the run (least-squares gain; share of "
+                         "the seed's whole gain; slope t): " + "; ".join(
+                             f"seed {s} {h['gain']:+.3f} from step {h['from_step']}; "
+                             + ("n/a" if h["share"] is None else f"{100 * h['share']:.0f}%")
+                             + ("" if h["t"] is None else f"; t = {h['t']:.1f}") for s, h in parts.items()) + ".")
     if meta.get("cost_clock"):
         notes.append(f"Measured and projected {clock}: {meta['clocks']['ratio_cost']}.")
     sens = meta.get("sensitivity") or {}

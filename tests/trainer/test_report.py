@@ -361,19 +361,40 @@ def test_markdown_table_renders_every_method_and_not_reached(one_seed):
 
 
 def test_second_half_climb_in_results_and_notes(tmp_path):
-    """Each baseline seed's second-half least-squares climb (stats.late_trend of its curve) is in
-    meta.baseline_peaked and in a note under the table."""
+    """Each baseline seed's second-half and last-quarter least-squares climbs (stats.late_trend of its curve) are
+    in meta.baseline_peaked and in notes under the table."""
     runs = {"grpo": {0: make_records(GRPO), 1: make_records(SLOW)}, "x": {0: make_records(FAST), 1: make_records(FAST)}}
     res = report.build_report(runs, tmp_path, n_boot=20, plot=False)
     seeds = res["meta"]["baseline_peaked"]["seeds"]
     for s, curve in (("0", GRPO), ("1", SLOW)):
         assert seeds[s]["second_half"] == stats.late_trend(np.array(VAL_STEPS), np.array(curve))
+        assert seeds[s]["last_quarter"] == stats.late_trend(np.array(VAL_STEPS), np.array(curve), 0.25)
     h = seeds["1"]["second_half"]     # SLOW climbs 0.02 per validation; the last half is 3 points, so 4 are used
     assert h["points"] == 4 and h["gain"] == pytest.approx(0.06) and h["share"] == pytest.approx(0.6)
     table = report.markdown_table(res)
     assert (f"grpo's climb over the second half of the run (least-squares gain; share of the seed's whole gain; "
             f"slope t): seed 0 {seeds['0']['second_half']['gain']:+.3f} from step") in table
     assert "seed 1 +0.060 from step 20; 60%" in table
+    q = seeds["1"]["last_quarter"]
+    assert (f"grpo's climb over the last quarter of the run (least-squares gain; share of the seed's whole gain; "
+            f"slope t): seed 0 {seeds['0']['last_quarter']['gain']:+.3f} from step "
+            f"{seeds['0']['last_quarter']['from_step']}") in table
+    assert f"seed 1 {q['gain']:+.3f} from step {q['from_step']}; {100 * q['share']:.0f}%" in table
+
+
+def test_last_quarter_tells_a_levelled_curve_from_a_creep(tmp_path):
+    """On 17 validations a curve that rises through its first 12 and is level over its last 5 climbs over its
+    second half (9 points) but not over its last quarter (5 points); a steady creep climbs over both."""
+    steps = list(range(0, 170, 10))
+    level = [0.40 + 0.02 * min(i, 12) for i in range(17)]
+    creep = [0.40 + 0.01 * i for i in range(17)]
+    runs = {"grpo": {0: make_records(level, val_steps=steps), 1: make_records(creep, val_steps=steps)},
+            "x": {0: make_records(creep, val_steps=steps), 1: make_records(level, val_steps=steps)}}
+    seeds = report.build_report(runs, tmp_path, n_boot=20, plot=False)["meta"]["baseline_peaked"]["seeds"]
+    assert seeds["0"]["second_half"]["points"] == 9 and seeds["0"]["second_half"]["gain"] > 0.05
+    q0, q1 = seeds["0"]["last_quarter"], seeds["1"]["last_quarter"]
+    assert q0["points"] == 5 and q0["from_step"] == 120 and q0["gain"] == pytest.approx(0.0, abs=1e-12)
+    assert q1["points"] == 5 and q1["gain"] == pytest.approx(0.04)
 
 
 def test_sensitivity_leave_one_seed_out_and_compare(tmp_path):
