@@ -162,21 +162,25 @@ def _gxpo_bookkeeping_ab() -> list:
 def _plateau_trials() -> str:
     """GRPO-only trials of the default task (and the default run itself): does GRPO level off?"""
     rows = [("docs/results/speedup-default", "the default run")] + [
-        (f"docs/results/plateau-trials/{n}", f"trial `{n}`") for n in ("constant-1200", "linear-600", "beta0.5-600",
-                                                                              "hidden64-600")]
-    out = ["| run | lr schedule | beta | hidden | steps | seeds | GRPO peak (median) | flagged still rising | second-half gain "
-           "per seed (share of the whole gain; t) | code |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        (f"docs/results/plateau-trials/{n}", f"trial `{n}`") for n in ("constant-600", "constant-1200", "linear-600",
+                                                                              "beta0.5-600", "hidden64-600")]
+    out = ["| run | lr schedule | beta | hidden | steps | seeds | GRPO peak (median) | flagged still rising | "
+           "second-half gain per seed (share of the whole gain; t) | last-quarter gain per seed (t) | code |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     from gxpo_kernels.trainer.config import saved_setting
+
+    def gains(bp, key, share):
+        return "; ".join(f"{v[key]['gain']:+.3f} (" + (f"{100 * v[key]['share']:.0f}%; " if share else "")
+                         + f"t = {v[key]['t']:.1f})" for v in bp["seeds"].values())
     for rel, name in rows:
         res, runs = _json(rel + "-results.json"), _json(rel + "-runs.json")
         tr, bp = runs["train"], res["meta"]["baseline_peaked"]
-        halves = "; ".join(f"{v['second_half']['gain']:+.3f} ({100 * v['second_half']['share']:.0f}%; "
-                           f"t = {v['second_half']['t']:.1f})" for v in bp["seeds"].values())
         code = runs["code"]
         out.append(f"| {name} | {saved_setting(tr, 'lr_scheduler_type')} | "
                    f"{saved_setting(tr, 'beta')} | {tr['hidden']} | {tr['steps']} | {len(bp['seeds'])} | "
                    f"{res['methods']['grpo']['peak']['median']:.3f} | {bp['n_rising']}/{len(bp['seeds'])} | "
-                   f"{halves} | `{code['git_commit'][:7]}`{' (uncommitted changes)' if code.get('git_dirty') else ''} |")
+                   f"{gains(bp, 'second_half', True)} | {gains(bp, 'last_quarter', False)} | "
+                   f"`{code['git_commit'][:7]}`{' (uncommitted changes)' if code.get('git_dirty') else ''} |")
     return "\n".join(out)
 
 

@@ -589,7 +589,7 @@ def markdown_table(results: Mapping, threshold: Optional[str] = None) -> str:
             notes.append(f"{meta['baseline']}'s climb over the {span} of the run (least-squares gain; share of "
                          "the seed's whole gain; slope t): " + "; ".join(
                              f"seed {s} {h['gain']:+.3f} from step {h['from_step']}; "
-                             + ("n/a" if h["share"] is None else f"{100 * h['share']:.0f}%")
+                             + ("n/a" if h["share"] is None else f"{round(100 * h['share'])}%")  # (no "-0%")
                              + ("" if h["t"] is None else f"; t = {h['t']:.1f}") for s, h in parts.items()) + ".")
     if meta.get("cost_clock"):
         notes.append(f"Measured and projected {clock}: {meta['clocks']['ratio_cost']}.")
