@@ -300,9 +300,9 @@ def preset(name: str) -> SpeedupConfig:
     ``test``: the test suite's (seconds)."""
     if name == "default":
         # two-digit addition at lr 3e-5, annealed to 0 by step 600 (cosine): GRPO's fast rise ends by step ~250
-        # and it levels off (last quarter: level in 2 seeds, +0.01 in the 3rd). Under a constant rate it crept (+0.03 over
-        # steps 300-600, still rising at 1200; docs/speedup.md's trials); 3-digit addition at 1e-5 to 1e-4 was
-        # still climbing at 400-800 steps. The report flags a baseline still rising at its end
+        # and it levels off (last quarter: level in 2 seeds, +0.01 in the 3rd). Under a constant rate it crept
+        # (+0.03 over steps 300-600, still climbing at 1200; docs/speedup.md's trials); 3-digit addition at 1e-5
+        # to 1e-4 was still climbing at 400-800 steps. The report flags a baseline still rising at its end
         return SpeedupConfig(train=TrainConfig(task="addition2", lr=3e-5, lr_scheduler_type="cosine",
                                                save_model=False, steps=600, val_every=10, val_size=1024,
                                                pass1_size=64, pass1_n=2))
