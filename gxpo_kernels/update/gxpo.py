@@ -252,6 +252,9 @@ class GXPO(ExtrapolationRule):
                                                     inactive_threshold=self.inactive_threshold,
                                                     g0_kept=self._g0_kept))
         info.update(_derive(stats_to_dict(stats)))
+        # pass 1's gradients are spent: no reference of the rule keeps them alive through the corrective pass
+        # (one gradient's worth less peak memory there; the closure's zero_grad frees them)
+        del grads, g1
         if info["n_nonfinite"] > 0:
             return self._finish(self._fallback(closure, params, "nonfinite_extrapolation", info))
         if self.skip_corrective:                          # θ̃ is the update; the gate sees pass 1's gradient

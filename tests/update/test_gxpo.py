@@ -397,6 +397,32 @@ def test_pass_index_seen_by_closure():
     assert sorted(rec) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_pass1_grads_released_before_the_corrective_backward(opt_cls):
+    """Once the corrective closure has zeroed the grads (set_to_none), nothing of the rule keeps pass 1's gradient
+    tensors alive: the corrective backward does not hold a third gradient's worth of memory beside ĝ0 and its
+    own. The grads are watched through weak references."""
+    import weakref
+    m = mlp()
+    opt = opt_cls(m.parameters(), lr=0.01)
+    rule = GXPO(opt, gate=None)
+    seen, alive = {}, {}
+
+    def closure():
+        if rule.pass_index == 2:
+            seen[1] = [weakref.ref(p.grad) for p in m.parameters()]
+        opt.zero_grad(set_to_none=True)
+        if rule.pass_index == 2:
+            alive[1] = sum(r() is not None for r in seen[1])
+        loss = loss_fn(m)
+        loss.backward()
+        return loss
+    for _ in range(2):
+        info = rule.step(closure)
+        assert info["active"] and not info["fell_back"] and info["backward_passes"] == 3
+        assert alive[1] == 0
+
+
 def test_validation():
     opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
     for kw, match in [(dict(K=1), "K"), (dict(alpha=0.0), "alpha"), (dict(gate="bogus"), "gate"),
