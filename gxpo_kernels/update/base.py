@@ -29,7 +29,8 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .._utils import check_choice, check_scalar
 from ..ops.extrapolate import _cpp
-from ..ops.extrapolate.op import EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_, extrapolate_backend
+from ..ops.extrapolate.op import (_DEVICE, _DTYPE, _TL_DTYPES, EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_,
+                                  extrapolate_backend)
 
 # torch optimizers whose step reads ``p.grad`` without writing into it (not fused, no grad scaler: see
 # ``_can_keep_grads``): a rule may keep pass 0's gradients as ĝ0. Not SGD: its foreach path with Nesterov
@@ -464,9 +465,7 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
+_FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
 
 
