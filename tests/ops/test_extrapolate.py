@@ -92,7 +92,96 @@ def test_mixed_dtypes_and_plain_move(backend):
     assert math.isclose(d["sq_disp"], sum(float(((a.float() - t) ** 2).sum()) for a, t in zip(q, t0)), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_gradient_lists_that_mix_dtypes(backend):
+    """g1 (and g0) of one param dtype in different dtypes (fp32, fp64, bf16, fp16): the public op reads each
+    tensor in its own dtype. Triton reads a list in one dtype: a mixed list must not be read as its first
+    tensor's dtype (wrong values; past the end of a narrower tensor on a GPU)."""
+    shapes = [(33,), (1030,), (4, 5), (300,)]
+    p, t0, g0, g1 = _make(torch.float32, shapes=shapes)
+    g1 = [g1[0], g1[1].double(), g1[2].bfloat16(), g1[3].half()]
+    g0 = [g0[0].double(), g0[1], g0[2], g0[3]]
+    for call in range(2):                 # the second call hits the layout caches
+        q = _clone(p)
+        st = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, clip_coef1=0.8, backend=backend)
+        ref = extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5, clip_coef1=0.8)
+        _check(f"call {call}", q, p, ref, st, torch.float32)
+        p = q
+    if backend == "triton":               # the prepared plan: a mixed list at new addresses is read right too
+        from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+        plan = ExtrapolationPlan(p, t0, g0, backend=backend)
+        for call in range(2):
+            q = _clone(p)
+            st = plan([g1[0].clone(), g1[1], g1[2], g1[3]] if call else g1, alpha=0.5, K=5)
+            ref = extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5)
+            _check(f"plan call {call}", q, p, ref, st, torch.float32)
+            torch._foreach_copy_(p, q)    # the plan keeps its params: both on the same θ2 for the next call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_params_next_to_float32_ones(backend):
+    """The compute dtype is per tensor: an fp32 param gets the same bits whether or not an fp64 param shares the
+    call (the C++ op used to run a whole list in double as soon as one param was fp64)."""
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(1030,), (37,)])
+    p64, t64, g064, g164 = _make(torch.float64, shapes=[(300,)], seed=3)
+    alone, mixed, ref = _clone(p), _clone(p) + _clone(p64), _clone(p) + _clone(p64)
+    kw = dict(alpha=0.5, K=5, clip_coef0=0.7)
+    extrapolate_(alone, t0, g0, g1, backend=backend, **kw)
+    st = extrapolate_(mixed, t0 + t64, g0 + g064, g1 + g164, backend=backend, **kw)
+    st_ref = extrapolate_ref_(ref, t0 + t64, g0 + g064, g1 + g164, **kw)
+    for a, b in zip(alone, mixed):
+        assert torch.equal(a, b)
+    _check("fp32 params", ref[:2], mixed[:2], st_ref, st, torch.float32)
+    torch.testing.assert_close(mixed[2], ref[2], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("ldt", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_low_precision_copy_of_float64_params(backend, ldt):
+    """lowp_out of float64 params is θ̃ converted as torch converts a double (through float32 for the 16-bit
+    types). The interpreter's own float64 -> bf16 cast produced zeros and NaN."""
+    p, t0, g0, g1 = _make(torch.float64, shapes=[(1030,), (37,)])
+    low = [torch.empty(1030, dtype=ldt), torch.empty(37, dtype=ldt)]
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, lowp_out=low, backend=backend)
+    for x, lo in zip(p, low):
+        want = x.to(ldt)
+        if backend == "triton" and ldt == torch.bfloat16:   # the interpreter truncates float32 -> bf16
+            torch.testing.assert_close(lo.float(), want.float(), rtol=2 ** -7, atol=0)
+        else:
+            assert torch.equal(lo, want)
+
+
+def test_triton_float_arguments_reach_the_kernel_as_float64():
+    """A Python float reaches a GPU kernel as float32 unless the parameter is annotated: float64 params would get
+    hyper-parameters rounded to float32 (about 1e-8 relative). The interpreter passes Python floats as they are,
+    so this is checked on the kernel's signature (it breaks if the module postpones its annotations)."""
+    from triton.runtime.jit import JITFunction
+
+    from gxpo_kernels.ops.extrapolate.op import _extrapolate_kernel
+    k = _extrapolate_kernel   # under TRITON_INTERPRET=1 an interpreter wrapper: its function as a GPU run sees it
+    k = k if isinstance(k, JITFunction) else JITFunction(k.fn)
+    floats = {"alpha", "coef0", "coef1", "delta", "r_min", "r_max", "scale_hi"}
+    kinds = {kp.name: kp.annotation_type for kp in k.params if kp.name in floats}
+    assert kinds == dict.fromkeys(floats, "fp64")
+
+
+def test_layout_caches_forget_a_freed_tensor():
+    """The layout caches are keyed by ids and addresses, which a new tensor can inherit once the old one is
+    freed (CPython reuses the object, the allocator the memory): freeing any tensor of a layout drops its
+    entries, so a later tensor at the same id and address is validated and planned afresh."""
+    from gxpo_kernels.ops.extrapolate import op
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+    key = op._layout_key(p, t0, g0, None)
+    assert key in op._VALIDATED and key in op._PLAN_CACHE
+    del t0[1]                                               # the last reference to one theta0 tensor
+    assert key not in op._VALIDATED and key not in op._PLAN_CACHE
+    t0.append(torch.zeros(50))                              # a new tensor (maybe at the old id and address)
+    with pytest.raises(ValueError, match="theta0"):
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_float64_exact(backend):
     p, t0, g0, g1 = _make(torch.float64)
     rp = _clone(p)

@@ -496,14 +496,13 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
               "g0/g1 must have one tensor per param");
   TORCH_CHECK(lowp.empty() || static_cast<int64_t>(lowp.size()) == n, "lowp_out must have one entry per param");
   TORCH_CHECK(K >= 2, "K must be >= 2");
-  bool f64 = false;
   std::vector<double> thr_h(n, 0.0);
   if (thr.has_value() && thr->defined()) {
     auto th = thr->to(at::kDouble).contiguous();
     TORCH_CHECK(th.numel() == n, "thr must have one entry per param");
     for (int64_t i = 0; i < n; ++i) thr_h[i] = th.data_ptr<double>()[i];
   }
-  std::vector<Item> items;
+  std::vector<Item> items, items64;  // the compute dtype is per tensor: float64 params in double, others in float
   for (int64_t i = 0; i < n; ++i) {
     const auto& p = params[i];
     const int64_t ne = p.numel();
@@ -514,7 +513,6 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
     };
     chk(p, "params");
     chk(theta0[i], "theta0");
-    if (p.scalar_type() == at::kDouble) f64 = true;
     Item it{};
     it.n = ne;
     it.p = p.data_ptr();
@@ -536,12 +534,20 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
       it.dl = dt_of(*lowp[i]);
     }
     it.thr = thr_h[i];
-    if (ne > 0) items.push_back(it);
+    if (ne > 0) (p.scalar_type() == at::kDouble ? items64 : items).push_back(it);
   }
   HParams hp{alpha, coef0, coef1, delta, rmin, rmax, K / 2.0 + 1.0, K, closed, has_grad,
              thr.has_value() && thr->defined()};
-  // float64 params (tests, references) run the whole list in double; anything else in float.
-  return f64 ? run_any<double>(items, hp) : run_any<float>(items, hp);
+  // float64 params (tests, references) run in double, anything else in float, whatever else the list holds
+  if (items64.empty()) return run_any<float>(items, hp);
+  if (items.empty()) return run_any<double>(items64, hp);
+  at::Tensor st = run_any<float>(items, hp);
+  const at::Tensor st64 = run_any<double>(items64, hp);
+  double* a = st.data_ptr<double>();
+  const double* b = st64.data_ptr<double>();
+  for (int s = 0; s < MX; ++s) a[s] += b[s];  // sums and numel
+  a[MX] = a[MX] > b[MX] ? a[MX] : b[MX];
+  return st;
 }
 
 // dst[i] <- src[i], byte for byte, with non-temporal (streaming) stores where the target has AVX: for the update

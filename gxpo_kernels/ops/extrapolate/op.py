@@ -10,12 +10,12 @@ tensor plus a chunk -> (tensor, start) map; int64 offsets; empty tensors get no 
 extension in ``extrapolate_cpu.cpp`` (built on first use; the PyTorch reference with a one-time warning
 when it cannot be built). Unlike the loss ops, ``backend="auto"`` on CPU tensors picks C++ even under
 ``TRITON_INTERPRET=1``: the interpreter is for tests; force ``backend="triton"`` to run the kernel there.
-Dtype policy: loads upcast to float32 (float64 when the params are float64), stores cast to each tensor's dtype.
+Dtype policy, per tensor: loads upcast to float32 (float64 when the param is float64), stores cast to each tensor's
+dtype (a 16-bit copy of a float64 param through float32, as torch converts a double).
 """
-from __future__ import annotations
-
 import math
 import operator
+import weakref
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
@@ -39,10 +39,11 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 @triton.jit
 def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_off, g1_off, numel_tab, thr_tab,
                         chunk_tensor, chunk_start, n_chunks, stats_out,
-                        alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
+                        alpha: tl.float64, coef0: tl.float64, coef1: tl.float64, delta: tl.float64,
+                        r_min: tl.float64, r_max: tl.float64, scale_hi: tl.float64, K: tl.constexpr,
                         P_DT: tl.constexpr, T0_DT: tl.constexpr, G0_DT: tl.constexpr, G1_DT: tl.constexpr,
-                        L_DT: tl.constexpr, C_DT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_LOWP: tl.constexpr,
-                        USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, LIB_POW: tl.constexpr,
+                        L_DT: tl.constexpr, L_MID_DT: tl.constexpr, C_DT: tl.constexpr, HAS_GRAD: tl.constexpr,
+                        HAS_LOWP: tl.constexpr, USE_INACTIVE: tl.constexpr, CLOSED: tl.constexpr, LIB_POW: tl.constexpr,
                         ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks chunks pid, pid + G, ...; a chunk is CHUNK elements of one tensor. A tensor is addressed
     # as base pointer of its list (a kernel argument, so Triton knows its 16-byte alignment) + an int64 element
@@ -50,6 +51,14 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
     # may sit at new addresses on every call).
     # ALIGN > 1: every offset and numel of this launch is a multiple of ALIGN elements (checked on the host),
     # which lets the compiler emit 16-byte accesses; ALIGN = 1 is the general path.
+    # The float arguments are annotated float64 (a plain Python float reaches a GPU kernel as float32) and rounded
+    # once here to the compute dtype: float64 params get unrounded hyper-parameters, float32 the same values as
+    # a float32 argument would carry. (This module has no ``from __future__ import annotations``: Triton reads
+    # the annotations as dtypes.)
+    # (tl.full: the interpreter passes the Python floats themselves)
+    alpha, coef0, coef1 = tl.full((), alpha, C_DT), tl.full((), coef0, C_DT), tl.full((), coef1, C_DT)
+    delta, r_min, r_max = tl.full((), delta, C_DT), tl.full((), r_min, C_DT), tl.full((), r_max, C_DT)
+    scale_hi = tl.full((), scale_hi, C_DT)
     i_p = tl.program_id(0)
     n_prog = tl.num_programs(0)
     b_sr = tl.zeros([BLOCK], C_DT)
@@ -143,8 +152,8 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
             b_cnt += tl.where(m, 1.0, 0.0)
             b_max = tl.maximum(b_max, tl.where(m, b_s, 1.0))
             tl.store(p_p + o, b_new.to(P_DT), mask=m)
-            if HAS_LOWP:
-                tl.store(p_l + o, b_new.to(L_DT), mask=m)
+            if HAS_LOWP:   # L_MID_DT: float32 for a 16-bit copy of float64 params (torch's double -> half), else C_DT
+                tl.store(p_l + o, b_new.to(L_MID_DT).to(L_DT), mask=m)
     p_o = stats_out + i_p * 12
     tl.store(p_o + 0, tl.sum(b_sr, 0))
     tl.store(p_o + 1, tl.sum(b_sr2, 0))
@@ -220,16 +229,26 @@ class _Plan:
                 c_t=torch.tensor(c_t, dtype=torch.int32).to(dev), c_s=torch.tensor(c_s, dtype=torch.int64).to(dev),
                 n_chunks=len(c_t), align=align))
 
-    def _call_offsets(self, grp, slot: str, ts) -> tuple:
-        """(base tensor, device element offsets, ALIGN) of a list read on every call (gradients). The offsets are
-        rebuilt only when the addresses change; ALIGN drops to 1 when a tensor is not 16-byte aligned."""
+    def _call_offsets(self, grp, slot: str, ts, check_dtypes: bool = False) -> tuple:
+        """(base tensor, device element offsets, ALIGN, copies) of a list read on every call (gradients). The
+        offsets are rebuilt only when the addresses change; ALIGN drops to 1 when a tensor is not 16-byte aligned.
+
+        The kernel reads the whole list in the base tensor's dtype. Gradients of one dtype group share their
+        params' dtype, but a list may mix dtypes (the public op accepts any float dtype per tensor; its dtypes
+        are checked on every call with ``check_dtypes``, a plan's whenever the addresses change): such a list is
+        read from copies in the compute dtype, the value the kernel's load would upcast each element to. The
+        copies are returned so that the caller keeps them alive until the launch."""
+        if check_dtypes and len(set(map(_DTYPE, ts))) > 1:
+            return self._mixed_offsets(grp, slot, ts)
         base = ts[0]
-        esz = base.element_size()   # one group's gradients share their dtype (their params' dtype)
+        esz = base.element_size()
         # list(map(...)) is one C-level pass; array("q", map(...)) measured twice as slow (per-item appends)
         ptrs = list(map(torch.Tensor.data_ptr, ts))
         last = grp.get(slot)
         if last is not None and last[0] == ptrs and last[1] == esz:
-            return base, last[2], last[3]   # the allocator handed out the same addresses again
+            return base, last[2], last[3], None   # the allocator handed out the same addresses again
+        if not check_dtypes and len(set(map(_DTYPE, ts))) > 1:
+            return self._mixed_offsets(grp, slot, ts)
         addr = np.array(ptrs, dtype=np.int64)
         low = int(np.bitwise_or.reduce(addr))   # low bits of any address: alignment of all at once
         align = grp["align"]
@@ -240,19 +259,30 @@ class _Plan:
         # element offsets from ts[0], vectorised (ptrs stays intact for the next comparison)
         off = torch.from_numpy((addr - ptrs[0]) // esz).to(self.device, non_blocking=True)
         grp[slot] = (ptrs, esz, off, align)
-        return base, off, align
+        return base, off, align, None
 
-    def run(self, g1, thr, *, g0=None, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max):
+    def _mixed_offsets(self, grp, slot: str, ts) -> tuple:
+        cdt = torch.float64 if grp["dtypes"][0] == torch.float64 else torch.float32
+        copies = [t.to(cdt) for t in ts]
+        grp.pop(slot, None)   # the copies die after this call: a later list at their addresses is not them
+        base, off, align, _ = self._call_offsets(grp, slot, copies)
+        grp.pop(slot, None)
+        return base, off, align, copies
+
+    def run(self, g1, thr, *, g0=None, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max,
+            check_dtypes: bool = False):
         parts = []
         for grp in self.groups:
             idx = grp["idx"]
             pdt, t0dt, g0dt, ldt = grp["dtypes"]
             align = grp["align"]
             bp, bt0, bl = grp["bases"]
-            if g1 is not None:
-                base_g1, g1_off, a1 = self._call_offsets(grp, "g1", g1 if grp["whole"] else [g1[i] for i in idx])
+            if g1 is not None:   # keep1, keep0: copies of a mixed-dtype list, alive until the launch below
+                base_g1, g1_off, a1, keep1 = self._call_offsets(grp, "g1", g1 if grp["whole"] else
+                                                                [g1[i] for i in idx], check_dtypes)
                 if self.g0_per_call:
-                    base_g0, g0_off, a0 = self._call_offsets(grp, "g0", g0 if grp["whole"] else [g0[i] for i in idx])
+                    base_g0, g0_off, a0, keep0 = self._call_offsets(grp, "g0", g0 if grp["whole"] else
+                                                                    [g0[i] for i in idx])
                 else:
                     (base_g0, g0_off), a0 = grp["g0"], align
                 align = min(align, a0, a1)
@@ -272,7 +302,8 @@ class _Plan:
                 K / 2 + 1.0, K=int(K),
                 P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], G0_DT=_TL_DTYPES[g0dt or torch.float32],
                 G1_DT=_TL_DTYPES[g1dt or torch.float32], L_DT=_TL_DTYPES[ldt or bl.dtype],
-                C_DT=_TL_DTYPES[cdt], HAS_GRAD=g1 is not None, HAS_LOWP=ldt is not None,
+                L_MID_DT=tl.float32 if cdt == torch.float64 and ldt in (torch.bfloat16, torch.float16)
+                else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_GRAD=g1 is not None, HAS_LOWP=ldt is not None,
                 USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed",
                 LIB_POW=self.lib_pow, ALIGN=align, CHUNK=self.chunk, BLOCK=self.block,
                 num_warps=4)
@@ -297,14 +328,15 @@ def _alignment(tensors, numels, min_elsize) -> int:
 
 
 def _plan_for(params, theta0, g0, lowp_out, key=None) -> "_Plan":
-    """The cached plan of this layout: keyed by the identity and address of every tensor of the static lists
-    (a tensor freed and another allocated at its address is a different object, so it misses). ``key``: the
-    ``_layout_key`` of these lists when the caller already has it."""
+    """The cached plan of this layout: keyed by the identity and address of every tensor of the static lists,
+    and dropped as soon as one of them is freed (a new tensor may inherit both). ``key``: the ``_layout_key``
+    of these lists when the caller already has it."""
     if key is None:
         key = _layout_key(params, theta0, g0, lowp_out)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         plan = _Plan(params, theta0, g0, lowp_out, g0 is not None)
+        plan.watch = _forget_when_freed(key, params, theta0, g0, lowp_out)
         _PLAN_CACHE[key] = plan
         if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
@@ -314,7 +346,7 @@ def _plan_for(params, theta0, g0, lowp_out, key=None) -> "_Plan":
 
 
 def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, key=None, **kw) -> torch.Tensor:
-    return _plan_for(params, theta0, g0, lowp_out, key).run(g1, thr, **kw)
+    return _plan_for(params, theta0, g0, lowp_out, key).run(g1, thr, check_dtypes=True, **kw)
 
 
 class ExtrapolationPlan:
@@ -459,7 +491,7 @@ def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) 
         key = _layout_key(params, theta0, g0, lowp_out)
         hit = _VALIDATED.get(key)
         if hit is not None and (g0 is None) == (g1 is None):
-            numels, dev = hit
+            numels, dev, _ = hit
             if isinstance(K, bool) or not isinstance(K, int) or K < 2 or not math.isfinite(float(alpha)) or \
                     scale_formula not in SCALE_FORMULAS:
                 return _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
@@ -473,10 +505,22 @@ def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) 
         key = None
     _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
     if key is not None and len(params):
-        _VALIDATED[key] = ([p.numel() for p in params], params[0].device)
+        _VALIDATED[key] = ([p.numel() for p in params], params[0].device,
+                           _forget_when_freed(key, params, theta0, g0, lowp_out))
         if len(_VALIDATED) > _PLAN_CACHE_SIZE:
             _VALIDATED.popitem(last=False)
     return key
+
+
+def _forget_when_freed(key, *lists) -> list:
+    """Weak references whose callbacks drop ``key`` from both layout caches once any tensor of ``lists`` is
+    freed. A key is made of ids and addresses, which a new tensor can inherit (CPython reuses the object's memory,
+    the allocator the data's); the stale entry would describe the freed tensor's numel, dtype and alignment.
+    The cache entry holds the references (a reference that is itself freed never calls back)."""
+    def drop(_ref):
+        _VALIDATED.pop(key, None)
+        _PLAN_CACHE.pop(key, None)
+    return [weakref.ref(t, drop) for ts in lists if ts is not None for t in ts if t is not None]
 
 
 def _layout_key(params, theta0, g0, lowp_out) -> tuple:
