@@ -188,6 +188,16 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
 
 
 # ---------------------------------------------------------------------------------------------- the loss
+def kl_k3(d: torch.Tensor, log_ratio_clamp: Optional[float] = None) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(π || π_ref) per token, e^d − d − 1 with d = log π_ref − log π (any shape; e^d
+    is taken of d clamped to ±``log_ratio_clamp`` when given). Computed as expm1(d) − d in float64 and returned
+    in d's dtype: in float32, e^d − d − 1 rounds e^d to 1 + d and returns 0 for |d| below ~1e-4, exactly where
+    a policy near its reference sits (and its gradient, 1 − e^d, cancels the same way)."""
+    d64 = d.double()
+    e = d64 if log_ratio_clamp is None else d64.clamp(-log_ratio_clamp, log_ratio_clamp)
+    return (torch.expm1(e) - d64).to(d.dtype)
+
+
 def _vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
                    opts: GRPOLossOptions) -> torch.Tensor:
     """VESPO's detached gamma weight phi(w) = exp(lam + k log w - lam w), w = exp(sum_t clamp(log r_t)),
@@ -260,7 +270,7 @@ def grpo_token_loss(
     metrics: Dict[str, torch.Tensor] = {}
     if ref_logprobs is not None:
         d = torch.where(mask, ref_logprobs.detach().to(dt) - logp, zero)
-        k3 = torch.exp(d if c is None else d.clamp(-c, c)) - d - 1.0
+        k3 = kl_k3(d, c)
         if opts.kl_clamp is not None:
             k3 = torch.clamp(k3, -opts.kl_clamp, opts.kl_clamp)
         if opts.use_bias_correction_kl:

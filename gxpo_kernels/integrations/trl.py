@@ -48,7 +48,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..losses import GRPOLossOptions, grpo_token_loss, masked_mean
+from ..losses import GRPOLossOptions, grpo_token_loss, kl_k3, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
 ALLOW_UNTESTED_ENV = "GXPO_KERNELS_ALLOW_UNTESTED_TRL"
@@ -394,7 +394,7 @@ def _log_trl_metrics(self, mode, logp, old, entropy, mask, advantages, ref, metr
         store["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
     if self.beta != 0.0:
         d = torch.where(mask, ref - logp, torch.zeros_like(logp))
-        kl = torch.exp(d) - d - 1
+        kl = kl_k3(d)
         if getattr(self.args, "use_bias_correction_kl", False):
             kl = kl * ratio
         store["kl"].append(global_mean(kl))

@@ -135,6 +135,37 @@ def test_options_object_and_kwargs_are_one_definition():
 
 
 # ------------------------------------------------------------------------------------------ exp overflow
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("spread", [1e-2, 1e-3, 1e-4])
+def test_k3_near_the_reference_policy_keeps_its_digits(backend, spread):
+    """A policy close to its reference (early training) has |log π_ref − log π| ~ 1e-4: there e^d − d − 1 in
+    float32 rounds e^d to 1 + d and the logged KL read 0 (100% off); the loss and the KL metric now follow the
+    float64 reference to the precision of the float32 log-probs."""
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 4, 8, 1000
+    logits = torch.randn(B, T, V, generator=g) * 2
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.zeros(B)                                   # only the KL term: loss = beta * mean k3
+    lp, _ = token_logprobs_ref(logits, tokens)
+    ref = (lp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    loss, m = grpo_loss(logits, tokens, adv, None, None, ref, beta=1.0, backend=backend)
+    rl, rm = grpo_loss_ref(logits.double(), tokens, adv, None, None, ref, beta=1.0)
+    # d carries the float32 rounding of log π (about 5e-7 at log π ~ -8): k3 ~ d^2 / 2 inherits 2x its share
+    tol = 2 * 1e-6 / spread + 1e-5
+    assert abs(float(m["kl"]) - float(rm["kl"])) <= tol * float(rm["kl"])
+    assert abs(float(loss) - float(rl)) <= tol * float(rl)
+
+
+def test_kl_k3_against_float64():
+    from gxpo_kernels.losses import kl_k3
+    d = torch.tensor([1e-8, -1e-6, 1e-4, -3e-3, 0.02, 0.7, -1.5, 8.0, -25.0])
+    want = torch.expm1(d.double()) - d.double()
+    assert kl_k3(d).dtype == torch.float32
+    torch.testing.assert_close(kl_k3(d).double(), want, rtol=1e-6, atol=0)
+    clamped = torch.expm1(d.double().clamp(-20, 20)) - d.double()     # e^d of the clamped argument only
+    torch.testing.assert_close(kl_k3(d, 20.0).double(), clamped, rtol=1e-6, atol=0)
+
+
 def _finite_grad_case(kind):
     logits, tokens, adv, mask, old, ref = _inputs(empty_row=False, seed=3)
     with torch.no_grad():
