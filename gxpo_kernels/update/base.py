@@ -246,6 +246,12 @@ class ExtrapolationRule:
         return {"loss": _to_float(loss), "active": False, "fell_back": False, "skipped": skipped,
                 "fallback_reason": None, "gate_z": math.nan, "grad_norm_0": norm, "backward_passes": self._bp}
 
+    def _plain_step_snapshot(self, closure) -> bool:
+        """Whether a plain step needs the rewind snapshot: not with a single optimizer step at its end (an
+        exception before it changes nothing); a rule whose plain step takes several (SFPO with mini-batch
+        closures) says so."""
+        return False
+
     def _check_closure(self, closure) -> None:
         if closure is None or not callable(closure):
             raise TypeError(f"{self._rule_name}.step needs a closure: closure() zeroes grads, computes the loss, "
@@ -265,7 +271,7 @@ class ExtrapolationRule:
         if self.gate.rearm_due():
             self.gate.rearm()
         if force_plain or self.gate.fired:
-            info = self._guarded(lambda: self._plain_step(closure), snapshot=False)
+            info = self._guarded(lambda: self._plain_step(closure), snapshot=self._plain_step_snapshot(closure))
             if force_plain:
                 self.fallbacks += 1
                 info.update(fell_back=True, fallback_reason="forced")

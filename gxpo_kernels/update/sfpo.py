@@ -91,6 +91,10 @@ class SFPO(ExtrapolationRule):
         for c in closures:
             super()._check_closure(c)
 
+    def _plain_step_snapshot(self, closure) -> bool:
+        # m closures take m optimizer steps: an exception in a later one must rewind the earlier ones
+        return isinstance(closure, (list, tuple)) and len(closure) > 1
+
     def _plain_step(self, closure) -> dict:
         """The single-pass regime: one plain step per mini-batch closure."""
         closures = closure if isinstance(closure, (list, tuple)) else [closure]

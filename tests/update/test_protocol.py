@@ -84,6 +84,32 @@ def test_exception_on_every_pass_rewinds_everything(name, make, n_pass, warm):
         assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
 
 
+@pytest.mark.parametrize("plain", ["forced", "gated"])
+@pytest.mark.parametrize("atomic", [True, False])
+def test_sfpo_plain_step_over_minibatches_rewinds(plain, atomic):
+    """SFPO's plain step with m = 3 mini-batch closures takes 3 optimizer steps: an exception in the third
+    closure rewinds the first two (parameters always, the optimizer state when atomic), counters and gate."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    rule = SFPO(opt, K=2, atomic=atomic)
+    rule.step([_closure(m, opt, rule, batch=b) for b in range(3)], entropy=1.0)
+    if plain == "gated":
+        rule.gate.fired = True
+    before, counters = _state(m, opt), (rule.total_backward_passes, rule.total_optimizer_steps, rule.outer_steps,
+                                         rule.fallbacks)
+    with pytest.raises(Boom):
+        rule.step([_closure(m, opt, rule, batch=0), _closure(m, opt, rule, batch=1),
+                   _closure(m, opt, rule, batch=2, raise_at=1)], entropy=1.0, force_plain=plain == "forced")
+    after = _state(m, opt)
+    assert all(torch.equal(x, y) for x, y in zip(after[0], before[0]))
+    if atomic:
+        _assert_same(after, before)
+    assert (rule.total_backward_passes, rule.total_optimizer_steps, rule.outer_steps, rule.fallbacks) == counters
+    info = rule.step([_closure(m, opt, rule, batch=b) for b in range(3)], entropy=1.0,
+                     force_plain=plain == "forced")    # and the plain step itself still works
+    assert info["backward_passes"] == 3 and rule.total_optimizer_steps == counters[1] + 3
+
+
 @pytest.mark.parametrize("make", [lambda o: GXPO(o), lambda o: SFPO(o, K=2)], ids=["gxpo", "sfpo"])
 @pytest.mark.parametrize("call,applied", [(1, True), (2, False), (2, True), (3, True)])
 def test_exception_in_an_optimizer_step_rewinds(make, call, applied):
