@@ -151,6 +151,21 @@ def test_low_precision_copy_of_float64_params(backend, ldt):
             assert torch.equal(lo, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_inactive_threshold_of_float64_gradients(backend):
+    """float64 gradients get float64 thresholds: at 1e25 their float32 norm overflowed to inf and made every
+    coordinate inactive."""
+    p, t0, g0, g1 = _make(torch.float64, shapes=[(1030,), (37,)])
+    g0, g1 = [g * 1e25 for g in g0], [g * 1e25 for g in g1]
+    q = _clone(p)
+    st = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=0.1, backend=backend)
+    ref = extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=0.1)
+    assert 0 < stats_to_dict(ref)["n_inactive"] < 1067 / 2
+    assert stats_to_dict(st)["n_inactive"] == stats_to_dict(ref)["n_inactive"]
+    for a, b in zip(q, p):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
 def test_triton_float_arguments_reach_the_kernel_as_float64():
     """A Python float reaches a GPU kernel as float32 unless the parameter is annotated: float64 params would get
     hyper-parameters rounded to float32 (about 1e-8 relative). The interpreter passes Python floats as they are,

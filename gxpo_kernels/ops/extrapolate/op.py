@@ -615,10 +615,10 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
 
 
 def _thresholds(g0: Sequence[torch.Tensor], rel: float) -> torch.Tensor:
-    """Absolute per-tensor inactive thresholds rel·‖g0_t‖/sqrt(n_t), float32 [n] on the device (no host sync)."""
-    dev = g0[0].device
-    ne = [g for g in g0 if g.numel()]
-    norms = iter(torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in ne]) if ne else [])
-    out = [next(norms) * (rel / math.sqrt(g.numel())) if g.numel() else torch.zeros((), device=dev)
-           for g in g0]
-    return torch.stack(out).float()
+    """Absolute per-tensor inactive thresholds rel·‖g0_t‖/sqrt(n_t) (0 for an empty tensor), [n] on the device
+    without a host sync: float32, or float64 when a g0 tensor is float64 (its norm then taken in float64, as its
+    coordinates are compared in float64). A handful of device ops whatever the number of tensors."""
+    dt = torch.float64 if any(g.dtype == torch.float64 for g in g0) else torch.float32
+    norms = torch._foreach_norm([g if g.dtype in (torch.float32, torch.float64) else g.float() for g in g0])
+    scale = torch.tensor([rel / math.sqrt(g.numel()) if g.numel() else 0.0 for g in g0], dtype=torch.float64)
+    return (torch.stack(norms).double() * scale.to(g0[0].device, non_blocking=True)).to(dt)
