@@ -267,7 +267,8 @@ def host_overhead(out_path=None, reps=60):
 
     - ``extrapolate_``: the public op (validation and tables cached per layout, g1 checked per call; new g1
       every other call);
-    - ``plan_*``: ``ExtrapolationPlan`` with static g0 (what the rules call with a g0 buffer), and
+    - ``plan_*``: ``ExtrapolationPlan`` with static g0 (what the rules call with a g0 buffer; built as the rules
+      build it, ``grads_are_param_dtype=True``: no dtype scan when the gradients' addresses change), and
       ``plan_kept_g0_*`` with ``g0="per_call"`` (GXPO keeping pass 0's gradients: g0 and g1 read per call);
     - ``*_same_addresses``: the gradients sit at the addresses of the previous call (a caching allocator's
       steady state); ``*_new_addresses``: new gradient tensors at new addresses before every call, carved from
@@ -300,8 +301,8 @@ def host_overhead(out_path=None, reps=60):
 
         def cached(g):
             X.extrapolate_(P, T0, G0, g[1], alpha=0.5, K=5)
-        plan = X.ExtrapolationPlan(P, T0, G0)
-        kept = X.ExtrapolationPlan(P, T0, "per_call")
+        plan = X.ExtrapolationPlan(P, T0, G0, grads_are_param_dtype=True)      # as the update rules build them
+        kept = X.ExtrapolationPlan(P, T0, "per_call", grads_are_param_dtype=True)
         run_plan = lambda g: plan(g[1], alpha=0.5, K=5)  # noqa: E731
         run_kept = lambda g: kept(g[1], g0=g[0], alpha=0.5, K=5)  # noqa: E731
         res = {}

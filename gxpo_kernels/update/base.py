@@ -413,7 +413,7 @@ class ExtrapolationRule:
             key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)))
             if getattr(self, "_xplan_key", None) != key:
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
-                                                backend=self.backend)
+                                                backend=self.backend, grads_are_param_dtype=True)
                 self._xplan_key = key
             return self._xplan(g1, g0=g0 if g0_kept else None, alpha=alpha, K=K, scale_formula=scale_formula,
                                inactive_threshold=inactive_threshold)
