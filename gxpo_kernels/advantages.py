@@ -68,11 +68,15 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
         _, inv = torch.unique(group_ids, return_inverse=True)   # dense 0..K-1 labels, any ids allowed
         K = int(inv.max()) + 1
         count = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
-        mean = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, r) / count
-        centred = r - mean[inv]
+        # moments of the rewards less their group's minimum: a constant group is then exactly 0 - 0 (a plain
+        # float mean is not exact, and its ~1e-17 std turned equal rewards into advantages of order 1)
+        low = torch.full((K,), math.inf, dtype=torch.float64, device=r.device).scatter_reduce_(0, inv, r, "amin")
+        d = r - low[inv]
+        dmean = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, d) / count
+        centred = d - dmean[inv]
         ss = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, centred * centred)
         std = torch.where(count > 1, (ss / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
-        return GroupStats(mean[inv], std[inv], count[inv].long())
+        return GroupStats((low + dmean)[inv], std[inv], count[inv].long())
     if group_size is None:
         if rewards.dim() != 2:
             raise ValueError("pass group_size (or group_ids) for 1-D rewards, or rewards shaped (num_prompts, G)")
@@ -84,8 +88,9 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
     if N % group_size:
         raise ValueError(f"rewards has {N} elements, not a multiple of group_size={group_size}")
     g = r.view(-1, group_size)
-    mean = g.mean(-1, keepdim=True)
-    std = g.std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    low = g.amin(-1, keepdim=True)          # as above: a constant group gets exactly mean = r, std = 0
+    mean = low + (g - low).mean(-1, keepdim=True)
+    std = (g - low).std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     count = torch.full_like(g, group_size, dtype=torch.int64)
     return GroupStats(mean.expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1))
 

@@ -43,6 +43,23 @@ def test_group_advantages_ragged(scale):
     assert st.count.tolist() == [int((ids == i).sum()) for i in ids]
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_equal_rewards_get_exactly_zero_advantage(eps):
+    """A group whose rewards are all equal gets 0, whatever the value: a plain float mean is not exact, and its
+    ~1e-17 std made (R - mean) / std of order 1 (e.g. seven rewards of 0.7 at eps=0 gave -0.93 each)."""
+    g = torch.Generator().manual_seed(0)
+    for G in (2, 3, 5, 7, 16):
+        vals = torch.randn(40, generator=g, dtype=torch.float64) * 10 ** torch.randint(-3, 8, (40,), generator=g)
+        r = vals[:, None].expand(40, G).contiguous()          # 40 constant groups
+        r[::2, 0] += 1.0                                       # half of them not constant
+        ids = torch.arange(40).repeat_interleave(G)
+        for adv in (group_advantages(r, eps=eps), group_advantages(r.reshape(-1), group_ids=ids, eps=eps).view(40, G),
+                    group_advantages(r, scale="none")):
+            assert bool((adv[1::2] == 0).all())
+            assert bool((adv[::2].abs().sum(-1) > 0).all())
+        assert group_stats(r).std.view(40, G)[1::2].eq(0).all()
+
+
 def test_fade_hand_worked():
     # G=4: [1,0,0,1] rbar=.5 -> factor (1-.5)^(2-1)=.5; + : .5*.5=.25; - : .5*(-.5)/.5=-.5 ; all-1 / all-0 -> 0
     r = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32)
