@@ -310,6 +310,26 @@ def test_objective_vs_float64_ref(method, side):
     assert met["c_w"].shape == met["c_l"].shape == (4,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_objective_sums_16bit_log_probs_in_float32(dtype):
+    """bf16/fp16 log-probs are summed in float32: the same values upcast to float64 give the loss, coefficients
+    and gradient to float32 precision (summed in bf16 over 512 tokens the loss was off by 0.65, c_w by 57%)."""
+    g = torch.Generator().manual_seed(0)
+    parts = [(-torch.rand(2, 512, generator=g, dtype=torch.float64) * 3).to(dtype) for _ in range(6)]
+
+    def run(dt):
+        lw, ll = (t.detach().to(dt).requires_grad_() for t in parts[:2])
+        c = FPALogProbs(lw, parts[2].to(dt), parts[4].to(dt), None)
+        r = FPALogProbs(ll, parts[3].to(dt), parts[5].to(dt), None)
+        loss, m = fpa_dpo_loss(c, r, beta=0.5)
+        loss.backward()
+        return loss.double(), m["c_w"].double(), lw.grad.double()
+    got, want = run(dtype), run(torch.float64)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(got[2], want[2].to(dtype).double(), rtol=1e-2, atol=1e-9)   # returned in dtype
+
+
 @pytest.mark.parametrize("side", ["both", "rejected"])
 @pytest.mark.parametrize("method", METHODS)
 def test_objective_lam_zero_is_base(method, side):

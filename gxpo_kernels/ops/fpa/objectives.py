@@ -46,7 +46,7 @@ class FPALogProbs(NamedTuple):
 
 
 class _Seq(NamedTuple):
-    s: torch.Tensor       # (B,) differentiable sum_t m * logp (fp32 or fp64, the logp dtype)
+    s: torch.Tensor       # (B,) differentiable sum_t m * logp (fp32; fp64 for fp64 log-probs)
     s_hat: torch.Tensor   # (B,) detached sum over log pi_hat
     ref: Optional[torch.Tensor]  # (B,) detached sum over log pi_ref
     n: torch.Tensor       # (B,) lengths, max(count, 1)
@@ -61,19 +61,21 @@ def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
     check_tensor(x.logp, f"{name}.logp", ndim=2, floating=True)
     shape = x.logp.shape
     m = normalize_mask(x.mask, shape, x.logp.device)
-    zero = torch.zeros((), dtype=x.logp.dtype, device=x.logp.device)
+    # sums in float32 (float64 for float64 log-probs): a bf16 sum over 512 tokens is off by whole units
+    cdt = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=cdt, device=x.logp.device)
 
     def ssum(t, field):
         check_tensor(t, f"{name}.{field}", floating=True)
         check_shape(t, f"{name}.{field}", shape)
-        return torch.where(m, t.to(x.logp.dtype), zero).sum(-1)
+        return torch.where(m, t.to(cdt), zero).sum(-1)
 
-    s = torch.where(m, x.logp, zero).sum(-1)
+    s = torch.where(m, x.logp.to(cdt), zero).sum(-1)
     s_hat = s.detach() if x.fpa_logp is None else ssum(x.fpa_logp.detach(), "fpa_logp")
     if x.ref_logp is None and need_ref:
         raise ValueError(f"{name}.ref_logp is required by this objective")
     ref = None if x.ref_logp is None else ssum(x.ref_logp.detach(), "ref_logp")
-    n = m.sum(-1).clamp(min=1).to(x.logp.dtype)
+    n = m.sum(-1).clamp(min=1).to(cdt)
     return _Seq(s, s_hat, ref, n)
 
 
