@@ -162,11 +162,6 @@ def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
     return a.clamp(min=0).sum() / (-a).clamp(min=0).sum()
 
 
-def _check_unit(x, name, lo_open=False):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not ((0 < x) if lo_open else (0 <= x)) or not x <= 1:
-        raise ValueError(f"{name} must be in {'(0' if lo_open else '[0'}, 1], got {x!r}")
-
-
 def _scalar(x, name) -> float:
     return check_scalar(x, name)
 
@@ -190,11 +185,11 @@ class FADEController:
                  ema_convention: str = "slow", p0: float = 0.5, delta_min: float = 0.3, delta_max: float = 1.0):
         alpha_max = check_scalar(alpha_max, "alpha_max", "[1, inf)")
         target_entropy = check_scalar(target_entropy, "target_entropy", "[0, inf)", optional=True)
-        _check_unit(ema, "ema", lo_open=True)
+        ema = check_scalar(ema, "ema", "(0, 1]")
         if ema_convention not in EMA_CONVENTIONS:
             raise ValueError(f"ema_convention must be one of {EMA_CONVENTIONS}, got {ema_convention!r}")
-        _check_unit(p0, "p0")
-        _check_unit(delta_min, "delta_min", lo_open=True)
+        p0 = check_scalar(p0, "p0", "[0, 1]")
+        delta_min = check_scalar(delta_min, "delta_min", "(0, 1]")
         delta_max = check_scalar(delta_max, "delta_max", f"[{delta_min}, inf)")
         self.alpha_max, self.ema, self.ema_convention = float(alpha_max), float(ema), ema_convention
         self.p0, self.delta_min, self.delta_max = float(p0), float(delta_min), float(delta_max)
@@ -246,17 +241,20 @@ class FADEController:
                 "delta_max": self.delta_max, "p_hat": self.p_hat, "h_hat": self.h_hat, "steps": self.steps}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restore hyperparameters and state saved by ``state_dict`` (validated through ``__init__``)."""
+        """Restore hyperparameters and state saved by ``state_dict``. Everything is validated (the
+        hyperparameters through ``__init__``) before anything changes: a bad state raises and leaves the
+        controller as it was."""
         missing = {"alpha_max", "target_entropy", "ema", "ema_convention", "p0", "delta_min", "delta_max",
                    "p_hat", "h_hat", "steps"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        self.__init__(alpha_max=state["alpha_max"], target_entropy=state["target_entropy"], ema=state["ema"],
-                      ema_convention=state["ema_convention"], p0=state["p0"], delta_min=state["delta_min"],
-                      delta_max=state["delta_max"])
-        self.p_hat = float(state["p_hat"])
-        self.h_hat = None if state["h_hat"] is None else float(state["h_hat"])
-        self.steps = int(state["steps"])
+        new = FADEController(alpha_max=state["alpha_max"], target_entropy=state["target_entropy"],
+                             ema=state["ema"], ema_convention=state["ema_convention"], p0=state["p0"],
+                             delta_min=state["delta_min"], delta_max=state["delta_max"])
+        new.p_hat = check_scalar(state["p_hat"], "p_hat", "[0, 1]")
+        new.h_hat = check_scalar(state["h_hat"], "h_hat", "[0, inf)", optional=True)
+        new.steps = check_scalar(state["steps"], "steps", "[0, inf)", integer=True)
+        self.__dict__.update(new.__dict__)
 
     def __repr__(self) -> str:
         return (f"FADEController(alpha={self.alpha:.4g}, delta={self.delta:.4g}, p_hat={self.p_hat:.4g}, "

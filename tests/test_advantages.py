@@ -200,3 +200,19 @@ def test_bad_input():
     with pytest.raises(ValueError, match="mean_entropy"):
         c.update(0.5, -1.0)
     assert c.steps == 0
+
+
+def test_controller_bad_state_changes_nothing_and_numpy_scalars_are_accepted():
+    import numpy as np
+    c = FADEController(alpha_max=2.0, ema=np.float32(0.25), p0=torch.tensor(0.4))   # like every other option
+    for r, h in ((0.2, 1.5), (0.6, 1.2), (0.5, 1.4)):
+        c.update(r, h)
+    before = c.state_dict()
+    for bad in ({**before, "p_hat": "oops"}, {**before, "p_hat": math.nan}, {**before, "steps": -2},
+                {**before, "ema": 2.0, "p_hat": 0.1}):
+        with pytest.raises((TypeError, ValueError)):
+            c.load_state_dict(bad)
+        assert c.state_dict() == before
+    c2 = FADEController()
+    c2.load_state_dict(before)
+    assert c2.state_dict() == before and c2.alpha == c.alpha and c2.delta == c.delta

@@ -451,18 +451,23 @@ class ExtrapolationRule:
         return {}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore what ``state_dict`` saved. Raises ValueError when the checkpoint was written by a rule with
-        other hyper-parameters (K, alpha, scale formula, ...): resuming it here would silently change the run."""
+        """Restore what ``state_dict`` saved. Raises ValueError, changing nothing, when the checkpoint was
+        written by a rule with other hyper-parameters (K, alpha, scale formula, ...) or another gate setting
+        (tau, window, patience, ...): resuming it here would silently change the run."""
         diff = {k: (sd[k], v) for k, v in self._hparams().items() if k in sd and sd[k] != v}
+        gsd = sd.get("gate") if isinstance(sd.get("gate"), dict) else {}
+        diff.update({f"gate {k}": (gsd[k], v) for k, v in self.gate.settings().items() if k in gsd and gsd[k] != v})
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs rule {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint was saved with other settings "
                              f"({desc}); build the rule with the checkpoint's settings")
-        self.gate.load_state_dict(sd["gate"])
-        self.total_backward_passes = int(sd["total_backward_passes"])
-        self.total_optimizer_steps = int(sd["total_optimizer_steps"])
-        self.outer_steps = int(sd["outer_steps"])
-        self.fallbacks = int(sd["fallbacks"])
+        try:
+            counters = [int(sd[k]) for k in ("total_backward_passes", "total_optimizer_steps", "outer_steps",
+                                             "fallbacks")]
+        except KeyError as e:
+            raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint misses {e.args[0]!r}") from None
+        self.gate.load_state_dict(sd["gate"])             # checks everything before it changes anything
+        (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
 
 
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

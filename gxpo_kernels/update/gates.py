@@ -20,6 +20,11 @@ Options every gate takes (defaults keep the behaviour above):
 - ``warmup``: the first ``warmup`` observations update the statistics but cannot fire.
 - ``rearm_after``: None (a fired gate stays fired: permanent) or n: after n single-pass steps the gate re-arms,
   keeping its statistics (the authors' "temporary" fallback).
+
+A non-finite value (e.g. a cosine signal whose denominator is 0) is skipped: z is NaN, the statistics and the
+observation count stay as they were, and an open violation streak ends. (Folded into the EMA it made μ and σ
+NaN for good, and the gate could never fire again.) ``load_state_dict`` checks the whole state before it
+changes anything.
 """
 from __future__ import annotations
 
@@ -65,6 +70,11 @@ class Gate:
 
     def observe(self, value: float, step: Optional[int] = None) -> float:
         value = float(value)
+        if not math.isfinite(value):
+            if self.streak and not self.fired:
+                self._streak_closed()
+            self.streak = 0
+            return math.nan
         z = self._z(value)
         self.n_observed += 1
         if self.fired:
@@ -93,6 +103,12 @@ class Gate:
     def rearm(self) -> None:
         self.fired, self.plain_steps = False, 0
 
+    #: the constructor's settings that ``state_dict`` saves (a resumed run must agree on them)
+    SETTINGS = ("tau", "one_sided", "patience", "warmup", "rearm_after")
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.SETTINGS}
+
     def state_dict(self) -> dict:
         return {"name": self.name, "tau": self.tau, "fired": self.fired, "fired_step": self.fired_step,
                 "n_observed": self.n_observed, "one_sided": self.one_sided, "patience": self.patience,
@@ -100,15 +116,34 @@ class Gate:
                 "plain_steps": self.plain_steps}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("name") != self.name:
-            raise ValueError(f"state_dict is for gate {sd.get('name')!r}, this gate is {self.name!r}")
-        self.tau, self.fired, self.fired_step = float(sd["tau"]), bool(sd["fired"]), sd["fired_step"]
-        self.n_observed = int(sd["n_observed"])
-        self.one_sided = bool(sd.get("one_sided", self.one_sided))
-        self.patience = int(sd.get("patience", self.patience))
-        self.warmup = int(sd.get("warmup", self.warmup))
-        self.rearm_after = sd.get("rearm_after", self.rearm_after)
-        self.streak, self.plain_steps = int(sd.get("streak", 0)), int(sd.get("plain_steps", 0))
+        """Restore from ``state_dict()``; everything is read and checked first, so a bad state raises and leaves
+        the gate as it was."""
+        new = self._read_state(sd)
+        for k, v in new.items():
+            setattr(self, k, v)
+
+    def _read_state(self, sd: dict) -> dict:
+        """The attributes ``sd`` sets, checked (ValueError naming the first bad or missing entry)."""
+        if not isinstance(sd, dict) or sd.get("name") != self.name:
+            got = sd.get("name") if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"state_dict is for gate {got!r}, this gate is {self.name!r}")
+        try:
+            tau = float(sd["tau"])
+            new = dict(tau=tau if tau == math.inf else check_scalar(tau, "tau", "(0, inf)"),
+                       fired=bool(sd["fired"]), fired_step=sd["fired_step"],
+                       n_observed=check_scalar(sd["n_observed"], "n_observed", "[0, inf)", integer=True),
+                       one_sided=bool(sd.get("one_sided", self.one_sided)),
+                       patience=check_scalar(sd.get("patience", self.patience), "patience", "[1, inf)", integer=True),
+                       warmup=check_scalar(sd.get("warmup", self.warmup), "warmup", "[0, inf)", integer=True),
+                       rearm_after=check_scalar(sd.get("rearm_after", self.rearm_after), "rearm_after", "[1, inf)",
+                                                integer=True, optional=True),
+                       streak=check_scalar(sd.get("streak", 0), "streak", "[0, inf)", integer=True),
+                       plain_steps=check_scalar(sd.get("plain_steps", 0), "plain_steps", "[0, inf)", integer=True))
+        except KeyError as e:
+            raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gate state_dict: {e}") from None
+        return new
 
 
 class NoGate(Gate):
@@ -120,13 +155,14 @@ class NoGate(Gate):
 
 class EMAGate(Gate):
     name = "ema"
+    SETTINGS = Gate.SETTINGS + ("omega", "sigma_min")
 
     def __init__(self, tau: float = 0.5, omega: float = 0.1, mu0: float = 1.0, sigma0: float = 1.0,
                  sigma_min: float = 0.01, **opts):
         super().__init__(tau, **opts)
-        omega = check_scalar(omega, "omega", "(0, 1]")
-        self.omega, self.sigma_min = float(omega), float(sigma_min)
-        self.mu, self.sigma = float(mu0), float(sigma0)
+        self.omega = check_scalar(omega, "omega", "(0, 1]")
+        self.sigma_min = check_scalar(sigma_min, "sigma_min", "[0, inf)")
+        self.mu, self.sigma = check_scalar(mu0, "mu0"), check_scalar(sigma0, "sigma0", "[0, inf)")
 
     def _z(self, h: float) -> float:
         z = (h - self.mu) / (self.sigma + 1e-8)
@@ -140,12 +176,21 @@ class EMAGate(Gate):
         return {**super().state_dict(), "omega": self.omega, "mu": self.mu, "sigma": self.sigma,
                 "sigma_min": self.sigma_min}
 
-    def load_state_dict(self, sd: dict) -> None:
-        super().load_state_dict(sd)
-        self.omega, self.mu, self.sigma, self.sigma_min = sd["omega"], sd["mu"], sd["sigma"], sd["sigma_min"]
+    def _read_state(self, sd: dict) -> dict:
+        new = super()._read_state(sd)
+        try:
+            new.update(omega=check_scalar(sd["omega"], "omega", "(0, 1]"), mu=check_scalar(sd["mu"], "mu"),
+                       sigma=check_scalar(sd["sigma"], "sigma", "[0, inf)"),
+                       sigma_min=check_scalar(sd["sigma_min"], "sigma_min", "[0, inf)"))
+        except KeyError as e:
+            raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gate state_dict: {e}") from None
+        return new
 
 
 class _WindowBase(Gate):
+    SETTINGS = Gate.SETTINGS + ("window",)
     def __init__(self, tau: float, window: int, **opts):
         super().__init__(tau, **opts)
         window = check_scalar(window, "window", "[2, inf)", integer=True)
@@ -161,19 +206,27 @@ class _WindowBase(Gate):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "window": self.window, "values": list(self.values)}
 
-    def load_state_dict(self, sd: dict) -> None:
-        super().load_state_dict(sd)
-        self.window = int(sd["window"])
-        self.values = deque(sd["values"], maxlen=self.window + 1)
+    def _read_state(self, sd: dict) -> dict:
+        new = super()._read_state(sd)
+        try:
+            window = check_scalar(sd["window"], "window", "[2, inf)", integer=True)
+            values = [check_scalar(v, "values[i]") for v in sd["values"]]
+        except KeyError as e:
+            raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gate state_dict: {e}") from None
+        new.update(window=window, values=deque(values, maxlen=window + 1))
+        return new
 
 
 class WindowGate(_WindowBase):
     """``eps``: added to the std (1e-8; the authors' later code uses 1e-9)."""
     name = "window"
+    SETTINGS = _WindowBase.SETTINGS + ("eps",)
 
     def __init__(self, tau: float = 0.5, window: int = 30, *, eps: float = 1e-8, **opts):
         super().__init__(tau, window, **opts)
-        self.eps = float(eps)
+        self.eps = check_scalar(eps, "eps", "(0, inf)")   # 0 divides by zero on a constant window
         self.frozen: Optional[tuple] = None   # (mean, std) pinned while a violation streak is open
 
     def _z(self, h: float) -> float:
@@ -194,11 +247,15 @@ class WindowGate(_WindowBase):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "eps": self.eps, "frozen": self.frozen}
 
-    def load_state_dict(self, sd: dict) -> None:
-        super().load_state_dict(sd)
-        self.eps = float(sd.get("eps", self.eps))
+    def _read_state(self, sd: dict) -> dict:
+        new = super()._read_state(sd)
         fr = sd.get("frozen")
-        self.frozen = None if fr is None else tuple(fr)
+        try:
+            new.update(eps=check_scalar(sd.get("eps", self.eps), "eps", "(0, inf)"),
+                       frozen=None if fr is None else tuple(check_scalar(v, "frozen") for v in fr))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gate state_dict: {e}") from None
+        return new
 
 
 class EntropyGate(_WindowBase):

@@ -492,3 +492,59 @@ def test_load_state_dict_refuses_other_settings():
     GXPO(opt).load_state_dict(sd)
     with pytest.raises(ValueError, match="other settings"):
         SFPO(opt, K=2).load_state_dict(SFPO(opt, K=3).state_dict())
+
+
+@pytest.mark.parametrize("make", [lambda: EMAGate(tau=2.0), lambda: WindowGate(tau=2.0, window=3)],
+                         ids=["ema", "window"])
+def test_a_nonfinite_observation_is_skipped(make):
+    """A NaN or inf value leaves a gate's statistics as they were (the EMA folded it in and never fired again):
+    the same sequence with and without the NaN gives the same z-scores and fires at the same spike."""
+    seq = [1.0, 1.1, 0.9, 1.0, 1.05, 50.0]
+    clean, dirty = make(), make()
+    zc = [clean.observe(v) for v in seq]
+    zd = [dirty.observe(v) for v in seq[:3]] + [dirty.observe(math.nan), dirty.observe(math.inf)] + \
+        [dirty.observe(v) for v in seq[3:]]
+    assert math.isnan(zd[3]) and math.isnan(zd[4])
+    assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(zd[:3] + zd[5:], zc, strict=True))
+    assert clean.fired and dirty.fired and dirty.n_observed == clean.n_observed
+
+
+def test_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="eps"):
+        WindowGate(eps=0.0)                              # divided by zero on a constant window
+    with pytest.raises(ValueError, match="eps"):
+        WindowGate(eps=-1e-3)                           # fired on downward moves when one-sided
+    with pytest.raises(ValueError, match="mu0"):
+        EMAGate(mu0=math.nan)                           # never fired
+    with pytest.raises(ValueError, match="sigma0"):
+        EMAGate(sigma0=-1.0)
+
+
+def test_a_bad_gate_or_rule_state_changes_nothing():
+    g = EMAGate(tau=0.5)
+    for v in (1.0, 1.2, 0.8):
+        g.observe(v)
+    before = g.state_dict()
+    for bad in ({**before, "omega": "x"}, {k: v for k, v in before.items() if k != "omega"},
+                {**before, "tau": 9.0, "mu": math.nan}, {**before, "n_observed": -1}):
+        with pytest.raises(ValueError):
+            g.load_state_dict(bad)
+        assert g.state_dict() == before
+    w = WindowGate(tau=0.5, window=3)
+    for v in (1.0, 1.2):
+        w.observe(v)
+    wb = w.state_dict()
+    with pytest.raises(ValueError):
+        w.load_state_dict({**wb, "values": [1.0, "x"], "window": 7})
+    assert w.state_dict() == wb
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate="window", tau=3.0, window=9, gate_patience=4, gate_one_sided=True)
+    other = GXPO(torch.optim.AdamW(mlp().parameters(), lr=1e-2), gate="window", tau=0.5, window=5)
+    before = rule.state_dict()
+    with pytest.raises(ValueError, match="gate tau.*gate one_sided.*gate patience.*gate window"):
+        rule.load_state_dict(other.state_dict())           # it used to take the checkpoint's gate settings
+    bad = {k: v for k, v in rule.state_dict().items() if k != "fallbacks"}
+    with pytest.raises(ValueError, match="fallbacks"):
+        rule.load_state_dict(bad)
+    assert rule.state_dict() == before
