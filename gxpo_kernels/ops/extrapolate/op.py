@@ -53,9 +53,8 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
     # which lets the compiler emit 16-byte accesses; ALIGN = 1 is the general path.
     # The float arguments are annotated float64 (a plain Python float reaches a GPU kernel as float32) and rounded
     # once here to the compute dtype: float64 params get unrounded hyper-parameters, float32 the same values as
-    # a float32 argument would carry. (This module has no ``from __future__ import annotations``: Triton reads
-    # the annotations as dtypes.)
-    # (tl.full: the interpreter passes the Python floats themselves)
+    # a float32 argument would carry. tl.full, not .to(): the interpreter passes the Python floats themselves.
+    # (This module has no ``from __future__ import annotations``: Triton reads the annotations as dtypes.)
     alpha, coef0, coef1 = tl.full((), alpha, C_DT), tl.full((), coef0, C_DT), tl.full((), coef1, C_DT)
     delta, r_min, r_max = tl.full((), delta, C_DT), tl.full((), r_min, C_DT), tl.full((), r_max, C_DT)
     scale_hi = tl.full((), scale_hi, C_DT)
@@ -365,10 +364,11 @@ class ExtrapolationPlan:
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
     is the gradient of params[i] (same numel, contiguous; only the count and the addresses are checked per
     call). Gradients whose dtypes differ within a list are read right (from copies, see ``_Plan._call_offsets``):
-    the plan checks their dtypes whenever their addresses change, about 30 µs per list of 338 tensors, unless
+    the plan scans their dtypes whenever their addresses change (one attribute read per tensor), unless
     ``grads_are_param_dtype=True`` promises that g1[i] (and a per-call g0[i]) has params[i]'s dtype, as
-    ``p.grad`` always has (the update rules pass it). On the CPU the plan calls the C++ op directly (it checks every tensor's device, contiguity and
-    numel itself at negligible cost); with ``backend="torch"`` it forwards to ``extrapolate_``.
+    ``p.grad`` always has (the update rules pass it). On the CPU the plan calls the C++ op directly (it checks
+    every tensor's device, contiguity and numel itself at negligible cost); with ``backend="torch"`` it forwards
+    to ``extrapolate_``.
     """
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto",
