@@ -5,8 +5,9 @@ Guards: the policy losses cispo / sapo / vespo, kl_clamp=None, use_bias_correcti
 reduce=False, num_items_in_batch, the options object and the modules; exp overflow (huge log-ratios,
 -inf old log-probs, huge ref - logp) gives finite values and gradients matching verl's clamped formulas;
 old/ref/advantages are detached; NaN advantages at masked rows with sequence IS; -inf logits and -inf
-bias entries; overlapping logits with inplace_backward; scalar validation (bools, NaN, inf, numpy, 0-d
-tensors); check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full").
+bias entries; a NaN logit (or hidden state) makes its row and the loss NaN, in a masked row it is ignored;
+overlapping logits with inplace_backward; scalar validation (bools, NaN, inf, numpy, 0-d tensors);
+check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full").
 """
 import math
 import zlib
@@ -18,7 +19,7 @@ import torch
 from gxpo_kernels.losses import GRPOLossOptions
 from gxpo_kernels.ops import GRPOLoss, LinearGRPOLoss, fpa_logprobs, grpo_loss, linear_grpo_loss, token_logprobs
 from gxpo_kernels.ops.grpo.reference import grpo_loss_ref, token_logprobs_ref
-from gxpo_kernels.ops import linear_token_logprobs
+from gxpo_kernels.ops import linear_fpa_logprobs, linear_token_logprobs
 from tests._utils import assert_close
 
 BACKENDS = ("triton", "torch")
@@ -337,6 +338,101 @@ def test_fpa_minus_inf_in_policy_and_reference(backend):
     expect = torch.log_softmax(1.5 * h - 0.5 * r, -1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.isfinite(x.grad).all() and torch.isfinite(fpa_logp).all()
     assert_close("fpa_logp", expect, fpa_logp.double(), 1e-5)
+
+
+# -------------------------------------------------------------------------------------------- NaN logits
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_nan_logit_poisons_its_row_and_the_loss(backend, dtype):
+    """A NaN logit (not the target) in an unmasked row: that row's log-prob, entropy and dlogits and the loss are
+    NaN on both backends, the other rows' gradients stay finite and exact; a NaN in a masked row changes
+    nothing; -inf logits next to the NaN row keep probability 0."""
+    logits, tokens, adv, mask, old, ref = _inputs(dtype=dtype, seed=11)
+    logits[..., 5:40] = float("-inf")
+    tokens = tokens.clamp(min=40)
+    clean = logits.clone()
+    assert mask[0, 1] and not mask[-1].any()
+    logits[0, 1, 200] = float("nan")
+    logits[-1, 2, 7] = float("nan")
+    opts = dict(entropy_coef=0.05, beta=0.1)
+    loss, metrics, grad = _run_ours(logits, tokens, adv, mask, old, ref, backend, **opts)
+    assert torch.isnan(loss) and torch.isnan(metrics["entropy"])
+    assert torch.isnan(grad[0, 1].float()).all()
+    rows = torch.ones(mask.shape, dtype=torch.bool)
+    rows[0, 1] = False
+    assert torch.isfinite(grad[rows].float()).all() and torch.all(grad[-1] == 0)
+    # per-token log-probs: only the NaN row is NaN
+    with torch.no_grad():
+        lp, ent = token_logprobs(logits, tokens, mask=mask, backend=backend)
+    assert torch.isnan(lp[0, 1]) and torch.isnan(ent[0, 1])
+    assert torch.isfinite(lp[rows]).all() and torch.isfinite(ent[rows]).all()
+    # with the NaN row masked as well, the loss is the one of the clean logits
+    mask[0, 1] = False
+    ours = _run_ours(logits, tokens, adv, mask, old, ref, backend, **opts)
+    assert torch.equal(ours[0], _run_ours(clean, tokens, adv, mask, old, ref, backend, **opts)[0])
+    _compare(ours, _run_ref(clean.double().clamp(min=-1e4), tokens, adv, mask, old, ref, **opts), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fpa_nan_logit_in_policy_or_reference(backend):
+    """fpa_logprobs: a NaN policy logit makes logp and fpa_logp of its row NaN (and its gradient), a NaN
+    reference logit ref_logp and fpa_logp; the other rows are as without the NaN; masked rows stay 0."""
+    g = torch.Generator().manual_seed(12)
+    B, T, V = 2, 4, 90
+    logits, refl = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    tokens = torch.randint(0, 60, (B, T), generator=g)
+    logits[..., 60:] = -math.inf
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3] = False
+    base = fpa_logprobs(logits, refl, tokens, lam=0.5, mask=mask, backend=backend)
+    bad, bad_ref = logits.clone(), refl.clone()
+    bad[0, 1, 70] = float("nan")            # next to the -inf policy logits
+    bad_ref[1, 0, 3] = float("nan")
+    bad[1, 3, 5] = bad_ref[1, 3, 6] = float("nan")      # masked
+    x = bad.clone().requires_grad_()
+    logp, ref_logp, fpa_logp = fpa_logprobs(x, bad_ref, tokens, lam=0.5, mask=mask, backend=backend)
+    logp.sum().backward()
+    nan = torch.zeros(3, B, T, dtype=torch.bool)
+    nan[0, 0, 1] = nan[2, 0, 1] = True
+    nan[1, 1, 0] = nan[2, 1, 0] = True
+    for i, (name, t) in enumerate((("logp", logp), ("ref_logp", ref_logp), ("fpa_logp", fpa_logp))):
+        assert torch.equal(torch.isnan(t), nan[i]), name
+        assert torch.equal(t[~nan[i]], base[i][~nan[i]]), name
+    assert torch.isnan(x.grad[0, 1]).all() and torch.all(x.grad[1, 3] == 0)
+    rows = torch.ones(B, T, dtype=torch.bool)
+    rows[0, 1] = False
+    assert torch.isfinite(x.grad[rows]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_nan_hidden_poisons_only_its_row(backend):
+    """Fused-linear ops: NaN in the hidden state of an unmasked row makes that row's log-prob, entropy and
+    FPA log-probs and the loss NaN, on both backends; in a masked row it changes nothing."""
+    g = torch.Generator().manual_seed(13)
+    B, T, H, V = 2, 5, 16, 70
+    h, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    b = torch.randn(V, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    adv, mask = torch.tensor([1.0, -0.5]), torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = False
+    bad = h.clone()
+    bad[0, 2, 3] = float("nan")
+    bad[1, 4] = float("nan")                 # masked
+    nan = torch.zeros(B, T, dtype=torch.bool)
+    nan[0, 2] = True
+    lp, ent = linear_token_logprobs(bad, w, tokens, bias=b, mask=mask, backend=backend)
+    lp0, ent0 = linear_token_logprobs(h, w, tokens, bias=b, mask=mask, backend=backend)
+    for name, t, t0 in (("logp", lp, lp0), ("entropy", ent, ent0)):
+        assert torch.equal(torch.isnan(t), nan), name
+        assert_close(name, t0[~nan].double(), t[~nan].double(), 1e-6, atol=1e-6)
+    for t in linear_fpa_logprobs(bad, w, bad, w, tokens, bias=b, ref_bias=b, mask=mask, backend=backend):
+        assert torch.equal(torch.isnan(t), nan)
+    hh = bad.clone().requires_grad_()
+    loss, _ = linear_grpo_loss(hh, w, tokens, adv, mask, bias=b, entropy_coef=0.05, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(hh.grad[0, 2]).all()
+    mask[0, 2] = False
+    assert torch.isfinite(linear_grpo_loss(bad, w, tokens, adv, mask, bias=b, backend=backend)[0])
 
 
 # -------------------------------------------------------------------------------------- in-place backward

@@ -3,7 +3,8 @@
 Guards: logp / entropy / dlogits against the float64 reference for V not a power of two, multi-block online
 softmax, strided logits slices, ragged masks with a fully masked row, fp32 and bf16, temperature != 1; the
 entropy term of the backward is skipped when unused; in-place backward reuses the logits buffer; no_grad
-saves nothing; a new T or temperature never re-specialises the kernels; the torch.library ops pass opcheck.
+saves nothing; a new T or temperature never re-specialises the kernels; the torch.library ops pass opcheck;
+-inf logits are probability 0 and a NaN logit makes its row NaN (masked rows untouched), as in the torch path.
 """
 import importlib
 
@@ -245,3 +246,40 @@ def test_minus_inf_logits(backend, dtype):
     assert_close("entropy", r_ent, ent, 1e-6, atol=2e-5)
     assert_close("dlogits", r_grad, dx, 1e-5 if dtype == torch.float32 else 8e-3)
     assert torch.all(dx[..., 5:300] == 0) and torch.all(dx[..., 1050:] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nan_logits(backend, dtype):
+    """A NaN logit anywhere in an unmasked row (never the target) makes that row's logp, entropy, lse and whole
+    gradient NaN on both backends: in a full tile, in the ragged tail, alone among -inf logits; a NaN in a
+    masked row changes nothing, and the -inf logits of the clean rows stay probability 0. (Max and min on the
+    GPU and in the interpreter return the other operand of a NaN: a clamp of the kernels must not drop it.)"""
+    B, T, V = 3, 3, 1100
+    x, tokens, mask = _inputs(B, T, V, dtype, sliced=False)   # batch 2 fully masked
+    mask[0] = True
+    x[..., 5:300] = float("-inf")
+    tokens = tokens.clamp(min=300, max=1049)
+    x[0, 0, 700] = float("nan")             # a full 256-wide tile
+    x[0, 1, 1090] = float("nan")            # the ragged tail
+    x[0, 2, 37] = float("nan")              # a group whose other logits are all -inf (its max is the -1e30 start)
+    x[2, 0, 11] = float("nan")              # masked rows
+    x[2, 1] = float("nan")
+    dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+    logp, ent, lse = TL.token_logprobs_fwd(x, tokens, mask, 0.9, True, backend, block_v=256)
+    dx = TL.token_logprobs_bwd(x, tokens, mask, lse, ent, dlogp, dent, 0.9, False, backend, block_v=256)
+    for name, t in (("logp", logp), ("entropy", ent), ("lse", lse)):
+        assert torch.isnan(t[0]).all(), name
+        assert torch.all(t[2] == 0), name
+    assert torch.isnan(dx[0].float()).all() and torch.all(dx[2] == 0)
+    r_logp, r_ent, r_grad = _ref(x[1:2].clamp(min=-1e4), tokens[1:2], mask[1:2], 0.9, dlogp[1:2], dent[1:2])
+    assert_close("logp", r_logp, logp[1:2], 1e-6, atol=2e-5)
+    assert_close("entropy", r_ent, ent[1:2], 1e-6, atol=2e-5)
+    assert_close("dlogits", r_grad, dx[1:2], 1e-5 if dtype == torch.float32 else 8e-3)
+    assert torch.all(dx[1, :, 5:300] == 0)
+    # the public op (no entropy: the other forward kernel) and its autograd
+    xg = x.detach().clone().requires_grad_()
+    lp, _ = token_logprobs(xg, tokens, 0.9, mask=mask, compute_entropy=False, backend=backend)
+    lp.sum().backward()
+    assert torch.isnan(lp[0]).all() and torch.all(lp[2] == 0) and torch.isfinite(lp[1]).all()
+    assert torch.isnan(xg.grad[0]).all() and torch.all(xg.grad[2] == 0) and torch.isfinite(xg.grad[1]).all()

@@ -42,8 +42,10 @@ def _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY: tl.constexpr):
     elements held by one thread, so the group max and sums need no cross-thread traffic. Per group: m_g the
     running max of z2 = x * c (c = log2(e) / T), s_g = sum 2^(z2 - m_g), a_g = sum 2^(z2 - m_g) (z2 - m_g)."""
     m_new = tl.maximum(m_g, tl.max(x, axis=1) * c)          # c > 0: max commutes with the scaling
-    # 2^(z2 - m_new) per element: one MUFU; the finite clamp keeps 0 * -inf out of the entropy sum
-    d = tl.maximum(x * c - m_new[:, None], -1.0e30)
+    # 2^(z2 - m_new) per element: one MUFU; the finite clamp keeps 0 * -inf out of the entropy sum. A plain max
+    # drops a NaN operand (maxNum, on the GPU too; m_new above does), the clamp propagates it (max.NaN, same
+    # cost): a NaN logit makes its row's sums NaN, as in the PyTorch path, instead of leaving the log-sum-exp
+    d = tl.maximum(x * c - m_new[:, None], -1.0e30, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp2(d)
     shift = m_g - m_new
     alpha = tl.exp2(shift)
