@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 import typing
 from typing import List, Optional
 
-from .trainer.config import SFTConfig, TrainConfig, parse_method, preset
+from .trainer.config import SFTConfig, TrainConfig, ignored_options, parse_method, preset
 
 PRESETS = ("default", "smoke", "test")
 PROG = "gxpo-kernels"
@@ -30,8 +31,18 @@ PROG = "gxpo-kernels"
 SPEEDUP_OWN = ("algo", "advantage", "seed", "lr_mult", "deepspeed", "fsdp", "resume")
 
 
+# argparse reads an argument that starts with "-" as a value only when it looks like a negative number, and
+# its pattern misses exponents and inf/nan: "--lr -1e-5" was "expected one argument" instead of the lr check
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), exit code 2."""
+    """argparse with one-line errors (no usage block), exit code 2; negative numbers in any notation are
+    values (no option of ours looks like one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message):
         sys.stderr.write(f"{PROG}: error: {message}\n")
@@ -41,6 +52,14 @@ class _Parser(argparse.ArgumentParser):
 def _fail(message) -> None:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
+
+
+def _warn_ignored(a: argparse.Namespace, configs, exclude=()) -> None:
+    """One stderr line per option the user typed that none of ``configs`` (the runs about to start) reads
+    (a config option's parsed default is SUPPRESS, so ``a`` holds only those typed)."""
+    typed = [k for k in vars(a) if k in TrainConfig.__dataclass_fields__ and k not in exclude]
+    for message in ignored_options(typed, configs):
+        sys.stderr.write(f"{PROG}: warning: {message}\n")
 
 
 def _flat_dataclass(cls, prefix: str = "", exclude=()):
@@ -168,9 +187,11 @@ def _speedup(a) -> int:
     cfg = dataclasses.replace(cfg, train=tc, methods=methods, seeds=seeds, lr_mult=a.lr_mult,
                               out_dir=tc.out_dir or default_out_dir(), workers=a.workers, threads=a.threads)
     cfg.validate()
-    check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # before any work
     if tc.cache_dir:
         check_writable_dir(tc.cache_dir, "--cache_dir")
+    check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # the last check: --overwrite empties it
+    _warn_ignored(a, [tc.replace(algo=algo, advantage=adv) for algo, adv in map(parse_method, cfg.methods)],
+                  exclude=SPEEDUP_OWN)
     t0 = time.perf_counter()
     out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
     print(format_table(out["results"]))
@@ -199,7 +220,8 @@ class _TrainProgress:
 
 
 def _train(a) -> int:
-    from .trainer import loop
+    from .trainer import checkpoint, loop
+    from .trainer.engines import load_ds_config
     from .trainer.speedup import check_out_dir, check_writable_dir
 
     tc = config_from_args(a, TrainConfig())
@@ -207,10 +229,16 @@ def _train(a) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if a.threads is not None and a.threads < 1:
         _fail(f"--threads must be >= 1, got {a.threads}")
+    if tc.deepspeed is not None:
+        load_ds_config(tc.deepspeed, tc)          # the engine reads it again; a bad one fails here, not later
+    if tc.resume is not None:
+        checkpoint.resolve_resume(tc.resume, out)   # the run resolves it again (read only)
     if rank0:   # under torchrun / deepspeed only rank 0 writes records
-        check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)))
         if tc.cache_dir:
             check_writable_dir(tc.cache_dir, "--cache_dir")
+        # the last check: --overwrite empties the folder, so every other check has passed by now
+        check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)))
+        _warn_ignored(a, [tc])
     tc = tc.replace(out_dir=out)
     if a.threads:
         import torch

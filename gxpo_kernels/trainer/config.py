@@ -1,6 +1,7 @@
 """Plain dataclasses for one training run and the speedup runner (no global args), plus named presets."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -191,32 +192,64 @@ class TrainConfig:
         if self.resume == "latest" and not self.out_dir:
             raise ValueError("resume='latest' needs out_dir (the run's output folder)")
         ints = {"hidden": 1, "layers": 1, "heads": 1, "steps": 1, "prompts": 1, "group": 2, "epochs": 1,
-                "gxpo_K": 2, "sfpo_K": 1, "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1,
-                "seed": 0, "init_seed": 0}
+                "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0}
         for name, lo in ints.items():
             _int_at_least(name, getattr(self, name), lo)
         if self.max_new_tokens is not None:
             _int_at_least("max_new_tokens", self.max_new_tokens, 1)
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        positive = ("temperature", "lr", "lr_mult", "max_grad_norm", "eps_low", "eps_high", "gxpo_alpha",
-                    "gxpo_tau", "sfpo_alpha", "fpa_beta", "val_temperature")
-        for name in positive:
+        for name in ("lr", "lr_mult", "max_grad_norm"):
             v = getattr(self, name)
             if not (_finite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("fpa_lam", "fpa_rpo_alpha", "beta"):
-            v = getattr(self, name)
-            if not (_finite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.fade_target_entropy is not None and not (_finite(self.fade_target_entropy)
-                                                         and self.fade_target_entropy > 0):
-            raise ValueError(f"fade_target_entropy must be a finite number > 0, got {self.fade_target_entropy!r}")
+        self._check_with_library()
         if not self.pass_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.pass1_n
                                   for k in self.pass_k):
             raise ValueError(f"pass_k must be ints in [1, pass1_n = {self.pass1_n}], got {self.pass_k!r}")
         self.sft.validate()
         return self
+
+    def _check_with_library(self) -> None:
+        """The checks of what the run builds from this config, made by building it (cheaply) the way the
+        trainer does, so each rule has one definition, the library's: the device, the tiny model's shape,
+        the GRPO loss options, the GXPO and SFPO rules, the FADE controller, the FPA objectives. Every one is
+        checked whatever the algo (as the other fields are); the CLI warns about those the run does not read.
+        A library message names its own argument (``K``, ``lam``); it is renamed to the field here."""
+        import torch
+
+        from .._utils import check_temperature
+        from ..advantages import FADEController
+        from ..losses import GRPOLossOptions
+        from ..ops.fpa.logprobs import check_lam_temperature
+        from ..ops.fpa.objectives import FPALogProbs
+        from ..update import GXPO, SFPO
+        from .fpa_offline import objective
+        from .model import pick_device, tiny_config_dict
+
+        with _fields_named():
+            pick_device(self.device)
+        if self.model is None:
+            with _fields_named():
+                tiny_config_dict(1, self.arch, self.hidden, self.layers, self.heads, 4 * self.hidden)
+        # max_length (the completion cap; it needs the task) is an int >= 1 whatever the task: 1 stands in for it
+        with _fields_named():
+            GRPOLossOptions.build(**loss_kwargs(self, self.max_new_tokens or 1))
+        with _fields_named(temperature="val_temperature"):
+            check_temperature(self.val_temperature)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)   # the rules only check its type
+        for algo, rule in (("gxpo", GXPO), ("sfpo", SFPO)):
+            _, kw, _ = rule_options(self.replace(algo=algo))
+            with _fields_named(K=f"{algo}_K", alpha=f"{algo}_alpha", tau=f"{algo}_tau", gate=f"{algo}_gate",
+                               entropy_signal="sfpo_entropy_signal"):
+                rule(opt, max_grad_norm=self.max_grad_norm, **kw)
+        with _fields_named(target_entropy="fade_target_entropy"):
+            FADEController(target_entropy=self.fade_target_entropy)
+        with _fields_named(lam="fpa_lam"):
+            check_lam_temperature(self.fpa_lam, self.temperature)
+        zeros, mask = torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
+        pair = FPALogProbs(zeros, zeros, zeros, mask)   # one chosen + one rejected row of one token
+        for algo in FPA_ALGOS:
+            with _fields_named(beta="fpa_beta", alpha="fpa_rpo_alpha"):
+                objective(self.replace(algo=algo), pair, 1, torch.zeros(2))
 
     @property
     def agg_mode(self) -> str:
@@ -226,6 +259,93 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+@contextlib.contextmanager
+def _fields_named(**names):
+    """Re-raise a library validator's ValueError / TypeError as a ValueError (what the CLI reports) whose
+    leading argument name, one of ``names``' keys, is replaced by the TrainConfig field it comes from."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        head, sep, rest = msg.partition(" ")
+        raise ValueError(names.get(head, head) + sep + rest) from None
+
+
+def loss_kwargs(cfg: TrainConfig, max_new: int) -> dict:
+    """The GRPO loss options of the run (``GRPOLossOptions`` names); ``max_new``: its completion-length cap."""
+    kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_agg_mode=cfg.agg_mode)
+    if cfg.beta:
+        kw["beta"] = cfg.beta
+    if cfg.agg_mode == "seq-mean-token-sum-norm":
+        kw["max_length"] = max_new
+    return kw
+
+
+def rule_options(cfg: TrainConfig) -> Tuple[Optional[str], dict, dict]:
+    """(``"gxpo"`` / ``"sfpo"`` / None, the rule's keyword arguments, static fields of the ``update`` log)."""
+    if cfg.algo == "gxpo":
+        gate = None if cfg.gxpo_gate == "none" else cfg.gxpo_gate
+        return "gxpo", dict(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=gate), \
+            dict(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=cfg.gxpo_gate)
+    if cfg.algo == "sfpo":
+        gate = None if cfg.sfpo_gate == "none" else cfg.sfpo_gate
+        signal = "slow_pass" if cfg.sfpo_entropy_signal == "slow_pass" else "argument"
+        return "sfpo", dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=gate, entropy_signal=signal), \
+            dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate, entropy_source=cfg.sfpo_entropy_signal)
+    if cfg.algo.startswith("fpa_"):
+        return None, {}, dict(objective=cfg.algo[len("fpa_"):], lam=cfg.fpa_lam, side=cfg.fpa_side,
+                              beta=cfg.fpa_beta, gate=None)
+    return None, {}, dict(epochs=cfg.epochs if cfg.algo == "grpo_epochs" else 1, gate=None)
+
+
+def _grpo_loss(c: TrainConfig) -> bool:
+    return c.algo not in FPA_ALGOS
+
+
+def _uses_advantages(c: TrainConfig) -> bool:
+    return c.algo not in FPA_ALGOS or c.algo == "fpa_pg"
+
+
+_FPA_BETA_ALGOS = ("fpa_dpo", "fpa_rpo", "fpa_kto")
+# TrainConfig fields that only some runs read: name -> (does the run of this config read it?, which runs do)
+APPLIES_TO = {
+    "lr_mult": (lambda c: c.algo == "grpo_lr", "--algo grpo_lr"),
+    "epochs": (lambda c: c.algo == "grpo_epochs", "--algo grpo_epochs"),
+    "recompute_old_logp": (lambda c: c.algo in ("sfpo", "gxpo"), "--algo sfpo and gxpo"),
+    **{f"gxpo_{n}": (lambda c: c.algo == "gxpo", "--algo gxpo") for n in ("K", "alpha", "tau", "gate")},
+    **{f"sfpo_{n}": (lambda c: c.algo == "sfpo", "--algo sfpo") for n in ("K", "alpha", "gate", "entropy_signal")},
+    "advantage": (_uses_advantages, f"the algos {tuple(a for a in ALGOS if a not in FPA_ALGOS)} and fpa_pg"),
+    "fade_target_entropy": (lambda c: c.advantage == "fade" and _uses_advantages(c), "--advantage fade"),
+    **{n: (_grpo_loss, "the GRPO-loss algos (not fpa_*)") for n in ("eps_low", "eps_high", "loss_agg_mode",
+                                                                     "loss_path")},
+    **{n: (lambda c: c.algo in FPA_ALGOS, "--algo fpa_*") for n in ("fpa_lam", "fpa_side")},
+    "fpa_beta": (lambda c: c.algo in _FPA_BETA_ALGOS, "--algo " + ", ".join(_FPA_BETA_ALGOS)),
+    "fpa_rpo_alpha": (lambda c: c.algo == "fpa_rpo", "--algo fpa_rpo"),
+    **{n: (lambda c: c.model is None, "the tiny model (without --model)") for n in ("arch", "hidden", "layers",
+                                                                                    "heads")},
+    "task": (lambda c: c.dataset is None, "the toy tasks (without --dataset)"),
+    **{n: (lambda c: c.dataset is not None, "--dataset") for n in ("prompt_field", "answer_field")},
+    "chat_template": (lambda c: c.model is not None, "--model"),
+}
+
+
+def ignored_options(names, configs) -> List[str]:
+    """One message per field of ``names`` (options the user gave) that none of ``configs`` (the runs to start)
+    reads: valid, but without effect there. The CLI warns with them rather than refuse (a shared option list
+    across runs, a typo of the algo)."""
+    out = []
+    for name in names:
+        reads, where = APPLIES_TO.get(name, (None, None))
+        if reads is not None and not any(reads(c) for c in configs):
+            if len(configs) == 1:
+                runs = f"this run (--algo {configs[0].algo} --advantage {configs[0].advantage})"
+            else:
+                runs = "any method of this run (" + ", ".join(
+                    c.algo + ("" if c.advantage == "grpo" else f"+{c.advantage}") for c in configs) + ")"
+            out.append(f"--{name} has no effect on {runs}: it applies to {where}")
+    return out
 
 
 def parse_method(name: str) -> Tuple[str, str]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..integrations.hf import patch_causal_lm
 from ..update import GXPO, SFPO
-from .config import LOSS_PATHS, TrainConfig
+from .config import LOSS_PATHS, TrainConfig, rule_options
 from .model import amp
 from .rollout import loss_backend, policy_loss, position_ids, response_logits
 
@@ -87,23 +87,6 @@ class PolicyLoss(nn.Module):
             loss, metrics = policy_loss(logits, resp, advantages, mask, old_logp, self.loss_kwargs, ref_logp)
         self.metrics = {k: v.detach() for k, v in metrics.items()}
         return loss
-
-
-def rule_options(cfg: TrainConfig) -> Tuple[Optional[str], dict, dict]:
-    """(``"gxpo"`` / ``"sfpo"`` / None, the rule's keyword arguments, static fields of the ``update`` log)."""
-    if cfg.algo == "gxpo":
-        gate = None if cfg.gxpo_gate == "none" else cfg.gxpo_gate
-        return "gxpo", dict(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=gate), \
-            dict(K=cfg.gxpo_K, alpha=cfg.gxpo_alpha, tau=cfg.gxpo_tau, gate=cfg.gxpo_gate)
-    if cfg.algo == "sfpo":
-        gate = None if cfg.sfpo_gate == "none" else cfg.sfpo_gate
-        signal = "slow_pass" if cfg.sfpo_entropy_signal == "slow_pass" else "argument"
-        return "sfpo", dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=gate, entropy_signal=signal), \
-            dict(K=cfg.sfpo_K, alpha=cfg.sfpo_alpha, gate=cfg.sfpo_gate, entropy_source=cfg.sfpo_entropy_signal)
-    if cfg.algo.startswith("fpa_"):
-        return None, {}, dict(objective=cfg.algo[len("fpa_"):], lam=cfg.fpa_lam, side=cfg.fpa_side,
-                              beta=cfg.fpa_beta, gate=None)
-    return None, {}, dict(epochs=cfg.epochs if cfg.algo == "grpo_epochs" else 1, gate=None)
 
 
 def learning_rate(cfg: TrainConfig, step: Optional[int] = None) -> float:

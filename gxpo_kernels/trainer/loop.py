@@ -27,7 +27,7 @@ import torch
 from ..advantages import FADEController, fade_advantages, group_advantages, sign_ratio
 from . import checkpoint as ckpt
 from . import fpa_offline
-from .config import FPA_ALGOS, TrainConfig
+from .config import FPA_ALGOS, TrainConfig, loss_kwargs
 from .engines import Engine, learning_rate, make_engine
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, position_ids, rollout
@@ -311,15 +311,6 @@ class PhaseTimer:
             rec[f"gpu_{name}"] = ev[0].elapsed_time(ev[1]) / 1000.0
 
 
-def _loss_kwargs(cfg: TrainConfig, max_new: int) -> dict:
-    kw = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_agg_mode=cfg.agg_mode)
-    if cfg.beta:
-        kw["beta"] = cfg.beta
-    if cfg.agg_mode == "seq-mean-token-sum-norm":
-        kw["max_length"] = max_new
-    return kw
-
-
 def train(cfg: TrainConfig, *, progress: Optional[Callable[[dict], None]] = None, log=print) -> List[dict]:
     """Run one method; return its per-step records (also written to ``cfg.out_dir/records.jsonl`` if set).
 
@@ -351,7 +342,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     ref_model = None
     if fpa or cfg.beta:  # the warm-start policy, frozen, is the reference (offline objectives, KL penalty)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    engine.setup(model, _loss_kwargs(cfg, max_new))
+    engine.setup(model, loss_kwargs(cfg, max_new))
     rule, policy = engine.rule, engine.policy
     static = engine.static
     torch.manual_seed(cfg.seed + 100_003 * rank)      # each rank samples its own responses

@@ -13,12 +13,26 @@ import torch
 ARCHS = ("qwen2", "llama")
 
 
+DEVICE_TYPES = ("cpu", "cuda")   # what the trainer runs on
+
+
 def pick_device(device: Optional[str] = None) -> torch.device:
+    """The trainer's device for ``device`` ("auto"/None: cuda if available, else cpu); ValueError for a name
+    torch cannot parse, a device type the trainer does not run on, or a CUDA device this machine lacks."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if d.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r} (the trainer runs on "
+                         f"{' and '.join(DEVICE_TYPES)})")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return d
 
 
@@ -42,9 +56,16 @@ def amp(device: torch.device):
 
 def tiny_config_dict(vocab_size: int, arch: str = "qwen2", hidden: int = 128, layers: int = 2, heads: int = 4,
                      intermediate: int = 512, max_positions: int = 64) -> dict:
-    """The toy policy of docs/toy-task.md (0.53M parameters at vocab 16)."""
+    """The toy policy of docs/toy-task.md (0.53M parameters at vocab 16). ValueError for a shape the model
+    cannot have: ``hidden`` splits into ``heads`` heads of ``hidden / heads`` dims, an even number (the rotary
+    embedding of Qwen2 and Llama rotates pairs of dims; an odd head dim fails inside its forward)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+    if (hidden // heads) % 2:
+        raise ValueError(f"hidden / heads ({hidden} / {heads} = {hidden // heads}) must be even: it is the head "
+                         "dim, which the rotary position embedding splits in halves")
     return dict(arch=arch, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=max_positions)

@@ -106,21 +106,21 @@ def no_work(monkeypatch):
 
 BAD = [
     (["train", "--loss_agg_mode", "bogus"], "invalid choice"),
-    (["train", "--gxpo_K", "1"], "gxpo_K must be an int >= 2"),
+    (["train", "--gxpo_K", "1"], "gxpo_K must be in [2, inf)"),
     (["train", "--group", "1"], "group must be an int >= 2"),
     (["train", "--num_generations", "1"], "group must be an int >= 2"),
     (["train", "--sft_target", "nan"], "sft_target_acc must be in (0, 1]"),
     (["train", "--max_new_tokens", "0"], "max_new_tokens must be an int >= 1"),
     (["train", "--lr", "inf"], "lr must be a finite number > 0"),
     (["train", "--lr", "0"], "lr must be a finite number > 0"),
-    (["train", "--temperature", "nan"], "temperature must be a finite number > 0"),
+    (["train", "--temperature", "nan"], "temperature must be a finite real number in [1e-6, 1e6]"),
     (["train", "--threads", "-1"], "--threads must be >= 1"),
     (["train", "--steps", "0"], "steps must be an int >= 1"),
     (["train", "--pass_k", "5"], "pass_k must be ints in [1, pass1_n"),
     (["train", "--hidden", "30"], "multiple of heads"),
     (["train", "--steps", "abc"], "invalid int value"),
     (["train", "--dataset", "/nonexistent.jsonl"], "no such file"),
-    (["train", "--beta", "-0.1"], "beta must be a finite number >= 0"),
+    (["train", "--beta", "-0.1"], "beta must be in [0, inf)"),
     (["train", "--beta", "0.04", "--fsdp"], "runs on the plain engine"),
     (["train", "--beta", "0.04", "--algo", "fpa_dpo"], "takes --fpa_beta"),
     (["train", "--lr_scheduler_type", "polynomial"], "invalid choice"),
@@ -132,6 +132,38 @@ BAD = [
     (["speedup", "--methods", "grpo,grpo"], "repeated"),
     (["speedup", "--sft-steps", "-3"], "sft_max_steps must be an int >= 0"),
     (["speedup", "--algo", "gxpo"], "unrecognized arguments"),
+    # the library's own rules (GRPOLossOptions, the update rules, FADE, the FPA objectives), checked up front:
+    # they used to fail after the warm start, with config.json and records.jsonl already in --out
+    (["train", "--eps_low", "1.5"], "eps_low must be in [0, 1), got 1.5"),
+    (["train", "--epsilon_high", "nan"], "eps_high must be a finite real number"),
+    (["train", "--temperature", "1e-9"], "temperature must be in [1e-6, 1e6]"),
+    (["train", "--temperature", "1e7"], "temperature must be in [1e-6, 1e6]"),
+    (["train", "--val_temperature", "1e-9"], "val_temperature must be in [1e-6, 1e6]"),
+    (["train", "--algo", "fpa_dpo", "--temperature", "1e7"], "temperature must be in [1e-6, 1e6]"),
+    (["train", "--gxpo_alpha", "0"], "gxpo_alpha must be in (0, inf)"),
+    (["train", "--algo", "gxpo", "--gxpo_tau", "0"], "gxpo_tau must be in (0, inf)"),
+    (["train", "--sfpo_K", "0"], "sfpo_K must be in [1, inf)"),
+    (["train", "--sfpo_alpha", "-1"], "sfpo_alpha must be in (0, inf)"),
+    (["train", "--fpa_lam", "-1"], "fpa_lam must be in [0, inf)"),
+    (["train", "--algo", "fpa_dpo", "--fpa_beta", "0"], "fpa_beta must be in (0, inf)"),
+    (["train", "--algo", "fpa_rpo", "--fpa_rpo_alpha", "-1"], "fpa_rpo_alpha must be in [0, inf)"),
+    (["train", "--advantage", "fade", "--fade_target_entropy", "-1"], "fade_target_entropy must be in [0, inf)"),
+    (["speedup", "--eps_low", "1.5"], "eps_low must be in [0, 1)"),
+    # the model shape and the device, which used to fail as raw tracebacks (exit 1)
+    (["train", "--hidden", "12", "--heads", "4"], "hidden / heads (12 / 4 = 3) must be even"),
+    (["train", "--hidden", "8", "--heads", "8"], "must be even"),
+    (["speedup", "--hidden", "12", "--heads", "4"], "must be even"),
+    (["train", "--device", "banana"], "device must be auto, cpu, cuda or cuda:N, got 'banana'"),
+    (["train", "--device", "meta"], "the trainer runs on cpu and cuda"),
+    (["train", "--device", "cuda:99"], "device 'cuda:99'"),
+    # a negative number in exponent notation is a value (argparse's own pattern took it for an option)
+    (["train", "--lr", "-1e-5"], "lr must be a finite number > 0, got -1e-05"),
+    (["train", "--lr=-1e-5"], "lr must be a finite number > 0, got -1e-05"),
+    (["train", "--learning_rate", "-inf"], "lr must be a finite number > 0, got -inf"),
+    (["train", "--sft_lr", "-.5e-3"], "sft_lr must be a finite number > 0"),
+    # inputs the run itself read later
+    (["train", "--resume", "/nonexistent/ckpt"], "not a trainer checkpoint"),
+    (["train", "--deepspeed", "/nonexistent.json"], "no such file"),
 ]
 
 
@@ -143,6 +175,79 @@ def test_bad_values_fail_before_work_in_one_line(argv, msg, capsys, no_work, tmp
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_library_rules_are_the_configs(monkeypatch):
+    """TrainConfig.validate refuses exactly what the objects the trainer builds refuse: one rule each."""
+    from gxpo_kernels.losses import GRPOLossOptions
+    from gxpo_kernels.trainer.config import loss_kwargs
+
+    def refused(fn):
+        try:
+            fn()
+        except (TypeError, ValueError):
+            return True
+        return False
+
+    cases = [("eps_low", v) for v in (-0.1, 0.0, 0.5, 0.999, 1.0, 1.5)] + \
+            [("eps_high", v) for v in (-1e-3, 0.0, 0.28, 1e9, float("inf"))] + \
+            [("temperature", v) for v in (1e-7, 1e-6, 0.7, 1e6, 1.1e6, float("nan"))] + \
+            [("beta", v) for v in (-0.1, 0.0, 0.04)]
+    for name, v in cases:
+        tc = TrainConfig(**{name: v})
+        assert refused(tc.validate) == refused(lambda: GRPOLossOptions.build(**loss_kwargs(tc, 8))), (name, v)
+
+
+def test_model_shape_rule_matches_transformers():
+    """The tiny model's shape rule (hidden = heads x an even head dim) is what Qwen2 / Llama can run. (Head dim
+    1, also refused, runs in Qwen2 by accident: its 2-wide rotary tables broadcast over the 1-wide heads.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from gxpo_kernels.trainer.model import tiny_config_dict
+
+    for conf, model in ((Qwen2Config, Qwen2ForCausalLM), (LlamaConfig, LlamaForCausalLM)):
+        for hidden, heads in ((12, 4), (16, 4), (4, 2), (6, 2), (12, 3), (10, 2)):
+            try:
+                tiny_config_dict(16, hidden=hidden, heads=heads)
+                ok = True
+            except ValueError:
+                ok = False
+            try:
+                m = model(conf(vocab_size=16, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=1,
+                               num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=16))
+                m(input_ids=torch.zeros(1, 3, dtype=torch.long))
+                runs = True
+            except Exception:
+                runs = False
+            assert ok == runs, (conf.__name__, hidden, heads)
+
+
+@pytest.fixture
+def fake_work(monkeypatch):
+    """The run and the speedup runner replaced by no-ops (what the CLI does before them is under test)."""
+    monkeypatch.setattr(loop, "train", lambda *a, **k: [])
+    monkeypatch.setattr(speedup, "run_speedup", lambda *a, **k: {"results": [], "out_dir": "x"})
+    monkeypatch.setattr(speedup, "format_table", lambda results: "")
+
+
+def test_options_the_run_does_not_read_warn(tmp_path, capsys, fake_work):
+    def warnings(argv):
+        assert cli.main(argv + ["--no_progress", "--out", str(tmp_path / str(len(list(tmp_path.iterdir()))))]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert all(e.startswith("gxpo-kernels: warning: ") for e in err), err
+        return [e.split()[2] for e in err]
+
+    assert warnings(["train", "--algo", "grpo", "--fpa_lam", "2", "--gxpo_K", "9", "--fade_target_entropy", "0.5"]) \
+        == ["--fpa_lam", "--gxpo_K", "--fade_target_entropy"]
+    assert warnings(["train", "--algo", "fpa_dpo", "--advantage", "fade", "--fpa_beta", "0.2"]) == ["--advantage"]
+    assert warnings(["train", "--algo", "gxpo", "--advantage", "fade", "--gxpo_K", "3", "--fade_target_entropy",
+                     "0.5", "--eps_low", "0.1", "--hidden", "64"]) == []
+    assert warnings(["train", "--algo", "grpo_lr", "--lr_mult", "2", "--epochs", "2"]) == ["--epochs"]
+    # speedup: an option warns when no method of the run reads it
+    assert warnings(["speedup", "--preset", "test", "--methods", "grpo,gxpo", "--gxpo_K", "3"]) == []
+    assert warnings(["speedup", "--preset", "test", "--methods", "grpo,sfpo", "--gxpo_K", "3", "--lr_mult", "2",
+                     "--sfpo_K", "2"]) == ["--gxpo_K"]
 
 
 def test_out_folder_checks(tmp_path, capsys, no_work):
