@@ -80,12 +80,33 @@ def _lm_head(model: nn.Module) -> nn.Linear:
         raise TypeError(
             f"the model's output embeddings must be a plain torch.nn.Linear, got {type(head).__name__}; "
             "adapters on lm_head (e.g. PEFT LoRA) are not supported by the fused loss")
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) is not None or hasattr(model, "logit_scale") \
-            or getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
-        raise NotImplementedError("models that rescale or soft-cap their logits are not supported by the fused "
-                                  "lm_head loss (the head must be exactly logits = hidden @ W.T + b)")
+    why = logit_rescaling(model)
+    if why:
+        raise NotImplementedError(f"models that rescale or soft-cap their logits are not supported by the fused "
+                                  f"lm_head loss (the head must be exactly logits = hidden @ W.T + b): {why}")
     return head
+
+
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def logit_rescaling(model: nn.Module) -> Optional[str]:
+    """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` (a soft cap, a logit scale or multiplier in its
+    config, or in the text config of a composite model), or None. The fused head cannot run such a model."""
+    cfg = getattr(model, "config", None)
+    cfgs = [cfg] if cfg is not None else []
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+    if text is not None and text is not cfg:
+        cfgs.append(text)        # composite (multimodal) models keep the language model's settings there
+    for c in cfgs:
+        if getattr(c, "final_logit_softcapping", None) is not None:
+            return "the model soft-caps its logits (final_logit_softcapping)"
+        for name in _LOGIT_SCALES:
+            if getattr(c, name, None) not in (None, 1, 1.0):
+                return f"the model scales its logits ({name})"
+    if hasattr(model, "logit_scale"):
+        return "the model scales its logits (logit_scale)"
+    return None
 
 
 def _decoder(model: nn.Module) -> nn.Module:

@@ -203,14 +203,11 @@ def _head_model(trainer) -> nn.Module:
 
 def _hidden_path_blocker(trainer) -> Optional[str]:
     """Why the fused-linear (hidden-state) path cannot run on this model, or None when it can."""
-    from .hf import has_moe_aux_loss
+    from .hf import has_moe_aux_loss, logit_rescaling
     model = _head_model(trainer)
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        return "the model soft-caps its logits (final_logit_softcapping)"
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(cfg, name, None) not in (None, 1, 1.0):
-            return f"the model scales its logits ({name})"
+    why = logit_rescaling(model)
+    if why:
+        return why
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:  # a PEFT adapter on lm_head (TRL #4612) or a custom head
         return f"lm_head is a {type(head).__name__}, not a plain nn.Linear"

@@ -118,6 +118,40 @@ def test_bad_arguments():
         causal_lm_grpo_loss(model, ids, am, adv)
 
 
+@pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("lm_head_multiplier", 0.25),
+                                        ("output_multiplier", 2.0), ("logits_scaling", 0.5), ("logit_scale", 0.1)])
+def test_models_that_rescale_their_logits_are_refused(name, value):
+    """A logit scale or soft cap anywhere in the config (FalconH1's lm_head_multiplier used to pass and gave
+    log-probs off by 0.13) or in a composite model's text config is refused, here and on TRL's hidden path."""
+    from gxpo_kernels.integrations.hf import logit_rescaling, patch_causal_lm
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch()
+    assert logit_rescaling(model) is None
+    setattr(model.config, name, value)
+    with pytest.raises(NotImplementedError, match=name):
+        causal_lm_token_logprobs(model, ids, am, logits_to_keep=cm.shape[1])
+    with pytest.raises(NotImplementedError, match=name):
+        patch_causal_lm(model)
+    setattr(model.config, name, 1.0 if name != "final_logit_softcapping" else None)   # neutral values pass
+    assert logit_rescaling(model) is None
+
+
+def test_composite_config_soft_cap_is_refused():
+    from gxpo_kernels.integrations.hf import logit_rescaling
+
+    class Composite(torch.nn.Module):   # a multimodal model keeps the language model's settings in text_config
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.Gemma3nConfig()
+            self.lm_head = torch.nn.Linear(8, 16, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+    m = Composite()
+    assert getattr(m.config, "final_logit_softcapping", None) is None
+    assert "final_logit_softcapping" in logit_rescaling(m)
+
+
 def test_zero3_style_head_runs_as_the_head_modules_forward():
     # a parameter carrying ds_id takes the path that runs the loss as lm_head.forward (so DeepSpeed's module
     # hooks gather the weight for forward and backward); without DeepSpeed the result must not change
