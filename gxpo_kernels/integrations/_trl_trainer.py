@@ -124,6 +124,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                     raise ValueError(f"{problem} with update={opts['update']!r}")
             self.gxpo_update = opts["update"]
             self._gxpo_update_kwargs = dict(opts["update_kwargs"] or {})
+            if self.gxpo_update != "grpo":
+                self._gxpo_check_update_kwargs()
             self._gxpo_recompute_old = bool(opts["recompute_old_logp"])
             self._gxpo_rule = None
             self._gxpo_pending_state = None
@@ -138,6 +140,18 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             self._fade_entropy = []
 
         # ---- the update rule (the only engine-specific code: the rule's construction and the backward) -------
+        def _gxpo_check_update_kwargs(self) -> None:
+            """Build the rule once on a stand-in optimizer: a bad ``update_kwargs`` (an unknown name, K=0) fails
+            at construction, not at the first training step after generation (the real rule needs the
+            optimizer, which the Trainer creates in ``train()``)."""
+            from ..update import GXPO, SFPO
+            kw = {"max_grad_norm": None, **self._gxpo_update_kwargs}
+            stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            try:
+                (GXPO if self.gxpo_update == "gxpo" else SFPO)(stand_in, **kw)
+            except TypeError as e:   # an unknown keyword: name the option it came through
+                raise TypeError(f"update_kwargs: {e}") from None
+
         def _get_rule(self, model):
             eng = engine(self)
             if eng == "deepspeed":

@@ -48,6 +48,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .._utils import BACKENDS, check_choice
 from ..losses import GRPOLossOptions, grpo_token_loss, kl_k3, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
@@ -422,6 +423,7 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
         raise TypeError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
     if loss_path not in LOSS_PATHS:
         raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {loss_path!r}")
+    check_choice(backend, "backend", BACKENDS)        # checked here, not at the first training step
     problem = _unsupported(trainer)
     if problem:
         raise ValueError(problem)

@@ -416,3 +416,14 @@ def test_subclass_gxpo_under_ddp(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert r0["steps"] == r1["steps"] == 2 and r0["passes"] == r1["passes"] == 6
     assert torch.equal(r0["flat"], r1["flat"])
+
+
+@pytest.mark.parametrize("kw,exc,text", [
+    (dict(update="gxpo", update_kwargs={"KK": 3}), TypeError, "update_kwargs.*KK"),
+    (dict(update="sfpo", update_kwargs={"K": 0}), ValueError, "K must be"),
+    (dict(update="grpo", backend="cuda"), ValueError, "backend"),
+])
+def test_bad_rule_options_fail_at_construction(tmp_path, kw, exc, text):
+    """They used to pass the constructor and fail at the first training step, after generation."""
+    with pytest.raises(exc, match=text):
+        make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, max_steps=1, trainer_kwargs=kw)
