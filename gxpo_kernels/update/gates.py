@@ -118,32 +118,31 @@ class Gate:
     def load_state_dict(self, sd: dict) -> None:
         """Restore from ``state_dict()``; everything is read and checked first, so a bad state raises and leaves
         the gate as it was."""
-        new = self._read_state(sd)
-        for k, v in new.items():
-            setattr(self, k, v)
-
-    def _read_state(self, sd: dict) -> dict:
-        """The attributes ``sd`` sets, checked (ValueError naming the first bad or missing entry)."""
         if not isinstance(sd, dict) or sd.get("name") != self.name:
             got = sd.get("name") if isinstance(sd, dict) else type(sd).__name__
             raise ValueError(f"state_dict is for gate {got!r}, this gate is {self.name!r}")
         try:
-            tau = float(sd["tau"])
-            new = dict(tau=tau if tau == math.inf else check_scalar(tau, "tau", "(0, inf)"),
-                       fired=bool(sd["fired"]), fired_step=sd["fired_step"],
-                       n_observed=check_scalar(sd["n_observed"], "n_observed", "[0, inf)", integer=True),
-                       one_sided=bool(sd.get("one_sided", self.one_sided)),
-                       patience=check_scalar(sd.get("patience", self.patience), "patience", "[1, inf)", integer=True),
-                       warmup=check_scalar(sd.get("warmup", self.warmup), "warmup", "[0, inf)", integer=True),
-                       rearm_after=check_scalar(sd.get("rearm_after", self.rearm_after), "rearm_after", "[1, inf)",
-                                                integer=True, optional=True),
-                       streak=check_scalar(sd.get("streak", 0), "streak", "[0, inf)", integer=True),
-                       plain_steps=check_scalar(sd.get("plain_steps", 0), "plain_steps", "[0, inf)", integer=True))
+            new = self._read_state(sd)
         except KeyError as e:
             raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"gate state_dict: {e}") from None
-        return new
+        for k, v in new.items():
+            setattr(self, k, v)
+
+    def _read_state(self, sd: dict) -> dict:
+        """The attributes ``sd`` sets, each checked (KeyError, TypeError or ValueError on the first bad one)."""
+        tau = float(sd["tau"])
+        return dict(tau=tau if tau == math.inf else check_scalar(tau, "tau", "(0, inf)"),
+                    fired=bool(sd["fired"]), fired_step=sd["fired_step"],
+                    n_observed=check_scalar(sd["n_observed"], "n_observed", "[0, inf)", integer=True),
+                    one_sided=bool(sd.get("one_sided", self.one_sided)),
+                    patience=check_scalar(sd.get("patience", self.patience), "patience", "[1, inf)", integer=True),
+                    warmup=check_scalar(sd.get("warmup", self.warmup), "warmup", "[0, inf)", integer=True),
+                    rearm_after=check_scalar(sd.get("rearm_after", self.rearm_after), "rearm_after", "[1, inf)",
+                                             integer=True, optional=True),
+                    streak=check_scalar(sd.get("streak", 0), "streak", "[0, inf)", integer=True),
+                    plain_steps=check_scalar(sd.get("plain_steps", 0), "plain_steps", "[0, inf)", integer=True))
 
 
 class NoGate(Gate):
@@ -177,20 +176,14 @@ class EMAGate(Gate):
                 "sigma_min": self.sigma_min}
 
     def _read_state(self, sd: dict) -> dict:
-        new = super()._read_state(sd)
-        try:
-            new.update(omega=check_scalar(sd["omega"], "omega", "(0, 1]"), mu=check_scalar(sd["mu"], "mu"),
-                       sigma=check_scalar(sd["sigma"], "sigma", "[0, inf)"),
-                       sigma_min=check_scalar(sd["sigma_min"], "sigma_min", "[0, inf)"))
-        except KeyError as e:
-            raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"gate state_dict: {e}") from None
-        return new
+        return {**super()._read_state(sd), "omega": check_scalar(sd["omega"], "omega", "(0, 1]"),
+                "mu": check_scalar(sd["mu"], "mu"), "sigma": check_scalar(sd["sigma"], "sigma", "[0, inf)"),
+                "sigma_min": check_scalar(sd["sigma_min"], "sigma_min", "[0, inf)")}
 
 
 class _WindowBase(Gate):
     SETTINGS = Gate.SETTINGS + ("window",)
+
     def __init__(self, tau: float, window: int, **opts):
         super().__init__(tau, **opts)
         window = check_scalar(window, "window", "[2, inf)", integer=True)
@@ -207,16 +200,9 @@ class _WindowBase(Gate):
         return {**super().state_dict(), "window": self.window, "values": list(self.values)}
 
     def _read_state(self, sd: dict) -> dict:
-        new = super()._read_state(sd)
-        try:
-            window = check_scalar(sd["window"], "window", "[2, inf)", integer=True)
-            values = [check_scalar(v, "values[i]") for v in sd["values"]]
-        except KeyError as e:
-            raise ValueError(f"gate state_dict misses {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"gate state_dict: {e}") from None
-        new.update(window=window, values=deque(values, maxlen=window + 1))
-        return new
+        window = check_scalar(sd["window"], "window", "[2, inf)", integer=True)
+        values = deque((check_scalar(v, "values[i]") for v in sd["values"]), maxlen=window + 1)
+        return {**super()._read_state(sd), "window": window, "values": values}
 
 
 class WindowGate(_WindowBase):
@@ -248,14 +234,9 @@ class WindowGate(_WindowBase):
         return {**super().state_dict(), "eps": self.eps, "frozen": self.frozen}
 
     def _read_state(self, sd: dict) -> dict:
-        new = super()._read_state(sd)
         fr = sd.get("frozen")
-        try:
-            new.update(eps=check_scalar(sd.get("eps", self.eps), "eps", "(0, inf)"),
-                       frozen=None if fr is None else tuple(check_scalar(v, "frozen") for v in fr))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"gate state_dict: {e}") from None
-        return new
+        return {**super()._read_state(sd), "eps": check_scalar(sd.get("eps", self.eps), "eps", "(0, inf)"),
+                "frozen": None if fr is None else tuple(check_scalar(v, "frozen") for v in fr)}
 
 
 class EntropyGate(_WindowBase):
