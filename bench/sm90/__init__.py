@@ -9,11 +9,9 @@ These figures are static predictions from the compiler, not measurements on a GP
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import platform
-import sys
 import time
 import traceback
 from typing import Any, Dict, List, Optional

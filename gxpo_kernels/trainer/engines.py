@@ -26,7 +26,7 @@ import json
 import math
 import os
 import socket
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from .config import SpeedupConfig, TrainConfig, parse_method, saved_setting
 from .stats import effective_step_multiplier

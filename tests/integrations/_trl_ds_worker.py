@@ -1,6 +1,5 @@
 """Worker for test_trl_trainer.py::test_gxpo_under_deepspeed (torchrun, 2 CPU processes over gloo):
 ``GXPOGRPOTrainer`` with a DeepSpeed config through accelerate (ZeRO stage argv[2], gradient accumulation 2)."""
-import json
 import logging
 import os
 import pathlib

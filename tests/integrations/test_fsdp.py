@@ -67,7 +67,7 @@ def _close(a, b, tol, what):
 
 @pytest.mark.parametrize("name", PARITY)
 def test_matches_single_process_rule(runs, name):
-    case, ref = CASES[name], W.single_process_reference(CASES[name])
+    ref = W.single_process_reference(CASES[name])
     r0, r1 = runs[0][name], runs[1][name]
     for key in ("params", "exp_avg", "exp_avg_sq"):
         assert torch.equal(_flat(r0[key]), _flat(r1[key])), f"{name}/{key}: ranks disagree"

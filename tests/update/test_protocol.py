@@ -15,7 +15,7 @@ import torch
 
 from gxpo_kernels.update import GXPO, SFPO
 from gxpo_kernels.update.gates import EMAGate, WindowGate
-from tests.update._models import X, Y, loss_fn, mlp
+from tests.update._models import loss_fn, mlp
 
 
 class Boom(RuntimeError):
