@@ -406,6 +406,28 @@ def test_aliasing_tensors_are_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inactive_thresholds_across_interleaved_dtype_groups(backend):
+    """Params of three dtypes, interleaved, so every dtype group is a strict subset of the list (on Triton each
+    group gathers its own tensors' thresholds): the masked coordinates and the result equal the reference."""
+    g = torch.Generator().manual_seed(5)
+    shapes, dts = [(37,), (64, 3), (5,), (1030,), (0,), (200,)], [torch.float32, torch.bfloat16, torch.float64] * 2
+    t0 = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dts)]
+    p = [(t + 0.1 * torch.randn(s, generator=g)).to(d) for t, s, d in zip(t0, shapes, dts)]
+    g0 = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dts)]
+    for i, x in enumerate(g0):                  # a tensor-dependent share of tiny entries: inactive candidates
+        x.view(-1)[:: 3 + i] *= 1e-4
+    g1 = [(0.5 * x.double() + 0.3 * torch.randn(s, generator=g, dtype=torch.float64)).to(d)
+          for x, s, d in zip(g0, shapes, dts)]
+    q = _clone(p)
+    st = stats_to_dict(extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend=backend))
+    ref = stats_to_dict(extrapolate_(q, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="torch"))
+    assert st["n_inactive"] == ref["n_inactive"] > 100
+    for a, b in zip(p, q):
+        bf = a.dtype == torch.bfloat16                # (the interpreter's bf16 cast truncates)
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7 if bf else 1e-6, atol=1e-3 if bf else 1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prepared_plan_matches_extrapolate_and_follows_fresh_gradients(backend):
     from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
     shapes = [(37,), (0,), (64, 3), (5,), (1030,)]

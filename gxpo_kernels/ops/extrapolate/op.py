@@ -220,6 +220,7 @@ class _Plan:
             dev = self.device
             self.groups.append(dict(
                 idx=idx, whole=idx == list(range(len(params))), dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
+                idx_t=torch.tensor(idx, dtype=torch.int64).to(dev),   # gathers thresholds without a host copy
                 numel_sum=sum(numels),
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
                 g0=(g0s[0], torch.tensor([_elem_offset(t, g0s[0]) for t in g0s], dtype=torch.int64).to(dev))
@@ -294,7 +295,7 @@ class _Plan:
             grid = min(max(min(n_chunks, self.max_prog), -(-grp["numel_sum"] // _MAX_PER_PROGRAM)), n_chunks)
             cdt = torch.float64 if pdt == torch.float64 else torch.float32
             out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
-            thr_tab = thr[idx] if thr is not None else grp["numel_tab"]  # dummy pointer when unused
+            thr_tab = grp["numel_tab"] if thr is None else thr if grp["whole"] else thr.index_select(0, grp["idx_t"])
             _extrapolate_kernel[(grid,)](
                 bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
                 grp["c_t"], grp["c_s"], n_chunks, out,
