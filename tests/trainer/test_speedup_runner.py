@@ -145,3 +145,22 @@ def test_late_trend_separates_a_plateau_from_a_creep():
     assert creep["gain"] == pytest.approx(0.04, abs=0.012) and creep["t"] > 5
     assert creep["share"] == pytest.approx(creep["gain"] / (creeping.max() - creeping[0]), rel=1e-9)
     assert stats.late_trend(steps[:3], rise[:3])["gain"] is None   # too few points for a slope and its error
+
+
+def test_resume_keeps_grpo_lr_multiplier(tmp_path, monkeypatch):
+    """Kept grpo_lr runs fix the lr multiplier: a resume that adds seeds runs the new grpo_lr seeds at the kept
+    runs' multiplier even when the GXPO runs would now measure another one, and a different --lr_mult is refused
+    before any work (found by fuzzing: the new seeds ran at the re-measured value, runs.json named only it)."""
+    out = tmp_path / "run"
+    speedup.run_speedup(_cfg(out, ("grpo", "gxpo", "grpo_lr")), progress=False, log=lambda s: None)
+    kept = json.loads((out / "runs.json").read_text())["lr_mult"]
+    with pytest.raises(ValueError, match="kept grpo_lr runs used lr x"):
+        speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo", "gxpo", "grpo_lr")), lr_mult=kept + 1.5),
+                            progress=False, log=lambda s: None, resume=True)
+    monkeypatch.setattr(speedup, "measured_multiplier", lambda runs: (kept + 0.5, "gxpo"))   # GXPO seed 1 moves it
+    speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo", "gxpo", "grpo_lr")), seeds=(0, 1)), progress=False,
+                        log=lambda s: None, resume=True)
+    index = json.loads((out / "runs.json").read_text())
+    used = [json.loads((out / "grpo_lr" / f"seed{s}" / "config.json").read_text())["train"]["lr_mult"]
+            for s in (0, 1)]
+    assert used == [kept, kept] and index["lr_mult"] == kept
