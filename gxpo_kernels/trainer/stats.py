@@ -293,7 +293,8 @@ def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: floa
                 "trend": None}
     last, prev = score[-window:].mean(), score[-2 * window:-window].mean()
     peak_i = int(np.argmax(score))
-    rising = bool(peak_i >= score.size - window and last - prev > tol)
+    # "lies in the last window" includes a tie: a curve back at an earlier best is at its best at the end too
+    rising = bool(score[-window:].max() >= score.max() - TIE_TOL and last - prev > tol)
     return {"rising": rising, "peak_step": int(step[peak_i]), "last_step": int(step[-1]),
             "trend": float(last - prev),
             "reason": ("peak in the last {w} validations and their mean above the {w} before by {d:+.4f}"
@@ -315,7 +316,9 @@ def late_trend(step: np.ndarray, score: np.ndarray, frac: float = 0.5) -> dict:
     sxx = float(x @ x)
     slope = float(x @ (y - y.mean())) / sxx
     resid = y - y.mean() - slope * x
-    se = math.sqrt(float(resid @ resid) / (k - 2) / sxx)
+    # residuals at float-rounding level are points exactly on a line: no t (not 0.0 or ~1e15 from the rounding)
+    on_line = float(np.abs(resid).max()) <= 1e-12 * max(1.0, float(np.abs(y).max()))
+    se = 0.0 if on_line else math.sqrt(float(resid @ resid) / (k - 2) / sxx)
     total = float(score.max() - score[0])
     gain = slope * float(step[-1] - step[-k])
     return {"points": k, "from_step": int(step[-k]), "gain": gain,

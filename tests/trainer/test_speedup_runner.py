@@ -124,6 +124,7 @@ def test_shared_rollout_cost_and_cpu_clock(tmp_path):
     ([0.1, 0.4, 0.5, 0.52, 0.5, 0.51, 0.5, 0.52, 0.51], False),  # flat: best at the end but no trend
     ([0.1, 0.5, 0.6, 0.6, 0.55, 0.56, 0.55], False),             # peaked earlier
     ([0.1, 0.2, 0.3], True),                                     # too short to tell
+    ([0.2, 0.5, 0.3, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5], True),     # back at its best (a tie) and climbing
 ])
 def test_still_rising(scores, rising):
     steps = list(range(0, 10 * len(scores), 10))
@@ -164,3 +165,13 @@ def test_resume_keeps_grpo_lr_multiplier(tmp_path, monkeypatch):
     used = [json.loads((out / "grpo_lr" / f"seed{s}" / "config.json").read_text())["train"]["lr_mult"]
             for s in (0, 1)]
     assert used == [kept, kept] and index["lr_mult"] == kept
+
+
+@pytest.mark.parametrize("k", [4, 5, 8, 13, 40])
+def test_late_trend_points_on_a_line_have_no_t(k):
+    """Points exactly on a line (a level one included) have no t statistic (None), whatever the float rounding
+    of their mean (found by fuzzing: 0.1 + 0.01 i gave t ~ 1e15, a constant 0.1 gave t = 0.0)."""
+    steps = np.arange(k) * 10
+    for y in (0.1 + 0.01 * np.arange(k), np.full(k, 0.1), np.full(k, 1 / 3)):
+        got = stats.late_trend(steps, y, 1.0)
+        assert got["t"] is None and got["gain"] == pytest.approx(y[-1] - y[0], abs=1e-12)
