@@ -363,6 +363,9 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     if resume is not None:
         st, resumed = ckpt.load_checkpoint(resume, engine)
         ckpt.check_reference(resume, st, ref_fp)   # before records.jsonl is rewritten below
+        if int(st["step"]) > cfg.steps:
+            raise ValueError(f"--resume {resume!r}: the checkpoint is at step {int(st['step'])}, past --steps "
+                             f"{cfg.steps} (a resume can extend a run, not shorten it)")
         start, bp_total, opt_total = int(st["step"]), int(st["backward_passes"]), int(st["optimizer_steps"])
         wall, gate_fired_at = float(st["wall_clock"]), st["gate_fired_at"]
         if rule is not None:

@@ -218,3 +218,15 @@ def test_resume_refuses_another_reference_policy(tmp_path):
     with pytest.raises(ValueError, match="reference policy .* differs"):
         loop.train(cfg.replace(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoint-1")))
     assert [json.loads(x)["step"] for x in (tmp_path / "b" / "records.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_resume_refuses_a_checkpoint_past_steps(tmp_path):
+    """--steps may grow on resume, not shrink below the checkpoint's step (found by fuzzing: --steps 3 from
+    checkpoint-5 ran nothing and ended 'successfully' with the 5-step model, records and final model)."""
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=3, save_steps=3))
+    loop.train(cfg)
+    with pytest.raises(ValueError, match="at step 3, past --steps 2"):
+        loop.train(cfg.replace(resume="latest", steps=2))
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4          # left as it was
+    assert [r["step"] for r in loop.train(cfg.replace(resume="latest"))] == [0, 1, 2, 3]   # same steps: a no-op
