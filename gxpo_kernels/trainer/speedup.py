@@ -222,9 +222,12 @@ def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dic
         raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
                          "use --overwrite or another --out")
     runs, _ = load_index_runs(out_dir, strict=False)
+    steps = int(base_train["steps"])
+    # complete = marked so *and* every update step still on disk (a records.jsonl cut short since is rerun)
     return {(m, s): {"records": recs, **old["runs"][m][str(s)]} for m, seeds_ in runs.items()
             for s, recs in seeds_.items() if m in methods and s in seeds
-            and old["runs"][m][str(s)].get("status") == "complete"}
+            and old["runs"][m][str(s)].get("status") == "complete"
+            and sum(1 for r in recs if int(r.get("step", 0)) >= 1) == steps}
 
 
 def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_flags: Optional[dict] = None,

@@ -74,6 +74,14 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     assert again["runs"]["grpo"][0] == first["runs"]["grpo"][0]
     assert len(again["runs"]["gxpo"][0]) == 4
     assert report.load_index_runs(out, strict=True)[0].keys() == {"grpo", "gxpo"}
+    # a run marked complete whose records.jsonl was cut short since is rerun, not kept (found by fuzzing: it was
+    # kept and reported from its truncated curve without a problem note)
+    g = out / "grpo" / "seed0" / "records.jsonl"
+    g.write_text("".join(g.read_text().splitlines(keepends=True)[:2]))
+    ran.clear()
+    again = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None, resume=True)
+    assert ran == ["grpo seed 0"] and len(again["runs"]["grpo"][0]) == 4
+    assert [r.get("val") for r in again["runs"]["grpo"][0]] == [r.get("val") for r in first["runs"]["grpo"][0]]
     # --resume with another config is refused
     other = _cfg(out)
     other = dataclasses.replace(other, train=other.train.replace(lr=2e-5))
