@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -396,8 +397,13 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1, allow_nan=False)
+    tmp = out / f"results.json.tmp{os.getpid()}"   # whole or not at all: a failed dump keeps the old file
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=1, allow_nan=False)
+        os.replace(tmp, out / "results.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     if plot:
         from .plot import plot_speedup
         plot_speedup(results, out / "speedup.png")
