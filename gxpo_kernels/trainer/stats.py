@@ -284,7 +284,7 @@ def cost_curve(records: Sequence[Mapping], steps: np.ndarray, clock: Optional[st
 def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: float = 0.0) -> dict:
     """Whether a validation curve is still rising at its end, i.e. its peak measures the horizon.
 
-    Rising = the best score lies in the last ``window`` validation points *and* the mean of those points
+    Rising = the best score is first reached in the last ``window`` validation points *and* the mean of those points
     exceeds the mean of the ``window`` points before them by more than ``tol``. A curve with fewer than
     ``2 * window`` points is reported as rising (too short to tell)."""
     step, score = np.asarray(step), np.asarray(score, np.float64)
@@ -293,8 +293,9 @@ def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: floa
                 "trend": None}
     last, prev = score[-window:].mean(), score[-2 * window:-window].mean()
     peak_i = int(np.argmax(score))
-    # "lies in the last window" includes a tie: a curve back at an earlier best is at its best at the end too
-    rising = bool(score[-window:].max() >= score.max() - TIE_TOL and last - prev > tol)
+    # the peak's *first* reach, the baseline's figure for the strict target: a tie with an earlier best is not a
+    # peak at the horizon (a curve level at its best since before the last window would be flagged otherwise)
+    rising = bool(peak_i >= score.size - window and last - prev > tol)
     return {"rising": rising, "peak_step": int(step[peak_i]), "last_step": int(step[-1]),
             "trend": float(last - prev),
             "reason": ("peak in the last {w} validations and their mean above the {w} before by {d:+.4f}"

@@ -132,7 +132,8 @@ def test_shared_rollout_cost_and_cpu_clock(tmp_path):
     ([0.1, 0.4, 0.5, 0.52, 0.5, 0.51, 0.5, 0.52, 0.51], False),  # flat: best at the end but no trend
     ([0.1, 0.5, 0.6, 0.6, 0.55, 0.56, 0.55], False),             # peaked earlier
     ([0.1, 0.2, 0.3], True),                                     # too short to tell
-    ([0.2, 0.5, 0.3, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5], True),     # back at its best (a tie) and climbing
+    ([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3], False),                # level at its best since before the last 3
+    ([0.2, 0.5, 0.3, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5], False),    # its best first reached early: a tie later is no peak
 ])
 def test_still_rising(scores, rising):
     steps = list(range(0, 10 * len(scores), 10))
