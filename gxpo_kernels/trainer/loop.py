@@ -342,7 +342,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     ref_model = ref_fp = None
     if fpa or cfg.beta:  # the warm-start policy, frozen, is the reference (offline objectives, KL penalty)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        ref_fp = ckpt.weights_fingerprint(ref_model)   # a resume rebuilds it: checked against the checkpoint's
+        if resume is not None or (cfg.out_dir and cfg.save_steps > 0):   # (hashing a large model takes seconds)
+            ref_fp = ckpt.weights_fingerprint(ref_model)   # a resume rebuilds it: checked against the checkpoint's
     engine.setup(model, loss_kwargs(cfg, max_new))
     rule, policy = engine.rule, engine.policy
     static = engine.static
