@@ -5,7 +5,8 @@ A checkpoint is a folder ``<out_dir>/checkpoint-<step>/`` holding
 - the engine's model + optimizer state (``engine.pt`` for the plain engine; DeepSpeed's own per-rank files
   under ``deepspeed/``);
 - ``trainer_state.pt``: the loop's counters, the update rule's ``state_dict`` (gate included) and the FADE
-  controller's, the world size;
+  controller's, the world size, and the fingerprint of the frozen reference policy when the run has one
+  (``--beta`` > 0, ``fpa_*``: a resume rebuilds it from the warm start and refuses one with other weights);
 - ``rng_rank<r>.pt``: each rank's RNG states (torch CPU / CUDA, Python ``random``, NumPy) as tensors;
 - ``records.jsonl`` (the records up to that step) and ``config.json`` (the run's ``TrainConfig``).
 
@@ -16,6 +17,7 @@ looks finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -166,6 +168,28 @@ def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
     set_rng_state(torch.load(os.path.join(path, f"rng_rank{engine.rank}.pt"), map_location="cpu",
                              weights_only=True))
     return state, read_records(os.path.join(path, "records.jsonl"))
+
+
+def weights_fingerprint(module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order): identifies the frozen
+    reference policy a run trains against, which a resume rebuilds from the warm start instead of loading."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_reference(path: str, state: dict, fingerprint: Optional[str]) -> None:
+    """Refuse a resume whose rebuilt reference policy (``weights_fingerprint``) is not the checkpoint's.
+    Checkpoints written before the fingerprint was saved are not checked."""
+    saved = state.get("ref_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ValueError(f"--resume {path!r}: the reference policy (the warm start that --beta's KL penalty / the "
+                         "fpa_* objective compare with) differs from the one the checkpoint was trained against: "
+                         "the warm-start cache file, the bundled warm start or the --model folder changed, or the "
+                         "warm start was retrained on another machine; restore it or start a new run")
 
 
 def save_tokenizer(tok, path: str) -> None:

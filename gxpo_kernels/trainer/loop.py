@@ -339,9 +339,11 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log) if engine.lead else None
     ws = engine.share_warm_start(model, ws)
     fpa = cfg.algo in FPA_ALGOS
-    ref_model = None
+    ref_model = ref_fp = None
     if fpa or cfg.beta:  # the warm-start policy, frozen, is the reference (offline objectives, KL penalty)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if resume is not None or (cfg.out_dir and cfg.save_steps > 0):   # (hashing a large model takes seconds)
+            ref_fp = ckpt.weights_fingerprint(ref_model)   # a resume rebuilds it: checked against the checkpoint's
     engine.setup(model, loss_kwargs(cfg, max_new))
     rule, policy = engine.rule, engine.policy
     static = engine.static
@@ -361,6 +363,10 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     start, bp_total, opt_total, wall, gate_fired_at, resumed = 0, 0, 0, 0.0, None, None
     if resume is not None:
         st, resumed = ckpt.load_checkpoint(resume, engine)
+        ckpt.check_reference(resume, st, ref_fp)   # before records.jsonl is rewritten below
+        if int(st["step"]) > cfg.steps:
+            raise ValueError(f"--resume {resume!r}: the checkpoint is at step {int(st['step'])}, past --steps "
+                             f"{cfg.steps} (a resume can extend a run, not shorten it)")
         start, bp_total, opt_total = int(st["step"]), int(st["backward_passes"]), int(st["optimizer_steps"])
         wall, gate_fired_at = float(st["wall_clock"]), st["gate_fired_at"]
         if rule is not None:
@@ -476,7 +482,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
             if cfg.out_dir and cfg.save_steps > 0 and step % cfg.save_steps == 0:
                 state = {"step": step, "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
                          "gate_fired_at": gate_fired_at, "rule": None if rule is None else rule.state_dict(),
-                         "fade": None if fade_ctl is None else fade_ctl.state_dict()}
+                         "fade": None if fade_ctl is None else fade_ctl.state_dict(), "ref_fingerprint": ref_fp}
                 ckpt.save_checkpoint(cfg.out_dir, step, engine, state, records, config["train"])
         if cfg.out_dir and cfg.save_model:
             ckpt.save_final_model(cfg.out_dir, engine, tok)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -329,7 +330,7 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
                                             if cb else None),
         "projected_t_roll": t_proj,
         "baseline_peaked": {"all": n_rising == 0, "n_rising": n_rising, "seeds": rising,
-                            "rule": "still rising = best score in the last 3 validations and their mean above "
+                            "rule": "still rising = best score first reached in the last 3 validations and their mean above "
                                     f"the 3 before by more than eps/2 = {eps / 2:g}",
                             "second_half": "least-squares gain over the last half of the validations, its share "
                                            "of the seed's whole gain (best - first) and the slope's t statistic",
@@ -396,8 +397,13 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as fh:
-        json.dump(results, fh, indent=1, allow_nan=False)
+    tmp = out / f"results.json.tmp{os.getpid()}"   # whole or not at all: a failed dump keeps the old file
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=1, allow_nan=False)
+        os.replace(tmp, out / "results.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     if plot:
         from .plot import plot_speedup
         plot_speedup(results, out / "speedup.png")

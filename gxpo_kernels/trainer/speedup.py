@@ -222,9 +222,12 @@ def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dic
         raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
                          "use --overwrite or another --out")
     runs, _ = load_index_runs(out_dir, strict=False)
+    steps = int(base_train["steps"])
+    # complete = marked so *and* every update step still on disk (a records.jsonl cut short since is rerun)
     return {(m, s): {"records": recs, **old["runs"][m][str(s)]} for m, seeds_ in runs.items()
             for s, recs in seeds_.items() if m in methods and s in seeds
-            and old["runs"][m][str(s)].get("status") == "complete"}
+            and old["runs"][m][str(s)].get("status") == "complete"
+            and sum(1 for r in recs if int(r.get("step", 0)) >= 1) == steps}
 
 
 def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_flags: Optional[dict] = None,
@@ -260,6 +263,17 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     for (m, s), e in done.items():
         runs[m][s] = e.pop("records")
         index["runs"][m][str(s)] = e
+    # kept grpo_lr runs fix the multiplier: every grpo_lr run of the folder must use the one runs.json reports
+    # (re-measuring it over more GXPO seeds, or a new --lr_mult, would mix two multipliers in one method)
+    mult = how = None
+    if any(m in lr_methods for m, _ in done):
+        mult, how = index["lr_mult"], index["lr_mult_source"]
+        if mult is None:
+            raise ValueError(f"--resume: {out_dir}/runs.json keeps complete grpo_lr runs but no lr_mult; "
+                             "use --overwrite or another --out")
+        if cfg.lr_mult is not None and float(cfg.lr_mult) != float(mult):
+            raise ValueError(f"--resume: the kept grpo_lr runs used lr x {mult:g}, not --lr_mult "
+                             f"{cfg.lr_mult:g}; drop --lr_mult (or give {mult:g}), or use --overwrite")
     todo = [(m, s) for m in order + lr_methods for s in cfg.seeds if (m, s) not in done]
     # priority: the multiplier's source, then the baseline, then grpo_lr (once it can start), then the rest
     rank = {m: i for i, m in enumerate([src, "grpo"] + lr_methods)}
@@ -317,7 +331,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             index["warm_start"] = fut.result()
             drain(0.0)
             log(f"warm start: {index['warm_start']}")
-        pending, mult = {}, None
+        pending = {}
         lr_ready = lambda: src is None or all(s in runs[src] for s in cfg.seeds)   # noqa: E731
         while todo or pending:
             # at most `workers` runs in flight, so grpo_lr can jump the queue once its multiplier is known

@@ -284,7 +284,7 @@ def cost_curve(records: Sequence[Mapping], steps: np.ndarray, clock: Optional[st
 def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: float = 0.0) -> dict:
     """Whether a validation curve is still rising at its end, i.e. its peak measures the horizon.
 
-    Rising = the best score lies in the last ``window`` validation points *and* the mean of those points
+    Rising = the best score is first reached in the last ``window`` validation points *and* the mean of those points
     exceeds the mean of the ``window`` points before them by more than ``tol``. A curve with fewer than
     ``2 * window`` points is reported as rising (too short to tell)."""
     step, score = np.asarray(step), np.asarray(score, np.float64)
@@ -293,6 +293,8 @@ def still_rising(step: np.ndarray, score: np.ndarray, window: int = 3, tol: floa
                 "trend": None}
     last, prev = score[-window:].mean(), score[-2 * window:-window].mean()
     peak_i = int(np.argmax(score))
+    # the peak's *first* reach, the baseline's figure for the strict target: a tie with an earlier best is not a
+    # peak at the horizon (a curve level at its best since before the last window would be flagged otherwise)
     rising = bool(peak_i >= score.size - window and last - prev > tol)
     return {"rising": rising, "peak_step": int(step[peak_i]), "last_step": int(step[-1]),
             "trend": float(last - prev),
@@ -315,7 +317,9 @@ def late_trend(step: np.ndarray, score: np.ndarray, frac: float = 0.5) -> dict:
     sxx = float(x @ x)
     slope = float(x @ (y - y.mean())) / sxx
     resid = y - y.mean() - slope * x
-    se = math.sqrt(float(resid @ resid) / (k - 2) / sxx)
+    # residuals at float-rounding level are points exactly on a line: no t (not 0.0 or ~1e15 from the rounding)
+    on_line = float(np.abs(resid).max()) <= 1e-12 * max(1.0, float(np.abs(y).max()))
+    se = 0.0 if on_line else math.sqrt(float(resid @ resid) / (k - 2) / sxx)
     total = float(score.max() - score[0])
     gain = slope * float(step[-1] - step[-k])
     return {"points": k, "from_step": int(step[-k]), "gain": gain,

@@ -197,3 +197,36 @@ def test_saved_setting_defaults_for_missing_fields():
     assert saved_setting({}, "beta") == 0.0 and saved_setting({}, "lr_scheduler_type") == "constant"
     assert saved_setting({}, "pass_k") == [1] and saved_setting({}, "sft") == dataclasses.asdict(SFTConfig())
     assert saved_setting({}, "no_such_field") is None
+
+
+def test_resume_refuses_another_reference_policy(tmp_path):
+    """A resume rebuilds the frozen reference (--beta's KL penalty, the fpa_* objectives) from the warm start; a
+    warm start with other weights (here: the cache file replaced, as another machine's retrained one would be)
+    is refused instead of silently changing the KL term (found by fuzzing: the resumed run's kl was 0.028
+    instead of 8e-11, without an error)."""
+    from safetensors.torch import load_file, save_file
+    sft = SFTConfig(max_steps=2, check_every=2, check_size=8, batch_size=8, pool_size=200)
+    cfg = TrainConfig(cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=1, beta=0.5, sft=sft,
+                                                             save_model=False))
+    loop.train(cfg.replace(out_dir=str(tmp_path / "a")))
+    st = torch.load(tmp_path / "a" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert isinstance(st["ref_fingerprint"], str)
+    recs = loop.train(cfg.replace(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoint-1")))
+    assert [r["step"] for r in recs] == [0, 1, 2]                        # the same warm start resumes
+    (f,) = (tmp_path / "c").glob("*.safetensors")
+    save_file({k: v + 0.05 for k, v in load_file(f).items()}, f, metadata={"sft_steps": "2", "sft_acc": "0.0"})
+    with pytest.raises(ValueError, match="reference policy .* differs"):
+        loop.train(cfg.replace(out_dir=str(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoint-1")))
+    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "records.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_resume_refuses_a_checkpoint_past_steps(tmp_path):
+    """--steps may grow on resume, not shrink below the checkpoint's step (found by fuzzing: --steps 3 from
+    checkpoint-5 ran nothing and ended 'successfully' with the 5-step model, records and final model)."""
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=3, save_steps=3))
+    loop.train(cfg)
+    with pytest.raises(ValueError, match="at step 3, past --steps 2"):
+        loop.train(cfg.replace(resume="latest", steps=2))
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4          # left as it was
+    assert [r["step"] for r in loop.train(cfg.replace(resume="latest"))] == [0, 1, 2, 3]   # same steps: a no-op

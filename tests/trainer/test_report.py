@@ -440,3 +440,16 @@ def test_compare_several_runs_from_the_cli(tmp_path, capsys):
     assert [c["note"] for c in sens] == ["a rerun with threads 1 -> 2", "a rerun with init_seed 0 -> 7"]
     out = capsys.readouterr().out
     assert "sensitivity vs a rerun with threads 1 -> 2" in out and "sensitivity vs a rerun with init_seed 0 -> 7" in out
+
+
+def test_failed_write_keeps_the_previous_results(tmp_path):
+    """results.json is written whole or not at all: a report that fails while writing it (here a non-finite
+    wall-clock in a curve) leaves the previous file intact (found by fuzzing: it was left cut off mid-JSON)."""
+    report.build_report(_one_seed(), tmp_path, n_boot=20, plot=False)
+    before = (tmp_path / "results.json").read_text()
+    bad = _one_seed()
+    bad["grpo"][0][-1]["wall_clock"] = math.inf
+    with pytest.raises(ValueError):
+        report.build_report(bad, tmp_path, n_boot=20, plot=False)
+    assert (tmp_path / "results.json").read_text() == before
+    assert not list(tmp_path.glob("*.tmp*"))

@@ -74,6 +74,14 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     assert again["runs"]["grpo"][0] == first["runs"]["grpo"][0]
     assert len(again["runs"]["gxpo"][0]) == 4
     assert report.load_index_runs(out, strict=True)[0].keys() == {"grpo", "gxpo"}
+    # a run marked complete whose records.jsonl was cut short since is rerun, not kept (found by fuzzing: it was
+    # kept and reported from its truncated curve without a problem note)
+    g = out / "grpo" / "seed0" / "records.jsonl"
+    g.write_text("".join(g.read_text().splitlines(keepends=True)[:2]))
+    ran.clear()
+    again = speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None, resume=True)
+    assert ran == ["grpo seed 0"] and len(again["runs"]["grpo"][0]) == 4
+    assert [r.get("val") for r in again["runs"]["grpo"][0]] == [r.get("val") for r in first["runs"]["grpo"][0]]
     # --resume with another config is refused
     other = _cfg(out)
     other = dataclasses.replace(other, train=other.train.replace(lr=2e-5))
@@ -124,6 +132,8 @@ def test_shared_rollout_cost_and_cpu_clock(tmp_path):
     ([0.1, 0.4, 0.5, 0.52, 0.5, 0.51, 0.5, 0.52, 0.51], False),  # flat: best at the end but no trend
     ([0.1, 0.5, 0.6, 0.6, 0.55, 0.56, 0.55], False),             # peaked earlier
     ([0.1, 0.2, 0.3], True),                                     # too short to tell
+    ([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3], False),                # level at its best since before the last 3
+    ([0.2, 0.5, 0.3, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5], False),    # its best first reached early: a tie later is no peak
 ])
 def test_still_rising(scores, rising):
     steps = list(range(0, 10 * len(scores), 10))
@@ -145,3 +155,32 @@ def test_late_trend_separates_a_plateau_from_a_creep():
     assert creep["gain"] == pytest.approx(0.04, abs=0.012) and creep["t"] > 5
     assert creep["share"] == pytest.approx(creep["gain"] / (creeping.max() - creeping[0]), rel=1e-9)
     assert stats.late_trend(steps[:3], rise[:3])["gain"] is None   # too few points for a slope and its error
+
+
+def test_resume_keeps_grpo_lr_multiplier(tmp_path, monkeypatch):
+    """Kept grpo_lr runs fix the lr multiplier: a resume that adds seeds runs the new grpo_lr seeds at the kept
+    runs' multiplier even when the GXPO runs would now measure another one, and a different --lr_mult is refused
+    before any work (found by fuzzing: the new seeds ran at the re-measured value, runs.json named only it)."""
+    out = tmp_path / "run"
+    speedup.run_speedup(_cfg(out, ("grpo", "gxpo", "grpo_lr")), progress=False, log=lambda s: None)
+    kept = json.loads((out / "runs.json").read_text())["lr_mult"]
+    with pytest.raises(ValueError, match="kept grpo_lr runs used lr x"):
+        speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo", "gxpo", "grpo_lr")), lr_mult=kept + 1.5),
+                            progress=False, log=lambda s: None, resume=True)
+    monkeypatch.setattr(speedup, "measured_multiplier", lambda runs: (kept + 0.5, "gxpo"))   # GXPO seed 1 moves it
+    speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo", "gxpo", "grpo_lr")), seeds=(0, 1)), progress=False,
+                        log=lambda s: None, resume=True)
+    index = json.loads((out / "runs.json").read_text())
+    used = [json.loads((out / "grpo_lr" / f"seed{s}" / "config.json").read_text())["train"]["lr_mult"]
+            for s in (0, 1)]
+    assert used == [kept, kept] and index["lr_mult"] == kept
+
+
+@pytest.mark.parametrize("k", [4, 5, 8, 13, 40])
+def test_late_trend_points_on_a_line_have_no_t(k):
+    """Points exactly on a line (a level one included) have no t statistic (None), whatever the float rounding
+    of their mean (found by fuzzing: 0.1 + 0.01 i gave t ~ 1e15, a constant 0.1 gave t = 0.0)."""
+    steps = np.arange(k) * 10
+    for y in (0.1 + 0.01 * np.arange(k), np.full(k, 0.1), np.full(k, 1 / 3)):
+        got = stats.late_trend(steps, y, 1.0)
+        assert got["t"] is None and got["gain"] == pytest.approx(y[-1] - y[0], abs=1e-12)
