@@ -330,8 +330,8 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
                                             if cb else None),
         "projected_t_roll": t_proj,
         "baseline_peaked": {"all": n_rising == 0, "n_rising": n_rising, "seeds": rising,
-                            "rule": "still rising = best score first reached in the last 3 validations and their mean above "
-                                    f"the 3 before by more than eps/2 = {eps / 2:g}",
+                            "rule": "still rising = best score first reached in the last 3 validations and their "
+                                    f"mean above the 3 before by more than eps/2 = {eps / 2:g}",
                             "second_half": "least-squares gain over the last half of the validations, its share "
                                            "of the seed's whole gain (best - first) and the slope's t statistic",
                             "last_quarter": "the same over the last quarter of the validations (at least 4)"},
