@@ -17,9 +17,11 @@ looks finished.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -79,6 +81,21 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
             if best is None or int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), os.path.join(out_dir, name))
     return None if best is None else best[1]
+
+
+def set_aside_later(out_dir: str, step: int) -> List[str]:
+    """Rename every ``checkpoint-<N>`` in ``out_dir`` with N > ``step`` to ``checkpoint-<N>.abandoned``: after a
+    resume from ``step`` they belong to the continuation it replaces, and ``--resume latest`` would otherwise pick
+    one up again after a crash. Renamed, not deleted. Returns the new paths."""
+    moved = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
+        if m and int(m.group(1)) > step:
+            src, dst = os.path.join(out_dir, name), os.path.join(out_dir, name + ".abandoned")
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+            moved.append(dst)
+    return moved
 
 
 def resolve_resume(resume: str, out_dir: Optional[str]) -> str:
@@ -145,10 +162,25 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, record
     return final
 
 
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+    """A damaged or missing file of checkpoint ``path`` (truncated, not a torch file, bad JSON, keys that do not
+    fit the model) as the one-line ValueError the CLI reports, naming the file; the cause stays chained."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+        raise ValueError(f"--resume {path!r}: cannot read {what} ({type(e).__name__}: {str(e)[:300]})") from e
+
+
 def check_config(path: str, config: dict) -> None:
     """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``)."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+    with _reading(path, "config.json"), open(os.path.join(path, "config.json")) as f:
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--resume {path!r}: config.json is not valid JSON ({e})") from e
 
     def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
         a, b = saved_setting(saved, k), config.get(k)
@@ -161,13 +193,21 @@ def check_config(path: str, config: dict) -> None:
 
 def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
     """Restore the engine's model + optimizer and this rank's RNG; return (trainer_state, records)."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    if int(state["world_size"]) != engine.world:
-        raise ValueError(f"--resume {path!r}: saved with {state['world_size']} ranks, resumed with {engine.world}")
-    engine.load_state(path)
-    set_rng_state(torch.load(os.path.join(path, f"rng_rank{engine.rank}.pt"), map_location="cpu",
-                             weights_only=True))
-    return state, read_records(os.path.join(path, "records.jsonl"))
+    with _reading(path, "trainer_state.pt"):
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        world = int(state["world_size"])
+    if world != engine.world:
+        raise ValueError(f"--resume {path!r}: saved with {world} ranks, resumed with {engine.world}")
+    with _reading(path, "the model and optimizer state"):
+        engine.load_state(path)
+    rng = f"rng_rank{engine.rank}.pt"
+    with _reading(path, rng):
+        set_rng_state(torch.load(os.path.join(path, rng), map_location="cpu", weights_only=True))
+    with _reading(path, "records.jsonl"):
+        try:
+            return state, read_records(os.path.join(path, "records.jsonl"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--resume {path!r}: records.jsonl is not valid JSON lines ({e})") from e
 
 
 def weights_fingerprint(module) -> str:

@@ -375,6 +375,9 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
             fade_ctl.load_state_dict(st["fade"])
         if not cfg.quiet and engine.lead:
             log(f"resumed from {resume} at step {start}")
+        if engine.lead and cfg.out_dir:   # records.jsonl restarts at `start`: later checkpoints are another run's
+            for old in ckpt.set_aside_later(cfg.out_dir, start):
+                log(f"set aside {old} (a later checkpoint of the continuation this resume replaces)")
     emit = RecordLog(cfg.out_dir if engine.lead else None, config, progress if engine.lead else None, resumed)
     records = emit.records
     try:

@@ -230,3 +230,35 @@ def test_resume_refuses_a_checkpoint_past_steps(tmp_path):
         loop.train(cfg.replace(resume="latest", steps=2))
     assert len((out / "records.jsonl").read_text().splitlines()) == 4          # left as it was
     assert [r["step"] for r in loop.train(cfg.replace(resume="latest"))] == [0, 1, 2, 3]   # same steps: a no-op
+
+
+def test_resume_sets_later_checkpoints_aside(tmp_path):
+    """A resume from an earlier checkpoint replaces the continuation after it (records.jsonl restarts there);
+    that continuation's later checkpoints are renamed ``.abandoned``, so a later ``--resume latest`` (after a
+    crash of the new continuation) cannot pick one of them up (found by fuzzing)."""
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=3, save_steps=1))
+    loop.train(cfg)
+    assert ckpt.latest_checkpoint(str(out)) == str(out / "checkpoint-3")
+    loop.train(cfg.replace(resume=str(out / "checkpoint-1"), save_steps=0))    # no new checkpoints
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2.abandoned",
+                                                                "checkpoint-3.abandoned"]
+    assert ckpt.latest_checkpoint(str(out)) == str(out / "checkpoint-1")
+    assert [json.loads(x)["step"] for x in (out / "records.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("damage,what", [
+    (lambda d: (d / "engine.pt").write_bytes((d / "engine.pt").read_bytes()[:1000]), "model and optimizer"),
+    (lambda d: (d / "rng_rank0.pt").unlink(), "rng_rank0.pt"),
+    (lambda d: (d / "config.json").write_text('{"train": '), "config.json"),
+    (lambda d: (d / "trainer_state.pt").write_bytes(b"not a torch file"), "trainer_state.pt"),
+    (lambda d: (d / "records.jsonl").write_text('{"step": 0}\n{"step"\n'), "records.jsonl")])
+def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage, what):
+    """A damaged checkpoint file is a one-line error naming it (exit 2 from the CLI), not a traceback from deep
+    inside torch.load or json (found by fuzzing: a truncated engine.pt gave a raw traceback, exit 1)."""
+    out = tmp_path / "o"
+    cfg = TrainConfig(out_dir=str(out), cache_dir=str(tmp_path / "c"), **dict(TINY, steps=2, save_steps=2))
+    loop.train(cfg)
+    damage(out / "checkpoint-2")
+    with pytest.raises(ValueError, match=f"--resume .*{what}"):
+        loop.train(cfg.replace(resume=str(out / "checkpoint-2"), steps=3))
