@@ -137,6 +137,8 @@ def resample_counts(n_points: int, n_boot: int, rng: np.random.Generator) -> np.
 # Effective step multiplier
 # ----------------------------------------------------------------------------------------------------------
 def _step_multiplier(upd: Mapping, kind: str, step: int) -> float:
+    if upd.get("skipped", False):   # non-finite gradients: θ did not move
+        return 0.0
     if not upd.get("active", False) or upd.get("fallback", False) or upd.get("fell_back", False):
         return 1.0
     if kind == "gxpo":
@@ -159,7 +161,7 @@ def effective_step_multiplier(records: Sequence[Mapping], method_kind: str) -> f
     * ``grpo``: 1 per step.
     * ``gxpo``: an active step moves θ0 → θ0 + α·scale⊙(θ2 − θ0); θ2 − θ0 is two optimizer steps, so the
       move is ≈ 2·α·scale_mean GRPO steps, plus one corrective step: ``2·α·scale_mean + 1``. Inactive
-      (gate fired) or fallback steps count 1. ``scale_mean`` is the coordinate mean of the scale, so this is
+      (gate fired) or fallback steps count 1, skipped ones (``skipped``: non-finite gradients, θ unchanged) 0. ``scale_mean`` is the coordinate mean of the scale, so this is
       an approximation when scale varies across coordinates.
     * ``sfpo``: ``α·K + 1`` while active, 1 after its gate fired.
 

@@ -198,6 +198,8 @@ def test_effective_step_multiplier():
     assert stats.effective_step_multiplier(gx, "gxpo") == pytest.approx((3.5 + 3.5 + 2.0 + 1.0) / 4)
     gx[3]["update"]["fell_back"] = True    # a fallback is one GRPO step
     assert stats.effective_step_multiplier(gx, "gxpo") == pytest.approx((3.5 + 3.5 + 1.0 + 1.0) / 4)
+    gx[3]["update"]["skipped"] = True      # non-finite g0: θ did not move (found by fuzzing: counted as 1)
+    assert stats.effective_step_multiplier(gx, "gxpo") == pytest.approx((3.5 + 3.5 + 0.0 + 1.0) / 4)
     sf = [{"step": i, "update": {"active": i <= 3, "alpha": 0.8, "K": 3}} for i in range(1, 6)]
     assert stats.effective_step_multiplier(sf, "sfpo") == pytest.approx((3 * 3.4 + 2) / 5)
     assert stats.effective_step_multiplier(sf, "grpo") == 1.0
