@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import (check_same_device, check_shape, check_tensor, masked_row_index, resolve_backend,
-                       triton_interpret)
+from ..._utils import (autocast_off, check_same_device, check_shape, check_tensor, masked_row_index,
+                       resolve_backend, triton_interpret)
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -328,6 +328,7 @@ def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
 
 @torch.no_grad()
+@autocast_off
 def linear_token_stats_fwd(h, w, b, y, inv_t, cfg: _HeadConfig):
     """Host forward on flat, validated inputs: (lse, entropy, logp), each fp32 (N,)."""
     if h.shape[0] == 0:  # every row masked: nothing to launch
@@ -337,6 +338,7 @@ def linear_token_stats_fwd(h, w, b, y, inv_t, cfg: _HeadConfig):
 
 
 @torch.no_grad()
+@autocast_off
 def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadConfig, need):
     """Host backward: fp32 (grad_hidden (N,H), grad_weight (V,H), grad_bias (V,)); None where not needed."""
     fn = _bwd_triton if cfg.backend == "triton" else _bwd_torch

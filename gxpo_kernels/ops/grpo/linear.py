@@ -34,6 +34,11 @@ class _PrecomputedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradients are constants, so a second derivative through them would
+            # silently be 0 (e.g. a gradient penalty would get no gradient)
+            raise RuntimeError("linear_grpo_loss(grad_in_forward=True) computes its gradients during forward and "
+                               "cannot be differentiated twice (create_graph=True); pass grad_in_forward=False")
         gh, gw, gb = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
         return None, scale(gh), scale(gw), scale(gb), None, None, None

@@ -74,7 +74,9 @@ def _backward(ctx, dlogp, dentropy, _dlse):
     if not ctx.compute_entropy:
         dentropy = None
     args = (tokens, mask, lse, entropy, dlogp, dentropy, ctx.temperature, ctx.backend)
-    if ctx.inplace:
+    # create_graph=True (grad mode on in backward): the in-place result would carry the logits' own autograd
+    # history, a wrong second derivative without an error; the out-of-place op raises when differentiated
+    if ctx.inplace and not torch.is_grad_enabled():
         torch.ops.gxpo.token_logprobs_bwd_(logits, *args)
         dlogits = logits
     else:

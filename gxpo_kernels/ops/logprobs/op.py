@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, has_internal_overlap,
-                       resolve_backend)
+from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, compiled_safe_tokens,
+                       has_internal_overlap, nan_at, resolve_backend)
 from . import _library
 
 
@@ -65,7 +65,9 @@ def token_logprobs(
     temperature = check_temperature(temperature)
     m = checked_mask(mask, (B, T), logits.device, tokens, V, none_is_all=False)
     bk = resolve_backend(backend, logits.device)
-    return _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
+    tokens, bad = compiled_safe_tokens(tokens, V, m)
+    logp, ent = _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
+    return nan_at(bad, logp), ent
 
 
 def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_backward, backend):
