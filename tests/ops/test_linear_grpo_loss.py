@@ -289,6 +289,8 @@ def test_bad_inputs_raise_clear_errors():
         call(hidden=d["hidden"].double(), weight=d["weight"].double(), bias=d["bias"].double())
     with pytest.raises(ValueError, match="chunk_size"):
         call(kw=dict(chunk_size=0))
+    with pytest.raises(ValueError, match="chunk_size"):  # a bool is not a row count (True used to mean 1)
+        call(kw=dict(chunk_size=True))
     with pytest.raises(ValueError, match="NaN"):
         h = d["hidden"].clone()
         h[0, 0, 0] = float("nan")

@@ -379,7 +379,8 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
     """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                       and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
 
