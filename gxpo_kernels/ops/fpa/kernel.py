@@ -145,8 +145,9 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
     step = _chunk_rows(V)
     for r0 in range(0, N, step):
         sl = slice(r0, r0 + step)
-        h = logits2d[sl].float() / temperature
-        r = ref2d[sl].float() / temperature
+        # * (1 / T), not / T: the same rounding as token_logprobs' backward, which recomputes log p from this lse
+        h = logits2d[sl].float() * (1.0 / temperature)
+        r = ref2d[sl].float() * (1.0 / temperature)
         x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
         lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
         i = idx[sl]
