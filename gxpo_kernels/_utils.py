@@ -14,6 +14,7 @@ import re
 from typing import Optional, Union
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -59,6 +60,19 @@ def autocast_off(fn):
         with torch.autocast(dev, enabled=False):
             return fn(*args, **kwargs)
     return wrapper
+
+
+def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """Raise if a differentiable input of ``op`` carries a forward-mode tangent (``torch.func.jvp`` / ``jacfwd``,
+    ``torch.autograd.forward_ad`` dual tensors). The registered ops have a backward formula only, and PyTorch
+    drops such a tangent: the directional derivative would be 0 without an error. Skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError(f"{op} does not support forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual "
+                               "tensors): it has a backward formula only; use reverse mode (backward, "
+                               "torch.autograd.grad)")
 
 
 def check_tensor(x, name: str, *, ndim=None, dtypes=None, floating: bool = False) -> None:

@@ -8,7 +8,8 @@ old/ref/advantages are detached; NaN advantages at masked rows with sequence IS;
 bias entries; a NaN logit (or hidden state) makes its row and the loss NaN, in a masked row it is ignored;
 overlapping logits with inplace_backward; scalar validation (bools, NaN, inf, numpy, 0-d tensors);
 check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full"); an enclosing
-autocast region changes no op's bits; a second derivative raises (also with inplace_backward / grad_in_forward).
+autocast region changes no op's bits; a second derivative raises (also with inplace_backward / grad_in_forward),
+and so does forward-mode AD (a dropped tangent would be a silent zero).
 """
 import math
 import zlib
@@ -678,3 +679,23 @@ def test_double_backward_raises_instead_of_a_wrong_second_derivative(backend):
     loss, _ = linear_grpo_loss(h, w, tokens, adv, mask, old, grad_in_forward=True, backend=backend)
     with pytest.raises(RuntimeError, match="grad_in_forward"):
         torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
+    """Found by fuzzing: the registered ops have a backward formula only, and PyTorch dropped the tangent of a
+    forward-mode input (torch.func.jvp / jacfwd, forward_ad dual tensors): a zero directional derivative
+    without an error, for every op. Each differentiable input now refuses a tangent."""
+    import torch.autograd.forward_ad as fwAD
+    for name, inputs, fn in _autocast_cases(backend):
+        for i in range(len(inputs)):
+            with pytest.raises(RuntimeError, match="forward-mode"), fwAD.dual_level():
+                args = list(inputs)
+                args[i] = fwAD.make_dual(inputs[i], torch.randn_like(inputs[i]))
+                fn(*args)
+        with pytest.raises(RuntimeError, match="forward-mode"):
+            torch.func.jvp(lambda x: fn(x, *inputs[1:])[0], (inputs[0],), (torch.randn_like(inputs[0]),))
+    logits, tokens, adv, mask, old, _ = _inputs(V=40)                          # grpo_loss, through token_logprobs
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.jvp(lambda x: grpo_loss(x, tokens, adv, mask, old, backend=backend)[0], (logits,),
+                       (torch.randn_like(logits),))

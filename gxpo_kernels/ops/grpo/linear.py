@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import check_validate, safe_tokens
+from ..._utils import check_no_forward_ad, check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
@@ -46,6 +46,7 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def _loss_with_grads_in_forward(h2, weight, bias, y1, m1, inv_t, cfg, B, T, loss_fn, entropy_needed):
     """Forward statistics, the loss on detached per-token leaves, then the head's backward at once."""
+    check_no_forward_ad("linear_grpo_loss", h2, weight, bias)
     rows = MaskedRows(m1)
     h, y = rows.take(h2), rows.take(y1)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._utils import check_no_forward_ad
 from .kernel import token_logprobs_bwd, token_logprobs_fwd
 
 
@@ -90,6 +91,7 @@ torch.library.register_autograd("gxpo::token_logprobs_fwd", _backward, setup_con
 def token_logprobs_op(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
                       compute_entropy: bool, inplace_backward: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """(logp, entropy) through the registered op (differentiable; nothing saved under no_grad)."""
+    check_no_forward_ad("token_logprobs / grpo_loss", logits)
     logp, entropy, _ = torch.ops.gxpo.token_logprobs_fwd(logits, tokens, mask, float(temperature),
                                                          bool(compute_entropy), bool(inplace_backward), backend)
     return logp, entropy
