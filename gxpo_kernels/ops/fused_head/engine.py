@@ -377,11 +377,15 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
     check_same_device(hidden, hn, **{wn: weight, bn: bias})
 
 
-def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
-    """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
+def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
                                        and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
+    """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
+    check_chunk_size(chunk_size)
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
 
 

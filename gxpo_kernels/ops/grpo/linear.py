@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import check_no_forward_ad, check_validate, safe_tokens
+from ..._utils import BACKENDS, check_choice, check_no_forward_ad, check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
-from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                 validate_head)
+from ..fused_head.engine import (MaskedRows, check_chunk_size, linear_token_stats_bwd, linear_token_stats_fwd,
+                                 make_head_config, validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -172,6 +172,10 @@ class LinearGRPOLoss(nn.Module):
         # validate now so a bad option fails at construction, not at the first step
         self.options = GRPOLossOptions.build(options, **loss_options)
         check_validate(validate)
+        check_choice(backend, "backend", BACKENDS)
+        check_chunk_size(chunk_size)
+        if grad_in_forward and not self.options.reduce:
+            raise ValueError("grad_in_forward=True needs a scalar loss (reduce=True)")
         self.call_options = dict(compute_entropy=compute_entropy, check_finite=check_finite, validate=validate,
                                  fp32_head=fp32_head, deterministic=deterministic, chunk_size=chunk_size,
                                  grad_in_forward=grad_in_forward, backend=backend)
