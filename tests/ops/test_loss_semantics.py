@@ -645,19 +645,23 @@ def test_autocast_region_does_not_lower_the_ops_precision(backend):
     """Found by fuzzing: an enclosing torch.autocast(cpu, bf16) leaked into the kernels' torch code (the torch
     backend's GEMMs and entropy dot, the Triton backward's d(hidden)/d(weight) GEMMs run by grad_in_forward),
     so fp32 inputs gave bf16-rounded log-probs and gradients (up to 5e-2 off) or crashed the fused head. The
-    ops pick their own precision: under autocast they must equal the plain call bit for bit."""
+    ops pick their own precision: under autocast (forward, or forward and backward) they must equal the plain
+    call bit for bit."""
     for name, inputs, fn in _autocast_cases(backend):
         results = []
-        for enabled in (False, True):
+        for enabled, backward_inside in ((False, False), (True, False), (True, True)):
             leaves = [x.clone().requires_grad_() for x in inputs]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
                 outs = [o for o in fn(*leaves) if o is not None]
                 total = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
-            total.backward()
-            results.append(([o.detach() for o in outs], [x.grad for x in leaves]))
-        (o0, g0), (o1, g1) = results
-        for a, c in zip(o0 + g0, o1 + g1):
-            assert a.dtype == c.dtype and torch.equal(a, c), name
+                if backward_inside:
+                    total.backward()
+            if not backward_inside:
+                total.backward()
+            results.append([o.detach() for o in outs] + [x.grad for x in leaves])
+        for other in results[1:]:
+            for a, c in zip(results[0], other):
+                assert a.dtype == c.dtype and torch.equal(a, c), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
