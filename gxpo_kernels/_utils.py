@@ -6,6 +6,7 @@ interpreter (how the test suite exercises them). ``backend=`` forces a path.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -13,6 +14,7 @@ import re
 from typing import Optional, Union
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -42,6 +44,35 @@ def resolve_backend(backend: str, device, *, choices=BACKENDS, cpu: str = "torch
     if backend == "cpp" and device.type != "cpu":
         raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
     return backend
+
+
+def autocast_off(fn):
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument.
+
+    The kernels' host code picks its own precision (fp32 statistics and epilogues, fp32 GEMMs for fp32 or
+    ``fp32_head`` operands); an enclosing ``torch.autocast`` region would otherwise reach the torch ops inside
+    (matmul, vecdot) and silently round them to bf16/fp16, or crash on an fp32-only constant."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+        if dev is None or not torch.is_autocast_enabled(dev):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """Raise if a differentiable input of ``op`` carries a forward-mode tangent (``torch.func.jvp`` / ``jacfwd``,
+    ``torch.autograd.forward_ad`` dual tensors). The registered ops have a backward formula only, and PyTorch
+    drops such a tangent: the directional derivative would be 0 without an error. Skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError(f"{op} does not support forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual "
+                               "tensors): it has a backward formula only; use reverse mode (backward, "
+                               "torch.autograd.grad)")
 
 
 def check_tensor(x, name: str, *, ndim=None, dtypes=None, floating: bool = False) -> None:
@@ -158,6 +189,22 @@ def safe_tokens(tokens: torch.Tensor, vocab_size: int, mask: torch.Tensor):
     id poisons the loss loudly instead of reading memory it does not own; no host sync."""
     bad = mask & ((tokens < 0) | (tokens >= vocab_size))
     return torch.where(bad | ~mask, torch.zeros((), dtype=tokens.dtype, device=tokens.device), tokens), bad
+
+
+def compiled_safe_tokens(tokens: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor]):
+    """``safe_tokens`` where ``checked_mask`` could not read the ids (under ``torch.compile``), else
+    ``(tokens, None)``: eager calls of the log-prob ops have already raised on a bad id. With the clamped ids
+    the kernels never read outside a row, and the caller makes the bad positions' log-probs NaN (``nan_at``),
+    as ``grpo_loss`` does, instead of returning another token's log-prob."""
+    if not torch.compiler.is_compiling():
+        return tokens, None
+    m = mask if mask is not None else torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    return safe_tokens(tokens, vocab_size, m)
+
+
+def nan_at(bad: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN where ``bad`` (from ``compiled_safe_tokens``) is True; ``x`` itself when ``bad`` is None."""
+    return x if bad is None else torch.where(bad.reshape(x.shape), float("nan"), x)
 
 
 def has_internal_overlap(x: torch.Tensor) -> bool:

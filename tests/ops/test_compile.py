@@ -4,7 +4,7 @@ fullgraph=True fails on any graph break, so a pass shows the op traces as regist
 that reads tensor data is skipped while compiling). The compiled function is checked against eager, values and
 gradients. ``aot_eager`` runs Dynamo and AOTAutograd (fake kernels and the registered backward traced) without
 code generation, which keeps each test at a few seconds on the CPU; ``grpo_loss`` has an inductor test in
-test_grpo_loss.py.
+test_grpo_loss.py. Under compile an unmasked out-of-range id gives NaN log-probs (the eager id check cannot run).
 """
 import pytest
 import torch
@@ -131,3 +131,32 @@ def test_fused_head_opcheck(bias):
         ref_h, ref_w, ref_b, _, _ = _head(9, H=8, bias=bias)
         torch.library.opcheck(torch.ops.gxpo.linear_fpa_stats_fwd.default,
                               (h2, w, b, ref_h.reshape(10, -1), ref_w, ref_b, y1, m1, 1.25, 0.7) + cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unmasked_bad_id_under_compile_gives_nan_not_another_tokens_logprob(backend):
+    """Found by fuzzing: under compile the id range check (it reads data) is skipped, and the log-prob ops
+    returned a finite, wrong value for an unmasked id outside [0, V) (the torch path clamped it to V-1, the
+    Triton kernels read outside the row). Now the id is clamped and its log-probs are NaN, as in grpo_loss."""
+    hidden, weight, _, tokens, mask = _head(11)
+    V = weight.shape[0]
+    logits = torch.randn(2, 5, V)
+    tokens[1, 3], mask[1, 3], mask[0, 1] = V, True, False
+    tokens[0, 1] = -7                                                # masked: any id, no NaN
+    ops = {
+        "token_logprobs": lambda: token_logprobs(logits, tokens, mask=mask, backend=backend)[:1],
+        "fpa_logprobs": lambda: fpa_logprobs(logits, logits, tokens, 0.5, mask=mask, backend=backend),
+        "linear_token_logprobs": lambda: linear_token_logprobs(hidden, weight, tokens, mask=mask,
+                                                               backend=backend)[:1],
+        "linear_fpa_logprobs": lambda: linear_fpa_logprobs(hidden, weight, hidden, weight, tokens, 0.5, mask=mask,
+                                                           backend=backend),
+    }
+    for name, fn in ops.items():
+        torch._dynamo.reset()
+        for out in torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)():
+            assert torch.isnan(out[1, 3]), name
+            bad = torch.zeros_like(mask)
+            bad[1, 3] = True
+            assert torch.isfinite(out[~bad]).all(), name
+        with pytest.raises(ValueError, match="tokens must lie"):   # eager: the full check still raises
+            fn()

@@ -113,6 +113,22 @@ def test_non_contiguous_shifted_logits(backend):
         assert_close(name, b, a, 1e-5)
 
 
+def test_torch_backward_keeps_fp32_accuracy_at_low_temperature():
+    """Found by fuzzing: the torch forward divided the logits by T while the backward it shares with
+    token_logprobs multiplies by 1/T; at T = 1e-3 the two roundings of z put the saved lse out of step with
+    the recomputed logits and d(logits) was 1e-3 off (1e-2 at T = 1e-4), where plain fp32 PyTorch is 1e-7."""
+    g = torch.Generator().manual_seed(5)
+    for V, T in ((3, 1e-3), (37, 1e-4), (300, 1e-3)):
+        logits = torch.randn(2, 3, V, generator=g, dtype=torch.float64) * 1.5
+        tokens, up = torch.randint(0, V, (2, 3), generator=g), torch.randn(2, 3, generator=g, dtype=torch.float64)
+        x = logits.float().requires_grad_()
+        (fpa_logprobs(x, x.detach(), tokens, 0.5, T, backend="torch")[0] * up.float()).sum().backward()
+        xr = logits.requires_grad_()
+        (torch.log_softmax(xr / T, -1).gather(-1, tokens[..., None]).squeeze(-1) * up).sum().backward()
+        err = float((x.grad.double() - xr.grad).abs().max() / xr.grad.abs().max())
+        assert err < 1e-5, (V, T, err)
+
+
 LINEAR_CASES = [  # (H, H_ref, V, policy dtype, ref dtype, bias, deterministic, fp32_head, chunk_size)
     pytest.param(32, 24, 1000, torch.float32, torch.float32, False, False, False, 3, id="fp32"),
     pytest.param(37, 21, 203, torch.bfloat16, torch.bfloat16, True, True, False, None, id="bf16-bias-det"),

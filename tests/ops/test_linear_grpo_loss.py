@@ -262,6 +262,18 @@ def test_side_by_side_with_liger(liger_type, agg, opts):
         assert_close("kl", lmetrics[0].detach(), ours[1]["kl"], 1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(backend="cuda"), "backend"), (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=True), "chunk_size"),
+    (dict(grad_in_forward=True, reduce=False), "grad_in_forward"),
+])
+def test_module_validates_its_call_options_at_construction(kw, match):
+    """Found by fuzzing: LinearGRPOLoss checked only the loss options and ``validate`` when built (GRPOLoss also
+    checks ``backend``), so a bad backend, chunk_size or grad_in_forward with reduce=False failed at the first
+    step, after generation."""
+    with pytest.raises(ValueError, match=match):
+        LinearGRPOLoss(**kw)
+
+
 def test_bad_inputs_raise_clear_errors():
     d = _inputs(B=2, T=4, H=16, V=40)
     args = lambda **o: {**d, **o}  # noqa: E731
@@ -289,6 +301,8 @@ def test_bad_inputs_raise_clear_errors():
         call(hidden=d["hidden"].double(), weight=d["weight"].double(), bias=d["bias"].double())
     with pytest.raises(ValueError, match="chunk_size"):
         call(kw=dict(chunk_size=0))
+    with pytest.raises(ValueError, match="chunk_size"):  # a bool is not a row count (True used to mean 1)
+        call(kw=dict(chunk_size=True))
     with pytest.raises(ValueError, match="NaN"):
         h = d["hidden"].clone()
         h[0, 0, 0] = float("nan")

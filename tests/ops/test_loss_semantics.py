@@ -7,7 +7,9 @@ reduce=False, num_items_in_batch, the options object and the modules; exp overfl
 old/ref/advantages are detached; NaN advantages at masked rows with sequence IS; -inf logits and -inf
 bias entries; a NaN logit (or hidden state) makes its row and the loss NaN, in a masked row it is ignored;
 overlapping logits with inplace_backward; scalar validation (bools, NaN, inf, numpy, 0-d tensors);
-check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full").
+check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full"); an enclosing
+autocast region changes no op's bits; a second derivative raises (also with inplace_backward / grad_in_forward),
+and so does forward-mode AD (a dropped tangent would be a silent zero).
 """
 import math
 import zlib
@@ -612,3 +614,92 @@ def test_fpa_objectives_detach_their_constants():
     adv = torch.randn(3, requires_grad=True)
     fpa_offline_pg_loss(FPALogProbs(lp, None, fpa), adv)[0].backward()
     assert lp.grad is not None and fpa.grad is None and adv.grad is None
+
+
+def _autocast_cases(backend):
+    """(name, fp32 inputs, fn) for every op with a kernel; fn returns the outputs that carry a gradient."""
+    g = torch.Generator().manual_seed(7)
+    B, T, V, H = 2, 5, 300, 64
+    logits, ref_logits = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g)
+    h, w, b = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) / 4, torch.randn(V, generator=g)
+    tok, mask = torch.randint(0, V, (B, T), generator=g), torch.rand(B, T, generator=g) > 0.25
+    adv, old = torch.randn(B, generator=g), -torch.rand(B, T, generator=g) * 3
+    kw = dict(backend=backend)
+    return [
+        ("token_logprobs", [logits], lambda x: token_logprobs(x, tok, 0.7, mask=mask, **kw)),
+        ("fpa_logprobs", [logits], lambda x: fpa_logprobs(x, ref_logits, tok, 0.5, 0.8, mask=mask, **kw)[:1]),
+        ("linear_token_logprobs", [h, w, b],
+         lambda x, y, z: linear_token_logprobs(x, y, tok, 0.7, bias=z, mask=mask, **kw)),
+        ("linear_grpo_loss", [h, w, b],
+         lambda x, y, z: linear_grpo_loss(x, y, tok, adv, mask, old, bias=z, entropy_coef=0.01, **kw)[:1]),
+        ("linear_grpo_loss-grad_in_forward", [h, w, b],
+         lambda x, y, z: linear_grpo_loss(x, y, tok, adv, mask, old, bias=z, entropy_coef=0.01,
+                                          grad_in_forward=True, **kw)[:1]),
+        ("linear_fpa_logprobs", [h, w, b], lambda x, y, z: linear_fpa_logprobs(x, y, h, w, tok, 0.5, 0.8, bias=z,
+                                                                               mask=mask, **kw)[:1]),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_region_does_not_lower_the_ops_precision(backend):
+    """Found by fuzzing: an enclosing torch.autocast(cpu, bf16) leaked into the kernels' torch code (the torch
+    backend's GEMMs and entropy dot, the Triton backward's d(hidden)/d(weight) GEMMs run by grad_in_forward),
+    so fp32 inputs gave bf16-rounded log-probs and gradients (up to 5e-2 off) or crashed the fused head. The
+    ops pick their own precision: under autocast (forward, or forward and backward) they must equal the plain
+    call bit for bit."""
+    for name, inputs, fn in _autocast_cases(backend):
+        results = []
+        for enabled, backward_inside in ((False, False), (True, False), (True, True)):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                outs = [o for o in fn(*leaves) if o is not None]
+                total = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
+                if backward_inside:
+                    total.backward()
+            if not backward_inside:
+                total.backward()
+            results.append([o.detach() for o in outs] + [x.grad for x in leaves])
+        for other in results[1:]:
+            for a, c in zip(results[0], other):
+                assert a.dtype == c.dtype and torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_instead_of_a_wrong_second_derivative(backend):
+    """Found by fuzzing: the registered backwards are not differentiable, and the out-of-place path says so
+    when a second derivative is taken. The in-place backward (inplace_backward=True) returned the logits
+    buffer, whose autograd history is that of the logits, so create_graph=True gave a wrong Hessian-vector
+    product without an error; grad_in_forward=True handed out constant gradients, so a gradient penalty on
+    them silently got no gradient. Both now raise."""
+    logits, tokens, adv, mask, old, _ = _inputs(V=40)
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        lp, ent = token_logprobs(x * 1.0, tokens, 0.7, mask=mask, inplace_backward=inplace, backend=backend)
+        (g,) = torch.autograd.grad((lp + ent).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="token_logprobs_bwd"):
+            g.pow(2).sum().backward()
+    g_ = torch.Generator().manual_seed(3)
+    h, w = torch.randn(4, 7, 16, generator=g_, requires_grad=True), torch.randn(40, 16, generator=g_)
+    loss, _ = linear_grpo_loss(h, w, tokens, adv, mask, old, grad_in_forward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="grad_in_forward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
+    """Found by fuzzing: the registered ops have a backward formula only, and PyTorch dropped the tangent of a
+    forward-mode input (torch.func.jvp / jacfwd, forward_ad dual tensors): a zero directional derivative
+    without an error, for every op. Each differentiable input now refuses a tangent."""
+    import torch.autograd.forward_ad as fwAD
+    for name, inputs, fn in _autocast_cases(backend):
+        for i in range(len(inputs)):
+            with pytest.raises(RuntimeError, match="forward-mode"), fwAD.dual_level():
+                args = list(inputs)
+                args[i] = fwAD.make_dual(inputs[i], torch.randn_like(inputs[i]))
+                fn(*args)
+        with pytest.raises(RuntimeError, match="forward-mode"):
+            torch.func.jvp(lambda x: fn(x, *inputs[1:])[0], (inputs[0],), (torch.randn_like(inputs[0]),))
+    logits, tokens, adv, mask, old, _ = _inputs(V=40)                          # grpo_loss, through token_logprobs
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.jvp(lambda x: grpo_loss(x, tokens, adv, mask, old, backend=backend)[0], (logits,),
+                       (torch.randn_like(logits),))

@@ -133,6 +133,25 @@ def test_inplace_backward_reuses_buffer(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_leaves_a_leaf_intact(backend):
+    """Found by fuzzing: with a leaf (or a view of a leaf, e.g. ``leaf[:, :-1]``) as logits, the in-place
+    backward overwrote the user's tensor with dlogits although autograd copies a leaf's gradient anyway (no
+    memory saved); the leaf now keeps its values and gets the out-of-place gradient."""
+    x, tokens, mask = _inputs(2, 5, 300, torch.float32, sliced=False)
+    for base, view in ((x, lambda t: t), (torch.cat([x, x[:, :1]], 1), lambda t: t[:, :-1])):
+        grads = []
+        for inplace in (False, True):
+            leaf = base.detach().clone().requires_grad_()
+            before = leaf.detach().clone()
+            logits = view(leaf)
+            logp, ent = token_logprobs(logits, tokens, 0.9, mask=mask, inplace_backward=inplace, backend=backend)
+            (logp.sum() + ent.sum()).backward()
+            assert torch.equal(leaf.detach(), before)
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x = torch.randn(2, 0, 300, requires_grad=True)
     logp, ent = token_logprobs(x, torch.zeros(2, 0, dtype=torch.long), backend=backend)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._utils import check_no_forward_ad
 from ..logprobs import _library as _token_logprobs_library  # noqa: F401  (registers gxpo::token_logprobs_bwd)
 from .kernel import fpa_logprobs_fwd
 
@@ -53,6 +54,7 @@ torch.library.register_autograd("gxpo::fpa_logprobs_fwd", _backward, setup_conte
 def fpa_logprobs_op(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Optional[Tensor], lam: float,
                     temperature: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp, ref_logp, fpa_logp) through the registered op; only ``logp`` is differentiable."""
+    check_no_forward_ad("fpa_logprobs", logits)
     logp, ref_logp, fpa_logp, _ = torch.ops.gxpo.fpa_logprobs_fwd(logits, ref_logits, tokens, mask, float(lam),
                                                                   float(temperature), backend)
     return logp, ref_logp, fpa_logp

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import triton_interpret
+from ..._utils import autocast_off, triton_interpret
 from ..logprobs.kernel import _LN2, _LOG2E, _lse_group_step, _num_warps, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +112,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+@autocast_off
 def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torch.Tensor,
                      mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
     """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,) fp32)."""
@@ -144,8 +145,9 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
     step = _chunk_rows(V)
     for r0 in range(0, N, step):
         sl = slice(r0, r0 + step)
-        h = logits2d[sl].float() / temperature
-        r = ref2d[sl].float() / temperature
+        # * (1 / T), not / T: the same rounding as token_logprobs' backward, which recomputes log p from this lse
+        h = logits2d[sl].float() * (1.0 / temperature)
+        r = ref2d[sl].float() * (1.0 / temperature)
         x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
         lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
         i = idx[sl]

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._utils import check_same_device, check_shape, check_tensor, checked_mask, triton_interpret
+from ..._utils import (autocast_off, check_no_forward_ad, check_same_device, check_shape, check_tensor, checked_mask,
+                       compiled_safe_tokens, nan_at, triton_interpret)
 from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
                                  _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
@@ -146,6 +147,7 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
 
 
 @torch.no_grad()
+@autocast_off
 def linear_fpa_stats_fwd(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     """Flat, validated rows -> (logp, ref_logp, fpa_logp, policy lse), each fp32 (N,)."""
     if h.shape[0] == 0:
@@ -247,8 +249,10 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     m = checked_mask(mask, lead, hidden.device, tokens, V).reshape(-1)
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
 
+    check_no_forward_ad("linear_fpa_logprobs", hidden, weight, bias)
+    tokens, bad = compiled_safe_tokens(tokens, V, m.view(lead))
     h2, hr2, y1 = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), tokens.reshape(-1)
     logp, ref_logp, fpa_logp, _ = torch.ops.gxpo.linear_fpa_stats_fwd(
         h2, weight, bias, hr2.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), y1, m,
         1.0 / temperature, lam, *cfg_args(cfg))
-    return logp.view(lead), ref_logp.view(lead), fpa_logp.view(lead)
+    return tuple(nan_at(bad, x.view(lead)) for x in (logp, ref_logp, fpa_logp))

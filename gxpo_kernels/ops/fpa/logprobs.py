@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..._utils import (check_same_device, check_scalar, check_shape, check_temperature, check_tensor, checked_mask,
-                       resolve_backend)
+                       compiled_safe_tokens, nan_at, resolve_backend)
 from ._library import fpa_logprobs_op
 from .kernel import FLOAT_DTYPES, _rows
 
@@ -61,6 +61,7 @@ def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.T
     m = checked_mask(mask, lead, logits.device, tokens, V, none_is_all=False)
     be = resolve_backend(backend, logits.device)
     mask1d = None if m is None else m.reshape(-1).contiguous()
+    tokens, bad = compiled_safe_tokens(tokens, V, m)
     logp, ref_logp, fpa_logp = fpa_logprobs_op(_rows(logits), _rows(ref_logits), tokens.reshape(-1).contiguous(),
                                                mask1d, lam, temperature, be)
-    return logp.view(lead), ref_logp.view(lead), fpa_logp.view(lead)
+    return tuple(nan_at(bad, x.view(lead)) for x in (logp, ref_logp, fpa_logp))

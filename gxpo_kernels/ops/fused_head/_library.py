@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._utils import check_no_forward_ad
 from .engine import MaskedRows, _HeadConfig, linear_token_stats_bwd, linear_token_stats_fwd
 
 
@@ -100,6 +101,7 @@ def token_stats_rows(h2: Tensor, weight: Tensor, bias: Optional[Tensor], tokens1
                      inv_t: float, cfg: _HeadConfig) -> Tuple[Tensor, Tensor]:
     """Flat (N, H) rows -> fp32 (logp, entropy) (N,), computing only unmasked rows; 0 at masked rows.
     Differentiable w.r.t. hidden, weight and bias; nothing is saved under ``torch.no_grad``."""
+    check_no_forward_ad("linear_token_logprobs / linear_grpo_loss", h2, weight, bias)
     logp, ent, _ = torch.ops.gxpo.linear_token_stats_fwd(h2, weight, bias, tokens1, m1, float(inv_t),
                                                          *cfg_args(cfg))
     return logp, ent

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import (check_same_device, check_shape, check_tensor, masked_row_index, resolve_backend,
-                       triton_interpret)
+from ..._utils import (autocast_off, check_same_device, check_shape, check_tensor, masked_row_index,
+                       resolve_backend, triton_interpret)
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -328,6 +328,7 @@ def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
 
 @torch.no_grad()
+@autocast_off
 def linear_token_stats_fwd(h, w, b, y, inv_t, cfg: _HeadConfig):
     """Host forward on flat, validated inputs: (lse, entropy, logp), each fp32 (N,)."""
     if h.shape[0] == 0:  # every row masked: nothing to launch
@@ -337,6 +338,7 @@ def linear_token_stats_fwd(h, w, b, y, inv_t, cfg: _HeadConfig):
 
 
 @torch.no_grad()
+@autocast_off
 def linear_token_stats_bwd(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg: _HeadConfig, need):
     """Host backward: fp32 (grad_hidden (N,H), grad_weight (V,H), grad_bias (V,)); None where not needed."""
     fn = _bwd_triton if cfg.backend == "triton" else _bwd_torch
@@ -375,10 +377,15 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
     check_same_device(hidden, hn, **{wn: weight, bn: bias})
 
 
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                       and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
     """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
 
 

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import check_validate, safe_tokens
+from ..._utils import BACKENDS, check_choice, check_no_forward_ad, check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
-from ..fused_head.engine import (MaskedRows, linear_token_stats_bwd, linear_token_stats_fwd, make_head_config,
-                                 validate_head)
+from ..fused_head.engine import (MaskedRows, check_chunk_size, linear_token_stats_bwd, linear_token_stats_fwd,
+                                 make_head_config, validate_head)
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -34,6 +34,11 @@ class _PrecomputedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradients are constants, so a second derivative through them would
+            # silently be 0 (e.g. a gradient penalty would get no gradient)
+            raise RuntimeError("linear_grpo_loss(grad_in_forward=True) computes its gradients during forward and "
+                               "cannot be differentiated twice (create_graph=True); pass grad_in_forward=False")
         gh, gw, gb = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
         return None, scale(gh), scale(gw), scale(gb), None, None, None
@@ -41,6 +46,7 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def _loss_with_grads_in_forward(h2, weight, bias, y1, m1, inv_t, cfg, B, T, loss_fn, entropy_needed):
     """Forward statistics, the loss on detached per-token leaves, then the head's backward at once."""
+    check_no_forward_ad("linear_grpo_loss", h2, weight, bias)
     rows = MaskedRows(m1)
     h, y = rows.take(h2), rows.take(y1)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
@@ -166,6 +172,10 @@ class LinearGRPOLoss(nn.Module):
         # validate now so a bad option fails at construction, not at the first step
         self.options = GRPOLossOptions.build(options, **loss_options)
         check_validate(validate)
+        check_choice(backend, "backend", BACKENDS)
+        check_chunk_size(chunk_size)
+        if grad_in_forward and not self.options.reduce:
+            raise ValueError("grad_in_forward=True needs a scalar loss (reduce=True)")
         self.call_options = dict(compute_entropy=compute_entropy, check_finite=check_finite, validate=validate,
                                  fp32_head=fp32_head, deterministic=deterministic, chunk_size=chunk_size,
                                  grad_in_forward=grad_in_forward, backend=backend)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._utils import check_no_forward_ad
 from .kernel import token_logprobs_bwd, token_logprobs_fwd
 
 
@@ -74,7 +75,9 @@ def _backward(ctx, dlogp, dentropy, _dlse):
     if not ctx.compute_entropy:
         dentropy = None
     args = (tokens, mask, lse, entropy, dlogp, dentropy, ctx.temperature, ctx.backend)
-    if ctx.inplace:
+    # create_graph=True (grad mode on in backward): the in-place result would carry the logits' own autograd
+    # history, a wrong second derivative without an error; the out-of-place op raises when differentiated
+    if ctx.inplace and not torch.is_grad_enabled():
         torch.ops.gxpo.token_logprobs_bwd_(logits, *args)
         dlogits = logits
     else:
@@ -88,6 +91,7 @@ torch.library.register_autograd("gxpo::token_logprobs_fwd", _backward, setup_con
 def token_logprobs_op(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
                       compute_entropy: bool, inplace_backward: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """(logp, entropy) through the registered op (differentiable; nothing saved under no_grad)."""
+    check_no_forward_ad("token_logprobs / grpo_loss", logits)
     logp, entropy, _ = torch.ops.gxpo.token_logprobs_fwd(logits, tokens, mask, float(temperature),
                                                          bool(compute_entropy), bool(inplace_backward), backend)
     return logp, entropy

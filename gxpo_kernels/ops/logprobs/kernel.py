@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import triton_interpret
+from ..._utils import autocast_off, triton_interpret
 
 # Row counts, the batch row stride and the temperature change from call to call: never specialise on them, so a
 # new sequence length or temperature reuses the compiled kernel. stride_t (normally V) stays specialised so the
@@ -297,6 +297,7 @@ def _bwd_torch(logits, tokens, mask, lse, entropy, dlogp, dentropy, temperature,
 
 
 # --------------------------------------------------------------------------------------------- host launchers
+@autocast_off
 def token_logprobs_fwd(
     logits: torch.Tensor,            # (B, T, V) float, last dim contiguous
     tokens: torch.Tensor,            # (B, T) int
@@ -327,6 +328,7 @@ def token_logprobs_fwd(
     return logp, ent, lse
 
 
+@autocast_off
 def token_logprobs_bwd(
     logits: torch.Tensor,                # (B, T, V)
     tokens: torch.Tensor,                # (B, T)

@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import check_same_device, check_shape, check_temperature, check_tensor, checked_mask
+from ..._utils import (check_same_device, check_shape, check_temperature, check_tensor, checked_mask,
+                       compiled_safe_tokens, nan_at)
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import make_head_config, validate_head
@@ -52,7 +53,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
+    tokens, bad = compiled_safe_tokens(tokens, weight.shape[0], m)
     logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
                                  m.reshape(-1), 1.0 / float(temperature), cfg)
-    logp = logp.view(shape)
+    logp = nan_at(bad, logp.view(shape))
     return logp, (ent.view(shape) if compute_entropy else None)

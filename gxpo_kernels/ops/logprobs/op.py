@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, has_internal_overlap,
-                       resolve_backend)
+from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, compiled_safe_tokens,
+                       has_internal_overlap, nan_at, resolve_backend)
 from . import _library
 
 
@@ -42,7 +42,8 @@ def token_logprobs(
             cost no pass over the vocabulary.
         compute_entropy: also return the entropy (almost free: same pass); ``False`` returns ``None``.
         inplace_backward: the backward writes dlogits into the ``logits`` buffer (saves B*T*V memory). The
-            logits' values are destroyed by the backward; do not reuse them. Ignored under ``torch.compile``.
+            logits' values are destroyed by the backward; do not reuse them. Ignored under ``torch.compile``
+            and for a leaf tensor or a view of one (nothing to save: autograd copies a leaf's gradient).
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton" or "torch".
 
     Returns:
@@ -65,7 +66,9 @@ def token_logprobs(
     temperature = check_temperature(temperature)
     m = checked_mask(mask, (B, T), logits.device, tokens, V, none_is_all=False)
     bk = resolve_backend(backend, logits.device)
-    return _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
+    tokens, bad = compiled_safe_tokens(tokens, V, m)
+    logp, ent = _token_logprobs(logits, tokens, m, float(temperature), compute_entropy, inplace_backward, bk)
+    return nan_at(bad, logp), ent
 
 
 def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_backward, backend):
@@ -77,6 +80,10 @@ def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_
         raise ValueError(f"inplace_backward=True needs logits whose elements do not overlap in memory; got shape "
                          f"{tuple(logits.shape)} with strides {logits.stride()} (pass inplace_backward=False, "
                          "or a contiguous copy)")
+    if inplace_backward and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
+        # the memory of a leaf (or a view of one) is the caller's tensor, and autograd copies a leaf's gradient
+        # anyway: overwriting it would destroy the caller's values and save nothing
+        inplace_backward = False
     logp, ent = _library.token_logprobs_op(logits, tokens, mask, temperature, compute_entropy,
                                            inplace_backward, backend)
     return logp, (ent if compute_entropy else None)
