@@ -55,7 +55,8 @@ def autocast_off(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
-        if dev is None or not torch.is_autocast_enabled(dev):
+        # (meta tensors, as the sm_90 compile check passes, have no autocast state to ask about)
+        if dev is None or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
             return fn(*args, **kwargs)
         with torch.autocast(dev, enabled=False):
             return fn(*args, **kwargs)
