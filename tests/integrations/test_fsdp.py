@@ -80,7 +80,7 @@ def test_matches_single_process_rule(runs, name):
         for k in ("active", "fell_back", "fallback_reason", "skipped", "backward_passes"):
             assert i0.get(k) == i1.get(k) == ir.get(k), (name, k, i0.get(k), i1.get(k), ir.get(k))
         for k in ("grad_norm_0", "grad_norm_1", "grad_norm_corr", "scale_mean", "scale_max", "retention_mean",
-                  "cos_g0_g1", "cos_g0_gcorr", "disp_norm", "gate_z"):
+                  "cos_g0_g1", "cos_g0_gcorr", "disp_norm", "gate_z", "entropy_signal"):   # the dp-mean entropy
             if isinstance(ir.get(k), float) and ir[k] == ir[k]:
                 assert i0[k] == i1[k], (name, k)
                 assert abs(i0[k] - ir[k]) <= 1e-5 * max(1.0, abs(ir[k])), (name, k, i0[k], ir[k])

@@ -278,6 +278,7 @@ class _DeepSpeedRule(ShardedReductions):
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
         self.last_extrapolation = None                    # report shard_numel / backend only for this step's
+        self._gate_entropy = None
         try:
             info = super().step(closure, entropy=entropy, force_plain=force_plain)
         except BaseException:
@@ -305,6 +306,7 @@ class _DeepSpeedRule(ShardedReductions):
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
+        self._report_gate_entropy(info)
         return info
 
 

@@ -156,10 +156,12 @@ class _FSDPRule(ShardedReductions):
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
         count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
         self.last_extrapolation = None
+        self._gate_entropy = None
         info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
+        self._report_gate_entropy(info)
         return info
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
