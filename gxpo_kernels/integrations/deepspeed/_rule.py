@@ -49,7 +49,7 @@ class _DeepSpeedRule(ShardedReductions):
         self._stash = {}
         self._any_applied = False
         self._overflow_seen = False
-        self._broken_accumulation: Optional[tuple] = None   # (backward calls, gas) of a pass that raised midway
+        self._broken_accumulation: Optional[int] = None   # backward calls of a pass that stopped midway
         self.last_extrapolation: Optional[dict] = None
         self._pad_by_id = {id(sh): gaps for sh, gaps in zip(zero.shards(), zero.padding_segments())}
         # DeepSpeed-owned persistent .grad buffers (CPU offload); restored after the rule borrows .grad
@@ -230,14 +230,14 @@ class _DeepSpeedRule(ShardedReductions):
             return out
 
         eng.backward = backward
+        done = False
         try:
             loss = super()._run_closure(closure, pass_index)
-        except BaseException:
-            if gas > 1 and count[0]:
-                self._broken_accumulation = (count[0], gas)
-            raise
+            done = count[0] == gas
         finally:
             del eng.backward
+            if gas > 1 and count[0] and not done:      # DeepSpeed is left in the middle of an accumulation
+                self._broken_accumulation = count[0]
         if count[0] != gas:
             raise RuntimeError(f"the closure must call engine.backward once per micro-batch "
                                f"(gradient_accumulation_steps={gas}); it called it {count[0]} times")
@@ -265,12 +265,12 @@ class _DeepSpeedRule(ShardedReductions):
         gas = eng.gradient_accumulation_steps()
         if eng.micro_steps % gas:
             if self._broken_accumulation is not None:
-                n, _ = self._broken_accumulation
-                raise RuntimeError(f"an earlier rule.step raised inside its closure after {n} of the "
-                                   f"gradient_accumulation_steps={gas} engine.backward calls of a pass: DeepSpeed's "
-                                   "partial gradient accumulation cannot be rewound, so this engine cannot continue; "
-                                   "load a checkpoint into a fresh engine (an exception before the pass's first "
-                                   "engine.backward, or with gradient_accumulation_steps=1, is rewound)")
+                raise RuntimeError(f"an earlier rule.step stopped inside a pass after {self._broken_accumulation} "
+                                   f"engine.backward call(s) (gradient_accumulation_steps={gas}): its closure raised, "
+                                   "or called engine.backward a wrong number of times. DeepSpeed's partial gradient "
+                                   "accumulation cannot be rewound, so this engine cannot continue; load a checkpoint "
+                                   "into a fresh engine (an exception before the pass's first engine.backward, or "
+                                   "with gradient_accumulation_steps=1, is rewound)")
             raise RuntimeError(f"engine.micro_steps={eng.micro_steps} is not on a gradient-accumulation boundary "
                                f"(gas={gas}): do not call engine.step() yourself between rule.step() calls")
         g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
