@@ -71,6 +71,8 @@ def fsdp_closure(model, opt, rule, step, case):
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = mse(model, X[step, lo:hi], Y[step, lo:hi])
+        # between the forward and its backward: FSDP still holds the unsharded parameters of this pass
+        _maybe_raise(case, step, rule.pass_index, key="raise_before_backward")
         loss.backward()
         if rank == 1 and (step, rule.pass_index) == case.get("nan"):   # a NaN in ONE rank's local shard only
             model.l1.weight.grad.to_local()[NAN_LOCAL] = math.nan
@@ -83,9 +85,9 @@ class Injected(RuntimeError):
     pass
 
 
-def _maybe_raise(case, step, pass_index):
-    """Raise once (on every rank) at case["raise_at"] = (step, pass): the rule must rewind the whole step."""
-    if (step, pass_index) == case.get("raise_at") and not case.setdefault("_raised", set()) >= {step}:
+def _maybe_raise(case, step, pass_index, key="raise_at"):
+    """Raise once (on every rank) at case[key] = (step, pass): the rule must rewind the whole step."""
+    if (step, pass_index) == case.get(key) and not case.setdefault("_raised", set()) >= {step}:
         case["_raised"].add(step)
         raise Injected(f"injected at step {step}, pass {pass_index}")
 
@@ -300,6 +302,8 @@ def single_process_reference(case):
     """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
     from gxpo_kernels.update import GXPO, SFPO
     case = dict(case)                              # _maybe_raise marks it
+    if "raise_before_backward" in case:            # one process: where in the closure it raises does not matter
+        case["raise_at"] = case.pop("raise_before_backward")
     model = Net()
     opt = make_optimizer(model, case)
     cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO

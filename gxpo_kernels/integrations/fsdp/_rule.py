@@ -90,6 +90,21 @@ class _FSDPRule(ShardedReductions):
                                "closure's last backward")
         return loss
 
+    def _abort_step_(self) -> None:
+        """An exception inside the step. Between a forward and its backward FSDP leaves modules unsharded (the root
+        always: it keeps its parameters for the backward); the rewind then edits the shards, and the next forward
+        would reuse the stale unsharded copy, silently, at the point the aborted pass ran. Reshard first (torch's
+        ``reset_iter_state`` also clears FSDP's per-iteration state; older torch: ``reshard`` per module)."""
+        from torch.distributed.fsdp import FSDPModule
+        super()._abort_step_()
+        reset = getattr(self.model, "reset_iter_state", None)
+        if reset is not None:
+            reset()
+        else:
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     # ---- reductions ---------------------------------------------------------------------------------------------
     def _reduce_group(self):
         return self.mesh.get_group()
