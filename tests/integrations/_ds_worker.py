@@ -6,6 +6,7 @@ what the parent compares against the single-process rules (``single_process_refe
 """
 import math
 import os
+import warnings
 
 import torch
 
@@ -200,12 +201,14 @@ def run_case(case):
     _cpp.extrapolate_cpp_ = spy
     infos = []
     try:
-        for step in range(case.get("steps", 3)):
-            ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
-            info = _step(rule, _closure(engine, rule, step, gas=case.get("gas", 1), nan_rank=case.get("nan_rank"),
-                                        nan_pass=case.get("nan_pass"), nan_step=case.get("nan_step"), case=case),
-                         ent)
-            infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        with warnings.catch_warnings(record=True) as caught:   # e.g. torch's LR scheduler on a wrapped step
+            warnings.simplefilter("always")
+            for step in range(case.get("steps", 3)):
+                ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
+                info = _step(rule, _closure(engine, rule, step, gas=case.get("gas", 1),
+                                            nan_rank=case.get("nan_rank"), nan_pass=case.get("nan_pass"),
+                                            nan_step=case.get("nan_step"), case=case), ent)
+                infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
     finally:
         _cpp.extrapolate_cpp_ = orig
     rec = gather_full(engine, rule)
@@ -214,7 +217,8 @@ def run_case(case):
                valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
-               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()))
+               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()),
+               sched_warnings=[str(w.message) for w in caught if "learning rate scheduler" in str(w.message)])
     return rec
 
 

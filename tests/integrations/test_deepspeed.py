@@ -120,6 +120,8 @@ def _check_parity(name, case, recs, rms_tol, max_tol):
                 assert abs(i0[k] - ir[k]) <= 1e-4 * max(1.0, abs(ir[k])), (name, k, i0[k], ir[k])
     assert r0["lr"] == r1["lr"] and all(abs(a - b) < 1e-12 for a, b in zip(r0["lr"], ref["lr"])), name
     assert r0["global_steps"] == case.get("steps", 3), name
+    # the rule's wrapper keeps torch's LR-scheduler call tracker: no "optimizer.step() has been overridden" warning
+    assert r0["sched_warnings"] == r1["sched_warnings"] == [], (name, r0["sched_warnings"])
     # the model the next forward sees is the master rounded to the model dtype, on every rank
     for rec in (r0, r1):
         lp, master = _flat(rec["lowp"]), _flat(rec["params"])

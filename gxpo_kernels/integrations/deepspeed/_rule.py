@@ -62,6 +62,8 @@ class _DeepSpeedRule(ShardedReductions):
 
         def step(*args, **kwargs):
             return self._wrapped_base_step(orig, *args, **kwargs)
+        if hasattr(orig, "_wrapped_by_lr_sched"):        # a torch LR scheduler's call tracker, which orig still
+            step._wrapped_by_lr_sched = True              # runs: else its first step warns "overridden after ..."
         opt.step = step                                   # instance attribute: DeepSpeed calls optimizer.step()
         opt._gxpo_rule_attached = True
 
