@@ -70,6 +70,14 @@ def fsdp_closure(model, opt, rule, step, case):
 
     def closure():
         opt.zero_grad(set_to_none=True)
+        if case.get("micro"):         # two micro-batches, FSDP's gradient sync on the last one only
+            mid = (lo + hi) // 2
+            for b, (a, z) in enumerate(((lo, mid), (mid, hi))):
+                model.set_requires_gradient_sync(b == 1)
+                loss = mse(model, X[step, a:z], Y[step, a:z]) / 2
+                loss.backward()
+                _maybe_raise(case, step, rule.pass_index, key="raise_between_micro")
+            return loss
         loss = mse(model, X[step, lo:hi], Y[step, lo:hi])
         # between the forward and its backward: FSDP still holds the unsharded parameters of this pass
         _maybe_raise(case, step, rule.pass_index, key="raise_before_backward")
@@ -302,8 +310,9 @@ def single_process_reference(case):
     """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
     from gxpo_kernels.update import GXPO, SFPO
     case = dict(case)                              # _maybe_raise marks it
-    if "raise_before_backward" in case:            # one process: where in the closure it raises does not matter
-        case["raise_at"] = case.pop("raise_before_backward")
+    for key in ("raise_before_backward", "raise_between_micro"):   # one process: where it raises does not matter
+        if key in case:
+            case["raise_at"] = case.pop(key)
     model = Net()
     opt = make_optimizer(model, case)
     cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
