@@ -6,7 +6,8 @@ the device the collectives run on (NCCL reduces accelerator tensors only, gloo C
 
 - ``_all_reduce_(stats)``: the rule's reduction contract ([:-1] SUM, [-1] MAX) in ONE collective: an all-gather
   of the local vector, then a sum / max over the ranks in rank order (bit-identical on every rank);
-- ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies;
+- ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies (and
+  ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``);
 - ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
 """
 from __future__ import annotations
@@ -56,7 +57,15 @@ class ShardedReductions:
             t = torch.tensor([float(entropy)], dtype=torch.float64, device=self._reduce_device())
             dist.all_reduce(t, group=self._reduce_group())
             entropy = float(t) / self._world()
+            self._gate_entropy = entropy
         return super()._observe_entropy(entropy)
+
+    def _report_gate_entropy(self, info: dict) -> None:
+        """SFPO's ``info["entropy_signal"]`` is this rank's entropy; where the gate saw the dp-mean, report that
+        (the same number on every rank, the one the gate decided on). Call it after the step; it resets."""
+        if getattr(self, "_gate_entropy", None) is not None and "entropy_signal" in info:
+            info["entropy_signal"] = self._gate_entropy
+        self._gate_entropy = None
 
     def _record_extrapolation(self, views: List[torch.Tensor]) -> None:
         from ..ops.extrapolate.op import extrapolate_backend

@@ -6,6 +6,7 @@ what the parent compares against the single-process rules (``single_process_refe
 """
 import math
 import os
+import warnings
 
 import torch
 
@@ -103,21 +104,49 @@ def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False
     return cfg
 
 
-def _closure(engine, rule, step, *, gas, nan_rank=None, nan_pass=None, nan_step=None):
+class Injected(RuntimeError):
+    pass
+
+
+def _maybe_raise(case, step, pass_index, after):
+    """Raise once (on every rank) at case["raise_at"] = (step, pass[, micro-batches done]): by default after the
+    pass's last backward; the rule must rewind the whole step, ZeRO's gradient buffers included."""
+    at = case.get("raise_at")
+    if at is None or (step, pass_index) != tuple(at[:2]) or after != (at[2] if len(at) > 2 else None):
+        return
+    if step not in case.setdefault("_raised", set()):
+        case["_raised"].add(step)
+        raise Injected(f"injected at step {step}, pass {pass_index}")
+
+
+def _closure(engine, rule, step, *, gas, nan_rank=None, nan_pass=None, nan_step=None, case=None):
     rank = torch.distributed.get_rank()
     lo = rank * ROWS // WORLD
     mb = ROWS // WORLD // gas
+    case = {} if case is None else case
 
     def closure():
         tot = 0.0
         for j in range(gas):
+            _maybe_raise(case, step, rule.pass_index, j)
             loss = batch_loss(engine, step, lo + j * mb, lo + (j + 1) * mb)
             if rank == nan_rank and step == nan_step and rule.pass_index == nan_pass:
                 loss = loss * math.nan
+            if step == case.get("zero_step"):          # a zero gradient: GXPO's small-g0 fallback
+                loss = loss * 0.0
             engine.backward(loss)
             tot += float(loss.detach())
+        _maybe_raise(case, step, rule.pass_index, None)
         return tot / gas
     return closure
+
+
+def _step(rule, closure, entropy):
+    """rule.step; an injected exception is retried once (the rule rewound the step)."""
+    try:
+        return rule.step(closure, entropy=entropy)
+    except Injected:
+        return rule.step(closure, entropy=entropy)
 
 
 def gather_full(engine, rule):
@@ -172,11 +201,14 @@ def run_case(case):
     _cpp.extrapolate_cpp_ = spy
     infos = []
     try:
-        for step in range(case.get("steps", 3)):
-            ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
-            info = rule.step(_closure(engine, rule, step, gas=case.get("gas", 1), nan_rank=case.get("nan_rank"),
-                                      nan_pass=case.get("nan_pass"), nan_step=case.get("nan_step")), entropy=ent)
-            infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        with warnings.catch_warnings(record=True) as caught:   # e.g. torch's LR scheduler on a wrapped step
+            warnings.simplefilter("always")
+            for step in range(case.get("steps", 3)):
+                ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
+                info = _step(rule, _closure(engine, rule, step, gas=case.get("gas", 1),
+                                            nan_rank=case.get("nan_rank"), nan_pass=case.get("nan_pass"),
+                                            nan_step=case.get("nan_step"), case=case), ent)
+                infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
     finally:
         _cpp.extrapolate_cpp_ = orig
     rec = gather_full(engine, rule)
@@ -185,7 +217,8 @@ def run_case(case):
                valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
-               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()))
+               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()),
+               sched_warnings=[str(w.message) for w in caught if "learning rate scheduler" in str(w.message)])
     return rec
 
 
@@ -204,11 +237,35 @@ def refused(case):
     return None
 
 
+def broken_accumulation(case):
+    """A closure that raises between two engine.backward calls of a pass (gradient accumulation): DeepSpeed's
+    partial accumulation cannot be rewound, so the next step must refuse, saying why; returns its message."""
+    from gxpo_kernels.integrations import deepspeed as gds
+    model = make_mlp()
+    engine, rule = gds.initialize(model=model, config=ds_config(case["stage"], gas=case["gas"]),
+                                  optimizer=make_optimizer(model, case), gxpo=dict(case.get("rule", {})))
+    case = dict(case)
+    try:
+        rule.step(_closure(engine, rule, 0, gas=case["gas"], case=case))
+    except Injected:
+        pass
+    try:
+        rule.step(_closure(engine, rule, 0, gas=case["gas"]))
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def worker(rank, port, outdir, cases):
     rank_env(rank, port)
     recs = {}
     for name, case in cases.items():
-        recs[name] = refused(case) if case.get("refused") else run_case(case)
+        if case.get("refused"):
+            recs[name] = refused(case)
+        elif case.get("broken"):
+            recs[name] = broken_accumulation(case)
+        else:
+            recs[name] = run_case(case)
     # a local non-finite count on one rank only must reach every rank through the rule's reduction
     recs["_allreduce"] = _allreduce_probe()
     torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))
@@ -252,6 +309,7 @@ def single_process_reference(case):
     rule = cls(opt, **kw)
     gas = case.get("gas", 1)
     infos = []
+    case = dict(case)                              # _maybe_raise marks it
     for step in range(case.get("steps", 3)):
         def closure(step=step):
             opt.zero_grad(set_to_none=True)
@@ -265,6 +323,8 @@ def single_process_reference(case):
                     if r == case.get("nan_rank") and step == case.get("nan_step") and \
                             rule.pass_index == case.get("nan_pass"):
                         loss = loss * math.nan
+                    if step == case.get("zero_step"):
+                        loss = loss * 0.0
                     (loss / (WORLD * gas)).backward()
                     tot += float(loss.detach()) / (WORLD * gas)
                     if bf16:                    # fp32 accumulation of each micro-batch's bf16 gradient
@@ -274,11 +334,12 @@ def single_process_reference(case):
             if bf16 and not case.get("bf16_optimizer"):   # ZeRO keeps the reduced bf16 grad in bf16
                 for m in master:
                     m.grad = m.grad.to(torch.bfloat16).float()
+            _maybe_raise(case, step, rule.pass_index, None)
             return tot
         ent = None
         if "entropy" in case:
             ent = sum(case["entropy"][step]) / WORLD
-        infos.append(rule.step(closure, entropy=ent))
+        infos.append(_step(rule, closure, ent))
         if sched is not None:
             sched.step()
     master = list(model.parameters())           # module order, as safe_get_full_* reads them

@@ -70,7 +70,17 @@ def fsdp_closure(model, opt, rule, step, case):
 
     def closure():
         opt.zero_grad(set_to_none=True)
+        if case.get("micro"):         # two micro-batches, FSDP's gradient sync on the last one only
+            mid = (lo + hi) // 2
+            for b, (a, z) in enumerate(((lo, mid), (mid, hi))):
+                model.set_requires_gradient_sync(b == 1)
+                loss = mse(model, X[step, a:z], Y[step, a:z]) / 2
+                loss.backward()
+                _maybe_raise(case, step, rule.pass_index, key="raise_between_micro")
+            return loss
         loss = mse(model, X[step, lo:hi], Y[step, lo:hi])
+        # between the forward and its backward: FSDP still holds the unsharded parameters of this pass
+        _maybe_raise(case, step, rule.pass_index, key="raise_before_backward")
         loss.backward()
         if rank == 1 and (step, rule.pass_index) == case.get("nan"):   # a NaN in ONE rank's local shard only
             model.l1.weight.grad.to_local()[NAN_LOCAL] = math.nan
@@ -83,9 +93,9 @@ class Injected(RuntimeError):
     pass
 
 
-def _maybe_raise(case, step, pass_index):
-    """Raise once (on every rank) at case["raise_at"] = (step, pass): the rule must rewind the whole step."""
-    if (step, pass_index) == case.get("raise_at") and not case.setdefault("_raised", set()) >= {step}:
+def _maybe_raise(case, step, pass_index, key="raise_at"):
+    """Raise once (on every rank) at case[key] = (step, pass): the rule must rewind the whole step."""
+    if (step, pass_index) == case.get(key) and not case.setdefault("_raised", set()) >= {step}:
         case["_raised"].add(step)
         raise Injected(f"injected at step {step}, pass {pass_index}")
 
@@ -300,6 +310,9 @@ def single_process_reference(case):
     """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
     from gxpo_kernels.update import GXPO, SFPO
     case = dict(case)                              # _maybe_raise marks it
+    for key in ("raise_before_backward", "raise_between_micro"):   # one process: where it raises does not matter
+        if key in case:
+            case["raise_at"] = case.pop(key)
     model = Net()
     opt = make_optimizer(model, case)
     cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO

@@ -49,6 +49,7 @@ class _DeepSpeedRule(ShardedReductions):
         self._stash = {}
         self._any_applied = False
         self._overflow_seen = False
+        self._broken_accumulation: Optional[int] = None   # backward calls of a pass that stopped midway
         self.last_extrapolation: Optional[dict] = None
         self._pad_by_id = {id(sh): gaps for sh, gaps in zip(zero.shards(), zero.padding_segments())}
         # DeepSpeed-owned persistent .grad buffers (CPU offload); restored after the rule borrows .grad
@@ -61,6 +62,8 @@ class _DeepSpeedRule(ShardedReductions):
 
         def step(*args, **kwargs):
             return self._wrapped_base_step(orig, *args, **kwargs)
+        if hasattr(orig, "_wrapped_by_lr_sched"):        # a torch LR scheduler's call tracker, which orig still
+            step._wrapped_by_lr_sched = True              # runs: else its first step warns "overridden after ..."
         opt.step = step                                   # instance attribute: DeepSpeed calls optimizer.step()
         opt._gxpo_rule_attached = True
 
@@ -163,6 +166,20 @@ class _DeepSpeedRule(ShardedReductions):
         self._lp_dirty = True
 
     @torch.no_grad()
+    def _rewind_for_fallback(self) -> None:
+        if self._pending:
+            # pass 0's engine.step() applied a step the single-process rule never takes (it falls back before its
+            # first optimizer step: ‖g0‖ <= min_grad_norm with fallback_grad="recompute"): undo all of it, the
+            # optimizer state too whatever fallback_state says ("keep" keeps the steps the rule took, not this one)
+            self._pending = False
+            if self._snapped_params:
+                self._restore_params_()
+                if self._snapped_opt:
+                    self._restore_optimizer_state_()
+            return
+        super()._rewind_for_fallback()
+
+    @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
         super()._restore_optimizer_state_()
         self.zero.relink_optimizer_views()
@@ -215,10 +232,14 @@ class _DeepSpeedRule(ShardedReductions):
             return out
 
         eng.backward = backward
+        done = False
         try:
             loss = super()._run_closure(closure, pass_index)
+            done = count[0] == gas
         finally:
             del eng.backward
+            if gas > 1 and count[0] and not done:      # DeepSpeed is left in the middle of an accumulation
+                self._broken_accumulation = count[0]
         if count[0] != gas:
             raise RuntimeError(f"the closure must call engine.backward once per micro-batch "
                                f"(gradient_accumulation_steps={gas}); it called it {count[0]} times")
@@ -228,9 +249,16 @@ class _DeepSpeedRule(ShardedReductions):
     # ---- the outer update -------------------------------------------------------------------------------------
     def _abort_step_(self) -> None:
         """An exception inside the step: drop a DeepSpeed-applied step that was not consumed (the rewind of the
-        shards and the optimizer state follows) and re-sync the low-precision copy after the rewind."""
+        shards and the optimizer state follows), drop the gradients a closure that raised after
+        ``engine.backward`` left in ZeRO's accumulation buffers, and re-sync the low-precision copy after the
+        rewind."""
         self._pending = False
         self._lp_dirty = True
+        if self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0:
+            # on the boundary: nothing is mid-accumulation, so this is exactly the state after an engine.step().
+            # Without it ZeRO-3 (micro_step_id) and the BF16_Optimizer (fp32 grads) ADD the aborted pass's
+            # gradient to the next pass's: the retried step silently used g + g_aborted
+            self.engine.optimizer.zero_grad(set_to_none=True)
 
     def step(self, closure: Callable, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` runs forward + ``engine.backward(loss)`` for
@@ -238,6 +266,13 @@ class _DeepSpeedRule(ShardedReductions):
         eng = self.engine
         gas = eng.gradient_accumulation_steps()
         if eng.micro_steps % gas:
+            if self._broken_accumulation is not None:
+                raise RuntimeError(f"an earlier rule.step stopped inside a pass after {self._broken_accumulation} "
+                                   f"engine.backward call(s) (gradient_accumulation_steps={gas}): its closure raised, "
+                                   "or called engine.backward a wrong number of times. DeepSpeed's partial gradient "
+                                   "accumulation cannot be rewound, so this engine cannot continue; load a checkpoint "
+                                   "into a fresh engine (an exception before the pass's first engine.backward, or "
+                                   "with gradient_accumulation_steps=1, is rewound)")
             raise RuntimeError(f"engine.micro_steps={eng.micro_steps} is not on a gradient-accumulation boundary "
                                f"(gas={gas}): do not call engine.step() yourself between rule.step() calls")
         g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
@@ -245,10 +280,15 @@ class _DeepSpeedRule(ShardedReductions):
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
         self._any_applied = self._overflow_seen = False
         self.last_extrapolation = None                    # report shard_numel / backend only for this step's
+        self._gate_entropy = None
         try:
             info = super().step(closure, entropy=entropy, force_plain=force_plain)
         except BaseException:
             self._sync_lp()
+            # the step was rewound: so are the counters its internal engine.step() calls advanced
+            eng.global_steps, eng.global_samples, eng.skipped_steps = g_steps, g_samples, skipped
+            if scaler_snap is not None:
+                vars(scaler).update(scaler_snap)
             raise
         if self._pending:
             raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
@@ -268,6 +308,7 @@ class _DeepSpeedRule(ShardedReductions):
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
+        self._report_gate_entropy(info)
         return info
 
 

@@ -90,6 +90,32 @@ class _FSDPRule(ShardedReductions):
                                "closure's last backward")
         return loss
 
+    def _abort_step_(self) -> None:
+        """An exception inside the step. Between a forward and its backward FSDP leaves modules unsharded (the root
+        always: it keeps its parameters for the backward); the rewind then edits the shards, and the next forward
+        would reuse the stale unsharded copy, silently, at the point the aborted pass ran. Reshard first (torch's
+        ``reset_iter_state`` also clears FSDP's per-iteration state; older torch: ``reshard`` per module). A closure
+        that accumulates micro-batches without gradient sync (``set_requires_gradient_sync(False)``) and raised
+        before its last one leaves their sum in the unsharded parameters' ``.grad``, which neither clears and the
+        next backward would add to: drop it too."""
+        from torch.distributed.fsdp import FSDPModule
+        super()._abort_step_()
+        reset = getattr(self.model, "reset_iter_state", None)
+        if reset is not None:
+            reset()
+        else:
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        for m in self.model.modules():
+            state = m._get_fsdp_state() if isinstance(m, FSDPModule) else None
+            for group in getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]:
+                for fp in getattr(group, "fsdp_params", ()):
+                    if getattr(fp, "_unsharded_param", None) is not None:
+                        fp._unsharded_param.grad = None
+                    if getattr(fp, "unsharded_accumulated_grad", None) is not None:   # (reduce_dtype set)
+                        fp.unsharded_accumulated_grad = None
+
     # ---- reductions ---------------------------------------------------------------------------------------------
     def _reduce_group(self):
         return self.mesh.get_group()
@@ -156,10 +182,12 @@ class _FSDPRule(ShardedReductions):
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
         count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
         self.last_extrapolation = None
+        self._gate_entropy = None
         info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
+        self._report_gate_entropy(info)
         return info
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
