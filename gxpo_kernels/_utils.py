@@ -264,6 +264,13 @@ def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None
         raise ValueError(f"{name} contains NaN or inf" + (" at unmasked positions" if mask is not None else ""))
 
 
+def check_bias_finite(bias: Optional[torch.Tensor]) -> None:
+    """``check_finite`` for an lm_head bias: NaN or +inf is refused, -inf is allowed (a banned token, probability
+    0). Reads the data: a host sync on CUDA."""
+    if bias is not None and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
+        raise ValueError("bias contains NaN or +inf (-inf entries, banned tokens, are allowed)")
+
+
 def normalize_mask(mask: Optional[torch.Tensor], shape, device, check_values: bool = True) -> torch.Tensor:
     """Return a bool mask of ``shape`` (all True when ``mask`` is None), validating dtype and shape.
 

@@ -307,5 +307,15 @@ def test_bad_inputs_raise_clear_errors():
         h = d["hidden"].clone()
         h[0, 0, 0] = float("nan")
         call(hidden=h, kw=dict(check_finite=True))
+    for v in (float("nan"), float("inf")):   # a NaN/+inf bias used to pass check_finite (found by fuzzing)
+        b = d["bias"].clone()
+        b[3] = v
+        with pytest.raises(ValueError, match="bias contains"):
+            call(bias=b, kw=dict(check_finite=True))
+        with pytest.raises(ValueError, match="bias contains"):
+            linear_token_logprobs(d["hidden"], d["weight"], d["tokens"].clamp(min=0), bias=b, check_finite=True)
+    b = d["bias"].clone()
+    b[3] = float("-inf")                      # a banned token: allowed
+    call(bias=b, kw=dict(check_finite=True))
     with pytest.raises(ValueError, match="temperature"):
         linear_token_logprobs(d["hidden"], d["weight"], d["tokens"].clamp(min=0), 0.0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import BACKENDS, check_choice, check_no_forward_ad, check_validate, safe_tokens
+from ..._utils import BACKENDS, check_bias_finite, check_choice, check_no_forward_ad, check_validate, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, check_chunk_size, linear_token_stats_bwd, linear_token_stats_fwd,
@@ -93,7 +93,8 @@ def linear_grpo_loss(
         inplace_backward: accepted for signature compatibility with ``grpo_loss``; there is no logits
             buffer to overwrite here, so it changes nothing.
         check_finite: raise ValueError if hidden (unmasked rows), weight or the per-token log-probs are
-            NaN/inf (a host sync). validate: "cheap" | "full", as ``grpo_loss``.
+            NaN/inf, or bias NaN/+inf (-inf: a banned token) (a host sync). validate: "cheap" | "full", as
+            ``grpo_loss``.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows a bf16 hidden with an fp32 weight).
         deterministic: bitwise reproducible gradients (always the case: no atomics). chunk_size: token rows
             per chunk of the torch backend and of the Triton backward's d(logits) buffer.
@@ -130,6 +131,7 @@ def linear_grpo_loss(
     if check_finite:
         _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
+        check_bias_finite(bias)
     tok, bad = safe_tokens(tokens, V, m)
     keep_entropy = compute_entropy or opts.needs_entropy_grad
     inv_t = 1.0 / opts.temperature

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_same_device, check_shape, check_temperature, check_tensor, checked_mask,
+from ..._utils import (check_bias_finite, check_same_device, check_shape, check_temperature, check_tensor, checked_mask,
                        compiled_safe_tokens, nan_at)
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from ..fused_head._library import token_stats_rows
@@ -33,7 +33,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
         deterministic: bitwise reproducible gradients (always the case: neither backend uses atomics).
         chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
-            hidden or weight. backend: "auto" | "triton" | "torch".
+            hidden or weight, NaN/+inf in bias (-inf: a banned token). backend: "auto" | "triton" | "torch".
     Returns:
         (logp, entropy), fp32 of the token shape; differentiable w.r.t. hidden, weight and bias. Under
         ``torch.no_grad()`` nothing is saved (the fast path for old/reference log-probs).
@@ -52,6 +52,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     if check_finite:
         _check_finite(hidden, "hidden", m)
         _check_finite(weight, "weight")
+        check_bias_finite(bias)
     cfg = make_head_config(hidden.device, backend, fp32_head, deterministic, chunk_size)
     tokens, bad = compiled_safe_tokens(tokens, weight.shape[0], m)
     logp, ent = token_stats_rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
