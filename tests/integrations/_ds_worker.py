@@ -237,6 +237,26 @@ def refused(case):
     return None
 
 
+def clip_roundtrip(case):
+    """wrap(max_grad_norm=...) sets the engine's gradient clipping, detach() restores it, and a wrap whose rule
+    is refused leaves it untouched; returns the engine's clip_grad after each."""
+    import deepspeed
+    from gxpo_kernels.integrations import deepspeed as gds
+    model = make_mlp()
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(case["stage"], clip=1.0),
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=LR))
+    seen = [engine.optimizer.clip_grad]
+    rule = gds.wrap(engine, max_grad_norm=3.0)
+    seen.append(engine.optimizer.clip_grad)
+    rule.detach()
+    seen.append(engine.optimizer.clip_grad)
+    try:
+        gds.wrap(engine, max_grad_norm=2.0, K=0)
+    except ValueError:
+        seen.append(engine.optimizer.clip_grad)
+    return seen
+
+
 def broken_accumulation(case):
     """A closure that raises between two engine.backward calls of a pass (gradient accumulation): DeepSpeed's
     partial accumulation cannot be rewound, so the next step must refuse, saying why; returns its message."""
@@ -262,6 +282,8 @@ def worker(rank, port, outdir, cases):
     for name, case in cases.items():
         if case.get("refused"):
             recs[name] = refused(case)
+        elif case.get("clip_roundtrip"):
+            recs[name] = clip_roundtrip(case)
         elif case.get("broken"):
             recs[name] = broken_accumulation(case)
         else:

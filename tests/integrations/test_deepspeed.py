@@ -62,6 +62,7 @@ MLP_CASES = {
     "small_g0_recompute_z2": dict(stage=2, zero_step=1,
                                   rule=dict(gate=None, fallback_grad="recompute", fallback_state="keep")),
     "broken_gas2": dict(broken=True, stage=2, gas=2, raise_at=(0, 1, 1), rule=G),
+    "clip_roundtrip": dict(clip_roundtrip=True, stage=2),
     "refuse_stage0": dict(refused=True, stage=0),
     "refuse_inactive": dict(refused=True, stage=2, rule=dict(inactive_threshold=1e-3)),
 }
@@ -129,7 +130,8 @@ def _check_parity(name, case, recs, rms_tol, max_tol):
         assert float(((lp - master).abs() - tol * master.abs()).max()) <= 0, name
 
 
-@pytest.mark.parametrize("name", [n for n, c in MLP_CASES.items() if not (c.get("refused") or c.get("broken"))])
+@pytest.mark.parametrize("name", [n for n, c in MLP_CASES.items()
+                                  if not (c.get("refused") or c.get("broken") or c.get("clip_roundtrip"))])
 def test_matches_single_process_rule(mlp_runs, name):
     _check_parity(name, MLP_CASES[name], mlp_runs, rms_tol=1e-5, max_tol=1e-5)
 
@@ -207,6 +209,13 @@ def test_unsupported_engines_are_refused(mlp_runs):
     for recs in mlp_runs:
         assert "zero_optimization" in recs["refuse_stage0"] and "ZeRO stage 0" in recs["refuse_stage0"]
         assert "inactive_threshold" in recs["refuse_inactive"]
+
+
+def test_wrap_sets_and_detach_restores_the_engines_clipping(mlp_runs):
+    """wrap(max_grad_norm=3) -> 3; detach() -> the engine's 1.0 again; a wrap whose rule is refused (K=0) leaves
+    1.0 (found by fuzzing: detach kept 3, and a refused wrap had already set its value)."""
+    for recs in mlp_runs:
+        assert recs["clip_roundtrip"] == [1.0, 3.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("name", list(LM_CASES))

@@ -73,14 +73,19 @@ def wrap(engine, algo: str = "gxpo", **rule_kwargs) -> Union[DeepSpeedGXPO, Deep
                          "of each parameter tensor, and ZeRO shards are flat slices across tensors")
     kind = check_engine(engine)
     zo = engine.optimizer
+    engine_clip = zo.clip_grad
     if "max_grad_norm" in rule_kwargs:
         c = rule_kwargs["max_grad_norm"]
         if c is not None and not (isinstance(c, (int, float)) and c > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {c!r}")
-        zo.clip_grad = 0.0 if c is None else float(c)
+        clip = 0.0 if c is None else float(c)
     else:
-        rule_kwargs["max_grad_norm"] = float(zo.clip_grad) if zo.clip_grad and zo.clip_grad > 0 else None
-    return _ALGOS[algo](engine, ZeroShards(engine, kind), **rule_kwargs)
+        clip = engine_clip
+        rule_kwargs["max_grad_norm"] = float(clip) if clip and clip > 0 else None
+    rule = _ALGOS[algo](engine, ZeroShards(engine, kind), **rule_kwargs)
+    zo.clip_grad = clip                  # only once the rule is built: a refused rule leaves the engine as it was
+    rule._engine_clip_grad = engine_clip  # rule.detach() puts the engine's own value back
+    return rule
 
 
 def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sfpo: Optional[dict] = None,

@@ -68,13 +68,16 @@ class _DeepSpeedRule(ShardedReductions):
         opt._gxpo_rule_attached = True
 
     def detach(self) -> None:
-        """Remove the base-optimizer wrapper (the engine then trains as plain DeepSpeed again)."""
+        """Remove the base-optimizer wrapper and restore the engine's gradient clipping where ``wrap``'s
+        ``max_grad_norm`` changed it (the engine then trains as plain DeepSpeed again)."""
         opt = self.zero.base_optimizer
         if self._instance_step is not None:
             opt.step = self._instance_step
         else:
             vars(opt).pop("step", None)
         opt._gxpo_rule_attached = False
+        if getattr(self, "_engine_clip_grad", None) is not None:
+            self.engine.optimizer.clip_grad = self._engine_clip_grad
 
     # ---- DeepSpeed's call into the base optimizer ----------------------------------------------------------
     def _wrapped_base_step(self, orig, *args, **kwargs):
