@@ -275,7 +275,7 @@ class ExtrapolationRule:
             if force_plain:
                 self.fallbacks += 1
                 info.update(fell_back=True, fallback_reason="forced")
-            else:
+            if self.gate.fired:   # a forced step while fired counts too (the authors re-arm after n steps)
                 self.gate.count_plain_step()
             info["gate_fired_step"] = self.gate.fired_step
             return info

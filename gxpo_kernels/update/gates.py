@@ -94,7 +94,8 @@ class Gate:
         return z
 
     def count_plain_step(self) -> None:
-        """Called once per single-pass step taken because the gate fired; re-arms after ``rearm_after``."""
+        """Called once per single-pass step taken while the gate is fired (a forced one included, as the authors
+        count steps); re-arms after ``rearm_after``."""
         self.plain_steps += 1
 
     def rearm_due(self) -> bool:

@@ -595,6 +595,24 @@ def test_rule_rearms_after_n_plain_steps_and_force_plain_skips_the_gate():
     assert not info["active"] and info["fallback_reason"] == "forced" and rule.gate.n_observed == n
 
 
+@pytest.mark.parametrize("rule_cls", [GXPO, SFPO])
+def test_a_forced_step_counts_towards_the_rearm_window(rule_cls):
+    """The authors' temporary fallback re-arms ``fallback_window`` steps after the trip, a degenerate-batch
+    (forced) step included: with re-arming after 2, a forced and a plain step after the fire make the next
+    step active again. (The forced step used not to count: the rule stayed plain one step longer.)"""
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    kw = {"gate": "window", "window": 2} if rule_cls is SFPO else {}
+    rule = rule_cls(opt, tau=1e-9, gate_rearm_after=2, **kw)
+    if rule_cls is SFPO:                                  # fill the window: observations 1 and 2 decide nothing
+        for b in range(2):
+            rule.step(_closure(m, opt, rule, batch=b))
+    assert rule.step(_closure(m, opt, rule, batch=3))["active"] and rule.gate.fired
+    assert rule.step(_closure(m, opt, rule, batch=4), force_plain=True)["fallback_reason"] == "forced"
+    assert not rule.step(_closure(m, opt, rule, batch=5))["active"]
+    assert rule.step(_closure(m, opt, rule, batch=6))["active"]
+
+
 @pytest.mark.parametrize("fallback_grad,nan_pass,bp", [("reuse", 1, 2), ("recompute", 1, 3), ("reuse", 2, 3),
                                                         ("recompute", 2, 4)])
 def test_backward_passes_in_fallbacks(fallback_grad, nan_pass, bp):
