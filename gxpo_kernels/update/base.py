@@ -396,6 +396,19 @@ class ExtrapolationRule:
                 and all(g is not None and g.layout == torch.strided and g.is_contiguous() and not g._is_view()
                         for g in grads))
 
+    def _step_keeps_grads(self) -> bool:
+        """Whether the optimizer's step leaves the gradients it reads as they were, so that ĝ1 can be read from
+        ``.grad`` after pass 1's optimizer step: torch's Adam / AdamW, and SGD without Nesterov momentum, with no grad
+        scaler attached (a fused step unscales in place). Anything else gets ĝ1 copied before that step: SGD's
+        foreach path with Nesterov momentum adds the momentum buffer into the grads, and a wrapper or a custom
+        optimizer might write into them too."""
+        opt = self.optimizer
+        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+            return False
+        if type(opt) in _KEEPS_GRADS:
+            return True
+        return type(opt) is torch.optim.SGD and not any(g.get("nesterov") for g in opt.param_groups)
+
     @torch.no_grad()
     def _release_grads_(self, params) -> None:
         """Detach the kept ĝ0 tensors from the parameters: nothing (zero_grad without set_to_none, backward
