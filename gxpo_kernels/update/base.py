@@ -268,8 +268,18 @@ class ExtrapolationRule:
         Everything that can be checked is checked before the first optimizer step.
         """
         self._check_closure(closure)
-        if self.gate.rearm_due():
-            self.gate.rearm()
+        if not self.gate.rearm_due():
+            return self._outer_step(closure, entropy, force_plain)
+        # the re-arming is part of this step: an exception anywhere in it leaves the gate fired, as it was
+        gate_sd = self.gate.state_dict()
+        self.gate.rearm()
+        try:
+            return self._outer_step(closure, entropy, force_plain)
+        except BaseException:
+            self.gate.load_state_dict(gate_sd)
+            raise
+
+    def _outer_step(self, closure, entropy, force_plain: bool) -> dict:
         if force_plain or self.gate.fired:
             info = self._guarded(lambda: self._plain_step(closure), snapshot=self._plain_step_snapshot(closure))
             if force_plain:
