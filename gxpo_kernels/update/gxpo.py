@@ -249,6 +249,8 @@ class GXPO(ExtrapolationRule):
                 grads = [None if g is None else g.clone(memory_format=torch.contiguous_format) for g in grads]
         self._optimizer_step()
         g1 = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        if not all(map(torch.Tensor.is_contiguous, g1)):   # a closure may assign grads in another layout
+            g1 = [g.contiguous() for g in g1]
         if self.optimizer_aware:
             self._displacements_(params, g1)
         stats = self._all_reduce_(self._extrapolate(params, self._g0, g1, alpha=self.alpha, K=self.K,
