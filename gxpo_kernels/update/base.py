@@ -268,8 +268,18 @@ class ExtrapolationRule:
         Everything that can be checked is checked before the first optimizer step.
         """
         self._check_closure(closure)
-        if self.gate.rearm_due():
-            self.gate.rearm()
+        if not self.gate.rearm_due():
+            return self._outer_step(closure, entropy, force_plain)
+        # the re-arming is part of this step: an exception anywhere in it leaves the gate fired, as it was
+        gate_sd = self.gate.state_dict()
+        self.gate.rearm()
+        try:
+            return self._outer_step(closure, entropy, force_plain)
+        except BaseException:
+            self.gate.load_state_dict(gate_sd)
+            raise
+
+    def _outer_step(self, closure, entropy, force_plain: bool) -> dict:
         if force_plain or self.gate.fired:
             info = self._guarded(lambda: self._plain_step(closure), snapshot=self._plain_step_snapshot(closure))
             if force_plain:
@@ -395,6 +405,19 @@ class ExtrapolationRule:
                 and getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
                 and all(g is not None and g.layout == torch.strided and g.is_contiguous() and not g._is_view()
                         for g in grads))
+
+    def _step_keeps_grads(self) -> bool:
+        """Whether the optimizer's step leaves the gradients it reads as they were, so that ĝ1 can be read from
+        ``.grad`` after pass 1's optimizer step: torch's Adam / AdamW, and SGD without Nesterov momentum, with no grad
+        scaler attached (a fused step unscales in place). Anything else gets ĝ1 copied before that step: SGD's
+        foreach path with Nesterov momentum adds the momentum buffer into the grads, and a wrapper or a custom
+        optimizer might write into them too."""
+        opt = self.optimizer
+        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+            return False
+        if type(opt) in _KEEPS_GRADS:
+            return True
+        return type(opt) is torch.optim.SGD and not any(g.get("nesterov") for g in opt.param_groups)
 
     @torch.no_grad()
     def _release_grads_(self, params) -> None:

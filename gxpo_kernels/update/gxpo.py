@@ -67,7 +67,8 @@ class GXPO(ExtrapolationRule):
     transactional. ĝ0 is pass 0's gradient itself (kept, not copied; ``p.grad`` is set to None after the first
     optimizer step) with plain params and torch's AdamW / Adam (not fused); otherwise (sharded subclasses, other
     optimizers, optimizer-aware mode) a second fp32 buffer. g1 is read from ``.grad`` after the second optimizer
-    step and θ2 is the parameter itself.
+    step (from a copy taken before it unless the optimizer is torch's Adam / AdamW or SGD without Nesterov
+    momentum: see ``_step_keeps_grads``) and θ2 is the parameter itself.
     bf16 parameters are supported (buffers stay fp32). The closure may read ``self.pass_index`` (0, 1, 2) e.g.
     to recompute old log-probs per pass (the caller's business). Call ``scheduler.step()`` once after each
     ``step()``. ``GXPO.paper_protocol(optimizer)`` builds the rule with the authors' paper settings.
@@ -243,8 +244,13 @@ class GXPO(ExtrapolationRule):
         info["grad_norm_1"] = n1
         if not math.isfinite(n1):
             return self._finish(self._fallback(closure, params, "nonfinite_g1", info))
+        if not (self.optimizer_aware or self._step_keeps_grads()):   # ĝ1 as clipped, not what the step leaves
+            with torch.no_grad():
+                grads = [None if g is None else g.clone(memory_format=torch.contiguous_format) for g in grads]
         self._optimizer_step()
         g1 = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        if not all(map(torch.Tensor.is_contiguous, g1)):   # a closure may assign grads in another layout
+            g1 = [g.contiguous() for g in g1]
         if self.optimizer_aware:
             self._displacements_(params, g1)
         stats = self._all_reduce_(self._extrapolate(params, self._g0, g1, alpha=self.alpha, K=self.K,

@@ -613,6 +613,24 @@ def test_a_forced_step_counts_towards_the_rearm_window(rule_cls):
     assert rule.step(_closure(m, opt, rule, batch=6))["active"]
 
 
+def test_an_exception_in_the_step_that_rearms_the_gate_leaves_it_fired():
+    """The re-arming at the start of a step is part of the step: an exception in its closure (or a check) puts the
+    gate back as it was, fired with its plain-step count, like everything else (found by fuzzing)."""
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = GXPO(opt, tau=1e-9, gate_rearm_after=2)
+    for i in range(3):
+        rule.step(_closure(m, opt, rule, batch=i))
+    assert rule.gate.rearm_due()
+    before, gate, sd = _state(m, opt), rule.gate.state_dict(), rule.state_dict()
+    for raise_at in (1, 2):
+        with pytest.raises(Boom):
+            rule.step(_closure(m, opt, rule, raise_at=raise_at))
+        _assert_same(_state(m, opt), before)
+        assert rule.gate.state_dict() == gate and rule.state_dict() == sd and rule.gate.fired
+    assert rule.step(_closure(m, opt, rule))["active"]   # re-armed by the step that succeeds
+
+
 @pytest.mark.parametrize("fallback_grad,nan_pass,bp", [("reuse", 1, 2), ("recompute", 1, 3), ("reuse", 2, 3),
                                                         ("recompute", 2, 4)])
 def test_backward_passes_in_fallbacks(fallback_grad, nan_pass, bp):

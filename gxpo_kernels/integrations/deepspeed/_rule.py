@@ -131,6 +131,9 @@ class _DeepSpeedRule(ShardedReductions):
     def _global_grad_norm(self, grads) -> torch.Tensor:
         return torch.tensor(self._pass_norm, dtype=torch.float64)
 
+    def _step_keeps_grads(self) -> bool:
+        return True                                       # the grads are the rule's own stash: no step writes them
+
     def _clip_grads_(self, grads, total_norm) -> None:
         return None                                       # DeepSpeed clipped (clip_grad = max_grad_norm)
 
