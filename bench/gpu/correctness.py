@@ -3,16 +3,18 @@ float64 references: ``python -m bench.gpu.correctness --out correctness.json [--
 
 Sizes (full): N = 16,384 token rows x V = 151,936, so the last rows of a logits tensor start past the 2^31-th
 element (row 14,134 on); the rows checked are the first ones, some around that offset and the last ones. The
-fused-linear heads run at H = 1,536 on N = 2,048 rows (their backward chunks rows, so the 2^31 offset is
-exercised through the d(logits) chunk). ``--tiny`` shrinks every size for a CPU dry run (TRITON_INTERPRET=1).
-Each case records pass/fail, the worst relative error per output and the wall time; the exit code is 1 if any
-case fails.
+fused-linear heads run at H = 1,536 on N = 2,048 rows: two backward chunks of d(logits) (1,664 rows, then 384),
+far below the 2^31-element offset, which those heads never reach (they never hold N x V logits). ``--tiny``
+shrinks every size for a CPU dry run (TRITON_INTERPRET=1). Each case records pass/fail, the worst relative error
+per output and the wall time; the exit code is 1 if any case fails. The output file is rewritten after every
+case, so a run cut short by its time limit still leaves the cases that finished.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -144,7 +146,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
-    for name, fn in cases(args.tiny):
+    todo = cases(args.tiny)
+    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "tiny": args.tiny,
+           "torch": torch.__version__, "triton": importlib.import_module("triton").__version__,
+           "n_cases": len(todo), "complete": False, "results": results}
+    for name, fn in todo:
         t0 = time.time()
         try:
             ok, errs = fn(dev)
@@ -157,11 +163,17 @@ def main(argv=None) -> int:
         print(f"{rec['status']:5} {name} {rec.get('errs', rec.get('error'))} ({rec['wall_s']} s)", flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "tiny": args.tiny,
-           "torch": torch.__version__, "triton": importlib.import_module("triton").__version__, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+        _write(args.out, doc)       # after every case: a stage time limit (SIGTERM) keeps the finished ones
+    doc["complete"] = True
+    _write(args.out, doc)
     return 0 if all(r["status"] == "pass" for r in results) else 1
+
+
+def _write(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)           # never a half-written file
 
 
 if __name__ == "__main__":
