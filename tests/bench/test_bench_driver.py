@@ -212,3 +212,14 @@ def test_run_file_timeout_keeps_the_finished_tests_records(tmp_path, monkeypatch
     assert drv.time.perf_counter() - t0 < 45
     assert res["run"]["status"] == "timeout" and res["run"]["n_records"] == 1, res["run"]
     assert [r["name"] for r in res["records"]] == ["test_a_fast"]
+
+
+def test_readme_table_names_files_cut_short():
+    """A timed-out file whose finished tests' figures were kept is "incomplete", not "not in this run"."""
+    doc = _doc([])
+    doc["runs"] = [{"file": "bench_fpa.py", "status": "timeout", "wall_s": 60.0, "n_records": 3},
+                   {"file": "bench_linear_fpa.py", "status": "skipped-budget", "wall_s": 0.0},
+                   {"file": "bench_grpo_loss.py", "status": "timeout", "wall_s": 60.0, "n_records": 0}]
+    sec = rt.render_section({"cpu-x-2c": doc})
+    assert "Not in this run (failed, timed out, skipped or missing): bench_linear_fpa.py, bench_grpo_loss.py." in sec
+    assert "only the figures of the tests that finished: bench_fpa.py (timeout)." in sec
