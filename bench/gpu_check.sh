@@ -48,6 +48,11 @@ probe() {
   if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; fi
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', \
 triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  # the benches need pytest-benchmark; without liger-kernel the Liger side-by-side figures are skipped
+  $PY -c "from importlib import metadata as m
+for d in ('pytest', 'pytest-benchmark', 'transformers', 'liger-kernel', 'numpy'):
+    try: print(d, m.version(d))
+    except m.PackageNotFoundError: print(d, 'MISSING')"
 }
 stage probe 30 bash -c "$(declare -f probe); PY=$PY probe"
 
