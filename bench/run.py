@@ -285,13 +285,6 @@ def _bench_env(smoke: bool, kind: str, threads: Optional[int] = None) -> Dict[st
     return env
 
 
-def _kill_group(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_file(file: str, timeout_s: float, smoke: bool, kind: str, disable: bool = False,
              deselect: Optional[List[str]] = None, threads: Optional[int] = None) -> Dict[str, object]:
     """Run one bench file under pytest-benchmark; returns {"run": status record, "records": [...]}."""
@@ -310,9 +303,9 @@ def run_file(file: str, timeout_s: float, smoke: bool, kind: str, disable: bool 
         t0 = time.perf_counter()
         timeout_s = max(1.0, timeout_s)
         grace = min(GRACE_S, timeout_s / 4)
-        # own process group: a timeout also ends the file's children (e.g. torch.compile workers)
+        # (the driver's own process group: a time limit on the driver, gpu_check.sh's ``timeout``, reaches it too)
         p = subprocess.Popen(cmd, cwd=ROOT, env=_bench_env(smoke, kind, threads), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                             stderr=subprocess.STDOUT, text=True, errors="replace")
         try:
             out, _ = p.communicate(timeout=timeout_s - grace)
             status, rc = ("passed" if p.returncode == 0 else "failed"), p.returncode
@@ -323,14 +316,15 @@ def run_file(file: str, timeout_s: float, smoke: bool, kind: str, disable: bool 
             try:
                 out, _ = p.communicate(timeout=grace)
             except subprocess.TimeoutExpired:
-                _kill_group(p)
+                p.kill()
                 try:
                     out, _ = p.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired:    # a grandchild still holds the pipe
                     out = ""
             status, rc = "timeout", None
         finally:
-            _kill_group(p)     # whatever the file left running
+            if p.poll() is None:
+                p.kill()
             p.wait()
         tail = (out or "")[-3000:]
         wall = time.perf_counter() - t0
