@@ -52,6 +52,20 @@ def _make(N, V, copies):
     return out, tokens, mask
 
 
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """One compiled graph per (shape, grad mode): the check's 64 rows and the timed rows, fwd under no_grad and
+    fwd+bwd, per size: 10 on CUDA, past dynamo's default limit of 8, beyond which it runs the function eagerly
+    without an error (eager timings recorded as "ref_compile"). Raise the limit, and fail instead of falling
+    back should it be hit anyway."""
+    import torch._dynamo.config as dcfg
+    for name in ("recompile_limit", "cache_size_limit"):          # (the older name first, then the alias)
+        if hasattr(dcfg, name):
+            setattr(dcfg, name, max(getattr(dcfg, name), limit))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(dcfg, name):
+            setattr(dcfg, name, True)
+
+
 def _fn(provider):
     if provider == "gxpo":
         return lambda x, r, t, m: fpa_logprobs(x, r, t, LAM, TEMP, mask=m)
@@ -59,6 +73,7 @@ def _fn(provider):
         return lambda x, r, t, m: fpa_logprobs_ref(x, r, t, LAM, TEMP, mask=m)
     if provider == "ref_compile":
         if "c" not in _COMPILED:
+            _raise_recompile_limit()
             _COMPILED["c"] = torch.compile(fpa_logprobs_ref, dynamic=False)
         return lambda x, r, t, m: _COMPILED["c"](x, r, t, LAM, TEMP, mask=m)
     raise ValueError(provider)

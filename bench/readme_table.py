@@ -65,9 +65,14 @@ def render_section(docs: Dict[str, dict]) -> str:
                   ceilings_line(doc) + ".", ""]
         if d.get("kind") == "cpu":
             lines += ["CPU figures show the CPU paths (PyTorch, C++/OpenMP); they say nothing about GPU speed.", ""]
-        failed = [r["file"] for r in doc.get("runs", []) if r.get("status") != "passed"]
+        bad = [r for r in doc.get("runs", []) if r.get("status") != "passed"]
+        failed = [r["file"] for r in bad if not r.get("n_records")]
+        cut = [f"{r['file']} ({r['status']})" for r in bad if r.get("n_records")]
         if failed:
-            lines += ["Not in this run (failed, timed out or missing): " + ", ".join(failed) + ".", ""]
+            lines += ["Not in this run (failed, timed out, skipped or missing): " + ", ".join(failed) + ".", ""]
+        if cut:   # a timed-out file keeps the figures of the tests that finished
+            lines += ["Incomplete in this run, only the figures of the tests that finished: " + ", ".join(cut) + ".",
+                      ""]
         lines += figure_rows(doc["figures"], compact=True)
         ov = overhead_lines(doc["figures"])
         lines += ([""] + ov if ov else []) + [""]

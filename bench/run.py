@@ -11,6 +11,8 @@ in a subprocess (``--benchmark-json`` to a temp file, a per-file time limit out 
 record into a figure (op, provider, mode, sizes, p50 and p20/p80, bytes, FLOPs, GB/s or TFLOP/s, % of the
 measured ceiling, peak memory where measured); write ``<out>/<device-slug>-<YYYY-MM-DD>.json`` and ``.md``.
 A file that fails or runs out of time is recorded with its status and the tail of its output; the others stand.
+A file that runs out of time is interrupted (SIGINT) first, so pytest-benchmark still writes the records of the
+tests that finished, and those figures are kept.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import pathlib
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,8 @@ SCHEMA_VERSION = 1
 FILES = ["bench_grpo_loss.py", "bench_fpa.py", "bench_extrapolate.py", "bench_update_throughput.py",
          "bench_linear_grpo_loss.py", "bench_linear_fpa.py"]
 RESERVE_S = 60.0   # time kept back for each file still to run, so one slow file cannot starve the rest
+FINAL_S = 15.0     # kept back from the files for the closing ceilings measurement and the results files
+GRACE_S = 20.0     # a timed-out file gets SIGINT this long before its limit, to write the records it has
 # op name for records whose extra_info does not carry one: "file::test function", then "file"
 DEFAULT_OPS = {"bench_extrapolate.py::test_extrapolate_bandwidth": "extrapolate_",
                "bench_extrapolate.py::test_gxpo_step_overhead": "gxpo_step_overhead",
@@ -296,22 +301,53 @@ def run_file(file: str, timeout_s: float, smoke: bool, kind: str, disable: bool 
             if d.startswith(f"bench/{file}::"):
                 cmd += ["--deselect", d]
         t0 = time.perf_counter()
+        timeout_s = max(1.0, timeout_s)
+        grace = min(GRACE_S, timeout_s / 4)
+        # (the driver's own process group: a time limit on the driver, gpu_check.sh's ``timeout``, reaches it too)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=_bench_env(smoke, kind, threads), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace")
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env=_bench_env(smoke, kind, threads), capture_output=True, text=True,
-                               timeout=max(1.0, timeout_s))
-            status = "passed" if p.returncode == 0 else "failed"
-            rc, tail = p.returncode, (p.stdout + p.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
+            out, _ = p.communicate(timeout=timeout_s - grace)
+            status, rc = ("passed" if p.returncode == 0 else "failed"), p.returncode
+        except subprocess.TimeoutExpired:
+            # SIGINT: pytest stops the running test and still runs pytest-benchmark's session end, which writes
+            # the records of the tests that finished (a SIGKILL alone would lose the whole file's figures)
+            p.send_signal(signal.SIGINT)
+            try:
+                out, _ = p.communicate(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                try:
+                    out, _ = p.communicate(timeout=10)
+                except subprocess.TimeoutExpired:    # a grandchild still holds the pipe
+                    out = ""
             status, rc = "timeout", None
-            out = (e.stdout or b"")
-            tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-3000:]
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        tail = (out or "")[-3000:]
         wall = time.perf_counter() - t0
-        records = json.loads(js.read_text())["benchmarks"] if js.is_file() else []
+        try:
+            records = json.loads(js.read_text())["benchmarks"] if js.is_file() else []
+        except (ValueError, KeyError):   # cut off while writing
+            records = []
     run = {"file": file, "status": status, "returncode": rc, "wall_s": round(wall, 2),
            "n_records": len(records), "timeout_s": round(timeout_s, 1)}
     if status != "passed":
         run["output_tail"] = tail
     return {"run": run, "records": records}
+
+
+def file_time_limit(remaining_s: float, files_after: int) -> float:
+    """Seconds the next file may run when ``remaining_s`` of the budget is left and ``files_after`` files follow.
+
+    ``RESERVE_S`` is kept back for each later file, so one slow file cannot starve the rest, and ``FINAL_S`` for
+    the end of the suite; but never at the cost of this file's own ``RESERVE_S``: run order is priority, so a
+    short budget drops the last files first (a reserve taken from the first file would skip it to keep time
+    for files after it)."""
+    remaining_s -= FINAL_S
+    return max(remaining_s - RESERVE_S * files_after, min(remaining_s, RESERVE_S))
 
 
 def run_suite(files: List[str], budget_s: float, smoke: bool = False, out_dir: pathlib.Path = RESULTS_DIR,
@@ -332,7 +368,7 @@ def run_suite(files: List[str], budget_s: float, smoke: bool = False, out_dir: p
         deselect = CPU_DESELECT if device["kind"] == "cpu" else CUDA_DESELECT
     runs, records = [], []
     for i, file in enumerate(files):
-        left = budget_s - (time.perf_counter() - t_start) - RESERVE_S * (len(files) - 1 - i)
+        left = file_time_limit(budget_s - (time.perf_counter() - t_start), len(files) - 1 - i)
         if left < 10:
             runs.append({"file": file, "status": "skipped-budget", "wall_s": 0.0})
             continue

@@ -3,16 +3,19 @@ float64 references: ``python -m bench.gpu.correctness --out correctness.json [--
 
 Sizes (full): N = 16,384 token rows x V = 151,936, so the last rows of a logits tensor start past the 2^31-th
 element (row 14,134 on); the rows checked are the first ones, some around that offset and the last ones. The
-fused-linear heads run at H = 1,536 on N = 2,048 rows (their backward chunks rows, so the 2^31 offset is
-exercised through the d(logits) chunk). ``--tiny`` shrinks every size for a CPU dry run (TRITON_INTERPRET=1).
-Each case records pass/fail, the worst relative error per output and the wall time; the exit code is 1 if any
-case fails.
+fused-linear heads run at H = 1,536 on N = 2,048 rows: two backward chunks of d(logits) (1,664 rows, then 384),
+far below the 2^31-element offset, which those heads never reach (they never hold N x V logits). ``--tiny``
+shrinks every size for a CPU dry run (TRITON_INTERPRET=1). Each case records pass/fail, the worst relative error
+per output and the wall time; the exit code is 1 if any case fails. The output file is rewritten after every
+case, so a run cut short by its time limit still leaves the cases that finished.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 import time
 import traceback
@@ -42,7 +45,7 @@ def case_token_logprobs(dev, dtype, N, V, masked: bool):
     x = (torch.randn(1, N, V, generator=g, device=dev, dtype=dtype) * 3)
     tok = torch.randint(0, V, (1, N), generator=g, device=dev)
     mask = (torch.rand(1, N, generator=g, device=dev) > 0.2) if masked else None
-    dlogp, dent = torch.randn(1, N, device=dev), torch.randn(1, N, device=dev)
+    dlogp, dent = torch.randn(1, N, generator=g, device=dev), torch.randn(1, N, generator=g, device=dev)
     logp, ent, lse = tl_mod.token_logprobs_fwd(x, tok, mask, 0.9, True, "triton")
     dx = tl_mod.token_logprobs_bwd(x, tok, mask, lse, ent, dlogp, dent, 0.9, False, "triton")
     r = _rows(N, V).to(dev)
@@ -69,7 +72,7 @@ def case_fpa(dev, dtype, N, V):
     xr_ = (x.detach().float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
     tok = torch.randint(0, V, (N,), generator=g, device=dev)
     out = m.fpa_logprobs(x, xr_, tok, 1.0, 0.9, backend="triton")
-    dlogp = torch.randn(N, device=dev)
+    dlogp = torch.randn(N, generator=g, device=dev)
     (out[0] * dlogp).sum().backward()
     r = _rows(N, V).to(dev)
     xd = x.detach()[r].double().requires_grad_()
@@ -87,7 +90,7 @@ def case_linear(dev, dtype, N, H, V, fp32_head: bool):
     h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype).requires_grad_()
     tok = torch.randint(0, V, (N,), generator=g, device=dev)
-    dlogp, dent = torch.randn(N, device=dev), torch.randn(N, device=dev)
+    dlogp, dent = torch.randn(N, generator=g, device=dev), torch.randn(N, generator=g, device=dev)
     logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, fp32_head=fp32_head, backend="triton")
     ((logp * dlogp).sum() + (ent * dent).sum()).backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -117,6 +120,49 @@ def case_linear_fpa(dev, dtype, N, H, V):
     return all(v <= tol for v in errs.values()), errs
 
 
+def case_extrapolate(dev, dtype, tiny: bool, formula: str, K: int, inactive, misaligned: bool):
+    """``extrapolate_`` on Triton against ``backend="torch"`` (the reference loop) on the same device: params of
+    ``dtype`` (theta0 and gradients fp32), a bf16 copy for every other tensor. The GPU path differs from the
+    interpreter's: libdevice pow (closed form, K > 3), and 16-byte access hints (ALIGN > 1) when every tensor is
+    16-byte aligned and every size a multiple of 16 bytes of the narrowest dtype. ``misaligned``: odd sizes, and
+    params that are views at odd element offsets of one buffer (ALIGN = 1, the general path)."""
+    m = importlib.import_module("gxpo_kernels.ops")
+    g = torch.Generator(device=dev).manual_seed(5)
+    if misaligned:
+        shapes = [(37,), (5, 301), (2049,), (1,)] + ([] if tiny else [(4099, 17), (151_936, 9)])
+    else:
+        shapes = [(8,), (64, 96), (2048,)] + ([(1000, 8)] if tiny else [(1536, 1024), (151_936, 8)])
+    n = [math.prod(sh) for sh in shapes]
+    rnd = lambda sh: torch.randn(sh, generator=g, device=dev)  # noqa: E731
+    if misaligned:
+        flat = torch.empty(sum(n) + len(n), dtype=dtype, device=dev)
+        offs = [sum(n[:i]) + i + 1 for i in range(len(n))]      # odd element offsets: no 16-byte alignment
+        p = [flat[o:o + k].view(sh).copy_(rnd(sh)) for o, k, sh in zip(offs, n, shapes)]
+    else:
+        p = [rnd(sh).to(dtype) for sh in shapes]
+    t0 = [x.float() + 0.05 * rnd(sh) for x, sh in zip(p, shapes)]
+    g0 = [rnd(sh) for sh in shapes]
+    g1 = [(0.6 * a + 0.5 * rnd(sh)).to(dtype) for a, sh in zip(g0, shapes)]
+    for a in g0:                      # exact zeros and tiny entries (inactive candidates)
+        a.view(-1)[:5] = 0.0
+        a.view(-1)[5:15] *= 1e-4
+    lowp = [torch.empty(sh, dtype=torch.bfloat16, device=dev) if i % 2 == 0 else None for i, sh in enumerate(shapes)]
+    rp = [x.clone() for x in p]
+    rl = [None if x is None else x.clone() for x in lowp]
+    kw = dict(alpha=0.5, K=K, clip_coef0=0.7, clip_coef1=0.9, scale_formula=formula, inactive_threshold=inactive)
+    st = m.stats_to_dict(m.extrapolate_(p, t0, g0, g1, lowp_out=lowp, backend="triton", **kw))
+    rs = m.stats_to_dict(m.extrapolate_(rp, t0, g0, g1, lowp_out=rl, backend="torch", **kw))
+    # elementwise, relative to max(1, |x|): fp32 to rounding (the closed form's (1 - r^K)/(1 - r + delta)
+    # amplifies last-bit pow differences near r = 1), bf16 params and copies to one bf16 ulp
+    rel_max = lambda a, b: float(((a.double() - b.double()).abs() / b.double().abs().clamp(min=1)).max())  # noqa: E731
+    errs = {"params": max(rel_max(a, b) for a, b in zip(p, rp)),
+            "lowp": max(rel_max(a, b) for a, b in zip(lowp, rl) if a is not None),
+            "stats": max(abs(st[k] - rs[k]) / max(abs(rs[k]), 1e-6) for k in rs)}
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-4
+    ok = errs["params"] <= tol and errs["lowp"] <= 2 ** -7 and errs["stats"] <= 2e-5 and st["numel"] == sum(n)
+    return ok, errs
+
+
 def cases(tiny: bool):
     if tiny:
         N, V, NL, H, VL = 6, 1500, 40, 24, 301
@@ -134,6 +180,12 @@ def cases(tiny: bool):
                     lambda dev, dt=dt: case_linear_fpa(dev, dt, NL, H, VL)))
     out.append((f"linear_token_logprobs bf16 fp32_head N={NL} H={H} V={VL}",
                 lambda dev: case_linear(dev, torch.bfloat16, NL, H, VL, True)))
+    for dt, formula, K, inactive, mis in ((torch.float32, "closed", 5, 1e-2, False),
+                                          (torch.bfloat16, "horner", 4, None, False),
+                                          (torch.float32, "horner", 5, None, True)):
+        dn = str(dt).replace("torch.", "")
+        out.append((f"extrapolate_ {dn} {formula} K={K} inactive={inactive}{' misaligned' if mis else ''}",
+                    lambda dev, a=(dt, tiny, formula, K, inactive, mis): case_extrapolate(dev, *a)))
     return out
 
 
@@ -144,7 +196,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
-    for name, fn in cases(args.tiny):
+    todo = cases(args.tiny)
+    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "tiny": args.tiny,
+           "torch": torch.__version__, "triton": importlib.import_module("triton").__version__,
+           "n_cases": len(todo), "complete": False, "results": results}
+    for name, fn in todo:
         t0 = time.time()
         try:
             ok, errs = fn(dev)
@@ -157,11 +213,17 @@ def main(argv=None) -> int:
         print(f"{rec['status']:5} {name} {rec.get('errs', rec.get('error'))} ({rec['wall_s']} s)", flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "tiny": args.tiny,
-           "torch": torch.__version__, "triton": importlib.import_module("triton").__version__, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+        _write(args.out, doc)       # after every case: a stage time limit (SIGTERM) keeps the finished ones
+    doc["complete"] = True
+    _write(args.out, doc)
     return 0 if all(r["status"] == "pass" for r in results) else 1
+
+
+def _write(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)           # never a half-written file
 
 
 if __name__ == "__main__":

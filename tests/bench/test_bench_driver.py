@@ -168,3 +168,58 @@ def test_bench_env_pins_paths_and_threads():
     assert drv._bench_env(smoke=False, kind="cpu")["BENCH_SMOKE"] == "0"
     with pytest.raises(SystemExit):
         drv.main(["--threads", "0"])
+
+
+def test_file_time_limits_drop_the_last_files_first(tmp_path, monkeypatch):
+    """A budget shorter than the reserves of the later files skips the *last* files (run order is priority): the
+    reserve kept for later files used to be taken from the first one, which was skipped ("skipped-budget") at
+    the ~280 s that bench/gpu_check.sh leaves the driver, while later files ran."""
+    clock = {"t": 0.0}
+    limits = []
+
+    def fake_run_file(file, timeout_s, smoke, kind, **kw):
+        limits.append((file, timeout_s))
+        clock["t"] += timeout_s                      # every file uses all the time it is given
+        return {"run": {"file": file, "status": "timeout", "wall_s": timeout_s}, "records": []}
+
+    monkeypatch.setattr(drv, "run_file", fake_run_file)
+    monkeypatch.setattr(drv, "measure_ceilings", lambda kind, smoke=False: copy.deepcopy(CEIL))
+    monkeypatch.setattr(drv, "time", type("T", (), {"perf_counter": staticmethod(lambda: clock["t"])}))
+    for budget in (280.0, 150.0, 2000.0):
+        limits.clear()
+        clock["t"] = 0.0
+        doc = json.loads(drv.run_suite(drv.FILES, budget, smoke=True, out_dir=tmp_path,
+                                       today="2000-01-01").read_text())
+        status = [r["status"] for r in doc["runs"]]
+        ran = [s != "skipped-budget" for s in status]
+        assert ran[0] and ran == sorted(ran, reverse=True), (budget, status)   # skipped files form a suffix
+        assert sum(t for _, t in limits) <= budget - drv.FINAL_S + 1e-9
+        assert all(t >= min(drv.RESERVE_S, budget - drv.FINAL_S - sum(u for _, u in limits[:i]))
+                   for i, (_, t) in enumerate(limits))
+    assert len(limits) == len(drv.FILES) and limits[0][1] == 2000.0 - drv.FINAL_S - drv.RESERVE_S * 5
+
+
+def test_run_file_timeout_keeps_the_finished_tests_records(tmp_path, monkeypatch):
+    """A file that runs out of time is interrupted (SIGINT) before it is killed: pytest-benchmark writes the
+    records of the tests that finished, and the driver keeps them (a plain kill lost the whole file)."""
+    (tmp_path / "bench_slow.py").write_text(
+        "import time\n\n"
+        "def test_a_fast(benchmark):\n    benchmark.pedantic(lambda: 1, rounds=3, iterations=1)\n\n"
+        "def test_b_slow(benchmark):\n    time.sleep(600)\n")
+    monkeypatch.setattr(drv, "BENCH_DIR", tmp_path)
+    t0 = drv.time.perf_counter()
+    res = drv.run_file("bench_slow.py", 30.0, smoke=True, kind="cpu")
+    assert drv.time.perf_counter() - t0 < 45
+    assert res["run"]["status"] == "timeout" and res["run"]["n_records"] == 1, res["run"]
+    assert [r["name"] for r in res["records"]] == ["test_a_fast"]
+
+
+def test_readme_table_names_files_cut_short():
+    """A timed-out file whose finished tests' figures were kept is "incomplete", not "not in this run"."""
+    doc = _doc([])
+    doc["runs"] = [{"file": "bench_fpa.py", "status": "timeout", "wall_s": 60.0, "n_records": 3},
+                   {"file": "bench_linear_fpa.py", "status": "skipped-budget", "wall_s": 0.0},
+                   {"file": "bench_grpo_loss.py", "status": "timeout", "wall_s": 60.0, "n_records": 0}]
+    sec = rt.render_section({"cpu-x-2c": doc})
+    assert "Not in this run (failed, timed out, skipped or missing): bench_linear_fpa.py, bench_grpo_loss.py." in sec
+    assert "only the figures of the tests that finished: bench_fpa.py (timeout)." in sec

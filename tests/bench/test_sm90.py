@@ -94,3 +94,37 @@ def test_gpu_check_dry_run(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "correctness rc=0" in summary and "bench_driver rc=0" in summary and "probe rc=0" in summary
     assert list((tmp_path / "bench").glob("*.json")) and (tmp_path / "gpu_check.log").is_file()
+
+
+def test_gpu_correctness_keeps_the_finished_cases_when_cut_short(tmp_path, monkeypatch):
+    """correctness.json is rewritten after every case, marked incomplete until the last: the stage's time limit
+    (SIGTERM from gpu_check.sh's ``timeout``) used to leave no file at all, losing every finished case."""
+    import pytest
+
+    from bench.gpu import correctness as C
+
+    def cut(dev):
+        raise KeyboardInterrupt          # stands in for the stage's time limit
+
+    monkeypatch.setattr(C, "cases", lambda tiny: [("a", lambda dev: (True, {"x": 0.0})), ("b", cut),
+                                                  ("c", lambda dev: (True, {}))])
+    out = tmp_path / "correctness.json"
+    with pytest.raises(KeyboardInterrupt):
+        C.main(["--out", str(out), "--tiny"])
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["results"]] == ["a"] and doc["n_cases"] == 3 and doc["complete"] is False
+    monkeypatch.setattr(C, "cases", lambda tiny: [("a", lambda dev: (True, {"x": 0.0}))])
+    assert C.main(["--out", str(out), "--tiny"]) == 0 and json.loads(out.read_text())["complete"] is True
+
+
+def test_gpu_correctness_cases_are_reproducible():
+    """Every input of a correctness case comes from the case's own seeded generator: the upstream gradients were
+    drawn from the global RNG, so a case that failed on the GPU could not be rerun on the same numbers."""
+    import torch
+
+    from bench.gpu import correctness as C
+    for name, fn in C.cases(True):
+        torch.manual_seed(1)
+        a = fn("cpu")
+        torch.manual_seed(2)
+        assert fn("cpu") == a, name

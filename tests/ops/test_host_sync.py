@@ -3,7 +3,8 @@
 On the CPU, a TorchDispatchMode records every aten op of a forward + backward and flags the ops that make a
 CUDA stream synchronise with the host (reading a value: ``_local_scalar_dense`` behind ``item``/``bool``/
 ``int``; data-dependent output sizes: ``nonzero``, ``masked_select``, boolean indexing, ``unique``; copies to
-the host), inside the library's custom ops too. ``host_sync_free`` is patched to True so the code takes its CUDA path. The test is shown to catch
+the host; tensors made from host data, ``torch.tensor``/``as_tensor``, a blocking host-to-device copy on CUDA),
+inside the library's custom ops too. ``host_sync_free`` is patched to True so the code takes its CUDA path. The test is shown to catch
 syncs: the same call with ``validate="full"`` or ``check_finite=True`` is flagged. On a GPU,
 ``torch.cuda.set_sync_debug_mode("error")`` makes any sync raise.
 """
@@ -40,6 +41,9 @@ class SyncRecorder(TorchDispatchMode):
                 return opdef._init_fn(*args, **kwargs)
         if func in _SYNC_OPS:
             self.syncs.append(name)
+        elif func in (aten.lift_fresh.default, aten.lift_fresh_copy.default):
+            # torch.tensor(host data, device=...): on CUDA a blocking host-to-device copy (a sync)
+            self.syncs.append(name + " (host data to device)")
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
                 self.syncs.append(name + " (bool index)")
@@ -107,6 +111,9 @@ def test_recorder_catches_the_opt_in_value_checks(monkeypatch, linear, kw):
         with SyncRecorder() as rec:
             _call(linear, "torch", _inputs())
         assert any("nonzero" in s or "_local_scalar_dense" in s for s in rec.syncs)
+    with SyncRecorder() as rec:
+        torch.tensor(100.0)            # e.g. a hyperparameter turned into a tensor: a host-to-device copy on CUDA
+    assert rec.syncs == ["aten.lift_fresh.default (host data to device)"]
 
 
 @pytest.mark.gpu
@@ -115,11 +122,13 @@ def test_no_sync_on_cuda(linear):
     d = {k: v.cuda() for k, v in _inputs(B=4, T=64, V=4099, H=256).items()}
     d["hidden"], d["weight"], d["bias"] = (d[k].bfloat16() for k in ("hidden", "weight", "bias"))
     _call(linear, "triton", d)                        # warm-up: compile outside the checked region
+    # made before the checked region: torch.tensor(x, device="cuda") is itself a blocking host-to-device copy
+    num_items = torch.tensor(100.0, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss, metrics = _call(linear, "triton", d)
-        loss2, _ = _call(linear, "triton", d, num_items_in_batch=torch.tensor(100.0, device="cuda"))
+        loss2, _ = _call(linear, "triton", d, num_items_in_batch=num_items)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and torch.isfinite(loss2).item()
