@@ -16,17 +16,20 @@ def test_ref_compile_never_falls_back_to_eager(monkeypatch):
     import torch._dynamo
     import torch._dynamo.config as dcfg
     from torch._dynamo.utils import counters
-    for name in ("recompile_limit", "cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(dcfg, name):
-            monkeypatch.setattr(dcfg, name, getattr(dcfg, name))   # restored after the test
+    # dynamo's own snapshot, restored after the test (monkeypatch's undo of an aliased config name such as
+    # cache_size_limit deleted recompile_limit for every later test in the process)
+    saved = dcfg.get_config_copy()
     real = torch.compile
     monkeypatch.setattr(bf.torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))
     monkeypatch.setattr(bf, "_COMPILED", {})
     torch._dynamo.reset()
     counters.clear()
-    fn = bf._fn("ref_compile")
-    for n in range(1, 11):                   # 10 distinct shapes: one graph each
-        x, r = torch.randn(n, 7), torch.randn(n, 7)
-        fn(x, r, torch.zeros(n, dtype=torch.long), None)
-    assert counters["frames"]["ok"] == 10, dict(counters["frames"])
-    torch._dynamo.reset()
+    try:
+        fn = bf._fn("ref_compile")
+        for n in range(1, 11):                   # 10 distinct shapes: one graph each
+            x, r = torch.randn(n, 7), torch.randn(n, 7)
+            fn(x, r, torch.zeros(n, dtype=torch.long), None)
+        assert counters["frames"]["ok"] == 10, dict(counters["frames"])
+    finally:
+        dcfg.load_config(saved)
+        torch._dynamo.reset()
