@@ -70,17 +70,19 @@ def checkpoint_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"{PREFIX}{step}")
 
 
+def _checkpoints(out_dir: Optional[str]) -> List[Tuple[int, str]]:
+    """(N, folder name) of every ``checkpoint-<N>`` folder name in ``out_dir``, by N."""
+    if not out_dir or not os.path.isdir(out_dir):
+        return []
+    found = ((re.fullmatch(re.escape(PREFIX) + r"(\d+)", name), name) for name in os.listdir(out_dir))
+    return sorted((int(m.group(1)), name) for m, name in found if m)
+
+
 def latest_checkpoint(out_dir: str) -> Optional[str]:
     """The finished ``checkpoint-<N>`` folder with the largest N in ``out_dir``, or None."""
-    if not out_dir or not os.path.isdir(out_dir):
-        return None
-    best = None
-    for name in os.listdir(out_dir):
-        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
-        if m and os.path.isfile(os.path.join(out_dir, name, "trainer_state.pt")):
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), os.path.join(out_dir, name))
-    return None if best is None else best[1]
+    done = [os.path.join(out_dir, name) for _, name in _checkpoints(out_dir)
+            if os.path.isfile(os.path.join(out_dir, name, "trainer_state.pt"))]
+    return done[-1] if done else None
 
 
 def set_aside_later(out_dir: str, step: int) -> List[str]:
@@ -88,9 +90,8 @@ def set_aside_later(out_dir: str, step: int) -> List[str]:
     resume from ``step`` they belong to the continuation it replaces, and ``--resume latest`` would otherwise pick
     one up again after a crash. Renamed, not deleted. Returns the new paths."""
     moved = []
-    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
-        if m and int(m.group(1)) > step:
+    for n, name in _checkpoints(out_dir):
+        if n > step:
             src, dst = os.path.join(out_dir, name), os.path.join(out_dir, name + ".abandoned")
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(src, dst)
@@ -168,8 +169,10 @@ def _reading(path: str, what: str):
     fit the model) as the one-line ValueError the CLI reports, naming the file; the cause stays chained."""
     try:
         yield
-    except ValueError:
-        raise
+    except ValueError as e:
+        if not isinstance(e, json.JSONDecodeError):   # (a refusal of ours, or a check of the engine's)
+            raise
+        raise ValueError(f"--resume {path!r}: cannot read {what} (JSONDecodeError: {e})") from e
     except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
         raise ValueError(f"--resume {path!r}: cannot read {what} ({type(e).__name__}: {str(e)[:300]})") from e
 
@@ -177,10 +180,7 @@ def _reading(path: str, what: str):
 def check_config(path: str, config: dict) -> None:
     """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``)."""
     with _reading(path, "config.json"), open(os.path.join(path, "config.json")) as f:
-        try:
-            saved = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--resume {path!r}: config.json is not valid JSON ({e})") from e
+        saved = json.load(f)
 
     def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
         a, b = saved_setting(saved, k), config.get(k)
@@ -204,10 +204,7 @@ def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
     with _reading(path, rng):
         set_rng_state(torch.load(os.path.join(path, rng), map_location="cpu", weights_only=True))
     with _reading(path, "records.jsonl"):
-        try:
-            return state, read_records(os.path.join(path, "records.jsonl"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--resume {path!r}: records.jsonl is not valid JSON lines ({e})") from e
+        return state, read_records(os.path.join(path, "records.jsonl"))
 
 
 def weights_fingerprint(module) -> str:
