@@ -526,3 +526,43 @@ def test_rules_snapshot_through_the_cpp_copy_only_with_the_cpp_backend(monkeypat
         out.append([p.detach().clone() for p in m.parameters()])
         assert (len(calls) > n) is (backend == "cpp")
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_triton_alignment_hint_follows_every_address(monkeypatch):
+    # ALIGN > 1 lets the GPU kernel use 16-byte vector accesses on every list; a tensor that is not 16-byte aligned
+    # (or a numel that is not a multiple of 16 bytes of the narrowest dtype) must make the launch use ALIGN = 1,
+    # or the GPU reads misaligned addresses. The interpreter ignores the hint, so the launches are inspected.
+    from gxpo_kernels.ops.extrapolate import op as X
+    seen = []
+
+    class _Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(k["ALIGN"])
+    monkeypatch.setattr(X, "_extrapolate_kernel", _Spy())
+
+    def off(t, k):   # a copy of t that starts k elements into a fresh buffer (16-byte aligned at k = 0)
+        buf = torch.zeros(t.numel() + 8, dtype=t.dtype)
+        return buf[k:k + t.numel()].view_as(t).copy_(t)
+
+    for pdt, want in ((torch.bfloat16, 8), (torch.float32, 4)):
+        shapes = [(64,), (8, 16)]
+        mk = lambda dt: [torch.randn(s).to(dt) for s in shapes]  # noqa: E731
+        p, t0, g0, g1, low = mk(pdt), mk(torch.float32), mk(pdt), mk(pdt), mk(torch.bfloat16)
+
+        def launch(p=p, t0=t0, g0=g0, g1=g1, low=None):
+            seen.clear()
+            X.extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, lowp_out=low, backend="triton")
+            return seen[-1]
+        assert launch() == want and launch(low=low) == 8          # 16 bytes of the bf16 copies
+        assert launch(p=[p[0], off(p[1], 1)]) == 1
+        assert launch(t0=[off(t0[0], 1), t0[1]]) == 1
+        assert launch(g0=[g0[0], off(g0[1], 1)]) == 1
+        assert launch(low=[low[0], off(low[1], 1)]) == 1
+        assert launch(p=[torch.randn(37).to(pdt)], t0=[torch.randn(37)], g0=[torch.randn(37).to(pdt)],
+                      g1=[torch.randn(37).to(pdt)]) == 1                           # numel: no 16-byte multiple
+        # the per-call lists of one plan: the hint follows each call's addresses, including back to aligned
+        plan = X.ExtrapolationPlan(p, t0, "per_call", grads_are_param_dtype=True, backend="triton")
+        for a0, a1, w in ((0, 0, want), (0, 1, 1), (0, 0, want), (1, 0, 1), (0, 0, want)):
+            seen.clear()
+            plan([off(g, a1) for g in g1], g0=[off(g, a0) for g in g0], alpha=0.5, K=5)
+            assert seen == [w], (pdt, a0, a1, seen)
