@@ -366,9 +366,19 @@ def host_overhead_ab(out_path, before: str, rounds=3):
     return doc
 
 
+def main(argv=None) -> None:
+    """``python -m bench.bench_extrapolate [OUT] [--before OTHER_CHECKOUT]``: the host part (``host_overhead``)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_extrapolate",
+                                 description="Host part of one extrapolate_ call on the CUDA path (launch stubbed).")
+    ap.add_argument("out", nargs="?", help="write the JSON results here (default: print only)")
+    ap.add_argument("--before", metavar="OTHER_CHECKOUT",
+                    help="time this checkout and OTHER_CHECKOUT alternately in fresh processes (needs OUT)")
+    a = ap.parse_args(argv)
+    if a.before and not a.out:
+        ap.error("--before needs OUT")
+    print(host_overhead_ab(a.out, a.before) if a.before else host_overhead(a.out))
+
+
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) > 3 and sys.argv[2] == "--before":   # OUT --before OTHER_CHECKOUT
-        print(host_overhead_ab(sys.argv[1], sys.argv[3]))
-    else:
-        print(host_overhead(sys.argv[1] if len(sys.argv) > 1 else None))
+    main()

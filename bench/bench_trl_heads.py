@@ -136,6 +136,9 @@ def test_providers_agree_with_logits_path():
 
 
 def main() -> None:
+    import argparse
+    argparse.ArgumentParser(prog="python -m bench.bench_trl_heads", description=__doc__.split("\n\n")[0]
+                            + f" Writes {OUT.relative_to(OUT.parents[2])}.").parse_args()
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=root)
     rows = []
