@@ -184,6 +184,23 @@ def _plateau_trials() -> str:
     return "\n".join(out)
 
 
+@generator("temperature-precision")
+def _temperature_precision() -> str:
+    rel = "bench/results/cpu-temperature-precision.json"
+    doc = _json(rel)
+    out = [f"Errors against float64 of the same fp32 inputs (from `{rel}`; {doc['N']} rows, V = {doc['V']:,}, "
+           f"logits ~ N(0, 10^2), fused head H = {doc['H']}; Triton under the interpreter, CPU):", "",
+           "| T | log-prob abs. error: Triton / PyTorch | fused head: Triton / PyTorch "
+           "| d(logits) rel. error: Triton / PyTorch | fused head d(hidden): Triton / PyTorch |",
+           "|---:|---:|---:|---:|---:|"]
+    for r in doc["results"]:
+        a, b = r["triton"], r["torch"]
+        out.append(f"| {r['temperature']:g} | " + " | ".join(
+            f"{a[k]:.1e} / {b[k]:.1e}" for k in ("logp_abs_err", "linear_logp_abs_err", "dlogits_rel_err",
+                                                  "linear_dhidden_rel_err")) + " |")
+    return "\n".join(out)
+
+
 def render(text: str) -> str:
     def sub(m):
         name = m.group("name")

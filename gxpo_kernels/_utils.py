@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -153,9 +154,19 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
 TEMPERATURE_RANGE = "[1e-6, 1e6]"
 
 
-def check_temperature(temperature) -> float:
-    """The sampling temperature as a float in ``TEMPERATURE_RANGE`` (one rule for every op)."""
-    return check_scalar(temperature, "temperature", TEMPERATURE_RANGE)
+LOW_TEMPERATURE = 0.01   # below: fp32 log-probs of logits / T lose about 4e-6 / T (docs/validation.md)
+
+
+def check_temperature(temperature, *, warn: bool = True) -> float:
+    """The sampling temperature as a float in ``TEMPERATURE_RANGE`` (one rule for every op). Below
+    ``LOW_TEMPERATURE`` a ``UserWarning`` (once per process, Python's default filter) gives the log-prob error to
+    expect; ``warn=False`` for a temperature that only samples."""
+    t = check_scalar(temperature, "temperature", TEMPERATURE_RANGE)
+    if warn and t < LOW_TEMPERATURE and not torch.compiler.is_compiling():
+        warnings.warn(f"temperature={t:g}: log-probs of logits / temperature computed in fp32 are off by about "
+                      f"{4e-6 / t:.0e} (absolute, for logits up to ~30), and the Triton backward's d(logits) by "
+                      f"about {1e-6 / t:.0e} (relative); see docs/validation.md", UserWarning, stacklevel=3)
+    return t
 
 
 VALIDATE_LEVELS = ("cheap", "full")

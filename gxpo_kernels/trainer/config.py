@@ -234,7 +234,7 @@ class TrainConfig:
         with _fields_named():
             GRPOLossOptions.build(**loss_kwargs(self, self.max_new_tokens or 1))
         with _fields_named(temperature="val_temperature"):
-            check_temperature(self.val_temperature)
+            check_temperature(self.val_temperature, warn=False)   # sampling only: no log-probs
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)   # the rules only check its type
         for algo, rule in (("gxpo", GXPO), ("sfpo", SFPO)):
             _, kw, _ = rule_options(self.replace(algo=algo))

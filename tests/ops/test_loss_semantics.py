@@ -12,6 +12,7 @@ autocast region changes no op's bits; a second derivative raises (also with inpl
 and so does forward-mode AD (a dropped tangent would be a silent zero).
 """
 import math
+import warnings
 import zlib
 
 import numpy as np
@@ -504,6 +505,33 @@ def test_temperature_rule_is_the_same_everywhere(op, t):
             linear_token_logprobs(torch.randn(1, 3, 8), torch.randn(20, 8), tokens, t)
         else:
             fpa_logprobs(logits, logits, tokens, lam=1.0, temperature=t)
+
+
+@pytest.mark.parametrize("op", ("grpo_loss", "linear_grpo_loss", "token_logprobs", "linear_token_logprobs",
+                                "fpa_logprobs", "linear_fpa_logprobs"))
+def test_low_temperature_warns_with_the_expected_error(op):
+    # below 0.01 fp32 log-probs lose ~4e-6 / T (docs/validation.md): every op says so instead of staying silent
+    logits, tokens, adv, mask, old, ref = _inputs()
+    h, w = torch.randn(*tokens.shape, 8), torch.randn(logits.shape[-1], 8)
+
+    def call(t):
+        if op == "grpo_loss":
+            grpo_loss(logits, tokens, adv, mask, old, temperature=t, backend="torch")
+        elif op == "linear_grpo_loss":
+            linear_grpo_loss(h, w, tokens, adv, mask, old, temperature=t, backend="torch")
+        elif op == "token_logprobs":
+            token_logprobs(logits, tokens, t, backend="torch")
+        elif op == "linear_token_logprobs":
+            linear_token_logprobs(h, w, tokens, t, backend="torch")
+        elif op == "fpa_logprobs":
+            fpa_logprobs(logits, logits, tokens, lam=1.0, temperature=t, backend="torch")
+        else:
+            linear_fpa_logprobs(h, w, h, w, tokens, lam=1.0, temperature=t, backend="torch")
+    with pytest.warns(UserWarning, match=r"temperature=0\.001: .* off by about 4e-03"):
+        call(1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(0.01)
 
 
 def test_fpa_lam_accepts_0d_tensor():
