@@ -201,6 +201,64 @@ def _temperature_precision() -> str:
     return "\n".join(out)
 
 
+def _e(x: float) -> str:
+    """1.2e-04 -> 1.2e-4, 0 -> 0, and a negative number with a minus sign (prose style)."""
+    if x == 0:
+        return "0"
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.1e}").replace("e+", "e").replace("-", "−", x < 0)
+
+
+def _p10(x: float) -> str:
+    """An input scale 1e-4 as written in the docs."""
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+@generator("side-by-side")
+def _side_by_side() -> str:
+    rel = "bench/results/cpu-side-by-side.json"
+    doc = _json(rel)
+    h = next(r for r in doc["horner_vs_guarded"] if r["K"] == 4)
+    rows = {r["rms"]: r for r in doc["inactive_mask_floor"]}
+    m, z = rows[1e-6], doc["ema_gate_z"]
+    clean = [_p10(s) for s, r in sorted(rows.items(), reverse=True) if r["floored"] == 0 == r["theta_differ"]]
+    low = [r for s, r in sorted(rows.items()) if s < 1e-6]
+    r_max = f"{h['r_at_max_scale_diff']:.4f}".replace("-", "−")
+    out = [f"Measured by `python -m bench.side_by_side` (from `{rel}`; CPU, fp32; one tensor of {h['n']:,} "
+           "coordinates with θ0 ~ N(0, 1), θ2 − θ0 ~ N(0, 1e-3²), g0 ~ N(0, s²), g1 = 0.7·g0 + 0.4·N(0, s²), "
+           "α = 0.5, no clip):", "",
+           f"- Scale at K = {h['K']} (s = 1): ours and their S_K/S_2 differ at {h['scale_differ']:,} of {h['n']:,} "
+           f"coordinates, by up to {_e(h['scale_max_diff'])} (at r = {r_max}); against the float64 value of "
+           f"S_{{K/2}}(r²), ours is off by at most {_e(h['ours_max_err_vs_fp64'])}, theirs by "
+           f"{_e(h['theirs_max_err_vs_fp64'])}. θ̃ differs at {h['theta_differ']} coordinates, by at most "
+           f"{_e(h['theta_max_diff'])}.",
+           f"- Inactive mask at RMS(ĝ0) = s = {_p10(m['rms'])} (K = {m['K']}): {m['floored']} of {m['n']:,} "
+           f"coordinates are active with |ĝ0| < δ, where our floor acts; θ̃ differs at {m['theta_differ']} of them, "
+           f"by up to {_e(m['theta_max_diff'])} where θ2 − θ0 = {_e(m['displacement_at_max_diff'])}"
+           + ("; every other coordinate agrees bit for bit" if m["theta_differ_outside_floored"] == 0 else "")
+           + (f". At s = {' and '.join(clean)} no coordinate is floored" if clean else "")
+           + "".join(f"; at s = {_p10(r['rms'])}, {r['floored']} are, and θ̃ differs at {r['theta_differ']}, by "
+                     f"up to {_e(r['theta_max_diff'])}" for r in low) + ".",
+           f"- EMA gate, {z['active_steps']} active steps of `GXPO.paper_protocol` (AdamW on a 6-16-1 MLP, τ raised "
+           f"so that the gate never fires): the two norms differ by at most {_e(z['max_rel_norm_diff'])} (relative), "
+           f"z by at most {_e(z['max_abs_z_diff'])} (|z| up to {z['max_abs_z']:.2f})."]
+    return "\n".join(out)
+
+
+@generator("interpreter-closed-form")
+def _interpreter_closed_form() -> str:
+    rel = "bench/results/cpu-side-by-side.json"
+    rows = _json(rel)["interpreter_closed_form"]
+    out = [f"The interpreter's closed form against the reference (from `{rel}`, `python -m bench.side_by_side`; "
+           f"{rows[0]['dtype'].replace('float', 'fp')}, {rows[0]['n']:,} elements, θ2 − θ0 ~ N(0, 1e-3²)):", "",
+           "| K | scale differs | largest scale difference | r there | θ̃ differs | largest θ̃ difference |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        at = f"{r['r_at_max_scale_diff']:.4f}".replace("-", "−") if r["scale_differ"] else "–"
+        out.append(f"| {r['K']} | {r['scale_differ']:,} | {_e(r['scale_max_diff'])} | {at} | {r['theta_differ']:,} | "
+                   f"{_e(r['theta_max_diff'])} |")
+    return "\n".join(out)
+
+
 def render(text: str) -> str:
     def sub(m):
         name = m.group("name")
