@@ -259,6 +259,25 @@ def _interpreter_closed_form() -> str:
     return "\n".join(out)
 
 
+@generator("cpu-dispatch")
+def _cpu_dispatch() -> str:
+    rel = "bench/results/cpu-dispatch.json"
+    doc = _json(rel)
+    res = doc["results"]
+    isa = "AVX-512" if doc.get("cpu_avx512f") else "AVX2" if doc.get("cpu_avx2") else "no AVX2"
+    out = [f"From `{rel}` (`python -m bench.cpu_dispatch`; {doc['machine']} with {isa}, torch {res[0]['torch']}): the "
+           f"default preset's warm start cut to {doc['steps']} steps, trained from scratch in a fresh process per "
+           "setting.", "",
+           f"| variables set | ATen kernels | threads | weights after {doc['steps']} warm-start steps |",
+           "|---|---|---:|---|"]
+    for i, r in enumerate(res):
+        first = next(j for j, q in enumerate(res) if q["sha256"] == r["sha256"])
+        note = "" if i == 0 else f" (same as row {first + 1})" if first < i else " (different)"
+        setting = " + ".join(f"`{k}={v}`" for k, v in r["env"].items()) or "none (ATen's own dispatch)"
+        out.append(f"| {setting} | {r['aten_capability']} | {r['threads']} | hash `{r['sha256'][:8]}…`{note} |")
+    return "\n".join(out)
+
+
 def render(text: str) -> str:
     def sub(m):
         name = m.group("name")

@@ -34,3 +34,14 @@ def test_bench_trl_heads_help_runs_no_measurement(monkeypatch, capsys):
         B.main()
     assert e.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["bench.side_by_side", "bench.cpu_dispatch"])
+def test_measurement_scripts_help_writes_nothing(script, tmp_path):
+    """The scripts behind generated doc figures answer --help without measuring or writing a results file."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", script, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "usage" in p.stdout
+    assert list(tmp_path.iterdir()) == []
