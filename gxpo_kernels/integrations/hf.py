@@ -87,20 +87,31 @@ def _lm_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+# config names of a final-logit soft cap (Gemma 2/3, RecurrentGemma, xLSTM) and of a logit scale / multiplier
+# (Cohere, FalconH1, muP-style heads, Granite, Inkling); None (and 1 for a scale) means "not applied"
+_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
+                 "logits_mup_width_multiplier")
 
 
 def logit_rescaling(model: nn.Module) -> Optional[str]:
     """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` (a soft cap, a logit scale or multiplier in its
-    config, or in the text config of a composite model), or None. The fused head cannot run such a model."""
+    config, or in the text config of a composite model; logits cut to ``unpadded_vocab_size``), or None. The
+    fused head cannot run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
     if text is not None and text is not cfg:
         cfgs.append(text)        # composite (multimodal) models keep the language model's settings there
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
-        if getattr(c, "final_logit_softcapping", None) is not None:
-            return "the model soft-caps its logits (final_logit_softcapping)"
+        for name in _SOFT_CAPS:
+            if getattr(c, name, None) is not None:
+                return f"the model soft-caps its logits ({name})"
+        unpadded = getattr(c, "unpadded_vocab_size", None)
+        if unpadded is not None and rows is not None and unpadded < rows:
+            return "the model cuts its logits to the first unpadded_vocab_size entries"
         for name in _LOGIT_SCALES:
             if getattr(c, name, None) not in (None, 1, 1.0):
                 return f"the model scales its logits ({name})"
