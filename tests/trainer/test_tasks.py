@@ -255,3 +255,33 @@ def test_pass_at_k_estimator():
     assert pass_at_k(5, 2, 3) == pytest.approx(1 - comb(3, 3) / comb(5, 3))
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)
+
+
+def test_generation_ignores_the_models_own_sampling_settings():
+    """Rollouts sample from softmax(logits / T), the distribution the old log-probs score, and validation decodes
+    greedily, whatever the model's generation_config holds (a --model folder's generation_config.json often sets
+    repetition_penalty, e.g. 1.05 for Qwen2.5 instruction models). Those settings used to reach ``generate``:
+    with them a sampled token's probability differed from the scored one by up to 1.5 nats here."""
+    from gxpo_kernels.trainer.rollout import generate
+
+    t = AdditionTask()
+    tok = CharTokenizer(t.alphabet)
+    model = build_tiny_model(tiny_config_dict(tok.vocab_size, hidden=32, intermediate=64), tok,
+                             torch.device("cpu"), seed=1).eval()
+    ids, attn = encode_prompts(tok, ["12+34=", "999+999=", "10+10="], "cpu")
+
+    def run():
+        out = {}
+        for do_sample, temperature in [(True, 1.0), (True, 0.7), (False, 1.0)]:
+            torch.manual_seed(0)
+            out[do_sample, temperature] = generate(model, tok, ids, attn, max_new_tokens=6, do_sample=do_sample,
+                                                   temperature=temperature, num_return_sequences=4 if do_sample else 1)
+        return out
+
+    plain = run()
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens, gc.suppress_tokens = 3.0, 1, 4, [5]
+    polluted = run()
+    for key, want in plain.items():
+        assert torch.equal(polluted[key], want), key
+    assert model.generation_config is gc and gc.repetition_penalty == 3.0     # the model's own config is restored
