@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SPLITS = ("train", "val", "sft")
@@ -209,13 +211,20 @@ def math_reward(response_text: str, answer: str) -> float:
     return 1.0 if pred and verify(gold, pred) else 0.0
 
 
+def _number_text(x: float) -> str:
+    """A JSON number in positional notation: ``str`` writes 1e-07 and 1e+20, which math-verify reads as
+    e - 7 and e + 20 (Euler's number), and which no response states that way for the exact reward."""
+    return format(Decimal(repr(x)), "f")
+
+
 class JsonlTask(Task):
     """A user's dataset: one JSON object per line with a prompt and an answer field (any other keys ignored).
 
-    Splits: a record's own ``split`` field (``train``, ``val``/``test``, ``sft``) when it has one, else the
-    hash split of the prompt (25% val, 25% sft, 50% train). ``sample`` draws with replacement for training
-    and, with ``distinct=True`` (validation), returns the pool's first ``n`` records in a seeded shuffle
-    (fewer when the pool is smaller).
+    A number answer is used as written in positional notation (JSON ``1e-7`` -> ``0.0000001``, ``2.5e3`` ->
+    ``2500.0``). Splits: a record's own ``split`` field (``train``, ``val``/``test``/``validation``, ``sft``;
+    another value is an error) when it has one, else the hash split of the prompt (25% val, 25% sft, 50%
+    train). ``sample`` draws with replacement for training and, with ``distinct=True`` (validation), returns
+    the pool's first ``n`` records in a seeded shuffle (fewer when the pool is smaller).
     """
 
     name = "jsonl"
@@ -240,10 +249,18 @@ class JsonlTask(Task):
                 if not isinstance(p, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
                     raise ValueError(f"{path}:{i}: {prompt_field!r} must be a string and {answer_field!r} a "
                                      "string or number")
-                split = {"test": "val"}.get(rec.get("split"), rec.get("split"))
-                if split not in SPLITS:
+                if isinstance(a, float) and not math.isfinite(a):
+                    raise ValueError(f"{path}:{i}: {answer_field!r} is {a}, not a finite number")
+                split = rec.get("split")
+                if split is None:
                     split = _split_of(f"jsonl:{p}", self.val_frac, self.sft_frac)
-                self.pools[split].append((p, str(a)))
+                else:
+                    if isinstance(split, str):
+                        split = {"test": "val", "validation": "val"}.get(split, split)
+                    if split not in SPLITS:   # a test record must not land in the train pool by the hash
+                        raise ValueError(f"{path}:{i}: unknown split {rec['split']!r}; use train, val (or test, "
+                                         "validation) or sft, or leave the field out for the hash split")
+                self.pools[split].append((p, _number_text(a) if isinstance(a, float) else str(a)))
         if not self.pools["train"] or not self.pools["val"]:
             raise ValueError(f"{path}: need records in both the train and the val split "
                              f"(got {len(self.pools['train'])} train, {len(self.pools['val'])} val)")

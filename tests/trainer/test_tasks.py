@@ -285,3 +285,40 @@ def test_generation_ignores_the_models_own_sampling_settings():
     for key, want in plain.items():
         assert torch.equal(polluted[key], want), key
     assert model.generation_config is gc and gc.repetition_penalty == 3.0     # the model's own config is restored
+
+
+def test_jsonl_number_answers_are_written_positionally(tmp_path):
+    """A JSON number answer used to become ``str(float)``: 1e-07 or 1e+20, which math-verify parses as
+    e - 7 and e + 20 (Euler's number), so the right answer 0.0000001 scored 0."""
+    import json
+    from gxpo_kernels.trainer.tasks import JsonlTask, math_reward
+    answers = [1e-7, 1e20, 2.5e3, 1.5e-5, 0.1, 7, "1e-07"]
+    want = ["0.0000001", "100000000000000000000", "2500.0", "0.000015", "0.1", "7", "1e-07"]
+    p = tmp_path / "n.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a, "split": "train"}) + "\n"
+                         for i, a in enumerate(answers)) + '{"prompt": "v", "answer": 1, "split": "val"}\n')
+    t = JsonlTask(str(p))
+    assert [a for _, a in t.pools["train"]] == want
+    assert t.reward("so \\boxed{0.0000001}", True, t.pools["train"][0][1]) == 1.0
+    assert t.reward("so \\boxed{100000000000000000000}", True, t.pools["train"][1][1]) == 1.0
+    assert math_reward("so \\boxed{0.0000001}", str(1e-7)) == 0.0        # what the old answer text did
+    p.write_text('{"prompt": "q", "answer": NaN, "split": "train"}\n')
+    with pytest.raises(ValueError, match="finite"):
+        JsonlTask(str(p))
+
+
+def test_jsonl_split_field_values(tmp_path):
+    """``validation`` (the Hugging Face name) places a record in val; an unknown split value is an error. Both
+    used to fall through to the hash split, which puts about half of such test records into the train pool."""
+    import json
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "s.jsonl"
+    rows = [{"prompt": f"t{i}", "answer": "1", "split": "train"} for i in range(4)]
+    rows += [{"prompt": f"v{i}", "answer": "2", "split": "validation"} for i in range(40)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = JsonlTask(str(p))
+    assert len(t.pools["val"]) == 40 and len(t.pools["train"]) == 4 and not t.pools["sft"]
+    for bad in ["dev", "Test", 3]:
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "x", "answer": "1", "split": bad}]))
+        with pytest.raises(ValueError, match="unknown split"):
+            JsonlTask(str(p))
