@@ -291,11 +291,14 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
             return _token_logprobs_forward(self, input_ids, attention_mask, gxpo_targets, gxpo_mask,
                                            gxpo_temperature, gxpo_fp32_head, gxpo_backend, gxpo_aux_loss, kwargs)
         if advantages is None:
-            for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                             ("logits_to_keep", logits_to_keep)):
+            if logits_to_keep is not None:
+                kwargs["logits_to_keep"] = logits_to_keep
+            if args:                       # 3+ positional arguments: hand them on in the caller's order
+                return previous(input_ids, attention_mask, *args, **kwargs)
+            for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask)):
                 if val is not None:
                     kwargs[key] = val
-            return previous(*args, **kwargs)
+            return previous(**kwargs)
         if args:
             raise TypeError("pass the decoder's extra inputs by keyword when computing the GRPO loss")
         opts = {**self._gxpo_loss_opts, **(grpo_options or {})}

@@ -316,6 +316,31 @@ def test_patch_causal_lm_forward_matches_the_loss_function():
     assert gen.shape == (1, ids.shape[1] + 2)
 
 
+def test_patched_model_keeps_positional_calls_and_repatching_replaces_options():
+    """Without GRPO targets the patched forward hands every argument on as the caller gave it: a positional
+    ``model(ids, am, position_ids)`` used to raise "got multiple values for argument 'input_ids'"."""
+    from gxpo_kernels.integrations.hf import patch_causal_lm
+    model = _model("llama")
+    ids, am, cm, adv = _batch(seed=5)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(ids, am, pos).logits
+        want_kept = model(ids, am, pos, logits_to_keep=3).logits
+    patch_causal_lm(model, temperature=0.5)
+    patch_causal_lm(model, temperature=0.9)                       # the second patch only replaces the options
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, am, pos).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, am, pos, logits_to_keep=3).logits, want_kept, rtol=0, atol=0)
+        old = torch.full(cm.shape, -5.0)
+        K = cm.shape[1]
+        got = model(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=K, old_logprobs=old).loss
+        at_09, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                       old_logprobs=old, temperature=0.9)
+        at_05, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                       old_logprobs=old, temperature=0.5)
+    assert got == at_09 and got != at_05
+
+
 def test_wrapped_models_refused_by_name():
     from gxpo_kernels.integrations.hf import patch_causal_lm
 
