@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -197,14 +198,23 @@ class SortTask(Task):
         return ",".join(map(str, sorted(p)))
 
 
+def _has_math_delimiters(text: str) -> bool:
+    """Whether ``text`` marks its math itself: an unescaped ``$``, or ``\\(`` / ``\\[``."""
+    return re.search(r"(?<!\\)\$", text) is not None or "\\(" in text or "\\[" in text
+
+
 def math_reward(response_text: str, answer: str) -> float:
     """1.0 iff ``math_verify.verify(parse(answer), parse(response))`` (LaTeX/expression extraction, boxed
-    answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse."""
+    answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse.
+
+    A reference answer without math delimiters (MATH's ``2\\sqrt{3}``, ``\\dfrac{1}{2}``, ``\\pi``, or ``42``)
+    is parsed as one inline-math expression, ``$answer$``; one with delimiters as it stands."""
     try:
         from math_verify import parse, verify
     except ImportError:  # pragma: no cover - exercised only without the optional extra
         raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]'") from None
-    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+    # bare LaTeX parsed as it stands loses what math-verify cannot find without delimiters: 2\sqrt{3} -> 2
+    gold = parse(answer) if _has_math_delimiters(answer) else (parse(f"${answer}$") or parse(answer))
     if not gold:
         return 0.0
     pred = parse(response_text)

@@ -183,6 +183,19 @@ def _write_jsonl(path, n=40, split=True):
     ("42", "\\boxed{43}", 0.0),
     ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),
     ("7", "no number here", 0.0),
+    # MATH-style references: LaTeX without delimiters. Parsed as they stand, 2\sqrt{3} used to read as 2 (so
+    # \boxed{2} scored 1 and the right answer 0) and \sqrt{2}, \pi, \dfrac{1}{2} did not parse (every response 0)
+    ("2\\sqrt{3}", "The answer is \\boxed{2\\sqrt{3}}", 1.0),
+    ("2\\sqrt{3}", "The answer is \\boxed{2}", 0.0),
+    ("\\sqrt{2}", "\\boxed{\\sqrt{2}}", 1.0),
+    ("\\dfrac{1}{2}", "\\boxed{\\frac{1}{2}}", 1.0),
+    ("\\pi", "\\boxed{\\pi}", 1.0),
+    ("x=\\pm 2", "\\boxed{2}", 0.0),
+    ("\\text{(A)}", "\\boxed{\\text{(A)}}", 1.0),
+    ("\\$18", "\\boxed{18}", 1.0),                      # an escaped dollar sign is no delimiter
+    ("$2\\sqrt{3}$", "\\boxed{2\\sqrt{3}}", 1.0),     # delimited references are parsed as they stand
+    ("\\(2\\sqrt{3}\\)", "\\boxed{2\\sqrt{3}}", 1.0),
+    ("\\boxed{2\\sqrt{3}}", "so \\boxed{2\\sqrt{3}}", 1.0),
 ])
 def test_math_reward_answer_equivalence(gold, response, want):
     from gxpo_kernels.trainer.tasks import math_reward
