@@ -87,20 +87,31 @@ def _lm_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+# config names of a final-logit soft cap (Gemma 2/3, RecurrentGemma, xLSTM) and of a logit scale / multiplier
+# (Cohere, FalconH1, muP-style heads, Granite, Inkling); None (and 1 for a scale) means "not applied"
+_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
+                 "logits_mup_width_multiplier")
 
 
 def logit_rescaling(model: nn.Module) -> Optional[str]:
     """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` (a soft cap, a logit scale or multiplier in its
-    config, or in the text config of a composite model), or None. The fused head cannot run such a model."""
+    config, or in the text config of a composite model; logits cut to ``unpadded_vocab_size``), or None. The
+    fused head cannot run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
     if text is not None and text is not cfg:
         cfgs.append(text)        # composite (multimodal) models keep the language model's settings there
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
-        if getattr(c, "final_logit_softcapping", None) is not None:
-            return "the model soft-caps its logits (final_logit_softcapping)"
+        for name in _SOFT_CAPS:
+            if getattr(c, name, None) is not None:
+                return f"the model soft-caps its logits ({name})"
+        unpadded = getattr(c, "unpadded_vocab_size", None)
+        if unpadded is not None and rows is not None and unpadded < rows:
+            return "the model cuts its logits to the first unpadded_vocab_size entries"
         for name in _LOGIT_SCALES:
             if getattr(c, name, None) not in (None, 1, 1.0):
                 return f"the model scales its logits ({name})"
@@ -280,11 +291,14 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
             return _token_logprobs_forward(self, input_ids, attention_mask, gxpo_targets, gxpo_mask,
                                            gxpo_temperature, gxpo_fp32_head, gxpo_backend, gxpo_aux_loss, kwargs)
         if advantages is None:
-            for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                             ("logits_to_keep", logits_to_keep)):
+            if logits_to_keep is not None:
+                kwargs["logits_to_keep"] = logits_to_keep
+            if args:                       # 3+ positional arguments: hand them on in the caller's order
+                return previous(input_ids, attention_mask, *args, **kwargs)
+            for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask)):
                 if val is not None:
                     kwargs[key] = val
-            return previous(*args, **kwargs)
+            return previous(**kwargs)
         if args:
             raise TypeError("pass the decoder's extra inputs by keyword when computing the GRPO loss")
         opts = {**self._gxpo_loss_opts, **(grpo_options or {})}

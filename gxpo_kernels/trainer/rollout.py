@@ -63,11 +63,30 @@ def response_mask(resp: torch.Tensor, eos_id: int, pad_id: int):
     return resp, mask
 
 
+@contextlib.contextmanager
+def _plain_generation_config(model, tokenizer):
+    """``model.generate`` fills every option it is not given from ``model.generation_config`` (a ``--model``
+    folder's generation_config.json: repetition_penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens,
+    typical_p, ...), and those reshape the sampling distribution away from softmax(logits / T), the one the old
+    log-probs and the loss score. Swap in a config that holds only the special tokens for the call."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               bos_token_id=getattr(tokenizer, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, ids, attn, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
              num_return_sequences: int = 1, synced_gpus: bool = False) -> torch.Tensor:
     """Response ids (B, T) after the prompt, B = P * num_return_sequences (each prompt's samples contiguous).
 
+    Plain sampling from softmax(logits / temperature), or plain greedy decoding: the logits processors of the
+    model's own generation config (repetition penalty, n-gram bans, suppressed tokens, ...) are not applied.
     ``synced_gpus``: keep forwarding until every rank is done (ZeRO-3 gathers parameters collectively inside
     each forward, so all ranks must run the same number of them)."""
     kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
@@ -76,7 +95,8 @@ def generate(model, tokenizer, ids, attn, *, max_new_tokens: int, do_sample: boo
         kw["synced_gpus"] = True
     if do_sample:  # plain sampling so rollouts match the training log-softmax at this temperature
         kw.update(temperature=temperature, top_k=0, top_p=1.0)
-    out = model.generate(input_ids=ids, attention_mask=attn, **kw)
+    with _plain_generation_config(model, tokenizer):
+        out = model.generate(input_ids=ids, attention_mask=attn, **kw)
     resp = out[:, ids.shape[1]:]
     if resp.shape[1] == 0:
         resp = torch.full((out.shape[0], 1), tokenizer.pad_token_id, dtype=out.dtype, device=out.device)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import re
+from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SPLITS = ("train", "val", "sft")
@@ -195,27 +198,43 @@ class SortTask(Task):
         return ",".join(map(str, sorted(p)))
 
 
+def _has_math_delimiters(text: str) -> bool:
+    """Whether ``text`` marks its math itself: an unescaped ``$``, or ``\\(`` / ``\\[``."""
+    return re.search(r"(?<!\\)\$", text) is not None or "\\(" in text or "\\[" in text
+
+
 def math_reward(response_text: str, answer: str) -> float:
     """1.0 iff ``math_verify.verify(parse(answer), parse(response))`` (LaTeX/expression extraction, boxed
-    answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse."""
+    answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse.
+
+    A reference answer without math delimiters (MATH's ``2\\sqrt{3}``, ``\\dfrac{1}{2}``, ``\\pi``, or ``42``)
+    is parsed as one inline-math expression, ``$answer$``; one with delimiters as it stands."""
     try:
         from math_verify import parse, verify
     except ImportError:  # pragma: no cover - exercised only without the optional extra
         raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]'") from None
-    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+    # bare LaTeX parsed as it stands loses what math-verify cannot find without delimiters: 2\sqrt{3} -> 2
+    gold = parse(answer) if _has_math_delimiters(answer) else (parse(f"${answer}$") or parse(answer))
     if not gold:
         return 0.0
     pred = parse(response_text)
     return 1.0 if pred and verify(gold, pred) else 0.0
 
 
+def _number_text(x: float) -> str:
+    """A JSON number in positional notation: ``str`` writes 1e-07 and 1e+20, which math-verify reads as
+    e - 7 and e + 20 (Euler's number), and which no response states that way for the exact reward."""
+    return format(Decimal(repr(x)), "f")
+
+
 class JsonlTask(Task):
     """A user's dataset: one JSON object per line with a prompt and an answer field (any other keys ignored).
 
-    Splits: a record's own ``split`` field (``train``, ``val``/``test``, ``sft``) when it has one, else the
-    hash split of the prompt (25% val, 25% sft, 50% train). ``sample`` draws with replacement for training
-    and, with ``distinct=True`` (validation), returns the pool's first ``n`` records in a seeded shuffle
-    (fewer when the pool is smaller).
+    A number answer is used as written in positional notation (JSON ``1e-7`` -> ``0.0000001``, ``2.5e3`` ->
+    ``2500.0``). Splits: a record's own ``split`` field (``train``, ``val``/``test``/``validation``, ``sft``;
+    another value is an error) when it has one, else the hash split of the prompt (25% val, 25% sft, 50%
+    train). ``sample`` draws with replacement for training and, with ``distinct=True`` (validation), returns
+    the pool's first ``n`` records in a seeded shuffle (fewer when the pool is smaller).
     """
 
     name = "jsonl"
@@ -240,10 +259,18 @@ class JsonlTask(Task):
                 if not isinstance(p, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
                     raise ValueError(f"{path}:{i}: {prompt_field!r} must be a string and {answer_field!r} a "
                                      "string or number")
-                split = {"test": "val"}.get(rec.get("split"), rec.get("split"))
-                if split not in SPLITS:
+                if isinstance(a, float) and not math.isfinite(a):
+                    raise ValueError(f"{path}:{i}: {answer_field!r} is {a}, not a finite number")
+                split = rec.get("split")
+                if split is None:
                     split = _split_of(f"jsonl:{p}", self.val_frac, self.sft_frac)
-                self.pools[split].append((p, str(a)))
+                else:
+                    if isinstance(split, str):
+                        split = {"test": "val", "validation": "val"}.get(split, split)
+                    if split not in SPLITS:   # a test record must not land in the train pool by the hash
+                        raise ValueError(f"{path}:{i}: unknown split {rec['split']!r}; use train, val (or test, "
+                                         "validation) or sft, or leave the field out for the hash split")
+                self.pools[split].append((p, _number_text(a) if isinstance(a, float) else str(a)))
         if not self.pools["train"] or not self.pools["val"]:
             raise ValueError(f"{path}: need records in both the train and the val split "
                              f"(got {len(self.pools['train'])} train, {len(self.pools['val'])} val)")

@@ -118,8 +118,13 @@ def test_bad_arguments():
         causal_lm_grpo_loss(model, ids, am, adv)
 
 
+SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
 @pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("lm_head_multiplier", 0.25),
-                                        ("output_multiplier", 2.0), ("logits_scaling", 0.5), ("logit_scale", 0.1)])
+                                        ("output_multiplier", 2.0), ("logits_scaling", 0.5), ("logit_scale", 0.1),
+                                        ("logits_soft_cap", 30.0), ("output_logit_soft_cap", 15.0),
+                                        ("logits_mup_width_multiplier", 24.0)])
 def test_models_that_rescale_their_logits_are_refused(name, value):
     """A logit scale or soft cap anywhere in the config (FalconH1's lm_head_multiplier used to pass and gave
     log-probs off by 0.13) or in a composite model's text config is refused, here and on TRL's hidden path."""
@@ -132,8 +137,57 @@ def test_models_that_rescale_their_logits_are_refused(name, value):
         causal_lm_token_logprobs(model, ids, am, logits_to_keep=cm.shape[1])
     with pytest.raises(NotImplementedError, match=name):
         patch_causal_lm(model)
-    setattr(model.config, name, 1.0 if name != "final_logit_softcapping" else None)   # neutral values pass
+    setattr(model.config, name, None if name in SOFT_CAPS else 1.0)   # neutral values pass
     assert logit_rescaling(model) is None
+
+
+def _recurrent_gemma():
+    cfg = transformers.RecurrentGemmaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=128, lru_width=64, attention_window_size=8)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def _xlstm():
+    cfg = transformers.xLSTMConfig(vocab_size=V, hidden_size=64, embedding_dim=64, num_heads=4, num_blocks=1,
+                                   qk_dim_factor=1.0, v_dim_factor=1.0, mode="train", chunk_size=4,
+                                   chunkwise_kernel="chunkwise--native_autograd",
+                                   sequence_kernel="native_sequence__native", step_kernel="native")
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("build,name", [(_recurrent_gemma, "logits_soft_cap"), (_xlstm, "output_logit_soft_cap")])
+def test_real_models_with_other_soft_cap_names_are_refused(build, name):
+    """RecurrentGemma (``logits_soft_cap``) and xLSTM (``output_logit_soft_cap``) soft-cap their logits under
+    their own config names: both used to run through the fused head, whose log-probs of the uncapped logits were
+    off by 44 and 98 nats on these tiny models with logits of about 30."""
+    from gxpo_kernels.integrations.hf import logit_rescaling, patch_causal_lm
+    torch.manual_seed(0)
+    model = build().float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)                       # logits of tens, where a cap of 15-30 bites
+        ids = torch.randint(0, V, (2, 8))
+        hidden, _ = causal_lm_hidden_states(model, ids, None, logits_to_keep=7)
+        uncapped = model.lm_head(hidden)
+        capped = model(input_ids=ids).logits[:, :-1].float()
+    assert (uncapped - capped).abs().max() > 1.0               # the head alone is not the model's logits
+    assert name in logit_rescaling(model)
+    with pytest.raises(NotImplementedError, match=name):
+        causal_lm_token_logprobs(model, ids, None, logits_to_keep=7)
+    with pytest.raises(NotImplementedError, match=name):
+        patch_causal_lm(model)
+
+
+def test_logits_cut_to_an_unpadded_vocabulary_are_refused():
+    """A head with padding rows whose logits the model drops (``unpadded_vocab_size``, Inkling) would put
+    probability on the padding rows in the fused log-softmax."""
+    from gxpo_kernels.integrations.hf import logit_rescaling
+    model = _model("qwen2")
+    model.config.unpadded_vocab_size = V                       # as many rows as the head: nothing is cut
+    assert logit_rescaling(model) is None
+    model.config.unpadded_vocab_size = V - 11
+    assert "unpadded_vocab_size" in logit_rescaling(model)
+    with pytest.raises(NotImplementedError, match="unpadded_vocab_size"):
+        causal_lm_token_logprobs(model, *_batch()[:2], logits_to_keep=3)
 
 
 def test_composite_config_soft_cap_is_refused():
@@ -260,6 +314,31 @@ def test_patch_causal_lm_forward_matches_the_loss_function():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, plain_logits)
     gen = model.generate(ids[:1], attention_mask=am[:1], max_new_tokens=2, do_sample=False)
     assert gen.shape == (1, ids.shape[1] + 2)
+
+
+def test_patched_model_keeps_positional_calls_and_repatching_replaces_options():
+    """Without GRPO targets the patched forward hands every argument on as the caller gave it: a positional
+    ``model(ids, am, position_ids)`` used to raise "got multiple values for argument 'input_ids'"."""
+    from gxpo_kernels.integrations.hf import patch_causal_lm
+    model = _model("llama")
+    ids, am, cm, adv = _batch(seed=5)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(ids, am, pos).logits
+        want_kept = model(ids, am, pos, logits_to_keep=3).logits
+    patch_causal_lm(model, temperature=0.5)
+    patch_causal_lm(model, temperature=0.9)                       # the second patch only replaces the options
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, am, pos).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, am, pos, logits_to_keep=3).logits, want_kept, rtol=0, atol=0)
+        old = torch.full(cm.shape, -5.0)
+        K = cm.shape[1]
+        got = model(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=K, old_logprobs=old).loss
+        at_09, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                       old_logprobs=old, temperature=0.9)
+        at_05, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                       old_logprobs=old, temperature=0.5)
+    assert got == at_09 and got != at_05
 
 
 def test_wrapped_models_refused_by_name():

@@ -183,6 +183,19 @@ def _write_jsonl(path, n=40, split=True):
     ("42", "\\boxed{43}", 0.0),
     ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),
     ("7", "no number here", 0.0),
+    # MATH-style references: LaTeX without delimiters. Parsed as they stand, 2\sqrt{3} used to read as 2 (so
+    # \boxed{2} scored 1 and the right answer 0) and \sqrt{2}, \pi, \dfrac{1}{2} did not parse (every response 0)
+    ("2\\sqrt{3}", "The answer is \\boxed{2\\sqrt{3}}", 1.0),
+    ("2\\sqrt{3}", "The answer is \\boxed{2}", 0.0),
+    ("\\sqrt{2}", "\\boxed{\\sqrt{2}}", 1.0),
+    ("\\dfrac{1}{2}", "\\boxed{\\frac{1}{2}}", 1.0),
+    ("\\pi", "\\boxed{\\pi}", 1.0),
+    ("x=\\pm 2", "\\boxed{2}", 0.0),
+    ("\\text{(A)}", "\\boxed{\\text{(A)}}", 1.0),
+    ("\\$18", "\\boxed{18}", 1.0),                      # an escaped dollar sign is no delimiter
+    ("$2\\sqrt{3}$", "\\boxed{2\\sqrt{3}}", 1.0),     # delimited references are parsed as they stand
+    ("\\(2\\sqrt{3}\\)", "\\boxed{2\\sqrt{3}}", 1.0),
+    ("\\boxed{2\\sqrt{3}}", "so \\boxed{2\\sqrt{3}}", 1.0),
 ])
 def test_math_reward_answer_equivalence(gold, response, want):
     from gxpo_kernels.trainer.tasks import math_reward
@@ -255,3 +268,70 @@ def test_pass_at_k_estimator():
     assert pass_at_k(5, 2, 3) == pytest.approx(1 - comb(3, 3) / comb(5, 3))
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)
+
+
+def test_generation_ignores_the_models_own_sampling_settings():
+    """Rollouts sample from softmax(logits / T), the distribution the old log-probs score, and validation decodes
+    greedily, whatever the model's generation_config holds (a --model folder's generation_config.json often sets
+    repetition_penalty, e.g. 1.05 for Qwen2.5 instruction models). Those settings used to reach ``generate``:
+    with them a sampled token's probability differed from the scored one by up to 1.5 nats here."""
+    from gxpo_kernels.trainer.rollout import generate
+
+    t = AdditionTask()
+    tok = CharTokenizer(t.alphabet)
+    model = build_tiny_model(tiny_config_dict(tok.vocab_size, hidden=32, intermediate=64), tok,
+                             torch.device("cpu"), seed=1).eval()
+    ids, attn = encode_prompts(tok, ["12+34=", "999+999=", "10+10="], "cpu")
+
+    def run():
+        out = {}
+        for do_sample, temperature in [(True, 1.0), (True, 0.7), (False, 1.0)]:
+            torch.manual_seed(0)
+            out[do_sample, temperature] = generate(model, tok, ids, attn, max_new_tokens=6, do_sample=do_sample,
+                                                   temperature=temperature, num_return_sequences=4 if do_sample else 1)
+        return out
+
+    plain = run()
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens, gc.suppress_tokens = 3.0, 1, 4, [5]
+    polluted = run()
+    for key, want in plain.items():
+        assert torch.equal(polluted[key], want), key
+    assert model.generation_config is gc and gc.repetition_penalty == 3.0     # the model's own config is restored
+
+
+def test_jsonl_number_answers_are_written_positionally(tmp_path):
+    """A JSON number answer used to become ``str(float)``: 1e-07 or 1e+20, which math-verify parses as
+    e - 7 and e + 20 (Euler's number), so the right answer 0.0000001 scored 0."""
+    import json
+    from gxpo_kernels.trainer.tasks import JsonlTask, math_reward
+    answers = [1e-7, 1e20, 2.5e3, 1.5e-5, 0.1, 7, "1e-07"]
+    want = ["0.0000001", "100000000000000000000", "2500.0", "0.000015", "0.1", "7", "1e-07"]
+    p = tmp_path / "n.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a, "split": "train"}) + "\n"
+                         for i, a in enumerate(answers)) + '{"prompt": "v", "answer": 1, "split": "val"}\n')
+    t = JsonlTask(str(p))
+    assert [a for _, a in t.pools["train"]] == want
+    assert t.reward("so \\boxed{0.0000001}", True, t.pools["train"][0][1]) == 1.0
+    assert t.reward("so \\boxed{100000000000000000000}", True, t.pools["train"][1][1]) == 1.0
+    assert math_reward("so \\boxed{0.0000001}", str(1e-7)) == 0.0        # what the old answer text did
+    p.write_text('{"prompt": "q", "answer": NaN, "split": "train"}\n')
+    with pytest.raises(ValueError, match="finite"):
+        JsonlTask(str(p))
+
+
+def test_jsonl_split_field_values(tmp_path):
+    """``validation`` (the Hugging Face name) places a record in val; an unknown split value is an error. Both
+    used to fall through to the hash split, which puts about half of such test records into the train pool."""
+    import json
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "s.jsonl"
+    rows = [{"prompt": f"t{i}", "answer": "1", "split": "train"} for i in range(4)]
+    rows += [{"prompt": f"v{i}", "answer": "2", "split": "validation"} for i in range(40)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = JsonlTask(str(p))
+    assert len(t.pools["val"]) == 40 and len(t.pools["train"]) == 4 and not t.pools["sft"]
+    for bad in ["dev", "Test", 3]:
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "x", "answer": "1", "split": bad}]))
+        with pytest.raises(ValueError, match="unknown split"):
+            JsonlTask(str(p))
