@@ -24,6 +24,38 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_index_compat() -> None:
+    """Let Triton's interpreter use a runtime scalar as an index (``range(0, n, BLOCK)`` with ``n`` a kernel
+    argument) under NumPy >= 2.4. The interpreter of Triton 3.6 and older converts such a scalar, a shape-(1,)
+    array, with ``int(array)``, which NumPy 2.4 turned from a deprecation warning into a TypeError; later Triton
+    squeezes the array first (triton-lang/triton#9171). This applies that fix to an interpreter that lacks it.
+    Interpreter only: compiled kernels never reach this code."""
+    import numpy as np
+    try:
+        int(np.zeros(1))
+        return                                   # NumPy still converts a size-1 array: nothing to do
+    except TypeError:
+        pass
+    import inspect
+
+    from triton.runtime import interpreter
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or list(inspect.signature(orig).parameters) != ["tensor", "scope"] or getattr(
+            orig, "_gxpo_index_compat", False):
+        return                                   # another interpreter layout (or already wrapped): leave it alone
+
+    def _patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._gxpo_index_compat = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if triton_interpret():
+    _interpreter_index_compat()
+
+
 def resolve_backend(backend: str, device, *, choices=BACKENDS, cpu: str = "torch", interpret: bool = True) -> str:
     """The backend that runs on ``device`` (the one dispatch rule of the library).
 
