@@ -319,9 +319,10 @@ def test_jsonl_number_answers_are_written_positionally(tmp_path):
                          for i, a in enumerate(answers)) + '{"prompt": "v", "answer": 1, "split": "val"}\n')
     t = JsonlTask(str(p))
     assert [a for _, a in t.pools["train"]] == want
-    assert t.reward("so \\boxed{0.0000001}", True, t.pools["train"][0][1]) == 1.0
-    assert t.reward("so \\boxed{100000000000000000000}", True, t.pools["train"][1][1]) == 1.0
-    assert math_reward("so \\boxed{0.0000001}", str(1e-7)) == 0.0        # what the old answer text did
+    if HAS_MATH_VERIFY:                                                   # (the math reward needs the extra)
+        assert t.reward("so \\boxed{0.0000001}", True, t.pools["train"][0][1]) == 1.0
+        assert t.reward("so \\boxed{100000000000000000000}", True, t.pools["train"][1][1]) == 1.0
+        assert math_reward("so \\boxed{0.0000001}", str(1e-7)) == 0.0    # what the old answer text did
     p.write_text('{"prompt": "q", "answer": NaN, "split": "train"}\n')
     with pytest.raises(ValueError, match="finite"):
         JsonlTask(str(p))
