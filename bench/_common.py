@@ -85,3 +85,16 @@ def cuda_step_peak_mib(step: Callable[[], object]) -> float:
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def results_cli(prog: str, doc: str, default_out: Path, measure: Callable[[], dict], argv=None) -> dict:
+    """``python -m bench.<prog> [OUT.json]`` for a script that measures once and writes one JSON result file
+    (default ``default_out``): parse the arguments (``--help`` measures nothing), measure, write, return."""
+    import argparse
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{prog}", description=doc.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=str(default_out),
+                    help=f"JSON output (default {default_out.name} in bench/results)")
+    a = ap.parse_args(argv)
+    res = measure()
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return res

@@ -11,7 +11,6 @@ threads. Equal hashes mean bit-identical weights. About 10 s per setting on 2 co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -87,11 +86,8 @@ def measure() -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.cpu_dispatch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=str(OUT), help=f"JSON output (default {OUT.name} in bench/results)")
-    a = ap.parse_args(argv)
-    doc = measure()
-    pathlib.Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    from ._common import results_cli   # (imports torch: not at module level, where the child runs too)
+    doc = results_cli("cpu_dispatch", __doc__, OUT, measure, argv)
     for r in doc["results"]:
         print(f"{r['sha256'][:8]}  {r['aten_capability']:7s} {r['threads']} thread(s)  {r['setting']}")
 

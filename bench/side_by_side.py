@@ -33,12 +33,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # read when the kernels are defined (at import)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 
 import torch  # noqa: E402
+
+from ._common import results_cli  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "cpu-side-by-side.json"
 DELTA = 1e-8
@@ -194,11 +194,7 @@ def measure() -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=str(OUT), help=f"JSON output (default {OUT.name} in bench/results)")
-    a = ap.parse_args(argv)
-    doc = measure()
-    pathlib.Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    doc = results_cli("side_by_side", __doc__, OUT, measure, argv)
     for key in ("horner_vs_guarded", "inactive_mask_floor", "interpreter_closed_form"):
         for r in doc[key]:
             print(key, r)

@@ -16,11 +16,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # read when the kernels are defined (at import)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import torch  # noqa: E402
+
+from ._common import results_cli  # noqa: E402
 
 TEMPERATURES = [1.0, 0.3, 0.1, 0.03, 0.01, 1e-3, 1e-4, 1e-5]
 OUT = pathlib.Path(__file__).resolve().parent / "results" / "cpu-temperature-precision.json"
@@ -66,11 +66,7 @@ def measure(temperatures=TEMPERATURES, N: int = 64, V: int = 4099, H: int = 256,
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.temperature_precision", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=str(OUT), help=f"JSON output (default {OUT.name} in bench/results)")
-    a = ap.parse_args(argv)
-    doc = measure()
-    pathlib.Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    doc = results_cli("temperature_precision", __doc__, OUT, measure, argv)
     for r in doc["results"]:
         print(r["temperature"], {k: {m: f"{v:.1e}" for m, v in r[k].items()} for k in ("triton", "torch")})
 

@@ -36,7 +36,7 @@ def test_bench_trl_heads_help_runs_no_measurement(monkeypatch, capsys):
     assert "usage" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["bench.side_by_side", "bench.cpu_dispatch"])
+@pytest.mark.parametrize("script", ["bench.side_by_side", "bench.cpu_dispatch", "bench.temperature_precision"])
 def test_measurement_scripts_help_writes_nothing(script, tmp_path):
     """The scripts behind generated doc figures answer --help without measuring or writing a results file."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
