@@ -196,6 +196,24 @@ def test_layout_cache_forgets_a_freed_tensor():
         extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
 
 
+def test_layout_cache_holds_no_tensor_beyond_its_layout():
+    """A dropped layout (one of its tensors freed) frees the tensors its plans hold at once, not at the next
+    garbage collection (no reference cycle through the weak-reference callbacks)."""
+    import gc
+    import weakref
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(4):
+            extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+        refs = [weakref.ref(t) for t in p + t0 + g0 + g1]
+        del p, t0, g0, g1
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
 def _views(buf, sizes):
     """Consecutive views of one buffer (their addresses are known: another view can take one's place)."""
     out, o = [], 0

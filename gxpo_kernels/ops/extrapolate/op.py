@@ -582,8 +582,12 @@ class _Layout:
         self.plans = {}
         self.seen = {"g0": None, "g1": None}
 
-        def drop(_ref, key=key, me=self, cache=_LAYOUTS):   # (a cycle through the refs: the collector frees it)
-            if cache.get(key) is me:
+        # the callback knows this entry by a token, not by itself: no reference cycle keeps an evicted entry (and
+        # the tensors its plans hold) alive until the next garbage collection
+        self.token = token = object()
+
+        def drop(_ref, key=key, token=token, cache=_LAYOUTS):
+            if getattr(cache.get(key), "token", None) is token:
                 del cache[key]
         self.watch = [weakref.ref(t, drop) for ts in (params, theta0, lowp_out) if ts is not None
                       for t in ts if t is not None]
@@ -668,9 +672,9 @@ def _check_grads_now(lay: _Layout, ts, a: np.ndarray):
 
 
 def _watch_seen(lay: _Layout, name: str, ts, seen: list) -> None:
-    def forget(_ref, lay=lay, name=name, seen=seen):
-        if lay.seen[name] is seen:
-            lay.seen[name] = None
+    def forget(_ref, slots=lay.seen, name=name, seen=seen):   # (not the layout: see _Layout's token)
+        if slots[name] is seen:
+            slots[name] = None
     seen[3] = list(map(weakref.ref, ts, itertools.repeat(forget)))
 
 
