@@ -548,15 +548,15 @@ _LAYOUTS: "OrderedDict[tuple, _Layout]" = OrderedDict()
 _LAYOUT_CACHE_SIZE = 8
 
 
+_NONE_ID = id(None)
+
+
 def _ids_ptrs(ts) -> tuple:
     """ids and data_ptrs of a list whose entries may be None (lowp_out): one C-level pass each when none is."""
     ids = list(map(id, ts))
     if _NONE_ID in ids:
         return ids, [0 if t is None else t.data_ptr() for t in ts]
     return ids, list(map(_PTR, ts))
-
-
-_NONE_ID = id(None)
 
 
 class _Layout:
@@ -569,7 +569,6 @@ class _Layout:
     gradient list the last one that passed the checks (``seen``, see ``_check_grads``)."""
 
     def __init__(self, key, params, theta0, lowp_out):
-        self.key = key
         self.lists = [_ids_ptrs(params), _ids_ptrs(theta0)] + ([_ids_ptrs(lowp_out)] if lowp_out is not None
                                                                 else [])
         self.numels = list(map(_NUMEL, params))
