@@ -15,6 +15,7 @@ element) and 2 threads (wall clock), restoring θ2 before each call, and records
 (fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
 """
 import math
+import operator
 import os
 import pathlib
 import statistics
@@ -339,9 +340,21 @@ def host_overhead(out_path=None, reps=60):
                              p10_ms=1e3 * ts[len(ts) // 10], p90_ms=1e3 * ts[9 * len(ts) // 10])
     finally:
         X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
+    # what one C-level pass over the 338 tensors costs per attribute (metadata in cache): the unit the host part
+    # is made of (a call reads some lists once or more)
+    passes = {}
+    T = torch.Tensor
+    for pname, f in (("id", id), ("data_ptr", T.data_ptr), ("numel", T.numel), ("is_contiguous", T.is_contiguous),
+                     ("dtype", operator.attrgetter("dtype")), ("device", operator.attrgetter("device"))):
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()
+            list(map(f, G0))
+            ts.append(time.process_time() - t)
+        passes[pname] = 1e6 * statistics.median(ts)
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
                layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(sizes),
-               threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res)
+               threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res, passes_us=passes)
     if out_path:
         pathlib.Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -371,6 +384,7 @@ def host_overhead_ab(out_path, before: str, rounds=3):
         return {case: {k: statistics.median(r["results"][case][k] for r in rs) for k in rs[0]["results"][case]}
                 for case in rs[0]["results"]}
     doc = dict(runs["after"][0], results=med(runs["after"]), load_avg=os.getloadavg(), rounds=rounds)
+    doc["passes_us"] = {k: statistics.median(r["passes_us"][k] for r in runs["after"]) for k in doc["passes_us"]}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=before, capture_output=True, text=True).stdout
     doc["before"] = dict(commit=commit.strip(), results=med(runs["before"]))
     pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")

@@ -183,12 +183,16 @@ def _launch_config(device: torch.device):
     return 512, 16384, 8 * sms         # 512 x 4 warps: 4 fp32 per thread (one 16-byte access per list)
 
 
-def _addresses(*lists) -> np.ndarray:
-    """The data_ptrs of equally long tensor lists as int64 [len(lists), n]: one C-level pass straight into the
-    array (a Python list of them first, then np.array, costs a second pass over boxed ints)."""
-    n = len(lists[0])
-    it = map(_PTR, lists[0] if len(lists) == 1 else itertools.chain(*lists))
-    return np.fromiter(it, np.int64, n * len(lists)).reshape(len(lists), n)
+def _addresses(*lists) -> list:
+    """The data_ptrs of tensor lists, one after the other, in one C-level pass (a flat Python list: comparing it
+    with the previous call's is cheaper than building an array, which only a change needs; filling an array
+    straight from the iterator cost more than the list)."""
+    return list(map(_PTR, lists[0] if len(lists) == 1 else itertools.chain(*lists)))
+
+
+def _as_array(ptrs: list, k: int) -> np.ndarray:
+    """int64 [k, n] (C order) of ``k`` lists' addresses from ``_addresses``."""
+    return np.array(ptrs, dtype=np.int64).reshape(k, -1)
 
 
 class _Plan:
@@ -239,7 +243,7 @@ class _Plan:
             n_chunks = len(c_t)
             cdt = torch.float64 if pdt == torch.float64 else torch.float32
             self.groups.append(dict(
-                idx=idx, idx_np=np.array(idx, dtype=np.intp), whole=idx == list(range(len(params))),
+                idx=idx, whole=idx == list(range(len(params))),
                 dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
                 idx_t=torch.tensor(idx, dtype=torch.int64).to(dev),   # gathers thresholds without a host copy
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
@@ -255,8 +259,8 @@ class _Plan:
                            else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_LOWP=ldt is not None,
                            LIB_POW=self.lib_pow, CHUNK=self.chunk, BLOCK=self.block, num_warps=4)))
 
-    def _call_offsets(self, grp, lists, a: np.ndarray, modes) -> tuple:
-        """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses ``a`` (int64 [k, m]):
+    def _call_offsets(self, grp, lists, ptrs: list, modes) -> tuple:
+        """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses (``_addresses(*lists)``):
         per list (base tensor, device element offsets, ALIGN), and the copies the launch reads (or None). The
         offsets of all lists come from one NumPy expression and reach the device in one copy; they are rebuilt
         only when an address or an element size changes. ALIGN drops to 1 when a tensor is not 16-byte aligned.
@@ -271,15 +275,14 @@ class _Plan:
             return self._mixed_offsets(grp, lists, modes)
         bases = [ts[0] for ts in lists]
         eszs = tuple(map(_ESIZE, bases))
-        key = a.tobytes()
         last = grp.get("call")
-        if last is not None and last[0] == key and last[1] == eszs:
+        if last is not None and last[0] == ptrs and last[1] == eszs:
             # the allocator handed out the same addresses again
             return [(b, off, al) for b, (off, al) in zip(bases, last[2])], None
         if "on_change" in modes and self._mixed(lists, modes, ("on_change",)):
             return self._mixed_offsets(grp, lists, modes)
-        res = self._offsets(grp, a, eszs)
-        grp["call"] = (key, eszs, res)
+        res = self._offsets(grp, _as_array(ptrs, len(lists)), eszs)
+        grp["call"] = (ptrs, eszs, res)
         return [(b, off, al) for b, (off, al) in zip(bases, res)], None
 
     @staticmethod
@@ -287,44 +290,49 @@ class _Plan:
         return any(m in which and len(set(map(_DTYPE, ts))) > 1 for ts, m in zip(lists, modes))
 
     def _offsets(self, grp, a: np.ndarray, eszs: tuple) -> list:
-        low = np.bitwise_or.reduce(a, axis=1).tolist()   # low bits of any address: alignment of all at once
-        aligns = []
-        for lo, esz, name in zip(low, eszs, self.names):
-            if lo % esz:
-                raise ValueError(f"extrapolate_: {name} tensors must be aligned to their element size")
-            aligns.append(grp["align"] if lo & 15 == 0 else 1)
-        es = eszs[0] if len(set(eszs)) == 1 else np.array(eszs, dtype=np.int64)[:, None]
-        # C order: a column subset of the addresses (a dtype group) may come back column-major from NumPy, and
-        # the kernel reads each row as a contiguous vector
-        off = torch.from_numpy(np.ascontiguousarray((a - a[:, :1]) // es)).to(self.device, non_blocking=True)
-        return list(zip(off.unbind(0), aligns))
+        """(device element offsets, ALIGN) per list of the addresses ``a`` (int64 [k, m], C order), offsets from
+        each list's first tensor; as few NumPy / torch calls as the job allows (a call costs microseconds once the
+        caches are cold)."""
+        low = int(np.bitwise_or.reduce(a, axis=None))   # low bits of every address: alignment of all at once
+        if low % max(eszs):   # (element sizes are powers of two) a list is off its element grid: name it
+            for row, esz, name in zip(a, eszs, self.names):
+                if int(np.bitwise_or.reduce(row)) % esz:
+                    raise ValueError(f"extrapolate_: {name} tensors must be aligned to their element size")
+        align = grp["align"] if low & 15 == 0 else 1   # the launch takes the smallest ALIGN of its lists anyway
+        d = a - a[:, :1]
+        if eszs.count(eszs[0]) == len(eszs):
+            d >>= eszs[0].bit_length() - 1    # exact: every difference is a multiple of the element size
+        else:
+            d //= np.array(eszs, dtype=np.int64)[:, None]
+        if len(d) == 1:
+            return [(torch.from_numpy(d[0]).to(self.device, non_blocking=True), align)]
+        return [(off, align) for off in torch.from_numpy(d).to(self.device, non_blocking=True).unbind(0)]
 
     def _mixed_offsets(self, grp, lists, modes) -> tuple:
         cdt = torch.float64 if grp["dtypes"][0] == torch.float64 else torch.float32
         keep = [[t.to(cdt) for t in ts] if m != "never" and len(set(map(_DTYPE, ts))) > 1 else ts
                 for ts, m in zip(lists, modes)]
         grp.pop("call", None)   # the copies die after this call: a later list at their addresses is not them
-        res = self._offsets(grp, _addresses(*keep), tuple(ts[0].element_size() for ts in keep))
+        res = self._offsets(grp, _as_array(_addresses(*keep), len(keep)), tuple(ts[0].element_size() for ts in keep))
         return [(ts[0], off, al) for ts, (off, al) in zip(keep, res)], keep
 
-    def run(self, lists, thr, *, addrs: Optional[np.ndarray] = None, modes=("never",), alpha, K, clip_coef0,
+    def run(self, lists, thr, *, ptrs: Optional[list] = None, modes=("never",), alpha, K, clip_coef0,
             clip_coef1, scale_formula, delta, r_min, r_max) -> torch.Tensor:
         """Launch over the per-call gradient lists ``lists`` (each one tensor per param: (g1,), or (g0, g1) with a
-        per-call g0; None for the plain move). ``addrs``: their addresses (``_addresses(*lists)``) when the caller
+        per-call g0; None for the plain move). ``ptrs``: their addresses (``_addresses(*lists)``) when the caller
         already read them; ``modes``: the dtype handling of each list (see ``_call_offsets``)."""
-        if lists is not None and addrs is None:
-            addrs = _addresses(*lists)
         parts, keep = [], []
         for grp in self.groups:
             align = grp["align"]
             bp, bt0, bl = grp["bases"]
             if lists is not None:
                 if grp["whole"]:
-                    gl, a = lists, addrs
+                    gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
                 else:
                     idx = grp["idx"]
-                    gl, a = [[ts[i] for i in idx] for ts in lists], addrs[:, grp["idx_np"]]
-                per, copies = self._call_offsets(grp, gl, a, modes)
+                    gl = [[ts[i] for i in idx] for ts in lists]
+                    gp = _addresses(*gl)
+                per, copies = self._call_offsets(grp, gl, gp, modes)
                 if copies is not None:
                     keep.append(copies)   # alive until the launch below
                 if self.g0_per_call:
@@ -623,7 +631,7 @@ class _Layout:
 def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     """The per-call checks of a gradient list (g0 or g1) of a validated layout, as C-level passes: one tensor per
     param, same numels, contiguous, float dtypes, the params' device, no overlap with a written tensor. Returns
-    (addresses int64 [1, n], dtype pattern: one dtype or a tuple of one per tensor), or None when a check fails
+    (addresses (a list), dtype pattern: one dtype or a tuple of one per tensor), or None when a check fails
     (the caller then runs the per-tensor validation, which names the offender).
 
     A list that passed stays in ``lay.seen[name]`` (ids and addresses); a later list with the same ids and
@@ -633,41 +641,40 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     if not isinstance(ts, (list, tuple)) or isinstance(ts, torch.Tensor) or len(ts) != len(lay.numels):
         return None
     try:
-        a = _addresses(ts)
+        ptrs = _addresses(ts)
     except TypeError:   # not a tensor
         return None
-    seen, key = lay.seen[name], a.tobytes()
+    seen = lay.seen[name]
     ids = None
-    if seen is not None and seen[1] == key:   # (ids only where the addresses repeat)
+    if seen is not None and seen[1] == ptrs:   # (ids only where the addresses repeat)
         ids = list(map(id, ts))
         if seen[0] == ids:
             if seen[3] is not None:   # watched: these very tensors passed and none was freed since
-                return a, seen[2]
+                return ptrs, seen[2]
             # second appearance: check again (the first objects may have died and left their ids), then watch
-            found = _check_grads_now(lay, ts, a)
+            found = _check_grads_now(lay, ts, ptrs)
             if found is not None:
                 seen[2] = found
                 _watch_seen(lay, name, ts, seen)
-            return None if found is None else (a, found)
-    found = _check_grads_now(lay, ts, a)
-    lay.seen[name] = None if found is None else [ids, key, found, None]
-    return None if found is None else (a, found)
+            return None if found is None else (ptrs, found)
+    found = _check_grads_now(lay, ts, ptrs)
+    lay.seen[name] = None if found is None else [ids, ptrs, found, None]
+    return None if found is None else (ptrs, found)
 
 
-def _check_grads_now(lay: _Layout, ts, a: np.ndarray):
+def _check_grads_now(lay: _Layout, ts, ptrs: list):
     if list(map(_NUMEL, ts)) != lay.numels or not all(map(_CONTIG, ts)):
         return None
-    dts = tuple(map(_DTYPE, ts))
-    kinds = set(dts)
+    kinds = set(map(_DTYPE, ts))
     if not kinds <= _TL_DTYPES.keys() or set(map(_DEVICE, ts)) != {lay.device}:
         return None
     if len(kinds) == 1:
-        dt = dts[0]
+        dt = kinds.pop()
         nbytes = lay.numel_np * dt.itemsize
-    else:
-        dt = dts
-        nbytes = lay.numel_np * np.fromiter((d.itemsize for d in dts), np.int64, len(dts))
-    return None if lay.overlaps_written(a[0], nbytes) else dt
+    else:   # (a second pass, for the rare list that mixes dtypes)
+        dt = tuple(map(_DTYPE, ts))
+        nbytes = lay.numel_np * np.fromiter((d.itemsize for d in dt), np.int64, len(dt))
+    return None if lay.overlaps_written(np.array(ptrs, dtype=np.int64), nbytes) else dt
 
 
 def _watch_seen(lay: _Layout, name: str, ts, seen: list) -> None:
@@ -782,11 +789,11 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     if be == "triton":
         if grads is None:
             return lay.plan(False, None, params, theta0, lowp_out).run(None, thr, **kw)
-        (a0, dt0), (a1, dt1) = grads
+        (p0, dt0), (p1, dt1) = grads
         # g0's dtype pattern picks the plan (its groups split by it, so each reads one dtype); g1 may mix
         # dtypes within a group (read from copies then)
         plan = lay.plan(True, dt0, params, theta0, lowp_out)
-        return plan.run((g0, g1), thr, addrs=np.concatenate((a0, a1)),
+        return plan.run((g0, g1), thr, ptrs=p0 + p1,
                         modes=("never", "always" if isinstance(dt1, tuple) else "never"), **kw)
     return extrapolate_ref_(params, theta0, g0, g1, lowp_out=lowp_out,
                             thresholds=None if thr is None else thr.tolist(), **kw)
