@@ -264,6 +264,30 @@ def test_cached_layout_still_checks_every_gradient(backend):
     assert all(torch.equal(a, b) for a, b in zip(p, before))
 
 
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_layout_with_new_gradients_every_call(pdt):
+    """One layout, new g0 and g1 tensors on every call (new addresses, one off the 16-byte grid, g0's dtypes
+    changing between calls so that another plan serves them, then the first lists again): each call equals the
+    reference."""
+    shapes = [(37,), (0,), (64, 3), (5,), (1030,)]
+    p, t0, _, _ = _make(pdt, shapes=shapes)
+    dts = [[torch.float32] * 5, [torch.float32, torch.float32, pdt, torch.float64, torch.float32], [pdt] * 5]
+    first = None
+    for call in range(5):
+        _, _, g0, g1 = _make(pdt, shapes=shapes, seed=call + 1)
+        g0 = [g.to(d) for g, d in zip(g0, dts[call % 3])]
+        if call == 1:
+            g1[4] = torch.randn(1031).to(pdt)[1:]            # off the 16-byte grid
+        if call == 0:
+            first = g0, g1
+        if call == 4:
+            g0, g1 = first                                   # the first lists again (their addresses too)
+        before = _clone(p)
+        st = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="triton")
+        ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="torch")
+        _check(f"call {call}", before, p, ref, st, pdt)
+
+
 def test_seen_gradients_are_forgotten_when_freed():
     """A gradient list that passed the checks twice is watched: freeing one of its tensors forgets it, so a new
     tensor inheriting its id and address is checked."""
