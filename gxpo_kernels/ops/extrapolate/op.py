@@ -574,7 +574,9 @@ class _Layout:
     as one of those tensors is freed (a new tensor can inherit an id and an address, with other numel, dtype or
     alignment). It holds the numels and device the gradients are checked against, the byte spans of the written
     tensors (a gradient must not overlap them), the Triton plans (one per g0 dtype pattern, ``plan``), and per
-    gradient list the last one that passed the checks (``seen``, see ``_check_grads``)."""
+    gradient list the last one that passed the checks (``seen``, see ``_check_grads``). Not noticed: a live
+    tensor that changes dtype or shape in place while keeping its address (``resize_``, ``set_`` onto the same
+    storage offset); reading each tensor's dtype, numel and strides on every call would cost three more passes."""
 
     def __init__(self, key, params, theta0, lowp_out):
         self.lists = [_ids_ptrs(params), _ids_ptrs(theta0)] + ([_ids_ptrs(lowp_out)] if lowp_out is not None
@@ -634,10 +636,12 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     (addresses (a list), dtype pattern: one dtype or a tuple of one per tensor), or None when a check fails
     (the caller then runs the per-tensor validation, which names the offender).
 
-    A list that passed stays in ``lay.seen[name]`` (ids and addresses); a later list with the same ids and
-    addresses is that one, unchanged, once it is watched: on its second appearance weak references are taken
-    whose callbacks forget it when any of its tensors is freed, and from the third on only ids and addresses
-    are read. Fresh gradient tensors on every call therefore cost one ids pass and no weak references."""
+    A list that passed stays in ``lay.seen[name]`` (addresses; ids once they repeat); a later list with the same
+    ids and addresses is that one, unchanged, once it is watched: when it comes back, it is checked once more
+    and weak references are taken whose callbacks forget it when any of its tensors is freed; from then on only
+    its ids and addresses are read. Gradient tensors at new addresses on every call cost no ids pass and no
+    weak references. (Like the layout, this trusts a live tensor not to change dtype or shape in place at the
+    same address, e.g. by ``resize_``.)"""
     if not isinstance(ts, (list, tuple)) or isinstance(ts, torch.Tensor) or len(ts) != len(lay.numels):
         return None
     try:
