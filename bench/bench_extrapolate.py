@@ -15,6 +15,7 @@ element) and 2 threads (wall clock), restoring θ2 before each call, and records
 (fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
 """
 import math
+import operator
 import os
 import pathlib
 import statistics
@@ -265,8 +266,11 @@ def host_overhead(out_path=None, reps=60):
     the real sizes (allocated, never touched); the launch configuration is CUDA's (CHUNK 16384, 8 x 132
     programs). Cases:
 
-    - ``extrapolate_``: the public op (validation and tables cached per layout, g1 checked per call; new g1
-      every other call);
+    - ``extrapolate_*``: the public op (params / theta0 validated and tabulated once per layout; g0 and g1
+      checked on every call, or recognised as lists checked before): ``extrapolate_`` new g1 tensors from the OS
+      every other call, ``extrapolate_same_grads`` the same g0 and g1 every call, ``extrapolate_new_g1`` new g1
+      tensors from the pool every call, ``extrapolate_new_g0_g1`` new g0 and g1 from the pool every call (a
+      rule that keeps pass 0's gradients, through the public op);
     - ``plan_*``: ``ExtrapolationPlan`` with static g0 (what the rules call with a g0 buffer; built as the rules
       build it, ``grads_are_param_dtype=True``: no dtype scan when the gradients' addresses change), and
       ``plan_kept_g0_*`` with ``g0="per_call"`` (GXPO keeping pass 0's gradients: g0 and g1 read per call);
@@ -301,6 +305,9 @@ def host_overhead(out_path=None, reps=60):
 
         def cached(g):
             X.extrapolate_(P, T0, G0, g[1], alpha=0.5, K=5)
+
+        def public_kept(g):
+            X.extrapolate_(P, T0, g[0], g[1], alpha=0.5, K=5)
         plan = X.ExtrapolationPlan(P, T0, G0, grads_are_param_dtype=True)      # as the update rules build them
         kept = X.ExtrapolationPlan(P, T0, "per_call", grads_are_param_dtype=True)
         run_plan = lambda g: plan(g[1], alpha=0.5, K=5)  # noqa: E731
@@ -308,11 +315,13 @@ def host_overhead(out_path=None, reps=60):
         res = {}
         # (name, fn, how the gradients change: 0 never, "os" OS-allocated before every call, "pool" carved
         # before every call, 2 OS-allocated every other call)
-        for name, fn, fresh in (("extrapolate_", cached, 2), ("plan_same_addresses", run_plan, 0),
+        for name, fn, fresh in (("extrapolate_", cached, 2), ("extrapolate_same_grads", public_kept, 0),
+                                ("extrapolate_new_g1", cached, "pool"), ("extrapolate_new_g0_g1", public_kept, "pool"),
+                                ("plan_same_addresses", run_plan, 0),
                                 ("plan_new_addresses", run_plan, "pool"), ("plan_new_tensors_os", run_plan, "os"),
                                 ("plan_kept_g0_same_addresses", run_kept, 0),
                                 ("plan_kept_g0_new_addresses", run_kept, "pool")):
-            two = fn is run_kept   # only the kept-g0 cases read a second gradient list
+            two = fn in (run_kept, public_kept)   # only these cases read a second gradient list
             one = carve if fresh == "pool" else mk
             new = (lambda: (one(), one())) if two else (lambda: (None, one()))  # noqa: E731
             g = new()
@@ -331,9 +340,21 @@ def host_overhead(out_path=None, reps=60):
                              p10_ms=1e3 * ts[len(ts) // 10], p90_ms=1e3 * ts[9 * len(ts) // 10])
     finally:
         X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
+    # what one C-level pass over the 338 tensors costs per attribute (metadata in cache): the unit the host part
+    # is made of (a call reads some lists once or more)
+    passes = {}
+    T = torch.Tensor
+    for pname, f in (("id", id), ("data_ptr", T.data_ptr), ("numel", T.numel), ("is_contiguous", T.is_contiguous),
+                     ("dtype", operator.attrgetter("dtype")), ("device", operator.attrgetter("device"))):
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()
+            list(map(f, G0))
+            ts.append(time.process_time() - t)
+        passes[pname] = 1e6 * statistics.median(ts)
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
                layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(sizes),
-               threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res)
+               threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res, passes_us=passes)
     if out_path:
         pathlib.Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -342,11 +363,14 @@ def host_overhead(out_path=None, reps=60):
 def host_overhead_ab(out_path, before: str, rounds=3):
     """``host_overhead`` of this checkout and of the checkout at ``before`` (another worktree: the "before"
     figures), alternated ``rounds`` times in fresh processes so load spikes hit both alike; the medians over
-    rounds go to ``out_path`` as ``results`` (this checkout) and ``before`` (that one, with its commit)."""
+    rounds go to ``out_path`` as ``results`` (this checkout) and ``before`` (that one, with its commit). Both
+    run this file's ``host_overhead`` (the same cases and harness), each importing its own ``gxpo_kernels``."""
     import json
     import subprocess
     import sys
-    code = "import json, bench.bench_extrapolate as b; print(json.dumps(b.host_overhead()))"
+    code = ("import importlib.util, json; spec = importlib.util.spec_from_file_location('bench_extrapolate_ab', "
+            f"{str(pathlib.Path(__file__).resolve())!r}); b = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(b); print(json.dumps(b.host_overhead()))")
     runs = {"after": [], "before": []}
     here = str(pathlib.Path(__file__).resolve().parents[1])
     for _ in range(rounds):
@@ -360,6 +384,7 @@ def host_overhead_ab(out_path, before: str, rounds=3):
         return {case: {k: statistics.median(r["results"][case][k] for r in rs) for k in rs[0]["results"][case]}
                 for case in rs[0]["results"]}
     doc = dict(runs["after"][0], results=med(runs["after"]), load_avg=os.getloadavg(), rounds=rounds)
+    doc["passes_us"] = {k: statistics.median(r["passes_us"][k] for r in runs["after"]) for k in doc["passes_us"]}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=before, capture_output=True, text=True).stdout
     doc["before"] = dict(commit=commit.strip(), results=med(runs["before"]))
     pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
@@ -374,10 +399,11 @@ def main(argv=None) -> None:
     ap.add_argument("out", nargs="?", help="write the JSON results here (default: print only)")
     ap.add_argument("--before", metavar="OTHER_CHECKOUT",
                     help="time this checkout and OTHER_CHECKOUT alternately in fresh processes (needs OUT)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations with --before (default 3)")
     a = ap.parse_args(argv)
     if a.before and not a.out:
         ap.error("--before needs OUT")
-    print(host_overhead_ab(a.out, a.before) if a.before else host_overhead(a.out))
+    print(host_overhead_ab(a.out, a.before, a.rounds) if a.before else host_overhead(a.out))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ def _extrapolate_host() -> list:
             b = before["results"].get(case)
             row += f" {b['median_ms']:.3f} |" if b else " – |"
         out.append(row)
+    if doc.get("passes_us"):
+        out += ["", f"One C-level pass (`list(map(f, tensors))`) over the {doc['n_tensors']} tensors, metadata in cache "
+                "(µs, same file): " + ", ".join(f"`{k}` {v:.0f}" for k, v in doc["passes_us"].items())]
     return out
 
 

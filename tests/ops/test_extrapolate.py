@@ -180,20 +180,149 @@ def test_triton_float_arguments_reach_the_kernel_as_float64():
     assert kinds == dict.fromkeys(floats, "fp64")
 
 
-def test_layout_caches_forget_a_freed_tensor():
-    """The layout caches are keyed by ids and addresses, which a new tensor can inherit once the old one is
-    freed (CPython reuses the object, the allocator the memory): freeing any tensor of a layout drops its
-    entries, so a later tensor at the same id and address is validated and planned afresh."""
+def test_layout_cache_forgets_a_freed_tensor():
+    """The layout cache is keyed by ids and addresses, which a new tensor can inherit once the old one is freed
+    (CPython reuses the object, the allocator the memory): freeing any tensor of a layout drops its entry, so a
+    later tensor at the same id and address is validated afresh."""
     from gxpo_kernels.ops.extrapolate import op
     p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
     extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
-    key = op._layout_key(p, t0, g0, None)
-    assert key in op._VALIDATED and key in op._PLAN_CACHE
+    lay = op._layout_for(p, t0, None)
+    assert lay is not None and lay in op._LAYOUTS.values()
     del t0[1]                                               # the last reference to one theta0 tensor
-    assert key not in op._VALIDATED and key not in op._PLAN_CACHE
+    assert lay not in op._LAYOUTS.values()
     t0.append(torch.zeros(50))                              # a new tensor (maybe at the old id and address)
     with pytest.raises(ValueError, match="theta0"):
         extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+
+
+def test_layout_cache_holds_no_tensor_beyond_its_layout():
+    """A dropped layout (one of its tensors freed) frees the tensors its plans hold at once, not at the next
+    garbage collection (no reference cycle through the weak-reference callbacks)."""
+    import gc
+    import weakref
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(4):
+            extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+        refs = [weakref.ref(t) for t in p + t0 + g0 + g1]
+        del p, t0, g0, g1
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def _views(buf, sizes):
+    """Consecutive views of one buffer (their addresses are known: another view can take one's place)."""
+    out, o = [], 0
+    for n in sizes:
+        out.append(buf[o:o + n])
+        o += n
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_layout_still_checks_every_gradient(backend):
+    """Once a layout is cached, a call checks g0 and g1 with C-level passes instead of per tensor; a wrong numel,
+    dtype, device, a non-contiguous tensor or a gradient overlapping a param must still raise, naming it, before
+    anything is written; repeated and new gradients at the same addresses pass the checks again (a gradient
+    list seen before is trusted only while none of its tensors was freed)."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [64, 40, 24]
+    p = [torch.randn(n, generator=g) for n in sizes]
+    t0 = [x + 0.1 for x in p]
+    gbuf = torch.randn(2 * sum(sizes), generator=g)
+    g0, g1 = _views(gbuf[:sum(sizes)], sizes), _views(gbuf[sum(sizes):], sizes)
+    kw = dict(alpha=0.5, K=5, backend=backend)
+    for _ in range(4):   # cache the layout, see the gradients twice, then hit the watched lists
+        extrapolate_(p, t0, g0, g1, **kw)
+    before = _clone(p)
+    bad = {"numel": ([torch.randn(41) if i == 1 else x for i, x in enumerate(g1)], ValueError, r"g1\[1\] has 41"),
+           "dtype": ([x.to(torch.int32) if i == 2 else x for i, x in enumerate(g1)], TypeError, r"g1\[2\] must be"),
+           "device": ([x.to("meta") if i == 0 else x for i, x in enumerate(g1)], ValueError, r"g1\[0\] is on meta"),
+           "strided": ([torch.randn(80)[::2] if i == 1 else x for i, x in enumerate(g1)], ValueError,
+                       r"g1\[1\] must be contiguous"),
+           "overlap": ([p[0][:64] if i == 0 else x for i, x in enumerate(g1)], ValueError, r"overlaps"),
+           "overlap part": ([p[1][16:] if i == 2 else x for i, x in enumerate(g1)], ValueError, r"overlaps"),
+           "not a tensor": ([x if i else 1.0 for i, x in enumerate(g1)], TypeError, r"g1\[0\] must be a torch"),
+           "count": (g1[:2], ValueError, r"g1 must have 3")}
+    for what, (g1_bad, exc, msg) in bad.items():
+        with pytest.raises(exc, match=msg):
+            extrapolate_(p, t0, g0, g1_bad, **kw)
+        with pytest.raises(exc, match=msg.replace("g1", "g0")):     # the same checks for g0
+            extrapolate_(p, t0, g1_bad, g1, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(p, before)), what
+        # the valid lists still pass after a refused call (and their cache entries were not replaced by it)
+        extrapolate_(p, t0, g0, g1, **kw)
+        before = _clone(p)
+    # a new tensor at a seen gradient's address, of another dtype / numel: checked, refused
+    for other in (gbuf[sum(sizes) + 64:].view(torch.int32)[:40], gbuf[sum(sizes) + 64:sum(sizes) + 84]):
+        with pytest.raises((TypeError, ValueError), match=r"g1\[1\]"):
+            extrapolate_(p, t0, g0, [g1[0], other, g1[2]], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(p, before))
+
+
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_layout_with_new_gradients_every_call(pdt):
+    """One layout, new g0 and g1 tensors on every call (new addresses, one off the 16-byte grid, g0's dtypes
+    changing between calls so that another plan serves them, then the first lists again): each call equals the
+    reference."""
+    shapes = [(37,), (0,), (64, 3), (5,), (1030,)]
+    p, t0, _, _ = _make(pdt, shapes=shapes)
+    dts = [[torch.float32] * 5, [torch.float32, torch.float32, pdt, torch.float64, torch.float32], [pdt] * 5]
+    first = None
+    for call in range(5):
+        _, _, g0, g1 = _make(pdt, shapes=shapes, seed=call + 1)
+        g0 = [g.to(d) for g, d in zip(g0, dts[call % 3])]
+        if call == 1:
+            g1[4] = torch.randn(1031).to(pdt)[1:]            # off the 16-byte grid
+        if call == 0:
+            first = g0, g1
+        if call == 4:
+            g0, g1 = first                                   # the first lists again (their addresses too)
+        before = _clone(p)
+        st = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="triton")
+        ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, inactive_threshold=1e-2, backend="torch")
+        _check(f"call {call}", before, p, ref, st, pdt)
+
+
+def test_seen_gradients_are_forgotten_when_freed():
+    """A gradient list that passed the checks twice is watched: freeing one of its tensors forgets it, so a new
+    tensor inheriting its id and address is checked."""
+    from gxpo_kernels.ops.extrapolate import op
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    for _ in range(4):
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+    lay = op._layout_for(p, t0, None)
+    assert lay.seen["g1"] is not None and lay.seen["g1"][3] is not None    # watched
+    del g1[1]
+    assert lay.seen["g1"] is None
+    g1.append(torch.zeros(50))
+    with pytest.raises(ValueError, match=r"g1\[1\] has 50"):
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_layout_follows_a_param_moved_to_new_storage(backend):
+    """A param whose storage is swapped in place (same tensor object, new address: ``p.data = ...``, ``set_``)
+    no longer matches the cached layout: the call validates again and writes into the new storage; a param
+    replaced by a same-address view of another dtype or numel is refused."""
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,), (48,)])
+    kw = dict(alpha=0.5, K=5, backend=backend)
+    for _ in range(2):
+        extrapolate_(p, t0, g0, g1, **kw)
+    old = p[1]
+    p[1].data = p[1].clone()
+    q = _clone(p)
+    extrapolate_(p, t0, g0, g1, **kw)
+    extrapolate_(q, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(p, q))
+    for other in (p[2].view(torch.int32), p[2].view(torch.bfloat16)):   # same address, other dtype / numel
+        with pytest.raises((TypeError, ValueError), match=r"params\[2\]|\[2\]"):
+            extrapolate_([p[0], p[1], other], t0, g0, g1, **kw)
+    del old
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])

@@ -13,6 +13,7 @@ when it cannot be built). Unlike the loss ops, ``backend="auto"`` on CPU tensors
 Dtype policy, per tensor: loads upcast to float32 (float64 when the param is float64), stores cast to each tensor's
 dtype (a 16-bit copy of a float64 param through float32, as torch converts a double).
 """
+import itertools
 import math
 import operator
 import weakref
@@ -170,8 +171,9 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
 
 # Host side ---------------------------------------------------------------------------------------------------
 
-_PLAN_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
-_PLAN_CACHE_SIZE = 8
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_PTR, _NUMEL, _CONTIG = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_ESIZE = torch.Tensor.element_size
 
 
 def _launch_config(device: torch.device):
@@ -181,24 +183,44 @@ def _launch_config(device: torch.device):
     return 512, 16384, 8 * sms         # 512 x 4 warps: 4 fp32 per thread (one 16-byte access per list)
 
 
+def _addresses(*lists) -> list:
+    """The data_ptrs of tensor lists, one after the other, in one C-level pass (a flat Python list: comparing it
+    with the previous call's is cheaper than building an array, which only a change needs; filling an array
+    straight from the iterator cost more than the list)."""
+    return list(map(_PTR, lists[0] if len(lists) == 1 else itertools.chain(*lists)))
+
+
+def _as_array(ptrs: list, k: int) -> np.ndarray:
+    """int64 [k, n] (C order) of ``k`` lists' addresses from ``_addresses``."""
+    return np.array(ptrs, dtype=np.int64).reshape(k, -1)
+
+
 class _Plan:
     """The validated launch state of one (params, theta0, g0, lowp_out) layout: per dtype group the base tensors,
     the element-offset table, numels and chunk map on the device. Only g1's offsets change from call to call
     (gradients are fresh tensors every pass), and g0's too with ``g0_per_call`` (a rule that keeps pass 0's
-    gradient tensors instead of copying them); everything else is built once."""
+    gradient tensors instead of copying them; the public op, which takes any g0 per call); everything else is
+    built once. ``g0_dtypes``: with ``g0_per_call``, the dtype of each g0 tensor the plan will be run with (the
+    groups split by it, as a static g0's do); None: each param's dtype (a gradient has it)."""
 
-    def __init__(self, params, theta0, g0, lowp_out, has_grad: bool, g0_per_call: bool = False):
+    def __init__(self, params, theta0, g0, lowp_out, has_grad: bool, g0_per_call: bool = False,
+                 g0_dtypes: Optional[Sequence[torch.dtype]] = None):
         self.device = params[0].device
         self.block, self.chunk, self.max_prog = _launch_config(self.device)
         self.lib_pow = not triton_interpret()
         self.g0_per_call = g0_per_call
+        self.names = ("g0", "g1") if g0_per_call else ("g1",)
         groups: "OrderedDict[tuple, List[int]]" = OrderedDict()
         for i, p in enumerate(params):
             if p.numel() == 0:
                 continue
             ldt = lowp_out[i].dtype if lowp_out is not None and lowp_out[i] is not None else None
-            # a gradient has its parameter's dtype (torch enforces it), so per-call g0 groups by p.dtype
-            g0dt = (p.dtype if g0_per_call else g0[i].dtype) if has_grad else None
+            if not has_grad:
+                g0dt = None
+            elif g0_per_call:
+                g0dt = p.dtype if g0_dtypes is None else g0_dtypes[i]
+            else:
+                g0dt = g0[i].dtype
             groups.setdefault((p.dtype, theta0[i].dtype, g0dt, ldt), []).append(i)
         self.groups = []
         for (pdt, t0dt, g0dt, ldt), idx in groups.items():
@@ -218,96 +240,120 @@ class _Plan:
             tensors = [t for c in cols + [g0s] if c is not None for t in c]
             align = _alignment(tensors, numels, min(t.element_size() for t in tensors))
             dev = self.device
+            n_chunks = len(c_t)
+            cdt = torch.float64 if pdt == torch.float64 else torch.float32
             self.groups.append(dict(
-                idx=idx, whole=idx == list(range(len(params))), dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
+                idx=idx, whole=idx == list(range(len(params))),
+                dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
                 idx_t=torch.tensor(idx, dtype=torch.int64).to(dev),   # gathers thresholds without a host copy
-                numel_sum=sum(numels),
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
                 g0=(g0s[0], torch.tensor([_elem_offset(t, g0s[0]) for t in g0s], dtype=torch.int64).to(dev))
                 if g0s is not None else None,
                 numel_tab=torch.tensor(numels, dtype=torch.int64).to(dev),
                 c_t=torch.tensor(c_t, dtype=torch.int32).to(dev), c_s=torch.tensor(c_s, dtype=torch.int64).to(dev),
-                n_chunks=len(c_t), align=align))
+                n_chunks=n_chunks, align=align,
+                grid=min(max(min(n_chunks, self.max_prog), -(-sum(numels) // _MAX_PER_PROGRAM)), n_chunks),
+                # the launch arguments that do not change from call to call
+                const=dict(P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], L_DT=_TL_DTYPES[ldt or bases[2].dtype],
+                           L_MID_DT=tl.float32 if cdt == torch.float64 and ldt in (torch.bfloat16, torch.float16)
+                           else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_LOWP=ldt is not None,
+                           LIB_POW=self.lib_pow, CHUNK=self.chunk, BLOCK=self.block, num_warps=4)))
 
-    def _call_offsets(self, grp, slot: str, ts, check_dtypes: str = "on_change") -> tuple:
-        """(base tensor, device element offsets, ALIGN, copies) of a list read on every call (gradients). The
-        offsets are rebuilt only when the addresses change; ALIGN drops to 1 when a tensor is not 16-byte aligned.
+    def _call_offsets(self, grp, lists, ptrs: list, modes) -> tuple:
+        """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses (``_addresses(*lists)``):
+        per list (base tensor, device element offsets, ALIGN), and the copies the launch reads (or None). The
+        offsets of all lists come from one NumPy expression and reach the device in one copy; they are rebuilt
+        only when an address or an element size changes. ALIGN drops to 1 when a tensor is not 16-byte aligned.
 
-        The kernel reads the whole list in the base tensor's dtype. Gradients of one dtype group share their
+        The kernel reads a whole list in its base tensor's dtype. Gradients of one dtype group share their
         params' dtype, but a list may mix dtypes (the public op accepts any float dtype per tensor): such a list
         is read from copies in the compute dtype, the value the kernel's load would upcast each element to. The
-        copies are returned so that the caller keeps them alive until the launch. ``check_dtypes``: "always"
-        (the caller saw mixed dtypes), "on_change" (check when the addresses change) or "never" (gradients of
-        the params, which have their dtypes)."""
-        if check_dtypes == "always" and len(set(map(_DTYPE, ts))) > 1:
-            return self._mixed_offsets(grp, slot, ts)
-        base = ts[0]
-        esz = base.element_size()
-        # list(map(...)) is one C-level pass; array("q", map(...)) measured twice as slow (per-item appends)
-        ptrs = list(map(torch.Tensor.data_ptr, ts))
-        last = grp.get(slot)
-        if last is not None and last[0] == ptrs and last[1] == esz:
-            return base, last[2], last[3], None   # the allocator handed out the same addresses again
-        if check_dtypes == "on_change" and len(set(map(_DTYPE, ts))) > 1:
-            return self._mixed_offsets(grp, slot, ts)
-        addr = np.array(ptrs, dtype=np.int64)
-        low = int(np.bitwise_or.reduce(addr))   # low bits of any address: alignment of all at once
-        align = grp["align"]
-        if low & 15:
-            align = 1
-            if low % esz:
-                raise ValueError(f"extrapolate_: {slot} tensors must be aligned to their element size")
-        # element offsets from ts[0], vectorised (ptrs stays intact for the next comparison)
-        off = torch.from_numpy((addr - ptrs[0]) // esz).to(self.device, non_blocking=True)
-        grp[slot] = (ptrs, esz, off, align)
-        return base, off, align, None
+        caller keeps the copies alive until the launch. ``modes``, per list: "always" (scan the dtypes: the
+        caller saw mixed dtypes), "on_change" (scan when the addresses change) or "never" (one dtype per group,
+        as gradients of the params have)."""
+        if "always" in modes and self._mixed(lists, modes, ("always",)):
+            return self._mixed_offsets(grp, lists, modes)
+        bases = [ts[0] for ts in lists]
+        eszs = tuple(map(_ESIZE, bases))
+        last = grp.get("call")
+        if last is not None and last[0] == ptrs and last[1] == eszs:
+            # the allocator handed out the same addresses again
+            return [(b, off, al) for b, (off, al) in zip(bases, last[2])], None
+        if "on_change" in modes and self._mixed(lists, modes, ("on_change",)):
+            return self._mixed_offsets(grp, lists, modes)
+        res = self._offsets(grp, _as_array(ptrs, len(lists)), eszs)
+        grp["call"] = (ptrs, eszs, res)
+        return [(b, off, al) for b, (off, al) in zip(bases, res)], None
 
-    def _mixed_offsets(self, grp, slot: str, ts) -> tuple:
+    @staticmethod
+    def _mixed(lists, modes, which) -> bool:
+        return any(m in which and len(set(map(_DTYPE, ts))) > 1 for ts, m in zip(lists, modes))
+
+    def _offsets(self, grp, a: np.ndarray, eszs: tuple) -> list:
+        """(device element offsets, ALIGN) per list of the addresses ``a`` (int64 [k, m], C order), offsets from
+        each list's first tensor; as few NumPy / torch calls as the job allows (a call costs microseconds once the
+        caches are cold)."""
+        low = int(np.bitwise_or.reduce(a, axis=None))   # low bits of every address: alignment of all at once
+        if low % max(eszs):   # (element sizes are powers of two) a list is off its element grid: name it
+            for row, esz, name in zip(a, eszs, self.names):
+                if int(np.bitwise_or.reduce(row)) % esz:
+                    raise ValueError(f"extrapolate_: {name} tensors must be aligned to their element size")
+        align = grp["align"] if low & 15 == 0 else 1   # the launch takes the smallest ALIGN of its lists anyway
+        d = a - a[:, :1]
+        if eszs.count(eszs[0]) == len(eszs):
+            d >>= eszs[0].bit_length() - 1    # exact: every difference is a multiple of the element size
+        else:
+            d //= np.array(eszs, dtype=np.int64)[:, None]
+        if len(d) == 1:
+            return [(torch.from_numpy(d[0]).to(self.device, non_blocking=True), align)]
+        return [(off, align) for off in torch.from_numpy(d).to(self.device, non_blocking=True).unbind(0)]
+
+    def _mixed_offsets(self, grp, lists, modes) -> tuple:
         cdt = torch.float64 if grp["dtypes"][0] == torch.float64 else torch.float32
-        copies = [t.to(cdt) for t in ts]
-        grp.pop(slot, None)   # the copies die after this call: a later list at their addresses is not them
-        base, off, align, _ = self._call_offsets(grp, slot, copies, "never")
-        grp.pop(slot, None)
-        return base, off, align, copies
+        keep = [[t.to(cdt) for t in ts] if m != "never" and len(set(map(_DTYPE, ts))) > 1 else ts
+                for ts, m in zip(lists, modes)]
+        grp.pop("call", None)   # the copies die after this call: a later list at their addresses is not them
+        res = self._offsets(grp, _as_array(_addresses(*keep), len(keep)), tuple(ts[0].element_size() for ts in keep))
+        return [(ts[0], off, al) for ts, (off, al) in zip(keep, res)], keep
 
-    def run(self, g1, thr, *, g0=None, alpha, K, clip_coef0, clip_coef1, scale_formula, delta, r_min, r_max,
-            check_dtypes: str = "on_change"):
-        parts = []
+    def run(self, lists, thr, *, ptrs: Optional[list] = None, modes=("never",), alpha, K, clip_coef0,
+            clip_coef1, scale_formula, delta, r_min, r_max) -> torch.Tensor:
+        """Launch over the per-call gradient lists ``lists`` (each one tensor per param: (g1,), or (g0, g1) with a
+        per-call g0; None for the plain move). ``ptrs``: their addresses (``_addresses(*lists)``) when the caller
+        already read them; ``modes``: the dtype handling of each list (see ``_call_offsets``)."""
+        parts, keep = [], []
         for grp in self.groups:
-            idx = grp["idx"]
-            pdt, t0dt, g0dt, ldt = grp["dtypes"]
             align = grp["align"]
             bp, bt0, bl = grp["bases"]
-            if g1 is not None:   # keep1, keep0: copies of a mixed-dtype list, alive until the launch below
-                base_g1, g1_off, a1, keep1 = self._call_offsets(grp, "g1", g1 if grp["whole"] else
-                                                                [g1[i] for i in idx], check_dtypes)
-                if self.g0_per_call:
-                    base_g0, g0_off, a0, keep0 = self._call_offsets(grp, "g0", g0 if grp["whole"] else
-                                                                    [g0[i] for i in idx], check_dtypes)
+            if lists is not None:
+                if grp["whole"]:
+                    gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
                 else:
-                    (base_g0, g0_off), a0 = grp["g0"], align
+                    idx = grp["idx"]
+                    gl = [[ts[i] for i in idx] for ts in lists]
+                    gp = _addresses(*gl)
+                per, copies = self._call_offsets(grp, gl, gp, modes)
+                if copies is not None:
+                    keep.append(copies)   # alive until the launch below
+                if self.g0_per_call:
+                    (base_g0, g0_off, a0), (base_g1, g1_off, a1) = per
+                else:
+                    ((base_g1, g1_off, a1),), ((base_g0, g0_off), a0) = per, (grp["g0"], align)
                 align = min(align, a0, a1)
                 g0dt, g1dt = base_g0.dtype, base_g1.dtype
             else:   # unused by the kernel
                 base_g0 = base_g1 = bp
-                g1dt, g0_off, g1_off = None, grp["numel_tab"], grp["numel_tab"]
-            n_chunks = grp["n_chunks"]
-            grid = min(max(min(n_chunks, self.max_prog), -(-grp["numel_sum"] // _MAX_PER_PROGRAM)), n_chunks)
-            cdt = torch.float64 if pdt == torch.float64 else torch.float32
+                g0dt = g1dt = torch.float32
+                g0_off = g1_off = grp["numel_tab"]
+            n_chunks, grid = grp["n_chunks"], grp["grid"]
             out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
             thr_tab = grp["numel_tab"] if thr is None else thr if grp["whole"] else thr.index_select(0, grp["idx_t"])
             _extrapolate_kernel[(grid,)](
                 bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
                 grp["c_t"], grp["c_s"], n_chunks, out,
                 float(alpha), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
-                K / 2 + 1.0, K=int(K),
-                P_DT=_TL_DTYPES[pdt], T0_DT=_TL_DTYPES[t0dt], G0_DT=_TL_DTYPES[g0dt or torch.float32],
-                G1_DT=_TL_DTYPES[g1dt or torch.float32], L_DT=_TL_DTYPES[ldt or bl.dtype],
-                L_MID_DT=tl.float32 if cdt == torch.float64 and ldt in (torch.bfloat16, torch.float16)
-                else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_GRAD=g1 is not None, HAS_LOWP=ldt is not None,
-                USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed",
-                LIB_POW=self.lib_pow, ALIGN=align, CHUNK=self.chunk, BLOCK=self.block,
-                num_warps=4)
+                K / 2 + 1.0, K=int(K), G0_DT=_TL_DTYPES[g0dt], G1_DT=_TL_DTYPES[g1dt], HAS_GRAD=lists is not None,
+                USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", ALIGN=align, **grp["const"])
             parts.append(out)
         return _combine(parts, self.device)
 
@@ -330,27 +376,13 @@ def _alignment(tensors, numels, min_elsize) -> int:
     return 1
 
 
-def _plan_for(params, theta0, g0, lowp_out, key=None) -> "_Plan":
-    """The cached plan of this layout: keyed by the identity and address of every tensor of the static lists,
-    and dropped as soon as one of them is freed (a new tensor may inherit both). ``key``: the ``_layout_key``
-    of these lists when the caller already has it."""
-    if key is None:
-        key = _layout_key(params, theta0, g0, lowp_out)
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        plan = _Plan(params, theta0, g0, lowp_out, g0 is not None)
-        plan.watch = _forget_when_freed(key, params, theta0, g0, lowp_out)
-        _PLAN_CACHE[key] = plan
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    else:
-        _PLAN_CACHE.move_to_end(key)
-    return plan
-
-
-def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, key=None, check_dtypes="on_change",
-                        **kw) -> torch.Tensor:
-    return _plan_for(params, theta0, g0, lowp_out, key).run(g1, thr, check_dtypes=check_dtypes, **kw)
+def _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, **kw) -> torch.Tensor:
+    """The Triton launch of already validated lists, planned for this call only (the public op caches its plans
+    per layout, ``_Layout``)."""
+    has_grad = g1 is not None
+    plan = _Plan(params, theta0, None, lowp_out, has_grad, g0_per_call=True,
+                 g0_dtypes=list(map(_DTYPE, g0)) if has_grad else None)
+    return plan.run((g0, g1) if has_grad else None, thr, modes=("never", "always"), **kw)
 
 
 class ExtrapolationPlan:
@@ -360,7 +392,8 @@ class ExtrapolationPlan:
 
     ``plan(g1, alpha=..., K=..., ...)`` takes the remaining arguments of ``extrapolate_`` and returns its stats.
     ``g0="per_call"``: g0 is not fixed either (a rule that keeps pass 0's gradient tensors rather than copying
-    them): pass it on every call, ``plan(g1, g0=..., ...)``; its addresses are read per call like g1's.
+    them): pass it on every call, ``plan(g1, g0=..., ...)``; its addresses are read per call like g1's (one pass
+    over both lists, one offsets copy to the device).
     Contract: the static lists and their tensors stay as they were (same objects, same storage; rebuild the
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
     is the gradient of params[i] (same numel, contiguous; only the count and the addresses are checked per
@@ -385,6 +418,7 @@ class ExtrapolationPlan:
         self.backend = extrapolate_backend(backend, params[0].device) if len(params) else "torch"
         self._plan = _Plan(params, theta0, g0_fixed, lowp_out, self.has_grad, self.g0_per_call) \
             if self.backend == "triton" and len(params) else None
+        self._modes = (self._check_dtypes,) * (2 if self.g0_per_call else 1)
 
     def __call__(self, g1, *, g0=None, alpha: float, K: int, clip_coef0: float = 1.0, clip_coef1: float = 1.0,
                  scale_formula: str = "horner", inactive_threshold: Optional[float] = None, delta: float = 1e-8,
@@ -393,10 +427,11 @@ class ExtrapolationPlan:
             raise ValueError("ExtrapolationPlan: pass g0 on every call exactly when the plan was built with "
                              "g0='per_call'")
         g0 = g0 if self.g0_per_call else self.g0
-        kw = dict(alpha=alpha, K=K, clip_coef0=clip_coef0, clip_coef1=clip_coef1, scale_formula=scale_formula,
-                  inactive_threshold=inactive_threshold, delta=delta, r_min=r_min, r_max=r_max)
         if self._plan is None and self.backend != "cpp":
-            return extrapolate_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out, backend=self.backend, **kw)
+            return extrapolate_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out, backend=self.backend,
+                                alpha=alpha, K=K, clip_coef0=clip_coef0, clip_coef1=clip_coef1,
+                                scale_formula=scale_formula, inactive_threshold=inactive_threshold, delta=delta,
+                                r_min=r_min, r_max=r_max)
         n = len(self.params)
         if (g1 is None) != (not self.has_grad) or (g1 is not None and len(g1) != n) or \
                 (self.g0_per_call and len(g0) != n):
@@ -411,9 +446,8 @@ class ExtrapolationPlan:
             if not float(inactive_threshold) >= 0:
                 raise ValueError(f"inactive_threshold must be >= 0, got {inactive_threshold!r}")
             thr = _thresholds(g0, float(inactive_threshold))
-        kw.pop("inactive_threshold")
-        kw = {**kw, "alpha": float(alpha), "clip_coef0": float(clip_coef0), "clip_coef1": float(clip_coef1),
-              "delta": float(delta), "r_min": float(r_min), "r_max": float(r_max)}
+        kw = dict(alpha=float(alpha), K=K, clip_coef0=float(clip_coef0), clip_coef1=float(clip_coef1),
+                  scale_formula=scale_formula, delta=float(delta), r_min=float(r_min), r_max=float(r_max))
         if self._plan is None:   # C++: the op checks every tensor's device, contiguity and numel itself
             from ._cpp import extrapolate_cpp_
             out = extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
@@ -421,7 +455,8 @@ class ExtrapolationPlan:
                 return out
             return extrapolate_ref_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out,
                                     thresholds=None if thr is None else thr.tolist(), **kw)
-        return self._plan.run(g1, thr, g0=g0, check_dtypes=self._check_dtypes, **kw)
+        lists = None if g1 is None else (g0, g1) if self.g0_per_call else (g1,)
+        return self._plan.run(lists, thr, modes=self._modes, **kw)
 
 
 def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
@@ -447,6 +482,15 @@ def _check_list(x, name, n):
         raise ValueError(f"{name} must have {n} tensors (one per param), got {len(x)}")
 
 
+def _check_scalars(alpha, K, scale_formula) -> None:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 2:
+        raise ValueError(f"K must be an int >= 2, got {K!r}")
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    if scale_formula not in SCALE_FORMULAS:
+        raise ValueError(f"scale_formula must be one of {SCALE_FORMULAS}, got {scale_formula!r}")
+
+
 def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
     if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list or tuple of tensors, got {type(params).__name__}")
@@ -459,12 +503,7 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
         _check_list(g1, "g1", n)
     if lowp_out is not None:
         _check_list(lowp_out, "lowp_out", n)
-    if isinstance(K, bool) or not isinstance(K, int) or K < 2:
-        raise ValueError(f"K must be an int >= 2, got {K!r}")
-    if not math.isfinite(float(alpha)):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
-    if scale_formula not in SCALE_FORMULAS:
-        raise ValueError(f"scale_formula must be one of {SCALE_FORMULAS}, got {scale_formula!r}")
+    _check_scalars(alpha, K, scale_formula)
     dev = params[0].device if n else None
     for i in range(n):
         p = params[i]
@@ -485,62 +524,6 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous")
     _check_no_alias(params, theta0, g0, g1, lowp_out)
-
-
-_VALIDATED: "OrderedDict[tuple, tuple]" = OrderedDict()
-_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
-
-
-def _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> tuple:
-    """``_validate`` once per layout of the static lists (params, theta0, g0, lowp_out: identity and address of
-    every tensor, see ``_plan_for``); on later calls with the same layout only g1 (fresh gradients every pass)
-    is checked: count, numel, contiguity, dtype, device. Returns the layout key (None for unkeyable input) so
-    that the plan cache does not compute it again, and whether g1 mixes dtypes."""
-    if isinstance(params, (list, tuple)) and isinstance(theta0, (list, tuple)) and \
-            (g0 is None or isinstance(g0, (list, tuple))) and (lowp_out is None or isinstance(lowp_out, (list, tuple))):
-        key = _layout_key(params, theta0, g0, lowp_out)
-        hit = _VALIDATED.get(key)
-        if hit is not None and (g0 is None) == (g1 is None):
-            numels, dev, _ = hit
-            if isinstance(K, bool) or not isinstance(K, int) or K < 2 or not math.isfinite(float(alpha)) or \
-                    scale_formula not in SCALE_FORMULAS:
-                _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)   # raises, naming the value
-            if g1 is None:
-                return key, False
-            if isinstance(g1, (list, tuple)) and len(g1) == len(numels) and \
-                    list(map(torch.Tensor.numel, g1)) == numels and all(map(torch.Tensor.is_contiguous, g1)):
-                dts = set(map(_DTYPE, g1))
-                if dts <= _TL_DTYPES.keys() and set(map(_DEVICE, g1)) == {dev}:
-                    return key, len(dts) > 1
-    else:
-        key = None
-    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
-    if key is not None and len(params):
-        _VALIDATED[key] = ([p.numel() for p in params], params[0].device,
-                           _forget_when_freed(key, params, theta0, g0, lowp_out))
-        if len(_VALIDATED) > _PLAN_CACHE_SIZE:
-            _VALIDATED.popitem(last=False)
-    return key, g1 is not None and len(set(map(_DTYPE, g1))) > 1
-
-
-def _forget_when_freed(key, *lists) -> list:
-    """Weak references whose callbacks drop ``key`` from both layout caches once any tensor of ``lists`` is
-    freed. A key is made of ids and addresses, which a new tensor can inherit (CPython reuses the object's memory,
-    the allocator the data's); the stale entry would describe the freed tensor's numel, dtype and alignment.
-    The cache entry holds the references (a reference that is itself freed never calls back)."""
-    def drop(_ref):
-        _VALIDATED.pop(key, None)
-        _PLAN_CACHE.pop(key, None)
-    return [weakref.ref(t, drop) for ts in lists if ts is not None for t in ts if t is not None]
-
-
-def _layout_key(params, theta0, g0, lowp_out) -> tuple:
-    lists = [params, theta0] + ([g0] if g0 is not None else [])
-    key = (g0 is not None, lowp_out is not None) + tuple(
-        (tuple(map(id, ts)), tuple(map(torch.Tensor.data_ptr, ts))) for ts in lists)
-    if lowp_out is not None:
-        key += ((tuple(map(id, lowp_out)), tuple(t.data_ptr() if t is not None else 0 for t in lowp_out)),)
-    return key
 
 
 def _check_no_alias(params, theta0, g0, g1, lowp_out) -> None:
@@ -565,6 +548,195 @@ def _check_no_alias(params, theta0, g0, g1, lowp_out) -> None:
                              "distinct, non-overlapping tensors (pass a copy)")
         if e > reach:
             reach, owner = e, (nm, w)
+
+
+# The public op's layout cache ----------------------------------------------------------------------------------
+
+_LAYOUTS: "OrderedDict[tuple, _Layout]" = OrderedDict()
+_LAYOUT_CACHE_SIZE = 8
+
+
+_NONE_ID = id(None)
+
+
+def _ids_ptrs(ts) -> tuple:
+    """ids and data_ptrs of a list whose entries may be None (lowp_out): one C-level pass each when none is."""
+    ids = list(map(id, ts))
+    if _NONE_ID in ids:
+        return ids, [0 if t is None else t.data_ptr() for t in ts]
+    return ids, list(map(_PTR, ts))
+
+
+class _Layout:
+    """The validated static lists of ``extrapolate_`` calls: params, theta0 and lowp_out (an optimizer's
+    parameters and snapshot buffers; g0 and g1 come per call). A later call is served from here when the ids
+    and addresses of all their tensors are the ones validated (``matches``); the entry leaves the cache as soon
+    as one of those tensors is freed (a new tensor can inherit an id and an address, with other numel, dtype or
+    alignment). It holds the numels and device the gradients are checked against, the byte spans of the written
+    tensors (a gradient must not overlap them), the Triton plans (one per g0 dtype pattern, ``plan``), and per
+    gradient list the last one that passed the checks (``seen``, see ``_check_grads``). Not noticed: a live
+    tensor that changes dtype or shape in place while keeping its address (``resize_``, ``set_`` onto the same
+    storage offset); reading each tensor's dtype, numel and strides on every call would cost three more passes."""
+
+    def __init__(self, key, params, theta0, lowp_out):
+        self.lists = [_ids_ptrs(params), _ids_ptrs(theta0)] + ([_ids_ptrs(lowp_out)] if lowp_out is not None
+                                                                else [])
+        self.numels = list(map(_NUMEL, params))
+        self.numel_np = np.array(self.numels, dtype=np.int64)
+        self.device = params[0].device
+        spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
+                       for ts in (params, lowp_out or ()) for p in ts if p is not None and p.numel())
+        self.w_lo = np.array([s for s, _ in spans], dtype=np.int64)   # disjoint (validated): ends sorted too
+        self.w_hi = np.array([e for _, e in spans], dtype=np.int64)
+        self.plans = {}
+        self.seen = {"g0": None, "g1": None}
+
+        # the callback knows this entry by a token, not by itself: no reference cycle keeps an evicted entry (and
+        # the tensors its plans hold) alive until the next garbage collection
+        self.token = token = object()
+
+        def drop(_ref, key=key, token=token, cache=_LAYOUTS):
+            if getattr(cache.get(key), "token", None) is token:
+                del cache[key]
+        self.watch = [weakref.ref(t, drop) for ts in (params, theta0, lowp_out) if ts is not None
+                      for t in ts if t is not None]
+
+    def matches(self, params, theta0, lowp_out) -> bool:
+        for (ids, ptrs), ts in zip(self.lists, (params, theta0, lowp_out)):
+            if list(map(id, ts)) != ids:
+                return False
+        # the same live objects (ids of freed tensors drop the entry), now their storage: no None unless validated
+        for (ids, ptrs), ts in zip(self.lists, (params, theta0, lowp_out)):
+            if (list(map(_PTR, ts)) if _NONE_ID not in ids else _ids_ptrs(ts)[1]) != ptrs:
+                return False
+        return True
+
+    def plan(self, has_grad: bool, g0_dtypes, params, theta0, lowp_out) -> _Plan:
+        """The plan for gradients whose g0 has ``g0_dtypes`` (one dtype, or a tuple of one per tensor)."""
+        key = (has_grad, g0_dtypes)
+        plan = self.plans.get(key)
+        if plan is None:
+            dts = None if not has_grad else g0_dtypes if isinstance(g0_dtypes, tuple) else \
+                [g0_dtypes] * len(params)
+            plan = self.plans[key] = _Plan(params, theta0, None, lowp_out, has_grad, g0_per_call=True,
+                                           g0_dtypes=dts)
+        return plan
+
+    def overlaps_written(self, a: np.ndarray, nbytes: np.ndarray) -> bool:
+        """Whether any span [a, a + nbytes) (nbytes > 0) overlaps a written tensor."""
+        if not self.w_lo.size:
+            return False
+        j = np.searchsorted(self.w_lo, a + nbytes, side="left") - 1   # the last written span starting before the end
+        return bool(((j >= 0) & (self.w_hi[np.maximum(j, 0)] > a) & (nbytes > 0)).any())
+
+
+def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
+    """The per-call checks of a gradient list (g0 or g1) of a validated layout, as C-level passes: one tensor per
+    param, same numels, contiguous, float dtypes, the params' device, no overlap with a written tensor. Returns
+    (addresses (a list), dtype pattern: one dtype or a tuple of one per tensor), or None when a check fails
+    (the caller then runs the per-tensor validation, which names the offender).
+
+    A list that passed stays in ``lay.seen[name]`` (addresses; ids once they repeat); a later list with the same
+    ids and addresses is that one, unchanged, once it is watched: when it comes back, it is checked once more
+    and weak references are taken whose callbacks forget it when any of its tensors is freed; from then on only
+    its ids and addresses are read. Gradient tensors at new addresses on every call cost no ids pass and no
+    weak references. (Like the layout, this trusts a live tensor not to change dtype or shape in place at the
+    same address, e.g. by ``resize_``.)"""
+    if not isinstance(ts, (list, tuple)) or isinstance(ts, torch.Tensor) or len(ts) != len(lay.numels):
+        return None
+    try:
+        ptrs = _addresses(ts)
+    except TypeError:   # not a tensor
+        return None
+    seen = lay.seen[name]
+    ids = None
+    if seen is not None and seen[1] == ptrs:   # (ids only where the addresses repeat)
+        ids = list(map(id, ts))
+        if seen[0] == ids:
+            if seen[3] is not None:   # watched: these very tensors passed and none was freed since
+                return ptrs, seen[2]
+            # second appearance: check again (the first objects may have died and left their ids), then watch
+            found = _check_grads_now(lay, ts, ptrs)
+            if found is not None:
+                seen[2] = found
+                _watch_seen(lay, name, ts, seen)
+            return None if found is None else (ptrs, found)
+    found = _check_grads_now(lay, ts, ptrs)
+    lay.seen[name] = None if found is None else [ids, ptrs, found, None]
+    return None if found is None else (ptrs, found)
+
+
+def _check_grads_now(lay: _Layout, ts, ptrs: list):
+    if list(map(_NUMEL, ts)) != lay.numels or not all(map(_CONTIG, ts)):
+        return None
+    kinds = set(map(_DTYPE, ts))
+    if not kinds <= _TL_DTYPES.keys() or set(map(_DEVICE, ts)) != {lay.device}:
+        return None
+    if len(kinds) == 1:
+        dt = kinds.pop()
+        nbytes = lay.numel_np * dt.itemsize
+    else:   # (a second pass, for the rare list that mixes dtypes)
+        dt = tuple(map(_DTYPE, ts))
+        nbytes = lay.numel_np * np.fromiter((d.itemsize for d in dt), np.int64, len(dt))
+    return None if lay.overlaps_written(np.array(ptrs, dtype=np.int64), nbytes) else dt
+
+
+def _watch_seen(lay: _Layout, name: str, ts, seen: list) -> None:
+    def forget(_ref, slots=lay.seen, name=name, seen=seen):   # (not the layout: see _Layout's token)
+        if slots[name] is seen:
+            slots[name] = None
+    seen[3] = list(map(weakref.ref, ts, itertools.repeat(forget)))
+
+
+def _layout_for(params, theta0, lowp_out) -> Optional[_Layout]:
+    """The cached layout of these static lists, or None (not seen, or not the same tensors and addresses)."""
+    if not (isinstance(params, (list, tuple)) and isinstance(theta0, (list, tuple)) and
+            (lowp_out is None or isinstance(lowp_out, (list, tuple)))) or not len(params) or not len(theta0):
+        return None
+    key = (len(params), id(params[0]), id(theta0[0]), lowp_out is not None)
+    lay = _LAYOUTS.get(key)
+    if lay is None or not lay.matches(params, theta0, lowp_out):
+        return None
+    return lay
+
+
+def _new_layout(params, theta0, lowp_out) -> _Layout:
+    key = (len(params), id(params[0]), id(theta0[0]), lowp_out is not None)
+    lay = _LAYOUTS[key] = _Layout(key, params, theta0, lowp_out)
+    _LAYOUTS.move_to_end(key)
+    if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return lay
+
+
+def _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> tuple:
+    """Validate a call; returns (layout or None for no params, per-call gradient info: None for the plain move,
+    else ((addresses g0, dtype pattern of g0), (addresses g1, dtype pattern of g1))).
+
+    A call whose static lists are a cached layout's (same tensors at the same addresses, see ``_Layout``) checks
+    only the scalars and the gradient lists (``_check_grads``: C-level passes, or ids and addresses for a list
+    seen before); anything else, or any failed check, runs the full per-tensor validation, which raises naming
+    the offending tensor or value, and caches the layout."""
+    lay = _layout_for(params, theta0, lowp_out)
+    if lay is not None and (g0 is None) == (g1 is None):
+        _check_scalars(alpha, K, scale_formula)
+        if g1 is None:
+            return lay, None
+        c0 = _check_grads(lay, "g0", g0)
+        c1 = _check_grads(lay, "g1", g1) if c0 is not None else None
+        if c1 is not None:
+            return lay, (c0, c1)
+    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    if not len(params):
+        return None, None
+    lay = _new_layout(params, theta0, lowp_out)
+    if g1 is None:
+        return lay, None
+    c0, c1 = _check_grads(lay, "g0", g0), _check_grads(lay, "g1", g1)
+    if c0 is None or c1 is None:   # an internal inconsistency, never a reason to launch on unchecked lists
+        raise RuntimeError("extrapolate_: the per-call gradient checks refused lists that the full validation "
+                           "accepted")
+    return lay, (c0, c1)
 
 
 def extrapolate_backend(backend: str, device) -> str:
@@ -601,11 +773,10 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]
     """
-    key, mixed = _validate_cached(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
-    if len(params) == 0:
+    lay, grads = _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    if lay is None:
         return _combine([], torch.device("cpu"))
-    device = params[0].device
-    be = extrapolate_backend(backend, device)
+    be = extrapolate_backend(backend, lay.device)
     thr = None
     if inactive_threshold is not None and g0 is not None:
         if not float(inactive_threshold) >= 0:
@@ -620,8 +791,14 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
             return out
         be = "torch"  # no compiler or an unsupported dtype combination
     if be == "triton":
-        return _extrapolate_triton(params, theta0, g0, g1, lowp_out, thr, key,
-                                   check_dtypes="always" if mixed else "never", **kw)
+        if grads is None:
+            return lay.plan(False, None, params, theta0, lowp_out).run(None, thr, **kw)
+        (p0, dt0), (p1, dt1) = grads
+        # g0's dtype pattern picks the plan (its groups split by it, so each reads one dtype); g1 may mix
+        # dtypes within a group (read from copies then)
+        plan = lay.plan(True, dt0, params, theta0, lowp_out)
+        return plan.run((g0, g1), thr, ptrs=p0 + p1,
+                        modes=("never", "always" if isinstance(dt1, tuple) else "never"), **kw)
     return extrapolate_ref_(params, theta0, g0, g1, lowp_out=lowp_out,
                             thresholds=None if thr is None else thr.tolist(), **kw)
 
