@@ -145,10 +145,19 @@ class ExtrapolationRule:
             self._theta0_sig = (params, sig)
         self._snapshot_copy_(self._theta0, params)
 
+    #: (dst, src) lists that ``_take_due_snapshot_`` collects the θ0 and optimizer-state pairs into (None: copy now)
+    _snap_batch: Optional[tuple] = None
+
     def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
         """``_copy_all_`` for the snapshots (θ0, the optimizer state, a copied ĝ0): buffers read again only much
         later, if ever, so where the extrapolation runs the C++ op (the CPU) they are written with its
-        non-temporal stores."""
+        non-temporal stores. Inside ``_take_due_snapshot_`` the pairs are only collected: it copies them all at
+        once."""
+        batch = self._snap_batch
+        if batch is not None:
+            batch[0].extend(dst)
+            batch[1].extend(src)
+            return
         _copy_all_(dst, src, stream=bool(dst) and extrapolate_backend(self.backend, dst[0].device) == "cpp")
 
     @torch.no_grad()
@@ -352,11 +361,19 @@ class ExtrapolationRule:
         if not self._snapshot_due:
             return
         self._snapshot_due = False
-        self._snapshot_params_()
+        opt = self.atomic or self.transactional_state
+        # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
+        # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
+        self._snap_batch = batch = ([], [])
+        try:
+            self._snapshot_params_()
+            if opt:
+                self._snapshot_optimizer_state_()
+        finally:
+            self._snap_batch = None
+        self._snapshot_copy_(*batch)
         self._snapped_params = True
-        if self.atomic or self.transactional_state:
-            self._snapshot_optimizer_state_()
-            self._snapped_opt = True
+        self._snapped_opt = opt
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
@@ -523,12 +540,14 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], strea
         ds, ss = list(map(_local, ds)), list(map(_local, ss))   # sharded (DTensor) state: shard to shard
     if not ds:
         return
-    if all(map(_IS_CPU, ds)) and all(map(_IS_CPU, ss)):
-        left = _cpp.snapshot_copy_(ds, ss) if stream else None
+    if stream:   # the op checks every pair itself (CPU, layout, dtype, numel) and returns those it left
+        left = _cpp.snapshot_copy_(ds, ss)
         if left is not None:
+            if not left:
+                return
             ds, ss = [ds[i] for i in left], [ss[i] for i in left]
-        if ds:
-            torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
+    if all(map(_IS_CPU, ds)) and all(map(_IS_CPU, ss)):
+        torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
         return
     for (gd, gs), _ in _group_tensors_by_device_and_dtype([ds, ss]).values():
         torch._foreach_copy_(gd, gs)
