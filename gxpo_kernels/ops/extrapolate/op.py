@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..._utils import resolve_backend, triton_interpret
+from . import _cpp
 from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "ExtrapolationPlan", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
@@ -411,12 +412,10 @@ class ExtrapolationPlan:
             if not float(inactive_threshold) >= 0:
                 raise ValueError(f"inactive_threshold must be >= 0, got {inactive_threshold!r}")
             thr = _thresholds(g0, float(inactive_threshold))
-        kw.pop("inactive_threshold")
-        kw = {**kw, "alpha": float(alpha), "clip_coef0": float(clip_coef0), "clip_coef1": float(clip_coef1),
-              "delta": float(delta), "r_min": float(r_min), "r_max": float(r_max)}
+        kw = dict(alpha=float(alpha), K=K, clip_coef0=float(clip_coef0), clip_coef1=float(clip_coef1),
+                  scale_formula=scale_formula, delta=float(delta), r_min=float(r_min), r_max=float(r_max))
         if self._plan is None:   # C++: the op checks every tensor's device, contiguity and numel itself
-            from ._cpp import extrapolate_cpp_
-            out = extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
+            out = _cpp.extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
             if out is not None:
                 return out
             return extrapolate_ref_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out,
@@ -614,8 +613,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     kw = dict(alpha=float(alpha), K=K, clip_coef0=float(clip_coef0), clip_coef1=float(clip_coef1),
               scale_formula=scale_formula, delta=float(delta), r_min=float(r_min), r_max=float(r_max))
     if be == "cpp":
-        from ._cpp import extrapolate_cpp_
-        out = extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, **kw)
+        out = _cpp.extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, **kw)
         if out is not None:
             return out
         be = "torch"  # no compiler or an unsupported dtype combination
