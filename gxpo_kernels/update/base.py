@@ -146,9 +146,14 @@ class ExtrapolationRule:
     def _buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
+    def _snapshot_param_list(self) -> List[torch.Tensor]:
+        """``_param_list()``, read once for both snapshots while ``_take_due_snapshot_`` collects them."""
+        batch = self._snap_batch
+        return batch[2] if batch is not None else self._param_list()
+
     @_no_grad
     def _snapshot_params_(self) -> None:
-        params = self._param_list()
+        params = self._snapshot_param_list()
         # the same parameter objects at the same addresses in the same dtypes as when the buffers were last
         # checked: they still fit, so the per-tensor checks are skipped (a reshaped view of the same storage
         # would make a copy fail loudly, never silently)
@@ -164,7 +169,7 @@ class ExtrapolationRule:
             self._theta0_sig = (params, sig)
         self._snapshot_copy_(self._theta0, params)
 
-    #: (dst, src) lists that ``_take_due_snapshot_`` collects the θ0 and optimizer-state pairs into (None: copy now)
+    #: (dst, src, params) while ``_take_due_snapshot_`` collects the θ0 and optimizer-state pairs (None: copy now)
     _snap_batch: Optional[tuple] = None
 
     def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
@@ -195,7 +200,7 @@ class ExtrapolationRule:
 
     @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
-        params = self._param_list()
+        params = self._snapshot_param_list()
         # the whole state, in order: its keys, each entry's size and every key and value of the entries. When each
         # is the very object of the last snapshot (torch's optimizers update their state tensors in place), the
         # buffers and the copy pairs of that snapshot are still right, and the per-tensor checks below (a third of
@@ -349,7 +354,7 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}: the optimizer has no parameter with requires_grad=True")
         # C-level passes first (this runs every step); the loop below only names the offending parameter
         if not (all(map(torch.Tensor.is_contiguous, params)) and set(map(_DTYPE, params)) <= _FLOATS
-                and len(set(map(_DEVICE, params))) == 1):
+                and (all(map(_IS_CPU, params)) or len(set(map(_DEVICE, params))) == 1)):
             for i, p in enumerate(params):
                 if not p.is_contiguous():
                     raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
@@ -402,14 +407,14 @@ class ExtrapolationRule:
         opt = self.atomic or self.transactional_state
         # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
         # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
-        self._snap_batch = batch = ([], [])
+        self._snap_batch = batch = ([], [], self._param_list())
         try:
             self._snapshot_params_()
             if opt:
                 self._snapshot_optimizer_state_()
         finally:
             self._snap_batch = None
-        self._snapshot_copy_(*batch)
+        self._snapshot_copy_(batch[0], batch[1])
         self._snapped_params = True
         self._snapped_opt = opt
 
@@ -598,5 +603,5 @@ def _to_float(x) -> float:
     if x is None:
         return math.nan
     if isinstance(x, torch.Tensor):
-        return float(x.detach())
+        return float(x.item())   # item(): no detached alias first (the step reads three losses)
     return float(x)
