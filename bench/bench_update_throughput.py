@@ -287,11 +287,12 @@ def _plain_snapshot_copy(rule, base):
     return copy
 
 
-def bookkeeping_pieces(out_path, reps: int = REPS) -> dict:
+def bookkeeping_pieces(out_path, reps: int = 2 * REPS) -> dict:
     """Where an active GXPO step's bookkeeping goes, per size (CPU, 1 thread, process CPU time per step, medians
     over ``reps`` steps): the snapshot (θ0 + optimizer state) and the extrapolation, each split into the C++ op
     and the Python around it, and the rest of the host code outside the closures, clip and optimizer steps
-    against three GRPO steps' rest. Three rules step interleaved (as in ``_measure``): GXPO as shipped, GXPO
+    against three GRPO steps' rest; ``sum_ms`` adds these up (the timer estimate also carries the differences
+    between the rules' clip and optimizer-step times, which are reported apart). Three rules step interleaved (as in ``_measure``): GXPO as shipped, GXPO
     with its snapshots written by ``copy_`` (ordinary stores) instead of the op's non-temporal stores, and the
     GRPO baseline. The wrappers that time the pieces add a little to every figure, alike for all three."""
     import json
@@ -376,6 +377,8 @@ def bookkeeping_pieces(out_path, reps: int = REPS) -> dict:
                 out[r] = dict(step_ms=g["step"], snapshot_cpp_ms=g.get("snap_cpp", 0.0), snapshot_py_ms=g["snap"] - g.get("snap_cpp", 0.0),
                               extrap_cpp_ms=g["extrap_cpp"], extrap_py_ms=g["extrap"] - g["extrap_cpp"],
                               rest_ms=g["rest"], grpo_rest_ms=b["rest"],
+                              sum_ms=g["snap"] + g["extrap"] + g["rest"] - 3 * b["rest"],
+                              clip_optstep_diff_ms=g["clip"] + g["optstep"] - 3 * (b["clip"] + b["optstep"]),
                               timer_ms=g["outside"] - 3 * b["outside"])
             doc["sizes"][s["name"]] = dict(n_params=n_params, **out)
             print(s["name"], json.dumps(out), flush=True)
