@@ -26,7 +26,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..._utils import resolve_backend, triton_interpret
-from . import _cpp
 from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "ExtrapolationPlan", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
@@ -415,7 +414,8 @@ class ExtrapolationPlan:
         kw = dict(alpha=float(alpha), K=K, clip_coef0=float(clip_coef0), clip_coef1=float(clip_coef1),
                   scale_formula=scale_formula, delta=float(delta), r_min=float(r_min), r_max=float(r_max))
         if self._plan is None:   # C++: the op checks every tensor's device, contiguity and numel itself
-            out = _cpp.extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
+            from ._cpp import extrapolate_cpp_
+            out = extrapolate_cpp_(self.params, self.theta0, g0, g1, self.lowp_out, thr, **kw)
             if out is not None:
                 return out
             return extrapolate_ref_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out,
@@ -615,7 +615,8 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     kw = dict(alpha=float(alpha), K=K, clip_coef0=float(clip_coef0), clip_coef1=float(clip_coef1),
               scale_formula=scale_formula, delta=float(delta), r_min=float(r_min), r_max=float(r_max))
     if be == "cpp":
-        out = _cpp.extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, **kw)
+        from ._cpp import extrapolate_cpp_
+        out = extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, **kw)
         if out is not None:
             return out
         be = "torch"  # no compiler or an unsupported dtype combination
