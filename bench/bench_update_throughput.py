@@ -29,6 +29,7 @@ did not fall back and ran the expected number of backward passes.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import pytest
@@ -274,8 +275,126 @@ def bookkeeping_ab(out_path, before: str, rounds: int = 6) -> dict:
     return doc
 
 
+def _plain_snapshot_copy(rule, base):
+    """The rule's ``_snapshot_copy_`` with ``copy_`` (ordinary stores) instead of the op's non-temporal stores."""
+    def copy(dst, src):
+        batch = rule._snap_batch
+        if batch is not None:
+            batch[0].extend(dst)
+            batch[1].extend(src)
+            return
+        base._copy_all_(dst, src)
+    return copy
+
+
+def bookkeeping_pieces(out_path, reps: int = 2 * REPS) -> dict:
+    """Where an active GXPO step's bookkeeping goes, per size (CPU, 1 thread, process CPU time per step, medians
+    over ``reps`` steps): the snapshot (θ0 + optimizer state) and the extrapolation, each split into the C++ op
+    and the Python around it, and the rest of the host code outside the closures, clip and optimizer steps
+    against three GRPO steps' rest; ``sum_ms`` adds these up (the timer estimate also carries the differences
+    between the rules' clip and optimizer-step times, which are reported apart). Three rules step interleaved (as in ``_measure``): GXPO as shipped, GXPO
+    with its snapshots written by ``copy_`` (ordinary stores) instead of the op's non-temporal stores, and the
+    GRPO baseline. The wrappers that time the pieces add a little to every figure, alike for all three."""
+    import json
+    import os
+    import pathlib
+    from gxpo_kernels.ops.extrapolate import _cpp
+    from gxpo_kernels.update import base
+    mod = _cpp.load_extension()
+    if mod is None:
+        raise RuntimeError("the C++ extension is needed")
+    clk = time.process_time_ns
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    acc = {}
+
+    class _Timed:   # the extension module with its two ops timed (the rules reach it through _cpp._MODULE)
+        def __getattr__(self, name):
+            return getattr(mod, name)
+
+        def extrapolate_cpu(self, *a):
+            t = clk(); r = mod.extrapolate_cpu(*a); acc["extrap_cpp"] = acc.get("extrap_cpp", 0) + clk() - t
+            return r
+
+        def snapshot_copy(self, *a):
+            t = clk(); r = mod.snapshot_copy(*a); acc["snap_cpp"] = acc.get("snap_cpp", 0) + clk() - t
+            return r
+
+    def timed(obj, name, key):
+        f = getattr(obj, name)
+
+        def w(*a, **k):
+            t = clk(); r = f(*a, **k); acc[key] = acc.get(key, 0) + clk() - t
+            return r
+        setattr(obj, name, w)
+    doc = dict(what="GXPO bookkeeping pieces per active step (bench_update_throughput sizes, CPU, 1 thread, process "
+                    "CPU time, medians over steps, ms)", reps=reps, sizes={})
+    _cpp._MODULE, saved = _Timed(), _cpp._MODULE
+    try:
+        for s in SIZES:
+            m0 = _model(s)
+            batches = _batches(m0, s)
+            del m0
+            rules = {}
+            for name in ("gxpo", "gxpo_copy", "grpo"):
+                model, closure, step = _setup("grpo" if name == "grpo" else "gxpo", s)
+                n_params = sum(p.numel() for p in model.parameters())
+                cells = [c.cell_contents for c in step.__closure__]
+                if name != "grpo":
+                    rule = next(c for c in cells if isinstance(c, GXPO))
+                    if name == "gxpo_copy":
+                        rule._snapshot_copy_ = _plain_snapshot_copy(rule, base)
+                    timed(rule, "_take_due_snapshot_", "snap")
+                    timed(rule, "_extrapolate", "extrap")
+                    timed(rule, "_clip", "clip")
+                    timed(rule.optimizer, "step", "optstep")
+                else:
+                    timed(next(c for c in cells if isinstance(c, torch.optim.Optimizer)), "step", "optstep")
+                rules[name] = (closure, step)
+            rows = {r: {} for r in rules}
+            clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+            timed(torch.nn.utils, "clip_grad_norm_", "clip")
+            try:
+                for i in range(reps + 1):
+                    for r, (closure, step) in rules.items():
+                        closure.batch, closure.elapsed = batches[i % len(batches)], 0.0
+                        acc.clear()
+                        t0 = time.process_time()
+                        step()
+                        dt = time.process_time() - t0
+                        if not i:
+                            continue
+                        ns = dict(acc, step=dt * 1e9, outside=(dt - closure.elapsed) * 1e9)
+                        ns["rest"] = ns["outside"] - sum(acc.get(k, 0) for k in ("snap", "extrap", "clip", "optstep"))
+                        for k, v in ns.items():
+                            rows[r].setdefault(k, []).append(v / 1e6)
+            finally:
+                torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+            med = {r: {k: statistics.median(v) for k, v in d.items()} for r, d in rows.items()}
+            out = {}
+            for r in ("gxpo", "gxpo_copy"):
+                g, b = med[r], med["grpo"]
+                out[r] = dict(step_ms=g["step"], snapshot_cpp_ms=g.get("snap_cpp", 0.0), snapshot_py_ms=g["snap"] - g.get("snap_cpp", 0.0),
+                              extrap_cpp_ms=g["extrap_cpp"], extrap_py_ms=g["extrap"] - g["extrap_cpp"],
+                              rest_ms=g["rest"], grpo_rest_ms=b["rest"],
+                              sum_ms=g["snap"] + g["extrap"] + g["rest"] - 3 * b["rest"],
+                              clip_optstep_diff_ms=g["clip"] + g["optstep"] - 3 * (b["clip"] + b["optstep"]),
+                              timer_ms=g["outside"] - 3 * b["outside"])
+            doc["sizes"][s["name"]] = dict(n_params=n_params, **out)
+            print(s["name"], json.dumps(out), flush=True)
+    finally:
+        _cpp._MODULE = saved
+        torch.set_num_threads(n)
+    doc["load_avg"] = os.getloadavg()
+    pathlib.Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
 if __name__ == "__main__":   # python -m bench.bench_update_throughput OUT.json --before OTHER_CHECKOUT [ROUNDS]
-    import sys
+    import sys            # or: python -m bench.bench_update_throughput OUT.json --pieces
+    if len(sys.argv) == 3 and sys.argv[2] == "--pieces":
+        bookkeeping_pieces(sys.argv[1])
+        sys.exit(0)
     if len(sys.argv) < 4 or sys.argv[2] != "--before":
-        sys.exit("usage: python -m bench.bench_update_throughput OUT.json --before OTHER_CHECKOUT [ROUNDS]")
+        sys.exit("usage: python -m bench.bench_update_throughput OUT.json (--before OTHER_CHECKOUT [ROUNDS] | --pieces)")
     bookkeeping_ab(sys.argv[1], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 6)

@@ -148,7 +148,9 @@ def _gxpo_bookkeeping_ab() -> list:
     out = []
     for rel, change in (("bench/results/cpu-update-throughput-gxpo-ab.json", "the late, non-temporal snapshots"),
                         ("bench/results/cpu-update-throughput-gxpo-ab2.json",
-                         "the snapshot reuse and the cheaper per-step checks")):
+                         "the snapshot reuse and the cheaper per-step checks"),
+                        ("bench/results/cpu-update-throughput-gxpo-ab3.json",
+                         "one copy call for both snapshots and leaner host code in the step")):
         doc = _json(rel)
         sizes = list(doc["rounds"][0]["after"])
         out += ["", f"Commit `{doc['after_commit'][:10]}` against `{doc['before_commit'][:10]}` ({change}), alternated "
@@ -158,6 +160,26 @@ def _gxpo_bookkeeping_ab() -> list:
         rows = [[100 * r[w][s]["overhead_timer_frac"] for s in sizes for w in ("after", "before")] for r in doc["rounds"]]
         for i, r in enumerate(rows + [[statistics.median(c) for c in zip(*rows)]], 1):
             out.append(f"| {i if i <= len(rows) else 'median'} | " + " | ".join(f"{v:.1f}%" for v in r) + " |")
+    return out + _gxpo_bookkeeping_pieces()
+
+
+def _gxpo_bookkeeping_pieces() -> list:
+    rel = "bench/results/cpu-update-throughput-gxpo-pieces.json"
+    doc = _json(rel)
+    out = ["", f"Where it goes: one process per size, GXPO as shipped, GXPO with `copy_` snapshots (ordinary stores) and "
+           f"GRPO stepping interleaved, ms per active step, medians over {doc['reps']} steps (from `{rel}`, `python -m "
+           f"bench.bench_update_throughput OUT.json --pieces`, load average {doc['load_avg'][0]:.1f} on 2 cores; the "
+           "timers around the pieces add a little to every figure):", "",
+           "| size | params | GXPO step | snapshot: C++ copy | snapshot: Python | extrapolation: C++ | "
+           "extrapolation: Python | rest of the host code | 3 x GRPO's rest | sum (share of the step) | "
+           "snapshot with `copy_` |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, d in doc["sizes"].items():
+        g, c = d["gxpo"], d["gxpo_copy"]
+        out.append(f"| {name} | {d['n_params']:,} | {g['step_ms']:.1f} | {g['snapshot_cpp_ms']:.2f} | "
+                   f"{g['snapshot_py_ms']:.2f} | {g['extrap_cpp_ms']:.2f} | {g['extrap_py_ms']:.2f} | {g['rest_ms']:.2f} | "
+                   f"{3 * g['grpo_rest_ms']:.2f} | {g['sum_ms']:.2f} ({100 * g['sum_ms'] / g['step_ms']:.1f}%) | "
+                   f"{c['snapshot_py_ms'] + c['snapshot_cpp_ms']:.2f} |")
     return out
 
 

@@ -18,6 +18,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -36,6 +37,23 @@ from ..ops.extrapolate.op import (_DEVICE, _DTYPE, _TL_DTYPES, EXTRAPOLATE_BACKE
 # ``_can_keep_grads``): a rule may keep pass 0's gradients as ĝ0. Not SGD: its foreach path with Nesterov
 # momentum adds the momentum buffer into the grads in place.
 _KEEPS_GRADS = (torch.optim.AdamW, torch.optim.Adam)
+
+# grad mode switched by the C function itself: ``torch.no_grad()`` / ``enable_grad()`` build a context object per
+# use (half a dozen Python frames), which the step's host code would pay about a dozen times per active step
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def _no_grad(fn):
+    """``@torch.no_grad()`` for the methods an active step calls every time (same effect, a few C calls)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        prev = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set_grad_enabled(prev)
+    return wrapper
 
 
 class ExtrapolationRule:
@@ -114,7 +132,8 @@ class ExtrapolationRule:
     _snapshot_due = False
 
     def _optimizer_step(self) -> None:
-        self._take_due_snapshot_()
+        if self._snapshot_due:
+            self._take_due_snapshot_()
         self.optimizer.step()
         self.total_optimizer_steps += 1
 
@@ -127,9 +146,14 @@ class ExtrapolationRule:
     def _buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
-    @torch.no_grad()
+    def _snapshot_param_list(self) -> List[torch.Tensor]:
+        """``_param_list()``, read once for both snapshots while ``_take_due_snapshot_`` collects them."""
+        batch = self._snap_batch
+        return batch[2] if batch is not None else self._param_list()
+
+    @_no_grad
     def _snapshot_params_(self) -> None:
-        params = self._param_list()
+        params = self._snapshot_param_list()
         # the same parameter objects at the same addresses in the same dtypes as when the buffers were last
         # checked: they still fit, so the per-tensor checks are skipped (a reshaped view of the same storage
         # would make a copy fail loudly, never silently)
@@ -145,30 +169,54 @@ class ExtrapolationRule:
             self._theta0_sig = (params, sig)
         self._snapshot_copy_(self._theta0, params)
 
+    #: (dst, src, params) while ``_take_due_snapshot_`` collects the θ0 and optimizer-state pairs (None: copy now)
+    _snap_batch: Optional[tuple] = None
+
     def _snapshot_copy_(self, dst: List[torch.Tensor], src: List[Optional[torch.Tensor]]) -> None:
         """``_copy_all_`` for the snapshots (θ0, the optimizer state, a copied ĝ0): buffers read again only much
         later, if ever, so where the extrapolation runs the C++ op (the CPU) they are written with its
-        non-temporal stores."""
-        _copy_all_(dst, src, stream=bool(dst) and extrapolate_backend(self.backend, dst[0].device) == "cpp")
+        non-temporal stores. Inside ``_take_due_snapshot_`` the pairs are only collected: it copies them all at
+        once."""
+        batch = self._snap_batch
+        if batch is not None:
+            batch[0].extend(dst)
+            batch[1].extend(src)
+            return
+        _copy_all_(dst, src, stream=bool(dst) and self._backend_on(dst[0]) == "cpp")
+
+    _backend_memo: Optional[tuple] = None
+
+    def _backend_on(self, t: torch.Tensor) -> str:
+        """``extrapolate_backend(self.backend, t.device)``, remembered for the last (backend, device): the step
+        asks twice per active step (snapshot, extrapolation) and the answer never changes."""
+        dev, memo = t.device, self._backend_memo
+        if memo is None or memo[0] != self.backend or memo[1] != dev:
+            memo = self._backend_memo = (self.backend, dev, extrapolate_backend(self.backend, dev))
+        return memo[2]
 
     @torch.no_grad()
     def _restore_params_(self) -> None:
         _copy_all_(self._param_list(), self._theta0)
 
-    @torch.no_grad()
+    @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
-        params = self._param_list()
-        states = [self.optimizer.state.get(p) for p in params]
-        # every key and value of the state, in order: when each is the very object of the last snapshot (torch's
-        # optimizers update their state tensors in place), the buffers and the copy pairs of that snapshot are
-        # still right, and the per-tensor checks below (a third of this call's cost on a small model) are skipped
-        sig = [x for st in states if st for kv in st.items() for x in kv]
+        params = self._snapshot_param_list()
+        # the whole state, in order: its keys, each entry's size and every key and value of the entries. When each
+        # is the very object of the last snapshot (torch's optimizers update their state tensors in place), the
+        # buffers and the copy pairs of that snapshot are still right, and the per-tensor checks below (a third of
+        # this call's cost on a small model) are skipped. Read by iterating the state (C-level passes): looking
+        # each parameter up would call Tensor.__hash__, a Python function, once per parameter
+        state = self.optimizer.state
+        entries = list(state.values())
+        sig = (list(state), list(map(len, entries)), list(_chain(_chain(map(_ITEMS, entries)))))
         last = self._opt_snap_sig
-        if last is not None and len(last[0]) == len(params) and len(last[1]) == len(sig) \
-                and all(map(operator.is_, last[0], params)) and all(map(operator.is_, last[1], sig)):
+        if last is not None and len(last[0]) == len(params) and all(map(operator.is_, last[0], params)) \
+                and len(last[1][0]) == len(sig[0]) and all(map(operator.is_, last[1][0], sig[0])) \
+                and last[1][1] == sig[1] and all(map(operator.is_, last[1][2], sig[2])):
             self._snapshot_copy_(*self._opt_snap_pairs)
             return
         self._opt_snap_sig = None   # until the new snapshot is complete
+        states = [state.get(p) for p in params]
         old = {id(e[0]): e for e in self._opt_snap} if self._opt_snap else {}
         snap, dst, src = [], [], []
         for p, st in zip(params, states):
@@ -210,8 +258,12 @@ class ExtrapolationRule:
     # ---- building blocks -----------------------------------------------------------------------------
     def _run_closure(self, closure: Callable, pass_index: int):
         self.pass_index = pass_index
-        with torch.enable_grad():
+        prev = torch.is_grad_enabled()
+        _set_grad_enabled(True)
+        try:
             loss = closure()
+        finally:
+            _set_grad_enabled(prev)
         self.total_backward_passes += 1
         self._bp += 1
         return loss
@@ -302,7 +354,7 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}: the optimizer has no parameter with requires_grad=True")
         # C-level passes first (this runs every step); the loop below only names the offending parameter
         if not (all(map(torch.Tensor.is_contiguous, params)) and set(map(_DTYPE, params)) <= _FLOATS
-                and len(set(map(_DEVICE, params))) == 1):
+                and (all(map(_IS_CPU, params)) or len(set(map(_DEVICE, params))) == 1)):
             for i, p in enumerate(params):
                 if not p.is_contiguous():
                     raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
@@ -343,7 +395,7 @@ class ExtrapolationRule:
         finally:
             self._snapshot_due = False
 
-    @torch.no_grad()
+    @_no_grad
     def _take_due_snapshot_(self) -> None:
         """θ0 (and the optimizer state when atomic or transactional) of an active step, once. With
         ``_late_snapshot`` it runs just before the step's first optimizer step (``_optimizer_step`` calls it):
@@ -352,11 +404,19 @@ class ExtrapolationRule:
         if not self._snapshot_due:
             return
         self._snapshot_due = False
-        self._snapshot_params_()
+        opt = self.atomic or self.transactional_state
+        # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
+        # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
+        self._snap_batch = batch = ([], [], self._param_list())
+        try:
+            self._snapshot_params_()
+            if opt:
+                self._snapshot_optimizer_state_()
+        finally:
+            self._snap_batch = None
+        self._snapshot_copy_(batch[0], batch[1])
         self._snapped_params = True
-        if self.atomic or self.transactional_state:
-            self._snapshot_optimizer_state_()
-            self._snapped_opt = True
+        self._snapped_opt = opt
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
@@ -403,8 +463,9 @@ class ExtrapolationRule:
         return (type(self)._grad_list is ExtrapolationRule._grad_list and type(opt) in _KEEPS_GRADS
                 and not any(g.get("fused") for g in opt.param_groups)      # fused kernels may unscale in place
                 and getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
-                and all(g is not None and g.layout == torch.strided and g.is_contiguous() and not g._is_view()
-                        for g in grads))
+                and not any(map(operator.is_, grads, itertools.repeat(None)))   # (C-level passes: every step)
+                and all(map(operator.is_, map(_LAYOUT, grads), itertools.repeat(torch.strided)))
+                and all(map(torch.Tensor.is_contiguous, grads)) and not any(map(torch.Tensor._is_view, grads)))
 
     def _step_keeps_grads(self) -> bool:
         """Whether the optimizer's step leaves the gradients it reads as they were, so that ĝ1 can be read from
@@ -419,7 +480,6 @@ class ExtrapolationRule:
             return True
         return type(opt) is torch.optim.SGD and not any(g.get("nesterov") for g in opt.param_groups)
 
-    @torch.no_grad()
     def _release_grads_(self, params) -> None:
         """Detach the kept ĝ0 tensors from the parameters: nothing (zero_grad without set_to_none, backward
         accumulation) can write into them afterwards."""
@@ -429,7 +489,7 @@ class ExtrapolationRule:
     def _extrapolate(self, params, g0, g1, *, alpha, K, scale_formula="horner", inactive_threshold=None,
                      g0_kept: bool = False):
         lowp = self._lowp_targets()
-        if lowp is None and extrapolate_backend(self.backend, params[0].device) in ("triton", "cpp"):
+        if lowp is None and self._backend_on(params[0]) in ("triton", "cpp"):
             # a prepared plan: the parameters and the rule's own buffers are validated (and on CUDA tabulated)
             # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage changes).
             # Kept pass-0 gradients (g0_kept) are new tensors every step, so the plan takes g0 per call too
@@ -501,6 +561,9 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
+_LAYOUT = operator.attrgetter("layout")
+_ITEMS = operator.methodcaller("items")
+_chain = itertools.chain.from_iterable
 
 
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], stream: bool = False) -> None:
@@ -523,12 +586,14 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], strea
         ds, ss = list(map(_local, ds)), list(map(_local, ss))   # sharded (DTensor) state: shard to shard
     if not ds:
         return
-    if all(map(_IS_CPU, ds)) and all(map(_IS_CPU, ss)):
-        left = _cpp.snapshot_copy_(ds, ss) if stream else None
+    if stream:   # the op checks every pair itself (CPU, layout, dtype, numel) and returns those it left
+        left = _cpp.snapshot_copy_(ds, ss)
         if left is not None:
+            if not left:
+                return
             ds, ss = [ds[i] for i in left], [ss[i] for i in left]
-        if ds:
-            torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
+    if all(map(_IS_CPU, ds)) and all(map(_IS_CPU, ss)):
+        torch._foreach_copy_(ds, ss)   # the CPU's foreach ops loop over the tensors anyway: no grouping needed
         return
     for (gd, gs), _ in _group_tensors_by_device_and_dtype([ds, ss]).values():
         torch._foreach_copy_(gd, gs)
@@ -538,5 +603,5 @@ def _to_float(x) -> float:
     if x is None:
         return math.nan
     if isinstance(x, torch.Tensor):
-        return float(x.detach())
+        return float(x.item())   # item(): no detached alias first (the step reads three losses)
     return float(x)

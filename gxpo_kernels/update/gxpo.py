@@ -19,7 +19,7 @@ import torch
 
 from .._utils import check_scalar
 from ..ops.extrapolate.op import STAT_INDEX, stats_to_dict
-from .base import ExtrapolationRule, _to_float
+from .base import ExtrapolationRule, _no_grad, _to_float
 from .gates import Gate, make_gate
 
 
@@ -131,7 +131,7 @@ class GXPO(ExtrapolationRule):
                 "skip_corrective": self.skip_corrective}
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @_no_grad
     def _save_g0_(self, grads) -> None:
         """Keep ĝ0: pass 0's gradient tensors themselves when ``_can_keep_grads`` allows it (released from the
         params after the first optimizer step; no copy, no buffer between steps), else a copy into fp32 buffers

@@ -45,3 +45,26 @@ def test_bench_suite_smoke():
     m = re.search(r"(\d+) passed", out)
     assert m and int(m.group(1)) >= 7, out[-2000:]      # 4 fpa cases + 3 update rules at least
     assert " failed" not in out
+
+
+def test_bookkeeping_pieces_smoke(tmp_path):
+    """``bench_update_throughput --pieces`` at the smoke size: every piece is there and not negative, the shipped
+    rule's snapshot goes through the C++ copy and the ``copy_`` variant's does not."""
+    import json
+    from gxpo_kernels.ops.extrapolate import _cpp
+    if _cpp.load_extension() is None:
+        import pytest
+        pytest.skip("the C++ extension cannot be built here")
+    env = dict(os.environ, BENCH_SMOKE="1", TRITON_INTERPRET="0", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = tmp_path / "pieces.json"
+    p = subprocess.run([sys.executable, "-m", "bench.bench_update_throughput", str(out), "--pieces"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    doc = json.loads(out.read_text())
+    (name, d), = doc["sizes"].items()
+    assert name == "tiny" and d["n_params"] > 0
+    g, c = d["gxpo"], d["gxpo_copy"]
+    for k in ("step_ms", "snapshot_py_ms", "extrap_cpp_ms", "extrap_py_ms", "rest_ms", "grpo_rest_ms"):
+        assert g[k] >= 0 and c[k] >= 0, k
+    assert g["snapshot_cpp_ms"] > 0 and c["snapshot_cpp_ms"] == 0 and g["extrap_cpp_ms"] > 0

@@ -168,11 +168,14 @@ class _CountingSGD(torch.optim.SGD):
         return out
 
 
-@pytest.mark.parametrize("change", ["none", "loaded_state_dict", "replaced_tensor", "non_tensor_value"])
+@pytest.mark.parametrize("change", ["none", "loaded_state_dict", "replaced_tensor", "non_tensor_value",
+                                    "swapped_values"])
 def test_optimizer_snapshot_reuse_follows_the_state(change):
     """Consecutive active steps over the same state objects reuse the last snapshot's buffers and copy pairs; a
-    loaded state dict (new tensors, other values), a replaced state tensor or a changed non-tensor value is
-    snapshotted afresh. Each time an exception in pass 3 rewinds to the values at the step's start."""
+    loaded state dict (new tensors, other values), a replaced state tensor, a changed non-tensor value or two
+    state tensors swapped between keys (the same objects, each under the other's name: reused pairs would rewind
+    each into the other) is snapshotted afresh. Each time an exception in pass 3 rewinds to the values at the
+    step's start."""
     m = mlp()
     opt = (_CountingSGD(m.parameters(), lr=1e-2, momentum=0.9) if change == "non_tensor_value"
            else torch.optim.AdamW(m.parameters(), lr=1e-2))
@@ -188,6 +191,10 @@ def test_optimizer_snapshot_reuse_follows_the_state(change):
         opt.load_state_dict(sd)
     elif change == "replaced_tensor":
         opt.state[p0]["exp_avg_sq"] = opt.state[p0]["exp_avg_sq"] * 3.0
+    elif change == "swapped_values":
+        st = opt.state[p0]
+        st["exp_avg"].abs_()               # a valid second moment once swapped
+        st["exp_avg"], st["exp_avg_sq"] = st["exp_avg_sq"], st["exp_avg"]
     before = _state(m, opt)
     with pytest.raises(Boom):
         rule.step(_closure(m, opt, rule, raise_at=3))
@@ -196,6 +203,57 @@ def test_optimizer_snapshot_reuse_follows_the_state(change):
     assert all(a is b for a, b in zip(rule._opt_snap_pairs[1], (v for p in m.parameters()
                                                                  for v in opt.state[p].values()
                                                                  if torch.is_tensor(v))))
+
+
+def test_snapshot_is_one_copy_call_per_active_step(monkeypatch):
+    """θ0 and the optimizer state of an active step go to the C++ op's non-temporal copy in one call (one pass of
+    checks and one crossing into C++ rather than one per snapshot), and the step is the same as with copy_."""
+    from gxpo_kernels.ops.extrapolate import _cpp
+    if _cpp.load_extension() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    calls = []
+    orig = _cpp.snapshot_copy_
+    monkeypatch.setattr(_cpp, "snapshot_copy_", lambda d, s: calls.append(len(d)) or orig(d, s))
+    out = []
+    for backend in ("cpp", "torch"):
+        m = mlp()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        rule = GXPO(opt, gate=None, backend=backend)
+        for b in range(3):
+            del calls[:]
+            info = rule.step(_closure(m, opt, rule, batch=b))
+            assert info["active"] and not info["fell_back"]
+            if backend == "cpp":   # every parameter, then step, exp_avg and exp_avg_sq of each (state from step 2)
+                n = len(list(m.parameters()))
+                assert calls == [n + (3 * n if b else 0)], calls
+        assert backend == "cpp" or not calls
+        out.append(_state(m, opt))
+    _assert_same(*out)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_step_leaves_grad_mode_as_it_found_it(grad_mode):
+    """The closures run with gradients on, the rule's own copies without (no snapshot buffer joins a graph), and the
+    caller's grad mode is back after the step, after an exception too."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, gate=None, backend="torch")   # copy_ snapshots: autograd would record them under grad mode
+    seen = []
+    inner = _closure(m, opt, rule)
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        return inner()
+    with torch.set_grad_enabled(grad_mode):
+        for _ in range(2):
+            rule.step(closure)
+            assert torch.is_grad_enabled() is grad_mode
+        with pytest.raises(Boom):
+            rule.step(_closure(m, opt, rule, raise_at=2))
+        assert torch.is_grad_enabled() is grad_mode
+    assert seen == [True] * 6
+    bufs = list(rule._theta0) + list(rule._opt_snap_pairs[0])
+    assert not any(b.requires_grad or b.grad_fn is not None for b in bufs)
 
 
 def test_exception_in_the_extrapolation_rewinds():

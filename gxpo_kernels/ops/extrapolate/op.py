@@ -472,7 +472,9 @@ def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
 
 def stats_to_dict(stats: torch.Tensor) -> dict:
     """Name the entries of a stats vector (host floats)."""
-    return dict(zip(STAT_NAMES, stats.double().cpu().tolist()))
+    if not (stats.dtype is torch.float64 and stats.is_cpu):   # (what the CPU op returns: read it as it is)
+        stats = stats.double().cpu()
+    return dict(zip(STAT_NAMES, stats.tolist()))
 
 
 def _check_list(x, name, n):
