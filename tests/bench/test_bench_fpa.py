@@ -2,8 +2,6 @@
 import pathlib
 import sys
 
-import torch
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from bench import bench_fpa as bf  # noqa: E402
