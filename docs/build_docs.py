@@ -134,7 +134,8 @@ def _gxpo_bookkeeping() -> list:
     rel = "bench/results/cpu-update-throughput-gxpo.json"
     doc = _json(rel)
     out = ["", f"GXPO bookkeeping (the θ0 and optimizer-state snapshots, the extrapolation, norms) in an active step of "
-           f"`bench_update_throughput` (from `{rel}`, CPU, 1 thread, process CPU time, `atomic=True`):", "",
+           f"`bench_update_throughput` at commit `{doc['commit_info']['id'][:10]}` (from `{rel}`, CPU, 1 thread, "
+           f"process CPU time, `atomic=True`; the A/B tables below time later commits):", "",
            "| size | GXPO step p50 (ms) | GRPO step p50 (ms) | bookkeeping, timer (ms) | share, timer | share, subtraction |"
            " reps |", "|---|---:|---:|---:|---:|---:|---:|"]
     for b in doc["benchmarks"]:
