@@ -277,12 +277,11 @@ def bookkeeping_ab(out_path, before: str, rounds: int = 6) -> dict:
 
 def _plain_snapshot_copy(rule, base):
     """The rule's ``_snapshot_copy_`` with ``copy_`` (ordinary stores) instead of the op's non-temporal stores."""
+    collect = rule._snapshot_copy_
+
     def copy(dst, src):
-        batch = rule._snap_batch
-        if batch is not None:
-            batch[0].extend(dst)
-            batch[1].extend(src)
-            return
+        if rule._snap_batch is not None:   # collecting the pairs: the rule's own method does that
+            return collect(dst, src)
         base._copy_all_(dst, src)
     return copy
 
