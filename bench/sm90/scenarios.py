@@ -2,9 +2,11 @@
 target sizes (V = 151,936; H = 1,536 and 4,096; N = 16,384 tokens) with ``meta`` tensors (no memory, no data),
 so the block sizes, warps and constexpr branches are the ones the launchers choose on an sm_90 GPU.
 
-A scenario is ``(op, case, sizes, elems_per_iter, call)``: ``call()`` invokes the launcher;
+A scenario is ``(op, case, sizes, call, elems_per_iter, loads_per_iter)``: ``call()`` invokes the launcher;
 ``elems_per_iter(constexprs)`` is how many elements one iteration of the hot loop handles (None for GEMM
-kernels), so the SASS count of that loop can be given per element and thread.
+kernels), so the SASS count of that loop can be given per element and thread. ``loads_per_iter``: for a kernel
+with a masked and an unmasked copy of its loop body, the global loads (``LDG``) of one body; the hot loop is
+then the cheapest such loop per element, and a loop the compiler unrolled counts as that many iterations.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Scenario:
     sizes: Dict[str, int]
     call: Callable[[], Any]
     elems_per_iter: Optional[Callable[[Dict[str, Any]], int]] = None
+    loads_per_iter: Optional[int] = None
 
 
 def _mod(name: str):
@@ -157,6 +160,8 @@ def extrapolate_scenarios() -> List[Scenario]:
     out = []
     # a small layout is enough: the kernel's configuration does not depend on the sizes
     shapes = [(1536, 1536), (8960, 1536), (1536,)]
+    # full chunks run an unmasked copy of the loop body (every chunk but each tensor's last): that is the hot loop;
+    # one body loads theta0 and the params, and g0 and g1 with gradients (one LDG each at 4 elements per thread)
     for label, pdt, use_grad, inactive, lowp in (("fp32 master + bf16 copy", torch.float32, True, True, True),
                                                  ("fp32 plain move", torch.float32, False, False, False),
                                                  ("bf16 params", torch.bfloat16, True, False, False)):
@@ -172,7 +177,7 @@ def extrapolate_scenarios() -> List[Scenario]:
                 m._extrapolate_triton(ps, t0, g, g, lp, thr, alpha=0.5, K=5, clip_coef0=1.0, clip_coef1=1.0,
                                       scale_formula="horner", delta=1e-8, r_min=-2.0, r_max=3.0)
         out.append(Scenario("extrapolate_", label, {"numel": sum(int(torch.Size(s).numel()) for s in shapes)},
-                            call, lambda c: c["BLOCK"]))
+                            call, lambda c: c["BLOCK"], loads_per_iter=4 if use_grad else 2))
     return out
 
 

@@ -68,6 +68,13 @@ def test_sm90_check_installed_triton(tmp_path):
     bf16_head = [k for k in doc["kernels"] if k["kernel"] == "_bwd_dlogits_kernel"
                  and k["signature"]["h_ptr"] == "*bf16" and not k["constexprs"]["UPCAST"]]
     assert bf16_head and all(any("64x128x16" in m for m in k["mma"]) for k in bf16_head)
+    # extrapolation: full chunks run the unmasked copy of the body; the masked one is for each tensor's last chunk
+    ext = {k["cases"][0].split("[")[1].split("]")[0]: k["hot_loop"] for k in doc["kernels"]
+           if k["kernel"] == "_extrapolate_kernel"}
+    assert set(ext) == {"fp32 master + bf16 copy", "fp32 plain move", "bf16 params"}
+    assert all(h["other_loops_instr_per_elem"] and h["instr_per_elem"] < min(h["other_loops_instr_per_elem"])
+               for h in ext.values()), ext
+    assert ext["fp32 plain move"]["instr_per_elem"] <= 12 and ext["bf16 params"]["instr_per_elem"] <= 70
 
 
 def test_sm90_formerly_spilling_kernels_on_triton36(tmp_path):

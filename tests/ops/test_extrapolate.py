@@ -695,3 +695,32 @@ def test_triton_alignment_hint_follows_every_address(monkeypatch):
             seen.clear()
             plan([off(g, a1) for g in g1], g0=[off(g, a0) for g in g0], alpha=0.5, K=5)
             assert seen == [w], (pdt, a0, a1, seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grads,inactive", [(True, None), (True, 1e-2), (False, None)])
+def test_triton_chunks_of_several_blocks(monkeypatch, dtype, grads, inactive):
+    """The GPU's launch shape, scaled down: chunks of several blocks and fewer programs than chunks, so a program
+    walks full chunks (unmasked blocks) and each tensor's last, ragged chunk (masked blocks). The interpreter's own
+    configuration (one block per chunk) never runs a second block of a chunk."""
+    from gxpo_kernels.ops.extrapolate import op
+    monkeypatch.setattr(op, "_launch_config", lambda device: (128, 512, 3))   # BLOCK, CHUNK, max programs
+    shapes = [(1537,), (512,), (3, 170), (1,), (0,), (2, 1024), (5,)]
+    p, t0, g0, g1 = _make(dtype, shapes=shapes, seed=3)
+    g0[5].view(-1)[700] = float("nan")          # counted as non-finite, in a full chunk
+    if not grads:
+        g0 = g1 = None
+    lowp = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+    rp, rl = _clone(p), _clone(lowp)
+    kw = dict(alpha=0.5, K=5, clip_coef0=0.7, clip_coef1=0.9, inactive_threshold=inactive)
+    out = extrapolate_(p, t0, g0, g1, lowp_out=lowp, backend="triton", **kw)
+    ref = extrapolate_(rp, t0, g0, g1, lowp_out=rl, backend="torch", **kw)
+    ok = ~torch.isnan(ref)   # the NaN makes ĝ0's sums NaN: those are compared as NaN
+    ref_s, out_s = torch.where(ok, ref, 0), torch.where(ok, out, 0)
+    _check("params", rp, p, ref_s, out_s, dtype)
+    _check("lowp", rl, lowp, ref_s, out_s, torch.bfloat16)
+    assert torch.equal(torch.isnan(out), ~ok)
+    d = stats_to_dict(out)
+    assert d["numel"] == sum(math.prod(s) for s in shapes) and d["n_nonfinite"] == (1 if grads else 0)
+    if inactive is not None:
+        assert d["n_inactive"] == stats_to_dict(ref)["n_inactive"] > 0

@@ -38,6 +38,110 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 
 @triton.jit
+def _extrapolate_tile(p_p, p_t0, p_l, p_g0, p_g1, o, n, thr, b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01, b_g00, b_g11,
+                      b_ina, b_bad, b_max, alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
+                      P_DT: tl.constexpr, L_DT: tl.constexpr, L_MID_DT: tl.constexpr, C_DT: tl.constexpr,
+                      HAS_GRAD: tl.constexpr, HAS_LOWP: tl.constexpr, USE_INACTIVE: tl.constexpr,
+                      CLOSED: tl.constexpr, LIB_POW: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    # One BLOCK of one tensor at element offsets o, added to the running stats. MASKED: the block may run past the
+    # tensor's end (lanes at o >= n load 0 and are kept out of the sums); a full block needs neither the bounds
+    # test nor those selects.
+    m = o < n   # (unused by a full block)
+    if MASKED:
+        b_t0 = tl.load(p_t0 + o, mask=m, other=0).to(C_DT)
+        b_t2 = tl.load(p_p + o, mask=m, other=0).to(C_DT)
+    else:
+        b_t0 = tl.load(p_t0 + o).to(C_DT)
+        b_t2 = tl.load(p_p + o).to(C_DT)
+    b_d = b_t2 - b_t0
+    if HAS_GRAD:
+        if MASKED:
+            b_g0 = tl.load(p_g0 + o, mask=m, other=0).to(C_DT)
+            b_a1 = tl.load(p_g1 + o, mask=m, other=0).to(C_DT) * coef1
+        else:
+            b_g0 = tl.load(p_g0 + o).to(C_DT)
+            b_a1 = tl.load(p_g1 + o).to(C_DT) * coef1
+        b_a0 = b_g0 * coef0
+        b_ab = tl.abs(b_a0)  # explicit where: a NaN stays NaN (tl.maximum may drop it on GPU)
+        b_den = tl.where(b_a0 >= 0, 1.0, -1.0) * tl.where(b_ab < delta, delta, b_ab)
+        b_r = b_a1 / b_den
+        if USE_INACTIVE:
+            b_in = tl.abs(b_g0) <= thr
+            b_r = tl.where(b_in, 1.0, b_r)
+            if MASKED:
+                b_ina += tl.where(b_in & m, 1.0, 0.0)
+            else:
+                b_ina += tl.where(b_in, 1.0, 0.0)
+        b_r = tl.where(b_r != b_r, 1.0, b_r)
+        b_r = tl.minimum(tl.maximum(b_r, r_min), r_max)
+        if CLOSED:
+            # r^K as torch.pow computes it on CUDA: x·x, x·x·x for K = 2, 3, else pow (libdevice)
+            if K == 2:
+                b_rk = b_r * b_r
+            elif K == 3:
+                b_rk = b_r * b_r * b_r
+            elif LIB_POW:
+                b_rk = libdevice.pow(b_r, tl.full([BLOCK], K, C_DT))
+            else:  # the interpreter has no libdevice: repeated products (last-bit differences)
+                b_rk = b_r
+                for _ in tl.static_range(K - 1):
+                    b_rk = b_rk * b_r
+            b_den2 = (1.0 - b_r) + delta
+            b_s = ((1.0 - b_rk) / b_den2) / ((1.0 - b_r * b_r) / b_den2 + delta)
+        else:
+            if K % 2 == 0:  # S_K/S_2 = S_{K/2}(r^2)
+                b_q = b_r * b_r
+                b_s = tl.full([BLOCK], 1.0, C_DT)
+                for _ in tl.static_range(K // 2 - 1):
+                    b_s = b_s * b_q + 1.0
+            else:
+                b_s = tl.full([BLOCK], 1.0, C_DT)
+                for _ in tl.static_range(K - 1):
+                    b_s = b_s * b_r + 1.0
+                b_s = b_s / (b_r + 1.0)
+        b_s = tl.where(b_s != b_s, 1.0, b_s)
+        b_s = tl.minimum(tl.maximum(b_s, 1.0), scale_hi)
+        if USE_INACTIVE:
+            b_s = tl.where(b_in, 1.0, b_s)  # neutral retention
+        b_new = b_t0 + (alpha * b_s) * b_d
+        # x·0 == 0 exactly when x is finite (no inf constant needed)
+        b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & ((b_new * 0.0) == 0.0)
+        if MASKED:   # a masked lane (loads of 0) may have r = 1 (inactive); its ĝ products below are 0
+            b_sr += tl.where(m, b_r, 0.0)
+            b_sr2 += tl.where(m, b_r * b_r, 0.0)
+        else:
+            b_sr += b_r
+            b_sr2 += b_r * b_r
+        b_g01 += b_a0 * b_a1
+        b_g00 += b_a0 * b_a0
+        b_g11 += b_a1 * b_a1
+    else:
+        b_s = tl.full([BLOCK], 1.0, C_DT)
+        b_new = b_t0 + alpha * b_d
+        b_fin = (b_new * 0.0) == 0.0
+    b_sd_ = b_s * b_d
+    if MASKED:
+        b_ss += tl.where(m, b_s, 0.0)
+        b_max = tl.maximum(b_max, tl.where(m, b_s, 1.0))
+    else:
+        b_ss += b_s
+        b_max = tl.maximum(b_max, b_s)
+    b_dd += b_d * b_d
+    b_sd += b_sd_ * b_sd_
+    if MASKED:
+        b_bad += tl.where(m & (b_fin == 0), 1.0, 0.0)
+        tl.store(p_p + o, b_new.to(P_DT), mask=m)
+        if HAS_LOWP:   # L_MID_DT: float32 for a 16-bit copy of float64 params (torch's double -> half), else C_DT
+            tl.store(p_l + o, b_new.to(L_MID_DT).to(L_DT), mask=m)
+    else:
+        b_bad += tl.where(b_fin == 0, 1.0, 0.0)
+        tl.store(p_p + o, b_new.to(P_DT))
+        if HAS_LOWP:
+            tl.store(p_l + o, b_new.to(L_MID_DT).to(L_DT))
+    return b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01, b_g00, b_g11, b_ina, b_bad, b_max
+
+
+@triton.jit
 def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_off, g1_off, numel_tab, thr_tab,
                         chunk_tensor, chunk_start, n_chunks, stats_out,
                         alpha: tl.float64, coef0: tl.float64, coef1: tl.float64, delta: tl.float64,
@@ -71,8 +175,8 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
     b_g11 = tl.zeros([BLOCK], C_DT)
     b_ina = tl.zeros([BLOCK], C_DT)
     b_bad = tl.zeros([BLOCK], C_DT)
-    b_cnt = tl.zeros([BLOCK], C_DT)
     b_max = tl.full([BLOCK], 1.0, C_DT)
+    n_el = tl.zeros([], tl.int64)   # elements walked: a chunk's length, no per-lane count
     o_b = tl.arange(0, BLOCK).to(tl.int64)
     for i_c in range(i_p, n_chunks, n_prog):
         i_t = tl.load(chunk_tensor + i_c).to(tl.int64)
@@ -83,77 +187,21 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
         p_l = base_l + tl.multiple_of(tl.load(off_tab + i_t * 3 + 2), ALIGN)
         p_g0 = base_g0 + tl.multiple_of(tl.load(g0_off + i_t), ALIGN)
         p_g1 = base_g1 + tl.multiple_of(tl.load(g1_off + i_t), ALIGN)
-        for off in range(0, CHUNK, BLOCK):
-            o = start + off + o_b
-            m = o < n
-            b_t0 = tl.load(p_t0 + o, mask=m, other=0).to(C_DT)
-            b_t2 = tl.load(p_p + o, mask=m, other=0).to(C_DT)
-            b_d = b_t2 - b_t0
-            if HAS_GRAD:
-                b_g0 = tl.load(p_g0 + o, mask=m, other=0).to(C_DT)
-                b_a0 = b_g0 * coef0
-                b_a1 = tl.load(p_g1 + o, mask=m, other=0).to(C_DT) * coef1
-                b_ab = tl.abs(b_a0)  # explicit where: a NaN stays NaN (tl.maximum may drop it on GPU)
-                b_den = tl.where(b_a0 >= 0, 1.0, -1.0) * tl.where(b_ab < delta, delta, b_ab)
-                b_r = b_a1 / b_den
-                if USE_INACTIVE:
-                    thr = tl.load(thr_tab + i_t).to(C_DT)
-                    b_in = tl.abs(b_g0) <= thr
-                    b_r = tl.where(b_in, 1.0, b_r)
-                    b_ina += tl.where(m & b_in, 1.0, 0.0)
-                b_r = tl.where(b_r != b_r, 1.0, b_r)
-                b_r = tl.minimum(tl.maximum(b_r, r_min), r_max)
-                if CLOSED:
-                    # r^K as torch.pow computes it on CUDA: x·x, x·x·x for K = 2, 3, else pow (libdevice)
-                    if K == 2:
-                        b_rk = b_r * b_r
-                    elif K == 3:
-                        b_rk = b_r * b_r * b_r
-                    elif LIB_POW:
-                        b_rk = libdevice.pow(b_r, tl.full([BLOCK], K, C_DT))
-                    else:  # the interpreter has no libdevice: repeated products (last-bit differences)
-                        b_rk = b_r
-                        for _ in tl.static_range(K - 1):
-                            b_rk = b_rk * b_r
-                    b_den2 = (1.0 - b_r) + delta
-                    b_s = ((1.0 - b_rk) / b_den2) / ((1.0 - b_r * b_r) / b_den2 + delta)
-                else:
-                    if K % 2 == 0:  # S_K/S_2 = S_{K/2}(r^2)
-                        b_q = b_r * b_r
-                        b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in tl.static_range(K // 2 - 1):
-                            b_s = b_s * b_q + 1.0
-                    else:
-                        b_s = tl.full([BLOCK], 1.0, C_DT)
-                        for _ in tl.static_range(K - 1):
-                            b_s = b_s * b_r + 1.0
-                        b_s = b_s / (b_r + 1.0)
-                b_s = tl.where(b_s != b_s, 1.0, b_s)
-                b_s = tl.minimum(tl.maximum(b_s, 1.0), scale_hi)
-                if USE_INACTIVE:
-                    b_s = tl.where(b_in, 1.0, b_s)  # neutral retention
-                b_new = b_t0 + (alpha * b_s) * b_d
-                # x·0 == 0 exactly when x is finite (no inf constant needed)
-                b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & ((b_new * 0.0) == 0.0)
-                b_sr += tl.where(m, b_r, 0.0)
-                b_sr2 += tl.where(m, b_r * b_r, 0.0)
-                b_g01 += b_a0 * b_a1
-                b_g00 += b_a0 * b_a0
-                b_g11 += b_a1 * b_a1
-            else:
-                b_s = tl.full([BLOCK], 1.0, C_DT)
-                b_new = b_t0 + alpha * b_d
-                b_fin = (b_new * 0.0) == 0.0
-            b_sd_ = b_s * b_d
-            b_ss += tl.where(m, b_s, 0.0)
-            b_dd += b_d * b_d
-            b_sd += b_sd_ * b_sd_
-            b_bad += tl.where(m & (b_fin == 0), 1.0, 0.0)  # masked lanes load 0: finite
-            b_cnt += tl.where(m, 1.0, 0.0)
-            b_max = tl.maximum(b_max, tl.where(m, b_s, 1.0))
-            tl.store(p_p + o, b_new.to(P_DT), mask=m)
-            if HAS_LOWP:   # L_MID_DT: float32 for a 16-bit copy of float64 params (torch's double -> half), else C_DT
-                tl.store(p_l + o, b_new.to(L_MID_DT).to(L_DT), mask=m)
+        thr = tl.load(thr_tab + i_t).to(C_DT) if USE_INACTIVE else 0.0
+        n_el += tl.minimum(n - start, CHUNK)
+        # every chunk but a tensor's last is full: its blocks skip the bounds mask (see _extrapolate_tile)
+        if start + CHUNK <= n:
+            for off in range(0, CHUNK, BLOCK):
+                b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01, b_g00, b_g11, b_ina, b_bad, b_max = _extrapolate_tile(
+                    p_p, p_t0, p_l, p_g0, p_g1, start + off + o_b, n, thr, b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01,
+                    b_g00, b_g11, b_ina, b_bad, b_max, alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K, P_DT,
+                    L_DT, L_MID_DT, C_DT, HAS_GRAD, HAS_LOWP, USE_INACTIVE, CLOSED, LIB_POW, BLOCK, False)
+        else:
+            for off in range(0, CHUNK, BLOCK):
+                b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01, b_g00, b_g11, b_ina, b_bad, b_max = _extrapolate_tile(
+                    p_p, p_t0, p_l, p_g0, p_g1, start + off + o_b, n, thr, b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01,
+                    b_g00, b_g11, b_ina, b_bad, b_max, alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K, P_DT,
+                    L_DT, L_MID_DT, C_DT, HAS_GRAD, HAS_LOWP, USE_INACTIVE, CLOSED, LIB_POW, BLOCK, True)
     p_o = stats_out + i_p * 12
     tl.store(p_o + 0, tl.sum(b_sr, 0))
     tl.store(p_o + 1, tl.sum(b_sr2, 0))
@@ -165,7 +213,7 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
     tl.store(p_o + 7, tl.sum(b_g11, 0))
     tl.store(p_o + 8, tl.sum(b_ina, 0))
     tl.store(p_o + 9, tl.sum(b_bad, 0))
-    tl.store(p_o + 10, tl.sum(b_cnt, 0))
+    tl.store(p_o + 10, n_el.to(tl.float64))
     tl.store(p_o + 11, tl.max(b_max, 0))
 
 
