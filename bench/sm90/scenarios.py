@@ -8,10 +8,12 @@ kernels), so the SASS count of that loop can be given per element and thread.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
+import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from unittest import mock
 
 import torch
@@ -179,3 +181,26 @@ def extrapolate_scenarios() -> List[Scenario]:
 def all_scenarios() -> List[Scenario]:
     return (token_logprobs_scenarios() + fpa_scenarios() + linear_head_scenarios() + linear_fpa_scenarios()
             + extrapolate_scenarios())
+
+
+def _is_jit(dec: ast.expr) -> bool:
+    """``@triton.jit`` / ``@triton.jit(...)`` (also ``@jit`` imported from triton)."""
+    f = dec.func if isinstance(dec, ast.Call) else dec
+    return (isinstance(f, ast.Attribute) and f.attr == "jit") or (isinstance(f, ast.Name) and f.id == "jit")
+
+
+def library_kernels(root=None) -> Set[Tuple[str, str]]:
+    """(module, name) of every Triton kernel in the library's source: the ``@triton.jit`` functions that no
+    ``@triton.jit`` function calls (those are device helpers, compiled into their callers). Read from the source,
+    so a kernel counts even if nothing launches it yet."""
+    root = pathlib.Path(root or pathlib.Path(importlib.import_module("gxpo_kernels").__file__).parent)
+    jits, called = [], set()
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        mod = ".".join(("gxpo_kernels",) + path.relative_to(root).with_suffix("").parts)
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and any(map(_is_jit, fn.decorator_list)):
+                jits.append((mod, fn.name))
+                called |= {c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in ast.walk(fn)
+                           if isinstance(c, ast.Call) and isinstance(c.func, (ast.Name, ast.Attribute))}
+    return {(mod, name) for mod, name in jits if name not in called}

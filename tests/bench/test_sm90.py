@@ -42,6 +42,30 @@ def test_parse_sass_loops_and_counts():
     assert outer.counts["LDL_STL"] == 1 and inner.counts["LDG"] == 0
 
 
+def test_sm90_check_compiles_every_library_kernel(tmp_path):
+    """A whole run fails on a @triton.jit kernel that no scenario launches: the check only compiled what
+    scenarios.py listed, so a new kernel went unchecked while the check still passed."""
+    import shutil
+    # a copy of the library with one more kernel (and a device helper that kernel calls)
+    root = tmp_path / "gxpo_kernels"
+    shutil.copytree(ROOT / "gxpo_kernels", root, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(root / "ops" / "logprobs" / "kernel.py", "a") as f:
+        f.write("\n\n@triton.jit\ndef _new_helper(x):\n    return x + 1\n\n\n"
+                "@triton.jit(do_not_specialize=['n'])\ndef _new_kernel(p, n, BLOCK: tl.constexpr):\n"
+                "    o = tl.arange(0, BLOCK)\n    tl.store(p + o, _new_helper(tl.load(p + o)), mask=o < n)\n")
+    # (a subprocess: the launches are recorded from real JIT functions, not the interpreter's)
+    code = ("import json, sys; from bench.sm90 import collect, uncovered_kernels;"
+            "from bench.sm90.scenarios import library_kernels; items = collect();"
+            "print(json.dumps([uncovered_kernels(items), sorted(n for _, n in library_kernels()),"
+            " sorted({ln.name for ln, _, _ in items}), uncovered_kernels(items, sys.argv[1])]))")
+    p = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    now, kernels, launched, with_new = json.loads(p.stdout.splitlines()[-1])
+    assert now == [] and kernels == launched
+    assert len(with_new) == 1 and with_new[0].startswith("_new_kernel (gxpo_kernels.ops.logprobs.kernel)"), with_new
+
+
 def _check_doc(doc, triton_version=None):
     assert doc["failures"] == [], doc["failures"]
     assert doc["kernels"] and all("error" not in k for k in doc["kernels"])
