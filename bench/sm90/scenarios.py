@@ -96,7 +96,8 @@ def fpa_scenarios() -> List[Scenario]:
 
 # (label, hidden dtype, weight dtype, fp32_head)
 HEADS = [("bf16", torch.bfloat16, torch.bfloat16, False), ("bf16+fp32_head", torch.bfloat16, torch.bfloat16, True),
-         ("fp32", torch.float32, torch.float32, False)]
+         ("fp32", torch.float32, torch.float32, False),
+         ("bf16 hidden+fp32 weight", torch.bfloat16, torch.float32, True)]   # mixed inputs need fp32_head
 
 
 def linear_head_scenarios() -> List[Scenario]:
@@ -157,23 +158,30 @@ def _cuda_launch_config(mod):
 def extrapolate_scenarios() -> List[Scenario]:
     m = _mod("extrapolate.op")
     out = []
-    # a small layout is enough: the kernel's configuration does not depend on the sizes
+    # a small layout is enough: the kernel's configuration does not depend on the sizes, only on the dtypes, the
+    # options and ALIGN (16-byte accesses when every tensor is 16-byte aligned and every numel a multiple of
+    # 16 bytes; an odd numel gives ALIGN = 1, the general path)
     shapes = [(1536, 1536), (8960, 1536), (1536,)]
-    for label, pdt, use_grad, inactive, lowp in (("fp32 master + bf16 copy", torch.float32, True, True, True),
-                                                 ("fp32 plain move", torch.float32, False, False, False),
-                                                 ("bf16 params", torch.bfloat16, True, False, False)):
-        ps = [_e(*s, dtype=pdt) for s in shapes]
-        t0 = [_e(*s) for s in shapes]
-        g = [_e(*s, dtype=pdt) for s in shapes] if use_grad else None
-        lp = [_e(*s, dtype=torch.bfloat16) for s in shapes] if lowp else None
-        thr = _e(len(shapes)) if inactive else None
+    odd = [(1536, 1536), (8960, 1536), (1535,)]
+    for label, pdt, use_grad, inactive, lowp, formula, shp in (
+            ("fp32 master + bf16 copy", torch.float32, True, True, True, "horner", shapes),
+            ("fp32 plain move", torch.float32, False, False, False, "horner", shapes),
+            ("bf16 params", torch.bfloat16, True, False, False, "horner", shapes),
+            ("fp32 closed form", torch.float32, True, False, True, "closed", shapes),      # libdevice pow (K = 5)
+            ("fp32 master + bf16 copy, odd numel", torch.float32, True, True, True, "horner", odd),   # ALIGN = 1
+            ("fp64 params", torch.float64, True, True, False, "horner", shapes)):
+        ps = [_e(*s, dtype=pdt) for s in shp]
+        t0 = [_e(*s) for s in shp]
+        g = [_e(*s, dtype=pdt) for s in shp] if use_grad else None
+        lp = [_e(*s, dtype=torch.bfloat16) for s in shp] if lowp else None
+        thr = _e(len(shp)) if inactive else None
 
-        def call(ps=ps, t0=t0, g=g, lp=lp, thr=thr):
+        def call(ps=ps, t0=t0, g=g, lp=lp, thr=thr, formula=formula):
             # the launcher picks its GPU configuration for a CUDA device; the tensors here live on "meta"
             with _cuda_launch_config(m):
                 m._extrapolate_triton(ps, t0, g, g, lp, thr, alpha=0.5, K=5, clip_coef0=1.0, clip_coef1=1.0,
-                                      scale_formula="horner", delta=1e-8, r_min=-2.0, r_max=3.0)
-        out.append(Scenario("extrapolate_", label, {"numel": sum(int(torch.Size(s).numel()) for s in shapes)},
+                                      scale_formula=formula, delta=1e-8, r_min=-2.0, r_max=3.0)
+        out.append(Scenario("extrapolate_", label, {"numel": sum(int(torch.Size(s).numel()) for s in shp)},
                             call, lambda c: c["BLOCK"]))
     return out
 
