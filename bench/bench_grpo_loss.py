@@ -5,7 +5,8 @@ Smoke (CPU): python -m pytest bench/bench_grpo_loss.py --benchmark-disable -q
 
 Providers:
   gxpo         ``grpo_loss`` (Triton on CUDA, chunked PyTorch path on CPU)
-  gxpo_inplace the same with ``inplace_backward=True`` (CUDA only)
+  gxpo_inplace the same with ``inplace_backward=True`` (CUDA only); the logits reach it as a non-leaf, as a
+               model's output does (the op ignores ``inplace_backward`` for a leaf or a view of one)
   eager        fp32 ``log_softmax`` materialised over the vocabulary + the same O(tokens) loss math
                (``gxpo_kernels.losses.grpo_token_loss``): what a plain PyTorch trainer does
   liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
@@ -77,12 +78,27 @@ def _eager_loss(logits, tokens, adv, mask, old):
     return grpo_token_loss(logp, entropy, adv, mask, old, None, GRPOLossOptions(**OPTS))
 
 
+class _NonLeaf(torch.autograd.Function):
+    """Identity without a copy whose output is not a leaf (nor a view of one): the buffer as a model's logits."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 def _loss_fn(provider):
     """fn(buf, tokens, adv, mask, old) -> (loss, ...) on the (B, T + 1, V) logits buffer."""
-    if provider in ("gxpo", "gxpo_inplace"):
-        inplace = provider == "gxpo_inplace"
-        return lambda buf, tok, adv, mask, old: grpo_loss(buf[:, :-1], tok, adv, mask, old,
-                                                          inplace_backward=inplace, **OPTS)
+    if provider == "gxpo":
+        return lambda buf, tok, adv, mask, old: grpo_loss(buf[:, :-1], tok, adv, mask, old, **OPTS)
+    if provider == "gxpo_inplace":
+        # the bench's buffer is a leaf, and the op ignores inplace_backward on a leaf or a view of one: it used
+        # to time the ordinary backward under this name
+        return lambda buf, tok, adv, mask, old: grpo_loss(_NonLeaf.apply(buf)[:, :-1], tok, adv, mask, old,
+                                                          inplace_backward=True, **OPTS)
     if provider == "eager":
         return lambda buf, tok, adv, mask, old: _eager_loss(buf[:, :-1], tok, adv, mask, old)
     if provider == "liger":

@@ -4,7 +4,9 @@ Drives each host launcher at the target sizes with ``meta`` tensors while interc
 (``scenarios.py``), compiles each distinct launch for sm_90 with the installed Triton (``compile.py``), and
 reports per kernel: registers, shared memory, local memory / spill instructions, wgmma shapes, atomics, and the
 static SASS size of the hot loop (instructions per element and thread for the streaming kernels). It fails on a
-compile error, a register spill, or a hot loop above its budget. Method and figures: ``bench/SM90.md``.
+compile error, a register spill, a hot loop above its budget (or a budgeted kernel whose hot loop it cannot find),
+or, on a whole run, a library kernel (``@triton.jit`` function not called by another) that no scenario
+launches. Method and figures: ``bench/SM90.md``.
 These figures are static predictions from the compiler, not measurements on a GPU.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ BUDGETS = {"_token_logprobs_fwd_kernel": 12.0, "_token_logprobs_bwd_kernel": 12.
 
 def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float],
               loads_per_iter: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """The hot loop's counts; per element when ``elems_per_thread`` is known (``loads_per_iter``: the LDGs of one
+    loop body, for a kernel with a masked and an unmasked copy of it, see ``scenarios.Scenario``)."""
     inner = [lp for lp in res["loops"] if lp.innermost]
     if not inner:
         return None
@@ -98,6 +102,14 @@ def collect(ops: Optional[List[str]] = None, cases: Optional[List[str]] = None):
     return [seen[k] for k in order]
 
 
+def uncovered_kernels(items, root=None) -> List[str]:
+    """A failure per library kernel (``scenarios.library_kernels``) that none of ``collect()``'s launches is."""
+    from .scenarios import library_kernels
+    launched = {(ln.fn.fn.__module__, ln.name) for ln, _, _ in items}
+    return [f"{name} ({mod}): launched by no scenario, so never compiled; add a Scenario in bench/sm90/scenarios.py"
+            for mod, name in sorted(library_kernels(root) - launched)]
+
+
 def run(ops: Optional[List[str]] = None, jobs: Optional[int] = None, sass_dir: Optional[str] = None,
         cases: Optional[List[str]] = None):
     import triton
@@ -131,18 +143,22 @@ def run(ops: Optional[List[str]] = None, jobs: Optional[int] = None, sass_dir: O
         rec.update({k: res[k] for k in ("constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
                                         "static_shared_bytes", "local_bytes", "stack_bytes", "spill_instructions",
                                         "n_instructions", "mma", "atomics", "compile_cpu_s")})
-        rec["hot_loop"] = _hot_loop(res_obj(res), ept, sc.loads_per_iter)
+        rec["hot_loop"] = _hot_loop(res_obj(res), ept, sc.loads_per_iter(c, ept) if sc.loads_per_iter and ept else None)
         rec["loops"] = res["loops"]
         rec["signature"] = res["signature"]
         if res["local_bytes"] or res["spill_instructions"]:
             failures.append(f"{ln.name} ({cases[0]}): register spill: {res['local_bytes']} bytes local memory, "
                             f"{res['spill_instructions']} LDL/STL, {res['registers']} registers")
-        budget = BUDGETS.get(ln.name)
+        budget = BUDGETS.get(ln.name) if sc.budget else None
         hl = rec["hot_loop"]
-        if budget and hl and hl.get("instr_per_elem", 0) > budget:
+        if budget and (not hl or "instr_per_elem" not in hl):
+            failures.append(f"{ln.name} ({cases[0]}): has a budget but no hot loop measured per element")
+        elif budget and hl["instr_per_elem"] > budget:
             failures.append(f"{ln.name} ({cases[0]}): hot loop {hl['instr_per_elem']} SASS instr/element > "
                             f"budget {budget}")
         kernels.append(rec)
+    if not ops and not cases:   # a whole run must compile every kernel of the library
+        failures += uncovered_kernels(items)
     return {"kind": "prediction: static sm_90 compile figures (no GPU run)", "target": "cuda sm_90 (sm_90a)",
             "triton": triton.__version__, "git_commit": _git_commit(), "python": platform.python_version(),
             "n_compiles": len(items), "wall_s": round(time.time() - t0, 1), "jobs": jobs,

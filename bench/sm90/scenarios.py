@@ -4,16 +4,19 @@ so the block sizes, warps and constexpr branches are the ones the launchers choo
 
 A scenario is ``(op, case, sizes, call, elems_per_iter, loads_per_iter)``: ``call()`` invokes the launcher;
 ``elems_per_iter(constexprs)`` is how many elements one iteration of the hot loop handles (None for GEMM
-kernels), so the SASS count of that loop can be given per element and thread. ``loads_per_iter``: for a kernel
-with a masked and an unmasked copy of its loop body, the global loads (``LDG``) of one body; the hot loop is
-then the cheapest such loop per element, and a loop the compiler unrolled counts as that many iterations.
+kernels), so the SASS count of that loop can be given per element and thread. ``loads_per_iter(constexprs,
+elems_per_thread)``: for a kernel with a masked and an unmasked copy of its loop body, the global loads (``LDG``)
+of one body; the hot loop is then the cheapest such loop per element, and a loop the compiler unrolled counts
+as that many iterations.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
+import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from unittest import mock
 
 import torch
@@ -33,7 +36,8 @@ class Scenario:
     sizes: Dict[str, int]
     call: Callable[[], Any]
     elems_per_iter: Optional[Callable[[Dict[str, Any]], int]] = None
-    loads_per_iter: Optional[int] = None
+    loads_per_iter: Optional[Callable[[Dict[str, Any], float], int]] = None
+    budget: bool = True   # False: no hot-loop budget (a configuration other than the default one)
 
 
 def _mod(name: str):
@@ -97,7 +101,8 @@ def fpa_scenarios() -> List[Scenario]:
 
 # (label, hidden dtype, weight dtype, fp32_head)
 HEADS = [("bf16", torch.bfloat16, torch.bfloat16, False), ("bf16+fp32_head", torch.bfloat16, torch.bfloat16, True),
-         ("fp32", torch.float32, torch.float32, False)]
+         ("fp32", torch.float32, torch.float32, False),
+         ("bf16 hidden+fp32 weight", torch.bfloat16, torch.float32, True)]   # mixed inputs need fp32_head
 
 
 def linear_head_scenarios() -> List[Scenario]:
@@ -155,32 +160,74 @@ def _cuda_launch_config(mod):
         yield
 
 
+_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _extrapolate_loads(c: Dict[str, Any], elems_per_thread: float) -> int:
+    """LDGs of one extrapolation loop body: theta0 and the params, and g0 and g1 with gradients; 16-byte vectors
+    when ALIGN > 1, else one load per element. (Full chunks run an unmasked copy of the body, every chunk but each
+    tensor's last: that copy is the hot loop.)"""
+    names = ["P_DT", "T0_DT"] + (["G0_DT", "G1_DT"] if c["HAS_GRAD"] else [])
+    nbytes = [_BYTES[str(c[n]).split(".")[-1].replace("float", "fp").replace("bfloat", "bf")] for n in names]
+    return sum(-(-int(elems_per_thread * b) // (16 if c["ALIGN"] > 1 else b)) for b in nbytes)
+
+
 def extrapolate_scenarios() -> List[Scenario]:
     m = _mod("extrapolate.op")
     out = []
-    # a small layout is enough: the kernel's configuration does not depend on the sizes
+    # a small layout is enough: the kernel's configuration does not depend on the sizes, only on the dtypes, the
+    # options and ALIGN (16-byte accesses when every tensor is 16-byte aligned and every numel a multiple of
+    # 16 bytes; an odd numel gives ALIGN = 1, the general path)
     shapes = [(1536, 1536), (8960, 1536), (1536,)]
-    # full chunks run an unmasked copy of the loop body (every chunk but each tensor's last): that is the hot loop;
-    # one body loads theta0 and the params, and g0 and g1 with gradients (one LDG each at 4 elements per thread)
-    for label, pdt, use_grad, inactive, lowp in (("fp32 master + bf16 copy", torch.float32, True, True, True),
-                                                 ("fp32 plain move", torch.float32, False, False, False),
-                                                 ("bf16 params", torch.bfloat16, True, False, False)):
-        ps = [_e(*s, dtype=pdt) for s in shapes]
-        t0 = [_e(*s) for s in shapes]
-        g = [_e(*s, dtype=pdt) for s in shapes] if use_grad else None
-        lp = [_e(*s, dtype=torch.bfloat16) for s in shapes] if lowp else None
-        thr = _e(len(shapes)) if inactive else None
+    odd = [(1536, 1536), (8960, 1536), (1535,)]
+    for label, pdt, use_grad, inactive, lowp, formula, shp in (
+            ("fp32 master + bf16 copy", torch.float32, True, True, True, "horner", shapes),
+            ("fp32 plain move", torch.float32, False, False, False, "horner", shapes),
+            ("bf16 params", torch.bfloat16, True, False, False, "horner", shapes),
+            ("fp32 closed form", torch.float32, True, False, True, "closed", shapes),      # libdevice pow (K = 5)
+            ("fp32 master + bf16 copy, odd numel", torch.float32, True, True, True, "horner", odd),   # ALIGN = 1
+            ("fp64 params", torch.float64, True, True, False, "horner", shapes)):
+        ps = [_e(*s, dtype=pdt) for s in shp]
+        t0 = [_e(*s) for s in shp]
+        g = [_e(*s, dtype=pdt) for s in shp] if use_grad else None
+        lp = [_e(*s, dtype=torch.bfloat16) for s in shp] if lowp else None
+        thr = _e(len(shp)) if inactive else None
 
-        def call(ps=ps, t0=t0, g=g, lp=lp, thr=thr):
+        def call(ps=ps, t0=t0, g=g, lp=lp, thr=thr, formula=formula):
             # the launcher picks its GPU configuration for a CUDA device; the tensors here live on "meta"
             with _cuda_launch_config(m):
                 m._extrapolate_triton(ps, t0, g, g, lp, thr, alpha=0.5, K=5, clip_coef0=1.0, clip_coef1=1.0,
-                                      scale_formula="horner", delta=1e-8, r_min=-2.0, r_max=3.0)
-        out.append(Scenario("extrapolate_", label, {"numel": sum(int(torch.Size(s).numel()) for s in shapes)},
-                            call, lambda c: c["BLOCK"], loads_per_iter=4 if use_grad else 2))
+                                      scale_formula=formula, delta=1e-8, r_min=-2.0, r_max=3.0)
+        out.append(Scenario("extrapolate_", label, {"numel": sum(int(torch.Size(s).numel()) for s in shp)},
+                            call, lambda c: c["BLOCK"], loads_per_iter=_extrapolate_loads,
+                            # the budget is for the default configuration: Horner's scale, aligned fp32 / bf16
+                            budget=formula == "horner" and shp is shapes and pdt != torch.float64))
     return out
 
 
 def all_scenarios() -> List[Scenario]:
     return (token_logprobs_scenarios() + fpa_scenarios() + linear_head_scenarios() + linear_fpa_scenarios()
             + extrapolate_scenarios())
+
+
+def _is_jit(dec: ast.expr) -> bool:
+    """``@triton.jit`` / ``@triton.jit(...)`` (also ``@jit`` imported from triton)."""
+    f = dec.func if isinstance(dec, ast.Call) else dec
+    return (isinstance(f, ast.Attribute) and f.attr == "jit") or (isinstance(f, ast.Name) and f.id == "jit")
+
+
+def library_kernels(root=None) -> Set[Tuple[str, str]]:
+    """(module, name) of every Triton kernel in the library's source: the ``@triton.jit`` functions that no
+    ``@triton.jit`` function calls (those are device helpers, compiled into their callers). Read from the source,
+    so a kernel counts even if nothing launches it yet."""
+    root = pathlib.Path(root or pathlib.Path(importlib.import_module("gxpo_kernels").__file__).parent)
+    jits, called = [], set()
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        mod = ".".join(("gxpo_kernels",) + path.relative_to(root).with_suffix("").parts)
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and any(map(_is_jit, fn.decorator_list)):
+                jits.append((mod, fn.name))
+                called |= {c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in ast.walk(fn)
+                           if isinstance(c, ast.Call) and isinstance(c.func, (ast.Name, ast.Attribute))}
+    return {(mod, name) for mod, name in jits if name not in called}

@@ -68,3 +68,28 @@ def test_bookkeeping_pieces_smoke(tmp_path):
     for k in ("step_ms", "snapshot_py_ms", "extrap_cpp_ms", "extrap_py_ms", "rest_ms", "grpo_rest_ms"):
         assert g[k] >= 0 and c[k] >= 0, k
     assert g["snapshot_cpp_ms"] > 0 and c["snapshot_cpp_ms"] == 0 and g["extrap_cpp_ms"] > 0
+
+
+def test_grpo_loss_bench_inplace_provider_takes_the_inplace_backward():
+    """bench_grpo_loss's "gxpo_inplace" (a GPU-only provider) passed a view of its leaf buffer, for which the op
+    ignores inplace_backward: it timed the ordinary backward under the in-place name. Its backward must write
+    dlogits into the buffer, with the same gradient as "gxpo"."""
+    import torch
+
+    from bench import bench_grpo_loss as G
+    from gxpo_kernels import _utils
+    if not _utils.triton_interpret():
+        import pytest
+        pytest.skip("needs the Triton interpreter (the in-place backward is a Triton path)")
+    B, T, V = 2, 8, 64
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(B, T + 1, V, generator=g)
+    args = (torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.1,
+            -torch.rand(B, T, generator=g))
+    grads = {}
+    for provider in ("gxpo", "gxpo_inplace"):
+        x = buf.clone().requires_grad_()
+        G._loss_fn(provider)(x, *args)[0].backward()
+        assert torch.equal(x.detach(), buf) == (provider == "gxpo"), provider   # in place: the logits are gone
+        grads[provider] = x.grad
+    torch.testing.assert_close(grads["gxpo_inplace"], grads["gxpo"], rtol=1e-6, atol=1e-7)

@@ -606,6 +606,27 @@ def test_prepared_plan_with_per_call_g0(backend, dtype):
         plan(g1, g0=g0[:2], alpha=0.5, K=5)
 
 
+@pytest.mark.parametrize("per_call", [False, True])
+def test_prepared_plan_reads_other_dtypes_at_the_same_addresses(per_call):
+    """A plan without ``grads_are_param_dtype`` scanned the gradients' dtypes only when their addresses changed:
+    a list at the same addresses that now mixed dtypes (a float32 gradient where a bfloat16 one was) reused the
+    cached offsets and was read as bfloat16, silently wrong."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    n = 64
+    p, t0, g0, _ = _make(torch.float32, shapes=[(n,), (n,)])
+    plan = ExtrapolationPlan(p, t0, "per_call" if per_call else g0, backend="triton")
+    raw = torch.zeros(4 * n, dtype=torch.uint8)           # one buffer: a bf16 view, then an fp32 view, same address
+    first = torch.randn(n).bfloat16()
+    b16, b32 = raw[:2 * n].view(torch.bfloat16), raw.view(torch.float32)
+    for g1 in ([first, b16], [first, b32]):
+        g1[1].copy_(torch.randn(n))
+        before = _clone(p)
+        kw = dict(g0=g0) if per_call else {}
+        st = plan(g1, alpha=0.5, K=5, **kw)
+        ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+        _check(f"g1 dtypes {[g.dtype for g in g1]}", before, p, ref, st, torch.float32)
+
+
 def test_snapshot_copy_is_a_byte_copy_and_leaves_what_it_cannot_do():
     """The C++ op's non-temporal copy (the update rules' snapshots on the CPU): bit-equal for every dtype, at
     offsets that leave unaligned heads and tails, across a 1 MiB task boundary and for empty tensors; pairs of

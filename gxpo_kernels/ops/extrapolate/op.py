@@ -317,8 +317,9 @@ class _Plan:
         params' dtype, but a list may mix dtypes (the public op accepts any float dtype per tensor): such a list
         is read from copies in the compute dtype, the value the kernel's load would upcast each element to. The
         caller keeps the copies alive until the launch. ``modes``, per list: "always" (scan the dtypes: the
-        caller saw mixed dtypes), "on_change" (scan when the addresses change) or "never" (one dtype per group,
-        as gradients of the params have)."""
+        caller saw mixed dtypes, or cannot promise one dtype) or "never" (one dtype per group, as gradients of the
+        params have). (Scanning only when the addresses change is not enough: tensors of other dtypes can come back
+        at the same addresses, and the cached offsets would read them in the base tensor's dtype.)"""
         if "always" in modes and self._mixed(lists, modes, ("always",)):
             return self._mixed_offsets(grp, lists, modes)
         bases = [ts[0] for ts in lists]
@@ -327,8 +328,6 @@ class _Plan:
         if last is not None and last[0] == ptrs and last[1] == eszs:
             # the allocator handed out the same addresses again
             return [(b, off, al) for b, (off, al) in zip(bases, last[2])], None
-        if "on_change" in modes and self._mixed(lists, modes, ("on_change",)):
-            return self._mixed_offsets(grp, lists, modes)
         res = self._offsets(grp, _as_array(ptrs, len(lists)), eszs)
         grp["call"] = (ptrs, eszs, res)
         return [(b, off, al) for b, (off, al) in zip(bases, res)], None
@@ -446,7 +445,7 @@ class ExtrapolationPlan:
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
     is the gradient of params[i] (same numel, contiguous; only the count and the addresses are checked per
     call). Gradients whose dtypes differ within a list are read right (from copies, see ``_Plan._call_offsets``):
-    the plan scans their dtypes whenever their addresses change (one attribute read per tensor), unless
+    the plan scans their dtypes on every call (one attribute read per tensor), unless
     ``grads_are_param_dtype=True`` promises that g1[i] (and a per-call g0[i]) has params[i]'s dtype, as
     ``p.grad`` always has (the update rules pass it). On the CPU the plan calls the C++ op directly (it checks
     every tensor's device, contiguity and numel itself at negligible cost); with ``backend="torch"`` it forwards
@@ -455,7 +454,7 @@ class ExtrapolationPlan:
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto",
                  grads_are_param_dtype: bool = False):
-        self._check_dtypes = "never" if grads_are_param_dtype else "on_change"
+        self._check_dtypes = "never" if grads_are_param_dtype else "always"
         self.g0_per_call = isinstance(g0, str)
         if self.g0_per_call and g0 != "per_call":
             raise ValueError(f"g0 must be a list of tensors, None or 'per_call', got {g0!r}")
