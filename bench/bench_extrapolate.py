@@ -58,11 +58,12 @@ _STATE = {}
 
 def _tensors():
     if "t" not in _STATE:
-        g = torch.Generator().manual_seed(0)
+        # drawn on the device: the full layout on a GPU is about 1e9 normals, minutes for one host thread
+        g = torch.Generator(device=DEVICE).manual_seed(0)
         shapes = _shapes()
-        p = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+        p = [torch.randn(s, generator=g, device=DEVICE) for s in shapes]
         t0 = [x + 0.01 for x in p]
-        g0 = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+        g0 = [torch.randn(s, generator=g, device=DEVICE) for s in shapes]
         g1 = [0.6 * x for x in g0]
         _STATE["t"] = (p, t0, g0, g1)
     return _STATE["t"]
