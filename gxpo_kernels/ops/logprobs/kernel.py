@@ -14,10 +14,10 @@ float64 (B, T); dlogits has the logits dtype. All arithmetic is fp32 (inputs are
 except the few per-row float64 operations that carry the log-sum-exp from the forward to the backward.
 
 Low temperatures: lse ~ max(x) / T is large (3e4 at T = 1e-3), so lse rounded to fp32 would be off by ~1e-3
-in absolute terms, an error every recomputed p_v inherits relatively. The Triton kernels therefore work with
-exponents x * c - M (c = log2(e) / T, M the row max of x * c, both fp32), each computed by one fma (one
-rounding: exact near the max, where p is large), and save lse in float64, from which the backward splits a
-fp32 M' and a small remainder that reproduce the forward's shift.
+in absolute terms, an error every recomputed p_v would inherit relatively. The Triton kernels therefore work
+with exponents x * c - M (c = log2(e) / T, M the row max of x * c, both fp32), each computed by one fma (one
+rounding: exact near the max, where p is large), and save lse in float64; the backward splits it into the
+nearest fp32 and a small remainder, and so recomputes the forward's own softmax.
 
 Two backends share one API: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and a chunked
 PyTorch path (CPU). Reference: ``reference.token_logprobs_ref``. The ``torch.library`` registrations
