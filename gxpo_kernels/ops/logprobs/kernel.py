@@ -233,12 +233,6 @@ def _num_warps(block_v: int) -> int:
     return max(1, min(8, block_v // 256))
 
 
-# sm_90 (bench/SM90.md): left alone, ptxas gives the forward 40 (bf16) to 48 (fp32) registers since its epilogue
-# reads the scale c the loop uses (3 fewer loop instructions per 4096 elements, but 6 or 5 CTAs per SM instead
-# of 8); 32 keeps 8 CTAs, 64 KiB of loads in flight per SM, with the loop and registers of before and no spill
-_FWD_MAXNREG = 32
-
-
 def _vec(x: torch.Tensor, block_v: int) -> int:
     """Elements per 16-byte group: the unit a thread owns (one vector load) in the streaming kernels."""
     return min(16 // x.element_size(), block_v)
@@ -370,7 +364,7 @@ def token_logprobs_fwd(
     _token_logprobs_fwd_kernel[(N,)](
         x, tok, m, logp, ent, lse, N, T, rows_b, stride_t, V, 1.0 / float(temperature),
         HAS_MASK=has_mask, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=BLOCK_V, VEC=_vec(x, BLOCK_V),
-        num_warps=num_warps, maxnreg=_FWD_MAXNREG)
+        num_warps=num_warps)
     return logp, ent, lse
 
 
