@@ -362,3 +362,18 @@ def test_triton_backward_low_temperature_regression():
     ((logp * dlogp).sum() + (ent * dent).sum()).backward()
     _, _, r_grad = _ref(x, tokens, torch.ones(1, N, dtype=torch.bool), temperature, dlogp, dent)
     assert _row_rel_err(xg.grad, r_grad) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_logp_of_the_row_max_at_low_temperature(dtype):
+    """The usual sample at a low temperature is the row's top token, whose log-prob is about 0: the Triton
+    forward computes it as fma(x_y, c, -M) - log2 s (exact x_y c - M), within 1e-6 of float64 at any T; it
+    used to subtract two fp32 numbers of magnitude max(x) / T (5e-4 off at T = 0.01, 3e-2 at T = 1e-4). Holds
+    under Triton 3.6's interpreter too: its rounded x_y c is the very value the row max M was rounded to."""
+    x = (torch.randn(2, 7, 3001) * 10).to(dtype)
+    tokens = x.float().argmax(-1)
+    for temperature in (1e-2, 1e-3, 1e-4, 1e-5):
+        logp, _, _ = TL.token_logprobs_fwd(x, tokens, None, temperature, False, "triton")
+        r_logp, _ = token_logprobs_ref(x, tokens, temperature)
+        assert float((logp.double() - r_logp).abs().max()) <= 1e-6, temperature
