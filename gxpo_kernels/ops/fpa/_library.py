@@ -43,7 +43,8 @@ def _backward(ctx, dlogp, _dref, _dfpa, _dlse):
     if dlogp is None or not ctx.needs_input_grad[0]:
         return (None,) * 7
     row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731  (N, ...) -> one (1, N, ...) block
-    # the entropy argument is read only with a dentropy; dlogp stands in for it
+    # the entropy argument is read only with a dentropy: dlogp stands in for it, fp32 like an entropy (the
+    # float64 lse would compile the backward kernel a second time, for a pointer type nothing reads)
     dlogits = torch.ops.gxpo.token_logprobs_bwd(row(logits), row(tokens), row(mask), row(lse), row(dlogp),
                                                 row(dlogp), None, ctx.temperature, ctx.backend)
     return dlogits[0], None, None, None, None, None, None
