@@ -28,7 +28,9 @@ from typing import Callable, Dict, Optional, Sequence
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 # per-token bytes of grpo_loss: forward reads token id (int64 8) + mask (1) + advantage (4) + old log-prob (4),
-# writes the saved lse (4); backward reads token id + mask + lse + the upstream dlogp (4)
+# writes the saved lse (4); backward reads token id + mask + lse + the upstream dlogp (4). The logits kernels
+# save lse as float64 (4 bytes more per token each way, ~1e-5 of one bf16 logits row at V = 151,936): the
+# counts keep the fp32 figure the fused head saves, which shares GRPO_FWD_TOKEN_BYTES
 GRPO_FWD_TOKEN_BYTES = 8 + 1 + 4 + 4 + 4
 GRPO_BWD_TOKEN_BYTES = 8 + 1 + 4 + 4
 # fpa_logprobs: forward reads token id + mask, writes logp, ref_logp, fpa_logp and the saved lse (4 x fp32);

@@ -196,8 +196,8 @@ def check_temperature(temperature, *, warn: bool = True) -> float:
     t = check_scalar(temperature, "temperature", TEMPERATURE_RANGE)
     if warn and t < LOW_TEMPERATURE and not torch.compiler.is_compiling():
         warnings.warn(f"temperature={t:g}: log-probs of logits / temperature computed in fp32 are off by about "
-                      f"{4e-6 / t:.0e} (absolute, for logits up to ~30), and the Triton backward's d(logits) by "
-                      f"about {1e-6 / t:.0e} (relative); see docs/validation.md", UserWarning, stacklevel=3)
+                      f"{4e-6 / t:.0e} (absolute, for logits up to ~30; the gradients stay at fp32 precision); "
+                      "see docs/validation.md", UserWarning, stacklevel=3)
     return t
 
 

@@ -13,19 +13,20 @@ from torch import Tensor
 
 from ..._utils import check_no_forward_ad
 from ..logprobs import _library as _token_logprobs_library  # noqa: F401  (registers gxpo::token_logprobs_bwd)
-from .kernel import fpa_logprobs_fwd
+from .kernel import _OUT_DTYPES, fpa_logprobs_fwd
 
 
 @torch.library.custom_op("gxpo::fpa_logprobs_fwd", mutates_args=())
 def _fpa_logprobs_fwd_op(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Optional[Tensor], lam: float,
                          temperature: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(N, V), (N, V), (N,), (N,) bool or None -> (logp, ref_logp, fpa_logp, lse), fp32 (N,) each."""
+    """(N, V), (N, V), (N,), (N,) bool or None -> (logp, ref_logp, fpa_logp, lse), (N,) each: fp32, and lse
+    float64 (token_logprobs' backward reads it)."""
     return fpa_logprobs_fwd(logits, ref_logits, tokens, mask, lam, temperature, backend)
 
 
 @_fpa_logprobs_fwd_op.register_fake
 def _(logits, ref_logits, tokens, mask, lam, temperature, backend):
-    return tuple(logits.new_empty(logits.shape[:1], dtype=torch.float32) for _ in range(4))
+    return tuple(logits.new_empty(logits.shape[:1], dtype=dt) for dt in _OUT_DTYPES)
 
 
 def _setup_context(ctx, inputs, output):
@@ -42,8 +43,9 @@ def _backward(ctx, dlogp, _dref, _dfpa, _dlse):
     if dlogp is None or not ctx.needs_input_grad[0]:
         return (None,) * 7
     row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731  (N, ...) -> one (1, N, ...) block
-    # the entropy argument is read only with a dentropy; lse stands in for it
-    dlogits = torch.ops.gxpo.token_logprobs_bwd(row(logits), row(tokens), row(mask), row(lse), row(lse),
+    # the entropy argument is read only with a dentropy: dlogp stands in for it, fp32 like an entropy (the
+    # float64 lse would compile the backward kernel a second time, for a pointer type nothing reads)
+    dlogits = torch.ops.gxpo.token_logprobs_bwd(row(logits), row(tokens), row(mask), row(lse), row(dlogp),
                                                 row(dlogp), None, ctx.temperature, ctx.backend)
     return dlogits[0], None, None, None, None, None, None
 

@@ -6,7 +6,8 @@ logits and keeps three online log-sum-exps, so the extrapolated logits are never
 
 Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
 upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
-through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved lse); ``ref_logp``
+through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved float64 lse, which
+this forward computes as token_logprobs' does: same c = log2(e) / T, same fma exponents); ``ref_logp``
 and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration:
 ``_library.py``; public function: ``logprobs.py``. Paper: arXiv 2509.19893.
 """
@@ -19,9 +20,10 @@ import triton
 import triton.language as tl
 
 from ..._utils import autocast_off, triton_interpret
-from ..logprobs.kernel import _LN2, _LOG2E, _lse_group_step, _num_warps, _vec
+from ..logprobs.kernel import _LOG2E, _logp_lse, _lse_group_step, _num_warps, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_OUT_DTYPES = (torch.float32,) * 3 + (torch.float64,)   # logp, ref_logp, fpa_logp, lse (as token_logprobs saves it)
 # rows per chunk of the PyTorch path (bounds its fp32 temporaries to ~rows * V * 4 bytes each)
 _TORCH_CHUNK_ELEMS = 1 << 20  # ~4 MiB temporaries: cache-resident and reused by malloc
 
@@ -36,8 +38,7 @@ def _fpa_step(p_l, p_r, o_g, c, lam, m1, s1, m2, s2, m3, s3, mask, MASKED: tl.co
     else:
         x_h = tl.load(p_l + o_g).to(tl.float32)
         x_r = tl.load(p_r + o_g).to(tl.float32)
-    # a -inf policy logit (and padding) stays probability 0 under pi_hat, not -inf + inf = NaN when ref is -inf
-    x_f = tl.where(x_h == float("-inf"), float("-inf"), (1.0 + lam) * x_h - lam * x_r)
+    x_f = _fpa_x(x_h, x_r, lam)
     m1, s1, _ = _lse_group_step(x_h, m1, s1, s1, c, False)
     m2, s2, _ = _lse_group_step(x_r, m2, s2, s2, c, False)
     m3, s3, _ = _lse_group_step(x_f, m3, s3, s3, c, False)
@@ -45,15 +46,23 @@ def _fpa_step(p_l, p_r, o_g, c, lam, m1, s1, m2, s2, m3, s3, mask, MASKED: tl.co
 
 
 @triton.jit
-def _lse_finish(m_g, s_g):
-    """Natural-log lse of a row from its per-group base-2 statistics (the one cross-thread combine)."""
+def _fpa_x(x_h, x_r, lam):
+    """Raw logits of pi_hat; a -inf policy logit (and padding) stays probability 0 under pi_hat, not
+    -inf + inf = NaN when ref is -inf."""
+    return tl.where(x_h == float("-inf"), float("-inf"), (1.0 + lam) * x_h - lam * x_r)
+
+
+@triton.jit
+def _logp_finish(m_g, s_g, x_y, c):
+    """(log-prob of the raw target logit x_y, float64 lse) of a row from its per-group base-2 statistics (the
+    one cross-thread combine)."""
     m = tl.max(m_g, axis=0)
-    return (m + tl.log2(tl.sum(s_g * tl.exp2(m_g - m), axis=0))) * _LN2
+    return _logp_lse(x_y, c, m, tl.sum(s_g * tl.exp2(m_g - m), axis=0))
 
 
-@triton.jit(do_not_specialize=["V", "lam", "temperature"])
+@triton.jit(do_not_specialize=["V", "lam", "inv_temp"])
 def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_logp, p_fpa_logp, p_lse,
-                             stride_l, stride_r, V, lam, temperature,
+                             stride_l, stride_r, V, lam, inv_temp,
                              HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     i_row = tl.program_id(0).to(tl.int64)
     valid = True
@@ -66,7 +75,7 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
         # own running statistics for the whole row; the finite start avoids exp(-inf - (-inf)) = NaN
         G: tl.constexpr = BLOCK_V // VEC
         o_g = tl.arange(0, G)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-        c = _LOG2E / temperature
+        c = inv_temp * _LOG2E              # as token_logprobs' backward computes it
         m1 = tl.full([G], -1.0e30, tl.float32)
         m2 = tl.full([G], -1.0e30, tl.float32)
         m3 = tl.full([G], -1.0e30, tl.float32)
@@ -80,17 +89,16 @@ def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_lo
         if v_full < V:
             m1, s1, m2, s2, m3, s3 = _fpa_step(p_l + v_full, p_r + v_full, o_g, c, lam, m1, s1, m2, s2, m3, s3,
                                                v_full + o_g < V, True)
-        lse1 = _lse_finish(m1, s1)
-        lse2 = _lse_finish(m2, s2)
-        lse3 = _lse_finish(m3, s3)
         tok = tl.load(p_tokens + i_row).to(tl.int64)
-        t_h = tl.load(p_l + tok).to(tl.float32) / temperature
-        t_r = tl.load(p_r + tok).to(tl.float32) / temperature
-        t_x = tl.where(t_h == float("-inf"), float("-inf"), (1.0 + lam) * t_h - lam * t_r)
-        tl.store(p_logp + i_row, t_h - lse1)
-        tl.store(p_ref_logp + i_row, t_r - lse2)
-        tl.store(p_fpa_logp + i_row, t_x - lse3)
-        tl.store(p_lse + i_row, lse1)
+        t_h = tl.load(p_l + tok).to(tl.float32)
+        t_r = tl.load(p_r + tok).to(tl.float32)
+        logp, lse = _logp_finish(m1, s1, t_h, c)
+        ref_logp, _ = _logp_finish(m2, s2, t_r, c)
+        fpa_logp, _ = _logp_finish(m3, s3, _fpa_x(t_h, t_r, lam), c)
+        tl.store(p_logp + i_row, logp)
+        tl.store(p_ref_logp + i_row, ref_logp)
+        tl.store(p_fpa_logp + i_row, fpa_logp)
+        tl.store(p_lse + i_row, lse)
     else:
         tl.store(p_logp + i_row, 0.0)
         tl.store(p_ref_logp + i_row, 0.0)
@@ -115,19 +123,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @autocast_off
 def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torch.Tensor,
                      mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
-    """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,) fp32)."""
+    """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,); fp32, lse float64)."""
     N, V = logits2d.shape
     if backend == "torch":
         return _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature)
     # four separate buffers (not views of one) so autograd never sees outputs that alias each other
-    out = [torch.empty(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    out = [torch.empty(N, dtype=dt, device=logits2d.device) for dt in _OUT_DTYPES]
     if N == 0:
         return tuple(out)
     block_v, warps = _launch_cfg(V)
     m = mask1d if mask1d is not None else tokens1d  # dummy pointer when HAS_MASK is False
     _fpa_logprobs_fwd_kernel[(N,)](
         logits2d, ref2d, tokens1d, m, out[0], out[1], out[2], out[3],
-        logits2d.stride(0), ref2d.stride(0), V, float(lam), float(temperature),
+        logits2d.stride(0), ref2d.stride(0), V, float(lam), 1.0 / float(temperature),
         HAS_MASK=mask1d is not None, BLOCK_V=block_v, VEC=min(_vec(logits2d, block_v), _vec(ref2d, block_v)),
         num_warps=warps)
     return out[0], out[1], out[2], out[3]
@@ -140,7 +148,7 @@ def _chunk_rows(V: int) -> int:
 def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
     # same math as the kernel, chunked over rows so fp32 temporaries stay bounded
     N, V = logits2d.shape
-    out = [torch.zeros(N, dtype=torch.float32, device=logits2d.device) for _ in range(4)]
+    out = [torch.zeros(N, dtype=dt, device=logits2d.device) for dt in _OUT_DTYPES]
     idx = tokens1d.long().clamp(0, max(V - 1, 0)).unsqueeze(-1)
     step = _chunk_rows(V)
     for r0 in range(0, N, step):

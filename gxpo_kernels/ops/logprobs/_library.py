@@ -19,14 +19,15 @@ from .kernel import token_logprobs_bwd, token_logprobs_fwd
 def _token_logprobs_fwd_op(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
                            compute_entropy: bool, inplace_backward: bool, backend: str
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse), fp32 (B, T). ``inplace_backward`` only steers the registered backward."""
+    """(logp, entropy, lse), (B, T): fp32, fp32, float64 (what the backward needs; see kernel.py).
+    ``inplace_backward`` only steers the registered backward."""
     return token_logprobs_fwd(logits, tokens, mask, temperature, compute_entropy, backend)
 
 
 @_token_logprobs_fwd_op.register_fake
 def _(logits, tokens, mask, temperature, compute_entropy, inplace_backward, backend):
     B, T, _ = logits.shape
-    return tuple(logits.new_empty((B, T), dtype=torch.float32) for _ in range(3))
+    return tuple(logits.new_empty((B, T), dtype=dt) for dt in (torch.float32, torch.float32, torch.float64))
 
 
 @torch.library.custom_op("gxpo::token_logprobs_bwd", mutates_args=())

@@ -9,8 +9,15 @@ Backward (recomputes p from the saved ``lse``; nothing of size V is kept between
     dlogits_v = ( dlogp * (1[v = y] - p_v) - dH * p_v * (log p_v + H) ) / T
 
 Shapes: logits (B, T, V) fp32/bf16/fp16 (last dim contiguous; other strides free, e.g. ``logits[:, :-1]``),
-tokens (B, T) int64/int32, mask (B, T) bool or None. Outputs logp, entropy, lse are fp32 (B, T); dlogits has
-the logits dtype. All arithmetic is fp32 (inputs are upcast right after loading).
+tokens (B, T) int64/int32, mask (B, T) bool or None. Outputs logp, entropy are fp32 (B, T), the saved lse is
+float64 (B, T); dlogits has the logits dtype. All arithmetic is fp32 (inputs are upcast right after loading),
+except the few per-row float64 operations that carry the log-sum-exp from the forward to the backward.
+
+Low temperatures: lse ~ max(x) / T is large (3e4 at T = 1e-3), so lse rounded to fp32 would be off by ~1e-3
+in absolute terms, an error every recomputed p_v would inherit relatively. The Triton kernels therefore work
+with exponents x * c - M (c = log2(e) / T, M the row max of x * c, both fp32), each computed by one fma (one
+rounding: exact near the max, where p is large), and save lse in float64; the backward splits it into the
+nearest fp32 and a small remainder, and so recomputes the forward's own softmax.
 
 Two backends share one API: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and a chunked
 PyTorch path (CPU). Reference: ``reference.token_logprobs_ref``. The ``torch.library`` registrations
@@ -37,6 +44,31 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _f64(value: tl.constexpr):
+    """A float64 constant at full precision (Triton 3.6 rounds a Python float to fp32 first, even next to a
+    float64 operand)."""
+    return tl.full([], value, tl.float64)
+
+
+@triton.jit
+def _exponent(x, c, m):
+    """x * c - m with one rounding: exact where x * c is close to m (near the row max, where p is large). On a
+    GPU the compiler would contract x * c - m into this fma anyway; the interpreter (Triton 3.9's) needs it
+    spelled out, and the forward's sums and the backward's recomputation must round the same way."""
+    return tl.fma(x, c, -m)
+
+
+@triton.jit
+def _logp_lse(x_y, c, M, s):
+    """From a row's base-2 shift M and sum s = sum 2^(x c - M): the log-prob of the raw target logit x_y (fp32)
+    and the natural-log lse (float64: M + log2 s exactly enough for the backward to split it back)."""
+    log2_s = tl.log2(s)
+    logp = (_exponent(x_y, c, M) - log2_s) * _LN2
+    lse = (M.to(tl.float64) + log2_s.to(tl.float64)) * _f64(_LN2)
+    return logp, lse
+
+
+@triton.jit
 def _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY: tl.constexpr):
     """Online log-sum-exp (base 2) over one (groups, VEC) tile of raw logits x; every group is VEC contiguous
     elements held by one thread, so the group max and sums need no cross-thread traffic. Per group: m_g the
@@ -45,7 +77,7 @@ def _lse_group_step(x, m_g, s_g, a_g, c, COMPUTE_ENTROPY: tl.constexpr):
     # 2^(z2 - m_new) per element: one MUFU; the finite clamp keeps 0 * -inf out of the entropy sum. A plain max
     # drops a NaN operand (maxNum, on the GPU too; m_new above does), the clamp propagates it (max.NaN, same
     # cost): a NaN logit makes its row's sums NaN, as in the PyTorch path, instead of leaving the log-sum-exp
-    d = tl.maximum(x * c - m_new[:, None], -1.0e30, propagate_nan=tl.PropagateNan.ALL)
+    d = tl.maximum(_exponent(x, c, m_new[:, None]), -1.0e30, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp2(d)
     shift = m_g - m_new
     alpha = tl.exp2(shift)
@@ -63,7 +95,7 @@ def _token_logprobs_fwd_kernel(
     p_mask,        # (N,) int8 or dummy
     p_logp,        # (N,) fp32 out
     p_entropy,     # (N,) fp32 out (untouched when COMPUTE_ENTROPY is False)
-    p_lse,         # (N,) fp32 out
+    p_lse,         # (N,) float64 out
     N, T, rows_b, stride_t, V, inv_temp,
     HAS_MASK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
@@ -100,17 +132,15 @@ def _token_logprobs_fwd_kernel(
     M = tl.max(m_g, axis=0)
     f = tl.exp2(m_g - M)
     s = tl.sum(f * s_g, axis=0)
-    log2_s = tl.log2(s)
-    lse = (M + log2_s) * _LN2
 
     y = tl.load(p_tokens + i_row).to(tl.int64)
-    z_y = tl.load(p_row + y).to(tl.float32) * inv_temp
-    tl.store(p_logp + i_row, z_y - lse)
+    logp, lse = _logp_lse(tl.load(p_row + y).to(tl.float32), c, M, s)
+    tl.store(p_logp + i_row, logp)
     tl.store(p_lse + i_row, lse)
     if COMPUTE_ENTROPY:
         # H = lse - E[z] = (log2 s - E[z2 - M]) * ln 2, with sum e (z2 - M) = sum f (a_g + (m_g - M) s_g)
         a = tl.sum(f * (a_g + (m_g - M) * s_g), axis=0)
-        tl.store(p_entropy + i_row, (log2_s - a / s) * _LN2)
+        tl.store(p_entropy + i_row, (tl.log2(s) - a / s) * _LN2)
 
 
 @triton.jit(do_not_specialize=_DNS + ["rows_b_out"])
@@ -136,45 +166,54 @@ def _token_logprobs_bwd_kernel(
                      mask=o_v < V)
         return
 
-    # dz_v = (1[v = y] dlogp - p_v (dlogp + dH (log p_v + H))) / T, in base 2: with l2 = z_v log2(e) - lse log2(e),
-    # p_v = 2^l2 and log p_v = l2 ln 2, so the non-target part is p_v * (k0 + k1 * l2): one MUFU and three FMAs
+    # dz_v = (1[v = y] dlogp - p_v (dlogp + dH (log p_v + H))) / T, in base 2: with l2 = log2 p_v = x_v c - lse2
+    # (c = log2(e) / T, lse2 = lse log2(e)) and log p_v = l2 ln 2, the non-target part is p_v * (k0 + k1 * l2).
+    # lse2 = hi + lo: hi the fp32 nearest (the forward's shift M plus log2 of its sum), lo the small rest. With
+    # t = fma(x_v, c, -hi) (one rounding, as in the forward), p_v = 2^t 2^-lo and l2 = t - lo, so the
+    # non-target part is 2^t (k0' + k1' t), k0' = 2^-lo (k0 - k1 lo), k1' = 2^-lo k1: one MUFU and three FMAs
     # per element. The target's 1[v = y] dlogp / T is added afterwards by one scalar store.
-    lse2 = tl.load(p_lse + i_row) * _LOG2E
+    lse2 = tl.load(p_lse + i_row) * _f64(_LOG2E)
+    hi = lse2.to(tl.float32)
+    lo = (lse2 - hi.to(tl.float64)).to(tl.float32)
     dlogp = tl.load(p_dlogp + i_row)
     y = tl.load(p_tokens + i_row).to(tl.int64)
     c = inv_temp * _LOG2E
+    r = tl.exp2(-lo)
     k0 = -dlogp * inv_temp
     k1 = 0.0
     if HAS_DENTROPY:
         dh = tl.load(p_dentropy + i_row)
         k0 -= dh * tl.load(p_entropy + i_row) * inv_temp
         k1 = -dh * _LN2 * inv_temp
+        k0 -= k1 * lo
+        k1 *= r
+    k0 *= r
     x_y = tl.load(p_row + y).to(tl.float32)     # read before the loop: the in-place backward overwrites it
     o_v = tl.arange(0, BLOCK_V)
     v_full = V - V % BLOCK_V
     for v0 in range(0, v_full, BLOCK_V):         # full tiles: no bounds mask
         x = tl.load(p_row + v0 + o_v).to(tl.float32)
-        tl.store(p_out + v0 + o_v, _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty))
+        tl.store(p_out + v0 + o_v, _dlogits_block(x, c, hi, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty))
     if v_full < V:
         m_v = v_full + o_v < V
         x = tl.load(p_row + v_full + o_v, mask=m_v, other=0.0).to(tl.float32)
-        tl.store(p_out + v_full + o_v, _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty),
+        tl.store(p_out + v_full + o_v, _dlogits_block(x, c, hi, k0, k1, HAS_DENTROPY).to(p_dlogits.dtype.element_ty),
                  mask=m_v)
     # the target element: every thread's stores above are ordered before this one by the barrier
     tl.debug_barrier()
-    g_y = _dlogits_block(x_y, c, lse2, k0, k1, HAS_DENTROPY) + dlogp * inv_temp
+    g_y = _dlogits_block(x_y, c, hi, k0, k1, HAS_DENTROPY) + dlogp * inv_temp
     tl.store(p_out + y, g_y.to(p_dlogits.dtype.element_ty))
 
 
 @triton.jit
-def _dlogits_block(x, c, lse2, k0, k1, HAS_DENTROPY: tl.constexpr):
-    """Non-target part of dz / T for raw logits x (any shape): p * (k0 + k1 * l2), l2 = log2 p."""
-    l2 = x * c - lse2
-    p = tl.exp2(l2)
+def _dlogits_block(x, c, hi, k0, k1, HAS_DENTROPY: tl.constexpr):
+    """Non-target part of dz / T for raw logits x (any shape): 2^t * (k0 + k1 * t), t = x * c - hi."""
+    t = _exponent(x, c, hi)
+    e = tl.exp2(t)
     if HAS_DENTROPY:
         # a -inf logit has p = 0 and log p = -inf: the finite clamp makes its gradient 0, not 0 * inf = NaN
-        return p * (k0 + k1 * tl.maximum(l2, -1.0e30))
-    return p * k0
+        return e * (k0 + k1 * tl.maximum(t, -1.0e30))
+    return e * k0
 
 
 # --------------------------------------------------------------------------------------------- launch helpers
@@ -247,7 +286,7 @@ def _log_probs_chunk(logits, sb, st, temperature, lse=None):
     """
     z = logits[sb, st].float()
     z = z * (1.0 / temperature) if temperature != 1.0 else z
-    c_lse = torch.logsumexp(z, dim=-1) if lse is None else lse[sb, st]
+    c_lse = torch.logsumexp(z, dim=-1) if lse is None else lse[sb, st].float()
     return torch.sub(z, c_lse.unsqueeze(-1)), c_lse
 
 
@@ -255,7 +294,7 @@ def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
     B, T, V = logits.shape
     logp = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp, dtype=torch.float64)   # the Triton path's dtype; fp32 precision here
     for sb, st in _chunks(B, T, V):
         lp, c_lse = _log_probs_chunk(logits, sb, st, temperature)
         y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)  # masked positions may hold any id
@@ -307,13 +346,14 @@ def token_logprobs_fwd(
     backend: str = "triton",         # "triton" or "torch" (already resolved)
     block_v: Optional[int] = None,   # test hook: force the vocabulary block
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (logp, entropy, lse), each fp32 (B, T); zeros at masked rows (and entropy when not computed)."""
+    """Return (logp, entropy, lse), (B, T) each, fp32 but lse float64; zeros at masked rows (and entropy when not
+    computed)."""
     if backend == "torch":
         return _fwd_torch(logits, tokens, mask, temperature, compute_entropy)
     B, T, V = logits.shape
     N = B * T
     logp = torch.empty(B, T, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty_like(logp, dtype=torch.float64)
     ent = torch.empty_like(logp) if compute_entropy else torch.zeros_like(logp)
     if N == 0:
         return logp, ent, lse
@@ -333,7 +373,7 @@ def token_logprobs_bwd(
     logits: torch.Tensor,                # (B, T, V)
     tokens: torch.Tensor,                # (B, T)
     mask: Optional[torch.Tensor],        # (B, T) bool or None
-    lse: torch.Tensor,                   # (B, T) fp32 from the forward
+    lse: torch.Tensor,                   # (B, T) float64 from the forward
     entropy: torch.Tensor,               # (B, T) fp32 from the forward (read only when dentropy is given)
     dlogp: torch.Tensor,                 # (B, T) fp32
     dentropy: Optional[torch.Tensor],    # (B, T) fp32 or None (entropy term skipped)
