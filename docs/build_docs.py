@@ -1,4 +1,4 @@
-"""Fill the generated blocks of README.md and docs/*.md from committed result files.
+"""Fill the generated blocks of README.md, docs/*.md and bench/*.md from committed result files.
 
     python docs/build_docs.py           # rewrite the blocks in place
     python docs/build_docs.py --check   # exit 1 if any block differs from what the result files give
@@ -304,6 +304,19 @@ def _cpu_dispatch() -> str:
     return "\n".join(out)
 
 
+@generator("sm90-sweep")
+def _sm90_sweep() -> str:
+    rel = "bench/results/sm90-sweep-3.9.0.json"
+    doc = _json(rel)
+    out = [f"From `{rel}` (Triton {doc['triton']}, commit `{(doc.get('git_commit') or '?')[:10]}`, "
+           f"`{doc['command']}`; static figures, predictions):", "",
+           "| op | BLOCK_V | warps | elements/thread | instr/elem | registers |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        out.append(f"| {r['op']} | {r['block_v']} | {r['num_warps']} | {r['elems_per_thread']:g} | "
+                   f"{r['instr_per_elem']} | {r['registers']} |")
+    return "\n".join(out)
+
+
 def render(text: str) -> str:
     def sub(m):
         name = m.group("name")
@@ -314,7 +327,7 @@ def render(text: str) -> str:
 
 
 def pages():
-    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "bench").glob("*.md"))
 
 
 def main(argv=None) -> int:
