@@ -70,24 +70,23 @@ def test_sm90_extrapolate_scenarios_cover_its_constexpr_branches():
     """The closed-form scale (libdevice pow), the ALIGN = 1 path (a numel off the 16-byte grid) and float64
     params are compiled too: the scenarios used to launch only the Horner form on aligned fp32/bf16 lists. So is
     a fused-linear forward on a bf16 hidden state and an fp32 weight (``fp32_head=True``)."""
-    code = ("import json; from bench.sm90 import collect;"
-            "print(json.dumps([dict(ln.kwargs, C_DT=str(ln.kwargs['C_DT'])) for ln, _, _ in collect(['extrapolate_'])],"
-            " default=str))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    kw = json.loads(p.stdout.splitlines()[-1])
+    kw = _collected("dict(ln.kwargs, C_DT=str(ln.kwargs['C_DT']))", ["extrapolate_"])
     assert any(k["CLOSED"] and k["LIB_POW"] for k in kw) and any(not k["CLOSED"] for k in kw)
     assert any(k["ALIGN"] == 1 for k in kw) and any(k["ALIGN"] > 1 for k in kw)
     assert any("fp64" in k["C_DT"] for k in kw) and any(not k["HAS_GRAD"] for k in kw)
     # mixed head inputs (bf16 hidden, fp32 weight, fp32_head=True) are a forward compile of their own
-    code = ("import json; from bench.sm90 import collect;"
-            "print(json.dumps([(str(ln.args[0].dtype), str(ln.args[1].dtype)) for ln, _, _ in"
-            " collect(['linear_head_fwd', 'linear_fpa_fwd'])]))")
+    heads = _collected("(str(ln.args[0].dtype), str(ln.args[1].dtype))", ["linear_head_fwd", "linear_fpa_fwd"])
+    assert ["torch.bfloat16", "torch.float32"] in heads
+
+
+def _collected(expr: str, ops) -> list:
+    """``expr`` (of a recorded launch ``ln``) for every compile request of ``ops``, from a fresh process."""
+    code = (f"import json; from bench.sm90 import collect; print(json.dumps([{expr} for ln, _, _ in "
+            f"collect({list(ops)!r})], default=str))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert ["torch.bfloat16", "torch.float32"] in json.loads(p.stdout.splitlines()[-1])
+    return json.loads(p.stdout.splitlines()[-1])
 
 
 def _check_doc(doc, triton_version=None):
