@@ -27,6 +27,7 @@ B, T = 8, 2_048          # N = B * T
 HS = (1_536, 4_096)
 META = torch.device("meta")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+STREAM_DTYPES = {**DTYPES, "fp16": torch.float16}   # the streaming log-prob kernels also take fp16 logits
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _per_block_v(c):
 def token_logprobs_scenarios() -> List[Scenario]:
     m = _mod("logprobs.kernel")
     out = []
-    for dn, dt in DTYPES.items():
+    for dn, dt in STREAM_DTYPES.items():
         logits = _e(B, T, V, dtype=dt)
         tok = _e(B, T, dtype=torch.int64)
         msk = _e(B, T, dtype=torch.bool)
@@ -87,7 +88,7 @@ def token_logprobs_scenarios() -> List[Scenario]:
 def fpa_scenarios() -> List[Scenario]:
     m = _mod("fpa.kernel")
     out = []
-    for dn, dt in DTYPES.items():
+    for dn, dt in STREAM_DTYPES.items():
         lg = _e(N, V, dtype=dt)
         tok = _e(N, dtype=torch.int64)
         msk = _e(N, dtype=torch.bool)
