@@ -377,3 +377,32 @@ def test_triton_logp_of_the_row_max_at_low_temperature(dtype):
         logp, _, _ = TL.token_logprobs_fwd(x, tokens, None, temperature, False, "triton")
         r_logp, _ = token_logprobs_ref(x, tokens, temperature)
         assert float((logp.double() - r_logp).abs().max()) <= 1e-6, temperature
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+def test_triton_row_beyond_the_scaled_logit_range_is_nan():
+    """|max logit| / T >= 2^31 ln 2 (about 1.49e9, docs/validation.md): the rounding error of the row max's
+    product x * log2(e) / T reaches 2^8, so 2^(x c - M) can overflow or underflow. Such a row must be NaN, never a
+    finite wrong number: 8 equal logits of 3000.1152 at T = 1e-6 (rounding error -144: a subnormal 2^-144) gave
+    logp -2.0709 and entropy 2.0682 instead of -+log 8 = 2.0794, under Triton 3.9's interpreter. Rows just inside
+    the range, in the same batch, stay exact; fpa_logprobs shares the forward's finish."""
+    from gxpo_kernels.ops import fpa_logprobs
+    T = 1e-6
+    x = torch.empty(3, 1, 8)
+    x[0] = 3000.1152                        # out of range
+    x[1] = 1.4e9 * T                        # in range: 2^31 ln 2 T = 1488.5
+    x[2] = -1.4e9 * T
+    x[1, 0, 3] -= 2 * T                     # a near tie: p of logit 3 is e^-2 of the others'
+    tokens = torch.tensor([[0], [3], [5]])
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs(xg, tokens, T, backend="triton")
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isnan(logp[0]).all() and torch.isnan(ent[0]).all() and torch.isnan(xg.grad[0]).all()
+    r_logp, r_ent, r_grad = _ref(x[1:], tokens[1:], torch.ones(2, 1, dtype=torch.bool), T, torch.ones(2, 1),
+                                 torch.ones(2, 1))
+    assert float((logp[1:].detach().double() - r_logp).abs().max()) <= 1e-6
+    assert float((ent[1:].detach().double() - r_ent).abs().max()) <= 1e-6
+    assert _row_rel_err(xg.grad[1:], r_grad) <= 1e-5
+    out = fpa_logprobs(x, x, tokens, 1.0, T, backend="triton")
+    for t in out:
+        assert torch.isnan(t[0]).all() and float((t[1:].double() - r_logp).abs().max()) <= 1e-6

@@ -59,13 +59,24 @@ def _exponent(x, c, m):
 
 
 @triton.jit
+def _row_out_of_range(M):
+    """True when a row's base-2 shift M = fl(max(x) c) is 2^31 or more in magnitude (|max logit| / T >= 2^31 ln 2,
+    about 1.49e9). The exponent x c - M of a logit next to the max is then M's own rounding error, which can reach
+    2^8 (half the fp32 spacing there and beyond): 2^(x c - M) overflows, or underflows to an inexact subnormal
+    that gives finite but wrong log-probs. Such a row is reported as NaN (log-prob, entropy, lse, so d(logits))."""
+    return tl.abs(M) >= 2147483648.0
+
+
+@triton.jit
 def _logp_lse(x_y, c, M, s):
     """From a row's base-2 shift M and sum s = sum 2^(x c - M): the log-prob of the raw target logit x_y (fp32)
-    and the natural-log lse (float64: M + log2 s exactly enough for the backward to split it back)."""
+    and the natural-log lse (float64: M + log2 s exactly enough for the backward to split it back); both NaN for
+    a row out of range (``_row_out_of_range``)."""
     log2_s = tl.log2(s)
     logp = (_exponent(x_y, c, M) - log2_s) * _LN2
     lse = (M.to(tl.float64) + log2_s.to(tl.float64)) * _f64(_LN2)
-    return logp, lse
+    bad = _row_out_of_range(M)
+    return tl.where(bad, float("nan"), logp), tl.where(bad, float("nan"), lse)
 
 
 @triton.jit
@@ -140,7 +151,7 @@ def _token_logprobs_fwd_kernel(
     if COMPUTE_ENTROPY:
         # H = lse - E[z] = (log2 s - E[z2 - M]) * ln 2, with sum e (z2 - M) = sum f (a_g + (m_g - M) s_g)
         a = tl.sum(f * (a_g + (m_g - M) * s_g), axis=0)
-        tl.store(p_entropy + i_row, (tl.log2(s) - a / s) * _LN2)
+        tl.store(p_entropy + i_row, tl.where(_row_out_of_range(M), float("nan"), (tl.log2(s) - a / s) * _LN2))
 
 
 @triton.jit(do_not_specialize=_DNS + ["rows_b_out"])
