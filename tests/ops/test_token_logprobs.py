@@ -406,3 +406,31 @@ def test_triton_row_beyond_the_scaled_logit_range_is_nan():
     out = fpa_logprobs(x, x, tokens, 1.0, T, backend="triton")
     for t in out:
         assert torch.isnan(t[0]).all() and float((t[1:].double() - r_logp).abs().max()) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_near_tied_top_logits_at_low_temperature(dtype):
+    """Rows whose top logits tie (common in bf16) or lie within T of each other keep several large probabilities
+    at any temperature: their log-probs, entropy and d(logits) must stay at fp32 precision. The PyTorch path
+    used to divide by T before its log-sum-exp, rounding every term to ~6e-8 |x| / T: at T = 1e-5 the top
+    token's log-prob was 3e-2 off, the entropy 1.6e-2 and d(logits) 0.23 relative (fp32 logits of scale 3).
+    (The Triton kernels meet these bounds under Triton 3.9's interpreter; 3.6's rounds the product of tl.fma, so
+    a logit T below the max is off by 6e-8 |x| / T there, which no GPU does.)"""
+    backend = "torch"
+    torch.manual_seed(0)
+    B, T, V = 2, 4, 1000
+    for temperature in (1e-2, 1e-3, 1e-5):
+        x = (torch.randn(B, T, V) * 3).to(dtype)
+        top = x.float().amax(-1)
+        x[..., 1] = x[..., 2] = top.to(dtype)
+        x[..., 3] = (top - temperature).to(dtype)
+        tokens = torch.ones(B, T, dtype=torch.long)
+        dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+        logp, ent, lse = TL.token_logprobs_fwd(x, tokens, None, temperature, True, backend)
+        dx = TL.token_logprobs_bwd(x, tokens, None, lse, ent, dlogp, dent, temperature, False, backend)
+        r_logp, r_ent, r_grad = _ref(x, tokens, torch.ones(B, T, dtype=torch.bool), temperature, dlogp, dent)
+        assert float((logp.double() - r_logp).abs().max()) <= 1e-6, temperature
+        assert float((ent.double() - r_ent).abs().max()) <= 1e-6, temperature
+        tol = 1e-5 if dtype == torch.float32 else 1e-2                      # bf16: the dlogits output's rounding
+        assert _row_rel_err(dx, r_grad) <= tol, temperature
