@@ -377,3 +377,60 @@ def test_triton_logp_of_the_row_max_at_low_temperature(dtype):
         logp, _, _ = TL.token_logprobs_fwd(x, tokens, None, temperature, False, "triton")
         r_logp, _ = token_logprobs_ref(x, tokens, temperature)
         assert float((logp.double() - r_logp).abs().max()) <= 1e-6, temperature
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+def test_triton_row_beyond_the_scaled_logit_range_is_nan():
+    """|max logit| / T >= 2^31 ln 2 (about 1.49e9, docs/validation.md): the rounding error of the row max's
+    product x * log2(e) / T reaches 2^8, so 2^(x c - M) can overflow or underflow. Such a row must be NaN, never a
+    finite wrong number: 8 equal logits of 3000.1152 at T = 1e-6 (rounding error -144: a subnormal 2^-144) gave
+    logp -2.0709 and entropy 2.0682 instead of -+log 8 = 2.0794, under Triton 3.9's interpreter. Rows just inside
+    the range, in the same batch, stay exact; fpa_logprobs shares the forward's finish."""
+    from gxpo_kernels.ops import fpa_logprobs
+    T = 1e-6
+    x = torch.empty(3, 1, 8)
+    x[0] = 3000.1152                        # out of range
+    x[1] = 1.4e9 * T                        # in range: 2^31 ln 2 T = 1488.5
+    x[2] = -1.4e9 * T
+    x[1, 0, 3] -= 2 * T                     # a near tie: p of logit 3 is e^-2 of the others'
+    tokens = torch.tensor([[0], [3], [5]])
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs(xg, tokens, T, backend="triton")
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isnan(logp[0]).all() and torch.isnan(ent[0]).all() and torch.isnan(xg.grad[0]).all()
+    r_logp, r_ent, r_grad = _ref(x[1:], tokens[1:], torch.ones(2, 1, dtype=torch.bool), T, torch.ones(2, 1),
+                                 torch.ones(2, 1))
+    assert float((logp[1:].detach().double() - r_logp).abs().max()) <= 1e-6
+    assert float((ent[1:].detach().double() - r_ent).abs().max()) <= 1e-6
+    assert _row_rel_err(xg.grad[1:], r_grad) <= 1e-5
+    out = fpa_logprobs(x, x, tokens, 1.0, T, backend="triton")
+    for t in out:
+        assert torch.isnan(t[0]).all() and float((t[1:].double() - r_logp).abs().max()) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_near_tied_top_logits_at_low_temperature(dtype):
+    """Rows whose top logits tie (common in bf16) or lie within T of each other keep several large probabilities
+    at any temperature: their log-probs, entropy and d(logits) must stay at fp32 precision. The PyTorch path
+    used to divide by T before its log-sum-exp, rounding every term to ~6e-8 |x| / T: at T = 1e-5 the top
+    token's log-prob was 3e-2 off, the entropy 1.6e-2 and d(logits) 0.23 relative (fp32 logits of scale 3).
+    (The Triton kernels meet these bounds under Triton 3.9's interpreter; 3.6's rounds the product of tl.fma, so
+    a logit T below the max is off by 6e-8 |x| / T there, which no GPU does.)"""
+    backend = "torch"
+    torch.manual_seed(0)
+    B, T, V = 2, 4, 1000
+    for temperature in (1e-2, 1e-3, 1e-5):
+        x = (torch.randn(B, T, V) * 3).to(dtype)
+        top = x.float().amax(-1)
+        x[..., 1] = x[..., 2] = top.to(dtype)
+        x[..., 3] = (top - temperature).to(dtype)
+        tokens = torch.ones(B, T, dtype=torch.long)
+        dlogp, dent = torch.randn(B, T), torch.randn(B, T)
+        logp, ent, lse = TL.token_logprobs_fwd(x, tokens, None, temperature, True, backend)
+        dx = TL.token_logprobs_bwd(x, tokens, None, lse, ent, dlogp, dent, temperature, False, backend)
+        r_logp, r_ent, r_grad = _ref(x, tokens, torch.ones(B, T, dtype=torch.bool), temperature, dlogp, dent)
+        assert float((logp.double() - r_logp).abs().max()) <= 1e-6, temperature
+        assert float((ent.double() - r_ent).abs().max()) <= 1e-6, temperature
+        tol = 1e-5 if dtype == torch.float32 else 1e-2                      # bf16: the dlogits output's rounding
+        assert _row_rel_err(dx, r_grad) <= tol, temperature

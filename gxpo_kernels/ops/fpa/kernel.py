@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..._utils import autocast_off, triton_interpret
-from ..logprobs.kernel import _LOG2E, _logp_lse, _lse_group_step, _num_warps, _vec
+from ..logprobs.kernel import _LOG2E, _log_probs_chunk, _logp_lse, _lse_group_step, _num_warps, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.float32,) * 3 + (torch.float64,)   # logp, ref_logp, fpa_logp, lse (as token_logprobs saves it)
@@ -153,16 +153,17 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
     step = _chunk_rows(V)
     for r0 in range(0, N, step):
         sl = slice(r0, r0 + step)
-        # * (1 / T), not / T: the same rounding as token_logprobs' backward, which recomputes log p from this lse
-        h = logits2d[sl].float() * (1.0 / temperature)
-        r = ref2d[sl].float() * (1.0 / temperature)
+        # all three as token_logprobs' PyTorch path computes log-probs (its backward recomputes logp from lse1):
+        # shifted by the row max before the scaling by 1 / T, so large probabilities keep fp32 precision at any T;
+        # pi_hat's logits are formed from the raw logits, as the kernel does (lam = 0 gives logp exactly)
+        h, r = logits2d[sl].float(), ref2d[sl].float()
         x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
-        lse1, lse2, lse3 = (torch.logsumexp(z, -1) for z in (h, r, x))
         i = idx[sl]
-        out[0][sl] = h.gather(-1, i).squeeze(-1) - lse1
-        out[1][sl] = r.gather(-1, i).squeeze(-1) - lse2
-        out[2][sl] = x.gather(-1, i).squeeze(-1) - lse3
-        out[3][sl] = lse1
+        for k, z in enumerate((h, r, x)):
+            lp, lse = _log_probs_chunk(z.unsqueeze(0), slice(None), slice(None), temperature)
+            out[k][sl] = lp[0].gather(-1, i).squeeze(-1)
+            if k == 0:
+                out[3][sl] = lse[0]
     if mask1d is not None:
         for o in out:
             o.masked_fill_(~mask1d, 0.0)

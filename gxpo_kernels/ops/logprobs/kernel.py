@@ -59,13 +59,24 @@ def _exponent(x, c, m):
 
 
 @triton.jit
+def _row_out_of_range(M):
+    """True when a row's base-2 shift M = fl(max(x) c) is 2^31 or more in magnitude (|max logit| / T >= 2^31 ln 2,
+    about 1.49e9). The exponent x c - M of a logit next to the max is then M's own rounding error, which can reach
+    2^8 (half the fp32 spacing there and beyond): 2^(x c - M) overflows, or underflows to an inexact subnormal
+    that gives finite but wrong log-probs. Such a row is reported as NaN (log-prob, entropy, lse, so d(logits))."""
+    return tl.abs(M) >= 2147483648.0
+
+
+@triton.jit
 def _logp_lse(x_y, c, M, s):
     """From a row's base-2 shift M and sum s = sum 2^(x c - M): the log-prob of the raw target logit x_y (fp32)
-    and the natural-log lse (float64: M + log2 s exactly enough for the backward to split it back)."""
+    and the natural-log lse (float64: M + log2 s exactly enough for the backward to split it back); both NaN for
+    a row out of range (``_row_out_of_range``)."""
     log2_s = tl.log2(s)
     logp = (_exponent(x_y, c, M) - log2_s) * _LN2
     lse = (M.to(tl.float64) + log2_s.to(tl.float64)) * _f64(_LN2)
-    return logp, lse
+    bad = _row_out_of_range(M)
+    return tl.where(bad, float("nan"), logp), tl.where(bad, float("nan"), lse)
 
 
 @triton.jit
@@ -140,7 +151,7 @@ def _token_logprobs_fwd_kernel(
     if COMPUTE_ENTROPY:
         # H = lse - E[z] = (log2 s - E[z2 - M]) * ln 2, with sum e (z2 - M) = sum f (a_g + (m_g - M) s_g)
         a = tl.sum(f * (a_g + (m_g - M) * s_g), axis=0)
-        tl.store(p_entropy + i_row, (tl.log2(s) - a / s) * _LN2)
+        tl.store(p_entropy + i_row, tl.where(_row_out_of_range(M), float("nan"), (tl.log2(s) - a / s) * _LN2))
 
 
 @triton.jit(do_not_specialize=_DNS + ["rows_b_out"])
@@ -279,22 +290,36 @@ def _chunks(B: int, T: int, V: int):
 
 
 def _log_probs_chunk(logits, sb, st, temperature, lse=None):
-    """fp32 log-probs z - lse of one chunk (a fresh buffer, safe to modify) and the chunk's lse.
+    """fp32 log-probs z - lse of one chunk (a fresh buffer, safe to modify) and the chunk's float64 lse.
 
     z - logsumexp(z) rather than torch.log_softmax/softmax: on CPU their vectorised kernels lose ~4e-6
-    relative precision in the entropy at V = 32k, this form stays at fp32 rounding.
+    relative precision in the entropy at V = 32k, this form stays at fp32 rounding. The logits are shifted by
+    their row max m before the division by T, as the Triton kernels' fma exponents are: x - m is exact next to
+    the max, so the large probabilities keep fp32 precision at any temperature (x / T - lse would round both
+    terms to ~6e-8 |x| / T: 2e-2 relative in p at T = 1e-4 for near-tied top logits). The lse is m / T plus
+    the chunk's small logsumexp, in float64 so the backward (``lse`` given) recovers the latter.
     """
-    z = logits[sb, st].float()
-    z = z * (1.0 / temperature) if temperature != 1.0 else z
-    c_lse = torch.logsumexp(z, dim=-1) if lse is None else lse[sb, st].float()
-    return torch.sub(z, c_lse.unsqueeze(-1)), c_lse
+    x = logits[sb, st].float()
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))  # -inf/+inf rows: no shift
+    z = torch.sub(x, m)
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
+    m_z = m.squeeze(-1).double() * (1.0 / temperature)
+    if lse is None:
+        c_lse = torch.logsumexp(z, dim=-1)
+        full = m_z + c_lse.double()
+    else:
+        full = lse[sb, st]
+        c_lse = (full - m_z).float()
+    return z.sub_(c_lse.unsqueeze(-1)), full
 
 
 def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
     B, T, V = logits.shape
     logp = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp, dtype=torch.float64)   # the Triton path's dtype; fp32 precision here
+    lse = torch.zeros_like(logp, dtype=torch.float64)   # m / T + a small fp32 logsumexp (the Triton path's dtype)
     for sb, st in _chunks(B, T, V):
         lp, c_lse = _log_probs_chunk(logits, sb, st, temperature)
         y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)  # masked positions may hold any id
