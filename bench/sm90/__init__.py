@@ -40,7 +40,7 @@ def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float],
         # of the data; a loop with k times the body's loads was unrolled k times by the compiler
         body = [(lp, max(1, lp.counts["LDG"] // loads_per_iter)) for lp in inner if lp.counts["LDG"]]
         hot, unroll = min(body, key=lambda b: b[0].n_instr / b[1])
-        out = {"n_instr": hot.n_instr, **hot.counts, "unroll": unroll,
+        out = {"n_instr": hot.n_instr, "start": hot.start, **hot.counts, "unroll": unroll,
                "other_loops_instr_per_elem": sorted(round(lp.n_instr / (k * elems_per_thread), 2)
                                                     for lp, k in body if lp is not hot)}
         out["elems_per_thread"] = elems_per_thread * unroll
@@ -50,7 +50,7 @@ def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float],
     hot = max(inner, key=lambda lp: (lp.counts["LDG"] + lp.counts["MMA"] + lp.counts["LDGSTS_TMA"] > 0,
                                      lp.counts["LDG"] + lp.counts["STG"] + lp.counts["RED_ATOM"] + lp.counts["MMA"]
                                      + lp.counts["LDGSTS_TMA"], lp.n_instr))
-    out = {"n_instr": hot.n_instr, **hot.counts}
+    out = {"n_instr": hot.n_instr, "start": hot.start, **hot.counts}
     if elems_per_thread:
         out["elems_per_thread"] = elems_per_thread
         out["instr_per_elem"] = round(hot.n_instr / elems_per_thread, 2)
@@ -142,7 +142,7 @@ def run(ops: Optional[List[str]] = None, jobs: Optional[int] = None, sass_dir: O
                 f.write(sass)
         rec.update({k: res[k] for k in ("constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
                                         "static_shared_bytes", "local_bytes", "stack_bytes", "spill_instructions",
-                                        "n_instructions", "mma", "atomics", "compile_cpu_s")})
+                                        "n_instructions", "mma", "atomics", "barriers", "compile_cpu_s")})
         rec["hot_loop"] = _hot_loop(res_obj(res), ept, sc.loads_per_iter(c, ept) if sc.loads_per_iter and ept else None)
         rec["loops"] = res["loops"]
         rec["signature"] = res["signature"]

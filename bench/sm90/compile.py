@@ -187,7 +187,9 @@ def analyse_cubin(cubin: bytes) -> Dict[str, Any]:
     n_spill_instr = sum(1 for _, ins in instrs if _opcode(ins).split(".")[0] in ("LDL", "STL"))
     return {"registers": regs, "stack_bytes": stack, "static_shared_bytes": shared, "local_bytes": local,
             "spill_instructions": n_spill_instr, "n_instructions": len(instrs), "loops": loops,
-            "mma": mma_shapes(instrs), "atomics": atomic_kinds(instrs), "sass": sass}
+            "mma": mma_shapes(instrs), "atomics": atomic_kinds(instrs),
+            "barriers": [i for i, (_, ins) in enumerate(instrs) if _opcode(ins).split(".")[0] == "BAR"],  # as loop starts
+            "sass": sass}
 
 
 def compile_launch(launch: Launch) -> Dict[str, Any]:

@@ -112,6 +112,9 @@ def test_sm90_check_installed_triton(tmp_path):
     fwd = [k for k in doc["kernels"] if k["kernel"] == "_token_logprobs_fwd_kernel"]
     assert len(fwd) == 12 and all(k["hot_loop"]["instr_per_elem"] <= 12 for k in fwd)   # bf16, fp32, fp16
     assert all(k["hot_loop"]["SHFL"] == 0 and k["hot_loop"]["BAR"] == 0 for k in fwd)   # no cross-thread work
+    # the in-place backward: a barrier between the target logit's read and the loop's first store
+    bwd = [k for k in doc["kernels"] if k["kernel"] == "_token_logprobs_bwd_kernel"]
+    assert bwd and all(min(k["barriers"], default=1 << 30) < k["hot_loop"]["start"] for k in bwd)
     bf16_head = [k for k in doc["kernels"] if k["kernel"] == "_bwd_dlogits_kernel"
                  and k["signature"]["h_ptr"] == "*bf16" and not k["constexprs"]["UPCAST"]]
     assert bf16_head and all(any("64x128x16" in m for m in k["mma"]) for k in bf16_head)

@@ -200,6 +200,8 @@ def _token_logprobs_bwd_kernel(
         k1 *= r
     k0 *= r
     x_y = tl.load(p_row + y).to(tl.float32)     # read before the loop: the in-place backward overwrites it
+    # every warp holds its x_y before any warp stores (in place, another warp's tile may hold the target)
+    tl.debug_barrier()
     o_v = tl.arange(0, BLOCK_V)
     v_full = V - V % BLOCK_V
     for v0 in range(0, v_full, BLOCK_V):         # full tiles: no bounds mask
