@@ -143,7 +143,8 @@ def run(ops: Optional[List[str]] = None, jobs: Optional[int] = None, sass_dir: O
         rec.update({k: res[k] for k in ("constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
                                         "static_shared_bytes", "local_bytes", "stack_bytes", "spill_instructions",
                                         "n_instructions", "mma", "atomics", "barriers", "compile_cpu_s")})
-        rec["hot_loop"] = _hot_loop(res_obj(res), ept, sc.loads_per_iter(c, ept) if sc.loads_per_iter and ept else None)
+        loads = sc.loads_per_iter(c, ept) if sc.loads_per_iter and ept else None
+        rec["hot_loop"] = _hot_loop(res_obj(res), ept, loads)
         rec["loops"] = res["loops"]
         rec["signature"] = res["signature"]
         if res["local_bytes"] or res["spill_instructions"]:

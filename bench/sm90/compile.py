@@ -188,7 +188,8 @@ def analyse_cubin(cubin: bytes) -> Dict[str, Any]:
     return {"registers": regs, "stack_bytes": stack, "static_shared_bytes": shared, "local_bytes": local,
             "spill_instructions": n_spill_instr, "n_instructions": len(instrs), "loops": loops,
             "mma": mma_shapes(instrs), "atomics": atomic_kinds(instrs),
-            "barriers": [i for i, (_, ins) in enumerate(instrs) if _opcode(ins).split(".")[0] == "BAR"],  # as loop starts
+            # instruction indices of the BARs, as loop starts are given
+            "barriers": [i for i, (_, ins) in enumerate(instrs) if _opcode(ins).split(".")[0] == "BAR"],
             "sass": sass}
 
 
