@@ -169,7 +169,7 @@ def _extrapolate_loads(c: Dict[str, Any], elems_per_thread: float) -> int:
     when ALIGN > 1, else one load per element. (Full chunks run an unmasked copy of the body, every chunk but each
     tensor's last: that copy is the hot loop.)"""
     names = ["P_DT", "T0_DT"] + (["G0_DT", "G1_DT"] if c["HAS_GRAD"] else [])
-    nbytes = [_BYTES[str(c[n]).split(".")[-1].replace("float", "fp").replace("bfloat", "bf")] for n in names]
+    nbytes = [_BYTES[str(c[n])] for n in names]   # (Triton dtypes print as "fp32", "bf16", ...)
     return sum(-(-int(elems_per_thread * b) // (16 if c["ALIGN"] > 1 else b)) for b in nbytes)
 
 
