@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
 # The sm_90 compile check (python -m bench.sm90) on Triton 3.6, the version GPU machines carry, next to the
-# Triton CI pins: a throwaway venv holds only triton==3.6.0 and sees the current environment's packages
-# (torch, ...) through a .pth file placed after its own site-packages, so its Triton shadows the pinned one.
+# Triton CI pins: triton==3.6.0 alone is installed into a cached folder (pip --target, no dependencies) that goes
+# first on PYTHONPATH, so it shadows the pinned Triton while torch and the rest come from the calling environment.
 #   bash .ci/sm90_triton36.sh [--json OUT.json]     (exit 1 on a compile error or a register spill)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-# one cached venv per calling environment (Python version + site-packages): a venv of another Python would load
-# this environment's compiled packages (torch) into the wrong interpreter, and a shared venv's .pth would be
-# rewritten under a concurrent run from another environment
+# one folder per Python version (Triton's wheels hold compiled code), shared by every environment of that version:
+# it is never written once complete, so concurrent runs and fresh clones reuse it instead of growing /tmp by 650 MB
 PYV=$("$PY" -c "import sys; print('%d.%d' % sys.version_info[:2])")
-VENV=${SM90_T36_VENV:-${TMPDIR:-/tmp}/gxpo-triton36-py$PYV-$(printf %s "$SITE" | sha1sum | cut -c1-8)}
-if ! "$VENV/bin/python" -c "import sys, triton
-sys.exit(triton.__version__ != '3.6.0' or '%d.%d' % sys.version_info[:2] != '$PYV')" 2>/dev/null; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps triton==3.6.0
+T36=${SM90_T36_DIR:-${TMPDIR:-/tmp}/gxpo-triton36-py$PYV}
+if ! PYTHONPATH="$T36" "$PY" -c "import sys, triton; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; then
+  TMP=$(mktemp -d "$T36.partial.XXXXXX")
+  trap 'rm -rf "$TMP"' EXIT
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$TMP" triton==3.6.0
+  rm -rf "$T36"
+  mv -T "$TMP" "$T36" 2>/dev/null || true   # a concurrent run may have put a complete copy there first
 fi
-VSITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$SITE" > "$VSITE/zz_gxpo_base_env.pth"
-TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$PWD" "$VENV/bin/python" -m bench.sm90 "$@"
+TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$T36:$PWD" "$PY" -m bench.sm90 "$@"

@@ -3,6 +3,7 @@ only (torch, triton, numpy, ninja): the core imports without the [train] extra, 
 runs the C++ op built from the source shipped inside the wheel."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -49,9 +50,13 @@ def test_wheel_installs_core_with_cpp_op(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
           str(ROOT)], env=env, timeout=600)
     wheel = next(dist.glob("gxpo_kernels-*.whl"))
-    _run([sys.executable, "-m", "venv", str(venv)], env=env, timeout=300)
-    py = str(venv / "bin" / "python")
-    torch_pin = "torch==" + __import__("torch").__version__.split("+")[0]
-    _run([py, "-m", "pip", "install", "-q", torch_pin, str(wheel)], env=env, timeout=1200)
-    r = _run([py, "-c", CHECK], env=env, cwd=work, timeout=900)
-    assert "WHEEL-OK" in r.stdout
+    try:
+        _run([sys.executable, "-m", "venv", str(venv)], env=env, timeout=300)
+        py = str(venv / "bin" / "python")
+        torch_pin = "torch==" + __import__("torch").__version__.split("+")[0]
+        _run([py, "-m", "pip", "install", "-q", torch_pin, str(wheel)], env=env, timeout=1200)
+        r = _run([py, "-c", CHECK], env=env, cwd=work, timeout=900)
+        assert "WHEEL-OK" in r.stdout
+    finally:
+        # the venv holds a torch install (~1 GB); pytest keeps the last runs' temporary folders, so drop it now
+        shutil.rmtree(venv, ignore_errors=True)
