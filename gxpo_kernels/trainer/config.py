@@ -163,11 +163,9 @@ class TrainConfig:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.reward is not None and self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.model is not None and not os.path.isdir(self.model):
-            raise ValueError(f"--model {self.model!r}: no such directory (give a local model folder)")
-        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
-            raise ValueError(f"--model {self.model!r}: the folder has no config.json, so it is not a "
-                             "transformers model")
+        if self.model is not None:
+            from .model import check_local_model
+            check_local_model(self.model)
         if self.dataset is None:
             if self.task not in TASKS:
                 raise ValueError(f"task must be one of {tuple(TASKS)} (or give --dataset), got {self.task!r}")

@@ -87,20 +87,40 @@ def build_tiny_model(cfg: dict, tokenizer, device: torch.device, seed: int = 0):
     return model.to(device=device, dtype=torch.float32)
 
 
-def load_local_model(path: str, device: torch.device):
-    """Load ``AutoModelForCausalLM`` (and its tokenizer, if the folder has one) from a local directory.
-
-    Returns (model, hf_tokenizer_or_None). Never downloads: a missing folder is a clear ValueError.
-    """
+def check_local_model(path: str):
+    """The ``AutoConfig`` of a local model folder; a missing folder, a missing or unreadable config.json is a
+    one-line ValueError (cheap: run before any work, so a bad folder fails before ``--overwrite`` empties
+    ``--out``)."""
     if not os.path.isdir(path):
         raise ValueError(f"--model {path!r}: no such directory (give a local model folder with config.json)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model {path!r}: the folder has no config.json, so it is not a transformers model")
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--model {path!r}: cannot read its config.json ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from None
+
+
+def load_local_model(path: str, device: torch.device):
+    """Load ``AutoModelForCausalLM`` (and its tokenizer, if the folder has one) from a local directory.
+
+    Returns (model, hf_tokenizer_or_None). Never downloads: a missing folder or damaged files are a clear
+    ValueError.
+    """
+    check_local_model(path)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, attn = dtype_and_attn(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn, local_files_only=True)
-    tok = None
-    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+                                                     local_files_only=True)
+        tok = None
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"--model {path!r}: cannot load the model or its tokenizer ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from e
     return model.to(device), tok

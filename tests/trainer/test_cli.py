@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from gxpo_kernels import cli
 from gxpo_kernels.trainer import loop, speedup
@@ -281,6 +282,47 @@ def test_out_folder_checks(tmp_path, capsys, no_work):
                 cli.main(argv)
             err = capsys.readouterr().err
             assert "not writable" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _bad_model_and_dataset(tmp_path):
+    """A --model folder whose config.json is not JSON, one with a valid config.json, and a JSONL file whose
+    first line is not JSON."""
+    from transformers import Qwen2Config
+    broken, fine = tmp_path / "broken-model", tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(fine)
+    data = tmp_path / "d.jsonl"
+    data.write_text("not json\n")
+    return broken, fine, data
+
+
+def test_bad_model_and_dataset_files_fail_before_overwrite(tmp_path, capsys, no_work):
+    """A damaged --model config.json or --dataset file is one line and exit code 2, found before --overwrite
+    empties --out: it used to be a traceback (exit 1) from inside the run, or found after the earlier run's
+    folder had been deleted."""
+    broken, fine, data = _bad_model_and_dataset(tmp_path)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "records.jsonl").write_text("{}\n")
+    for cmd in ("train", "speedup"):
+        for argv, msg in ((["--model", str(broken)], "cannot read its config.json"),
+                          (["--model", str(fine), "--dataset", str(data)], "d.jsonl:1: not a JSON object")):
+            with pytest.raises(SystemExit) as e:
+                cli.main([cmd, *argv, "--out", str(earlier), "--overwrite"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and msg in err and "Traceback" not in err, err
+            assert len(err.strip().splitlines()) == 1, err
+            assert (earlier / "records.jsonl").read_text() == "{}\n"
+
+
+def test_damaged_model_weights_are_one_clear_error(tmp_path):
+    from gxpo_kernels.trainer.model import load_local_model
+    _, fine, _ = _bad_model_and_dataset(tmp_path)
+    (fine / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot load the model"):
+        load_local_model(str(fine), torch.device("cpu"))
 
 
 def test_overwrite_replaces_only_own_folder(tmp_path):
