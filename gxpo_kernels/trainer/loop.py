@@ -249,16 +249,23 @@ class RecordLog:
     def __init__(self, out_dir: Optional[str], config: dict, progress: Optional[Callable] = None,
                  resumed: Optional[List[dict]] = None):
         """``resumed``: the records of a checkpoint being resumed; ``records.jsonl`` restarts from them (records
-        written after the checkpoint are dropped) and ``config.json`` keeps the original run's."""
+        written after the checkpoint are dropped) and ``config.json`` keeps the original run's, with the
+        settings a resume may change (``checkpoint.RESUMABLE_CHANGES``: ``steps`` ...) updated to this run's."""
         self.records: List[dict] = list(resumed or [])
         self.progress = progress
         self._f = None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "config.json")
-            if resumed is None or not os.path.isfile(path):
-                with open(path, "w") as f:
-                    json.dump(_json_safe(config), f, indent=1)
+            if resumed is not None and os.path.isfile(path):
+                with open(path) as f:
+                    kept = json.load(f)
+                kept["train"].update({k: config["train"][k] for k in ckpt.RESUMABLE_CHANGES})
+                config = kept
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(_json_safe(config), f, indent=1)
+            os.replace(tmp, path)
             self._f = open(os.path.join(out_dir, "records.jsonl"), "w")
             for rec in self.records:
                 self._f.write(json.dumps(rec) + "\n")

@@ -174,6 +174,31 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
 
 
+def test_extending_a_run_equals_the_longer_run(tmp_path, random_advantages):
+    """A 10-step run stopped after step 6 and resumed with --steps 14 equals an uninterrupted 14-step run (records
+    and config.json, which says 14 steps; it said 10). Under a linear / cosine schedule the rate at every step
+    depends on --steps, so there a change of --steps is refused: it used to splice two schedules silently (the
+    rate jumped from 6.5e-6 at step 5 to 7.2e-6 at step 6 of a cosine run extended from 10 to 14 steps)."""
+    base = TrainConfig(cache_dir=str(tmp_path / "c"), **dict(TINY, val_every=2))
+
+    def crash_after_6(rec):
+        if rec["step"] == 6:
+            raise Crash
+    ref = loop.train(base.replace(out_dir=str(tmp_path / "full"), steps=14))
+    out = str(tmp_path / "cut")
+    with pytest.raises(Crash):
+        loop.train(base.replace(out_dir=out), progress=crash_after_6)
+    recs = loop.train(base.replace(out_dir=out, resume="latest", steps=14))
+    assert _strip(recs) == _strip(ref)
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["steps"] == 14
+    cosine = base.replace(out_dir=str(tmp_path / "cos"), lr_scheduler_type="cosine")
+    with pytest.raises(Crash):
+        loop.train(cosine, progress=crash_after_6)
+    with pytest.raises(ValueError, match="lr_scheduler_type 'cosine'.*steps=10 .now 14"):
+        loop.train(cosine.replace(resume="latest", steps=14))
+    assert [r["step"] for r in loop.train(cosine.replace(resume="latest"))] == list(range(11))
+
+
 def test_resume_a_checkpoint_older_than_a_setting(tmp_path):
     """A checkpoint written before a TrainConfig field existed (its config.json lacks it) resumes when the field
     is at its default (the old run behaved so) and is refused when it is not."""
