@@ -42,6 +42,7 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
         group_ids: (N,) integer group id per reward (ragged groups); exclusive with ``group_size``.
 
     Returns: GroupStats of flat (N,) float64/int64 tensors in the flattened rewards order.
+    Raises ValueError on NaN/inf rewards, and on finite ones whose statistics overflow float64 (spread > ~1e154).
     """
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
@@ -76,7 +77,7 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
         centred = d - dmean[inv]
         ss = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, centred * centred)
         std = torch.where(count > 1, (ss / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
-        return GroupStats((low + dmean)[inv], std[inv], count[inv].long())
+        return _finite_stats(GroupStats((low + dmean)[inv], std[inv], count[inv].long()), r)
     if group_size is None:
         if rewards.dim() != 2:
             raise ValueError("pass group_size (or group_ids) for 1-D rewards, or rewards shaped (num_prompts, G)")
@@ -92,11 +93,29 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
     mean = low + (g - low).mean(-1, keepdim=True)
     std = (g - low).std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     count = torch.full_like(g, group_size, dtype=torch.int64)
-    return GroupStats(mean.expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1))
+    return _finite_stats(GroupStats(mean.expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1)), r)
+
+
+def _finite_stats(st: GroupStats, r: torch.Tensor) -> GroupStats:
+    """``st``, or a ValueError when finite rewards spread so wide (above ~1e154) that float64 overflowed: the
+    statistics would be inf/NaN and the advantages silently 0 or -inf."""
+    if not bool(torch.isfinite(st.mean).all() & torch.isfinite(st.std).all()):
+        raise ValueError(f"rewards (|r| up to {float(r.abs().max()):.3g}) overflow float64 group statistics; "
+                         "rescale them")
+    return st
 
 
 def _out_dtype(rewards: torch.Tensor) -> torch.dtype:
     return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
+def _cast_out(adv: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """float64 advantages in the rewards' float dtype and shape; a ValueError when one overflows that dtype."""
+    out = adv.to(_out_dtype(rewards))
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"advantages (|A| up to {float(adv.abs().max()):.3g}) overflow {out.dtype}, the rewards' "
+                         "dtype: pass float64 rewards")
+    return out.view(rewards.shape)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
@@ -105,6 +124,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
 
     Args: see ``group_stats`` for ``rewards`` / ``group_size`` / ``group_ids``; ``eps`` >= 0.
     Returns: advantages with the shape of ``rewards``; a group of one gets 0.
+    Raises ValueError when the statistics overflow float64 or an advantage overflows the rewards' dtype.
 
     Example:
         >>> group_advantages(torch.tensor([1., 0., 0., 1., 1., 1.]), group_size=3)
@@ -119,7 +139,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
         # a constant group (all right / all wrong) has R - mean = 0 and std = 0: its advantage is 0, also at eps=0
         denom = st.std + eps
         adv = torch.where((st.count > 1) & (denom > 0), adv / torch.where(denom > 0, denom, 1.0), torch.zeros_like(adv))
-    return adv.to(_out_dtype(rewards)).view(rewards.shape)
+    return _cast_out(adv, rewards)
 
 
 def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
@@ -144,7 +164,7 @@ def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     centred = r - st.mean
     adv = torch.pow(1.0 - st.mean, alpha - 1.0) * centred    # 0**0 == 1, and centred == 0 there anyway
     adv = torch.where(r < st.mean, adv / delta, adv)
-    return adv.to(_out_dtype(rewards)).view(rewards.shape)
+    return _cast_out(adv, rewards)
 
 
 def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -202,6 +202,28 @@ def test_bad_input():
     assert c.steps == 0
 
 
+def test_overflowing_statistics_or_advantages_are_an_error():
+    """Finite rewards whose group statistics overflow float64 (spread above ~1e154), or whose advantage does not
+    fit the rewards' dtype, are a clear error. They used to come back silently wrong: [-1e308, 1e308] gave GRPO
+    advantages [0, 0] (right: [-0.707, 0.707]) and Dr.GRPO [-inf, -inf]; fp16 rewards [65504, -65504 x 3] gave a
+    Dr.GRPO advantage of inf (the true 98256 exceeds fp16's range)."""
+    for r in ([-1e308, 1e308], [1.7e308, 1.7e308, -1.7e308], [1e200, -1e200, 0.0]):
+        t = torch.tensor(r, dtype=torch.float64)
+        for scale in ("std", "none"):
+            with pytest.raises(ValueError, match="overflow"):
+                group_advantages(t, group_size=len(r), scale=scale)
+            with pytest.raises(ValueError, match="overflow"):
+                group_advantages(t, group_ids=torch.zeros(len(r), dtype=torch.long), scale=scale)
+    half = torch.tensor([65504.0, -65504.0, -65504.0, -65504.0], dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflow.*float16"):
+        group_advantages(half, group_size=4, scale="none")
+    torch.testing.assert_close(group_advantages(half, group_size=4).float(), torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    # large but representable: exact against a float64 reference
+    big = torch.tensor([1e150, -1e150, 3e149, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(group_advantages(big, group_size=4, eps=0.0),
+                               (big - big.mean()) / big.std(), rtol=1e-12, atol=0)
+
+
 def test_controller_bad_state_changes_nothing_and_numpy_scalars_are_accepted():
     import numpy as np
     c = FADEController(alpha_max=2.0, ema=np.float32(0.25), p0=torch.tensor(0.4))   # like every other option
