@@ -24,7 +24,7 @@ import typing
 from typing import List, Optional
 
 from .trainer.config import SFTConfig, TrainConfig, ignored_options, parse_method, preset
-from .trainer.tasks import make_task
+from .trainer.tasks import check_inputs
 
 PRESETS = ("default", "smoke", "test")
 PROG = "gxpo-kernels"
@@ -188,7 +188,7 @@ def _speedup(a) -> int:
     cfg = dataclasses.replace(cfg, train=tc, methods=methods, seeds=seeds, lr_mult=a.lr_mult,
                               out_dir=tc.out_dir or default_out_dir(), workers=a.workers, threads=a.threads)
     cfg.validate()
-    make_task(tc)   # reads --dataset: a bad file fails here, not after --overwrite emptied --out
+    check_inputs(tc)   # reads --dataset and draws the validation set: before --overwrite empties --out
     if tc.cache_dir:
         check_writable_dir(tc.cache_dir, "--cache_dir")
     check_out_dir(cfg.out_dir, overwrite=a.overwrite, resume=a.resume)   # the last check: --overwrite empties it
@@ -235,7 +235,7 @@ def _train(a) -> int:
         load_ds_config(tc.deepspeed, tc)          # the engine reads it again; a bad one fails here, not later
     if tc.resume is not None:
         checkpoint.resolve_resume(tc.resume, out)   # the run resolves it again (read only)
-    make_task(tc)   # reads --dataset: a bad file fails here, not after --overwrite emptied --out
+    check_inputs(tc)   # reads --dataset and draws the validation set: before --overwrite empties --out
     if rank0:   # under torchrun / deepspeed only rank 0 writes records
         if tc.cache_dir:
             check_writable_dir(tc.cache_dir, "--cache_dir")

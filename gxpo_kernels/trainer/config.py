@@ -58,6 +58,8 @@ class SFTConfig:
         for name in ("batch_size", "check_every", "check_size", "pool_size"):
             _int_at_least(f"sft_{name}", getattr(self, name), 1)
         _int_at_least("sft_max_steps", self.max_steps, 0)
+        if self.max_steps > 0 and self.pool_size < self.batch_size:   # each batch is drawn without replacement
+            raise ValueError(f"sft_pool_size ({self.pool_size}) must be >= sft_batch_size ({self.batch_size})")
         return self
 
 

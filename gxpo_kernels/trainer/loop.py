@@ -31,7 +31,7 @@ from .config import FPA_ALGOS, TrainConfig, loss_kwargs
 from .engines import Engine, learning_rate, make_engine
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, position_ids, rollout
-from .tasks import make_task, make_tokenizer
+from .tasks import make_task, make_tokenizer, validation_set
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def prepare_warm_start(cfg: TrainConfig, log=print) -> dict:
     c0 = time.process_time()
     model, tok, task, model_key = build_policy(cfg, pick_device(cfg.device))
     max_new = cfg.max_new_tokens or task.max_answer_chars + 1
-    val_pairs = task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    val_pairs = validation_set(cfg, task)
     ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log)
     return dict(ws, cpu_seconds=time.process_time() - c0)
 
@@ -342,7 +342,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
         ckpt.check_config(resume, config["train"])
     model, tok, task, model_key = build_policy(cfg, device)   # same init_seed -> same weights on every rank
     max_new = cfg.max_new_tokens or task.max_answer_chars + 1
-    val_pairs = task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    val_pairs = validation_set(cfg, task)
     ws = warm_start(cfg, model, tok, task, model_key, val_pairs, max_new, log=log) if engine.lead else None
     ws = engine.share_warm_start(model, ws)
     fpa = cfg.algo in FPA_ALGOS

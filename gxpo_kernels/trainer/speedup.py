@@ -35,7 +35,7 @@ from typing import Dict, Optional
 
 from .config import SpeedupConfig, TrainConfig, parse_method, saved_setting
 from .stats import effective_step_multiplier
-from .tasks import make_task
+from .tasks import check_inputs
 
 from .report import build_report, format_table  # noqa: F401  (format_table: re-exported for the CLI)
 
@@ -238,7 +238,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     ``cfg.workers`` processes (0 = in this process, one run after another). Every check happens before the
     first run starts: the config, the methods, ``--out`` (see ``check_out_dir``)."""
     cfg.validate()
-    make_task(cfg.train)   # reads --dataset: a bad file fails here, not after `overwrite` emptied the folder
+    check_inputs(cfg.train)   # reads --dataset and draws the validation set: before `overwrite` empties it
     out_dir = check_out_dir(cfg.out_dir or default_out_dir(), overwrite=overwrite, resume=resume)
     os.makedirs(out_dir, exist_ok=True)
     workers = default_workers(cfg.train.device) if cfg.workers is None else cfg.workers

@@ -139,7 +139,8 @@ class Task:
         while len(out) < n:
             tries += 1
             if tries > 200 * n + 10000:
-                raise ValueError(f"could not draw {n} distinct {split!r} problems for task {self.name!r}")
+                raise ValueError(f"could not draw {n} distinct {split!r} problems for task {self.name!r} "
+                                 f"(found {len(out)})")
             p = self._sample(rng)
             if self.split(p) != split:
                 continue
@@ -306,6 +307,24 @@ def make_task(cfg) -> Task:
         if cfg.reward is not None:
             task.reward_mode = cfg.reward
     return task
+
+
+def validation_set(cfg, task: Task) -> List[Tuple[str, str]]:
+    """A run's fixed validation prompts: ``cfg.val_size`` distinct (prompt, answer) pairs of the val split."""
+    try:
+        return task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    except ValueError as e:
+        raise ValueError(f"val_size {cfg.val_size}: {e}") from None
+
+
+def check_inputs(cfg) -> None:
+    """Read up front what a run of ``cfg`` (a ``TrainConfig``) reads from its task: the ``--dataset`` file, the
+    validation set and the warm start's split. The CLI and the speedup runner call it before ``--overwrite``
+    empties ``--out``, so a bad file or size never costs the earlier run."""
+    task = make_task(cfg)
+    validation_set(cfg, task)
+    if cfg.sft.max_steps > 0:
+        task.sample(1, "sft", seed=cfg.init_seed)
 
 
 def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[float]:

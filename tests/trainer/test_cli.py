@@ -117,6 +117,7 @@ BAD = [
     (["train", "--temperature", "nan"], "temperature must be a finite real number in [1e-6, 1e6]"),
     (["train", "--threads", "-1"], "--threads must be >= 1"),
     (["train", "--steps", "0"], "steps must be an int >= 1"),
+    (["train", "--sft_pool_size", "100"], "sft_pool_size (100) must be >= sft_batch_size (128)"),
     (["train", "--pass_k", "5"], "pass_k must be ints in [1, pass1_n"),
     (["train", "--hidden", "30"], "multiple of heads"),
     (["train", "--steps", "abc"], "invalid int value"),
@@ -298,17 +299,21 @@ def _bad_model_and_dataset(tmp_path):
     return broken, fine, data
 
 
-def test_bad_model_and_dataset_files_fail_before_overwrite(tmp_path, capsys, no_work):
-    """A damaged --model config.json or --dataset file is one line and exit code 2, found before --overwrite
-    empties --out: it used to be a traceback (exit 1) from inside the run, or found after the earlier run's
-    folder had been deleted."""
+def test_bad_inputs_fail_before_overwrite(tmp_path, capsys, no_work):
+    """A damaged --model config.json or --dataset file, or a --val_size the task's val split cannot fill, is one
+    line and exit code 2, found before --overwrite empties --out: it used to be a traceback (exit 1) from inside
+    the run, or found after the earlier run's folder had been deleted (`train --task addition2` failed so with
+    the default --val_size 2048: the split holds 2029 problems)."""
     broken, fine, data = _bad_model_and_dataset(tmp_path)
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "records.jsonl").write_text("{}\n")
     for cmd in ("train", "speedup"):
         for argv, msg in ((["--model", str(broken)], "cannot read its config.json"),
-                          (["--model", str(fine), "--dataset", str(data)], "d.jsonl:1: not a JSON object")):
+                          (["--model", str(fine), "--dataset", str(data)], "d.jsonl:1: not a JSON object"),
+                          (["--task", "addition2", "--val_size", "2048"],
+                           "val_size 2048: could not draw 2048 distinct 'val' problems for task 'addition2' "
+                           "(found 2029)")):
             with pytest.raises(SystemExit) as e:
                 cli.main([cmd, *argv, "--out", str(earlier), "--overwrite"])
             err = capsys.readouterr().err
