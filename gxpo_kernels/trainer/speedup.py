@@ -21,6 +21,7 @@ so every worker computes with the same ATen CPU kernels (AVX2) on any x86 machin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -79,6 +80,7 @@ def default_out_dir() -> str:
 
 
 OWN_FILES = ("runs.json", "records.jsonl", "config.json")
+REPORT_FILES = ("results.json", "speedup.png")   # build_report's
 
 
 def check_writable_dir(path: str, what: str) -> str:
@@ -241,6 +243,9 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     check_inputs(cfg.train)   # reads --dataset and draws the validation set: before `overwrite` empties it
     out_dir = check_out_dir(cfg.out_dir or default_out_dir(), overwrite=overwrite, resume=resume)
     os.makedirs(out_dir, exist_ok=True)
+    for name in REPORT_FILES:   # rebuilt at the end: an earlier run's report must not sit beside this runs.json
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
     workers = default_workers(cfg.train.device) if cfg.workers is None else cfg.workers
     base = cfg.train
     base = base.replace(cache_dir=base.cache_dir or os.path.join(os.path.dirname(out_dir), ".warmstart-cache"))

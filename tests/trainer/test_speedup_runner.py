@@ -94,6 +94,28 @@ def test_index_resume_overwrite_and_report_integrity(tmp_path, monkeypatch):
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"grpo"}
 
 
+def test_interrupted_resume_leaves_no_earlier_report(tmp_path, monkeypatch):
+    """A --resume that adds a method and is interrupted leaves runs.json (interrupted) and no results.json /
+    speedup.png: the earlier run's report (grpo only, its index "complete") used to stay beside it."""
+    out = tmp_path / "run"
+    speedup.run_speedup(_cfg(out, ("grpo",)), progress=False, log=lambda s: None)
+    assert (out / "results.json").exists() and (out / "speedup.png").exists()
+    real = speedup._run_job
+
+    def job(tc, name):
+        if name.startswith("gxpo"):
+            raise KeyboardInterrupt
+        return real(tc, name)
+    monkeypatch.setattr(speedup, "_run_job", job)
+    with pytest.raises(KeyboardInterrupt):
+        speedup.run_speedup(_cfg(out, ("grpo", "gxpo")), progress=False, log=lambda s: None, resume=True)
+    assert json.loads((out / "runs.json").read_text())["status"] == "interrupted"
+    assert not (out / "results.json").exists() and not (out / "speedup.png").exists()
+    monkeypatch.setattr(speedup, "_run_job", real)
+    again = speedup.run_speedup(_cfg(out, ("grpo", "gxpo")), progress=False, log=lambda s: None, resume=True)
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == set(again["runs"]) == {"grpo", "gxpo"}
+
+
 def _recs(n, roll, bwd, upd_rest, bp=1):
     out = [{"step": 0, "val": {"greedy_acc": 0.1}, "backward_passes": 0, "optimizer_steps": 0}]
     for s in range(1, n + 1):
