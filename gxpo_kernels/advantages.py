@@ -44,6 +44,13 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
     Returns: GroupStats of flat (N,) float64/int64 tensors in the flattened rewards order.
     Raises ValueError on NaN/inf rewards, and on finite ones whose statistics overflow float64 (spread > ~1e154).
     """
+    return _group_moments(rewards, group_size, group_ids)[0]
+
+
+def _group_moments(rewards: torch.Tensor, group_size: Optional[int], group_ids: Optional[torch.Tensor]):
+    """(``group_stats``'s GroupStats, (N,) float64 rewards less their group mean). The moments are those of the
+    rewards less their group's minimum, and so is the centred reward: r - mean with the mean rounded to the
+    rewards' magnitude lost a spread of a few ulps ([0.7, 0.7, 0.7 + 1 ulp] centred to [0, 0, 1 ulp])."""
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() not in (1, 2):
@@ -77,7 +84,7 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
         centred = d - dmean[inv]
         ss = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inv, centred * centred)
         std = torch.where(count > 1, (ss / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
-        return _finite_stats(GroupStats((low + dmean)[inv], std[inv], count[inv].long()), r)
+        return _finite_stats(GroupStats((low + dmean)[inv], std[inv], count[inv].long()), r), centred
     if group_size is None:
         if rewards.dim() != 2:
             raise ValueError("pass group_size (or group_ids) for 1-D rewards, or rewards shaped (num_prompts, G)")
@@ -90,10 +97,12 @@ def group_stats(rewards: torch.Tensor, group_size: Optional[int] = None,
         raise ValueError(f"rewards has {N} elements, not a multiple of group_size={group_size}")
     g = r.view(-1, group_size)
     low = g.amin(-1, keepdim=True)          # as above: a constant group gets exactly mean = r, std = 0
-    mean = low + (g - low).mean(-1, keepdim=True)
-    std = (g - low).std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    d = g - low
+    dmean = d.mean(-1, keepdim=True)
+    std = d.std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(dmean)
     count = torch.full_like(g, group_size, dtype=torch.int64)
-    return _finite_stats(GroupStats(mean.expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1)), r)
+    st = GroupStats((low + dmean).expand_as(g).reshape(-1), std.expand_as(g).reshape(-1), count.reshape(-1))
+    return _finite_stats(st, r), (d - dmean).reshape(-1)
 
 
 def _finite_stats(st: GroupStats, r: torch.Tensor) -> GroupStats:
@@ -133,8 +142,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     eps = check_scalar(eps, "eps", "[0, inf)")
-    st = group_stats(rewards, group_size, group_ids)
-    adv = rewards.reshape(-1).double() - st.mean
+    st, adv = _group_moments(rewards, group_size, group_ids)
     if scale == "std":
         # a constant group (all right / all wrong) has R - mean = 0 and std = 0: its advantage is 0, also at eps=0
         denom = st.std + eps
@@ -156,12 +164,11 @@ def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     """
     alpha = check_scalar(alpha, "alpha", "[1, inf)")  # 0**(alpha-1) is undefined below 1
     delta = check_scalar(delta, "delta", "(0, inf)")
-    st = group_stats(rewards, group_size, group_ids)
+    st, centred = _group_moments(rewards, group_size, group_ids)
     r = rewards.reshape(-1).double()
     if not bool(((r == 0) | (r == 1)).all()):
         bad = r[(r != 0) & (r != 1)][:3].tolist()
         raise ValueError(f"fade_advantages needs binary rewards in {{0, 1}}; found e.g. {bad}")
-    centred = r - st.mean
     adv = torch.pow(1.0 - st.mean, alpha - 1.0) * centred    # 0**0 == 1, and centred == 0 there anyway
     adv = torch.where(r < st.mean, adv / delta, adv)
     return _cast_out(adv, rewards)

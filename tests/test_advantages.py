@@ -60,6 +60,44 @@ def test_equal_rewards_get_exactly_zero_advantage(eps):
         assert group_stats(r).std.view(40, G)[1::2].eq(0).all()
 
 
+def _exact_advantages(r, ids, scale, eps):
+    """Exact rational reference (fractions.Fraction of the float64 inputs), rounded once at the end."""
+    from fractions import Fraction
+    out = [0.0] * len(r)
+    for g in set(ids):
+        idx = [i for i, x in enumerate(ids) if x == g]
+        v = [Fraction(r[i]) for i in idx]
+        mean = sum(v) / len(v)
+        std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        for i, x in zip(idx, v):
+            if len(v) > 1 and (scale == "none" or std + eps > 0):
+                out[i] = float(x - mean) if scale == "none" else float(x - mean) / (std + eps)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_near_constant_groups_against_exact_arithmetic(eps):
+    """Groups whose spread is a few ulps of their magnitude: the advantage's numerator is r - mean with the mean
+    rounded to the rewards' magnitude, which lost the spread (float64 [0.7, 0.7, 0.7 + 1 ulp] at eps=0 gave
+    [0, 0, 1.73]; exact: [-0.577, -0.577, 1.155]). Ragged and regular layouts, against exact rationals."""
+    up = math.nextafter(0.7, 1.0)
+    got = group_advantages(torch.tensor([0.7, 0.7, up], dtype=torch.float64), group_size=3, eps=0.0)
+    torch.testing.assert_close(got, torch.tensor([-1, -1, 2], dtype=torch.float64) / math.sqrt(3), rtol=1e-12, atol=0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        n = int(torch.randint(2, 24, (1,), generator=g))
+        ids = torch.randint(0, 4, (n,), generator=g)
+        base = float(10.0 ** torch.randint(-2, 8, (1,), generator=g))
+        r = base + torch.randint(-3, 4, (n,), generator=g).double() * base * 2.0 ** -50   # a few ulps apart
+        for scale in ("std", "none"):
+            want = _exact_advantages(r.tolist(), ids.tolist(), scale, eps)
+            torch.testing.assert_close(group_advantages(r, group_ids=ids, scale=scale, eps=eps), want,
+                                       rtol=1e-9, atol=1e-300)
+        reg = r[: n - n % 2]
+        want = _exact_advantages(reg.tolist(), [i // 2 for i in range(reg.numel())], "std", eps)
+        torch.testing.assert_close(group_advantages(reg, group_size=2, eps=eps), want, rtol=1e-9, atol=1e-300)
+
+
 def test_fade_hand_worked():
     # G=4: [1,0,0,1] rbar=.5 -> factor (1-.5)^(2-1)=.5; + : .5*.5=.25; - : .5*(-.5)/.5=-.5 ; all-1 / all-0 -> 0
     r = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32)
