@@ -249,8 +249,8 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
         raise ValueError("runs must be a non-empty {method: {seed: [records]}} mapping")
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} not in runs (methods: {sorted(runs)})")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if not 0 < gain_frac <= 1:
         raise ValueError(f"gain_frac must be in (0, 1], got {gain_frac}")
     if any(not 0 <= s <= 1 for s in rollout_shares):
@@ -732,6 +732,17 @@ def load_index_runs(folder, *, strict: bool = True, methods: Optional[Sequence[s
     return runs, problems
 
 
+def _read_results(path) -> dict:
+    """A results.json given to ``--compare``; a ValueError naming the file when it is not one."""
+    try:
+        results = json.loads(Path(path).read_text())
+        _headline_medians(results)   # what the comparison reads of it
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--compare {path}: not a results.json written by this report "
+                         f"({type(e).__name__}: {e})") from None
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gxpo_kernels.trainer.report",
                                 description="Rebuild results.json, speedup.png and the speedup table from "
@@ -766,7 +777,7 @@ def main(argv=None) -> int:
             runs, problems = load_index_runs(a.folder, strict=not a.allow_incomplete,
                                              methods=a.methods.split(",") if a.methods else None)
             index = json.loads((Path(a.folder) / "runs.json").read_text())
-        other = [json.loads(Path(c).read_text()) for c in a.compare] if a.compare else None
+        other = [_read_results(c) for c in a.compare] if a.compare else None
         res = build_report(runs, a.out or a.folder, baseline=a.baseline, eps=a.eps, gain_frac=a.gain_frac,
                            rollout_shares=a.shares, n_boot=a.n_boot, seed=a.seed, score_key=a.score_key,
                            headline=a.headline, plot=not a.no_plot, index=index, problems=problems,

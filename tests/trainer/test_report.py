@@ -325,7 +325,8 @@ def test_load_runs_roundtrip_and_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw, match", [({"baseline": "ppo"}, "baseline"), ({"gain_frac": 0.0}, "gain_frac"),
-                                       ({"eps": -1.0}, "eps"), ({"rollout_shares": (1.2,)}, "rollout_shares"),
+                                       ({"eps": -1.0}, "eps"), ({"eps": math.inf}, "eps must be a finite"),
+                                       ({"rollout_shares": (1.2,)}, "rollout_shares"),
                                        ({"n_boot": 0}, "n_boot"), ({"headline": "x"}, "headline"),
                                        ({"score_key": "nope"}, "score_key")])
 def test_bad_arguments(tmp_path, kw, match):
@@ -442,6 +443,24 @@ def test_compare_several_runs_from_the_cli(tmp_path, capsys):
     assert [c["note"] for c in sens] == ["a rerun with threads 1 -> 2", "a rerun with init_seed 0 -> 7"]
     out = capsys.readouterr().out
     assert "sensitivity vs a rerun with threads 1 -> 2" in out and "sensitivity vs a rerun with init_seed 0 -> 7" in out
+
+
+def test_compare_with_another_kind_of_file_is_one_line(tmp_path, capsys):
+    """--compare with a JSON file that is not a results.json (a runs.json, a records line, a list) is one error
+    line and exit code 2, and the folder's results.json is left as it was (it was a KeyError traceback)."""
+    report.build_report(_one_seed(), tmp_path, n_boot=20, plot=False)
+    before = (tmp_path / "results.json").read_text()
+    for name in ("grpo", "sfpo"):
+        (tmp_path / name / "seed0").mkdir(parents=True)
+        (tmp_path / name / "seed0" / "records.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in _one_seed()[name][0]))
+    for i, other in enumerate(({"runs": {}}, [1, 2], {"meta": {"headline": "eps"}, "methods": []})):
+        f = tmp_path / f"other{i}.json"
+        f.write_text(json.dumps(other))
+        assert report.main([str(tmp_path), "--no-index", "--no-plot", "--n-boot", "20", "--compare", str(f)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not a results.json" in err[0] and str(f) in err[0], err
+        assert (tmp_path / "results.json").read_text() == before
 
 
 def test_failed_write_keeps_the_previous_results(tmp_path):
