@@ -39,9 +39,11 @@ _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf|i
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), exit code 2; negative numbers in any notation are
-    values (no option of ours looks like one)."""
+    values (no option of ours looks like one); no abbreviated options (``speedup --seed 3`` was read as
+    ``--seeds 3``: three seeds, not seed 3)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
@@ -141,6 +143,7 @@ def markdown_reference() -> str:
     lines = ["# Command-line reference", "",
              "Generated from the parser by `python docs/build_cli_doc.py` (do not edit by hand). Options of the",
              "form `--name` also accept `--name-with-hyphens`; TRL `GRPOConfig` names are listed as aliases.",
+             "Options are written in full: an abbreviation (`--seed` for `--seeds`) is an error.",
              "Defaults of `speedup` are its default preset's; `--preset smoke|test` changes them.", ""]
     for name, sp in sub.choices.items():
         lines += [f"## `gxpo-kernels {name}`", "", sp.description or next(

@@ -134,6 +134,11 @@ BAD = [
     (["speedup", "--methods", "grpo,grpo"], "repeated"),
     (["speedup", "--sft-steps", "-3"], "sft_max_steps must be an int >= 0"),
     (["speedup", "--algo", "gxpo"], "unrecognized arguments"),
+    # no abbreviations: `speedup --seed 3` was read as --seeds 3 (three seeds 0, 1, 2, not seed 3), and
+    # `--seed 999999999` ended in a MemoryError traceback
+    (["speedup", "--seed", "3"], "unrecognized arguments: --seed 3"),
+    (["train", "--temp", "0.5"], "unrecognized arguments: --temp 0.5"),
+    (["speedup", "--preset", "test", "--lr_m", "2"], "unrecognized arguments: --lr_m 2"),
     # the library's own rules (GRPOLossOptions, the update rules, FADE, the FPA objectives), checked up front:
     # they used to fail after the warm start, with config.json and records.jsonl already in --out
     (["train", "--eps_low", "1.5"], "eps_low must be in [0, 1), got 1.5"),
