@@ -135,18 +135,19 @@ class Task:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
-        out, seen, tries = [], set(), 0
+        out, seen, misses = [], set(), 0
         while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 10000:
+            # give up once new problems stop coming (the split holds fewer than n): a bound on the draws since
+            # the last new one, far above what the last problem of a split takes (~ the problem-space size)
+            if misses > 10000 + 100 * len(out):
                 raise ValueError(f"could not draw {n} distinct {split!r} problems for task {self.name!r} "
                                  f"(found {len(out)})")
             p = self._sample(rng)
-            if self.split(p) != split:
+            k = self.key(p) if self.split(p) == split else None
+            if k is None or (distinct and k in seen):
+                misses += 1
                 continue
-            k = self.key(p)
-            if distinct and k in seen:
-                continue
+            misses = 0
             seen.add(k)
             out.append((self.prompt(p), self.answer(p)))
         return out

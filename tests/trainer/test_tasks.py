@@ -50,6 +50,19 @@ def test_deterministic_per_seed_and_disjoint_splits(name):
     assert len({p for p, _ in val}) == 300
 
 
+def test_distinct_draw_beyond_the_split_fails_fast():
+    """Asking for more distinct problems than a split holds stops once new ones stop coming: --val_size 10**9 on
+    two-digit addition (2029 val problems) used to loop for ~2e11 draws; every split is still drawn whole."""
+    import time
+    t = Addition2Task()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"could not draw 1000000000 distinct 'val' .*\(found 2029\)"):
+        t.sample(10 ** 9, "val", seed=0, distinct=True)
+    assert time.perf_counter() - t0 < 10
+    whole = t.sample(2029, "val", seed=0, distinct=True)
+    assert len(set(whole)) == 2029 and t.sample(1024, "val", seed=0, distinct=True) == whole[:1024]
+
+
 @pytest.mark.parametrize("task", [AdditionTask(), Addition2Task(), SortTask()])
 def test_checker_scores(task):
     tok = CharTokenizer(task.alphabet)
