@@ -258,10 +258,13 @@ class RecordLog:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "config.json")
             if resumed is not None and os.path.isfile(path):
-                with open(path) as f:
-                    kept = json.load(f)
-                kept["train"].update({k: config["train"][k] for k in ckpt.RESUMABLE_CHANGES})
-                config = kept
+                try:
+                    with open(path) as f:
+                        kept = json.load(f)
+                    kept["train"].update({k: config["train"][k] for k in ckpt.RESUMABLE_CHANGES})
+                    config = kept
+                except (ValueError, KeyError, TypeError, AttributeError):   # damaged: this run's config instead
+                    pass
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(_json_safe(config), f, indent=1)

@@ -191,6 +191,9 @@ def test_extending_a_run_equals_the_longer_run(tmp_path, random_advantages):
     recs = loop.train(base.replace(out_dir=out, resume="latest", steps=14))
     assert _strip(recs) == _strip(ref)
     assert json.load(open(os.path.join(out, "config.json")))["train"]["steps"] == 14
+    open(os.path.join(out, "config.json"), "w").write("{damaged")       # not read by a resume: rewritten
+    loop.train(base.replace(out_dir=out, resume=os.path.join(out, "checkpoint-10"), steps=14))
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["steps"] == 14
     cosine = base.replace(out_dir=str(tmp_path / "cos"), lr_scheduler_type="cosine")
     with pytest.raises(Crash):
         loop.train(cosine, progress=crash_after_6)
