@@ -120,16 +120,20 @@ class SFPO(ExtrapolationRule):
 
     def _fallback(self, closures: Sequence[Callable], params, reason: str, info: dict) -> dict:
         self._rewind_for_fallback()
-        ok = True
+        # one plain step per mini-batch, as ``_plain_step``: a mini-batch whose gradient at θ0 is non-finite
+        # skips its own step only (the last one's step or skip is ``_end_fallback``'s)
+        oks = []
         for j, c in enumerate(closures):
             self.minibatch_index = j
-            ok = self._fresh_grads_finite(c, params)
-            if not ok:
-                self._zero_grad()
-                break
+            oks.append(self._fresh_grads_finite(c, params))
             if j < len(closures) - 1:
-                self._optimizer_step()
-        return self._end_fallback(ok, reason, info)
+                if oks[-1]:
+                    self._optimizer_step()
+                else:
+                    self._zero_grad()
+        info = self._end_fallback(oks[-1], reason, info)
+        info["skipped"] = not any(oks)
+        return info
 
     def _active_step(self, closure, params, entropy) -> dict:
         """One SFPO outer update (θ0 and the optimizer snapshot are taken before the first optimizer step)."""
