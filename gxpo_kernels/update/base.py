@@ -333,9 +333,10 @@ class ExtrapolationRule:
 
     def _outer_step(self, closure, entropy, force_plain: bool) -> dict:
         if force_plain or self.gate.fired:
-            if self.gate.fired and self.gate.rearm_after is None and not self._plain_step_snapshot(closure):
+            snapshot = self._plain_step_snapshot(closure)
+            if self.gate.fired and self.gate.rearm_after is None and not snapshot:
                 self._release_buffers_()   # fired for good: single-pass steps from now on
-            info = self._guarded(lambda: self._plain_step(closure), snapshot=self._plain_step_snapshot(closure))
+            info = self._guarded(lambda: self._plain_step(closure), snapshot=snapshot)
             if force_plain:
                 self.fallbacks += 1
                 info.update(fell_back=True, fallback_reason="forced")
