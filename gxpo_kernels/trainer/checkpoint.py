@@ -189,11 +189,6 @@ def check_config(path: str, config: dict) -> None:
     if diff:
         raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +
                          ", ".join(f"{k}={saved_setting(saved, k)!r} (now {config.get(k)!r})" for k in diff))
-    schedule = saved_setting(saved, "lr_scheduler_type")
-    if schedule != "constant" and not same("steps"):   # the rate at every step depends on --steps
-        raise ValueError(f"--resume {path!r}: under lr_scheduler_type {schedule!r} the learning rate of every step "
-                         f"depends on --steps, so a resume cannot change it: steps={saved_setting(saved, 'steps')!r} "
-                         f"(now {config.get('steps')!r})")
 
 
 def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
