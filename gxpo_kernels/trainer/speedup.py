@@ -216,21 +216,24 @@ def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dic
     path = os.path.join(out_dir, "runs.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        old = json.load(f)
-    keep = ("seed", "algo", "advantage", "out_dir", "lr_mult", "quiet")
-    saved = old.get("train", {})
-    diff = sorted(k for k in base_train if k not in keep and saved_setting(saved, k) != base_train[k])
-    if diff:
-        raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
-                         "use --overwrite or another --out")
-    runs, _ = load_index_runs(out_dir, strict=False)
-    steps = int(base_train["steps"])
-    # complete = marked so *and* every update step still on disk (a records.jsonl cut short since is rerun)
-    return {(m, s): {"records": recs, **old["runs"][m][str(s)]} for m, seeds_ in runs.items()
-            for s, recs in seeds_.items() if m in methods and s in seeds
-            and old["runs"][m][str(s)].get("status") == "complete"
-            and sum(1 for r in recs if int(r.get("step", 0)) >= 1) == steps}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        saved = old["train"]
+        keep = ("seed", "algo", "advantage", "out_dir", "lr_mult", "quiet")
+        diff = sorted(k for k in base_train if k not in keep and saved_setting(saved, k) != base_train[k])
+        if not diff:
+            runs, _ = load_index_runs(out_dir, strict=False)
+            # complete = marked so *and* every update step still on disk (a records.jsonl cut short is rerun)
+            return {(m, s): {"records": recs, **old["runs"][m][str(s)]} for m, seeds_ in runs.items()
+                    for s, recs in seeds_.items() if m in methods and s in seeds
+                    and old["runs"][m][str(s)].get("status") == "complete"
+                    and sum(1 for r in recs if int(r.get("step", 0)) >= 1) == int(base_train["steps"])}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--resume: {path} is not a runs.json written by gxpo-kernels speedup "
+                         f"({type(e).__name__}: {e}); use --overwrite or another --out") from None
+    raise ValueError(f"--resume: {path} was written with another config (differs in {', '.join(diff)}); "
+                     "use --overwrite or another --out")
 
 
 def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_flags: Optional[dict] = None,
@@ -243,9 +246,6 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     check_inputs(cfg.train)   # reads --dataset and draws the validation set: before `overwrite` empties it
     out_dir = check_out_dir(cfg.out_dir or default_out_dir(), overwrite=overwrite, resume=resume)
     os.makedirs(out_dir, exist_ok=True)
-    for name in REPORT_FILES:   # rebuilt at the end: an earlier run's report must not sit beside this runs.json
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
     workers = default_workers(cfg.train.device) if cfg.workers is None else cfg.workers
     base = cfg.train
     base = base.replace(cache_dir=base.cache_dir or os.path.join(os.path.dirname(out_dir), ".warmstart-cache"))
@@ -288,6 +288,9 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     for m, s in todo:
         index["runs"][m][str(s)] = {"dir": os.path.join(out_dir, m, f"seed{s}"), "status": "pending",
                                     "steps_configured": base.steps, "steps_recorded": 0}
+    for name in REPORT_FILES:   # rebuilt at the end: an earlier run's report must not sit beside this runs.json
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
     _write_index(out_dir, index)
 
     t_start = time.perf_counter()

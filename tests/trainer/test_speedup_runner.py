@@ -116,6 +116,20 @@ def test_interrupted_resume_leaves_no_earlier_report(tmp_path, monkeypatch):
     assert set(json.loads((out / "results.json").read_text())["methods"]) == set(again["runs"]) == {"grpo", "gxpo"}
 
 
+@pytest.mark.parametrize("text", ["{oops", json.dumps({"train": 5}), json.dumps({"runs": {}}),
+                                  json.dumps([1, 2])])
+def test_resume_with_a_damaged_runs_json_is_one_clear_error(tmp_path, text):
+    """--resume into a folder whose runs.json is not one (bad JSON, another structure) names the file; it was a
+    bare JSON message or a TypeError traceback. Nothing in the folder changes."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "runs.json").write_text(text)
+    (out / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="runs.json.*not a runs.json written by gxpo-kernels speedup"):
+        speedup.run_speedup(_cfg(out), progress=False, log=lambda s: None, resume=True)
+    assert (out / "runs.json").read_text() == text and (out / "results.json").read_text() == "{}"
+
+
 def _recs(n, roll, bwd, upd_rest, bp=1):
     out = [{"step": 0, "val": {"greedy_acc": 0.1}, "backward_passes": 0, "optimizer_steps": 0}]
     for s in range(1, n + 1):
