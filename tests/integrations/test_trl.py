@@ -201,6 +201,17 @@ def test_loss_parity_gradient_accumulation_and_eval(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=2e-4, atol=2e-6)
 
 
+def test_dapo_normaliser_below_one_matches_trl(tmp_path):
+    """TRL divides dapo's masked sum by num_items_in_batch / P * GA / steps_per_generation, which drops below 1
+    when the generation batch holds fewer loss tokens than steps_per_generation (e.g. most completions masked
+    as truncated). The hook used to clamp that normaliser to 1 again: its loss and gradients were 4x smaller."""
+    tr = make_trainer(tmp_path, loss_type="dapo", steps_per_generation=4, entropy_coef=0.01)
+    inputs = make_batch(tr)
+    inputs["num_items_in_batch"] = torch.tensor(1)  # TRL's normaliser: 1 / 1 * 1 / 4 = 0.25
+    ref, ours = check_parity(tr, inputs)
+    assert ref[2]["policy_loss"][0] != 0.0
+
+
 def test_trl_policy_loss_matches_float64_formula():
     """The pure loss function against a direct float64 transcription of TRL 1.16's dapo + entropy bonus."""
     torch.manual_seed(3)
@@ -223,6 +234,32 @@ def test_trl_policy_loss_matches_float64_formula():
     g2 = torch.autograd.grad(want, (logp, ent))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, exc, text", [
+    (dict(mask=lambda a: a["mask"][:1]), ValueError, r"mask must have shape \(5, 7\)"),
+    (dict(mask=lambda a: a["mask"][:, :1]), ValueError, r"mask must have shape \(5, 7\)"),
+    (dict(mask=lambda a: a["mask"].float()), TypeError, "mask must have dtype"),
+    (dict(advantages=lambda a: a["advantages"][:1]), ValueError, r"advantages must have shape \(5,\)"),
+    (dict(old_logprobs=lambda a: a["old_logprobs"][:, :1]), ValueError, "old_logprobs must have shape"),
+    (dict(ref_logprobs=lambda a: a["ref_logprobs"][:1]), ValueError, "ref_logprobs must have shape"),
+    (dict(entropy_mask=lambda a: a["mask"][:1]), ValueError, "entropy_mask must have shape"),
+    (dict(pg_weight=lambda a: torch.ones(1, 7)), ValueError, "pg_weight must have shape"),
+    (dict(accumulation=lambda a: 0), ValueError, "accumulation must be in"),
+    (dict(loss_type=lambda a: "dapo", dapo_normalizer=lambda a: 0.0), ValueError, "dapo_normalizer must be in"),
+])
+def test_trl_policy_loss_refuses_bad_inputs(change, exc, text):
+    """The public loss function checks shapes (no values, no sync): a (1, T) or (B, 1) mask / old / ref used
+    to broadcast silently into a wrong loss, and accumulation=0 returned -inf."""
+    g = torch.Generator().manual_seed(4)
+    B, T = 5, 7
+    logp = (-torch.rand(B, T, generator=g) * 3).requires_grad_()
+    args = dict(logp=logp, entropy=torch.rand(B, T, generator=g), mask=torch.rand(B, T, generator=g) > 0.3,
+                advantages=torch.randn(B, generator=g), old_logprobs=logp.detach() + 0.1,
+                ref_logprobs=logp.detach() - 0.1, opts=gtrl.GRPOLossOptions(beta=0.04), loss_type="grpo")
+    args.update({k: f(args) for k, f in change.items()})
+    with pytest.raises(exc, match=text):
+        gtrl.trl_policy_loss(**args)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
