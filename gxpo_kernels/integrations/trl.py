@@ -131,6 +131,8 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
 
 def _loss_options(trainer) -> GRPOLossOptions:
     """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
+    if trainer.loss_type not in LOSS_TYPES:  # e.g. set on the trainer after the hook was enabled
+        raise ValueError(_unsupported(trainer))
     return GRPOLossOptions(
         temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
         eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
@@ -353,7 +355,7 @@ def _gxpo_compute_loss(self, model, inputs):
         isr = inputs["importance_sampling_ratio"]  # >= 0, policy term only (truncated or masked by TRL)
         pg_weight = isr if pg_weight is None else pg_weight * isr
 
-    opts = self._gxpo_opts
+    opts = _loss_options(self)  # TRL reads these attributes at every call (a callback may schedule them)
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
     dapo_normalizer = None
     if self.loss_type == "dapo":
@@ -451,7 +453,7 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
     if path == "hidden":
         from .hf import patch_causal_lm
         patch_causal_lm(_head_model(trainer))
-    trainer._gxpo_opts = _loss_options(trainer)
+    _loss_options(trainer)  # refuse bad values now; rebuilt at every call, as TRL reads them live
     trainer._gxpo_loss_path = path
     trainer._gxpo_backend = backend
     trainer.gxpo_loss_path = path

@@ -103,12 +103,14 @@ def loss_and_grads(trainer, fn, inputs):
     return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
 
 
-def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="torch"):
+def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="torch", enable=True):
     """Our hooked loss vs TRL's own ``_compute_loss`` on the same model and batch. ``backend="torch"`` by
-    default: the Triton kernels run under the (slow) interpreter here, so only a few cases use them."""
+    default: the Triton kernels run under the (slow) interpreter here, so only a few cases use them.
+    ``enable=False``: the hook is already enabled."""
     trainer.model.train()
     ref = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
-    gtrl.enable_gxpo_loss(trainer, loss_path=path, backend=backend)
+    if enable:
+        gtrl.enable_gxpo_loss(trainer, loss_path=path, backend=backend)
     ours = loss_and_grads(trainer, trainer._compute_loss, inputs)
     torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
     assert ref[1].keys() == ours[1].keys() and len(ref[1]) > 0
@@ -210,6 +212,20 @@ def test_dapo_normaliser_below_one_matches_trl(tmp_path):
     inputs["num_items_in_batch"] = torch.tensor(1)  # TRL's normaliser: 1 / 1 * 1 / 4 = 0.25
     ref, ours = check_parity(tr, inputs)
     assert ref[2]["policy_loss"][0] != 0.0
+
+
+def test_hook_reads_trainer_options_at_each_call(tmp_path):
+    """TRL's ``_compute_loss`` reads beta, epsilon_low/high, loss_type, importance_sampling_level and
+    args.delta at every call, so a callback can schedule them. The hook froze them when it was enabled: after
+    such a change it silently kept the old KL weight, clip range and aggregation."""
+    tr = make_trainer(tmp_path, loss_type="grpo", beta=0.05, epsilon_high=0.28)
+    gtrl.enable_gxpo_loss(tr, backend="torch")
+    tr.beta, tr.epsilon_low, tr.epsilon_high, tr.loss_type = 0.3, 0.1, 0.12, "bnpo"
+    tr.importance_sampling_level, tr.args.delta = "sequence", 1.3
+    check_parity(tr, make_batch(tr, old_noise=0.5), enable=False)
+    tr.loss_type = "sapo"  # an unsupported type set after enabling is refused by name at the call
+    with pytest.raises(ValueError, match="loss_type='sapo'"):
+        tr._compute_loss(tr.model, make_batch(tr))
 
 
 def test_trl_policy_loss_matches_float64_formula():
