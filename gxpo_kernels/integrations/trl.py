@@ -39,6 +39,7 @@ clamps it to [-10, 10]) and, with ``use_bias_correction_kl`` (TRL's default), it
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 import warnings
@@ -248,6 +249,31 @@ def _text_only(inputs) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _head_outside_autocast(head: nn.Module, enabled: bool):
+    """Run ``head``'s forward with autocast off for the block (when ``enabled`` and autocast is on). With
+    ``cast_lm_head_to_fp32`` TRL's loss head projects in fp32 outside autocast; the logits path calls the model's
+    own (fp32-cast) lm_head inside the trainer's autocast region, which would round the projection to bf16."""
+    dev = head.weight.device.type
+    if not enabled or not torch.is_autocast_enabled(dev):
+        yield
+        return
+    own = head.__dict__.get("forward")   # TRL's cast_lm_head_to_fp32 sets an instance forward
+    inner = head.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(dev, enabled=False):
+            return inner(*args, **kwargs)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def policy_token_logprobs(trainer, model, inputs):
     """fp32 (logp, entropy) (B, T) of the completion tokens under the policy ``model`` (differentiable), and
     the MoE load-balancing loss (0-d) when TRL's ``router_aux_loss_coef`` is in use, else None."""
@@ -272,8 +298,10 @@ def policy_token_logprobs(trainer, model, inputs):
                         gxpo_aux_loss=aux)
             return (out[0], out[1], out[2] if aux else None)
         extra = {"output_router_logits": True} if aux else {}
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
-                    **extra)
+        head = _head_model(trainer).get_output_embeddings()
+        with _head_outside_autocast(head, bool(trainer.args.cast_lm_head_to_fp32)):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
+                        **extra)
         logits = out.logits[:, :-1]
     from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16

@@ -454,6 +454,27 @@ def test_loss_close_to_trl_under_bf16_autocast(tmp_path):
     assert cos > 0.9999 and abs(g_ours.norm() / g_ref.norm() - 1) < 5e-3, (float(cos), float(g_ours.norm()))
 
 
+@pytest.mark.parametrize("path", ["hidden", "logits"])
+def test_cast_lm_head_to_fp32_under_bf16_autocast(tmp_path, path):
+    """cast_lm_head_to_fp32 under bf16 autocast: TRL's loss head projects in fp32 outside autocast, so with it
+    both paths agree with TRL's per-token log-probs to fp32 rounding. The logits path used to run the model's
+    own (fp32-cast) lm_head inside the trainer's autocast region, i.e. in bf16 again: errors of ~1e-3."""
+    tr = make_trainer(tmp_path, bf16=True, cast_lm_head_to_fp32=True, temperature=0.7)
+    inputs = make_batch(tr)
+    gtrl.enable_gxpo_loss(tr, loss_path=path, backend="torch")
+    tr.model.train()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        want, want_ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(tr, tr.model, ids, am, T,
+                                                                          compute_entropy=True)
+        got, got_ent, _ = gtrl.policy_token_logprobs(tr, tr.model, inputs)
+    m = inputs["completion_mask"].bool()
+    torch.testing.assert_close(got[m], want[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_ent[m], want_ent[m], rtol=0, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_subclass_gxpo_under_ddp(tmp_path):
     """Two CPU processes (DDP over gloo): the rule's three passes all-reduce their gradients, so both ranks
