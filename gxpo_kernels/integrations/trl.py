@@ -134,12 +134,18 @@ def _loss_options(trainer) -> GRPOLossOptions:
     """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
     if trainer.loss_type not in LOSS_TYPES:  # e.g. set on the trainer after the hook was enabled
         raise ValueError(_unsupported(trainer))
-    return GRPOLossOptions(
-        temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
-        eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
-        entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
-        loss_agg_mode=LOSS_TYPES[trainer.loss_type],
-        max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
+    try:
+        return GRPOLossOptions(
+            temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
+            eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
+            entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
+            loss_agg_mode=LOSS_TYPES[trainer.loss_type],
+            max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
+    except ValueError as e:  # name TRL's options, not ours (eps_low is TRL's epsilon)
+        raise ValueError(f"TRL's epsilon={trainer.epsilon_low}, epsilon_high={trainer.epsilon_high}, "
+                         f"delta={trainer.args.delta}, beta={trainer.beta} or temperature={trainer.temperature} is "
+                         f"not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high are TRL's "
+                         "epsilon/epsilon_high)") from None
 
 
 # -------------------------------------------------------------------------------------- the loss, TRL-shaped

@@ -282,6 +282,8 @@ def test_trl_policy_loss_refuses_bad_inputs(change, exc, text):
 @pytest.mark.parametrize("cfg, name", [
     (dict(loss_type="cispo"), "loss_type='cispo'"),
     (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(epsilon=1.0), "TRL's epsilon=1.0.*eps_low must be in"),   # TRL's lower bound 0: our ops refuse it
+    (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
 ])
 def test_unsupported_options_refused(tmp_path, cfg, name):
     tr = make_trainer(tmp_path, **cfg)
