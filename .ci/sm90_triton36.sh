@@ -10,11 +10,14 @@ PY=${PYTHON:-python}
 # it is never written once complete, so concurrent runs and fresh clones reuse it instead of growing /tmp by 650 MB
 PYV=$("$PY" -c "import sys; print('%d.%d' % sys.version_info[:2])")
 T36=${SM90_T36_DIR:-${TMPDIR:-/tmp}/gxpo-triton36-py$PYV}
-if ! PYTHONPATH="$T36" "$PY" -c "import sys, triton; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; then
+ok() { PYTHONPATH="$T36" "$PY" -c "import sys, triton; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; }
+if ! ok; then
   TMP=$(mktemp -d "$T36.partial.XXXXXX")
   trap 'rm -rf "$TMP"' EXIT
-  "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$TMP" triton==3.6.0
-  rm -rf "$T36"
-  mv -T "$TMP" "$T36" 2>/dev/null || true   # a concurrent run may have put a complete copy there first
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$TMP/pkg" triton==3.6.0
+  if ! ok; then   # (a concurrent run may have completed it meanwhile: a complete folder is never replaced)
+    if [ -e "$T36" ]; then mv "$T36" "$TMP/stale"; fi
+    mv -T "$TMP/pkg" "$T36"
+  fi
 fi
 TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$T36:$PWD" "$PY" -m bench.sm90 "$@"
