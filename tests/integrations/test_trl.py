@@ -278,6 +278,99 @@ def test_trl_policy_loss_refuses_bad_inputs(change, exc, text):
         gtrl.trl_policy_loss(**args)
 
 
+class _StubAccelerator:
+    num_processes, sync_gradients = 1, True
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+def trl_loss_on_logits(logits, tokens, mask, adv, old, ref, *, loss_type, temperature, beta=0.0, delta=None,
+                       eps_low=0.2, eps_high=0.28, is_level="token", ga=2, spg=4, n_items=50.0, bias_kl=True):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stand-in trainer whose policy log-probs and entropies are
+    the log-softmax of ``logits`` / temperature: TRL's loss math on given tensors, no model."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
+        lsm = torch.log_softmax(logits / temperature, -1)
+        return lsm.gather(-1, tokens[..., None])[..., 0], -(lsm.exp() * lsm).sum(-1), None
+    cfg = GRPOConfig(output_dir="unused", report_to="none", use_cpu=True)
+    shapes = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+              "vespo_lambda_neg")   # TRL's defaults, which GRPOLossOptions' defaults must equal
+    args = SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, steps_per_generation=spg,
+                           **{k: getattr(cfg, k) for k in shapes})
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=logps_and_entropies, top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, importance_sampling_level=is_level, beta=beta, args=args,
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=ga,
+        max_completion_length=tokens.shape[1] + 2, accelerator=_StubAccelerator(), _entropy_bonus_enabled=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, get_gamma_weights=GRPOTrainer.get_gamma_weights)
+    B = tokens.shape[0]
+    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                  completion_ids=tokens, completion_mask=mask.long(), advantages=adv,
+                  num_items_in_batch=torch.tensor(n_items, dtype=logits.dtype), old_per_token_logps=old,
+                  ref_per_token_logps=ref)
+    return GRPOTrainer._compute_loss(stub, None, inputs)
+
+
+@pytest.mark.parametrize("loss_type, is_level, kw", [
+    ("grpo", "sequence", dict(beta=0.04, delta=1.5)),
+    ("bnpo", "token", dict(beta=0.04, bias_kl=False)),
+    ("dr_grpo", "token", dict(delta=1.4)),
+    ("dapo", "token", dict(beta=0.04)),
+    ("luspo", "sequence", dict()),
+    ("cispo", "token", dict(eps_high=1.2)),  # TRL's raw upper bound (ours: 0.2); it binds here
+    ("sapo", "token", dict(beta=0.04)),
+    ("vespo", "token", dict()),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grpo_loss_matches_trl_compute_loss_on_logits(loss_type, is_level, kw, dtype):
+    """docs/losses.md's mapping of every TRL 1.16 loss type onto ``grpo_loss`` options, checked against TRL's own
+    ``_compute_loss`` (float64, on the same logits): value and d(logits), with an all-masked row, ragged rows,
+    an awkward vocabulary, gradient accumulation and steps_per_generation."""
+    from gxpo_kernels import grpo_loss
+    g = torch.Generator().manual_seed(7)
+    B, T, V, temp, ga, spg, n = 5, 6, 37, 0.7, 2, 4, 50.0
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([6, 0, 3, 1, 5])[:, None]
+    adv = torch.randn(B, generator=g)
+    lp = torch.log_softmax(logits.double() / temp, -1).gather(-1, tokens[..., None])[..., 0]
+    old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    x64 = logits.double().requires_grad_()
+    want = trl_loss_on_logits(x64, tokens, mask, adv.double(), old.double(), ref.double(), loss_type=loss_type,
+                              temperature=temp, is_level=is_level, ga=ga, spg=spg, n_items=n, **kw)
+    want_grad, = torch.autograd.grad(want, x64)
+
+    token_sum = loss_type in ("dapo", "cispo", "vespo")   # TRL's num_items_in_batch normaliser
+    mode = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+            "luspo": "seq-mean-token-sum"}.get(loss_type, "token-mean")
+    eps_high = kw.get("eps_high", 0.28)
+    opts = gtrl.GRPOLossOptions(
+        temperature=temp, eps_high=eps_high - 1.0 if loss_type == "cispo" else eps_high, delta=kw.get("delta"),
+        beta=kw.get("beta", 0.0), use_bias_correction_kl=kw.get("bias_kl", True), importance_sampling=is_level,
+        loss_agg_mode=mode, max_length=T + 2 if loss_type == "dr_grpo" else None,
+        policy_loss=loss_type if loss_type in ("cispo", "sapo", "vespo") else "clip",
+        log_ratio_clamp=None, kl_clamp=None)
+    x = logits.clone().requires_grad_()
+    loss, _ = grpo_loss(x, tokens, adv, mask, old, ref, options=opts, backend="torch",
+                        num_items_in_batch=n / spg * ga if token_sum else None)
+    loss = loss if token_sum else loss / ga
+    got_grad, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-7)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # a bf16 gradient is rounded to bf16
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("cfg, name", [
     (dict(loss_type="cispo"), "loss_type='cispo'"),
