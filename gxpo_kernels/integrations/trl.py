@@ -260,7 +260,7 @@ def _head_outside_autocast(head: nn.Module, enabled: bool):
     """Run ``head``'s forward with autocast off for the block (when ``enabled`` and autocast is on). With
     ``cast_lm_head_to_fp32`` TRL's loss head projects in fp32 outside autocast; the logits path calls the model's
     own (fp32-cast) lm_head inside the trainer's autocast region, which would round the projection to bf16."""
-    dev = head.weight.device.type
+    dev = head.weight.device.type if enabled else None
     if not enabled or not torch.is_autocast_enabled(dev):
         yield
         return
