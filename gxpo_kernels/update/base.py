@@ -333,7 +333,10 @@ class ExtrapolationRule:
 
     def _outer_step(self, closure, entropy, force_plain: bool) -> dict:
         if force_plain or self.gate.fired:
-            info = self._guarded(lambda: self._plain_step(closure), snapshot=self._plain_step_snapshot(closure))
+            snapshot = self._plain_step_snapshot(closure)
+            if self.gate.fired and self.gate.rearm_after is None and not snapshot:
+                self._release_buffers_()   # fired for good: single-pass steps from now on
+            info = self._guarded(lambda: self._plain_step(closure), snapshot=snapshot)
             if force_plain:
                 self.fallbacks += 1
                 info.update(fell_back=True, fallback_reason="forced")
@@ -347,6 +350,13 @@ class ExtrapolationRule:
 
     def _active_step(self, closure, params, entropy) -> dict:
         raise NotImplementedError
+
+    def _release_buffers_(self) -> None:
+        """Drop what only active steps use: θ0, the optimizer-state snapshot and the prepared extrapolation (which
+        holds θ0). A later active step (a gate state loaded that has not fired) allocates them again."""
+        self._theta0 = self._theta0_sig = None
+        self._opt_snap = self._opt_snap_pairs = self._opt_snap_sig = None
+        self._xplan = self._xplan_key = None
 
     def _validate_step(self, params) -> None:
         """Checks of everything an active step needs, before anything changes."""

@@ -206,6 +206,10 @@ class GXPO(ExtrapolationRule):
             self._g0, self._g0_kept = None, False
         return super()._finish(info)
 
+    def _release_buffers_(self) -> None:
+        super()._release_buffers_()
+        self._g0, self._g0_kept = None, False
+
     def _abort_step_(self) -> None:
         super()._abort_step_()
         if self._g0_kept:

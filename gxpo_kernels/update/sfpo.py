@@ -8,7 +8,8 @@
 ``step(closure)`` takes one closure (m = 1) or a sequence of m closures, one per mini-batch: a pass is then m
 optimizer steps, as in the authors' code (their fast step is a full ``update_policy`` pass). Cost (K + 1)·m
 backward passes per active step. A non-finite gradient falls back to θ0 plus one plain step per mini-batch
-(the gradient at θ0 is recomputed unless it is pass 0's own, see ``fallback_grad``).
+(gradients recomputed at θ0; a mini-batch whose gradient is non-finite there skips its own step only, as in a
+plain step).
 """
 from __future__ import annotations
 
@@ -118,18 +119,24 @@ class SFPO(ExtrapolationRule):
             return out[0]
         return out
 
-    def _fallback(self, closures: Sequence[Callable], params, reason: str, info: dict) -> dict:
+    def _fallback(self, closures: Sequence[Callable], params, reason: str, info: dict, start: int = 0) -> dict:
+        """θ0 back, then one plain step per mini-batch from ``start`` on (those before it are known non-finite
+        at θ0), as ``_plain_step``: a mini-batch whose gradient at θ0 is non-finite skips its own step only (the
+        last one's step or skip is ``_end_fallback``'s); ``skipped`` when none stepped."""
         self._rewind_for_fallback()
-        ok = True
-        for j, c in enumerate(closures):
+        oks = [False] * start
+        for j in range(start, len(closures)):
+            c = closures[j]
             self.minibatch_index = j
-            ok = self._fresh_grads_finite(c, params)
-            if not ok:
-                self._zero_grad()
-                break
+            oks.append(self._fresh_grads_finite(c, params))
             if j < len(closures) - 1:
-                self._optimizer_step()
-        return self._end_fallback(ok, reason, info)
+                if oks[-1]:
+                    self._optimizer_step()
+                else:
+                    self._zero_grad()
+        info = self._end_fallback(oks[-1], reason, info)
+        info["skipped"] = not any(oks)
+        return info
 
     def _active_step(self, closure, params, entropy) -> dict:
         """One SFPO outer update (θ0 and the optimizer snapshot are taken before the first optimizer step)."""
@@ -147,11 +154,13 @@ class SFPO(ExtrapolationRule):
                 _, norm, _ = self._clip(params)
                 info["grad_norms"].append(norm)
                 if not math.isfinite(norm):
-                    if k == 0 and j == 0:                 # θ = θ0 still: nothing to step with
+                    if k == 0 and j == 0:                 # θ = θ0 still: nothing to step with on this mini-batch
                         self._zero_grad()
-                        self.fallbacks += 1
-                        info.update(fell_back=True, fallback_reason="nonfinite_g0", skipped=True)
-                        return self._finish(info)
+                        if len(closures) == 1:
+                            self.fallbacks += 1
+                            info.update(fell_back=True, fallback_reason="nonfinite_g0", skipped=True)
+                            return self._finish(info)
+                        return self._finish(self._fallback(closures, params, "nonfinite_g0", info, start=1))
                     return self._finish(self._fallback(closures, params, f"nonfinite_g{k}", info))
                 self._optimizer_step()
         stats = self._all_reduce_(self._extrapolate(params, None, None, alpha=self.alpha, K=2))

@@ -101,11 +101,16 @@ def _maybe_raise(case, step, pass_index, key="raise_at"):
 
 
 def _step(rule, closure, entropy, force_plain):
-    """rule.step; an injected exception is retried once (the rule rewound the step)."""
+    """rule.step; an injected exception is retried once (the rule rewound the step). Records the shapes of the
+    rule's buffers while it has them (a gate that fired for good releases them)."""
     try:
-        return rule.step(closure, entropy=entropy, force_plain=force_plain)
+        info = rule.step(closure, entropy=entropy, force_plain=force_plain)
     except Injected:
-        return rule.step(closure, entropy=entropy, force_plain=force_plain)
+        info = rule.step(closure, entropy=entropy, force_plain=force_plain)
+    if rule._theta0 is not None:
+        rule.seen_buffer_shapes = ([tuple(b.shape) for b in rule._theta0],
+                                   [tuple(b.shape) for b in getattr(rule, "_g0", None) or []])
+    return info
 
 
 class CollectiveCounter:
@@ -161,8 +166,7 @@ def record(model, opt, rule, infos):
             "step": [float(opt.state[p]["step"]) for p in ps], "infos": infos,
             "fired_step": rule.gate.fired_step, "fallbacks": rule.fallbacks, "rule_state": rule.state_dict(),
             "local_shapes": [tuple(p.to_local().shape) for p in rule._param_list()],   # the rule's order
-            "theta0_shapes": [tuple(b.shape) for b in rule._theta0],
-            "g0_shapes": [tuple(b.shape) for b in getattr(rule, "_g0", None) or []],
+            "theta0_shapes": rule.seen_buffer_shapes[0], "g0_shapes": rule.seen_buffer_shapes[1],
             "total_numel": sum(p.numel() for p in ps)}
 
 

@@ -427,6 +427,26 @@ def test_validation_errors():
         extrapolate_(p, t0, g0, [torch.zeros(4, dtype=torch.int64)], alpha=0.5, K=5)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("kw,match", [(dict(delta=math.nan), "delta"), (dict(delta=-1e-8), "delta"),
+                                      (dict(delta=math.inf), "delta"), (dict(r_min=math.nan), "r_min"),
+                                      (dict(r_max=math.nan), "r_max"), (dict(r_min=1.0, r_max=0.5), "r_min")])
+def test_guard_and_clamp_arguments_are_checked(backend, kw, match):
+    """A NaN δ or r clamp reached the backends unchecked, and they disagreed: the reference's max(|ĝ0|, NaN) is
+    NaN (r -> 1), the kernels' comparison with NaN keeps |ĝ0| (the C++ op and Triton moved θ̃ by up to 0.12 more
+    than the reference here). Refused by both entry points, before anything is written."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (5,)])
+    before = _clone(p)
+    with pytest.raises(ValueError, match=match):
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend=backend, **kw)
+    with pytest.raises(ValueError, match=match):
+        ExtrapolationPlan(p, t0, g0, backend=backend)(g1, alpha=0.5, K=5, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(p, before))
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend=backend, delta=0.0, r_min=-math.inf, r_max=math.inf)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_triton_int64_offsets_cuda():

@@ -423,6 +423,48 @@ def test_pass1_grads_released_before_the_corrective_backward(opt_cls):
         assert alive[1] == 0
 
 
+
+@pytest.mark.parametrize("rule_cls", [GXPO, SFPO])
+def test_a_gate_that_fired_for_good_releases_the_step_buffers(rule_cls):
+    """After the gate fires (no re-arming) every step is a single-pass one: θ0, GXPO's ĝ0 and the snapshot of the
+    optimizer state are dead memory (two Adam-state copies and θ0: three model-sized fp32 buffers) and are
+    released, as the authors' code does. A rule given an unfired gate state again allocates them afresh and
+    continues bit for bit like a fresh rule."""
+    import gc
+    import weakref
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    kw = dict(gate="window", window=2, tau=1e-6) if rule_cls is GXPO else dict(K=2, gate="window", window=2, tau=1e-6)
+    rule = rule_cls(opt, **kw)
+    early = None
+    for t in range(6):
+        if t == 1:
+            early = copy.deepcopy((m.state_dict(), opt.state_dict(), rule.state_dict()))
+        rule.step(closure_for(m, opt, rule, batch=t))
+        if rule.gate.fired and not rule.gate.state_dict()["plain_steps"]:   # the step that fired it
+            bufs = list(rule._theta0) + list(rule._opt_snap_pairs[0]) + list(getattr(rule, "_g0", None) or [])
+            held = [weakref.ref(b) for b in bufs]
+            del bufs
+    assert rule.gate.fired and rule.gate.fired_step < 5
+    gc.collect()
+    assert sum(r() is not None for r in held) == 0
+    # the same rule resumed from before the gate fired: buffers come back, steps equal a fresh rule's
+    m2, o2 = mlp(seed=3), None
+    m2.load_state_dict(early[0])
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    o2.load_state_dict(copy.deepcopy(early[1]))
+    fresh = rule_cls(o2, **kw)
+    fresh.load_state_dict(early[2])
+    m.load_state_dict(early[0])
+    opt.load_state_dict(copy.deepcopy(early[1]))
+    rule.load_state_dict(early[2])
+    for t in range(1, 4):
+        a = rule.step(closure_for(m, opt, rule, batch=t))
+        b = fresh.step(closure_for(m2, o2, fresh, batch=t))
+        assert a["active"] == b["active"]
+    assert params_equal(m, m2)
+
+
 def test_validation():
     opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
     for kw, match in [(dict(K=1), "K"), (dict(alpha=0.0), "alpha"), (dict(gate="bogus"), "gate"),

@@ -130,3 +130,37 @@ def test_validation():
     with pytest.raises(ValueError, match="gate"):
         SFPO(opt).load_state_dict({**SFPO(opt, gate="ema").state_dict()})
     assert loss_fn(mlp()) > 0
+
+
+@pytest.mark.parametrize("bad_mb,at_theta0", [(0, False), (0, True), (1, True), (2, True)])
+def test_fallback_over_minibatches_skips_only_the_nonfinite_one(bad_mb, at_theta0):
+    """A mini-batch whose gradient is non-finite at θ0 too (a bad batch, not a bad extrapolation): the step is
+    θ0 plus one plain step per mini-batch, each skipped only where its own gradient is non-finite, as the
+    rule's plain step over the same closures does; the other mini-batches are not dropped (also when the bad
+    one is the first, on the very first pass)."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ref_m, ref_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2)
+    plain_m, plain_o = clone_setup(m, torch.optim.AdamW, opt, lr=1e-2)
+    rule = SFPO(opt, K=2, gate=None)
+    plain_rule = SFPO(plain_o, K=2, gate=None)
+
+    def closures(model, o, r):
+        def mk(b):
+            def c():
+                o.zero_grad()
+                loss = loss_fn(model, b)
+                if b == bad_mb and (at_theta0 or r.pass_index > 0):
+                    loss = loss * math.nan
+                loss.backward()
+                return loss
+            return c
+        return [mk(b) for b in range(3)]
+    info = rule.step(closures(m, opt, rule))
+    plain = plain_rule.step(closures(plain_m, plain_o, plain_rule), force_plain=True)
+    for b in range(3):                              # θ0 + a plain step on every finite mini-batch
+        if b != bad_mb or not at_theta0:
+            plain_step(ref_m, ref_o, b)
+    assert params_equal(plain_m, ref_m) and not plain["skipped"]
+    assert params_equal(m, ref_m)
+    assert info["fell_back"] and not info["skipped"]

@@ -193,7 +193,8 @@ class _FSDPRule(ShardedReductions):
     # ---- checkpointing ------------------------------------------------------------------------------------------
     def buffer_state_dict(self) -> dict:
         """θ0 (and GXPO's ĝ0) as DTensors over the parameters' layout, aliasing the local buffers (allocated
-        here if no step ran yet), for ``torch.distributed.checkpoint``: saving writes the local shards, loading
+        here if no step ran yet or a gate that fired for good released them: then the current shards and a zero
+        ĝ0), for ``torch.distributed.checkpoint``: saving writes the local shards, loading
         fills them in place. The buffers are re-snapshotted at every active step, so they only matter for
         inspecting the last step; the rule's resumable state is ``state_dict()``."""
         params = self._param_list()

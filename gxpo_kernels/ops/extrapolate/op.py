@@ -484,10 +484,7 @@ class ExtrapolationPlan:
                 (self.g0_per_call and len(g0) != n):
             raise ValueError("ExtrapolationPlan: g1 (and a per-call g0) must have one tensor per param (None iff "
                              "the plan has no g0)")
-        if isinstance(K, bool) or not isinstance(K, int) or K < 2 or scale_formula not in SCALE_FORMULAS:
-            raise ValueError(f"K must be an int >= 2 and scale_formula one of {SCALE_FORMULAS}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        _check_scalars(alpha, K, scale_formula, delta, r_min, r_max)
         thr = None
         if inactive_threshold is not None and g0 is not None:
             if not float(inactive_threshold) >= 0:
@@ -531,16 +528,23 @@ def _check_list(x, name, n):
         raise ValueError(f"{name} must have {n} tensors (one per param), got {len(x)}")
 
 
-def _check_scalars(alpha, K, scale_formula) -> None:
+def _check_scalars(alpha, K, scale_formula, delta=1e-8, r_min=-2.0, r_max=3.0) -> None:
     if isinstance(K, bool) or not isinstance(K, int) or K < 2:
         raise ValueError(f"K must be an int >= 2, got {K!r}")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     if scale_formula not in SCALE_FORMULAS:
         raise ValueError(f"scale_formula must be one of {SCALE_FORMULAS}, got {scale_formula!r}")
+    # a NaN guard or clamp would not even be NaN alike: the reference's max(|g0|, NaN) is NaN, the kernels'
+    # comparison with NaN keeps |g0|
+    if not (math.isfinite(float(delta)) and float(delta) >= 0):
+        raise ValueError(f"delta must be finite and >= 0, got {delta!r}")
+    if not float(r_min) <= float(r_max):   # (False for a NaN too)
+        raise ValueError(f"r_min <= r_max is required (either may be infinite, neither NaN), got r_min={r_min!r}, "
+                         f"r_max={r_max!r}")
 
 
-def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
+def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, guards=()):
     if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list or tuple of tensors, got {type(params).__name__}")
     n = len(params)
@@ -552,7 +556,7 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula):
         _check_list(g1, "g1", n)
     if lowp_out is not None:
         _check_list(lowp_out, "lowp_out", n)
-    _check_scalars(alpha, K, scale_formula)
+    _check_scalars(alpha, K, scale_formula, *guards)
     dev = params[0].device if n else None
     for i in range(n):
         p = params[i]
@@ -758,7 +762,7 @@ def _new_layout(params, theta0, lowp_out) -> _Layout:
     return lay
 
 
-def _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> tuple:
+def _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, guards=()) -> tuple:
     """Validate a call; returns (layout or None for no params, per-call gradient info: None for the plain move,
     else ((addresses g0, dtype pattern of g0), (addresses g1, dtype pattern of g1))).
 
@@ -768,14 +772,14 @@ def _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula) -> tup
     the offending tensor or value, and caches the layout."""
     lay = _layout_for(params, theta0, lowp_out)
     if lay is not None and (g0 is None) == (g1 is None):
-        _check_scalars(alpha, K, scale_formula)
+        _check_scalars(alpha, K, scale_formula, *guards)
         if g1 is None:
             return lay, None
         c0 = _check_grads(lay, "g0", g0)
         c1 = _check_grads(lay, "g1", g1) if c0 is not None else None
         if c1 is not None:
             return lay, (c0, c1)
-    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, guards)
     if not len(params):
         return None, None
     lay = _new_layout(params, theta0, lowp_out)
@@ -822,7 +826,7 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]
     """
-    lay, grads = _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula)
+    lay, grads = _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, (delta, r_min, r_max))
     if lay is None:
         return _combine([], torch.device("cpu"))
     be = extrapolate_backend(backend, lay.device)
