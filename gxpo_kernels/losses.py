@@ -306,6 +306,23 @@ def grpo_token_loss(
     return loss, metrics
 
 
+def check_token_inputs(B: int, T: int, advantages, old_logprobs, ref_logprobs) -> None:
+    """Shape and dtype checks of the per-token inputs of the loss: ``advantages`` (B,), (B, 1) or (B, T) and
+    the optional ``old_logprobs`` / ``ref_logprobs`` (B, T), all floating point. Reads no values (no sync);
+    without it a (1, T) or (B, 1) tensor would broadcast silently."""
+    check_tensor(advantages, "advantages", ndim=(1, 2), floating=True)
+    if advantages.dim() == 1:
+        check_shape(advantages, "advantages", (B,))
+    elif advantages.shape[1] == 1 and T != 1:
+        check_shape(advantages, "advantages", (B, 1))
+    else:
+        check_shape(advantages, "advantages", (B, T))
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            check_tensor(t, name, ndim=2, floating=True)
+            check_shape(t, name, (B, T))
+
+
 def validate_loss_inputs(
     B: int, T: int, vocab_size: int, device: torch.device,
     tokens, advantages, mask, old_logprobs, ref_logprobs, opts: GRPOLossOptions, *, validate: str = "cheap",
@@ -320,17 +337,7 @@ def validate_loss_inputs(
     full = validate == "full" and not torch.compiler.is_compiling()
     check_tensor(tokens, "tokens", ndim=2, dtypes=(torch.int64, torch.int32))
     check_shape(tokens, "tokens", (B, T))
-    check_tensor(advantages, "advantages", ndim=(1, 2), floating=True)
-    if advantages.dim() == 1:
-        check_shape(advantages, "advantages", (B,))
-    elif advantages.shape[1] == 1 and T != 1:
-        check_shape(advantages, "advantages", (B, 1))
-    else:
-        check_shape(advantages, "advantages", (B, T))
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if t is not None:
-            check_tensor(t, name, ndim=2, floating=True)
-            check_shape(t, name, (B, T))
+    check_token_inputs(B, T, advantages, old_logprobs, ref_logprobs)
     check_same_device(tokens.new_empty(0, device=device), "logits", tokens=tokens, advantages=advantages,
                       mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     if opts.beta > 0 and ref_logprobs is None:

@@ -21,12 +21,12 @@ grpo       mean_i(sum_t m l / n_i) / GA               ``seq-mean-token-mean`` / 
 bnpo       sum m l / sum m / GA                       ``token-mean`` / GA
 dr_grpo    sum m l / (B * max_completion_length) / GA ``seq-mean-token-sum-norm`` (max_length) / GA
 luspo      mean_i(sum_t m l) / GA                     ``seq-mean-token-sum`` / GA
-dapo       sum m l / (N_global / P * GA / S)          ``seq-mean-token-sum`` * B / that normaliser
+dapo       sum m l / (N_global / P * GA / S)          sum m l / that normaliser (as is, even below 1)
 =========  =========================================  ==================================================
 
 (N_global = ``num_items_in_batch`` (loss tokens of the whole generation batch over all ranks), P = number
-of processes, S = ``steps_per_generation``.) Our aggregation modes cannot take dapo's global normaliser, so
-the dapo sum is recovered as ``seq-mean-token-sum`` times B (equal up to one rounding). TRL's entropy
+of processes, S = ``steps_per_generation``.) The normaliser is used as TRL computes it, not clamped to >= 1
+like a token count: it falls below 1 when the generation batch holds fewer loss tokens than S. TRL's entropy
 bonus is the token mean of the entropy over the loss mask (divided by GA) whatever the loss type, so it is
 applied outside ``grpo_token_loss`` on the differentiable entropy. Multiplicative per-token weights that TRL applies to the
 policy term only (``top_entropy_quantile`` mask, ``off_policy_mask_threshold`` mask) are folded into the
@@ -35,10 +35,11 @@ importance-sampling correction (``importance_sampling_ratio``, vLLM colocate or 
 
 The KL term follows TRL through the loss options: k3 is not clamped (``kl_clamp=None``; our ops' default
 clamps it to [-10, 10]) and, with ``use_bias_correction_kl`` (TRL's default), it is weighted by the
-(differentiable) importance ratio. dapo is ``token-mean`` with ``num_items_in_batch`` = TRL's normaliser.
+(differentiable) importance ratio.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 import warnings
@@ -48,8 +49,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._utils import BACKENDS, check_choice
-from ..losses import GRPOLossOptions, grpo_token_loss, kl_k3, masked_mean
+from .._utils import BACKENDS, check_choice, check_scalar, check_shape, check_tensor
+from ..losses import GRPOLossOptions, check_token_inputs, grpo_token_loss, kl_k3, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
 ALLOW_UNTESTED_ENV = "GXPO_KERNELS_ALLOW_UNTESTED_TRL"
@@ -131,12 +132,20 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
 
 def _loss_options(trainer) -> GRPOLossOptions:
     """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
-    return GRPOLossOptions(
-        temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
-        eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
-        entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
-        loss_agg_mode=LOSS_TYPES[trainer.loss_type],
-        max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
+    if trainer.loss_type not in LOSS_TYPES:  # e.g. set on the trainer after the hook was enabled
+        raise ValueError(_unsupported(trainer))
+    try:
+        return GRPOLossOptions(
+            temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
+            eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
+            entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
+            loss_agg_mode=LOSS_TYPES[trainer.loss_type],
+            max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
+    except ValueError as e:  # name TRL's options, not ours (eps_low is TRL's epsilon)
+        raise ValueError(f"TRL's epsilon={trainer.epsilon_low}, epsilon_high={trainer.epsilon_high}, "
+                         f"delta={trainer.args.delta}, beta={trainer.beta} or temperature={trainer.temperature} is "
+                         f"not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high are TRL's "
+                         "epsilon/epsilon_high)") from None
 
 
 # -------------------------------------------------------------------------------------- the loss, TRL-shaped
@@ -160,9 +169,21 @@ def trl_policy_loss(
     """TRL 1.16 ``GRPOTrainer._compute_loss`` semantics on our loss math. Returns (loss, metrics).
 
     ``metrics`` holds our detached metrics plus ``policy_loss`` (the loss before the entropy bonus, before
-    GA scaling for the GA-scaled types, as TRL logs it)."""
+    GA scaling for the GA-scaled types, as TRL logs it). Shapes are checked (a (1, T) or (B, 1) mask, old or
+    ref tensor would otherwise broadcast silently); values are not read (no host sync)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    check_tensor(logp, "logp", ndim=2, floating=True)
+    B, T = logp.shape
+    check_tensor(mask, "mask", ndim=2, dtypes=(torch.bool,))
+    check_shape(mask, "mask", (B, T))
+    check_token_inputs(B, T, advantages, old_logprobs, ref_logprobs)
+    for name, t in (("entropy", entropy), ("entropy_mask", entropy_mask)):
+        check_shape(t, name, (B, T))
+    if pg_weight is not None and tuple(pg_weight.shape) not in ((B, T), (B, 1)):
+        raise ValueError(f"pg_weight must have shape {(B, T)} or {(B, 1)}, got {tuple(pg_weight.shape)}")
+    accumulation = check_scalar(accumulation, "accumulation", "(0, inf)")
+    entropy_coef = check_scalar(entropy_coef, "entropy_coef")
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None]
@@ -180,10 +201,15 @@ def trl_policy_loss(
     if loss_type == "dapo":
         if dapo_normalizer is None:
             raise ValueError("loss_type='dapo' needs dapo_normalizer (TRL's num_items_in_batch-based normaliser)")
-        # sum of m * l over TRL's normaliser; a tensor normaliser stays on the device (no host sync)
-        opts, num_items = replace(opts, loss_agg_mode="token-mean"), dapo_normalizer
+        if not isinstance(dapo_normalizer, torch.Tensor):
+            dapo_normalizer = check_scalar(dapo_normalizer, "dapo_normalizer", "(0, inf)")
+        # the masked sum (a token count of 1), divided below by TRL's normaliser as it is: that may be < 1
+        # (fewer loss tokens in the generation batch than steps_per_generation), which a token count is not
+        opts, num_items = replace(opts, loss_agg_mode="token-mean"), 1
     loss, metrics = grpo_token_loss(logp, entropy, adv, mask, old_logprobs, ref_logprobs if opts.beta else None,
                                     opts, num_items_in_batch=num_items)
+    if loss_type == "dapo":  # a tensor normaliser stays on the device (no host sync)
+        loss = loss / (dapo_normalizer.detach().to(loss) if torch.is_tensor(dapo_normalizer) else dapo_normalizer)
     metrics["policy_loss"] = loss.detach()
     if loss_type != "dapo":
         loss = loss / accumulation
@@ -229,6 +255,31 @@ def _text_only(inputs) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _head_outside_autocast(head: nn.Module, enabled: bool):
+    """Run ``head``'s forward with autocast off for the block (when ``enabled`` and autocast is on). With
+    ``cast_lm_head_to_fp32`` TRL's loss head projects in fp32 outside autocast; the logits path calls the model's
+    own (fp32-cast) lm_head inside the trainer's autocast region, which would round the projection to bf16."""
+    dev = head.weight.device.type if enabled else None
+    if not enabled or not torch.is_autocast_enabled(dev):
+        yield
+        return
+    own = head.__dict__.get("forward")   # TRL's cast_lm_head_to_fp32 sets an instance forward
+    inner = head.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(dev, enabled=False):
+            return inner(*args, **kwargs)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def policy_token_logprobs(trainer, model, inputs):
     """fp32 (logp, entropy) (B, T) of the completion tokens under the policy ``model`` (differentiable), and
     the MoE load-balancing loss (0-d) when TRL's ``router_aux_loss_coef`` is in use, else None."""
@@ -253,8 +304,10 @@ def policy_token_logprobs(trainer, model, inputs):
                         gxpo_aux_loss=aux)
             return (out[0], out[1], out[2] if aux else None)
         extra = {"output_router_logits": True} if aux else {}
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
-                    **extra)
+        head = _head_model(trainer).get_output_embeddings()
+        with _head_outside_autocast(head, bool(trainer.args.cast_lm_head_to_fp32)):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False,
+                        **extra)
         logits = out.logits[:, :-1]
     from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
@@ -336,7 +389,7 @@ def _gxpo_compute_loss(self, model, inputs):
         isr = inputs["importance_sampling_ratio"]  # >= 0, policy term only (truncated or masked by TRL)
         pg_weight = isr if pg_weight is None else pg_weight * isr
 
-    opts = self._gxpo_opts
+    opts = _loss_options(self)  # TRL reads these attributes at every call (a callback may schedule them)
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
     dapo_normalizer = None
     if self.loss_type == "dapo":
@@ -434,7 +487,7 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
     if path == "hidden":
         from .hf import patch_causal_lm
         patch_causal_lm(_head_model(trainer))
-    trainer._gxpo_opts = _loss_options(trainer)
+    _loss_options(trainer)  # refuse bad values now; rebuilt at every call, as TRL reads them live
     trainer._gxpo_loss_path = path
     trainer._gxpo_backend = backend
     trainer.gxpo_loss_path = path

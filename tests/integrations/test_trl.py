@@ -103,12 +103,14 @@ def loss_and_grads(trainer, fn, inputs):
     return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
 
 
-def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="torch"):
+def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="torch", enable=True):
     """Our hooked loss vs TRL's own ``_compute_loss`` on the same model and batch. ``backend="torch"`` by
-    default: the Triton kernels run under the (slow) interpreter here, so only a few cases use them."""
+    default: the Triton kernels run under the (slow) interpreter here, so only a few cases use them.
+    ``enable=False``: the hook is already enabled."""
     trainer.model.train()
     ref = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
-    gtrl.enable_gxpo_loss(trainer, loss_path=path, backend=backend)
+    if enable:
+        gtrl.enable_gxpo_loss(trainer, loss_path=path, backend=backend)
     ours = loss_and_grads(trainer, trainer._compute_loss, inputs)
     torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
     assert ref[1].keys() == ours[1].keys() and len(ref[1]) > 0
@@ -201,6 +203,31 @@ def test_loss_parity_gradient_accumulation_and_eval(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=2e-4, atol=2e-6)
 
 
+def test_dapo_normaliser_below_one_matches_trl(tmp_path):
+    """TRL divides dapo's masked sum by num_items_in_batch / P * GA / steps_per_generation, which drops below 1
+    when the generation batch holds fewer loss tokens than steps_per_generation (e.g. most completions masked
+    as truncated). The hook used to clamp that normaliser to 1 again: its loss and gradients were 4x smaller."""
+    tr = make_trainer(tmp_path, loss_type="dapo", steps_per_generation=4, entropy_coef=0.01)
+    inputs = make_batch(tr)
+    inputs["num_items_in_batch"] = torch.tensor(1)  # TRL's normaliser: 1 / 1 * 1 / 4 = 0.25
+    ref, ours = check_parity(tr, inputs)
+    assert ref[2]["policy_loss"][0] != 0.0
+
+
+def test_hook_reads_trainer_options_at_each_call(tmp_path):
+    """TRL's ``_compute_loss`` reads beta, epsilon_low/high, loss_type, importance_sampling_level and
+    args.delta at every call, so a callback can schedule them. The hook froze them when it was enabled: after
+    such a change it silently kept the old KL weight, clip range and aggregation."""
+    tr = make_trainer(tmp_path, loss_type="grpo", beta=0.05, epsilon_high=0.28)
+    gtrl.enable_gxpo_loss(tr, backend="torch")
+    tr.beta, tr.epsilon_low, tr.epsilon_high, tr.loss_type = 0.3, 0.1, 0.12, "bnpo"
+    tr.importance_sampling_level, tr.args.delta = "sequence", 1.3
+    check_parity(tr, make_batch(tr, old_noise=0.5), enable=False)
+    tr.loss_type = "sapo"  # an unsupported type set after enabling is refused by name at the call
+    with pytest.raises(ValueError, match="loss_type='sapo'"):
+        tr._compute_loss(tr.model, make_batch(tr))
+
+
 def test_trl_policy_loss_matches_float64_formula():
     """The pure loss function against a direct float64 transcription of TRL 1.16's dapo + entropy bonus."""
     torch.manual_seed(3)
@@ -225,10 +252,131 @@ def test_trl_policy_loss_matches_float64_formula():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("change, exc, text", [
+    (dict(mask=lambda a: a["mask"][:1]), ValueError, r"mask must have shape \(5, 7\)"),
+    (dict(mask=lambda a: a["mask"][:, :1]), ValueError, r"mask must have shape \(5, 7\)"),
+    (dict(mask=lambda a: a["mask"].float()), TypeError, "mask must have dtype"),
+    (dict(advantages=lambda a: a["advantages"][:1]), ValueError, r"advantages must have shape \(5,\)"),
+    (dict(old_logprobs=lambda a: a["old_logprobs"][:, :1]), ValueError, "old_logprobs must have shape"),
+    (dict(ref_logprobs=lambda a: a["ref_logprobs"][:1]), ValueError, "ref_logprobs must have shape"),
+    (dict(entropy_mask=lambda a: a["mask"][:1]), ValueError, "entropy_mask must have shape"),
+    (dict(pg_weight=lambda a: torch.ones(1, 7)), ValueError, "pg_weight must have shape"),
+    (dict(accumulation=lambda a: 0), ValueError, "accumulation must be in"),
+    (dict(loss_type=lambda a: "dapo", dapo_normalizer=lambda a: 0.0), ValueError, "dapo_normalizer must be in"),
+])
+def test_trl_policy_loss_refuses_bad_inputs(change, exc, text):
+    """The public loss function checks shapes (no values, no sync): a (1, T) or (B, 1) mask / old / ref used
+    to broadcast silently into a wrong loss, and accumulation=0 returned -inf."""
+    g = torch.Generator().manual_seed(4)
+    B, T = 5, 7
+    logp = (-torch.rand(B, T, generator=g) * 3).requires_grad_()
+    args = dict(logp=logp, entropy=torch.rand(B, T, generator=g), mask=torch.rand(B, T, generator=g) > 0.3,
+                advantages=torch.randn(B, generator=g), old_logprobs=logp.detach() + 0.1,
+                ref_logprobs=logp.detach() - 0.1, opts=gtrl.GRPOLossOptions(beta=0.04), loss_type="grpo")
+    args.update({k: f(args) for k, f in change.items()})
+    with pytest.raises(exc, match=text):
+        gtrl.trl_policy_loss(**args)
+
+
+class _StubAccelerator:
+    num_processes, sync_gradients = 1, True
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+def trl_loss_on_logits(logits, tokens, mask, adv, old, ref, *, loss_type, temperature, beta=0.0, delta=None,
+                       eps_low=0.2, eps_high=0.28, is_level="token", ga=2, spg=4, n_items=50.0, bias_kl=True):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stand-in trainer whose policy log-probs and entropies are
+    the log-softmax of ``logits`` / temperature: TRL's loss math on given tensors, no model."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
+        lsm = torch.log_softmax(logits / temperature, -1)
+        return lsm.gather(-1, tokens[..., None])[..., 0], -(lsm.exp() * lsm).sum(-1), None
+    cfg = GRPOConfig(output_dir="unused", report_to="none", use_cpu=True)
+    shapes = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+              "vespo_lambda_neg")   # TRL's defaults, which GRPOLossOptions' defaults must equal
+    args = SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, steps_per_generation=spg,
+                           **{k: getattr(cfg, k) for k in shapes})
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=logps_and_entropies, top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, importance_sampling_level=is_level, beta=beta, args=args,
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=ga,
+        max_completion_length=tokens.shape[1] + 2, accelerator=_StubAccelerator(), _entropy_bonus_enabled=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, get_gamma_weights=GRPOTrainer.get_gamma_weights)
+    B = tokens.shape[0]
+    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                  completion_ids=tokens, completion_mask=mask.long(), advantages=adv,
+                  num_items_in_batch=torch.tensor(n_items, dtype=logits.dtype), old_per_token_logps=old,
+                  ref_per_token_logps=ref)
+    return GRPOTrainer._compute_loss(stub, None, inputs)
+
+
+@pytest.mark.parametrize("loss_type, is_level, kw", [
+    ("grpo", "sequence", dict(beta=0.04, delta=1.5)),
+    ("bnpo", "token", dict(beta=0.04, bias_kl=False)),
+    ("dr_grpo", "token", dict(delta=1.4)),
+    ("dapo", "token", dict(beta=0.04)),
+    ("luspo", "sequence", dict()),
+    ("cispo", "token", dict(eps_high=1.2)),  # TRL's raw upper bound (ours: 0.2); it binds here
+    ("sapo", "token", dict(beta=0.04)),
+    ("vespo", "token", dict()),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grpo_loss_matches_trl_compute_loss_on_logits(loss_type, is_level, kw, dtype):
+    """docs/losses.md's mapping of every TRL 1.16 loss type onto ``grpo_loss`` options, checked against TRL's own
+    ``_compute_loss`` (float64, on the same logits): value and d(logits), with an all-masked row, ragged rows,
+    an awkward vocabulary, gradient accumulation and steps_per_generation."""
+    from gxpo_kernels import grpo_loss
+    g = torch.Generator().manual_seed(7)
+    B, T, V, temp, ga, spg, n = 5, 6, 37, 0.7, 2, 4, 50.0
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([6, 0, 3, 1, 5])[:, None]
+    adv = torch.randn(B, generator=g)
+    lp = torch.log_softmax(logits.double() / temp, -1).gather(-1, tokens[..., None])[..., 0]
+    old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    x64 = logits.double().requires_grad_()
+    want = trl_loss_on_logits(x64, tokens, mask, adv.double(), old.double(), ref.double(), loss_type=loss_type,
+                              temperature=temp, is_level=is_level, ga=ga, spg=spg, n_items=n, **kw)
+    want_grad, = torch.autograd.grad(want, x64)
+
+    token_sum = loss_type in ("dapo", "cispo", "vespo")   # TRL's num_items_in_batch normaliser
+    mode = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+            "luspo": "seq-mean-token-sum"}.get(loss_type, "token-mean")
+    eps_high = kw.get("eps_high", 0.28)
+    opts = gtrl.GRPOLossOptions(
+        temperature=temp, eps_high=eps_high - 1.0 if loss_type == "cispo" else eps_high, delta=kw.get("delta"),
+        beta=kw.get("beta", 0.0), use_bias_correction_kl=kw.get("bias_kl", True), importance_sampling=is_level,
+        loss_agg_mode=mode, max_length=T + 2 if loss_type == "dr_grpo" else None,
+        policy_loss=loss_type if loss_type in ("cispo", "sapo", "vespo") else "clip",
+        log_ratio_clamp=None, kl_clamp=None)
+    x = logits.clone().requires_grad_()
+    loss, _ = grpo_loss(x, tokens, adv, mask, old, ref, options=opts, backend="torch",
+                        num_items_in_batch=n / spg * ga if token_sum else None)
+    loss = loss if token_sum else loss / ga
+    got_grad, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-7)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # a bf16 gradient is rounded to bf16
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("cfg, name", [
     (dict(loss_type="cispo"), "loss_type='cispo'"),
     (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(epsilon=1.0), "TRL's epsilon=1.0.*eps_low must be in"),   # TRL's lower bound 0: our ops refuse it
+    (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
 ])
 def test_unsupported_options_refused(tmp_path, cfg, name):
     tr = make_trainer(tmp_path, **cfg)
@@ -399,6 +547,27 @@ def test_loss_close_to_trl_under_bf16_autocast(tmp_path):
     g_ours = torch.cat([ours[1][n].flatten() for n in ref[1]])
     cos = torch.nn.functional.cosine_similarity(g_ref.double(), g_ours.double(), dim=0)
     assert cos > 0.9999 and abs(g_ours.norm() / g_ref.norm() - 1) < 5e-3, (float(cos), float(g_ours.norm()))
+
+
+@pytest.mark.parametrize("path", ["hidden", "logits"])
+def test_cast_lm_head_to_fp32_under_bf16_autocast(tmp_path, path):
+    """cast_lm_head_to_fp32 under bf16 autocast: TRL's loss head projects in fp32 outside autocast, so with it
+    both paths agree with TRL's per-token log-probs to fp32 rounding. The logits path used to run the model's
+    own (fp32-cast) lm_head inside the trainer's autocast region, i.e. in bf16 again: errors of ~1e-3."""
+    tr = make_trainer(tmp_path, bf16=True, cast_lm_head_to_fp32=True, temperature=0.7)
+    inputs = make_batch(tr)
+    gtrl.enable_gxpo_loss(tr, loss_path=path, backend="torch")
+    tr.model.train()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        want, want_ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(tr, tr.model, ids, am, T,
+                                                                          compute_entropy=True)
+        got, got_ent, _ = gtrl.policy_token_logprobs(tr, tr.model, inputs)
+    m = inputs["completion_mask"].bool()
+    torch.testing.assert_close(got[m], want[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_ent[m], want_ent[m], rtol=0, atol=2e-5)
 
 
 @pytest.mark.slow
