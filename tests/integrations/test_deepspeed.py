@@ -38,6 +38,12 @@ MLP_CASES = {
     "bf16_optimizer": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups=True, rule=G),
     "z2_offload": dict(stage=2, offload=True, rule=G),
     "z3_offload_sfpo": dict(stage=3, offload=True, algo="sfpo", rule=G),
+    # ZeRO's padding inside a flat group: between parameters (parameter_alignment), and a 1-element param group
+    # whose padding fills the rest of rank 0's shard and all of rank 1's (the last rank's padding > its shard)
+    "z1_param_alignment": dict(stage=1, groups=True, zero={"parameter_alignment": True}, rule=G),
+    "z2_param_alignment_bf16": dict(stage=2, dtype="bf16", zero={"parameter_alignment": True}, rule=G),
+    "bf16_optimizer_scalar_group": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups="scalar", rule=G),
+    "z2_scalar_group": dict(stage=2, groups="scalar", rule=G),
     "z1_sfpo_gas2": dict(stage=1, gas=2, algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
     "z2_transactional": dict(stage=2, groups=True, rule=dict(gate=None, transactional_state=True)),
     "z1_optimizer_aware": dict(stage=1, rule=dict(gate=None, optimizer_aware=True)),
@@ -137,18 +143,23 @@ def test_matches_single_process_rule(mlp_runs, name):
 
 
 @pytest.mark.parametrize("name", ["z1", "z2_two_groups", "z3", "z3_gas2_sched_subgroups", "z2_bf16",
-                                  "bf16_optimizer", "z2_offload", "z3_offload_sfpo"])
+                                  "bf16_optimizer", "z2_offload", "z3_offload_sfpo", "z1_param_alignment",
+                                  "z2_param_alignment_bf16", "bf16_optimizer_scalar_group", "z2_scalar_group"])
 def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
     kinds = {"z1": "z12", "z2_two_groups": "z12", "z3": "z3", "z3_gas2_sched_subgroups": "z3", "z2_bf16": "z12",
-             "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3"}
-    n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2}.get(name, 1)
+             "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3", "z1_param_alignment": "z12",
+             "z2_param_alignment_bf16": "z12", "bf16_optimizer_scalar_group": "bf16", "z2_scalar_group": "z12"}
+    n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2, "z1_param_alignment": 2,
+                "bf16_optimizer_scalar_group": 2, "z2_scalar_group": 2}.get(name, 1)
     total = mlp_runs[0][name]["total_numel"]
     for rank, recs in enumerate(mlp_runs):
         rec = recs[name]
         assert rec["kind"] == kinds[name]
         assert rec["shard_device"] == "cpu"
-        # Z1/2/BF16 pad each flat group to 2*dp; Z3 pads every parameter to a multiple of dp
-        assert total / W.WORLD <= rec["shard_numel"] <= total / W.WORLD + 4 * n_shards, (rec["shard_numel"], total)
+        # Z1/2/BF16 pad each flat group to 2*dp (parameter_alignment: also each parameter to 16 bytes, <= 8
+        # elements in bf16); Z3 pads every parameter to a multiple of dp
+        slack = 4 * n_shards + (4 * 8 if "alignment" in name else 0)
+        assert total / W.WORLD <= rec["shard_numel"] <= total / W.WORLD + slack, (rec["shard_numel"], total)
         assert rec["n_shards"] == n_shards
         calls = rec["cpp_calls"]
         assert len(calls) == MLP_CASES[name].get("steps", 3), calls      # one fused call per outer step
