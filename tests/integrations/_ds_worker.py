@@ -236,6 +236,7 @@ def run_case(case):
     rec.update(infos=infos, cpp_calls=calls, kind=rule.zero.kind, lowp=lowp_full(engine),
                shard_numel=sum(s.numel() for s in rule.zero.shards()), n_shards=len(rule.zero.shards()),
                valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
+               n_runs=sum(len(runs) for runs in rule.zero.valid_segments()),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
                fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()),

@@ -129,6 +129,17 @@ def check_engine(engine) -> str:
     return kind
 
 
+def _add_run(runs: List[tuple], start: int, length: int) -> None:
+    """Append the run (start, length) to ``runs``, merged into the last one when adjacent (one view for
+    parameters back to back: fewer tensors for the fused extrapolation)."""
+    if length <= 0:
+        return
+    if runs and runs[-1][0] + runs[-1][1] == start:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((start, length))
+
+
 class ZeroShards:
     """Uniform access to a ZeRO wrapper's local fp32 master shards (re-read from DeepSpeed on every call:
     ``engine.offload_states()`` swaps ``.data`` but keeps these tensor objects)."""
@@ -170,8 +181,7 @@ class ZeroShards:
                 for p in grp:
                     n = int(p.partition_numel())
                     valid = max(0, min(n, int(p.ds_numel) - rank * n))
-                    if valid:
-                        runs.append((off, valid))
+                    _add_run(runs, off, valid)
                     off += n
                 if off != flat.numel():
                     raise RuntimeError(f"internal: ZeRO-3 sub-group layout {off} != shard numel {flat.numel()}")
@@ -202,12 +212,7 @@ class ZeroShards:
         runs: List[tuple] = []
         for off, n in zip(offsets, numels):
             a, b = max(off, lo), min(off + n, hi)
-            if a >= b:
-                continue
-            if runs and runs[-1][0] + runs[-1][1] == a - lo:   # adjacent parameters: one run
-                runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
-            else:
-                runs.append((a - lo, b - a))
+            _add_run(runs, a - lo, b - a)
         return runs
 
     def padding_segments(self) -> List[List[tuple]]:
