@@ -8,7 +8,9 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   3), SFPO, transactional state,
   optimizer-aware retention, an LR scheduler (advanced once per outer update);
 * shard-local: each rank's extrapolation touched only its shard (numel = total / 2 + padding), through the
-  C++ op (spied), and the low-precision weights equal the fp32 master after every update;
+  C++ op (spied), and the low-precision weights equal the fp32 master after every update; ZeRO's padding
+  between parameters (parameter_alignment), in a param group smaller than a shard, or on a rank holding no
+  parameter at all is skipped;
 * rank-consistent decisions: NaN injected on one rank in pass 0/1/2 -> both ranks take the same fallback
   (the reference's), parameters identical across ranks; the gate fires on the same step on both ranks and
   at the reference's step (the entropy gate sees the dp-mean entropy, per-rank values differ);
@@ -44,6 +46,9 @@ MLP_CASES = {
     "z2_param_alignment_bf16": dict(stage=2, dtype="bf16", zero={"parameter_alignment": True}, rule=G),
     "bf16_optimizer_scalar_group": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups="scalar", rule=G),
     "z2_scalar_group": dict(stage=2, groups="scalar", rule=G),
+    # a rank holding padding only (no real element on rank 1) must still join every collective
+    "z1_scale_only": dict(stage=1, model="scale_only", rule=G),
+    "z3_scale_only": dict(stage=3, model="scale_only", rule=G),
     "z1_sfpo_gas2": dict(stage=1, gas=2, algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
     "z2_transactional": dict(stage=2, groups=True, rule=dict(gate=None, transactional_state=True)),
     "z1_optimizer_aware": dict(stage=1, rule=dict(gate=None, optimizer_aware=True)),
@@ -144,11 +149,13 @@ def test_matches_single_process_rule(mlp_runs, name):
 
 @pytest.mark.parametrize("name", ["z1", "z2_two_groups", "z3", "z3_gas2_sched_subgroups", "z2_bf16",
                                   "bf16_optimizer", "z2_offload", "z3_offload_sfpo", "z1_param_alignment",
-                                  "z2_param_alignment_bf16", "bf16_optimizer_scalar_group", "z2_scalar_group"])
+                                  "z2_param_alignment_bf16", "bf16_optimizer_scalar_group", "z2_scalar_group",
+                                  "z1_scale_only", "z3_scale_only"])
 def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
     kinds = {"z1": "z12", "z2_two_groups": "z12", "z3": "z3", "z3_gas2_sched_subgroups": "z3", "z2_bf16": "z12",
              "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3", "z1_param_alignment": "z12",
-             "z2_param_alignment_bf16": "z12", "bf16_optimizer_scalar_group": "bf16", "z2_scalar_group": "z12"}
+             "z2_param_alignment_bf16": "z12", "bf16_optimizer_scalar_group": "bf16", "z2_scalar_group": "z12",
+             "z1_scale_only": "z12", "z3_scale_only": "z3"}
     n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2, "z1_param_alignment": 2,
                 "bf16_optimizer_scalar_group": 2, "z2_scalar_group": 2}.get(name, 1)
     total = mlp_runs[0][name]["total_numel"]
