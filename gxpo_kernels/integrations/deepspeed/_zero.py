@@ -9,7 +9,7 @@ Wrappers (detected by attribute, as DeepSpeed itself builds them):
 
 - ``z12``  ``DeepSpeedZeroOptimizer`` (stage 1/2): shard ``single_partition_of_fp32_groups[i]`` per param group;
 - ``z3``   ``DeepSpeedZeroOptimizer_Stage3``: shard ``fp32_partitioned_groups_flat[s]`` per sub-group;
-- ``bf16`` ``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage <= 1): ``fp32_groups_flat_partition[i]``.
+- ``bf16`` ``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage 1, no offload): ``fp32_groups_flat_partition[i]``.
 """
 from __future__ import annotations
 
