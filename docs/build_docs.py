@@ -70,6 +70,12 @@ def _bench_rows(rel: str, labels: Dict[str, str]) -> str:
     return "\n".join(out)
 
 
+@generator("trl-heads")
+def _trl_heads() -> str:
+    from bench.trl_heads_table import RESULTS, render
+    return render(json.loads(RESULTS.read_text()))
+
+
 @generator("linear-grpo-memory")
 def _linear_grpo_memory() -> str:
     return _bench_rows("bench/results/cpu-linear-grpo-loss.json", {
