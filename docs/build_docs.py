@@ -4,7 +4,8 @@
     python docs/build_docs.py --check   # exit 1 if any block differs from what the result files give
 
 A generated block is the text between ``<!-- gen:NAME -->`` and ``<!-- /gen:NAME -->``; NAME picks a generator
-below, each of which reads one committed result file. Figures in README and docs come only from such blocks.
+below, each of which reads one committed result file. Every table of measured figures in README and docs is such a
+block; a figure quoted in the prose beside it repeats the block or names its result file.
 """
 from __future__ import annotations
 
