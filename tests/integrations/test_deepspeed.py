@@ -18,6 +18,7 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   logits-path ``grpo_loss`` on a tiny Qwen2;
 * refusals at start-up (engine without ZeRO, inactive_threshold, and config checks on fakes).
 """
+import json
 import os
 import tempfile
 import types
@@ -290,3 +291,30 @@ def test_low_precision_master_and_missing_internals_are_refused():
     with pytest.raises(RuntimeError, match=r"update_lp_params.*0\.19"):
         check_engine(eng)
     assert check_engine(_fake_engine()) == "z12"
+
+
+def test_initialize_finds_the_shipped_config_by_name(tmp_path, monkeypatch):
+    """`gds.initialize(config="ds_zero3.json")` (as docs/deepspeed.md writes it) reads the config shipped with the
+    package when no such file is in the working directory, as `--deepspeed ds_zero3.json` does; a file there wins,
+    and any other missing name is a clear error listing the shipped ones."""
+    import deepspeed
+    from gxpo_kernels.integrations import deepspeed as gds
+    seen = []
+
+    def fake_initialize(*, config, **kw):
+        seen.append(config)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    monkeypatch.chdir(tmp_path)
+    for name, stage in (("ds_zero3.json", 3), ("ds_zero2.json", 2)):
+        with pytest.raises(RuntimeError, match="stop"):
+            gds.initialize(model=torch.nn.Linear(2, 2), config=name, gxpo={})
+        assert seen[-1]["zero_optimization"]["stage"] == stage
+    (tmp_path / "ds_zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(RuntimeError, match="stop"):
+        gds.initialize(model=torch.nn.Linear(2, 2), config="ds_zero3.json", gxpo={})
+    assert seen[-1]["zero_optimization"]["stage"] == 1
+    for missing in ("ds_zero9.json", str(tmp_path / "sub" / "ds_zero2.json")):
+        with pytest.raises(FileNotFoundError, match="shipped configs: ds_zero2.json"):
+            gds.initialize(model=torch.nn.Linear(2, 2), config=missing, gxpo={})
