@@ -13,6 +13,7 @@ Wrappers (detected by attribute, as DeepSpeed itself builds them):
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import List, Optional
@@ -207,7 +208,7 @@ class ZeroShards:
         else:
             numels, offsets = [int(p.numel()) for p in zo.bf16_groups[i]], None
         if offsets is None:                               # parameters back to back
-            offsets = [sum(numels[:k]) for k in range(len(numels))]
+            offsets = [0, *itertools.accumulate(numels)][:-1]
         lo, hi = rank * shard_numel, (rank + 1) * shard_numel
         runs: List[tuple] = []
         for off, n in zip(offsets, numels):
