@@ -169,7 +169,7 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
         value = int(value)
     else:
         value = float(value)
-        if not math.isfinite(value):
+        if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile traces a float as a SymFloat
             raise ValueError(f"{name} must be {what} in {interval}, got {value!r}")
     m = _INTERVAL.match(interval)
     if m is None:  # pragma: no cover - programming error
