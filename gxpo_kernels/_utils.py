@@ -299,7 +299,10 @@ def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tens
 
 def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError if ``x`` holds NaN/inf; with a bool ``mask`` (broadcast over x's leading dims) only
-    unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA."""
+    unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA. Skipped under
+    ``torch.compile`` (a traced graph cannot branch on data), for every op alike."""
+    if torch.compiler.is_compiling():
+        return
     ok = torch.isfinite(x)
     if mask is not None:
         ok = ok | ~mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
@@ -309,8 +312,8 @@ def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None
 
 def check_bias_finite(bias: Optional[torch.Tensor]) -> None:
     """``check_finite`` for an lm_head bias: NaN or +inf is refused, -inf is allowed (a banned token, probability
-    0). Reads the data: a host sync on CUDA."""
-    if bias is not None and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
+    0). Reads the data: a host sync on CUDA; skipped under ``torch.compile``, as ``check_finite``."""
+    if bias is not None and not torch.compiler.is_compiling() and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
         raise ValueError("bias contains NaN or +inf (-inf entries, banned tokens, are allowed)")
 
 

@@ -188,3 +188,28 @@ def test_hyperparameters_passed_as_arguments_of_a_compiled_function():
             out.backward()
             grads.append((out.detach(), x.grad, h.grad))
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_finite_is_skipped_under_compile(backend):
+    """Found by re-checking: the docs say the data-reading checks (check_finite among them) are skipped under
+    torch.compile; grpo_loss skipped it, but linear_grpo_loss and linear_token_logprobs read the data and
+    failed fullgraph on a data-dependent branch. Eagerly they still raise."""
+    hidden, weight, bias, tokens, mask = _head(13)
+    mask[0, 0] = True                                                # the NaN below sits at an unmasked row
+    adv = torch.randn(2, generator=torch.Generator().manual_seed(13))
+    ops = {
+        "linear_grpo_loss": lambda h: linear_grpo_loss(h, weight, tokens, adv, mask, bias=bias, check_finite=True,
+                                                       backend=backend)[:1],
+        "linear_token_logprobs": lambda h: linear_token_logprobs(h, weight, tokens, bias=bias, mask=mask,
+                                                                 check_finite=True, backend=backend)[:1],
+        "grpo_loss": lambda h: grpo_loss(h @ weight.T, tokens, adv, mask, check_finite=True, backend=backend)[:1],
+    }
+    for name, fn in ops.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+        torch.testing.assert_close(compiled(hidden), fn(hidden), rtol=1e-6, atol=1e-6, msg=name)
+        bad = hidden.clone()
+        bad[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad)
