@@ -158,6 +158,8 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
         if value.numel() != 1 or value.dim() > 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be {what} in {interval}, got a tensor of shape {tuple(value.shape)} "
                             f"and dtype {value.dtype}")
+        if torch.compiler.is_compiling():  # its value is data: no guard or range check can be traced on it
+            raise TypeError(f"{name} must be a Python number inside torch.compile, got a tensor")
         value = value.item()
     if isinstance(value, (bool,)) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {what} in {interval}{' or None' if optional else ''}, "

@@ -188,6 +188,10 @@ def test_hyperparameters_passed_as_arguments_of_a_compiled_function():
             out.backward()
             grads.append((out.detach(), x.grad, h.grad))
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+    # a 0-d tensor option is data to a traced graph: a clear error naming it (it gave "sympy expression is NaN")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="beta must be a Python number inside torch.compile"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(logits, hidden, 0.7, torch.tensor(0.1), 0.2, 0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
