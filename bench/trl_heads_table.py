@@ -3,7 +3,8 @@
     python -m bench.trl_heads_table                      # print the table
     python -m bench.trl_heads_table --write docs/trl.md  # replace the text between the markers in that file
 
-The table lies between ``<!-- trl-heads:begin -->`` and ``<!-- trl-heads:end -->``.
+The table lies between ``<!-- gen:trl-heads -->`` and ``<!-- /gen:trl-heads -->``; ``python docs/build_docs.py``
+regenerates it with the other generated blocks, and its ``--check`` fails when it is stale.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import pathlib
 import statistics
 
-BEGIN, END = "<!-- trl-heads:begin -->", "<!-- trl-heads:end -->"
+BEGIN, END = "<!-- gen:trl-heads -->", "<!-- /gen:trl-heads -->"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cpu-trl-heads.json"
 LABELS = {
     "gxpo_hook": "gxpo-kernels hook (`linear_token_logprobs` + TRL loss)",

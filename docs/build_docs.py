@@ -4,7 +4,8 @@
     python docs/build_docs.py --check   # exit 1 if any block differs from what the result files give
 
 A generated block is the text between ``<!-- gen:NAME -->`` and ``<!-- /gen:NAME -->``; NAME picks a generator
-below, each of which reads one committed result file. Figures in README and docs come only from such blocks.
+below, each of which reads one committed result file. Every table of measured figures in README and docs is such a
+block; a figure quoted in the prose beside it repeats the block or names its result file.
 """
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ def _bench_rows(rel: str, labels: Dict[str, str]) -> str:
         out.append(f"| {name} | {mib:,.0f} | {ratio} | {med:.2f} | {mn:.2f} | {rounds} |" if mib is not None
                    else f"| {name} | - | - | {med:.2f} | {mn:.2f} | {rounds} |")
     return "\n".join(out)
+
+
+@generator("trl-heads")
+def _trl_heads() -> str:
+    from bench.trl_heads_table import RESULTS, render
+    return render(json.loads(RESULTS.read_text()))
 
 
 @generator("linear-grpo-memory")

@@ -4,7 +4,7 @@ Ops (Triton on CUDA, PyTorch/C++ on CPU): ``grpo_loss``, ``linear_grpo_loss``, `
 ``linear_token_logprobs``, ``fpa_logprobs``, ``extrapolate_``. Update rules: ``GXPO``, ``SFPO``.
 Loss options: ``GRPOLossOptions`` (the loss math lives in ``gxpo_kernels.losses``). Advantages:
 ``group_advantages``, ``fade_advantages``, ``FADEController``. Integrations (optional dependencies, imported on
-demand): ``gxpo_kernels.integrations.{hf, deepspeed, trl}``.
+demand): ``gxpo_kernels.integrations.{hf, deepspeed, fsdp, trl}``.
 """
 from .advantages import FADEController, fade_advantages, group_advantages, group_stats, sign_ratio
 from .losses import GRPOLossOptions

@@ -16,7 +16,6 @@ Set ``DS_ACCELERATOR=cpu`` on machines without GPUs (DeepSpeed then uses gloo).
 """
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -26,7 +25,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from gxpo_kernels.advantages import group_advantages
-from gxpo_kernels.examples import config_path
+from gxpo_kernels.examples import find_config
 from gxpo_kernels.integrations import deepspeed as gds
 
 V, PROMPT, COMPLETION = 16, 4, 6
@@ -66,8 +65,7 @@ def main():
 
     deepspeed.init_distributed()                            # gloo on CPU, NCCL on GPUs
     rank = torch.distributed.get_rank()
-    path = args.config if os.path.exists(args.config) else config_path(args.config)
-    with open(path) as f:
+    with open(find_config(args.config)) as f:
         cfg = json.load(f)
     gas = cfg["gradient_accumulation_steps"]
     n = args.prompts * args.group

@@ -272,11 +272,11 @@ class _DistributedEngine(Engine):
 def load_ds_config(path: str, cfg: TrainConfig) -> dict:
     """Read and check the DeepSpeed JSON; set the micro-batch size from P * G and the clipping default. A name that
     is not a file here but names a config shipped with the package (``ds_zero2.json``, ``ds_zero3.json``) uses it."""
-    if not os.path.isfile(path):
-        from ..examples import CONFIGS, config_path
-        if os.path.basename(path) != path or path not in CONFIGS:
-            raise ValueError(f"--deepspeed {path!r}: no such file (shipped configs: {', '.join(CONFIGS)})")
-        path = str(config_path(path))
+    from ..examples import find_config
+    try:
+        path = find_config(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"--deepspeed: {e}") from None
     try:
         with open(path) as f:
             d = json.load(f)

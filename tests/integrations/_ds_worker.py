@@ -23,6 +23,29 @@ def make_mlp(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
 
 
+class ScaledMLP(torch.nn.Sequential):
+    """The MLP times a 1-element parameter ``s`` (a param group of one element is smaller than one shard)."""
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        super().__init__(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+        self.s = torch.nn.Parameter(torch.full((1,), 1.25))
+
+    def forward(self, x):
+        return super().forward(x) * self.s
+
+
+class ScaleOnly(torch.nn.Sequential):
+    """A model of one trainable element: every rank after the first holds only ZeRO's padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.full((1,), 0.7))
+
+    def forward(self, x):
+        return torch.tanh(x[:, :3]) * self.s
+
+
 V, P, K = 97, 4, 6
 _GL = torch.Generator().manual_seed(99)
 IDS = torch.randint(0, V, (6, ROWS, P + K), generator=_GL)
@@ -44,7 +67,11 @@ def make_lm(fused, seed=0):
 
 
 def make_model(case):
-    return make_lm(case["lm"] == "fused") if "lm" in case else make_mlp()
+    if "lm" in case:
+        return make_lm(case["lm"] == "fused")
+    if case.get("model") == "scale_only":
+        return ScaleOnly()
+    return ScaledMLP() if case.get("groups") == "scalar" else make_mlp()
 
 
 def batch_loss(model, step, lo, hi):
@@ -77,15 +104,21 @@ def rank_env(rank, port):
 
 
 def make_optimizer(model, case):
-    """AdamW; ``groups=True``: two param groups (no weight decay on biases) -> one shard per group."""
+    """AdamW; ``groups=True``: two param groups (no weight decay on biases) -> one shard per group;
+    ``groups="scalar"`` (ScaledMLP): the 1-element ``s`` alone in the second group."""
     if not case.get("groups"):
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     named = list(model.named_parameters())
+    if case["groups"] == "scalar":
+        return torch.optim.AdamW([{"params": [p for n, p in named if n != "s"], "weight_decay": 0.01},
+                                  {"params": [model.s], "weight_decay": 0.0, "lr": 3 * LR}], lr=LR)
     return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.01},
                               {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
 
 
-def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False, clip=1.0, sub_group=None):
+def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False, clip=1.0, sub_group=None,
+              zero=None):
+    """``zero``: extra ``zero_optimization`` entries."""
     cfg = {"train_micro_batch_size_per_gpu": ROWS // WORLD // gas, "gradient_accumulation_steps": gas,
            "gradient_clipping": clip, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
            "zero_optimization": {"stage": stage}, "wall_clock_breakdown": False}
@@ -101,6 +134,7 @@ def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False
         cfg["zero_optimization"].update(stage3_param_persistence_threshold=0)
         if sub_group:
             cfg["zero_optimization"]["sub_group_size"] = sub_group
+    cfg["zero_optimization"].update(zero or {})
     return cfg
 
 
@@ -183,7 +217,7 @@ def run_case(case):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + k))
     cfg = ds_config(case["stage"], dtype=case.get("dtype", "fp32"), gas=case.get("gas", 1),
                     offload=case.get("offload", False), bf16_optimizer=case.get("bf16_optimizer", False),
-                    sub_group=case.get("sub_group"))
+                    sub_group=case.get("sub_group"), zero=case.get("zero"))
     kw = {case.get("algo", "gxpo"): dict(case.get("rule", {}))}
     engine, rule = gds.initialize(model=model, config=cfg, optimizer=opt, lr_scheduler=sched, **kw)
     calls = []
@@ -196,7 +230,8 @@ def run_case(case):
         ref = extrapolate_(clones, theta0, g0, g1, backend="torch", **k)   # the PyTorch reference, same inputs
         calls.append({"numel": sum(p.numel() for p in params), "ok": out is not None,
                       "stats": None if out is None else out.tolist(), "ref_stats": ref.tolist(),
-                      "params_err": max(float((a - b).abs().max()) for a, b in zip(params, clones))})
+                      "params_err": max((float((a - b).abs().max()) for a, b in zip(params, clones) if a.numel()),
+                                           default=0.0)})
         return out
     _cpp.extrapolate_cpp_ = spy
     infos = []
@@ -215,6 +250,7 @@ def run_case(case):
     rec.update(infos=infos, cpp_calls=calls, kind=rule.zero.kind, lowp=lowp_full(engine),
                shard_numel=sum(s.numel() for s in rule.zero.shards()), n_shards=len(rule.zero.shards()),
                valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
+               n_runs=sum(len(runs) for runs in rule.zero.valid_segments()),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
                fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()),

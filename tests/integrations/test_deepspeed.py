@@ -8,7 +8,9 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   3), SFPO, transactional state,
   optimizer-aware retention, an LR scheduler (advanced once per outer update);
 * shard-local: each rank's extrapolation touched only its shard (numel = total / 2 + padding), through the
-  C++ op (spied), and the low-precision weights equal the fp32 master after every update;
+  C++ op (spied), and the low-precision weights equal the fp32 master after every update; ZeRO's padding
+  between parameters (parameter_alignment), in a param group smaller than a shard, or on a rank holding no
+  parameter at all is skipped;
 * rank-consistent decisions: NaN injected on one rank in pass 0/1/2 -> both ranks take the same fallback
   (the reference's), parameters identical across ranks; the gate fires on the same step on both ranks and
   at the reference's step (the entropy gate sees the dp-mean entropy, per-rank values differ);
@@ -16,6 +18,7 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   logits-path ``grpo_loss`` on a tiny Qwen2;
 * refusals at start-up (engine without ZeRO, inactive_threshold, and config checks on fakes).
 """
+import json
 import os
 import tempfile
 import types
@@ -38,6 +41,15 @@ MLP_CASES = {
     "bf16_optimizer": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups=True, rule=G),
     "z2_offload": dict(stage=2, offload=True, rule=G),
     "z3_offload_sfpo": dict(stage=3, offload=True, algo="sfpo", rule=G),
+    # ZeRO's padding inside a flat group: between parameters (parameter_alignment), and a 1-element param group
+    # whose padding fills the rest of rank 0's shard and all of rank 1's (the last rank's padding > its shard)
+    "z1_param_alignment": dict(stage=1, groups=True, zero={"parameter_alignment": True}, rule=G),
+    "z2_param_alignment_bf16": dict(stage=2, dtype="bf16", zero={"parameter_alignment": True}, rule=G),
+    "bf16_optimizer_scalar_group": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups="scalar", rule=G),
+    "z2_scalar_group": dict(stage=2, groups="scalar", rule=G),
+    # a rank holding padding only (no real element on rank 1) must still join every collective
+    "z1_scale_only": dict(stage=1, model="scale_only", rule=G),
+    "z3_scale_only": dict(stage=3, model="scale_only", rule=G),
     "z1_sfpo_gas2": dict(stage=1, gas=2, algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
     "z2_transactional": dict(stage=2, groups=True, rule=dict(gate=None, transactional_state=True)),
     "z1_optimizer_aware": dict(stage=1, rule=dict(gate=None, optimizer_aware=True)),
@@ -137,18 +149,25 @@ def test_matches_single_process_rule(mlp_runs, name):
 
 
 @pytest.mark.parametrize("name", ["z1", "z2_two_groups", "z3", "z3_gas2_sched_subgroups", "z2_bf16",
-                                  "bf16_optimizer", "z2_offload", "z3_offload_sfpo"])
+                                  "bf16_optimizer", "z2_offload", "z3_offload_sfpo", "z1_param_alignment",
+                                  "z2_param_alignment_bf16", "bf16_optimizer_scalar_group", "z2_scalar_group",
+                                  "z1_scale_only", "z3_scale_only"])
 def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
     kinds = {"z1": "z12", "z2_two_groups": "z12", "z3": "z3", "z3_gas2_sched_subgroups": "z3", "z2_bf16": "z12",
-             "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3"}
-    n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2}.get(name, 1)
+             "bf16_optimizer": "bf16", "z2_offload": "z12", "z3_offload_sfpo": "z3", "z1_param_alignment": "z12",
+             "z2_param_alignment_bf16": "z12", "bf16_optimizer_scalar_group": "bf16", "z2_scalar_group": "z12",
+             "z1_scale_only": "z12", "z3_scale_only": "z3"}
+    n_shards = {"z2_two_groups": 2, "z3_gas2_sched_subgroups": 3, "bf16_optimizer": 2, "z1_param_alignment": 2,
+                "bf16_optimizer_scalar_group": 2, "z2_scalar_group": 2}.get(name, 1)
     total = mlp_runs[0][name]["total_numel"]
     for rank, recs in enumerate(mlp_runs):
         rec = recs[name]
         assert rec["kind"] == kinds[name]
         assert rec["shard_device"] == "cpu"
-        # Z1/2/BF16 pad each flat group to 2*dp; Z3 pads every parameter to a multiple of dp
-        assert total / W.WORLD <= rec["shard_numel"] <= total / W.WORLD + 4 * n_shards, (rec["shard_numel"], total)
+        # Z1/2/BF16 pad each flat group to 2*dp (parameter_alignment: also each parameter to 16 bytes, <= 8
+        # elements in bf16); Z3 pads every parameter to a multiple of dp
+        slack = 4 * n_shards + (4 * 8 if "alignment" in name else 0)
+        assert total / W.WORLD <= rec["shard_numel"] <= total / W.WORLD + slack, (rec["shard_numel"], total)
         assert rec["n_shards"] == n_shards
         calls = rec["cpp_calls"]
         assert len(calls) == MLP_CASES[name].get("steps", 3), calls      # one fused call per outer step
@@ -159,6 +178,8 @@ def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
             assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(c["stats"], c["ref_stats"])), c
         assert rec["infos"][0]["extrapolate_backend"] == "cpp"
         assert rec["infos"][0]["shard_numel"] == rec["valid_numel"]
+        if rank == 0 and "alignment" not in name:   # rank 0's shards hold no padding: one view per shard
+            assert rec["n_runs"] == n_shards, rec["n_runs"]
     assert sum(recs[name]["valid_numel"] for recs in mlp_runs) == total     # the shards tile the model
 
 
@@ -270,3 +291,30 @@ def test_low_precision_master_and_missing_internals_are_refused():
     with pytest.raises(RuntimeError, match=r"update_lp_params.*0\.19"):
         check_engine(eng)
     assert check_engine(_fake_engine()) == "z12"
+
+
+def test_initialize_finds_the_shipped_config_by_name(tmp_path, monkeypatch):
+    """`gds.initialize(config="ds_zero3.json")` (as docs/deepspeed.md writes it) reads the config shipped with the
+    package when no such file is in the working directory, as `--deepspeed ds_zero3.json` does; a file there wins,
+    and any other missing name is a clear error listing the shipped ones."""
+    import deepspeed
+    from gxpo_kernels.integrations import deepspeed as gds
+    seen = []
+
+    def fake_initialize(*, config, **kw):
+        seen.append(config)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    monkeypatch.chdir(tmp_path)
+    for name, stage in (("ds_zero3.json", 3), ("ds_zero2.json", 2)):
+        with pytest.raises(RuntimeError, match="stop"):
+            gds.initialize(model=torch.nn.Linear(2, 2), config=name, gxpo={})
+        assert seen[-1]["zero_optimization"]["stage"] == stage
+    (tmp_path / "ds_zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(RuntimeError, match="stop"):
+        gds.initialize(model=torch.nn.Linear(2, 2), config="ds_zero3.json", gxpo={})
+    assert seen[-1]["zero_optimization"]["stage"] == 1
+    for missing in ("ds_zero9.json", str(tmp_path / "sub" / "ds_zero2.json")):
+        with pytest.raises(FileNotFoundError, match="shipped configs: ds_zero2.json"):
+            gds.initialize(model=torch.nn.Linear(2, 2), config=missing, gxpo={})

@@ -118,6 +118,31 @@ def test_gradient_lists_that_mix_dtypes(backend):
             torch._foreach_copy_(p, q)    # the plan keeps its params: both on the same θ2 for the next call
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_cpp_results_are_bit_identical_to_the_reference(dtype):
+    """README and docs/extrapolate.md: the C++ op's parameters (and bf16 lowp_out copies) equal the PyTorch
+    reference bit for bit, in fp32 as in fp64, for both scale formulas, inactive coordinates and several K
+    (test_kernel_matches_reference allows 1e-6 in fp32, so it would not notice a lost bit). The statistics
+    are sums, whose order may differ."""
+    from gxpo_kernels.ops.extrapolate import _cpp
+    if _cpp.load_extension() is None:
+        pytest.skip("no C++ compiler: the op falls back to the reference")
+    shapes = [(0,), (1,), (37,), (5, 301), (2049,)]
+    for formula in ("horner", "closed"):
+        for K, inactive in [(5, None), (4, 1e-2), (10, 1e-2)]:
+            p, t0, g0, g1 = _make(dtype, shapes=shapes, seed=K)
+            q = _clone(p)
+            low = [[torch.empty(s, dtype=torch.bfloat16) for s in shapes] for _ in range(2)] \
+                if dtype != torch.bfloat16 else [None, None]
+            kw = dict(alpha=0.5, K=K, clip_coef0=0.7, clip_coef1=0.9, scale_formula=formula,
+                      inactive_threshold=inactive)
+            extrapolate_(p, t0, g0, g1, backend="cpp", lowp_out=low[0], **kw)
+            extrapolate_(q, t0, g0, g1, backend="torch", lowp_out=low[1], **kw)
+            case = (formula, K, inactive)
+            assert all(torch.equal(a, b) for a, b in zip(p, q)), case
+            assert low[0] is None or all(torch.equal(a, b) for a, b in zip(*low)), case
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_params_next_to_float32_ones(backend):
     """The compute dtype is per tensor: an fp32 param gets the same bits whether or not an fp64 param shares the

@@ -7,6 +7,7 @@ saves nothing; a new T or temperature never re-specialises the kernels; the torc
 -inf logits are probability 0 and a NaN logit makes its row NaN (masked rows untouched), as in the torch path.
 """
 import importlib
+import math
 
 import pytest
 import torch
@@ -406,6 +407,22 @@ def test_triton_row_beyond_the_scaled_logit_range_is_nan():
     out = fpa_logprobs(x, x, tokens, 1.0, T, backend="triton")
     for t in out:
         assert torch.isnan(t[0]).all() and float((t[1:].double() - r_logp).abs().max()) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+def test_torch_path_beyond_the_triton_range_is_finite_and_exact_for_a_tie():
+    """docs/validation.md: the PyTorch path shifts by the row max before dividing by T, so the row that the
+    Triton kernels turn into NaN (8 equal logits of 3000.1152 at T = 1e-6) gets -log 8 and entropy log 8 there,
+    in token_logprobs and fpa_logprobs alike (the docs used to say log-prob 0 and entropy 0)."""
+    from gxpo_kernels.ops import fpa_logprobs
+    x = torch.full((1, 1, 8), 3000.1152)
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    logp, ent = token_logprobs(x, tokens, 1e-6, backend="torch")
+    log8 = torch.tensor([[math.log(8)]])
+    torch.testing.assert_close(logp, -log8, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, log8, rtol=0, atol=1e-6)
+    for t in fpa_logprobs(x, x, tokens, 1.0, 1e-6, backend="torch"):
+        torch.testing.assert_close(t, -log8, rtol=0, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:temperature=")

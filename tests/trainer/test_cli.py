@@ -79,6 +79,9 @@ def test_options_reach_the_config_and_trl_aliases():
         (4, 9, 5, 3e-6, 0.1, 0.28, 2, 3)
     assert (tc.sft.max_steps, tc.sft.target_acc, tc.chat_template, tc.temperature, tc.max_grad_norm, tc.gxpo_K,
             tc.out_dir) == (11, 0.5, False, 0.9, 0.5, 4, "x")
+    # TRL's (transformers') name of the output folder, on both commands
+    for cmd in ("train", "speedup"):
+        assert p.parse_args([cmd, "--output_dir", "y"]).out_dir == "y"
     # nothing typed -> the base config untouched (the speedup preset's values survive)
     base = preset("smoke").train
     assert cli.config_from_args(p.parse_args(["speedup"]), base, exclude=cli.SPEEDUP_OWN) == base

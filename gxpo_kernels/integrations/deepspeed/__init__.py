@@ -95,9 +95,11 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
     Args:
         model, optimizer, **deepspeed_kwargs: passed to ``deepspeed.initialize`` (e.g. ``lr_scheduler``,
             ``model_parameters``). optimizer may be a torch optimizer, a callable, or None (config "optimizer").
-        config: DeepSpeed config dict or JSON path; a copy is used. Its ``gradient_clipping`` and the rule's
-            ``max_grad_norm`` must agree when both are given; either fills in the other (default 1.0, the papers'
-            c). ``zero_allow_untested_optimizer`` defaults to true when a client optimizer is passed.
+        config: DeepSpeed config dict or JSON path (a bare ``ds_zero2.json`` / ``ds_zero3.json`` that is not a
+            file here names the config shipped in ``gxpo_kernels/examples``); a copy is used. Its
+            ``gradient_clipping`` and the rule's ``max_grad_norm`` must agree when both are given; either fills in
+            the other (default 1.0, the papers' c). ``zero_allow_untested_optimizer`` defaults to true when a
+            client optimizer is passed.
         gxpo / sfpo: the rule's keyword arguments (give one of them; ``gxpo={}`` = GXPO defaults).
     """
     import deepspeed
@@ -105,7 +107,8 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
         raise ValueError("give either gxpo=... or sfpo=..., not both")
     algo, kw = ("sfpo", dict(sfpo)) if sfpo is not None else ("gxpo", dict(gxpo or {}))
     if isinstance(config, str):
-        with open(config) as f:
+        from ...examples import find_config
+        with open(find_config(config)) as f:
             cfg = json.load(f)
     elif isinstance(config, dict):
         cfg = copy.deepcopy(config)

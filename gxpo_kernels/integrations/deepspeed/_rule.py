@@ -196,8 +196,12 @@ class _DeepSpeedRule(ShardedReductions):
         segs = self.zero.valid_segments()
 
         def cut(ts):
-            return None if ts is None else [t.reshape(-1).narrow(0, a, n) for t, runs in zip(ts, segs)
-                                            for a, n in runs]
+            if ts is None:
+                return None
+            views = [t.reshape(-1).narrow(0, a, n) for t, runs in zip(ts, segs) for a, n in runs]
+            # a rank whose shards are all padding (a model smaller than the alignment of a wide dp group) still
+            # returns the statistics vector the all-reduce expects: an empty view, not an empty list
+            return views or [ts[0].reshape(-1)[:0]]
         t0_full, self._theta0 = self._theta0, cut(self._theta0)
         try:
             views = cut(params)

@@ -9,7 +9,7 @@ Wrappers (detected by attribute, as DeepSpeed itself builds them):
 
 - ``z12``  ``DeepSpeedZeroOptimizer`` (stage 1/2): shard ``single_partition_of_fp32_groups[i]`` per param group;
 - ``z3``   ``DeepSpeedZeroOptimizer_Stage3``: shard ``fp32_partitioned_groups_flat[s]`` per sub-group;
-- ``bf16`` ``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage <= 1): ``fp32_groups_flat_partition[i]``.
+- ``bf16`` ``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage 1, no offload): ``fp32_groups_flat_partition[i]``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _ENGINE_ATTRS = ("optimizer", "step", "backward", "was_step_applied", "lr_schedu
 _ZO_ATTRS = {
     "z12": ("single_partition_of_fp32_groups", "bit16_groups", "_optimizer_step", "update_lp_params",
             "_global_grad_norm", "dp_process_group", "real_dp_process_group", "_hp_optimizer_states_linked",
-            "groups_padding",
+            "round_robin_bit16_groups",
             "_lazy_init_hp_params_optimizer_state", "optimizer", "cpu_offload", "compute_grad_norm", "clip_grad"),
     "z3": ("fp32_partitioned_groups_flat", "fp16_groups", "fp16_partitioned_groups_flat", "_optimizer_step",
            "sub_group_to_group_id", "_reassign_or_swap_out_partitioned_parameters", "checkpoint_event_prologue",
@@ -36,7 +36,7 @@ _ZO_ATTRS = {
            "optimizer", "offload_optimizer", "clip_grad"),
     "bf16": ("fp32_groups_flat_partition", "bf16_groups", "update_lp_params",
              "real_dp_process_group", "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state",
-             "optimizer", "clip_grad", "group_paddings"),
+             "optimizer", "clip_grad"),
 }
 
 
@@ -129,6 +129,17 @@ def check_engine(engine) -> str:
     return kind
 
 
+def _add_run(runs: List[tuple], start: int, length: int) -> None:
+    """Append the run (start, length) to ``runs``, merged into the last one when adjacent (one view for
+    parameters back to back: fewer tensors for the fused extrapolation)."""
+    if length <= 0:
+        return
+    if runs and runs[-1][0] + runs[-1][1] == start:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((start, length))
+
+
 class ZeroShards:
     """Uniform access to a ZeRO wrapper's local fp32 master shards (re-read from DeepSpeed on every call:
     ``engine.offload_states()`` swaps ``.data`` but keeps these tensor objects)."""
@@ -170,17 +181,39 @@ class ZeroShards:
                 for p in grp:
                     n = int(p.partition_numel())
                     valid = max(0, min(n, int(p.ds_numel) - rank * n))
-                    if valid:
-                        runs.append((off, valid))
+                    _add_run(runs, off, valid)
                     off += n
                 if off != flat.numel():
                     raise RuntimeError(f"internal: ZeRO-3 sub-group layout {off} != shard numel {flat.numel()}")
                 segs.append(runs)
         else:
-            pads = zo.groups_padding if self.kind == "z12" else zo.group_paddings
-            segs = [[(0, s.numel() - int(pad))] if s.numel() > int(pad) else [] for s, pad in zip(shards, pads)]
+            segs = [self._flat_group_runs(i, flat.numel()) for i, flat in enumerate(shards)]
         self._segments = segs
         return segs
+
+    def _flat_group_runs(self, i: int, shard_numel: int) -> List[tuple]:
+        """Z1/2/BF16 group ``i``: (start, length) runs of this rank's shard covered by a parameter. The flat
+        group is cut into equal partitions, one per rank; padding sits at its end and, with ZeRO's
+        ``parameter_alignment``, between parameters. The last rank's recorded padding is not enough: a group
+        smaller than one partition also pads the earlier ranks."""
+        import torch.distributed as dist
+        zo = self.zo
+        rank = dist.get_rank(zo.real_dp_process_group[i])
+        if self.kind == "z12":
+            metas = getattr(zo, "round_robin_bit16_meta", None)
+            numels = [int(t.numel()) for t in (metas[i] if metas else zo.round_robin_bit16_groups[i])]
+            offsets = getattr(zo, "round_robin_bit16_offsets", None)
+            offsets = list(offsets[i]) if offsets else None
+        else:
+            numels, offsets = [int(p.numel()) for p in zo.bf16_groups[i]], None
+        if offsets is None:                               # parameters back to back
+            offsets = [sum(numels[:k]) for k in range(len(numels))]
+        lo, hi = rank * shard_numel, (rank + 1) * shard_numel
+        runs: List[tuple] = []
+        for off, n in zip(offsets, numels):
+            a, b = max(off, lo), min(off + n, hi)
+            _add_run(runs, a - lo, b - a)
+        return runs
 
     def padding_segments(self) -> List[List[tuple]]:
         """Complement of ``valid_segments`` per shard."""
