@@ -158,6 +158,8 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
         if value.numel() != 1 or value.dim() > 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be {what} in {interval}, got a tensor of shape {tuple(value.shape)} "
                             f"and dtype {value.dtype}")
+        if torch.compiler.is_compiling():  # its value is data: no guard or range check can be traced on it
+            raise TypeError(f"{name} must be a Python number inside torch.compile, got a tensor")
         value = value.item()
     if isinstance(value, (bool,)) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {what} in {interval}{' or None' if optional else ''}, "
@@ -169,7 +171,7 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
         value = int(value)
     else:
         value = float(value)
-        if not math.isfinite(value):
+        if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile traces a float as a SymFloat
             raise ValueError(f"{name} must be {what} in {interval}, got {value!r}")
     m = _INTERVAL.match(interval)
     if m is None:  # pragma: no cover - programming error
@@ -299,7 +301,10 @@ def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tens
 
 def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError if ``x`` holds NaN/inf; with a bool ``mask`` (broadcast over x's leading dims) only
-    unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA."""
+    unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA. Skipped under
+    ``torch.compile`` (a traced graph cannot branch on data), for every op alike."""
+    if torch.compiler.is_compiling():
+        return
     ok = torch.isfinite(x)
     if mask is not None:
         ok = ok | ~mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
@@ -309,8 +314,8 @@ def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None
 
 def check_bias_finite(bias: Optional[torch.Tensor]) -> None:
     """``check_finite`` for an lm_head bias: NaN or +inf is refused, -inf is allowed (a banned token, probability
-    0). Reads the data: a host sync on CUDA."""
-    if bias is not None and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
+    0). Reads the data: a host sync on CUDA; skipped under ``torch.compile``, as ``check_finite``."""
+    if bias is not None and not torch.compiler.is_compiling() and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
         raise ValueError("bias contains NaN or +inf (-inf entries, banned tokens, are allowed)")
 
 

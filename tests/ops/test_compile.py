@@ -9,7 +9,7 @@ test_grpo_loss.py. Under compile an unmasked out-of-range id gives NaN log-probs
 import pytest
 import torch
 
-from gxpo_kernels.ops import (fpa_logprobs, linear_fpa_logprobs, linear_grpo_loss, linear_token_logprobs,
+from gxpo_kernels.ops import (fpa_logprobs, grpo_loss, linear_fpa_logprobs, linear_grpo_loss, linear_token_logprobs,
                               token_logprobs)
 
 BACKENDS = ["torch", "triton"]
@@ -160,3 +160,60 @@ def test_unmasked_bad_id_under_compile_gives_nan_not_another_tokens_logprob(back
             assert torch.isfinite(out[~bad]).all(), name
         with pytest.raises(ValueError, match="tokens must lie"):   # eager: the full check still raises
             fn()
+
+
+def test_hyperparameters_passed_as_arguments_of_a_compiled_function():
+    """Found by re-checking: with torch.compile's default ``dynamic=None``, the second value of a float argument
+    (a temperature or KL-weight schedule) is traced as a SymFloat, and ``math.isfinite`` in the scalar check
+    failed fullgraph ("torch.* op returned non-Tensor"). Every op and float option must take new values."""
+    hidden, weight, bias, tokens, mask = _head(12)
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 5, weight.shape[0], generator=g)
+    adv, old = torch.randn(2, generator=g), -torch.rand(2, 5, generator=g) - 2.5
+
+    def fn(x, h, t, beta, eps, lam):
+        opts = dict(temperature=t, beta=beta, eps_high=eps, entropy_coef=beta, delta=2 + eps, backend="torch")
+        loss, _ = grpo_loss(x, tokens, adv, mask, old, old, **opts)
+        lin, _ = linear_grpo_loss(h, weight, tokens, adv, mask, old, old, bias=bias, **opts)
+        fpa = fpa_logprobs(x, x.detach() / 2, tokens, lam, t, mask=mask, backend="torch")[0]
+        return loss + lin + fpa.sum() + token_logprobs(x, tokens, t, mask=mask, backend="torch")[0].sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for t, beta, eps, lam in ((0.7, 0.1, 0.2, 0.5), (0.9, 0.05, 0.3, 1.5)):
+        grads = []
+        for f in (fn, compiled):
+            x, h = logits.clone().requires_grad_(), hidden.clone().requires_grad_()
+            out = f(x, h, t, beta, eps, lam)
+            out.backward()
+            grads.append((out.detach(), x.grad, h.grad))
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+    # a 0-d tensor option is data to a traced graph: a clear error naming it (it gave "sympy expression is NaN")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="beta must be a Python number inside torch.compile"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(logits, hidden, 0.7, torch.tensor(0.1), 0.2, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_finite_is_skipped_under_compile(backend):
+    """Found by re-checking: the docs say the data-reading checks (check_finite among them) are skipped under
+    torch.compile; grpo_loss skipped it, but linear_grpo_loss and linear_token_logprobs read the data and
+    failed fullgraph on a data-dependent branch. Eagerly they still raise."""
+    hidden, weight, bias, tokens, mask = _head(13)
+    mask[0, 0] = True                                                # the NaN below sits at an unmasked row
+    adv = torch.randn(2, generator=torch.Generator().manual_seed(13))
+    ops = {
+        "linear_grpo_loss": lambda h: linear_grpo_loss(h, weight, tokens, adv, mask, bias=bias, check_finite=True,
+                                                       backend=backend)[:1],
+        "linear_token_logprobs": lambda h: linear_token_logprobs(h, weight, tokens, bias=bias, mask=mask,
+                                                                 check_finite=True, backend=backend)[:1],
+        "grpo_loss": lambda h: grpo_loss(h @ weight.T, tokens, adv, mask, check_finite=True, backend=backend)[:1],
+    }
+    for name, fn in ops.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+        torch.testing.assert_close(compiled(hidden), fn(hidden), rtol=1e-6, atol=1e-6, msg=name)
+        bad = hidden.clone()
+        bad[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad)

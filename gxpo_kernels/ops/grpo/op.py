@@ -89,7 +89,7 @@ def grpo_loss(
     bk = resolve_backend(backend, logits.device)
     m = validate_loss_inputs(B, T, V, logits.device, tokens, advantages, mask, old_logprobs, ref_logprobs, opts,
                              validate=validate)
-    if check_finite and not torch.compiler.is_compiling():
+    if check_finite:
         _check_finite(logits, "logits", m)
     tok, bad = safe_tokens(tokens, V, m)
     want_entropy = bool(compute_entropy) or opts.needs_entropy_grad
