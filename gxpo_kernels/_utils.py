@@ -315,7 +315,9 @@ def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None
 def check_bias_finite(bias: Optional[torch.Tensor]) -> None:
     """``check_finite`` for an lm_head bias: NaN or +inf is refused, -inf is allowed (a banned token, probability
     0). Reads the data: a host sync on CUDA; skipped under ``torch.compile``, as ``check_finite``."""
-    if bias is not None and not torch.compiler.is_compiling() and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
+    if bias is None or torch.compiler.is_compiling():
+        return
+    if bool((torch.isnan(bias) | (bias == float("inf"))).any()):
         raise ValueError("bias contains NaN or +inf (-inf entries, banned tokens, are allowed)")
 
 

@@ -1,6 +1,6 @@
 """The sm_90 compile check (bench/sm90): the SASS reader on a known snippet, the whole check on the installed
-Triton, the formerly spilling kernels on Triton 3.6 (installed on its own into a cached folder, as .ci/sm90_triton36.sh does), and
-the GPU command's CPU dry run."""
+Triton, the formerly spilling kernels on Triton 3.6 (installed on its own into a cached folder, as
+.ci/sm90_triton36.sh does), and the GPU command's CPU dry run."""
 import json
 import os
 import pathlib
