@@ -278,6 +278,14 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             self._gxpo_skip_outer_step = engine(self) != "deepspeed"
             return info
 
+        def _clip_grad_norm(self, model):
+            # HF's clip before its optimizer step, right after an update by the rule (that step is skipped): the
+            # rule clipped every pass itself, and the gradients it left are clipped already. Report the pre-clip
+            # norm of the update's last pass, as HF does for its own step (and DeepSpeed's engine does for ours)
+            if self._gxpo_skip_outer_step and self._gxpo_rule is not None:
+                return torch.tensor(self._gxpo_rule.last_grad_norm)
+            return super()._clip_grad_norm(model)
+
         def _gxpo_global_entropy(self) -> float:
             s, c = self._gxpo_entropy_stats
             tot = self.accelerator.reduce(torch.stack([s, c]).double(), reduction="sum")

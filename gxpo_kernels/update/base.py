@@ -60,7 +60,9 @@ class ExtrapolationRule:
     """Base class. Subclasses implement ``step(closure, entropy=None) -> dict``.
 
     Attributes: ``optimizer``, ``pass_index`` (which pass the closure is being called for), counters
-    ``total_backward_passes``, ``total_optimizer_steps``, ``outer_steps``, ``fallbacks``, and ``gate``.
+    ``total_backward_passes``, ``total_optimizer_steps``, ``outer_steps``, ``fallbacks``, and ``gate``;
+    ``last_grad_norm``: the pre-clip global gradient norm of the latest pass (NaN before the first), which is what
+    a trainer logs as its ``grad_norm`` (the gradients the rule leaves behind are already clipped).
     """
     _rule_name = "ExtrapolationRule"   # the name errors give (subclasses such as DeepSpeedGXPO keep "GXPO")
 
@@ -90,6 +92,7 @@ class ExtrapolationRule:
         self.total_optimizer_steps = 0
         self.outer_steps = 0
         self.fallbacks = 0
+        self.last_grad_norm = math.nan
         self._theta0: Optional[List[torch.Tensor]] = None
         self._theta0_sig: Optional[tuple] = None   # (params, (addresses, dtypes)) the θ0 buffers were checked for
         self._opt_snap: Optional[list] = None
@@ -273,7 +276,7 @@ class ExtrapolationRule:
         """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
         grads = self._grad_list(params)
         total = self._global_grad_norm(grads)
-        norm = float(total)
+        norm = self.last_grad_norm = float(total)
         if not math.isfinite(norm):
             return grads, norm, norm
         if self.max_grad_norm is None:

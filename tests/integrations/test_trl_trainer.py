@@ -73,6 +73,25 @@ def test_active_update_sees_trl_old_logprobs_at_pass0(tmp_path, cfg):
     assert logs[1]["clip_ratio/region_mean"] > 0      # was 0.000 when pass 0 dropped them
 
 
+def test_logged_grad_norm_is_the_pre_clip_norm(tmp_path):
+    """HF logs the pre-clip gradient norm. The rule clips every pass itself, so the norm of the gradients it
+    leaves behind is the clip value: the logged grad_norm is the update's last pass's pre-clip norm instead,
+    as plain TRL (gate fired: the same single pass) and as DeepSpeed's engine report it."""
+    cfg = dict(loss_type="grpo", learning_rate=3e-2, max_grad_norm=1e-3)   # the clip binds at every pass
+    plain = train_logs(make_trainer(tmp_path / "plain", **cfg))
+    ours = train_logs(make_trainer(tmp_path / "ours", cls=gtrl.GXPOGRPOTrainer, **cfg,
+                                   trainer_kwargs=dict(update="gxpo", backend="torch",
+                                                       update_kwargs={"gate": fired_gate(), "backend": "torch"})))
+    assert all(h["grad_norm"] > 1e-2 for h in plain), plain
+    for a, b in zip(plain, ours):
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+    active = train_logs(make_trainer(tmp_path / "active", cls=gtrl.GXPOGRPOTrainer, **cfg,
+                                     trainer_kwargs=dict(update="gxpo", backend="torch",
+                                                         update_kwargs={"gate": None, "backend": "torch"})))
+    for h in active:
+        assert h["gxpo/active"] == 1.0 and math.isclose(h["grad_norm"], h["gxpo/grad_norm_corr"], rel_tol=1e-6), h
+
+
 def test_gradient_accumulation_equals_plain_trl_when_single_pass(tmp_path):
     """gradient_accumulation_steps=2: the window's two micro-batches form one pass (DDP-style accumulation in
     one closure); with the gate fired it is TRL's own step, so parameters and logs match plain TRL."""
