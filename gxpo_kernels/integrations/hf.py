@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import sys
 import types
 from dataclasses import dataclass
@@ -133,7 +134,14 @@ def _keep(input_ids: torch.Tensor, logits_to_keep: Optional[int]) -> int:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
     L = input_ids.shape[1]
-    K = L - 1 if logits_to_keep is None else int(logits_to_keep)
+    # a count only: transformers reads a tensor logits_to_keep as the positions to keep, which cannot be scored
+    if isinstance(logits_to_keep, torch.Tensor) and (logits_to_keep.dim() != 0 or logits_to_keep.is_floating_point()):
+        raise ValueError(f"logits_to_keep must be an int count of trailing tokens, got a {logits_to_keep.dtype} "
+                         f"tensor of shape {tuple(logits_to_keep.shape)} (index tensors are not supported)")
+    try:
+        K = L - 1 if logits_to_keep is None else operator.index(logits_to_keep)
+    except TypeError:
+        raise ValueError(f"logits_to_keep must be an int count of trailing tokens, got {logits_to_keep!r}") from None
     if not 1 <= K <= L - 1:
         raise ValueError(f"logits_to_keep must be in [1, L-1] = [1, {L - 1}] (the first token has no "
                          f"predecessor to score it), got {logits_to_keep}")
@@ -281,6 +289,12 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
     if getattr(model, "_gxpo_patched", False):
         return model
     previous = model.forward
+    # call the previous forward unbound, on ``self``: a deep copy of the patched model (a reference model) must run
+    # its own weights, not those of the model that ``previous`` is bound to
+    unbound = previous.__func__ if getattr(previous, "__self__", None) is model else None
+
+    def run_previous(self, *args, **kwargs):
+        return unbound(self, *args, **kwargs) if unbound is not None else previous(*args, **kwargs)
 
     @functools.wraps(type(model).forward)  # keeps the signature ``generate`` validates its kwargs against
     def forward(self, input_ids=None, attention_mask=None, *args, advantages=None, completion_mask=None,
@@ -294,11 +308,11 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
             if logits_to_keep is not None:
                 kwargs["logits_to_keep"] = logits_to_keep
             if args:                       # 3+ positional arguments: hand them on in the caller's order
-                return previous(input_ids, attention_mask, *args, **kwargs)
+                return run_previous(self, input_ids, attention_mask, *args, **kwargs)
             for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask)):
                 if val is not None:
                     kwargs[key] = val
-            return previous(**kwargs)
+            return run_previous(self, **kwargs)
         if args:
             raise TypeError("pass the decoder's extra inputs by keyword when computing the GRPO loss")
         opts = {**self._gxpo_loss_opts, **(grpo_options or {})}
