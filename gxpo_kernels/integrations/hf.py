@@ -83,8 +83,8 @@ def _lm_head(model: nn.Module) -> nn.Linear:
             "adapters on lm_head (e.g. PEFT LoRA) are not supported by the fused loss")
     why = logit_rescaling(model)
     if why:
-        raise NotImplementedError(f"models that rescale or soft-cap their logits are not supported by the fused "
-                                  f"lm_head loss (the head must be exactly logits = hidden @ W.T + b): {why}")
+        raise NotImplementedError(f"the fused lm_head loss cannot run {type(model).__name__} (its logits must be "
+                                  f"exactly hidden @ W.T + b of the decoder's final hidden states): {why}")
     return head
 
 
@@ -96,15 +96,22 @@ _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logi
 
 
 def logit_rescaling(model: nn.Module) -> Optional[str]:
-    """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` (a soft cap, a logit scale or multiplier in its
-    config, or in the text config of a composite model; logits cut to ``unpadded_vocab_size``), or None. The
-    fused head cannot run such a model."""
+    """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` of its decoder's final hidden states (a soft
+    cap, a logit scale or multiplier in its config, or in the text config of a composite model; logits cut to
+    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform), or None. The fused head cannot
+    run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
     if text is not None and text is not cfg:
         cfgs.append(text)        # composite (multimodal) models keep the language model's settings there
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False):   # T5, BART: the decoder needs the encoder
+        return "the model is an encoder-decoder; the fused head runs a decoder-only causal LM"
+    if isinstance(head, nn.Module) and all(head is not m for m in model.children()):
+        # a head nested in another module (BERT's cls.predictions.decoder) follows a transform of the hidden states
+        name = next((n for n, m in model.named_modules() if m is head), type(head).__name__)
+        return f"the output embeddings ({name}) are not the model's own submodule but follow another transform"
     rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
         for name in _SOFT_CAPS:
