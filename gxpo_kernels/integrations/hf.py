@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import sys
 import types
 from dataclasses import dataclass
@@ -82,8 +83,8 @@ def _lm_head(model: nn.Module) -> nn.Linear:
             "adapters on lm_head (e.g. PEFT LoRA) are not supported by the fused loss")
     why = logit_rescaling(model)
     if why:
-        raise NotImplementedError(f"models that rescale or soft-cap their logits are not supported by the fused "
-                                  f"lm_head loss (the head must be exactly logits = hidden @ W.T + b): {why}")
+        raise NotImplementedError(f"the fused lm_head loss cannot run {type(model).__name__} (its logits must be "
+                                  f"exactly hidden @ W.T + b of the decoder's final hidden states): {why}")
     return head
 
 
@@ -95,15 +96,22 @@ _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logi
 
 
 def logit_rescaling(model: nn.Module) -> Optional[str]:
-    """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` (a soft cap, a logit scale or multiplier in its
-    config, or in the text config of a composite model; logits cut to ``unpadded_vocab_size``), or None. The
-    fused head cannot run such a model."""
+    """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` of its decoder's final hidden states (a soft
+    cap, a logit scale or multiplier in its config, or in the text config of a composite model; logits cut to
+    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform), or None. The fused head cannot
+    run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
     if text is not None and text is not cfg:
         cfgs.append(text)        # composite (multimodal) models keep the language model's settings there
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False):   # T5, BART: the decoder needs the encoder
+        return "the model is an encoder-decoder; the fused head runs a decoder-only causal LM"
+    if isinstance(head, nn.Module) and all(head is not m for m in model.children()):
+        # a head nested in another module (BERT's cls.predictions.decoder) follows a transform of the hidden states
+        name = next((n for n, m in model.named_modules() if m is head), type(head).__name__)
+        return f"the output embeddings ({name}) are not the model's own submodule but follow another transform"
     rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
         for name in _SOFT_CAPS:
@@ -133,7 +141,14 @@ def _keep(input_ids: torch.Tensor, logits_to_keep: Optional[int]) -> int:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
     L = input_ids.shape[1]
-    K = L - 1 if logits_to_keep is None else int(logits_to_keep)
+    # a count only: transformers reads a tensor logits_to_keep as the positions to keep, which cannot be scored
+    if isinstance(logits_to_keep, torch.Tensor) and (logits_to_keep.dim() != 0 or logits_to_keep.is_floating_point()):
+        raise ValueError(f"logits_to_keep must be an int count of trailing tokens, got a {logits_to_keep.dtype} "
+                         f"tensor of shape {tuple(logits_to_keep.shape)} (index tensors are not supported)")
+    try:
+        K = L - 1 if logits_to_keep is None else operator.index(logits_to_keep)
+    except TypeError:
+        raise ValueError(f"logits_to_keep must be an int count of trailing tokens, got {logits_to_keep!r}") from None
     if not 1 <= K <= L - 1:
         raise ValueError(f"logits_to_keep must be in [1, L-1] = [1, {L - 1}] (the first token has no "
                          f"predecessor to score it), got {logits_to_keep}")
@@ -281,6 +296,12 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
     if getattr(model, "_gxpo_patched", False):
         return model
     previous = model.forward
+    # call the previous forward unbound, on ``self``: a deep copy of the patched model (a reference model) must run
+    # its own weights, not those of the model that ``previous`` is bound to
+    unbound = previous.__func__ if getattr(previous, "__self__", None) is model else None
+
+    def run_previous(self, *args, **kwargs):
+        return unbound(self, *args, **kwargs) if unbound is not None else previous(*args, **kwargs)
 
     @functools.wraps(type(model).forward)  # keeps the signature ``generate`` validates its kwargs against
     def forward(self, input_ids=None, attention_mask=None, *args, advantages=None, completion_mask=None,
@@ -294,11 +315,11 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
             if logits_to_keep is not None:
                 kwargs["logits_to_keep"] = logits_to_keep
             if args:                       # 3+ positional arguments: hand them on in the caller's order
-                return previous(input_ids, attention_mask, *args, **kwargs)
+                return run_previous(self, input_ids, attention_mask, *args, **kwargs)
             for key, val in (("input_ids", input_ids), ("attention_mask", attention_mask)):
                 if val is not None:
                     kwargs[key] = val
-            return previous(**kwargs)
+            return run_previous(self, **kwargs)
         if args:
             raise TypeError("pass the decoder's extra inputs by keyword when computing the GRPO loss")
         opts = {**self._gxpo_loss_opts, **(grpo_options or {})}

@@ -2,6 +2,8 @@
 models gives the same loss and the same gradient on every parameter as the model's own logits path followed
 by the float64 ``grpo_loss_ref`` (Qwen2, Llama, tied embeddings, prompt/completion split, left padding),
 the no-grad log-prob helper matches the logits path, and unsupported heads are refused."""
+import functools
+
 import pytest
 import torch
 
@@ -394,3 +396,88 @@ def test_patch_causal_lm_under_ddp():
     for name, p in model.named_parameters():
         assert torch.equal(r0["grads"][name], r1["grads"][name]), name
         assert_close(name, p.grad, r0["grads"][name], 1e-5, atol=1e-7)
+
+
+def test_deepcopy_of_a_patched_model_runs_its_own_weights():
+    """A copy of a patched model (TRL's ``create_reference_model`` deep-copies the policy) must run its own
+    weights without GRPO targets: the patched forward used to call the original model's bound forward, so the
+    copy's logits and ``generate`` came from the original model (logits off by 0.9 after scaling the copy)."""
+    import copy
+    from gxpo_kernels.integrations.hf import patch_causal_lm
+    model = patch_causal_lm(_model("qwen2"))
+    ids, am, cm, adv = _batch(seed=7)
+    clone, plain = copy.deepcopy(model), _model("qwen2")
+    with torch.no_grad():
+        for a, b in zip(clone.parameters(), plain.parameters()):
+            a.mul_(1.5)
+            b.mul_(1.5)
+        torch.testing.assert_close(clone(input_ids=ids, attention_mask=am).logits,
+                                   plain(input_ids=ids, attention_mask=am).logits, rtol=0, atol=0)
+        torch.testing.assert_close(clone(ids, am).logits, plain(ids, am).logits, rtol=0, atol=0)
+        torch.testing.assert_close(clone.generate(ids[:1], attention_mask=am[:1], max_new_tokens=3, do_sample=False),
+                                   plain.generate(ids[:1], attention_mask=am[:1], max_new_tokens=3, do_sample=False))
+        K = cm.shape[1]
+        got = clone(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=K, old_logprobs=-torch.ones(cm.shape))
+        want, _ = causal_lm_grpo_loss(plain, ids, am, adv, completion_mask=cm, logits_to_keep=K,
+                                      old_logprobs=-torch.ones(cm.shape))
+        assert got.loss == want
+
+
+@pytest.mark.parametrize("keep", [3.7, torch.tensor([2, 5]), torch.tensor([5]), torch.tensor(5.0)])
+def test_logits_to_keep_must_be_a_count(keep):
+    """transformers reads a tensor ``logits_to_keep`` as the positions to keep; the GRPO loss takes a count.
+    A 1-element index tensor used to be read as a count (``[5]``: the last 5 tokens instead of position 5), a float
+    was truncated, and a longer tensor failed with torch's "only one element tensors" message."""
+    model = _model("qwen2")
+    ids, am, _, adv = _batch()
+    from gxpo_kernels.integrations.deepspeed import CausalLMGRPOLoss
+    for loss in (functools.partial(causal_lm_grpo_loss, model), CausalLMGRPOLoss(model, fused_linear=False)):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            loss(ids, am, adv, logits_to_keep=keep)
+    assert causal_lm_grpo_loss(model, ids, am, adv, logits_to_keep=torch.tensor(5))[0].isfinite()  # a 0-d count
+
+
+def _tiny(name):
+    T = transformers
+    return {
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=1,
+                                                              num_heads=2, d_kv=16)),
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)),
+        "bert": lambda: T.BertLMHeadModel(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64, is_decoder=True)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=16)),
+    }[name]().float().eval()
+
+
+@pytest.mark.parametrize("name,why", [("t5", "encoder-decoder"), ("bart", "encoder-decoder"),
+                                      ("bert", "cls.predictions.decoder")])
+def test_models_whose_head_does_not_read_the_decoder_output_are_refused(name, why):
+    """An encoder-decoder model's decoder alone (T5, BART) and a head nested after a transform (BERT's
+    ``cls.predictions``: dense + activation + LayerNorm before the vocabulary Linear) used to run silently, with
+    log-probs off from the model's own by 21, 2.2 and 5.0 nats on these tiny random models."""
+    from gxpo_kernels.integrations.hf import logit_rescaling, patch_causal_lm
+    torch.manual_seed(0)
+    model = _tiny(name)
+    ids = torch.randint(3, V, (2, 9))
+    assert why in logit_rescaling(model)
+    with pytest.raises(NotImplementedError, match=why):
+        causal_lm_token_logprobs(model, ids, None, logits_to_keep=8)
+    with pytest.raises(NotImplementedError, match=why):
+        patch_causal_lm(model)
+    assert not hasattr(model, "_gxpo_patched")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_other_decoder_only_heads_match_the_models_logits(name):
+    """GPT-2 (``transformer``) and OPT (a projection inside the decoder) run and match their own logits."""
+    torch.manual_seed(0)
+    model = _tiny(name)
+    ids = torch.randint(3, V, (2, 9))
+    lp, _ = causal_lm_token_logprobs(model, ids, None, logits_to_keep=8, backend="torch")
+    with torch.no_grad():
+        want = token_logprobs_ref(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0]
+    assert_close("logp", want, lp, 1e-5)

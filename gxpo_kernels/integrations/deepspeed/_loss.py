@@ -40,8 +40,8 @@ class CausalLMGRPOLoss(nn.Module):
                 completion_mask: Optional[torch.Tensor] = None, logits_to_keep: Optional[int] = None,
                 old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
-        L = input_ids.shape[1]
-        K = L - 1 if logits_to_keep is None else int(logits_to_keep)
+        from ..hf import _keep
+        L, K = input_ids.shape[1], _keep(input_ids, logits_to_keep)   # validated, as on the fused path
         if completion_mask is None and attention_mask is not None:
             completion_mask = attention_mask[:, L - K:]
         if self.fused_linear:
