@@ -93,3 +93,26 @@ def test_grpo_loss_bench_inplace_provider_takes_the_inplace_backward():
         assert torch.equal(x.detach(), buf) == (provider == "gxpo"), provider   # in place: the logits are gone
         grads[provider] = x.grad
     torch.testing.assert_close(grads["gxpo_inplace"], grads["gxpo"], rtol=1e-6, atol=1e-7)
+
+
+def test_gxpo_step_overhead_rounds_wait_for_the_device(monkeypatch):
+    """The rounds that pytest-benchmark times (the figure the driver reports for ``gxpo_step_overhead``) end with
+    a device sync: on CUDA an unsynchronised round stops the clock with the step's last kernels still queued."""
+    import bench.bench_extrapolate as bx
+    events = []
+    monkeypatch.setattr(bx, "SMOKE", True)
+    monkeypatch.setattr(bx, "_sync", lambda: events.append("sync"))
+
+    class Bench:
+        extra_info = {}
+
+        def pedantic(self, fn, rounds=1, iterations=1, warmup_rounds=0):
+            for _ in range(rounds):
+                events.append("start")
+                fn()
+                events.append("stop")
+
+    bx.test_gxpo_step_overhead(Bench())
+    timed = events[events.index("start"):]
+    assert timed.count("start") == 3
+    assert all(timed[i - 1] == "sync" for i, e in enumerate(timed) if e == "stop"), timed
