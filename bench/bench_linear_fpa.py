@@ -164,9 +164,22 @@ def test_cpu_fwd_bwd(benchmark, provider, cpu_inputs):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_gpu_fwd_bwd(benchmark, provider, gpu_inputs):
     inputs = gpu_inputs
-    err = check_against_eager(provider, inputs, GPU_RTOL)
+    try:
+        err = check_against_eager(provider, inputs, GPU_RTOL)
+    except torch.cuda.OutOfMemoryError:
+        # the eager reference (fp32 N x V tensors) may not fit at the target size: the fused and materialised
+        # providers are still timed, unchecked here (the GPU check's float64 stage checks the kernels' values)
+        _EAGER_GRAD.clear()
+        inputs[0].grad = inputs[1].grad = None
+        torch.cuda.empty_cache()
+        if provider == "eager":
+            pytest.skip(f"eager runs out of memory at {GPU_CFG}")
+        err = float("nan")
     step = make_step(provider, inputs)
-    peak = cuda_step_peak_mib(step)
+    try:
+        peak = cuda_step_peak_mib(step)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{provider} runs out of memory at {GPU_CFG}")
     benchmark.extra_info.update(GPU_CFG, device=torch.cuda.get_device_name(), metric="fwd+bwd", provider=provider,
                                 peak_extra_mib=peak, lam=LAM, temperature=TEMPERATURE, dhidden_rel_err=err,
                                 N_valid=int(inputs[5].sum()), flops=useful_flops(GPU_CFG, int(inputs[5].sum())))

@@ -116,3 +116,48 @@ def test_gxpo_step_overhead_rounds_wait_for_the_device(monkeypatch):
     timed = events[events.index("start"):]
     assert timed.count("start") == 3
     assert all(timed[i - 1] == "sync" for i, e in enumerate(timed) if e == "stop"), timed
+
+
+def test_linear_fpa_gpu_case_survives_an_eager_reference_that_does_not_fit(monkeypatch):
+    """``bench_linear_fpa``'s GPU case checks every provider against eager first. At the target size eager's fp32
+    N x V tensors may not fit in GPU memory: that must skip eager only, and the fused provider is still timed
+    (run on CPU tensors here, with the CUDA calls stubbed and eager made to run out of memory)."""
+    import pytest
+    import torch
+
+    import bench.bench_linear_fpa as bl
+    monkeypatch.setattr(bl, "GPU_CFG", dict(B=2, T=16, H=40, H_ref=24, V=501, dtype="float32"))
+    real_make_step = bl.make_step
+
+    def make_step(provider, inputs):
+        step = real_make_step(provider, inputs)
+        if provider != "eager":
+            return step
+
+        def oom():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        oom.out = None
+        return oom
+    monkeypatch.setattr(bl, "make_step", make_step)
+    monkeypatch.setattr(bl, "cuda_step_peak_mib", lambda step: (step(), 0.0)[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "stub")
+    timed = []
+
+    class Bench:
+        def __init__(self):
+            self.extra_info = {}
+
+        def pedantic(self, fn, rounds=1, iterations=1, warmup_rounds=0):
+            timed.append(rounds)
+            fn()
+
+    inputs = bl.make_inputs(bl.GPU_CFG, "cpu")
+    bl._EAGER_GRAD.clear()
+    with pytest.raises(pytest.skip.Exception):
+        bl.test_gpu_fwd_bwd(Bench(), "eager", inputs)
+    bench = Bench()
+    bl.test_gpu_fwd_bwd(bench, "fused", inputs)
+    assert timed == [5] and bench.extra_info["provider"] == "fused"
+    assert bench.extra_info["dhidden_rel_err"] != bench.extra_info["dhidden_rel_err"]   # NaN: not checked here
