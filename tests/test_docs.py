@@ -34,7 +34,7 @@ def test_relative_links_resolve():
 
 def test_repository_stands_alone():
     pattern = re.compile(r"\.\./shared|\bthe spec\b|\bspec [\w-]+\.md|\bspec §|§\s?\d", re.I)
-    files = [p for ext in ("py", "md", "toml", "sh", "json") for p in ROOT.rglob(f"*.{ext}")
+    files = [p for ext in ("py", "md", "toml", "sh", "json", "cpp") for p in ROOT.rglob(f"*.{ext}")
              if not any(part.startswith(".") or part in ("build", "dist", "runs") for part in
                         p.relative_to(ROOT).parts) and p.name != "test_docs.py"]
     hits = [f"{p.relative_to(ROOT)}:{i + 1}" for p in files

@@ -1,4 +1,5 @@
-// CPU implementation of gxpo_kernels.ops.extrapolate_ (spec §2; reference: gxpo_kernels/ops/extrapolate/reference.py).
+// CPU implementation of gxpo_kernels.ops.extrapolate_ (the math: docs/algorithms.md, docs/extrapolate.md;
+// reference: gxpo_kernels/ops/extrapolate/reference.py).
 //
 // One pass over a list of tensors: theta_new = theta0 + alpha * scale * (theta2 - theta0), written into params
 // (and an optional low-precision copy), with the diagnostic sums of the same pass. OpenMP threads take chunks
