@@ -296,6 +296,8 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
     if getattr(model, "_gxpo_patched", False):
         return model
     previous = model.forward
+    # what ``unpatch_causal_lm`` restores: an instance-level forward (e.g. accelerate's), or None for the class's
+    model._gxpo_previous_forward = model.__dict__.get("forward")
     # call the previous forward unbound, on ``self``: a deep copy of the patched model (a reference model) must run
     # its own weights, not those of the model that ``previous`` is bound to
     unbound = previous.__func__ if getattr(previous, "__self__", None) is model else None
@@ -331,6 +333,30 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
 
     model.forward = types.MethodType(forward, model)
     model._gxpo_patched = True
+    return model
+
+
+def unpatch_causal_lm(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_causal_lm`: ``model.forward`` is again the forward it had before the patch.
+
+    Refuses (``ValueError``) a model that is not patched, and a model whose forward was replaced after the patch
+    (e.g. by ``accelerator.prepare``): restoring the pre-patch forward would silently drop that wrapper too.
+    Returns ``model``.
+    """
+    check_unwrapped(model, "unpatch_causal_lm")
+    if not getattr(model, "_gxpo_patched", False):
+        raise ValueError("unpatch_causal_lm: the model is not patched (patch_causal_lm was not called on it)")
+    current = model.__dict__.get("forward")
+    if getattr(current, "__self__", None) is not model or getattr(current, "__func__", None) is None \
+            or getattr(current.__func__, "__wrapped__", None) is not type(model).forward:
+        raise ValueError("unpatch_causal_lm: model.forward was replaced after patch_causal_lm (e.g. by "
+                         "accelerate's prepare); undo that wrapper first")
+    previous = model.__dict__.pop("_gxpo_previous_forward")
+    if previous is None:
+        del model.forward                  # back to the class's forward
+    else:
+        model.forward = previous
+    del model._gxpo_patched, model._gxpo_loss_opts
     return model
 
 

@@ -481,3 +481,49 @@ def test_other_decoder_only_heads_match_the_models_logits(name):
     with torch.no_grad():
         want = token_logprobs_ref(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0]
     assert_close("logp", want, lp, 1e-5)
+
+
+def test_unpatch_causal_lm_restores_the_previous_forward():
+    """``unpatch_causal_lm`` puts back the forward the model had before the patch: the class's forward (no
+    instance attribute left behind), or an instance-level forward installed earlier; a deep copy unpatches on
+    its own; an unpatched model, and a model whose forward was wrapped after the patch, are refused."""
+    import copy
+    import types
+    from gxpo_kernels.integrations.hf import GRPOLossOutput, patch_causal_lm, unpatch_causal_lm
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch(seed=8)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am).logits
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch_causal_lm(model)
+    patch_causal_lm(model, temperature=0.7)
+    clone = copy.deepcopy(model)
+    assert unpatch_causal_lm(model) is model
+    assert "forward" not in model.__dict__ and not hasattr(model, "_gxpo_patched")
+    with torch.no_grad():                                # GRPO targets no longer reach the fused loss
+        assert not isinstance(model(ids, am, advantages=adv), GRPOLossOutput)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, want, rtol=0, atol=0)
+    K = cm.shape[1]
+    assert clone(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=K).loss.isfinite()  # still patched
+    unpatch_causal_lm(clone)
+    assert "forward" not in clone.__dict__
+
+    calls = []                                           # an instance-level forward from before the patch
+    own = type(model).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return own(self, *args, **kwargs)
+    model.forward = types.MethodType(counting, model)
+    patch_causal_lm(model)
+    unpatch_causal_lm(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    assert model.forward.__func__ is counting and calls == [1]
+
+    patch_causal_lm(model)                               # wrapped after the patch (accelerate's prepare does this)
+    patched = model.forward
+    model.forward = types.MethodType(functools.wraps(patched.__func__)(lambda self, *a, **k: patched(*a, **k)), model)
+    with pytest.raises(ValueError, match="replaced after patch_causal_lm"):
+        unpatch_causal_lm(model)
+    assert model._gxpo_patched                           # refused without changing anything
