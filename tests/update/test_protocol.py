@@ -452,7 +452,8 @@ class _Branchy(torch.nn.Module):
         return self.b(z) + (self.extra(z) if self.calls % 2 else 0.0)
 
 
-_MORE_OPTS = {"sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+# foreach SGD with Nesterov momentum and no weight decay adds the momentum buffer into p.grad in place
+_MORE_OPTS = {"sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
               "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
               "adamw_groups": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 0.0},
                                                             {"params": ps[2:], "lr": 3e-3}], weight_decay=0.1)}
