@@ -70,8 +70,9 @@ class GXPO(ExtrapolationRule):
     step (from a copy taken before it unless the optimizer is torch's Adam / AdamW or SGD without Nesterov
     momentum: see ``_step_keeps_grads``) and θ2 is the parameter itself.
     bf16 parameters are supported (buffers stay fp32). The closure may read ``self.pass_index`` (0, 1, 2) e.g.
-    to recompute old log-probs per pass (the caller's business). Call ``scheduler.step()`` once after each
-    ``step()``. ``GXPO.paper_protocol(optimizer)`` builds the rule with the authors' paper settings.
+    to recompute old log-probs per pass (the caller's business). The rule never steps an LR scheduler (its
+    optimizer steps share one rate); the authors step theirs once per batch, i.e. after the batch's last
+    mini-batch ``step()``. ``GXPO.paper_protocol(optimizer)`` builds the rule with the authors' paper settings.
     """
     _rule_name = "GXPO"
     #: the authors' paper-reproduction settings (their verl fork): see ``paper_protocol``

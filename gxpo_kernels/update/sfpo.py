@@ -46,8 +46,9 @@ class SFPO(ExtrapolationRule):
         backend: extrapolation backend.
     Memory: one fp32 buffer of the model's size (θ0), plus a copy of the optimizer state when atomic or
     transactional. ``self.pass_index`` runs 0..K and ``self.minibatch_index`` 0..m−1 during a step.
-    Call ``scheduler.step()`` once after each ``step()``. ``SFPO.paper_protocol(optimizer)``: the authors'
-    settings.
+    Call ``scheduler.step()`` once after each ``step()`` (one batch, as the authors do). The "ema" and "window"
+    gates observe the clipped gradient norm of the slow pass's last mini-batch. ``SFPO.paper_protocol(optimizer)``:
+    the authors' settings.
     """
     _rule_name = "SFPO"
     #: the authors' settings (their scripts): see ``paper_protocol``

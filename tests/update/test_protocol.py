@@ -341,17 +341,19 @@ def _authors_gxpo_step(model, opt, batch, st, clip=1.0, K=5, alpha=0.5, delta=1e
             for p, a in zip(params, t0):
                 p.copy_(a)
         return standard()
+    def grads():                                   # their _gxpo_capture_grads: a missing grad is zero
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
     backward()
     gn0 = float(torch.nn.utils.clip_grad_norm_(params, clip))
     if not math.isfinite(gn0) or gn0 <= 1e-8:
         return standard()
-    g0 = [p.grad.clone() for p in params]
+    g0 = grads()
     opt.step()
     backward()
     gn1 = float(torch.nn.utils.clip_grad_norm_(params, clip))
     if not math.isfinite(gn1):
         return fallback()
-    g1 = [p.grad.clone() for p in params]
+    g1 = grads()
     opt.step()
     with torch.no_grad():
         for p, a, x, y in zip(params, t0, g0, g1):
@@ -362,7 +364,7 @@ def _authors_gxpo_step(model, opt, batch, st, clip=1.0, K=5, alpha=0.5, delta=1e
     backward()
     if not math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, clip))):
         return fallback()
-    h = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
+    h = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
     opt.step()
     z = (h - st["mu"]) / (st["sigma"] + 1e-8)
     st["sigma"] = max(0.01, ((1 - omega) * st["sigma"] ** 2 + omega * (h - st["mu"]) ** 2) ** 0.5)
@@ -431,6 +433,52 @@ def test_gxpo_paper_protocol_matches_the_authors_through_fallbacks(opt_name, K, 
             for k, v in o1.state[p].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(o2.state[q][k])), (step, k)
     assert reasons[2] == {(): None, (2,): "nonfinite_g1", (3,): "nonfinite_gcorr", "zero": "small_g0"}[poison]
+
+
+class _Branchy(torch.nn.Module):
+    """A frozen layer, and a head used on every other forward only: its grad is None on alternate passes (pass 1
+    of one step, passes 0 and 2 of the next)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.extra = torch.nn.Linear(6, 9), torch.nn.Linear(9, 1), torch.nn.Linear(9, 1)
+        self.frozen = torch.nn.Linear(6, 9).requires_grad_(False)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        z = torch.tanh(self.a(x) + self.frozen(x))
+        return self.b(z) + (self.extra(z) if self.calls % 2 else 0.0)
+
+
+# foreach SGD with Nesterov momentum and no weight decay adds the momentum buffer into p.grad in place
+_MORE_OPTS = {"sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
+              "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+              "adamw_groups": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 0.0},
+                                                            {"params": ps[2:], "lr": 3e-3}], weight_decay=0.1)}
+
+
+@pytest.mark.parametrize("opt_name", list(_MORE_OPTS))
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_gxpo_paper_protocol_matches_the_authors_other_optimizers_and_missing_grads(opt_name, alpha):
+    """More of the authors' update, bit for bit: SGD with Nesterov momentum (whose step writes into the grads, so
+    ĝ1 is copied first), RMSprop, a param group at lr = 0, α = 1, and a model whose frozen layer has no grad and
+    whose head has a grad on every other pass only (the authors count a missing grad as zero)."""
+    m = _Branchy()
+    m2 = copy.deepcopy(m)
+    params, params2 = [p for p in m.parameters() if p.requires_grad], [p for p in m2.parameters() if p.requires_grad]
+    o1, o2 = _MORE_OPTS[opt_name](params), _MORE_OPTS[opt_name](params2)
+    rule = GXPO.paper_protocol(o1, alpha=alpha, gate=None, backend="torch")
+    st = {"mu": 1.0, "sigma": 1.0, "fired": False}
+    for step in range(5):
+        rule.step(_closure(m, o1, rule, batch=step))
+        _authors_gxpo_step(m2, o2, step, st, alpha=alpha)
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())), step
+        for p, q in zip(params, params2):
+            assert o1.state[p].keys() == o2.state[q].keys()
+            for k, v in o1.state[p].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(o2.state[q][k])), (step, k)
 
 
 class _AuthorsLaterGate:
@@ -596,6 +644,32 @@ def test_sfpo_paper_protocol_two_minibatches_and_slow_pass_entropy():
         assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())), step
         assert all(torch.equal(o1.state[p]["step"], o2.state[q]["step"])
                    for p, q in zip(m.parameters(), m2.parameters()))
+
+
+def test_sfpo_norm_gates_observe_the_last_slow_minibatch_clipped_norm():
+    """SFPO with the EMA gate: the value observed is the clipped gradient norm of the slow pass's last mini-batch
+    (update-rules.md), here below and above the clip norm."""
+    for clip in (1e-3, 100.0):
+        m = mlp()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        rule = SFPO(opt, K=2, gate="ema", tau=1e9, max_grad_norm=clip)
+        seen, norms = [], []
+        rule.gate.observe = lambda v, step=None: seen.append(v) or 0.0
+
+        def mk(b):
+            def c():
+                opt.zero_grad()
+                loss = loss_fn(m, b)
+                loss.backward()
+                if rule.pass_index == rule.K:
+                    norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])))
+                return loss
+            return c
+        rule.step([mk(0), mk(1), mk(2)])
+        assert len(norms) == 3 and len(seen) == 1
+        assert seen[0] == pytest.approx(min(norms[-1], clip), rel=1e-5)
+        if clip > 1:                                      # unclipped: the three mini-batches' norms differ
+            assert min(abs(seen[0] - n) for n in norms[:2] + [sum(norms) / 3]) > 1e-3 * seen[0]
 
 
 def test_sfpo_mini_batches_reposition_once():
