@@ -82,6 +82,49 @@ def test_product_form_identity_and_lam_zero(backend):
     assert torch.equal(logp, fpa0), "lam=0 must give pi_hat == pi_theta exactly"
 
 
+def _ref_only_banned(V=11, H=6, seed=3):
+    """Rows where the reference alone bans a token (-inf), the policy alone, both, or neither (hidden-state form:
+    the bans are -inf biases)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, ref_hidden = torch.randn(4, H, generator=g), torch.randn(4, H, generator=g)
+    weight, ref_weight = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    bias, ref_bias = torch.zeros(4, V), torch.zeros(4, V)
+    ref_bias[0, 3] = float("-inf")                                # reference only
+    bias[1, 3] = float("-inf")                                    # policy only
+    bias[2, 3] = ref_bias[2, 3] = float("-inf")                   # both
+    logits, ref_logits = hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias
+    tokens = torch.tensor([0, 5, 4, 7])
+    return logits, ref_logits, tokens, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_only_minus_inf_logit(backend, linear):
+    """lam = 0 is pi_theta exactly even where the reference logit is -inf (found by review: (1 + 0) h - 0 * (-inf)
+    made fpa_logp NaN on every path). With lam > 0, pi_hat ∝ pi_theta^(1+lam) pi_ref^(-lam) is undefined where the
+    reference alone gives probability 0: that row's fpa_logp is NaN on every path (the PyTorch paths returned
+    -inf or NaN depending on the target, the Triton paths NaN)."""
+    logits, ref_logits, tokens, head = _ref_only_banned()
+    for lam in (0.0, 1.0):
+        if linear:
+            h, w, b, hr, wr, br = head
+            # one row at a time: a bias is per vocabulary entry, shared by the rows of a call
+            outs = [linear_fpa_logprobs(h[i:i + 1], w, hr[i:i + 1], wr, tokens[i:i + 1], lam, bias=b[i],
+                                        ref_bias=br[i], backend=backend) for i in range(4)]
+            logp, ref_logp, fpa = (torch.cat(t) for t in zip(*outs))
+        else:
+            logp, ref_logp, fpa = fpa_logprobs(logits, ref_logits, tokens, lam, backend=backend)
+        want = fpa_logprobs_ref(logits, ref_logits, tokens, lam)
+        assert_close("logp", want[0], logp, 1e-5)
+        assert_close("ref_logp", want[1], ref_logp, 1e-5)
+        if lam == 0:
+            assert torch.equal(fpa, logp), "lam=0 must give pi_hat == pi_theta exactly"
+        else:
+            assert bool(fpa[0].isnan()), "pi_hat is undefined where only the reference bans a token"
+            assert_close("fpa_logp", want[2][1:], fpa[1:], 1e-5)
+    assert bool(want[2][0].isnan()) and bool(torch.isfinite(want[2][1:]).all())   # the reference agrees
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_only_through_logp(backend):
     logits, ref_logits, tokens, mask = _inputs(2, 5, 1000, torch.float32)

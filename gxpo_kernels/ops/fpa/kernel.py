@@ -47,9 +47,12 @@ def _fpa_step(p_l, p_r, o_g, c, lam, m1, s1, m2, s2, m3, s3, mask, MASKED: tl.co
 
 @triton.jit
 def _fpa_x(x_h, x_r, lam):
-    """Raw logits of pi_hat; a -inf policy logit (and padding) stays probability 0 under pi_hat, not
-    -inf + inf = NaN when ref is -inf."""
-    return tl.where(x_h == float("-inf"), float("-inf"), (1.0 + lam) * x_h - lam * x_r)
+    """Raw logits of pi_hat (the one Triton definition; ``fpa_logits`` is the PyTorch one): lam = 0 gives x_h
+    itself (no 0 * -inf = NaN from a -inf reference logit); a -inf policy logit (and padding) stays probability 0
+    under pi_hat, not -inf + inf = NaN when ref is -inf; a -inf reference logit under a finite policy one gives
+    +inf, which makes the row's log pi_hat NaN (pi_hat is undefined there)."""
+    x_f = tl.where(x_h == float("-inf"), float("-inf"), (1.0 + lam) * x_h - lam * x_r)
+    return tl.where(lam == 0.0, x_h, x_f)
 
 
 @triton.jit
@@ -145,6 +148,19 @@ def _chunk_rows(V: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMS // max(V, 1))
 
 
+def fpa_logits(h: torch.Tensor, r: torch.Tensor, lam: float, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Raw logits of pi_hat, (1 + lam) h - lam r, for fp32 (rows, V) policy and reference logits (the PyTorch
+    paths' one definition; ``_fpa_x`` is the Triton one). lam = 0 gives ``h`` exactly; a -inf policy logit stays
+    -inf (probability 0); a -inf reference logit under a finite policy one (pi_ref^(-lam) = inf: pi_hat undefined)
+    makes the whole row NaN, as in the Triton kernels. ``out`` (may be ``h``): write the result there."""
+    if lam == 0:
+        return h if out is None else out.copy_(h)
+    ban = h == float("-inf")
+    x = torch.mul(h, 1.0 + lam, out=out).sub_(r, alpha=lam).masked_fill_(ban, float("-inf"))
+    undefined = (x == float("inf")).any(-1, keepdim=True)
+    return x.masked_fill_(undefined, float("nan"))
+
+
 def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
     # same math as the kernel, chunked over rows so fp32 temporaries stay bounded
     N, V = logits2d.shape
@@ -157,7 +173,7 @@ def _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature):
         # shifted by the row max before the scaling by 1 / T, so large probabilities keep fp32 precision at any T;
         # pi_hat's logits are formed from the raw logits, as the kernel does (lam = 0 gives logp exactly)
         h, r = logits2d[sl].float(), ref2d[sl].float()
-        x = torch.where(h == float("-inf"), h, (1.0 + lam) * h - lam * r)  # -inf policy logit: pi_hat = 0 too
+        x = fpa_logits(h, r, lam)
         i = idx[sl]
         for k, z in enumerate((h, r, x)):
             lp, lse = _log_probs_chunk(z.unsqueeze(0), slice(None), slice(None), temperature)

@@ -30,6 +30,7 @@ from ..._utils import (autocast_off, check_no_forward_ad, check_same_device, che
 from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
                                  _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
+from .kernel import _fpa_x, fpa_logits
 from .logprobs import check_lam_temperature
 
 
@@ -74,8 +75,7 @@ def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
                          HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         zr = _logits_tile(hr_ptr, wr_ptr, br_ptr, o_m, m_m, o_v, m_v, H_REF, stride_hr, stride_wr, inv_t,
                           HAS_REF_BIAS, UPCAST_REF, PRECISION_REF, BLOCK_M, BLOCK_V, BLOCK_K)
-        # a -inf policy logit (a -inf bias) stays probability 0 under pi_hat, not -inf + inf = NaN
-        zf = tl.where(m_v[None, :], tl.where(z == float("-inf"), z, (1.0 + lam) * z - lam * zr), _NEG)
+        zf = tl.where(m_v[None, :], _fpa_x(z, zr, lam), _NEG)     # pi_hat's logits, as fpa_logprobs forms them
         z = tl.where(m_v[None, :], z, _NEG)
         zr = tl.where(m_v[None, :], zr, _NEG)
         is_y = o_v[None, :] == b_y[:, None]
@@ -140,8 +140,7 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
         lse[s:e] = torch.logsumexp(z, -1)
         logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
         ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
-        ban = z == float("-inf")                             # stays probability 0 under pi_hat
-        zf = z.mul_(1.0 + lam).sub_(zr, alpha=lam).masked_fill_(ban, float("-inf"))  # in place: extrapolated
+        zf = fpa_logits(z, zr, lam, out=z)                    # in place: pi_hat's logits
         fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
     return logp, ref_logp, fpa_logp, lse
 

@@ -16,11 +16,17 @@ def fpa_logprobs_ref(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: tor
     """(logp, ref_logp, fpa_logp), each (*,) float64, for logits/ref_logits (*, V) and tokens (*).
 
     ``logp`` stays differentiable w.r.t. ``logits`` (float64 autograd); the other two are detached, as in the
-    fused op. Masked positions are 0.
+    fused op. Masked positions are 0. Conventions of the fused ops: lam = 0 gives ``fpa_logp == logp``; a -inf
+    policy logit has probability 0 under pi_hat too; a row where the reference alone has a -inf logit gets a NaN
+    ``fpa_logp`` when lam > 0.
     """
     h = logits.double() / temperature
     h_ref = ref_logits.double().detach() / temperature
-    h_hat = ((1 + lam) * h - lam * h_ref).detach()
+    h_hat = h.detach()
+    if lam != 0:   # lam = 0: pi_hat is pi_theta, whatever h_ref holds (a -inf there included)
+        h_hat = torch.where(h_hat == float("-inf"), h_hat, (1 + lam) * h_hat - lam * h_ref)  # -inf policy: p = 0
+        # a -inf reference logit under a finite policy one: pi_ref^(-lam) = inf, pi_hat undefined (NaN row)
+        h_hat = h_hat.masked_fill((h_hat == float("inf")).any(-1, keepdim=True), float("nan"))
     idx = tokens.long().clamp(0, h.shape[-1] - 1).unsqueeze(-1)
     logp = torch.log_softmax(h, -1).gather(-1, idx).squeeze(-1)
     ref_logp = torch.log_softmax(h_ref, -1).gather(-1, idx).squeeze(-1)
