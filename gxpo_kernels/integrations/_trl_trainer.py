@@ -73,7 +73,9 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 if stored, else theta0's).
             advantage_estimator: "grpo" (TRL's) or "fade" (binary rewards; FADE's focal advantages with the
                 alpha/delta controllers; the controllers lag one generation batch); fade_kwargs: passed to
-                ``FADEController``.
+                ``FADEController``. FADE scores the ``reward_weights``-weighted sum of the reward functions
+                (it must be 0 or 1; ``scale_rewards`` does not apply); a completion that every reward function
+                returned None for is left out of its group's mean and gets advantage 0, as in TRL.
             loss_path, backend (``kernel_backend`` in the config): see ``enable_gxpo_loss``.
 
         One update per optimizer step. HF Trainer calls ``training_step`` once per micro-batch; the trainer
@@ -134,6 +136,10 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             self.gxpo_backward_passes = 0
             self._fade = None
             if opts["advantage_estimator"] == "fade":
+                agg = getattr(self.args, "multi_objective_aggregation", "sum_then_normalize")
+                if agg != "sum_then_normalize":   # FADE scores the weighted sum of the 0/1 rewards itself
+                    raise ValueError(f"advantage_estimator='fade' needs multi_objective_aggregation="
+                                     f"'sum_then_normalize' (the weighted sum of binary rewards), got {agg!r}")
                 from ..advantages import FADEController
                 self._fade = FADEController(**(opts["fade_kwargs"] or {}))
             self._fade_pending_reward = None
@@ -296,7 +302,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             """The update state saved with each checkpoint (plain numbers, strings and lists only)."""
             return {"rule": None if self._gxpo_rule is None else self._gxpo_rule.state_dict(),
                     "fade": None if self._fade is None else self._fade.state_dict(),
-                    "fade_pending_reward": self._fade_pending_reward}
+                    "fade_pending_reward": self._fade_pending_reward,
+                    "fade_entropy": list(self._fade_entropy)}
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
@@ -321,6 +328,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             if st["fade"] is not None and self._fade is not None:
                 self._fade.load_state_dict(st["fade"])
                 self._fade_pending_reward = st["fade_pending_reward"]
+                self._fade_entropy = list(st.get("fade_entropy", []))   # the entropies the next update folds in
 
         # ---- FADE advantages ---------------------------------------------------------------------------
         def _fade_observe_entropy(self):
@@ -336,21 +344,37 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             out = super()._generate_and_score_completions(inputs)
             if self._fade is None or not self.model.training:
                 return out
+            import copy
+
             from ..advantages import fade_advantages, sign_ratio
-            rpf = self._gxpo_rewards_per_func
+            rpf = self._gxpo_rewards_per_func           # (N, num_funcs), gathered over all processes
             rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
-            # the controller lags one generation batch: fold in the previous batch's reward and entropy
+            # a completion every reward function returned None for is unscorable (as in TRL): it is left out of
+            # its group's mean and of the batch mean, and its advantage is 0 (nansum would score it 0)
+            scored = ~torch.isnan(rpf).all(dim=1)
+            # the controller lags one generation batch: fold in the previous batch's reward and entropy. The new
+            # state is committed only once the advantages are computed (non-binary rewards raise, changing nothing)
+            fade = copy.deepcopy(self._fade)
             if self._fade_pending_reward is not None and self._fade_entropy:
                 ent = sum(self._fade_entropy) / len(self._fade_entropy)
-                self._fade.update(self._fade_pending_reward, ent)
+                fade.update(self._fade_pending_reward, ent)
+            adv = torch.zeros_like(rewards)
+            if bool(scored.any()):
+                group = torch.arange(rewards.numel(), device=rewards.device) // self.num_generations
+                adv[scored] = fade_advantages(rewards[scored], group_ids=group[scored], alpha=fade.alpha,
+                                              delta=fade.delta)
+            self._fade = fade
             self._fade_entropy = []
-            adv = fade_advantages(rewards, self.num_generations, alpha=self._fade.alpha, delta=self._fade.delta)
-            self._fade_pending_reward = float(rewards.mean())
+            self._fade_pending_reward = float(rewards[scored].mean()) if bool(scored.any()) else None
             B = out["completion_ids"].shape[0]
             i = self.accelerator.process_index
             out["advantages"] = adv[i * B:(i + 1) * B].to(out["advantages"].dtype)
+            logged = self._logs["advantages"]            # TRL's completions table: FADE's advantages, not TRL's
+            for _ in range(min(adv.numel(), len(logged))):
+                logged.pop()
+            logged.extend(adv.tolist())
             store = self._metrics["train"]
-            for key, val in (("alpha", self._fade.alpha), ("delta", self._fade.delta), ("p_hat", self._fade.p_hat),
+            for key, val in (("alpha", fade.alpha), ("delta", fade.delta), ("p_hat", fade.p_hat),
                              ("sign_ratio", float(sign_ratio(adv.double())))):
                 store[f"fade/{key}"].append(float(val))
             return out

@@ -523,9 +523,73 @@ def test_subclass_fade_advantages(tmp_path):
     torch.testing.assert_close(batch["advantages"], want.to(batch["advantages"].dtype))
 
 
+def fixed_rewards(*per_call):
+    """A reward function returning the given lists in turn (None = not scored)."""
+    calls = iter(per_call)
+
+    def reward(completions, **kw):
+        return list(next(calls))
+    return reward
+
+
+def test_subclass_fade_leaves_unscorable_completions_out(tmp_path):
+    """A completion every reward function returned None for is unscorable: TRL 1.16 leaves it out of its group's
+    mean and gives it advantage 0. nansum used to score it 0: [None, 1, 0, 0] became the group [0, 1, 0, 0], a
+    biased mean of 1/4 and a spurious negative advantage for the unscored completion."""
+    from gxpo_kernels.advantages import fade_advantages
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
+    # two functions: row 0 is unscorable, row 1 partly scored (nansum: 1), rows 2-3 fully scored
+    tr.reward_funcs = [fixed_rewards([None, 1.0, 0.0, 0.0]), fixed_rewards([None, None, 0.0, 0.0])]
+    tr.reward_func_names = ["a", "b"]
+    tr.reward_processing_classes = [None, None]
+    tr.reward_weights = torch.ones(2)
+    tr.model.train()
+    batch = tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
+    want = fade_advantages(torch.tensor([1.0, 0.0, 0.0]), 3, alpha=tr._fade.alpha, delta=tr._fade.delta)
+    assert want.abs().min() > 0
+    torch.testing.assert_close(batch["advantages"], torch.cat([torch.zeros(1), want]))
+    assert tr._fade_pending_reward == pytest.approx(1 / 3)   # the batch mean over the scored completions
+    assert list(tr._logs["advantages"])[-4:] == batch["advantages"].tolist()   # the completions table's column
+
+
+def test_subclass_fade_failure_changes_nothing(tmp_path):
+    """Non-binary rewards raise; the controller, the pending reward and the collected entropies stay as they
+    were (they used to be folded in and cleared before the advantages failed)."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
+    tr.reward_funcs = [fixed_rewards([0.5, 1.0, 0.0, 0.0])]
+    tr._fade_pending_reward, tr._fade_entropy = 0.25, [1.5, 1.25]
+    before = copy.deepcopy(tr._fade.state_dict())
+    tr.model.train()
+    with pytest.raises(ValueError, match="binary rewards"):
+        tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
+    assert tr._fade.state_dict() == before and tr._fade.steps == 0
+    assert tr._fade_pending_reward == 0.25 and tr._fade_entropy == [1.5, 1.25]
+
+
+def test_subclass_fade_resume_continues_the_controller(tmp_path):
+    """Resuming from checkpoint-1 folds the first batch's reward and entropy into the controller at the second
+    generation, as the uninterrupted run does. The entropies collected since the last generation were not saved,
+    so the resumed run skipped that update (steps 0 instead of 1) and its alpha/delta drifted from then on."""
+    kw = dict(update="grpo", advantage_estimator="fade", fade_kwargs={"p0": 0.3, "ema": 0.5}, backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1)
+    full.reward_funcs = [reward_binary]
+    full.train()
+    assert full._fade.steps == 1
+    resumed = make_trainer(tmp_path / "resumed", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    resumed.reward_funcs = [reward_binary]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-1"))
+    assert resumed._fade.state_dict() == full._fade.state_dict()
+    assert resumed._fade_pending_reward == full._fade_pending_reward
+
+
 @pytest.mark.parametrize("cfg, kwargs, name", [
     (dict(), dict(update="adam"), "update must be one of"),
     (dict(), dict(advantage_estimator="rloo"), "advantage_estimator"),
+    (dict(multi_objective_aggregation="normalize_then_sum"), dict(advantage_estimator="fade"),
+     "multi_objective_aggregation"),
     (dict(loss_type="vespo"), dict(update="grpo"), "loss_type='vespo'"),
 ])
 def test_subclass_refusals(tmp_path, cfg, kwargs, name):
