@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
@@ -27,6 +28,18 @@ def load_update_state(path: str) -> dict:
     """The trainer's saved update state (``gxpo_update_state.pt``), loaded with ``weights_only=True``: only
     tensors, numbers, strings and containers of them; a file carrying pickled objects is refused."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _dict_option(name: str, value):
+    """``value`` of the dict option ``name`` (None, a dict, or a JSON string of an object) as a dict or None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r} ({e})") from None
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or a JSON object string, got {type(value).__name__}")
+    return value
 
 
 def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, entropy_bonus_coef):
@@ -112,6 +125,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                                      f"({value!r}); set it in one place")
                 opts[name] = value if value is not None else (from_cfg if from_cfg is not None
                                                               else _OPTION_DEFAULTS[name])
+            for name in ("update_kwargs", "fade_kwargs"):   # a dict or a JSON string, as in the config
+                opts[name] = _dict_option(name, opts[name])
             if opts["update"] not in UPDATES:
                 raise ValueError(f"update must be one of {UPDATES}, got {opts['update']!r}")
             if opts["advantage_estimator"] not in ADVANTAGE_ESTIMATORS:
@@ -141,7 +156,10 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                     raise ValueError(f"advantage_estimator='fade' needs multi_objective_aggregation="
                                      f"'sum_then_normalize' (the weighted sum of binary rewards), got {agg!r}")
                 from ..advantages import FADEController
-                self._fade = FADEController(**(opts["fade_kwargs"] or {}))
+                try:
+                    self._fade = FADEController(**(opts["fade_kwargs"] or {}))
+                except TypeError as e:   # an unknown keyword: name the option it came through
+                    raise TypeError(f"fade_kwargs: {e}") from None
             self._fade_pending_reward = None
             self._fade_entropy = []
 

@@ -585,6 +585,21 @@ def test_subclass_fade_resume_continues_the_controller(tmp_path):
     assert resumed._fade_pending_reward == full._fade_pending_reward
 
 
+def test_subclass_dict_options_take_json_as_keywords(tmp_path):
+    """update_kwargs / fade_kwargs take a dict or a JSON string as keywords too, as in GXPOGRPOConfig (a JSON
+    string used to fail inside dict() / ** with a message naming neither option); bad ones name the option."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="sfpo", update_kwargs='{"K": 3}', advantage_estimator="fade",
+                                          fade_kwargs='{"p0": 0.3}', backend="torch"))
+    assert tr._gxpo_update_kwargs == {"K": 3} and tr._fade.p0 == 0.3
+    for kw, err, msg in [(dict(fade_kwargs={"pzero": 0.3}), TypeError, "fade_kwargs: .*pzero"),
+                         (dict(fade_kwargs="[1, 2]"), TypeError, "fade_kwargs must be a dict"),
+                         (dict(update_kwargs="{K: 3}"), ValueError, "update_kwargs must be a dict")]:
+        with pytest.raises(err, match=msg):
+            make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                         trainer_kwargs=dict(advantage_estimator="fade", backend="torch", **kw))
+
+
 @pytest.mark.parametrize("cfg, kwargs, name", [
     (dict(), dict(update="adam"), "update must be one of"),
     (dict(), dict(advantage_estimator="rloo"), "advantage_estimator"),
