@@ -652,7 +652,7 @@ def test_cast_lm_head_to_fp32_under_bf16_autocast(tmp_path, path):
 @pytest.mark.slow
 def test_subclass_gxpo_under_ddp(tmp_path):
     """Two CPU processes (DDP over gloo): the rule's three passes all-reduce their gradients, so both ranks
-    end with identical parameters after the updates."""
+    end with identical parameters after the updates; FADE's controller is the same on both ranks."""
     import os
     import subprocess
     import sys
@@ -664,6 +664,12 @@ def test_subclass_gxpo_under_ddp(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert r0["steps"] == r1["steps"] == 2 and r0["passes"] == r1["passes"] == 6
     assert torch.equal(r0["flat"], r1["flat"])
+    # FADE: one controller from the gathered rewards and the all-reduced entropy, the same on both ranks; each
+    # rank's advantages are its slice of the whole batch's FADE advantages (groups span the ranks)
+    assert r0["fade"] == r1["fade"] and r0["fade"]["steps"] == 1
+    assert r0["fade_pending_reward"] == r1["fade_pending_reward"]
+    for (a0, full0), (a1, full1) in zip(r0["batches"], r1["batches"]):
+        assert torch.equal(full0, full1) and torch.equal(torch.cat([a0, a1]), full0.to(a0.dtype))
 
 
 @pytest.mark.parametrize("kw,exc,text", [
