@@ -160,7 +160,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                     self._fade = FADEController(**(opts["fade_kwargs"] or {}))
                 except TypeError as e:   # an unknown keyword: name the option it came through
                     raise TypeError(f"fade_kwargs: {e}") from None
-            self._fade_pending_reward = None
+            self._fade_pending_reward = None   # mean reward of the generation batches not yet folded in
+            self._fade_pending_n = 0           # ... and how many scored rewards it averages
             self._fade_entropy = []
 
         # ---- the update rule (the only engine-specific code: the rule's construction and the backward) -------
@@ -320,7 +321,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             """The update state saved with each checkpoint (plain numbers, strings and lists only)."""
             return {"rule": None if self._gxpo_rule is None else self._gxpo_rule.state_dict(),
                     "fade": None if self._fade is None else self._fade.state_dict(),
-                    "fade_pending_reward": self._fade_pending_reward,
+                    "fade_pending_reward": self._fade_pending_reward, "fade_pending_n": self._fade_pending_n,
                     "fade_entropy": list(self._fade_entropy)}
 
         def _save_checkpoint(self, model, trial):
@@ -346,6 +347,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             if st["fade"] is not None and self._fade is not None:
                 self._fade.load_state_dict(st["fade"])
                 self._fade_pending_reward = st["fade_pending_reward"]
+                self._fade_pending_n = int(st.get("fade_pending_n", 0))
                 self._fade_entropy = list(st.get("fade_entropy", []))   # the entropies the next update folds in
 
         # ---- FADE advantages ---------------------------------------------------------------------------
@@ -373,17 +375,29 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             # the controller lags one generation batch: fold in the previous batch's reward and entropy. The new
             # state is committed only once the advantages are computed (non-binary rewards raise, changing nothing)
             fade = copy.deepcopy(self._fade)
-            if self._fade_pending_reward is not None and self._fade_entropy:
+            pending, pending_n = self._fade_pending_reward, self._fade_pending_n
+            if pending is not None and self._fade_entropy:
                 ent = sum(self._fade_entropy) / len(self._fade_entropy)
-                fade.update(self._fade_pending_reward, ent)
+                fade.update(pending, ent)
+                pending, pending_n = None, 0
+            # else no update ran since that batch (no entropy yet: several generation batches per update, as with
+            # steps_per_generation < gradient_accumulation_steps): the next update folds in all of them
+            n_new = int(scored.sum())
+            if n_new:
+                new_sum = float(rewards[scored].double().sum())
+                if pending is None:
+                    pending, pending_n = new_sum / n_new, n_new
+                else:
+                    w = pending_n or n_new   # (a checkpoint without the count: weigh the batches equally)
+                    pending, pending_n = (pending * w + new_sum) / (w + n_new), w + n_new
             adv = torch.zeros_like(rewards)
-            if bool(scored.any()):
+            if n_new:
                 group = torch.arange(rewards.numel(), device=rewards.device) // self.num_generations
                 adv[scored] = fade_advantages(rewards[scored], group_ids=group[scored], alpha=fade.alpha,
                                               delta=fade.delta)
             self._fade = fade
             self._fade_entropy = []
-            self._fade_pending_reward = float(rewards[scored].mean()) if bool(scored.any()) else None
+            self._fade_pending_reward, self._fade_pending_n = pending, pending_n
             B = out["completion_ids"].shape[0]
             i = self.accelerator.process_index
             out["advantages"] = adv[i * B:(i + 1) * B].to(out["advantages"].dtype)

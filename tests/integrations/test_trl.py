@@ -585,6 +585,20 @@ def test_subclass_fade_resume_continues_the_controller(tmp_path):
     assert resumed._fade_pending_reward == full._fade_pending_reward
 
 
+def test_subclass_fade_folds_in_every_generation_batch(tmp_path):
+    """GXPO with steps_per_generation=1 < gradient_accumulation_steps=2: two generation batches per update, one
+    entropy (the update's pass 0). The controller's update folds in both batches' mean reward; the first batch's
+    used to be overwritten by the second's. ema=1 makes p_hat the folded-in reward itself."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, gradient_accumulation_steps=2, steps_per_generation=1,
+                      trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None, "backend": "torch"},
+                                          advantage_estimator="fade", fade_kwargs={"ema": 1.0}, backend="torch"))
+    tr.reward_funcs = [fixed_rewards([1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0])]
+    tr.train()
+    assert tr.state.global_step == 2 and tr._fade.steps == 1
+    assert tr._fade.p_hat == pytest.approx((0.25 + 0.5) / 2, abs=1e-12)
+    assert tr._fade_pending_reward == pytest.approx((0.75 + 0.0) / 2, abs=1e-12) and tr._fade_pending_n == 8
+
+
 def test_subclass_dict_options_take_json_as_keywords(tmp_path):
     """update_kwargs / fade_kwargs take a dict or a JSON string as keywords too, as in GXPOGRPOConfig (a JSON
     string used to fail inside dict() / ** with a message naming neither option); bad ones name the option."""
