@@ -407,8 +407,9 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             logged.extend(adv.tolist())
             store = self._metrics["train"]
             for key, val in (("alpha", fade.alpha), ("delta", fade.delta), ("p_hat", fade.p_hat),
-                             ("sign_ratio", float(sign_ratio(adv.double())))):
-                store[f"fade/{key}"].append(float(val))
+                             ("h_hat", fade.h_hat), ("sign_ratio", float(sign_ratio(adv.double())))):
+                if val is not None:   # (h_hat: from the first controller update on)
+                    store[f"fade/{key}"].append(float(val))
             return out
 
     return GXPOGRPOConfig, GXPOGRPOTrainer

@@ -515,6 +515,7 @@ def test_subclass_fade_advantages(tmp_path):
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert "fade/alpha" in logs[0] and math.isclose(logs[0]["fade/alpha"], min(3 * 0.7 / 0.6, 3.0), rel_tol=1e-6)
     assert tr._fade.steps == 1  # the second batch folded in the first batch's reward and entropy
+    assert "fade/h_hat" not in logs[0] and logs[1]["fade/h_hat"] == pytest.approx(tr._fade.h_hat, rel=1e-6)
     tr.model.train()
     batch = tr._generate_and_score_completions([{"prompt": "ab"}] * 4)  # one prompt, num_generations times
     rewards = (tr._gxpo_rewards_per_func * tr.reward_weights[None]).nansum(1)
