@@ -281,6 +281,8 @@ class FADEController:
         new.p_hat = check_scalar(state["p_hat"], "p_hat", "[0, 1]")
         new.h_hat = check_scalar(state["h_hat"], "h_hat", "[0, inf)", optional=True)
         new.steps = check_scalar(state["steps"], "steps", "[0, inf)", integer=True)
+        if new.h_hat is not None and new.target_entropy is None:   # update() sets both at the first step
+            raise ValueError("state has h_hat but no target_entropy (delta would be undefined)")
         self.__dict__.update(new.__dict__)
 
     def __repr__(self) -> str:

@@ -276,3 +276,32 @@ def test_controller_bad_state_changes_nothing_and_numpy_scalars_are_accepted():
     c2 = FADEController()
     c2.load_state_dict(before)
     assert c2.state_dict() == before and c2.alpha == c.alpha and c2.delta == c.delta
+
+
+def test_controller_state_without_target_entropy_is_refused():
+    """h_hat set with target_entropy None cannot come from update() (the first step sets both); loading it used
+    to succeed and leave a controller whose delta raised a TypeError at the next step."""
+    c = FADEController()
+    c.update(0.5, 1.2)
+    before = c.state_dict()
+    with pytest.raises(ValueError, match="target_entropy"):
+        c.load_state_dict({**before, "target_entropy": None})
+    assert c.state_dict() == before and c.delta == 1.0
+
+
+def test_trainer_fade_advantages_change_nothing_on_error():
+    """The trainer's compute_advantages: non-binary rewards raise, and the FADE controller is as it was (it used
+    to fold in the step before the advantages failed). On binary rewards it matches update + fade_advantages."""
+    from gxpo_kernels.trainer.config import TrainConfig
+    from gxpo_kernels.trainer.loop import compute_advantages
+    cfg = TrainConfig(advantage="fade", group=3)
+    ctl, ref = FADEController(p0=0.3), FADEController(p0=0.3)
+    before = ctl.state_dict()
+    with pytest.raises(ValueError, match="binary"):
+        compute_advantages(cfg, torch.tensor([1.0, 0.5, 0.0]), 1.3, ctl)
+    assert ctl.state_dict() == before and ctl.steps == 0
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    adv, st = compute_advantages(cfg, rewards, 1.3, ctl, mean_reward=0.4)
+    want = ref.update(0.4, 1.3)
+    assert ctl.state_dict() == ref.state_dict() and {k: st[k] for k in want} == want
+    assert torch.equal(adv, fade_advantages(rewards, 3, alpha=want["alpha"], delta=want["delta"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
@@ -27,6 +28,18 @@ def load_update_state(path: str) -> dict:
     """The trainer's saved update state (``gxpo_update_state.pt``), loaded with ``weights_only=True``: only
     tensors, numbers, strings and containers of them; a file carrying pickled objects is refused."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _dict_option(name: str, value):
+    """``value`` of the dict option ``name`` (None, a dict, or a JSON string of an object) as a dict or None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r} ({e})") from None
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or a JSON object string, got {type(value).__name__}")
+    return value
 
 
 def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, entropy_bonus_coef):
@@ -73,7 +86,9 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 if stored, else theta0's).
             advantage_estimator: "grpo" (TRL's) or "fade" (binary rewards; FADE's focal advantages with the
                 alpha/delta controllers; the controllers lag one generation batch); fade_kwargs: passed to
-                ``FADEController``.
+                ``FADEController``. FADE scores the ``reward_weights``-weighted sum of the reward functions
+                (it must be 0 or 1; ``scale_rewards`` does not apply); a completion that every reward function
+                returned None for is left out of its group's mean and gets advantage 0, as in TRL.
             loss_path, backend (``kernel_backend`` in the config): see ``enable_gxpo_loss``.
 
         One update per optimizer step. HF Trainer calls ``training_step`` once per micro-batch; the trainer
@@ -110,6 +125,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                                      f"({value!r}); set it in one place")
                 opts[name] = value if value is not None else (from_cfg if from_cfg is not None
                                                               else _OPTION_DEFAULTS[name])
+            for name in ("update_kwargs", "fade_kwargs"):   # a dict or a JSON string, as in the config
+                opts[name] = _dict_option(name, opts[name])
             if opts["update"] not in UPDATES:
                 raise ValueError(f"update must be one of {UPDATES}, got {opts['update']!r}")
             if opts["advantage_estimator"] not in ADVANTAGE_ESTIMATORS:
@@ -134,9 +151,17 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             self.gxpo_backward_passes = 0
             self._fade = None
             if opts["advantage_estimator"] == "fade":
+                agg = getattr(self.args, "multi_objective_aggregation", "sum_then_normalize")
+                if agg != "sum_then_normalize":   # FADE scores the weighted sum of the 0/1 rewards itself
+                    raise ValueError(f"advantage_estimator='fade' needs multi_objective_aggregation="
+                                     f"'sum_then_normalize' (the weighted sum of binary rewards), got {agg!r}")
                 from ..advantages import FADEController
-                self._fade = FADEController(**(opts["fade_kwargs"] or {}))
-            self._fade_pending_reward = None
+                try:
+                    self._fade = FADEController(**(opts["fade_kwargs"] or {}))
+                except TypeError as e:   # an unknown keyword: name the option it came through
+                    raise TypeError(f"fade_kwargs: {e}") from None
+            self._fade_pending_reward = None   # mean reward of the generation batches not yet folded in
+            self._fade_pending_n = 0           # ... and how many scored rewards it averages
             self._fade_entropy = []
 
         # ---- the update rule (the only engine-specific code: the rule's construction and the backward) -------
@@ -296,7 +321,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             """The update state saved with each checkpoint (plain numbers, strings and lists only)."""
             return {"rule": None if self._gxpo_rule is None else self._gxpo_rule.state_dict(),
                     "fade": None if self._fade is None else self._fade.state_dict(),
-                    "fade_pending_reward": self._fade_pending_reward}
+                    "fade_pending_reward": self._fade_pending_reward, "fade_pending_n": self._fade_pending_n,
+                    "fade_entropy": list(self._fade_entropy)}
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
@@ -321,6 +347,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             if st["fade"] is not None and self._fade is not None:
                 self._fade.load_state_dict(st["fade"])
                 self._fade_pending_reward = st["fade_pending_reward"]
+                self._fade_pending_n = int(st.get("fade_pending_n", 0))
+                self._fade_entropy = list(st.get("fade_entropy", []))   # the entropies the next update folds in
 
         # ---- FADE advantages ---------------------------------------------------------------------------
         def _fade_observe_entropy(self):
@@ -336,23 +364,52 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             out = super()._generate_and_score_completions(inputs)
             if self._fade is None or not self.model.training:
                 return out
+            import copy
+
             from ..advantages import fade_advantages, sign_ratio
-            rpf = self._gxpo_rewards_per_func
+            rpf = self._gxpo_rewards_per_func           # (N, num_funcs), gathered over all processes
             rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
-            # the controller lags one generation batch: fold in the previous batch's reward and entropy
-            if self._fade_pending_reward is not None and self._fade_entropy:
+            # a completion every reward function returned None for is unscorable (as in TRL): it is left out of
+            # its group's mean and of the batch mean, and its advantage is 0 (nansum would score it 0)
+            scored = ~torch.isnan(rpf).all(dim=1)
+            # the controller lags one generation batch: fold in the previous batch's reward and entropy. The new
+            # state is committed only once the advantages are computed (non-binary rewards raise, changing nothing)
+            fade = copy.deepcopy(self._fade)
+            pending, pending_n = self._fade_pending_reward, self._fade_pending_n
+            if pending is not None and self._fade_entropy:
                 ent = sum(self._fade_entropy) / len(self._fade_entropy)
-                self._fade.update(self._fade_pending_reward, ent)
+                fade.update(pending, ent)
+                pending, pending_n = None, 0
+            # else no update ran since that batch (no entropy yet: several generation batches per update, as with
+            # steps_per_generation < gradient_accumulation_steps): the next update folds in all of them
+            n_new = int(scored.sum())
+            if n_new:
+                new_sum = float(rewards[scored].double().sum())
+                if pending is None:
+                    pending, pending_n = new_sum / n_new, n_new
+                else:
+                    w = pending_n or n_new   # (a checkpoint without the count: weigh the batches equally)
+                    pending, pending_n = (pending * w + new_sum) / (w + n_new), w + n_new
+            adv = torch.zeros_like(rewards)
+            if n_new:
+                group = torch.arange(rewards.numel(), device=rewards.device) // self.num_generations
+                adv[scored] = fade_advantages(rewards[scored], group_ids=group[scored], alpha=fade.alpha,
+                                              delta=fade.delta)
+            self._fade = fade
             self._fade_entropy = []
-            adv = fade_advantages(rewards, self.num_generations, alpha=self._fade.alpha, delta=self._fade.delta)
-            self._fade_pending_reward = float(rewards.mean())
+            self._fade_pending_reward, self._fade_pending_n = pending, pending_n
             B = out["completion_ids"].shape[0]
             i = self.accelerator.process_index
             out["advantages"] = adv[i * B:(i + 1) * B].to(out["advantages"].dtype)
+            logged = self._logs["advantages"]            # TRL's completions table: FADE's advantages, not TRL's
+            for _ in range(min(adv.numel(), len(logged))):
+                logged.pop()
+            logged.extend(adv.tolist())
             store = self._metrics["train"]
-            for key, val in (("alpha", self._fade.alpha), ("delta", self._fade.delta), ("p_hat", self._fade.p_hat),
-                             ("sign_ratio", float(sign_ratio(adv.double())))):
-                store[f"fade/{key}"].append(float(val))
+            for key, val in (("alpha", fade.alpha), ("delta", fade.delta), ("p_hat", fade.p_hat),
+                             ("h_hat", fade.h_hat), ("sign_ratio", float(sign_ratio(adv.double())))):
+                if val is not None:   # (h_hat: from the first controller update on)
+                    store[f"fade/{key}"].append(float(val))
             return out
 
     return GXPOGRPOConfig, GXPOGRPOTrainer

@@ -188,11 +188,14 @@ def _json_safe(x):
 def compute_advantages(cfg: TrainConfig, rewards: torch.Tensor, entropy: float, fade_ctl,
                        mean_reward: Optional[float] = None):
     """(advantages (B,), FADE controller state or None). ``mean_reward`` (default ``rewards.mean()``) and
-    ``entropy`` feed the FADE controller (the DeepSpeed loop passes dp means)."""
+    ``entropy`` feed the FADE controller (the loop passes the ranks' means). The controller's new state is
+    kept only once the advantages are computed: an error (non-binary rewards) leaves it as it was."""
     G = cfg.group
     if cfg.advantage == "fade":
-        st = fade_ctl.update(float(rewards.mean()) if mean_reward is None else float(mean_reward), entropy)
+        ctl = copy.deepcopy(fade_ctl)
+        st = ctl.update(float(rewards.mean()) if mean_reward is None else float(mean_reward), entropy)
         adv = fade_advantages(rewards, group_size=G, alpha=st["alpha"], delta=st["delta"])
+        fade_ctl.load_state_dict(ctl.state_dict())
         st = dict(st, sign_ratio=float(sign_ratio(adv)))
         return adv.float(), st
     scale = "none" if cfg.advantage == "drgrpo" else "std"

@@ -515,6 +515,7 @@ def test_subclass_fade_advantages(tmp_path):
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert "fade/alpha" in logs[0] and math.isclose(logs[0]["fade/alpha"], min(3 * 0.7 / 0.6, 3.0), rel_tol=1e-6)
     assert tr._fade.steps == 1  # the second batch folded in the first batch's reward and entropy
+    assert "fade/h_hat" not in logs[0] and logs[1]["fade/h_hat"] == pytest.approx(tr._fade.h_hat, rel=1e-6)
     tr.model.train()
     batch = tr._generate_and_score_completions([{"prompt": "ab"}] * 4)  # one prompt, num_generations times
     rewards = (tr._gxpo_rewards_per_func * tr.reward_weights[None]).nansum(1)
@@ -523,9 +524,102 @@ def test_subclass_fade_advantages(tmp_path):
     torch.testing.assert_close(batch["advantages"], want.to(batch["advantages"].dtype))
 
 
+def fixed_rewards(*per_call):
+    """A reward function returning the given lists in turn (None = not scored)."""
+    calls = iter(per_call)
+
+    def reward(completions, **kw):
+        return list(next(calls))
+    return reward
+
+
+def test_subclass_fade_leaves_unscorable_completions_out(tmp_path):
+    """A completion every reward function returned None for is unscorable: TRL 1.16 leaves it out of its group's
+    mean and gives it advantage 0. nansum used to score it 0: [None, 1, 0, 0] became the group [0, 1, 0, 0], a
+    biased mean of 1/4 and a spurious negative advantage for the unscored completion."""
+    from gxpo_kernels.advantages import fade_advantages
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
+    # two functions: row 0 is unscorable, row 1 partly scored (nansum: 1), rows 2-3 fully scored
+    tr.reward_funcs = [fixed_rewards([None, 1.0, 0.0, 0.0]), fixed_rewards([None, None, 0.0, 0.0])]
+    tr.reward_func_names = ["a", "b"]
+    tr.reward_processing_classes = [None, None]
+    tr.reward_weights = torch.ones(2)
+    tr.model.train()
+    batch = tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
+    want = fade_advantages(torch.tensor([1.0, 0.0, 0.0]), 3, alpha=tr._fade.alpha, delta=tr._fade.delta)
+    assert want.abs().min() > 0
+    torch.testing.assert_close(batch["advantages"], torch.cat([torch.zeros(1), want]))
+    assert tr._fade_pending_reward == pytest.approx(1 / 3)   # the batch mean over the scored completions
+    assert list(tr._logs["advantages"])[-4:] == batch["advantages"].tolist()   # the completions table's column
+
+
+def test_subclass_fade_failure_changes_nothing(tmp_path):
+    """Non-binary rewards raise; the controller, the pending reward and the collected entropies stay as they
+    were (they used to be folded in and cleared before the advantages failed)."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
+    tr.reward_funcs = [fixed_rewards([0.5, 1.0, 0.0, 0.0])]
+    tr._fade_pending_reward, tr._fade_entropy = 0.25, [1.5, 1.25]
+    before = copy.deepcopy(tr._fade.state_dict())
+    tr.model.train()
+    with pytest.raises(ValueError, match="binary rewards"):
+        tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
+    assert tr._fade.state_dict() == before and tr._fade.steps == 0
+    assert tr._fade_pending_reward == 0.25 and tr._fade_entropy == [1.5, 1.25]
+
+
+def test_subclass_fade_resume_continues_the_controller(tmp_path):
+    """Resuming from checkpoint-1 folds the first batch's reward and entropy into the controller at the second
+    generation, as the uninterrupted run does. The entropies collected since the last generation were not saved,
+    so the resumed run skipped that update (steps 0 instead of 1) and its alpha/delta drifted from then on."""
+    kw = dict(update="grpo", advantage_estimator="fade", fade_kwargs={"p0": 0.3, "ema": 0.5}, backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1)
+    full.reward_funcs = [reward_binary]
+    full.train()
+    assert full._fade.steps == 1
+    resumed = make_trainer(tmp_path / "resumed", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    resumed.reward_funcs = [reward_binary]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-1"))
+    assert resumed._fade.state_dict() == full._fade.state_dict()
+    assert resumed._fade_pending_reward == full._fade_pending_reward
+
+
+def test_subclass_fade_folds_in_every_generation_batch(tmp_path):
+    """GXPO with steps_per_generation=1 < gradient_accumulation_steps=2: two generation batches per update, one
+    entropy (the update's pass 0). The controller's update folds in both batches' mean reward; the first batch's
+    used to be overwritten by the second's. ema=1 makes p_hat the folded-in reward itself."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, gradient_accumulation_steps=2, steps_per_generation=1,
+                      trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None, "backend": "torch"},
+                                          advantage_estimator="fade", fade_kwargs={"ema": 1.0}, backend="torch"))
+    tr.reward_funcs = [fixed_rewards([1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0])]
+    tr.train()
+    assert tr.state.global_step == 2 and tr._fade.steps == 1
+    assert tr._fade.p_hat == pytest.approx((0.25 + 0.5) / 2, abs=1e-12)
+    assert tr._fade_pending_reward == pytest.approx((0.75 + 0.0) / 2, abs=1e-12) and tr._fade_pending_n == 8
+
+
+def test_subclass_dict_options_take_json_as_keywords(tmp_path):
+    """update_kwargs / fade_kwargs take a dict or a JSON string as keywords too, as in GXPOGRPOConfig (a JSON
+    string used to fail inside dict() / ** with a message naming neither option); bad ones name the option."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="sfpo", update_kwargs='{"K": 3}', advantage_estimator="fade",
+                                          fade_kwargs='{"p0": 0.3}', backend="torch"))
+    assert tr._gxpo_update_kwargs == {"K": 3} and tr._fade.p0 == 0.3
+    for kw, err, msg in [(dict(fade_kwargs={"pzero": 0.3}), TypeError, "fade_kwargs: .*pzero"),
+                         (dict(fade_kwargs="[1, 2]"), TypeError, "fade_kwargs must be a dict"),
+                         (dict(update_kwargs="{K: 3}"), ValueError, "update_kwargs must be a dict")]:
+        with pytest.raises(err, match=msg):
+            make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                         trainer_kwargs=dict(advantage_estimator="fade", backend="torch", **kw))
+
+
 @pytest.mark.parametrize("cfg, kwargs, name", [
     (dict(), dict(update="adam"), "update must be one of"),
     (dict(), dict(advantage_estimator="rloo"), "advantage_estimator"),
+    (dict(multi_objective_aggregation="normalize_then_sum"), dict(advantage_estimator="fade"),
+     "multi_objective_aggregation"),
     (dict(loss_type="vespo"), dict(update="grpo"), "loss_type='vespo'"),
 ])
 def test_subclass_refusals(tmp_path, cfg, kwargs, name):
@@ -573,7 +667,7 @@ def test_cast_lm_head_to_fp32_under_bf16_autocast(tmp_path, path):
 @pytest.mark.slow
 def test_subclass_gxpo_under_ddp(tmp_path):
     """Two CPU processes (DDP over gloo): the rule's three passes all-reduce their gradients, so both ranks
-    end with identical parameters after the updates."""
+    end with identical parameters after the updates; FADE's controller is the same on both ranks."""
     import os
     import subprocess
     import sys
@@ -585,6 +679,12 @@ def test_subclass_gxpo_under_ddp(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert r0["steps"] == r1["steps"] == 2 and r0["passes"] == r1["passes"] == 6
     assert torch.equal(r0["flat"], r1["flat"])
+    # FADE: one controller from the gathered rewards and the all-reduced entropy, the same on both ranks; each
+    # rank's advantages are its slice of the whole batch's FADE advantages (groups span the ranks)
+    assert r0["fade"] == r1["fade"] and r0["fade"]["steps"] == 1
+    assert r0["fade_pending_reward"] == r1["fade_pending_reward"]
+    for (a0, full0), (a1, full1) in zip(r0["batches"], r1["batches"]):
+        assert torch.equal(full0, full1) and torch.equal(torch.cat([a0, a1]), full0.to(a0.dtype))
 
 
 @pytest.mark.parametrize("kw,exc,text", [
