@@ -259,6 +259,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             n, ddp = len(window), engine(self) == "ddp"
             start_old = [None] * n          # pass 0's log-probs, the later passes' old ones (recompute=False)
             entropy = torch.zeros((), dtype=torch.float64)  # filled at pass 0; the entropy gate reads it after
+            entropy_sums = torch.zeros(2, dtype=torch.float64)  # pass 0's (entropy sum, token count), all ranks
             self._gxpo_frozen_entropy_coef = None
             self._gxpo_frozen_entropy_coef = entropy_bonus_coef(self, "train")  # one coefficient per update
 
@@ -290,6 +291,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 if k == 0:
                     tot = self.accelerator.reduce(ent.to(self.accelerator.device), reduction="sum")
                     entropy.fill_(float(tot[0] / tot[1].clamp(min=1.0)))
+                    entropy_sums.copy_(tot)
                 return total
 
             try:
@@ -299,7 +301,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 self._gxpo_window_end = None
                 self._gxpo_frozen_entropy_coef = None
             if self._fade is not None:
-                self._fade_entropy.append(float(entropy))  # the batch's entropy at theta0 (pass 0)
+                self._fade_entropy.append(entropy_sums.tolist())  # the window's entropy at theta0 (pass 0)
             self._gxpo_skip_outer_step = engine(self) != "deepspeed"
             return info
 
@@ -311,10 +313,10 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 return torch.tensor(self._gxpo_rule.last_grad_norm)
             return super()._clip_grad_norm(model)
 
-        def _gxpo_global_entropy(self) -> float:
+        def _gxpo_global_entropy_sums(self) -> list:
+            """[entropy sum, token count] of the last loss call's tokens, summed over all ranks."""
             s, c = self._gxpo_entropy_stats
-            tot = self.accelerator.reduce(torch.stack([s, c]).double(), reduction="sum")
-            return float(tot[0] / tot[1].clamp(min=1.0))
+            return self.accelerator.reduce(torch.stack([s, c]).double(), reduction="sum").tolist()
 
         # ---- checkpoints: the gate / counters and FADE's controller travel with HF's checkpoint --------------
         def gxpo_state_dict(self) -> dict:
@@ -348,12 +350,13 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 self._fade.load_state_dict(st["fade"])
                 self._fade_pending_reward = st["fade_pending_reward"]
                 self._fade_pending_n = int(st.get("fade_pending_n", 0))
-                self._fade_entropy = list(st.get("fade_entropy", []))   # the entropies the next update folds in
+                # the [entropy sum, token count] pairs the next update folds in
+                self._fade_entropy = [list(e) for e in st.get("fade_entropy", [])]
 
         # ---- FADE advantages ---------------------------------------------------------------------------
         def _fade_observe_entropy(self):
             if self._fade is not None and self.model.training:
-                self._fade_entropy.append(self._gxpo_global_entropy())
+                self._fade_entropy.append(self._gxpo_global_entropy_sums())
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -377,7 +380,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             fade = copy.deepcopy(self._fade)
             pending, pending_n = self._fade_pending_reward, self._fade_pending_n
             if pending is not None and self._fade_entropy:
-                ent = sum(self._fade_entropy) / len(self._fade_entropy)
+                # the mean token entropy since that batch: token-weighted over micro-batches and updates alike
+                ent = sum(e[0] for e in self._fade_entropy) / max(sum(e[1] for e in self._fade_entropy), 1.0)
                 fade.update(pending, ent)
                 pending, pending_n = None, 0
             # else no update ran since that batch (no entropy yet: several generation batches per update, as with

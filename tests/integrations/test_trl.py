@@ -560,13 +560,29 @@ def test_subclass_fade_failure_changes_nothing(tmp_path):
     tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
                       trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
     tr.reward_funcs = [fixed_rewards([0.5, 1.0, 0.0, 0.0])]
-    tr._fade_pending_reward, tr._fade_entropy = 0.25, [1.5, 1.25]
+    tr._fade_pending_reward, tr._fade_entropy = 0.25, [[3.0, 2.0], [1.25, 1.0]]
     before = copy.deepcopy(tr._fade.state_dict())
     tr.model.train()
     with pytest.raises(ValueError, match="binary rewards"):
         tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
     assert tr._fade.state_dict() == before and tr._fade.steps == 0
-    assert tr._fade_pending_reward == 0.25 and tr._fade_entropy == [1.5, 1.25]
+    assert tr._fade_pending_reward == 0.25 and tr._fade_entropy == [[3.0, 2.0], [1.25, 1.0]]
+
+
+def test_subclass_fade_entropy_is_token_weighted_over_micro_batches(tmp_path):
+    """FADE's entropy is the mean token entropy since the last generation batch. With update="grpo" each
+    micro-batch's mean used to count once whatever its token count (the GXPO path weighed tokens): micro-batches
+    of 1 token at entropy 3 and 3 tokens at entropy 1/3 gave 1.67 instead of 1.0."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer,
+                      trainer_kwargs=dict(update="grpo", advantage_estimator="fade", backend="torch"))
+    tr.reward_funcs = [fixed_rewards([1.0, 0.0, 0.0, 1.0])]
+    tr.model.train()
+    tr._fade_pending_reward, tr._fade_pending_n = 0.5, 4
+    for total, tokens in ((3.0, 1.0), (1.0, 3.0)):
+        tr._gxpo_entropy_stats = (torch.tensor(total), torch.tensor(tokens))
+        tr._fade_observe_entropy()
+    tr._generate_and_score_completions([{"prompt": "ab"}] * 4)
+    assert tr._fade.steps == 1 and tr._fade.h_hat == pytest.approx(1.0, rel=1e-12)
 
 
 def test_subclass_fade_resume_continues_the_controller(tmp_path):
