@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -337,10 +338,23 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
-            path = None if checkpoint is None else os.path.join(checkpoint, UPDATE_STATE_FILE)
-            if path is None or not os.path.exists(path):
+            if checkpoint is None:
+                return
+            path = os.path.join(checkpoint, UPDATE_STATE_FILE)
+            if not os.path.exists(path):
+                if self._fade is not None or self.gxpo_update != "grpo":
+                    warnings.warn(f"{checkpoint} has no {UPDATE_STATE_FILE} (not saved by GXPOGRPOTrainer): the "
+                                  "update rule's gate and counters and FADE's controller start fresh")
                 return
             st = load_update_state(path)
+            # a checkpoint of another configuration: say what is dropped or started afresh rather than go on silently
+            if st["rule"] is not None and self.gxpo_update == "grpo":
+                warnings.warn(f"{path} holds an update rule's state but this trainer runs update='grpo'; it is ignored")
+            if (st["fade"] is None) != (self._fade is None):
+                warnings.warn(f"{path} " + ("holds FADE's controller state but this trainer does not use FADE; it is "
+                                            "ignored" if self._fade is None else
+                                            "has no FADE controller state (saved without FADE); the controller "
+                                            "starts fresh"))
             if st["rule"] is not None:
                 if self._gxpo_rule is not None:
                     self._gxpo_rule.load_state_dict(st["rule"])

@@ -712,3 +712,28 @@ def test_bad_rule_options_fail_at_construction(tmp_path, kw, exc, text):
     """They used to pass the constructor and fail at the first training step, after generation."""
     with pytest.raises(exc, match=text):
         make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, max_steps=1, trainer_kwargs=kw)
+
+
+def test_subclass_resume_warns_about_update_state_it_cannot_use(tmp_path):
+    """A checkpoint saved with FADE resumed by a trainer without it (and the reverse, and a checkpoint without the
+    update state file at all) used to be taken silently: FADE's controller was dropped or started afresh."""
+    fade = dict(update="grpo", advantage_estimator="fade", backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=fade, save_strategy="steps",
+                        save_steps=1, max_steps=1)
+    full.reward_funcs = [reward_binary]
+    full.train()
+    ckpt = tmp_path / "full" / "out" / "checkpoint-1"
+    plain = make_trainer(tmp_path / "plain", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=dict(backend="torch"))
+    plain.create_optimizer_and_scheduler(num_training_steps=2)       # what train() builds before it loads these
+    with pytest.warns(UserWarning, match="holds FADE's controller state but this trainer does not use FADE"):
+        plain._load_optimizer_and_scheduler(str(ckpt))
+    plain.save_model(str(tmp_path / "plain_ckpt"))                   # a folder without the update state file
+    torch.save(plain.gxpo_state_dict(), tmp_path / "plain_state.pt")          # a state saved without FADE
+    again = make_trainer(tmp_path / "again", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=fade)
+    again.create_optimizer_and_scheduler(num_training_steps=2)
+    with pytest.warns(UserWarning, match="no gxpo_update_state.pt"):
+        again._load_optimizer_and_scheduler(str(tmp_path / "plain_ckpt"))
+    (tmp_path / "plain_ckpt" / "gxpo_update_state.pt").write_bytes((tmp_path / "plain_state.pt").read_bytes())
+    with pytest.warns(UserWarning, match="no FADE controller state"):
+        again._load_optimizer_and_scheduler(str(tmp_path / "plain_ckpt"))
+    assert again._fade.steps == 0
