@@ -12,8 +12,9 @@ Providers:
   liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
 
 Every case is first checked against the float64 reference ``grpo_loss_ref`` on a slice of its rows. The
-bytes the op must move are recorded (fwd reads the unmasked rows' logits, bwd reads them again and writes the
-whole dlogits: (2 * N_valid + N) * V * itemsize) together with the achieved GB/s. Inputs are drawn on the
+bytes the op must move are recorded (``roofline.grpo_loss_bytes``: fwd reads the unmasked rows' logits, bwd
+reads them again and writes the whole dlogits, (2 * N_valid + N) * V * itemsize plus the per-token values)
+together with the achieved GB/s. Inputs are drawn on the
 device; all providers read the same (B, T + 1, V) logits buffer (ours through the shifted view, Liger whole).
 On CUDA the timing is ``triton.testing.do_bench`` with
 quantiles (p50, p20, p80); on CPU it is pytest-benchmark's own loop.
@@ -26,6 +27,8 @@ import torch
 from gxpo_kernels.ops import grpo_loss
 from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
 from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+
+from .roofline import grpo_loss_bytes
 
 CUDA = torch.cuda.is_available()
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"  # CI: every case once at a tiny size, as a correctness smoke
@@ -62,12 +65,6 @@ def _make(B, T, V, device):
     adv = torch.randn(B, generator=g, device=device)
     old = -torch.rand(B, T, generator=g, device=device) * 8  # plausible log-probs; the pass cost does not depend
     return buf, tokens, mask, adv, old
-
-
-def op_bytes(N_valid: int, N: int, V: int, itemsize: int) -> int:
-    """Bytes the op must move: forward and backward read the logits of the unmasked rows only (masked rows cost
-    one mask load); the backward writes the whole dlogits tensor (zeros at masked rows)."""
-    return (2 * N_valid + N) * V * itemsize
 
 
 def _eager_loss(logits, tokens, adv, mask, old):
@@ -147,7 +144,7 @@ def test_grpo_loss_fwd_bwd(benchmark, bench_meta, bench_device, provider, size):
         x.grad = None
 
     n_valid = int(mask.sum())
-    nbytes = op_bytes(n_valid, B * T, V, buf.element_size())
+    nbytes = grpo_loss_bytes(B * T, V, buf.element_size(), "fwd+bwd", n_valid=n_valid)
     bench_meta.update(provider=provider, mode="fwd+bwd", N=B * T, N_valid=n_valid, V=V,
                       dtype=str(DTYPE).replace("torch.", ""), bytes=nbytes)
     if CUDA:

@@ -146,20 +146,26 @@ def _itemsize(dtype: Optional[str]) -> Optional[int]:
 def roofline_for(op: str, mode: str, sizes: dict, dtype: Optional[str]) -> Dict[str, Optional[int]]:
     """Bytes / FLOPs from the shapes when a record does not carry them (None where the op has no model)."""
     isz = _itemsize(dtype)
-    # masked rows are skipped by the ops: the unmasked row count, when the record has it
-    N = sizes.get("N_valid") or sizes.get("N") or ((sizes["B"] * sizes["T"]) if "B" in sizes and "T" in sizes
-                                                   else None)
+    # all rows (N, or B * T), and the unmasked ones when the record has them: the ops skip masked rows
+    N = sizes.get("N")
+    if N is None and "B" in sizes and "T" in sizes:
+        N = sizes["B"] * sizes["T"]
+    n_valid = sizes.get("N_valid")
+    if N is None:
+        N = n_valid
     m = mode if mode in rl.MODES else None
     out = {"bytes": None, "flops": None}
     if N is None or isz is None or m is None:
         return out
     if op == "linear_grpo_loss" and "H" in sizes and "V" in sizes:
-        out["flops"] = rl.linear_grpo_loss_flops(N, sizes["H"], sizes["V"], m)
-        out["bytes"] = rl.linear_grpo_loss_bytes(N, sizes["H"], sizes["V"], isz, m)
+        out["flops"] = rl.linear_grpo_loss_flops(N, sizes["H"], sizes["V"], m, n_valid=n_valid)
+        out["bytes"] = rl.linear_grpo_loss_bytes(N, sizes["H"], sizes["V"], isz, m, n_valid=n_valid)
+    elif op == "linear_fpa_logprobs" and "H" in sizes and "H_ref" in sizes and "V" in sizes:
+        out["flops"] = rl.linear_fpa_logprobs_flops(N, sizes["H"], sizes["H_ref"], sizes["V"], m, n_valid=n_valid)
     elif op == "grpo_loss" and "V" in sizes:
-        out["bytes"] = rl.grpo_loss_bytes(N, sizes["V"], isz, m)
+        out["bytes"] = rl.grpo_loss_bytes(N, sizes["V"], isz, m, n_valid=n_valid)
     elif op == "fpa_logprobs" and "V" in sizes:
-        out["bytes"] = rl.fpa_logprobs_bytes(N, sizes["V"], isz, m)
+        out["bytes"] = rl.fpa_logprobs_bytes(N, sizes["V"], isz, m, n_valid=n_valid)
     return out
 
 
