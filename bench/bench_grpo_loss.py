@@ -103,8 +103,9 @@ def _loss_fn(provider):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
         def liger(buf, tok, adv, mask, old):
-            # Liger takes the unshifted (B, T + 1, V) logits and drops the last position itself
-            return triton_grpo_loss(buf, old, None, tok, adv, mask.float(), temperature=OPTS["temperature"],
+            # Liger takes the unshifted (B, T + 1, V) logits and drops the last position itself; the bool mask
+            # as the other providers get it (Liger reads a bool mask as it reads a float one: no per-call copy)
+            return triton_grpo_loss(buf, old, None, tok, adv, mask, temperature=OPTS["temperature"],
                                     beta=0.0, eps_low=OPTS["eps_low"], eps_high=OPTS["eps_high"], inplace=False,
                                     loss_type="bnpo", reduce=True)
         return liger

@@ -90,7 +90,8 @@ def make_step(provider, inputs):
                                        epsilon_low=OPTS["eps_low"], epsilon_high=OPTS["eps_high"])
 
         def fwd():
-            return mod(hidden, weight, tokens, mask.float(), adv, bias=bias, ref_per_token_logps=ref,
+            # the same bool mask as the other providers (Liger reads it as it reads a float one: no per-call copy)
+            return mod(hidden, weight, tokens, mask, adv, bias=bias, ref_per_token_logps=ref,
                        old_per_token_logps=old)[0]
     else:
         raise ValueError(provider)
