@@ -9,7 +9,8 @@ bandwidth and the matmul rate in this process (``roofline.measure_*``) before an
 higher; run each bench file with pytest-benchmark
 in a subprocess (``--benchmark-json`` to a temp file, a per-file time limit out of a total budget); turn every
 record into a figure (op, provider, mode, sizes, p50 and p20/p80, bytes, FLOPs, GB/s or TFLOP/s, % of the
-measured ceiling, peak memory where measured); write ``<out>/<device-slug>-<YYYY-MM-DD>.json`` and ``.md``.
+measured ceiling, peak memory where measured); write ``<out>/<device-slug>-<YYYY-MM-DD>.json`` and ``.md``
+(``...-smoke.json`` for a smoke run, so it never replaces a real run's file).
 A file that fails or runs out of time is recorded with its status and the tail of its output; the others stand.
 A file that runs out of time is interrupted (SIGINT) first, so pytest-benchmark still writes the records of the
 tests that finished, and those figures are kept.
@@ -398,7 +399,9 @@ def run_suite(files: List[str], budget_s: float, smoke: bool = False, out_dir: p
     validate_results(doc)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{device['slug']}-{date}"
+    # a smoke run is named apart: with the default --out it would overwrite that day's real results of the device
+    # (and the README table ignores it: the name does not end in the date)
+    stem = f"{device['slug']}-{date}" + ("-smoke" if smoke else "")
     jp = out_dir / f"{stem}.json"
     jp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     from .report import render_markdown

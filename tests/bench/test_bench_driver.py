@@ -223,3 +223,22 @@ def test_readme_table_names_files_cut_short():
     sec = rt.render_section({"cpu-x-2c": doc})
     assert "Not in this run (failed, timed out, skipped or missing): bench_linear_fpa.py, bench_grpo_loss.py." in sec
     assert "only the figures of the tests that finished: bench_fpa.py (timeout)." in sec
+
+
+def test_smoke_run_does_not_replace_the_days_results(tmp_path, monkeypatch):
+    """``python -m bench --smoke`` with the default --out wrote ``<slug>-<date>.json`` into bench/results: the
+    same name as that day's real run of the device, which it silently replaced with tiny-size figures."""
+    real = _doc([], date="2026-12-07")
+    dev = {"kind": "cpu", "name": "X (2 cores)", "slug": "cpu-x-2c", "cores": 2}
+    path = tmp_path / "cpu-x-2c-2026-12-07.json"
+    path.write_text(json.dumps(real))
+    monkeypatch.setattr(drv, "detect_device", lambda: dict(dev))
+    monkeypatch.setattr(drv, "measure_ceilings", lambda kind, smoke=False: copy.deepcopy(CEIL))
+    monkeypatch.setattr(drv, "run_file", lambda file, *a, **k: {"run": {"file": file, "status": "passed",
+                                                                        "wall_s": 0.1, "n_records": 0},
+                                                                "records": []})
+    out = drv.run_suite(["bench_fpa.py"], 100.0, smoke=True, out_dir=tmp_path, today="2026-12-07")
+    assert json.loads(path.read_text()) == real                       # the real run's file is untouched
+    assert out.name == "cpu-x-2c-2026-12-07-smoke.json" and json.loads(out.read_text())["suite"]["smoke"]
+    assert set(rt.latest_per_device(tmp_path)) == {"cpu-x-2c"}
+    assert rt.latest_per_device(tmp_path)["cpu-x-2c"] == real
