@@ -242,3 +242,14 @@ def test_smoke_run_does_not_replace_the_days_results(tmp_path, monkeypatch):
     assert out.name == "cpu-x-2c-2026-12-07-smoke.json" and json.loads(out.read_text())["suite"]["smoke"]
     assert set(rt.latest_per_device(tmp_path)) == {"cpu-x-2c"}
     assert rt.latest_per_device(tmp_path)["cpu-x-2c"] == real
+
+
+def test_deselected_node_ids_name_existing_tests():
+    """The driver's default deselections must name tests that exist: a renamed CPU-only test would otherwise run
+    on CUDA unnoticed (and spend the GPU budget on CPU GEMMs)."""
+    import ast
+    for node in drv.CPU_DESELECT + drv.CUDA_DESELECT:
+        path, func = node.split("::")
+        tree = ast.parse((ROOT / path).read_text())
+        names = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+        assert path.startswith("bench/") and path[len("bench/"):] in drv.FILES and func in names, node
