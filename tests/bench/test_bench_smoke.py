@@ -197,3 +197,8 @@ def test_liger_providers_get_the_same_mask_tensor(monkeypatch):
     inputs = L.make_inputs(dict(B=1, T=3, H=4, V=5, dtype="float32"), "cpu")
     L.make_step("liger", inputs)()
     assert seen[0] is mask and seen[1] is inputs[5], [type(m) for m in seen]
+    pytest.importorskip("trl")
+    from bench import bench_trl_heads as TH
+    inputs = TH.make_inputs(dict(B=2, T=4, H=4, V=5))
+    TH.make_step("liger", inputs)()
+    assert seen[2] is inputs[3], type(seen[2])
