@@ -253,3 +253,16 @@ def test_deselected_node_ids_name_existing_tests():
         tree = ast.parse((ROOT / path).read_text())
         names = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
         assert path.startswith("bench/") and path[len("bench/"):] in drv.FILES and func in names, node
+
+
+def test_readme_table_flags_figures_counted_before_the_masked_row_rule():
+    """A results file written before masked rows left the byte and FLOP counts (no N_valid in a figure's
+    sizes) rendered its GB/s and TFLOP/s with no word that they count masked rows too."""
+    fig = {"op": "linear_grpo_loss", "provider": "fused", "mode": "fwd+bwd", "sizes": {"B": 8, "T": 4, "H": 2,
+           "V": 5}, "dtype": "float32", "test": "x", "p50_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "bytes": 10,
+           "flops": 960, "gbps": 1.0, "tflops": 1.0, "pct_copy_bw": 1.0, "pct_matmul": 50.0, "peak_mem_mib": None,
+           "extra": {}}
+    old = rt.render_section({"cpu-x-2c": _doc([fig])})
+    assert "Rows without N_valid" in old and "read high" in old
+    new = rt.render_section({"cpu-x-2c": _doc([dict(fig, sizes=dict(fig["sizes"], N_valid=28))])})
+    assert "N_valid" not in new.replace("N_valid=28", "")
