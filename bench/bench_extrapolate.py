@@ -30,6 +30,8 @@ import torch  # noqa: E402
 from gxpo_kernels.ops.extrapolate.op import extrapolate_  # noqa: E402
 from gxpo_kernels.ops.extrapolate.reference import extrapolate_foreach_, extrapolate_ref_  # noqa: E402
 
+from .roofline import copy_bytes, extrapolate_bytes  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # CI: each case once on a tiny layout, as a correctness smoke
 FULL = (os.environ.get("GXPO_BENCH_FULL", "0") == "1" or DEVICE == "cuda") and not SMOKE
@@ -90,7 +92,7 @@ def _copy_gbps(numel):
     a = torch.randn(numel, device=DEVICE)
     b = torch.empty_like(a)
     sec = _time(lambda: b.copy_(a))
-    return 8 * numel / sec / 1e9
+    return copy_bytes(numel, 4) / sec / 1e9
 
 
 def _check_against_reference(fn, p, t0, g0, g1):
@@ -117,17 +119,17 @@ def test_extrapolate_bandwidth(benchmark, provider):
     if provider == "copy":
         a = torch.cat([x.reshape(-1) for x in p])
         b = torch.empty_like(a)
-        fn, nbytes = (lambda: b.copy_(a)), 8 * numel
+        fn, nbytes = (lambda: b.copy_(a)), copy_bytes(numel, 4)
     elif provider.startswith("ours"):
         fn = lambda: extrapolate_(p, t0, g0, g1, alpha=ALPHA, K=K, lowp_out=lowp)  # noqa: E731
-        nbytes = 20 * numel + (2 * numel if lowp is not None else 0)
+        nbytes = extrapolate_bytes(numel, lowp_itemsize=2 if lowp is not None else None)
     elif provider == "foreach":
-        fn, nbytes = (lambda: extrapolate_foreach_(p, t0, g0, g1, alpha=ALPHA, K=K)), 20 * numel
+        fn, nbytes = (lambda: extrapolate_foreach_(p, t0, g0, g1, alpha=ALPHA, K=K)), extrapolate_bytes(numel)
     else:
         def fn():
             for a, b, c, d in zip(p, t0, g0, g1):
                 extrapolate_foreach_([a], [b], [c], [d], alpha=ALPHA, K=K)
-        nbytes = 20 * numel
+        nbytes = extrapolate_bytes(numel)
 
     if provider != "copy":
         _check_against_reference(fn, p, t0, g0, g1)
@@ -157,8 +159,8 @@ def test_extrapolate_cpu_interleaved(benchmark):
     backup = [x.clone() for x in p]
     a = torch.cat([x.reshape(-1) for x in p])
     b = torch.empty_like(a)
-    fns = {"copy": (lambda: b.copy_(a), 8 * numel),
-           "ours": (lambda: extrapolate_(p, t0, g0, g1, alpha=ALPHA, K=K), 20 * numel)}
+    fns = {"copy": (lambda: b.copy_(a), copy_bytes(numel, 4)),
+           "ours": (lambda: extrapolate_(p, t0, g0, g1, alpha=ALPHA, K=K), extrapolate_bytes(numel))}
     threads0 = torch.get_num_threads()
     info = {"load_avg_before": list(os.getloadavg()), "numel": numel}
     try:

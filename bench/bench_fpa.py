@@ -124,7 +124,7 @@ def test_fpa_logprobs(benchmark, provider, mode, size):
     # masked rows are skipped (one mask load each): their logits are not read; the backward still writes
     # their zero rows of dlogits
     n_valid = int(mask.sum())
-    nbytes = fpa_logprobs_bytes(n_valid, V, itemsize, mode) + (0 if mode == "fwd" else (N - n_valid) * V * itemsize)
+    nbytes = fpa_logprobs_bytes(N, V, itemsize, mode, n_valid=n_valid)
     benchmark.extra_info.update(op="fpa_logprobs", provider=provider, mode=mode, N=N, N_valid=n_valid, V=V,
                                 dtype=str(DTYPE).replace("torch.", ""), bytes=nbytes, device=DEVICE)
     try:

@@ -12,8 +12,9 @@ Providers:
   liger        ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` (CUDA only)
 
 Every case is first checked against the float64 reference ``grpo_loss_ref`` on a slice of its rows. The
-bytes the op must move are recorded (fwd reads the unmasked rows' logits, bwd reads them again and writes the
-whole dlogits: (2 * N_valid + N) * V * itemsize) together with the achieved GB/s. Inputs are drawn on the
+bytes the op must move are recorded (``roofline.grpo_loss_bytes``: fwd reads the unmasked rows' logits, bwd
+reads them again and writes the whole dlogits, (2 * N_valid + N) * V * itemsize plus the per-token values)
+together with the achieved GB/s. Inputs are drawn on the
 device; all providers read the same (B, T + 1, V) logits buffer (ours through the shifted view, Liger whole).
 On CUDA the timing is ``triton.testing.do_bench`` with
 quantiles (p50, p20, p80); on CPU it is pytest-benchmark's own loop.
@@ -26,6 +27,8 @@ import torch
 from gxpo_kernels.ops import grpo_loss
 from gxpo_kernels.losses import GRPOLossOptions, grpo_token_loss
 from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
+
+from .roofline import grpo_loss_bytes
 
 CUDA = torch.cuda.is_available()
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"  # CI: every case once at a tiny size, as a correctness smoke
@@ -64,12 +67,6 @@ def _make(B, T, V, device):
     return buf, tokens, mask, adv, old
 
 
-def op_bytes(N_valid: int, N: int, V: int, itemsize: int) -> int:
-    """Bytes the op must move: forward and backward read the logits of the unmasked rows only (masked rows cost
-    one mask load); the backward writes the whole dlogits tensor (zeros at masked rows)."""
-    return (2 * N_valid + N) * V * itemsize
-
-
 def _eager_loss(logits, tokens, adv, mask, old):
     """Plain PyTorch: fp32 log_softmax over V kept for backward, then the shared O(tokens) loss math."""
     logprobs = torch.log_softmax(logits.float() / OPTS["temperature"], dim=-1)
@@ -106,8 +103,9 @@ def _loss_fn(provider):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
         def liger(buf, tok, adv, mask, old):
-            # Liger takes the unshifted (B, T + 1, V) logits and drops the last position itself
-            return triton_grpo_loss(buf, old, None, tok, adv, mask.float(), temperature=OPTS["temperature"],
+            # Liger takes the unshifted (B, T + 1, V) logits and drops the last position itself; the bool mask
+            # as the other providers get it (Liger reads a bool mask as it reads a float one: no per-call copy)
+            return triton_grpo_loss(buf, old, None, tok, adv, mask, temperature=OPTS["temperature"],
                                     beta=0.0, eps_low=OPTS["eps_low"], eps_high=OPTS["eps_high"], inplace=False,
                                     loss_type="bnpo", reduce=True)
         return liger
@@ -147,7 +145,7 @@ def test_grpo_loss_fwd_bwd(benchmark, bench_meta, bench_device, provider, size):
         x.grad = None
 
     n_valid = int(mask.sum())
-    nbytes = op_bytes(n_valid, B * T, V, buf.element_size())
+    nbytes = grpo_loss_bytes(B * T, V, buf.element_size(), "fwd+bwd", n_valid=n_valid)
     bench_meta.update(provider=provider, mode="fwd+bwd", N=B * T, N_valid=n_valid, V=V,
                       dtype=str(DTYPE).replace("torch.", ""), bytes=nbytes)
     if CUDA:

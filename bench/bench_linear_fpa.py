@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from ._common import cpu_peak_subprocess, cuda_step_peak_mib, step_peak_rss
+from .roofline import linear_fpa_logprobs_flops
 
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # tiny sizes: the CI smoke test of the bench suite
 CPU_CFG = dict(B=8, T=512, H=512, H_ref=512, V=32000, dtype="float32")
@@ -42,8 +43,9 @@ CPU_RTOL, GPU_RTOL = 1e-4, 3e-2          # d(hidden) vs eager, relative norm (bf
 
 def useful_flops(cfg, n_valid: int) -> int:
     """Forward 2·N_valid·V·(H + H_ref) (both heads' logits), backward 4·N_valid·H·V (d hidden, d weight); the
-    recompute is not counted, and neither are masked rows, which the fused op skips."""
-    return 2 * n_valid * cfg["V"] * (cfg["H"] + cfg["H_ref"]) + 4 * n_valid * cfg["H"] * cfg["V"]
+    recompute is not counted, and neither are masked rows, which the fused op skips
+    (``roofline.linear_fpa_logprobs_flops``)."""
+    return linear_fpa_logprobs_flops(cfg["B"] * cfg["T"], cfg["H"], cfg["H_ref"], cfg["V"], n_valid=n_valid)
 
 
 def make_inputs(cfg, device):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from ._common import cpu_peak_subprocess, cuda_step_peak_mib, step_peak_rss
+from .roofline import linear_grpo_loss_flops
 
 SMOKE = os.environ.get("BENCH_SMOKE", "0") == "1"   # tiny sizes: the CI smoke test of the bench suite
 CPU_CFG = dict(B=8, T=512, H=512, V=32000, dtype="float32")
@@ -54,8 +55,9 @@ def make_inputs(cfg, device):
 
 
 def useful_flops(cfg, n_valid: int) -> int:
-    """6 * N_valid * H * V: the fused op skips masked rows, so they are not counted (the recompute neither)."""
-    return 6 * n_valid * cfg["H"] * cfg["V"]
+    """6 * N_valid * H * V (``roofline.linear_grpo_loss_flops``): the fused op skips masked rows, so they are
+    not counted (the recompute neither)."""
+    return linear_grpo_loss_flops(cfg["B"] * cfg["T"], cfg["H"], cfg["V"], n_valid=n_valid)
 
 
 def make_step(provider, inputs):
@@ -88,7 +90,8 @@ def make_step(provider, inputs):
                                        epsilon_low=OPTS["eps_low"], epsilon_high=OPTS["eps_high"])
 
         def fwd():
-            return mod(hidden, weight, tokens, mask.float(), adv, bias=bias, ref_per_token_logps=ref,
+            # the same bool mask as the other providers (Liger reads it as it reads a float one: no per-call copy)
+            return mod(hidden, weight, tokens, mask, adv, bias=bias, ref_per_token_logps=ref,
                        old_per_token_logps=old)[0]
     else:
         raise ValueError(provider)

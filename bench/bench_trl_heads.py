@@ -93,8 +93,8 @@ def make_step(provider, inputs):
         mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, loss_type="grpo", epsilon_low=EPS_LOW,
                                        epsilon_high=EPS_HIGH, use_ref_model=False)
 
-        def fwd():
-            return mod(hidden, weight, tokens, mask.float(), adv, old_per_token_logps=old)[0]
+        def fwd():   # the bool mask the other heads get (Liger reads it as a float one: no per-step copy)
+            return mod(hidden, weight, tokens, mask, adv, old_per_token_logps=old)[0]
     else:
         raise ValueError(provider)
 

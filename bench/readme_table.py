@@ -20,6 +20,8 @@ from .report import ceilings_line, figure_rows, overhead_lines
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 _NAME = re.compile(r"^(?P<slug>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+# ops whose bench inputs have masked rows, which their byte / FLOP counts leave out (recorded as N_valid)
+MASKED_OPS = ("grpo_loss", "fpa_logprobs", "linear_grpo_loss", "linear_fpa_logprobs")
 GPU_TARGETS = [
     "grpo_loss fwd+bwd: >= 90% of the measured copy bandwidth and >= 1.3x Liger's `triton_grpo_loss`",
     "linear_grpo_loss fwd+bwd: >= 70% of the measured bf16 matmul rate (6·N·H·V useful FLOPs) and >= 2x Liger's "
@@ -74,6 +76,10 @@ def render_section(docs: Dict[str, dict]) -> str:
             lines += ["Incomplete in this run, only the figures of the tests that finished: " + ", ".join(cut) + ".",
                       ""]
         lines += figure_rows(doc["figures"], compact=True)
+        if any(f["op"] in MASKED_OPS and "N_valid" not in f["sizes"] for f in doc["figures"]):
+            lines += ["", "Rows without N_valid come from a run before masked rows were left out of the byte and "
+                      "FLOP counts: their GB/s and TFLOP/s count every row, masked ones too, so they read high "
+                      "(by the masked share of the bench's rows)."]
         ov = overhead_lines(doc["figures"])
         lines += ([""] + ov if ov else []) + [""]
     lines.append(END)

@@ -13,6 +13,10 @@ Conventions (all byte counts are integers):
 - Per-token O(N) traffic is counted with ``token_bytes`` (see ``GRPO_FWD_TOKEN_BYTES`` & co.): int64 token
   ids, a bool mask, fp32 side inputs and the fp32 per-token values saved for backward. It is negligible
   next to N*V but keeps the count honest at small V.
+- Masked rows (``n_valid`` of the ``N`` rows are unmasked; default: all) are skipped by the ops: their inputs
+  are not read and no FLOPs are spent on them, so they are not counted, except the one mask byte each pass
+  loads per row and the gradient rows a backward writes for them (zeros: the gradient is a dense tensor).
+  A masked row's token id may hold anything (e.g. an ignore index of -100): it is never read.
 - ``linear_grpo_loss`` FLOPs: forward 2*N*H*V (logits), backward 4*N*H*V (dhidden and dweight). The
   *useful* total 6*N*H*V is the figure used for % of the matmul ceiling (the same count as Liger's published
   A100 numbers, so the two compare). A kernel that recomputes the logits in backward executes 8*N*H*V;
@@ -37,6 +41,8 @@ GRPO_BWD_TOKEN_BYTES = 8 + 1 + 4 + 4
 # backward reads token id + mask + lse + dlogp
 FPA_FWD_TOKEN_BYTES = 8 + 1 + 4 * 4
 FPA_BWD_TOKEN_BYTES = 8 + 1 + 4 + 4
+# a masked row costs one mask load per pass (its bool); nothing else of it is read
+MASK_BYTES = 1
 
 
 def _check_mode(mode: str) -> None:
@@ -50,62 +56,100 @@ def _check_pos(**kw) -> None:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
 
+def _valid_rows(N: int, n_valid: Optional[int]) -> int:
+    """The unmasked row count: ``n_valid`` (0 <= n_valid <= N), or N when None (no mask)."""
+    if n_valid is None:
+        return N
+    _check_pos(n_valid=n_valid)
+    if n_valid > N:
+        raise ValueError(f"n_valid must be <= N = {N}, got {n_valid}")
+    return n_valid
+
+
 # ------------------------------------------------------------------------------------------- grpo_loss
-def grpo_loss_bytes(N: int, V: int, itemsize: int, mode: str = "fwd+bwd", *,
+def grpo_loss_bytes(N: int, V: int, itemsize: int, mode: str = "fwd+bwd", *, n_valid: Optional[int] = None,
                     fwd_token_bytes: int = GRPO_FWD_TOKEN_BYTES,
                     bwd_token_bytes: int = GRPO_BWD_TOKEN_BYTES) -> int:
-    """Minimum bytes of the GRPO loss from (N, V) logits.
+    """Minimum bytes of the GRPO loss from (N, V) logits, ``n_valid`` of the N rows unmasked (default: all).
 
-    fwd: read N*V logits once (+ O(N) per-token values). bwd: read the logits again and write N*V dlogits.
-    fwd+bwd: 3 * N * V * itemsize + the per-token terms of both.
+    fwd: read the unmasked rows' logits once (+ O(N) per-token values). bwd: read them again and write the whole
+    (N, V) dlogits (zeros at masked rows). fwd+bwd without a mask: 3 * N * V * itemsize + the per-token terms;
+    with one: (2 * n_valid + N) * V * itemsize + the per-token terms of the unmasked rows + a mask byte per
+    masked row and pass.
     """
     _check_mode(mode)
     _check_pos(N=N, V=V, itemsize=itemsize)
-    fwd = N * V * itemsize + N * fwd_token_bytes
-    bwd = 2 * N * V * itemsize + N * bwd_token_bytes
+    nv = _valid_rows(N, n_valid)
+    skipped = (N - nv) * MASK_BYTES
+    fwd = nv * V * itemsize + nv * fwd_token_bytes + skipped
+    bwd = nv * V * itemsize + N * V * itemsize + nv * bwd_token_bytes + skipped
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 # ------------------------------------------------------------------------------------ linear_grpo_loss
-def linear_grpo_loss_flops(N: int, H: int, V: int, mode: str = "fwd+bwd", *, count_recompute: bool = False) -> int:
-    """FLOPs of the LM-head GEMMs (the loss math is O(N*V) and ignored).
+def linear_grpo_loss_flops(N: int, H: int, V: int, mode: str = "fwd+bwd", *, count_recompute: bool = False,
+                           n_valid: Optional[int] = None) -> int:
+    """FLOPs of the LM-head GEMMs over the ``n_valid`` unmasked of N rows (default: all; the loss math is
+    O(N*V) and ignored).
 
-    fwd 2*N*H*V; bwd 4*N*H*V (dhidden = dZ @ W and dW = dZ^T @ hidden); fwd+bwd 6*N*H*V (useful work).
-    ``count_recompute=True`` adds the 2*N*H*V logits recompute that a backward without saved logits executes
-    (bwd 6NHV, fwd+bwd 8NHV).
+    fwd 2*N*H*V; bwd 4*N*H*V (dhidden = dZ @ W and dW = dZ^T @ hidden); fwd+bwd 6*N*H*V (useful work), with
+    n_valid in place of N under a mask. ``count_recompute=True`` adds the 2*N*H*V logits recompute that a
+    backward without saved logits executes (bwd 6NHV, fwd+bwd 8NHV).
     """
     _check_mode(mode)
     _check_pos(N=N, H=H, V=V)
-    unit = 2 * N * H * V
+    unit = 2 * _valid_rows(N, n_valid) * H * V
     fwd, bwd = unit, 2 * unit + (unit if count_recompute else 0)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def linear_grpo_loss_bytes(N: int, H: int, V: int, itemsize: int, mode: str = "fwd+bwd", *,
-                           grad_itemsize: Optional[int] = None, token_bytes: int = GRPO_FWD_TOKEN_BYTES) -> int:
+                           n_valid: Optional[int] = None, grad_itemsize: Optional[int] = None,
+                           token_bytes: int = GRPO_FWD_TOKEN_BYTES) -> int:
     """Minimum bytes of the fused LM-head GRPO loss: the logits never touch memory.
 
-    fwd: read hidden (N*H) and the weight (V*H). bwd: read both again, write dhidden (N*H) and dweight (V*H)
-    in ``grad_itemsize`` (default: ``itemsize``). Per-token terms as in ``grpo_loss_bytes``.
+    fwd: read hidden (N*H; n_valid*H under a mask) and the weight (V*H). bwd: read both again, write dhidden
+    (N*H, zeros at masked rows) and dweight (V*H) in ``grad_itemsize`` (default: ``itemsize``). Per-token terms
+    as in ``grpo_loss_bytes``.
     """
     _check_mode(mode)
     _check_pos(N=N, H=H, V=V, itemsize=itemsize)
     g = itemsize if grad_itemsize is None else grad_itemsize
-    fwd = (N * H + V * H) * itemsize + N * token_bytes
-    bwd = (N * H + V * H) * (itemsize + g) + N * token_bytes
+    nv = _valid_rows(N, n_valid)
+    skipped = (N - nv) * MASK_BYTES
+    fwd = (nv * H + V * H) * itemsize + nv * token_bytes + skipped
+    bwd = (nv * H + V * H) * itemsize + (N * H + V * H) * g + nv * token_bytes + skipped
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def linear_fpa_logprobs_flops(N: int, H: int, H_ref: int, V: int, mode: str = "fwd+bwd", *,
+                              n_valid: Optional[int] = None) -> int:
+    """Useful FLOPs of the fused FPA heads over the ``n_valid`` unmasked of N rows (default: all).
+
+    fwd 2*N*V*(H + H_ref) (the policy and the reference logits); bwd 4*N*H*V (d hidden and d weight of the
+    policy head; the reference side has no gradient); the logits recompute is not counted.
+    """
+    _check_mode(mode)
+    _check_pos(N=N, H=H, H_ref=H_ref, V=V)
+    nv = _valid_rows(N, n_valid)
+    fwd, bwd = 2 * nv * V * (H + H_ref), 4 * nv * H * V
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 # ---------------------------------------------------------------------------------------- fpa_logprobs
-def fpa_logprobs_bytes(N: int, V: int, itemsize: int, mode: str = "fwd", *, ref_itemsize: Optional[int] = None,
-                       fwd_token_bytes: int = FPA_FWD_TOKEN_BYTES, bwd_token_bytes: int = FPA_BWD_TOKEN_BYTES) -> int:
-    """Minimum bytes of FPA log-probs: fwd reads both (N, V) logits once (2*N*V at equal dtypes); the
-    gradient reaches the policy logits only, so bwd reads them and writes N*V dlogits."""
+def fpa_logprobs_bytes(N: int, V: int, itemsize: int, mode: str = "fwd", *, n_valid: Optional[int] = None,
+                       ref_itemsize: Optional[int] = None, fwd_token_bytes: int = FPA_FWD_TOKEN_BYTES,
+                       bwd_token_bytes: int = FPA_BWD_TOKEN_BYTES) -> int:
+    """Minimum bytes of FPA log-probs: fwd reads both (N, V) logits of the ``n_valid`` unmasked rows once
+    (2*N*V at equal dtypes without a mask); the gradient reaches the policy logits only, so bwd reads the
+    unmasked rows of them and writes the whole (N, V) dlogits (zeros at masked rows)."""
     _check_mode(mode)
     _check_pos(N=N, V=V, itemsize=itemsize)
     r = itemsize if ref_itemsize is None else ref_itemsize
-    fwd = N * V * (itemsize + r) + N * fwd_token_bytes
-    bwd = 2 * N * V * itemsize + N * bwd_token_bytes
+    nv = _valid_rows(N, n_valid)
+    skipped = (N - nv) * MASK_BYTES
+    fwd = nv * V * (itemsize + r) + nv * fwd_token_bytes + skipped
+    bwd = nv * V * itemsize + N * V * itemsize + nv * bwd_token_bytes + skipped
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 

@@ -9,7 +9,8 @@ bandwidth and the matmul rate in this process (``roofline.measure_*``) before an
 higher; run each bench file with pytest-benchmark
 in a subprocess (``--benchmark-json`` to a temp file, a per-file time limit out of a total budget); turn every
 record into a figure (op, provider, mode, sizes, p50 and p20/p80, bytes, FLOPs, GB/s or TFLOP/s, % of the
-measured ceiling, peak memory where measured); write ``<out>/<device-slug>-<YYYY-MM-DD>.json`` and ``.md``.
+measured ceiling, peak memory where measured); write ``<out>/<device-slug>-<YYYY-MM-DD>.json`` and ``.md``
+(``...-smoke.json`` for a smoke run, so it never replaces a real run's file).
 A file that fails or runs out of time is recorded with its status and the tail of its output; the others stand.
 A file that runs out of time is interrupted (SIGINT) first, so pytest-benchmark still writes the records of the
 tests that finished, and those figures are kept.
@@ -146,20 +147,26 @@ def _itemsize(dtype: Optional[str]) -> Optional[int]:
 def roofline_for(op: str, mode: str, sizes: dict, dtype: Optional[str]) -> Dict[str, Optional[int]]:
     """Bytes / FLOPs from the shapes when a record does not carry them (None where the op has no model)."""
     isz = _itemsize(dtype)
-    # masked rows are skipped by the ops: the unmasked row count, when the record has it
-    N = sizes.get("N_valid") or sizes.get("N") or ((sizes["B"] * sizes["T"]) if "B" in sizes and "T" in sizes
-                                                   else None)
+    # all rows (N, or B * T), and the unmasked ones when the record has them: the ops skip masked rows
+    N = sizes.get("N")
+    if N is None and "B" in sizes and "T" in sizes:
+        N = sizes["B"] * sizes["T"]
+    n_valid = sizes.get("N_valid")
+    if N is None:
+        N = n_valid
     m = mode if mode in rl.MODES else None
     out = {"bytes": None, "flops": None}
     if N is None or isz is None or m is None:
         return out
     if op == "linear_grpo_loss" and "H" in sizes and "V" in sizes:
-        out["flops"] = rl.linear_grpo_loss_flops(N, sizes["H"], sizes["V"], m)
-        out["bytes"] = rl.linear_grpo_loss_bytes(N, sizes["H"], sizes["V"], isz, m)
+        out["flops"] = rl.linear_grpo_loss_flops(N, sizes["H"], sizes["V"], m, n_valid=n_valid)
+        out["bytes"] = rl.linear_grpo_loss_bytes(N, sizes["H"], sizes["V"], isz, m, n_valid=n_valid)
+    elif op == "linear_fpa_logprobs" and "H" in sizes and "H_ref" in sizes and "V" in sizes:
+        out["flops"] = rl.linear_fpa_logprobs_flops(N, sizes["H"], sizes["H_ref"], sizes["V"], m, n_valid=n_valid)
     elif op == "grpo_loss" and "V" in sizes:
-        out["bytes"] = rl.grpo_loss_bytes(N, sizes["V"], isz, m)
+        out["bytes"] = rl.grpo_loss_bytes(N, sizes["V"], isz, m, n_valid=n_valid)
     elif op == "fpa_logprobs" and "V" in sizes:
-        out["bytes"] = rl.fpa_logprobs_bytes(N, sizes["V"], isz, m)
+        out["bytes"] = rl.fpa_logprobs_bytes(N, sizes["V"], isz, m, n_valid=n_valid)
     return out
 
 
@@ -392,7 +399,9 @@ def run_suite(files: List[str], budget_s: float, smoke: bool = False, out_dir: p
     validate_results(doc)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{device['slug']}-{date}"
+    # a smoke run is named apart: with the default --out it would overwrite that day's real results of the device
+    # (and the README table ignores it: the name does not end in the date)
+    stem = f"{device['slug']}-{date}" + ("-smoke" if smoke else "")
     jp = out_dir / f"{stem}.json"
     jp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     from .report import render_markdown

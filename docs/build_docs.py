@@ -47,17 +47,19 @@ def _bench_table() -> str:
 
 
 def _bench_rows(rel: str, labels: Dict[str, str]) -> str:
-    """A provider table (extra peak memory, median and min time) from a pytest-benchmark JSON file."""
+    """A provider table (extra peak memory, its ratio to the ``fused`` provider's, median and min time) from a
+    pytest-benchmark JSON file."""
     doc = _json(rel)
-    rows, info = [], {}
+    rows, info, base = [], {}, None
     for b in doc["benchmarks"]:
         e = b.get("extra_info", {})
         if e.get("provider") not in labels:
             continue
         info = e
+        if e["provider"] == "fused":
+            base = e.get("peak_extra_mib")
         rows.append((labels[e["provider"]], e.get("peak_extra_mib"), b["stats"]["median"], b["stats"]["min"],
                      b["stats"]["rounds"]))
-    base = next((r[1] for r in rows if r[1]), None)
     out = [f"From `{rel}` ({doc['datetime'][:10]}, commit `{(doc.get('commit_info') or {}).get('id', '?')[:10]}`): "
            f"one forward + backward, N = {info.get('n_tokens', '?')} tokens, H = {info.get('H', '?')}, "
            f"V = {info.get('V', '?')}, {info.get('dtype', '?')}, CPU. Time is wall-clock on a shared 2-core machine: "

@@ -60,6 +60,10 @@ def _hot_loop(res: Dict[str, Any], elems_per_thread: Optional[float],
 _JOBS: List[Any] = []   # (launch, scenario) per distinct compile; read by forked workers
 
 
+class FilterError(ValueError):
+    """``--ops`` / ``--cases`` that name no scenario: the check would compile nothing and pass."""
+
+
 def _work(i: int) -> Dict[str, Any]:
     from .compile import compile_launch
     launch, sc = _JOBS[i]
@@ -74,13 +78,18 @@ def _work(i: int) -> Dict[str, Any]:
 
 def collect(ops: Optional[List[str]] = None, cases: Optional[List[str]] = None):
     """[(launch, scenario, [cases])] of the distinct compile requests of all scenarios; optionally only some ops,
-    and only the scenarios whose case label contains every string of ``cases``."""
+    and only the scenarios whose case label contains every string of ``cases``. Raises FilterError on an op no
+    scenario has, or on filters that leave nothing to compile (the check would pass having checked nothing)."""
     from . import scenarios as S
     from .compile import record_launches, request_key
     seen: Dict[str, list] = {}
     order = []
+    scenarios = S.all_scenarios()
+    unknown = sorted(set(ops or ()) - {sc.op for sc in scenarios})
+    if unknown:   # a misspelt op would otherwise compile nothing and pass
+        raise FilterError(f"unknown op(s) {unknown}: the scenarios' ops are {sorted({sc.op for sc in scenarios})}")
     with S.as_sm90():
-        for sc in S.all_scenarios():
+        for sc in scenarios:
             if ops and sc.op not in ops:
                 continue
             if cases and not all(c in sc.case for c in cases):
@@ -99,6 +108,8 @@ def collect(ops: Optional[List[str]] = None, cases: Optional[List[str]] = None):
                     seen[key] = [ln, sc, []]
                     order.append(key)
                 seen[key][2].append(f"{sc.op} [{sc.case}] {sc.sizes}")
+    if not order:
+        raise FilterError(f"no scenario matches ops={ops} cases={cases}: nothing would be compiled")
     return [seen[k] for k in order]
 
 

@@ -10,15 +10,20 @@ import json  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=" ".join(__doc__.split()))
     ap.add_argument("--json", help="write the full report here")
     ap.add_argument("--ops", nargs="*", help="only these ops (e.g. token_logprobs_fwd linear_head_bwd)")
     ap.add_argument("--cases", nargs="*", help="only scenarios whose case label contains all of these")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
     ap.add_argument("--sass-dir", help="also write each kernel's SASS here")
     args = ap.parse_args(argv)
-    from . import run, summary_lines
-    doc = run(args.ops, args.jobs, args.sass_dir, args.cases)
+    if args.jobs is not None and args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    from . import FilterError, run, summary_lines
+    try:
+        doc = run(args.ops, args.jobs, args.sass_dir, args.cases)
+    except FilterError as e:   # filters that match nothing: exit 2 with the reason, not a pass over nothing
+        ap.error(str(e))
     print("\n".join(summary_lines(doc)))
     if args.json:
         with open(args.json, "w") as f:

@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.ops) - set(LAUNCHERS))
+    if unknown:
+        ap.error(f"unknown op(s) {unknown}: the sweep knows {sorted(LAUNCHERS)}")
     import triton
 
     from . import _git_commit, run

@@ -223,3 +223,46 @@ def test_readme_table_names_files_cut_short():
     sec = rt.render_section({"cpu-x-2c": doc})
     assert "Not in this run (failed, timed out, skipped or missing): bench_linear_fpa.py, bench_grpo_loss.py." in sec
     assert "only the figures of the tests that finished: bench_fpa.py (timeout)." in sec
+
+
+def test_smoke_run_does_not_replace_the_days_results(tmp_path, monkeypatch):
+    """``python -m bench --smoke`` with the default --out wrote ``<slug>-<date>.json`` into bench/results: the
+    same name as that day's real run of the device, which it silently replaced with tiny-size figures."""
+    real = _doc([], date="2026-12-07")
+    dev = {"kind": "cpu", "name": "X (2 cores)", "slug": "cpu-x-2c", "cores": 2}
+    path = tmp_path / "cpu-x-2c-2026-12-07.json"
+    path.write_text(json.dumps(real))
+    monkeypatch.setattr(drv, "detect_device", lambda: dict(dev))
+    monkeypatch.setattr(drv, "measure_ceilings", lambda kind, smoke=False: copy.deepcopy(CEIL))
+    monkeypatch.setattr(drv, "run_file", lambda file, *a, **k: {"run": {"file": file, "status": "passed",
+                                                                        "wall_s": 0.1, "n_records": 0},
+                                                                "records": []})
+    out = drv.run_suite(["bench_fpa.py"], 100.0, smoke=True, out_dir=tmp_path, today="2026-12-07")
+    assert json.loads(path.read_text()) == real                       # the real run's file is untouched
+    assert out.name == "cpu-x-2c-2026-12-07-smoke.json" and json.loads(out.read_text())["suite"]["smoke"]
+    assert set(rt.latest_per_device(tmp_path)) == {"cpu-x-2c"}
+    assert rt.latest_per_device(tmp_path)["cpu-x-2c"] == real
+
+
+def test_deselected_node_ids_name_existing_tests():
+    """The driver's default deselections must name tests that exist: a renamed CPU-only test would otherwise run
+    on CUDA unnoticed (and spend the GPU budget on CPU GEMMs)."""
+    import ast
+    for node in drv.CPU_DESELECT + drv.CUDA_DESELECT:
+        path, func = node.split("::")
+        tree = ast.parse((ROOT / path).read_text())
+        names = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+        assert path.startswith("bench/") and path[len("bench/"):] in drv.FILES and func in names, node
+
+
+def test_readme_table_flags_figures_counted_before_the_masked_row_rule():
+    """A results file written before masked rows left the byte and FLOP counts (no N_valid in a figure's
+    sizes) rendered its GB/s and TFLOP/s with no word that they count masked rows too."""
+    fig = {"op": "linear_grpo_loss", "provider": "fused", "mode": "fwd+bwd", "sizes": {"B": 8, "T": 4, "H": 2,
+           "V": 5}, "dtype": "float32", "test": "x", "p50_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "bytes": 10,
+           "flops": 960, "gbps": 1.0, "tflops": 1.0, "pct_copy_bw": 1.0, "pct_matmul": 50.0, "peak_mem_mib": None,
+           "extra": {}}
+    old = rt.render_section({"cpu-x-2c": _doc([fig])})
+    assert "Rows without N_valid" in old and "read high" in old
+    new = rt.render_section({"cpu-x-2c": _doc([dict(fig, sizes=dict(fig["sizes"], N_valid=28))])})
+    assert "N_valid" not in new.replace("N_valid=28", "")

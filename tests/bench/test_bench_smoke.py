@@ -161,3 +161,44 @@ def test_linear_fpa_gpu_case_survives_an_eager_reference_that_does_not_fit(monke
     bl.test_gpu_fwd_bwd(bench, "fused", inputs)
     assert timed == [5] and bench.extra_info["provider"] == "fused"
     assert bench.extra_info["dhidden_rel_err"] != bench.extra_info["dhidden_rel_err"]   # NaN: not checked here
+
+
+def test_liger_providers_get_the_same_mask_tensor(monkeypatch):
+    """Liger is timed on the inputs the other providers get, with no extra copy inside the timed step: both Liger
+    providers converted the bool mask with ``mask.float()`` on every call (a copy, and an input the others do
+    not get). Liger reads a bool mask as it reads a float one (same loss and gradients, bitwise)."""
+    import pytest
+    import torch
+    pytest.importorskip("liger_kernel.chunked_loss")
+    import liger_kernel.chunked_loss as lc
+    import liger_kernel.transformers.grpo_loss as lg
+    sys.path.insert(0, str(ROOT))
+    from bench import bench_grpo_loss as G
+    from bench import bench_linear_grpo_loss as L
+    seen = []
+
+    def fake_triton_grpo_loss(logits, old, ref, tok, adv, completion_mask, **kw):
+        seen.append(completion_mask)
+        return (logits.sum(),)
+
+    class FakeLinear:
+        def __init__(self, **kw):
+            pass
+
+        def __call__(self, hidden, weight, tokens, attention_mask, adv, **kw):
+            seen.append(attention_mask)
+            return ((hidden.sum() + weight.sum()),)
+
+    monkeypatch.setattr(lg, "triton_grpo_loss", fake_triton_grpo_loss)
+    monkeypatch.setattr(lc, "LigerFusedLinearGRPOLoss", FakeLinear)
+    mask = torch.tensor([[True, False, True]])
+    G._loss_fn("liger")(torch.zeros(1, 4, 5), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1), mask,
+                        torch.zeros(1, 3))
+    inputs = L.make_inputs(dict(B=1, T=3, H=4, V=5, dtype="float32"), "cpu")
+    L.make_step("liger", inputs)()
+    assert seen[0] is mask and seen[1] is inputs[5], [type(m) for m in seen]
+    pytest.importorskip("trl")
+    from bench import bench_trl_heads as TH
+    inputs = TH.make_inputs(dict(B=2, T=4, H=4, V=5))
+    TH.make_step("liger", inputs)()
+    assert seen[2] is inputs[3], type(seen[2])

@@ -97,3 +97,44 @@ def test_ceiling_measurements_on_this_device():
     assert c["gbps_p20"] <= c["gbps"] <= c["gbps_p80"]
     m = rl.measure_matmul_flops("cpu", n=128, budget_s=0.05, min_reps=3)
     assert m["flops"] == 2 * 128 ** 3 and m["dtype"] == "float32" and m["tflops"] > 0
+
+
+def test_masked_rows_hand_count():
+    """A small case with masked rows whose token ids hold an ignore index (-100): their logits are never read and
+    no FLOPs are spent on them; the backward still writes their (zero) gradient rows. Counted by hand: B = 2,
+    T = 3, V = 5, bf16, 4 of the 6 rows unmasked. The driver used the unmasked count for every term (the dlogits
+    write too) and fell back to all rows when none was unmasked."""
+    import torch
+    tokens = torch.tensor([[3, 1, -100], [0, -100, 4]])
+    mask = tokens != -100
+    N, n_valid, V = tokens.numel(), int(mask.sum()), 5
+    assert (N, n_valid) == (6, 4)
+    # grpo_loss fwd: 4 rows x 5 x 2 B of logits + 4 x 21 per-token + 2 masked rows x 1 mask byte = 126
+    assert rl.grpo_loss_bytes(N, V, 2, "fwd", n_valid=n_valid) == 40 + 84 + 2
+    # bwd: read 40 B again, write all 6 rows of dlogits (60 B), 4 x 17 per-token, 2 mask bytes = 170
+    assert rl.grpo_loss_bytes(N, V, 2, "bwd", n_valid=n_valid) == 40 + 60 + 68 + 2
+    assert rl.grpo_loss_bytes(N, V, 2, n_valid=n_valid) == 296
+    assert rl.grpo_loss_bytes(N, V, 2, n_valid=N) == rl.grpo_loss_bytes(N, V, 2)   # no masked row: as before
+    # fpa_logprobs fwd reads both logits of the 4 rows: 4 x 5 x (2 + 2) + 4 x 25 + 2; bwd as grpo_loss's
+    assert rl.fpa_logprobs_bytes(N, V, 2, "fwd", n_valid=n_valid) == 80 + 100 + 2
+    assert rl.fpa_logprobs_bytes(N, V, 2, "bwd", n_valid=n_valid) == 40 + 60 + 68 + 2
+    # fused heads, H = 3 (fp32): FLOPs on the 4 rows only; dhidden is written for all 6
+    assert rl.linear_grpo_loss_flops(N, 3, V, n_valid=n_valid) == 6 * 4 * 3 * 5
+    assert rl.linear_grpo_loss_bytes(N, 3, V, 4, "fwd", n_valid=n_valid) == (12 + 15) * 4 + 84 + 2
+    assert rl.linear_grpo_loss_bytes(N, 3, V, 4, "bwd", n_valid=n_valid) == (12 + 15) * 4 + (18 + 15) * 4 + 84 + 2
+    assert rl.linear_fpa_logprobs_flops(N, 3, 2, V, n_valid=n_valid) == 2 * 4 * 5 * (3 + 2) + 4 * 4 * 3 * 5
+    # the driver fills a record without its own bytes / FLOPs from the same functions
+    from bench import run as drv
+    sizes = {"N": N, "N_valid": n_valid, "V": V}
+    assert drv.roofline_for("grpo_loss", "fwd+bwd", sizes, "bfloat16")["bytes"] == 296
+    assert drv.roofline_for("fpa_logprobs", "fwd", sizes, "bfloat16")["bytes"] == 182
+    lin = drv.roofline_for("linear_grpo_loss", "fwd+bwd", {"B": 2, "T": 3, "N_valid": 4, "H": 3, "V": V}, "float32")
+    assert lin == {"flops": 360, "bytes": rl.linear_grpo_loss_bytes(6, 3, V, 4, n_valid=4)}
+    fpa = drv.roofline_for("linear_fpa_logprobs", "fwd+bwd", {"B": 2, "T": 3, "N_valid": 4, "H": 3, "H_ref": 2,
+                                                              "V": V}, "float32")
+    assert fpa["flops"] == rl.linear_fpa_logprobs_flops(6, 3, 2, V, n_valid=4)
+    # every row masked: only the dlogits write and the mask bytes, not the whole batch's reads
+    none = drv.roofline_for("grpo_loss", "fwd+bwd", {"N": N, "N_valid": 0, "V": V}, "bfloat16")["bytes"]
+    assert none == N * V * 2 + 2 * N
+    with pytest.raises(ValueError, match="n_valid"):
+        rl.grpo_loss_bytes(2, 5, 2, n_valid=3)

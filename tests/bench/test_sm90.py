@@ -66,6 +66,25 @@ def test_sm90_check_compiles_every_library_kernel(tmp_path):
     assert len(with_new) == 1 and with_new[0].startswith("_new_kernel (gxpo_kernels.ops.logprobs.kernel)"), with_new
 
 
+def test_sm90_filters_that_match_nothing_fail():
+    """A misspelt ``--ops`` or a ``--cases`` that no scenario label holds compiled nothing and exited 0, reporting
+    "0 compiles" and no failure: a check that passes having checked nothing. It now exits 2 naming the filter;
+    so does the sweep for an op it has no launcher for, and ``--jobs 0``. (No kernel is compiled here.)"""
+    for args, needle in ((["--ops", "token_logprob_fwd"], "token_logprob_fwd"),
+                         (["--ops", "token_logprobs_fwd", "--cases", "no-such-case"], "no-such-case"),
+                         (["--jobs", "0"], "--jobs")):
+        p = subprocess.run([sys.executable, "-m", "bench.sm90", *args], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 2 and needle in p.stderr, (args, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    p = subprocess.run([sys.executable, "-m", "bench.sm90.sweep", "--ops", "fpa_fwd"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "fpa_fwd" in p.stderr, p.stderr[-2000:]
+    # the --help text is the whole description, not its first line cut mid-sentence
+    p = subprocess.run([sys.executable, "-m", "bench.sm90", "--help"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and "blown budget" in " ".join(p.stdout.split()), p.stdout
+
+
 def test_sm90_extrapolate_scenarios_cover_its_constexpr_branches():
     """The closed-form scale (libdevice pow), the ALIGN = 1 path (a numel off the 16-byte grid) and float64
     params are compiled too: the scenarios used to launch only the Horner form on aligned fp32/bf16 lists. So is

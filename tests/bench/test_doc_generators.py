@@ -1,0 +1,52 @@
+"""The generators of docs/build_docs.py that render bench result files."""
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "docs"))
+import build_docs  # noqa: E402
+
+
+def _record(provider, mib, median):
+    return {"extra_info": {"provider": provider, "peak_extra_mib": mib, "n_tokens": 8, "H": 4, "V": 16,
+                           "dtype": "float32"}, "stats": {"median": median, "min": median, "rounds": 2}}
+
+
+def test_bench_rows_ratio_is_to_the_fused_provider(tmp_path, monkeypatch):
+    """The "x fused" column divided by the first row that had a memory figure: with another provider first in
+    the file (or the fused row without one), every ratio was to that provider, under the "x fused" heading."""
+    doc = {"datetime": "2026-12-07T00:00:00", "commit_info": {"id": "0123456789ab"},
+           "benchmarks": [_record("eager", 400.0, 2.0), _record("fused", 100.0, 3.0), _record("liger", 50.0, 4.0)]}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(build_docs, "ROOT", tmp_path)
+    text = build_docs._bench_rows("r.json", {"fused": "ours", "eager": "eager", "liger": "liger"})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2] for line in text.splitlines()
+            if line.startswith("| ") and "provider" not in line}
+    assert rows == {"eager": "4.0x", "ours": "1.0x", "liger": "0.5x"}, text
+    # no fused memory figure: no ratio at all rather than one to another provider
+    doc["benchmarks"][1]["extra_info"]["peak_extra_mib"] = None
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    text = build_docs._bench_rows("r.json", {"fused": "ours", "eager": "eager", "liger": "liger"})
+    assert "x |" not in text.replace("x fused |", "") and "| eager | 400 | - |" in text, text
+
+
+def test_extrapolate_prose_repeats_the_host_overhead_file():
+    """docs/extrapolate.md quotes the host-overhead medians in its prose beside the generated table; a new
+    cpu-extrapolate-host.json would update the table (build_docs --check) but leave the prose stale."""
+    doc = json.loads((ROOT / "bench" / "results" / "cpu-extrapolate-host.json").read_text())
+    text = " ".join((ROOT / "docs" / "extrapolate.md").read_text().split())
+    ms = {k: f"{v['median_ms']:.3f}" for k, v in doc["results"].items()}
+    before = f"{doc['before']['results']['extrapolate_new_g0_g1']['median_ms']:.3f}"
+    assert f"{ms['extrapolate_new_g0_g1']} ms instead of {before}" in text
+    for case in ("plan_same_addresses", "plan_new_addresses", "plan_kept_g0_same_addresses",
+                 "plan_kept_g0_new_addresses", "plan_new_tensors_os"):
+        assert f"({ms[case]} ms)" in text, case
+    assert f"{ms['extrapolate_same_grads']} ms with the same gradients, {ms['extrapolate_new_g1']} ms with a new g1" \
+        in text
+    # the floor summed from the C-level passes: id + data_ptr for params, theta0, g0 and g1 (repeated), and five
+    # attribute passes more for a new g1
+    p = doc["passes_us"]
+    repeated = 4 * (p["id"] + p["data_ptr"])
+    new_g1 = 3 * (p["id"] + p["data_ptr"]) + p["data_ptr"] + p["numel"] + p["is_contiguous"] + p["dtype"] + p["device"]
+    assert f"about {repeated / 1e3:.2f} ms with repeated gradients and {new_g1 / 1e3:.2f} ms with a new g1" in text
