@@ -55,6 +55,17 @@ def test_readme_example_runs():
     r = subprocess.run([sys.executable, "-c", block + check], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=600)
     assert r.returncode == 0 and "README-OK" in r.stdout, r.stderr[-3000:]
+    # the paragraph under it: with the class default gate="ema" the corrective step's clipped norm is "about 0.4",
+    # so the gate fires at the first step and the second step is a single-pass GRPO step
+    ema = block.replace('gate="window"', 'gate="ema"')
+    assert ema != block
+    check = ("\nassert info['active'] and info['gate_fired_step'] == 0, info\n"
+             "assert round(info['grad_norm_corr_clipped'], 1) == 0.4, info\ninfo = gxpo.step(closure)\n"
+             "assert not info['active'] and info['backward_passes'] == 1, info\nprint('README-OK')\n")
+    r = subprocess.run([sys.executable, "-c", ema + check], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0 and "README-OK" in r.stdout, r.stderr[-3000:]
+    assert "(about 0.4 here)" in text
 
 
 def test_every_marked_block_is_checked():

@@ -50,3 +50,29 @@ def test_extrapolate_prose_repeats_the_host_overhead_file():
     repeated = 4 * (p["id"] + p["data_ptr"])
     new_g1 = 3 * (p["id"] + p["data_ptr"]) + p["data_ptr"] + p["numel"] + p["is_contiguous"] + p["dtype"] + p["device"]
     assert f"about {repeated / 1e3:.2f} ms with repeated gradients and {new_g1 / 1e3:.2f} ms with a new g1" in text
+
+
+def test_speedup_prose_repeats_the_committed_runs():
+    """docs/speedup.md sums up the committed GRPO curves and plateau trials in prose ("from the warm start's 0.43
+    to about 0.70 by step 250", "t = 2.6 to 7.5"); a rerun would update the tables but leave the prose stale."""
+    text = " ".join((ROOT / "docs" / "speedup.md").read_text().split())
+    res = json.loads((ROOT / "docs" / "results" / "speedup-default-results.json").read_text())
+    curves = [{p[0]: p[4] for p in seed["curve"]} for seed in res["methods"]["grpo"]["seeds"].values()]
+    start = {f"{c[0]:.2f}" for c in curves}
+    assert len(start) == 1 and f"from the warm start's {start.pop()} to about 0.70 by step 250" in text
+    assert abs(sum(c[250] for c in curves) / len(curves) - 0.70) < 0.015
+    ts = [seed["second_half"]["t"] for n in ("constant-600", "constant-1200") for seed in json.loads(
+        (ROOT / "docs" / "results" / "plateau-trials" / f"{n}-results.json").read_text()
+    )["meta"]["baseline_peaked"]["seeds"].values()]
+    assert f"climbs in every seed at both lengths, t = {min(ts):.1f} to {max(ts):.1f})" in text
+
+
+def test_toy_task_prose_repeats_the_shipped_warm_start():
+    """docs/toy-task.md quotes the shipped addition2 warm start's SFT steps and accuracy; they come from the
+    checkpoint's own metadata, which a new warm start would change."""
+    from safetensors import safe_open
+    (path,) = (ROOT / "gxpo_kernels" / "trainer" / "warmstarts").glob("warmstart-addition2-*.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    text = " ".join((ROOT / "docs" / "toy-task.md").read_text().split())
+    assert f"it stopped at {meta['sft_steps']} steps with {float(meta['sft_acc']):.2f}" in text
