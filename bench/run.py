@@ -46,6 +46,7 @@ FINAL_S = 15.0     # kept back from the files for the closing ceilings measureme
 GRACE_S = 20.0     # a timed-out file gets SIGINT this long before its limit, to write the records it has
 # op name for records whose extra_info does not carry one: "file::test function", then "file"
 DEFAULT_OPS = {"bench_extrapolate.py::test_extrapolate_bandwidth": "extrapolate_",
+               "bench_extrapolate.py::test_extrapolate_cpu_interleaved": "extrapolate_",
                "bench_extrapolate.py::test_gxpo_step_overhead": "gxpo_step_overhead",
                "bench_grpo_loss.py": "grpo_loss", "bench_linear_grpo_loss.py": "linear_grpo_loss",
                "bench_linear_fpa.py": "linear_fpa_logprobs",

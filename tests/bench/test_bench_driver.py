@@ -266,3 +266,14 @@ def test_readme_table_flags_figures_counted_before_the_masked_row_rule():
     assert "Rows without N_valid" in old and "read high" in old
     new = rt.render_section({"cpu-x-2c": _doc([dict(fig, sizes=dict(fig["sizes"], N_valid=28))])})
     assert "N_valid" not in new.replace("N_valid=28", "")
+
+
+def test_interleaved_extrapolate_record_gets_a_labelled_row():
+    """bench_extrapolate's interleaved test (one timed call; its medians are in extra_info) showed up in the
+    report as op "bench_extrapolate", provider "-", mode "-": a row nobody could read."""
+    from bench.run import figure_from_record
+    rec = {"name": "test_extrapolate_cpu_interleaved", "extra_info": {"numel": 1000, "provider": "ours",
+                                                                       "mode": "interleaved (1 call)"},
+           "stats": {"median": 0.002, "min": 0.002, "max": 0.002, "rounds": 1, "data": [0.002]}}
+    fig = figure_from_record(rec, "bench_extrapolate.py", None)
+    assert (fig["op"], fig["provider"], fig["mode"]) == ("extrapolate_", "ours", "interleaved (1 call)")
