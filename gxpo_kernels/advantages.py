@@ -7,6 +7,8 @@ computed in float64; advantages come back in the rewards' float dtype (float32 f
 
     GRPO     A_i = (r_i - mean_g) / (std_g + eps)        (unbiased std; a group of one gets 0)
     Dr.GRPO  A_i = r_i - mean_g                          (scale="none")
+    batch    A_i = (r_i - mean_g) / (std_batch + eps)    (scale="batch": TRL's scale_rewards="batch", the unbiased
+                                                          std of all N rewards)
     FADE     A_i = (1 - mean_g)^(alpha - 1) * (r_i - mean_g), divided by delta when r_i < mean_g
              (binary rewards; alpha = delta = 1 is Dr.GRPO)
 
@@ -22,7 +24,7 @@ import torch
 
 from ._utils import check_scalar
 
-SCALES = ("std", "none")
+SCALES = ("std", "batch", "none")
 EMA_CONVENTIONS = ("slow", "fast")
 
 
@@ -131,8 +133,13 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                      group_ids: Optional[torch.Tensor] = None, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
     """GRPO (``scale="std"``: (R - mean) / (unbiased std + eps)) or Dr.GRPO (``"none"``: R - mean) advantages.
 
+    ``scale="batch"`` divides R - mean (group mean) by the unbiased std of all the rewards instead of the group's,
+    as TRL's ``scale_rewards="batch"`` does (its ``"group"`` is ``"std"`` here, ``"none"`` the same). TRL's ``eps``
+    is 1e-4; pass it to match TRL's numbers.
+
     Args: see ``group_stats`` for ``rewards`` / ``group_size`` / ``group_ids``; ``eps`` >= 0.
-    Returns: advantages with the shape of ``rewards``; a group of one gets 0.
+    Returns: advantages with the shape of ``rewards``; a group of one gets 0 (and with ``"batch"`` so does a
+    batch of one reward or of equal rewards).
     Raises ValueError when the statistics overflow float64 or an advantage overflows the rewards' dtype.
 
     Example:
@@ -147,6 +154,14 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
         # a constant group (all right / all wrong) has R - mean = 0 and std = 0: its advantage is 0, also at eps=0
         denom = st.std + eps
         adv = torch.where((st.count > 1) & (denom > 0), adv / torch.where(denom > 0, denom, 1.0), torch.zeros_like(adv))
+    elif scale == "batch":
+        r = rewards.reshape(-1).double()
+        # the std of the rewards less their minimum (as for the groups' moments: a constant batch is exactly 0)
+        denom = float((r - r.min()).std()) + eps if r.numel() > 1 else 0.0
+        if not math.isfinite(denom):
+            raise ValueError(f"rewards (|r| up to {float(r.abs().max()):.3g}) overflow the float64 batch std; "
+                             "rescale them")
+        adv = adv / denom if denom > 0 else torch.zeros_like(adv)
     return _cast_out(adv, rewards)
 
 

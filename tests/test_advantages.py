@@ -305,3 +305,23 @@ def test_trainer_fade_advantages_change_nothing_on_error():
     want = ref.update(0.4, 1.3)
     assert ctl.state_dict() == ref.state_dict() and {k: st[k] for k in want} == want
     assert torch.equal(adv, fade_advantages(rewards, 3, alpha=want["alpha"], delta=want["delta"]))
+
+
+@pytest.mark.parametrize("G", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_batch_scale_is_trls_scale_rewards_batch(G, dtype):
+    """scale="batch" is TRL's scale_rewards="batch": R less its group's mean over the unbiased std of the whole
+    batch (+ eps), restated here from TRL 1.16's GRPOTrainer in float64; equal rewards everywhere give 0."""
+    g = torch.Generator().manual_seed(G)
+    for rewards in (torch.randn(5 * G, generator=g) * 3 + 1, (torch.rand(7 * G, generator=g) > 0.5).double()):
+        rewards = rewards.to(dtype)
+        r = rewards.double()
+        want = (r - r.view(-1, G).mean(1).repeat_interleave(G)) / (r.std() + 1e-4)
+        got = group_advantages(rewards, group_size=G, scale="batch", eps=1e-4)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    assert not group_advantages(torch.full((6,), 0.7), group_size=3, scale="batch", eps=0.0).any()
+    assert not group_advantages(torch.tensor([2.0]), group_size=1, scale="batch").any()
+    with pytest.raises(ValueError, match="batch std"):           # constant groups, a batch spread of 2e300
+        group_advantages(torch.tensor([1e300, 1e300, -1e300, -1e300], dtype=torch.float64), group_size=2,
+                         scale="batch")
