@@ -47,11 +47,11 @@ def make_optimizer(model, case):
                               {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
 
 
-def sharded(case):
+def sharded(case, mesh=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model = Net()
-    kw = {"mesh": init_device_mesh("cpu", (WORLD,))}
+    kw = {"mesh": mesh or init_device_mesh("cpu", (WORLD,))}
     if case.get("mp"):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     fully_shard(model.l1, **kw)
@@ -289,7 +289,56 @@ def refusals():
         out["unsharded_after_closure"] = None
     except RuntimeError as e:
         out["unsharded_after_closure"] = str(e)
+    out.update(checkpoint_of_other_settings())
+    out.update(entropy_on_one_rank())
     return out
+
+
+def checkpoint_of_other_settings():
+    """load_checkpoint into a rule built with another K: ValueError, and the model, the optimizer (no state) and
+    the rule (no steps) as they were built."""
+    from gxpo_kernels.integrations import fsdp as gf
+    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
+    gf.save_checkpoint(path[0], model, opt, rule)
+    m = sharded({})
+    opt = make_optimizer(m, {})
+    rule = gf.wrap(m, opt, K=3, gate=None)
+    before, rule_before = [full(p) for p in m.parameters()], rule.state_dict()
+    try:
+        gf.load_checkpoint(path[0], m, opt, rule)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return {"load_other_K": err, "load_other_K_unchanged": all(torch.equal(a, full(p)) for a, p in zip(
+        before, m.parameters())) and not opt.state and rule.state_dict() == rule_before}
+
+
+def entropy_on_one_rank():
+    """The entropy gate with an entropy passed on rank 0 only: ValueError on every rank (the step rewound), then
+    the same step with an entropy on every rank runs. The mesh's group times out after 60 s: a rank that skips
+    the entropy's all-reduce fails the spawn instead of hanging it."""
+    import datetime
+
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from gxpo_kernels.integrations import fsdp as gf
+    group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=60))
+    model = sharded({}, mesh=DeviceMesh.from_group(group, "cpu"))
+    opt = make_optimizer(model, {})
+    rule = gf.wrap(model, opt, gate="entropy", window=2)
+    before = [full(p) for p in model.parameters()]
+    closure = fsdp_closure(model, opt, rule, 0, {})
+    try:
+        rule.step(closure, entropy=1.0 if dist.get_rank() == 0 else None)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    rewound = all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())) and not opt.state
+    info = rule.step(closure, entropy=1.0 + dist.get_rank())
+    return {"entropy_one_rank": err, "entropy_one_rank_rewound": rewound and rule.outer_steps == 1,
+            "entropy_then_all": (info["active"], info["backward_passes"], rule.gate.state_dict())}
 
 
 def worker(rank, port, outdir, cases):

@@ -147,7 +147,7 @@ def _collectives(info):
 def test_rule_collectives_are_the_documented_ones(runs):
     # per pass one all-reduce of 1 float64 (grad norm); per extrapolation one all-gather of 12 (stats); SFPO's
     # entropy gate one all-reduce of 1. Nothing else, no gathers (GXPO's cos(g0, g_corr) diagnostic, one
-    # all-gather of 2, is off by default).
+    # all-gather of 2, is off by default). The entropy's all-reduce carries (entropy, whether this rank passed one).
     n = 12 * W.WORLD
     gxpo_active = [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + [("distributed.all_reduce", 1)]
     plain = runs[0]["gxpo_plain"]["infos"]
@@ -158,7 +158,7 @@ def test_rule_collectives_are_the_documented_ones(runs):
     assert _collectives(g) == [("distributed.all_reduce", 1)] * 2
     s = runs[0]["sfpo_entropy_nan"]["infos"]
     assert _collectives(s[1]) == [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + \
-        [("distributed.all_reduce", 1)] * 2                            # K = 2 norms, stats, slow norm, entropy
+        [("distributed.all_reduce", 1)] + [("distributed.all_reduce", 2)]   # K = 2 norms, stats, slow norm, entropy
 
 
 def test_same_steps_as_deepspeed_zero3(runs):
@@ -194,6 +194,24 @@ def test_unsupported_configurations_are_refused(runs):
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
         assert "still unsharded after the closure" in r["unsharded_after_closure"]
+
+
+def test_load_checkpoint_of_other_settings_changes_nothing(runs):
+    # the rule's settings are checked before the model and the optimizer are loaded (they used to be loaded first)
+    for recs in runs:
+        r = recs["_refusals"]
+        assert "K: checkpoint 5 vs rule 3" in r["load_other_K"]
+        assert r["load_other_K_unchanged"]
+
+
+def test_entropy_passed_on_some_ranks_only_raises_on_every_rank(runs):
+    # a rank without an entropy used to skip the entropy's all-reduce: the ranks' collectives went out of step
+    for recs in runs:
+        r = recs["_refusals"]
+        assert "entropy was passed on 1 of 2 ranks" in r["entropy_one_rank"]
+        assert r["entropy_one_rank_rewound"]
+        assert r["entropy_then_all"][:2] == (True, 3)
+    assert runs[0]["_refusals"]["entropy_then_all"] == runs[1]["_refusals"]["entropy_then_all"]
 
 
 def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
