@@ -289,9 +289,36 @@ def refusals():
         out["unsharded_after_closure"] = None
     except RuntimeError as e:
         out["unsharded_after_closure"] = str(e)
+    out["per_param_mesh"] = per_param_mesh()
     out.update(checkpoint_of_other_settings())
     out.update(entropy_on_one_rank())
     return out
+
+
+def per_param_mesh():
+    """The biases sharded over a second mesh of the same ranks (``shard_placement_fn`` returning a
+    ``ShardPlacementResult``, torch >= 2.11): FSDP2 then keeps two parameter groups in the module, whose singular
+    accessor the rule used to read (an AssertionError from torch's internals). The same layout: two steps give
+    the parameters of the one-mesh model, bit for bit. None where torch has no per-parameter mesh."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
+    except ImportError:
+        return None
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from gxpo_kernels.integrations import fsdp as gf
+    other = FSDPMeshInfo(DeviceMesh.from_group(dist.new_group(list(range(WORLD))), "cpu"), shard_mesh_dim=0)
+    model = Net()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)),
+                shard_placement_fn=lambda p: ShardPlacementResult(Shard(0), other) if p.ndim == 1 else None)
+    opt = make_optimizer(model, {})
+    rule = gf.wrap(model, opt, gate=None)
+    for step in range(2):
+        rule.step(fsdp_closure(model, opt, rule, step, {}))
+    one_mesh = train({"rule": {"gate": None}}, steps=2)[0]
+    return all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), one_mesh.parameters()))
 
 
 def checkpoint_of_other_settings():

@@ -10,6 +10,7 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
 * shard-local: θ0 / ĝ0 have the local shard shapes (rank 1 holds an empty shard of the (1, 3) gain), the
   extrapolation is one C++ call per active step on the local shards whose element counts sum to the model
   size, and the rule issues only the documented collectives (no gather of any parameter);
+* a second (per-parameter) mesh over the same ranks: the same steps as one mesh;
 * checkpoint: N steps == k steps + torch.distributed.checkpoint save + load into fresh objects + N - k steps,
   bit for bit (parameters, optimizer state, rule state, diagnostics);
 * refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param,
@@ -194,6 +195,7 @@ def test_unsupported_configurations_are_refused(runs):
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
         assert "still unsharded after the closure" in r["unsharded_after_closure"]
+        assert r["per_param_mesh"] in (True, None)     # a second mesh of the same ranks (None: torch has none)
 
 
 def test_load_checkpoint_of_other_settings_changes_nothing(runs):
