@@ -7,7 +7,7 @@ the device the collectives run on (NCCL reduces accelerator tensors only, gloo C
 - ``_all_reduce_(stats)``: the rule's reduction contract ([:-1] SUM, [-1] MAX) in ONE collective: an all-gather
   of the local vector, then a sum / max over the ranks in rank order (bit-identical on every rank);
 - ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies (and
-  ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``);
+  ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``); every rank must pass one;
 - ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
 """
 from __future__ import annotations
@@ -53,11 +53,21 @@ class ShardedReductions:
         return stats
 
     def _observe_entropy(self, entropy):
-        if entropy is not None and self._world() > 1:     # the gate sees the dp-mean entropy
-            t = torch.tensor([float(entropy)], dtype=torch.float64, device=self._reduce_device())
+        """The gate sees the dp-mean entropy. Every rank joins the all-reduce, of (entropy, 1) or (0, 0) where this
+        rank passed none: a rank that skipped it would pair the other ranks' all-reduce with its next collective
+        (a hang, or silently wrong numbers). Passed on some ranks only: ValueError on every rank (the step
+        rewinds)."""
+        world = self._world()
+        if world > 1:
+            t = torch.tensor([0.0 if entropy is None else float(entropy), float(entropy is not None)],
+                             dtype=torch.float64, device=self._reduce_device())
             dist.all_reduce(t, group=self._reduce_group())
-            entropy = float(t) / self._world()
-            self._gate_entropy = entropy
+            given = int(t[1])
+            if 0 < given < world:
+                raise ValueError(f"{self._rule_name}.step: entropy was passed on {given} of {world} ranks; the "
+                                 "entropy gate decides on the mean over the ranks: pass it on every rank")
+            if given:
+                entropy = self._gate_entropy = float(t[0]) / world
         return super()._observe_entropy(entropy)
 
     def _report_gate_entropy(self, info: dict) -> None:

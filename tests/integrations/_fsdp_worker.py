@@ -47,11 +47,11 @@ def make_optimizer(model, case):
                               {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
 
 
-def sharded(case):
+def sharded(case, mesh=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model = Net()
-    kw = {"mesh": init_device_mesh("cpu", (WORLD,))}
+    kw = {"mesh": mesh or init_device_mesh("cpu", (WORLD,))}
     if case.get("mp"):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     fully_shard(model.l1, **kw)
@@ -289,7 +289,83 @@ def refusals():
         out["unsharded_after_closure"] = None
     except RuntimeError as e:
         out["unsharded_after_closure"] = str(e)
+    out["per_param_mesh"] = per_param_mesh()
+    out.update(checkpoint_of_other_settings())
+    out.update(entropy_on_one_rank())
     return out
+
+
+def per_param_mesh():
+    """The biases sharded over a second mesh of the same ranks (``shard_placement_fn`` returning a
+    ``ShardPlacementResult``, torch >= 2.11): FSDP2 then keeps two parameter groups in the module, whose singular
+    accessor the rule used to read (an AssertionError from torch's internals). The same layout: two steps give
+    the parameters of the one-mesh model, bit for bit. None where torch has no per-parameter mesh."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
+    except ImportError:
+        return None
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from gxpo_kernels.integrations import fsdp as gf
+    other = FSDPMeshInfo(DeviceMesh.from_group(dist.new_group(list(range(WORLD))), "cpu"), shard_mesh_dim=0)
+    model = Net()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)),
+                shard_placement_fn=lambda p: ShardPlacementResult(Shard(0), other) if p.ndim == 1 else None)
+    opt = make_optimizer(model, {})
+    rule = gf.wrap(model, opt, gate=None)
+    for step in range(2):
+        rule.step(fsdp_closure(model, opt, rule, step, {}))
+    one_mesh = train({"rule": {"gate": None}}, steps=2)[0]
+    return all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), one_mesh.parameters()))
+
+
+def checkpoint_of_other_settings():
+    """load_checkpoint into a rule built with another K: ValueError, and the model, the optimizer (no state) and
+    the rule (no steps) as they were built."""
+    from gxpo_kernels.integrations import fsdp as gf
+    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
+    gf.save_checkpoint(path[0], model, opt, rule)
+    m = sharded({})
+    opt = make_optimizer(m, {})
+    rule = gf.wrap(m, opt, K=3, gate=None)
+    before, rule_before = [full(p) for p in m.parameters()], rule.state_dict()
+    try:
+        gf.load_checkpoint(path[0], m, opt, rule)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return {"load_other_K": err, "load_other_K_unchanged": all(torch.equal(a, full(p)) for a, p in zip(
+        before, m.parameters())) and not opt.state and rule.state_dict() == rule_before}
+
+
+def entropy_on_one_rank():
+    """The entropy gate with an entropy passed on rank 0 only: ValueError on every rank (the step rewound), then
+    the same step with an entropy on every rank runs. The mesh's group times out after 60 s: a rank that skips
+    the entropy's all-reduce fails the spawn instead of hanging it."""
+    import datetime
+
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from gxpo_kernels.integrations import fsdp as gf
+    group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=60))
+    model = sharded({}, mesh=DeviceMesh.from_group(group, "cpu"))
+    opt = make_optimizer(model, {})
+    rule = gf.wrap(model, opt, gate="entropy", window=2)
+    before = [full(p) for p in model.parameters()]
+    closure = fsdp_closure(model, opt, rule, 0, {})
+    try:
+        rule.step(closure, entropy=1.0 if dist.get_rank() == 0 else None)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    rewound = all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())) and not opt.state
+    info = rule.step(closure, entropy=1.0 + dist.get_rank())
+    return {"entropy_one_rank": err, "entropy_one_rank_rewound": rewound and rule.outer_steps == 1,
+            "entropy_then_all": (info["active"], info["backward_passes"], rule.gate.state_dict())}
 
 
 def worker(rank, port, outdir, cases):
@@ -351,3 +427,155 @@ def single_process_reference(case):
             "exp_avg_sq": [opt.state[p]["exp_avg_sq"].clone() for p in ps],
             "step": [float(opt.state[p]["step"]) for p in ps], "infos": infos,
             "fired_step": rule.gate.fired_step, "fallbacks": rule.fallbacks, "rule_state": rule.state_dict()}
+
+
+# ---- three ranks: a tied-embedding LM with a frozen layer, rows that do not split evenly --------------------
+V3, D3, T3, ROWS3 = 11, 5, 4, 6
+IDS3 = torch.randint(0, V3, (4, ROWS3, T3 + 1), generator=torch.Generator().manual_seed(7))
+
+
+class TiedLM(torch.nn.Module):
+    """Embedding(11, 5) tied to the head, two residual Linear(5, 5) blocks, a frozen Linear(5, 5), a (1,) gain and
+    a (2, 5) bias table. On 3 ranks dim 0 splits as 4/4/3, 2/2/1, 1/0/0 (the gain) and 1/1/0 (the table)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(V3, D3)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(D3, D3) for _ in range(2)])
+        self.frozen = torch.nn.Linear(D3, D3).requires_grad_(False)
+        self.gain = torch.nn.Parameter(1 + 0.1 * torch.randn(1))
+        self.table = torch.nn.Parameter(0.1 * torch.randn(2, D3))
+        self.head = torch.nn.Linear(D3, V3, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return self.head(self.frozen(h) * self.gain + self.table.sum(0))
+
+
+def lm_loss(model, ids):
+    logits = model(ids[:, :-1]).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, V3), ids[:, 1:].reshape(-1))
+
+
+def _lm_optimizer(model, case):
+    params = list(model.parameters()) if case.get("frozen_in_optimizer") else \
+        [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.01)
+
+
+def _lm_rule(model, opt, case):
+    from gxpo_kernels.integrations import fsdp as gf
+    return gf.wrap(model, opt, case.get("algo", "gxpo"), **case["rule"])
+
+
+def sharded_lm(case, world):
+    """``fully_shard`` per block and on the frozen layer, then the root (``root_only``: the root alone)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model = TiedLM()
+    kw = {"mesh": init_device_mesh("cpu", (world,))}
+    if case.get("mp"):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if not case.get("root_only"):
+        for m in [*model.layers, model.frozen]:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def train_lm(case, world, steps, objs=None, start=0):
+    rank = dist.get_rank()
+    if objs is None:
+        model = sharded_lm(case, world)
+        opt = _lm_optimizer(model, case)
+        objs = (model, opt, _lm_rule(model, opt, case))
+    model, opt, rule = objs
+    lo, hi = rank * ROWS3 // world, (rank + 1) * ROWS3 // world
+    infos = []
+    for step in range(start, steps):
+        def closure(step=step):
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(model, IDS3[step, lo:hi])
+            loss.backward()
+            return loss
+        infos.append(_info(rule.step(closure)))
+    return objs, infos
+
+
+def lm_record(objs, infos):
+    model, opt, rule = objs
+    return {"params": {n: full(p) for n, p in model.named_parameters()}, "infos": infos,
+            "fired_step": rule.gate.fired_step, "rule_state": rule.state_dict(),
+            "exp_avg_sq": {n: full(opt.state[p]["exp_avg_sq"])
+                           for n, p in model.named_parameters() if p in opt.state},
+            "local_numel": [p.to_local().numel() for p in model.parameters()]}
+
+
+def worker_lm(rank, world, port, outdir, cases):
+    """``world`` gloo ranks without DeepSpeed; ``kind="resume"``: k steps, save_checkpoint, fresh objects,
+    load_checkpoint, the rest; also the uninterrupted run."""
+    from gxpo_kernels.integrations import fsdp as gf
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    recs = {}
+    for name, case in cases.items():
+        steps = case.get("steps", 3)
+        recs[name] = lm_record(*train_lm(case, world, steps))
+        if case.get("kind") == "resume":
+            path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if rank == 0 else None]
+            dist.broadcast_object_list(path, src=0)
+            objs, infos = train_lm(case, world, case["k"])
+            gf.save_checkpoint(path[0], *objs)
+            model = sharded_lm(case, world)
+            opt = _lm_optimizer(model, case)
+            objs = (model, opt, _lm_rule(model, opt, case))
+            gf.load_checkpoint(path[0], *objs)
+            objs, more = train_lm(case, world, steps, objs=objs, start=case["k"])
+            recs[name + "/resumed"] = lm_record(objs, infos + more)
+    torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def lm_reference(case, world):
+    """The plain rule on the whole mini-batch: the mean of the ranks' losses (mixed precision: a bf16 copy whose
+    per-rank gradients are summed in fp32, then divided by the world size, as FSDP's fp32 reduce does)."""
+    from gxpo_kernels.update import GXPO, SFPO
+    model = TiedLM()
+    opt = _lm_optimizer(model, case)
+    cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
+    fwd = model
+    if case.get("mp"):
+        fwd = copy.deepcopy(model).to(torch.bfloat16)
+        cls = DW._master_rule(cls, fwd, list(model.parameters()))
+    rule = cls(opt, **case["rule"])
+    infos = []
+    for step in range(case.get("steps", 3)):
+        def closure(step=step):
+            opt.zero_grad(set_to_none=True)
+            fwd.zero_grad(set_to_none=True)
+            total = 0.0
+            for r in range(world):
+                lo, hi = r * ROWS3 // world, (r + 1) * ROWS3 // world
+                loss = lm_loss(fwd, IDS3[step, lo:hi])
+                (loss / world if fwd is model else loss).backward()
+                total += float(loss.detach()) / world
+                if fwd is not model:               # this rank's bf16 gradient, summed in fp32
+                    for m, p in zip(model.parameters(), fwd.parameters()):
+                        if p.grad is not None:
+                            m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                        p.grad = None
+            if fwd is not model:
+                for m in model.parameters():
+                    if m.grad is not None:
+                        m.grad /= world
+            return total
+        infos.append(rule.step(closure))
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "infos": infos,
+            "fired_step": rule.gate.fired_step, "rule_state": rule.state_dict(),
+            "exp_avg_sq": {n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters() if p in opt.state}}

@@ -1,6 +1,6 @@
 """GXPO / SFPO on PyTorch FSDP2 (gxpo_kernels.integrations.fsdp).
 
-Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s per spawn):
+Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s per spawn), and one 3-rank spawn:
 
 * parity: after several outer steps the gathered parameters, Adam moments and step counts equal the
   single-process rule's on the same data (GXPO with the window gate firing and a NaN put into one rank's
@@ -10,6 +10,10 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
 * shard-local: θ0 / ĝ0 have the local shard shapes (rank 1 holds an empty shard of the (1, 3) gain), the
   extrapolation is one C++ call per active step on the local shards whose element counts sum to the model
   size, and the rule issues only the documented collectives (no gather of any parameter);
+* a second (per-parameter) mesh over the same ranks: the same steps as one mesh;
+* three ranks (a second spawn): a tied-embedding LM with a frozen layer whose parameters split unevenly (empty
+  shards), a binding clip norm, per-block and root-only sharding, bf16 compute, SFPO, optimizer-aware with the
+  frozen layer in the optimizer: parity with the single-process rule; resume bit-exact;
 * checkpoint: N steps == k steps + torch.distributed.checkpoint save + load into fresh objects + N - k steps,
   bit for bit (parameters, optimizer state, rule state, diagnostics);
 * refusals by name: CPUOffloadPolicy, inactive_threshold, a model not sharded by fully_shard, a foreign param,
@@ -147,7 +151,7 @@ def _collectives(info):
 def test_rule_collectives_are_the_documented_ones(runs):
     # per pass one all-reduce of 1 float64 (grad norm); per extrapolation one all-gather of 12 (stats); SFPO's
     # entropy gate one all-reduce of 1. Nothing else, no gathers (GXPO's cos(g0, g_corr) diagnostic, one
-    # all-gather of 2, is off by default).
+    # all-gather of 2, is off by default). The entropy's all-reduce carries (entropy, whether this rank passed one).
     n = 12 * W.WORLD
     gxpo_active = [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + [("distributed.all_reduce", 1)]
     plain = runs[0]["gxpo_plain"]["infos"]
@@ -158,7 +162,7 @@ def test_rule_collectives_are_the_documented_ones(runs):
     assert _collectives(g) == [("distributed.all_reduce", 1)] * 2
     s = runs[0]["sfpo_entropy_nan"]["infos"]
     assert _collectives(s[1]) == [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + \
-        [("distributed.all_reduce", 1)] * 2                            # K = 2 norms, stats, slow norm, entropy
+        [("distributed.all_reduce", 1)] + [("distributed.all_reduce", 2)]   # K = 2 norms, stats, slow norm, entropy
 
 
 def test_same_steps_as_deepspeed_zero3(runs):
@@ -194,6 +198,83 @@ def test_unsupported_configurations_are_refused(runs):
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
         assert "still unsharded after the closure" in r["unsharded_after_closure"]
+        assert r["per_param_mesh"] in (True, None)     # a second mesh of the same ranks (None: torch has none)
+
+
+def test_load_checkpoint_of_other_settings_changes_nothing(runs):
+    # the rule's settings are checked before the model and the optimizer are loaded (they used to be loaded first)
+    for recs in runs:
+        r = recs["_refusals"]
+        assert "K: checkpoint 5 vs rule 3" in r["load_other_K"]
+        assert r["load_other_K_unchanged"]
+
+
+def test_entropy_passed_on_some_ranks_only_raises_on_every_rank(runs):
+    # a rank without an entropy used to skip the entropy's all-reduce: the ranks' collectives went out of step
+    for recs in runs:
+        r = recs["_refusals"]
+        assert "entropy was passed on 1 of 2 ranks" in r["entropy_one_rank"]
+        assert r["entropy_one_rank_rewound"]
+        assert r["entropy_then_all"][:2] == (True, 3)
+    assert runs[0]["_refusals"]["entropy_then_all"] == runs[1]["_refusals"]["entropy_then_all"]
+
+
+# three ranks, a tied-embedding LM with a frozen layer; dim 0 of several parameters does not split evenly (and
+# leaves ranks empty); the clip norm binds (pre-clip norms ~1.3, max_grad_norm 0.05) so the sharded norm matters
+LM_CASES = {
+    "lm_per_layer_clip": dict(steps=4, rule=dict(gate="window", window=2, tau=0.3, max_grad_norm=0.05)),
+    "lm_root_only_mp_sfpo": dict(root_only=True, mp=True, algo="sfpo", rule=dict(gate=None, K=2, max_grad_norm=0.05)),
+    "lm_frozen_in_optimizer_aware": dict(frozen_in_optimizer=True, rule=dict(gate=None, optimizer_aware=True,
+                                                                             transactional_state=True)),
+    "lm_resume": dict(kind="resume", steps=4, k=2, rule=dict(gate="window", window=2, tau=0.3)),
+}
+
+
+@pytest.fixture(scope="module")
+def runs3():
+    import torch.multiprocessing as mp
+    d = tempfile.mkdtemp(prefix="gxpo_fsdp3_")
+    mp.spawn(W.worker_lm, args=(3, free_port(), d, LM_CASES), nprocs=3, join=True)
+    return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(3)]
+
+
+@pytest.mark.parametrize("name", list(LM_CASES))
+def test_three_ranks_tied_frozen_uneven_match_single_process(runs3, name):
+    ref = W.lm_reference(LM_CASES[name], 3)
+    r0 = runs3[0][name]
+    assert set(r0["params"]) == set(ref["params"]) and "head.weight" not in r0["params"]   # one tied tensor
+    assert torch.equal(r0["params"]["frozen.weight"], ref["params"]["frozen.weight"])       # never moved
+    for recs in runs3[1:]:
+        assert all(torch.equal(recs[name]["params"][n], t) for n, t in r0["params"].items()), "ranks disagree"
+    for key in ("params", "exp_avg_sq"):
+        assert set(r0[key]) == set(ref[key])
+        for n in ref[key]:
+            _close([r0[key][n]], [ref[key][n]], 1e-6, f"{name}/{key}/{n}")
+    assert [0 in recs[name]["local_numel"] for recs in runs3] == [False, True, True]          # empty shards
+    assert r0["fired_step"] == ref["fired_step"] and r0["rule_state"]["gate"].keys() == ref["rule_state"]["gate"].keys()
+    for recs in runs3:
+        for i, i0, ir in zip(recs[name]["infos"], r0["infos"], ref["infos"]):
+            for k in ("active", "fell_back", "fallback_reason", "backward_passes"):
+                assert i.get(k) == ir.get(k), (name, k)
+            for k in ("grad_norm_0", "grad_norm_corr", "grad_norm_slow", "scale_mean", "disp_norm", "gate_z"):
+                if isinstance(ir.get(k), float) and ir[k] == ir[k]:
+                    assert i[k] == i0[k], (name, k)                                             # every rank
+                    assert abs(i[k] - ir[k]) <= 1e-5 * max(1.0, abs(ir[k])), (name, k, i[k], ir[k])
+    clip = LM_CASES[name]["rule"].get("max_grad_norm")
+    if clip is not None:                                                                       # the clip binds
+        assert all(i.get("grad_norm_0", i.get("grad_norm_slow")) > clip for i in ref["infos"])
+    if name == "lm_resume":                                      # the window gate fires after the checkpoint
+        assert ref["fired_step"] is not None and ref["fired_step"] >= LM_CASES[name]["k"]
+
+
+def test_three_ranks_resume_is_bit_exact(runs3):
+    for recs in runs3:
+        a, b = recs["lm_resume"], recs["lm_resume/resumed"]
+        assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        assert all(torch.equal(a["exp_avg_sq"][n], b["exp_avg_sq"][n]) for n in a["exp_avg_sq"])
+        assert a["rule_state"] == b["rule_state"] and a["fired_step"] == b["fired_step"]
+        for x, y in zip(a["infos"], b["infos"]):
+            assert x.keys() == y.keys() and all(x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]) for k in x)
 
 
 def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):

@@ -58,12 +58,16 @@ def wrap(model, optimizer: torch.optim.Optimizer, algo: str = "gxpo", **rule_kwa
     return _ALGOS[algo](model, optimizer, **rule_kwargs)
 
 
-def _state(model, optimizer, rule, buffers: bool) -> dict:
+def _state(model, optimizer, rule, buffers: bool, rule_state: bool = True) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     msd, osd = get_state_dict(model, optimizer)
-    out = {"model": msd, "optimizer": osd, "rule": {"state": rule.state_dict()}}
+    out = {"model": msd, "optimizer": osd, "rule": {}}
+    if rule_state:
+        out["rule"]["state"] = rule.state_dict()
     if buffers:
         out["rule"]["buffers"] = rule.buffer_state_dict()
+    if not out["rule"]:
+        del out["rule"]
     return out
 
 
@@ -83,12 +87,21 @@ def load_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
                     extra: Optional[dict] = None) -> None:
     """Inverse of :func:`save_checkpoint` into a freshly built model / optimizer / rule, sharded the same way
     (tested on the same world size). Resuming continues bit-exactly where the saved run stopped. ``extra`` is
-    filled in place with the saved entries of the same names."""
+    filled in place with the saved entries of the same names. The rule's state is read first: a rule built with
+    other settings than the checkpoint's (K, alpha, the gate's, ...) raises ValueError before the model, the
+    optimizer, the rule or ``extra`` change."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    sd = _state(model, optimizer, rule, buffers)
-    if extra is not None:
-        sd["extra"] = extra
-    dcp.load(sd, checkpoint_id=checkpoint_id)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-    rule.load_state_dict(sd["rule"]["state"])
+    before = rule.state_dict()
+    saved = {"rule": {"state": rule.state_dict()}}
+    dcp.load(saved, checkpoint_id=checkpoint_id)
+    rule.load_state_dict(saved["rule"]["state"])      # checks the settings before it changes anything
+    try:
+        sd = _state(model, optimizer, rule, buffers, rule_state=False)
+        if extra is not None:
+            sd["extra"] = extra
+        dcp.load(sd, checkpoint_id=checkpoint_id)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    except BaseException:
+        rule.load_state_dict(before)
+        raise

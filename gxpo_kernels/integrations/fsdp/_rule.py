@@ -33,6 +33,20 @@ def _locals(ts):
     return None if ts is None else [_local(t) for t in ts]
 
 
+def _param_groups(module) -> list:
+    """FSDP2's parameter groups of one module (private state): torch >= 2.11 keeps a list (several with a
+    per-parameter mesh from ``shard_placement_fn``, where the singular accessor raises AssertionError), older
+    torch one group or None."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(module, FSDPModule):
+        return []
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [getattr(state, "_fsdp_param_group", None)]
+    return [g for g in groups if g is not None]
+
+
 def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
     """Refuse what the rule does not support, by name; returns the (common, 1-D) device mesh."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -41,8 +55,7 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
                         f"FSDPModule), got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    for mod in model.modules():      # FSDP2's per-module state (private; the device check below also catches it)
-        group = getattr(mod._get_fsdp_state(), "_fsdp_param_group", None) if isinstance(mod, FSDPModule) else None
+    for group in (g for mod in model.modules() for g in _param_groups(mod)):   # (the device check below too)
         if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
             raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
                              "an accelerator); shard without offload_policy")
@@ -75,11 +88,9 @@ class _FSDPRule(ShardedReductions):
     """Mixin over ``GXPO`` / ``SFPO``: first in the MRO, so its hooks replace the single-process ones."""
 
     def _fsdp_init(self, model, mesh) -> None:
-        from torch.distributed.fsdp import FSDPModule
         self.model, self.mesh = model, mesh
         self.last_extrapolation: Optional[dict] = None
-        self._shard_groups = [g for m in model.modules() if isinstance(m, FSDPModule)
-                              for g in [getattr(m._get_fsdp_state(), "_fsdp_param_group", None)] if g is not None]
+        self._shard_groups = [g for m in model.modules() for g in _param_groups(m)]
 
     def _run_closure(self, closure, pass_index: int):
         loss = super()._run_closure(closure, pass_index)
@@ -107,14 +118,12 @@ class _FSDPRule(ShardedReductions):
             for m in self.model.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
-        for m in self.model.modules():
-            state = m._get_fsdp_state() if isinstance(m, FSDPModule) else None
-            for group in getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]:
-                for fp in getattr(group, "fsdp_params", ()):
-                    if getattr(fp, "_unsharded_param", None) is not None:
-                        fp._unsharded_param.grad = None
-                    if getattr(fp, "unsharded_accumulated_grad", None) is not None:   # (reduce_dtype set)
-                        fp.unsharded_accumulated_grad = None
+        for group in self._shard_groups:
+            for fp in getattr(group, "fsdp_params", ()):
+                if getattr(fp, "_unsharded_param", None) is not None:
+                    fp._unsharded_param.grad = None
+                if getattr(fp, "unsharded_accumulated_grad", None) is not None:   # (reduce_dtype set)
+                    fp.unsharded_accumulated_grad = None
 
     # ---- reductions ---------------------------------------------------------------------------------------------
     def _reduce_group(self):
