@@ -84,40 +84,66 @@ def case_fpa(dev, dtype, N, V):
     return ok, errs
 
 
-def case_linear(dev, dtype, N, H, V, fp32_head: bool):
+def _masked_tokens(g, dev, N, V):
+    """(tokens, mask): ~20% of the rows masked, their ids -100 (a padded batch), and the ids the reference reads."""
+    mask = torch.rand(N, generator=g, device=dev) > 0.2
+    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    return torch.where(mask, tok, torch.full_like(tok, -100)), mask, tok
+
+
+def case_linear(dev, dtype, N, H, V, fp32_head: bool, masked: bool = False):
+    """The fused head, forward and backward; ``masked``: rows the op must skip (outputs and gradients 0)."""
     m = importlib.import_module("gxpo_kernels.ops")          # the public functions: stable across moves
     g = torch.Generator(device=dev).manual_seed(3)
     h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype).requires_grad_()
-    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    if masked:
+        tok, mask, ref_tok = _masked_tokens(g, dev, N, V)
+    else:
+        tok = ref_tok = torch.randint(0, V, (N,), generator=g, device=dev)
+        mask = None
     dlogp, dent = torch.randn(N, generator=g, device=dev), torch.randn(N, generator=g, device=dev)
-    logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, fp32_head=fp32_head, backend="triton")
+    logp, ent = m.linear_token_logprobs(h, w, tok, 0.9, mask=mask, fp32_head=fp32_head, backend="triton")
     ((logp * dlogp).sum() + (ent * dent).sum()).backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    rl, re = importlib.import_module("gxpo_kernels.ops.logprobs.reference").token_logprobs_ref(hd @ wd.T, tok, 0.9)
+    rl, re = importlib.import_module("gxpo_kernels.ops.logprobs.reference").token_logprobs_ref(hd @ wd.T, ref_tok,
+                                                                                               0.9)
+    if mask is not None:
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        rl, re = torch.where(mask, rl, zero), torch.where(mask, re, zero)
     ((rl * dlogp).sum() + (re * dent).sum()).backward()
     tol = 2e-5 if dtype == torch.float32 else 1e-2      # bf16 gradients are returned in bf16 (fp32_head too)
     errs = {"logp": rel(logp, rl.detach()), "entropy": rel(ent, re.detach()), "d_hidden": rel(h.grad, hd.grad),
             "d_weight": rel(w.grad, wd.grad)}
     # bf16 operands: the logits themselves carry bf16-product error, so the statistics get the loose tolerance
     ok = all(v <= (tol if k.startswith("d_") else max(tol, STAT_TOL)) for k, v in errs.items())
+    if mask is not None:           # masked rows: exactly 0 out, and no gradient reaches their hidden states
+        ok = ok and bool((logp[~mask] == 0).all() and (ent[~mask] == 0).all() and (h.grad[~mask] == 0).all())
     return ok, errs
 
 
 def case_linear_fpa(dev, dtype, N, H, V):
+    """Forward (the three log-probs) and the backward of ``logp`` (the only output with a gradient), masked rows
+    included."""
     m = importlib.import_module("gxpo_kernels.ops")
     ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
     g = torch.Generator(device=dev).manual_seed(4)
-    h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype)
-    w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype)
+    h = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype).requires_grad_()
     hr = (torch.randn(N, H, generator=g, device=dev) * 0.5).to(dtype)
     wr = (torch.randn(V, H, generator=g, device=dev) / H ** 0.5).to(dtype)
-    tok = torch.randint(0, V, (N,), generator=g, device=dev)
-    out = m.linear_fpa_logprobs(h, w, hr, wr, tok, 1.0, 0.9, backend="triton")
-    r = ref.fpa_logprobs_ref(h.double() @ w.double().T, hr.double() @ wr.double().T, tok, 1.0, 0.9)
-    errs = {k: rel(a, b) for k, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, r)}
+    tok, mask, ref_tok = _masked_tokens(g, dev, N, V)
+    out = m.linear_fpa_logprobs(h, w, hr, wr, tok, 1.0, 0.9, mask=mask, backend="triton")
+    dlogp = torch.randn(N, generator=g, device=dev)
+    (out[0] * dlogp).sum().backward()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    r = ref.fpa_logprobs_ref(hd @ wd.T, hr.double() @ wr.double().T, ref_tok, 1.0, 0.9)
+    (torch.where(mask, r[0], torch.zeros_like(r[0])) * dlogp).sum().backward()
+    errs = {k: rel(a[mask], b[mask]) for k, a, b in zip(("logp", "ref_logp", "fpa_logp"), out, r)}
+    errs.update(d_hidden=rel(h.grad, hd.grad), d_weight=rel(w.grad, wd.grad))
     tol = 2e-5 if dtype == torch.float32 else 1e-2
-    return all(v <= tol for v in errs.values()), errs
+    ok = all(v <= tol for v in errs.values()) and bool((h.grad[~mask] == 0).all())
+    return ok, errs
 
 
 def case_extrapolate(dev, dtype, tiny: bool, formula: str, K: int, inactive, misaligned: bool):
@@ -180,6 +206,8 @@ def cases(tiny: bool):
                     lambda dev, dt=dt: case_linear_fpa(dev, dt, NL, H, VL)))
     out.append((f"linear_token_logprobs bf16 fp32_head N={NL} H={H} V={VL}",
                 lambda dev: case_linear(dev, torch.bfloat16, NL, H, VL, True)))
+    out.append((f"linear_token_logprobs bf16 masked N={NL} H={H} V={VL}",
+                lambda dev: case_linear(dev, torch.bfloat16, NL, H, VL, False, masked=True)))
     for dt, formula, K, inactive, mis in ((torch.float32, "closed", 5, 1e-2, False),
                                           (torch.bfloat16, "horner", 4, None, False),
                                           (torch.float32, "horner", 5, None, True)):
