@@ -157,8 +157,9 @@ def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
     per-run status and seconds."""
     if not index:
         return None
-    per = {m: {s: {k: e.get(k) for k in ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds")}
-               for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
+    keys = ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds", "cpu_capability",
+            "torch_threads")
+    per = {m: {s: {k: e.get(k) for k in keys} for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
     ws = index.get("warm_start") or {}
     return {"code": index.get("code"), "workers": index.get("workers"), "threads": index.get("threads"),
             "train": index.get("train"),

@@ -220,3 +220,31 @@ def test_late_trend_points_on_a_line_have_no_t(k):
     for y in (0.1 + 0.01 * np.arange(k), np.full(k, 0.1), np.full(k, 1 / 3)):
         got = stats.late_trend(steps, y, 1.0)
         assert got["t"] is None and got["gain"] == pytest.approx(y[-1] - y[0], abs=1e-12)
+
+
+def test_in_process_runs_use_threads_and_record_their_arithmetic(tmp_path, monkeypatch):
+    """--workers 0 runs every run in this process with --threads torch threads, as a worker does, and restores the
+    caller's count after; each run's entry in runs.json names the ATen kernels and threads it computed with. The
+    runs used to keep the caller's thread count (other arithmetic: other losses and curves than --workers 1)
+    while runs.json said threads 1 and recorded no kernels."""
+    import torch
+
+    from gxpo_kernels.trainer import loop
+    seen = []
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda tc, **kw: seen.append(torch.get_num_threads()) or real(tc, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "run"
+        speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo",)), threads=1), progress=False,
+                            log=lambda s: None)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    index = json.loads((out / "runs.json").read_text())
+    e = index["runs"]["grpo"]["0"]
+    assert (e["torch_threads"], e["cpu_capability"]) == (1, torch.backends.cpu.get_cpu_capability())
+    assert set(index["env"]) == set(speedup.REPRODUCIBLE_ENV)   # as found in the environment (not set in-process)
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["runs"]["runs"]["grpo"]["0"]["torch_threads"] == 1
