@@ -134,13 +134,16 @@ def _seed_entry(cur: stats.Curve, r: Optional[dict]) -> dict:
 
 
 def _summary(vals, *, n_boot, seed, level) -> dict:
-    """median/min/max and seed-bootstrap CI of per-seed ratios (0 = not reached, NaN = degenerate dropped)."""
+    """median/min/max and seed-bootstrap CI of per-seed ratios (0 = not reached, NaN = degenerate dropped). One
+    seed has no CI over seeds (None): resampling one value gives a zero-width interval that says nothing of the
+    seed-to-seed spread."""
     v = np.asarray(vals, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"median": None, "min": None, "max": None, "ci_seeds": None, "ci_prompts": None}
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
-            "ci_seeds": stats.bootstrap_ci(v, n_boot=n_boot, seed=seed, level=level), "ci_prompts": None}
+            "ci_seeds": stats.bootstrap_ci(v, n_boot=n_boot, seed=seed, level=level) if v.size > 1 else None,
+            "ci_prompts": None}
 
 
 def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:

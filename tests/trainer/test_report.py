@@ -130,6 +130,28 @@ def test_aggregate_over_seeds_counts_not_reached(tmp_path):
     assert res["meta"]["n_seeds"] == 3
 
 
+def test_one_seed_has_no_ci_over_seeds(one_seed, tmp_path):
+    """A ratio from one comparable seed has no CI over seeds (None, and none in the tables): it was a zero-width
+    "95% bootstrap CI over seeds" such as [2.00, 2.00], as if the seeds had agreed. The CI over validation
+    prompts still exists for one seed; two seeds that differ get a CI over seeds."""
+    for name in stats.THRESHOLDS:
+        a = one_seed["methods"]["sfpo"]["aggregate"][name]
+        assert all(a[k]["ci_seeds"] is None for k in report.RATIO_KEYS)
+        assert all(v["ci_seeds"] is None for v in a["projected"].values())
+    sfpo = next(ln for ln in report.markdown_table(one_seed).splitlines() if ln.startswith("| sfpo"))
+    assert "| 2.00x | 0.50x |" in sfpo and "[" not in sfpo
+    # two seeds, the second one degenerate (GRPO's target met at the warm start): one comparable seed, no CI
+    flat = [0.40, 0.40, 0.405, 0.40, 0.40, 0.40]
+    runs = {"grpo": {0: make_records(GRPO), 1: make_records(flat)},
+            "sfpo": {s: make_records(FAST, bp=4, opt=4) for s in (0, 1)}}
+    a = report.build_report(runs, tmp_path, n_boot=50, plot=False)["methods"]["sfpo"]["aggregate"]["eps"]
+    assert (a["n_seeds"], a["n_degenerate"], a["ratio_steps"]["ci_seeds"]) == (1, 1, None)
+    runs["grpo"][1] = make_records([0.40, 0.50, 0.55, 0.60, 0.60, 0.60])   # GRPO reaches 0.59 at step 30
+    a = report.build_report(runs, tmp_path, n_boot=50, plot=False)["methods"]["sfpo"]["aggregate"]["eps"]
+    lo, hi = a["ratio_steps"]["ci_seeds"]
+    assert a["n_seeds"] == 2 and lo == pytest.approx(1.5) and hi == pytest.approx(2.0)
+
+
 def test_bootstrap_ci_properties():
     v = [0.8, 1.1, 1.3, 1.5, 2.0, 1.2, 0.9]
     ci = stats.bootstrap_ci(v, n_boot=1000, seed=3)
