@@ -286,8 +286,10 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
     point = {m: {s: (_ratios(base_curves[s], base_curves[s].score[None], c, c.score[None], cm_m=cms[m], **kw)
                      if s in base_curves else None) for s, c in curves[m].items()} for m in methods}
 
-    # prompt bootstrap: one shared resample of validation prompts per seed, applied to every method's curves
-    boot, boot_note = {m: {} for m in methods}, None
+    # prompt bootstrap: one resample of the validation prompts, applied to every method's curves of every seed. The
+    # seeds validate on the same prompts (the val set does not depend on the RL seed), so another draw of them would
+    # move every seed at once; independent draws per seed averaged that variation away in the median over seeds
+    boot, boot_note, draws = {m: {} for m in methods}, None, {}
     for s, bc in base_curves.items():
         users = [m for m in methods if s in curves[m]]
         pp = [curves[m][s].per_prompt for m in users]
@@ -298,7 +300,9 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             boot_note = f"seed {s}: mean(per_prompt) != val[{score_key!r}] (per_prompt is another metric)"
             continue
         P = pp[0].shape[1]
-        W = stats.resample_counts(P, n_boot, np.random.default_rng([seed % 2**32, s % 2**32]))
+        if P not in draws:   # (seeds validated on another number of prompts: another draw)
+            draws[P] = stats.resample_counts(P, n_boot, np.random.default_rng([seed % 2**32, P]))
+        W = draws[P]
         b_scores = W @ bc.per_prompt.T / P
         for m in users:
             c = curves[m][s]

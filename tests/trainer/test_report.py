@@ -189,6 +189,26 @@ def test_prompt_bootstrap_shared_draw(tmp_path):
     assert res["meta"]["prompt_bootstrap"] == "ok"
 
 
+def test_prompt_bootstrap_is_one_draw_for_every_seed(tmp_path):
+    """Every seed validates on the same prompts, so one resample of them applies to every seed: three seeds with
+    the same curves have the prompt CI of one of them. Independent draws per seed narrowed it (the median of three
+    independent draws varies less than one draw) and put an identical run's CI apart from its single-seed one."""
+    rng = np.random.default_rng(7)
+    P = 60
+    g = (rng.random((6, P)) < np.array(GRPO)[:, None]).astype(float)
+    m = (rng.random((6, P)) < np.array(FAST)[:, None]).astype(float)
+
+    def ci(seeds):
+        runs = {"grpo": {s: make_records(g.mean(1).tolist(), per_prompt=g) for s in seeds},
+                "m": {s: make_records(m.mean(1).tolist(), per_prompt=m, bp=4, opt=4) for s in seeds}}
+        a = report.build_report(runs, tmp_path, n_boot=300, plot=False)["methods"]["m"]["aggregate"]["eps"]
+        return a["ratio_steps"]["ci_prompts"], a["ratio_bp"]["ci_prompts"]
+
+    one = ci([0])
+    assert one[0][0] < one[0][1]          # the prompts do spread it
+    assert ci([0, 1, 2]) == one
+
+
 def test_prompt_bootstrap_noisy_and_deterministic(tmp_path):
     rng = np.random.default_rng(1)
     P = 200
