@@ -516,3 +516,48 @@ def test_failed_write_keeps_the_previous_results(tmp_path):
         report.build_report(bad, tmp_path, n_boot=20, plot=False)
     assert (tmp_path / "results.json").read_text() == before
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_every_results_json_field_is_documented(tmp_path):
+    """docs/speedup.md's field-by-field section names every key results.json holds (method names, seeds,
+    threshold variants and rollout shares aside; runs.json's own config, environment, code and warm-start entries
+    are its own)."""
+    import pathlib
+    import re
+    P = 20
+    rows = [[1.0] * round(P * v) + [0.0] * (P - round(P * v)) for v in GRPO]
+    fast = [[1.0] * round(P * v) + [0.0] * (P - round(P * v)) for v in FAST]
+    upd = lambda s: {"active": s < 30, "alpha": 0.5, "scale_mean": 1.0, "gate": "window",   # noqa: E731
+                     "gate_fired_step": 30 if s >= 30 else None}
+    runs = {"grpo": {s: make_records([sum(r) / P for r in rows], per_prompt=rows) for s in (0, 1)},
+            "gxpo": {s: make_records([sum(r) / P for r in fast], per_prompt=fast, bp=3, opt=3, update=upd)
+                     for s in (0, 1, 2)}}
+    for recs in [r for seeds in runs.values() for r in seeds.values()]:
+        for r in recs[1:]:
+            r.update(cpu_rollout=0.05, cpu_backward=r["t_backward"], cpu_update=r["t_backward"] + r["t_optimizer"])
+    entry = {"status": "complete", "steps_recorded": 50, "steps_configured": 50, "seconds": 1.0, "cpu_seconds": 1.0,
+             "cpu_capability": "AVX2", "torch_threads": 1}
+    index = {"code": {}, "workers": 1, "threads": 1, "env": {}, "train": {"steps": 50}, "status": "complete",
+             "seconds": 1.0, "cpu_seconds": 1.0, "lr_mult": 1.0, "lr_mult_source": "gxpo", "warm_start": {},
+             "runs": {m: {str(s): entry for s in seeds} for m, seeds in runs.items()}}
+    other = report.build_report(runs, tmp_path / "b", n_boot=20, plot=False)
+    res = report.build_report(runs, tmp_path / "a", n_boot=20, plot=False, index=index, compare=other,
+                              problems=["x"])
+    res["methods"]["gxpo"]["seeds"]["2"]["effective_multiplier_note"] = "-"   # only when a record lacks a key
+    res["methods"]["gxpo"]["seeds"]["2"]["note"] = "-"                        # only without a baseline seed
+    keys, dynamic = set(), {"grpo", "gxpo", "0", "1", "2", "0.3", "0.5", "0.7", *stats.THRESHOLDS}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                keys.add(k)
+                if k not in ("train", "env", "code", "warm_start"):
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(res)
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "speedup.md").read_text()
+    section = text.split("## `results.json`, field by field", 1)[1].split("\n## ", 1)[0]
+    named = {part for name in re.findall(r"`([^`]+)`", section) for part in name.split(".")}
+    assert sorted(keys - dynamic - named) == []
