@@ -248,3 +248,20 @@ def test_in_process_runs_use_threads_and_record_their_arithmetic(tmp_path, monke
     assert set(index["env"]) == set(speedup.REPRODUCIBLE_ENV)   # as found in the environment (not set in-process)
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["runs"]["runs"]["grpo"]["0"]["torch_threads"] == 1
+
+
+def test_cuda_records_are_costed_on_the_wall_clock(tmp_path):
+    """Records from CUDA (they carry gpu_update) are costed on the synced wall clock: process CPU time sees a GPU
+    pass's launch, not its work, so a method's extra passes looked nearly free. Measured and projected costs used
+    the CPU clock there, and docs/speedup.md pointed at "wall-clock projections" that results.json did not hold."""
+    def on_gpu(recs, t_bwd):
+        for r in recs[1:]:   # the host spends little CPU per pass; the GPU's time is in the synced wall clock
+            r.update(gpu_rollout=0.1, gpu_update=t_bwd, t_backward=t_bwd, t_optimizer=0.01, t_rollout=0.1,
+                     cpu_backward=0.001 * r["backward_passes"] / r["step"], cpu_update=0.002)
+        return recs
+    g = on_gpu(_recs(4, [0.01] * 4, bwd=0.001, upd_rest=0.001), 0.2)
+    m = on_gpu(_recs(4, [0.01] * 4, bwd=0.001, upd_rest=0.001, bp=3), 0.6)
+    assert stats.cost_clock([g, m]) == "wall"
+    res = report.build_report({"grpo": {0: g}, "m": {0: m}}, tmp_path, plot=False, n_boot=10)
+    assert res["meta"]["cost_clock"] == "wall" and res["methods"]["m"]["cost_model"]["t_bp"] == pytest.approx(0.2)
+    assert stats.cost_clock([_recs(4, [0.1] * 4, bwd=0.2, upd_rest=0.05)]) == "cpu"   # CPU records: CPU time
