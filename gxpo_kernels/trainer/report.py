@@ -458,6 +458,10 @@ def conclusion_lines(results: Mapping) -> list:
             pct = "/".join(f"{100 * float(k):g}%" for k in a["projected"])
             s += f" (projected {clock} at {pct} rollout share: {proj})"
         verdict = ("faster" if (med["ratio_cost"] or 0) > 1 else "not faster") + f" than {b} in measured {clock}"
+        ci = a["ratio_cost"]["ci_seeds"]
+        if ci is not None and ci[0] <= 1.0 <= ci[1]:   # the seeds do not tell the two apart
+            verdict += (f" (but its {100 * meta['ci_level']:g}% CI over seeds, {_ci(ci)}, includes 1x: "
+                        "no difference shown)")
         if a["projected"]:
             fast = [k for k, v in a["projected"].items() if (v["median"] or 0) > 1]
             verdict += (f"; projected faster at rollout share {', '.join(f'{100 * float(k):g}%' for k in fast)}"

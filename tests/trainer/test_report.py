@@ -561,3 +561,20 @@ def test_every_results_json_field_is_documented(tmp_path):
     section = text.split("## `results.json`, field by field", 1)[1].split("\n## ", 1)[0]
     named = {part for name in re.findall(r"`([^`]+)`", section) for part in name.split(".")}
     assert sorted(keys - dynamic - named) == []
+
+
+def test_conclusion_says_when_the_ci_includes_no_difference(tmp_path):
+    """A median cost ratio above 1 whose CI over seeds includes 1x is not shown to be faster: the conclusion says
+    so. It read "faster than grpo" on the median alone (the committed default run's gxpo+fade: 0.96x the CPU
+    time, CI of the speedup [0.85, 1.45])."""
+    # GRPO first reaches 0.59 at step 40; the method at 20, 30, 50: cost ratios 2, 4/3, 0.8 (same cost per step)
+    m_curves = {0: [0.40, 0.5, 0.60, 0.6, 0.6, 0.6], 1: [0.40, 0.5, 0.5, 0.60, 0.6, 0.6],
+                2: [0.40, 0.5, 0.5, 0.5, 0.5, 0.60]}
+    runs = {"grpo": {s: make_records(GRPO) for s in m_curves}, "x": {s: make_records(c) for s, c in m_curves.items()},
+            "y": {s: make_records([0.40, 0.5, 0.60, 0.6, 0.6, 0.6]) for s in m_curves}}
+    res = report.build_report(runs, tmp_path, n_boot=300, plot=False)
+    a = res["methods"]["x"]["aggregate"]["eps"]["ratio_cost"]
+    assert a["median"] == pytest.approx(4 / 3) and a["ci_seeds"][0] < 1 < a["ci_seeds"][1]
+    x, y = (next(ln for ln in res["conclusion"] if ln.startswith(f"{m} vs")) for m in ("x", "y"))
+    assert "-> faster than grpo in measured wall-clock (but its 95% CI over seeds" in x and "includes 1x" in x
+    assert "-> faster than grpo in measured wall-clock;" in y and "includes 1x" not in y   # 2x in every seed
