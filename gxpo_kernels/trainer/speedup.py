@@ -16,7 +16,7 @@ submitted as soon as the runs of the method its learning-rate multiplier is meas
 multiplier is the measured effective step multiplier of the GXPO runs (else SFPO's),
 ``stats.effective_step_multiplier``.
 
-Reproducibility: before any worker starts, ``REPRODUCIBLE_ENV`` is put in the environment (unless already set)
+Reproducibility: while the workers start, ``REPRODUCIBLE_ENV`` is put in the environment (unless already set)
 so every worker computes with the same ATen CPU kernels (AVX2) on any x86 machine; see docs/speedup.md.
 """
 from __future__ import annotations
@@ -260,10 +260,10 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     order = [m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"]
     lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
     want = dict(REPRODUCIBLE_ENV, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-    # workers start with these variables; this process's torch is already loaded, so with --workers 0 they change
-    # nothing and are only recorded as found (each run's entry records the kernels and threads it really used)
-    env = {k: os.environ.setdefault(k, v) for k, v in want.items()} if workers else \
-        {k: os.environ.get(k) for k in want}
+    # workers start with these variables (a value already set wins), put in the environment only while they spawn;
+    # this process's torch is already loaded, so with --workers 0 they change nothing and are only recorded as found
+    # (each run's entry records the kernels and threads it really used)
+    env = {k: os.environ.get(k, v) for k, v in want.items()} if workers else {k: os.environ.get(k) for k in want}
     index = {"code": code_version(), "methods": list(cfg.methods), "seeds": list(cfg.seeds),
              "train": dataclasses.asdict(base),
              "workers": workers, "threads": cfg.threads, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
@@ -308,8 +308,10 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    pool = queue = threads_before = None
+    pool = queue = threads_before = env_before = None
     if workers:
+        env_before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -414,6 +416,11 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
         if threads_before is not None:
             import torch
             torch.set_num_threads(threads_before)
+        for k, v in (env_before or {}).items():   # the caller's environment as it was
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     seconds = time.perf_counter() - t_start
     index.update(seconds=seconds, status="complete",

@@ -8,6 +8,7 @@
 """
 import dataclasses
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -265,3 +266,26 @@ def test_cuda_records_are_costed_on_the_wall_clock(tmp_path):
     res = report.build_report({"grpo": {0: g}, "m": {0: m}}, tmp_path, plot=False, n_boot=10)
     assert res["meta"]["cost_clock"] == "wall" and res["methods"]["m"]["cost_model"]["t_bp"] == pytest.approx(0.2)
     assert stats.cost_clock([_recs(4, [0.1] * 4, bwd=0.2, upd_rest=0.05)]) == "cpu"   # CPU records: CPU time
+
+
+def test_worker_environment_is_the_callers_again_after_the_run(tmp_path, monkeypatch):
+    """The kernel caps and thread counts go to the workers and leave the caller's environment as it was: they
+    stayed set (setdefault) after the run, so a second run in the same process with another --threads recorded and
+    spawned with the first run's OMP_NUM_THREADS, and every later subprocess inherited the caps. A value the caller
+    set still wins."""
+    import platform
+    for k in speedup.REPRODUCIBLE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    out = tmp_path / "run"
+    speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo",)), workers=1, threads=2), progress=False,
+                        log=lambda s: None)
+    assert [k for k in speedup.REPRODUCIBLE_ENV if k in os.environ] == ["MKL_CBWR"]
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+    index = json.loads((out / "runs.json").read_text())
+    assert index["env"] == dict(speedup.REPRODUCIBLE_ENV, MKL_CBWR="COMPATIBLE", OMP_NUM_THREADS="2",
+                                MKL_NUM_THREADS="2")
+    e = index["runs"]["grpo"]["0"]
+    assert e["torch_threads"] == 2
+    if platform.machine().lower() in ("x86_64", "amd64"):   # the worker computed with the capped kernels
+        assert e["cpu_capability"] == "AVX2"
