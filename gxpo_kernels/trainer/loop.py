@@ -215,7 +215,11 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dic
     greedy = evaluate(model, tok, task, val_pairs, max_new, **eval_kw)
     out = {"greedy_acc": sum(greedy) / len(greedy)}
     if cfg.pass1_size > 0 and cfg.pass1_n > 0:
-        with torch.random.fork_rng(devices=[]):  # sampling here must not shift the training RNG stream
+        # sampling here must not touch the training RNG streams: manual_seed reseeds the CPU generator and every CUDA
+        # device's, so all of them are forked (forking none of CUDA's reset a CUDA run's rollout stream to the same
+        # state after every validation)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(10_000 + cfg.seed)
             p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, do_sample=True, n=cfg.pass1_n,
                           temperature=cfg.val_temperature, **eval_kw)

@@ -134,13 +134,16 @@ def _seed_entry(cur: stats.Curve, r: Optional[dict]) -> dict:
 
 
 def _summary(vals, *, n_boot, seed, level) -> dict:
-    """median/min/max and seed-bootstrap CI of per-seed ratios (0 = not reached, NaN = degenerate dropped)."""
+    """median/min/max and seed-bootstrap CI of per-seed ratios (0 = not reached, NaN = degenerate dropped). One
+    seed has no CI over seeds (None): resampling one value gives a zero-width interval that says nothing of the
+    seed-to-seed spread."""
     v = np.asarray(vals, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"median": None, "min": None, "max": None, "ci_seeds": None, "ci_prompts": None}
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
-            "ci_seeds": stats.bootstrap_ci(v, n_boot=n_boot, seed=seed, level=level), "ci_prompts": None}
+            "ci_seeds": stats.bootstrap_ci(v, n_boot=n_boot, seed=seed, level=level) if v.size > 1 else None,
+            "ci_prompts": None}
 
 
 def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:
@@ -157,8 +160,9 @@ def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
     per-run status and seconds."""
     if not index:
         return None
-    per = {m: {s: {k: e.get(k) for k in ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds")}
-               for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
+    keys = ("status", "steps_recorded", "steps_configured", "seconds", "cpu_seconds", "cpu_capability",
+            "torch_threads")
+    per = {m: {s: {k: e.get(k) for k in keys} for s, e in seeds.items()} for m, seeds in index.get("runs", {}).items()}
     ws = index.get("warm_start") or {}
     return {"code": index.get("code"), "workers": index.get("workers"), "threads": index.get("threads"),
             "train": index.get("train"),
@@ -282,8 +286,10 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
     point = {m: {s: (_ratios(base_curves[s], base_curves[s].score[None], c, c.score[None], cm_m=cms[m], **kw)
                      if s in base_curves else None) for s, c in curves[m].items()} for m in methods}
 
-    # prompt bootstrap: one shared resample of validation prompts per seed, applied to every method's curves
-    boot, boot_note = {m: {} for m in methods}, None
+    # prompt bootstrap: one resample of the validation prompts, applied to every method's curves of every seed. The
+    # seeds validate on the same prompts (the val set does not depend on the RL seed), so another draw of them would
+    # move every seed at once; independent draws per seed averaged that variation away in the median over seeds
+    boot, boot_note, draws = {m: {} for m in methods}, None, {}
     for s, bc in base_curves.items():
         users = [m for m in methods if s in curves[m]]
         pp = [curves[m][s].per_prompt for m in users]
@@ -294,7 +300,9 @@ def build_report(runs: Mapping, out_dir, *, baseline: str = "grpo", eps: float =
             boot_note = f"seed {s}: mean(per_prompt) != val[{score_key!r}] (per_prompt is another metric)"
             continue
         P = pp[0].shape[1]
-        W = stats.resample_counts(P, n_boot, np.random.default_rng([seed % 2**32, s % 2**32]))
+        if P not in draws:   # (seeds validated on another number of prompts: another draw)
+            draws[P] = stats.resample_counts(P, n_boot, np.random.default_rng([seed % 2**32, P]))
+        W = draws[P]
         b_scores = W @ bc.per_prompt.T / P
         for m in users:
             c = curves[m][s]
@@ -450,6 +458,10 @@ def conclusion_lines(results: Mapping) -> list:
             pct = "/".join(f"{100 * float(k):g}%" for k in a["projected"])
             s += f" (projected {clock} at {pct} rollout share: {proj})"
         verdict = ("faster" if (med["ratio_cost"] or 0) > 1 else "not faster") + f" than {b} in measured {clock}"
+        ci = a["ratio_cost"]["ci_seeds"]
+        if ci is not None and ci[0] <= 1.0 <= ci[1]:   # the seeds do not tell the two apart
+            verdict += (f" (but its {100 * meta['ci_level']:g}% CI over seeds, {_ci(ci)}, includes 1x: "
+                        "no difference shown)")
         if a["projected"]:
             fast = [k for k, v in a["projected"].items() if (v["median"] or 0) > 1]
             verdict += (f"; projected faster at rollout share {', '.join(f'{100 * float(k):g}%' for k in fast)}"

@@ -16,7 +16,7 @@ submitted as soon as the runs of the method its learning-rate multiplier is meas
 multiplier is the measured effective step multiplier of the GXPO runs (else SFPO's),
 ``stats.effective_step_multiplier``.
 
-Reproducibility: before any worker starts, ``REPRODUCIBLE_ENV`` is put in the environment (unless already set)
+Reproducibility: while the workers start, ``REPRODUCIBLE_ENV`` is put in the environment (unless already set)
 so every worker computes with the same ATen CPU kernels (AVX2) on any x86 machine; see docs/speedup.md.
 """
 from __future__ import annotations
@@ -167,7 +167,14 @@ def _run_job(tc: TrainConfig, job: str) -> dict:
 
     log = (lambda s: queue.put(("log", job, s))) if queue is not None else print
     records = train(tc, progress=on_record, log=log)
-    return {"records": records, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+    return {"records": records, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            **arithmetic()}
+
+
+def arithmetic() -> dict:
+    """What set this process's arithmetic: the ATen CPU kernels torch dispatches to and its thread count."""
+    import torch
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
 class _Progress:
@@ -253,7 +260,10 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     order = [m for m in cfg.methods if parse_method(m)[0] != "grpo_lr"]
     lr_methods = [m for m in cfg.methods if parse_method(m)[0] == "grpo_lr"]
     want = dict(REPRODUCIBLE_ENV, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-    env = {k: os.environ.setdefault(k, v) for k, v in want.items()} if workers else {}
+    # workers start with these variables (a value already set wins), put in the environment only while they spawn;
+    # this process's torch is already loaded, so with --workers 0 they change nothing and are only recorded as found
+    # (each run's entry records the kernels and threads it really used)
+    env = {k: os.environ.get(k, v) for k, v in want.items()} if workers else {k: os.environ.get(k) for k in want}
     index = {"code": code_version(), "methods": list(cfg.methods), "seeds": list(cfg.seeds),
              "train": dataclasses.asdict(base),
              "workers": workers, "threads": cfg.threads, "env": env, "runs": {m: {} for m in cfg.methods}, "lr_mult": None,
@@ -298,12 +308,18 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    pool = queue = None
+    pool = queue = threads_before = env_before = None
     if workers:
+        env_before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(queue, cfg.threads))
+    else:   # the runs go in this process: with --threads threads, as a worker's (restored at the end)
+        import torch
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
     bars = _Progress({f"{m} seed {s}": base.steps for m, s in todo}, progress, log)
 
     def submit(fn, *args):
@@ -378,6 +394,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
                 index["runs"][m][str(s)].update(
                     status="complete" if n == base.steps else "incomplete", steps_recorded=n,
                     seconds=got["seconds"], cpu_seconds=got["cpu_seconds"],
+                    cpu_capability=got.get("cpu_capability"), torch_threads=got.get("torch_threads"),
                     warm_start=recs[0].get("warm_start") if recs else None)
                 _write_index(out_dir, index)
     except BaseException:
@@ -396,6 +413,14 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             pool.shutdown(wait=True, cancel_futures=True)
             drain(0.0)
             queue.close()
+        if threads_before is not None:
+            import torch
+            torch.set_num_threads(threads_before)
+        for k, v in (env_before or {}).items():   # the caller's environment as it was
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     seconds = time.perf_counter() - t_start
     index.update(seconds=seconds, status="complete",

@@ -202,9 +202,12 @@ def _has(r: Mapping, keys) -> bool:
 
 def cost_clock(all_records: Iterable[Sequence[Mapping]]) -> Optional[str]:
     """``"cpu"`` when every update step of every run logs the CPU keys, else ``"wall"`` when every one logs the
-    wall keys (``t_rollout``, ``t_backward``, ``t_optimizer``), else None (no cost model)."""
+    wall keys (``t_rollout``, ``t_backward``, ``t_optimizer``), else None (no cost model). A run on CUDA (its
+    records carry ``gpu_update``) is costed on the wall clock: process CPU time does not see the GPU's work
+    (a pass's kernels cost the host a launch), and the wall-clock phases end with a device sync."""
     steps = [r for recs in all_records for r in _update_steps(recs)]
-    if steps and all(_has(r, CLOCK_KEYS["cpu"]) for r in steps):
+    on_gpu = any(r.get("gpu_update") is not None for r in steps)
+    if steps and not on_gpu and all(_has(r, CLOCK_KEYS["cpu"]) for r in steps):
         return "cpu"
     if steps and all(_has(r, ("t_rollout", "t_backward", "t_optimizer")) for r in steps):
         return "wall"

@@ -130,6 +130,28 @@ def test_aggregate_over_seeds_counts_not_reached(tmp_path):
     assert res["meta"]["n_seeds"] == 3
 
 
+def test_one_seed_has_no_ci_over_seeds(one_seed, tmp_path):
+    """A ratio from one comparable seed has no CI over seeds (None, and none in the tables): it was a zero-width
+    "95% bootstrap CI over seeds" such as [2.00, 2.00], as if the seeds had agreed. The CI over validation
+    prompts still exists for one seed; two seeds that differ get a CI over seeds."""
+    for name in stats.THRESHOLDS:
+        a = one_seed["methods"]["sfpo"]["aggregate"][name]
+        assert all(a[k]["ci_seeds"] is None for k in report.RATIO_KEYS)
+        assert all(v["ci_seeds"] is None for v in a["projected"].values())
+    sfpo = next(ln for ln in report.markdown_table(one_seed).splitlines() if ln.startswith("| sfpo"))
+    assert "| 2.00x | 0.50x |" in sfpo and "[" not in sfpo
+    # two seeds, the second one degenerate (GRPO's target met at the warm start): one comparable seed, no CI
+    flat = [0.40, 0.40, 0.405, 0.40, 0.40, 0.40]
+    runs = {"grpo": {0: make_records(GRPO), 1: make_records(flat)},
+            "sfpo": {s: make_records(FAST, bp=4, opt=4) for s in (0, 1)}}
+    a = report.build_report(runs, tmp_path, n_boot=50, plot=False)["methods"]["sfpo"]["aggregate"]["eps"]
+    assert (a["n_seeds"], a["n_degenerate"], a["ratio_steps"]["ci_seeds"]) == (1, 1, None)
+    runs["grpo"][1] = make_records([0.40, 0.50, 0.55, 0.60, 0.60, 0.60])   # GRPO reaches 0.59 at step 30
+    a = report.build_report(runs, tmp_path, n_boot=50, plot=False)["methods"]["sfpo"]["aggregate"]["eps"]
+    lo, hi = a["ratio_steps"]["ci_seeds"]
+    assert a["n_seeds"] == 2 and lo == pytest.approx(1.5) and hi == pytest.approx(2.0)
+
+
 def test_bootstrap_ci_properties():
     v = [0.8, 1.1, 1.3, 1.5, 2.0, 1.2, 0.9]
     ci = stats.bootstrap_ci(v, n_boot=1000, seed=3)
@@ -165,6 +187,26 @@ def test_prompt_bootstrap_shared_draw(tmp_path):
     assert a["ci_prompts"] == pytest.approx([4 / 3, 4 / 3])
     assert res["methods"]["same"]["aggregate"]["eps"]["ratio_bp"]["ci_prompts"] == [1.0, 1.0]
     assert res["meta"]["prompt_bootstrap"] == "ok"
+
+
+def test_prompt_bootstrap_is_one_draw_for_every_seed(tmp_path):
+    """Every seed validates on the same prompts, so one resample of them applies to every seed: three seeds with
+    the same curves have the prompt CI of one of them. Independent draws per seed narrowed it (the median of three
+    independent draws varies less than one draw) and put an identical run's CI apart from its single-seed one."""
+    rng = np.random.default_rng(7)
+    P = 60
+    g = (rng.random((6, P)) < np.array(GRPO)[:, None]).astype(float)
+    m = (rng.random((6, P)) < np.array(FAST)[:, None]).astype(float)
+
+    def ci(seeds):
+        runs = {"grpo": {s: make_records(g.mean(1).tolist(), per_prompt=g) for s in seeds},
+                "m": {s: make_records(m.mean(1).tolist(), per_prompt=m, bp=4, opt=4) for s in seeds}}
+        a = report.build_report(runs, tmp_path, n_boot=300, plot=False)["methods"]["m"]["aggregate"]["eps"]
+        return a["ratio_steps"]["ci_prompts"], a["ratio_bp"]["ci_prompts"]
+
+    one = ci([0])
+    assert one[0][0] < one[0][1]          # the prompts do spread it
+    assert ci([0, 1, 2]) == one
 
 
 def test_prompt_bootstrap_noisy_and_deterministic(tmp_path):
@@ -474,3 +516,65 @@ def test_failed_write_keeps_the_previous_results(tmp_path):
         report.build_report(bad, tmp_path, n_boot=20, plot=False)
     assert (tmp_path / "results.json").read_text() == before
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_every_results_json_field_is_documented(tmp_path):
+    """docs/speedup.md's field-by-field section names every key results.json holds (method names, seeds,
+    threshold variants and rollout shares aside; runs.json's own config, environment, code and warm-start entries
+    are its own)."""
+    import pathlib
+    import re
+    P = 20
+    rows = [[1.0] * round(P * v) + [0.0] * (P - round(P * v)) for v in GRPO]
+    fast = [[1.0] * round(P * v) + [0.0] * (P - round(P * v)) for v in FAST]
+    upd = lambda s: {"active": s < 30, "alpha": 0.5, "scale_mean": 1.0, "gate": "window",   # noqa: E731
+                     "gate_fired_step": 30 if s >= 30 else None}
+    runs = {"grpo": {s: make_records([sum(r) / P for r in rows], per_prompt=rows) for s in (0, 1)},
+            "gxpo": {s: make_records([sum(r) / P for r in fast], per_prompt=fast, bp=3, opt=3, update=upd)
+                     for s in (0, 1, 2)}}
+    for recs in [r for seeds in runs.values() for r in seeds.values()]:
+        for r in recs[1:]:
+            r.update(cpu_rollout=0.05, cpu_backward=r["t_backward"], cpu_update=r["t_backward"] + r["t_optimizer"])
+    entry = {"status": "complete", "steps_recorded": 50, "steps_configured": 50, "seconds": 1.0, "cpu_seconds": 1.0,
+             "cpu_capability": "AVX2", "torch_threads": 1}
+    index = {"code": {}, "workers": 1, "threads": 1, "env": {}, "train": {"steps": 50}, "status": "complete",
+             "seconds": 1.0, "cpu_seconds": 1.0, "lr_mult": 1.0, "lr_mult_source": "gxpo", "warm_start": {},
+             "runs": {m: {str(s): entry for s in seeds} for m, seeds in runs.items()}}
+    other = report.build_report(runs, tmp_path / "b", n_boot=20, plot=False)
+    res = report.build_report(runs, tmp_path / "a", n_boot=20, plot=False, index=index, compare=other,
+                              problems=["x"])
+    res["methods"]["gxpo"]["seeds"]["2"]["effective_multiplier_note"] = "-"   # only when a record lacks a key
+    res["methods"]["gxpo"]["seeds"]["2"]["note"] = "-"                        # only without a baseline seed
+    keys, dynamic = set(), {"grpo", "gxpo", "0", "1", "2", "0.3", "0.5", "0.7", *stats.THRESHOLDS}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                keys.add(k)
+                if k not in ("train", "env", "code", "warm_start"):
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(res)
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "speedup.md").read_text()
+    section = text.split("## `results.json`, field by field", 1)[1].split("\n## ", 1)[0]
+    named = {part for name in re.findall(r"`([^`]+)`", section) for part in name.split(".")}
+    assert sorted(keys - dynamic - named) == []
+
+
+def test_conclusion_says_when_the_ci_includes_no_difference(tmp_path):
+    """A median cost ratio above 1 whose CI over seeds includes 1x is not shown to be faster: the conclusion says
+    so. It read "faster than grpo" on the median alone (the committed default run's gxpo+fade: 0.96x the CPU
+    time, CI of the speedup [0.85, 1.45])."""
+    # GRPO first reaches 0.59 at step 40; the method at 20, 30, 50: cost ratios 2, 4/3, 0.8 (same cost per step)
+    m_curves = {0: [0.40, 0.5, 0.60, 0.6, 0.6, 0.6], 1: [0.40, 0.5, 0.5, 0.60, 0.6, 0.6],
+                2: [0.40, 0.5, 0.5, 0.5, 0.5, 0.60]}
+    runs = {"grpo": {s: make_records(GRPO) for s in m_curves}, "x": {s: make_records(c) for s, c in m_curves.items()},
+            "y": {s: make_records([0.40, 0.5, 0.60, 0.6, 0.6, 0.6]) for s in m_curves}}
+    res = report.build_report(runs, tmp_path, n_boot=300, plot=False)
+    a = res["methods"]["x"]["aggregate"]["eps"]["ratio_cost"]
+    assert a["median"] == pytest.approx(4 / 3) and a["ci_seeds"][0] < 1 < a["ci_seeds"][1]
+    x, y = (next(ln for ln in res["conclusion"] if ln.startswith(f"{m} vs")) for m in ("x", "y"))
+    assert "-> faster than grpo in measured wall-clock (but its 95% CI over seeds" in x and "includes 1x" in x
+    assert "-> faster than grpo in measured wall-clock;" in y and "includes 1x" not in y   # 2x in every seed

@@ -260,3 +260,25 @@ def test_sfpo_entropy_signal(tmp_path, random_advantages, signal):
         else:   # the slow pass's policy differs from the rollout's, and so does its entropy
             assert u["entropy_signal"] > 0 and u["entropy_signal"] != pytest.approx(r["rollout_entropy"], rel=1e-9)
     assert records[-1]["backward_passes"] == 2 * 3
+
+
+def test_pass1_sampling_forks_every_cuda_generator(monkeypatch):
+    """Validation's pass@1 sampling seeds its own stream with manual_seed, which reseeds the CPU generator and every
+    CUDA device's: every one of them must be forked around it. Only the CPU one was (fork_rng(devices=[])), so on
+    CUDA each validation reset the rollouts' generator to the same state. (No GPU here: the CUDA calls are stubbed
+    and the forked devices recorded.)"""
+    import contextlib
+    forked, seeded = [], []
+
+    @contextlib.contextmanager
+    def fork(devices=None, **kw):
+        forked.append(list(devices))
+        yield
+    monkeypatch.setattr(torch.random, "fork_rng", fork)
+    monkeypatch.setattr(torch, "manual_seed", seeded.append)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(loop, "evaluate", lambda *a, n=1, **kw: [1.0, 0.0] if n == 1 else [0.5, 0.5])
+    cfg = TrainConfig(pass1_size=2, pass1_n=2, seed=3)
+    out = loop.validate_policy(cfg, None, None, None, [("1+1=", "2"), ("2+2=", "4")], 2)
+    assert forked == [[0, 1]] and seeded == [10_003] and out["pass1"] == 0.5 and out["greedy_acc"] == 0.5

@@ -8,6 +8,7 @@
 """
 import dataclasses
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -220,3 +221,71 @@ def test_late_trend_points_on_a_line_have_no_t(k):
     for y in (0.1 + 0.01 * np.arange(k), np.full(k, 0.1), np.full(k, 1 / 3)):
         got = stats.late_trend(steps, y, 1.0)
         assert got["t"] is None and got["gain"] == pytest.approx(y[-1] - y[0], abs=1e-12)
+
+
+def test_in_process_runs_use_threads_and_record_their_arithmetic(tmp_path, monkeypatch):
+    """--workers 0 runs every run in this process with --threads torch threads, as a worker does, and restores the
+    caller's count after; each run's entry in runs.json names the ATen kernels and threads it computed with. The
+    runs used to keep the caller's thread count (other arithmetic: other losses and curves than --workers 1)
+    while runs.json said threads 1 and recorded no kernels."""
+    import torch
+
+    from gxpo_kernels.trainer import loop
+    seen = []
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda tc, **kw: seen.append(torch.get_num_threads()) or real(tc, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "run"
+        speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo",)), threads=1), progress=False,
+                            log=lambda s: None)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    index = json.loads((out / "runs.json").read_text())
+    e = index["runs"]["grpo"]["0"]
+    assert (e["torch_threads"], e["cpu_capability"]) == (1, torch.backends.cpu.get_cpu_capability())
+    assert set(index["env"]) == set(speedup.REPRODUCIBLE_ENV)   # as found in the environment (not set in-process)
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["runs"]["runs"]["grpo"]["0"]["torch_threads"] == 1
+
+
+def test_cuda_records_are_costed_on_the_wall_clock(tmp_path):
+    """Records from CUDA (they carry gpu_update) are costed on the synced wall clock: process CPU time sees a GPU
+    pass's launch, not its work, so a method's extra passes looked nearly free. Measured and projected costs used
+    the CPU clock there, and docs/speedup.md pointed at "wall-clock projections" that results.json did not hold."""
+    def on_gpu(recs, t_bwd):
+        for r in recs[1:]:   # the host spends little CPU per pass; the GPU's time is in the synced wall clock
+            r.update(gpu_rollout=0.1, gpu_update=t_bwd, t_backward=t_bwd, t_optimizer=0.01, t_rollout=0.1,
+                     cpu_backward=0.001 * r["backward_passes"] / r["step"], cpu_update=0.002)
+        return recs
+    g = on_gpu(_recs(4, [0.01] * 4, bwd=0.001, upd_rest=0.001), 0.2)
+    m = on_gpu(_recs(4, [0.01] * 4, bwd=0.001, upd_rest=0.001, bp=3), 0.6)
+    assert stats.cost_clock([g, m]) == "wall"
+    res = report.build_report({"grpo": {0: g}, "m": {0: m}}, tmp_path, plot=False, n_boot=10)
+    assert res["meta"]["cost_clock"] == "wall" and res["methods"]["m"]["cost_model"]["t_bp"] == pytest.approx(0.2)
+    assert stats.cost_clock([_recs(4, [0.1] * 4, bwd=0.2, upd_rest=0.05)]) == "cpu"   # CPU records: CPU time
+
+
+def test_worker_environment_is_the_callers_again_after_the_run(tmp_path, monkeypatch):
+    """The kernel caps and thread counts go to the workers and leave the caller's environment as it was: they
+    stayed set (setdefault) after the run, so a second run in the same process with another --threads recorded and
+    spawned with the first run's OMP_NUM_THREADS, and every later subprocess inherited the caps. A value the caller
+    set still wins."""
+    import platform
+    for k in speedup.REPRODUCIBLE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    out = tmp_path / "run"
+    speedup.run_speedup(dataclasses.replace(_cfg(out, ("grpo",)), workers=1, threads=2), progress=False,
+                        log=lambda s: None)
+    assert [k for k in speedup.REPRODUCIBLE_ENV if k in os.environ] == ["MKL_CBWR"]
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+    index = json.loads((out / "runs.json").read_text())
+    assert index["env"] == dict(speedup.REPRODUCIBLE_ENV, MKL_CBWR="COMPATIBLE", OMP_NUM_THREADS="2",
+                                MKL_NUM_THREADS="2")
+    e = index["runs"]["grpo"]["0"]
+    assert e["torch_threads"] == 2
+    if platform.machine().lower() in ("x86_64", "amd64"):   # the worker computed with the capped kernels
+        assert e["cpu_capability"] == "AVX2"
