@@ -133,6 +133,16 @@ def _seed_entry(cur: stats.Curve, r: Optional[dict]) -> dict:
     return entry
 
 
+def _median(v: np.ndarray) -> float:
+    """The median of per-seed ratios, except that an even count whose two middle values are a not-reached seed (0)
+    and a reached one gives 0 (not reached): their average is a ratio no seed had (0 and 2.0x gave 1.00x)."""
+    s = np.sort(v)
+    n = s.size
+    if n % 2 == 0 and s[n // 2 - 1] == 0 < s[n // 2]:
+        return 0.0
+    return float(np.median(s))
+
+
 def _summary(vals, *, n_boot, seed, level) -> dict:
     """median/min/max and seed-bootstrap CI of per-seed ratios (0 = not reached, NaN = degenerate dropped). One
     seed has no CI over seeds (None): resampling one value gives a zero-width interval that says nothing of the
@@ -141,7 +151,7 @@ def _summary(vals, *, n_boot, seed, level) -> dict:
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"median": None, "min": None, "max": None, "ci_seeds": None, "ci_prompts": None}
-    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
+    return {"median": _median(v), "min": float(v.min()), "max": float(v.max()),
             "ci_seeds": stats.bootstrap_ci(v, n_boot=n_boot, seed=seed, level=level) if v.size > 1 else None,
             "ci_prompts": None}
 
@@ -448,7 +458,7 @@ def conclusion_lines(results: Mapping) -> list:
         med = {k: a[k]["median"] for k in RATIO_KEYS}
         head = f"{m} vs {b}, to reach {what} (median of {a['n_seeds']} seed(s), reached {a['reached']}): "
         if med["ratio_steps"] == 0:
-            lines.append(head + f"NOT REACHED in most seeds (not reached in "
+            lines.append(head + f"NOT REACHED in at least half the seeds (not reached in "
                          f"{a['n_seeds'] - a['n_reached']}/{a['n_seeds']}).")
             continue
         s = (head + f"needs {_frac(med['ratio_steps'])} {b}'s steps, {_frac(med['ratio_bp'])} its backward passes, "

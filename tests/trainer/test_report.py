@@ -578,3 +578,18 @@ def test_conclusion_says_when_the_ci_includes_no_difference(tmp_path):
     x, y = (next(ln for ln in res["conclusion"] if ln.startswith(f"{m} vs")) for m in ("x", "y"))
     assert "-> faster than grpo in measured wall-clock (but its 95% CI over seeds" in x and "includes 1x" in x
     assert "-> faster than grpo in measured wall-clock;" in y and "includes 1x" not in y   # 2x in every seed
+
+
+def test_even_seed_count_does_not_average_not_reached_with_reached(tmp_path):
+    """Two seeds, one reaching GRPO's target at 2x its speed and one never reaching it: the median ratio was the
+    average of 0 (not reached) and 2.0, "needs 1.00x grpo's steps", a figure no seed had. It is now 0, not
+    reached, as the median step figure (null) already said; two reached seeds still average."""
+    runs = {"grpo": {s: make_records(GRPO) for s in (0, 1)},
+            "sfpo": {0: make_records(FAST, bp=4, opt=4), 1: make_records(SLOW, bp=4, opt=4)}}
+    res = report.build_report(runs, tmp_path, n_boot=50, plot=False)
+    a = res["methods"]["sfpo"]["aggregate"]["eps"]
+    assert (a["n_seeds"], a["n_reached"], a["step"]) == (2, 1, None)
+    assert a["ratio_steps"]["median"] == 0 and a["ratio_steps"]["max"] == pytest.approx(2.0)
+    line = next(ln for ln in report.conclusion_lines(res) if ln.startswith("sfpo"))
+    assert "NOT REACHED in at least half the seeds (not reached in 1/2)" in line, line
+    assert report._median(np.array([1.5, 2.0])) == 1.75 and report._median(np.array([0.0, 0.0, 2.0])) == 0
