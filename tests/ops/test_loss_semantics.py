@@ -477,6 +477,27 @@ def test_bad_scalars_raise_naming_the_option_and_range(name, value, exc):
         LinearGRPOLoss(**{name: value})
 
 
+@pytest.mark.parametrize("linear", (False, True))
+def test_num_items_in_batch_tensor_must_hold_one_real_number(linear):
+    """A (k,) count used to broadcast the 0-d loss into a (k,) tensor without an error; a one-element tensor of
+    any shape is the count it holds."""
+    logits, tokens, adv, mask, old, ref = _inputs(V=40)
+    B, T, V = logits.shape
+    if linear:
+        hidden, weight = torch.randn(B, T, 8), torch.randn(V, 8)
+        call = lambda n: linear_grpo_loss(hidden, weight, tokens, adv, mask, old, num_items_in_batch=n,  # noqa: E731
+                                          backend="torch")[0]
+    else:
+        call = lambda n: grpo_loss(logits, tokens, adv, mask, old, num_items_in_batch=n, backend="torch")[0]  # noqa
+    base = call(torch.tensor(23.0))
+    assert base.shape == ()
+    for n in (torch.tensor([23.0]), torch.tensor([[23]]), 23):
+        assert torch.equal(call(n), base)
+    for n in (torch.tensor([23.0, 5.0]), torch.zeros(0), torch.tensor(True), torch.tensor(23 + 0j)):
+        with pytest.raises(TypeError, match="num_items_in_batch"):
+            call(n)
+
+
 def test_error_message_states_the_range():
     with pytest.raises(ValueError, match=r"eps_low must be in \[0, 1\)"):
         GRPOLossOptions(eps_low=1.0)
