@@ -135,6 +135,8 @@ class ExtrapolationRule:
     _snapshot_due = False
 
     def _optimizer_step(self) -> None:
+        if self._snapshot_due or self._snapped_params:
+            self._check_param_groups_unchanged()
         if self._snapshot_due:
             self._take_due_snapshot_()
         self.optimizer.step()
@@ -199,7 +201,9 @@ class ExtrapolationRule:
 
     @torch.no_grad()
     def _restore_params_(self) -> None:
-        _copy_all_(self._param_list(), self._theta0)
+        # into the parameters θ0 was taken of: a param group added since (inside a closure) has no θ0 entry
+        sig = self._theta0_sig
+        _copy_all_(self._param_list() if sig is None else sig[0], self._theta0)
 
     @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
@@ -384,8 +388,21 @@ class ExtrapolationRule:
             _check_no_alias(params, [], None, None, None)
             self._alias_checked = key
 
+    def _param_group_sizes(self) -> tuple:
+        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
+
+    def _check_param_groups_unchanged(self) -> None:
+        """Raise (the step then rewinds) when the optimizer's parameters changed since the step began, e.g.
+        ``add_param_group`` inside the closure: θ0 and the state snapshot do not cover the new parameters, so
+        the step could neither extrapolate them nor rewind them."""
+        if self._param_group_sizes() != self._step_groups:
+            raise ValueError(f"{self._rule_name}.step: the optimizer's parameters changed during the step "
+                             f"(param group sizes {self._step_groups} -> {self._param_group_sizes()}, e.g. "
+                             "add_param_group inside the closure); change them between steps")
+
     def _guarded(self, body: Callable[[], dict], *, snapshot: bool) -> dict:
         """Run ``body``; on any exception rewind to the start of the step and re-raise."""
+        self._step_groups = self._param_group_sizes()
         counters = (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks)
         gate_sd = self.gate.state_dict()
         self._snapped_params = self._snapped_opt = False
