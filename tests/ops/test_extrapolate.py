@@ -456,11 +456,15 @@ def test_validation_errors():
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("kw,match", [(dict(delta=math.nan), "delta"), (dict(delta=-1e-8), "delta"),
                                       (dict(delta=math.inf), "delta"), (dict(r_min=math.nan), "r_min"),
-                                      (dict(r_max=math.nan), "r_max"), (dict(r_min=1.0, r_max=0.5), "r_min")])
+                                      (dict(r_max=math.nan), "r_max"), (dict(r_min=1.0, r_max=0.5), "r_min"),
+                                      (dict(clip_coef0=-1.0), "clip_coef0"), (dict(clip_coef1=-0.5), "clip_coef1"),
+                                      (dict(clip_coef0=math.nan), "clip_coef0"),
+                                      (dict(clip_coef1=math.inf), "clip_coef1")])
 def test_guard_and_clamp_arguments_are_checked(backend, kw, match):
     """A NaN δ or r clamp reached the backends unchecked, and they disagreed: the reference's max(|ĝ0|, NaN) is
     NaN (r -> 1), the kernels' comparison with NaN keeps |ĝ0| (the C++ op and Triton moved θ̃ by up to 0.12 more
-    than the reference here). Refused by both entry points, before anything is written."""
+    than the reference here). A negative clip coefficient flipped ĝ's sign (and r's) without an error. Refused by
+    both entry points, before anything is written."""
     from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
     p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (5,)])
     before = _clone(p)
