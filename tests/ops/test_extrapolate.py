@@ -794,3 +794,13 @@ def test_triton_chunks_of_several_blocks(monkeypatch, dtype, grads, inactive):
     assert d["numel"] == sum(math.prod(s) for s in shapes) and d["n_nonfinite"] == (1 if grads else 0)
     if inactive is not None:
         assert d["n_inactive"] == stats_to_dict(ref)["n_inactive"] > 0
+
+
+def test_stats_to_dict_refuses_a_vector_of_another_length():
+    """zip paired the names with whatever came: a short vector lost the last statistics (a KeyError much later,
+    or a max scale read as a count), a (2, n) stack paired names with rows."""
+    st = extrapolate_(*_make(torch.float32, shapes=[(37,)]), alpha=0.5, K=5, backend="torch")
+    assert stats_to_dict(st)["numel"] == 37
+    for bad in (st[:-1], torch.stack([st, st]), st.tolist()):
+        with pytest.raises(ValueError, match="stats must be"):
+            stats_to_dict(bad)

@@ -515,7 +515,12 @@ def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
 
 
 def stats_to_dict(stats: torch.Tensor) -> dict:
-    """Name the entries of a stats vector (host floats)."""
+    """Name the entries of a stats vector (host floats). ``stats``: the (len(STAT_NAMES),) vector ``extrapolate_``
+    returns (or its reduction across ranks)."""
+    if not isinstance(stats, torch.Tensor) or stats.shape != (N_STATS,):
+        # zip would silently drop the names past a shorter vector (or pair them with rows of a 2-D one)
+        raise ValueError(f"stats must be a ({N_STATS},) tensor ({', '.join(STAT_NAMES)}), got "
+                         f"{tuple(stats.shape) if isinstance(stats, torch.Tensor) else type(stats).__name__}")
     if not (stats.dtype is torch.float64 and stats.is_cpu):   # (what the CPU op returns: read it as it is)
         stats = stats.double().cpu()
     return dict(zip(STAT_NAMES, stats.tolist()))
