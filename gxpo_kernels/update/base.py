@@ -19,6 +19,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import operator
@@ -71,6 +72,10 @@ class ExtrapolationRule:
                  fallback_state: Optional[str] = None, backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if _step_needs_closure(optimizer):
+            raise TypeError(f"optimizer: {type(optimizer).__name__}.step needs a closure (LBFGS-style), but the rule "
+                            "takes one optimizer.step() per pass with the gradients it has clipped; use a "
+                            "first-order optimizer such as AdamW")
         max_grad_norm = check_scalar(max_grad_norm, "max_grad_norm", "(0, inf)", optional=True)
         check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
         check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
@@ -581,6 +586,18 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint misses {e.args[0]!r}") from None
         self.gate.load_state_dict(sd["gate"])             # checks everything before it changes anything
         (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
+
+
+def _step_needs_closure(optimizer) -> bool:
+    """Whether the optimizer class's ``step`` has a required argument after ``self`` (LBFGS's ``step(closure)``):
+    the rule would only find out at its first optimizer step, with torch's missing-argument error. The class's
+    method, not the instance's attribute: DeepSpeed replaces the latter with a wrapper of its own."""
+    try:
+        params = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    except (TypeError, ValueError):   # no signature to read (a builtin): let the step speak for itself
+        return False
+    return bool(params) and params[0].default is inspect.Parameter.empty and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
