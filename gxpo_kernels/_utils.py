@@ -216,7 +216,7 @@ def check_validate(validate: str) -> str:
 def host_sync_free(device: torch.device) -> bool:
     """True where reading a tensor's value on the host would stall the device (CUDA), or under
     ``torch.compile``: the ops then pick paths that never do (e.g. no masked-row compaction)."""
-    return device.type == "cuda" or torch.compiler.is_compiling()
+    return device.type in ("cuda", "meta") or torch.compiler.is_compiling()   # (meta: no values to read)
 
 
 def masked_row_index(mask1d: torch.Tensor) -> Optional[torch.Tensor]:
@@ -270,6 +270,8 @@ def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[
     """Token ids at unmasked positions must lie in [0, vocab_size); masked positions may hold anything."""
     if tokens.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be int64 (or int32), got {tokens.dtype}")
+    if tokens.is_meta:
+        return   # shapes only (e.g. shape inference on the meta device): no ids to check
     t = tokens if mask is None else tokens[mask.bool()]
     if t.numel() == 0:
         return
@@ -302,8 +304,8 @@ def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tens
 def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError if ``x`` holds NaN/inf; with a bool ``mask`` (broadcast over x's leading dims) only
     unmasked entries count, since the ops ignore the rest. Reads the data: a host sync on CUDA. Skipped under
-    ``torch.compile`` (a traced graph cannot branch on data), for every op alike."""
-    if torch.compiler.is_compiling():
+    ``torch.compile`` (a traced graph cannot branch on data), for every op alike, and for meta tensors."""
+    if torch.compiler.is_compiling() or x.is_meta:
         return
     ok = torch.isfinite(x)
     if mask is not None:
@@ -315,7 +317,7 @@ def check_finite(x: torch.Tensor, name: str, mask: Optional[torch.Tensor] = None
 def check_bias_finite(bias: Optional[torch.Tensor]) -> None:
     """``check_finite`` for an lm_head bias: NaN or +inf is refused, -inf is allowed (a banned token, probability
     0). Reads the data: a host sync on CUDA; skipped under ``torch.compile``, as ``check_finite``."""
-    if bias is None or torch.compiler.is_compiling():
+    if bias is None or torch.compiler.is_compiling() or bias.is_meta:
         return
     if bool((torch.isnan(bias) | (bias == float("inf"))).any()):
         raise ValueError("bias contains NaN or +inf (-inf entries, banned tokens, are allowed)")
@@ -334,7 +336,7 @@ def normalize_mask(mask: Optional[torch.Tensor], shape, device, check_values: bo
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        if check_values and bool(((mask != 0) & (mask != 1)).any()):
+        if check_values and not mask.is_meta and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0/1 (or be bool)")
         return mask != 0
     raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")

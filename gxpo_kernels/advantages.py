@@ -22,7 +22,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from ._utils import check_scalar
+from ._utils import check_same_device, check_scalar, normalize_mask
 
 SCALES = ("std", "batch", "none")
 EMA_CONVENTIONS = ("slow", "fast")
@@ -91,8 +91,7 @@ def _group_moments(rewards: torch.Tensor, group_size: Optional[int], group_ids: 
         if rewards.dim() != 2:
             raise ValueError("pass group_size (or group_ids) for 1-D rewards, or rewards shaped (num_prompts, G)")
         group_size = rewards.shape[1]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    group_size = check_scalar(group_size, "group_size", "[1, inf)", integer=True)   # (numpy / 0-d tensor ints too)
     if rewards.dim() == 2 and rewards.shape[1] != group_size:
         raise ValueError(f"group_size={group_size} disagrees with rewards of shape {tuple(rewards.shape)}")
     if N % group_size:
@@ -192,15 +191,16 @@ def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
 def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Positive advantage mass over negative mass, sum(max(A, 0)) / sum(max(-A, 0)), for logging (0-d fp64).
 
-    ``mask`` (same shape, bool) selects the entries counted. inf when there is no negative mass (nan if both 0).
+    ``mask`` (same shape, bool or 0/1) selects the entries counted. inf when there is no negative mass (nan if
+    both 0).
     """
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError("advantages must be a floating-point torch.Tensor")
     a = advantages.detach().double()
     if mask is not None:
-        if tuple(mask.shape) != tuple(a.shape):
-            raise ValueError(f"mask must have shape {tuple(a.shape)}, got {tuple(mask.shape)}")
-        a = torch.where(mask.bool(), a, torch.zeros_like(a))
+        # (``mask.bool()`` read a weight such as 0.5 as 1: the one mask rule of the library instead)
+        check_same_device(a, "advantages", mask=mask)
+        a = torch.where(normalize_mask(mask, a.shape, a.device), a, torch.zeros_like(a))
     return a.clamp(min=0).sum() / (-a).clamp(min=0).sum()
 
 

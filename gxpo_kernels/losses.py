@@ -288,7 +288,12 @@ def grpo_token_loss(
             raise ValueError("num_items_in_batch replaces the token count of loss_agg_mode='token-mean'; got "
                              f"loss_agg_mode={opts.loss_agg_mode!r}")
         if isinstance(num_items_in_batch, torch.Tensor):
-            denom = num_items_in_batch.detach().to(device=logp.device, dtype=dt).clamp(min=1.0)
+            n = num_items_in_batch
+            if n.numel() != 1 or n.is_complex() or n.dtype == torch.bool:
+                # a (k,) count would broadcast the scalar loss into a (k,) "loss" without an error
+                raise TypeError("num_items_in_batch must be a number or a one-element real tensor, got a tensor of "
+                                f"shape {tuple(n.shape)} and dtype {n.dtype}")
+            denom = n.detach().reshape(()).to(device=logp.device, dtype=dt).clamp(min=1.0)
         else:
             denom = max(check_scalar(num_items_in_batch, "num_items_in_batch", "[0, inf)"), 1.0)
         loss = masked_sum(per_token, mask) / denom

@@ -7,6 +7,7 @@ per-group loop (ragged, unordered ids); the FADE formula on hand-worked groups (
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,27 @@ def test_sign_ratio():
     m = torch.tensor([True, True, True, True, False])
     assert float(sign_ratio(a, m)) == pytest.approx(3.0 / 2.0)
     assert math.isinf(float(sign_ratio(torch.tensor([1.0, 0.0]))))
+    assert float(sign_ratio(a, m.float())) == float(sign_ratio(a, m.long())) == pytest.approx(3.0 / 2.0)
+    with pytest.raises(ValueError, match="0/1"):       # a weight mask was read as mask.bool(): 0.5 counted fully
+        sign_ratio(a, m * 0.5)
+    with pytest.raises(ValueError, match="mask"):
+        sign_ratio(a, m.to("meta"))
+    with pytest.raises(ValueError, match="mask"):
+        sign_ratio(a, m[:4])
+
+
+def test_group_size_follows_the_scalar_rule():
+    """numpy and 0-d tensor integers are accepted like every other scalar argument (they were refused)."""
+    r = torch.rand(12)
+    want = group_advantages(r, group_size=4)
+    for g in (np.int64(4), torch.tensor(4), 4.0):
+        assert torch.equal(group_advantages(r, group_size=g), want)
+        assert torch.equal(fade_advantages((r > 0.5).float(), group_size=g),
+                           fade_advantages((r > 0.5).float(), group_size=4))
+    with pytest.raises(TypeError, match="group_size"):
+        group_advantages(r, group_size=True)
+    with pytest.raises(TypeError, match="group_size"):
+        group_advantages(r, group_size=2.5)
 
 
 def test_bad_input():

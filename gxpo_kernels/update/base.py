@@ -19,6 +19,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import operator
@@ -71,6 +72,10 @@ class ExtrapolationRule:
                  fallback_state: Optional[str] = None, backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if _step_needs_closure(optimizer):
+            raise TypeError(f"optimizer: {type(optimizer).__name__}.step needs a closure (LBFGS-style), but the rule "
+                            "takes one optimizer.step() per pass with the gradients it has clipped; use a "
+                            "first-order optimizer such as AdamW")
         max_grad_norm = check_scalar(max_grad_norm, "max_grad_norm", "(0, inf)", optional=True)
         check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
         check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
@@ -135,6 +140,8 @@ class ExtrapolationRule:
     _snapshot_due = False
 
     def _optimizer_step(self) -> None:
+        if self._snapshot_due or self._snapped_params:
+            self._check_param_groups_unchanged()
         if self._snapshot_due:
             self._take_due_snapshot_()
         self.optimizer.step()
@@ -199,7 +206,9 @@ class ExtrapolationRule:
 
     @torch.no_grad()
     def _restore_params_(self) -> None:
-        _copy_all_(self._param_list(), self._theta0)
+        # into the parameters θ0 was taken of: a param group added since (inside a closure) has no θ0 entry
+        sig = self._theta0_sig
+        _copy_all_(self._param_list() if sig is None else sig[0], self._theta0)
 
     @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
@@ -384,8 +393,21 @@ class ExtrapolationRule:
             _check_no_alias(params, [], None, None, None)
             self._alias_checked = key
 
+    def _param_group_sizes(self) -> tuple:
+        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
+
+    def _check_param_groups_unchanged(self) -> None:
+        """Raise (the step then rewinds) when the optimizer's parameters changed since the step began, e.g.
+        ``add_param_group`` inside the closure: θ0 and the state snapshot do not cover the new parameters, so
+        the step could neither extrapolate them nor rewind them."""
+        if self._param_group_sizes() != self._step_groups:
+            raise ValueError(f"{self._rule_name}.step: the optimizer's parameters changed during the step "
+                             f"(param group sizes {self._step_groups} -> {self._param_group_sizes()}, e.g. "
+                             "add_param_group inside the closure); change them between steps")
+
     def _guarded(self, body: Callable[[], dict], *, snapshot: bool) -> dict:
         """Run ``body``; on any exception rewind to the start of the step and re-raise."""
+        self._step_groups = self._param_group_sizes()
         counters = (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks)
         gate_sd = self.gate.state_dict()
         self._snapped_params = self._snapped_opt = False
@@ -564,6 +586,18 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint misses {e.args[0]!r}") from None
         self.gate.load_state_dict(sd["gate"])             # checks everything before it changes anything
         (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
+
+
+def _step_needs_closure(optimizer) -> bool:
+    """Whether the optimizer class's ``step`` has a required argument after ``self`` (LBFGS's ``step(closure)``):
+    the rule would only find out at its first optimizer step, with torch's missing-argument error. The class's
+    method, not the instance's attribute: DeepSpeed replaces the latter with a wrapper of its own."""
+    try:
+        params = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    except (TypeError, ValueError):   # no signature to read (a builtin): let the step speak for itself
+        return False
+    return bool(params) and params[0].default is inspect.Parameter.empty and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

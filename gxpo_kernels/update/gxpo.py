@@ -30,7 +30,7 @@ class GXPO(ExtrapolationRule):
     """GXPO update rule wrapping ``optimizer``.
 
     Args:
-        optimizer: any torch.optim.Optimizer (AdamW in the paper).
+        optimizer: any torch.optim.Optimizer whose step() needs no closure (AdamW in the paper; LBFGS is refused).
         K: virtual number of fast steps (int >= 2; 5). alpha: partial-move fraction (0.5). tau: gate threshold (0.5).
         max_grad_norm: global clip norm c (1.0); None disables clipping (norms are still computed for checks).
         gate: "ema" (default, paper), "window", "entropy" (value passed as ``step(closure, entropy=...)``),

@@ -30,7 +30,8 @@ class SFPO(ExtrapolationRule):
     """SFPO update rule wrapping ``optimizer``.
 
     Args:
-        optimizer: any torch.optim.Optimizer. K: fast passes (int >= 1; 3). alpha: reposition fraction (0.8).
+        optimizer: any torch.optim.Optimizer whose step() needs no closure (LBFGS is refused). K: fast passes
+            (int >= 1; 3). alpha: reposition fraction (0.8).
         max_grad_norm: global clip norm (1.0) or None. gate: "entropy" (default), "ema", "window", None or a
             Gate; tau (1.0) and window (30) parameterise it; gate_one_sided / gate_patience / gate_warmup /
             gate_rearm_after: the common gate options (see :mod:`~gxpo_kernels.update.gates`).

@@ -456,11 +456,15 @@ def test_validation_errors():
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("kw,match", [(dict(delta=math.nan), "delta"), (dict(delta=-1e-8), "delta"),
                                       (dict(delta=math.inf), "delta"), (dict(r_min=math.nan), "r_min"),
-                                      (dict(r_max=math.nan), "r_max"), (dict(r_min=1.0, r_max=0.5), "r_min")])
+                                      (dict(r_max=math.nan), "r_max"), (dict(r_min=1.0, r_max=0.5), "r_min"),
+                                      (dict(clip_coef0=-1.0), "clip_coef0"), (dict(clip_coef1=-0.5), "clip_coef1"),
+                                      (dict(clip_coef0=math.nan), "clip_coef0"),
+                                      (dict(clip_coef1=math.inf), "clip_coef1")])
 def test_guard_and_clamp_arguments_are_checked(backend, kw, match):
     """A NaN δ or r clamp reached the backends unchecked, and they disagreed: the reference's max(|ĝ0|, NaN) is
     NaN (r -> 1), the kernels' comparison with NaN keeps |ĝ0| (the C++ op and Triton moved θ̃ by up to 0.12 more
-    than the reference here). Refused by both entry points, before anything is written."""
+    than the reference here). A negative clip coefficient flipped ĝ's sign (and r's) without an error. Refused by
+    both entry points, before anything is written."""
     from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
     p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (5,)])
     before = _clone(p)
@@ -790,3 +794,13 @@ def test_triton_chunks_of_several_blocks(monkeypatch, dtype, grads, inactive):
     assert d["numel"] == sum(math.prod(s) for s in shapes) and d["n_nonfinite"] == (1 if grads else 0)
     if inactive is not None:
         assert d["n_inactive"] == stats_to_dict(ref)["n_inactive"] > 0
+
+
+def test_stats_to_dict_refuses_a_vector_of_another_length():
+    """zip paired the names with whatever came: a short vector lost the last statistics (a KeyError much later,
+    or a max scale read as a count), a (2, n) stack paired names with rows."""
+    st = extrapolate_(*_make(torch.float32, shapes=[(37,)]), alpha=0.5, K=5, backend="torch")
+    assert stats_to_dict(st)["numel"] == 37
+    for bad in (st[:-1], torch.stack([st, st]), st.tolist()):
+        with pytest.raises(ValueError, match="stats must be"):
+            stats_to_dict(bad)

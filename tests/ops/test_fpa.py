@@ -484,3 +484,26 @@ def test_bad_input():
         fpa_kto_loss(x, torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="advantages"):
         fpa_offline_pg_loss(x, torch.randn(3))
+
+
+@pytest.mark.parametrize("field", ("ref_logp", "fpa_logp", "mask", "desirable", "advantages"))
+def test_objective_inputs_on_another_device_are_named(field):
+    """A tensor of an FPALogProbs (or KTO's ``desirable``, the offline PG's ``advantages``) on another device than
+    ``logp`` used to fail inside ``torch.where`` with a message naming no argument; the meta device stands in for
+    a second device on a CPU-only machine."""
+    B, T = 3, 4
+    x = FPALogProbs(torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.3)
+    desirable, adv = torch.tensor([True, False, True]), torch.randn(B)
+    if field in FPALogProbs._fields:
+        x = x._replace(**{field: getattr(x, field).to("meta")})
+    elif field == "desirable":
+        desirable = desirable.to("meta")
+    else:
+        adv = adv.to("meta")
+    with pytest.raises(ValueError, match=field):
+        if field == "desirable":
+            fpa_kto_loss(x, desirable)
+        elif field == "advantages":
+            fpa_offline_pg_loss(x, adv)
+        else:
+            fpa_dpo_loss(x, FPALogProbs(torch.randn(B, T), torch.randn(B, T)))

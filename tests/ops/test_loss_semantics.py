@@ -477,6 +477,27 @@ def test_bad_scalars_raise_naming_the_option_and_range(name, value, exc):
         LinearGRPOLoss(**{name: value})
 
 
+@pytest.mark.parametrize("linear", (False, True))
+def test_num_items_in_batch_tensor_must_hold_one_real_number(linear):
+    """A (k,) count used to broadcast the 0-d loss into a (k,) tensor without an error; a one-element tensor of
+    any shape is the count it holds."""
+    logits, tokens, adv, mask, old, ref = _inputs(V=40)
+    B, T, V = logits.shape
+    if linear:
+        hidden, weight = torch.randn(B, T, 8), torch.randn(V, 8)
+        call = lambda n: linear_grpo_loss(hidden, weight, tokens, adv, mask, old, num_items_in_batch=n,  # noqa: E731
+                                          backend="torch")[0]
+    else:
+        call = lambda n: grpo_loss(logits, tokens, adv, mask, old, num_items_in_batch=n, backend="torch")[0]  # noqa
+    base = call(torch.tensor(23.0))
+    assert base.shape == ()
+    for n in (torch.tensor([23.0]), torch.tensor([[23]]), 23):
+        assert torch.equal(call(n), base)
+    for n in (torch.tensor([23.0, 5.0]), torch.zeros(0), torch.tensor(True), torch.tensor(23 + 0j)):
+        with pytest.raises(TypeError, match="num_items_in_batch"):
+            call(n)
+
+
 def test_error_message_states_the_range():
     with pytest.raises(ValueError, match=r"eps_low must be in \[0, 1\)"):
         GRPOLossOptions(eps_low=1.0)
@@ -731,3 +752,31 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
     with pytest.raises(RuntimeError, match="forward-mode"):
         torch.func.jvp(lambda x: grpo_loss(x, tokens, adv, mask, old, backend=backend)[0], (logits,),
                        (torch.randn_like(logits),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_tensors_give_shapes_with_every_check_on(backend):
+    """On the meta device (shape inference, FLOP counting) the checks that read values (ids in range, 0/1 mask,
+    check_finite) have nothing to read and are skipped, as under torch.compile; they used to raise torch's
+    ``item()`` / ``nonzero`` errors on meta tensors, which name no argument. Forward and backward give shapes."""
+    B, T, H, V = 2, 3, 4, 11
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+    tokens, mask = meta(B, T, dtype=torch.int64), meta(B, T, dtype=torch.int32)
+    logits, hidden, weight = (meta(*s).requires_grad_() for s in ((B, T, V), (B, T, H), (V, H)))
+    loss, _ = grpo_loss(logits, tokens, meta(B), mask, meta(B, T), validate="full", check_finite=True,
+                        backend=backend)
+    lp, ent = token_logprobs(logits, tokens, mask=mask, backend=backend)
+    fpa = fpa_logprobs(logits, meta(B, T, V), tokens, mask=mask, backend=backend)
+    (loss + lp.sum() + ent.sum() + fpa[0].sum()).backward()
+    assert loss.shape == () and lp.shape == ent.shape == fpa[2].shape == (B, T)
+    assert logits.grad.shape == (B, T, V) and logits.grad.is_meta
+    for grad_in_forward in (False, True) if backend == "torch" else (False,):
+        loss, _ = linear_grpo_loss(hidden, weight, tokens, meta(B), mask, bias=meta(V), validate="full",
+                                   check_finite=True, grad_in_forward=grad_in_forward, backend=backend)
+        loss.backward()
+    lp, _ = linear_token_logprobs(hidden, weight, tokens, mask=mask, check_finite=True, backend=backend)
+    lfpa = linear_fpa_logprobs(hidden, weight, meta(B, T, H), meta(V, H), tokens, mask=mask, backend=backend)
+    (lp.sum() + lfpa[0].sum()).backward()
+    assert lp.shape == lfpa[1].shape == (B, T) and hidden.grad.shape == (B, T, H) and weight.grad.shape == (V, H)

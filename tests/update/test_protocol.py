@@ -136,6 +136,38 @@ def test_exception_in_an_optimizer_step_rewinds(make, call, applied):
     _assert_same(_state(m, opt), before)
 
 
+@pytest.mark.parametrize("make", [lambda o: GXPO(o, gate=None), lambda o: SFPO(o, K=2, gate=None)],
+                         ids=["gxpo", "sfpo"])
+@pytest.mark.parametrize("add_at", [0, 1])
+@pytest.mark.parametrize("then_raise", [False, True])
+def test_param_group_added_inside_the_closure_raises_and_rewinds(make, add_at, then_raise):
+    """θ0 and the state snapshot cover the parameters the step began with. A group added by the closure used to
+    make the rewind itself fail (its copy met more parameters than θ0 holds: a RuntimeError instead of the
+    closure's exception, parameters left moved), or the new parameters took unextrapolated probe steps; now the
+    next optimizer step raises a ValueError, nothing is stepped with the new group, and the step rewinds."""
+    m = mlp()
+    ps = list(m.parameters())
+    opt = torch.optim.AdamW(ps[:2], lr=1e-2, weight_decay=0.1)
+    rule = make(opt)
+    rule.step(_closure(m, opt, rule, batch=1), entropy=1.0)
+    before = _state(m, opt)
+    inner = _closure(m, opt, rule)
+
+    def closure():
+        if rule.pass_index == add_at and len(opt.param_groups) == 1:
+            opt.add_param_group({"params": ps[2:], "lr": 1e-2})
+            if then_raise:
+                raise Boom("after add_param_group")
+        return inner()
+    with pytest.raises(Boom if then_raise else ValueError, match="after add_param_group" if then_raise else
+                       "parameters changed during the step"):
+        rule.step(closure, entropy=1.0)
+    _assert_same(_state(m, opt), before)
+    assert all(p.grad is None for p in ps)
+    rule.step(_closure(m, opt, rule), entropy=1.0)      # between steps a new group is taken up
+    assert all(not torch.equal(a, b) for a, b in zip(ps, before[0])) and all(opt.state[p] for p in ps)
+
+
 def test_snapshot_is_taken_at_the_first_optimizer_step():
     """Nothing is copied before pass 0 (the copies run when the optimizer is about to read the same tensors);
     θ0 is the parameters at the step's start all the same."""

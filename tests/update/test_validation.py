@@ -36,3 +36,15 @@ def test_numpy_and_tensor_scalars_are_accepted():
     g = GXPO(_opt(), K=np.int64(5), alpha=np.float32(0.5), max_grad_norm=torch.tensor(1.0))
     assert (g.K, g.alpha, g.max_grad_norm) == (5, 0.5, 1.0) and isinstance(g.alpha, float)
     assert WindowGate(tau=np.float64(0.5), window=np.int32(4)).window == 4
+
+
+@pytest.mark.parametrize("rule", [GXPO, SFPO])
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_construction(rule):
+    """LBFGS's step(closure) met the rule's optimizer.step() only at the first optimizer step (torch's
+    missing-argument error); every first-order torch optimizer still wraps."""
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(TypeError, match="optimizer: LBFGS.step needs a closure"):
+        rule(torch.optim.LBFGS(p))
+    for opt in (torch.optim.SGD(p, lr=0.1), torch.optim.AdamW(p), torch.optim.Adagrad(p), torch.optim.RMSprop(p),
+                torch.optim.NAdam(p), torch.optim.Rprop(p), torch.optim.ASGD(p), torch.optim.Adadelta(p)):
+        rule(opt)

@@ -484,7 +484,7 @@ class ExtrapolationPlan:
                 (self.g0_per_call and len(g0) != n):
             raise ValueError("ExtrapolationPlan: g1 (and a per-call g0) must have one tensor per param (None iff "
                              "the plan has no g0)")
-        _check_scalars(alpha, K, scale_formula, delta, r_min, r_max)
+        _check_scalars(alpha, K, scale_formula, delta, r_min, r_max, clip_coef0, clip_coef1)
         thr = None
         if inactive_threshold is not None and g0 is not None:
             if not float(inactive_threshold) >= 0:
@@ -515,7 +515,12 @@ def _combine(parts: Sequence[torch.Tensor], device) -> torch.Tensor:
 
 
 def stats_to_dict(stats: torch.Tensor) -> dict:
-    """Name the entries of a stats vector (host floats)."""
+    """Name the entries of a stats vector (host floats). ``stats``: the (len(STAT_NAMES),) vector ``extrapolate_``
+    returns (or its reduction across ranks)."""
+    if not isinstance(stats, torch.Tensor) or stats.shape != (N_STATS,):
+        # zip would silently drop the names past a shorter vector (or pair them with rows of a 2-D one)
+        raise ValueError(f"stats must be a ({N_STATS},) tensor ({', '.join(STAT_NAMES)}), got "
+                         f"{tuple(stats.shape) if isinstance(stats, torch.Tensor) else type(stats).__name__}")
     if not (stats.dtype is torch.float64 and stats.is_cpu):   # (what the CPU op returns: read it as it is)
         stats = stats.double().cpu()
     return dict(zip(STAT_NAMES, stats.tolist()))
@@ -528,9 +533,16 @@ def _check_list(x, name, n):
         raise ValueError(f"{name} must have {n} tensors (one per param), got {len(x)}")
 
 
-def _check_scalars(alpha, K, scale_formula, delta=1e-8, r_min=-2.0, r_max=3.0) -> None:
+def _check_scalars(alpha, K, scale_formula, delta=1e-8, r_min=-2.0, r_max=3.0, clip_coef0=1.0,
+                   clip_coef1=1.0) -> None:
     if isinstance(K, bool) or not isinstance(K, int) or K < 2:
         raise ValueError(f"K must be an int >= 2, got {K!r}")
+    for name, c in (("clip_coef0", clip_coef0), ("clip_coef1", clip_coef1)):
+        # a negative coefficient flips ĝ's sign, and so r's, without an error
+        if isinstance(c, bool):
+            raise TypeError(f"{name} must be a number, got {c!r}")
+        if not 0 <= float(c) < math.inf:
+            raise ValueError(f"{name} must be finite and >= 0 (a clip coefficient min(1, c / ‖g‖)), got {c!r}")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     if scale_formula not in SCALE_FORMULAS:
@@ -826,7 +838,8 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]
     """
-    lay, grads = _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, (delta, r_min, r_max))
+    lay, grads = _validated(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula,
+                            (delta, r_min, r_max, clip_coef0, clip_coef1))
     if lay is None:
         return _combine([], torch.device("cpu"))
     be = extrapolate_backend(backend, lay.device)

@@ -4,11 +4,11 @@ With h = logits / temperature, the future policy is pi_hat = softmax((1 + lam) *
 pi_hat ∝ pi_theta^(1+lam) * pi_ref^(-lam). One program per token row walks the vocabulary once over both
 logits and keeps three online log-sum-exps, so the extrapolated logits are never materialised.
 
-Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load any float dtype,
-upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches ``logits``
-through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved float64 lse, which
-this forward computes as token_logprobs' does: same c = log2(e) / T, same fma exponents); ``ref_logp``
-and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration:
+Shapes: logits, ref_logits (*, V) -> three (*,) fp32 tensors; tokens (*). Dtype policy: load fp32/bf16/fp16
+(each its own), upcast to fp32 on load, fp32 math, fp32 outputs; dlogits in the logits dtype. Gradient reaches
+``logits`` through ``logp`` only, by ``token_logprobs``' backward (the softmax recomputed from the saved float64
+lse, which this forward computes as token_logprobs' does: same c = log2(e) / T, same fma exponents);
+``ref_logp`` and ``fpa_logp`` are non-differentiable by construction. Reference: ``reference.py``. Registration:
 ``_library.py``; public function: ``logprobs.py``. Paper: arXiv 2509.19893.
 """
 from __future__ import annotations

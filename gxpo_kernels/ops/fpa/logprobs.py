@@ -25,7 +25,8 @@ def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.T
 
     Args:
         logits: (B, T, V) (any leading dims) policy logits, fp32/bf16/fp16. Receives the gradient.
-        ref_logits: same shape as ``logits``, reference-model logits (any float dtype; never differentiated).
+        ref_logits: same shape as ``logits``, reference-model logits, fp32/bf16/fp16 (its own dtype; never
+            differentiated).
         tokens: (B, T) int64/int32 token ids; must lie in [0, V) where ``mask`` is set.
         lam: extrapolation strength lambda >= 0 (default 1.0; 0 gives pi_hat = pi_theta).
         temperature: h = logits / temperature for both models (> 0).

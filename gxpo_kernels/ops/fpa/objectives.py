@@ -27,7 +27,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..._utils import check_choice, check_scalar, check_shape, check_tensor, normalize_mask
+from ..._utils import check_choice, check_same_device, check_scalar, check_shape, check_tensor, normalize_mask
 
 FPA_SIDES = ("both", "rejected")
 Metrics = Dict[str, torch.Tensor]
@@ -60,6 +60,10 @@ def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
             raise TypeError(f"{name} must be an FPALogProbs(logp, ref_logp, fpa_logp, mask), got {type(x).__name__}")
     check_tensor(x.logp, f"{name}.logp", ndim=2, floating=True)
     shape = x.logp.shape
+    # (torch.where would refuse a mix only with a message that names no argument)
+    check_same_device(x.logp, f"{name}.logp", **{f"{name}.{f}": t for f, t in
+                                                 (("ref_logp", x.ref_logp), ("fpa_logp", x.fpa_logp),
+                                                  ("mask", x.mask)) if isinstance(t, torch.Tensor)})
     m = normalize_mask(x.mask, shape, x.logp.device)
     # sums in float32 (float64 for float64 log-probs): a bf16 sum over 512 tokens is off by whole units
     cdt = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
@@ -186,6 +190,7 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
     check_shape(desirable, "desirable", x.s.shape)
     if desirable.dtype != torch.bool:
         raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    check_same_device(x.s, "batch.logp", desirable=desirable)
     z_ref = _as_scalar_tensor(kl, "kl", x.s)
     sign = torch.where(desirable, 1.0, -1.0).to(x.s.dtype)         # +1 desirable, -1 undesirable
     weight = torch.where(desirable, desirable_weight, undesirable_weight).to(x.s.dtype)
@@ -216,6 +221,7 @@ def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
     x = _seq(batch, "batch", False)
     check_tensor(advantages, "advantages", ndim=1, floating=True)
     check_shape(advantages, "advantages", x.s.shape)
+    check_same_device(x.s, "batch.logp", advantages=advantages)
     A = advantages.detach().to(x.s.dtype)
     w_theta = torch.exp(x.s.detach() / x.n)
     w_hat = torch.exp(x.s_hat / x.n)
