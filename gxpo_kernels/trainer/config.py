@@ -118,7 +118,7 @@ class TrainConfig:
     loss_agg_mode: Optional[str] = _f(None, "loss aggregation (None: token-mean; seq-mean-token-sum-norm for "
                                             "drgrpo)", choices=AGG_MODES)
     recompute_old_logp: bool = _f(True, "SFPO/GXPO: passes >= 2 use the current policy as old (paper protocol)")
-    gxpo_K: int = _f(5, "GXPO inner passes K (>= 2)")
+    gxpo_K: int = _f(5, "GXPO inner passes K (2 to 256)")
     gxpo_alpha: float = _f(0.5, "GXPO extrapolation alpha")
     gxpo_tau: float = _f(0.5, "GXPO tau")
     gxpo_gate: str = _f("window", "GXPO gate ('none' = always active)", choices=GATES)  # EMA with mu=sigma=1 fires at once here

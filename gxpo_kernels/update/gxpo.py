@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .._utils import check_scalar
-from ..ops.extrapolate.op import STAT_INDEX, stats_to_dict
+from ..ops.extrapolate.op import MAX_K, STAT_INDEX, stats_to_dict
 from .base import ExtrapolationRule, _no_grad, _to_float
 from .gates import Gate, make_gate
 
@@ -93,7 +93,7 @@ class GXPO(ExtrapolationRule):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, transactional_state=transactional_state,
                          atomic=atomic, fallback_grad=fallback_grad, fallback_state=fallback_state,
                          backend=backend)
-        K = check_scalar(K, "K", "[2, inf)", integer=True)
+        K = check_scalar(K, "K", f"[2, {MAX_K}]", integer=True)
         alpha = check_scalar(alpha, "alpha", "(0, inf)")
         if scale_formula not in ("horner", "closed"):
             raise ValueError(f"scale_formula must be 'horner' or 'closed', got {scale_formula!r}")

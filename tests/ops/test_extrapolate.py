@@ -804,3 +804,21 @@ def test_stats_to_dict_refuses_a_vector_of_another_length():
     for bad in (st[:-1], torch.stack([st, st]), st.tolist()):
         with pytest.raises(ValueError, match="stats must be"):
             stats_to_dict(bad)
+
+
+def test_huge_K_is_refused_everywhere():
+    """K above MAX_K (256) is refused by extrapolate_ and by GXPO: K = 2**40 used to run for ever (the Horner
+    loop runs K - 1 times per element; the Triton kernel unrolls it at compile time). K = MAX_K still runs."""
+    from gxpo_kernels import GXPO
+    from gxpo_kernels.ops.extrapolate.reference import MAX_K
+    p = [torch.randn(5)]
+    t0, g0, g1 = [p[0] + 0.1], [torch.randn(5)], [torch.randn(5)]
+    for K in (MAX_K + 1, 2 ** 40):
+        with pytest.raises(ValueError, match=rf"K must be an int in \[2, {MAX_K}\]"):
+            extrapolate_(p, t0, g0, g1, alpha=0.5, K=K, backend="torch")
+        with pytest.raises(ValueError, match=rf"K must be .*\[2, {MAX_K}\]"):
+            GXPO(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), K=K)
+    for backend in ("torch", "cpp"):
+        q = [p[0].clone()]
+        extrapolate_(q, t0, g0, g1, alpha=0.5, K=MAX_K, backend=backend)
+        assert torch.isfinite(q[0]).all()

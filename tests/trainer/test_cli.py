@@ -110,7 +110,8 @@ def no_work(monkeypatch):
 
 BAD = [
     (["train", "--loss_agg_mode", "bogus"], "invalid choice"),
-    (["train", "--gxpo_K", "1"], "gxpo_K must be in [2, inf)"),
+    (["train", "--gxpo_K", "1"], "gxpo_K must be in [2, 256]"),
+    (["train", "--gxpo_K", str(2 ** 40)], "gxpo_K must be in [2, 256]"),
     (["train", "--group", "1"], "group must be an int >= 2"),
     (["train", "--num_generations", "1"], "group must be an int >= 2"),
     (["train", "--sft_target", "nan"], "sft_target_acc must be in (0, 1]"),

@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..._utils import resolve_backend, triton_interpret
-from .reference import N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
+from .reference import MAX_K, N_STATS, SCALE_FORMULAS, STAT_INDEX, STAT_NAMES, extrapolate_ref_
 
 __all__ = ["extrapolate_", "ExtrapolationPlan", "STAT_NAMES", "STAT_INDEX", "stats_to_dict"]
 
@@ -535,8 +535,8 @@ def _check_list(x, name, n):
 
 def _check_scalars(alpha, K, scale_formula, delta=1e-8, r_min=-2.0, r_max=3.0, clip_coef0=1.0,
                    clip_coef1=1.0) -> None:
-    if isinstance(K, bool) or not isinstance(K, int) or K < 2:
-        raise ValueError(f"K must be an int >= 2, got {K!r}")
+    if isinstance(K, bool) or not isinstance(K, int) or not 2 <= K <= MAX_K:
+        raise ValueError(f"K must be an int in [2, {MAX_K}], got {K!r}")
     for name, c in (("clip_coef0", clip_coef0), ("clip_coef1", clip_coef1)):
         # a negative coefficient flips ĝ's sign, and so r's, without an error
         if isinstance(c, bool):

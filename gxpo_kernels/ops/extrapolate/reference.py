@@ -27,6 +27,9 @@ STAT_NAMES = ("sum_r", "sum_r2", "sum_scale", "sq_disp", "sq_scaled_disp", "dot_
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 N_STATS = len(STAT_NAMES)
 SCALE_FORMULAS = ("horner", "closed")
+# the largest lookahead K: the scale saturates at K/2 + 1 long before, the Triton kernel unrolls K - 1 products at
+# compile time, and a huge K (2**40) ran for ever in every backend
+MAX_K = 256
 
 
 def _scale_horner(r: torch.Tensor, K: int) -> torch.Tensor:
