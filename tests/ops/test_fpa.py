@@ -507,3 +507,15 @@ def test_objective_inputs_on_another_device_are_named(field):
             fpa_offline_pg_loss(x, adv)
         else:
             fpa_dpo_loss(x, FPALogProbs(torch.randn(B, T), torch.randn(B, T)))
+
+
+def test_objectives_refuse_an_empty_batch():
+    """Each objective is a mean over the batch: a batch of 0 sequences returned a NaN loss without an error
+    (grpo_loss returns 0 for no tokens, which is a sum's identity, not a mean's)."""
+    empty = FPALogProbs(torch.randn(0, 5), torch.randn(0, 5))
+    for fn in (lambda: fpa_dpo_loss(empty, empty), lambda: fpa_rpo_loss(empty, empty),
+               lambda: fpa_simper_loss(empty, empty),
+               lambda: fpa_kto_loss(empty, torch.zeros(0, dtype=torch.bool), kl=0.0),
+               lambda: fpa_offline_pg_loss(empty, torch.zeros(0))):
+        with pytest.raises(ValueError, match="holds no sequence"):
+            fn()

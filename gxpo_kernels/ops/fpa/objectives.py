@@ -60,6 +60,8 @@ def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
             raise TypeError(f"{name} must be an FPALogProbs(logp, ref_logp, fpa_logp, mask), got {type(x).__name__}")
     check_tensor(x.logp, f"{name}.logp", ndim=2, floating=True)
     shape = x.logp.shape
+    if shape[0] == 0:   # every objective is a mean over the batch: an empty one gave a NaN loss without an error
+        raise ValueError(f"{name}.logp holds no sequence (shape {tuple(shape)}): the loss is a mean over the batch")
     # (torch.where would refuse a mix only with a message that names no argument)
     check_same_device(x.logp, f"{name}.logp", **{f"{name}.{f}": t for f, t in
                                                  (("ref_logp", x.ref_logp), ("fpa_logp", x.fpa_logp),
