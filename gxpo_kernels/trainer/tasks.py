@@ -223,6 +223,15 @@ def math_reward(response_text: str, answer: str) -> float:
     return 1.0 if pred and verify(gold, pred) else 0.0
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a code point in U+D800..U+DFFF (JSON can escape one; UTF-8 cannot encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _number_text(x: float) -> str:
     """A JSON number in positional notation: ``str`` writes 1e-07 and 1e+20, which math-verify reads as
     e - 7 and e + 20 (Euler's number), and which no response states that way for the exact reward."""
@@ -231,6 +240,9 @@ def _number_text(x: float) -> str:
 
 class JsonlTask(Task):
     """A user's dataset: one JSON object per line with a prompt and an answer field (any other keys ignored).
+
+    UTF-8 (a leading byte-order mark is skipped), blank lines skipped; the prompt is a non-empty string, the
+    answer a non-empty string or a finite number. A bad line is a ValueError naming ``path`` and the line.
 
     A number answer is used as written in positional notation (JSON ``1e-7`` -> ``0.0000001``, ``2.5e3`` ->
     ``2500.0``). Splits: a record's own ``split`` field (``train``, ``val``/``test``/``validation``, ``sft``;
@@ -247,22 +259,37 @@ class JsonlTask(Task):
                  reward: str = "math"):
         self.path, self.reward_mode = path, reward
         self.pools: Dict[str, List[Tuple[str, str]]] = {s: [] for s in SPLITS}
-        with open(path) as f:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first record;
+        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, reported with its line below
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             for i, line in enumerate(f, 1):
+                if _has_lone_surrogate(line):
+                    raise ValueError(f"{path}:{i}: not UTF-8 text (save the file as UTF-8)")
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise ValueError(f"{path}:{i}: not a JSON object") from None
-                if not isinstance(rec, dict) or prompt_field not in rec or answer_field not in rec:
-                    raise ValueError(f"{path}:{i}: a record needs the fields {prompt_field!r} and {answer_field!r}")
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{i}: not a JSON object (a JSON {type(rec).__name__})")
+                missing = [k for k in (prompt_field, answer_field) if k not in rec]
+                if missing:
+                    raise ValueError(f"{path}:{i}: a record needs the fields {prompt_field!r} and {answer_field!r}; "
+                                     f"this one lacks {' and '.join(map(repr, missing))} (its fields: "
+                                     f"{', '.join(map(repr, list(rec)[:8])) or 'none'}; see --prompt_field and "
+                                     "--answer_field)")
                 p, a = rec[prompt_field], rec[answer_field]
                 if not isinstance(p, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
                     raise ValueError(f"{path}:{i}: {prompt_field!r} must be a string and {answer_field!r} a "
                                      "string or number")
                 if isinstance(a, float) and not math.isfinite(a):
                     raise ValueError(f"{path}:{i}: {answer_field!r} is {a}, not a finite number")
+                for name, v in ((prompt_field, p), (answer_field, a)):
+                    if isinstance(v, str) and not v.strip():
+                        raise ValueError(f"{path}:{i}: {name!r} is empty")
+                    if isinstance(v, str) and _has_lone_surrogate(v):   # a JSON \ud800 escape: no tokenizer takes it
+                        raise ValueError(f"{path}:{i}: {name!r} holds an unpaired UTF-16 surrogate escape")
                 split = rec.get("split")
                 if split is None:
                     split = _split_of(f"jsonl:{p}", self.val_frac, self.sft_frac)

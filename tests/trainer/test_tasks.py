@@ -356,3 +356,47 @@ def test_jsonl_split_field_values(tmp_path):
         p.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "x", "answer": "1", "split": bad}]))
         with pytest.raises(ValueError, match="unknown split"):
             JsonlTask(str(p))
+
+
+def _jsonl_bytes(extra: bytes = b"", prefix: bytes = b"", eol: bytes = b"\n") -> bytes:
+    import json
+    rows = [json.dumps({"prompt": f"q{i}", "answer": str(i), "split": "test" if i % 3 == 0 else "train"}).encode()
+            for i in range(6)]
+    return prefix + eol.join(rows) + eol + extra
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bom", _jsonl_bytes(prefix=b"\xef\xbb\xbf")),              # a UTF-8 byte-order mark (Windows editors)
+    ("crlf", _jsonl_bytes(eol=b"\r\n")),
+    ("cr", _jsonl_bytes(eol=b"\r")),
+    ("blank lines", _jsonl_bytes(prefix=b"\n \n", eol=b"\n\n")),
+])
+def test_jsonl_file_formats_that_load(tmp_path, name, data):
+    """A BOM at the start of the file used to be read as part of the first record: 'd.jsonl:1: not a JSON
+    object' for a valid file."""
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(data)
+    t = JsonlTask(str(p), reward="exact")
+    assert t.pools["val"] == [("q0", "0"), ("q3", "3")]
+    assert t.pools["train"] == [("q1", "1"), ("q2", "2"), ("q4", "4"), ("q5", "5")]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ('{"prompt": "caf\xe9", "answer": "1"}\n'.encode("latin-1"), r"d\.jsonl:7: not UTF-8"),
+    (b'{"prompt": "z\\ud800", "answer": "1"}\n', r"d\.jsonl:7: 'prompt' holds an unpaired UTF-16 surrogate"),
+    (b'{"prompt": "z", "answer": "\\udc00"}\n', r"d\.jsonl:7: 'answer' holds an unpaired"),
+    (b'[1, 2]\n', r"d\.jsonl:7: not a JSON object \(a JSON list\)"),
+    (b'{"problem": "z", "answer": "1"}\n', r"d\.jsonl:7: .* lacks 'prompt' \(its fields: 'problem', 'answer'"),
+    (b'{"prompt": "", "answer": "1"}\n', r"d\.jsonl:7: 'prompt' is empty"),
+    (b'{"prompt": "z", "answer": " "}\n', r"d\.jsonl:7: 'answer' is empty"),
+])
+def test_jsonl_bad_records_name_the_file_and_line(tmp_path, extra, match):
+    """Each used to escape as another error: a UnicodeDecodeError / UnicodeEncodeError naming neither the file
+    nor the line, a list record reported as missing fields, and an empty prompt or answer accepted (an empty
+    answer scores every response 0 under the math reward; an empty raw prompt gave a row of padding alone)."""
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(_jsonl_bytes(extra))
+    with pytest.raises(ValueError, match=match):
+        JsonlTask(str(p), reward="exact")
