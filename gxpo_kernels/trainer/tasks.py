@@ -350,9 +350,21 @@ def check_inputs(cfg) -> None:
     validation set and the warm start's split. The CLI and the speedup runner call it before ``--overwrite``
     empties ``--out``, so a bad file or size never costs the earlier run."""
     task = make_task(cfg)
-    validation_set(cfg, task)
+    val = validation_set(cfg, task)
     if cfg.sft.max_steps > 0:
-        task.sample(1, "sft", seed=cfg.init_seed)
+        try:
+            task.sample(1, "sft", seed=cfg.init_seed)
+        except ValueError as e:
+            raise ValueError(f"{e} (the warm start trains on it; --sft_max_steps 0 skips the warm start)") from None
+    if cfg.model is not None:
+        from .model import check_local_model, load_local_tokenizer
+        conf = check_local_model(cfg.model)
+        tok = model_tokenizer(cfg, task, load_local_tokenizer(cfg.model), getattr(conf, "vocab_size", None))
+        try:
+            tok.encode_prompt(val[0][0])
+        except Exception as e:   # a chat template may raise anything (jinja2's TemplateError, ...)
+            raise ValueError(f"--model {cfg.model!r}: cannot encode the prompt {val[0][0][:60]!r} "
+                             f"({type(e).__name__}: {str(e)[:200]}); --no_chat_template sends raw text") from None
 
 
 def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[float]:
@@ -362,6 +374,21 @@ def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[f
         text, has_eos = tokenizer.decode_response(ids)
         out.append(task.reward(text, has_eos, ans))
     return out
+
+
+def model_tokenizer(cfg, task: Task, hf_tokenizer: Optional[object], model_vocab: Optional[int]):
+    """The tokenizer of a ``--model`` run (``cfg.model`` set): the folder's own through ``HFTokenizerAdapter``
+    (the built-in character tokenizer for a toy task when the folder ships none). ValueError naming the folder
+    when it has no tokenizer for a dataset, the tokenizer has no EOS, or it has more ids than the model's
+    ``model_vocab`` embedding rows (None: unknown, not checked)."""
+    try:
+        tok = make_tokenizer(task, hf_tokenizer, cfg.chat_template)
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model!r}: {e}") from None
+    if model_vocab is not None and tok.vocab_size > model_vocab:
+        raise ValueError(f"--model {cfg.model!r}: vocab {model_vocab} is smaller than the tokenizer's "
+                         f"{tok.vocab_size}")
+    return tok
 
 
 def make_tokenizer(task: Task, hf_tokenizer: Optional[object] = None, chat_template: bool = True):

@@ -7,7 +7,9 @@
   logits when position_ids come from the attention mask.
 """
 
+import dataclasses
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -158,26 +160,28 @@ CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _save_tiny_model_with_tokenizer(folder, chat_template=CHAT):
-    """A byte-level BPE tokenizer trained on a few sentences + a random tiny Qwen2 of its vocab, saved."""
+def _save_tiny_model_with_tokenizer(folder, chat_template=CHAT, arch="qwen2", spare_rows=16,
+                                    special=(("pad_token", "<pad>"), ("bos_token", "<bos>"), ("eos_token", "<eos>"))):
+    """A byte-level BPE tokenizer trained on a few sentences + a random tiny Qwen2 (or Llama: its folder's
+    tokenizer loads without the Qwen2 tokenizer's default EOS) of its vocab + ``spare_rows``, saved."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([f"What is {a}+{b}? The answer is \\boxed{{{a + b}}}." for a in range(30) for b in range(9)],
                             vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                  eos_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **dict(special))
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(folder)
     # spare embedding rows, as real models have: AutoTokenizer may add a special token once config.json exists
-    conf = Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+    conf_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    conf = conf_cls(vocab_size=len(tok) + spare_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                    tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(conf).save_pretrained(folder)
+    model_cls(conf).save_pretrained(folder)
     return tok
 
 
@@ -400,3 +404,52 @@ def test_jsonl_bad_records_name_the_file_and_line(tmp_path, extra, match):
     p.write_bytes(_jsonl_bytes(extra))
     with pytest.raises(ValueError, match=match):
         JsonlTask(str(p), reward="exact")
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("no eos", r"--model '.*m': the model's tokenizer has no eos_token_id"),
+    ("small vocab", r"--model '.*m': vocab 290 is smaller than the tokenizer's 300"),
+    ("failing chat template", r"--model '.*m': cannot encode the prompt .*TemplateError: needs a system turn.*"
+                              "--no_chat_template"),
+    ("no tokenizer", r"--model '.*m': a --dataset task needs a --model folder with a tokenizer"),
+])
+def test_model_tokenizer_problems_fail_before_overwrite(tmp_path, capsys, kind, match):
+    """A tokenizer the run cannot use (no EOS, more ids than the model's embedding rows, a chat template that
+    raises, none at all) used to be found only when the run built its policy, after ``--overwrite`` had emptied
+    ``--out``: the earlier run was gone for a one-line error (and a template error was a traceback)."""
+    import os
+    from gxpo_kernels.cli import main
+    m = tmp_path / "m"
+    special = (("pad_token", "<pad>"), ("bos_token", "<bos>")) + ((("eos_token", "<eos>"),) if kind != "no eos" else ())
+    template = "{{ raise_exception('needs a system turn') }}" if kind == "failing chat template" else CHAT
+    _save_tiny_model_with_tokenizer(m, template, arch="llama", special=special,
+                                    spare_rows=-10 if kind == "small vocab" else 16)
+    if kind == "no tokenizer":
+        for f in os.listdir(m):
+            if f.startswith("tokenizer") or f.startswith("chat_template"):
+                os.remove(m / f)
+    data, out = _write_jsonl(tmp_path / "d.jsonl", n=12), tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"step": 0}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(m), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
+              "solution", "--max_steps", "1", "--sft_max_steps", "0", "--out", str(out), "--overwrite",
+              "--no_progress"])
+    assert e.value.code == 2
+    assert (out / "records.jsonl").read_text() == '{"step": 0}\n'    # the earlier run is still there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err              # one line: no model was loaded
+
+
+def test_sft_split_missing_names_the_way_out(tmp_path):
+    """A train/test file has no sft records; the warm start is on by default. The error says how to skip it."""
+    from gxpo_kernels.trainer.config import TrainConfig
+    from gxpo_kernels.trainer.tasks import check_inputs
+    m = tmp_path / "m"
+    _save_tiny_model_with_tokenizer(m)
+    cfg = TrainConfig(model=str(m), dataset=str(_write_jsonl(tmp_path / "d.jsonl", n=12)), prompt_field="question",
+                      answer_field="solution", val_size=4)
+    with pytest.raises(ValueError, match=r"'sft' split is empty .*--sft_max_steps 0"):
+        check_inputs(cfg)
+    check_inputs(cfg.replace(sft=dataclasses.replace(cfg.sft, max_steps=0)))
