@@ -43,8 +43,11 @@ def build_policy(cfg: TrainConfig, device: torch.device):
     if cfg.model is not None:
         model, hf_tok = load_local_model(cfg.model, device)
         tok = model_tokenizer(cfg, task, hf_tok, model.config.vocab_size)
+        # the dataset by its records (not its path: an edited file or another --answer_field is another warm
+        # start), and the reward, which the warm start's accuracy check stops on
         key = {"model": os.path.abspath(cfg.model), "mtime": os.path.getmtime(os.path.join(cfg.model, "config.json")),
-               "dataset": os.path.abspath(cfg.dataset) if cfg.dataset else None, "chat": getattr(tok, "use_chat", False)}
+               "dataset": getattr(task, "digest", None), "reward": task.reward_mode,
+               "chat": getattr(tok, "use_chat", False)}
     else:
         tok = make_tokenizer(task)
         mcfg = tiny_config_dict(tok.vocab_size, cfg.arch, cfg.hidden, cfg.layers, cfg.heads, 4 * cfg.hidden)

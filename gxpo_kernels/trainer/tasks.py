@@ -300,6 +300,8 @@ class JsonlTask(Task):
                         raise ValueError(f"{path}:{i}: unknown split {rec['split']!r}; use train, val (or test, "
                                          "validation) or sft, or leave the field out for the hash split")
                 self.pools[split].append((p, _number_text(a) if isinstance(a, float) else str(a)))
+        # what the records hold, whatever the file's layout: part of the warm-start cache key
+        self.digest = hashlib.sha256(json.dumps(self.pools, sort_keys=True).encode()).hexdigest()[:16]
         if not self.pools["train"] or not self.pools["val"]:
             raise ValueError(f"{path}: need records in both the train and the val split "
                              f"(got {len(self.pools['train'])} train, {len(self.pools['val'])} val)")

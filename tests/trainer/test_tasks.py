@@ -453,3 +453,29 @@ def test_sft_split_missing_names_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"'sft' split is empty .*--sft_max_steps 0"):
         check_inputs(cfg)
     check_inputs(cfg.replace(sft=dataclasses.replace(cfg.sft, max_steps=0)))
+
+
+def test_warm_start_cache_follows_the_dataset_records(tmp_path):
+    """The cache key of a --model run's warm start held the dataset's path, not its records: after the file was
+    edited, or with another --answer_field, the run loaded the warm start trained on the old answers."""
+    import json
+    from gxpo_kernels.trainer.config import SFTConfig, TrainConfig
+    from gxpo_kernels.trainer.loop import prepare_warm_start
+    m, data = tmp_path / "m", tmp_path / "d.jsonl"
+    _save_tiny_model_with_tokenizer(m)
+
+    def write(offset, path=data):
+        path.write_text("".join(json.dumps({"q": f"What is {i}+{i % 7}?", "a": str(i + i % 7 + offset), "b": "0"})
+                                + "\n" for i in range(40)))
+    cfg = TrainConfig(model=str(m), dataset=str(data), prompt_field="q", answer_field="a", val_size=4,
+                      max_new_tokens=3, cache_dir=str(tmp_path / "cache"), quiet=True, device="cpu",
+                      sft=SFTConfig(max_steps=1, batch_size=3, check_every=1, check_size=2, pool_size=6))
+    write(0)
+    assert prepare_warm_start(cfg)["cached"] is False
+    assert prepare_warm_start(cfg)["cached"] is True                      # same records: the cache
+    write(100)
+    assert prepare_warm_start(cfg)["cached"] is False                     # edited answers: trained anew
+    assert prepare_warm_start(cfg.replace(answer_field="b"))["cached"] is False
+    assert prepare_warm_start(cfg.replace(reward="exact"))["cached"] is False   # the check's reward
+    write(100, tmp_path / "copy.jsonl")
+    assert prepare_warm_start(cfg.replace(dataset=str(tmp_path / "copy.jsonl")))["cached"] is True
