@@ -205,16 +205,23 @@ def _has_math_delimiters(text: str) -> bool:
     return re.search(r"(?<!\\)\$", text) is not None or "\\(" in text or "\\[" in text
 
 
+def _math_verify():
+    """math-verify's ``(parse, verify)``; ValueError naming the extra when it is not installed."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]' (or --reward "
+                         "exact)") from None
+    return parse, verify
+
+
 def math_reward(response_text: str, answer: str) -> float:
     """1.0 iff ``math_verify.verify(parse(answer), parse(response))`` (LaTeX/expression extraction, boxed
     answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse.
 
     A reference answer without math delimiters (MATH's ``2\\sqrt{3}``, ``\\dfrac{1}{2}``, ``\\pi``, or ``42``)
     is parsed as one inline-math expression, ``$answer$``; one with delimiters as it stands."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # pragma: no cover - exercised only without the optional extra
-        raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]'") from None
+    parse, verify = _math_verify()
     # bare LaTeX parsed as it stands loses what math-verify cannot find without delimiters: 2\sqrt{3} -> 2
     gold = parse(answer) if _has_math_delimiters(answer) else (parse(f"${answer}$") or parse(answer))
     if not gold:
@@ -336,6 +343,8 @@ def make_task(cfg) -> Task:
         task = get_task(cfg.task)
         if cfg.reward is not None:
             task.reward_mode = cfg.reward
+    if task.reward_mode == "math":
+        _math_verify()   # now, not at the first reward: check_inputs runs before --overwrite empties --out
     return task
 
 

@@ -479,3 +479,28 @@ def test_warm_start_cache_follows_the_dataset_records(tmp_path):
     assert prepare_warm_start(cfg.replace(reward="exact"))["cached"] is False   # the check's reward
     write(100, tmp_path / "copy.jsonl")
     assert prepare_warm_start(cfg.replace(dataset=str(tmp_path / "copy.jsonl")))["cached"] is True
+
+
+def test_missing_math_verify_fails_before_overwrite(tmp_path, capsys, monkeypatch):
+    """Without the [math] extra, a --dataset run (math reward by default) used to fail at its first reward,
+    after --overwrite had emptied --out."""
+    import sys
+    from gxpo_kernels.cli import main
+    from gxpo_kernels.trainer.tasks import math_reward
+    m, out = tmp_path / "m", tmp_path / "o"
+    _save_tiny_model_with_tokenizer(m)
+    data = _write_jsonl(tmp_path / "d.jsonl", n=12)
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setitem(sys.modules, "math_verify", None)                # import math_verify -> ImportError
+    argv = ["train", "--model", str(m), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
+            "solution", "--max_steps", "1", "--sft_max_steps", "0", "--val_size", "4", "--pass1_size", "0",
+            "--max_completion_length", "3", "--out", str(out), "--overwrite", "--no_progress", "--quiet"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and (out / "records.jsonl").read_text() == '{"step": 0}\n'
+    assert "math reward needs math-verify" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"gxpo-kernels\[math\]"):
+        math_reward("\\boxed{1}", "1")
+    assert main(argv + ["--reward", "exact"]) == 0                          # the exact reward needs no extra
