@@ -101,7 +101,8 @@ class TrainConfig:
     steps: int = _f(200, "RL update steps", aliases=("--max_steps", "--max-steps"))
     prompts: int = _f(16, "prompts per step (P)")
     group: int = _f(8, "samples per prompt (G, >= 2)", aliases=("--num_generations", "--num-generations"))
-    max_new_tokens: Optional[int] = _f(None, "rollout length cap (None: the task's longest answer + EOS)",
+    max_new_tokens: Optional[int] = _f(None, "rollout length cap in tokens (None: the toy task's longest answer + "
+                                             "EOS; 512 with --dataset)",
                                        aliases=("--max_completion_length", "--max-completion-length"))
     temperature: float = _f(1.0, "rollout sampling temperature (also the loss's)")
     lr: float = _f(1e-5, "AdamW learning rate", aliases=("--learning_rate", "--learning-rate"))

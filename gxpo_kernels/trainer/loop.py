@@ -31,7 +31,7 @@ from .config import FPA_ALGOS, TrainConfig, loss_kwargs
 from .engines import Engine, learning_rate, make_engine
 from .model import amp, build_tiny_model, load_local_model, pick_device, tiny_config_dict
 from .rollout import encode_prompts, evaluate, position_ids, rollout
-from .tasks import make_task, make_tokenizer, validation_set
+from .tasks import make_task, make_tokenizer, model_tokenizer, validation_set
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,12 +42,12 @@ def build_policy(cfg: TrainConfig, device: torch.device):
     task = make_task(cfg)
     if cfg.model is not None:
         model, hf_tok = load_local_model(cfg.model, device)
-        tok = make_tokenizer(task, hf_tok, cfg.chat_template)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"--model {cfg.model!r}: vocab {model.config.vocab_size} is smaller than the "
-                             f"tokenizer's {tok.vocab_size}")
+        tok = model_tokenizer(cfg, task, hf_tok, model.config.vocab_size)
+        # the dataset by its records (not its path: an edited file or another --answer_field is another warm
+        # start), and the reward, which the warm start's accuracy check stops on
         key = {"model": os.path.abspath(cfg.model), "mtime": os.path.getmtime(os.path.join(cfg.model, "config.json")),
-               "dataset": os.path.abspath(cfg.dataset) if cfg.dataset else None, "chat": getattr(tok, "use_chat", False)}
+               "dataset": getattr(task, "digest", None), "reward": task.reward_mode,
+               "chat": getattr(tok, "use_chat", False)}
     else:
         tok = make_tokenizer(task)
         mcfg = tiny_config_dict(tok.vocab_size, cfg.arch, cfg.hidden, cfg.layers, cfg.heads, 4 * cfg.hidden)

@@ -111,16 +111,27 @@ def load_local_model(path: str, device: torch.device):
     """
     check_local_model(path)
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _, attn = dtype_and_attn(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
                                                      local_files_only=True)
-        tok = None
-        if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"--model {path!r}: cannot load the model or its tokenizer ({type(e).__name__}: "
+        raise ValueError(f"--model {path!r}: cannot load the model ({type(e).__name__}: "
                          f"{str(e)[:300]})") from e
-    return model.to(device), tok
+    return model.to(device), load_local_tokenizer(path)
+
+
+def load_local_tokenizer(path: str):
+    """The ``AutoTokenizer`` of a local model folder, or None when the folder ships none (cheap next to the
+    model: the CLI loads it before any work to check it). Damaged files are a one-line ValueError."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"--model {path!r}: cannot load its tokenizer ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from e

@@ -205,22 +205,38 @@ def _has_math_delimiters(text: str) -> bool:
     return re.search(r"(?<!\\)\$", text) is not None or "\\(" in text or "\\[" in text
 
 
+def _math_verify():
+    """math-verify's ``(parse, verify)``; ValueError naming the extra when it is not installed."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]' (or --reward "
+                         "exact)") from None
+    return parse, verify
+
+
 def math_reward(response_text: str, answer: str) -> float:
     """1.0 iff ``math_verify.verify(parse(answer), parse(response))`` (LaTeX/expression extraction, boxed
     answers preferred, numeric tolerance of math-verify's defaults); 0.0 when either side does not parse.
 
     A reference answer without math delimiters (MATH's ``2\\sqrt{3}``, ``\\dfrac{1}{2}``, ``\\pi``, or ``42``)
     is parsed as one inline-math expression, ``$answer$``; one with delimiters as it stands."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # pragma: no cover - exercised only without the optional extra
-        raise ValueError("the math reward needs math-verify: pip install 'gxpo-kernels[math]'") from None
+    parse, verify = _math_verify()
     # bare LaTeX parsed as it stands loses what math-verify cannot find without delimiters: 2\sqrt{3} -> 2
     gold = parse(answer) if _has_math_delimiters(answer) else (parse(f"${answer}$") or parse(answer))
     if not gold:
         return 0.0
     pred = parse(response_text)
     return 1.0 if pred and verify(gold, pred) else 0.0
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a code point in U+D800..U+DFFF (JSON can escape one; UTF-8 cannot encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _number_text(x: float) -> str:
@@ -231,6 +247,9 @@ def _number_text(x: float) -> str:
 
 class JsonlTask(Task):
     """A user's dataset: one JSON object per line with a prompt and an answer field (any other keys ignored).
+
+    UTF-8 (a leading byte-order mark is skipped), blank lines skipped; the prompt is a non-empty string, the
+    answer a non-empty string or a finite number. A bad line is a ValueError naming ``path`` and the line.
 
     A number answer is used as written in positional notation (JSON ``1e-7`` -> ``0.0000001``, ``2.5e3`` ->
     ``2500.0``). Splits: a record's own ``split`` field (``train``, ``val``/``test``/``validation``, ``sft``;
@@ -247,22 +266,37 @@ class JsonlTask(Task):
                  reward: str = "math"):
         self.path, self.reward_mode = path, reward
         self.pools: Dict[str, List[Tuple[str, str]]] = {s: [] for s in SPLITS}
-        with open(path) as f:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first record;
+        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, reported with its line below
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             for i, line in enumerate(f, 1):
+                if _has_lone_surrogate(line):
+                    raise ValueError(f"{path}:{i}: not UTF-8 text (save the file as UTF-8)")
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise ValueError(f"{path}:{i}: not a JSON object") from None
-                if not isinstance(rec, dict) or prompt_field not in rec or answer_field not in rec:
-                    raise ValueError(f"{path}:{i}: a record needs the fields {prompt_field!r} and {answer_field!r}")
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{i}: not a JSON object (a JSON {type(rec).__name__})")
+                missing = [k for k in (prompt_field, answer_field) if k not in rec]
+                if missing:
+                    raise ValueError(f"{path}:{i}: a record needs the fields {prompt_field!r} and {answer_field!r}; "
+                                     f"this one lacks {' and '.join(map(repr, missing))} (its fields: "
+                                     f"{', '.join(map(repr, list(rec)[:8])) or 'none'}; see --prompt_field and "
+                                     "--answer_field)")
                 p, a = rec[prompt_field], rec[answer_field]
                 if not isinstance(p, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
                     raise ValueError(f"{path}:{i}: {prompt_field!r} must be a string and {answer_field!r} a "
                                      "string or number")
                 if isinstance(a, float) and not math.isfinite(a):
                     raise ValueError(f"{path}:{i}: {answer_field!r} is {a}, not a finite number")
+                for name, v in ((prompt_field, p), (answer_field, a)):
+                    if isinstance(v, str) and not v.strip():
+                        raise ValueError(f"{path}:{i}: {name!r} is empty")
+                    if isinstance(v, str) and _has_lone_surrogate(v):   # a JSON \ud800 escape: no tokenizer takes it
+                        raise ValueError(f"{path}:{i}: {name!r} holds an unpaired UTF-16 surrogate escape")
                 split = rec.get("split")
                 if split is None:
                     split = _split_of(f"jsonl:{p}", self.val_frac, self.sft_frac)
@@ -273,6 +307,8 @@ class JsonlTask(Task):
                         raise ValueError(f"{path}:{i}: unknown split {rec['split']!r}; use train, val (or test, "
                                          "validation) or sft, or leave the field out for the hash split")
                 self.pools[split].append((p, _number_text(a) if isinstance(a, float) else str(a)))
+        # what the records hold, whatever the file's layout: part of the warm-start cache key
+        self.digest = hashlib.sha256(json.dumps(self.pools, sort_keys=True).encode()).hexdigest()[:16]
         if not self.pools["train"] or not self.pools["val"]:
             raise ValueError(f"{path}: need records in both the train and the val split "
                              f"(got {len(self.pools['train'])} train, {len(self.pools['val'])} val)")
@@ -307,6 +343,8 @@ def make_task(cfg) -> Task:
         task = get_task(cfg.task)
         if cfg.reward is not None:
             task.reward_mode = cfg.reward
+    if task.reward_mode == "math":
+        _math_verify()   # now, not at the first reward: check_inputs runs before --overwrite empties --out
     return task
 
 
@@ -323,9 +361,21 @@ def check_inputs(cfg) -> None:
     validation set and the warm start's split. The CLI and the speedup runner call it before ``--overwrite``
     empties ``--out``, so a bad file or size never costs the earlier run."""
     task = make_task(cfg)
-    validation_set(cfg, task)
+    val = validation_set(cfg, task)
     if cfg.sft.max_steps > 0:
-        task.sample(1, "sft", seed=cfg.init_seed)
+        try:
+            task.sample(1, "sft", seed=cfg.init_seed)
+        except ValueError as e:
+            raise ValueError(f"{e} (the warm start trains on it; --sft_max_steps 0 skips the warm start)") from None
+    if cfg.model is not None:
+        from .model import check_local_model, load_local_tokenizer
+        conf = check_local_model(cfg.model)
+        tok = model_tokenizer(cfg, task, load_local_tokenizer(cfg.model), getattr(conf, "vocab_size", None))
+        try:
+            tok.encode_prompt(val[0][0])
+        except Exception as e:   # a chat template may raise anything (jinja2's TemplateError, ...)
+            raise ValueError(f"--model {cfg.model!r}: cannot encode the prompt {val[0][0][:60]!r} "
+                             f"({type(e).__name__}: {str(e)[:200]}); --no_chat_template sends raw text") from None
 
 
 def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[float]:
@@ -335,6 +385,21 @@ def score(task: Task, tokenizer, response_ids, answers: Sequence[str]) -> List[f
         text, has_eos = tokenizer.decode_response(ids)
         out.append(task.reward(text, has_eos, ans))
     return out
+
+
+def model_tokenizer(cfg, task: Task, hf_tokenizer: Optional[object], model_vocab: Optional[int]):
+    """The tokenizer of a ``--model`` run (``cfg.model`` set): the folder's own through ``HFTokenizerAdapter``
+    (the built-in character tokenizer for a toy task when the folder ships none). ValueError naming the folder
+    when it has no tokenizer for a dataset, the tokenizer has no EOS, or it has more ids than the model's
+    ``model_vocab`` embedding rows (None: unknown, not checked)."""
+    try:
+        tok = make_tokenizer(task, hf_tokenizer, cfg.chat_template)
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model!r}: {e}") from None
+    if model_vocab is not None and tok.vocab_size > model_vocab:
+        raise ValueError(f"--model {cfg.model!r}: vocab {model_vocab} is smaller than the tokenizer's "
+                         f"{tok.vocab_size}")
+    return tok
 
 
 def make_tokenizer(task: Task, hf_tokenizer: Optional[object] = None, chat_template: bool = True):

@@ -7,7 +7,9 @@
   logits when position_ids come from the attention mask.
 """
 
+import dataclasses
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -158,26 +160,28 @@ CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _save_tiny_model_with_tokenizer(folder, chat_template=CHAT):
-    """A byte-level BPE tokenizer trained on a few sentences + a random tiny Qwen2 of its vocab, saved."""
+def _save_tiny_model_with_tokenizer(folder, chat_template=CHAT, arch="qwen2", spare_rows=16,
+                                    special=(("pad_token", "<pad>"), ("bos_token", "<bos>"), ("eos_token", "<eos>"))):
+    """A byte-level BPE tokenizer trained on a few sentences + a random tiny Qwen2 (or Llama: its folder's
+    tokenizer loads without the Qwen2 tokenizer's default EOS) of its vocab + ``spare_rows``, saved."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([f"What is {a}+{b}? The answer is \\boxed{{{a + b}}}." for a in range(30) for b in range(9)],
                             vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                  eos_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **dict(special))
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(folder)
     # spare embedding rows, as real models have: AutoTokenizer may add a special token once config.json exists
-    conf = Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+    conf_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    conf = conf_cls(vocab_size=len(tok) + spare_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                    tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(conf).save_pretrained(folder)
+    model_cls(conf).save_pretrained(folder)
     return tok
 
 
@@ -356,3 +360,147 @@ def test_jsonl_split_field_values(tmp_path):
         p.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "x", "answer": "1", "split": bad}]))
         with pytest.raises(ValueError, match="unknown split"):
             JsonlTask(str(p))
+
+
+def _jsonl_bytes(extra: bytes = b"", prefix: bytes = b"", eol: bytes = b"\n") -> bytes:
+    import json
+    rows = [json.dumps({"prompt": f"q{i}", "answer": str(i), "split": "test" if i % 3 == 0 else "train"}).encode()
+            for i in range(6)]
+    return prefix + eol.join(rows) + eol + extra
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bom", _jsonl_bytes(prefix=b"\xef\xbb\xbf")),              # a UTF-8 byte-order mark (Windows editors)
+    ("crlf", _jsonl_bytes(eol=b"\r\n")),
+    ("cr", _jsonl_bytes(eol=b"\r")),
+    ("blank lines", _jsonl_bytes(prefix=b"\n \n", eol=b"\n\n")),
+])
+def test_jsonl_file_formats_that_load(tmp_path, name, data):
+    """A BOM at the start of the file used to be read as part of the first record: 'd.jsonl:1: not a JSON
+    object' for a valid file."""
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(data)
+    t = JsonlTask(str(p), reward="exact")
+    assert t.pools["val"] == [("q0", "0"), ("q3", "3")]
+    assert t.pools["train"] == [("q1", "1"), ("q2", "2"), ("q4", "4"), ("q5", "5")]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ('{"prompt": "caf\xe9", "answer": "1"}\n'.encode("latin-1"), r"d\.jsonl:7: not UTF-8"),
+    (b'{"prompt": "z\\ud800", "answer": "1"}\n', r"d\.jsonl:7: 'prompt' holds an unpaired UTF-16 surrogate"),
+    (b'{"prompt": "z", "answer": "\\udc00"}\n', r"d\.jsonl:7: 'answer' holds an unpaired"),
+    (b'[1, 2]\n', r"d\.jsonl:7: not a JSON object \(a JSON list\)"),
+    (b'{"problem": "z", "answer": "1"}\n', r"d\.jsonl:7: .* lacks 'prompt' \(its fields: 'problem', 'answer'"),
+    (b'{"prompt": "", "answer": "1"}\n', r"d\.jsonl:7: 'prompt' is empty"),
+    (b'{"prompt": "z", "answer": " "}\n', r"d\.jsonl:7: 'answer' is empty"),
+])
+def test_jsonl_bad_records_name_the_file_and_line(tmp_path, extra, match):
+    """Each used to escape as another error: a UnicodeDecodeError / UnicodeEncodeError naming neither the file
+    nor the line, a list record reported as missing fields, and an empty prompt or answer accepted (an empty
+    answer scores every response 0 under the math reward; an empty raw prompt gave a row of padding alone)."""
+    from gxpo_kernels.trainer.tasks import JsonlTask
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(_jsonl_bytes(extra))
+    with pytest.raises(ValueError, match=match):
+        JsonlTask(str(p), reward="exact")
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("no eos", r"--model '.*m': the model's tokenizer has no eos_token_id"),
+    ("small vocab", r"--model '.*m': vocab 290 is smaller than the tokenizer's 300"),
+    ("failing chat template", r"--model '.*m': cannot encode the prompt .*TemplateError: needs a system turn.*"
+                              "--no_chat_template"),
+    ("no tokenizer", r"--model '.*m': a --dataset task needs a --model folder with a tokenizer"),
+])
+def test_model_tokenizer_problems_fail_before_overwrite(tmp_path, capsys, kind, match):
+    """A tokenizer the run cannot use (no EOS, more ids than the model's embedding rows, a chat template that
+    raises, none at all) used to be found only when the run built its policy, after ``--overwrite`` had emptied
+    ``--out``: the earlier run was gone for a one-line error (and a template error was a traceback)."""
+    import os
+    from gxpo_kernels.cli import main
+    m = tmp_path / "m"
+    special = (("pad_token", "<pad>"), ("bos_token", "<bos>")) + ((("eos_token", "<eos>"),) if kind != "no eos" else ())
+    template = "{{ raise_exception('needs a system turn') }}" if kind == "failing chat template" else CHAT
+    _save_tiny_model_with_tokenizer(m, template, arch="llama", special=special,
+                                    spare_rows=-10 if kind == "small vocab" else 16)
+    if kind == "no tokenizer":
+        for f in os.listdir(m):
+            if f.startswith("tokenizer") or f.startswith("chat_template"):
+                os.remove(m / f)
+    data, out = _write_jsonl(tmp_path / "d.jsonl", n=12), tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"step": 0}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(m), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
+              "solution", "--max_steps", "1", "--sft_max_steps", "0", "--out", str(out), "--overwrite",
+              "--no_progress"])
+    assert e.value.code == 2
+    assert (out / "records.jsonl").read_text() == '{"step": 0}\n'    # the earlier run is still there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err              # one line: no model was loaded
+
+
+def test_sft_split_missing_names_the_way_out(tmp_path):
+    """A train/test file has no sft records; the warm start is on by default. The error says how to skip it."""
+    from gxpo_kernels.trainer.config import TrainConfig
+    from gxpo_kernels.trainer.tasks import check_inputs
+    m = tmp_path / "m"
+    _save_tiny_model_with_tokenizer(m)
+    cfg = TrainConfig(model=str(m), dataset=str(_write_jsonl(tmp_path / "d.jsonl", n=12)), prompt_field="question",
+                      answer_field="solution", val_size=4)
+    with pytest.raises(ValueError, match=r"'sft' split is empty .*--sft_max_steps 0"):
+        check_inputs(cfg)
+    check_inputs(cfg.replace(sft=dataclasses.replace(cfg.sft, max_steps=0)))
+
+
+def test_warm_start_cache_follows_the_dataset_records(tmp_path):
+    """The cache key of a --model run's warm start held the dataset's path, not its records: after the file was
+    edited, or with another --answer_field, the run loaded the warm start trained on the old answers."""
+    import json
+    from gxpo_kernels.trainer.config import SFTConfig, TrainConfig
+    from gxpo_kernels.trainer.loop import prepare_warm_start
+    m, data = tmp_path / "m", tmp_path / "d.jsonl"
+    _save_tiny_model_with_tokenizer(m)
+
+    def write(offset, path=data):
+        path.write_text("".join(json.dumps({"q": f"What is {i}+{i % 7}?", "a": str(i + i % 7 + offset), "b": "0"})
+                                + "\n" for i in range(40)))
+    cfg = TrainConfig(model=str(m), dataset=str(data), prompt_field="q", answer_field="a", val_size=4,
+                      max_new_tokens=3, cache_dir=str(tmp_path / "cache"), quiet=True, device="cpu",
+                      sft=SFTConfig(max_steps=1, batch_size=3, check_every=1, check_size=2, pool_size=6))
+    write(0)
+    assert prepare_warm_start(cfg)["cached"] is False
+    assert prepare_warm_start(cfg)["cached"] is True                      # same records: the cache
+    write(100)
+    assert prepare_warm_start(cfg)["cached"] is False                     # edited answers: trained anew
+    assert prepare_warm_start(cfg.replace(answer_field="b"))["cached"] is False
+    assert prepare_warm_start(cfg.replace(reward="exact"))["cached"] is False   # the check's reward
+    write(100, tmp_path / "copy.jsonl")
+    assert prepare_warm_start(cfg.replace(dataset=str(tmp_path / "copy.jsonl")))["cached"] is True
+
+
+def test_missing_math_verify_fails_before_overwrite(tmp_path, capsys, monkeypatch):
+    """Without the [math] extra, a --dataset run (math reward by default) used to fail at its first reward,
+    after --overwrite had emptied --out."""
+    import sys
+    from gxpo_kernels.cli import main
+    from gxpo_kernels.trainer.tasks import math_reward
+    m, out = tmp_path / "m", tmp_path / "o"
+    _save_tiny_model_with_tokenizer(m)
+    data = _write_jsonl(tmp_path / "d.jsonl", n=12)
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setitem(sys.modules, "math_verify", None)                # import math_verify -> ImportError
+    argv = ["train", "--model", str(m), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
+            "solution", "--max_steps", "1", "--sft_max_steps", "0", "--val_size", "4", "--pass1_size", "0",
+            "--max_completion_length", "3", "--out", str(out), "--overwrite", "--no_progress", "--quiet"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and (out / "records.jsonl").read_text() == '{"step": 0}\n'
+    assert "math reward needs math-verify" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"gxpo-kernels\[math\]"):
+        math_reward("\\boxed{1}", "1")
+    assert main(argv + ["--reward", "exact"]) == 0                          # the exact reward needs no extra
