@@ -501,6 +501,28 @@ def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
     assert torch.equal(p[0], q[0]) and _cpp.load_extension() is None   # second call: no rebuild, no warning
 
 
+def test_cpp_build_failure_warning_keeps_the_compiler_error(monkeypatch):
+    """A failed compile's message starts with the compiler command line (hundreds of characters of flags and
+    include paths); the warning must still show its end, where the compiler's error says what went wrong."""
+    from torch.utils import cpp_extension
+
+    from gxpo_kernels.ops.extrapolate import _cpp
+    cmd = "[1/2] c++ -MMD -MF extrapolate_cpu.o.d " + " ".join(f"-isystem /site-packages/include{i}" for i in range(40))
+
+    def boom(*a, **k):
+        raise RuntimeError(f"Error building extension 'gxpo_extrapolate_cpu': {cmd}\n"
+                           "extrapolate_cpu.cpp:22:10: fatal error: omp.h: No such file or directory\n"
+                           "ninja: build stopped: subcommand failed.\n")
+    monkeypatch.setattr(_cpp, "_MODULE", None)
+    monkeypatch.setattr(_cpp, "_FAILED", False)
+    monkeypatch.setattr(cpp_extension, "load", boom)
+    with pytest.warns(RuntimeWarning, match="falling back") as rec:
+        assert _cpp.load_extension() is None
+    msg = str(rec[0].message)
+    assert "Error building extension" in msg and "fatal error: omp.h: No such file or directory" in msg, msg
+    assert len(msg) < 2000
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("K", [3, 5, 6])
 @pytest.mark.parametrize("formula", ["horner", "closed"])

@@ -146,6 +146,14 @@ def _build():
     return mod
 
 
+def _shorten(msg: str, head: int = 200, tail: int = 1500) -> str:
+    """A build error for the warning: its start and its end. A failed compile's message starts with the long
+    compiler command line; the reason (the compiler's error, "ninja: build stopped") is at the end."""
+    if len(msg) <= head + tail + 5:
+        return msg
+    return f"{msg[:head]} [...] {msg[-tail:]}"
+
+
 def load_extension():
     """Return the compiled module, or None (after one warning) when it cannot be built."""
     global _MODULE, _FAILED
@@ -159,7 +167,7 @@ def load_extension():
         except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
             _FAILED = True
             warnings.warn(f"gxpo_kernels: could not build the C++ extrapolation extension ({type(e).__name__}: "
-                          f"{str(e)[:300]}); falling back to the PyTorch reference (slower).", RuntimeWarning)
+                          f"{_shorten(str(e))}); falling back to the PyTorch reference (slower).", RuntimeWarning)
     return _MODULE
 
 
