@@ -56,8 +56,9 @@ _CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "flags", "feature
 
 def _host_cpu() -> str:
     """What ``-march=native`` compiles for: the machine type and, where ``/proc/cpuinfo`` exists, the first
-    CPU's model and feature flags (the lines that do not change from boot to boot)."""
-    out = [platform.machine(), platform.processor()]
+    CPU's model and feature flags (the lines that do not change while the machine runs); elsewhere what
+    ``platform.processor()`` says."""
+    out = [platform.machine()]
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -67,7 +68,7 @@ def _host_cpu() -> str:
                 if k.strip().lower() in _CPU_KEYS:
                     out.append(f"{k.strip().lower()}={v.strip()}")
     except OSError:
-        pass
+        out.append(platform.processor())
     return "\n".join(out)
 
 
