@@ -409,6 +409,43 @@ def test_nonfinite_counted(backend):
     assert st["n_nonfinite"] == 2
 
 
+_F16_LIMIT = [(torch.float16, None), (torch.float32, torch.float16), (torch.float64, torch.float16),
+              (torch.bfloat16, torch.float16)]
+_BF16_LIMIT = [(torch.bfloat16, None), (torch.float32, torch.bfloat16)]
+
+
+# (not Triton with a bf16 limit: the interpreter's bf16 cast truncates, it never rounds a finite value up to inf)
+@pytest.mark.parametrize("backend,pdt,ldt", [(b, p, low) for b in BACKENDS + ["torch"]
+                                             for p, low in _F16_LIMIT + (_BF16_LIMIT if b != "triton" else [])])
+@pytest.mark.parametrize("grads", [True, False], ids=["grads", "plain"])
+def test_nonfinite_counts_overflow_of_the_stored_value(backend, grads, pdt, ldt):
+    """A θ̃ that is finite in the compute dtype but overflows to inf where it is written (a 16-bit param or
+    lowp_out) is non-finite: the count is what the rules' fallback reads ("no NaN or inf parameters"), so it
+    must see the values the step leaves behind. Oracle: the non-finite entries of the outputs themselves."""
+    lo = torch.finfo(ldt if ldt is not None and torch.finfo(ldt).max < torch.finfo(pdt).max else pdt).max
+    g = torch.Generator().manual_seed(7)
+    sizes = [1, 17, 600, 4099]
+    t0 = [(torch.rand(s, generator=g, dtype=torch.float64) * 0.5 * lo).to(pdt) for s in sizes]
+    # θ̃ = θ0 + α·scale·(θ2 − θ0) with α·scale up to 3.5: about half the entries land above the limit
+    p = [(a.double() + torch.rand(s, generator=g, dtype=torch.float64) * 0.3 * lo).to(pdt)
+         for a, s in zip(t0, sizes)]
+    p[1][3] = float("nan")                                 # a NaN θ2: counted once, not twice
+    g0 = [torch.randn(s, generator=g) for s in sizes] if grads else None
+    g1 = [0.9 * x + 0.3 * torch.randn(s, generator=g) for x, s in zip(g0, sizes)] if grads else None
+    if grads:
+        g1[2][5] = float("inf")                            # an inf gradient: r -> clamp, θ̃ finite or not
+    low = [torch.empty(s, dtype=ldt) for s in sizes] if ldt is not None else None
+    st = stats_to_dict(extrapolate_(p, t0, g0, g1, alpha=1.0 if grads else 3.0, K=5, lowp_out=low,
+                                    backend=backend))
+    bad = [~torch.isfinite(x) for x in p]
+    if low is not None:
+        bad = [b | ~torch.isfinite(x) for b, x in zip(bad, low)]
+    if grads:
+        bad = [b | ~torch.isfinite(x) | ~torch.isfinite(y) for b, x, y in zip(bad, g0, g1)]
+    want = sum(int(b.sum()) for b in bad)
+    assert 100 < want < sum(sizes) - 100 and st["n_nonfinite"] == want
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_empty_lists_and_tensors(backend):
     st = extrapolate_([], [], [], [], alpha=0.5, K=5, backend=backend)
@@ -503,6 +540,28 @@ def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
         extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
     extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5)
     assert torch.equal(p[0], q[0]) and _cpp.load_extension() is None   # second call: no rebuild, no warning
+
+
+def test_cpp_build_failure_warning_keeps_the_compiler_error(monkeypatch):
+    """A failed compile's message starts with the compiler command line (hundreds of characters of flags and
+    include paths); the warning must still show its end, where the compiler's error says what went wrong."""
+    from torch.utils import cpp_extension
+
+    from gxpo_kernels.ops.extrapolate import _cpp
+    cmd = "[1/2] c++ -MMD -MF extrapolate_cpu.o.d " + " ".join(f"-isystem /site-packages/include{i}" for i in range(40))
+
+    def boom(*a, **k):
+        raise RuntimeError(f"Error building extension 'gxpo_extrapolate_cpu': {cmd}\n"
+                           "extrapolate_cpu.cpp:22:10: fatal error: omp.h: No such file or directory\n"
+                           "ninja: build stopped: subcommand failed.\n")
+    monkeypatch.setattr(_cpp, "_MODULE", None)
+    monkeypatch.setattr(_cpp, "_FAILED", False)
+    monkeypatch.setattr(cpp_extension, "load", boom)
+    with pytest.warns(RuntimeWarning, match="falling back") as rec:
+        assert _cpp.load_extension() is None
+    msg = str(rec[0].message)
+    assert "Error building extension" in msg and "fatal error: omp.h: No such file or directory" in msg, msg
+    assert len(msg) < 2000
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])

@@ -1,6 +1,7 @@
 """The C++ CPU op's first-use build: announced, keyed by source + flags, and never hung by a killed build."""
 import os
 import pathlib
+import platform
 import signal
 import subprocess
 import sys
@@ -70,3 +71,28 @@ def test_cache_key_follows_source_and_flags(tmp_path, monkeypatch):
     assert a == _cpp.build_directory(b"int x;", ["-O3"]) and a.parent == tmp_path
     assert a != _cpp.build_directory(b"int y;", ["-O3"])
     assert a != _cpp.build_directory(b"int x;", ["-O2"])
+
+
+def test_native_builds_are_keyed_by_the_host_cpu(tmp_path, monkeypatch):
+    """``-march=native`` code runs only on CPUs with the builder's features: a cache that machines with other
+    CPUs share (a home directory on a network file system) must give each CPU its own build, or a machine
+    loads another's build and dies of an illegal instruction. Portable flags keep one shared build."""
+    from gxpo_kernels.ops.extrapolate import _cpp
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dirs = []
+    for cpu in ("vendor_id=AuthenticAMD\nflags=avx2", "vendor_id=AuthenticAMD\nflags=avx2 avx512f"):
+        monkeypatch.setattr(_cpp, "_host_cpu", lambda cpu=cpu: cpu, raising=False)
+        dirs.append([_cpp.build_directory(b"int x;", flags) for flags in
+                     (_cpp._DEFAULT_FLAGS.split(), ["-O3", "-mcpu=native"], ["-O3", "-mavx2"])])
+    (native_a, mcpu_a, portable_a), (native_b, mcpu_b, portable_b) = dirs
+    assert native_a != native_b and mcpu_a != mcpu_b
+    assert portable_a == portable_b
+
+
+def test_host_cpu_names_the_cpu_features():
+    from gxpo_kernels.ops.extrapolate import _cpp
+    desc = _cpp._host_cpu()
+    assert platform.machine() in desc
+    if pathlib.Path("/proc/cpuinfo").is_file():   # Linux: the feature flags (x86 "flags", Arm "Features")
+        assert "flags=" in desc or "features=" in desc, desc
+        assert "MHz" not in desc   # nothing that changes while the machine runs

@@ -1,9 +1,12 @@
 """Loader of the C++/OpenMP CPU op (``extrapolate_cpu.cpp``, shipped inside the package), built on first use.
 
 The build is ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (torch's default cache when
-unset), in a folder named after a hash of the source, the flags and the torch version: a changed source or flag
-never reuses a stale build, and every checkout or installed copy with the same source shares one build (the
-source is copied into that folder and compiled from there, so ninja sees the same paths from any checkout).
+unset), in a folder named after a hash of the source, the flags, the torch and Python versions and, when a flag
+says ``native``, the host CPU (``_host_cpu``): a changed source or flag never reuses a stale build, a cache
+shared by machines with other CPUs (a home directory on a network file system) never hands one CPU's
+``-march=native`` build to another (illegal instruction), and every checkout or installed copy with the same
+source shares one build (the source is copied into that folder and compiled from there, so ninja sees the same
+paths from any checkout).
 
 The first build says so on stderr and reports its duration (about 30-90 s). Builds are serialised by an OS file
 lock (``fcntl.flock``), which the kernel releases when its holder dies; torch's own lock file is not released
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import platform
 import sys
 import threading
 import time
@@ -46,11 +50,36 @@ def _flags():
     return os.environ.get("GXPO_CPP_CFLAGS", _DEFAULT_FLAGS).split()
 
 
+_CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "flags", "features", "cpu implementer",
+             "cpu architecture", "cpu variant", "cpu part", "isa")
+
+
+def _host_cpu() -> str:
+    """What ``-march=native`` compiles for: the machine type and, where ``/proc/cpuinfo`` exists, the first
+    CPU's model and feature flags (the lines that do not change while the machine runs); elsewhere what
+    ``platform.processor()`` says."""
+    out = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break   # the first CPU's block only
+                k, _, v = line.partition(":")
+                if k.strip().lower() in _CPU_KEYS:
+                    out.append(f"{k.strip().lower()}={v.strip()}")
+    except OSError:
+        out.append(platform.processor())
+    return "\n".join(out)
+
+
 def build_directory(src: bytes, flags) -> pathlib.Path:
-    """The cache folder of this source + flags + torch version (created if missing)."""
+    """The cache folder of this source + flags + torch and Python versions, + the host CPU when a flag targets
+    the native CPU (created if missing)."""
     from torch.utils import cpp_extension
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), torch.__version__.encode(),
-                                       sys.version.encode()])).hexdigest()[:16]
+    parts = [src, " ".join(flags).encode(), torch.__version__.encode(), sys.version.encode()]
+    if any("native" in f for f in flags):
+        parts.append(_host_cpu().encode())
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     path = pathlib.Path(root) / f"{_NAME}_{key}"
     path.mkdir(parents=True, exist_ok=True)
@@ -118,6 +147,14 @@ def _build():
     return mod
 
 
+def _shorten(msg: str, head: int = 200, tail: int = 1500) -> str:
+    """A build error for the warning: its start and its end. A failed compile's message starts with the long
+    compiler command line; the reason (the compiler's error, "ninja: build stopped") is at the end."""
+    if len(msg) <= head + tail + 5:
+        return msg
+    return f"{msg[:head]} [...] {msg[-tail:]}"
+
+
 def load_extension():
     """Return the compiled module, or None (after one warning) when it cannot be built."""
     global _MODULE, _FAILED
@@ -131,7 +168,7 @@ def load_extension():
         except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
             _FAILED = True
             warnings.warn(f"gxpo_kernels: could not build the C++ extrapolation extension ({type(e).__name__}: "
-                          f"{str(e)[:300]}); falling back to the PyTorch reference (slower).", RuntimeWarning)
+                          f"{_shorten(str(e))}); falling back to the PyTorch reference (slower).", RuntimeWarning)
     return _MODULE
 
 

@@ -165,8 +165,8 @@ inline void vstore(void* p, const V& v) {
 template <typename C>
 struct Consts {  // broadcast hyper-parameters
   typedef typename VT<C>::V V;
-  V zero, one, sign, alpha, c0, c1, dl, rmin, rmax, shi, thr, lane, nan, kf;
-  Consts(const HParams& hp, C t) {
+  V zero, one, sign, alpha, c0, c1, dl, rmin, rmax, shi, thr, lane, nan, kf, wlim;
+  Consts(const HParams& hp, C t, C wl) {
     zero = V{};
     one = zero + C(1);
     sign = -zero;  // -0.0: the sign bit alone
@@ -180,6 +180,7 @@ struct Consts {  // broadcast hyper-parameters
     thr = zero + t;
     nan = zero + std::numeric_limits<C>::quiet_NaN();
     kf = zero + static_cast<C>(hp.K);
+    wlim = zero + wl;
     for (int j = 0; j < VT<C>::W; ++j) lane[j] = static_cast<C>(j);
   }
 };
@@ -302,8 +303,9 @@ inline void scale_vec(C* rs, int64_t i, int64_t m, int64_t K, const Consts<C>& k
 }
 
 // Loop 3, per vector: theta_new = t0 + (alpha·scale)·d, stored into out (which may alias t2: each vector is
-// loaded before it is stored), and the displacement sums. a[BAD] collects nw − nw: it stays 0 while every
-// theta_new is finite (block() recounts exactly when it is not).
+// loaded before it is stored), and the displacement sums. a[BAD] collects NaN for a lane with |theta_new| above
+// k.wlim (the largest finite value of the dtypes it is written in) or NaN: it stays 0 while every theta_new is
+// surely stored finite (block() recounts exactly when it is not: a 16-bit store can overflow to inf).
 template <typename C, bool GRAD, bool MASK>
 inline void move_vec(const C* t0, const C* t2, const C* s_in, C* out, int64_t i, int64_t m,
                      const Consts<C>& k, typename VT<C>::V* a) {
@@ -324,7 +326,10 @@ inline void move_vec(const C* t0, const C* t2, const C* s_in, C* out, int64_t i,
   const V sd = s * dz;
   a[DD] = fmadd(dz, dz, a[DD]);
   a[SD] = fmadd(sd, sd, a[SD]);
-  a[BAD] += MASK ? (valid ? nw - nw : k.zero) : nw - nw;  // x − x: 0, or NaN for inf/NaN
+  typedef typename VT<C>::I I;
+  const V anw = (V)((I)nw & ~(I)k.sign);
+  const V flag = anw <= k.wlim ? k.zero : k.nan;  // NaN for inf/NaN and for values a 16-bit store may overflow
+  a[BAD] += MASK ? (valid ? flag : k.zero) : flag;
   if constexpr (!GRAD) a[SS] += MASK ? (valid ? s : k.zero) : s;
 }
 
@@ -338,9 +343,21 @@ inline bool all_finite(const V& v) {
 
 // One block (m <= kBlock elements; a short block's arrays are padded to a whole vector, so full-vector loads
 // stay in bounds). rr: L1 scratch (r, then scale). acc: per-chunk double lanes, fed once per block.
+// Whether x (the compute dtype's value) is finite once stored in dtype dt (a 16-bit store of a float64
+// value goes through float, as torch converts a double).
+inline bool stores_finite(double x, DT dt) {
+  switch (dt) {
+    case DT::F64: return std::isfinite(x);
+    case DT::F32: return std::isfinite(static_cast<float>(x));
+    case DT::BF16: return (f_to_bf16(static_cast<float>(x)) & 0x7F80) != 0x7F80;
+    case DT::F16: return std::isfinite(static_cast<float>(c10::Half(static_cast<float>(x))));
+  }
+  return false;
+}
+
 template <typename C, bool GRAD, bool INACT, int KC, bool CLOSED>
 void block(const C* t0, const C* t2, const C* g0, const C* g1, C* out, C* rr, int64_t m, int64_t K,
-           const Consts<C>& k, double (*acc)[VT<C>::W]) {
+           const Consts<C>& k, DT dp, const DT* dl, double (*acc)[VT<C>::W]) {
   typedef typename VT<C>::V V;
   constexpr int W = VT<C>::W;
   V a[kStats];
@@ -361,7 +378,7 @@ void block(const C* t0, const C* t2, const C* g0, const C* g1, C* out, C* rr, in
   if (suspect) {
     int64_t nbad = 0;
     for (int64_t i = 0; i < m; ++i) {
-      bool fin = std::isfinite(out[i]);
+      bool fin = stores_finite(out[i], dp) && (dl == nullptr || stores_finite(out[i], *dl));
       if constexpr (GRAD) fin = fin && std::isfinite(g0[i] * k.c0[0]) && std::isfinite(g1[i] * k.c1[0]);
       nbad += !fin;
     }
@@ -377,8 +394,18 @@ struct Item {
   const void *t0, *g0, *g1;
   DT dp, dt0, dg0, dg1, dl;
   int64_t n;
-  double thr;
+  double thr, wlim;  // wlim: the largest value that surely stays finite in the param's (and lowp's) dtype
 };
+
+inline double finite_max(DT dt) {
+  switch (dt) {
+    case DT::F64: return std::numeric_limits<double>::max();
+    case DT::F32: return static_cast<double>(std::numeric_limits<float>::max());
+    case DT::BF16: return static_cast<double>(bf16_to_f(0x7F7F));
+    case DT::F16: return 65504.0;
+  }
+  return 0.0;
+}
 
 template <typename C, bool GRAD, bool INACT, int KC, bool CLOSED>
 at::Tensor run(const std::vector<Item>& items, const HParams& hp) {
@@ -404,7 +431,7 @@ at::Tensor run(const std::vector<Item>& items, const HParams& hp) {
     for (int64_t c = 0; c < nch; ++c) {
       const Item& it = items[chunks[c].first];
       const int64_t end = std::min(it.n, chunks[c].second + kChunk);
-      const Consts<C> k(hp, static_cast<C>(it.thr));
+      const Consts<C> k(hp, static_cast<C>(it.thr), static_cast<C>(it.wlim));
       std::memset(acc, 0, sizeof(acc));
       for (int j = 0; j < W; ++j) acc[MX][j] = 1.0;
       for (int64_t off = chunks[c].second; off < end; off += kBlock) {
@@ -425,7 +452,8 @@ at::Tensor run(const std::vector<Item>& items, const HParams& hp) {
           if (pg0 == g0) load_block<C>(it.dg0, it.g0, off, g0, m);
           if (pg1 == g1) load_block<C>(it.dg1, it.g1, off, g1, m);
         }
-        block<C, GRAD, INACT, KC, CLOSED>(pt0, pt2, pg0, pg1, pout, rr, m, hp.K, k, acc);
+        block<C, GRAD, INACT, KC, CLOSED>(pt0, pt2, pg0, pg1, pout, rr, m, hp.K, k, it.dp,
+                                          it.lp != nullptr ? &it.dl : nullptr, acc);
         if (pout == out) store_block<C>(it.dp, it.p, off, out, m);
         if (it.lp != nullptr) store_block<C>(it.dl, it.lp, off, pout, m);
       }
@@ -535,6 +563,7 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
       it.dl = dt_of(*lowp[i]);
     }
     it.thr = thr_h[i];
+    it.wlim = std::min(finite_max(it.dp), it.lp != nullptr ? finite_max(it.dl) : finite_max(it.dp));
     if (ne > 0) (p.scalar_type() == at::kDouble ? items64 : items).push_back(it);
   }
   HParams hp{alpha, coef0, coef1, delta, rmin, rmax, K / 2.0 + 1.0, K, closed, has_grad,

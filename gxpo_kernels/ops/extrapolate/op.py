@@ -38,6 +38,16 @@ _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 
 @triton.jit
+def _stores_finite(b_new, P_DT: tl.constexpr, L_DT: tl.constexpr, L_MID_DT: tl.constexpr, C_DT: tl.constexpr,
+                   HAS_LOWP: tl.constexpr):
+    # θ̃ as written is finite: in the param's dtype and in lowp_out's (a 16-bit store can overflow to inf)
+    b_fin = (b_new.to(P_DT).to(C_DT) * 0.0) == 0.0
+    if HAS_LOWP:
+        b_fin = b_fin & ((b_new.to(L_MID_DT).to(L_DT).to(C_DT) * 0.0) == 0.0)
+    return b_fin
+
+
+@triton.jit
 def _extrapolate_tile(p_p, p_t0, p_l, p_g0, p_g1, o, n, thr, b_sr, b_sr2, b_ss, b_dd, b_sd, b_g01, b_g00, b_g11,
                       b_ina, b_bad, b_max, alpha, coef0, coef1, delta, r_min, r_max, scale_hi, K: tl.constexpr,
                       P_DT: tl.constexpr, L_DT: tl.constexpr, L_MID_DT: tl.constexpr, C_DT: tl.constexpr,
@@ -105,7 +115,7 @@ def _extrapolate_tile(p_p, p_t0, p_l, p_g0, p_g1, o, n, thr, b_sr, b_sr2, b_ss, 
             b_s = tl.where(b_in, 1.0, b_s)  # neutral retention
         b_new = b_t0 + (alpha * b_s) * b_d
         # x·0 == 0 exactly when x is finite (no inf constant needed)
-        b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & ((b_new * 0.0) == 0.0)
+        b_fin = ((b_a0 * 0.0 + b_a1 * 0.0) == 0.0) & _stores_finite(b_new, P_DT, L_DT, L_MID_DT, C_DT, HAS_LOWP)
         if MASKED:   # a masked lane (loads of 0) may have r = 1 (inactive); its ĝ products below are 0
             b_sr += tl.where(m, b_r, 0.0)
             b_sr2 += tl.where(m, b_r * b_r, 0.0)
@@ -118,7 +128,7 @@ def _extrapolate_tile(p_p, p_t0, p_l, p_g0, p_g1, o, n, thr, b_sr, b_sr2, b_ss, 
     else:
         b_s = tl.full([BLOCK], 1.0, C_DT)
         b_new = b_t0 + alpha * b_d
-        b_fin = (b_new * 0.0) == 0.0
+        b_fin = _stores_finite(b_new, P_DT, L_DT, L_MID_DT, C_DT, HAS_LOWP)
     b_sd_ = b_s * b_d
     if MASKED:
         b_ss += tl.where(m, b_s, 0.0)
@@ -833,7 +843,8 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
     Returns:
         float64 tensor [len(STAT_NAMES)] on the params' device: sums over all coordinates (r, r², scale,
         ‖θ2−θ0‖², ‖scale⊙(θ2−θ0)‖², ĝ0·ĝ1, ‖ĝ0‖², ‖ĝ1‖², inactive count, non-finite count, numel) and, last,
-        max scale. Reduce [:-1] with SUM and [-1] with MAX across ranks.
+        max scale. Reduce [:-1] with SUM and [-1] with MAX across ranks. The non-finite count: coordinates where
+        ĝ0, ĝ1 or θ̃ as written (in the param's and lowp_out's dtype: a 16-bit store may overflow) is not finite.
     Example:
         >>> stats = extrapolate_(params, theta0_bufs, g0_bufs, [p.grad for p in params], alpha=0.5, K=5)
         >>> stats_to_dict(stats)["max_scale"]

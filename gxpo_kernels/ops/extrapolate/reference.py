@@ -126,7 +126,11 @@ def extrapolate_ref_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tens
             scale = torch.ones_like(d)
             new = t0 + alpha * d
         sd = scale * d
-        bad |= ~torch.isfinite(new)
+        # θ̃ as written: a finite value can overflow to inf in a 16-bit param or lowp_out (a 16-bit copy of a
+        # float64 value goes through float32, as torch converts a double)
+        bad |= ~torch.isfinite(new.to(p.dtype))
+        if lowp_out is not None and lowp_out[i] is not None:
+            bad |= ~torch.isfinite(new.to(lowp_out[i].dtype))
         stats[STAT_INDEX["sum_scale"]] += scale.double().sum()
         stats[STAT_INDEX["sq_disp"]] += (d * d).double().sum()
         stats[STAT_INDEX["sq_scaled_disp"]] += (sd * sd).double().sum()
