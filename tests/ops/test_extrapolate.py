@@ -13,6 +13,7 @@ import torch
 
 from gxpo_kernels.ops.extrapolate.op import STAT_INDEX, extrapolate_, stats_to_dict
 from gxpo_kernels.ops.extrapolate.reference import extrapolate_ref_, retention_scale
+from gxpo_kernels._utils import triton_interpret
 from tests._utils import assert_close
 
 SHAPES = [(37,), (0,), (5, 301), (1,), (2049,), (3, 0, 2), (7, 9)]
@@ -881,3 +882,21 @@ def test_huge_K_is_refused_everywhere():
         q = [p[0].clone()]
         extrapolate_(q, t0, g0, g1, alpha=0.5, K=MAX_K, backend=backend)
         assert torch.isfinite(q[0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("ldt", [torch.bfloat16, torch.float16])
+def test_nonfinite_count_at_the_exact_16bit_overflow_bound(backend, ldt):
+    """The largest finite value plus half an ulp rounds to inf (ties to even); one float32 ulp below it stays
+    finite. A plain move with alpha=1 from θ0 = 0 writes θ2 itself, so the copies hold exactly these values."""
+    top = torch.tensor(torch.finfo(ldt).max, dtype=torch.float64)
+    at = top + 2.0 ** math.floor(math.log2(top)) * torch.finfo(ldt).eps / 2          # max + half an ulp
+    at = at.float()
+    below = torch.nextafter(at, torch.tensor(0.0))
+    x = torch.stack([at, below, -at, -below, torch.tensor(1.0), torch.tensor(float("inf"))])
+    p, t0 = [x.clone()], [torch.zeros_like(x)]
+    low = [torch.empty(x.shape, dtype=ldt)]
+    st = stats_to_dict(extrapolate_(p, t0, None, None, alpha=1.0, K=5, lowp_out=low, backend=backend))
+    if not (backend == "triton" and ldt == torch.bfloat16 and triton_interpret()):  # its bf16 cast truncates
+        assert torch.equal(low[0].float().isfinite(), torch.tensor([False, True, False, True, True, False]))
+    assert st["n_nonfinite"] == 3          # the count is the kernel's own bound check, also in the interpreter

@@ -37,13 +37,32 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat
 _MAX_PER_PROGRAM = 1 << 22  # keeps the fp32 per-program counts exact
 
 
+# the smallest float32 magnitude a round-to-nearest-even store rounds to inf: the largest finite value plus half
+# an ulp (a tie rounds to the even neighbour, inf)
+_F16_INF_AT = tl.constexpr(65520.0)
+_BF16_INF_AT = tl.constexpr(3.39617752923046e+38)      # float32 bits 0x7F7F8000
+
+
 @triton.jit
 def _stores_finite(b_new, P_DT: tl.constexpr, L_DT: tl.constexpr, L_MID_DT: tl.constexpr, C_DT: tl.constexpr,
                    HAS_LOWP: tl.constexpr):
-    # θ̃ as written is finite: in the param's dtype and in lowp_out's (a 16-bit store can overflow to inf)
-    b_fin = (b_new.to(P_DT).to(C_DT) * 0.0) == 0.0
-    if HAS_LOWP:
-        b_fin = b_fin & ((b_new.to(L_MID_DT).to(L_DT).to(C_DT) * 0.0) == 0.0)
+    # θ̃ as written is finite: in the param's dtype and in lowp_out's (a 16-bit store can overflow to inf). One
+    # compare of |θ̃| against the narrowest store's bound, false for NaN and inf too (x·0 == 0 exactly when x is
+    # finite covers 32-bit stores); float64 params convert as their stores do (a cold path)
+    if C_DT == tl.float64:
+        b_fin = (b_new.to(P_DT).to(C_DT) * 0.0) == 0.0
+        if HAS_LOWP:
+            b_fin = b_fin & ((b_new.to(L_MID_DT).to(L_DT).to(C_DT) * 0.0) == 0.0)
+    elif P_DT == tl.float16:
+        b_fin = tl.abs(b_new) < _F16_INF_AT
+    elif HAS_LOWP and L_DT == tl.float16:
+        b_fin = tl.abs(b_new) < _F16_INF_AT
+    elif P_DT == tl.bfloat16:
+        b_fin = tl.abs(b_new) < _BF16_INF_AT
+    elif HAS_LOWP and L_DT == tl.bfloat16:
+        b_fin = tl.abs(b_new) < _BF16_INF_AT
+    else:
+        b_fin = (b_new * 0.0) == 0.0
     return b_fin
 
 
