@@ -268,6 +268,23 @@ def test_minus_inf_logits(backend, dtype):
     assert torch.all(dx[..., 5:300] == 0) and torch.all(dx[..., 1050:] == 0)
 
 
+def test_reference_entropy_of_minus_inf_logits():
+    """The float64 reference (and grpo_loss_ref on it) gives a -inf logit probability 0 and a finite entropy and
+    gradient, as the ops do; it returned a NaN entropy (0 * -inf), so the losses' entropy term read NaN there."""
+    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    x[..., 4:] = float("-inf")
+    tokens = torch.randint(0, 4, (2, 3))
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs_ref(xg, tokens)
+    (logp + ent).sum().backward()
+    yg = x[..., :4].clone().requires_grad_()
+    want_logp, want_ent = token_logprobs_ref(yg, tokens)
+    (want_logp + want_ent).sum().backward()
+    torch.testing.assert_close(ent, want_ent)
+    torch.testing.assert_close(xg.grad[..., :4], yg.grad)
+    assert torch.all(xg.grad[..., 4:] == 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_nan_logits(backend, dtype):
