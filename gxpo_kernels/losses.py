@@ -189,13 +189,16 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
 
 # ---------------------------------------------------------------------------------------------- the loss
 def kl_k3(d: torch.Tensor, log_ratio_clamp: Optional[float] = None) -> torch.Tensor:
-    """Schulman's k3 estimate of KL(π || π_ref) per token, e^d − d − 1 with d = log π_ref − log π (any shape; e^d
-    is taken of d clamped to ±``log_ratio_clamp`` when given). Computed as expm1(d) − d in float64 and returned
-    in d's dtype: in float32, e^d − d − 1 rounds e^d to 1 + d and returns 0 for |d| below ~1e-4, exactly where
-    a policy near its reference sits (and its gradient, 1 − e^d, cancels the same way)."""
+    """Schulman's k3 estimate of KL(π || π_ref) per token, e^d − d − 1 with d = log π_ref − log π (any shape; d
+    is clamped to ±``log_ratio_clamp`` first when given, as verl does: beyond the bound k3 is constant and gets
+    no gradient; clamping only e^d's argument made k3 fall as d grew past it, negative past d ≈ e^20, with a
+    gradient that pushed log π further from log π_ref). Computed as expm1(d) − d in float64 and returned in d's
+    dtype: in float32, e^d − d − 1 rounds e^d to 1 + d and returns 0 for |d| below ~1e-4, exactly where a policy
+    near its reference sits (and its gradient, 1 − e^d, cancels the same way)."""
     d64 = d.double()
-    e = d64 if log_ratio_clamp is None else d64.clamp(-log_ratio_clamp, log_ratio_clamp)
-    return (torch.expm1(e) - d64).to(d.dtype)
+    if log_ratio_clamp is not None:
+        d64 = d64.clamp(-log_ratio_clamp, log_ratio_clamp)
+    return (torch.expm1(d64) - d64).to(d.dtype)
 
 
 def _vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,

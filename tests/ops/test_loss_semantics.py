@@ -166,8 +166,33 @@ def test_kl_k3_against_float64():
     want = torch.expm1(d.double()) - d.double()
     assert kl_k3(d).dtype == torch.float32
     torch.testing.assert_close(kl_k3(d).double(), want, rtol=1e-6, atol=0)
-    clamped = torch.expm1(d.double().clamp(-20, 20)) - d.double()     # e^d of the clamped argument only
-    torch.testing.assert_close(kl_k3(d, 20.0).double(), clamped, rtol=1e-6, atol=0)
+    dc = d.double().clamp(-20, 20)
+    torch.testing.assert_close(kl_k3(d, 20.0).double(), torch.expm1(dc) - dc, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_past_the_log_ratio_clamp_is_constant(backend):
+    """With kl_clamp=None (the TRL hook's setting) the clamped k3 is constant past |ref - logp| = 20, with zero
+    gradient: before, only e^d's argument was clamped, so k3 = e^20 - d - 1 fell as d grew (negative for a ref
+    far above logp, -inf at logp = -inf) and its gradient pushed logp away from the reference."""
+    logits, tokens, adv, mask, old, _ = _inputs(empty_row=False, seed=5)
+    mask[1, 0] = True
+    with torch.no_grad():
+        lp, _ = token_logprobs_ref(logits, tokens)
+    ref = (lp.float() + 30.0).clamp(max=0.0)                      # d in [20, 30] where lp < -20, else smaller
+    ref[0, 0] = lp[0, 0] + 30.0                                   # d = 30 (a log-prob above 0 is no matter here)
+    ref[1, 0] = lp[1, 0] + 1e9                                    # d = 1e9: was a negative "KL" of about -1e9
+    x = logits.float().requires_grad_()
+    loss, metrics = grpo_loss(x, tokens, torch.zeros_like(adv), mask, old, ref, beta=1.0, kl_clamp=None,
+                              reduce=False, backend=backend)
+    k3_20 = math.expm1(20.0) - 20.0
+    torch.testing.assert_close(loss[0, 0].double(), torch.tensor(k3_20, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss[1, 0].double(), torch.tensor(k3_20, dtype=torch.float64), rtol=1e-6, atol=0)
+    (loss[0, 0] + loss[1, 0]).backward()
+    assert torch.count_nonzero(x.grad[:, 0]) == 0
+    rl, _ = grpo_loss_ref(logits, tokens, torch.zeros_like(adv), mask, old, ref, beta=1.0, kl_clamp=None,
+                          reduce=False)
+    torch.testing.assert_close(loss.double(), rl, rtol=1e-5, atol=1e-5)
 
 
 def _finite_grad_case(kind):

@@ -268,6 +268,23 @@ def test_minus_inf_logits(backend, dtype):
     assert torch.all(dx[..., 5:300] == 0) and torch.all(dx[..., 1050:] == 0)
 
 
+def test_reference_entropy_of_minus_inf_logits():
+    """The float64 reference (and grpo_loss_ref on it) gives a -inf logit probability 0 and a finite entropy and
+    gradient, as the ops do; it returned a NaN entropy (0 * -inf), so the losses' entropy term read NaN there."""
+    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    x[..., 4:] = float("-inf")
+    tokens = torch.randint(0, 4, (2, 3))
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs_ref(xg, tokens)
+    (logp + ent).sum().backward()
+    yg = x[..., :4].clone().requires_grad_()
+    want_logp, want_ent = token_logprobs_ref(yg, tokens)
+    (want_logp + want_ent).sum().backward()
+    torch.testing.assert_close(ent, want_ent)
+    torch.testing.assert_close(xg.grad[..., :4], yg.grad)
+    assert torch.all(xg.grad[..., 4:] == 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_nan_logits(backend, dtype):
@@ -423,6 +440,61 @@ def test_torch_path_beyond_the_triton_range_is_finite_and_exact_for_a_tie():
     torch.testing.assert_close(ent, log8, rtol=0, atol=1e-6)
     for t in fpa_logprobs(x, x, tokens, 1.0, 1e-6, backend="torch"):
         torch.testing.assert_close(t, -log8, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:temperature=")
+@pytest.mark.parametrize("logit, temperature", [(1e20, 1.0), (-1e20, 1.0), (1e10, 1e-6)])
+def test_torch_path_backward_far_beyond_the_triton_range(logit, temperature):
+    """The PyTorch path's backward recovers the forward's softmax from the saved lse. It saved m / T plus the
+    small logsumexp of (x - m) / T in float64, which drops the latter once |m| / T nears 1e16: four equal logits
+    of 1e20 got p = 1 each, so d(logp)/d(logits) = 0 instead of (3/4, -1/4, -1/4, -1/4) / T, in token_logprobs
+    and fpa_logprobs alike, with a correct forward."""
+    from gxpo_kernels.ops import fpa_logprobs
+    x = torch.full((1, 1, 4), logit)
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    want = torch.tensor([[[0.75, -0.25, -0.25, -0.25]]]) / temperature   # d(entropy) is 0 at a uniform row
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs(xg, tokens, temperature, backend="torch")
+    (logp + ent).sum().backward()
+    torch.testing.assert_close(xg.grad, want, rtol=1e-6, atol=0)
+    xg.grad = None
+    fpa_logprobs(xg, x, tokens, 1.0, temperature, backend="torch")[0].sum().backward()
+    torch.testing.assert_close(xg.grad, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plus_inf_logit_makes_its_row_nan(backend):
+    """A +inf logit leaves the softmax undefined (inf - inf): that row's logp, entropy and gradient are NaN on
+    every path, as for a NaN logit, and the other rows are untouched. The PyTorch paths (token_logprobs,
+    fpa_logprobs, linear_token_logprobs, linear_fpa_logprobs) gave the finite targets logp = -inf
+    (torch.logsumexp's convention) where the Triton kernels gave NaN."""
+    from gxpo_kernels.ops import fpa_logprobs, linear_fpa_logprobs, linear_token_logprobs
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 37, generator=g)
+    tokens = torch.randint(0, 37, (2, 3), generator=g)
+    x[0, 1, (tokens[0, 1] + 1) % 37] = float("inf")   # never the target
+    bad = torch.zeros(2, 3, dtype=torch.bool)
+    bad[0, 1] = True
+    r_logp, r_ent = token_logprobs_ref(x[~bad][None], tokens[~bad][None])
+    xg = x.clone().requires_grad_()
+    logp, ent = token_logprobs(xg, tokens, backend=backend)
+    (logp + ent).sum().backward()
+    assert torch.isnan(logp[bad]).all() and torch.isnan(ent[bad]).all() and torch.isnan(xg.grad[bad]).all()
+    assert_close("logp", r_logp[0], logp[~bad], 1e-5)
+    assert_close("entropy", r_ent[0], ent[~bad], 1e-5)
+    assert torch.isfinite(xg.grad[~bad]).all()
+    for t in fpa_logprobs(x, x, tokens, 1.0, backend=backend):
+        assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
+    # the fused head: a +inf bias entry is a +inf logit in every row
+    h, w, b = torch.randn(5, 8, generator=g), torch.randn(37, 8, generator=g), torch.zeros(37)
+    b[3] = float("inf")
+    y = torch.tensor([0, 1, 2, 4, 5])
+    lp, en = linear_token_logprobs(h, w, y, bias=b, backend=backend)
+    assert torch.isnan(lp).all() and torch.isnan(en).all()
+    lp, ref_lp, fpa_lp = linear_fpa_logprobs(h, w, h, w, y, 1.0, bias=b, ref_bias=torch.zeros(37), backend=backend)
+    assert torch.isnan(lp).all() and torch.isnan(fpa_lp).all() and torch.isfinite(ref_lp).all()
+    lp, ref_lp, _ = linear_fpa_logprobs(h, w, h, w, y, 1.0, bias=torch.zeros(37), ref_bias=b, backend=backend)
+    assert torch.isnan(ref_lp).all() and torch.isfinite(lp).all()
 
 
 @pytest.mark.filterwarnings("ignore:temperature=")

@@ -29,7 +29,8 @@ from ..._utils import (autocast_off, check_no_forward_ad, check_same_device, che
                        compiled_safe_tokens, nan_at, triton_interpret)
 from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
-                                 _kernel_flags, _logits_tile, make_head_config, validate_head, vocab_splits)
+                                 _kernel_flags, _logits_tile, make_head_config, row_logsumexp, validate_head,
+                                 vocab_splits)
 from .kernel import _fpa_x, fpa_logits
 from .logprobs import check_lam_temperature
 
@@ -137,11 +138,11 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
         yc = y[s:e, None].long()
         z = _chunk_logits(h[s:e], wf, bf, inv_t)
         zr = _chunk_logits(hr[s:e], wrf, brf, inv_t)
-        lse[s:e] = torch.logsumexp(z, -1)
+        lse[s:e] = row_logsumexp(z)
         logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
-        ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - torch.logsumexp(zr, -1)
+        ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - row_logsumexp(zr)
         zf = fpa_logits(z, zr, lam, out=z)                    # in place: pi_hat's logits
-        fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - torch.logsumexp(zf, -1)
+        fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - row_logsumexp(zf)
     return logp, ref_logp, fpa_logp, lse
 
 

@@ -277,6 +277,14 @@ def _chunk_logits(h_c, wf, bf, inv_t):
     return z.mul_(inv_t)
 
 
+def row_logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, NaN for a row holding +inf (a +inf logit, or logits / T past the fp32 range):
+    its softmax is undefined (inf - inf), as the Triton kernels report it; torch.logsumexp alone gives +inf
+    there, which read as log-prob -inf for the row's finite logits."""
+    lse = torch.logsumexp(z, dim=-1)
+    return lse.masked_fill_(lse == float("inf"), float("nan"))
+
+
 def _fwd_torch(h, w, b, y, inv_t, cfg):
     N = h.shape[0]
     wf = w.float()                      # one O(V*H) upcast, independent of N
@@ -286,7 +294,7 @@ def _fwd_torch(h, w, b, y, inv_t, cfg):
     for s in range(0, N, step):
         e = min(s + step, N)
         z = _chunk_logits(h[s:e], wf, bf, inv_t)
-        lse[s:e] = torch.logsumexp(z, dim=-1)
+        lse[s:e] = row_logsumexp(z)
         lp = z.sub_(lse[s:e, None])                          # log-softmax in place
         logp[s:e] = lp.gather(1, y[s:e, None].long()).squeeze(1)
         lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf

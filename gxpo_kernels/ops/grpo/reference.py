@@ -86,7 +86,8 @@ def grpo_loss_ref(logits, tokens, advantages, mask=None, old_logprobs=None, ref_
     k3 = None
     if ref_logprobs is not None:
         d = torch.where(m, ref_logprobs.detach().double() - logp, torch.zeros_like(logp))
-        k3 = torch.expm1(clamp(d)) - d   # e^d − d − 1 without the cancellation near d = 0
+        d = clamp(d)
+        k3 = torch.expm1(d) - d   # e^d − d − 1 without the cancellation near d = 0
         if kl_clamp is not None:
             k3 = torch.clamp(k3, -kl_clamp, kl_clamp)
         if use_bias_correction_kl:

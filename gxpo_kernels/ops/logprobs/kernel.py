@@ -298,30 +298,31 @@ def _log_probs_chunk(logits, sb, st, temperature, lse=None):
     relative precision in the entropy at V = 32k, this form stays at fp32 rounding. The logits are shifted by
     their row max m before the division by T, as the Triton kernels' fma exponents are: x - m is exact next to
     the max, so the large probabilities keep fp32 precision at any temperature (x / T - lse would round both
-    terms to ~6e-8 |x| / T: 2e-2 relative in p at T = 1e-4 for near-tied top logits). The lse is m / T plus
-    the chunk's small logsumexp, in float64 so the backward (``lse`` given) recovers the latter.
+    terms to ~6e-8 |x| / T: 2e-2 relative in p at T = 1e-4 for near-tied top logits). The saved "lse" of this
+    path is that small logsumexp of (x - m) / T alone (float64, the Triton path's dtype), which the backward
+    (``lse`` given) reads back exactly: m / T + it in float64 lost it once |m| / T neared 1e16 (four equal logits
+    of 1e20 got p = 1 each in the backward, a wrong gradient).
     """
     x = logits[sb, st].float()
     m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))  # -inf/+inf rows: no shift
+    # an all -inf row: no shift (its log-probs are NaN); a +inf logit: x - m is NaN there, so the row's log-probs
+    # are NaN, as in the Triton kernels (torch.logsumexp alone would give -inf to the finite logits)
+    m = m.masked_fill(m == float("-inf"), 0.0)
     z = torch.sub(x, m)
     if temperature != 1.0:
         z.mul_(1.0 / temperature)
-    m_z = m.squeeze(-1).double() * (1.0 / temperature)
     if lse is None:
         c_lse = torch.logsumexp(z, dim=-1)
-        full = m_z + c_lse.double()
     else:
-        full = lse[sb, st]
-        c_lse = (full - m_z).float()
-    return z.sub_(c_lse.unsqueeze(-1)), full
+        c_lse = lse[sb, st].float()
+    return z.sub_(c_lse.unsqueeze(-1)), c_lse.double()
 
 
 def _fwd_torch(logits, tokens, mask, temperature, compute_entropy):
     B, T, V = logits.shape
     logp = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp, dtype=torch.float64)   # m / T + a small fp32 logsumexp (the Triton path's dtype)
+    lse = torch.zeros_like(logp, dtype=torch.float64)   # logsumexp((x - row max) / T): see _log_probs_chunk
     for sb, st in _chunks(B, T, V):
         lp, c_lse = _log_probs_chunk(logits, sb, st, temperature)
         y = tokens[sb, st].long().clamp(0, V - 1).unsqueeze(-1)  # masked positions may hold any id

@@ -12,5 +12,6 @@ def token_logprobs_ref(logits: torch.Tensor, tokens: torch.Tensor, temperature: 
     z = logits.double() / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, tokens.long().clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # a -inf logit has p = 0 and adds 0 (not 0 * -inf = NaN) to the entropy and its gradient, as in the ops
+    entropy = -(logprobs.exp() * logprobs.masked_fill(logprobs == float("-inf"), 0.0)).sum(-1)
     return logp, entropy
