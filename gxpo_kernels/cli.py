@@ -23,6 +23,7 @@ import time
 import typing
 from typing import List, Optional
 
+from ._utils import missing_extra
 from .trainer.config import SFTConfig, TrainConfig, ignored_options, parse_method, preset
 from .trainer.tasks import check_inputs
 
@@ -265,11 +266,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         for opt in ("--deepspeed", "--fsdp"):
             if any(x == opt or x.startswith(opt + "=") for x in args):
                 _fail(f"{opt} works with `train` (one method per launch), not with `speedup`")
-    a = build_parser().parse_args(args)
     try:
+        a = build_parser().parse_args(args)   # the options come from transformers' HfArgumentParser
         return _speedup(a) if a.command == "speedup" else _train(a)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _fail(e)
+    except ModuleNotFoundError as e:   # an optional dependency (pip install . brings the core only)
+        message = missing_extra(e, PROG)
+        if message is None:
+            raise
+        _fail(message)
 
 
 if __name__ == "__main__":  # pragma: no cover
