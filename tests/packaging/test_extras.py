@@ -64,3 +64,25 @@ def test_optional_deps_match_pyproject_extras():
         names = [r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
                  for r in extras[extra]]
         assert dist in names, f"{module}: extra [{extra}] does not list {dist} ({extras[extra]})"
+
+
+def _floor(requirement: str):
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    lows = [Version(s.version) for s in Requirement(requirement).specifier if s.operator in (">=", "==", "~=")]
+    return max(lows) if lows else None
+
+
+def test_train_extra_floor_has_from_pretrained_dtype():
+    """``from_pretrained(dtype=...)`` exists from transformers 4.56 (before: ``torch_dtype``; older releases pass
+    the unknown keyword on to the model's constructor, a TypeError): the [train] floor must be at least that."""
+    import ast
+    from packaging.version import Version
+    root = PYPROJECT.parent / "gxpo_kernels"
+    uses = [f"{p.relative_to(root)}:{n.lineno}" for p in sorted(root.rglob("*.py"))
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Call)
+            and getattr(n.func, "attr", None) == "from_pretrained" and any(k.arg == "dtype" for k in n.keywords)]
+    assert uses, "the check reads the call sites it guards"
+    train = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["train"]
+    (req,) = [r for r in train if r.startswith("transformers")]
+    assert _floor(req) is not None and _floor(req) >= Version("4.56"), f"{req}: from_pretrained(dtype=) at {uses}"
