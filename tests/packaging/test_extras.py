@@ -28,6 +28,19 @@ def test_cli_without_train_extra_names_it(monkeypatch, capsys, argv):
     assert err.count("\n") == 1 and "transformers" in err and "pip install 'gxpo-kernels[train]'" in err, err
 
 
+@pytest.mark.parametrize("module", ["matplotlib", "safetensors"])
+def test_cli_checks_the_whole_train_extra_before_any_run(monkeypatch, capsys, tmp_path, module):
+    # matplotlib draws the report's plot once every run has ended: missing, it must stop the command up front
+    from gxpo_kernels import cli
+    _hide(monkeypatch, module)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["speedup", "--preset", "test", "--workers", "0", "--no_progress", "--out", str(out)])
+    assert e.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.endswith(f"needs {module}, which is not installed: pip install 'gxpo-kernels[train]'\n"), err
+
+
 def test_trl_integration_without_trl_names_the_extra(monkeypatch):
     from gxpo_kernels.integrations import _trl_trainer, trl
     _hide(monkeypatch, "trl", "packaging")          # TRL brings packaging: without TRL it may be missing too
