@@ -7,8 +7,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 import zipfile
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10: the [test] extra brings tomli
+    import tomli as tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PKG = "gxpo_kernels"

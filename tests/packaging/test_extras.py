@@ -3,9 +3,13 @@ there, and what needs one says which extra of pyproject.toml installs it. Each t
 putting None in sys.modules (what `import` then does is what it does for a package that is not installed)."""
 import pathlib
 import sys
-import tomllib
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10: the [test] extra brings tomli
+    import tomli as tomllib
 
 from gxpo_kernels._utils import OPTIONAL_DEPS, missing_extra, require
 
