@@ -7,6 +7,7 @@ interpreter (how the test suite exercises them). ``backend=`` forces a path.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import numbers
 import os
@@ -18,6 +19,36 @@ import torch
 from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
+
+# Optional dependencies: import name -> (distribution, the extra of pyproject.toml that installs it). The core
+# (ops, update rules, advantages) imports none of them.
+OPTIONAL_DEPS = {
+    "transformers": ("transformers", "train"), "tqdm": ("tqdm", "train"), "matplotlib": ("matplotlib", "train"),
+    "safetensors": ("safetensors", "train"), "math_verify": ("math-verify", "math"),
+    "deepspeed": ("deepspeed", "deepspeed"), "trl": ("trl", "trl"),
+}
+
+
+def missing_extra(error: ImportError, what: str = "this") -> Optional[str]:
+    """For an ImportError of a missing optional dependency: a one-line message naming the extra to install;
+    None when ``error`` is about another module (a genuine bug or a broken install, to be re-raised as is)."""
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    if not isinstance(error, ModuleNotFoundError) or name not in OPTIONAL_DEPS:
+        return None
+    dist, extra = OPTIONAL_DEPS[name]
+    return f"{what} needs {dist}, which is not installed: pip install 'gxpo-kernels[{extra}]'"
+
+
+def require(module: str, what: str):
+    """Import and return the optional dependency ``module`` (a key of ``OPTIONAL_DEPS``) that ``what`` needs; an
+    ImportError naming the extra to install when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        message = missing_extra(e, what)
+        if message is None:
+            raise
+        raise ImportError(message) from e
 
 
 def triton_interpret() -> bool:

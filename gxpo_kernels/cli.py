@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import re
 import sys
@@ -23,11 +24,13 @@ import time
 import typing
 from typing import List, Optional
 
+from ._utils import OPTIONAL_DEPS, missing_extra
 from .trainer.config import SFTConfig, TrainConfig, ignored_options, parse_method, preset
 from .trainer.tasks import check_inputs
 
 PRESETS = ("default", "smoke", "test")
 PROG = "gxpo-kernels"
+TRAIN_MODULES = tuple(m for m, (_, extra) in OPTIONAL_DEPS.items() if extra == "train")   # what the CLI imports
 # TrainConfig fields the speedup runner sets itself per run (methods x seeds), so not options of `speedup`
 SPEEDUP_OWN = ("algo", "advantage", "seed", "lr_mult", "deepspeed", "fsdp", "resume")
 
@@ -265,11 +268,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         for opt in ("--deepspeed", "--fsdp"):
             if any(x == opt or x.startswith(opt + "=") for x in args):
                 _fail(f"{opt} works with `train` (one method per launch), not with `speedup`")
-    a = build_parser().parse_args(args)
     try:
+        a = build_parser().parse_args(args)   # the options come from transformers' HfArgumentParser
+        for module in TRAIN_MODULES:   # the rest of [train] now, not when the runs end (the plot, the checkpoint)
+            importlib.import_module(module)
         return _speedup(a) if a.command == "speedup" else _train(a)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _fail(e)
+    except ModuleNotFoundError as e:   # an optional dependency (pip install . brings the core only)
+        message = missing_extra(e, PROG)
+        if message is None:
+            raise
+        _fail(message)
 
 
 if __name__ == "__main__":  # pragma: no cover

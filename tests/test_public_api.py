@@ -26,3 +26,21 @@ def test_optional_integrations_not_imported_by_the_package():
     code = ("import sys, gxpo_kernels; bad = [m for m in ('trl', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+def test_readme_api_imports_without_any_extra():
+    # `pip install .` installs no extra: every import of the README's API table works with all the optional
+    # dependencies missing (None in sys.modules is what `import` does for a package that is not installed),
+    # and importing raises no warning
+    from gxpo_kernels._utils import OPTIONAL_DEPS
+    code = "\n".join([
+        "import sys, warnings",
+        f"for m in {sorted(OPTIONAL_DEPS)!r}: sys.modules[m] = None",
+        "warnings.simplefilter('error')",
+        "from gxpo_kernels import *",
+        "from gxpo_kernels.integrations import deepspeed, fsdp, trl",
+        "from gxpo_kernels.integrations.hf import patch_causal_lm",
+        "import gxpo_kernels.cli, gxpo_kernels.trainer.loop, gxpo_kernels.trainer.speedup",
+    ])
+    for interpret in ("0", "1"):
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": interpret})

@@ -20,6 +20,8 @@ from typing import Optional, Union
 
 import torch
 
+from .._utils import require
+
 UPDATE_STATE_FILE = "gxpo_update_state.pt"
 UPDATES = ("gxpo", "sfpo", "grpo")
 ADVANTAGE_ESTIMATORS = ("grpo", "fade")
@@ -47,6 +49,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
     """Build ``(GXPOGRPOConfig, GXPOGRPOTrainer)`` on the installed TRL. The arguments are
     ``integrations.trl``'s ``enable_gxpo_loss``, ``_unsupported``, ``check_trl_version``, ``_engine`` and
     ``_entropy_bonus_coef``."""
+    require("trl", "gxpo_kernels.integrations.trl")   # an ImportError naming the [trl] extra when TRL is missing
     from trl import GRPOConfig, GRPOTrainer
 
     @dataclass

@@ -49,7 +49,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._utils import BACKENDS, check_choice, check_scalar, check_shape, check_tensor
+from .._utils import BACKENDS, check_choice, check_scalar, check_shape, check_tensor, require
 from ..losses import GRPOLossOptions, check_token_inputs, grpo_token_loss, kl_k3, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
@@ -69,13 +69,9 @@ def check_trl_version(version: Optional[str] = None) -> str:
     """Return TRL's version; raise if it lies outside ``TESTED_TRL`` (a warning instead when the environment
     variable ``GXPO_KERNELS_ALLOW_UNTESTED_TRL=1`` is set). This module hooks TRL internals
     (``GRPOTrainer._compute_loss``, its ``inputs`` keys, ``_metrics``), which change between minor releases."""
-    from packaging.version import Version
     if version is None:
-        try:
-            import trl
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("gxpo_kernels.integrations.trl needs TRL: pip install 'gxpo-kernels[trl]'") from e
-        version = trl.__version__
+        version = require("trl", "gxpo_kernels.integrations.trl").__version__
+    from packaging.version import Version   # after TRL, which requires it: without TRL, the error names [trl]
     lo, hi = TESTED_TRL
     if not Version(lo) <= Version(version) < Version(hi):
         msg = (f"gxpo_kernels.integrations.trl was tested with TRL >={lo},<{hi}; found TRL {version}. "
@@ -470,8 +466,8 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
         backend: our kernels' backend ("auto", "triton", "torch").
     Raises ValueError naming the TRL option when the trainer is configured with one we cannot honour.
     """
-    from trl import GRPOTrainer
     check_trl_version()
+    from trl import GRPOTrainer
     if not isinstance(trainer, GRPOTrainer):
         raise TypeError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
     if loss_path not in LOSS_PATHS:

@@ -43,6 +43,7 @@ import copy
 import json
 from typing import Optional, Tuple, Union
 
+from ..._utils import require
 from ._loss import CausalLMGRPOLoss
 from ._rule import DeepSpeedGXPO, DeepSpeedSFPO
 from ._zero import SUPPORTED_DEEPSPEED, ZeroShards, check_engine
@@ -102,7 +103,7 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
             client optimizer is passed.
         gxpo / sfpo: the rule's keyword arguments (give one of them; ``gxpo={}`` = GXPO defaults).
     """
-    import deepspeed
+    deepspeed = require("deepspeed", "gxpo_kernels.integrations.deepspeed.initialize")
     if gxpo is not None and sfpo is not None:
         raise ValueError("give either gxpo=... or sfpo=..., not both")
     algo, kw = ("sfpo", dict(sfpo)) if sfpo is not None else ("gxpo", dict(gxpo or {}))
