@@ -6,7 +6,11 @@
   token-mean and Dr.GRPO aggregations;
 - a short run with either path writes the per-phase timing fields: wall (``t_*``), process CPU (``cpu_*``),
   no CUDA-event fields on the CPU, and ``t_update`` = ``t_backward`` + ``t_optimizer``;
-- the config picks the engine (plain without --deepspeed).
+- the config picks the engine (plain without --deepspeed);
+- memory bounds: --gradient_accumulation_steps 2 and 4 give one pass's gradients, parameters and logged loss
+  after a GRPO step (three loss aggregations) and a GXPO step, with micro-batches of different token counts,
+  and must divide the rows (DeepSpeed's JSON owns the value); the rollout's chunked no-grad log-probs equal
+  one forward's; --eval_batch_size is the batch of every evaluation (warm-start check, greedy, pass@1).
 """
 import json
 
