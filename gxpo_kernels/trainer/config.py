@@ -101,6 +101,11 @@ class TrainConfig:
     steps: int = _f(200, "RL update steps", aliases=("--max_steps", "--max-steps"))
     prompts: int = _f(16, "prompts per step (P)")
     group: int = _f(8, "samples per prompt (G, >= 2)", aliases=("--num_generations", "--num-generations"))
+    gradient_accumulation_steps: int = _f(1, "micro-batches per gradient pass: the prompts x group rows go "
+                                          "through forward + backward in this many slices (it must divide "
+                                          "them), accumulating the whole batch's gradient; bounds the "
+                                          "activation memory (plain and FSDP engines; --deepspeed takes it "
+                                          "from its JSON)")
     max_new_tokens: Optional[int] = _f(None, "rollout length cap in tokens (None: the toy task's longest answer + "
                                              "EOS; 512 with --dataset)",
                                        aliases=("--max_completion_length", "--max-completion-length"))
@@ -137,6 +142,8 @@ class TrainConfig:
     fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL")
     val_every: int = _f(10, "validate every N steps", aliases=("--eval_steps", "--eval-steps"))
     val_size: int = _f(2048, "held-out prompts for greedy accuracy")
+    eval_batch_size: int = _f(1024, "prompts per generate call of validation and the warm-start check (times "
+                                    "pass1_n sequences for pass@1): lower it to bound the KV cache")
     pass1_size: int = _f(128, "prompts for the sampled metrics pass@1 / pass@k (0 = off)")
     pass1_n: int = _f(4, "samples per prompt for pass@1 / pass@k (n)")
     val_temperature: float = _f(1.0, "sampling temperature of pass@1 / pass@k")
@@ -193,9 +200,13 @@ class TrainConfig:
         if self.resume == "latest" and not self.out_dir:
             raise ValueError("resume='latest' needs out_dir (the run's output folder)")
         ints = {"hidden": 1, "layers": 1, "heads": 1, "steps": 1, "prompts": 1, "group": 2, "epochs": 1,
-                "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0}
+                "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0,
+                "eval_batch_size": 1, "gradient_accumulation_steps": 1}
         for name, lo in ints.items():
             _int_at_least(name, getattr(self, name), lo)
+        if (self.prompts * self.group) % self.gradient_accumulation_steps:
+            raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
+                             f"rows of a step, prompts * group = {self.prompts * self.group}")
         if self.max_new_tokens is not None:
             _int_at_least("max_new_tokens", self.max_new_tokens, 1)
         for name in ("lr", "lr_mult", "max_grad_norm"):
@@ -320,7 +331,7 @@ APPLIES_TO = {
     "advantage": (_uses_advantages, f"the algos {tuple(a for a in ALGOS if a not in FPA_ALGOS)} and fpa_pg"),
     "fade_target_entropy": (lambda c: c.advantage == "fade" and _uses_advantages(c), "--advantage fade"),
     **{n: (_grpo_loss, "the GRPO-loss algos (not fpa_*)") for n in ("eps_low", "eps_high", "loss_agg_mode",
-                                                                     "loss_path")},
+                                                                     "loss_path", "gradient_accumulation_steps")},
     **{n: (lambda c: c.algo in FPA_ALGOS, "--algo fpa_*") for n in ("fpa_lam", "fpa_side")},
     "fpa_beta": (lambda c: c.algo in _FPA_BETA_ALGOS, "--algo " + ", ".join(_FPA_BETA_ALGOS)),
     "fpa_rpo_alpha": (lambda c: c.algo == "fpa_rpo", "--algo fpa_rpo"),

@@ -111,11 +111,12 @@ class Engine:
 
     name = "plain"
     rank, world = 0, 1
-    micro_batches = 1                      # gradient-accumulation micro-batches per pass
+    micro_batches = 1                      # gradient-accumulation micro-batches per pass (set by __init__)
     gen_kw: dict = {}                      # extra kwargs of rollout / evaluate (synced_gpus, use_amp)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.micro_batches = cfg.gradient_accumulation_steps
         self.device = torch.device("cpu")
         self.module: Optional[PolicyLoss] = None
         self.policy: Optional[nn.Module] = None
@@ -142,9 +143,22 @@ class Engine:
     def forward(self, *batch) -> torch.Tensor:
         return self.module(*batch)
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """``last``: the pass's final micro-batch (the accumulation boundary)."""
-        loss.backward()
+    def loss_weights(self, mask: torch.Tensor, agg_mode: str) -> List[float]:
+        """The weight of each micro-batch's loss in the pass's gradient, ``micro_batches`` floats summing to 1;
+        ``mask`` (B, T) is the whole batch's. The weighted sum of the micro-batch losses is the whole batch's
+        loss: "token-mean" divides by the micro-batch's own token count, so its weight is its share of the
+        batch's tokens; the "seq-mean-*" modes (every row counted) and "seq-mean-token-sum-norm" divide by its
+        B / micro_batches rows, so 1 / micro_batches. One micro-batch: [1.0]."""
+        n = self.micro_batches
+        if agg_mode != "token-mean":
+            return [1.0 / n] * n
+        counts = mask.sum(-1).view(n, -1).sum(-1).double()
+        return (counts / counts.sum().clamp(min=1)).tolist()
+
+    def backward(self, loss: torch.Tensor, weight: float, last: bool) -> None:
+        """Accumulate the gradient of ``weight * loss`` (``loss_weights``); ``last``: the pass's final
+        micro-batch (the accumulation boundary)."""
+        (loss * weight).backward()
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of every param group (the optimizer's, which DeepSpeed's ZeRO wrapper forwards)."""
@@ -293,7 +307,10 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"--deepspeed {path!r} has its own scheduler and --lr_scheduler_type is "
                          f"{cfg.lr_scheduler_type!r}: choose one")
     B = cfg.prompts * cfg.group
-    gas = int(d.get("gradient_accumulation_steps", 1))
+    gas = int(d.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps))
+    if cfg.gradient_accumulation_steps not in (1, gas):
+        raise ValueError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} conflicts with the "
+                         f"gradient_accumulation_steps {gas} of --deepspeed {path!r}: give one of them")
     if gas < 1 or B % gas:
         raise ValueError(f"--deepspeed {path!r}: gradient_accumulation_steps={gas} must divide the per-rank batch "
                          f"prompts * group = {B}")
@@ -365,7 +382,13 @@ class DeepSpeedEngine(_DistributedEngine):
     def forward(self, *batch) -> torch.Tensor:
         return self.engine(*batch)
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
+    def loss_weights(self, mask: torch.Tensor, agg_mode: str) -> List[float]:
+        """DeepSpeed divides every micro-batch's loss by gradient_accumulation_steps itself: under "token-mean"
+        with micro-batches of different token counts the pass's gradient is the mean of their token-means, not
+        the batch's token-mean (the plain and FSDP engines weigh by token share, see ``Engine.loss_weights``)."""
+        return [1.0 / self.micro_batches] * self.micro_batches
+
+    def backward(self, loss: torch.Tensor, weight: float, last: bool) -> None:
         self.engine.backward(loss)                        # under a rule, its wrapper also steps non-boundaries
         if self.rule is None and not last:
             self.engine.step()                            # non-boundary micro-step: DeepSpeed's bookkeeping only

@@ -139,7 +139,8 @@ def warm_start(cfg: TrainConfig, model, tok, task, model_key: dict, val_pairs, m
         opt.step()
         step += 1
         if step % s.check_every == 0 or step == s.max_steps:
-            acc = sum(evaluate(model, tok, task, check, max_new)) / max(len(check), 1)
+            got = evaluate(model, tok, task, check, max_new, batch_size=cfg.eval_batch_size)
+            acc = sum(got) / max(len(check), 1)
             if not cfg.quiet:
                 log(f"[warm start] step {step}: loss {loss.item():.4f}  greedy acc {acc:.3f}")
             if acc >= s.target_acc:
@@ -212,7 +213,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dict:
     """Greedy exact match on the validation set; pass@1 on its first ``pass1_size`` prompts. ``eval_kw``:
     ``synced_gpus`` / ``use_amp`` of ``rollout.evaluate``."""
-    greedy = evaluate(model, tok, task, val_pairs, max_new, **eval_kw)
+    greedy = evaluate(model, tok, task, val_pairs, max_new, batch_size=cfg.eval_batch_size, **eval_kw)
     out = {"greedy_acc": sum(greedy) / len(greedy)}
     if cfg.pass1_size > 0 and cfg.pass1_n > 0:
         # sampling here must not touch the training RNG streams: manual_seed reseeds the CPU generator and every CUDA
@@ -221,8 +222,8 @@ def validate_policy(cfg, model, tok, task, val_pairs, max_new, **eval_kw) -> dic
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(10_000 + cfg.seed)
-            p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, do_sample=True, n=cfg.pass1_n,
-                          temperature=cfg.val_temperature, **eval_kw)
+            p1 = evaluate(model, tok, task, val_pairs[:cfg.pass1_size], max_new, batch_size=cfg.eval_batch_size,
+                          do_sample=True, n=cfg.pass1_n, temperature=cfg.val_temperature, **eval_kw)
         out["pass1"] = sum(p1) / len(p1)
         for k in cfg.pass_k:
             if k > 1:   # per prompt: c = n * mean correct of the n samples
@@ -422,6 +423,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
             first = {}
             B, n_mb = ro.resp.shape[0], engine.micro_batches
             mb = B // n_mb
+            weights = engine.loss_weights(ro.mask, cfg.agg_mode)
 
             slow_pass_k = rule.K if getattr(rule, "entropy_signal", None) == "slow_pass" else None
 
@@ -438,8 +440,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                     loss = engine.forward(ro.prompt_ids[sl], ro.prompt_attn[sl], ro.resp[sl], ro.mask[sl], adv[sl],
                                           None if old is None else old[sl],
                                           None if ro.ref_logp is None else ro.ref_logp[sl])
-                    engine.backward(loss, last=j == n_mb - 1)
-                    total += float(loss.detach()) / n_mb
+                    engine.backward(loss, weights[j], last=j == n_mb - 1)
+                    total += float(loss.detach()) * weights[j]
                     for name, v in engine.module.metrics.items():
                         msum[name] = msum.get(name, 0.0) + float(v) / n_mb
                 total = engine.dp_mean([total])[0]           # the rule logs it: the same value on every rank

@@ -112,6 +112,28 @@ def response_logits(model, prompt_ids, prompt_attn, resp, resp_mask):
     return out.logits[:, Lp - 1:Lp - 1 + T]
 
 
+# Element budget of the logits of one no-grad log-prob forward (rows x (Lp + T) x V; 2**30 = 2 GiB in bf16):
+# ``rollout_logprobs`` runs the rows in as few chunks as keep each under it (one chunk when the batch fits).
+LOGPROB_CHUNK_ELEMENTS = 2 ** 30
+
+
+def rollout_logprobs(model, ids, attn, resp, mask, temperature: float, synced_gpus: bool = False):
+    """No-grad log pi and entropy ((B, T) fp32 each) of ``resp`` after the prompts ``ids`` / ``attn`` (B, Lp),
+    forwarded in row chunks whose logits stay under ``LOGPROB_CHUNK_ELEMENTS``, or of one row where one row's
+    exceed it (V = 151,936 at Lp + T = 3,300 is 5e8 logits per row). ``synced_gpus``: every rank runs the
+    largest chunk count of all ranks (ZeRO-3 and FSDP gather parameters collectively inside each forward)."""
+    B, L = resp.shape[0], ids.shape[1] + resp.shape[1]
+    n = -(-B // max(1, LOGPROB_CHUNK_ELEMENTS // (L * model.config.vocab_size)))   # chunks of <= that many rows
+    if synced_gpus:
+        import torch.distributed as dist
+        t = torch.tensor([n], device=resp.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n = int(t)
+    out = [token_logprobs(response_logits(model, *part), part[2], temperature, mask=part[3])
+           for part in zip(ids.tensor_split(n), attn.tensor_split(n), resp.tensor_split(n), mask.tensor_split(n))]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor   # (B, Lp) left padded, each prompt repeated G times
@@ -142,12 +164,10 @@ def rollout(model, tokenizer, task: Task, pairs: List[tuple], G: int, max_new_to
     rewards = torch.tensor(score(task, tokenizer, resp.tolist(), answers), dtype=torch.float32, device=device)
     ids, attn = ids.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)
     with torch.no_grad(), amp_(device):
-        logits = response_logits(model, ids, attn, resp, mask)
-        old_logp, ent = token_logprobs(logits, resp, temperature, mask=mask)
+        old_logp, ent = rollout_logprobs(model, ids, attn, resp, mask, temperature, synced_gpus)
         ref_logp = None
         if ref_model is not None:
-            ref_logp = token_logprobs(response_logits(ref_model, ids, attn, resp, mask), resp, temperature,
-                                      mask=mask)[0]
+            ref_logp = rollout_logprobs(ref_model, ids, attn, resp, mask, temperature, synced_gpus)[0]
     model.train(was_training)
     m = mask.float()
     entropy = float((torch.where(mask, ent, torch.zeros_like(ent)).sum() / m.sum().clamp(min=1)))

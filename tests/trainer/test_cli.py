@@ -175,6 +175,14 @@ BAD = [
     # inputs the run itself read later
     (["train", "--resume", "/nonexistent/ckpt"], "not a trainer checkpoint"),
     (["train", "--deepspeed", "/nonexistent.json"], "no such file"),
+    # memory bounds: the micro-batches must split the rows; DeepSpeed's JSON owns its value
+    (["train", "--gradient_accumulation_steps", "3"],
+     "gradient_accumulation_steps (3) must divide the rows of a step, prompts * group = 128"),
+    (["speedup", "--prompts", "6", "--group", "4", "--gradient_accumulation_steps", "16"], "prompts * group = 24"),
+    (["train", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be an int >= 1"),
+    (["train", "--gradient_accumulation_steps", "4", "--deepspeed", "ds_zero2.json"],
+     "--gradient_accumulation_steps 4 conflicts with the gradient_accumulation_steps 2 of --deepspeed"),
+    (["train", "--eval_batch_size", "0"], "eval_batch_size must be an int >= 1"),
 ]
 
 

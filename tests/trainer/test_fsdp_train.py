@@ -6,6 +6,7 @@ spawn for every case (random advantages: the untrained tiny policy scores 0, so 
 - parameters are DTensors whose local shards sum to the model size (nothing replicated);
 - the same run on DeepSpeed ZeRO-2 (same per-rank rollouts, dp-averaged gradients) gives the same losses and
   final weights to float tolerance;
+- --gradient_accumulation_steps 2 gives one pass's weights and loss after a GXPO step;
 - resume through ``torch.distributed.checkpoint``: a run stopped after step 3 (checkpoint at step 2) and resumed
   equals the uninterrupted 4-step run bit for bit (records without timings, final weights, optimizer state,
   the rule's state and every rank's RNG).
@@ -82,6 +83,11 @@ def _worker(rank, port, d):
                                          out_dir=os.path.join(d, algo, "ds")))
         out[algo] = {"full": full, "resumed": resumed, "ds": ds, "rng": (rng_full, rng_resumed)}
     out["shards"] = shards
+    gxpo = TrainConfig(algo="gxpo", cache_dir=os.path.join(d, "cache"), **dict(TINY, save_steps=0, lr=1e-4),
+                       **ALGOS["gxpo"][0])
+    for gas in (1, 2):   # one step, the rows in 1 or 2 micro-batches (each with its own reduce-scatter)
+        out[f"gas{gas}"] = loop.train(gxpo.replace(fsdp=True, steps=1, gradient_accumulation_steps=gas,
+                                                   out_dir=os.path.join(d, f"gas{gas}")))
     torch.save(out, os.path.join(d, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -175,6 +181,20 @@ def _same(a, b, where=""):
             _same(x, y, f"{where}[{i}]")
     else:
         assert a == b or (a != a and b != b), where
+
+
+def test_gradient_accumulation(spawned):
+    """--gradient_accumulation_steps 2 on FSDP2: one GXPO step gives the weights and loss of one pass over the
+    rows, to float rounding."""
+    from safetensors.torch import load_file
+
+    d, outs = spawned
+    w1, w2 = (load_file(os.path.join(d, f"gas{g}", "model", "model.safetensors")) for g in (1, 2))
+    assert set(w1) == set(w2)
+    for n in w1:
+        torch.testing.assert_close(w2[n], w1[n], rtol=1e-5, atol=1e-6)   # Adam steps are ~lr = 1e-4
+    for out in outs:
+        assert out["gas2"][-1]["loss"] == pytest.approx(out["gas1"][-1]["loss"], rel=1e-5)
 
 
 def test_fsdp_refusals(tmp_path, capsys):
