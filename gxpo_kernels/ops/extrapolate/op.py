@@ -53,13 +53,9 @@ def _stores_finite(b_new, P_DT: tl.constexpr, L_DT: tl.constexpr, L_MID_DT: tl.c
         b_fin = (b_new.to(P_DT).to(C_DT) * 0.0) == 0.0
         if HAS_LOWP:
             b_fin = b_fin & ((b_new.to(L_MID_DT).to(L_DT).to(C_DT) * 0.0) == 0.0)
-    elif P_DT == tl.float16:
+    elif P_DT == tl.float16 or (HAS_LOWP and L_DT == tl.float16):
         b_fin = tl.abs(b_new) < _F16_INF_AT
-    elif HAS_LOWP and L_DT == tl.float16:
-        b_fin = tl.abs(b_new) < _F16_INF_AT
-    elif P_DT == tl.bfloat16:
-        b_fin = tl.abs(b_new) < _BF16_INF_AT
-    elif HAS_LOWP and L_DT == tl.bfloat16:
+    elif P_DT == tl.bfloat16 or (HAS_LOWP and L_DT == tl.bfloat16):
         b_fin = tl.abs(b_new) < _BF16_INF_AT
     else:
         b_fin = (b_new * 0.0) == 0.0
