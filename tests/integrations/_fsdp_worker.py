@@ -388,19 +388,14 @@ def worker(rank, port, outdir, cases):
 # ---- the single-process reference --------------------------------------------------------------------------
 def single_process_reference(case):
     """The plain-PyTorch GXPO/SFPO on the whole mini-batch (mixed precision: fp32 master + a bf16 model copy)."""
-    from gxpo_kernels.update import GXPO, SFPO
     case = dict(case)                              # _maybe_raise marks it
     for key in ("raise_before_backward", "raise_between_micro"):   # one process: where it raises does not matter
         if key in case:
             case["raise_at"] = case.pop(key)
     model = Net()
     opt = make_optimizer(model, case)
-    cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
-    fwd, dtype = model, torch.float32
-    if case.get("mp"):
-        fwd, dtype = copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
-        cls = DW._master_rule(cls, fwd, list(model.parameters()))
-    rule = cls(opt, **case.get("rule", {}))
+    rule, fwd = _reference_rule(model, opt, case)
+    dtype = torch.float32 if fwd is model else torch.bfloat16
     infos = []
     for step in range(case.get("steps", 3)):
         def closure(step=step):
@@ -542,18 +537,24 @@ def worker_lm(rank, world, port, outdir, cases):
     dist.destroy_process_group()
 
 
-def lm_reference(case, world):
-    """The plain rule on the whole mini-batch: the mean of the ranks' losses (mixed precision: a bf16 copy whose
-    per-rank gradients are summed in fp32, then divided by the world size, as FSDP's fp32 reduce does)."""
+def _reference_rule(model, opt, case):
+    """(rule, fwd) of a single-process reference run: GXPO or SFPO over ``opt``; with ``case["mp"]`` the forward
+    runs a bf16 copy ``fwd`` whose gradients the caller moves to the fp32 ``model`` (a master-weights rule)."""
     from gxpo_kernels.update import GXPO, SFPO
-    model = TiedLM()
-    opt = _lm_optimizer(model, case)
     cls = GXPO if case.get("algo", "gxpo") == "gxpo" else SFPO
     fwd = model
     if case.get("mp"):
         fwd = copy.deepcopy(model).to(torch.bfloat16)
         cls = DW._master_rule(cls, fwd, list(model.parameters()))
-    rule = cls(opt, **case["rule"])
+    return cls(opt, **case.get("rule", {})), fwd
+
+
+def lm_reference(case, world):
+    """The plain rule on the whole mini-batch: the mean of the ranks' losses (mixed precision: a bf16 copy whose
+    per-rank gradients are summed in fp32, then divided by the world size, as FSDP's fp32 reduce does)."""
+    model = TiedLM()
+    opt = _lm_optimizer(model, case)
+    rule, fwd = _reference_rule(model, opt, case)
     infos = []
     for step in range(case.get("steps", 3)):
         def closure(step=step):
