@@ -236,8 +236,9 @@ def grpo_token_loss(
     count (e.g. the global count across ranks and accumulation steps; TRL/Liger's dapo normaliser, clamped
     to >= 1) instead of the local one; a tensor stays on the device (no host sync).
 
-    Metrics (detached 0-d, means over unmasked tokens): clip_frac_low, clip_frac_high, ratio_mean,
-    logp_mean, entropy (if given), kl (if ref_logprobs given).
+    Metrics (detached 0-d, means over unmasked tokens): clip_frac_low (r < 1 - eps_low, A < 0; ``clip`` only),
+    clip_frac_high (r > 1 + eps_high, A > 0; ``clip`` and ``cispo``), ratio_mean, logp_mean, entropy (if
+    given), kl (if ref_logprobs given). sapo and vespo clip nothing: their clip fractions are 0.
     """
     dt = logp.dtype
     zero = torch.zeros((), dtype=dt, device=logp.device)
@@ -305,8 +306,11 @@ def grpo_token_loss(
 
     with torch.no_grad():
         r = ratio.detach()
-        metrics["clip_frac_low"] = masked_mean(((r < 1.0 - opts.eps_low) & (adv < 0)).to(dt), mask)
-        metrics["clip_frac_high"] = masked_mean(((r > 1.0 + opts.eps_high) & (adv > 0)).to(dt), mask)
+        # a clip fraction counts the tokens whose bound binds: cispo has only the upper cap, sapo and vespo none
+        low = (r < 1.0 - opts.eps_low) & (adv < 0) & (opts.policy_loss == "clip")
+        high = (r > 1.0 + opts.eps_high) & (adv > 0) & (opts.policy_loss in ("clip", "cispo"))
+        metrics["clip_frac_low"] = masked_mean(low.to(dt), mask)
+        metrics["clip_frac_high"] = masked_mean(high.to(dt), mask)
         metrics["ratio_mean"] = masked_mean(r, mask)
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy.detach(), mask)

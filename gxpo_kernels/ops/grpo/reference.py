@@ -120,8 +120,9 @@ def grpo_loss_ref(logits, tokens, advantages, mask=None, old_logprobs=None, ref_
         return torch.where(m, x.detach().double(), torch.zeros_like(mf)).sum() / n
 
     metrics = {
-        "clip_frac_low": mmean(((ratio < 1 - eps_low) & (A < 0)).double()),
-        "clip_frac_high": mmean(((ratio > 1 + eps_high) & (A > 0)).double()),
+        # fraction of tokens where a bound of the policy loss binds: cispo has an upper cap only, sapo / vespo none
+        "clip_frac_low": mmean(((ratio < 1 - eps_low) & (A < 0)).double() * (policy_loss == "clip")),
+        "clip_frac_high": mmean(((ratio > 1 + eps_high) & (A > 0)).double() * (policy_loss in ("clip", "cispo"))),
         "ratio_mean": mmean(ratio),
         "entropy": mmean(ent),
         "logp_mean": mmean(logp),
