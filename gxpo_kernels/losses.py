@@ -67,7 +67,7 @@ class GRPOLossOptions:
             denominator, as TRL) or "skip" (as verl).
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0 (> 0).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight shape for
-            A >= 0 / A < 0 (k >= 0, lambda > 0).
+            A >= 0 / A < 0 (k >= 0, lambda >= 1e-4: TRL and Liger silently use 1e-4 for a smaller lambda).
         reduce: False returns the (B, T) per-token loss (0 at masked positions) instead of the scalar.
     """
     temperature: float = 1.0
@@ -114,8 +114,10 @@ class GRPOLossOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice(self.empty_sequences, "empty_sequences", EMPTY_SEQUENCES)
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             setf(name, check_scalar(getattr(self, name), name, "(0, inf)"))
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):  # TRL and Liger raise a smaller lambda to 1e-4
+            setf(name, check_scalar(getattr(self, name), name, "[0.0001, inf)"))
         for name in ("vespo_k_pos", "vespo_k_neg"):
             setf(name, check_scalar(getattr(self, name), name, "[0, inf)"))
         if self.policy_loss != "clip":

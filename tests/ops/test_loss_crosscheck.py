@@ -304,3 +304,26 @@ def test_verl_gspo_equals_sequence_is_only_for_per_sequence_advantages(per_token
         assert not torch.allclose(got_grad, want_grad, rtol=1e-6, atol=1e-9)
     else:
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_vespo_lambda_below_trl_floor_is_refused_and_the_floor_matches_liger():
+    """TRL and Liger compute VESPO's gamma weight with max(lambda, 1e-4): a smaller lambda used as given would
+    silently differ from them (phi off by e^(lambda' - lambda)(w - 1), 9x at w = e^10), so it is refused; at
+    the floor our weight equals theirs for a lambda below it."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0.0001, inf\)"):
+            GRPOLossOptions(policy_loss="vespo", **{name: 1e-6})
+    g = torch.Generator().manual_seed(2)
+    B, T = 5, 4
+    mask = _awkward_mask(B, T, g)
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logp.detach() - _pick((0.0, 2.0, -2.0, 4.0), (B, T), g)
+    adv = _advantages(B, T, g, False)
+    loss, _ = grpo_token_loss(logp, None, adv, mask, old, None,
+                              GRPOLossOptions(policy_loss="vespo", vespo_lambda_pos=1e-4, vespo_lambda_neg=1e-4,
+                                              loss_agg_mode="seq-mean-token-sum"))
+    phi = chunked.get_gamma_weights(adv, (logp - old).detach(), mask.double(), lambda_pos=1e-6, lambda_neg=1e-6)
+    want = (torch.where(mask, -phi * adv[:, None] * logp, 0.0)).sum() / B
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(*[torch.autograd.grad(x, logp)[0] for x in (loss, want)], rtol=1e-12, atol=1e-12)
