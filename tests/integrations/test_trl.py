@@ -292,9 +292,11 @@ class _StubAccelerator:
 
 
 def trl_loss_on_logits(logits, tokens, mask, adv, old, ref, *, loss_type, temperature, beta=0.0, delta=None,
-                       eps_low=0.2, eps_high=0.28, is_level="token", ga=2, spg=4, n_items=50.0, bias_kl=True):
+                       eps_low=0.2, eps_high=0.28, is_level="token", ga=2, spg=4, n_items=50.0, bias_kl=True,
+                       metrics_out=None):
     """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stand-in trainer whose policy log-probs and entropies are
-    the log-softmax of ``logits`` / temperature: TRL's loss math on given tensors, no model."""
+    the log-softmax of ``logits`` / temperature: TRL's loss math on given tensors, no model. ``metrics_out``
+    (a dict) receives the metrics TRL logged."""
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -318,7 +320,10 @@ def trl_loss_on_logits(logits, tokens, mask, adv, old, ref, *, loss_type, temper
                   completion_ids=tokens, completion_mask=mask.long(), advantages=adv,
                   num_items_in_batch=torch.tensor(n_items, dtype=logits.dtype), old_per_token_logps=old,
                   ref_per_token_logps=ref)
-    return GRPOTrainer._compute_loss(stub, None, inputs)
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    if metrics_out is not None:
+        metrics_out.update({k: v[-1] for k, v in stub._metrics["train"].items()})
+    return loss
 
 
 @pytest.mark.parametrize("loss_type, is_level, kw", [
@@ -369,6 +374,43 @@ def test_grpo_loss_matches_trl_compute_loss_on_logits(loss_type, is_level, kw, d
     torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-7)
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # a bf16 gradient is rounded to bf16
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+def test_grpo_loss_metrics_against_trl_logged_metrics(is_level):
+    """docs/losses.md's metric table: on a batch with an empty row, length-1 rows, log-ratios past both clips
+    and zero advantages, TRL's kl, entropy and clip_ratio/* equal our kl, entropy, clip_frac_low/high and their
+    sum with token-level IS; with sequence-level IS TRL averages the clip indicators over the B sequences
+    (empty ones included), ours over the tokens."""
+    from gxpo_kernels import grpo_loss
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 6, 5, 37
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([5, 0, 1, 4, 1, 3])[:, None]
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    shifts = torch.tensor([0.0, 0.05, -0.05, 0.5, -0.5, 2.0, -2.0, 6.0, -6.0], dtype=torch.float64)
+    old = lp - shifts[torch.randint(0, 9, (B, T), generator=g)]
+    ref = lp + 1.5 * shifts[torch.randint(0, 9, (B, T), generator=g)]
+    adv = torch.tensor([1.3, -0.7, 0.0, -2.0, 0.4, -0.1], dtype=torch.float64)
+    logged = {}
+    trl_loss_on_logits(logits, tokens, mask, adv, old, ref, loss_type="bnpo", temperature=1.0, beta=0.1,
+                       is_level=is_level, ga=1, bias_kl=False, metrics_out=logged)
+    _, ours = grpo_loss(logits.float(), tokens, adv.float(), mask, old.float(), ref.float(), beta=0.1, eps_high=0.28,
+                        importance_sampling=is_level, log_ratio_clamp=None, kl_clamp=None, backend="torch")
+    assert logged["kl"] == pytest.approx(float(ours["kl"]), rel=1e-5)
+    assert logged["entropy"] == pytest.approx(float(ours["entropy"]), rel=1e-5)
+    low, high = float(ours["clip_frac_low"]), float(ours["clip_frac_high"])
+    if is_level == "token":
+        assert (logged["clip_ratio/low_mean"], logged["clip_ratio/high_mean"], logged["clip_ratio/region_mean"]) == \
+            pytest.approx((low, high, low + high), rel=1e-6)
+    else:  # one indicator per sequence, averaged over all B rows
+        seq_ratio = torch.exp(torch.where(mask, lp - old, 0.0).sum(-1) / mask.sum(-1).clamp(min=1))
+        seq_low = ((seq_ratio < 0.8) & (adv < 0)).double().mean()
+        seq_high = ((seq_ratio > 1.28) & (adv > 0)).double().mean()
+        assert (logged["clip_ratio/low_mean"], logged["clip_ratio/high_mean"]) == \
+            pytest.approx((float(seq_low), float(seq_high)), rel=1e-6)
+        assert (logged["clip_ratio/low_mean"], logged["clip_ratio/high_mean"]) != pytest.approx((low, high))
 
 
 # ---------------------------------------------------------------------------------------------- refusals
