@@ -328,3 +328,40 @@ def test_vespo_lambda_below_trl_floor_is_refused_and_the_floor_matches_liger():
     want = (torch.where(mask, -phi * adv[:, None] * logp, 0.0)).sum() / B
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(*[torch.autograd.grad(x, logp)[0] for x in (loss, want)], rtol=1e-12, atol=1e-12)
+
+
+def test_liger_minus_inf_logit_gives_the_same_finite_loss_and_gradients():
+    """docs/losses.md's '-inf logit' row for Liger: with a banned token (a -inf logit, or a -inf lm_head bias
+    entry) never sampled, both Liger paths give a finite loss and gradient, equal to ours."""
+    pytest.importorskip("liger_kernel.ops")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    hidden, weight, tokens, mask, adv, old, ref = _liger_batch(seed=8)
+    B, T = tokens.shape
+    banned = 5
+    tokens = torch.where(tokens == banned, banned + 1, tokens)
+    bias = torch.zeros(weight.shape[0])
+    bias[banned] = float("-inf")
+    kw = dict(temperature=0.8, beta=0.04, eps_high=0.28, log_ratio_clamp=None, kl_clamp=None)
+
+    full = torch.cat([hidden @ weight.T + bias, torch.zeros(B, 1, weight.shape[0])], 1)
+    xl, xo = full.clone().requires_grad_(), full.clone().requires_grad_()
+    l_loss, _ = triton_grpo_loss(xl, old, ref, tokens, adv, mask.float(), temperature=0.8, beta=0.04, eps_low=0.2,
+                                 eps_high=0.28, inplace=False, loss_type="bnpo", reduce=True)
+    l_loss.backward()
+    loss, _ = grpo_loss(xo[:, :-1], tokens, adv, mask, old, ref, backend="triton", **kw)
+    loss.backward()
+    assert torch.isfinite(l_loss) and torch.isfinite(xl.grad[:, :-1]).all()
+    assert_close("loss", l_loss.detach(), loss.detach(), 1e-5, atol=1e-6)
+    assert_close("dlogits", xl.grad[:, :-1], xo.grad[:, :-1], 1e-5, atol=1e-7)
+
+    lig = LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo",
+                                   temperature=0.8)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    c_loss, _ = lig(h1, weight, tokens, mask.float(), adv, bias=bias, ref_per_token_logps=ref, old_per_token_logps=old)
+    c_loss.backward()
+    loss, _ = linear_grpo_loss(h2, weight, tokens, adv, mask, old, ref, bias=bias, backend="torch", **kw)
+    loss.backward()
+    assert torch.isfinite(c_loss) and torch.isfinite(h1.grad).all()
+    assert_close("loss", c_loss.detach(), loss.detach(), 1e-5, atol=1e-6)
+    assert_close("d_hidden", h1.grad, h2.grad, 1e-4)
