@@ -235,8 +235,9 @@ def grpo_token_loss(
     detached, so a graph attached to them (e.g. old log-probs computed outside ``no_grad``) neither
     receives gradient nor cancels the policy's. Masked positions never reach the loss or a gradient, even
     when they hold NaN/inf. ``num_items_in_batch`` (token-mean only): divide the masked sum by this token
-    count (e.g. the global count across ranks and accumulation steps; TRL/Liger's dapo normaliser, clamped
-    to >= 1) instead of the local one; a tensor stays on the device (no host sync).
+    count (e.g. the count across ranks and accumulation steps, divided by the number of ranks when gradients
+    are averaged over ranks: TRL/Liger's dapo normaliser, clamped to >= 1) instead of the local one; a tensor
+    stays on the device (no host sync).
 
     Metrics (detached 0-d, means over unmasked tokens): clip_frac_low (r < 1 - eps_low, A < 0; ``clip`` only),
     clip_frac_high (r > 1 + eps_high, A > 0; ``clip`` and ``cispo``), ratio_mean, logp_mean, entropy (if

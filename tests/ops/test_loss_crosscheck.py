@@ -365,3 +365,38 @@ def test_liger_minus_inf_logit_gives_the_same_finite_loss_and_gradients():
     assert torch.isfinite(c_loss) and torch.isfinite(h1.grad).all()
     assert_close("loss", c_loss.detach(), loss.detach(), 1e-5, atol=1e-6)
     assert_close("d_hidden", h1.grad, h2.grad, 1e-4)
+
+
+def test_num_items_over_ranks_divided_by_ranks_gives_the_global_token_mean():
+    """docs/losses.md: with gradients summed over accumulation steps and averaged over P ranks (DDP/FSDP),
+    num_items_in_batch = (loss tokens of all ranks and steps) / P makes the step's gradient that of the token
+    mean over the whole batch (TRL's dapo normaliser, verl's agg_loss * dp_size); the global count itself
+    would scale it by 1 / P. A shared parameter theta shifts every shard's log-probs."""
+    g = torch.Generator().manual_seed(4)
+    P, steps, B, T = 3, 2, 4, 5
+    shards = []
+    for _ in range(P * steps):
+        mask = torch.rand(B, T, generator=g) > 0.5
+        base = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+        shards.append((base, base - _pick(LOG_RATIOS[:7], (B, T), g), _advantages(B, T, g, True), mask))
+    n_global = sum(int(s[3].sum()) for s in shards)
+    theta0 = 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    def ddp_step_grad(num_items):
+        per_rank = []
+        for r in range(P):
+            theta = theta0.clone().requires_grad_()
+            loss = sum(grpo_token_loss(base + theta, None, adv, mask, old, None, GRPOLossOptions(eps_high=0.28),
+                                       num_items_in_batch=num_items)[0]
+                       for base, old, adv, mask in shards[r * steps:(r + 1) * steps])
+            per_rank.append(torch.autograd.grad(loss, theta)[0])
+        return sum(per_rank) / P  # the averaging all-reduce
+
+    theta = theta0.clone().requires_grad_()
+    token_sum = sum(grpo_token_loss(base + theta, None, adv, mask, old, None,
+                                    GRPOLossOptions(eps_high=0.28, reduce=False))[0].sum()
+                    for base, old, adv, mask in shards)
+    want, = torch.autograd.grad(token_sum / n_global, theta)
+    torch.testing.assert_close(ddp_step_grad(torch.tensor(n_global / P, dtype=torch.float64)), want,
+                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ddp_step_grad(n_global) * P, want, rtol=1e-12, atol=1e-15)
