@@ -276,9 +276,11 @@ def verl_gspo_reference(logp, old, adv, mask, *, clip_low, clip_high):
     n = mask.sum(-1)
     seq = (torch.where(mask, logp - old, torch.zeros_like(logp)).sum(-1) / n.clamp(min=1))[:, None]
     ratio = (logp - logp.detach() + seq.detach()).clamp(max=10.0).exp()
-    pg = torch.maximum(-A * ratio, -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    surr, surr_clipped = -A * ratio, -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(surr, surr_clipped)
     per_seq = torch.where(mask, pg, torch.zeros_like(pg)).sum(-1) / n.clamp(min=1)
-    return per_seq[n > 0].sum() / (n > 0).sum()
+    pg_clipfrac = torch.where(mask, (surr_clipped > surr).double(), 0.0).sum() / mask.sum()
+    return per_seq[n > 0].sum() / (n > 0).sum(), pg_clipfrac
 
 
 @pytest.mark.parametrize("per_token", (False, True))
@@ -290,17 +292,19 @@ def test_verl_gspo_equals_sequence_is_only_for_per_sequence_advantages(per_token
     B, T = 7, 9
     mask = _awkward_mask(B, T, g)
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 5
-    old = logp - _pick((0.0, 0.1, -0.1, 0.5, -0.5), (B, T), g)   # sequence log-ratios well under verl's 10
+    old = logp - _pick((0.0, 0.5, -0.5, 1.5, -1.5), (B, T), g)   # sequence log-ratios well under verl's 10
     adv = _advantages(B, T, g, per_token)
     x = logp.clone().requires_grad_()
-    want = verl_gspo_reference(x, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    want, pg_clipfrac = verl_gspo_reference(x, old, adv, mask, clip_low=0.2, clip_high=0.28)
     want_grad, = torch.autograd.grad(want, x)
     opts = GRPOLossOptions(eps_high=0.28, importance_sampling="sequence", loss_agg_mode="seq-mean-token-mean",
                            empty_sequences="skip")
     x = logp.clone().requires_grad_()
-    got, _ = grpo_token_loss(x, None, adv, mask, old, None, opts)
+    got, metrics = grpo_token_loss(x, None, adv, mask, old, None, opts)
     got_grad, = torch.autograd.grad(got, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(pg_clipfrac) > 0
+    torch.testing.assert_close(metrics["clip_frac_low"] + metrics["clip_frac_high"], pg_clipfrac)
     if per_token:
         assert not torch.allclose(got_grad, want_grad, rtol=1e-6, atol=1e-9)
     else:
