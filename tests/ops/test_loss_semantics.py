@@ -540,6 +540,26 @@ def test_numpy_and_0d_tensor_scalars_and_b1_advantages_are_accepted():
         grpo_loss(logits, tokens, adv[:, None].expand(-1, 2), mask, old, ref)
 
 
+def test_scalar_tensor_that_requires_grad_is_refused():
+    """A 0-d tensor option is read as a number, so a learnable one (temperature scaling, a tuned entropy or KL
+    coefficient, FPA's lam) got no gradient without an error; it is refused, naming it, unless detached or under
+    no_grad (where nothing is differentiated)."""
+    logits, tokens, adv, mask, old, ref = _inputs()
+    p = torch.tensor(0.8, requires_grad=True)
+    calls = {
+        "temperature": lambda t: token_logprobs(logits, tokens, t),
+        "entropy_coef": lambda t: grpo_loss(logits, tokens, adv, mask, old, entropy_coef=t, backend="torch"),
+        "beta": lambda t: grpo_loss(logits, tokens, adv, mask, old, ref, beta=t),
+        "lam": lambda t: fpa_logprobs(logits, logits, tokens, lam=t),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name} is a tensor that requires grad"):
+            call(p)
+        call(p.detach())
+        with torch.no_grad():
+            call(p)
+
+
 @pytest.mark.parametrize("op", ("token_logprobs", "linear_token_logprobs", "fpa_logprobs"))
 @pytest.mark.parametrize("t", (float("inf"), 1e-40, float("nan"), True))
 def test_temperature_rule_is_the_same_everywhere(op, t):
