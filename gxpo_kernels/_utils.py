@@ -178,8 +178,9 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
     """Validate a hyperparameter and return it as a Python ``float`` (``int`` when ``integer``).
 
     Accepts Python/numpy real numbers and 0-d tensors (read once, on the host: pass host scalars on the hot
-    path; a tensor that requires grad is refused outside ``no_grad``, since no gradient would reach it). Rejects booleans, NaN/inf, non-numbers and values outside ``interval``, a string in interval
-    notation such as ``"[0, 1)"`` or ``"(0, inf)"``; the error names the argument and the interval.
+    path; a tensor that requires grad is refused outside ``no_grad``, since no gradient would reach it).
+    Rejects booleans, NaN/inf, non-numbers and values outside ``interval``, a string in interval notation such
+    as ``"[0, 1)"`` or ``"(0, inf)"``; the error names the argument and the interval.
     ``optional=True`` lets ``None`` through unchanged.
     """
     if value is None and optional:
