@@ -178,8 +178,9 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
     """Validate a hyperparameter and return it as a Python ``float`` (``int`` when ``integer``).
 
     Accepts Python/numpy real numbers and 0-d tensors (read once, on the host: pass host scalars on the hot
-    path). Rejects booleans, NaN/inf, non-numbers and values outside ``interval``, a string in interval
-    notation such as ``"[0, 1)"`` or ``"(0, inf)"``; the error names the argument and the interval.
+    path; a tensor that requires grad is refused outside ``no_grad``, since no gradient would reach it).
+    Rejects booleans, NaN/inf, non-numbers and values outside ``interval``, a string in interval notation such
+    as ``"[0, 1)"`` or ``"(0, inf)"``; the error names the argument and the interval.
     ``optional=True`` lets ``None`` through unchanged.
     """
     if value is None and optional:
@@ -191,6 +192,10 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
                             f"and dtype {value.dtype}")
         if torch.compiler.is_compiling():  # its value is data: no guard or range check can be traced on it
             raise TypeError(f"{name} must be a Python number inside torch.compile, got a tensor")
+        if value.requires_grad and torch.is_grad_enabled():
+            # read as a constant: a learnable temperature or coefficient would silently get no gradient
+            raise TypeError(f"{name} is a tensor that requires grad, but it is read as a constant and gets no "
+                            f"gradient; pass a number or {name}.detach()")
         value = value.item()
     if isinstance(value, (bool,)) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {what} in {interval}{' or None' if optional else ''}, "

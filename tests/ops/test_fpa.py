@@ -326,28 +326,31 @@ def _pg_ref(x, A, side, hat):
     return -(A * w * S / n).mean()
 
 
-def _run(method, lam, side):
+def _run(method, lam, side, no_fpa=False):
+    """(loss, metrics) of ``method``, its float64 reference (``ref_fn(hat)``) and the logits leaves; ``no_fpa``
+    passes ``fpa_logp=None`` to the objective (the reference keeps the pi_hat log-probs)."""
     B, V = 4, 37
     lw, w = _side(B, 6, V, lam, 1)
     ll, l = _side(B, 9, V, lam, 2)
+    w_in, l_in = (x._replace(fpa_logp=None) for x in (w, l)) if no_fpa else (w, l)
     leaves = (lw, ll)
     if method == "dpo":
-        loss, met = fpa_dpo_loss(w, l, beta=0.5, fpa_side=side)
+        loss, met = fpa_dpo_loss(w_in, l_in, beta=0.5, fpa_side=side)
         ref_fn = lambda hat: _dpo_ref(w, l, 0.5, side, hat)  # noqa: E731
     elif method == "rpo":
-        loss, met = fpa_rpo_loss(w, l, beta=0.5, alpha=0.7, fpa_side=side)
+        loss, met = fpa_rpo_loss(w_in, l_in, beta=0.5, alpha=0.7, fpa_side=side)
         ref_fn = lambda hat: _rpo_ref(w, l, 0.5, side, hat)  # noqa: E731
     elif method == "simper":
-        loss, met = fpa_simper_loss(w, l, fpa_side=side)
+        loss, met = fpa_simper_loss(w_in, l_in, fpa_side=side)
         ref_fn = lambda hat: _simper_ref(w, l, None, side, hat)  # noqa: E731
     elif method == "kto":
         desirable = torch.tensor([True, False, True, False])
-        loss, met = fpa_kto_loss(w, desirable, beta=0.5, kl=0.3, fpa_side=side)
+        loss, met = fpa_kto_loss(w_in, desirable, beta=0.5, kl=0.3, fpa_side=side)
         ref_fn = lambda hat: _kto_ref(w, desirable, 0.5, side, hat)  # noqa: E731
         leaves = (lw,)
     else:
         A = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=torch.float64)
-        loss, met = fpa_offline_pg_loss(w, A, fpa_side=side)
+        loss, met = fpa_offline_pg_loss(w_in, A, fpa_side=side)
         ref_fn = lambda hat: _pg_ref(w, A, side, hat)  # noqa: E731
         leaves = (lw,)
     return loss, met, ref_fn, leaves
@@ -404,6 +407,28 @@ def test_objective_lam_zero_is_base(method, side):
     want = torch.autograd.grad(base, leaves)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["both", "rejected"])
+@pytest.mark.parametrize("method", METHODS)
+def test_objective_second_derivative(method, side):
+    """create_graph=True. With fpa_logp=None the loss is the base loss: a Hessian-vector product through it is
+    the base method's (it was the surrogate's, whose detached coefficients dropped a term of the Hessian without
+    an error). With fpa_logp given the coefficients sit under stop-gradient at pi_hat and have no derivative:
+    the backward raises instead of returning that incomplete graph."""
+    loss, _, ref_fn, leaves = _run(method, 1.0, side, no_fpa=True)
+    g = torch.Generator().manual_seed(3)
+    vs = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in leaves]
+
+    def hvp(f):
+        grads = torch.autograd.grad(f, leaves, create_graph=True)
+        return torch.autograd.grad(sum((a * v).sum() for a, v in zip(grads, vs)), leaves, retain_graph=True)
+    for a, b in zip(hvp(loss), hvp(ref_fn(False))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    loss, _, _, leaves = _run(method, 1.0, side)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, leaves, create_graph=True)
+    assert all(x.abs().sum() > 0 for x in torch.autograd.grad(loss, leaves))   # first order unaffected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,7 @@ bias entries; a NaN logit (or hidden state) makes its row and the loss NaN, in a
 overlapping logits with inplace_backward; scalar validation (bools, NaN, inf, numpy, 0-d tensors);
 check_finite ignores masked rows; out-of-range ids poison the loss (default) or raise ("full"); an enclosing
 autocast region changes no op's bits; a second derivative raises (also with inplace_backward / grad_in_forward),
-and so does forward-mode AD (a dropped tangent would be a silent zero).
+and so does forward-mode AD (a dropped tangent would be a silent zero); torch.vmap matches a loop.
 """
 import math
 import warnings
@@ -540,6 +540,26 @@ def test_numpy_and_0d_tensor_scalars_and_b1_advantages_are_accepted():
         grpo_loss(logits, tokens, adv[:, None].expand(-1, 2), mask, old, ref)
 
 
+def test_scalar_tensor_that_requires_grad_is_refused():
+    """A 0-d tensor option is read as a number, so a learnable one (temperature scaling, a tuned entropy or KL
+    coefficient, FPA's lam) got no gradient without an error; it is refused, naming it, unless detached or under
+    no_grad (where nothing is differentiated)."""
+    logits, tokens, adv, mask, old, ref = _inputs()
+    p = torch.tensor(0.8, requires_grad=True)
+    calls = {
+        "temperature": lambda t: token_logprobs(logits, tokens, t),
+        "entropy_coef": lambda t: grpo_loss(logits, tokens, adv, mask, old, entropy_coef=t, backend="torch"),
+        "beta": lambda t: grpo_loss(logits, tokens, adv, mask, old, ref, beta=t),
+        "lam": lambda t: fpa_logprobs(logits, logits, tokens, lam=t),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name} is a tensor that requires grad"):
+            call(p)
+        call(p.detach())
+        with torch.no_grad():
+            call(p)
+
+
 @pytest.mark.parametrize("op", ("token_logprobs", "linear_token_logprobs", "fpa_logprobs"))
 @pytest.mark.parametrize("t", (float("inf"), 1e-40, float("nan"), True))
 def test_temperature_rule_is_the_same_everywhere(op, t):
@@ -757,6 +777,41 @@ def test_double_backward_raises_instead_of_a_wrong_second_derivative(backend):
     loss, _ = linear_grpo_loss(h, w, tokens, adv, mask, old, grad_in_forward=True, backend=backend)
     with pytest.raises(RuntimeError, match="grad_in_forward"):
         torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_matches_a_loop(backend):
+    """torch.vmap over a leading dim gives each slice's values and gradients, as a Python loop does, for every
+    op; linear_grpo_loss(grad_in_forward=True) failed inside the in-forward backward ("Cannot access storage of
+    BatchedTensorImpl" / an in-place shape error) and now takes the plain path there, as under torch.compile."""
+    g = torch.Generator().manual_seed(5)
+    n, B, T, V, H = 3, 2, 5, 33, 8
+    logits, hidden = torch.randn(n, B, T, V, generator=g), torch.randn(n, B, T, H, generator=g)
+    w, tokens = torch.randn(V, H, generator=g), torch.randint(0, V, (B, T), generator=g)
+    adv, old = torch.randn(B, generator=g), -3.0 - torch.rand(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    cases = {
+        "token_logprobs": lambda x, h, w_: sum(token_logprobs(x, tokens, 0.8, mask=mask, backend=backend)),
+        "grpo_loss": lambda x, h, w_: grpo_loss(x, tokens, adv, mask, old, entropy_coef=0.1, backend=backend)[0],
+        "fpa_logprobs": lambda x, h, w_: fpa_logprobs(x, x.detach() * 0.5, tokens, 0.7, mask=mask,
+                                                      backend=backend)[0],
+        "linear_token_logprobs": lambda x, h, w_: sum(linear_token_logprobs(h, w_, tokens, mask=mask,
+                                                                            backend=backend)),
+        "linear_grpo_loss": lambda x, h, w_: linear_grpo_loss(h, w_, tokens, adv, mask, old, entropy_coef=0.1,
+                                                              backend=backend)[0],
+        "linear_grpo_loss(grad_in_forward)": lambda x, h, w_: linear_grpo_loss(
+            h, w_, tokens, adv, mask, old, entropy_coef=0.1, grad_in_forward=True, backend=backend)[0],
+    }
+    for name, fn in cases.items():
+        x, h, w_ = logits.clone().requires_grad_(), hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        out = torch.vmap(fn, in_dims=(0, 0, None))(x, h, w_)
+        (out * torch.arange(1.0, n + 1).view(-1, *[1] * (out.dim() - 1))).sum().backward()
+        xs, hs, ws = logits.clone().requires_grad_(), hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        want = torch.stack([fn(xs[i], hs[i], ws) for i in range(n)])
+        (want * torch.arange(1.0, n + 1).view(-1, *[1] * (want.dim() - 1))).sum().backward()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, msg=name)
+        for a, b in ((x, xs), (h, hs), (w_, ws)):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

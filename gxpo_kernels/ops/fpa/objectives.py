@@ -9,8 +9,12 @@ coefficients that depend on the current policy. FPA evaluates those coefficients
 Every function here returns ``(loss, metrics)``. ``loss`` is a 0-d tensor whose *value* is the base method's
 loss at the current policy (for logging) and whose *gradient* is the FPA gradient above: it is built as
 ``base.detach() + (surrogate - surrogate.detach())``. With lam = 0 (pi_hat = pi_theta), or ``fpa_logp=None``,
-the gradient is exactly the base method's autograd gradient. ``metrics`` holds per-sample coefficients
-``c_w``/``c_l`` (B,), ``base_loss`` and ``fpa_loss`` (the base loss evaluated at pi_hat), all detached.
+the gradient is exactly the base method's autograd gradient. That loss is differentiable once: its coefficients
+sit under stop-gradient, so autograd's second derivative of the surrogate would lack their derivative (a wrong
+Hessian without an error); ``create_graph=True`` through it raises instead. With ``fpa_logp=None`` on every side
+(pi_hat = pi_theta) the loss is the base loss itself, whose first and second derivatives are the base method's.
+``metrics`` holds per-sample coefficients ``c_w``/``c_l`` (B,), ``base_loss`` and ``fpa_loss`` (the base loss
+evaluated at pi_hat), all detached.
 
 ``fpa_side``: "both" evaluates C_w and C_l at pi_hat; "rejected" (the paper's ablation) evaluates only C_l at
 pi_hat and keeps C_w at pi_theta [our choice: a coefficient "at pi_hat" uses pi_hat for every policy
@@ -50,6 +54,7 @@ class _Seq(NamedTuple):
     s_hat: torch.Tensor   # (B,) detached sum over log pi_hat
     ref: Optional[torch.Tensor]  # (B,) detached sum over log pi_ref
     n: torch.Tensor       # (B,) lengths, max(count, 1)
+    no_fpa: bool          # fpa_logp is None: pi_hat = pi_theta
 
 
 def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
@@ -82,7 +87,7 @@ def _seq(x: FPALogProbs, name: str, need_ref: bool) -> _Seq:
         raise ValueError(f"{name}.ref_logp is required by this objective")
     ref = None if x.ref_logp is None else ssum(x.ref_logp.detach(), "ref_logp")
     n = m.sum(-1).clamp(min=1).to(cdt)
-    return _Seq(s, s_hat, ref, n)
+    return _Seq(s, s_hat, ref, n, x.fpa_logp is None)
 
 
 def _check_pair(w: _Seq, l: _Seq):
@@ -96,9 +101,34 @@ def _check_pos(value, name, allow_zero=False):
     return check_scalar(value, name, "[0, inf)" if allow_zero else "(0, inf)")
 
 
-def _finish(base: torch.Tensor, surrogate: torch.Tensor, fpa_base: torch.Tensor, c_w, c_l) -> Tuple[torch.Tensor, Metrics]:
-    # value = base loss at pi_theta; gradient = the FPA surrogate's
-    loss = base.detach() + (surrogate - surrogate.detach())
+class _DifferentiableOnce(torch.autograd.Function):
+    """Identity whose backward refuses to build a graph (``create_graph=True``, ``torch.func.grad``): the FPA
+    surrogate's coefficients are constants to autograd, so its second derivative would silently lack theirs."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the FPA objectives (fpa_*_loss) with fpa_logp given are differentiable once: their "
+                               "gradient evaluates its coefficients at pi_hat under stop-gradient, so it has no "
+                               "second derivative (create_graph=True, torch.func.grad); with fpa_logp=None the "
+                               "loss is the base method's, twice differentiable")
+        return g
+
+
+def _finish(base: torch.Tensor, surrogate: torch.Tensor, fpa_base: torch.Tensor, c_w, c_l,
+            no_fpa: bool) -> Tuple[torch.Tensor, Metrics]:
+    """``base``: the base loss at pi_theta, differentiable. Value = ``base``; gradient = the FPA surrogate's, which
+    is the base loss's own when pi_hat = pi_theta (``no_fpa``: then the loss is ``base``, twice differentiable)."""
+    loss = base if no_fpa else base.detach() + _DifferentiableOnce.apply(surrogate - surrogate.detach())
     metrics = {"base_loss": base.detach(), "fpa_loss": fpa_base.detach(), "c_w": c_w.detach(), "c_l": c_l.detach()}
     return loss, metrics
 
@@ -108,10 +138,10 @@ def _dpo_parts(w: _Seq, l: _Seq, beta: float, fpa_side: str):
     def margin(sw, sl):
         return beta * ((sw - w.ref) - (sl - l.ref))
 
-    u_theta = margin(w.s.detach(), l.s.detach())
+    u_theta = margin(w.s, l.s)
     u_hat = margin(w.s_hat, l.s_hat)
     c_hat = beta * torch.sigmoid(-u_hat)
-    c_w = c_hat if fpa_side == "both" else beta * torch.sigmoid(-u_theta)
+    c_w = c_hat if fpa_side == "both" else beta * torch.sigmoid(-u_theta.detach())
     c_l = c_hat
     surrogate = -(c_w * w.s - c_l * l.s).mean()
     return surrogate, -F.logsigmoid(u_theta).mean(), -F.logsigmoid(u_hat).mean(), c_w, c_l
@@ -129,7 +159,7 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
     _check_pair(w, l)
     surrogate, base, fpa_base, c_w, c_l = _dpo_parts(w, l, beta, fpa_side)
-    return _finish(base, surrogate, fpa_base, c_w, c_l)
+    return _finish(base, surrogate, fpa_base, c_w, c_l, w.no_fpa and l.no_fpa)
 
 
 def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.1, alpha: float = 1.0,
@@ -142,7 +172,8 @@ def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     _check_pair(w, l)
     surrogate, base, fpa_base, c_w, c_l = _dpo_parts(w, l, beta, fpa_side)
     nll = -(w.s / w.n).mean()
-    loss, metrics = _finish(base + alpha * nll.detach(), surrogate + alpha * nll, fpa_base + alpha * nll, c_w, c_l)
+    loss, metrics = _finish(base + alpha * nll, surrogate + alpha * nll, fpa_base + alpha * nll, c_w, c_l,
+                            w.no_fpa and l.no_fpa)
     metrics["nll"] = nll.detach()
     return loss, metrics
 
@@ -156,12 +187,12 @@ def fpa_simper_loss(chosen: FPALogProbs, rejected: FPALogProbs, *,
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", False), _seq(rejected, "rejected", False)
     _check_pair(w, l)
-    pw, pl = torch.exp(w.s.detach() / w.n), torch.exp(l.s.detach() / l.n)
+    pw, pl = torch.exp(w.s / w.n), torch.exp(l.s / l.n)
     pw_hat, pl_hat = torch.exp(w.s_hat / w.n), torch.exp(l.s_hat / l.n)
-    c_w = (pw_hat if fpa_side == "both" else pw) / w.n
+    c_w = (pw_hat if fpa_side == "both" else pw.detach()) / w.n
     c_l = pl_hat / l.n
     surrogate = -(c_w * w.s - c_l * l.s).mean()
-    return _finish((pl - pw).mean(), surrogate, (pl_hat - pw_hat).mean(), c_w, c_l)
+    return _finish((pl - pw).mean(), surrogate, (pl_hat - pw_hat).mean(), c_w, c_l, w.no_fpa and l.no_fpa)
 
 
 # ----------------------------------------------------------------------------------------- unpaired methods
@@ -202,13 +233,13 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
         sig = torch.sigmoid(z)
         return weight * (1 - sig), weight * beta * sig * (1 - sig)
 
-    loss_theta, c_theta = parts(x.s.detach())
+    loss_theta, c_theta = parts(x.s)
     loss_hat, c_hat = parts(x.s_hat)
-    c = torch.where(desirable, c_hat if fpa_side == "both" else c_theta, c_hat)
+    c = torch.where(desirable, c_hat if fpa_side == "both" else c_theta.detach(), c_hat)
     surrogate = -(sign * c * x.s).mean()
     zero = torch.zeros_like(c)
     return _finish(loss_theta.mean(), surrogate, loss_hat.mean(), torch.where(desirable, c, zero),
-                   torch.where(desirable, zero, c))
+                   torch.where(desirable, zero, c), x.no_fpa)
 
 
 def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
@@ -225,12 +256,12 @@ def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
     check_shape(advantages, "advantages", x.s.shape)
     check_same_device(x.s, "batch.logp", advantages=advantages)
     A = advantages.detach().to(x.s.dtype)
-    w_theta = torch.exp(x.s.detach() / x.n)
+    w_theta = torch.exp(x.s / x.n)
     w_hat = torch.exp(x.s_hat / x.n)
     neg = A < 0
-    w = w_hat if fpa_side == "both" else torch.where(neg, w_hat, w_theta)
+    w = w_hat if fpa_side == "both" else torch.where(neg, w_hat, w_theta.detach())
     coef = A * w / x.n                                        # d(-loss)/dS_i up to the 1/B of the mean
     surrogate = -(coef * x.s).mean()
     zero = torch.zeros_like(coef)
     return _finish(-(A * w_theta).mean(), surrogate, -(A * w_hat).mean(), torch.where(neg, zero, coef),
-                   torch.where(neg, -coef, zero))
+                   torch.where(neg, -coef, zero), x.no_fpa)

@@ -103,7 +103,7 @@ def linear_grpo_loss(
             still accumulates the full-size d(weight) into the parameter then (under ZeRO-3 that must happen
             while the parameter is gathered, e.g. inside a module forward whose hooks re-gather it for backward,
             which is what ``integrations.hf.causal_lm_grpo_loss`` arranges). Needs ``reduce=True``;
-            ignored under ``torch.compile``.
+            ignored under ``torch.compile`` and ``torch.vmap``.
         backend: "auto" | "triton" | "torch".
 
     Masked rows: on CPU they are dropped before the GEMMs (no work); on CUDA and under ``torch.compile``
@@ -143,7 +143,9 @@ def linear_grpo_loss(
         return grpo_token_loss(lp, en if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts,
                                num_items_in_batch=num_items_in_batch)
 
-    if grad_in_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    # under torch.vmap / torch.func the inputs are batched wrappers without storage: the plain path handles them
+    functorch = torch._C._are_functorch_transforms_active()
+    if grad_in_forward and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not functorch:
         if not opts.reduce:
             raise ValueError("grad_in_forward=True needs a scalar loss (reduce=True)")
         return _loss_with_grads_in_forward(hidden.reshape(B * T, H), weight, bias, tok.reshape(-1), m.reshape(-1),
