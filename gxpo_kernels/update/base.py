@@ -439,6 +439,7 @@ class ExtrapolationRule:
         if not self._snapshot_due:
             return
         self._snapshot_due = False
+        self._check_no_frozen_grads()
         opt = self.atomic or self.transactional_state
         # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
         # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
@@ -452,6 +453,22 @@ class ExtrapolationRule:
         self._snapshot_copy_(batch[0], batch[1])
         self._snapped_params = True
         self._snapped_opt = opt
+
+    def _check_no_frozen_grads(self) -> None:
+        """Raise (before the step's first optimizer step: nothing has moved) when a parameter of the optimizer with
+        requires_grad=False has a ``.grad``: torch's optimizers step every parameter with a grad, but the rule's
+        θ0, state snapshot, clip and extrapolation cover the trainable ones only, so the step would move it
+        outside them (once per optimizer step, several per active step; a rewind would leave it moved). A frozen
+        parameter keeps a grad when it was frozen after a backward and the grads are zeroed with
+        ``set_to_none=False``. (A subclass whose ``_param_list`` is not the optimizer's parameters skips it.)"""
+        if type(self)._param_list is not ExtrapolationRule._param_list:
+            return
+        for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"]):
+            if p.grad is not None and not p.requires_grad:
+                raise ValueError(f"{self._rule_name}.step: parameter {i} of the optimizer (shape {tuple(p.shape)}) "
+                                 "has requires_grad=False but a .grad, so the optimizer would step it outside "
+                                 "the rule's snapshot and extrapolation; set its grad to None (zero_grad with "
+                                 "set_to_none=True) or take it out of the optimizer")
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""

@@ -344,6 +344,35 @@ def test_model_double_and_frozen_set_change_reallocate_buffers():
     assert info["active"] and not info["fell_back"] and len(rule._g0) == 2
 
 
+@pytest.mark.parametrize("name", ["gxpo", "sfpo", "sfpo_plain_m2"])
+def test_frozen_param_with_a_stale_grad_is_refused_before_anything_moves(name):
+    """A layer frozen after a backward keeps its .grad when the closure zeroes with set_to_none=False; torch's
+    optimizers step it (zero grad: momentum and decay) although the rule's snapshot does not cover it, so a step
+    moved it several times and a rewind left it moved. The step is refused at its first optimizer step."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    rule = GXPO(opt, gate=None) if name == "gxpo" else SFPO(opt, K=2, gate="ema", tau=1e-9 if "plain" in name else 9)
+
+    def closure(batch=0):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(m, batch)
+        loss.backward()
+        return loss
+    closures = closure if name == "gxpo" else [closure, lambda: closure(1)]
+    for _ in range(3 if "plain" in name else 1):
+        rule.step(closures)
+    assert rule.gate.fired == ("plain" in name)
+    m[2].requires_grad_(False)
+    before = _state(m, opt)
+    with pytest.raises(ValueError, match="parameter 2 of the optimizer .* requires_grad=False but a .grad"):
+        rule.step(closures)
+    _assert_same(_state(m, opt), before)
+    assert m[2].weight.grad is None and m[2].bias.grad is None   # the rewind cleared them: the next step runs
+    info = rule.step(closures)
+    assert not info["fell_back"]
+    assert torch.equal(m[2].weight, before[0][2]) and torch.equal(m[2].bias, before[0][3])
+
+
 # ---- the authors' semantics -------------------------------------------------------------------------------
 def _authors_gxpo_step(model, opt, batch, st, clip=1.0, K=5, alpha=0.5, delta=1e-8, tau=0.5, omega=0.1,
                        poison=()):
