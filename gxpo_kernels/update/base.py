@@ -18,6 +18,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -231,6 +232,7 @@ class ExtrapolationRule:
         states = [state.get(p) for p in params]
         old = {id(e[0]): e for e in self._opt_snap} if self._opt_snap else {}
         snap, dst, src = [], [], []
+        nested = False
         for p, st in zip(params, states):
             if not st:
                 snap.append((p, None, None))
@@ -246,11 +248,17 @@ class ExtrapolationRule:
                     dst.append(b)
                     src.append(v)
                     tens[k] = b
-                else:
+                elif isinstance(v, _IMMUTABLE):
                     other[k] = v
+                else:   # a container or object the step may change in place (e.g. a list of tensors): a deep copy
+                    other[k] = copy.deepcopy(v)
+                    nested = True
             snap.append((p, tens, other))
         self._snapshot_copy_(dst, src)
-        self._opt_snap, self._opt_snap_pairs, self._opt_snap_sig = snap, (dst, src), (params, sig)
+        # nested state is copied anew at every snapshot: its object stays the same while its contents change, so
+        # the signature's fast path above cannot see that it moved
+        self._opt_snap, self._opt_snap_pairs = snap, (dst, src)
+        self._opt_snap_sig = None if nested else (params, sig)
 
     @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
@@ -260,11 +268,14 @@ class ExtrapolationRule:
                 self.optimizer.state.pop(p, None)  # the state did not exist at the snapshot
                 continue
             st = self.optimizer.state[p]
+            if len(st) != len(tens) + len(other):   # keys the state gained after the snapshot go again
+                for k in [k for k in st if k not in tens and k not in other]:
+                    del st[k]
             for k, b in tens.items():
                 dst.append(st[k])
                 src.append(b)
             for k, v in other.items():
-                st[k] = v
+                st[k] = v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v)   # the snapshot stays intact
         _copy_all_(dst, src)
 
     # ---- building blocks -----------------------------------------------------------------------------
@@ -623,6 +634,8 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# optimizer-state values a snapshot may keep by reference (anything else but a tensor is deep-copied)
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
 _LAYOUT = operator.attrgetter("layout")
