@@ -474,7 +474,10 @@ class ExtrapolationRule:
         ``set_to_none=False``. (A subclass whose ``_param_list`` is not the optimizer's parameters skips it.)"""
         if type(self)._param_list is not ExtrapolationRule._param_list:
             return
-        for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"]):
+        params = list(_chain(map(_PARAMS, self.optimizer.param_groups)))
+        if all(map(_REQUIRES_GRAD, params)):   # no frozen parameter (C-level pass: this runs every active step)
+            return
+        for i, p in enumerate(params):
             if p.grad is not None and not p.requires_grad:
                 raise ValueError(f"{self._rule_name}.step: parameter {i} of the optimizer (shape {tuple(p.shape)}) "
                                  "has requires_grad=False but a .grad, so the optimizer would step it outside "
@@ -639,6 +642,8 @@ _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
 _LAYOUT = operator.attrgetter("layout")
+_PARAMS = operator.itemgetter("params")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _ITEMS = operator.methodcaller("items")
 _chain = itertools.chain.from_iterable
 
