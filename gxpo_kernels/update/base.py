@@ -295,6 +295,11 @@ class ExtrapolationRule:
     def _clip(self, params) -> tuple:
         """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
         grads = self._grad_list(params)
+        if not set(map(_LAYOUT, filter(_NOT_NONE, grads))) <= _STRIDED:   # (C-level passes: every pass)
+            i = next(i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided)
+            raise TypeError(f"{self._rule_name}.step: parameter {i} (shape {tuple(params[i].shape)}) has a "
+                            f"{grads[i].layout} gradient (e.g. nn.Embedding(sparse=True)); the rule's clip and "
+                            "extrapolation need dense gradients")
         total = self._global_grad_norm(grads)
         norm = self.last_grad_norm = float(total)
         if not math.isfinite(norm):
@@ -643,6 +648,8 @@ _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kerne
 _IS_CPU = operator.attrgetter("is_cpu")
 _LAYOUT = operator.attrgetter("layout")
 _PARAMS = operator.itemgetter("params")
+_NOT_NONE = functools.partial(operator.is_not, None)
+_STRIDED = frozenset((torch.strided,))
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _ITEMS = operator.methodcaller("items")
 _chain = itertools.chain.from_iterable
