@@ -18,6 +18,7 @@ Decisions (fallback, gate) only use reduced quantities: norms from ``_global_gra
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -231,6 +232,7 @@ class ExtrapolationRule:
         states = [state.get(p) for p in params]
         old = {id(e[0]): e for e in self._opt_snap} if self._opt_snap else {}
         snap, dst, src = [], [], []
+        nested = False
         for p, st in zip(params, states):
             if not st:
                 snap.append((p, None, None))
@@ -246,11 +248,17 @@ class ExtrapolationRule:
                     dst.append(b)
                     src.append(v)
                     tens[k] = b
-                else:
+                elif isinstance(v, _IMMUTABLE):
                     other[k] = v
+                else:   # a container or object the step may change in place (e.g. a list of tensors): a deep copy
+                    other[k] = copy.deepcopy(v)
+                    nested = True
             snap.append((p, tens, other))
         self._snapshot_copy_(dst, src)
-        self._opt_snap, self._opt_snap_pairs, self._opt_snap_sig = snap, (dst, src), (params, sig)
+        # nested state is copied anew at every snapshot: its object stays the same while its contents change, so
+        # the signature's fast path above cannot see that it moved
+        self._opt_snap, self._opt_snap_pairs = snap, (dst, src)
+        self._opt_snap_sig = None if nested else (params, sig)
 
     @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
@@ -260,11 +268,14 @@ class ExtrapolationRule:
                 self.optimizer.state.pop(p, None)  # the state did not exist at the snapshot
                 continue
             st = self.optimizer.state[p]
+            if len(st) != len(tens) + len(other):   # keys the state gained after the snapshot go again
+                for k in [k for k in st if k not in tens and k not in other]:
+                    del st[k]
             for k, b in tens.items():
                 dst.append(st[k])
                 src.append(b)
             for k, v in other.items():
-                st[k] = v
+                st[k] = v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v)   # the snapshot stays intact
         _copy_all_(dst, src)
 
     # ---- building blocks -----------------------------------------------------------------------------
@@ -284,6 +295,11 @@ class ExtrapolationRule:
     def _clip(self, params) -> tuple:
         """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
         grads = self._grad_list(params)
+        if not set(map(_LAYOUT, filter(_NOT_NONE, grads))) <= _STRIDED:   # (C-level passes: every pass)
+            i = next(i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided)
+            raise TypeError(f"{self._rule_name}.step: parameter {i} (shape {tuple(params[i].shape)}) has a "
+                            f"{grads[i].layout} gradient (e.g. nn.Embedding(sparse=True)); the rule's clip and "
+                            "extrapolation need dense gradients")
         total = self._global_grad_norm(grads)
         norm = self.last_grad_norm = float(total)
         if not math.isfinite(norm):
@@ -439,6 +455,7 @@ class ExtrapolationRule:
         if not self._snapshot_due:
             return
         self._snapshot_due = False
+        self._check_no_frozen_grads()
         opt = self.atomic or self.transactional_state
         # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
         # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
@@ -452,6 +469,25 @@ class ExtrapolationRule:
         self._snapshot_copy_(batch[0], batch[1])
         self._snapped_params = True
         self._snapped_opt = opt
+
+    def _check_no_frozen_grads(self) -> None:
+        """Raise (before the step's first optimizer step: nothing has moved) when a parameter of the optimizer with
+        requires_grad=False has a ``.grad``: torch's optimizers step every parameter with a grad, but the rule's
+        θ0, state snapshot, clip and extrapolation cover the trainable ones only, so the step would move it
+        outside them (once per optimizer step, several per active step; a rewind would leave it moved). A frozen
+        parameter keeps a grad when it was frozen after a backward and the grads are zeroed with
+        ``set_to_none=False``. (A subclass whose ``_param_list`` is not the optimizer's parameters skips it.)"""
+        if type(self)._param_list is not ExtrapolationRule._param_list:
+            return
+        params = list(_chain(map(_PARAMS, self.optimizer.param_groups)))
+        if all(map(_REQUIRES_GRAD, params)):   # no frozen parameter (C-level pass: this runs every active step)
+            return
+        for i, p in enumerate(params):
+            if p.grad is not None and not p.requires_grad:
+                raise ValueError(f"{self._rule_name}.step: parameter {i} of the optimizer (shape {tuple(p.shape)}) "
+                                 "has requires_grad=False but a .grad, so the optimizer would step it outside "
+                                 "the rule's snapshot and extrapolation; set its grad to None (zero_grad with "
+                                 "set_to_none=True) or take it out of the optimizer")
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
@@ -606,9 +642,15 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# optimizer-state values a snapshot may keep by reference (anything else but a tensor is deep-copied)
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
 _LAYOUT = operator.attrgetter("layout")
+_PARAMS = operator.itemgetter("params")
+_NOT_NONE = functools.partial(operator.is_not, None)
+_STRIDED = frozenset((torch.strided,))
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _ITEMS = operator.methodcaller("items")
 _chain = itertools.chain.from_iterable
 

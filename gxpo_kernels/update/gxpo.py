@@ -45,7 +45,8 @@ class GXPO(ExtrapolationRule):
         inactive_threshold: None (off) or rel (the authors' later code uses 1e-3): coordinates with
             |g0| <= rel·RMS(g0 of the tensor) keep their two-step displacement (r = 1, scale = 1).
         optimizer_aware: compute r from the optimizer's displacements d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr instead
-            of the gradients (AdamW-style decoupled weight decay; lr and weight_decay read per param group).
+            of the gradients (AdamW-style decoupled weight decay; lr and weight_decay read per param group; d_t = 0
+            for a parameter the pass left without a gradient, which the optimizer does not step).
         zero_lr: optimizer-aware mode with a param group at lr <= 0 (a warm-up starting at 0): "raise" (default,
             checked before the first optimizer step) or "neutral" (that group's coordinates get r = 0, scale 1:
             its displacement is zero anyway; the authors' behaviour).
@@ -174,15 +175,24 @@ class GXPO(ExtrapolationRule):
     @torch.no_grad()
     def _displacements_(self, params, g1) -> None:
         """Optimizer-aware mode: g0 buffer (holding θ1 − θ0) -> d0, g1 -> d1, d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr.
-        A group at lr <= 0 (zero_lr="neutral") gets d0 = d1 = 0: r = 0, scale 1."""
-        for p, t0, b, g, (lr, wd) in zip(params, self._theta0, self._g0, g1, self._group_hparams(params)):
+        A group at lr <= 0 (zero_lr="neutral") gets d0 = d1 = 0: r = 0, scale 1. A parameter without a gradient
+        on pass t (``_had_grad0`` / ``_had_grad1``) was not stepped by the optimizer: d_t = 0 (the inversion
+        would make −wd·θ_t of it)."""
+        for p, t0, b, g, (lr, wd), h0, h1 in zip(params, self._theta0, self._g0, g1, self._group_hparams(params),
+                                                 self._had_grad0, self._had_grad1):
             if not lr > 0:
                 b.zero_()
                 g.zero_()
                 continue
             th1 = t0 + b                                  # θ1 exactly (b = θ1 − θ0 was exact)
-            g.copy_(((1 - lr * wd) * th1 - p.to(th1.dtype)) / lr)
-            b.copy_(((1 - lr * wd) * t0 - th1) / lr)
+            if h1:
+                g.copy_(((1 - lr * wd) * th1 - p.to(th1.dtype)) / lr)
+            else:
+                g.zero_()
+            if h0:
+                b.copy_(((1 - lr * wd) * t0 - th1) / lr)
+            else:
+                b.zero_()
 
     def _set_grads_(self, params, bufs, had) -> None:
         """p.grad = the stored ĝ0 in the param's dtype (None where pass 0 left no grad); a sharded subclass
@@ -257,6 +267,7 @@ class GXPO(ExtrapolationRule):
         if not all(map(torch.Tensor.is_contiguous, g1)):   # a closure may assign grads in another layout
             g1 = [g.contiguous() for g in g1]
         if self.optimizer_aware:
+            self._had_grad1 = [g is not None for g in grads]
             self._displacements_(params, g1)
         stats = self._all_reduce_(self._extrapolate(params, self._g0, g1, alpha=self.alpha, K=self.K,
                                                     scale_formula=self.scale_formula,

@@ -357,6 +357,51 @@ def test_optimizer_aware_retention_float64():
     assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(rec3[2], rec[2]))
 
 
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_optimizer_aware_param_without_grad_on_one_pass_has_no_displacement(opt_cls):
+    """The optimizer does not step a parameter without a gradient, so its displacement on that pass is 0, not the
+    inversion's −wd·θ (which made up a retention ratio and stretched the parameter by up to K/2 + 1): ``a`` has a
+    gradient on pass 0 only, ``b`` on pass 1 only (e.g. an MoE expert no token is routed to)."""
+    lr, wd, alpha, K = 1e-2, 0.1, 0.5, 5
+    g = torch.Generator().manual_seed(7)
+    x, ya, yb = (torch.randn(n, generator=g, dtype=torch.float64) for n in (5, 3, 4))
+    init = [torch.randn(5, generator=g, dtype=torch.float64), 3 + torch.rand(3, generator=g, dtype=torch.float64),
+            -3 - torch.rand(4, generator=g, dtype=torch.float64)]
+
+    def setup():
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        return ps, opt_cls(ps, lr=lr, weight_decay=wd)
+
+    def closure_at(ps, opt, pass_index):
+        opt.zero_grad()
+        w, a, b = ps
+        loss = ((w * x).sum() - 1) ** 2
+        loss = loss + (((a - ya) ** 2).sum() if pass_index == 0 else ((b - yb) ** 2).sum() if pass_index == 1 else 0)
+        loss.backward()
+        return loss
+
+    ps, opt = setup()
+    rule = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, optimizer_aware=True, skip_corrective=True, gate=None)
+    rule.step(lambda: closure_at(ps, opt, rule.pass_index))
+    # float64 replay of the documented rule: d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr where the pass left a grad, else 0
+    ref, ref_o = setup()
+    th = [[p.detach().clone() for p in ref]]
+    had = []
+    for k in (0, 1):
+        closure_at(ref, ref_o, k)
+        had.append([p.grad is not None for p in ref])
+        ref_o.step()
+        th.append([p.detach().clone() for p in ref])
+    d = [[((1 - lr * wd) * t0 - t1) / lr if h else torch.zeros_like(t0) for t0, t1, h in zip(th[k], th[k + 1], had[k])]
+         for k in (0, 1)]
+    expected = [t.clone() for t in th[2]]
+    extrapolate_ref_(expected, th[0], d[0], d[1], alpha=alpha, K=K)
+    for e, p in zip(expected, ps):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+    # a (moved on pass 0 only) keeps its one-step displacement (r = 0, scale 1)
+    torch.testing.assert_close(ps[1].detach(), th[0][1] + alpha * (th[1][1] - th[0][1]), rtol=1e-12, atol=1e-12)
+
+
 def test_inactive_coordinates_reported():
     emb = torch.nn.Embedding(50, 8)                       # rows never looked up get zero gradients
     opt = torch.optim.SGD(emb.parameters(), lr=0.1)

@@ -15,7 +15,7 @@ import torch
 
 from gxpo_kernels.update import GXPO, SFPO
 from gxpo_kernels.update.gates import EMAGate, WindowGate
-from tests.update._models import loss_fn, mlp
+from tests.update._models import closure_for, loss_fn, mlp, plain_step
 
 
 class Boom(RuntimeError):
@@ -342,6 +342,111 @@ def test_model_double_and_frozen_set_change_reallocate_buffers():
     m[2].bias.requires_grad_(False)
     info = rule.step(_closure(m, opt, rule))
     assert info["active"] and not info["fell_back"] and len(rule._g0) == 2
+
+
+class _ListMomentum(torch.optim.Optimizer):
+    """SGD with momentum keeping its buffer and step count in a list (nested state, as some third-party optimizers
+    do); ``extras``: also a Python-int step count and a key added from the third step on (else the state is the
+    same list object at every step, which the snapshot's fast path would take for unchanged)."""
+
+    def __init__(self, params, lr=0.05, mu=0.9, extras=True):
+        super().__init__(params, dict(lr=lr, mu=mu))
+        self.extras = extras
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["bufs"] = [torch.zeros_like(p), torch.zeros(())]
+                    if self.extras:
+                        st["n"] = 0
+                st["bufs"][0].mul_(g["mu"]).add_(p.grad)
+                st["bufs"][1].add_(1)
+                if self.extras:
+                    st["n"] += 1
+                    if st["n"] >= 3:
+                        st["late"] = p.detach().clone()
+                p.add_(st["bufs"][0], alpha=-g["lr"])
+
+
+def _nested_state(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [copy.deepcopy(dict(opt.state[p])) for p in model.parameters()])
+
+
+def _assert_same_nested(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    for sa, sb in zip(a[1], b[1]):
+        assert sa.keys() == sb.keys() and sa.get("n") == sb.get("n")
+        assert all(torch.equal(x, y) for x, y in zip(sa["bufs"], sb["bufs"]))
+
+
+@pytest.mark.parametrize("extras", [True, False])
+@pytest.mark.parametrize("name", ["gxpo", "gxpo_tx", "sfpo"])
+def test_nested_optimizer_state_is_rewound(name, extras):
+    """A state value holding tensors inside a container (a list here) was snapshotted by reference: the step's
+    in-place updates reached the 'snapshot', so an exception, a fallback and the transactional restore left the
+    buffer moved (and a key added during the step stayed)."""
+    m = mlp(torch.float64)
+    opt = _ListMomentum(m.parameters(), extras=extras)
+    rule = {"gxpo": lambda: GXPO(opt, gate=None), "sfpo": lambda: SFPO(opt, K=2, gate=None),
+            "gxpo_tx": lambda: GXPO(opt, gate=None, transactional_state=True, atomic=False)}[name]()
+    rule.step(_closure(m, opt, rule, batch=1), entropy=1.0)          # state exists (n = 3 for GXPO)
+    if name != "gxpo_tx":                                           # an exception on the last pass rewinds
+        before = _nested_state(m, opt)
+        with pytest.raises(Boom):
+            rule.step(_closure(m, opt, rule, raise_at=3), entropy=1.0)
+        _assert_same_nested(_nested_state(m, opt), before)
+        rule.step(_closure(m, opt, rule, batch=2), entropy=1.0)     # a second snapshot of the same objects
+        before = _nested_state(m, opt)
+        with pytest.raises(Boom):
+            rule.step(_closure(m, opt, rule, raise_at=3), entropy=1.0)
+        _assert_same_nested(_nested_state(m, opt), before)
+        return
+    # transactional: the state advances by the corrective step only, from the step's start
+    m2 = copy.deepcopy(m)
+    o2 = _ListMomentum(m2.parameters(), extras=extras)
+    o2.state.update({q: copy.deepcopy(dict(opt.state[p])) for p, q in zip(m.parameters(), m2.parameters())})
+    rec = {}
+    rule.step(closure_for(m, opt, rule, record=rec, batch=2))
+    with torch.no_grad():
+        for q, t in zip(m2.parameters(), rec[2]):                  # θ̃ as the rule computed it
+            q.copy_(t)
+    plain_step(m2, o2, batch=2)
+    _assert_same_nested(_nested_state(m, opt), _nested_state(m2, o2))
+
+
+@pytest.mark.parametrize("name", ["gxpo", "sfpo", "sfpo_plain_m2"])
+def test_frozen_param_with_a_stale_grad_is_refused_before_anything_moves(name):
+    """A layer frozen after a backward keeps its .grad when the closure zeroes with set_to_none=False; torch's
+    optimizers step it (zero grad: momentum and decay) although the rule's snapshot does not cover it, so a step
+    moved it several times and a rewind left it moved. The step is refused at its first optimizer step."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    rule = GXPO(opt, gate=None) if name == "gxpo" else SFPO(opt, K=2, gate="ema", tau=1e-9 if "plain" in name else 9)
+
+    def closure(batch=0):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(m, batch)
+        loss.backward()
+        return loss
+    closures = closure if name == "gxpo" else [closure, lambda: closure(1)]
+    for _ in range(3 if "plain" in name else 1):
+        rule.step(closures)
+    assert rule.gate.fired == ("plain" in name)
+    m[2].requires_grad_(False)
+    before = _state(m, opt)
+    with pytest.raises(ValueError, match="parameter 2 of the optimizer .* requires_grad=False but a .grad"):
+        rule.step(closures)
+    _assert_same(_state(m, opt), before)
+    assert m[2].weight.grad is None and m[2].bias.grad is None   # the rewind cleared them: the next step runs
+    info = rule.step(closures)
+    assert not info["fell_back"]
+    assert torch.equal(m[2].weight, before[0][2]) and torch.equal(m[2].bias, before[0][3])
 
 
 # ---- the authors' semantics -------------------------------------------------------------------------------

@@ -49,3 +49,28 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_construction(rule
     for opt in (torch.optim.SGD(p, lr=0.1), torch.optim.AdamW(p), torch.optim.Adagrad(p), torch.optim.RMSprop(p),
                 torch.optim.NAdam(p), torch.optim.Rprop(p), torch.optim.ASGD(p), torch.optim.Adadelta(p)):
         rule(opt)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.SparseAdam])
+@pytest.mark.parametrize("rule", [GXPO, SFPO])
+def test_sparse_gradients_are_refused_by_name(rule, opt_cls):
+    """nn.Embedding(sparse=True) gives sparse gradients (SparseAdam needs them): the step used to fail inside
+    torch's norm with a NotImplementedError about the SparseCPU backend; now a TypeError names the parameter."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(4, 1)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = torch.optim.SGD([*dense.parameters(), emb.weight], lr=0.1) if opt_cls is torch.optim.SGD \
+        else opt_cls([emb.weight], lr=0.1)
+    r = rule(opt, gate=None)
+    idx = torch.tensor([1, 3, 3, 7])
+
+    def closure():
+        opt.zero_grad()
+        loss = dense(emb(idx)).pow(2).sum()
+        loss.backward()
+        return loss
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    i = 2 if opt_cls is torch.optim.SGD else 0
+    with pytest.raises(TypeError, match=rf"parameter {i} \(shape \(10, 4\)\) has a torch.sparse_coo gradient"):
+        r.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for g in opt.param_groups for p in g["params"])))
