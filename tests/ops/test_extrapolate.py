@@ -351,6 +351,68 @@ def test_cached_layout_follows_a_param_moved_to_new_storage(backend):
     del old
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backend):
+    """The same tensor object, at the same address, holding another dtype (``p.data = <a bf16 view>``, or what
+    a caching allocator hands back after ``model.to(...)``), another numel (``resize_``) or a non-contiguous
+    layout (``p.data = p.data.t()``): the cached layout used to match on ids and addresses alone, and Triton read
+    and wrote the bf16 param as float32 and the shrunk one at its old length. Each call equals a fresh one, or
+    raises as a fresh one does."""
+    kw = dict(alpha=0.5, K=5, backend=backend)
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (8, 8)])
+    raw = p[1].view(-1)
+    for _ in range(2):
+        extrapolate_(p, t0, g0, g1, **kw)
+    p[1].data = raw.view(torch.bfloat16)[:64].view(8, 8)   # same address, now bf16
+    p[1].copy_(torch.randn(8, 8))
+    g1b = [g1[0], g1[1].bfloat16()]
+    for g in (g1, g1b):                                     # gradients of the old and of the new dtype
+        before = _clone(p)
+        st = extrapolate_(p, t0, g0, g, **kw)
+        ref = extrapolate_(before, t0, g0, g, alpha=0.5, K=5, backend="torch")
+        _check("bf16 at the old address", before, p, ref, st, torch.bfloat16)
+    p[1].data = raw.view(8, 8).t()                          # same address, not contiguous
+    with pytest.raises(ValueError, match=r"params\[1\] must be contiguous"):
+        extrapolate_(p, t0, g0, g1, **kw)
+    p[1].data = raw.view(8, 8)
+    extrapolate_(p, t0, g0, g1, **kw)
+    p[1].resize_(32)                                        # same address, fewer elements
+    with pytest.raises(ValueError, match=r"theta0\[1\] has 64 elements but params\[1\] has 32"):
+        extrapolate_(p, t0, g0, g1, **kw)
+    # a watched gradient list (passed three times) whose tensor changes dtype or numel in place
+    p[1].data = raw.view(8, 8)
+    for _ in range(3):
+        extrapolate_(p, t0, g0, g1, **kw)
+    g0[1].data = g0[1].view(-1).view(torch.bfloat16)[:64].view(8, 8)
+    g0[1].copy_(torch.randn(8, 8))
+    before = _clone(p)
+    st = extrapolate_(p, t0, g0, g1, **kw)
+    ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+    _check("watched g0 now bf16", before, p, ref, st, torch.float32)
+    g0[1].resize_(32)
+    with pytest.raises(ValueError, match=r"g0\[1\] has 32 elements"):
+        extrapolate_(p, t0, g0, g1, **kw)
+
+
+def test_prepared_plan_refuses_params_moved_since():
+    """``model.to(dtype)`` keeps the parameter objects and gives them new storage: a Triton plan built before
+    would launch on offsets taken from the old addresses in the old dtype (writing outside the new tensors).
+    A call raises instead; a new plan equals the reference."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (64,)])
+    plan = ExtrapolationPlan(p, t0, g0, backend="triton")
+    plan(g1, alpha=0.5, K=5)
+    for t in p:
+        t.data = t.data.to(torch.bfloat16)
+    g1 = [g.bfloat16() for g in g1]
+    with pytest.raises(ValueError, match="build a new plan"):
+        plan(g1, alpha=0.5, K=5)
+    before = _clone(p)
+    st = ExtrapolationPlan(p, t0, g0, backend="triton")(g1, alpha=0.5, K=5)
+    _check("new plan", before, p, extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch"), st,
+           torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_float64_exact(backend):
     p, t0, g0, g1 = _make(torch.float64)
