@@ -240,6 +240,20 @@ def test_layout_cache_holds_no_tensor_beyond_its_layout():
         gc.enable()
 
 
+def test_layout_of_one_tensor_per_list_does_not_keep_it_alive():
+    """A plan held its dtype groups' first tensors (params[0], theta0[0]) strongly, and the layout is dropped only
+    when one of its tensors is freed: a layout of one tensor per list (a flat parameter buffer) kept its
+    tensors alive after the caller let them go, until eight other layouts pushed it out of the cache."""
+    import gc
+    import weakref
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,)])
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+    refs = [weakref.ref(t) for t in p + t0]
+    del p, t0, g0, g1
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def _views(buf, sizes):
     """Consecutive views of one buffer (their addresses are known: another view can take one's place)."""
     out, o = [], 0

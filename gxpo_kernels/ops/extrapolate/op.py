@@ -318,8 +318,10 @@ class _Plan:
             firsts = bases + ([g0s[0]] if g0s is not None else [])
             self.groups.append(dict(
                 idx=idx, whole=idx == list(range(len(params))),
-                dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
-                firsts=[(t, t.data_ptr(), t.dtype, t.numel()) for t in firsts],   # see ``moved``
+                # weak: a cached layout's plan must not keep its tensors alive (the layout is dropped when one of
+                # them is freed, see ``_Layout``; a layout of one tensor per group holds nothing else)
+                dtypes=(pdt, t0dt, g0dt, ldt), bases=[weakref.ref(b) for b in bases],
+                firsts=[(weakref.ref(t), t.data_ptr(), t.dtype, t.numel()) for t in firsts],   # see ``moved``
                 idx_t=torch.tensor(idx, dtype=torch.int64).to(dev),   # gathers thresholds without a host copy
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
                 g0=(g0s[0], torch.tensor([_elem_offset(t, g0s[0]) for t in g0s], dtype=torch.int64).to(dev))
@@ -338,8 +340,12 @@ class _Plan:
         """Whether the first static tensor of a dtype group (its base; g0's too when static) no longer has the
         address, dtype or numel the plan was built with (``model.to(...)``, ``p.data = ...``): a few attribute
         reads per group, not a pass over the tensors."""
-        return any(t.data_ptr() != a or t.dtype != dt or t.numel() != n
-                   for grp in self.groups for t, a, dt, n in grp["firsts"])
+        for grp in self.groups:
+            for ref, a, dt, n in grp["firsts"]:
+                t = ref()
+                if t is None or t.data_ptr() != a or t.dtype != dt or t.numel() != n:
+                    return True
+        return False
 
     def _call_offsets(self, grp, lists, ptrs: list, modes) -> tuple:
         """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses (``_addresses(*lists)``):
@@ -405,7 +411,9 @@ class _Plan:
         parts, keep = [], []
         for grp in self.groups:
             align = grp["align"]
-            bp, bt0, bl = grp["bases"]
+            bp, bt0, bl = (ref() for ref in grp["bases"])
+            if bp is None or bt0 is None or bl is None:   # (the owner of the plan holds them: never expected)
+                raise RuntimeError("extrapolate_: a tensor the launch plan was built for has been freed")
             if lists is not None:
                 if grp["whole"]:
                     gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
