@@ -602,6 +602,29 @@ def test_subclass_fade_resume_continues_the_controller(tmp_path):
     assert resumed._fade_pending_reward == full._fade_pending_reward
 
 
+def test_subclass_fade_resume_with_other_fade_kwargs_is_refused(tmp_path):
+    """A checkpoint's FADE state replaced the trainer's configured hyper-parameters with the saved ones, silently
+    (the update rule refuses a checkpoint of other settings): resumed with p0=0.4, the run went on with p0=0.3.
+    Refused, naming the setting, before anything is loaded; the same settings resume."""
+    kw = dict(update="grpo", advantage_estimator="fade", fade_kwargs={"p0": 0.3, "ema": 0.5}, backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1, max_steps=1)
+    full.reward_funcs = [reward_binary]
+    full.train()
+    ckpt = str(tmp_path / "full" / "out" / "checkpoint-1")
+    other = make_trainer(tmp_path / "other", cls=gtrl.GXPOGRPOTrainer,
+                         trainer_kwargs=dict(kw, fade_kwargs={"p0": 0.4, "ema": 0.5}))
+    other.create_optimizer_and_scheduler(num_training_steps=2)
+    before = other._fade.state_dict(), copy.deepcopy(other.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"p0: checkpoint 0.3 vs fade_kwargs 0.4"):
+        other._load_optimizer_and_scheduler(ckpt)
+    assert (other._fade.state_dict(), other.optimizer.state_dict()) == before
+    same = make_trainer(tmp_path / "same", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    same.create_optimizer_and_scheduler(num_training_steps=2)
+    same._load_optimizer_and_scheduler(ckpt)
+    assert same._fade.state_dict() == full._fade.state_dict()
+
+
 def test_subclass_fade_folds_in_every_generation_batch(tmp_path):
     """GXPO with steps_per_generation=1 < gradient_accumulation_steps=2: two generation batches per update, one
     entropy (the update's pass 0). The controller's update folds in both batches' mean reward; the first batch's
