@@ -254,6 +254,21 @@ def test_layout_of_one_tensor_per_list_does_not_keep_it_alive():
     assert all(r() is None for r in refs)
 
 
+def test_layout_cache_evicts_the_least_recently_used():
+    """The cache evicted its oldest entry whatever its use: a layout called every step was rebuilt (validated and
+    planned again) each time eight other layouts had been seen since it was first cached."""
+    from gxpo_kernels.ops.extrapolate import op
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
+    lay = op._layout_for(p, t0, None)
+    others = [_make(torch.float32, shapes=[(8,), (9,)], seed=s) for s in range(op._LAYOUT_CACHE_SIZE + 2)]
+    for q in others:
+        extrapolate_(*q, alpha=0.5, K=5, backend="cpp")
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
+    assert op._layout_for(p, t0, None) is lay
+    assert op._layout_for(others[0][0], others[0][1], None) is None   # evicted instead
+
+
 def _views(buf, sizes):
     """Consecutive views of one buffer (their addresses are known: another view can take one's place)."""
     out, o = [], 0

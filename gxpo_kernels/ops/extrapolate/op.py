@@ -834,6 +834,7 @@ def _layout_for(params, theta0, lowp_out) -> Optional[_Layout]:
     lay = _LAYOUTS.get(key)
     if lay is None or not lay.matches(params, theta0, lowp_out):
         return None
+    _LAYOUTS.move_to_end(key)   # least recently used first out: a layout in use outlives passing ones
     return lay
 
 
