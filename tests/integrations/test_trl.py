@@ -379,9 +379,12 @@ def test_grpo_loss_matches_trl_compute_loss_on_logits(loss_type, is_level, kw, d
     (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
 ])
 def test_unsupported_options_refused(tmp_path, cfg, name):
+    """Refused before anything changes: the options TRL's loss reads (epsilon, delta) used to be checked after the
+    model was patched, which a refused trainer left patched."""
     tr = make_trainer(tmp_path, **cfg)
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
         gtrl.enable_gxpo_loss(tr)
+    assert not hasattr(tr.model, "_gxpo_patched")
 
 
 def test_liger_layer_kernels_accepted(tmp_path):
