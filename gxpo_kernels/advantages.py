@@ -277,6 +277,13 @@ class FADEController:
         self.steps += 1
         return {"alpha": self.alpha, "delta": self.delta, "p_hat": self.p_hat, "h_hat": self.h_hat}
 
+    def settings(self) -> Dict[str, object]:
+        """The hyper-parameters (``__init__``'s arguments; ``target_entropy`` as set, by the caller or by the
+        first update)."""
+        return {"alpha_max": self.alpha_max, "target_entropy": self.target_entropy, "ema": self.ema,
+                "ema_convention": self.ema_convention, "p0": self.p0, "delta_min": self.delta_min,
+                "delta_max": self.delta_max}
+
     def state_dict(self) -> Dict[str, object]:
         return {"alpha_max": self.alpha_max, "target_entropy": self.target_entropy, "ema": self.ema,
                 "ema_convention": self.ema_convention, "p0": self.p0, "delta_min": self.delta_min,

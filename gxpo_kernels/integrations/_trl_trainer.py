@@ -164,6 +164,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                     self._fade = FADEController(**(opts["fade_kwargs"] or {}))
                 except TypeError as e:   # an unknown keyword: name the option it came through
                     raise TypeError(f"fade_kwargs: {e}") from None
+                self._fade_settings = self._fade.settings()   # as configured: a resumed checkpoint must agree
             self._fade_pending_reward = None   # mean reward of the generation batches not yet folded in
             self._fade_pending_n = 0           # ... and how many scored rewards it averages
             self._fade_entropy = []
@@ -340,16 +341,18 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             torch.save(self.gxpo_state_dict(), os.path.join(folder, UPDATE_STATE_FILE))
 
         def _load_optimizer_and_scheduler(self, checkpoint):
+            path = None if checkpoint is None else os.path.join(checkpoint, UPDATE_STATE_FILE)
+            st = load_update_state(path) if path is not None and os.path.exists(path) else None
+            if st is not None and st["fade"] is not None and self._fade is not None:
+                self._fade_check_settings(st["fade"], path)   # before anything (the optimizer too) is loaded
             super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint is None:
                 return
-            path = os.path.join(checkpoint, UPDATE_STATE_FILE)
-            if not os.path.exists(path):
+            if st is None:
                 if self._fade is not None or self.gxpo_update != "grpo":
                     warnings.warn(f"{checkpoint} has no {UPDATE_STATE_FILE} (not saved by GXPOGRPOTrainer): the "
                                   "update rule's gate and counters and FADE's controller start fresh")
                 return
-            st = load_update_state(path)
             # a checkpoint of another configuration: say what is dropped or started afresh rather than go on silently
             if st["rule"] is not None and self.gxpo_update == "grpo":
                 warnings.warn(f"{path} holds an update rule's state but this trainer runs update='grpo'; it is ignored")
@@ -369,6 +372,17 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 self._fade_pending_n = int(st.get("fade_pending_n", 0))
                 # the [entropy sum, token count] pairs the next update folds in
                 self._fade_entropy = [list(e) for e in st.get("fade_entropy", [])]
+
+        def _fade_check_settings(self, saved: dict, path: str) -> None:
+            """Refuse (ValueError) FADE state saved with other fade_kwargs than this trainer's, as the update rule
+            refuses other settings: loading it replaced the configured hyper-parameters with the checkpoint's,
+            silently. A target entropy left unset here takes the saved one (the first update set it)."""
+            diff = {k: (saved.get(k), v) for k, v in self._fade_settings.items()
+                    if not (k == "target_entropy" and v is None) and saved.get(k) != v}
+            if diff:
+                desc = ", ".join(f"{k}: checkpoint {a!r} vs fade_kwargs {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"{path}: FADE's controller was saved with other settings ({desc}); resume with "
+                                 "the checkpoint's fade_kwargs")
 
         # ---- FADE advantages ---------------------------------------------------------------------------
         def _fade_observe_entropy(self):

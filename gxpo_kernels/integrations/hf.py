@@ -233,12 +233,17 @@ def causal_lm_grpo_loss(model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 def _call_as_forward(module: nn.Module, fn, *args):
-    """Call ``fn(*args)`` as if it were ``module.forward``, so the module's hooks fire around it."""
-    module.forward = fn       # the instance attribute shadows the class's forward for this one call
+    """Call ``fn(*args)`` as if it were ``module.forward``, so the module's hooks fire around it. An
+    instance-level forward the module had (accelerate's hooks install one) is put back afterwards."""
+    own = module.__dict__.get("forward")
+    module.forward = fn       # the instance attribute shadows the class's (or that) forward for this one call
     try:
         return module(*args)
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 @torch.no_grad()
@@ -333,6 +338,7 @@ def patch_causal_lm(model: nn.Module, **loss_opts) -> nn.Module:
 
     model.forward = types.MethodType(forward, model)
     model._gxpo_patched = True
+    model._gxpo_forward_fn = forward      # how unpatch_causal_lm recognises the forward it installed
     return model
 
 
@@ -347,8 +353,10 @@ def unpatch_causal_lm(model: nn.Module) -> nn.Module:
     if not getattr(model, "_gxpo_patched", False):
         raise ValueError("unpatch_causal_lm: the model is not patched (patch_causal_lm was not called on it)")
     current = model.__dict__.get("forward")
+    # the very function patch_causal_lm installed, bound to this model (a deep copy binds it to itself); not a
+    # comparison with the class's forward, which another library may have replaced since (Liger's patches do)
     if getattr(current, "__self__", None) is not model or getattr(current, "__func__", None) is None \
-            or getattr(current.__func__, "__wrapped__", None) is not type(model).forward:
+            or current.__func__ is not model.__dict__.get("_gxpo_forward_fn"):
         raise ValueError("unpatch_causal_lm: model.forward was replaced after patch_causal_lm (e.g. by "
                          "accelerate's prepare); undo that wrapper first")
     previous = model.__dict__.pop("_gxpo_previous_forward")
@@ -356,7 +364,7 @@ def unpatch_causal_lm(model: nn.Module) -> nn.Module:
         del model.forward                  # back to the class's forward
     else:
         model.forward = previous
-    del model._gxpo_patched, model._gxpo_loss_opts
+    del model._gxpo_patched, model._gxpo_loss_opts, model._gxpo_forward_fn
     return model
 
 

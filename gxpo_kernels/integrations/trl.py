@@ -480,10 +480,10 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
     if loss_path == "hidden" and blocker:
         raise ValueError(f"loss_path='hidden' is not possible: {blocker}; use loss_path='logits' or 'auto'")
     path = "logits" if (loss_path == "logits" or blocker) else "hidden"
-    if path == "hidden":
+    _loss_options(trainer)  # refuse bad values now (before the model is patched); rebuilt at every call, as TRL
+    if path == "hidden":    # reads them live
         from .hf import patch_causal_lm
         patch_causal_lm(_head_model(trainer))
-    _loss_options(trainer)  # refuse bad values now; rebuilt at every call, as TRL reads them live
     trainer._gxpo_loss_path = path
     trainer._gxpo_backend = backend
     trainer.gxpo_loss_path = path

@@ -305,22 +305,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
 
     t_start = time.perf_counter()
     # `kill` (SIGTERM) stops the runner like Ctrl-C, so runs.json says which runs were interrupted
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    pool = queue = threads_before = env_before = None
-    if workers:
-        env_before = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(queue, cfg.threads))
-    else:   # the runs go in this process: with --threads threads, as a worker's (restored at the end)
-        import torch
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-    bars = _Progress({f"{m} seed {s}": base.steps for m, s in todo}, progress, log)
+    old_term = pool = queue = threads_before = env_before = bars = None
 
     def submit(fn, *args):
         if pool is not None:
@@ -350,6 +335,22 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             pass
 
     try:
+        # what is changed here (the SIGTERM handler, the environment, torch's thread count) is put back by the
+        # `finally` below, also when a later part of the set-up fails (the pool, the queue, the progress bars)
+        if threading.current_thread() is threading.main_thread():
+            old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        if workers:
+            env_before = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            ctx = multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(queue, cfg.threads))
+        else:   # the runs go in this process: with --threads threads, as a worker's (restored at the end)
+            import torch
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(cfg.threads)
+        bars = _Progress({f"{m} seed {s}": base.steps for m, s in todo}, progress, log)
         if todo:
             fut = submit(_warm_job, base)
             while not fut.done():
@@ -408,10 +409,13 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        bars.close()
+        if bars is not None:
+            bars.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-            drain(0.0)
+            if bars is not None:
+                drain(0.0)
+        if queue is not None:
             queue.close()
         if threads_before is not None:
             import torch

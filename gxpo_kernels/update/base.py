@@ -562,9 +562,11 @@ class ExtrapolationRule:
         lowp = self._lowp_targets()
         if lowp is None and self._backend_on(params[0]) in ("triton", "cpp"):
             # a prepared plan: the parameters and the rule's own buffers are validated (and on CUDA tabulated)
-            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage changes).
-            # Kept pass-0 gradients (g0_kept) are new tensors every step, so the plan takes g0 per call too
-            key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)))
+            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage or dtype
+            # changes: a new storage can come at the old address). Kept pass-0 gradients (g0_kept) are new tensors
+            # every step, so the plan takes g0 per call too
+            key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)),
+                   tuple(map(_DTYPE, params)))
             if getattr(self, "_xplan_key", None) != key:
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
                                                 backend=self.backend, grads_are_param_dtype=True)

@@ -527,3 +527,58 @@ def test_unpatch_causal_lm_restores_the_previous_forward():
     with pytest.raises(ValueError, match="replaced after patch_causal_lm"):
         unpatch_causal_lm(model)
     assert model._gxpo_patched                           # refused without changing anything
+
+
+def test_unpatch_after_another_library_replaced_the_class_forward(monkeypatch):
+    """Another library may replace the model class's forward after the patch (Liger's ``apply_liger_kernel_to_*``
+    does): ``unpatch_causal_lm`` recognised its own forward by comparing it with the class's current forward,
+    and refused ("replaced after patch_causal_lm") a forward it had installed itself. It unpatches; the model
+    then runs the class's (new) forward. A second model of the class stays patched."""
+    from gxpo_kernels.integrations.hf import GRPOLossOutput, patch_causal_lm, unpatch_causal_lm
+    model, other = _model("qwen2"), _model("qwen2")
+    ids, am, cm, adv = _batch(seed=9)
+    patch_causal_lm(model)
+    patch_causal_lm(other)
+    cls = type(model)
+    calls = []
+    old = cls.forward
+
+    def replaced(self, *args, **kwargs):
+        calls.append(1)
+        return old(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "forward", replaced)
+    unpatch_causal_lm(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "_gxpo_forward_fn")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    assert calls == [1]
+    assert isinstance(other(ids, am, advantages=adv, completion_mask=cm, logits_to_keep=cm.shape[1]), GRPOLossOutput)
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch_causal_lm(model)                         # unpatching twice is refused
+    unpatch_causal_lm(other)
+
+
+def test_head_run_as_its_modules_forward_keeps_an_instance_forward():
+    """A ZeRO-3 head runs the loss as ``lm_head.forward`` for one call; an instance-level forward the head had
+    (accelerate's hooks install one) was deleted afterwards instead of put back."""
+    import types
+    model = _model("qwen2")
+    ids, am, cm, adv = _batch(seed=4)
+    head = model.lm_head
+    calls = []
+
+    def hooked(self, x):
+        calls.append(1)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    head.forward = types.MethodType(hooked, head)
+    own = head.forward
+    head.weight.ds_id = 0
+    try:
+        loss, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=cm.shape[1],
+                                      backend="torch")
+    finally:
+        del head.weight.ds_id
+    assert loss.isfinite() and calls == []                # the loss ran in its place for that call
+    assert head.__dict__.get("forward") is own
+    head(torch.zeros(1, 64))
+    assert calls == [1]

@@ -421,9 +421,12 @@ def test_grpo_loss_metrics_against_trl_logged_metrics(is_level):
     (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
 ])
 def test_unsupported_options_refused(tmp_path, cfg, name):
+    """Refused before anything changes: the options TRL's loss reads (epsilon, delta) used to be checked after the
+    model was patched, which a refused trainer left patched."""
     tr = make_trainer(tmp_path, **cfg)
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
         gtrl.enable_gxpo_loss(tr)
+    assert not hasattr(tr.model, "_gxpo_patched")
 
 
 def test_liger_layer_kernels_accepted(tmp_path):
@@ -642,6 +645,29 @@ def test_subclass_fade_resume_continues_the_controller(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-1"))
     assert resumed._fade.state_dict() == full._fade.state_dict()
     assert resumed._fade_pending_reward == full._fade_pending_reward
+
+
+def test_subclass_fade_resume_with_other_fade_kwargs_is_refused(tmp_path):
+    """A checkpoint's FADE state replaced the trainer's configured hyper-parameters with the saved ones, silently
+    (the update rule refuses a checkpoint of other settings): resumed with p0=0.4, the run went on with p0=0.3.
+    Refused, naming the setting, before anything is loaded; the same settings resume."""
+    kw = dict(update="grpo", advantage_estimator="fade", fade_kwargs={"p0": 0.3, "ema": 0.5}, backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1, max_steps=1)
+    full.reward_funcs = [reward_binary]
+    full.train()
+    ckpt = str(tmp_path / "full" / "out" / "checkpoint-1")
+    other = make_trainer(tmp_path / "other", cls=gtrl.GXPOGRPOTrainer,
+                         trainer_kwargs=dict(kw, fade_kwargs={"p0": 0.4, "ema": 0.5}))
+    other.create_optimizer_and_scheduler(num_training_steps=2)
+    before = other._fade.state_dict(), copy.deepcopy(other.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"p0: checkpoint 0.3 vs fade_kwargs 0.4"):
+        other._load_optimizer_and_scheduler(ckpt)
+    assert (other._fade.state_dict(), other.optimizer.state_dict()) == before
+    same = make_trainer(tmp_path / "same", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    same.create_optimizer_and_scheduler(num_training_steps=2)
+    same._load_optimizer_and_scheduler(ckpt)
+    assert same._fade.state_dict() == full._fade.state_dict()
 
 
 def test_subclass_fade_folds_in_every_generation_batch(tmp_path):

@@ -240,6 +240,35 @@ def test_layout_cache_holds_no_tensor_beyond_its_layout():
         gc.enable()
 
 
+def test_layout_of_one_tensor_per_list_does_not_keep_it_alive():
+    """A plan held its dtype groups' first tensors (params[0], theta0[0]) strongly, and the layout is dropped only
+    when one of its tensors is freed: a layout of one tensor per list (a flat parameter buffer) kept its
+    tensors alive after the caller let them go, until eight other layouts pushed it out of the cache."""
+    import gc
+    import weakref
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,)])
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+    refs = [weakref.ref(t) for t in p + t0]
+    del p, t0, g0, g1
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_layout_cache_evicts_the_least_recently_used():
+    """The cache evicted its oldest entry whatever its use: a layout called every step was rebuilt (validated and
+    planned again) each time eight other layouts had been seen since it was first cached."""
+    from gxpo_kernels.ops.extrapolate import op
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
+    extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
+    lay = op._layout_for(p, t0, None)
+    others = [_make(torch.float32, shapes=[(8,), (9,)], seed=s) for s in range(op._LAYOUT_CACHE_SIZE + 2)]
+    for q in others:
+        extrapolate_(*q, alpha=0.5, K=5, backend="cpp")
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
+    assert op._layout_for(p, t0, None) is lay
+    assert op._layout_for(others[0][0], others[0][1], None) is None   # evicted instead
+
+
 def _views(buf, sizes):
     """Consecutive views of one buffer (their addresses are known: another view can take one's place)."""
     out, o = [], 0
@@ -349,6 +378,68 @@ def test_cached_layout_follows_a_param_moved_to_new_storage(backend):
         with pytest.raises((TypeError, ValueError), match=r"params\[2\]|\[2\]"):
             extrapolate_([p[0], p[1], other], t0, g0, g1, **kw)
     del old
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backend):
+    """The same tensor object, at the same address, holding another dtype (``p.data = <a bf16 view>``, or what
+    a caching allocator hands back after ``model.to(...)``), another numel (``resize_``) or a non-contiguous
+    layout (``p.data = p.data.t()``): the cached layout used to match on ids and addresses alone, and Triton read
+    and wrote the bf16 param as float32 and the shrunk one at its old length. Each call equals a fresh one, or
+    raises as a fresh one does."""
+    kw = dict(alpha=0.5, K=5, backend=backend)
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (8, 8)])
+    raw = p[1].view(-1)
+    for _ in range(2):
+        extrapolate_(p, t0, g0, g1, **kw)
+    p[1].data = raw.view(torch.bfloat16)[:64].view(8, 8)   # same address, now bf16
+    p[1].copy_(torch.randn(8, 8))
+    g1b = [g1[0], g1[1].bfloat16()]
+    for g in (g1, g1b):                                     # gradients of the old and of the new dtype
+        before = _clone(p)
+        st = extrapolate_(p, t0, g0, g, **kw)
+        ref = extrapolate_(before, t0, g0, g, alpha=0.5, K=5, backend="torch")
+        _check("bf16 at the old address", before, p, ref, st, torch.bfloat16)
+    p[1].data = raw.view(8, 8).t()                          # same address, not contiguous
+    with pytest.raises(ValueError, match=r"params\[1\] must be contiguous"):
+        extrapolate_(p, t0, g0, g1, **kw)
+    p[1].data = raw.view(8, 8)
+    extrapolate_(p, t0, g0, g1, **kw)
+    p[1].resize_(32)                                        # same address, fewer elements
+    with pytest.raises(ValueError, match=r"theta0\[1\] has 64 elements but params\[1\] has 32"):
+        extrapolate_(p, t0, g0, g1, **kw)
+    # a watched gradient list (passed three times) whose tensor changes dtype or numel in place
+    p[1].data = raw.view(8, 8)
+    for _ in range(3):
+        extrapolate_(p, t0, g0, g1, **kw)
+    g0[1].data = g0[1].view(-1).view(torch.bfloat16)[:64].view(8, 8)
+    g0[1].copy_(torch.randn(8, 8))
+    before = _clone(p)
+    st = extrapolate_(p, t0, g0, g1, **kw)
+    ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+    _check("watched g0 now bf16", before, p, ref, st, torch.float32)
+    g0[1].resize_(32)
+    with pytest.raises(ValueError, match=r"g0\[1\] has 32 elements"):
+        extrapolate_(p, t0, g0, g1, **kw)
+
+
+def test_prepared_plan_refuses_params_moved_since():
+    """``model.to(dtype)`` keeps the parameter objects and gives them new storage: a Triton plan built before
+    would launch on offsets taken from the old addresses in the old dtype (writing outside the new tensors).
+    A call raises instead; a new plan equals the reference."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan
+    p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (64,)])
+    plan = ExtrapolationPlan(p, t0, g0, backend="triton")
+    plan(g1, alpha=0.5, K=5)
+    for t in p:
+        t.data = t.data.to(torch.bfloat16)
+    g1 = [g.bfloat16() for g in g1]
+    with pytest.raises(ValueError, match="build a new plan"):
+        plan(g1, alpha=0.5, K=5)
+    before = _clone(p)
+    st = ExtrapolationPlan(p, t0, g0, backend="triton")(g1, alpha=0.5, K=5)
+    _check("new plan", before, p, extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch"), st,
+           torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])

@@ -289,3 +289,25 @@ def test_worker_environment_is_the_callers_again_after_the_run(tmp_path, monkeyp
     assert e["torch_threads"] == 2
     if platform.machine().lower() in ("x86_64", "amd64"):   # the worker computed with the capped kernels
         assert e["cpu_capability"] == "AVX2"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failed_set_up_leaves_the_callers_process_as_it_was(tmp_path, monkeypatch, workers):
+    """The runner changes the SIGTERM handler, the environment (workers) or torch's thread count (in-process)
+    before its progress bars exist; a failure there (tqdm missing, a pool that cannot start) left them changed:
+    SIGTERM raised KeyboardInterrupt in the caller from then on, and the caller kept the run's thread count."""
+    import signal
+
+    import torch
+
+    def broken(*a, **k):
+        raise RuntimeError("no progress bars")
+    monkeypatch.setattr(speedup, "_Progress", broken)
+    for k in speedup.REPRODUCIBLE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    env, threads, term = dict(os.environ), torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="no progress bars"):
+        speedup.run_speedup(dataclasses.replace(_cfg(tmp_path / "run", ("grpo",)), workers=workers,
+                                                threads=threads + 1), progress=False, log=lambda s: None)
+    assert dict(os.environ) == env and torch.get_num_threads() == threads
+    assert signal.getsignal(signal.SIGTERM) is term

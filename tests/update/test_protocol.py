@@ -449,6 +449,32 @@ def test_frozen_param_with_a_stale_grad_is_refused_before_anything_moves(name):
     assert torch.equal(m[2].weight, before[0][2]) and torch.equal(m[2].bias, before[0][3])
 
 
+def test_a_parameter_of_another_dtype_at_the_same_address_rebuilds_the_prepared_extrapolation():
+    """Parameters whose storage became bf16 at the same addresses (what CUDA's caching allocator can hand back
+    after ``model.to(...)``): the rule's prepared extrapolation was keyed on the addresses alone, and the Triton
+    kernel went on reading and writing them as float32 (garbage). It is rebuilt: the step equals a fresh rule's
+    on a bf16 copy (to 2 bf16 ulps: the interpreter's bf16 stores truncate)."""
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = GXPO(opt, gate=None, backend="triton")
+    rule.step(_closure(m, opt, rule))
+    for p in m.parameters():
+        vals = p.detach().clone()
+        p.data = p.data.view(-1).view(torch.bfloat16)[:p.numel()].view(p.shape)   # the same address, bf16
+        p.data.copy_(vals)
+    ref = copy.deepcopy(m)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_rule = GXPO(ref_opt, gate=None, backend="torch")
+    info = rule.step(_closure(m, opt, rule))
+    want = ref_rule.step(_closure(ref, ref_opt, ref_rule))
+    assert info["active"] and not info["fell_back"]
+    for key in ("disp_norm", "scaled_disp_norm", "scale_mean"):          # (read as float32: disp_norm = inf)
+        assert math.isclose(info[key], want[key], rel_tol=2e-2), (key, info[key], want[key])
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert p.dtype == torch.bfloat16
+        assert bool(((p.double() - q.double()).abs() <= 2 ** -6 * q.double().abs().clamp(min=1)).all())
+
+
 # ---- the authors' semantics -------------------------------------------------------------------------------
 def _authors_gxpo_step(model, opt, batch, st, clip=1.0, K=5, alpha=0.5, delta=1e-8, tau=0.5, omega=0.1,
                        poison=()):

@@ -315,9 +315,13 @@ class _Plan:
             dev = self.device
             n_chunks = len(c_t)
             cdt = torch.float64 if pdt == torch.float64 else torch.float32
+            firsts = bases + ([g0s[0]] if g0s is not None else [])
             self.groups.append(dict(
                 idx=idx, whole=idx == list(range(len(params))),
-                dtypes=(pdt, t0dt, g0dt, ldt), bases=bases,
+                # weak: a cached layout's plan must not keep its tensors alive (the layout is dropped when one of
+                # them is freed, see ``_Layout``; a layout of one tensor per group holds nothing else)
+                dtypes=(pdt, t0dt, g0dt, ldt), bases=[weakref.ref(b) for b in bases],
+                firsts=[(weakref.ref(t), t.data_ptr(), t.dtype, t.numel()) for t in firsts],   # see ``moved``
                 idx_t=torch.tensor(idx, dtype=torch.int64).to(dev),   # gathers thresholds without a host copy
                 off_tab=torch.tensor(list(zip(*offs)), dtype=torch.int64).to(dev),
                 g0=(g0s[0], torch.tensor([_elem_offset(t, g0s[0]) for t in g0s], dtype=torch.int64).to(dev))
@@ -331,6 +335,17 @@ class _Plan:
                            L_MID_DT=tl.float32 if cdt == torch.float64 and ldt in (torch.bfloat16, torch.float16)
                            else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_LOWP=ldt is not None,
                            LIB_POW=self.lib_pow, CHUNK=self.chunk, BLOCK=self.block, num_warps=4)))
+
+    def moved(self) -> bool:
+        """Whether the first static tensor of a dtype group (its base; g0's too when static) no longer has the
+        address, dtype or numel the plan was built with (``model.to(...)``, ``p.data = ...``): a few attribute
+        reads per group, not a pass over the tensors."""
+        for grp in self.groups:
+            for ref, a, dt, n in grp["firsts"]:
+                t = ref()
+                if t is None or t.data_ptr() != a or t.dtype != dt or t.numel() != n:
+                    return True
+        return False
 
     def _call_offsets(self, grp, lists, ptrs: list, modes) -> tuple:
         """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses (``_addresses(*lists)``):
@@ -396,7 +411,9 @@ class _Plan:
         parts, keep = [], []
         for grp in self.groups:
             align = grp["align"]
-            bp, bt0, bl = grp["bases"]
+            bp, bt0, bl = (ref() for ref in grp["bases"])
+            if bp is None or bt0 is None or bl is None:   # (the owner of the plan holds them: never expected)
+                raise RuntimeError("extrapolate_: a tensor the launch plan was built for has been freed")
             if lists is not None:
                 if grp["whole"]:
                     gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
@@ -467,7 +484,9 @@ class ExtrapolationPlan:
     them): pass it on every call, ``plan(g1, g0=..., ...)``; its addresses are read per call like g1's (one pass
     over both lists, one offsets copy to the device).
     Contract: the static lists and their tensors stay as they were (same objects, same storage; rebuild the
-    plan after ``model.to(...)``, reallocated buffers, a changed parameter set), and g1[i] (and a per-call g0[i])
+    plan after ``model.to(...)``, reallocated buffers, a changed parameter set: on CUDA a call raises
+    ``ValueError`` when the first tensor of a dtype group has moved or changed dtype or size, which
+    ``model.to(...)`` does; a change to another tensor alone goes unnoticed), and g1[i] (and a per-call g0[i])
     is the gradient of params[i] (same numel, contiguous; only the count and the addresses are checked per
     call). Gradients whose dtypes differ within a list are read right (from copies, see ``_Plan._call_offsets``):
     the plan scans their dtypes on every call (one attribute read per tensor), unless
@@ -524,6 +543,9 @@ class ExtrapolationPlan:
                 return out
             return extrapolate_ref_(self.params, self.theta0, g0, g1, lowp_out=self.lowp_out,
                                     thresholds=None if thr is None else thr.tolist(), **kw)
+        if self._plan.moved():
+            raise ValueError("ExtrapolationPlan: a parameter or buffer the plan was built for moved or changed "
+                             "dtype or size since (model.to(...), p.data = ...); build a new plan")
         lists = None if g1 is None else (g0, g1) if self.g0_per_call else (g1,)
         return self._plan.run(lists, thr, modes=self._modes, **kw)
 
@@ -657,6 +679,22 @@ def _ids_ptrs(ts) -> tuple:
     return ids, list(map(_PTR, ts))
 
 
+def _static_meta(ts, ids: list) -> tuple:
+    """The dtypes, the numels and whether all are contiguous, of a list whose entries may be None (their ``ids``),
+    in C-level passes: what the full validation checked of a tensor that it can change in place."""
+    if _NONE_ID in ids:
+        ts = [t for t in ts if t is not None]
+    return list(map(_DTYPE, ts)), list(map(_NUMEL, ts)), all(map(_CONTIG, ts))
+
+
+def _same_grads_meta(ts, numels: list, dt) -> bool:
+    """Whether a watched gradient list still has the numels, contiguity and dtype pattern ``dt`` (one dtype or a
+    tuple of one per tensor) it passed the checks with: a live tensor can change them at the same address."""
+    if list(map(_NUMEL, ts)) != numels or not all(map(_CONTIG, ts)):
+        return False
+    return tuple(map(_DTYPE, ts)) == dt if isinstance(dt, tuple) else set(map(_DTYPE, ts)) == {dt}
+
+
 class _Layout:
     """The validated static lists of ``extrapolate_`` calls: params, theta0 and lowp_out (an optimizer's
     parameters and snapshot buffers; g0 and g1 come per call). A later call is served from here when the ids
@@ -664,13 +702,16 @@ class _Layout:
     as one of those tensors is freed (a new tensor can inherit an id and an address, with other numel, dtype or
     alignment). It holds the numels and device the gradients are checked against, the byte spans of the written
     tensors (a gradient must not overlap them), the Triton plans (one per g0 dtype pattern, ``plan``), and per
-    gradient list the last one that passed the checks (``seen``, see ``_check_grads``). Not noticed: a live
-    tensor that changes dtype or shape in place while keeping its address (``resize_``, ``set_`` onto the same
-    storage offset); reading each tensor's dtype, numel and strides on every call would cost three more passes."""
+    gradient list the last one that passed the checks (``seen``, see ``_check_grads``). A live tensor can also
+    change in place while keeping its id and address (``resize_``, ``p.data = p.data.view(torch.bfloat16)``,
+    ``set_`` onto the same storage offset, a new storage the allocator placed where the old one was): each
+    static tensor's dtype, numel and contiguity are compared too (``_static_meta``), or the plans would read
+    and write it in its old dtype and length."""
 
     def __init__(self, key, params, theta0, lowp_out):
         self.lists = [_ids_ptrs(params), _ids_ptrs(theta0)] + ([_ids_ptrs(lowp_out)] if lowp_out is not None
                                                                 else [])
+        self.metas = [_static_meta(ts, ids) for (ids, _), ts in zip(self.lists, (params, theta0, lowp_out))]
         self.numels = list(map(_NUMEL, params))
         self.numel_np = np.array(self.numels, dtype=np.int64)
         self.device = params[0].device
@@ -698,6 +739,10 @@ class _Layout:
         # the same live objects (ids of freed tensors drop the entry), now their storage: no None unless validated
         for (ids, ptrs), ts in zip(self.lists, (params, theta0, lowp_out)):
             if (list(map(_PTR, ts)) if _NONE_ID not in ids else _ids_ptrs(ts)[1]) != ptrs:
+                return False
+        # and what they hold there (changed in place at the same address: see the class docstring)
+        for (ids, _), meta, ts in zip(self.lists, self.metas, (params, theta0, lowp_out)):
+            if _static_meta(ts, ids) != meta:
                 return False
         return True
 
@@ -728,10 +773,10 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
 
     A list that passed stays in ``lay.seen[name]`` (addresses; ids once they repeat); a later list with the same
     ids and addresses is that one, unchanged, once it is watched: when it comes back, it is checked once more
-    and weak references are taken whose callbacks forget it when any of its tensors is freed; from then on only
-    its ids and addresses are read. Gradient tensors at new addresses on every call cost no ids pass and no
-    weak references. (Like the layout, this trusts a live tensor not to change dtype or shape in place at the
-    same address, e.g. by ``resize_``.)"""
+    and weak references are taken whose callbacks forget it when any of its tensors is freed; from then on its
+    ids and addresses are read, and its numels, contiguity and dtypes compared (a live tensor can change them in
+    place at the same address, as the layout's can: ``_same_grads_meta``). Gradient tensors at new addresses on
+    every call cost no ids pass and no weak references."""
     if not isinstance(ts, (list, tuple)) or isinstance(ts, torch.Tensor) or len(ts) != len(lay.numels):
         return None
     try:
@@ -743,13 +788,15 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     if seen is not None and seen[1] == ptrs:   # (ids only where the addresses repeat)
         ids = list(map(id, ts))
         if seen[0] == ids:
-            if seen[3] is not None:   # watched: these very tensors passed and none was freed since
-                return ptrs, seen[2]
-            # second appearance: check again (the first objects may have died and left their ids), then watch
+            if seen[3] is not None and _same_grads_meta(ts, lay.numels, seen[2]):
+                return ptrs, seen[2]   # watched: these very tensors passed, none was freed or changed since
+            # second appearance: check again (the first objects may have died and left their ids), then watch;
+            # or a watched tensor changed in place: check again
             found = _check_grads_now(lay, ts, ptrs)
             if found is not None:
                 seen[2] = found
-                _watch_seen(lay, name, ts, seen)
+                if seen[3] is None:
+                    _watch_seen(lay, name, ts, seen)
             return None if found is None else (ptrs, found)
     found = _check_grads_now(lay, ts, ptrs)
     lay.seen[name] = None if found is None else [ids, ptrs, found, None]
@@ -787,6 +834,7 @@ def _layout_for(params, theta0, lowp_out) -> Optional[_Layout]:
     lay = _LAYOUTS.get(key)
     if lay is None or not lay.matches(params, theta0, lowp_out):
         return None
+    _LAYOUTS.move_to_end(key)   # least recently used first out: a layout in use outlives passing ones
     return lay
 
 
