@@ -367,19 +367,24 @@ def host_overhead(out_path=None, reps=60):
     return out
 
 
-def host_overhead_ab(out_path, before: str, rounds=3):
+def host_overhead_ab(out_path, before: str, rounds=3, reps=60):
     """``host_overhead`` of this checkout and of the checkout at ``before`` (another worktree: the "before"
     figures), alternated ``rounds`` times in fresh processes so load spikes hit both alike; the medians over
     rounds go to ``out_path`` as ``results`` (this checkout) and ``before`` (that one, with its commit). Both
-    run this file's ``host_overhead`` (the same cases and harness), each importing its own ``gxpo_kernels``."""
+    run this file's ``host_overhead`` (the same cases and harness, ``reps`` calls per case), each importing its own
+    ``gxpo_kernels``."""
     import json
     import subprocess
     import sys
-    code = ("import importlib.util, json; spec = importlib.util.spec_from_file_location('bench_extrapolate_ab', "
-            f"{str(pathlib.Path(__file__).resolve())!r}); b = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(b); print(json.dumps(b.host_overhead()))")
-    runs = {"after": [], "before": []}
     here = str(pathlib.Path(__file__).resolve().parents[1])
+    # this checkout's ``bench`` package by path (the file imports its siblings relatively), while ``gxpo_kernels``
+    # comes from PYTHONPATH: the checkout being timed
+    code = ("import importlib, importlib.util, json, sys; "
+            f"spec = importlib.util.spec_from_file_location('bench', {here + '/bench/__init__.py'!r}, "
+            f"submodule_search_locations=[{here + '/bench'!r}]); pkg = importlib.util.module_from_spec(spec); "
+            "sys.modules['bench'] = pkg; spec.loader.exec_module(pkg); "
+            f"b = importlib.import_module('bench.bench_extrapolate'); print(json.dumps(b.host_overhead(reps={reps})))")
+    runs = {"after": [], "before": []}
     for _ in range(rounds):
         for name, root in (("before", before), ("after", here)):
             env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
