@@ -257,7 +257,7 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
 def _bwd_chunk_rows(cfg: _HeadConfig, V: int, block_m: int) -> int:
     """Token rows per backward chunk of the Triton path: ``chunk_size`` if given, else ~2^28 logits per chunk
-    (512 MiB of bf16 d(logits)), a multiple of the token tile."""
+    (512 MiB of bf16 d(logits), 1 GiB with fp32 operands), a multiple of the token tile."""
     if cfg.chunk_size is not None:
         return cfg.chunk_size
     return max(block_m, (2 ** 28 // max(V, 1)) // block_m * block_m)
