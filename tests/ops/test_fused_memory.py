@@ -34,11 +34,11 @@ def _alloc_trace(fn):
     return largest, peak
 
 
-def _inputs(B=B, T=T, V=V, seed=0):
+def _inputs(B=B, T=T, V=V, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g).requires_grad_()
-    weight = torch.randn(V, H, generator=g).requires_grad_()
-    bias = torch.randn(V, generator=g).requires_grad_()
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(V, generator=g).to(dtype).requires_grad_()
     tokens = torch.randint(0, V, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) < 0.9
     mask[0, :3] = False
@@ -77,13 +77,15 @@ def _fpa_step(backend, chunk, sizes=()):
     return step
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("make_step", [_grpo_step, _logprobs_step, _fpa_step], ids=["grpo", "logprobs", "fpa"])
-def test_torch_backend_chunks_bound_the_fwd_bwd_memory(make_step):
+def test_torch_backend_chunks_bound_the_fwd_bwd_memory(make_step, dtype):
     """Largest allocation: one (chunk, V) fp32 tensor. Peak: two of them (the backward's recomputed logits and
     d(logits); FPA's forward holds the policy and reference logits and one logsumexp temporary, a third) plus the
     weight-sized buffers. A chunk's temporaries used to stay bound to the loop's variables while the next
-    chunk built its own, doubling the peak (to more than the whole N x V logits at these sizes)."""
-    largest, peak = _alloc_trace(make_step("torch", CHUNK))
+    chunk built its own, doubling the peak (to more than the whole N x V logits at these sizes). bf16 inputs:
+    the chunks are fp32 all the same."""
+    largest, peak = _alloc_trace(make_step("torch", CHUNK, (B, T, V, dtype)))
     assert largest == CHUNK_BYTES, (largest, CHUNK_BYTES)
     chunks = 3 if make_step is _fpa_step else 2
     assert peak <= chunks * CHUNK_BYTES + HEAD_BYTES + SLACK, (peak / CHUNK_BYTES, chunks)
