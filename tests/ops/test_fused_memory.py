@@ -110,3 +110,21 @@ def test_triton_backward_allocates_one_chunk_of_dlogits(make_step):
     b, t, v = 2, 13, 301
     largest, _ = _alloc_trace(make_step("triton", 5, (b, t, v)))
     assert largest == 5 * v * 4 and 5 * v * 4 > 4 * v * H, largest
+
+
+def test_triton_backward_fp32_gradients_have_no_per_chunk_gemm_output():
+    """fp32 operands (fp32 inputs, fp32_head, the interpreter): grad_weight accumulates in place (addmm_) and
+    grad_hidden rows are written straight into the result, so no (V, H) product is allocated per chunk (it was:
+    V * H * 4 bytes per chunk, 2.5 GB at V = 151,936 and H = 4,096, more than the 1 GiB d(logits) chunk)."""
+    b, t, v, h = 2, 13, 301, 3
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(b, t, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    logp, _ = linear_token_logprobs(hidden, weight, tokens, backend="triton", chunk_size=5)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logp.sum().backward()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    assert sizes.count(5 * v * 4) == 1                  # the d(logits) chunk buffer, once
+    assert sizes.count(v * h * 4) == 1, sizes           # the grad_weight accumulator only (6 chunks)

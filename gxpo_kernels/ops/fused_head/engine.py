@@ -223,7 +223,8 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
     Gradient traffic per chunk is one write and two reads of dz (2 bytes per logit in bf16) instead of a
     read-modify-write of fp32 grad_hidden per vocabulary tile; the result is deterministic (no atomics), so
-    ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``)."""
+    ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``), and with
+    bf16/fp16 operands each chunk's (V, H) d(weight) partial in that dtype before it joins the fp32 sum."""
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
@@ -246,10 +247,16 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
             dlogp[s:e], dent[s:e] if has_dent else lse[s:e], dz, n, V, H, h.stride(0), w.stride(0), inv_t,
             HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
             BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
-        if need_dh:
-            gh[s:e] = dz @ wg                           # every row once: no accumulation across chunks
-        if need_dw:
-            gw += dz.t() @ hg[s:e]
+        if op_dt == torch.float32:   # straight into the fp32 results: no (rows, H) / (V, H) GEMM output per chunk
+            if need_dh:
+                torch.mm(dz, wg, out=gh[s:e])
+            if need_dw:
+                gw.addmm_(dz.t(), hg[s:e])
+        else:                        # bf16/fp16 operands: the GEMM output has their dtype, then joins the fp32 sums
+            if need_dh:
+                gh[s:e] = dz @ wg                       # every row once: no accumulation across chunks
+            if need_dw:
+                gw += dz.t() @ hg[s:e]
         if need_db:
             gb += dz.sum(0, dtype=torch.float32)
     return gh, gw, gb
