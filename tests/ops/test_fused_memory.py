@@ -128,3 +128,26 @@ def test_triton_backward_fp32_gradients_have_no_per_chunk_gemm_output():
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
     assert sizes.count(5 * v * 4) == 1                  # the d(logits) chunk buffer, once
     assert sizes.count(v * h * 4) == 1, sizes           # the grad_weight accumulator only (6 chunks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype):
+    """``fpa_logprobs`` on the usual next-token slices (``logits[:, :-1]``, ``ref[:, 1:]``) reads them where they
+    are: flattening such a view to (N, V) used to copy both tensors, (B, T, V) each, before the one pass. Every
+    allocation of the forward now stays below one such copy (the torch path's fp32 chunks are per batch row)."""
+    from gxpo_kernels import fpa_logprobs
+    b, t, v = 4, 5, 1000
+    g = torch.Generator().manual_seed(2)
+    full = torch.randn(b, t + 1, v, generator=g).to(dtype).requires_grad_()
+    ref_full = torch.randn(b, t + 1, v, generator=g).to(dtype)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.8
+    out = []
+    largest, _ = _alloc_trace(lambda: out.append(fpa_logprobs(full[:, :-1], ref_full[:, 1:], tokens, 0.5, 0.9,
+                                                              mask=mask, backend=backend)))
+    assert largest < b * t * v * full.element_size(), largest
+    want = fpa_logprobs(full[:, :-1].contiguous(), ref_full[:, 1:].contiguous(), tokens, 0.5, 0.9, mask=mask,
+                        backend=backend)
+    for got, exp in zip(out[0], want):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
