@@ -89,7 +89,7 @@ def fpa_scenarios() -> List[Scenario]:
     m = _mod("fpa.kernel")
     out = []
     for dn, dt in STREAM_DTYPES.items():
-        lg = _e(N, V, dtype=dt)
+        lg = _e(1, N, V, dtype=dt)         # (B, T, V) with B = 1: one launch over N rows
         tok = _e(N, dtype=torch.int64)
         msk = _e(N, dtype=torch.bool)
         for has_mask in (False, True):     # (its backward is token_logprobs' backward)

@@ -104,15 +104,20 @@ def generate(model, tokenizer, ids, attn, *, max_new_tokens: int, do_sample: boo
 
 
 def response_logits(model, prompt_ids, prompt_attn, resp, resp_mask):
-    """Forward the full sequences; return logits (B, T, V) where ``[:, t]`` scores ``resp[:, t]``."""
+    """Forward the full sequences; return logits (B, T, V) where ``[:, t]`` scores ``resp[:, t]``.
+
+    The lm_head runs on the last T + 1 positions only (``logits_to_keep``): the prompt positions' logits would
+    be (B, Lp, V) computed for nothing, and kept alive by the returned view (through the loss's backward, whose
+    slice gradient would be a zero-filled (B, Lp + T, V) tensor)."""
     full = torch.cat([prompt_ids, resp], 1)
     attn = torch.cat([prompt_attn, resp_mask.long()], 1)
-    out = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
-    Lp, T = prompt_ids.shape[1], resp.shape[1]
-    return out.logits[:, Lp - 1:Lp - 1 + T]
+    T = resp.shape[1]
+    out = model(input_ids=full, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
+                logits_to_keep=T + 1)
+    return out.logits[:, :T]          # positions Lp - 1 .. Lp + T - 2
 
 
-# Element budget of the logits of one no-grad log-prob forward (rows x (Lp + T) x V; 2**30 = 2 GiB in bf16):
+# Element budget of the logits of one no-grad log-prob forward (rows x (T + 1) x V; 2**30 = 2 GiB in bf16):
 # ``rollout_logprobs`` runs the rows in as few chunks as keep each under it (one chunk when the batch fits).
 LOGPROB_CHUNK_ELEMENTS = 2 ** 30
 
@@ -120,9 +125,9 @@ LOGPROB_CHUNK_ELEMENTS = 2 ** 30
 def rollout_logprobs(model, ids, attn, resp, mask, temperature: float, synced_gpus: bool = False):
     """No-grad log pi and entropy ((B, T) fp32 each) of ``resp`` after the prompts ``ids`` / ``attn`` (B, Lp),
     forwarded in row chunks whose logits stay under ``LOGPROB_CHUNK_ELEMENTS``, or of one row where one row's
-    exceed it (V = 151,936 at Lp + T = 3,300 is 5e8 logits per row). ``synced_gpus``: every rank runs the
+    exceed it (V = 151,936 at T + 1 = 3,073 is 4.7e8 logits per row). ``synced_gpus``: every rank runs the
     largest chunk count of all ranks (ZeRO-3 and FSDP gather parameters collectively inside each forward)."""
-    B, L = resp.shape[0], ids.shape[1] + resp.shape[1]
+    B, L = resp.shape[0], resp.shape[1] + 1      # ``response_logits`` keeps the logits of T + 1 positions
     n = -(-B // max(1, LOGPROB_CHUNK_ELEMENTS // (L * model.config.vocab_size)))   # chunks of <= that many rows
     if synced_gpus:
         import torch.distributed as dist

@@ -423,6 +423,28 @@ def test_deepcopy_of_a_patched_model_runs_its_own_weights():
         assert got.loss == want
 
 
+def test_deepspeed_module_logits_path_runs_the_head_on_the_scored_positions():
+    """``CausalLMGRPOLoss(fused_linear=False)`` asks the model for the logits of the K + 1 positions that score the
+    completion (``logits_to_keep``), not (B, L, V): the whole sequence's logits used to be built and, through
+    the sliced view the loss saved, kept alive until backward. Loss and gradients equal the fused path's."""
+    from gxpo_kernels.integrations.deepspeed import CausalLMGRPOLoss
+    model = _model("llama")
+    ids, am, cm, adv = _batch(seed=3)
+    K = cm.shape[1]
+    old = -torch.rand(cm.shape) - 4
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    loss = CausalLMGRPOLoss(model, fused_linear=False, backend="torch")(ids, am, adv, cm, K, old)
+    hook.remove()
+    assert shapes == [(ids.shape[0], K + 1, V)]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    want, _ = causal_lm_grpo_loss(model, ids, am, adv, completion_mask=cm, logits_to_keep=K, old_logprobs=old,
+                                  backend="torch")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("keep", [3.7, torch.tensor([2, 5]), torch.tensor([5]), torch.tensor(5.0)])
 def test_logits_to_keep_must_be_a_count(keep):
     """transformers reads a tensor ``logits_to_keep`` as the positions to keep; the GRPO loss takes a count.

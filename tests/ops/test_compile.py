@@ -59,12 +59,13 @@ def test_fpa_logprobs_fullgraph(backend):
 
 def test_fpa_logprobs_opcheck():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 41, generator=g, requires_grad=True)
-    ref = torch.randn(6, 41, generator=g)
+    x = torch.randn(2, 3, 41, generator=g, requires_grad=True)
+    ref = torch.randn(2, 4, 41, generator=g)[:, 1:]      # a time slice: rows not evenly spaced
     tokens = torch.randint(0, 41, (6,), generator=g)
     mask = torch.tensor([True, False, True, True, False, True])
     for args in ((x, ref, tokens, mask, 0.5, 0.8, "torch"), (x, ref, tokens, None, 1.0, 1.0, "triton"),
-                 (x.detach().bfloat16().requires_grad_(), ref, tokens, mask, 0.0, 1.3, "torch")):
+                 (x.detach().bfloat16().requires_grad_(), ref, tokens, mask, 0.0, 1.3, "torch"),
+                 (x.detach()[:, :2].requires_grad_(), ref[:, :2], tokens[:4], mask[:4], 0.5, 1.0, "triton")):
         torch.library.opcheck(torch.ops.gxpo.fpa_logprobs_fwd.default, args)
 
 

@@ -188,8 +188,8 @@ def test_rollout_logprobs_in_chunks_match_one_pass(monkeypatch, dtype):
     monkeypatch.setattr(ro_mod, "response_logits", counted)
     out = []
     for chunked in (False, True):
-        if chunked:   # 3 rows of (Lp + T) x V logits (the same seed samples the same responses)
-            L = out[0][0].prompt_ids.shape[1] + out[0][0].resp.shape[1]
+        if chunked:   # 3 rows of (T + 1) x V logits (the same seed samples the same responses)
+            L = out[0][0].resp.shape[1] + 1
             monkeypatch.setattr(ro_mod, "LOGPROB_CHUNK_ELEMENTS", 3 * L * tok.vocab_size)
         calls.clear()
         torch.manual_seed(4)

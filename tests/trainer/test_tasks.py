@@ -129,6 +129,30 @@ def test_left_padding_matches_unpadded():
             torch.testing.assert_close(batched[i, :4], alone[0, :4], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_response_logits_run_the_head_on_the_response_positions_only(arch):
+    """The lm_head runs on the T + 1 positions that score the response (logits_to_keep), not on the prompt's:
+    the full (B, Lp + T, V) logits used to be built and kept alive by the returned view (through the logits
+    loss's backward too). The returned logits equal the matching slice of a full forward."""
+    t = AdditionTask()
+    tok = CharTokenizer(t.alphabet)
+    model = build_tiny_model(tiny_config_dict(tok.vocab_size, arch, hidden=32, intermediate=64), tok,
+                             torch.device("cpu"), seed=0).eval()
+    ids, attn = encode_prompts(tok, ["12+34=", "999+999=", "7+8="], "cpu")
+    resp, mask = response_mask(torch.tensor([[4, 5, tok.EOS, tok.PAD]] * 3), tok.EOS, tok.PAD)
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        got = response_logits(model, ids, attn, resp, mask)
+    hook.remove()
+    assert shapes == [(3, resp.shape[1] + 1, tok.vocab_size)]
+    assert got.shape == (3, resp.shape[1], tok.vocab_size)
+    full, am = torch.cat([ids, resp], 1), torch.cat([attn, mask.long()], 1)
+    with torch.no_grad():
+        whole = model(input_ids=full, attention_mask=am, position_ids=position_ids(am), use_cache=False).logits
+    torch.testing.assert_close(got, whole[:, ids.shape[1] - 1:-1], rtol=1e-5, atol=1e-5)
+
+
 def test_training_forward_matches_generate_scores():
     """The causal shift and position ids of the training forward reproduce the logits ``generate`` sampled
     from (left-padded batch), so old log-probs and the loss score the right tokens."""

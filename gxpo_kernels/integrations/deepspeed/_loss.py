@@ -22,7 +22,8 @@ class CausalLMGRPOLoss(nn.Module):
         fused_linear: True (default) -> ``integrations.hf.causal_lm_grpo_loss`` (fused lm_head + loss, the logits
             never exist; under ZeRO-3 the fused loss runs as the lm_head module's forward, so DeepSpeed's hooks
             gather the weight for the forward and again for the backward, and reduce-scatter its gradient);
-            False -> ``model(...).logits`` + ``ops.grpo_loss``.
+            False -> ``model(..., logits_to_keep=K + 1).logits`` + ``ops.grpo_loss`` (the logits of the scored
+            positions only).
         **loss_opts: GRPO options (temperature, eps_low, eps_high, beta, loss_agg_mode, ...).
     Forward args: input_ids (B, L), attention_mask (B, L) or None, advantages (B,) or (B, K); completion_mask
     (B, K), logits_to_keep K (default L - 1), old_logprobs / ref_logprobs (B, K). The metrics of the last call
@@ -52,8 +53,10 @@ class CausalLMGRPOLoss(nn.Module):
                                                 **self.loss_opts)
         else:
             from ...ops.grpo.op import grpo_loss
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            loss, metrics = grpo_loss(logits[:, L - K - 1:L - 1], input_ids[:, L - K:], advantages,
+            # the head runs on the K + 1 positions L-K-1 .. L-1 only, not on the prompt's (B, L-K-1, V) logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                logits_to_keep=K + 1).logits
+            loss, metrics = grpo_loss(logits[:, :K], input_ids[:, L - K:], advantages,
                                       completion_mask, old_logprobs, ref_logprobs, **self.loss_opts)
         self.metrics = {k: v.detach() for k, v in metrics.items()}
         return loss

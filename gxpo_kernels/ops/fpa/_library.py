@@ -19,14 +19,15 @@ from .kernel import _OUT_DTYPES, fpa_logprobs_fwd
 @torch.library.custom_op("gxpo::fpa_logprobs_fwd", mutates_args=())
 def _fpa_logprobs_fwd_op(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Optional[Tensor], lam: float,
                          temperature: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(N, V), (N, V), (N,), (N,) bool or None -> (logp, ref_logp, fpa_logp, lse), (N,) each: fp32, and lse
-    float64 (token_logprobs' backward reads it)."""
+    """(B, T, V), (B, T, V) (any layouts with a contiguous last dim: read in place), (N,), (N,) bool or None with
+    N = B * T -> (logp, ref_logp, fpa_logp, lse), (N,) each: fp32, and lse float64 (token_logprobs' backward
+    reads it)."""
     return fpa_logprobs_fwd(logits, ref_logits, tokens, mask, lam, temperature, backend)
 
 
 @_fpa_logprobs_fwd_op.register_fake
 def _(logits, ref_logits, tokens, mask, lam, temperature, backend):
-    return tuple(logits.new_empty(logits.shape[:1], dtype=dt) for dt in _OUT_DTYPES)
+    return tuple(logits.new_empty((logits.shape[0] * logits.shape[1],), dtype=dt) for dt in _OUT_DTYPES)
 
 
 def _setup_context(ctx, inputs, output):
@@ -42,12 +43,12 @@ def _backward(ctx, dlogp, _dref, _dfpa, _dlse):
     logits, tokens, mask, lse = ctx.saved_tensors
     if dlogp is None or not ctx.needs_input_grad[0]:
         return (None,) * 7
-    row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731  (N, ...) -> one (1, N, ...) block
+    bt = lambda t: None if t is None else t.reshape(logits.shape[:2])  # noqa: E731  (N,) -> (B, T)
     # the entropy argument is read only with a dentropy: dlogp stands in for it, fp32 like an entropy (the
     # float64 lse would compile the backward kernel a second time, for a pointer type nothing reads)
-    dlogits = torch.ops.gxpo.token_logprobs_bwd(row(logits), row(tokens), row(mask), row(lse), row(dlogp),
-                                                row(dlogp), None, ctx.temperature, ctx.backend)
-    return dlogits[0], None, None, None, None, None, None
+    dlogits = torch.ops.gxpo.token_logprobs_bwd(logits, bt(tokens), bt(mask), bt(lse), bt(dlogp), bt(dlogp), None,
+                                                ctx.temperature, ctx.backend)
+    return dlogits, None, None, None, None, None, None
 
 
 torch.library.register_autograd("gxpo::fpa_logprobs_fwd", _backward, setup_context=_setup_context)

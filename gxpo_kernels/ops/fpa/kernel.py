@@ -117,30 +117,47 @@ def _launch_cfg(V: int):
     return block_v, _num_warps(block_v)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(*, V) -> (N, V) with unit stride along V (a view when possible)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+def as_3d(x: torch.Tensor) -> torch.Tensor:
+    """(*, V) -> (B, T, V): (N, V) becomes (1, N, V); more leading dims are merged into B (a view when possible)."""
+    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+
+
+def _row_blocks(logits3d: torch.Tensor, ref3d: torch.Tensor):
+    """Cover the B * T rows of two (B, T, V) tensors with (first row, (rows, V) logits, (rows, V) ref) blocks of
+    evenly spaced rows, read in place: one block when both tensors' rows are evenly spaced (contiguous, B or T
+    of 1), else one block per batch row (a time slice such as ``logits[:, :-1]``, whose flattening would copy
+    both tensors). Only a last dim that is not contiguous is copied."""
+    B, T, V = logits3d.shape
+    xs = [x if x.stride(-1) == 1 or V == 1 else x.contiguous() for x in (logits3d, ref3d)]
+    if all(B == 1 or T == 1 or x.stride(0) == T * x.stride(1) for x in xs):
+        return [(0, xs[0].reshape(B * T, V), xs[1].reshape(B * T, V))]
+    return [(b * T, xs[0][b], xs[1][b]) for b in range(B)]
 
 
 @autocast_off
-def fpa_logprobs_fwd(logits2d: torch.Tensor, ref2d: torch.Tensor, tokens1d: torch.Tensor,
+def fpa_logprobs_fwd(logits3d: torch.Tensor, ref3d: torch.Tensor, tokens1d: torch.Tensor,
                      mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
-    """(N, V), (N, V), (N,), (N,) bool or None -> logp, ref_logp, fpa_logp, lse (each (N,); fp32, lse float64)."""
-    N, V = logits2d.shape
-    if backend == "torch":
-        return _fpa_fwd_torch(logits2d, ref2d, tokens1d, mask1d, lam, temperature)
+    """(B, T, V), (B, T, V) (any layouts), (N,), (N,) bool or None, N = B * T -> logp, ref_logp, fpa_logp, lse
+    (each (N,); fp32, lse float64)."""
+    B, T, V = logits3d.shape
+    N = B * T
     # four separate buffers (not views of one) so autograd never sees outputs that alias each other
-    out = [torch.empty(N, dtype=dt, device=logits2d.device) for dt in _OUT_DTYPES]
+    out = [torch.zeros(N, dtype=dt, device=logits3d.device) for dt in _OUT_DTYPES]
     if N == 0:
         return tuple(out)
-    block_v, warps = _launch_cfg(V)
-    m = mask1d if mask1d is not None else tokens1d  # dummy pointer when HAS_MASK is False
-    _fpa_logprobs_fwd_kernel[(N,)](
-        logits2d, ref2d, tokens1d, m, out[0], out[1], out[2], out[3],
-        logits2d.stride(0), ref2d.stride(0), V, float(lam), 1.0 / float(temperature),
-        HAS_MASK=mask1d is not None, BLOCK_V=block_v, VEC=min(_vec(logits2d, block_v), _vec(ref2d, block_v)),
-        num_warps=warps)
+    for r0, l2, r2 in _row_blocks(logits3d, ref3d):
+        r1 = r0 + l2.shape[0]
+        m = None if mask1d is None else mask1d[r0:r1]
+        if backend == "torch":
+            for o, x in zip(out, _fpa_fwd_torch(l2, r2, tokens1d[r0:r1], m, lam, temperature)):
+                o[r0:r1] = x
+            continue
+        block_v, warps = _launch_cfg(V)
+        _fpa_logprobs_fwd_kernel[(r1 - r0,)](
+            l2, r2, tokens1d[r0:r1], m if m is not None else tokens1d, *(o[r0:r1] for o in out),
+            l2.stride(0), r2.stride(0), V, float(lam), 1.0 / float(temperature),
+            HAS_MASK=m is not None, BLOCK_V=block_v, VEC=min(_vec(l2, block_v), _vec(r2, block_v)),
+            num_warps=warps)
     return out[0], out[1], out[2], out[3]
 
 

@@ -135,15 +135,22 @@ def _fwd_torch(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
     step = cfg.chunk_size or max(1, _chunk_rows(cfg, w.shape[0]) // 2)
     for s in range(0, N, step):
         e = min(s + step, N)
-        yc = y[s:e, None].long()
-        z = _chunk_logits(h[s:e], wf, bf, inv_t)
-        zr = _chunk_logits(hr[s:e], wrf, brf, inv_t)
-        lse[s:e] = row_logsumexp(z)
-        logp[s:e] = z.gather(1, yc).squeeze(1) - lse[s:e]
-        ref_logp[s:e] = zr.gather(1, yc).squeeze(1) - row_logsumexp(zr)
-        zf = fpa_logits(z, zr, lam, out=z)                    # in place: pi_hat's logits
-        fpa_logp[s:e] = zf.gather(1, yc).squeeze(1) - row_logsumexp(zf)
+        logp[s:e], ref_logp[s:e], fpa_logp[s:e], lse[s:e] = _fwd_torch_chunk(h[s:e], wf, bf, hr[s:e], wrf, brf,
+                                                                              y[s:e], inv_t, lam)
     return logp, ref_logp, fpa_logp, lse
+
+
+def _fwd_torch_chunk(h_c, wf, bf, hr_c, wrf, brf, y_c, inv_t, lam):
+    """(logp, ref_logp, fpa_logp, policy lse) of one chunk of rows; its own function so that the chunk's two
+    (rows, V) logits tensors are freed on return, before the next chunk's are built."""
+    yc = y_c[:, None].long()
+    z = _chunk_logits(h_c, wf, bf, inv_t)
+    zr = _chunk_logits(hr_c, wrf, brf, inv_t)
+    lse = row_logsumexp(z)
+    logp = z.gather(1, yc).squeeze(1) - lse
+    ref_logp = zr.gather(1, yc).squeeze(1) - row_logsumexp(zr)
+    zf = fpa_logits(z, zr, lam, out=z)                    # in place: pi_hat's logits
+    return logp, ref_logp, zf.gather(1, yc).squeeze(1) - row_logsumexp(zf), lse
 
 
 @torch.no_grad()
@@ -225,7 +232,8 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
         lam, temperature: as in ``fpa_logprobs``. mask: optional bool/0-1 (B, T); masked rows cost no GEMM work.
         fp32_head: fp32 GEMM operands for bf16/fp16 inputs (and allows hidden/weight dtypes to differ).
         deterministic: bitwise reproducible gradients (always the case: no atomics in either backend).
-        chunk_size: token rows per chunk of the torch backend (None: ~4M logits per side and chunk).
+        chunk_size: token rows per chunk of the torch forward (None: ~4M logits per side and chunk) and of the
+            backward (``linear_token_logprobs``'s chunks).
         backend: "auto" (Triton on CUDA / under TRITON_INTERPRET=1, else torch) | "triton" | "torch".
 
     Returns:

@@ -11,7 +11,7 @@ import torch
 from ..._utils import (check_same_device, check_scalar, check_shape, check_temperature, check_tensor, checked_mask,
                        compiled_safe_tokens, nan_at, resolve_backend)
 from ._library import fpa_logprobs_op
-from .kernel import FLOAT_DTYPES, _rows
+from .kernel import FLOAT_DTYPES, as_3d
 
 
 def check_lam_temperature(lam, temperature) -> Tuple[float, float]:
@@ -63,6 +63,6 @@ def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.T
     be = resolve_backend(backend, logits.device)
     mask1d = None if m is None else m.reshape(-1).contiguous()
     tokens, bad = compiled_safe_tokens(tokens, V, m)
-    logp, ref_logp, fpa_logp = fpa_logprobs_op(_rows(logits), _rows(ref_logits), tokens.reshape(-1).contiguous(),
+    logp, ref_logp, fpa_logp = fpa_logprobs_op(as_3d(logits), as_3d(ref_logits), tokens.reshape(-1).contiguous(),
                                                mask1d, lam, temperature, be)
     return tuple(nan_at(bad, x.view(lead)) for x in (logp, ref_logp, fpa_logp))

@@ -223,7 +223,8 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
     Gradient traffic per chunk is one write and two reads of dz (2 bytes per logit in bf16) instead of a
     read-modify-write of fp32 grad_hidden per vocabulary tile; the result is deterministic (no atomics), so
-    ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``)."""
+    ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``), and with
+    bf16/fp16 operands each chunk's (V, H) d(weight) partial in that dtype before it joins the fp32 sum."""
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
@@ -246,10 +247,16 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
             dlogp[s:e], dent[s:e] if has_dent else lse[s:e], dz, n, V, H, h.stride(0), w.stride(0), inv_t,
             HAS_BIAS=b is not None, HAS_DENT=has_dent, UPCAST=upcast, PRECISION=prec,
             BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, num_warps=nw)
-        if need_dh:
-            gh[s:e] = dz @ wg                           # every row once: no accumulation across chunks
-        if need_dw:
-            gw += dz.t() @ hg[s:e]
+        if op_dt == torch.float32:   # straight into the fp32 results: no (rows, H) / (V, H) GEMM output per chunk
+            if need_dh:
+                torch.mm(dz, wg, out=gh[s:e])
+            if need_dw:
+                gw.addmm_(dz.t(), hg[s:e])
+        else:                        # bf16/fp16 operands: the GEMM output has their dtype, then joins the fp32 sums
+            if need_dh:
+                gh[s:e] = dz @ wg                       # every row once: no accumulation across chunks
+            if need_dw:
+                gw += dz.t() @ hg[s:e]
         if need_db:
             gb += dz.sum(0, dtype=torch.float32)
     return gh, gw, gb
@@ -257,7 +264,7 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
 
 def _bwd_chunk_rows(cfg: _HeadConfig, V: int, block_m: int) -> int:
     """Token rows per backward chunk of the Triton path: ``chunk_size`` if given, else ~2^28 logits per chunk
-    (512 MiB of bf16 d(logits)), a multiple of the token tile."""
+    (512 MiB of bf16 d(logits), 1 GiB with fp32 operands), a multiple of the token tile."""
     if cfg.chunk_size is not None:
         return cfg.chunk_size
     return max(block_m, (2 ** 28 // max(V, 1)) // block_m * block_m)
@@ -293,13 +300,20 @@ def _fwd_torch(h, w, b, y, inv_t, cfg):
     step = _chunk_rows(cfg, w.shape[0])
     for s in range(0, N, step):
         e = min(s + step, N)
-        z = _chunk_logits(h[s:e], wf, bf, inv_t)
-        lse[s:e] = row_logsumexp(z)
-        lp = z.sub_(lse[s:e, None])                          # log-softmax in place
-        logp[s:e] = lp.gather(1, y[s:e, None].long()).squeeze(1)
-        lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf
-        ent[s:e] = -(lp.exp().mul_(lp)).sum(-1)
+        lse[s:e], ent[s:e], logp[s:e] = _fwd_torch_chunk(h[s:e], wf, bf, y[s:e], inv_t)
     return lse, ent, logp
+
+
+def _fwd_torch_chunk(h_c, wf, bf, y_c, inv_t):
+    """(lse, entropy, logp) of one chunk of rows. A function of its own so that the chunk's (rows, V)
+    temporaries are freed when it returns, before the next chunk allocates its own (a loop body keeps them
+    bound, and so alive, until the next chunk's are built: twice the chunk's memory)."""
+    z = _chunk_logits(h_c, wf, bf, inv_t)
+    lse = row_logsumexp(z)
+    lp = z.sub_(lse[:, None])                          # log-softmax in place
+    logp = lp.gather(1, y_c[:, None].long()).squeeze(1)
+    lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf
+    return lse, -(lp.exp().mul_(lp)).sum(-1), logp
 
 
 def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
@@ -314,25 +328,33 @@ def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
     step = _chunk_rows(cfg, V)
     for s in range(0, N, step):
         e = min(s + step, N)
-        h_c = h[s:e].float()
-        lp = _chunk_logits(h_c, wf, bf, inv_t).sub_(lse[s:e, None])   # saved lse: no second reduction
-        p = lp.exp()
-        g = dlogp[s:e, None]
-        if dent is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
-            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
-            coef = lp.nan_to_num_(neginf=0.0).add_(ent[s:e, None]).mul_(dent[s:e, None]).add_(g)
-        else:
-            coef = g
-        dz = p.mul_(coef).neg_()
-        dz.scatter_add_(1, y[s:e, None].long(), g.clone())
-        dz *= inv_t
-        if need_dh:
-            gh[s:e] = dz @ wf
-        if need_dw:
-            gw.addmm_(dz.t(), h_c)
-        if need_db:
-            gb += dz.sum(0)
+        _bwd_torch_chunk(h[s:e], wf, bf, y[s:e], lse[s:e], ent[s:e], dlogp[s:e], None if dent is None else dent[s:e],
+                         inv_t, None if gh is None else gh[s:e], gw, gb)
     return gh, gw, gb
+
+
+def _bwd_torch_chunk(h_c, wf, bf, y_c, lse_c, ent_c, dlogp_c, dent_c, inv_t, gh_c, gw, gb):
+    """One chunk of rows: recompute its logits, form d(logits) and write grad_hidden rows into ``gh_c``,
+    accumulate into ``gw`` / ``gb`` (each None when not needed). Its own function for the reason given in
+    ``_fwd_torch_chunk``: the chunk's (rows, V) temporaries die on return."""
+    h_c = h_c.float()
+    lp = _chunk_logits(h_c, wf, bf, inv_t).sub_(lse_c[:, None])   # saved lse: no second reduction
+    p = lp.exp()
+    g = dlogp_c[:, None]
+    if dent_c is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
+        # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+        coef = lp.nan_to_num_(neginf=0.0).add_(ent_c[:, None]).mul_(dent_c[:, None]).add_(g)
+    else:
+        coef = g
+    dz = p.mul_(coef).neg_()
+    dz.scatter_add_(1, y_c[:, None].long(), g.clone())
+    dz *= inv_t
+    if gh_c is not None:
+        gh_c.copy_(dz @ wf)
+    if gw is not None:
+        gw.addmm_(dz.t(), h_c)
+    if gb is not None:
+        gb += dz.sum(0)
 
 
 @torch.no_grad()

@@ -32,8 +32,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         compute_entropy: return the full-distribution entropy (else ``None``).
         fp32_head: fp32 GEMM operands (the TRL ``cast_lm_head_to_fp32`` behaviour) for bf16/fp16 inputs.
         deterministic: bitwise reproducible gradients (always the case: neither backend uses atomics).
-        chunk_size: tokens per chunk of the torch backend. check_finite: raise ValueError on NaN/inf in
-            hidden or weight, NaN/+inf in bias (-inf: a banned token). backend: "auto" | "triton" | "torch".
+        chunk_size: token rows per chunk of the torch backend and of the Triton backward.
+        check_finite: raise ValueError on NaN/inf in hidden or weight, NaN/+inf in bias (-inf: a banned token).
+        backend: "auto" | "triton" | "torch".
     Returns:
         (logp, entropy), fp32 of the token shape; differentiable w.r.t. hidden, weight and bias. Under
         ``torch.no_grad()`` nothing is saved (the fast path for old/reference log-probs).

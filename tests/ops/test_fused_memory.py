@@ -1,0 +1,153 @@
+"""Memory of the fused-linear ops (``linear_grpo_loss``, ``linear_token_logprobs``, ``linear_fpa_logprobs``):
+the (tokens x vocab) logits are never allocated whole, only chunks of ``chunk_size`` rows, and the chunks do
+not pile up.
+
+Counted, not timed: the CPU allocator reports every allocation and free to ``torch.profiler`` (in order), so
+the largest single allocation and the peak of live bytes during one forward + backward are exact and
+deterministic. Sizes are chosen so that one (chunk, V) fp32 tensor outweighs every O(N*H) / O(V*H) buffer.
+"""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gxpo_kernels.ops.fpa.linear import linear_fpa_logprobs
+from gxpo_kernels.ops.grpo.linear import linear_grpo_loss
+from gxpo_kernels.ops.logprobs.linear import linear_token_logprobs
+
+B, T, H, V, CHUNK = 3, 37, 2, 4001, 16      # V off every tile size; N = 111 rows (~100 unmasked): 7 chunks
+CHUNK_BYTES = CHUNK * V * 4                 # one fp32 (chunk, V) tensor: 256 KB
+HEAD_BYTES = 4 * (V * H + V) * 4            # weight-sized fp32 buffers: accumulators, .grad, upcasts (~320 KB)
+SLACK = 32 * 1024                           # O(N) statistics and the like
+
+
+def _alloc_trace(fn):
+    """(largest single allocation, peak live bytes above the start) while ``fn()`` runs on the CPU."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    assert events, "the profiler recorded no allocation"
+    live = peak = largest = 0
+    for e in events:
+        live += e.nbytes()
+        peak, largest = max(peak, live), max(largest, e.nbytes())
+    return largest, peak
+
+
+def _inputs(B=B, T=T, V=V, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(V, generator=g).to(dtype).requires_grad_()
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.9
+    mask[0, :3] = False
+    return hidden, weight, bias, tokens, mask
+
+
+def _grpo_step(backend, chunk, sizes=()):
+    hidden, weight, bias, tokens, mask = _inputs(*sizes)
+    old = -torch.rand(mask.shape) * 5
+
+    def step():
+        loss, _ = linear_grpo_loss(hidden, weight, tokens, torch.randn(len(mask)), mask, old, old - 0.1, bias=bias,
+                                   beta=0.04, entropy_coef=0.01, backend=backend, chunk_size=chunk)
+        loss.backward()
+    return step
+
+
+def _logprobs_step(backend, chunk, sizes=()):
+    hidden, weight, bias, tokens, mask = _inputs(*sizes)
+
+    def step():
+        logp, ent = linear_token_logprobs(hidden, weight, tokens, 0.7, bias=bias, mask=mask, backend=backend,
+                                          chunk_size=chunk)
+        (logp * 0.3 + ent).sum().backward()
+    return step
+
+
+def _fpa_step(backend, chunk, sizes=()):
+    hidden, weight, bias, tokens, mask = _inputs(*sizes)
+    ref_h, ref_w = hidden.detach() + 0.1, weight.detach() * 0.9
+
+    def step():
+        logp, _, _ = linear_fpa_logprobs(hidden, weight, ref_h, ref_w, tokens, 0.5, 0.7, bias=bias,
+                                         ref_bias=bias.detach(), mask=mask, backend=backend, chunk_size=chunk)
+        logp.sum().backward()
+    return step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("make_step", [_grpo_step, _logprobs_step, _fpa_step], ids=["grpo", "logprobs", "fpa"])
+def test_torch_backend_chunks_bound_the_fwd_bwd_memory(make_step, dtype):
+    """Largest allocation: one (chunk, V) fp32 tensor. Peak: two of them (the backward's recomputed logits and
+    d(logits); FPA's forward holds the policy and reference logits and one logsumexp temporary, a third) plus the
+    weight-sized buffers. A chunk's temporaries used to stay bound to the loop's variables while the next
+    chunk built its own, doubling the peak (to more than the whole N x V logits at these sizes). bf16 inputs:
+    the chunks are fp32 all the same."""
+    largest, peak = _alloc_trace(make_step("torch", CHUNK, (B, T, V, dtype)))
+    assert largest == CHUNK_BYTES, (largest, CHUNK_BYTES)
+    chunks = 3 if make_step is _fpa_step else 2
+    assert peak <= chunks * CHUNK_BYTES + HEAD_BYTES + SLACK, (peak / CHUNK_BYTES, chunks)
+
+
+def test_torch_backend_forward_holds_two_chunks():
+    """Log-probs under no_grad (the rollout's old / reference log-probs): logits and one temporary per chunk."""
+    hidden, weight, bias, tokens, mask = _inputs()
+
+    def step():
+        with torch.no_grad():
+            linear_token_logprobs(hidden, weight, tokens, bias=bias, mask=mask, backend="torch", chunk_size=CHUNK)
+    largest, peak = _alloc_trace(step)
+    assert largest == CHUNK_BYTES
+    assert peak <= 2 * CHUNK_BYTES + SLACK, peak / CHUNK_BYTES
+
+
+@pytest.mark.parametrize("make_step", [_grpo_step, _fpa_step], ids=["grpo", "fpa"])
+def test_triton_backward_allocates_one_chunk_of_dlogits(make_step):
+    """The Triton path (interpreter) streams the forward, and its backward's d(logits) buffer is (chunk, V):
+    the largest allocation, not (N, V). Smaller sizes: the interpreter runs the programs one by one."""
+    b, t, v = 2, 13, 301
+    largest, _ = _alloc_trace(make_step("triton", 5, (b, t, v)))
+    assert largest == 5 * v * 4 and 5 * v * 4 > 4 * v * H, largest
+
+
+def test_triton_backward_fp32_gradients_have_no_per_chunk_gemm_output():
+    """fp32 operands (fp32 inputs, fp32_head, the interpreter): grad_weight accumulates in place (addmm_) and
+    grad_hidden rows are written straight into the result, so no (V, H) product is allocated per chunk (it was:
+    V * H * 4 bytes per chunk, 2.5 GB at V = 151,936 and H = 4,096, more than the 1 GiB d(logits) chunk)."""
+    b, t, v, h = 2, 13, 301, 3
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(b, t, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    logp, _ = linear_token_logprobs(hidden, weight, tokens, backend="triton", chunk_size=5)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logp.sum().backward()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    assert sizes.count(5 * v * 4) == 1                  # the d(logits) chunk buffer, once
+    assert sizes.count(v * h * 4) == 1, sizes           # the grad_weight accumulator only (6 chunks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype):
+    """``fpa_logprobs`` on the usual next-token slices (``logits[:, :-1]``, ``ref[:, 1:]``) reads them where they
+    are: flattening such a view to (N, V) used to copy both tensors, (B, T, V) each, before the one pass. Every
+    allocation of the forward now stays below one such copy (the torch path's fp32 chunks are per batch row)."""
+    from gxpo_kernels import fpa_logprobs
+    b, t, v = 4, 5, 1000
+    g = torch.Generator().manual_seed(2)
+    full = torch.randn(b, t + 1, v, generator=g).to(dtype).requires_grad_()
+    ref_full = torch.randn(b, t + 1, v, generator=g).to(dtype)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.8
+    out = []
+    largest, _ = _alloc_trace(lambda: out.append(fpa_logprobs(full[:, :-1], ref_full[:, 1:], tokens, 0.5, 0.9,
+                                                              mask=mask, backend=backend)))
+    assert largest < b * t * v * full.element_size(), largest
+    want = fpa_logprobs(full[:, :-1].contiguous(), ref_full[:, 1:].contiguous(), tokens, 0.5, 0.9, mask=mask,
+                        backend=backend)
+    for got, exp in zip(out[0], want):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
