@@ -132,11 +132,20 @@ def test_triton_backward_fp32_gradients_have_no_per_chunk_gemm_output():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype):
+def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype, monkeypatch):
     """``fpa_logprobs`` on the usual next-token slices (``logits[:, :-1]``, ``ref[:, 1:]``) reads them where they
     are: flattening such a view to (N, V) used to copy both tensors, (B, T, V) each, before the one pass. Every
-    allocation of the forward now stays below one such copy (the torch path's fp32 chunks are per batch row)."""
+    allocation of the forward now stays below one such copy (the torch path's fp32 chunks are per batch row; the
+    Triton kernel walks both tensors' own row strides in one launch)."""
     from gxpo_kernels import fpa_logprobs
+    from gxpo_kernels.ops.fpa import kernel as fpa_kernel
+    launches = []
+
+    class _Counted:   # the kernel, counting launches
+        def __getitem__(self, grid, k=fpa_kernel._fpa_logprobs_fwd_kernel):
+            launches.append(grid)
+            return k[grid]
+    monkeypatch.setattr(fpa_kernel, "_fpa_logprobs_fwd_kernel", _Counted())
     b, t, v = 4, 5, 1000
     g = torch.Generator().manual_seed(2)
     full = torch.randn(b, t + 1, v, generator=g).to(dtype).requires_grad_()
@@ -147,6 +156,7 @@ def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype):
     largest, _ = _alloc_trace(lambda: out.append(fpa_logprobs(full[:, :-1], ref_full[:, 1:], tokens, 0.5, 0.9,
                                                               mask=mask, backend=backend)))
     assert largest < b * t * v * full.element_size(), largest
+    assert launches == ([] if backend == "torch" else [(b * t,)]), launches
     want = fpa_logprobs(full[:, :-1].contiguous(), ref_full[:, 1:].contiguous(), tokens, 0.5, 0.9, mask=mask,
                         backend=backend)
     for got, exp in zip(out[0], want):

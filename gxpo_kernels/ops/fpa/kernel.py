@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..._utils import autocast_off, triton_interpret
-from ..logprobs.kernel import _LOG2E, _log_probs_chunk, _logp_lse, _lse_group_step, _num_warps, _vec
+from ..logprobs.kernel import _LOG2E, _log_probs_chunk, _logp_lse, _lse_group_step, _num_warps, _row_layout, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.float32,) * 3 + (torch.float64,)   # logp, ref_logp, fpa_logp, lse (as token_logprobs saves it)
@@ -63,17 +63,22 @@ def _logp_finish(m_g, s_g, x_y, c):
     return _logp_lse(x_y, c, m, tl.sum(s_g * tl.exp2(m_g - m), axis=0))
 
 
-@triton.jit(do_not_specialize=["V", "lam", "inv_temp"])
+# as in token_logprobs: the row counts and batch row strides change from call to call (never specialised); the
+# time strides stay specialised so that the compiler can prove 16-byte alignment of every row
+@triton.jit(do_not_specialize=["T", "rows_b_l", "rows_b_r", "V", "lam", "inv_temp"])
 def _fpa_logprobs_fwd_kernel(p_logits, p_ref, p_tokens, p_mask, p_logp, p_ref_logp, p_fpa_logp, p_lse,
-                             stride_l, stride_r, V, lam, inv_temp,
+                             T, rows_b_l, stride_l, rows_b_r, stride_r, V, lam, inv_temp,
                              HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    # (B, T, V) logits and reference logits: row (b, t) of each starts at (b * rows_b + t) * stride
     i_row = tl.program_id(0).to(tl.int64)
     valid = True
     if HAS_MASK:
         valid = tl.load(p_mask + i_row) != 0
     if valid:
-        p_l = p_logits + i_row * stride_l
-        p_r = p_ref + i_row * stride_r
+        i_b = i_row // T
+        i_t = i_row - i_b * T
+        p_l = p_logits + (i_b * rows_b_l + i_t) * stride_l
+        p_r = p_ref + (i_b * rows_b_r + i_t) * stride_r
         # (BLOCK_V / VEC, VEC) tiles: each group of VEC contiguous logits belongs to one thread and keeps its
         # own running statistics for the whole row; the finite start avoids exp(-inf - (-inf)) = NaN
         G: tl.constexpr = BLOCK_V // VEC
@@ -123,10 +128,10 @@ def as_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_blocks(logits3d: torch.Tensor, ref3d: torch.Tensor):
-    """Cover the B * T rows of two (B, T, V) tensors with (first row, (rows, V) logits, (rows, V) ref) blocks of
-    evenly spaced rows, read in place: one block when both tensors' rows are evenly spaced (contiguous, B or T
-    of 1), else one block per batch row (a time slice such as ``logits[:, :-1]``, whose flattening would copy
-    both tensors). Only a last dim that is not contiguous is copied."""
+    """The PyTorch path's cover of the B * T rows of two (B, T, V) tensors with (first row, (rows, V) logits,
+    (rows, V) ref) blocks of evenly spaced rows, read in place: one block when both tensors' rows are evenly
+    spaced (contiguous, B or T of 1), else one block per batch row (a time slice such as ``logits[:, :-1]``,
+    whose flattening would copy both tensors). Only a last dim that is not contiguous is copied."""
     B, T, V = logits3d.shape
     xs = [x if x.stride(-1) == 1 or V == 1 else x.contiguous() for x in (logits3d, ref3d)]
     if all(B == 1 or T == 1 or x.stride(0) == T * x.stride(1) for x in xs):
@@ -137,27 +142,28 @@ def _row_blocks(logits3d: torch.Tensor, ref3d: torch.Tensor):
 @autocast_off
 def fpa_logprobs_fwd(logits3d: torch.Tensor, ref3d: torch.Tensor, tokens1d: torch.Tensor,
                      mask1d: Optional[torch.Tensor], lam: float, temperature: float, backend: str):
-    """(B, T, V), (B, T, V) (any layouts), (N,), (N,) bool or None, N = B * T -> logp, ref_logp, fpa_logp, lse
-    (each (N,); fp32, lse float64)."""
+    """(B, T, V), (B, T, V) (any layouts; a time slice such as ``logits[:, :-1]`` is read in place), (N,),
+    (N,) bool or None, N = B * T -> logp, ref_logp, fpa_logp, lse (each (N,); fp32, lse float64)."""
     B, T, V = logits3d.shape
     N = B * T
-    # four separate buffers (not views of one) so autograd never sees outputs that alias each other
-    out = [torch.zeros(N, dtype=dt, device=logits3d.device) for dt in _OUT_DTYPES]
-    if N == 0:
-        return tuple(out)
-    for r0, l2, r2 in _row_blocks(logits3d, ref3d):
-        r1 = r0 + l2.shape[0]
-        m = None if mask1d is None else mask1d[r0:r1]
-        if backend == "torch":
+    if backend == "torch":
+        # four separate buffers (not views of one) so autograd never sees outputs that alias each other
+        out = [torch.zeros(N, dtype=dt, device=logits3d.device) for dt in _OUT_DTYPES]
+        for r0, l2, r2 in _row_blocks(logits3d, ref3d):
+            r1 = r0 + l2.shape[0]
+            m = None if mask1d is None else mask1d[r0:r1]
             for o, x in zip(out, _fpa_fwd_torch(l2, r2, tokens1d[r0:r1], m, lam, temperature)):
                 o[r0:r1] = x
-            continue
-        block_v, warps = _launch_cfg(V)
-        _fpa_logprobs_fwd_kernel[(r1 - r0,)](
-            l2, r2, tokens1d[r0:r1], m if m is not None else tokens1d, *(o[r0:r1] for o in out),
-            l2.stride(0), r2.stride(0), V, float(lam), 1.0 / float(temperature),
-            HAS_MASK=m is not None, BLOCK_V=block_v, VEC=min(_vec(l2, block_v), _vec(r2, block_v)),
-            num_warps=warps)
+        return out[0], out[1], out[2], out[3]
+    out = [torch.empty(N, dtype=dt, device=logits3d.device) for dt in _OUT_DTYPES]
+    if N == 0:
+        return out[0], out[1], out[2], out[3]
+    (x, rows_b_l, stride_l), (r, rows_b_r, stride_r) = _row_layout(logits3d), _row_layout(ref3d)
+    block_v, warps = _launch_cfg(V)
+    _fpa_logprobs_fwd_kernel[(N,)](
+        x, r, tokens1d, mask1d if mask1d is not None else tokens1d, out[0], out[1], out[2], out[3],
+        T, rows_b_l, stride_l, rows_b_r, stride_r, V, float(lam), 1.0 / float(temperature),
+        HAS_MASK=mask1d is not None, BLOCK_V=block_v, VEC=min(_vec(x, block_v), _vec(r, block_v)), num_warps=warps)
     return out[0], out[1], out[2], out[3]
 
 
