@@ -140,19 +140,34 @@ def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -
 # Jobs (run in worker processes; module-level so that ``spawn`` can import them)
 # ---------------------------------------------------------------------------------------------------------
 _QUEUE = None   # in a worker: the parent's progress queue (set by _init_worker)
+_STOP = None    # in a worker: the parent's stop event, set when the runner is interrupted
 
 
-def _init_worker(queue, threads: int = 1) -> None:
-    global _QUEUE
+def _init_worker(queue, threads: int = 1, stop=None) -> None:
+    global _QUEUE, _STOP
     import torch
     torch.set_num_threads(threads)
-    _QUEUE = queue
+    _QUEUE, _STOP = queue, stop
+
+
+def _check_stop() -> None:
+    """In a worker: end the job (at its next record or log line) once the runner has been interrupted. A signal
+    to the runner alone (``kill PID``) does not reach the workers, which used to finish their runs first."""
+    if _STOP is not None and _STOP.is_set():
+        raise KeyboardInterrupt("the speedup runner was interrupted")
 
 
 def _warm_job(tc: TrainConfig) -> dict:
     from .loop import prepare_warm_start
     queue = _QUEUE
-    log = (lambda s: queue.put(("log", "setup", s))) if queue is not None else print
+
+    def log(s):
+        _check_stop()
+        if queue is None:
+            print(s)
+        else:
+            queue.put(("log", "setup", s))
+
     return prepare_warm_start(tc, log=log)
 
 
@@ -162,6 +177,7 @@ def _run_job(tc: TrainConfig, job: str) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
 
     def on_record(rec):
+        _check_stop()
         if queue is not None:
             queue.put(("rec", job, int(rec["step"]), (rec.get("val") or {}).get("greedy_acc")))
 
@@ -308,14 +324,14 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    pool = queue = threads_before = env_before = None
+    pool = queue = stop = threads_before = env_before = None
     if workers:
         env_before = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
+        queue, stop = ctx.Queue(), ctx.Event()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(queue, cfg.threads))
+                                   initargs=(queue, cfg.threads, stop))
     else:   # the runs go in this process: with --threads threads, as a worker's (restored at the end)
         import torch
         threads_before = torch.get_num_threads()
@@ -398,6 +414,8 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
                     warm_start=recs[0].get("warm_start") if recs else None)
                 _write_index(out_dir, index)
     except BaseException:
+        if stop is not None:   # the workers end their runs at the next step instead of finishing them
+            stop.set()
         for m in index["runs"]:
             for e in index["runs"][m].values():
                 if e["status"] in ("running", "pending"):
@@ -410,7 +428,12 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             signal.signal(signal.SIGTERM, old_term)
         bars.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # a worker exits only once its queued messages are in the pipe: keep reading while they shut down
+            # (after an interruption nothing read them, and a full pipe kept the runner waiting forever)
+            closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True})
+            closer.start()
+            while closer.is_alive():
+                drain(0.2)
             drain(0.0)
             queue.close()
         if threads_before is not None:
