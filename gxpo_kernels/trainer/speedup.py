@@ -118,18 +118,27 @@ def code_version() -> dict:
     return out
 
 
-def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
+def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False,
+                  resume_option: str = "--resume") -> str:
     """Validate ``--out`` before any work; return its absolute path.
 
     Refuses a path under a file, a folder that cannot be created or written, and an existing non-empty folder
     unless ``overwrite`` (only a folder an earlier ``speedup``/``train`` wrote, i.e. one holding runs.json or
-    records.jsonl: it is emptied) or ``resume`` (kept)."""
+    records.jsonl: it is emptied) or ``resume`` (kept; also only such a folder). ``overwrite`` and ``resume``
+    together are refused. ``resume_option``: how the command's error message spells the resume option."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume contradict each other (--overwrite deletes the earlier runs, "
+                         "--resume continues them): pass one")
     path = check_writable_dir(path, "--out")
+    own = os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in OWN_FILES)
+    if resume and os.path.isdir(path) and os.listdir(path) and not own:
+        raise ValueError(f"--out {path}: {resume_option} continues a folder written by gxpo-kernels (with "
+                         "runs.json or records.jsonl); this one is not")
     if os.path.isdir(path) and os.listdir(path) and not resume:
         if not overwrite:
             raise ValueError(f"--out {path}: folder exists and is not empty (pass --overwrite to replace it, "
-                             "--resume to continue it, or choose another folder)")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in OWN_FILES):
+                             f"{resume_option} to continue it, or choose another folder)")
+        if not own:
             raise ValueError(f"--out {path}: --overwrite only replaces a folder written by gxpo-kernels "
                              "(with runs.json or records.jsonl); this one is not")
         shutil.rmtree(path)
