@@ -183,6 +183,8 @@ BAD = [
     (["train", "--gradient_accumulation_steps", "4", "--deepspeed", "ds_zero2.json"],
      "--gradient_accumulation_steps 4 conflicts with the gradient_accumulation_steps 2 of --deepspeed"),
     (["train", "--eval_batch_size", "0"], "eval_batch_size must be an int >= 1"),
+    # `--task addition2` with train's default --val_size 2048: the error says what to pass
+    (["train", "--task", "addition2"], "(found 2029); pass --val_size 2029 or less"),
 ]
 
 
