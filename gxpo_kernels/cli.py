@@ -59,6 +59,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default (the options whose
+    default the preset or the machine decides: ``--methods``, ``--seeds``, ``--workers`` ... said "(default: the
+    preset's) (default: None)")."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _fail(message) -> None:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     s = sub.add_parser("speedup", formatter_class=fmt,
                        help="run methods x seeds from one warm start and report speedup to GRPO's peak")

@@ -151,7 +151,8 @@ class TrainConfig:
                            default_factory=lambda: [1])
     log_per_prompt: bool = _f(True, "store 0/1 greedy correctness per validation prompt (bootstrap CIs)")
     sft: SFTConfig = field(default_factory=SFTConfig)
-    out_dir: Optional[str] = _f(None, "output folder", aliases=("--out", "--output_dir", "--output-dir"))
+    out_dir: Optional[str] = _f(None, "output folder (None: runs/<algo>-<date>-<time>, for speedup "
+                                      "runs/speedup-<date>-<time>)", aliases=("--out", "--output_dir", "--output-dir"))
     cache_dir: Optional[str] = _f(None, "warm-start cache folder (None: <out>/../.warmstart-cache)")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (train only; launch with torchrun)")
     fsdp: bool = _f(False, "run on PyTorch FSDP2 (fully_shard), one process per rank (train only; torchrun)")

@@ -87,6 +87,10 @@ def test_options_reach_the_config_and_trl_aliases():
     assert cli.config_from_args(p.parse_args(["speedup"]), base, exclude=cli.SPEEDUP_OWN) == base
 
 
+HELP_SAYS = {"speedup": ("(default: the preset's)", "(default: measured from the GXPO, else SFPO, runs)"),
+             "train": ("(None: torch's choice)",)}
+
+
 def test_help_shows_defaults(capsys):
     for argv, want in ((["train", "--help"], ["(default: 200)", "(default: 1e-05)", "(default: 1500)",
                                               "--num_generations", "--max_completion_length"]),
@@ -96,6 +100,10 @@ def test_help_shows_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())   # undo the help formatter's line wrapping
         for w in want:
             assert w in out, (argv, w)
+        # one default per option: the options whose default the preset or the machine decides said
+        # "(default: the preset's) (default: None)"
+        for said in HELP_SAYS[argv[0]]:
+            assert said in out and said + " (default:" not in out, (argv, said)
 
 
 @pytest.fixture
