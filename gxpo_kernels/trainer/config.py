@@ -181,7 +181,9 @@ class TrainConfig:
             if self.task not in TASKS:
                 raise ValueError(f"task must be one of {tuple(TASKS)} (or give --dataset), got {self.task!r}")
         elif not os.path.isfile(self.dataset):
-            raise ValueError(f"dataset {self.dataset!r}: no such file")
+            what = "a folder, not a file" if os.path.isdir(self.dataset) else "no such file"
+            raise ValueError(f"dataset {self.dataset!r}: {what} (--dataset takes a local JSONL file, one "
+                             "{prompt, answer} record per line)")
         elif self.model is None:
             raise ValueError("--dataset needs --model (a local model folder with a tokenizer)")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:
