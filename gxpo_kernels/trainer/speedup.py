@@ -203,11 +203,13 @@ def arithmetic() -> dict:
 
 
 class _Progress:
-    """One tqdm bar per run in the parent process, fed by the workers' messages."""
+    """One tqdm bar per run in the parent process, fed by the workers' messages. A bar's clock starts at its run's
+    first record: every bar is drawn when the runner starts, and a run waiting for a worker showed the wait as
+    elapsed time and in its rate and ETA."""
 
     def __init__(self, jobs: Dict[str, int], enabled: bool, log):
         from tqdm.auto import tqdm
-        self.enabled, self.log, self.bars, self.acc = enabled, log, {}, {}
+        self.enabled, self.log, self.bars, self.acc, self.started = enabled, log, {}, {}, set()
         for i, (job, total) in enumerate(jobs.items()):
             self.bars[job] = tqdm(total=total, desc=f"{job:>20s}", position=i, disable=not enabled, leave=True,
                                   dynamic_ncols=True, mininterval=2.0)
@@ -221,6 +223,9 @@ class _Progress:
         bar = self.bars.get(job)
         if bar is None:
             return
+        if job not in self.started:
+            self.started.add(job)
+            bar.reset()   # n = 0 (a run's first record is its step 0 or the step it resumes at) and the clock now
         if acc is not None:
             self.acc[job] = acc
             bar.set_postfix(acc=f"{acc:.3f}", refresh=False)

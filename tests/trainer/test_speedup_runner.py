@@ -334,3 +334,20 @@ def test_an_interrupted_runner_stops_its_workers(tmp_path):
     assert index["status"] == "interrupted" and index["runs"]["grpo"]["0"]["status"] == "interrupted"
     steps = [json.loads(line)["step"] for line in (out / "grpo" / "seed0" / "records.jsonl").read_text().splitlines()]
     assert 2 <= max(steps) < 1000
+
+
+def test_progress_bars_start_with_their_runs():
+    """Every run's bar is drawn when the runner starts; a run that waits for a worker counted the wait as its
+    elapsed time (and in its rate and ETA: 'sfpo seed 0: 1/10 [00:29<04:23, 29.26s/it]' in a smoke run whose
+    steps took ~2 s). The clock of a bar starts at its run's first record."""
+    import time
+    bars = speedup._Progress({"grpo seed 0": 10, "gxpo seed 0": 10}, enabled=True, log=lambda s: None)
+    try:
+        time.sleep(0.5)                                   # gxpo waits for a worker
+        bars(("rec", "gxpo seed 0", 0, 0.25))
+        bars(("rec", "gxpo seed 0", 1, None))
+        bar = bars.bars["gxpo seed 0"]
+        assert bar.n == 1 and bar.format_dict["elapsed"] < 0.4
+        assert bars.bars["grpo seed 0"].format_dict["elapsed"] >= 0.5   # not started: its clock is untouched
+    finally:
+        bars.close()
