@@ -41,9 +41,11 @@ _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf|i
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), exit code 2; negative numbers in any notation are
-    values (no option of ours looks like one); no abbreviated options (``speedup --seed 3`` was read as
-    ``--seeds 3``: three seeds, not seed 3)."""
+    """argparse with one-line errors (no usage block) that name the ``--help`` to read, exit code 2; negative
+    numbers in any notation are values (no option of ours looks like one); no abbreviated options (``speedup
+    --seed 3`` was read as ``--seeds 3``: three seeds, not seed 3)."""
+
+    help_prog = None   # the top-level parser: set by main to "gxpo-kernels <command>" (it reports unknown options)
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -51,13 +53,32 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        if message == "the following arguments are required: command":
+            message = "no command given: speedup (every method x seed, then the report) or train (one method)"
+        sys.stderr.write(f"{PROG}: error: {message} (see `{self.help_prog or self.prog} --help`)\n")
         raise SystemExit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default (the options whose
+    default the preset or the machine decides: ``--methods``, ``--seeds``, ``--workers`` ... said "(default: the
+    preset's) (default: None)")."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _fail(message) -> None:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
+
+
+def _interrupted(message) -> None:
+    """Ctrl-C (or SIGTERM of the speedup runner): one line saying what was kept and how to go on, exit 130."""
+    sys.stderr.write(f"\n{PROG}: interrupted: {message}\n")
+    raise SystemExit(130)
 
 
 def _warn_ignored(a: argparse.Namespace, configs, exclude=()) -> None:
@@ -111,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher puts --local_rank=N before the sub-command; LOCAL_RANK is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     s = sub.add_parser("speedup", formatter_class=fmt,
                        help="run methods x seeds from one warm start and report speedup to GRPO's peak")
@@ -201,7 +222,13 @@ def _speedup(a) -> int:
     _warn_ignored(a, [tc.replace(algo=algo, advantage=adv) for algo, adv in map(parse_method, cfg.methods)],
                   exclude=SPEEDUP_OWN)
     t0 = time.perf_counter()
-    out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
+    try:
+        out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
+    except KeyboardInterrupt:
+        out_dir = os.path.abspath(cfg.out_dir)
+        _interrupted(f"{os.path.join(out_dir, 'runs.json')} marks the runs that finished; rerun with the same "
+                     f"options{' (less --overwrite)' if a.overwrite else ''} and --out {out_dir} --resume to keep "
+                     "them and run the rest")
     print(format_table(out["results"]))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {out['out_dir']}")
     return 0
@@ -246,7 +273,8 @@ def _train(a) -> int:
         if tc.cache_dir:
             check_writable_dir(tc.cache_dir, "--cache_dir")
         # the last check: --overwrite empties the folder, so every other check has passed by now
-        check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)))
+        check_out_dir(out, overwrite=a.overwrite, resume=bool(getattr(tc, "resume", False)),
+                      resume_option="--resume latest")
         _warn_ignored(a, [tc])
     tc = tc.replace(out_dir=out)
     if a.threads:
@@ -255,6 +283,15 @@ def _train(a) -> int:
     bar = _TrainProgress(tc, enabled=rank0 and not a.no_progress)
     try:
         loop.train(tc, progress=bar, log=bar.bar.write if not a.no_progress else print)
+    except KeyboardInterrupt:
+        bar.bar.close()
+        out_dir = os.path.abspath(out)
+        latest = checkpoint.latest_checkpoint(out_dir)
+        if latest is not None:
+            _interrupted(f"rerun with the same options{' (less --overwrite)' if a.overwrite else ''} and "
+                         f"--out {out_dir} --resume latest to continue from {os.path.basename(latest)}")
+        _interrupted(f"{out_dir} holds no checkpoint (--save_steps N writes one every N steps); rerun with "
+                     f"--out {out_dir} --overwrite to start again")
     finally:
         bar.bar.close()
     if rank0:
@@ -264,12 +301,15 @@ def _train(a) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    command = next((x for x in args if x in ("speedup", "train")), None)
     if args[:1] == ["speedup"]:   # name the train-only launch options instead of "unrecognized arguments"
         for opt in ("--deepspeed", "--fsdp"):
             if any(x == opt or x.startswith(opt + "=") for x in args):
                 _fail(f"{opt} works with `train` (one method per launch), not with `speedup`")
     try:
-        a = build_parser().parse_args(args)   # the options come from transformers' HfArgumentParser
+        parser = build_parser()   # the options come from transformers' HfArgumentParser
+        parser.help_prog = f"{PROG} {command}" if command else None
+        a = parser.parse_args(args)
         for module in TRAIN_MODULES:   # the rest of [train] now, not when the runs end (the plot, the checkpoint)
             importlib.import_module(module)
         return _speedup(a) if a.command == "speedup" else _train(a)

@@ -104,7 +104,8 @@ def resolve_resume(resume: str, out_dir: Optional[str]) -> str:
     if resume == "latest":
         path = latest_checkpoint(out_dir)
         if path is None:
-            raise ValueError(f"--resume latest: no finished checkpoint-<step> folder in {out_dir!r}")
+            raise ValueError(f"--resume latest: no finished checkpoint-<step> folder in {out_dir!r} (--save_steps N "
+                             "writes one every N steps; --overwrite instead of --resume starts the run again)")
         return path
     if not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
         raise ValueError(f"--resume {resume!r}: not a trainer checkpoint (no trainer_state.pt in it)")

@@ -151,7 +151,8 @@ class TrainConfig:
                            default_factory=lambda: [1])
     log_per_prompt: bool = _f(True, "store 0/1 greedy correctness per validation prompt (bootstrap CIs)")
     sft: SFTConfig = field(default_factory=SFTConfig)
-    out_dir: Optional[str] = _f(None, "output folder", aliases=("--out", "--output_dir", "--output-dir"))
+    out_dir: Optional[str] = _f(None, "output folder (None: runs/<algo>-<date>-<time>, for speedup "
+                                      "runs/speedup-<date>-<time>)", aliases=("--out", "--output_dir", "--output-dir"))
     cache_dir: Optional[str] = _f(None, "warm-start cache folder (None: <out>/../.warmstart-cache)")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (train only; launch with torchrun)")
     fsdp: bool = _f(False, "run on PyTorch FSDP2 (fully_shard), one process per rank (train only; torchrun)")
@@ -180,7 +181,9 @@ class TrainConfig:
             if self.task not in TASKS:
                 raise ValueError(f"task must be one of {tuple(TASKS)} (or give --dataset), got {self.task!r}")
         elif not os.path.isfile(self.dataset):
-            raise ValueError(f"dataset {self.dataset!r}: no such file")
+            what = "a folder, not a file" if os.path.isdir(self.dataset) else "no such file"
+            raise ValueError(f"dataset {self.dataset!r}: {what} (--dataset takes a local JSONL file, one "
+                             "{prompt, answer} record per line)")
         elif self.model is None:
             raise ValueError("--dataset needs --model (a local model folder with a tokenizer)")
         if self.deepspeed is not None and self.algo not in DS_ALGOS:

@@ -118,18 +118,27 @@ def code_version() -> dict:
     return out
 
 
-def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
+def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False,
+                  resume_option: str = "--resume") -> str:
     """Validate ``--out`` before any work; return its absolute path.
 
     Refuses a path under a file, a folder that cannot be created or written, and an existing non-empty folder
     unless ``overwrite`` (only a folder an earlier ``speedup``/``train`` wrote, i.e. one holding runs.json or
-    records.jsonl: it is emptied) or ``resume`` (kept)."""
+    records.jsonl: it is emptied) or ``resume`` (kept; also only such a folder). ``overwrite`` and ``resume``
+    together are refused. ``resume_option``: how the command's error message spells the resume option."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume contradict each other (--overwrite deletes the earlier runs, "
+                         "--resume continues them): pass one")
     path = check_writable_dir(path, "--out")
+    own = os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in OWN_FILES)
+    if resume and os.path.isdir(path) and os.listdir(path) and not own:
+        raise ValueError(f"--out {path}: {resume_option} continues a folder written by gxpo-kernels (with "
+                         "runs.json or records.jsonl); this one is not")
     if os.path.isdir(path) and os.listdir(path) and not resume:
         if not overwrite:
             raise ValueError(f"--out {path}: folder exists and is not empty (pass --overwrite to replace it, "
-                             "--resume to continue it, or choose another folder)")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in OWN_FILES):
+                             f"{resume_option} to continue it, or choose another folder)")
+        if not own:
             raise ValueError(f"--out {path}: --overwrite only replaces a folder written by gxpo-kernels "
                              "(with runs.json or records.jsonl); this one is not")
         shutil.rmtree(path)
@@ -140,19 +149,34 @@ def check_out_dir(path: str, *, overwrite: bool = False, resume: bool = False) -
 # Jobs (run in worker processes; module-level so that ``spawn`` can import them)
 # ---------------------------------------------------------------------------------------------------------
 _QUEUE = None   # in a worker: the parent's progress queue (set by _init_worker)
+_STOP = None    # in a worker: the parent's stop event, set when the runner is interrupted
 
 
-def _init_worker(queue, threads: int = 1) -> None:
-    global _QUEUE
+def _init_worker(queue, threads: int = 1, stop=None) -> None:
+    global _QUEUE, _STOP
     import torch
     torch.set_num_threads(threads)
-    _QUEUE = queue
+    _QUEUE, _STOP = queue, stop
+
+
+def _check_stop() -> None:
+    """In a worker: end the job (at its next record or log line) once the runner has been interrupted. A signal
+    to the runner alone (``kill PID``) does not reach the workers, which used to finish their runs first."""
+    if _STOP is not None and _STOP.is_set():
+        raise KeyboardInterrupt("the speedup runner was interrupted")
 
 
 def _warm_job(tc: TrainConfig) -> dict:
     from .loop import prepare_warm_start
     queue = _QUEUE
-    log = (lambda s: queue.put(("log", "setup", s))) if queue is not None else print
+
+    def log(s):
+        _check_stop()
+        if queue is None:
+            print(s)
+        else:
+            queue.put(("log", "setup", s))
+
     return prepare_warm_start(tc, log=log)
 
 
@@ -162,6 +186,7 @@ def _run_job(tc: TrainConfig, job: str) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
 
     def on_record(rec):
+        _check_stop()
         if queue is not None:
             queue.put(("rec", job, int(rec["step"]), (rec.get("val") or {}).get("greedy_acc")))
 
@@ -178,11 +203,13 @@ def arithmetic() -> dict:
 
 
 class _Progress:
-    """One tqdm bar per run in the parent process, fed by the workers' messages."""
+    """One tqdm bar per run in the parent process, fed by the workers' messages. A bar's clock starts at its run's
+    first record: every bar is drawn when the runner starts, and a run waiting for a worker showed the wait as
+    elapsed time and in its rate and ETA."""
 
     def __init__(self, jobs: Dict[str, int], enabled: bool, log):
         from tqdm.auto import tqdm
-        self.enabled, self.log, self.bars, self.acc = enabled, log, {}, {}
+        self.enabled, self.log, self.bars, self.acc, self.started = enabled, log, {}, {}, set()
         for i, (job, total) in enumerate(jobs.items()):
             self.bars[job] = tqdm(total=total, desc=f"{job:>20s}", position=i, disable=not enabled, leave=True,
                                   dynamic_ncols=True, mininterval=2.0)
@@ -196,6 +223,9 @@ class _Progress:
         bar = self.bars.get(job)
         if bar is None:
             return
+        if job not in self.started:
+            self.started.add(job)
+            bar.reset()   # n = 0 (a run's first record is its step 0 or the step it resumes at) and the clock now
         if acc is not None:
             self.acc[job] = acc
             bar.set_postfix(acc=f"{acc:.3f}", refresh=False)
@@ -305,7 +335,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
 
     t_start = time.perf_counter()
     # `kill` (SIGTERM) stops the runner like Ctrl-C, so runs.json says which runs were interrupted
-    old_term = pool = queue = threads_before = env_before = bars = None
+    old_term = pool = queue = stop = threads_before = env_before = bars = None
 
     def submit(fn, *args):
         if pool is not None:
@@ -343,9 +373,9 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
             env_before = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             ctx = multiprocessing.get_context("spawn")
-            queue = ctx.Queue()
+            queue, stop = ctx.Queue(), ctx.Event()
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(queue, cfg.threads))
+                                       initargs=(queue, cfg.threads, stop))
         else:   # the runs go in this process: with --threads threads, as a worker's (restored at the end)
             import torch
             threads_before = torch.get_num_threads()
@@ -399,6 +429,8 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
                     warm_start=recs[0].get("warm_start") if recs else None)
                 _write_index(out_dir, index)
     except BaseException:
+        if stop is not None:   # the workers end their runs at the next step instead of finishing them
+            stop.set()
         for m in index["runs"]:
             for e in index["runs"][m].values():
                 if e["status"] in ("running", "pending"):
@@ -412,7 +444,15 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
         if bars is not None:
             bars.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # a worker exits only once its queued messages are in the pipe: keep reading while they shut down
+            # (after an interruption nothing read them, and a full pipe kept the runner waiting forever)
+            closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True})
+            closer.start()
+            while closer.is_alive():
+                if bars is not None:
+                    drain(0.2)
+                else:
+                    closer.join(0.2)
             if bars is not None:
                 drain(0.0)
         if queue is not None:

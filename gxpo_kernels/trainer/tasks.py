@@ -107,6 +107,17 @@ def _split_of(key: str, val_frac: float, sft_frac: float) -> str:
     return "train"
 
 
+class SplitTooSmallError(ValueError):
+    """A split holds fewer distinct problems than were asked for; ``found``: how many it holds."""
+
+    def __init__(self, message: str, found: int):
+        super().__init__(message)
+        self.found = found
+
+    def __reduce__(self):   # pickles whole (a worker process may raise it)
+        return type(self), (str(self), self.found)
+
+
 class Task:
     """Base class: subclasses define ``name``, ``alphabet``, ``max_answer_chars``, ``_sample`` and ``answer``."""
 
@@ -140,8 +151,8 @@ class Task:
             # give up once new problems stop coming (the split holds fewer than n): a bound on the draws since
             # the last new one, far above what the last problem of a split takes (~ the problem-space size)
             if misses > 10000 + 100 * len(out):
-                raise ValueError(f"could not draw {n} distinct {split!r} problems for task {self.name!r} "
-                                 f"(found {len(out)})")
+                raise SplitTooSmallError(f"could not draw {n} distinct {split!r} problems for task "
+                                         f"{self.name!r} (found {len(out)})", len(out))
             p = self._sample(rng)
             k = self.key(p) if self.split(p) == split else None
             if k is None or (distinct and k in seen):
@@ -352,6 +363,8 @@ def validation_set(cfg, task: Task) -> List[Tuple[str, str]]:
     """A run's fixed validation prompts: ``cfg.val_size`` distinct (prompt, answer) pairs of the val split."""
     try:
         return task.sample(cfg.val_size, "val", seed=0, distinct=True)
+    except SplitTooSmallError as e:
+        raise ValueError(f"val_size {cfg.val_size}: {e}; pass --val_size {e.found} or less") from None
     except ValueError as e:
         raise ValueError(f"val_size {cfg.val_size}: {e}") from None
 

@@ -87,6 +87,10 @@ def test_options_reach_the_config_and_trl_aliases():
     assert cli.config_from_args(p.parse_args(["speedup"]), base, exclude=cli.SPEEDUP_OWN) == base
 
 
+HELP_SAYS = {"speedup": ("(default: the preset's)", "(default: measured from the GXPO, else SFPO, runs)"),
+             "train": ("(None: torch's choice)",)}
+
+
 def test_help_shows_defaults(capsys):
     for argv, want in ((["train", "--help"], ["(default: 200)", "(default: 1e-05)", "(default: 1500)",
                                               "--num_generations", "--max_completion_length"]),
@@ -96,6 +100,10 @@ def test_help_shows_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())   # undo the help formatter's line wrapping
         for w in want:
             assert w in out, (argv, w)
+        # one default per option: the options whose default the preset or the machine decides said
+        # "(default: the preset's) (default: None)"
+        for said in HELP_SAYS[argv[0]]:
+            assert said in out and said + " (default:" not in out, (argv, said)
 
 
 @pytest.fixture
@@ -125,7 +133,8 @@ BAD = [
     (["train", "--pass_k", "5"], "pass_k must be ints in [1, pass1_n"),
     (["train", "--hidden", "30"], "multiple of heads"),
     (["train", "--steps", "abc"], "invalid int value"),
-    (["train", "--dataset", "/nonexistent.jsonl"], "no such file"),
+    (["train", "--dataset", "/nonexistent.jsonl"], "no such file (--dataset takes a local JSONL file"),
+    (["train", "--dataset", str(ROOT / "docs")], "a folder, not a file (--dataset takes a local JSONL file"),
     (["train", "--beta", "-0.1"], "beta must be in [0, inf)"),
     (["train", "--beta", "0.04", "--fsdp"], "runs on the plain engine"),
     (["train", "--beta", "0.04", "--algo", "fpa_dpo"], "takes --fpa_beta"),
@@ -183,6 +192,8 @@ BAD = [
     (["train", "--gradient_accumulation_steps", "4", "--deepspeed", "ds_zero2.json"],
      "--gradient_accumulation_steps 4 conflicts with the gradient_accumulation_steps 2 of --deepspeed"),
     (["train", "--eval_batch_size", "0"], "eval_batch_size must be an int >= 1"),
+    # `--task addition2` with train's default --val_size 2048: the error says what to pass
+    (["train", "--task", "addition2"], "(found 2029); pass --val_size 2029 or less"),
 ]
 
 
@@ -390,3 +401,82 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(e.startswith("python -m gxpo_kernels.trainer.report: error:") for e in err)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ([], "no command given: speedup (every method x seed, then the report) or train (one method) "
+         "(see `gxpo-kernels --help`)"),
+    (["speedup", "--foo", "1"], "unrecognized arguments: --foo 1 (see `gxpo-kernels speedup --help`)"),
+    (["train", "--task", "mult"], "invalid choice: 'mult' (choose from 'addition', 'addition2', 'sort') "
+                                  "(see `gxpo-kernels train --help`)"),
+    (["train", "--steps"], "expected one argument (see `gxpo-kernels train --help`)"),
+])
+def test_parser_errors_name_the_help_to_read(argv, msg, capsys):
+    """A new user's first mistakes (no command, an unknown option) say where the choices are: the one-line
+    errors had dropped argparse's usage block, so `gxpo-kernels` alone said only 'arguments are required:
+    command'."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_overwrite_and_resume_checks(tmp_path, capsys, no_work):
+    """--overwrite with --resume was read as --resume (the overwrite silently ignored); --resume into a folder
+    gxpo-kernels did not write wrote runs into it (and a speedup run deleted its results.json / speedup.png);
+    train's refusal of a used folder pointed at `--resume`, which takes a checkpoint (`--resume latest`)."""
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "runs.json").write_text("{}")
+    (own / "checkpoint-2").mkdir()
+    (own / "checkpoint-2" / "trainer_state.pt").write_bytes(b"")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my own")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "records.jsonl").write_text("{}\n")
+    for argv, msg in [
+        (["speedup", "--out", str(own), "--overwrite", "--resume"], "--overwrite and --resume contradict"),
+        (["train", "--out", str(own), "--overwrite", "--resume", "latest"], "--overwrite and --resume contradict"),
+        (["speedup", "--out", str(mine), "--resume"], "--resume continues a folder written by gxpo-kernels"),
+        (["train", "--out", str(used)], "pass --overwrite to replace it, --resume latest to continue it"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert (own / "runs.json").read_text() == "{}" and (mine / "results.json").read_text() == "my own"
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended in a KeyboardInterrupt traceback: now one line naming the folder and the rerun that
+    continues it (--resume with the same --out: the default --out is a new timestamped folder), exit 130."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(speedup, "run_speedup", interrupted)
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["speedup", "--preset", "test", "--out", str(out), "--no_progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err, err
+    assert f"interrupted: {out / 'runs.json'} marks the runs that finished; rerun with the same options and " \
+           f"--out {out} --resume" in err
+    # train: from the newest checkpoint if one was written, else start again
+    def train(tc, progress=None, log=print):   # interrupted after it wrote its records (and maybe a checkpoint)
+        os.makedirs(tc.out_dir)
+        (Path(tc.out_dir) / "records.jsonl").write_text("{}\n")
+        if tc.save_steps:
+            os.makedirs(os.path.join(tc.out_dir, "checkpoint-4"))
+            torch.save({}, os.path.join(tc.out_dir, "checkpoint-4", "trainer_state.pt"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "train", train)
+    for save, want in (("0", "holds no checkpoint (--save_steps N writes one every N steps); rerun with "
+                             f"--out {tmp_path / 't0'} --overwrite to start again"),
+                       ("4", f"rerun with the same options and --out {tmp_path / 't4'} --resume latest to continue "
+                             "from checkpoint-4")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--steps", "8", "--val_size", "16", "--save_steps", save, "--out",
+                      str(tmp_path / f"t{save}"), "--no_progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and want in err and "Traceback" not in err, err

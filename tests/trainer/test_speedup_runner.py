@@ -311,3 +311,65 @@ def test_a_failed_set_up_leaves_the_callers_process_as_it_was(tmp_path, monkeypa
                                                 threads=threads + 1), progress=False, log=lambda s: None)
     assert dict(os.environ) == env and torch.get_num_threads() == threads
     assert signal.getsignal(signal.SIGTERM) is term
+
+
+_INTERRUPT_SCRIPT = """
+import dataclasses, json, sys
+from gxpo_kernels.trainer import speedup
+from gxpo_kernels.trainer.config import preset
+out = sys.argv[1]
+cfg = preset("test")
+cfg = dataclasses.replace(cfg, methods=("grpo",), out_dir=out, workers=1, train=cfg.train.replace(
+    quiet=True, steps=100000, val_every=100000, cache_dir=out + "-cache"))
+
+def interrupt(self, msg):   # the runner alone is interrupted (kill PID), its worker is not
+    if msg[0] == "rec" and msg[2] >= 2:
+        raise KeyboardInterrupt
+
+speedup._Progress.__call__ = interrupt
+try:
+    speedup.run_speedup(cfg, progress=False, log=lambda s: None)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_an_interrupted_runner_stops_its_workers(tmp_path):
+    """A signal to the runner alone (``kill PID``, which the runner takes as Ctrl-C) stops the runs in flight at
+    their next step. The runner used to wait for the workers to finish their runs (minutes at the default
+    preset), and forever once their progress messages filled the queue's pipe, which nothing read any more."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(gxpo_kernels.__file__).resolve().parents[1]))
+    p = subprocess.Popen([sys.executable, "-c", _INTERRUPT_SCRIPT, str(out)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)   # the runner and its worker
+        p.communicate()
+        pytest.fail("the interrupted runner did not stop its worker's 100000-step run")
+    assert p.returncode == 0 and "interrupted" in stdout, stderr
+    index = json.loads((out / "runs.json").read_text())
+    assert index["status"] == "interrupted" and index["runs"]["grpo"]["0"]["status"] == "interrupted"
+    steps = [json.loads(line)["step"] for line in (out / "grpo" / "seed0" / "records.jsonl").read_text().splitlines()]
+    assert 2 <= max(steps) < 1000
+
+
+def test_progress_bars_start_with_their_runs():
+    """Every run's bar is drawn when the runner starts; a run that waits for a worker counted the wait as its
+    elapsed time (and in its rate and ETA: 'sfpo seed 0: 1/10 [00:29<04:23, 29.26s/it]' in a smoke run whose
+    steps took ~2 s). The clock of a bar starts at its run's first record."""
+    import time
+    bars = speedup._Progress({"grpo seed 0": 10, "gxpo seed 0": 10}, enabled=True, log=lambda s: None)
+    try:
+        time.sleep(0.5)                                   # gxpo waits for a worker
+        bars(("rec", "gxpo seed 0", 0, 0.25))
+        bars(("rec", "gxpo seed 0", 1, None))
+        bar = bars.bars["gxpo seed 0"]
+        assert bar.n == 1 and bar.format_dict["elapsed"] < 0.4
+        assert bars.bars["grpo seed 0"].format_dict["elapsed"] >= 0.5   # not started: its clock is untouched
+    finally:
+        bars.close()
