@@ -37,18 +37,20 @@ def test_extrapolate_prose_repeats_the_host_overhead_file():
     doc = json.loads((ROOT / "bench" / "results" / "cpu-extrapolate-host.json").read_text())
     text = " ".join((ROOT / "docs" / "extrapolate.md").read_text().split())
     ms = {k: f"{v['median_ms']:.3f}" for k, v in doc["results"].items()}
-    before = f"{doc['before']['results']['extrapolate_new_g0_g1']['median_ms']:.3f}"
-    assert f"{ms['extrapolate_new_g0_g1']} ms instead of {before}" in text
+    before = {k: f"{v['median_ms']:.3f}" for k, v in doc["before"]["results"].items()}
+    for case in ("extrapolate_same_grads", "extrapolate_new_g1", "extrapolate_new_g0_g1"):
+        assert f"{ms[case]} ms instead of {before[case]}" in text, case
     for case in ("plan_same_addresses", "plan_new_addresses", "plan_kept_g0_same_addresses",
                  "plan_kept_g0_new_addresses", "plan_new_tensors_os"):
         assert f"({ms[case]} ms)" in text, case
     assert f"{ms['extrapolate_same_grads']} ms with the same gradients, {ms['extrapolate_new_g1']} ms with a new g1" \
         in text
-    # the floor summed from the C-level passes: id + data_ptr for params, theta0, g0 and g1 (repeated), and five
-    # attribute passes more for a new g1
+    # the floor summed from the C-level passes: id, data_ptr, dtype, numel and contiguity for params, theta0, g0
+    # and g1 (repeated); a new g1 takes five attribute passes instead of its five
     p = doc["passes_us"]
-    repeated = 4 * (p["id"] + p["data_ptr"])
-    new_g1 = 3 * (p["id"] + p["data_ptr"]) + p["data_ptr"] + p["numel"] + p["is_contiguous"] + p["dtype"] + p["device"]
+    five = p["id"] + p["data_ptr"] + p["dtype"] + p["numel"] + p["is_contiguous"]
+    repeated = 4 * five
+    new_g1 = 3 * five + p["data_ptr"] + p["numel"] + p["is_contiguous"] + p["dtype"] + p["device"]
     assert f"about {repeated / 1e3:.2f} ms with repeated gradients and {new_g1 / 1e3:.2f} ms with a new g1" in text
 
 
