@@ -204,3 +204,32 @@ def test_gpu_correctness_cases_are_reproducible():
         a = fn("cpu")
         torch.manual_seed(2)
         assert fn("cpu") == a, name
+
+
+def test_gpu_correctness_cases_fail_on_a_nan_output(monkeypatch):
+    """A kernel that returns NaN (e.g. reading rows of the wrong tensor or past its end) fails its case. The
+    fpa_logprobs and extrapolate_ cases took the worst error with Python's ``max``, which drops a NaN that does
+    not come first: NaN reference log-probs, or a NaN in a later parameter, were reported as a pass."""
+    import torch
+
+    import gxpo_kernels.ops as ops
+    from bench.gpu import correctness as C
+    real_fpa, real_x = ops.fpa_logprobs, ops.extrapolate_
+
+    def fpa_nan_ref_logp(*args, **kwargs):
+        logp, ref_logp, fpa_logp = real_fpa(*args, **kwargs)
+        return logp, torch.full_like(ref_logp, float("nan")), fpa_logp
+
+    def extrapolate_nan_last_param(params, *args, backend, **kwargs):
+        stats = real_x(params, *args, backend=backend, **kwargs)
+        if backend == "triton":
+            params[-1].fill_(float("nan"))
+        return stats
+    monkeypatch.setattr(ops, "fpa_logprobs", fpa_nan_ref_logp)
+    monkeypatch.setattr(ops, "extrapolate_", extrapolate_nan_last_param)
+    checked = [(name, fn) for name, fn in C.cases(True) if name.startswith(("fpa_logprobs", "extrapolate_"))]
+    assert len(checked) == 5
+    for name, fn in checked:
+        ok, errs = fn("cpu")
+        assert not ok and any(v != v for v in errs.values()), (name, errs)
+    assert C.worst([1.0, float("nan"), 2.0]) != C.worst([1.0, float("nan"), 2.0]) and C.worst([1.0, 3.0]) == 3.0
