@@ -2,7 +2,8 @@
 float64 references: ``python -m bench.gpu.correctness --out correctness.json [--tiny]``.
 
 Sizes (full): N = 16,384 token rows x V = 151,936, so the last rows of a logits tensor start past the 2^31-th
-element (row 14,134 on); the rows checked are the first ones, some around that offset and the last ones. The
+element (row 14,134 on); the rows checked are the first ones, some around that offset and the last ones.
+``fpa_logprobs`` reads the usual next-token slice ``logits[:, :-1]`` of (4, 4,097, V) logits in place. The
 fused-linear heads run at H = 1,536 on N = 2,048 rows: two backward chunks of d(logits) (1,664 rows, then 384),
 far below the 2^31-element offset, which those heads never reach (they never hold N x V logits). ``--tiny``
 shrinks every size for a CPU dry run (TRITON_INTERPRET=1). Each case records pass/fail, the worst relative error
@@ -29,6 +30,13 @@ STAT_TOL = 2e-5                                        # logp / entropy (fp32 ma
 def rel(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def worst(errs) -> float:
+    """The largest of some errors, NaN if any is NaN (Python's ``max`` keeps a NaN only when it comes first, so a
+    NaN output further on would have passed every ``<=`` tolerance check)."""
+    errs = list(errs)
+    return math.nan if any(map(math.isnan, errs)) else max(errs)
 
 
 def _rows(N: int, V: int):
@@ -63,25 +71,34 @@ def case_token_logprobs(dev, dtype, N, V, masked: bool):
     return ok, errs
 
 
-def case_fpa(dev, dtype, N, V):
-    """The public op (forward kernel, then token_logprobs' backward kernel) on the target size."""
+def case_fpa(dev, dtype, N, V, B):
+    """The public op (forward kernel, then token_logprobs' backward kernel) on the target size, on the usual
+    next-token slice: the policy logits are ``x[:, :-1]`` of a (B, T + 1, V) tensor (read in place, rows
+    addressed by batch and time strides), the reference logits a contiguous (B, T, V) tensor (other row
+    strides), N = B * T rows. The rows checked are rows of x's storage (first, around the 2^31-th element,
+    last) inside the slice; the slice's dropped last position must get no gradient."""
     m = importlib.import_module("gxpo_kernels.ops")
     ref = importlib.import_module("gxpo_kernels.ops.fpa.reference")
+    T = N // B
     g = torch.Generator(device=dev).manual_seed(2)
-    x = (torch.randn(N, V, generator=g, device=dev, dtype=dtype) * 2).requires_grad_()
-    xr_ = (x.detach().float() + 0.5 * torch.randn(N, V, generator=g, device=dev)).to(dtype)
-    tok = torch.randint(0, V, (N,), generator=g, device=dev)
+    x_full = (torch.randn(B, T + 1, V, generator=g, device=dev, dtype=dtype) * 2).requires_grad_()
+    x = x_full[:, :-1]
+    xr_ = (x.detach().float() + 0.5 * torch.randn(B, T, V, generator=g, device=dev)).to(dtype)
+    tok = torch.randint(0, V, (B, T), generator=g, device=dev)
     out = m.fpa_logprobs(x, xr_, tok, 1.0, 0.9, backend="triton")
-    dlogp = torch.randn(N, generator=g, device=dev)
+    dlogp = torch.randn(B, T, generator=g, device=dev)
     (out[0] * dlogp).sum().backward()
-    r = _rows(N, V).to(dev)
-    xd = x.detach()[r].double().requires_grad_()
-    rl, rr, rf = ref.fpa_logprobs_ref(xd, xr_[r].double(), tok[r], 1.0, 0.9)
-    (rl * dlogp[r]).sum().backward()
-    errs = {"logp": rel(out[0][r], rl), "ref_logp": rel(out[1][r], rr), "fpa_logp": rel(out[2][r], rf),
-            "dlogits": rel(x.grad[r], xd.grad)}
-    ok = max(errs["logp"], errs["ref_logp"], errs["fpa_logp"]) <= STAT_TOL and errs["dlogits"] <= TOL[dtype]
-    return ok, errs
+    r = _rows(B * (T + 1), V).to(dev)                  # rows of x_full's storage: some past the 2^31-th element
+    b, t = r // (T + 1), r % (T + 1)
+    b, t = b[t < T], t[t < T]
+    xd = x.detach()[b, t].double().requires_grad_()
+    rl, rr, rf = ref.fpa_logprobs_ref(xd, xr_[b, t].double(), tok[b, t], 1.0, 0.9)
+    (rl * dlogp[b, t]).sum().backward()
+    errs = {"logp": rel(out[0][b, t], rl), "ref_logp": rel(out[1][b, t], rr), "fpa_logp": rel(out[2][b, t], rf),
+            "dlogits": rel(x_full.grad[b, t], xd.grad),
+            "dlogits_dropped_max": float(x_full.grad[:, -1].abs().max())}   # the position the slice drops: 0
+    ok = worst([errs["logp"], errs["ref_logp"], errs["fpa_logp"]]) <= STAT_TOL and errs["dlogits"] <= TOL[dtype]
+    return ok and errs["dlogits_dropped_max"] == 0, errs
 
 
 def _masked_tokens(g, dev, N, V):
@@ -181,9 +198,9 @@ def case_extrapolate(dev, dtype, tiny: bool, formula: str, K: int, inactive, mis
     # elementwise, relative to max(1, |x|): fp32 to rounding (the closed form's (1 - r^K)/(1 - r + delta)
     # amplifies last-bit pow differences near r = 1), bf16 params and copies to one bf16 ulp
     rel_max = lambda a, b: float(((a.double() - b.double()).abs() / b.double().abs().clamp(min=1)).max())  # noqa: E731
-    errs = {"params": max(rel_max(a, b) for a, b in zip(p, rp)),
-            "lowp": max(rel_max(a, b) for a, b in zip(lowp, rl) if a is not None),
-            "stats": max(abs(st[k] - rs[k]) / max(abs(rs[k]), 1e-6) for k in rs)}
+    errs = {"params": worst(rel_max(a, b) for a, b in zip(p, rp)),
+            "lowp": worst(rel_max(a, b) for a, b in zip(lowp, rl) if a is not None),
+            "stats": worst(abs(st[k] - rs[k]) / max(abs(rs[k]), 1e-6) for k in rs)}
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-4
     ok = errs["params"] <= tol and errs["lowp"] <= 2 ** -7 and errs["stats"] <= 2e-5 and st["numel"] == sum(n)
     return ok, errs
@@ -191,15 +208,16 @@ def case_extrapolate(dev, dtype, tiny: bool, formula: str, K: int, inactive, mis
 
 def cases(tiny: bool):
     if tiny:
-        N, V, NL, H, VL = 6, 1500, 40, 24, 301
+        N, V, NL, H, VL, BF = 6, 1500, 40, 24, 301, 2
     else:
-        N, V, NL, H, VL = 16_384, 151_936, 2_048, 1_536, 151_936
+        N, V, NL, H, VL, BF = 16_384, 151_936, 2_048, 1_536, 151_936, 4
     out = []
     for dt in (torch.bfloat16, torch.float32):
         dn = str(dt).replace("torch.", "")
         out.append((f"token_logprobs {dn} N={N} V={V}", lambda dev, dt=dt: case_token_logprobs(dev, dt, N, V, False)))
         out.append((f"token_logprobs {dn} masked", lambda dev, dt=dt: case_token_logprobs(dev, dt, N, V, True)))
-        out.append((f"fpa_logprobs {dn} N={N} V={V}", lambda dev, dt=dt: case_fpa(dev, dt, N, V)))
+        out.append((f"fpa_logprobs {dn} logits[:, :-1] B={BF} N={N} V={V}",
+                    lambda dev, dt=dt: case_fpa(dev, dt, N, V, BF)))
         out.append((f"linear_token_logprobs {dn} N={NL} H={H} V={VL}",
                     lambda dev, dt=dt: case_linear(dev, dt, NL, H, VL, False)))
         out.append((f"linear_fpa_logprobs {dn} N={NL} H={H} V={VL}",

@@ -204,3 +204,54 @@ def test_gpu_correctness_cases_are_reproducible():
         a = fn("cpu")
         torch.manual_seed(2)
         assert fn("cpu") == a, name
+
+
+def test_gpu_correctness_fpa_cases_read_a_time_slice(monkeypatch):
+    """The GPU check's fpa_logprobs cases give the op the usual next-token slice (B > 1, not contiguous) and
+    reference logits with other row strides: the Triton forward addresses each tensor's rows by its own batch and
+    time strides in one launch, which a contiguous (N, V) input (one batch row, i_b = 0) never exercises, so the
+    first GPU run would not have checked the new address arithmetic at the target size."""
+    import gxpo_kernels.ops as ops
+    from bench.gpu import correctness as C
+    seen, real = [], ops.fpa_logprobs
+
+    def spy(logits, ref_logits, *args, **kwargs):
+        seen.append((logits.dim() == 3 and logits.shape[0] > 1 and not logits.is_contiguous(),
+                     logits.stride(0) != ref_logits.stride(0)))
+        return real(logits, ref_logits, *args, **kwargs)
+    monkeypatch.setattr(ops, "fpa_logprobs", spy)
+    fpa = [(name, fn) for name, fn in C.cases(True) if name.startswith("fpa_logprobs")]
+    assert len(fpa) == 2
+    for name, fn in fpa:
+        ok, errs = fn("cpu")
+        assert ok, (name, errs)
+    assert seen == [(True, True)] * 2, seen
+
+
+def test_gpu_correctness_cases_fail_on_a_nan_output(monkeypatch):
+    """A kernel that returns NaN (e.g. reading rows of the wrong tensor or past its end) fails its case. The
+    fpa_logprobs and extrapolate_ cases took the worst error with Python's ``max``, which drops a NaN that does
+    not come first: NaN reference log-probs, or a NaN in a later parameter, were reported as a pass."""
+    import torch
+
+    import gxpo_kernels.ops as ops
+    from bench.gpu import correctness as C
+    real_fpa, real_x = ops.fpa_logprobs, ops.extrapolate_
+
+    def fpa_nan_ref_logp(*args, **kwargs):
+        logp, ref_logp, fpa_logp = real_fpa(*args, **kwargs)
+        return logp, torch.full_like(ref_logp, float("nan")), fpa_logp
+
+    def extrapolate_nan_last_param(params, *args, backend, **kwargs):
+        stats = real_x(params, *args, backend=backend, **kwargs)
+        if backend == "triton":
+            params[-1].fill_(float("nan"))
+        return stats
+    monkeypatch.setattr(ops, "fpa_logprobs", fpa_nan_ref_logp)
+    monkeypatch.setattr(ops, "extrapolate_", extrapolate_nan_last_param)
+    checked = [(name, fn) for name, fn in C.cases(True) if name.startswith(("fpa_logprobs", "extrapolate_"))]
+    assert len(checked) == 5
+    for name, fn in checked:
+        ok, errs = fn("cpu")
+        assert not ok and any(v != v for v in errs.values()), (name, errs)
+    assert C.worst([1.0, float("nan"), 2.0]) != C.worst([1.0, float("nan"), 2.0]) and C.worst([1.0, 3.0]) == 3.0

@@ -96,6 +96,30 @@ def test_streaming_logprobs_at_gpu_tiles(dtype, V):
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [4099, 1500])
+def test_fpa_time_slice_at_gpu_tiles(dtype, V):
+    """fpa_logprobs on ``logits[:, :-1]`` of (B, T + 1, V) logits and ``ref[:, 2:]`` of (B, T + 2, V) ones (each
+    tensor its own batch row stride, one launch), masked rows, at the GPU's BLOCK_V of 4096; the dropped
+    position gets no gradient."""
+    g = torch.Generator().manual_seed(V)
+    B, T = 3, 4
+    full = (torch.randn(B, T + 1, V, generator=g) * 3).to(dtype).requires_grad_()
+    ref_full = (torch.randn(B, T + 2, V, generator=g) * 3).to(dtype)
+    tok = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    w = torch.randn(B, T, generator=g, dtype=torch.float64)
+    with sm90_launches():
+        out = fpa_logprobs(full[:, :-1], ref_full[:, 2:], tok, 0.7, 0.9, mask=mask, backend="triton")
+        (out[0] * w).sum().backward()
+    xd = full.detach()[:, :-1].double().requires_grad_()
+    ref = fpa_logprobs_ref(xd, ref_full[:, 2:].double(), tok, 0.7, 0.9, mask=mask)
+    (ref[0] * w).sum().backward()
+    for a, b in zip(out, ref):
+        assert rel(a, b) < 1e-6
+    assert rel(full.grad[:, :-1], xd.grad) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert not full.grad[:, -1].any()
+
 @pytest.mark.parametrize("dtype,fp32_head", [(torch.float32, False), (torch.bfloat16, False),
                                              (torch.bfloat16, True)])
 def test_fused_heads_at_gpu_tiles(dtype, fp32_head):

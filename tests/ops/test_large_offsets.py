@@ -91,6 +91,33 @@ def test_fpa_logprobs_rows_past_2_31(dtype):
     assert all(torch.equal(a, b) for a, b in zip(o1, o0)) and torch.equal(g1, g0)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fpa_logprobs_time_slice_batch_rows_past_2_31(dtype):
+    """The Triton forward reads a time slice such as ``logits[:, :-1]`` in place, in one launch: row (b, t) of
+    each tensor at (b * rows_b + t) * stride. Here batch row 1 of the policy slice starts past the 2^31-th element
+    (rows_b * stride > 2^31, each factor below it) and the reference logits are contiguous (other row strides):
+    the outputs and d(logits) must be those of a compact copy (an int32 batch index wraps around)."""
+    g = torch.Generator().manual_seed(7)
+    vals = (torch.randn(2, 2, V, generator=g) * 3).to(dtype)
+    ref = (torch.randn(2, 2, V, generator=g) * 3).to(dtype)
+    tok = torch.randint(0, V, (2, 2), generator=g)
+    dlogp = torch.randn(2, 2, generator=g)
+    rows_b = 2 ** 31 // V + 1
+    base = torch.empty(LEAD + rows_b * V + 3 * V, dtype=dtype)
+    full = base.as_strided((2, 3, V), (rows_b * V, V, 1), LEAD)
+    far = full[:, :-1]
+    far.copy_(vals)
+    assert far.stride(0) >= 2 ** 31 and not far.is_contiguous()
+    res = []
+    for x in (far, vals.clone()):
+        x.requires_grad_(True)
+        out = fpa_logprobs(x, ref, tok, 0.7, 0.9, backend="triton")
+        (out[0] * dlogp).sum().backward()
+        res.append(([o.detach() for o in out], x.grad))
+    (o1, g1), (o0, g0) = res
+    assert all(torch.equal(a, b) for a, b in zip(o1, o0)) and torch.equal(g1, g0)
+
 def test_token_logprobs_public_op_rows_past_2_31():
     far, near, g = _far_rows(torch.bfloat16, 4)
     tok = torch.randint(0, V, (1, 3), generator=g)
