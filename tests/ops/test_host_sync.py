@@ -81,7 +81,9 @@ CALLS = [pytest.param(False, "triton", {}, id="grpo_loss-triton"),
          pytest.param(False, "triton", dict(num_items_in_batch=torch.tensor(50.0)), id="grpo_loss-num-items"),
          pytest.param(True, "torch", {}, id="linear_grpo_loss-torch"),
          pytest.param(True, "torch", dict(grad_in_forward=True), id="linear_grpo_loss-grad-in-forward"),
-         pytest.param(True, "triton", {}, id="linear_grpo_loss-triton")]
+         pytest.param(True, "triton", {}, id="linear_grpo_loss-triton"),
+         pytest.param(True, "triton", dict(grad_in_forward=True), id="linear_grpo_loss-triton-grad-in-forward"),
+         *(pytest.param(False, "triton", dict(policy_loss=p), id=f"grpo_loss-{p}") for p in ("cispo", "sapo", "vespo"))]
 
 
 @pytest.mark.parametrize("linear,backend,kw", CALLS)
