@@ -273,7 +273,8 @@ def _bwd_chunk_rows(cfg: _HeadConfig, V: int, block_m: int) -> int:
 def _chunk_rows(cfg: _HeadConfig, V: int) -> int:
     if cfg.chunk_size is not None:
         return cfg.chunk_size
-    return max(16, 1 << max(0, (8 * 2 ** 20 // max(V, 1)).bit_length() - 1))  # ~8M fp32 logits per chunk
+    # ~8M fp32 logits per chunk, a power of two of rows, at least 16 rows (so more than 8M past V = 2^19)
+    return max(16, 1 << max(0, (8 * 2 ** 20 // max(V, 1)).bit_length() - 1))
 
 
 def _chunk_logits(h_c, wf, bf, inv_t):
