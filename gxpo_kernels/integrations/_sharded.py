@@ -9,6 +9,7 @@ the device the collectives run on (NCCL reduces accelerator tensors only, gloo C
 - ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies (and
   ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``); every rank must pass one;
   an entropy refused on some ranks raises on every rank (``_raise_refusals``, also for the gradient checks);
+- ``_agree_force_plain(force_plain)``: the step's ``force_plain``, refused (on every rank) unless all ranks agree;
 - ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
 """
 from __future__ import annotations
@@ -81,6 +82,23 @@ class ShardedReductions:
             if given:
                 entropy = self._gate_entropy = float(t[0]) / world
         return super()._observe_entropy(entropy)
+
+    def _agree_force_plain(self, force_plain) -> bool:
+        """``force_plain`` as every rank passed it, checked with one all-reduce of one float64 at the start of every
+        step: a rank taking a plain step (one pass) while another takes an active one (several) would pair their
+        collectives wrongly (a hang, or silently wrong numbers). Passed on some ranks only: ValueError on every
+        rank, before anything changes (decide it on the whole batch, e.g. from rewards reduced over the ranks)."""
+        world = self._world()
+        if world == 1:
+            return bool(force_plain)
+        t = torch.tensor([float(bool(force_plain))], dtype=torch.float64, device=self._reduce_device())
+        dist.all_reduce(t, group=self._reduce_group())
+        n = int(t[0])
+        if 0 < n < world:
+            raise ValueError(f"{self._rule_name}.step: force_plain=True was passed on {n} of {world} ranks; every "
+                             "rank must take the same kind of step: decide it on the whole batch (e.g. from rewards "
+                             "reduced over the ranks) and pass the same value on every rank")
+        return bool(n)
 
     def _raise_refusals(self, refusal: Optional[BaseException], n_refused: int, what: str) -> None:
         """After a reduction of the ranks' refusal flags (``n_refused`` ranks refused ``what``): this rank's own

@@ -586,7 +586,7 @@ def lm_reference(case, world):
 def worker_one_rank_refusals(rank, port, outdir):
     """Checks that fail on rank 0 only, each in its own step: a frozen parameter that holds a .grad on rank 0
     (GXPO), an entropy that is no number on rank 0 (GXPO, entropy gate), an SFPO slow-pass closure that returns no
-    entropy on rank 0. Every rank must raise (gloo times out after 20 s where one waits in a collective instead)
+    entropy on rank 0, force_plain=True on rank 0 only. Every rank must raise (gloo times out after 20 s where one waits in a collective instead)
     and rewind; then one normal step on every rank shows the ranks are still paired. Records, per probe, the
     error (type, message) and whether the gathered parameters are those the step began with."""
     import datetime
@@ -632,6 +632,7 @@ def worker_one_rank_refusals(rank, port, outdir):
     rule = gf.wrap(model, opt, algo="sfpo", K=2, gate="entropy", window=2, entropy_signal="slow_pass")
     probe("sfpo_slow_entropy", lambda: rule.step(closure_at(0, slow_entropy=True)))
     rule = gf.wrap(model, opt, gate=None)
+    probe("force_plain", lambda: rule.step(closure_at(0), force_plain=rank == 0))
     rec["after"] = rule.step(closure_at(1))["active"]
     rec["params_after"] = full()
     torch.save(rec, os.path.join(outdir, f"refusals{rank}.pt"))

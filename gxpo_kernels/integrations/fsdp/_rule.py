@@ -197,9 +197,11 @@ class _FSDPRule(ShardedReductions):
     def step(self, closure, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` zeroes the grads, runs forward and
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
-        count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
+        count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step.
+        ``force_plain`` must be the same on every rank (ValueError on every rank otherwise)."""
         self.last_extrapolation = None
         self._gate_entropy = None
+        force_plain = self._agree_force_plain(force_plain)
         info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
