@@ -8,6 +8,8 @@ the device the collectives run on (NCCL reduces accelerator tensors only, gloo C
   of the local vector, then a sum / max over the ranks in rank order (bit-identical on every rank);
 - ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies (and
   ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``); every rank must pass one;
+  an entropy refused on some ranks raises on every rank (``_raise_refusals``, also for the gradient checks);
+- ``_agree_force_plain(force_plain)``: the step's ``force_plain``, refused (on every rank) unless all ranks agree;
 - ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from ..update.base import _to_float
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -53,15 +57,24 @@ class ShardedReductions:
         return stats
 
     def _observe_entropy(self, entropy):
-        """The gate sees the dp-mean entropy. Every rank joins the all-reduce, of (entropy, 1) or (0, 0) where this
-        rank passed none: a rank that skipped it would pair the other ranks' all-reduce with its next collective
-        (a hang, or silently wrong numbers). Passed on some ranks only: ValueError on every rank (the step
-        rewinds)."""
+        """The gate sees the dp-mean entropy. Every rank joins the all-reduce, of (entropy, 1, 0), or (0, 0, 0) where
+        this rank passed none, or (0, 0, 1) where it refused its entropy (an exception in its place, or a value that
+        is no number): a rank that skipped it would pair the other ranks' all-reduce with its next collective (a
+        hang, or silently wrong numbers). Passed on some ranks only: ValueError on every rank; refused on some:
+        their error there, RuntimeError on the others (the step rewinds)."""
         world = self._world()
         if world > 1:
-            t = torch.tensor([0.0 if entropy is None else float(entropy), float(entropy is not None)],
-                             dtype=torch.float64, device=self._reduce_device())
+            value, refusal = 0.0, entropy if isinstance(entropy, BaseException) else None
+            if entropy is not None and refusal is None:
+                try:
+                    value = _to_float(entropy)
+                except (TypeError, ValueError, RuntimeError) as e:   # e.g. a tensor of several elements
+                    refusal = e
+            given = entropy is not None and refusal is None
+            t = torch.tensor([value, float(given), float(refusal is not None)], dtype=torch.float64,
+                             device=self._reduce_device())
             dist.all_reduce(t, group=self._reduce_group())
+            self._raise_refusals(refusal, int(t[2]), "the entropy")
             given = int(t[1])
             if 0 < given < world:
                 raise ValueError(f"{self._rule_name}.step: entropy was passed on {given} of {world} ranks; the "
@@ -69,6 +82,32 @@ class ShardedReductions:
             if given:
                 entropy = self._gate_entropy = float(t[0]) / world
         return super()._observe_entropy(entropy)
+
+    def _agree_force_plain(self, force_plain) -> bool:
+        """``force_plain`` as every rank passed it, checked with one all-reduce of one float64 at the start of every
+        step: a rank taking a plain step (one pass) while another takes an active one (several) would pair their
+        collectives wrongly (a hang, or silently wrong numbers). Passed on some ranks only: ValueError on every
+        rank, before anything changes (decide it on the whole batch, e.g. from rewards reduced over the ranks)."""
+        world = self._world()
+        if world == 1:
+            return bool(force_plain)
+        t = torch.tensor([float(bool(force_plain))], dtype=torch.float64, device=self._reduce_device())
+        dist.all_reduce(t, group=self._reduce_group())
+        n = int(t[0])
+        if 0 < n < world:
+            raise ValueError(f"{self._rule_name}.step: force_plain=True was passed on {n} of {world} ranks; every "
+                             "rank must take the same kind of step: decide it on the whole batch (e.g. from rewards "
+                             "reduced over the ranks) and pass the same value on every rank")
+        return bool(n)
+
+    def _raise_refusals(self, refusal: Optional[BaseException], n_refused: int, what: str) -> None:
+        """After a reduction of the ranks' refusal flags (``n_refused`` ranks refused ``what``): this rank's own
+        error where it refused, a RuntimeError naming the count on the other ranks, nothing when none did."""
+        if refusal is not None:
+            raise refusal
+        if n_refused:
+            raise RuntimeError(f"{self._rule_name}.step: {n_refused} of {self._world()} ranks refused {what} (their "
+                               "error says why); the step raises on every rank and is rewound")
 
     def _report_gate_entropy(self, info: dict) -> None:
         """SFPO's ``info["entropy_signal"]`` is this rank's entropy; where the gate saw the dp-mean, report that

@@ -7,6 +7,9 @@ so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards
 - ``_param_list()`` / ``_grad_list(params)``: the (param, grad) tensor lists the algorithm works on;
 - ``_global_grad_norm(grads)`` and ``_clip_grads_(grads, norm)``: global-norm clipping (torch's
   ``clip_grad_norm_`` semantics: coef = min(1, c / (‖g‖ + 1e-6)));
+- ``_reduced_grad_norm(grads, refusal)``: the global norm, or this rank's refusal of the pass's gradients (a
+  sparse gradient, a frozen parameter holding a grad) raised; a sharded subclass reduces both in one collective
+  so that every rank raises together;
 - ``_all_reduce_(stats)``: applied to every diagnostic / non-finite vector before a decision is taken.
   Contract: entries [:-1] are SUM-reduced, the last entry is MAX-reduced (identity here);
 - ``_optimizer_step()``, ``_zero_grad()``;
@@ -14,7 +17,9 @@ so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards
   ``_restore_optimizer_state_()``: in-place ``copy_`` into preallocated buffers, never replacing state entries
   (except that state created after a snapshot of an empty state is removed again);
 - ``_lowp_targets()``: optional low-precision copies the extrapolation also writes (None here).
-Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats.
+Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats; so do
+the refusals that depend on a rank's own tensors (``_reduced_grad_norm``, and an entropy refused by
+``_observe_entropy``): a check that raised on some ranks only would leave the others waiting in a collective.
 """
 from __future__ import annotations
 
@@ -124,6 +129,14 @@ class ExtrapolationRule:
         if not grads:
             return torch.zeros(())
         return torch.nn.utils.get_total_norm(grads, 2.0)
+
+    def _reduced_grad_norm(self, grads: List[torch.Tensor], refusal: Optional[Exception]) -> torch.Tensor:
+        """``_global_grad_norm(grads)``, or ``refusal`` (this rank's check of the pass's gradients failed) raised. A
+        sharded subclass reduces the refusals together with the norm, so that every rank raises (the ranks
+        without one a RuntimeError saying so) instead of some waiting in the next collective."""
+        if refusal is not None:
+            raise refusal
+        return self._global_grad_norm(grads)
 
     def _clip_grads_(self, grads: List[torch.Tensor], total_norm: torch.Tensor) -> None:
         """grads *= min(1, c / (total_norm + 1e-6)), bit for bit as ``torch.nn.utils.clip_grad_norm_``."""
@@ -295,12 +308,15 @@ class ExtrapolationRule:
     def _clip(self, params) -> tuple:
         """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
         grads = self._grad_list(params)
+        refusal = None   # this rank's checks of the pass's gradients; raised on every rank by _reduced_grad_norm
         if not set(map(_LAYOUT, filter(_NOT_NONE, grads))) <= _STRIDED:   # (C-level passes: every pass)
             i = next(i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided)
-            raise TypeError(f"{self._rule_name}.step: parameter {i} (shape {tuple(params[i].shape)}) has a "
-                            f"{grads[i].layout} gradient (e.g. nn.Embedding(sparse=True)); the rule's clip and "
-                            "extrapolation need dense gradients")
-        total = self._global_grad_norm(grads)
+            refusal = TypeError(f"{self._rule_name}.step: parameter {i} (shape {tuple(params[i].shape)}) has a "
+                                f"{grads[i].layout} gradient (e.g. nn.Embedding(sparse=True)); the rule's clip and "
+                                "extrapolation need dense gradients")
+        elif self._snapshot_due:   # before the step's first optimizer step
+            refusal = self._frozen_grad_refusal()
+        total = self._reduced_grad_norm(grads, refusal)
         norm = self.last_grad_norm = float(total)
         if not math.isfinite(norm):
             return grads, norm, norm
@@ -455,7 +471,10 @@ class ExtrapolationRule:
         if not self._snapshot_due:
             return
         self._snapshot_due = False
-        self._check_no_frozen_grads()
+        if not self._late_snapshot:   # (a late snapshot follows pass 0's ``_clip``, which checked it)
+            refusal = self._frozen_grad_refusal()
+            if refusal is not None:
+                raise refusal
         opt = self.atomic or self.transactional_state
         # θ0 and the optimizer state in one copy (one pass of checks, one call into the op): the snapshot methods
         # only collect their pairs here. Nothing has moved yet, so a snapshot that raises leaves nothing to rewind
@@ -470,24 +489,25 @@ class ExtrapolationRule:
         self._snapped_params = True
         self._snapped_opt = opt
 
-    def _check_no_frozen_grads(self) -> None:
-        """Raise (before the step's first optimizer step: nothing has moved) when a parameter of the optimizer with
-        requires_grad=False has a ``.grad``: torch's optimizers step every parameter with a grad, but the rule's
-        θ0, state snapshot, clip and extrapolation cover the trainable ones only, so the step would move it
-        outside them (once per optimizer step, several per active step; a rewind would leave it moved). A frozen
-        parameter keeps a grad when it was frozen after a backward and the grads are zeroed with
+    def _frozen_grad_refusal(self) -> Optional[ValueError]:
+        """The error to raise (before the step's first optimizer step: nothing has moved) when a parameter of the
+        optimizer with requires_grad=False has a ``.grad``, else None: torch's optimizers step every parameter with
+        a grad, but the rule's θ0, state snapshot, clip and extrapolation cover the trainable ones only, so the step
+        would move it outside them (once per optimizer step, several per active step; a rewind would leave it
+        moved). A frozen parameter keeps a grad when it was frozen after a backward and the grads are zeroed with
         ``set_to_none=False``. (A subclass whose ``_param_list`` is not the optimizer's parameters skips it.)"""
         if type(self)._param_list is not ExtrapolationRule._param_list:
-            return
+            return None
         params = list(_chain(map(_PARAMS, self.optimizer.param_groups)))
         if all(map(_REQUIRES_GRAD, params)):   # no frozen parameter (C-level pass: this runs every active step)
-            return
+            return None
         for i, p in enumerate(params):
             if p.grad is not None and not p.requires_grad:
-                raise ValueError(f"{self._rule_name}.step: parameter {i} of the optimizer (shape {tuple(p.shape)}) "
-                                 "has requires_grad=False but a .grad, so the optimizer would step it outside "
-                                 "the rule's snapshot and extrapolation; set its grad to None (zero_grad with "
-                                 "set_to_none=True) or take it out of the optimizer")
+                return ValueError(f"{self._rule_name}.step: parameter {i} of the optimizer (shape "
+                                  f"{tuple(p.shape)}) has requires_grad=False but a .grad, so the optimizer would "
+                                  "step it outside the rule's snapshot and extrapolation; set its grad to None "
+                                  "(zero_grad with set_to_none=True) or take it out of the optimizer")
+        return None
 
     def _abort_step_(self) -> None:
         """Hook: clear a subclass's per-step bookkeeping after an exception (before the rewind)."""
@@ -587,6 +607,10 @@ class ExtrapolationRule:
         return math.nan if z is None else z
 
     def _observe_entropy(self, entropy) -> None:
+        """Feed the entropy gate ``entropy`` (None: not passed; an exception: refused, raised here; a sharded
+        subclass raises it on every rank)."""
+        if isinstance(entropy, BaseException):
+            raise entropy
         if entropy is None:
             if not self._warned_entropy:
                 warnings.warn(f"{type(self).__name__}: the entropy gate needs step(closure, entropy=...); "

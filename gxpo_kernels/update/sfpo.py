@@ -186,10 +186,11 @@ class SFPO(ExtrapolationRule):
                 return self._finish(self._fallback(closures, params, "nonfinite_gslow", info))
             self._optimizer_step()
         if self.entropy_signal == "slow_pass" and self.gate.needs_entropy:
-            if len(self._reported) != len(closures):
-                raise ValueError("SFPO(entropy_signal='slow_pass') needs every slow-pass closure to return "
-                                 "(loss, entropy)")
-            entropy = sum(self._reported) / len(self._reported)
-        info["entropy_signal"] = _to_float(entropy)
+            if len(self._reported) != len(closures):   # raised by _observe_entropy: on every rank when sharded
+                entropy = ValueError("SFPO(entropy_signal='slow_pass') needs every slow-pass closure to return "
+                                     "(loss, entropy)")
+            else:
+                entropy = sum(self._reported) / len(self._reported)
         info["gate_z"] = self._observe_gate(normc, entropy)
+        info["entropy_signal"] = _to_float(entropy)
         return self._finish(info)

@@ -580,3 +580,61 @@ def lm_reference(case, world):
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "infos": infos,
             "fired_step": rule.gate.fired_step, "rule_state": rule.state_dict(),
             "exp_avg_sq": {n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters() if p in opt.state}}
+
+
+# ---- refusals that depend on one rank's own tensors -----------------------------------------------------------
+def worker_one_rank_refusals(rank, port, outdir):
+    """Checks that fail on rank 0 only, each in its own step: a frozen parameter that holds a .grad on rank 0
+    (GXPO), an entropy that is no number on rank 0 (GXPO, entropy gate), an SFPO slow-pass closure that returns no
+    entropy on rank 0, force_plain=True on rank 0 only. Every rank must raise (gloo times out after 20 s where
+    one waits in a collective instead) and rewind; then one normal step on every rank shows the ranks are still paired. Records, per probe, the
+    error (type, message) and whether the gathered parameters are those the step began with."""
+    import datetime
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
+    from gxpo_kernels.integrations import fsdp as gf
+    model = sharded({})
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    frozen = model.l2.bias
+
+    def full():
+        return [p.full_tensor().clone() for p in model.parameters()]
+
+    def closure_at(step, slow_entropy=False):
+        inner = fsdp_closure(model, opt, rule, step, {})
+
+        def closure():
+            loss = inner()
+            if rank == 0 and frozen.grad is None and not frozen.requires_grad:
+                frozen.grad = torch.zeros_like(frozen)     # a stale grad of a frozen parameter, on rank 0 only
+            return (loss, 1.0) if slow_entropy and rank else loss   # SFPO's (loss, entropy) on rank 1 only
+        return closure
+
+    rec = {}
+
+    def probe(name, fn):
+        before = full()
+        try:
+            fn()
+            rec[name] = (None, None)
+        except Exception as e:   # noqa: BLE001 - recorded for the parent
+            rec[name] = (type(e).__name__, str(e))
+        rec[name + "_rewound"] = all(torch.equal(a, b) for a, b in zip(before, full()))
+
+    frozen.requires_grad_(False)
+    rule = gf.wrap(model, opt, gate=None)
+    probe("frozen_grad", lambda: rule.step(closure_at(0)))
+    frozen.requires_grad_(True)
+    frozen.grad = None
+    rule = gf.wrap(model, opt, gate="entropy", window=2)
+    probe("entropy", lambda: rule.step(closure_at(0), entropy=1.0 if rank else torch.ones(2)))
+    rule = gf.wrap(model, opt, algo="sfpo", K=2, gate="entropy", window=2, entropy_signal="slow_pass")
+    probe("sfpo_slow_entropy", lambda: rule.step(closure_at(0, slow_entropy=True)))
+    rule = gf.wrap(model, opt, gate=None)
+    probe("force_plain", lambda: rule.step(closure_at(0), force_plain=rank == 0))
+    rec["after"] = rule.step(closure_at(1))["active"]
+    rec["params_after"] = full()
+    torch.save(rec, os.path.join(outdir, f"refusals{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -149,20 +149,23 @@ def _collectives(info):
 
 
 def test_rule_collectives_are_the_documented_ones(runs):
-    # per pass one all-reduce of 1 float64 (grad norm); per extrapolation one all-gather of 12 (stats); SFPO's
-    # entropy gate one all-reduce of 1. Nothing else, no gathers (GXPO's cos(g0, g_corr) diagnostic, one
-    # all-gather of 2, is off by default). The entropy's all-reduce carries (entropy, whether this rank passed one).
+    # per pass one all-reduce of 2 float64 (grad norm, refusals); per extrapolation one all-gather of 12 (stats);
+    # SFPO's entropy gate one all-reduce of 3. Nothing else, no gathers (GXPO's cos(g0, g_corr) diagnostic, one
+    # all-gather of 2, is off by default). The entropy's all-reduce carries (entropy, whether this rank passed one,
+    # whether it refused it).
     n = 12 * W.WORLD
-    gxpo_active = [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + [("distributed.all_reduce", 1)]
+    # Every step begins with one all-reduce of 1 (force_plain, the same on every rank).
+    norm, forced = ("distributed.all_reduce", 2), ("distributed.all_reduce", 1)
+    gxpo_active = [forced] + [norm] * 2 + [(GATHER, n)] + [norm]
     plain = runs[0]["gxpo_plain"]["infos"]
     for info in plain:
-        expect = gxpo_active if info["active"] else [("distributed.all_reduce", 1)]
+        expect = gxpo_active if info["active"] else [forced, norm]
         assert _collectives(info) == expect, info["collectives"]
     g = runs[0]["gxpo_gate_nan"]["infos"][1]                    # nonfinite g1: two norms, then the fallback
-    assert _collectives(g) == [("distributed.all_reduce", 1)] * 2
+    assert _collectives(g) == [forced] + [norm] * 2
     s = runs[0]["sfpo_entropy_nan"]["infos"]
-    assert _collectives(s[1]) == [("distributed.all_reduce", 1)] * 2 + [(GATHER, n)] + \
-        [("distributed.all_reduce", 1)] + [("distributed.all_reduce", 2)]   # K = 2 norms, stats, slow norm, entropy
+    assert _collectives(s[1]) == [forced] + [norm] * 2 + [(GATHER, n)] + \
+        [norm] + [("distributed.all_reduce", 3)]   # K = 2 norms, stats, slow norm, entropy
 
 
 def test_same_steps_as_deepspeed_zero3(runs):
@@ -291,3 +294,39 @@ def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
     msg = gtrl._unsupported(tr, for_update=True)
     assert "distributed_type=FSDP" in msg and "gxpo_kernels.integrations.fsdp" in msg
     assert gtrl._unsupported(tr, for_update=False) is None
+
+
+def test_check_failing_on_one_rank_raises_on_every_rank():
+    """A check of one rank's own tensors (a frozen parameter with a .grad, an entropy that is no number, SFPO's
+    slow-pass entropy missing) failed on rank 0 only: rank 0 raised while rank 1 went on into the next
+    collective and waited there (a hang; here gloo's 20 s timeout). Now the refusal travels with the
+    reduction that follows the check: rank 0 raises its error, rank 1 a RuntimeError saying a rank refused, both
+    rewind, and the next step runs paired on both. force_plain=True on rank 0 only (a plain step there, an
+    active one on rank 1) is refused on both before anything changes."""
+    import torch.multiprocessing as mp
+    d = tempfile.mkdtemp(prefix="gxpo_fsdp_refuse_")
+    ctx = mp.start_processes(W.worker_one_rank_refusals, args=(free_port(), d), nprocs=W.WORLD, join=False,
+                             start_method="spawn")
+    try:
+        for _ in range(24):                        # 120 s at most, then the ranks are killed
+            if ctx.join(timeout=5):
+                break
+        else:
+            pytest.fail("the ranks did not finish in 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    recs = [torch.load(os.path.join(d, f"refusals{r}.pt"), weights_only=False) for r in range(W.WORLD)]
+    own = {"frozen_grad": ("ValueError", "requires_grad=False but a .grad"),
+           "entropy": ("RuntimeError", "cannot be converted"),
+           "sfpo_slow_entropy": ("ValueError", "needs every slow-pass closure to return (loss, entropy)")}
+    for name, (kind, text) in own.items():
+        assert recs[0][name][0] == kind and text in recs[0][name][1], recs[0][name]
+        assert recs[1][name][0] == "RuntimeError" and "1 of 2 ranks refused" in recs[1][name][1], recs[1][name]
+        assert recs[0][name + "_rewound"] and recs[1][name + "_rewound"], name
+    for r in range(W.WORLD):                       # a plain step on rank 0, an active one on rank 1: refused
+        assert recs[r]["force_plain"][0] == "ValueError" and "passed on 1 of 2 ranks" in recs[r]["force_plain"][1]
+        assert recs[r]["force_plain_rewound"]
+    assert recs[0]["after"] and recs[1]["after"]
+    _close(recs[0]["params_after"], recs[1]["params_after"], 0.0, "ranks after the refusals")

@@ -272,7 +272,8 @@ class _DeepSpeedRule(ShardedReductions):
 
     def step(self, closure: Callable, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` runs forward + ``engine.backward(loss)`` for
-        every micro-batch and returns the loss. The rule calls ``engine.step()``. Returns the diagnostics dict."""
+        every micro-batch and returns the loss. The rule calls ``engine.step()``. Returns the diagnostics dict.
+        ``force_plain`` must be the same on every rank (ValueError on every rank otherwise)."""
         eng = self.engine
         gas = eng.gradient_accumulation_steps()
         if eng.micro_steps % gas:
@@ -285,6 +286,7 @@ class _DeepSpeedRule(ShardedReductions):
                                    "with gradient_accumulation_steps=1, is rewound)")
             raise RuntimeError(f"engine.micro_steps={eng.micro_steps} is not on a gradient-accumulation boundary "
                                f"(gas={gas}): do not call engine.step() yourself between rule.step() calls")
+        force_plain = self._agree_force_plain(force_plain)
         g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None

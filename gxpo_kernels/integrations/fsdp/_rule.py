@@ -8,8 +8,9 @@ steps the DTensors shard by shard. The algorithm is ``update.gxpo`` / ``update.s
   ``_grad_list`` returns the LOCAL gradient shards (``p.grad.to_local()``), which clipping scales in place;
 - θ0 and ĝ0 are plain tensors of each rank's local shard shapes (a rank holding no rows of a parameter has
   a zero-numel buffer); snapshot / restore / the fused extrapolation only touch ``p.to_local()``;
-- ``_global_grad_norm``: the local sum of squares, one all-reduce (SUM) of one float64, sqrt: the same global
-  norm, hence the same clip coefficient, finite check and gate input, on every rank;
+- ``_global_grad_norm``: the local sum of squares, one all-reduce (SUM) of two float64 (with the count of ranks
+  whose checks of the gradients failed: then every rank raises), sqrt: the same global norm, hence the same clip
+  coefficient, finite check and gate input, on every rank;
 - ``_all_reduce_`` / ``_observe_entropy``: ``integrations._sharded`` over the mesh's process group;
 - a GXPO fallback step on the stored ĝ0 wraps the local buffers back into DTensor gradients.
 Nothing here gathers a full parameter; FSDP's own all-gather in forward re-reads the edited shards.
@@ -136,14 +137,21 @@ class _FSDPRule(ShardedReductions):
         return torch.device(kind, torch.get_device_module(kind).current_device())
 
     def _global_grad_norm(self, grads) -> torch.Tensor:
-        """sqrt(Σ_ranks ‖local shards‖²): one all-reduce of one float64 (NaN/inf anywhere -> NaN/inf everywhere)."""
-        sq = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
-        local = [g for g in grads if g is not None and g.numel()]
+        return self._reduced_grad_norm(grads, None)
+
+    def _reduced_grad_norm(self, grads, refusal) -> torch.Tensor:
+        """sqrt(Σ_ranks ‖local shards‖²) and the count of ranks that refused their gradients (a sparse one, a
+        frozen parameter with a grad): one all-reduce of two float64 (NaN/inf anywhere -> NaN/inf everywhere; a
+        refusal anywhere -> an error everywhere)."""
+        sq = torch.zeros(2, dtype=torch.float64, device=self._reduce_device())
+        local = [g for g in grads if g is not None and g.numel()] if refusal is None else []
         if local:
-            sq += (torch.nn.utils.get_total_norm(local, 2.0).double() ** 2).to(sq.device)
+            sq[0] += (torch.nn.utils.get_total_norm(local, 2.0).double() ** 2).to(sq.device)
+        sq[1] = float(refusal is not None)
         if self._world() > 1:
             dist.all_reduce(sq, group=self._reduce_group())
-        return sq.sqrt().reshape(())
+        self._raise_refusals(refusal, int(sq[1]), "the gradients of this pass")
+        return sq[0].sqrt().reshape(())
 
     # ---- tensors: the local shards ------------------------------------------------------------------------------
     def _grad_list(self, params):
@@ -189,9 +197,11 @@ class _FSDPRule(ShardedReductions):
     def step(self, closure, entropy=None, *, force_plain: bool = False) -> dict:
         """One outer update (see the rule's docstring); ``closure()`` zeroes the grads, runs forward and
         ``loss.backward()`` on the FSDP model and returns the loss. Adds ``shard_numel`` (this rank's element
-        count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step."""
+        count in the extrapolation) and ``extrapolate_backend`` to the diagnostics of an active step.
+        ``force_plain`` must be the same on every rank (ValueError on every rank otherwise)."""
         self.last_extrapolation = None
         self._gate_entropy = None
+        force_plain = self._agree_force_plain(force_plain)
         info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
