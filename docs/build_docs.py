@@ -160,7 +160,10 @@ def _gxpo_bookkeeping_ab() -> list:
                         ("bench/results/cpu-update-throughput-gxpo-ab2.json",
                          "the snapshot reuse and the cheaper per-step checks"),
                         ("bench/results/cpu-update-throughput-gxpo-ab3.json",
-                         "one copy call for both snapshots and leaner host code in the step")):
+                         "one copy call for both snapshots and leaner host code in the step"),
+                        ("bench/results/cpu-update-throughput-gxpo-ab4.json",
+                         "later per-step checks: frozen and sparse gradients refused on every rank, nested optimizer "
+                         "state deep-copied, the prepared extrapolation keyed on parameter dtypes")):
         doc = _json(rel)
         sizes = list(doc["rounds"][0]["after"])
         out += ["", f"Commit `{doc['after_commit'][:10]}` against `{doc['before_commit'][:10]}` ({change}), alternated "
