@@ -587,8 +587,9 @@ def worker_one_rank_refusals(rank, port, outdir):
     """Checks that fail on rank 0 only, each in its own step: a frozen parameter that holds a .grad on rank 0
     (GXPO), an entropy that is no number on rank 0 (GXPO, entropy gate), an SFPO slow-pass closure that returns no
     entropy on rank 0, force_plain=True on rank 0 only. Every rank must raise (gloo times out after 20 s where
-    one waits in a collective instead) and rewind; then one normal step on every rank shows the ranks are still paired. Records, per probe, the
-    error (type, message) and whether the gathered parameters are those the step began with."""
+    one waits in a collective instead) and rewind; then one normal step on every rank shows the ranks are still
+    paired. Records, per probe, the error (type, message) and whether the gathered parameters are those the step
+    began with."""
     import datetime
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

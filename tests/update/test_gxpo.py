@@ -383,7 +383,8 @@ def test_optimizer_aware_param_without_grad_on_one_pass_has_no_displacement(opt_
     ps, opt = setup()
     rule = GXPO(opt, K=K, alpha=alpha, max_grad_norm=None, optimizer_aware=True, skip_corrective=True, gate=None)
     rule.step(lambda: closure_at(ps, opt, rule.pass_index))
-    # float64 replay of the documented rule: d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr where the pass left a grad, else 0
+    # float64 replay of the documented rule: d_t = ((1 − lr·wd)θ_t − θ_{t+1})/lr where the pass left a grad,
+    # else 0
     ref, ref_o = setup()
     th = [[p.detach().clone() for p in ref]]
     had = []
