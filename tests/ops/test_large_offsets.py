@@ -81,15 +81,19 @@ def test_fpa_logprobs_rows_past_2_31(dtype):
     ref_far, ref_near, _ = _far_rows(dtype, 3)
     tok = torch.randint(0, V, (1, 3), generator=g)
     dlogp = torch.randn(1, 3, generator=g)
+    _assert_fpa_same(((far, ref_far), (near, ref_near)), tok, dlogp)
+
+
+def _assert_fpa_same(inputs, tok, dlogp):
+    """``fpa_logprobs``' outputs and d(logits) are bit for bit the same on the two (logits, ref) pairs."""
     res = []
-    for x, r in ((far, ref_far), (near, ref_near)):
+    for x, r in inputs:
         x.requires_grad_(True)
         out = fpa_logprobs(x, r, tok, 0.7, 0.9, backend="triton")
         (out[0] * dlogp).sum().backward()
         res.append(([o.detach() for o in out], x.grad))
     (o1, g1), (o0, g0) = res
     assert all(torch.equal(a, b) for a, b in zip(o1, o0)) and torch.equal(g1, g0)
-
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,14 +113,8 @@ def test_fpa_logprobs_time_slice_batch_rows_past_2_31(dtype):
     far = full[:, :-1]
     far.copy_(vals)
     assert far.stride(0) >= 2 ** 31 and not far.is_contiguous()
-    res = []
-    for x in (far, vals.clone()):
-        x.requires_grad_(True)
-        out = fpa_logprobs(x, ref, tok, 0.7, 0.9, backend="triton")
-        (out[0] * dlogp).sum().backward()
-        res.append(([o.detach() for o in out], x.grad))
-    (o1, g1), (o0, g0) = res
-    assert all(torch.equal(a, b) for a, b in zip(o1, o0)) and torch.equal(g1, g0)
+    _assert_fpa_same(((far, ref), (vals.clone(), ref)), tok, dlogp)
+
 
 def test_token_logprobs_public_op_rows_past_2_31():
     far, near, g = _far_rows(torch.bfloat16, 4)
