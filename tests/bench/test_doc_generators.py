@@ -78,3 +78,33 @@ def test_toy_task_prose_repeats_the_shipped_warm_start():
         meta = f.metadata()
     text = " ".join((ROOT / "docs" / "toy-task.md").read_text().split())
     assert f"it stopped at {meta['sft_steps']} steps with {float(meta['sft_acc']):.2f}" in text
+
+
+def _ab_medians(rel: str, size: str) -> dict:
+    """Per-round and median GXPO bookkeeping shares (%) of one A/B file at one size, as build_docs renders them."""
+    import statistics
+    doc = json.loads((ROOT / rel).read_text())
+    rounds = {w: [100 * r[w][size]["overhead_timer_frac"] for r in doc["rounds"]] for w in ("after", "before")}
+    return {w: (f"{statistics.median(v):.1f}", f"{min(v):.1f}", f"{max(v):.1f}") for w, v in rounds.items()}
+
+
+def test_gxpo_bookkeeping_prose_repeats_the_ab_files():
+    """docs/extrapolate.md sums up the generated A/B tables in prose ("a median of 3.0% in the third table", "at
+    2.8% in the fourth (2.9% before ...)", "2.4% to 3.5% per round"); a new A/B file updates the tables only."""
+    text = " ".join((ROOT / "docs" / "extrapolate.md").read_text().split())
+    third = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab3.json", "tiny")
+    fourth = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab4.json", "tiny")
+    assert f"(a median of {third['after'][0]}% in the third table)" in text
+    assert f"is at {fourth['after'][0]}% in the fourth ({fourth['before'][0]}% before its changes" in text
+    assert f"({fourth['after'][1]}% to {fourth['after'][2]}% per round at `tiny` there)" in text
+    small = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab4.json", "small")
+    assert "`small` meets it" in text and float(small["after"][0]) <= 3.0
+
+
+def test_readme_wall_clock_is_the_committed_runs():
+    """README.md gives the committed speedup run's wall-clock in minutes; it is the runs file's total."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    runs = json.loads((ROOT / "docs" / "results" / "speedup-default-runs.json").read_text())
+    n = sum(len(seeds) for seeds in runs["runs"].values())
+    assert f"({n} runs on {runs['workers']} worker processes; the committed run took {round(runs['seconds'] / 60)} " \
+           "minutes of wall-clock" in text

@@ -37,6 +37,8 @@ CLAIMS = [
     ("8.56 on 3.6; below bf16's", "3.6.0", "token_logprobs_fwd [fp16 mask=False entropy=True]", _ipe),
     ("3.6: 9.06, was 9.00", "3.6.0", "token_logprobs_fwd [bf16 mask=False entropy=True]", _ipe),
     ("25.56 with the per-tensor row strides", "3.6.0", "fpa_logprobs_fwd [fp32 mask=False]", _ipe),
+    ("with the per-tensor row strides, at 103 registers", "3.6.0", "fpa_logprobs_fwd [fp32 mask=False]",
+     lambda k: k["registers"]),
     ("**25.0** per position", "3.9.0", "fpa_logprobs_fwd [bf16 mask=False]", lambda k: round(_ipe(k), 1)),
     ("128x128x64 tiles, 185 r", "3.9.0", "linear_head_bwd [bf16 deterministic=False bias=False dentropy=True]",
      lambda k: k["registers"]),

@@ -56,7 +56,9 @@ def grpo_loss(
             ``importance_sampling``, ``loss_agg_mode``, ``max_length``, ``policy_loss``, ``kl_clamp``,
             ``log_ratio_clamp``, ``use_bias_correction_kl``, ``empty_sequences``, ``reduce``, ...) override it.
         num_items_in_batch: token count that divides the masked sum (``loss_agg_mode="token-mean"`` only),
-            e.g. the global count of a DAPO step; int, float or a 0-d tensor (kept on the device).
+            e.g. for a DAPO step the loss tokens over all ranks and accumulation steps, divided by the number
+            of ranks when gradients are averaged over ranks (DDP, FSDP; docs/losses.md); int, float or a 0-d
+            tensor (kept on the device).
         compute_entropy: compute the entropy metric (same pass, nearly free); forced on if entropy_coef != 0.
         inplace_backward: write dlogits into the logits buffer during backward (saves a (B, T, V) buffer;
             the logits' values are destroyed). Logits whose elements overlap in memory (stride-0 or
