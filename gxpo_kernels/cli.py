@@ -1,7 +1,7 @@
 """``gxpo-kernels`` command line: ``speedup`` (all methods x seeds + report) and ``train`` (one method).
 
     gxpo-kernels speedup                      # the embedded default: tiny Qwen2, addition, 6 methods x 3 seeds
-    gxpo-kernels speedup --preset smoke       # a few minutes on 2 CPU cores
+    gxpo-kernels speedup --preset smoke       # about a minute on 2 CPU cores (checks the set-up)
     gxpo-kernels train --algo gxpo --advantage fade --task sort --max_steps 100 --out runs/gxpo-sort
     gxpo-kernels train --model ./my-model --dataset math.jsonl --num_generations 8 --max_completion_length 1024
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gxpo_kernels.cli train --deepspeed ds_zero2.json --algo gxpo
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("speedup", formatter_class=fmt,
                        help="run methods x seeds from one warm start and report speedup to GRPO's peak")
     s.add_argument("--preset", choices=PRESETS, default="default",
-                   help="default (the committed run), smoke (minutes), test (seconds; the test suite's)")
+                   help="default (the committed run), smoke (about a minute), test (seconds; the test suite's)")
     s.add_argument("--methods", help="comma list of algo[+advantage], e.g. grpo,sfpo,gxpo,gxpo+fade,grpo_lr,"
                    "grpo_epochs (default: the preset's)")
     s.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the preset's)")
