@@ -19,9 +19,9 @@ from .kernel import _OUT_DTYPES, fpa_logprobs_fwd
 @torch.library.custom_op("gxpo::fpa_logprobs_fwd", mutates_args=())
 def _fpa_logprobs_fwd_op(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Optional[Tensor], lam: float,
                          temperature: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B, T, V), (B, T, V) (any layouts with a contiguous last dim: read in place), (N,), (N,) bool or None with
-    N = B * T -> (logp, ref_logp, fpa_logp, lse), (N,) each: fp32, and lse float64 (token_logprobs' backward
-    reads it)."""
+    """(B, T, V), (B, T, V) (any layouts; a time slice such as ``logits[:, :-1]`` is read in place), (N,), (N,)
+    bool or None with N = B * T -> (logp, ref_logp, fpa_logp, lse), (N,) each: fp32, and lse float64
+    (token_logprobs' backward reads it)."""
     return fpa_logprobs_fwd(logits, ref_logits, tokens, mask, lam, temperature, backend)
 
 
