@@ -205,7 +205,9 @@ def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
 
 
 def _scalar(x, name) -> float:
-    return check_scalar(x, name)
+    """An observation (a batch's mean reward or entropy), read as a number: a tensor still attached to the graph
+    it was computed in (e.g. ``entropy.mean()`` of the training forward) is read as its value, by design."""
+    return check_scalar(x.detach() if isinstance(x, torch.Tensor) else x, name)
 
 
 class FADEController:

@@ -300,6 +300,19 @@ def test_controller_bad_state_changes_nothing_and_numpy_scalars_are_accepted():
     assert c2.state_dict() == before and c2.alpha == c.alpha and c2.delta == c.delta
 
 
+def test_controller_reads_observations_that_require_grad():
+    """mean_reward / mean_entropy are observations the controller reads as numbers: an entropy computed in the
+    training forward (it requires grad) is read as its value, not refused like a learnable hyperparameter."""
+    torch.manual_seed(7)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    p = logits.softmax(-1)
+    ent = -(p * p.log()).sum(-1).mean()          # requires grad, as computed in the training forward
+    reward = torch.rand(6, requires_grad=True).mean()
+    a, b = FADEController(p0=0.3), FADEController(p0=0.3)
+    assert a.update(reward, ent) == b.update(reward.item(), ent.item())
+    assert a.state_dict() == b.state_dict()
+
+
 def test_controller_state_without_target_entropy_is_refused():
     """h_hat set with target_entropy None cannot come from update() (the first step sets both); loading it used
     to succeed and leave a controller whose delta raised a TypeError at the next step."""

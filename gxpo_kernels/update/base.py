@@ -15,7 +15,8 @@ so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards
 - ``_optimizer_step()``, ``_zero_grad()``;
 - ``_snapshot_params_()`` / ``_restore_params_()`` and ``_snapshot_optimizer_state_()`` /
   ``_restore_optimizer_state_()``: in-place ``copy_`` into preallocated buffers, never replacing state entries
-  (except that state created after a snapshot of an empty state is removed again);
+  (except that state or keys created after the snapshot are removed again, and a key the step removed is put
+  back as a copy);
 - ``_lowp_targets()``: optional low-precision copies the extrapolation also writes (None here).
 Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats; so do
 the refusals that depend on a rank's own tensors (``_reduced_grad_norm``, and an entropy refused by
@@ -281,14 +282,19 @@ class ExtrapolationRule:
                 self.optimizer.state.pop(p, None)  # the state did not exist at the snapshot
                 continue
             st = self.optimizer.state[p]
-            if len(st) != len(tens) + len(other):   # keys the state gained after the snapshot go again
-                for k in [k for k in st if k not in tens and k not in other]:
-                    del st[k]
             for k, b in tens.items():
-                dst.append(st[k])
+                t = st.get(k)
+                if t is None:   # a key the step removed comes back (a copy: the snapshot stays intact)
+                    st[k] = b.clone()
+                    continue
+                dst.append(t)
                 src.append(b)
             for k, v in other.items():
                 st[k] = v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v)   # the snapshot stays intact
+            # every snapshot key is back in the state: a longer state gained keys after the snapshot; they go again
+            if len(st) != len(tens) + len(other):
+                for k in [k for k in st if k not in tens and k not in other]:
+                    del st[k]
         _copy_all_(dst, src)
 
     # ---- building blocks -----------------------------------------------------------------------------

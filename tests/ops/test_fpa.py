@@ -156,6 +156,19 @@ def test_non_contiguous_shifted_logits(backend):
         assert_close(name, b, a, 1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 0, 7), (2, 3, 0, 7), (0, 4, 7), (0, 7)], ids=str)
+def test_no_tokens(backend, shape):
+    """Logits without a token (T = 0: an empty completion window) give empty log-probs and a zero-size gradient;
+    merging the leading dims of such a tensor with reshape(-1, 0, V) raised instead (the -1 is ambiguous)."""
+    logits = torch.randn(shape, requires_grad=True)
+    tokens = torch.randint(0, shape[-1], shape[:-1])
+    out = fpa_logprobs(logits, torch.randn(shape), tokens, 0.5, backend=backend)
+    assert [tuple(x.shape) for x in out] == [shape[:-1]] * 3
+    out[0].sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
 @pytest.mark.filterwarnings("ignore:temperature=")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_keeps_fp32_accuracy_at_low_temperature(backend):

@@ -420,6 +420,43 @@ def test_nested_optimizer_state_is_rewound(name, extras):
     _assert_same_nested(_nested_state(m, opt), _nested_state(m2, o2))
 
 
+class _DroppingSGD(torch.optim.SGD):
+    """SGD whose step, once ``drop`` is set, removes the momentum buffer and adds a tensor key in its place (a
+    state that loses one key and gains another: the same number of keys)."""
+    drop = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step()
+        if self.drop:
+            for st in self.state.values():
+                if st.pop("momentum_buffer", None) is not None:
+                    st["other"] = torch.zeros(())
+
+
+@pytest.mark.parametrize("name", ["gxpo", "gxpo_tx", "sfpo"])
+def test_optimizer_state_that_lost_a_key_is_rewound(name):
+    """A state key the step removed made the rewind raise KeyError (in place of the step's own exception) and
+    leave the counters and the rest of the state unrestored; a key added in its place stayed."""
+    m = mlp(torch.float64)
+    opt = _DroppingSGD(m.parameters(), lr=0.05, momentum=0.9)
+    rule = {"gxpo": lambda: GXPO(opt, gate=None), "sfpo": lambda: SFPO(opt, K=2, gate=None),
+            "gxpo_tx": lambda: GXPO(opt, gate=None, transactional_state=True)}[name]()
+    rule.step(_closure(m, opt, rule, batch=1), entropy=1.0)          # momentum buffers exist
+    opt.drop = True
+    before = ([p.detach().clone() for p in m.parameters()], copy.deepcopy(opt.state_dict()["state"]))
+    counters = (rule.total_backward_passes, rule.total_optimizer_steps, rule.outer_steps)
+    with pytest.raises(Boom):
+        rule.step(_closure(m, opt, rule, raise_at=3), entropy=1.0)
+    assert (rule.total_backward_passes, rule.total_optimizer_steps, rule.outer_steps) == counters
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before[0]))
+    after = opt.state_dict()["state"]
+    assert after.keys() == before[1].keys()
+    for i in before[1]:
+        assert after[i].keys() == before[1][i].keys() == {"momentum_buffer"}
+        assert torch.equal(after[i]["momentum_buffer"], before[1][i]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("name", ["gxpo", "sfpo", "sfpo_plain_m2"])
 def test_frozen_param_with_a_stale_grad_is_refused_before_anything_moves(name):
     """A layer frozen after a backward keeps its .grad when the closure zeroes with set_to_none=False; torch's

@@ -124,7 +124,8 @@ def _launch_cfg(V: int):
 
 def as_3d(x: torch.Tensor) -> torch.Tensor:
     """(*, V) -> (B, T, V): (N, V) becomes (1, N, V); more leading dims are merged into B (a view when possible)."""
-    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+    # (flatten, not reshape(-1, T, V): with T = 0 the -1 would be ambiguous for a tensor of no elements)
+    return x.unsqueeze(0) if x.dim() == 2 else x.flatten(0, -3)
 
 
 def _row_blocks(logits3d: torch.Tensor, ref3d: torch.Tensor):
