@@ -101,6 +101,7 @@ class SFPO(ExtrapolationRule):
     def _plain_step(self, closure) -> dict:
         """The single-pass regime: one plain step per mini-batch closure."""
         closures = closure if isinstance(closure, (list, tuple)) else [closure]
+        self._reported = []   # (entropies the closures report are read by active steps only)
         infos = []
         for j, c in enumerate(closures):
             self.minibatch_index = j

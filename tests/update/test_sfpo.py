@@ -164,3 +164,24 @@ def test_fallback_over_minibatches_skips_only_the_nonfinite_one(bad_mb, at_theta
     assert params_equal(plain_m, ref_m) and not plain["skipped"]
     assert params_equal(m, ref_m)
     assert info["fell_back"] and not info["skipped"]
+
+
+def test_plain_steps_do_not_keep_the_entropies_closures_report():
+    """Entropies that closures report as (loss, entropy) are read by active steps only; plain steps (force_plain,
+    or a gate that fired for good) appended one per closure and never dropped them (a list that grew by one
+    entry per plain step for the whole run)."""
+    m = mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    rule = SFPO(opt, K=2, gate=None)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(m)
+        loss.backward()
+        return loss, 0.5
+
+    for _ in range(5):
+        rule.step(closure, force_plain=True)
+    assert len(rule._reported) <= 1
+    info = rule.step(closure)                          # an active step still reads its own passes' entropies
+    assert info["active"] and len(rule._reported) == 1
