@@ -287,21 +287,17 @@ class FADEController:
                 "delta_max": self.delta_max}
 
     def state_dict(self) -> Dict[str, object]:
-        return {"alpha_max": self.alpha_max, "target_entropy": self.target_entropy, "ema": self.ema,
-                "ema_convention": self.ema_convention, "p0": self.p0, "delta_min": self.delta_min,
-                "delta_max": self.delta_max, "p_hat": self.p_hat, "h_hat": self.h_hat, "steps": self.steps}
+        return {**self.settings(), "p_hat": self.p_hat, "h_hat": self.h_hat, "steps": self.steps}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Restore hyperparameters and state saved by ``state_dict``. Everything is validated (the
         hyperparameters through ``__init__``) before anything changes: a bad state raises and leaves the
         controller as it was."""
-        missing = {"alpha_max", "target_entropy", "ema", "ema_convention", "p0", "delta_min", "delta_max",
-                   "p_hat", "h_hat", "steps"} - set(state)
+        names = list(self.settings())
+        missing = {*names, "p_hat", "h_hat", "steps"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        new = FADEController(alpha_max=state["alpha_max"], target_entropy=state["target_entropy"],
-                             ema=state["ema"], ema_convention=state["ema_convention"], p0=state["p0"],
-                             delta_min=state["delta_min"], delta_max=state["delta_max"])
+        new = FADEController(**{k: state[k] for k in names})
         new.p_hat = check_scalar(state["p_hat"], "p_hat", "[0, 1]")
         new.h_hat = check_scalar(state["h_hat"], "h_hat", "[0, inf)", optional=True)
         new.steps = check_scalar(state["steps"], "steps", "[0, inf)", integer=True)
