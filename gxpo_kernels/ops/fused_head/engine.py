@@ -351,7 +351,7 @@ def _bwd_torch_chunk(h_c, wf, bf, y_c, lse_c, ent_c, dlogp_c, dent_c, inv_t, gh_
     dz.scatter_add_(1, y_c[:, None].long(), g.clone())
     dz *= inv_t
     if gh_c is not None:
-        gh_c.copy_(dz @ wf)
+        torch.mm(dz, wf, out=gh_c)                     # straight into the fp32 rows: no (rows, H) temporary
     if gw is not None:
         gw.addmm_(dz.t(), h_c)
     if gb is not None:
