@@ -141,7 +141,8 @@ class TrainConfig:
     fpa_beta: float = _f(0.1, "fpa_dpo / fpa_rpo / fpa_kto: beta")
     fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL")
     val_every: int = _f(10, "validate every N steps", aliases=("--eval_steps", "--eval-steps"))
-    val_size: int = _f(2048, "held-out prompts for greedy accuracy")
+    val_size: Optional[int] = _f(None, "held-out prompts for greedy accuracy (None: 2048, or the whole val split "
+                                       "when it holds fewer)")
     eval_batch_size: int = _f(1024, "prompts per generate call of validation and the warm-start check (times "
                                     "pass1_n sequences for pass@1): lower it to bound the KV cache")
     pass1_size: int = _f(128, "prompts for the sampled metrics pass@1 / pass@k (0 = off)")
@@ -206,7 +207,8 @@ class TrainConfig:
                 "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0,
                 "eval_batch_size": 1, "gradient_accumulation_steps": 1}
         for name, lo in ints.items():
-            _int_at_least(name, getattr(self, name), lo)
+            if not (name == "val_size" and self.val_size is None):
+                _int_at_least(name, getattr(self, name), lo)
         if (self.prompts * self.group) % self.gradient_accumulation_steps:
             raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
                              f"rows of a step, prompts * group = {self.prompts * self.group}")

@@ -359,11 +359,18 @@ def make_task(cfg) -> Task:
     return task
 
 
+DEFAULT_VAL_SIZE = 2048
+
+
 def validation_set(cfg, task: Task) -> List[Tuple[str, str]]:
-    """A run's fixed validation prompts: ``cfg.val_size`` distinct (prompt, answer) pairs of the val split."""
+    """A run's fixed validation prompts: ``cfg.val_size`` distinct (prompt, answer) pairs of the val split; with
+    ``val_size`` None, ``DEFAULT_VAL_SIZE`` of them, or the whole split when it holds fewer (a small task's
+    default run must not fail on a size nobody asked for)."""
     try:
-        return task.sample(cfg.val_size, "val", seed=0, distinct=True)
+        return task.sample(DEFAULT_VAL_SIZE if cfg.val_size is None else cfg.val_size, "val", seed=0, distinct=True)
     except SplitTooSmallError as e:
+        if cfg.val_size is None:   # the same draws, stopped at the split's size
+            return task.sample(e.found, "val", seed=0, distinct=True)
         raise ValueError(f"val_size {cfg.val_size}: {e}; pass --val_size {e.found} or less") from None
     except ValueError as e:
         raise ValueError(f"val_size {cfg.val_size}: {e}") from None

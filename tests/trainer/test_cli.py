@@ -192,8 +192,8 @@ BAD = [
     (["train", "--gradient_accumulation_steps", "4", "--deepspeed", "ds_zero2.json"],
      "--gradient_accumulation_steps 4 conflicts with the gradient_accumulation_steps 2 of --deepspeed"),
     (["train", "--eval_batch_size", "0"], "eval_batch_size must be an int >= 1"),
-    # `--task addition2` with train's default --val_size 2048: the error says what to pass
-    (["train", "--task", "addition2"], "(found 2029); pass --val_size 2029 or less"),
+    # an explicit --val_size the task's val split cannot fill: the error says what to pass
+    (["train", "--task", "addition2", "--val_size", "2030"], "(found 2029); pass --val_size 2029 or less"),
 ]
 
 
@@ -330,8 +330,8 @@ def _bad_model_and_dataset(tmp_path):
 def test_bad_inputs_fail_before_overwrite(tmp_path, capsys, no_work):
     """A damaged --model config.json or --dataset file, or a --val_size the task's val split cannot fill, is one
     line and exit code 2, found before --overwrite empties --out: it used to be a traceback (exit 1) from inside
-    the run, or found after the earlier run's folder had been deleted (`train --task addition2` failed so with
-    the default --val_size 2048: the split holds 2029 problems)."""
+    the run, or found after the earlier run's folder had been deleted (`--task addition2 --val_size 2048`: the
+    split holds 2029 problems)."""
     broken, fine, data = _bad_model_and_dataset(tmp_path)
     earlier = tmp_path / "earlier"
     earlier.mkdir()

@@ -65,6 +65,22 @@ def test_distinct_draw_beyond_the_split_fails_fast():
     assert len(set(whole)) == 2029 and t.sample(1024, "val", seed=0, distinct=True) == whole[:1024]
 
 
+def test_default_val_size_takes_a_small_split_whole():
+    """With --val_size left at its default (None), validation takes 2048 problems, or the whole val split when it
+    holds fewer: `train --task addition2` failed at start-up with the old default 2048 (the split holds 2029). An
+    explicit size the split cannot fill is still refused."""
+    from gxpo_kernels.trainer.config import TrainConfig
+    from gxpo_kernels.trainer.tasks import DEFAULT_VAL_SIZE, validation_set
+    cfg = TrainConfig(task="addition2").validate()
+    assert cfg.val_size is None
+    val = validation_set(cfg, Addition2Task())
+    assert val == Addition2Task().sample(2029, "val", seed=0, distinct=True) and len(set(val)) == 2029
+    big = validation_set(TrainConfig(task="addition").validate(), AdditionTask())
+    assert big == AdditionTask().sample(DEFAULT_VAL_SIZE, "val", seed=0, distinct=True)
+    with pytest.raises(ValueError, match="pass --val_size 2029 or less"):
+        validation_set(TrainConfig(task="addition2", val_size=2030).validate(), Addition2Task())
+
+
 @pytest.mark.parametrize("task", [AdditionTask(), Addition2Task(), SortTask()])
 def test_checker_scores(task):
     tok = CharTokenizer(task.alphabet)
