@@ -276,8 +276,9 @@ def host_overhead(out_path=None, reps=60):
     - ``extrapolate_*``: the public op (params / theta0 validated and tabulated once per layout; g0 and g1
       checked on every call, or recognised as lists checked before): ``extrapolate_`` new g1 tensors from the OS
       every other call, ``extrapolate_same_grads`` the same g0 and g1 every call, ``extrapolate_new_g1`` new g1
-      tensors from the pool every call, ``extrapolate_new_g0_g1`` new g0 and g1 from the pool every call (a
-      rule that keeps pass 0's gradients, through the public op);
+      tensors from the pool every call, ``extrapolate_new_g1_same_addresses`` new g1 tensors every call at the
+      previous call's addresses (a caching allocator's steady state for ``p.grad``), ``extrapolate_new_g0_g1``
+      new g0 and g1 from the pool every call (a rule that keeps pass 0's gradients, through the public op);
     - ``plan_*``: ``ExtrapolationPlan`` with static g0 (what the rules call with a g0 buffer; built as the rules
       build it, ``grads_are_param_dtype=True``: no dtype scan when the gradients' addresses change), and
       ``plan_kept_g0_*`` with ``g0="per_call"`` (GXPO keeping pass 0's gradients: g0 and g1 read per call);
@@ -302,11 +303,11 @@ def host_overhead(out_path=None, reps=60):
         pool = torch.empty(2 * sum(sizes) + 64 * len(shapes))   # never touched: no memory is committed
         shift = iter(range(10 ** 9))
 
-        def carve():   # new tensors at new addresses (16-byte aligned, as a caching allocator returns them)
-            o, out = 4 * (next(shift) % 997), []
+        def carve(fixed=False):   # new tensors at new addresses (16-byte aligned, as a caching allocator returns
+            o, out = 0 if fixed else 4 * (next(shift) % 997), []   # them); fixed: at the same addresses each time
             for s, n in zip(shapes, sizes):
                 out.append(pool[o:o + n].view(s))
-                o += n + 4 * (1 + next(shift) % 3)
+                o += n + 4 * (1 if fixed else 1 + next(shift) % 3)
             return out
         P, T0, G0 = mk(), mk(), mk()
 
@@ -321,15 +322,18 @@ def host_overhead(out_path=None, reps=60):
         run_kept = lambda g: kept(g[1], g0=g[0], alpha=0.5, K=5)  # noqa: E731
         res = {}
         # (name, fn, how the gradients change: 0 never, "os" OS-allocated before every call, "pool" carved
-        # before every call, 2 OS-allocated every other call)
+        # before every call, "fixed" carved at the same addresses before every call, 2 OS-allocated every other
+        # call)
         for name, fn, fresh in (("extrapolate_", cached, 2), ("extrapolate_same_grads", public_kept, 0),
-                                ("extrapolate_new_g1", cached, "pool"), ("extrapolate_new_g0_g1", public_kept, "pool"),
+                                ("extrapolate_new_g1", cached, "pool"),
+                                ("extrapolate_new_g1_same_addresses", cached, "fixed"),
+                                ("extrapolate_new_g0_g1", public_kept, "pool"),
                                 ("plan_same_addresses", run_plan, 0),
                                 ("plan_new_addresses", run_plan, "pool"), ("plan_new_tensors_os", run_plan, "os"),
                                 ("plan_kept_g0_same_addresses", run_kept, 0),
                                 ("plan_kept_g0_new_addresses", run_kept, "pool")):
             two = fn in (run_kept, public_kept)   # only these cases read a second gradient list
-            one = carve if fresh == "pool" else mk
+            one = carve if fresh == "pool" else (lambda: carve(fixed=True)) if fresh == "fixed" else mk
             new = (lambda: (one(), one())) if two else (lambda: (None, one()))  # noqa: E731
             g = new()
             t = time.process_time()
@@ -337,7 +341,7 @@ def host_overhead(out_path=None, reps=60):
             first = time.process_time() - t
             ts = []
             for i in range(reps):
-                if fresh in ("os", "pool") or (fresh == 2 and i % 2 == 0):
+                if fresh in ("os", "pool", "fixed") or (fresh == 2 and i % 2 == 0):
                     g = new()
                 t = time.process_time()
                 fn(g)
@@ -348,7 +352,7 @@ def host_overhead(out_path=None, reps=60):
     finally:
         X._extrapolate_kernel, X._launch_config, X.extrapolate_backend = saved
     # what one C-level pass over the 338 tensors costs per attribute (metadata in cache): the unit the host part
-    # is made of (a call reads some lists once or more)
+    # is made of (a call reads some lists once or more; with the C++ extension, one tensor_records pass per list)
     passes = {}
     T = torch.Tensor
     for pname, f in (("id", id), ("data_ptr", T.data_ptr), ("numel", T.numel), ("is_contiguous", T.is_contiguous),
@@ -359,6 +363,16 @@ def host_overhead(out_path=None, reps=60):
             list(map(f, G0))
             ts.append(time.process_time() - t)
         passes[pname] = 1e6 * statistics.median(ts)
+    # the compiled pass that reads all of these at once (the public op's cache checks; absent from a checkout
+    # without it, or where the C++ extension cannot be built)
+    records = getattr(X, "_record_reader", lambda: None)()
+    if records is not None:
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()
+            records(G0, True)
+            ts.append(time.process_time() - t)
+        passes["tensor_records"] = 1e6 * statistics.median(ts)
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
                layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(sizes),
                threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res, passes_us=passes)

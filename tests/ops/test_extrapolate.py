@@ -39,6 +39,29 @@ def _clone(xs):
     return [x.clone() for x in xs]
 
 
+@pytest.fixture(params=["compiled", "python"])
+def checks(request, monkeypatch):
+    """How the public op re-checks a cached layout and its gradient lists: from one compiled pass per list (the
+    C++ extension's ``tensor_records``) or, where the extension cannot be built, with Python-level passes. A
+    fresh layout cache, so that every layout of the test is cached in that mode."""
+    from collections import OrderedDict
+
+    from gxpo_kernels.ops.extrapolate import op
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())
+    if request.param == "python":
+        monkeypatch.setattr(op, "_record_reader", lambda: None)
+    elif op._record_reader() is None:
+        pytest.skip("no C++ compiler: the checks run in Python")
+    return request.param
+
+
+def _assert_checks(checks, p, t0, lowp_out=None):
+    """The cached layout of these lists runs the checks ``checks`` names."""
+    from gxpo_kernels.ops.extrapolate import op
+    lay = op._layout_for(p, t0, lowp_out)
+    assert lay is not None and (lay.recs is not None) == (checks == "compiled")
+
+
 def _check(name, ref_p, out_p, ref_s, out_s, dtype, atol=1e-6):
     ulp = {torch.float32: 0.0, torch.bfloat16: 2 ** -7, torch.float64: 0.0}[dtype]
     for i, (a, b) in enumerate(zip(ref_p, out_p)):
@@ -94,7 +117,7 @@ def test_mixed_dtypes_and_plain_move(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
-def test_gradient_lists_that_mix_dtypes(backend):
+def test_gradient_lists_that_mix_dtypes(backend, checks):
     """g1 (and g0) of one param dtype in different dtypes (fp32, fp64, bf16, fp16): the public op reads each
     tensor in its own dtype. Triton reads a list in one dtype: a mixed list must not be read as its first
     tensor's dtype (wrong values; past the end of a narrower tensor on a GPU)."""
@@ -206,7 +229,7 @@ def test_triton_float_arguments_reach_the_kernel_as_float64():
     assert kinds == dict.fromkeys(floats, "fp64")
 
 
-def test_layout_cache_forgets_a_freed_tensor():
+def test_layout_cache_forgets_a_freed_tensor(checks):
     """The layout cache is keyed by ids and addresses, which a new tensor can inherit once the old one is freed
     (CPython reuses the object, the allocator the memory): freeing any tensor of a layout drops its entry, so a
     later tensor at the same id and address is validated afresh."""
@@ -279,7 +302,7 @@ def _views(buf, sizes):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_layout_still_checks_every_gradient(backend):
+def test_cached_layout_still_checks_every_gradient(backend, checks):
     """Once a layout is cached, a call checks g0 and g1 with C-level passes instead of per tensor; a wrong numel,
     dtype, device, a non-contiguous tensor or a gradient overlapping a param must still raise, naming it, before
     anything is written; repeated and new gradients at the same addresses pass the checks again (a gradient
@@ -293,6 +316,7 @@ def test_cached_layout_still_checks_every_gradient(backend):
     kw = dict(alpha=0.5, K=5, backend=backend)
     for _ in range(4):   # cache the layout, see the gradients twice, then hit the watched lists
         extrapolate_(p, t0, g0, g1, **kw)
+    _assert_checks(checks, p, t0)
     before = _clone(p)
     bad = {"numel": ([torch.randn(41) if i == 1 else x for i, x in enumerate(g1)], ValueError, r"g1\[1\] has 41"),
            "dtype": ([x.to(torch.int32) if i == 2 else x for i, x in enumerate(g1)], TypeError, r"g1\[2\] must be"),
@@ -320,7 +344,7 @@ def test_cached_layout_still_checks_every_gradient(backend):
 
 
 @pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cached_layout_with_new_gradients_every_call(pdt):
+def test_cached_layout_with_new_gradients_every_call(pdt, checks):
     """One layout, new g0 and g1 tensors on every call (new addresses, one off the 16-byte grid, g0's dtypes
     changing between calls so that another plan serves them, then the first lists again): each call equals the
     reference."""
@@ -343,10 +367,16 @@ def test_cached_layout_with_new_gradients_every_call(pdt):
         _check(f"call {call}", before, p, ref, st, pdt)
 
 
-def test_seen_gradients_are_forgotten_when_freed():
-    """A gradient list that passed the checks twice is watched: freeing one of its tensors forgets it, so a new
-    tensor inheriting its id and address is checked."""
+def test_seen_gradients_are_forgotten_when_freed(monkeypatch):
+    """A gradient list that passed the Python-level checks twice is watched: freeing one of its tensors forgets
+    it, so a new tensor inheriting its id and address is checked. (The compiled checks compare every attribute
+    the checks read, whatever the objects: see test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_
+    address.)"""
+    from collections import OrderedDict
+
     from gxpo_kernels.ops.extrapolate import op
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())
+    monkeypatch.setattr(op, "_record_reader", lambda: None)
     p, t0, g0, g1 = _make(torch.float32, shapes=[(64,), (100,)])
     for _ in range(4):
         extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
@@ -360,7 +390,7 @@ def test_seen_gradients_are_forgotten_when_freed():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_layout_follows_a_param_moved_to_new_storage(backend):
+def test_cached_layout_follows_a_param_moved_to_new_storage(backend, checks):
     """A param whose storage is swapped in place (same tensor object, new address: ``p.data = ...``, ``set_``)
     no longer matches the cached layout: the call validates again and writes into the new storage; a param
     replaced by a same-address view of another dtype or numel is refused."""
@@ -381,7 +411,7 @@ def test_cached_layout_follows_a_param_moved_to_new_storage(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backend):
+def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backend, checks):
     """The same tensor object, at the same address, holding another dtype (``p.data = <a bf16 view>``, or what
     a caching allocator hands back after ``model.to(...)``), another numel (``resize_``) or a non-contiguous
     layout (``p.data = p.data.t()``): the cached layout used to match on ids and addresses alone, and Triton read
@@ -392,6 +422,7 @@ def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backen
     raw = p[1].view(-1)
     for _ in range(2):
         extrapolate_(p, t0, g0, g1, **kw)
+    _assert_checks(checks, p, t0)
     p[1].data = raw.view(torch.bfloat16)[:64].view(8, 8)   # same address, now bf16
     p[1].copy_(torch.randn(8, 8))
     g1b = [g1[0], g1[1].bfloat16()]
@@ -421,6 +452,106 @@ def test_cached_layout_sees_a_tensor_changed_in_place_at_the_same_address(backen
     g0[1].resize_(32)
     with pytest.raises(ValueError, match=r"g0\[1\] has 32 elements"):
         extrapolate_(p, t0, g0, g1, **kw)
+
+
+def _same_address_changes():
+    """Ways a live tensor of a cached list changes what it holds while keeping its id and its address: each
+    takes the tensor (64 elements, shape (8, 8)) and returns what a fresh call must make of it."""
+    import numpy as np
+
+    def other(x):   # a 16-bit dtype other than x's
+        return torch.float16 if x.dtype == torch.bfloat16 else torch.bfloat16
+
+    def view_dtype(x):        # p.data = <a view in another dtype> (new values: finite ones in the new dtype)
+        x.data = x.data.view(-1).view(torch.uint8)[:128].view(other(x)).view(8, 8)
+        x.copy_(torch.randn(8, 8))
+
+    def resize(x):            # resize_: fewer elements
+        x.resize_(32)
+
+    def set_strides(x):       # set_ onto the same storage and offset, transposed strides: not contiguous
+        x.set_(x.untyped_storage(), x.storage_offset(), (8, 8), (1, 8))
+
+    def new_storage(x):       # a new storage the allocator put at the old address, of another dtype
+        x.data = torch.from_numpy(x.data.view(-1).view(torch.uint8).numpy()[:128].view(np.float16)).view(8, 8)
+        x.copy_(torch.randn(8, 8))
+    return {"view_dtype": view_dtype, "resize_": resize, "set_": set_strides, "new_storage": new_storage}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_lists_changed_in_place_at_the_same_address_every_way(backend, checks):
+    """Each way of changing a tensor in place at its address (``_same_address_changes``), applied to a tensor of
+    each list (params, theta0, lowp_out, g0, g1) after the layout is cached and the gradient lists were seen
+    three times: the call equals a fresh call (a cleared cache: full validation) bit for bit, or raises as it
+    does. The cache used to match on ids and addresses alone, and Triton read and wrote a changed tensor in its
+    old dtype and length."""
+    from gxpo_kernels.ops.extrapolate import op
+    kw = dict(alpha=0.5, K=5, backend=backend)
+    names = ("params", "theta0", "lowp_out", "g0", "g1")
+    for how, change in _same_address_changes().items():
+        for which in names:
+            p, t0, g0, g1 = _make(torch.float32, shapes=[(37,), (8, 8)], seed=len(how) + len(which))
+            lp = [None, torch.zeros(8, 8, dtype=torch.bfloat16)]   # (an entry may be None)
+            lists = dict(zip(names, (p, t0, lp, g0, g1)))
+            for _ in range(3):
+                extrapolate_(p, t0, g0, g1, lowp_out=lp, **kw)
+            _assert_checks(checks, p, t0, lp)
+            change(lists[which][1])
+            fresh = {k: [x if x is None or k not in ("params", "lowp_out") else x.clone() for x in v]
+                     for k, v in lists.items()}
+            try:
+                st, err = extrapolate_(p, t0, g0, g1, lowp_out=lp, **kw), None
+            except (TypeError, ValueError) as e:
+                st, err = None, e
+            op._LAYOUTS.clear()
+            try:
+                want, want_err = extrapolate_(*(fresh[k] for k in names[:1] + names[1:2] + names[3:]),
+                                              lowp_out=fresh["lowp_out"], **kw), None
+            except (TypeError, ValueError) as e:
+                want, want_err = None, e
+            what = f"{how} of {which}[1]"
+            assert (type(err), str(err)) == (type(want_err), str(want_err)), what
+            if err is None:
+                assert torch.equal(st, want), what
+                for a, b in zip(p + lp, fresh["params"] + fresh["lowp_out"]):
+                    assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), what
+            op._LAYOUTS.clear()
+
+
+def test_tensor_records_read_what_python_reads():
+    """The compiled pass behind the cached layout's checks (``tensor_records``): per entry the id, data_ptr,
+    numel, dtype, contiguity and device, as Python reads them (zeros for None); None for anything it must not
+    read in C++ (a tensor subclass, which may override these attributes, or not a tensor at all)."""
+    import numpy as np
+
+    from gxpo_kernels.ops.extrapolate import op
+    rd = op._record_reader()
+    if rd is None:
+        pytest.skip("no C++ compiler: the checks run in Python")
+    base = torch.randn(100)
+    ts = [torch.randn(3, 5), None, torch.randn(4, 6).t(), base[10:30], torch.empty(0, dtype=torch.bfloat16),
+          torch.nn.Parameter(torch.randn(7, dtype=torch.float64)), torch.zeros(3, dtype=torch.float16),
+          torch.zeros(2, 3, dtype=torch.int32)]
+    n = len(ts)
+    for seq in (ts, tuple(ts)):
+        for with_ids in (True, False):
+            rec = np.frombuffer(rd(seq, with_ids), np.int64).reshape(4 if with_ids else 3, n)
+            ids = rec[0] if with_ids else None
+            ptrs, numels, metas = rec[-3:]
+            for i, t in enumerate(ts):
+                if t is None:
+                    assert (ids is None or ids[i] == 0) and ptrs[i] == numels[i] == metas[i] == 0
+                    continue
+                assert ids is None or ids[i] == id(t)
+                assert (ptrs[i], numels[i]) == (t.data_ptr(), t.numel()), i
+                # CPU: device type 0, index -1 (+ 1)
+                assert (metas[i] >> 8) & 255 == t.is_contiguous() and metas[i] >> 16 == 0, i
+                assert op._CODES.get(int(metas[i]) & 255, torch.int32) == t.dtype, i
+    codes = {t.dtype: int(m) & 255 for t, m in zip(ts, np.frombuffer(rd(ts, False), np.int64)[2 * n:]) if t is not None}
+    assert len(set(codes.values())) == len(codes) == 5   # one code per dtype
+    sub = type("Sub", (torch.Tensor,), {})
+    for bad in ([ts[0], torch.randn(3).as_subclass(sub)], [ts[0], 1.0], ts[0], iter(ts[:1])):
+        assert rd(bad, True) is None and rd(bad, False) is None
 
 
 def test_prepared_plan_refuses_params_moved_since():
@@ -632,6 +763,14 @@ def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
         extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="cpp")
     extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5)
     assert torch.equal(p[0], q[0]) and _cpp.load_extension() is None   # second call: no rebuild, no warning
+    # the layout cache re-checks its lists in Python then (test_cached_lists_changed_in_place_..._every_way)
+    from gxpo_kernels.ops.extrapolate import op
+    lay = op._layout_for(p, t0, None)
+    assert lay is not None and lay.recs is None and lay.records is None
+    for _ in range(2):
+        extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="triton")
+        extrapolate_ref_(q, t0, g0, g1, alpha=0.5, K=5)
+    assert torch.equal(p[0], q[0])
 
 
 def test_cpp_build_failure_warning_keeps_the_compiler_error(monkeypatch):
@@ -715,7 +854,7 @@ def test_closed_form_is_bit_exact_with_pow(backend, dtype, K):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
-def test_aliasing_tensors_are_refused(backend):
+def test_aliasing_tensors_are_refused(backend, checks):
     base = torch.randn(64)
     t0, g0, g1 = [torch.randn(64)], [torch.randn(64)], [torch.randn(64)]
     kw = dict(alpha=0.5, K=5, backend=backend)

@@ -14,7 +14,8 @@ when a build is killed midway (timeout, Ctrl-C), and every later build would wai
 the OS lock knows that no build is running, so a torch lock file found then is stale and is removed.
 
 When no compiler is available (or the build fails) the callers fall back to the PyTorch reference after a
-one-time warning. ``GXPO_CPP_CFLAGS`` replaces the default flags (``-O3 -march=native -ffp-contract=off
+one-time warning (and the public op's cache checks, ``tensor_records``, to Python-level passes).
+``GXPO_CPP_CFLAGS`` replaces the default flags (``-O3 -march=native -ffp-contract=off
 -fopenmp``: no FMA contraction, so results match the reference bit for bit; the op is built on the machine that
 runs it). ``GXPO_CPP_BUILD_TIMEOUT`` (seconds, default 900) bounds the wait for another process's build.
 """
@@ -168,7 +169,9 @@ def load_extension():
         except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
             _FAILED = True
             warnings.warn(f"gxpo_kernels: could not build the C++ extrapolation extension ({type(e).__name__}: "
-                          f"{_shorten(str(e))}); falling back to the PyTorch reference (slower).", RuntimeWarning)
+                          f"{_shorten(str(e))}); falling back to the PyTorch reference on the CPU (slower) and to "
+                          "Python-level checks of extrapolate_'s cached tensor lists (a slower host part).",
+                          RuntimeWarning)
     return _MODULE
 
 

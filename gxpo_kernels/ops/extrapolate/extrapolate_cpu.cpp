@@ -626,7 +626,52 @@ std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::
   return left;
 }
 
+// The public op's cache checks (op.py: _Layout.matches, _check_grads): the ids (with_ids), data_ptrs, numels and
+// metas (dtype | contiguous << 8 | device type << 16 | (device index + 1) << 24) of the entries of a list or
+// tuple, one int64 column after the other (the addresses, or the numels and metas, are then one contiguous
+// slice), in one bytes object that Python compares with == (an id is the PyObject's address, as id() returns
+// it). A None entry gives zeros. Returns None when an entry is anything else than None, a torch.Tensor or a
+// Parameter (THPVariable_CheckExact: a subclass may override these attributes through __torch_function__, which
+// this pass would bypass), or when an attribute cannot be read (no storage): the caller then reads the
+// attributes in Python. One C++ pass reads all of them; a Python-level pass per attribute costs a method call and
+// an int object per tensor.
+py::object tensor_records(py::handle seq, bool with_ids) {
+  PyObject* s = seq.ptr();
+  if (!PyList_Check(s) && !PyTuple_Check(s)) return py::none();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(s);
+  PyObject** items = PySequence_Fast_ITEMS(s);
+  const Py_ssize_t cols = with_ids ? 4 : 3;
+  py::bytes out(nullptr, static_cast<size_t>(n * cols) * sizeof(int64_t));
+  int64_t* ids = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(out.ptr()));
+  int64_t* ptrs = ids + (with_ids ? n : 0);
+  int64_t* numels = ptrs + n;
+  int64_t* metas = numels + n;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* o = items[i];
+      if (o == Py_None) {
+        if (with_ids) ids[i] = 0;
+        ptrs[i] = numels[i] = metas[i] = 0;
+        continue;
+      }
+      if (!THPVariable_CheckExact(o)) return py::none();
+      const at::Tensor& t = THPVariable_Unpack(o);
+      if (with_ids) ids[i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(o));
+      ptrs[i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));   // as Tensor.data_ptr() reads it
+      numels[i] = t.numel();
+      const at::Device d = t.device();
+      metas[i] = static_cast<int64_t>(static_cast<uint8_t>(t.scalar_type())) | (int64_t{t.is_contiguous()} << 8) |
+                 (static_cast<int64_t>(static_cast<uint8_t>(d.type())) << 16) |
+                 (static_cast<int64_t>(static_cast<int>(d.index()) + 1) << 24);
+    }
+  } catch (const c10::Error&) {
+    return py::none();
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("extrapolate_cpu", &extrapolate_cpu, "GXPO in-place extrapolation over a tensor list (CPU, OpenMP)");
   m.def("snapshot_copy", &snapshot_copy, "byte copy of a tensor list with non-temporal stores (CPU)");
+  m.def("tensor_records", &tensor_records, "id, data_ptr, numel, dtype, contiguity, device of a tensor list");
 }

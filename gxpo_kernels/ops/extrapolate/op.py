@@ -263,9 +263,11 @@ def _addresses(*lists) -> list:
     return list(map(_PTR, lists[0] if len(lists) == 1 else itertools.chain(*lists)))
 
 
-def _as_array(ptrs: list, k: int) -> np.ndarray:
-    """int64 [k, n] (C order) of ``k`` lists' addresses from ``_addresses``."""
-    return np.array(ptrs, dtype=np.int64).reshape(k, -1)
+def _as_array(ptrs, k: int) -> np.ndarray:
+    """int64 [k, n] (C order) of ``k`` lists' addresses: a list from ``_addresses``, or their int64 bytes (the
+    public op's ``tensor_records``, read without a copy)."""
+    a = np.frombuffer(ptrs, np.int64) if isinstance(ptrs, bytes) else np.array(ptrs, dtype=np.int64)
+    return a.reshape(k, -1)
 
 
 class _Plan:
@@ -347,7 +349,7 @@ class _Plan:
                     return True
         return False
 
-    def _call_offsets(self, grp, lists, ptrs: list, modes) -> tuple:
+    def _call_offsets(self, grp, lists, ptrs, modes) -> tuple:
         """The per-call lists of one dtype group (g1, or g0 then g1) with their addresses (``_addresses(*lists)``):
         per list (base tensor, device element offsets, ALIGN), and the copies the launch reads (or None). The
         offsets of all lists come from one NumPy expression and reach the device in one copy; they are rebuilt
@@ -403,11 +405,12 @@ class _Plan:
         res = self._offsets(grp, _as_array(_addresses(*keep), len(keep)), tuple(ts[0].element_size() for ts in keep))
         return [(ts[0], off, al) for ts, (off, al) in zip(keep, res)], keep
 
-    def run(self, lists, thr, *, ptrs: Optional[list] = None, modes=("never",), alpha, K, clip_coef0,
+    def run(self, lists, thr, *, ptrs=None, modes=("never",), alpha, K, clip_coef0,
             clip_coef1, scale_formula, delta, r_min, r_max) -> torch.Tensor:
         """Launch over the per-call gradient lists ``lists`` (each one tensor per param: (g1,), or (g0, g1) with a
-        per-call g0; None for the plain move). ``ptrs``: their addresses (``_addresses(*lists)``) when the caller
-        already read them; ``modes``: the dtype handling of each list (see ``_call_offsets``)."""
+        per-call g0; None for the plain move). ``ptrs``: their addresses when the caller already read them
+        (``_addresses(*lists)``, or their int64 bytes: see ``_as_array``); ``modes``: the dtype handling of each
+        list (see ``_call_offsets``)."""
         parts, keep = [], []
         for grp in self.groups:
             align = grp["align"]
@@ -669,6 +672,22 @@ _LAYOUT_CACHE_SIZE = 8
 
 
 _NONE_ID = id(None)
+_CODES: dict = {}   # the records' dtype codes (c10's scalar type numbers) -> the float dtypes the op takes
+_CODE_OF: dict = {}   # and back
+
+
+def _record_reader():
+    """``tensor_records`` of the C++ extension (``extrapolate_cpu.cpp``): the id, data_ptr, numel, dtype,
+    contiguity and device of every tensor of a list in one compiled pass, as one bytes object. None when the
+    extension cannot be built: the checks then read each attribute with a Python-level pass (the same checks,
+    slower). Asked when a layout is cached (building the extension on first use, as the CPU op does)."""
+    from ._cpp import load_extension
+    fn = getattr(load_extension(), "tensor_records", None)
+    if fn is not None and not _CODES:
+        for dt in _TL_DTYPES:   # (the codes are c10's enum, read here rather than written down)
+            _CODE_OF[dt] = code = int(np.frombuffer(fn([torch.empty(0, dtype=dt)], False), np.int64)[2]) & 255
+            _CODES[code] = dt
+    return fn
 
 
 def _ids_ptrs(ts) -> tuple:
@@ -706,21 +725,34 @@ class _Layout:
     change in place while keeping its id and address (``resize_``, ``p.data = p.data.view(torch.bfloat16)``,
     ``set_`` onto the same storage offset, a new storage the allocator placed where the old one was): each
     static tensor's dtype, numel and contiguity are compared too (``_static_meta``), or the plans would read
-    and write it in its old dtype and length."""
+    and write it in its old dtype and length. With the C++ extension all of it (ids, addresses, dtypes, numels,
+    contiguity, devices) is read in one compiled pass per list (``tensor_records``) and compared as one bytes
+    object (``recs``); without it, with Python-level passes (``lists``, ``metas``)."""
 
     def __init__(self, key, params, theta0, lowp_out):
-        self.lists = [_ids_ptrs(params), _ids_ptrs(theta0)] + ([_ids_ptrs(lowp_out)] if lowp_out is not None
-                                                                else [])
-        self.metas = [_static_meta(ts, ids) for (ids, _), ts in zip(self.lists, (params, theta0, lowp_out))]
+        statics = (params, theta0) if lowp_out is None else (params, theta0, lowp_out)
+        self.records = _record_reader()
+        recs = None if self.records is None else [self.records(ts, True) for ts in statics]
+        if recs is not None and None not in recs:   # compiled: one pass per list reads all of it
+            self.recs, self.lists, self.metas = recs, None, None
+            # a gradient's meta without its dtype: contiguous, on the params' device (params[0] is a tensor)
+            self.grad_meta = int(np.frombuffer(recs[0], np.int64)[3 * len(params)]) >> 8
+            self.grad_tails = {}   # dtype -> the numels and metas columns of a gradient list of that dtype
+        else:
+            self.recs = self.records = None
+            self.lists = [_ids_ptrs(ts) for ts in statics]
+            self.metas = [_static_meta(ts, ids) for (ids, _), ts in zip(self.lists, statics)]
         self.numels = list(map(_NUMEL, params))
         self.numel_np = np.array(self.numels, dtype=np.int64)
         self.device = params[0].device
         spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
                        for ts in (params, lowp_out or ()) for p in ts if p is not None and p.numel())
         self.w_lo = np.array([s for s, _ in spans], dtype=np.int64)   # disjoint (validated): ends sorted too
-        self.w_hi = np.array([e for _, e in spans], dtype=np.int64)
+        self.w_hi_before = np.array([-1] + [e for _, e in spans], dtype=np.int64)   # [i]: the end of span i - 1
+        self.nonempty = None if all(self.numels) else self.numel_np > 0
         self.plans = {}
         self.seen = {"g0": None, "g1": None}
+        self.seen_records = {"g0": None, "g1": None}   # (records, addresses, dtype pattern): _check_grad_records
 
         # the callback knows this entry by a token, not by itself: no reference cycle keeps an evicted entry (and
         # the tensors its plans hold) alive until the next garbage collection
@@ -733,6 +765,9 @@ class _Layout:
                       for t in ts if t is not None]
 
     def matches(self, params, theta0, lowp_out) -> bool:
+        if self.recs is not None:   # ids, addresses and what they hold, read in one compiled pass per list
+            rd = self.records
+            return all(rd(ts, True) == r for r, ts in zip(self.recs, (params, theta0, lowp_out)))
         for (ids, ptrs), ts in zip(self.lists, (params, theta0, lowp_out)):
             if list(map(id, ts)) != ids:
                 return False
@@ -758,18 +793,31 @@ class _Layout:
         return plan
 
     def overlaps_written(self, a: np.ndarray, nbytes: np.ndarray) -> bool:
-        """Whether any span [a, a + nbytes) (nbytes > 0) overlaps a written tensor."""
+        """Whether any span [a, a + nbytes) (one per param: nbytes > 0 where its numel is) overlaps a written
+        tensor: the last written span that starts before the end reaches past the start."""
         if not self.w_lo.size:
             return False
-        j = np.searchsorted(self.w_lo, a + nbytes, side="left") - 1   # the last written span starting before the end
-        return bool(((j >= 0) & (self.w_hi[np.maximum(j, 0)] > a) & (nbytes > 0)).any())
+        hit = self.w_hi_before[np.searchsorted(self.w_lo, a + nbytes, side="left")] > a
+        return bool(hit.any() if self.nonempty is None else hit[self.nonempty].any())
+
+    def grad_tail(self, dt: torch.dtype) -> tuple:
+        """The numels and metas columns of ``tensor_records`` for a valid gradient list of dtype ``dt`` (bytes),
+        and its tensors' byte sizes."""
+        tail = self.grad_tails.get(dt)
+        if tail is None:
+            meta = self.grad_meta << 8 | _CODE_OF[dt]
+            tail = self.grad_tails[dt] = (self.numel_np.tobytes() + np.full(len(self.numels), meta, np.int64).tobytes(),
+                                          self.numel_np * dt.itemsize)
+        return tail
 
 
 def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     """The per-call checks of a gradient list (g0 or g1) of a validated layout, as C-level passes: one tensor per
     param, same numels, contiguous, float dtypes, the params' device, no overlap with a written tensor. Returns
-    (addresses (a list), dtype pattern: one dtype or a tuple of one per tensor), or None when a check fails
-    (the caller then runs the per-tensor validation, which names the offender).
+    (addresses: a list, or int64 bytes from the records; dtype pattern: one dtype or a tuple of one per tensor),
+    or None when a check fails (the caller then runs the per-tensor validation, which names the offender). With
+    the C++ extension the attributes come from one compiled pass (``_check_grad_records``); what follows is the
+    Python-level path.
 
     A list that passed stays in ``lay.seen[name]`` (addresses; ids once they repeat); a later list with the same
     ids and addresses is that one, unchanged, once it is watched: when it comes back, it is checked once more
@@ -779,6 +827,10 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     every call cost no ids pass and no weak references."""
     if not isinstance(ts, (list, tuple)) or isinstance(ts, torch.Tensor) or len(ts) != len(lay.numels):
         return None
+    if lay.records is not None:
+        rec = lay.records(ts, False)
+        if rec is not None:
+            return _check_grad_records(lay, name, ts, rec)
     try:
         ptrs = _addresses(ts)
     except TypeError:   # not a tensor
@@ -801,6 +853,35 @@ def _check_grads(lay: _Layout, name: str, ts) -> Optional[tuple]:
     found = _check_grads_now(lay, ts, ptrs)
     lay.seen[name] = None if found is None else [ids, ptrs, found, None]
     return None if found is None else (ptrs, found)
+
+
+def _check_grad_records(lay: _Layout, name: str, ts, rec: bytes) -> Optional[tuple]:
+    """``_check_grads`` from a list's records (``tensor_records``: addresses, numels, metas): the same checks on
+    what one compiled pass read. Their outcome depends on nothing else of the tensors, so a list whose records
+    equal those of the last list that passed (``lay.seen_records[name]``) passes as it is: the same tensors, or
+    others at the same addresses with the same numels, dtypes, contiguity and device (no ids, no weak
+    references). The addresses returned are the records' first column (int64 bytes, see ``_as_array``)."""
+    seen = lay.seen_records[name]
+    if seen is not None and seen[0] == rec:
+        return seen[1], seen[2]
+    n = len(lay.numels)
+    a = np.frombuffer(rec, np.int64)
+    dt = _CODES.get(int(a[2 * n]) & 255)
+    if dt is not None and rec[8 * n:] == lay.grad_tail(dt)[0]:   # one dtype, every numel and meta as they must be
+        nbytes = lay.grad_tail(dt)[1]
+    else:   # a check fails, or (rarely) the list mixes dtypes
+        metas = a[2 * n:]
+        if not (np.array_equal(a[n:2 * n], lay.numel_np) and ((metas >> 8) == lay.grad_meta).all()):
+            return None   # a numel, the contiguity or the device differs
+        dt = tuple(map(_CODES.get, (metas & 255).tolist()))
+        if None in dt:
+            return None
+        nbytes = lay.numel_np * np.fromiter((d.itemsize for d in dt), np.int64, n)
+    if lay.overlaps_written(a[:n], nbytes):
+        return None
+    ptrs = rec[:8 * n]
+    lay.seen_records[name] = (rec, ptrs, dt)
+    return ptrs, dt
 
 
 def _check_grads_now(lay: _Layout, ts, ptrs: list):
@@ -937,7 +1018,8 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         # g0's dtype pattern picks the plan (its groups split by it, so each reads one dtype); g1 may mix
         # dtypes within a group (read from copies then)
         plan = lay.plan(True, dt0, params, theta0, lowp_out)
-        return plan.run((g0, g1), thr, ptrs=p0 + p1,
+        # (addresses as records' bytes or as lists; one of each when one list was read in Python: read again)
+        return plan.run((g0, g1), thr, ptrs=p0 + p1 if type(p0) is type(p1) else None,
                         modes=("never", "always" if isinstance(dt1, tuple) else "never"), **kw)
     return extrapolate_ref_(params, theta0, g0, g1, lowp_out=lowp_out,
                             thresholds=None if thr is None else thr.tolist(), **kw)
