@@ -169,6 +169,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(doc["results"]) >= 11 and all(r["status"] == "pass" for r in doc["results"])
     summary = (tmp_path / "summary.txt").read_text()
     assert "correctness rc=0" in summary and "bench_driver rc=0" in summary and "probe rc=0" in summary
+    assert "cpp_build rc=0" in summary   # the C++ extension, built in the background from the start
     assert list((tmp_path / "bench").glob("*.json")) and (tmp_path / "gpu_check.log").is_file()
 
 
