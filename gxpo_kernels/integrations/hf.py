@@ -53,7 +53,8 @@ from ..ops.logprobs.linear import linear_token_logprobs
 def _wrapper_name(model: nn.Module) -> Optional[str]:
     """The name of the training wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT), or None."""
     names = {c.__name__ for c in type(model).__mro__}
-    for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel"):
+    for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel",
+                 "OptimizedModule"):
         if name in names:
             return name
     return None
@@ -64,6 +65,10 @@ def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
     name = _wrapper_name(model)
     if name is None:
         return
+    if name == "OptimizedModule":       # torch.compile's wrapper: its forward runs the module it compiled
+        raise TypeError(f"{fn} got a torch.compile wrapper ({type(model).__name__}): call it on the model before "
+                        "compiling it, or on compiled._orig_mod; calling the compiled module then runs the patched "
+                        "forward")
     if name == "PeftModel":
         raise TypeError(f"{fn} got a PEFT model ({type(model).__name__}): pass peft_model.get_base_model() (the "
                         "adapters live inside it and are trained as usual; adapters on lm_head are not supported)")
@@ -77,10 +82,13 @@ def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
 def _lm_head(model: nn.Module) -> nn.Linear:
     check_unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    # a subclass that overrides forward (a quantized or rescaling head) is not ``hidden @ W.T + b``
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        kind = type(head).__name__ if head is None else f"{type(head).__module__}.{type(head).__qualname__}"
         raise TypeError(
-            f"the model's output embeddings must be a plain torch.nn.Linear, got {type(head).__name__}; "
-            "adapters on lm_head (e.g. PEFT LoRA) are not supported by the fused loss")
+            f"the model's output embeddings must be a plain torch.nn.Linear (the fused loss computes "
+            f"hidden @ W.T + b itself), got {kind}; adapters on lm_head (e.g. PEFT LoRA) and heads with their "
+            "own forward are not supported by the fused loss")
     why = logit_rescaling(model)
     if why:
         raise NotImplementedError(f"the fused lm_head loss cannot run {type(model).__name__} (its logits must be "
