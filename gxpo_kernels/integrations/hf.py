@@ -86,7 +86,7 @@ def _lm_head(model: nn.Module) -> nn.Linear:
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         kind = type(head).__name__ if head is None else f"{type(head).__module__}.{type(head).__qualname__}"
         raise TypeError(
-            f"the model's output embeddings must be a plain torch.nn.Linear (the fused loss computes "
+            "the model's output embeddings must be a plain torch.nn.Linear (the fused loss computes "
             f"hidden @ W.T + b itself), got {kind}; adapters on lm_head (e.g. PEFT LoRA) and heads with their "
             "own forward are not supported by the fused loss")
     why = logit_rescaling(model)
@@ -168,7 +168,9 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
     """(hidden (B, K, H), tokens (B, K)): the final hidden states aligned so that ``hidden[:, j]`` scores
     ``tokens[:, j] = input_ids[:, L-K+j]``. ``model_kwargs`` go to the decoder (e.g. ``position_ids``)."""
     K = _keep(input_ids, logits_to_keep)
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    # no KV cache for a loss; a caller's use_cache (the logits path's calls often pass it) is overridden
+    model_kwargs = {**model_kwargs, "use_cache": False}
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     L = input_ids.shape[1]
     return hidden[:, L - K - 1:L - 1], input_ids[:, L - K:]

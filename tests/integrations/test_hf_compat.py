@@ -136,6 +136,16 @@ def test_left_padding_with_position_ids():
     assert not torch.allclose(*wants)     # the position ids reach the decoder: the check above can fail
 
 
+@pytest.mark.parametrize("extra", [dict(use_cache=False), dict(use_cache=True),
+                                   dict(output_hidden_states=True, return_dict=False)])
+def test_logits_path_keywords_accepted(extra):
+    """Keywords a logits-path call carries over (TRL's and this package's logits calls pass ``use_cache=False``):
+    ``use_cache`` used to fail with "got multiple values for keyword argument 'use_cache'"; now no cache is kept
+    for the loss whatever it says, and the numbers are the plain model's."""
+    batch = _batch(seed=10)
+    _assert_same(_fused(patch_causal_lm(_model()), *batch, **extra), _reference(_model(), *batch))
+
+
 def test_logits_to_keep_forms():
     """An int count and a 0-d tensor count run the fused loss; transformers' 1-D index tensor is refused by the
     loss (ValueError) and handed to the model unchanged on a plain call (its logits are the reference's)."""
