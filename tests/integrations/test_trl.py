@@ -223,6 +223,31 @@ def test_loss_parity_peft_lora(tmp_path, gc):
     assert tr.gxpo_loss_path == "hidden" and len(ref[1]) == 12 and all("lora_" in n for n in ref[1])
 
 
+def test_hook_under_torch_compile(tmp_path):
+    """``torch_compile=True``: the trainer calls the loss with the compiled wrapper around the patched model; one
+    SGD step gives the weights of plain TRL without compilation (``aot_eager``: no C++ compiler needed)."""
+    def run(hook, **kw):
+        tr = make_trainer(tmp_path, max_steps=1, loss_type="dapo", optim="sgd", **kw)
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        if hook:
+            gtrl.enable_gxpo_loss(tr, backend="torch")
+        seen, real = [], tr._compute_loss
+
+        def spy(model, inputs):
+            seen.append(type(model).__name__)
+            return real(model, inputs)
+        tr._compute_loss = spy
+        tr.train()
+        return seen, before, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    _, before, want = run(False)
+    seen, _, got = run(True, torch_compile=True, torch_compile_backend="aot_eager")
+    assert seen == ["OptimizedModule"]
+    assert any(not torch.equal(before[n], want[n]) for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_subclass_trains_with_gradient_checkpointing(tmp_path, reentrant):
     """A GXPO update (3 backward passes) with ``gradient_checkpointing=True`` ends with the weights of the same
