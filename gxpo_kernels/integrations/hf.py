@@ -106,8 +106,8 @@ _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logi
 def logit_rescaling(model: nn.Module) -> Optional[str]:
     """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` of its decoder's final hidden states (a soft
     cap, a logit scale or multiplier in its config, or in the text config of a composite model; logits cut to
-    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform), or None. The fused head cannot
-    run such a model."""
+    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform or beside another weighted
+    module; ProphetNet's n-gram stream), or None. The fused head cannot run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
@@ -120,6 +120,15 @@ def logit_rescaling(model: nn.Module) -> Optional[str]:
         # a head nested in another module (BERT's cls.predictions.decoder) follows a transform of the hidden states
         name = next((n for n, m in model.named_modules() if m is head), type(head).__name__)
         return f"the output embeddings ({name}) are not the model's own submodule but follow another transform"
+    if cfg is not None and getattr(cfg, "model_type", None) == "prophetnet":
+        return "ProphetNet's logits come from its decoder's n-gram predicting stream, not its last hidden state"
+    dec = _find_decoder(model)
+    for name, child in model.named_children():
+        # a module with weights beside the decoder and the head (Electra's generator_predictions) transforms the
+        # hidden states before the head
+        holds_decoder = dec is not None and any(m is dec for m in child.modules())
+        if child is not head and not holds_decoder and any(True for _ in child.parameters()):
+            return f"the model has a module with weights ({name}) outside its decoder and lm_head"
     rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
         for name in _SOFT_CAPS:
@@ -136,10 +145,15 @@ def logit_rescaling(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _find_decoder(model: nn.Module) -> Optional[nn.Module]:
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     if dec is None or dec is model:
         dec = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    return dec
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    dec = _find_decoder(model)
     if dec is None:
         raise TypeError(f"cannot find the decoder of {type(model).__name__} (no get_decoder() / base model)")
     return dec
