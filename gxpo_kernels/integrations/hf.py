@@ -53,7 +53,8 @@ from ..ops.logprobs.linear import linear_token_logprobs
 def _wrapper_name(model: nn.Module) -> Optional[str]:
     """The name of the training wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT), or None."""
     names = {c.__name__ for c in type(model).__mro__}
-    for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel"):
+    for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel",
+                 "OptimizedModule"):
         if name in names:
             return name
     return None
@@ -64,6 +65,10 @@ def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
     name = _wrapper_name(model)
     if name is None:
         return
+    if name == "OptimizedModule":       # torch.compile's wrapper: its forward runs the module it compiled
+        raise TypeError(f"{fn} got a torch.compile wrapper ({type(model).__name__}): call it on the model before "
+                        "compiling it, or on compiled._orig_mod; calling the compiled module then runs the patched "
+                        "forward")
     if name == "PeftModel":
         raise TypeError(f"{fn} got a PEFT model ({type(model).__name__}): pass peft_model.get_base_model() (the "
                         "adapters live inside it and are trained as usual; adapters on lm_head are not supported)")
@@ -77,10 +82,13 @@ def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
 def _lm_head(model: nn.Module) -> nn.Linear:
     check_unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    # a subclass that overrides forward (a quantized or rescaling head) is not ``hidden @ W.T + b``
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        kind = type(head).__name__ if head is None else f"{type(head).__module__}.{type(head).__qualname__}"
         raise TypeError(
-            f"the model's output embeddings must be a plain torch.nn.Linear, got {type(head).__name__}; "
-            "adapters on lm_head (e.g. PEFT LoRA) are not supported by the fused loss")
+            "the model's output embeddings must be a plain torch.nn.Linear (the fused loss computes "
+            f"hidden @ W.T + b itself), got {kind}; adapters on lm_head (e.g. PEFT LoRA) and heads with their "
+            "own forward are not supported by the fused loss")
     why = logit_rescaling(model)
     if why:
         raise NotImplementedError(f"the fused lm_head loss cannot run {type(model).__name__} (its logits must be "
@@ -98,8 +106,8 @@ _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logi
 def logit_rescaling(model: nn.Module) -> Optional[str]:
     """Why ``model``'s logits are not exactly ``hidden @ W.T + b`` of its decoder's final hidden states (a soft
     cap, a logit scale or multiplier in its config, or in the text config of a composite model; logits cut to
-    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform), or None. The fused head cannot
-    run such a model."""
+    ``unpadded_vocab_size``; an encoder-decoder; a head nested after a transform or beside another weighted
+    module; ProphetNet's n-gram stream), or None. The fused head cannot run such a model."""
     cfg = getattr(model, "config", None)
     cfgs = [cfg] if cfg is not None else []
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
@@ -112,6 +120,15 @@ def logit_rescaling(model: nn.Module) -> Optional[str]:
         # a head nested in another module (BERT's cls.predictions.decoder) follows a transform of the hidden states
         name = next((n for n, m in model.named_modules() if m is head), type(head).__name__)
         return f"the output embeddings ({name}) are not the model's own submodule but follow another transform"
+    if cfg is not None and getattr(cfg, "model_type", None) == "prophetnet":
+        return "ProphetNet's logits come from its decoder's n-gram predicting stream, not its last hidden state"
+    dec = _find_decoder(model)
+    for name, child in model.named_children():
+        # a module with weights beside the decoder and the head (Electra's generator_predictions) transforms the
+        # hidden states before the head
+        holds_decoder = dec is not None and any(m is dec for m in child.modules())
+        if child is not head and not holds_decoder and any(True for _ in child.parameters()):
+            return f"the model has a module with weights ({name}) outside its decoder and lm_head"
     rows = getattr(head, "out_features", None)   # the head's vocabulary rows (a ZeRO-3 shard keeps out_features)
     for c in cfgs:
         for name in _SOFT_CAPS:
@@ -128,10 +145,15 @@ def logit_rescaling(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _find_decoder(model: nn.Module) -> Optional[nn.Module]:
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     if dec is None or dec is model:
         dec = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    return dec
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    dec = _find_decoder(model)
     if dec is None:
         raise TypeError(f"cannot find the decoder of {type(model).__name__} (no get_decoder() / base model)")
     return dec
@@ -160,7 +182,9 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
     """(hidden (B, K, H), tokens (B, K)): the final hidden states aligned so that ``hidden[:, j]`` scores
     ``tokens[:, j] = input_ids[:, L-K+j]``. ``model_kwargs`` go to the decoder (e.g. ``position_ids``)."""
     K = _keep(input_ids, logits_to_keep)
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    # no KV cache for a loss; a caller's use_cache (the logits path's calls often pass it) is overridden
+    model_kwargs = {**model_kwargs, "use_cache": False}
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     L = input_ids.shape[1]
     return hidden[:, L - K - 1:L - 1], input_ids[:, L - K:]

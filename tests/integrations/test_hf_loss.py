@@ -472,15 +472,25 @@ def _tiny(name):
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2)),
         "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=16)),
+        # embedding_size == hidden_size: the head's shape fits the decoder's output, so nothing failed
+        "electra": lambda: T.ElectraForCausalLM(T.ElectraConfig(
+            vocab_size=V, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, is_decoder=True)),
+        "prophetnet": lambda: T.ProphetNetForCausalLM(T.ProphetNetConfig(
+            vocab_size=V, hidden_size=32, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+            num_decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)),
     }[name]().float().eval()
 
 
 @pytest.mark.parametrize("name,why", [("t5", "encoder-decoder"), ("bart", "encoder-decoder"),
-                                      ("bert", "cls.predictions.decoder")])
+                                      ("bert", "cls.predictions.decoder"), ("electra", "generator_predictions"),
+                                      ("prophetnet", "n-gram predicting stream")])
 def test_models_whose_head_does_not_read_the_decoder_output_are_refused(name, why):
     """An encoder-decoder model's decoder alone (T5, BART) and a head nested after a transform (BERT's
     ``cls.predictions``: dense + activation + LayerNorm before the vocabulary Linear) used to run silently, with
-    log-probs off from the model's own by 21, 2.2 and 5.0 nats on these tiny random models."""
+    log-probs off from the model's own by 21, 2.2 and 5.0 nats on these tiny random models. So did Electra (its
+    ``generator_predictions`` dense + LayerNorm before ``generator_lm_head``, a direct child) and ProphetNet (its
+    head reads the n-gram predicting stream); the last two are checked against the model's own logits here."""
     from gxpo_kernels.integrations.hf import logit_rescaling, patch_causal_lm
     torch.manual_seed(0)
     model = _tiny(name)
@@ -491,6 +501,14 @@ def test_models_whose_head_does_not_read_the_decoder_output_are_refused(name, wh
     with pytest.raises(NotImplementedError, match=why):
         patch_causal_lm(model)
     assert not hasattr(model, "_gxpo_patched")
+    if name in ("electra", "prophetnet"):   # what the fused head would have computed is not the model's logits
+        from gxpo_kernels.integrations.hf import _decoder
+        with torch.no_grad():
+            hidden = _decoder(model)(input_ids=ids, use_cache=False)[0][:, :-1]
+            head = model.get_output_embeddings()
+            fused = token_logprobs_ref(torch.nn.functional.linear(hidden, head.weight, head.bias), ids[:, 1:])[0]
+            want = token_logprobs_ref(model(input_ids=ids, use_cache=False).logits[:, :-1], ids[:, 1:])[0]
+        assert (fused - want).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("name", ["gpt2", "opt"])

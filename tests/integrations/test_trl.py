@@ -187,6 +187,93 @@ def test_loss_parity_logits_path_and_tied_head(tmp_path):
     assert tr2.gxpo_loss_path == "hidden"
 
 
+@pytest.mark.parametrize("reentrant,tie", [(True, False), (False, True), (None, False)])
+def test_loss_parity_gradient_checkpointing(tmp_path, reentrant, tie):
+    """``gradient_checkpointing=True`` (GRPOConfig's default; transformers' Trainer turns it on in ``train()``, as
+    done here, while the other parity tests call the loss with it off): the hook's loss and gradients equal TRL's,
+    and TRL's equal those of a trainer without checkpointing."""
+    kw = None if reentrant is None else {"use_reentrant": reentrant}
+    plain = make_trainer(tmp_path, model=make_model(tie=tie), loss_type="dapo", gradient_checkpointing=False)
+    inputs = make_batch(plain)
+    plain.model.train()
+    want = loss_and_grads(plain, lambda m, x: GRPOTrainer._compute_loss(plain, m, x), inputs)
+    tr = make_trainer(tmp_path, model=make_model(tie=tie), loss_type="dapo", gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs=kw)
+    tr.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs)
+    assert tr.model.is_gradient_checkpointing
+    ref, ours = check_parity(tr, inputs)
+    torch.testing.assert_close(ref[0], want[0], rtol=1e-5, atol=1e-7)
+    assert ref[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(ref[1][name], want[1][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_loss_parity_peft_lora(tmp_path, gc):
+    """TRL's ``peft_config`` (the trainer holds a PEFT model; the hook patches its base model): the LoRA adapters'
+    gradients equal TRL's, with and without checkpointing (TRL then makes the embeddings' output require grad)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    tr = make_trainer(tmp_path, model=make_model(tie=True), trainer_kwargs=dict(peft_config=cfg), loss_type="dapo",
+                      gradient_checkpointing=gc)
+    if gc:
+        tr.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs)
+    ref, _ = check_parity(tr, make_batch(tr))
+    assert tr.gxpo_loss_path == "hidden" and len(ref[1]) == 12 and all("lora_" in n for n in ref[1])
+
+
+def test_hook_under_torch_compile(tmp_path):
+    """``torch_compile=True``: the trainer calls the loss with the compiled wrapper around the patched model; one
+    SGD step gives the weights of plain TRL without compilation (``aot_eager``: no C++ compiler needed)."""
+    def run(hook, **kw):
+        tr = make_trainer(tmp_path, max_steps=1, loss_type="dapo", optim="sgd", **kw)
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        if hook:
+            gtrl.enable_gxpo_loss(tr, backend="torch")
+        seen, real = [], tr._compute_loss
+
+        def spy(model, inputs):
+            seen.append(type(model).__name__)
+            return real(model, inputs)
+        tr._compute_loss = spy
+        tr.train()
+        return seen, before, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    _, before, want = run(False)
+    seen, _, got = run(True, torch_compile=True, torch_compile_backend="aot_eager")
+    assert seen == ["OptimizedModule"]
+    assert any(not torch.equal(before[n], want[n]) for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_subclass_trains_with_gradient_checkpointing(tmp_path, reentrant):
+    """A GXPO update (3 backward passes) with ``gradient_checkpointing=True`` ends with the weights of the same
+    update without it; the loss calls ran with checkpointing on (TRL turns it off for generation only)."""
+    def run(**gc):
+        tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, max_steps=1, loss_type="dapo", **gc,
+                          trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None, "backend": "torch"},
+                                              backend="torch"))
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        seen, real = [], tr._compute_loss
+
+        def spy(model, inputs):
+            seen.append(tr.accelerator.unwrap_model(model).is_gradient_checkpointing)
+            return real(model, inputs)
+        tr._compute_loss = spy
+        tr.train()
+        return seen, before, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    seen0, before, want = run(gradient_checkpointing=False)      # GRPOConfig's default is True
+    seen1, _, got = run(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert seen0 == [False] * 3 and seen1 == [True] * 3
+    assert any(not torch.equal(before[n], want[n]) for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
 def test_loss_parity_gradient_accumulation_and_eval(tmp_path):
     tr = make_trainer(tmp_path, loss_type="dapo", gradient_accumulation_steps=2, per_device_train_batch_size=2,
                       steps_per_generation=4)
