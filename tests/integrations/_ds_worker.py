@@ -270,7 +270,8 @@ def run_case(case):
                n_runs=sum(len(runs) for runs in rule.zero.valid_segments()),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
-               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters() if p.requires_grad),
+               fallbacks=rule.fallbacks,
+               total_numel=sum(p.numel() for p in make_model(case).parameters() if p.requires_grad),
                loss_scales=case.get("_scales"), skipped_steps=engine.skipped_steps,
                sched_warnings=[str(w.message) for w in caught if "learning rate scheduler" in str(w.message)])
     return rec

@@ -21,8 +21,9 @@ the ``engine.step()`` calls (one per micro-batch), the snapshot θ0, the fused e
 fp32 master shard (``ops.extrapolate_``: Triton on GPU shards, the C++ op on CPU / offloaded shards), the
 low-precision re-sync, every accept / fallback / gate decision from dp-all-reduced statistics, the fallback
 on non-finite gradients or a step DeepSpeed skipped (overflow), and one advance per outer update of the LR
-scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window. Full parameters are never
-gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's ``max_grad_norm``).
+scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window (the scale is held within a step).
+Full parameters are never gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's
+``max_grad_norm``).
 
 Checkpoints: the rule's own state (gate statistics, fired flag, counters) is not part of DeepSpeed's checkpoint;
 without it a resumed run silently restarts the gate. :func:`save_checkpoint` / :func:`load_checkpoint` carry it
