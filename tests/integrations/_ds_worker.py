@@ -331,6 +331,34 @@ def broken_accumulation(case):
     return None
 
 
+def min_scale_overflow(case):
+    """fp16 at its minimum loss scale: an overflow in pass 1 makes DeepSpeed's scaler raise, mid-step as in plain
+    DeepSpeed, and the rule rewinds the step. Returns the message, whether the master, global_steps and the scaler
+    are as before the step, and whether the rule's hold on the scaler is gone."""
+    from deepspeed.accelerator import get_accelerator
+    from gxpo_kernels.integrations import deepspeed as gds
+    type(get_accelerator()).is_fp16_supported = lambda self: True   # as run_case does for fp16
+    model = make_mlp().to(torch.float16)
+    cfg = ds_config(case["stage"], dtype="fp16")
+    cfg["fp16"]["min_loss_scale"] = 2 ** cfg["fp16"]["initial_scale_power"]
+    engine, rule = gds.initialize(model=model, config=cfg, optimizer=make_optimizer(model, case), gxpo=dict(gate=None))
+    rule.step(_closure(engine, rule, 0, gas=1))
+    scaler = engine.optimizer.loss_scaler
+
+    def state():
+        return (gather_full(engine, rule)["params"], engine.global_steps,
+                {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float))})
+    before = state()
+    try:
+        rule.step(_closure(engine, rule, 1, gas=1, nan_rank=1, nan_pass=1, nan_step=1))
+        msg = None
+    except Exception as e:
+        msg = str(e)
+    after = state()
+    same = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1:] == after[1:]
+    return dict(msg=msg, unchanged=same, held="update_scale" in vars(scaler))
+
+
 def worker(rank, port, outdir, cases):
     rank_env(rank, port)
     recs = {}
@@ -341,6 +369,8 @@ def worker(rank, port, outdir, cases):
             recs[name] = clip_roundtrip(case)
         elif case.get("broken"):
             recs[name] = broken_accumulation(case)
+        elif case.get("min_scale"):
+            recs[name] = min_scale_overflow(case)
         else:
             recs[name] = run_case(case)
     # a local non-finite count on one rank only must reach every rank through the rule's reduction
