@@ -438,11 +438,13 @@ def single_process_reference(case):
                     tot += float(loss.detach()) / (WORLD * gas)
                     if bf16:                    # fp32 accumulation of each micro-batch's bf16 gradient
                         for m, p in zip(master, lowp_model.parameters()):
-                            m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
-                            p.grad = None
+                            if p.grad is not None:      # (None: frozen)
+                                m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                                p.grad = None
             if bf16 and not case.get("bf16_optimizer"):   # ZeRO keeps the reduced grad in the model dtype
                 for m in master:
-                    m.grad = m.grad.to(lowp).float()
+                    if m.grad is not None:
+                        m.grad = m.grad.to(lowp).float()
             _maybe_raise(case, step, rule.pass_index, None)
             return tot
         ent = None

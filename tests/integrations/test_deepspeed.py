@@ -58,6 +58,7 @@ MLP_CASES = {
     # frozen sub-modules (left out of the shards) with param groups; ZeRO-3 persistent parameters (the biases)
     # and parameter offload
     "z1_frozen_groups": dict(stage=1, frozen=True, groups=True, rule=G),
+    "z3_bf16_frozen": dict(stage=3, dtype="bf16", frozen=True, groups=True, rule=G),
     "z3_frozen_persistent": dict(stage=3, frozen=True, groups="scalar",
                                  zero={"stage3_param_persistence_threshold": 20}, rule=G),
     "z3_offload_param_gas2": dict(stage=3, gas=2, offload=True, zero={"offload_param": {"device": "cpu"}}, rule=G),
