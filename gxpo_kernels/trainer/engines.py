@@ -317,6 +317,10 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
     d["gradient_accumulation_steps"] = gas
     d["train_micro_batch_size_per_gpu"] = B // gas
     d.pop("train_batch_size", None)                   # DeepSpeed derives it: micro * gas * world
+    clip, default_clip = d.get("gradient_clipping"), TrainConfig.__dataclass_fields__["max_grad_norm"].default
+    if clip is not None and cfg.max_grad_norm != default_clip and float(clip) != cfg.max_grad_norm:
+        raise ValueError(f"--max_grad_norm {cfg.max_grad_norm} conflicts with the gradient_clipping {clip} of "
+                         f"--deepspeed {path!r} (DeepSpeed clips, with the config's value): give one of them")
     d.setdefault("gradient_clipping", cfg.max_grad_norm)
     d.setdefault("zero_allow_untested_optimizer", True)
     d.setdefault("steps_per_print", 10 ** 9)
@@ -331,7 +335,8 @@ class DeepSpeedEngine(_DistributedEngine):
     - ``gxpo`` / ``sfpo``: ``integrations.deepspeed.initialize`` builds the engine and the rule, which runs every
       ``engine.step()``; the GRPO variants call ``engine.step()`` per micro-batch (DeepSpeed's bookkeeping on
       non-boundary ones, the optimizer step on the boundary);
-    - clipping is DeepSpeed's ``gradient_clipping`` (the config's value, else ``max_grad_norm``); precision is
+    - clipping is DeepSpeed's ``gradient_clipping`` (the config's value, else ``max_grad_norm``; both, differing:
+      refused unless ``max_grad_norm`` is the default); precision is
       the config's (``bf16``), no autocast on top;
     - ZeRO-3 gathers parameters collectively inside each forward, so ``generate`` runs with ``synced_gpus``.
     """

@@ -71,7 +71,10 @@ def make_model(case):
         return make_lm(case["lm"] == "fused")
     if case.get("model") == "scale_only":
         return ScaleOnly()
-    return ScaledMLP() if case.get("groups") == "scalar" else make_mlp()
+    model = ScaledMLP() if case.get("groups") == "scalar" else make_mlp()
+    if case.get("frozen"):                        # a frozen first layer: DeepSpeed leaves it out of the shards
+        model[0].requires_grad_(False)
+    return model
 
 
 def batch_loss(model, step, lo, hi):
@@ -127,6 +130,9 @@ def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False
         cfg["communication_data_type"] = "fp32"
         if bf16_optimizer:
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if dtype == "fp16":                         # dynamic loss scaling; the scale doubles after 2 clean updates
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2, "hysteresis": 1}
+        cfg["communication_data_type"] = "fp32"
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         cfg["zero_force_ds_cpu_optimizer"] = False
@@ -136,6 +142,9 @@ def ds_config(stage, *, dtype="fp32", gas=1, offload=False, bf16_optimizer=False
             cfg["zero_optimization"]["sub_group_size"] = sub_group
     cfg["zero_optimization"].update(zero or {})
     return cfg
+
+
+LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Injected(RuntimeError):
@@ -168,6 +177,9 @@ def _closure(engine, rule, step, *, gas, nan_rank=None, nan_pass=None, nan_step=
                 loss = loss * math.nan
             if step == case.get("zero_step"):          # a zero gradient: GXPO's small-g0 fallback
                 loss = loss * 0.0
+            scaler = getattr(engine.optimizer, "loss_scaler", None)
+            if scaler is not None and scaler.dynamic:  # the loss scale each pass's backward uses
+                case.setdefault("_scales", []).append((step, rule.pass_index, float(scaler.cur_scale)))
             engine.backward(loss)
             tot += float(loss.detach())
         _maybe_raise(case, step, rule.pass_index, None)
@@ -187,6 +199,8 @@ def gather_full(engine, rule):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     out = {"params": [], "exp_avg": [], "exp_avg_sq": []}
     for p in engine.module.parameters():
+        if not p.requires_grad:                  # frozen: no master copy, no optimizer state
+            continue
         out["params"].append(safe_get_full_fp32_param(p).detach().clone().float())
         out["exp_avg"].append(safe_get_full_optimizer_state(p, "exp_avg").detach().clone().float())
         out["exp_avg_sq"].append(safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone().float())
@@ -197,7 +211,7 @@ def gather_full(engine, rule):
 def lowp_full(engine):
     """The low-precision model weights as the next forward sees them (Z3: gathered)."""
     import deepspeed
-    ps = list(engine.module.parameters())
+    ps = [p for p in engine.module.parameters() if p.requires_grad]
     if hasattr(ps[0], "ds_id"):
         with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
             return [p.detach().clone().float() for p in ps]
@@ -209,8 +223,11 @@ def run_case(case):
     from gxpo_kernels.integrations import deepspeed as gds
     from gxpo_kernels.ops.extrapolate import _cpp
     model = make_model(case)
-    if case.get("dtype") == "bf16":
-        model = model.to(torch.bfloat16)
+    if case.get("dtype") in ("bf16", "fp16"):
+        model = model.to(LOWP[case["dtype"]])
+    if case.get("dtype") == "fp16":             # DeepSpeed's CPU accelerator refuses fp16; torch's CPU ops run it
+        from deepspeed.accelerator import get_accelerator
+        type(get_accelerator()).is_fp16_supported = lambda self: True
     opt = make_optimizer(model, case)
     sched = None
     if case.get("sched"):
@@ -253,7 +270,9 @@ def run_case(case):
                n_runs=sum(len(runs) for runs in rule.zero.valid_segments()),
                shard_device=str(rule.zero.shards()[0].device), global_steps=engine.global_steps,
                lr=[g["lr"] for g in rule.optimizer.param_groups], fired_step=rule.gate.fired_step,
-               fallbacks=rule.fallbacks, total_numel=sum(p.numel() for p in make_model(case).parameters()),
+               fallbacks=rule.fallbacks,
+               total_numel=sum(p.numel() for p in make_model(case).parameters() if p.requires_grad),
+               loss_scales=case.get("_scales"), skipped_steps=engine.skipped_steps,
                sched_warnings=[str(w.message) for w in caught if "learning rate scheduler" in str(w.message)])
     return rec
 
@@ -312,6 +331,34 @@ def broken_accumulation(case):
     return None
 
 
+def min_scale_overflow(case):
+    """fp16 at its minimum loss scale: an overflow in pass 1 makes DeepSpeed's scaler raise, mid-step as in plain
+    DeepSpeed, and the rule rewinds the step. Returns the message, whether the master, global_steps and the scaler
+    are as before the step, and whether the rule's hold on the scaler is gone."""
+    from deepspeed.accelerator import get_accelerator
+    from gxpo_kernels.integrations import deepspeed as gds
+    type(get_accelerator()).is_fp16_supported = lambda self: True   # as run_case does for fp16
+    model = make_mlp().to(torch.float16)
+    cfg = ds_config(case["stage"], dtype="fp16")
+    cfg["fp16"]["min_loss_scale"] = 2 ** cfg["fp16"]["initial_scale_power"]
+    engine, rule = gds.initialize(model=model, config=cfg, optimizer=make_optimizer(model, case), gxpo=dict(gate=None))
+    rule.step(_closure(engine, rule, 0, gas=1))
+    scaler = engine.optimizer.loss_scaler
+
+    def state():
+        return (gather_full(engine, rule)["params"], engine.global_steps,
+                {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float))})
+    before = state()
+    try:
+        rule.step(_closure(engine, rule, 1, gas=1, nan_rank=1, nan_pass=1, nan_step=1))
+        msg = None
+    except Exception as e:
+        msg = str(e)
+    after = state()
+    same = all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1:] == after[1:]
+    return dict(msg=msg, unchanged=same, held="update_scale" in vars(scaler))
+
+
 def worker(rank, port, outdir, cases):
     rank_env(rank, port)
     recs = {}
@@ -322,6 +369,8 @@ def worker(rank, port, outdir, cases):
             recs[name] = clip_roundtrip(case)
         elif case.get("broken"):
             recs[name] = broken_accumulation(case)
+        elif case.get("min_scale"):
+            recs[name] = min_scale_overflow(case)
         else:
             recs[name] = run_case(case)
     # a local non-finite count on one rank only must reach every rank through the rule's reduction
@@ -347,15 +396,17 @@ def _allreduce_probe():
 
 # ---- the single-process reference --------------------------------------------------------------------------
 def single_process_reference(case):
-    """The plain-PyTorch GXPO/SFPO on the full mini-batch (bf16: fp32 master weights + a bf16 model copy)."""
+    """The plain-PyTorch GXPO/SFPO on the full mini-batch (bf16, fp16: fp32 master weights + a low-precision model
+    copy; fp16's loss scale is a power of two, exact on gradients that neither overflow nor go subnormal)."""
     from gxpo_kernels.update import GXPO, SFPO
-    bf16 = case.get("dtype") == "bf16"
+    lowp = LOWP.get(case.get("dtype"))
+    bf16 = lowp is not None
     model = make_model(case)
     lowp_model = None
     if bf16:                                    # DeepSpeed's fp32 master starts from the bf16 weights
         import copy
-        lowp_model = copy.deepcopy(model).to(torch.bfloat16)
-        model = model.to(torch.bfloat16).float()
+        lowp_model = copy.deepcopy(model).to(lowp)
+        model = model.to(lowp).float()
     master = [p for p in model.parameters()]
     opt = make_optimizer(model, case)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + k)) if case.get("sched") else None
@@ -387,11 +438,13 @@ def single_process_reference(case):
                     tot += float(loss.detach()) / (WORLD * gas)
                     if bf16:                    # fp32 accumulation of each micro-batch's bf16 gradient
                         for m, p in zip(master, lowp_model.parameters()):
-                            m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
-                            p.grad = None
-            if bf16 and not case.get("bf16_optimizer"):   # ZeRO keeps the reduced bf16 grad in bf16
+                            if p.grad is not None:      # (None: frozen)
+                                m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                                p.grad = None
+            if bf16 and not case.get("bf16_optimizer"):   # ZeRO keeps the reduced grad in the model dtype
                 for m in master:
-                    m.grad = m.grad.to(torch.bfloat16).float()
+                    if m.grad is not None:
+                        m.grad = m.grad.to(lowp).float()
             _maybe_raise(case, step, rule.pass_index, None)
             return tot
         ent = None
@@ -400,7 +453,7 @@ def single_process_reference(case):
         infos.append(_step(rule, closure, ent))
         if sched is not None:
             sched.step()
-    master = list(model.parameters())           # module order, as safe_get_full_* reads them
+    master = [p for p in model.parameters() if p.requires_grad]   # module order, as safe_get_full_* reads them
     return {"params": [p.detach().clone() for p in master],
             "exp_avg": [opt.state[p]["exp_avg"].clone() for p in master],
             "exp_avg_sq": [opt.state[p]["exp_avg_sq"].clone() for p in master],

@@ -6,7 +6,9 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   ``safe_get_full_*``) as the single-process rule on the same data: stages 1/2/3 fp32, stage 2 bf16,
   BF16_Optimizer, gradient accumulation, several param groups / ZeRO-3 sub-groups, CPU offload (stage 2 and
   3), SFPO, transactional state,
-  optimizer-aware retention, an LR scheduler (advanced once per outer update);
+  optimizer-aware retention, an LR scheduler (advanced once per outer update), frozen parameters, ZeRO-3
+  persistent parameters and parameter offload, fp16 with dynamic loss scaling (DeepSpeed's CPU accelerator
+  refuses fp16; the worker lifts that check, torch runs fp16 on CPU), whose scale is fixed within an outer step;
 * shard-local: each rank's extrapolation touched only its shard (numel = total / 2 + padding), through the
   C++ op (spied), and the low-precision weights equal the fp32 master after every update; ZeRO's padding
   between parameters (parameter_alignment), in a param group smaller than a shard, or on a rank holding no
@@ -53,6 +55,18 @@ MLP_CASES = {
     "z1_sfpo_gas2": dict(stage=1, gas=2, algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
     "z2_transactional": dict(stage=2, groups=True, rule=dict(gate=None, transactional_state=True)),
     "z1_optimizer_aware": dict(stage=1, rule=dict(gate=None, optimizer_aware=True)),
+    # frozen sub-modules (left out of the shards) with param groups; ZeRO-3 persistent parameters (the biases)
+    # and parameter offload
+    "z1_frozen_groups": dict(stage=1, frozen=True, groups=True, rule=G),
+    "z3_bf16_frozen": dict(stage=3, dtype="bf16", frozen=True, groups=True, rule=G),
+    "z3_frozen_persistent": dict(stage=3, frozen=True, groups="scalar",
+                                 zero={"stage3_param_persistence_threshold": 20}, rule=G),
+    "z3_offload_param_gas2": dict(stage=3, gas=2, offload=True, zero={"offload_param": {"device": "cpu"}}, rule=G),
+    # fp16 with dynamic loss scaling (window 2: the scale doubles after every 2nd clean outer step). Each pass
+    # must be unscaled by the scale its backward used: DeepSpeed grows the scale before it unscales, and with 3
+    # internal engine.step() calls per outer step it used to grow mid-step and halve that pass's gradient
+    "z2_fp16": dict(stage=2, dtype="fp16", steps=4, rule=G),
+    "z1_fp16_sfpo": dict(stage=1, dtype="fp16", algo="sfpo", rule=dict(gate=None, K=2, alpha=0.8)),
     # non-finite gradients on ONE rank (pass index, step): every rank must fall back like the reference
     "nan_z2_g1": dict(stage=2, rule=G, nan_rank=1, nan_pass=1, nan_step=1),
     "nan_z3_gcorr": dict(stage=3, rule=G, nan_rank=0, nan_pass=2, nan_step=1),
@@ -60,6 +74,8 @@ MLP_CASES = {
     "nan_bf16opt_g1": dict(stage=1, dtype="bf16", bf16_optimizer=True, rule=G, nan_rank=1, nan_pass=1, nan_step=0),
     "nan_offload_gcorr": dict(stage=2, offload=True, rule=G, nan_rank=1, nan_pass=2, nan_step=2),
     "nan_sfpo_z1": dict(stage=1, algo="sfpo", rule=G, nan_rank=0, nan_pass=2, nan_step=1),
+    "nan_z3_fp16_g1": dict(stage=3, dtype="fp16", rule=G, nan_rank=1, nan_pass=1, nan_step=1),   # fp16 overflow
+    "nan_offload_fp16_gcorr": dict(stage=2, dtype="fp16", offload=True, rule=G, nan_rank=0, nan_pass=2, nan_step=1),
     # gates: GXPO's window gate on the reduced norm; SFPO's entropy gate on per-rank entropies
     "gate_window_z3": dict(stage=3, steps=5, rule=dict(gate="window", window=2, tau=0.3)),
     "gate_entropy_z2": dict(stage=2, algo="sfpo", steps=4, rule=dict(gate="entropy", window=2, tau=0.5),
@@ -74,6 +90,7 @@ MLP_CASES = {
     "small_g0_recompute_z2": dict(stage=2, zero_step=1,
                                   rule=dict(gate=None, fallback_grad="recompute", fallback_state="keep")),
     "broken_gas2": dict(broken=True, stage=2, gas=2, raise_at=(0, 1, 1), rule=G),
+    "fp16_min_scale": dict(min_scale=True, stage=2),
     "clip_roundtrip": dict(clip_roundtrip=True, stage=2),
     "refuse_stage0": dict(refused=True, stage=0),
     "refuse_inactive": dict(refused=True, stage=2, rule=dict(inactive_threshold=1e-3)),
@@ -143,7 +160,8 @@ def _check_parity(name, case, recs, rms_tol, max_tol):
 
 
 @pytest.mark.parametrize("name", [n for n, c in MLP_CASES.items()
-                                  if not (c.get("refused") or c.get("broken") or c.get("clip_roundtrip"))])
+                                  if not (c.get("refused") or c.get("broken") or c.get("clip_roundtrip")
+                                          or c.get("min_scale"))])
 def test_matches_single_process_rule(mlp_runs, name):
     _check_parity(name, MLP_CASES[name], mlp_runs, rms_tol=1e-5, max_tol=1e-5)
 
@@ -186,13 +204,37 @@ def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
 def test_nan_on_one_rank_falls_back_on_both(mlp_runs):
     expect = {"nan_z2_g1": (1, "nonfinite_g1"), "nan_z3_gcorr": (1, "nonfinite_gcorr"),
               "nan_z3_g0": (0, "nonfinite_g0"), "nan_bf16opt_g1": (0, "nonfinite_g1"),
-              "nan_offload_gcorr": (2, "nonfinite_gcorr"), "nan_sfpo_z1": (1, "nonfinite_g2")}
+              "nan_offload_gcorr": (2, "nonfinite_gcorr"), "nan_sfpo_z1": (1, "nonfinite_g2"),
+              "nan_z3_fp16_g1": (1, "nonfinite_g1"), "nan_offload_fp16_gcorr": (1, "nonfinite_gcorr")}
     for name, (step, reason) in expect.items():
         for recs in mlp_runs:
             info = recs[name]["infos"][step]
             assert info["fell_back"] and info["fallback_reason"] == reason, (name, info)
             assert all(torch.isfinite(p).all() for p in recs[name]["params"]), name
         assert torch.equal(_flat(mlp_runs[0][name]["lowp"]), _flat(mlp_runs[1][name]["lowp"])), name
+
+
+def test_fp16_loss_scale_is_fixed_within_an_outer_step(mlp_runs):
+    """Every pass of an outer step backward-scales (and so unscales) with the scale the step began with; the scale
+    makes one update per outer step: doubled after the 3rd clean one (window 2, from 256), halved by the step
+    whose pass 1 overflowed on one rank (DeepSpeed skipped that pass; the rule fell back to θ0 + ĝ0)."""
+    expect = {"z2_fp16": [256.0, 256.0, 256.0, 512.0], "z1_fp16_sfpo": [256.0] * 3,
+              "nan_z3_fp16_g1": [256.0, 256.0, 128.0], "nan_offload_fp16_gcorr": [256.0, 256.0, 128.0]}
+    for name, scales in expect.items():
+        for recs in mlp_runs:
+            seen = recs[name]["loss_scales"]
+            per_step = [sorted({s for st, _, s in seen if st == i}) for i in range(len(scales))]
+            assert per_step == [[s] for s in scales], (name, seen)
+            assert recs[name]["skipped_steps"] == 0, name     # every overflow fell back to a step with ĝ0
+
+
+def test_fp16_overflow_at_the_minimum_scale_raises_and_rewinds(mlp_runs):
+    """The rule holds the loss scale inside a step but still lets DeepSpeed's scaler raise at its minimum scale,
+    mid-step: the step is rewound (master, global_steps, scaler) and the hold is released."""
+    for recs in mlp_runs:
+        r = recs["fp16_min_scale"]
+        assert r["msg"] is not None and "loss scale already at minimum" in r["msg"], r
+        assert r["unchanged"] and not r["held"], r
 
 
 def test_gates_fire_on_the_same_step(mlp_runs):

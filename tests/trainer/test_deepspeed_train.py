@@ -221,6 +221,22 @@ def test_shipped_config_names_resolve(tmp_path, monkeypatch):
         load_ds_config(str(tmp_path / "sub" / "ds_zero2.json"), cfg)
 
 
+def test_max_grad_norm_and_config_gradient_clipping_conflict(tmp_path):
+    """DeepSpeed clips with the config's gradient_clipping: an explicit --max_grad_norm that differs from it was
+    silently dropped (the shipped configs set 1.0); now it is refused, as a conflicting gradient_accumulation_steps
+    is. A config without gradient_clipping takes --max_grad_norm; the default --max_grad_norm leaves the config's."""
+    from gxpo_kernels.trainer.engines import load_ds_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.7}))
+    cfg = TrainConfig(algo="gxpo", prompts=4, group=4)
+    assert load_ds_config(str(path), cfg)["gradient_clipping"] == 0.7
+    assert load_ds_config(str(path), cfg.replace(max_grad_norm=0.7))["gradient_clipping"] == 0.7
+    with pytest.raises(ValueError, match=r"--max_grad_norm 0\.3 conflicts with the gradient_clipping 0\.7"):
+        load_ds_config(str(path), cfg.replace(max_grad_norm=0.3))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert load_ds_config(str(path), cfg.replace(max_grad_norm=0.3))["gradient_clipping"] == 0.3
+
+
 def test_config_scheduler_and_lr_scheduler_type_are_exclusive(tmp_path):
     """A DeepSpeed config's own scheduler runs with lr_scheduler_type='constant' only (which then leaves the rate
     to DeepSpeed); another schedule on top of it is refused before any work."""

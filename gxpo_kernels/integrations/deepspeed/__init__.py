@@ -21,14 +21,15 @@ the ``engine.step()`` calls (one per micro-batch), the snapshot θ0, the fused e
 fp32 master shard (``ops.extrapolate_``: Triton on GPU shards, the C++ op on CPU / offloaded shards), the
 low-precision re-sync, every accept / fallback / gate decision from dp-all-reduced statistics, the fallback
 on non-finite gradients or a step DeepSpeed skipped (overflow), and one advance per outer update of the LR
-scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window. Full parameters are never
-gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's ``max_grad_norm``).
+scheduler, ``global_steps``/``global_samples`` and the fp16 loss-scale window (the scale is held within a step).
+Full parameters are never gathered. Gradient clipping is DeepSpeed's (``gradient_clipping`` = the rule's
+``max_grad_norm``).
 
 Checkpoints: the rule's own state (gate statistics, fired flag, counters) is not part of DeepSpeed's checkpoint;
 without it a resumed run silently restarts the gate. :func:`save_checkpoint` / :func:`load_checkpoint` carry it
 in ``client_state`` next to DeepSpeed's parameters, optimizer moments and LR scheduler; the resumed run then
-continues bit-exactly (tested on ZeRO-2 and ZeRO-3). The rule's state is plain numbers, strings and lists, so it
-also loads with ``torch.load(..., weights_only=True)``.
+continues bit-exactly (tested on ZeRO-2, ZeRO-3, ZeRO-2 fp16 + offload). The rule's state is plain numbers,
+strings and lists, so it also loads with ``torch.load(..., weights_only=True)``.
 
 Supported: ZeRO 1/2/3 (fp32, bf16, fp16), BF16_Optimizer, ZeRO-Offload of the optimizer (and params) to CPU,
 any torch optimizer (``"zero_allow_untested_optimizer": true``; with CPU offload also

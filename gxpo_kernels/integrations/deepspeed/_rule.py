@@ -19,10 +19,14 @@ How one pass maps onto DeepSpeed (the algorithm itself is ``update.gxpo`` / ``up
    copy dirty; it is re-synced (a collective) before the next forward and at the end of ``step()``.
 Side effects of the internal ``engine.step()`` calls are undone once per outer update: the LR scheduler is
 detached during them and stepped once at the end (if any optimizer step was applied), ``global_steps`` /
-``global_samples`` advance by one update, and a dynamic fp16 loss scaler makes one update per outer step.
+``global_samples`` advance by one update, and a dynamic fp16 loss scaler makes one update per outer step. The
+scaler is held during the internal ``engine.step()`` calls: DeepSpeed updates the scale before it unscales the
+gradients, so a pass on which the scale grew would be unscaled by twice the scale its backward used (a halved
+gradient), and every pass of an outer update must see the scale it began with.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, List, Optional
 
@@ -50,6 +54,7 @@ class _DeepSpeedRule(ShardedReductions):
         self._any_applied = False
         self._overflow_seen = False
         self._broken_accumulation: Optional[int] = None   # backward calls of a pass that stopped midway
+        self._scaler = None                               # the dynamic fp16 loss scaler, held during step()
         self.last_extrapolation: Optional[dict] = None
         self._pad_by_id = {id(sh): gaps for sh, gaps in zip(zero.shards(), zero.padding_segments())}
         # DeepSpeed-owned persistent .grad buffers (CPU offload); restored after the rule borrows .grad
@@ -100,6 +105,31 @@ class _DeepSpeedRule(ShardedReductions):
             return orig(*args, **kwargs)
         return None
 
+    @contextlib.contextmanager
+    def _loss_scale_held(self):
+        """Keep the dynamic fp16 loss scale fixed inside one internal ``engine.step()``. DeepSpeed updates the scale
+        before it unscales: on a pass where the scale grew, the gradient would be divided by twice the scale its
+        backward used. Overflow is still detected (the pass falls back), and the scaler's own update still raises
+        where DeepSpeed's would (scale at its minimum); ``step()`` makes the one update of the outer step."""
+        scaler = self._scaler
+        if scaler is None:
+            yield
+            return
+        own, real = vars(scaler).get("update_scale"), scaler.update_scale
+
+        def hold(overflow):
+            kept = dict(vars(scaler))
+            real(overflow)
+            vars(scaler).update(kept)
+        scaler.update_scale = hold
+        try:
+            yield
+        finally:
+            if own is None:
+                del scaler.update_scale
+            else:
+                scaler.update_scale = own
+
     def _ds_boundary_step(self) -> None:
         eng = self.engine
         if not eng.is_gradient_accumulation_boundary():
@@ -107,7 +137,8 @@ class _DeepSpeedRule(ShardedReductions):
         self._capturing, self._capture_norm, self._applied_in_ds = True, None, False
         sched, eng.lr_scheduler = eng.lr_scheduler, None
         try:
-            eng.step()
+            with self._loss_scale_held():
+                eng.step()
         finally:
             self._capturing = False
             eng.lr_scheduler = sched
@@ -290,6 +321,7 @@ class _DeepSpeedRule(ShardedReductions):
         g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None
+        self._scaler = scaler if scaler_snap is not None else None
         self._any_applied = self._overflow_seen = False
         self.last_extrapolation = None                    # report shard_numel / backend only for this step's
         self._gate_entropy = None
