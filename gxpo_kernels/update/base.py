@@ -20,8 +20,9 @@ so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards
   Prodigy's ``d`` lives there), which the restore puts back;
 - ``_lowp_targets()``: optional low-precision copies the extrapolation also writes (None here).
 Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats; so do
-the refusals that depend on a rank's own tensors (``_reduced_grad_norm``, and an entropy refused by
-``_observe_entropy``): a check that raised on some ranks only would leave the others waiting in a collective.
+the refusals that depend on a rank's own tensors or arguments (``_reduced_grad_norm``, an entropy refused by
+``_observe_entropy`` or, at the step's start, by ``_entropy_refusal``): a check that raised on some ranks only would
+leave the others waiting in a collective, or stepping while those ranks rewind.
 """
 from __future__ import annotations
 
@@ -422,7 +423,17 @@ class ExtrapolationRule:
             return info
         params = self._param_list()
         self._validate_step(params)
+        refusal = self._entropy_refusal(entropy)
+        if refusal is not None:
+            raise refusal
         return self._guarded(lambda: self._active_step(closure, params, entropy), snapshot=True)
+
+    def _entropy_refusal(self, entropy) -> Optional[Exception]:
+        """This rank's refusal of the ``entropy`` argument of an active step (an exception, else None), checked
+        before anything moves (a sharded subclass reduces the refusals in the all-reduce that begins every step).
+        None here: GXPO reads it through the entropy gate only (``_observe_entropy``, which refuses it on every
+        rank)."""
+        return None
 
     def _active_step(self, closure, params, entropy) -> dict:
         raise NotImplementedError
