@@ -9,7 +9,8 @@ the device the collectives run on (NCCL reduces accelerator tensors only, gloo C
 - ``_observe_entropy(entropy)``: the entropy gate sees the mean of the per-rank entropies (and
   ``_report_gate_entropy(info)`` reports that mean as SFPO's ``entropy_signal``); every rank must pass one;
   an entropy refused on some ranks raises on every rank (``_raise_refusals``, also for the gradient checks);
-- ``_agree_force_plain(force_plain)``: the step's ``force_plain``, refused (on every rank) unless all ranks agree;
+- ``_agree_step(force_plain, entropy)``: the step's ``force_plain``, refused (on every rank) unless all ranks agree,
+  and its entropy argument, refused on every rank where an active step cannot read it on some;
 - ``_record_extrapolation(views)``: the ``last_extrapolation`` diagnostics (backend, local element count).
 """
 from __future__ import annotations
@@ -83,16 +84,26 @@ class ShardedReductions:
                 entropy = self._gate_entropy = float(t[0]) / world
         return super()._observe_entropy(entropy)
 
-    def _agree_force_plain(self, force_plain) -> bool:
-        """``force_plain`` as every rank passed it, checked with one all-reduce of one float64 at the start of every
-        step: a rank taking a plain step (one pass) while another takes an active one (several) would pair their
-        collectives wrongly (a hang, or silently wrong numbers). Passed on some ranks only: ValueError on every
-        rank, before anything changes (decide it on the whole batch, e.g. from rewards reduced over the ranks)."""
+    def _agree_step(self, force_plain, entropy) -> bool:
+        """``force_plain`` as every rank passed it and, where the step is active, this rank's ``_entropy_refusal``
+        of the entropy argument, both checked with one all-reduce of two float64 at the start of every step. A
+        rank taking a plain step (one pass) while another takes an active one (several) would pair their
+        collectives wrongly (a hang, or silently wrong numbers): passed on some ranks only, ValueError on every
+        rank, before anything changes (decide it on the whole batch, e.g. from rewards reduced over the ranks). An
+        entropy refused on some ranks: their error there, a RuntimeError on the others, before anything changes
+        (refused at the step's end, it would leave those ranks rewound and the others stepped)."""
+        refusal = None
+        if not force_plain and (not self.gate.fired or self.gate.rearm_due()):   # an active step
+            refusal = self._entropy_refusal(entropy)
         world = self._world()
         if world == 1:
+            if refusal is not None:
+                raise refusal
             return bool(force_plain)
-        t = torch.tensor([float(bool(force_plain))], dtype=torch.float64, device=self._reduce_device())
+        t = torch.tensor([float(bool(force_plain)), float(refusal is not None)], dtype=torch.float64,
+                         device=self._reduce_device())
         dist.all_reduce(t, group=self._reduce_group())
+        self._raise_refusals(refusal, int(t[1]), "the entropy")
         n = int(t[0])
         if 0 < n < world:
             raise ValueError(f"{self._rule_name}.step: force_plain=True was passed on {n} of {world} ranks; every "

@@ -16,11 +16,13 @@ so that a distributed subclass (e.g. DeepSpeed ZeRO over flat fp32 master shards
 - ``_snapshot_params_()`` / ``_restore_params_()`` and ``_snapshot_optimizer_state_()`` /
   ``_restore_optimizer_state_()``: in-place ``copy_`` into preallocated buffers, never replacing state entries
   (except that state or keys created after the snapshot are removed again, and a key the step removed is put
-  back as a copy);
+  back as a copy); the optimizer-state snapshot also holds every param-group entry but 'params' (state such as
+  Prodigy's ``d`` lives there), which the restore puts back;
 - ``_lowp_targets()``: optional low-precision copies the extrapolation also writes (None here).
 Decisions (fallback, gate) only use reduced quantities: norms from ``_global_grad_norm`` and reduced stats; so do
-the refusals that depend on a rank's own tensors (``_reduced_grad_norm``, and an entropy refused by
-``_observe_entropy``): a check that raised on some ranks only would leave the others waiting in a collective.
+the refusals that depend on a rank's own tensors or arguments (``_reduced_grad_norm``, an entropy refused by
+``_observe_entropy`` or, at the step's start, by ``_entropy_refusal``): a check that raised on some ranks only would
+leave the others waiting in a collective, or stepping while those ranks rewind.
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ class ExtrapolationRule:
         self._opt_snap: Optional[list] = None
         self._opt_snap_pairs: Optional[tuple] = None   # (buffers, state tensors) of the last snapshot
         self._opt_snap_sig: Optional[tuple] = None     # (params, state keys and values) it was taken of
+        self._group_snap: Optional[list] = None        # (param group, its entries but 'params') at the snapshot
         self._warned_entropy = False
 
     # ---- hooks a distributed subclass overrides -------------------------------------------------------
@@ -227,6 +230,10 @@ class ExtrapolationRule:
 
     @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
+        # the param groups' entries first (a few per group, copied every time): optimizers such as Prodigy or
+        # D-Adaptation keep state there (their step size d, a step count k) that the step advances
+        self._group_snap = [(g, {k: _copy_entry(v) for k, v in g.items() if k != "params"})
+                            for g in self.optimizer.param_groups]
         params = self._snapshot_param_list()
         # the whole state, in order: its keys, each entry's size and every key and value of the entries. When each
         # is the very object of the last snapshot (torch's optimizers update their state tensors in place), the
@@ -276,6 +283,7 @@ class ExtrapolationRule:
 
     @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
+        self._restore_group_entries_()
         dst, src = [], []
         for p, tens, other in self._opt_snap:
             if tens is None:
@@ -296,6 +304,25 @@ class ExtrapolationRule:
                 for k in [k for k in st if k not in tens and k not in other]:
                     del st[k]
         _copy_all_(dst, src)
+
+    def _restore_group_entries_(self) -> None:
+        """Every param-group entry but 'params' back to its value at the snapshot; an entry added since goes again.
+        Within a step only the optimizer's steps write them (an LR scheduler steps between the rule's steps), so
+        this undoes exactly what the rewound optimizer steps wrote. A tensor entry (a tensor ``lr``) is copied into
+        in place: a scheduler or a captured graph may hold that tensor."""
+        for grp, entries in self._group_snap:
+            for k, v in entries.items():
+                cur = grp.get(k)
+                if cur is v:
+                    continue
+                if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor) and cur.shape == v.shape \
+                        and cur.dtype == v.dtype and cur.device == v.device:
+                    cur.copy_(v)
+                else:
+                    grp[k] = _copy_entry(v)   # a copy: the snapshot stays intact
+            if len(grp) != len(entries) + 1:
+                for k in [k for k in grp if k != "params" and k not in entries]:
+                    del grp[k]
 
     # ---- building blocks -----------------------------------------------------------------------------
     def _run_closure(self, closure: Callable, pass_index: int):
@@ -396,7 +423,17 @@ class ExtrapolationRule:
             return info
         params = self._param_list()
         self._validate_step(params)
+        refusal = self._entropy_refusal(entropy)
+        if refusal is not None:
+            raise refusal
         return self._guarded(lambda: self._active_step(closure, params, entropy), snapshot=True)
+
+    def _entropy_refusal(self, entropy) -> Optional[Exception]:
+        """This rank's refusal of the ``entropy`` argument of an active step (an exception, else None), checked
+        before anything moves (a sharded subclass reduces the refusals in the all-reduce that begins every step).
+        None here: GXPO reads it through the entropy gate only (``_observe_entropy``, which refuses it on every
+        rank)."""
+        return None
 
     def _active_step(self, closure, params, entropy) -> dict:
         raise NotImplementedError
@@ -405,7 +442,7 @@ class ExtrapolationRule:
         """Drop what only active steps use: θ0, the optimizer-state snapshot and the prepared extrapolation (which
         holds θ0). A later active step (a gate state loaded that has not fired) allocates them again."""
         self._theta0 = self._theta0_sig = None
-        self._opt_snap = self._opt_snap_pairs = self._opt_snap_sig = None
+        self._opt_snap = self._opt_snap_pairs = self._opt_snap_sig = self._group_snap = None
         self._xplan = self._xplan_key = None
 
     def _validate_step(self, params) -> None:
@@ -718,6 +755,19 @@ def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], strea
         return
     for (gd, gs), _ in _group_tensors_by_device_and_dtype([ds, ss]).values():
         torch._foreach_copy_(gd, gs)
+
+
+def _copy_entry(v):
+    """A param-group entry as the snapshot keeps it: numbers and strings (and tuples of them: Adam's betas) as they
+    are, a tensor cloned, anything else deep-copied (the step may change it in place)."""
+    if isinstance(v, _IMMUTABLE) or (type(v) is tuple and all(isinstance(x, _IMMUTABLE) for x in v)):
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    try:
+        return copy.deepcopy(v)
+    except Exception:   # an object that cannot be copied (a process group, a lock) is configuration: by reference
+        return v
 
 
 def _to_float(x) -> float:

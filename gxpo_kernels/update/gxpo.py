@@ -54,8 +54,9 @@ class GXPO(ExtrapolationRule):
         transactional_state: restore the optimizer state to the step's start before pass 2, so the state
             advances once per mini-batch (the corrective step's update only).
         atomic: snapshot the optimizer state in every active step (one copy of the optimizer state, in
-            preallocated buffers, taken just before the first optimizer step) so that an exception anywhere in
-            the step rewinds it; parameters are always rewound (θ0 is kept anyway).
+            preallocated buffers, taken just before the first optimizer step; the param groups' entries but
+            'params' too, e.g. Prodigy's d and k) so that an exception anywhere in the step rewinds it;
+            parameters are always rewound (θ0 is kept anyway).
         fallback_grad: "reuse" (default: the fallback steps with the stored ĝ0; no extra pass) or "recompute"
             (one more pass at θ0, as the authors do; same parameters, one more backward pass counted).
         fallback_state: "restore" (default when a snapshot exists: a fallback equals a plain step, optimizer

@@ -38,7 +38,8 @@ class SFPO(ExtrapolationRule):
         entropy_signal: which entropy the entropy gate sees: "argument" (default: ``step(closure, entropy=H)``,
             e.g. the rollout entropy) or "slow_pass" (the authors': the mean of the entropies the slow pass's
             closures report, i.e. at the repositioned point; a closure reports one by returning
-            ``(loss, entropy)``).
+            ``(loss, entropy)``). An active step reads the argument whatever the gate (``info["entropy_signal"]``):
+            one that is no number is refused (ValueError) before anything moves.
         transactional_state: restore the optimizer state to the step's start before the slow pass, so the state
             advances by the slow pass only.
         atomic, fallback_state: as in :class:`~gxpo_kernels.update.GXPO` (an exception rewinds the step; a
@@ -93,6 +94,28 @@ class SFPO(ExtrapolationRule):
             raise TypeError("SFPO.step needs a closure or a non-empty sequence of closures")
         for c in closures:
             super()._check_closure(c)
+
+    def _entropy_refusal(self, entropy) -> Optional[Exception]:
+        # an active step reads the entropy argument at its end (info["entropy_signal"]; the entropy gate with
+        # entropy_signal="argument"), after the step's last collective: one that is no number would raise there on
+        # its rank only, the others keeping their step. Checked before anything moves instead, without reading the
+        # value: a caller may fill a one-element tensor inside the first closure (the TRL trainer does)
+        if entropy is None or isinstance(entropy, float) or (self.gate.needs_entropy
+                                                             and self.entropy_signal == "slow_pass"):
+            return None
+        if isinstance(entropy, torch.Tensor):
+            if entropy.numel() == 1 and not entropy.is_complex():
+                return None
+            why = f"a tensor of shape {tuple(entropy.shape)} and dtype {entropy.dtype}"
+        elif isinstance(entropy, BaseException):
+            why = f"an exception ({type(entropy).__name__})"
+        else:
+            try:
+                float(entropy)
+                return None
+            except (TypeError, ValueError) as e:
+                why = f"a {type(entropy).__name__} ({e})"
+        return ValueError(f"SFPO.step: entropy must be a number or a one-element real tensor; got {why}")
 
     def _plain_step_snapshot(self, closure) -> bool:
         # m closures take m optimizer steps: an exception in a later one must rewind the earlier ones
@@ -195,3 +218,4 @@ class SFPO(ExtrapolationRule):
         info["gate_z"] = self._observe_gate(normc, entropy)
         info["entropy_signal"] = _to_float(entropy)
         return self._finish(info)
+

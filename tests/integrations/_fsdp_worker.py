@@ -586,8 +586,9 @@ def lm_reference(case, world):
 def worker_one_rank_refusals(rank, port, outdir):
     """Checks that fail on rank 0 only, each in its own step: a frozen parameter that holds a .grad on rank 0
     (GXPO), an entropy that is no number on rank 0 (GXPO, entropy gate), an SFPO slow-pass closure that returns no
-    entropy on rank 0, force_plain=True on rank 0 only. Every rank must raise (gloo times out after 20 s where
-    one waits in a collective instead) and rewind; then one normal step on every rank shows the ranks are still
+    entropy on rank 0, an entropy that is no number on rank 0 with SFPO and gate=None (the entropy is only
+    reported), force_plain=True on rank 0 only. Every rank must raise (gloo times out after 20 s where one waits
+    in a collective instead) and rewind; then one normal step on every rank shows the ranks are still
     paired. Records, per probe, the error (type, message) and whether the gathered parameters are those the step
     began with."""
     import datetime
@@ -632,6 +633,8 @@ def worker_one_rank_refusals(rank, port, outdir):
     probe("entropy", lambda: rule.step(closure_at(0), entropy=1.0 if rank else torch.ones(2)))
     rule = gf.wrap(model, opt, algo="sfpo", K=2, gate="entropy", window=2, entropy_signal="slow_pass")
     probe("sfpo_slow_entropy", lambda: rule.step(closure_at(0, slow_entropy=True)))
+    rule = gf.wrap(model, opt, algo="sfpo", K=2, gate=None)   # the entropy is only reported
+    probe("sfpo_entropy_reported", lambda: rule.step(closure_at(0), entropy=1.0 if rank else torch.ones(2)))
     rule = gf.wrap(model, opt, gate=None)
     probe("force_plain", lambda: rule.step(closure_at(0), force_plain=rank == 0))
     rec["after"] = rule.step(closure_at(1))["active"]

@@ -154,8 +154,9 @@ def test_rule_collectives_are_the_documented_ones(runs):
     # all-gather of 2, is off by default). The entropy's all-reduce carries (entropy, whether this rank passed one,
     # whether it refused it).
     n = 12 * W.WORLD
-    # Every step begins with one all-reduce of 1 (force_plain, the same on every rank).
-    norm, forced = ("distributed.all_reduce", 2), ("distributed.all_reduce", 1)
+    # Every step begins with one all-reduce of 2 (force_plain, the same on every rank; whether this rank refused the
+    # entropy argument).
+    norm, forced = ("distributed.all_reduce", 2), ("distributed.all_reduce", 2)
     gxpo_active = [forced] + [norm] * 2 + [(GATHER, n)] + [norm]
     plain = runs[0]["gxpo_plain"]["infos"]
     for info in plain:
@@ -299,10 +300,12 @@ def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
 def test_check_failing_on_one_rank_raises_on_every_rank():
     """A check of one rank's own tensors (a frozen parameter with a .grad, an entropy that is no number, SFPO's
     slow-pass entropy missing) failed on rank 0 only: rank 0 raised while rank 1 went on into the next
-    collective and waited there (a hang; here gloo's 20 s timeout). Now the refusal travels with the
-    reduction that follows the check: rank 0 raises its error, rank 1 a RuntimeError saying a rank refused, both
-    rewind, and the next step runs paired on both. force_plain=True on rank 0 only (a plain step there, an
-    active one on rank 1) is refused on both before anything changes."""
+    collective and waited there (a hang; here gloo's 20 s timeout); SFPO with a gate that does not read the
+    entropy refused one that is no number after its last collective, on rank 0 only (rank 1 kept its step). Now
+    the refusal travels with the reduction that follows the check (the entropy argument: the all-reduce that
+    begins the step): rank 0 raises its error, rank 1 a RuntimeError saying a rank refused, both rewind, and the
+    next step runs paired on both. force_plain=True on rank 0 only (a plain step there, an active one on rank 1)
+    is refused on both before anything changes."""
     import torch.multiprocessing as mp
     d = tempfile.mkdtemp(prefix="gxpo_fsdp_refuse_")
     ctx = mp.start_processes(W.worker_one_rank_refusals, args=(free_port(), d), nprocs=W.WORLD, join=False,
@@ -320,7 +323,8 @@ def test_check_failing_on_one_rank_raises_on_every_rank():
     recs = [torch.load(os.path.join(d, f"refusals{r}.pt"), weights_only=False) for r in range(W.WORLD)]
     own = {"frozen_grad": ("ValueError", "requires_grad=False but a .grad"),
            "entropy": ("RuntimeError", "cannot be converted"),
-           "sfpo_slow_entropy": ("ValueError", "needs every slow-pass closure to return (loss, entropy)")}
+           "sfpo_slow_entropy": ("ValueError", "needs every slow-pass closure to return (loss, entropy)"),
+           "sfpo_entropy_reported": ("ValueError", "entropy must be a number or a one-element real tensor")}
     for name, (kind, text) in own.items():
         assert recs[0][name][0] == kind and text in recs[0][name][1], recs[0][name]
         assert recs[1][name][0] == "RuntimeError" and "1 of 2 ranks refused" in recs[1][name][1], recs[1][name]

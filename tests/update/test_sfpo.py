@@ -185,3 +185,43 @@ def test_plain_steps_do_not_keep_the_entropies_closures_report():
     assert len(rule._reported) <= 1
     info = rule.step(closure)                          # an active step still reads its own passes' entropies
     assert info["active"] and len(rule._reported) == 1
+
+
+@pytest.mark.parametrize("gate,signal", [(None, "argument"), ("ema", "argument"), ("entropy", "argument"),
+                                         (None, "slow_pass")])
+def test_an_entropy_that_is_no_number_is_refused_before_anything_moves(gate, signal):
+    """An active step reads the entropy argument (it reports it as ``entropy_signal``; the entropy gate observes
+    it): one that is no number raised only at the step's end, after every pass (rewound; a sharded rule's other
+    ranks had kept their step). Now refused before the first closure; a plain step does not read it."""
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = SFPO(opt, K=2, gate=gate, window=3, entropy_signal=signal)
+    calls = [0]
+    inner = closure_for(m, opt, rule, batch=5)
+
+    def closure():
+        calls[0] += 1
+        return inner()
+    before = [p.detach().clone() for p in m.parameters()]
+    for bad in (torch.rand(3), torch.ones((), dtype=torch.complex64), "high", ValueError("no entropy")):
+        with pytest.raises(ValueError, match="entropy must be a number or a one-element real tensor"):
+            rule.step(closure, entropy=bad)
+    assert calls[0] == 0 and params_equal_list(m, before) and rule.outer_steps == 0
+    h = torch.rand(1, 1, dtype=torch.float64)                 # one element: read as its value
+    info = rule.step(closure, entropy=h)
+    assert info["active"] and info["entropy_signal"] == float(h) and calls[0] == 3
+    info = rule.step(closure, entropy=torch.rand(3), force_plain=True)   # not read by a plain step
+    assert not info["active"] and calls[0] == 4
+    # read at the step's end, not at the check: a one-element tensor the first closure fills (the TRL trainer's way)
+    filled = torch.full((), math.nan)
+
+    def filling():
+        if rule.pass_index == 0:
+            filled.fill_(0.25)
+        return inner()
+    info = rule.step(filling, entropy=filled)
+    assert info["active"] and info["entropy_signal"] == 0.25
+
+
+def params_equal_list(m, ts):
+    return all(torch.equal(p, t) for p, t in zip(m.parameters(), ts))

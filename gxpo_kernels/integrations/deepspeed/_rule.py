@@ -317,7 +317,7 @@ class _DeepSpeedRule(ShardedReductions):
                                    "with gradient_accumulation_steps=1, is rewound)")
             raise RuntimeError(f"engine.micro_steps={eng.micro_steps} is not on a gradient-accumulation boundary "
                                f"(gas={gas}): do not call engine.step() yourself between rule.step() calls")
-        force_plain = self._agree_force_plain(force_plain)
+        force_plain = self._agree_step(force_plain, entropy)
         g_steps, g_samples, skipped = eng.global_steps, eng.global_samples, eng.skipped_steps
         scaler = getattr(eng.optimizer, "loss_scaler", None)
         scaler_snap = dict(vars(scaler)) if getattr(scaler, "dynamic", False) else None

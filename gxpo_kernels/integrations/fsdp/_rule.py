@@ -201,7 +201,7 @@ class _FSDPRule(ShardedReductions):
         ``force_plain`` must be the same on every rank (ValueError on every rank otherwise)."""
         self.last_extrapolation = None
         self._gate_entropy = None
-        force_plain = self._agree_force_plain(force_plain)
+        force_plain = self._agree_step(force_plain, entropy)
         info = super().step(closure, entropy=entropy, force_plain=force_plain)
         if self.last_extrapolation is not None:
             info["shard_numel"] = self.last_extrapolation["numel"]
