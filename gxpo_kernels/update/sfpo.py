@@ -218,4 +218,3 @@ class SFPO(ExtrapolationRule):
         info["gate_z"] = self._observe_gate(normc, entropy)
         info["entropy_signal"] = _to_float(entropy)
         return self._finish(info)
-
