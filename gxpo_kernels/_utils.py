@@ -140,6 +140,14 @@ def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
                                "torch.autograd.grad)")
 
 
+def resolved(*tensors: Optional[torch.Tensor]) -> tuple:
+    """The tensors with a pending negation materialised (``resolve_neg``: the tensor itself when its neg bit is
+    unset, a C-level check). A lazily negated view (``torch._neg_view(x)``, ``z.conj().imag``) keeps the
+    un-negated values in memory: code that hands ``data_ptr()`` to a Triton kernel or C++ would read the sign
+    wrong. Torch ops honour the bit (so do ``torch.library`` ops, whose inputs the dispatcher resolves)."""
+    return tuple(None if t is None else t.resolve_neg() for t in tensors)
+
+
 def check_tensor(x, name: str, *, ndim=None, dtypes=None, floating: bool = False) -> None:
     """Raise TypeError/ValueError naming ``name`` if ``x`` is not a tensor of the expected kind."""
     if not isinstance(x, torch.Tensor):

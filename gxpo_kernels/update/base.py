@@ -451,12 +451,16 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}: the optimizer has no parameter with requires_grad=True")
         # C-level passes first (this runs every step); the loop below only names the offending parameter
         if not (all(map(torch.Tensor.is_contiguous, params)) and set(map(_DTYPE, params)) <= _FLOATS
-                and (all(map(_IS_CPU, params)) or len(set(map(_DEVICE, params))) == 1)):
+                and (all(map(_IS_CPU, params)) or len(set(map(_DEVICE, params))) == 1)
+                and not any(map(torch.Tensor.is_neg, params))):
             for i, p in enumerate(params):
                 if not p.is_contiguous():
                     raise ValueError(f"{self._rule_name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
                                      "the fused extrapolation needs contiguous parameters "
                                      "(p.data = p.data.contiguous())")
+                if p.is_neg():   # its memory holds -p: the fused extrapolation writes raw memory
+                    raise ValueError(f"{self._rule_name}: parameter {i} is a lazily negated view (is_neg()); the "
+                                     "fused extrapolation writes it in place (p.data = p.data.resolve_neg())")
                 if p.dtype not in _FLOATS:
                     raise TypeError(f"{self._rule_name}: parameter {i} has dtype {p.dtype}; float dtypes only")
                 if p.device != params[0].device:
@@ -592,7 +596,8 @@ class ExtrapolationRule:
         that the next backward allocates new ones): plain ``.grad`` tensors of this process (a sharded subclass
         overrides ``_grad_list``), torch's Adam / AdamW, not fused and without a grad scaler (their step never
         writes into the grads; a wrapper, a custom optimizer or SGD with Nesterov momentum might), every grad
-        present, contiguous and not a view (a DDP bucket view is overwritten by the next backward)."""
+        present, contiguous and not a view (a DDP bucket view is overwritten by the next backward; a negated view
+        holds -g in memory: both are copied)."""
         opt = self.optimizer
         return (type(self)._grad_list is ExtrapolationRule._grad_list and type(opt) in _KEEPS_GRADS
                 and not any(g.get("fused") for g in opt.param_groups)      # fused kernels may unscale in place

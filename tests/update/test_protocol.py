@@ -313,6 +313,12 @@ def test_checks_before_the_first_optimizer_step():
         rule.step(_closure(m, opt, rule))
     _assert_same(_state(m, opt), before)
     w.data = w.data.contiguous()
+    w.data.neg_()
+    w.data = torch._neg_view(w.data)                     # same values and address, memory holding -w
+    with pytest.raises(ValueError, match="parameter 0 is a lazily negated view"):
+        rule.step(_closure(m, opt, rule))
+    _assert_same(_state(m, opt), before)
+    w.data = w.data.resolve_neg()
     # optimizer-aware with a warm-up starting at lr = 0: refused before anything moves ...
     r2 = GXPO(opt, optimizer_aware=True)
     opt.param_groups[0]["lr"] = 0.0

@@ -538,6 +538,8 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
     auto chk = [&](const at::Tensor& t, const char* name) {
       TORCH_CHECK(t.device().is_cpu(), name, "[", i, "] must be a CPU tensor");
       TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
+      // a negated view's memory holds the un-negated values: the raw reads and writes below would flip signs
+      TORCH_CHECK(!t.is_neg(), name, "[", i, "] is a lazily negated view (is_neg()); pass x.resolve_neg()");
       TORCH_CHECK(t.numel() == ne, name, "[", i, "] must have ", ne, " elements");
     };
     chk(p, "params");
@@ -584,8 +586,8 @@ at::Tensor extrapolate_cpu(std::vector<at::Tensor> params, std::vector<at::Tenso
 // rules' snapshots (theta0, the optimizer state), buffers that are read again only much later, if at all. A
 // plain store first reads each destination line into the cache (read for ownership) and later evicts it: a copy
 // moves 3 bytes per byte; streaming stores skip the read and bypass the cache, 2 bytes per byte. Pairs that are
-// not CPU, contiguous, of one dtype and one numel are left alone: their indices are returned for the caller's
-// ordinary copy.
+// not CPU, contiguous, of one dtype and one numel, or that hold a negated view (memory holding the un-negated
+// values, which torch's copy_ honours) are left alone: their indices are returned for the caller's ordinary copy.
 std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::Tensor> src) {
   TORCH_CHECK(dst.size() == src.size(), "snapshot_copy: dst and src must have the same length");
   struct Piece { char* d; const char* s; int64_t n; };
@@ -596,7 +598,7 @@ std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::
     const auto& d = dst[i];
     const auto& s = src[i];
     if (!d.device().is_cpu() || !s.device().is_cpu() || !d.is_contiguous() || !s.is_contiguous() ||
-        d.scalar_type() != s.scalar_type() || d.numel() != s.numel()) {
+        d.scalar_type() != s.scalar_type() || d.numel() != s.numel() || d.is_neg() || s.is_neg()) {
       left.push_back(static_cast<int64_t>(i));
       continue;
     }
@@ -626,15 +628,14 @@ std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::
   return left;
 }
 
-// The public op's cache checks (op.py: _Layout.matches, _check_grads): the ids (with_ids), data_ptrs, numels and
-// metas (dtype | contiguous << 8 | device type << 16 | (device index + 1) << 24) of the entries of a list or
-// tuple, one int64 column after the other (the addresses, or the numels and metas, are then one contiguous
-// slice), in one bytes object that Python compares with == (an id is the PyObject's address, as id() returns
-// it). A None entry gives zeros. Returns None when an entry is anything else than None, a torch.Tensor or a
-// Parameter (THPVariable_CheckExact: a subclass may override these attributes through __torch_function__, which
-// this pass would bypass), or when an attribute cannot be read (no storage): the caller then reads the
-// attributes in Python. One C++ pass reads all of them; a Python-level pass per attribute costs a method call and
-// an int object per tensor.
+// The public op's cache checks (op.py: _Layout.matches, _check_grads): the ids (with_ids), data_ptrs, numels and metas
+// (dtype | contiguous << 8 | neg bit << 9 | device type << 16 | (device index + 1) << 24) of the entries of a list or
+// tuple, one int64 column after the other (the addresses, or the numels and metas, are then one contiguous slice), in
+// one bytes object that Python compares with == (an id is the PyObject's address, as id() returns it). A None entry
+// gives zeros. Returns None when an entry is anything else than None, a torch.Tensor or a Parameter
+// (THPVariable_CheckExact: a subclass may override these attributes through __torch_function__, which this pass would
+// bypass), or when an attribute cannot be read (no storage): the caller then reads the attributes in Python. One C++
+// pass reads all of them; a Python-level pass per attribute costs a method call and an int object per tensor.
 py::object tensor_records(py::handle seq, bool with_ids) {
   PyObject* s = seq.ptr();
   if (!PyList_Check(s) && !PyTuple_Check(s)) return py::none();
@@ -661,6 +662,7 @@ py::object tensor_records(py::handle seq, bool with_ids) {
       numels[i] = t.numel();
       const at::Device d = t.device();
       metas[i] = static_cast<int64_t>(static_cast<uint8_t>(t.scalar_type())) | (int64_t{t.is_contiguous()} << 8) |
+                 (int64_t{t.is_neg()} << 9) |
                  (static_cast<int64_t>(static_cast<uint8_t>(d.type())) << 16) |
                  (static_cast<int64_t>(static_cast<int>(d.index()) + 1) << 24);
     }

@@ -246,6 +246,7 @@ def _extrapolate_kernel(base_p, base_t0, base_g0, base_g1, base_l, off_tab, g0_o
 
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 _PTR, _NUMEL, _CONTIG = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_IS_NEG = torch.Tensor.is_neg
 _ESIZE = torch.Tensor.element_size
 
 
@@ -345,7 +346,7 @@ class _Plan:
         for grp in self.groups:
             for ref, a, dt, n in grp["firsts"]:
                 t = ref()
-                if t is None or t.data_ptr() != a or t.dtype != dt or t.numel() != n:
+                if t is None or t.data_ptr() != a or t.dtype != dt or t.numel() != n or t.is_neg():
                     return True
         return False
 
@@ -490,13 +491,13 @@ class ExtrapolationPlan:
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set: on CUDA a call raises
     ``ValueError`` when the first tensor of a dtype group has moved or changed dtype or size, which
     ``model.to(...)`` does; a change to another tensor alone goes unnoticed), and g1[i] (and a per-call g0[i])
-    is the gradient of params[i] (same numel, contiguous; only the count and the addresses are checked per
-    call). Gradients whose dtypes differ within a list are read right (from copies, see ``_Plan._call_offsets``):
-    the plan scans their dtypes on every call (one attribute read per tensor), unless
+    is the gradient of params[i] (same numel, contiguous, no pending negation (``is_neg()``); only the count and
+    the addresses are checked per call). Gradients whose dtypes differ within a list are read right (from copies,
+    see ``_Plan._call_offsets``): the plan scans their dtypes on every call (one attribute read per tensor), unless
     ``grads_are_param_dtype=True`` promises that g1[i] (and a per-call g0[i]) has params[i]'s dtype, as
     ``p.grad`` always has (the update rules pass it). On the CPU the plan calls the C++ op directly (it checks
-    every tensor's device, contiguity and numel itself at negligible cost); with ``backend="torch"`` it forwards
-    to ``extrapolate_``.
+    every tensor's device, contiguity, numel and neg bit itself at negligible cost); with ``backend="torch"`` it
+    forwards to ``extrapolate_``.
     """
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto",
@@ -638,6 +639,9 @@ def _validate(params, theta0, g0, g1, lowp_out, alpha, K, scale_formula, guards=
                 raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {dev}")
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous")
+            if t.is_neg():   # its memory holds the un-negated values, which the kernels would read or write
+                raise ValueError(f"{name}[{i}] is a lazily negated view (is_neg(), e.g. from z.conj().imag); pass "
+                                 "a tensor without a pending negation (x.resolve_neg() for a read-only input)")
     _check_no_alias(params, theta0, g0, g1, lowp_out)
 
 
@@ -699,17 +703,19 @@ def _ids_ptrs(ts) -> tuple:
 
 
 def _static_meta(ts, ids: list) -> tuple:
-    """The dtypes, the numels and whether all are contiguous, of a list whose entries may be None (their ``ids``),
-    in C-level passes: what the full validation checked of a tensor that it can change in place."""
+    """The dtypes, the numels, whether all are contiguous and whether any is a negated view, of a list whose entries
+    may be None (their ``ids``), in C-level passes: what the full validation checked of a tensor that it can
+    change in place."""
     if _NONE_ID in ids:
         ts = [t for t in ts if t is not None]
-    return list(map(_DTYPE, ts)), list(map(_NUMEL, ts)), all(map(_CONTIG, ts))
+    return list(map(_DTYPE, ts)), list(map(_NUMEL, ts)), all(map(_CONTIG, ts)), any(map(_IS_NEG, ts))
 
 
 def _same_grads_meta(ts, numels: list, dt) -> bool:
-    """Whether a watched gradient list still has the numels, contiguity and dtype pattern ``dt`` (one dtype or a
-    tuple of one per tensor) it passed the checks with: a live tensor can change them at the same address."""
-    if list(map(_NUMEL, ts)) != numels or not all(map(_CONTIG, ts)):
+    """Whether a watched gradient list still has the numels, contiguity, no neg bit and dtype pattern ``dt`` (one
+    dtype or a tuple of one per tensor) it passed the checks with: a live tensor can change them at the same
+    address."""
+    if list(map(_NUMEL, ts)) != numels or not all(map(_CONTIG, ts)) or any(map(_IS_NEG, ts)):
         return False
     return tuple(map(_DTYPE, ts)) == dt if isinstance(dt, tuple) else set(map(_DTYPE, ts)) == {dt}
 
@@ -735,7 +741,7 @@ class _Layout:
         recs = None if self.records is None else [self.records(ts, True) for ts in statics]
         if recs is not None and None not in recs:   # compiled: one pass per list reads all of it
             self.recs, self.lists, self.metas = recs, None, None
-            # a gradient's meta without its dtype: contiguous, on the params' device (params[0] is a tensor)
+            # a gradient's meta without its dtype: contiguous, no neg bit, on the params' device (params[0] is one)
             self.grad_meta = int(np.frombuffer(recs[0], np.int64)[3 * len(params)]) >> 8
             self.grad_tails = {}   # dtype -> the numels and metas columns of a gradient list of that dtype
         else:
@@ -885,7 +891,7 @@ def _check_grad_records(lay: _Layout, name: str, ts, rec: bytes) -> Optional[tup
 
 
 def _check_grads_now(lay: _Layout, ts, ptrs: list):
-    if list(map(_NUMEL, ts)) != lay.numels or not all(map(_CONTIG, ts)):
+    if list(map(_NUMEL, ts)) != lay.numels or not all(map(_CONTIG, ts)) or any(map(_IS_NEG, ts)):
         return None
     kinds = set(map(_DTYPE, ts))
     if not kinds <= _TL_DTYPES.keys() or set(map(_DEVICE, ts)) != {lay.device}:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import autocast_off, triton_interpret
+from ..._utils import autocast_off, resolved, triton_interpret
 from ..logprobs.kernel import _LOG2E, _log_probs_chunk, _logp_lse, _lse_group_step, _num_warps, _row_layout, _vec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,6 +159,7 @@ def fpa_logprobs_fwd(logits3d: torch.Tensor, ref3d: torch.Tensor, tokens1d: torc
     out = [torch.empty(N, dtype=dt, device=logits3d.device) for dt in _OUT_DTYPES]
     if N == 0:
         return out[0], out[1], out[2], out[3]
+    logits3d, ref3d, tokens1d, mask1d = resolved(logits3d, ref3d, tokens1d, mask1d)   # raw memory reads
     (x, rows_b_l, stride_l), (r, rows_b_r, stride_r) = _row_layout(logits3d), _row_layout(ref3d)
     block_v, warps = _launch_cfg(V)
     _fpa_logprobs_fwd_kernel[(N,)](

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._utils import (autocast_off, check_no_forward_ad, check_same_device, check_shape, check_tensor, checked_mask,
-                       compiled_safe_tokens, nan_at, triton_interpret)
+                       compiled_safe_tokens, nan_at, resolved, triton_interpret)
 from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
                                  _kernel_flags, _logits_tile, make_head_config, row_logsumexp, validate_head,
@@ -101,6 +101,7 @@ def _fpa_fwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, y_ptr, st_ptr,
 
 # ------------------------------------------------------------------------------------------- host side
 def _fwd_triton(h, w, b, hr, wr, br, y, inv_t, lam, cfg: _HeadConfig):
+    h, w, b, hr, wr, br, y = resolved(h, w, b, hr, wr, br, y)   # raw memory reads (see ``resolved``)
     N = h.shape[0]
     V = w.shape[0]
     upcast, prec, blocks = _kernel_flags(h, w, cfg)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..._utils import (autocast_off, check_same_device, check_shape, check_tensor, masked_row_index,
-                       resolve_backend, triton_interpret)
+                       resolve_backend, resolved, triton_interpret)
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # finite "minus infinity": keeps (m_old - m_new) * sum free of inf * 0 = NaN (constexpr: jit code may only
@@ -195,6 +195,7 @@ def vocab_splits(cfg: _HeadConfig, device, n_mt: int, n_vt: int):
 
 
 def _fwd_triton(h, w, b, y, inv_t, cfg):
+    h, w, b, y = resolved(h, w, b, y)   # raw memory reads: no pending negation (see ``resolved``)
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)
@@ -225,6 +226,7 @@ def _bwd_triton(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
     read-modify-write of fp32 grad_hidden per vocabulary tile; the result is deterministic (no atomics), so
     ``deterministic`` needs no separate path. Extra memory: one dz chunk (``_bwd_chunk_rows``), and with
     bf16/fp16 operands each chunk's (V, H) d(weight) partial in that dtype before it joins the fp32 sum."""
+    h, w, b, y, lse, ent, dlogp, dent = resolved(h, w, b, y, lse, ent, dlogp, dent)   # raw memory reads
     N, H = h.shape
     V = w.shape[0]
     upcast, prec, (BM, BV, BK, nw) = _kernel_flags(h, w, cfg)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._utils import autocast_off, triton_interpret
+from ..._utils import autocast_off, resolved, triton_interpret
 
 # Row counts, the batch row stride and the temperature change from call to call: never specialise on them, so a
 # new sequence length or temperature reuses the compiled kernel. stride_t (normally V) stays specialised so the
@@ -380,6 +380,7 @@ def token_logprobs_fwd(
         return _fwd_torch(logits, tokens, mask, temperature, compute_entropy)
     B, T, V = logits.shape
     N = B * T
+    logits, tokens, mask = resolved(logits, tokens, mask)   # the kernel reads raw memory: no pending negation
     logp = torch.empty(B, T, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp, dtype=torch.float64)
     ent = torch.empty_like(logp) if compute_entropy else torch.zeros_like(logp)
@@ -420,7 +421,10 @@ def token_logprobs_bwd(
     N = B * T
     if N == 0:
         return out
-    x, rows_b, stride_t = _row_layout(logits)
+    # raw memory reads; a negated in-place ``logits`` is read from a copy and written there (the caller copies
+    # the result back with torch, which honours the bit)
+    x, tokens, mask, lse, entropy, dlogp, dentropy = resolved(logits, tokens, mask, lse, entropy, dlogp, dentropy)
+    x, rows_b, stride_t = _row_layout(x)
     if inplace and x.data_ptr() != logits.data_ptr():
         out = x  # odd layout was copied: write into the copy (still no extra V-sized buffer)
     o, rows_b_o, stride_t_o = _row_layout(out)

@@ -43,7 +43,8 @@ def token_logprobs(
         compute_entropy: also return the entropy (almost free: same pass); ``False`` returns ``None``.
         inplace_backward: the backward writes dlogits into the ``logits`` buffer (saves B*T*V memory). The
             logits' values are destroyed by the backward; do not reuse them. Ignored under ``torch.compile``
-            and for a leaf tensor or a view of one (nothing to save: autograd copies a leaf's gradient).
+            and for a leaf tensor or a view of one (nothing to save: autograd copies a leaf's gradient), and
+            for a lazily negated view (``logits.is_neg()``).
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton" or "torch".
 
     Returns:
@@ -83,6 +84,10 @@ def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_
     if inplace_backward and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         # the memory of a leaf (or a view of one) is the caller's tensor, and autograd copies a leaf's gradient
         # anyway: overwriting it would destroy the caller's values and save nothing
+        inplace_backward = False
+    if inplace_backward and logits.is_neg():
+        # a negated view (its memory holds -logits) cannot be the registered in-place op's mutated argument (the
+        # dispatcher's negation fallback fails on it) and would have to be written through a copy anyway
         inplace_backward = False
     logp, ent = _library.token_logprobs_op(logits, tokens, mask, temperature, compute_entropy,
                                            inplace_backward, backend)
