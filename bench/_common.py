@@ -56,7 +56,12 @@ def _rss_kb(field: str) -> int:
 
 
 def step_peak_rss(step: Callable[[], object]) -> dict:
-    """Reset the RSS high-water mark (Linux /proc/self/clear_refs), run ``step`` once: its extra peak RSS."""
+    """Reset the RSS high-water mark (Linux /proc/self/clear_refs), run ``step`` once: its extra peak RSS.
+
+    ``torch._dynamo`` is imported first: the first call of any ``torch.library`` custom op imports it (~70 MiB
+    of RSS, once per process), which would otherwise count as the step's memory for providers built on custom
+    ops and not for those whose own import already loaded it (Liger's)."""
+    import torch._dynamo  # noqa: F401
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                      # resets VmHWM to the current RSS
     base = _rss_kb("VmRSS")

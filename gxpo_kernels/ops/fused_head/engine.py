@@ -18,7 +18,8 @@ gradient accumulators and one bounded chunk of logits, independent of N*V):
     dtype, and grad_hidden / grad_weight are two library GEMMs on it (no atomics: deterministic as is; the
     extra memory is one d(logits) chunk of ~2^28 entries, or ``chunk_size`` rows).
   * torch: chunks over tokens; per chunk fp32 logits, statistics, and in backward the recomputed chunk's
-    d(logits) feeding two GEMMs into fp32 accumulators. It is the reference the kernels are tested against.
+    d(logits), built in the logits' buffer, feeding two GEMMs into fp32 accumulators (one (rows, V) fp32 chunk
+    live, plus 1/8 of one for element-wise temporaries). It is the reference the kernels are tested against.
 Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_ref``.
 """
 from __future__ import annotations
@@ -291,8 +292,16 @@ def row_logsumexp(z: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim, NaN for a row holding +inf (a +inf logit, or logits / T past the fp32 range):
     its softmax is undefined (inf - inf), as the Triton kernels report it; torch.logsumexp alone gives +inf
     there, which read as log-prob -inf for the row's finite logits."""
-    lse = torch.logsumexp(z, dim=-1)
+    # by row blocks: torch.logsumexp allocates a temporary the size of its input (exp(z - max)), one block here
+    lse = torch.cat([torch.logsumexp(blk, dim=-1) for blk in row_blocks(z)]) if z.dim() == 2 else \
+        torch.logsumexp(z, dim=-1)
     return lse.masked_fill_(lse == float("inf"), float("nan"))
+
+
+def row_blocks(z: torch.Tensor, parts: int = 8):
+    """``z`` (rows, V) as ~``parts`` views of whole rows: an element-wise temporary built per block is 1/parts of
+    a chunk, not a second chunk (every row's values are the same as computed on the whole chunk)."""
+    return z.split(max(1, -(-z.shape[0] // parts)))
 
 
 def _fwd_torch(h, w, b, y, inv_t, cfg):
@@ -316,7 +325,8 @@ def _fwd_torch_chunk(h_c, wf, bf, y_c, inv_t):
     lp = z.sub_(lse[:, None])                          # log-softmax in place
     logp = lp.gather(1, y_c[:, None].long()).squeeze(1)
     lp.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit: 0 * finite, not 0 * -inf
-    return lse, -(lp.exp().mul_(lp)).sum(-1), logp
+    # -sum p log p needs p and log p at once: p is built per row block (1/8 of a chunk), not for the whole chunk
+    return lse, torch.cat([-(blk.exp().mul_(blk)).sum(-1) for blk in row_blocks(lp)]), logp
 
 
 def _bwd_torch(h, w, b, y, lse, ent, dlogp, dent, inv_t, cfg, need):
@@ -342,14 +352,16 @@ def _bwd_torch_chunk(h_c, wf, bf, y_c, lse_c, ent_c, dlogp_c, dent_c, inv_t, gh_
     ``_fwd_torch_chunk``: the chunk's (rows, V) temporaries die on return."""
     h_c = h_c.float()
     lp = _chunk_logits(h_c, wf, bf, inv_t).sub_(lse_c[:, None])   # saved lse: no second reduction
-    p = lp.exp()
     g = dlogp_c[:, None]
-    if dent_c is not None:   # dz = dlogp (1[v=y] - p) - dH p (log p + H)
-        # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
-        coef = lp.nan_to_num_(neginf=0.0).add_(ent_c[:, None]).mul_(dent_c[:, None]).add_(g)
-    else:
-        coef = g
-    dz = p.mul_(coef).neg_()
+    # dz = dlogp (1[v=y] - p) - dH p (log p + H), built in the logits' own buffer: one (rows, V) chunk
+    if dent_c is None:
+        dz = lp.exp_().mul_(g).neg_()
+    else:            # p and log p are both needed: p per row block (1/8 of a chunk)
+        for blk, e_b, d_b, g_b in zip(row_blocks(lp), *(row_blocks(t[:, None]) for t in (ent_c, dent_c, dlogp_c))):
+            p = blk.exp()
+            # log p = -inf where p = 0 (a -inf logit): any finite coefficient gives p * coef = 0
+            blk.nan_to_num_(neginf=0.0).add_(e_b).mul_(d_b).add_(g_b).mul_(p).neg_()
+        dz = lp
     dz.scatter_add_(1, y_c[:, None].long(), g.clone())
     dz *= inv_t
     if gh_c is not None:
