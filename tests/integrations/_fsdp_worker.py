@@ -30,9 +30,11 @@ class Net(torch.nn.Module):
         self.l1 = torch.nn.Linear(7, 13)
         self.l2 = torch.nn.Linear(13, 3)
         self.gain = torch.nn.Parameter(1.0 + 0.1 * torch.randn(1, 3))
+        self.skip_gain = False              # a branch some ranks do not take: gain gets no gradient there
 
     def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x))) * self.gain
+        h = self.l2(torch.tanh(self.l1(x)))
+        return h if self.skip_gain else h * self.gain
 
 
 def mse(model, x, y, dtype=torch.float32):
@@ -43,8 +45,9 @@ def make_optimizer(model, case):
     if not case.get("groups"):
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     named = list(model.named_parameters())
+    bias = {"weight_decay": 0.3, "lr": 3 * LR} if case.get("group_lr") else {"weight_decay": 0.0}
     return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.01},
-                              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
+                              {"params": [p for n, p in named if n.endswith("bias")], **bias}], lr=LR)
 
 
 def sharded(case, mesh=None):
@@ -54,9 +57,14 @@ def sharded(case, mesh=None):
     kw = {"mesh": mesh or init_device_mesh("cpu", (WORLD,))}
     if case.get("mp"):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if "reshard_after_forward" in case:
+        kw["reshard_after_forward"] = case["reshard_after_forward"]
     fully_shard(model.l1, **kw)
     fully_shard(model.l2, **kw)
     fully_shard(model, **kw)
+    if case.get("unused_on_rank0"):     # rank 0 skips the gain; FSDP then reduce-scatters a zero for it there
+        model.skip_gain = dist.get_rank() == 0
+        model.set_reduce_scatter_unused_params(True)
     return model
 
 
@@ -74,6 +82,8 @@ def fsdp_closure(model, opt, rule, step, case):
             mid = (lo + hi) // 2
             for b, (a, z) in enumerate(((lo, mid), (mid, hi))):
                 model.set_requires_gradient_sync(b == 1)
+                if case.get("last_backward"):
+                    model.set_is_last_backward(b == 1)
                 loss = mse(model, X[step, a:z], Y[step, a:z]) / 2
                 loss.backward()
                 _maybe_raise(case, step, rule.pass_index, key="raise_between_micro")
@@ -404,13 +414,17 @@ def single_process_reference(case):
             tot = 0.0
             for r in range(WORLD):                 # FSDP averages the ranks' gradients of their half-batch means
                 lo, hi = r * ROWS // WORLD, (r + 1) * ROWS // WORLD
-                loss = mse(fwd, X[step, lo:hi], Y[step, lo:hi], dtype)
-                (loss / WORLD).backward()
-                tot += float(loss.detach()) / WORLD
-                if fwd is not model:               # each rank's bf16 grad, reduced in fp32
-                    for m, p in zip(model.parameters(), fwd.parameters()):
-                        m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
-                        p.grad = None
+                fwd.skip_gain = bool(case.get("unused_on_rank0")) and r == 0
+                mid = (lo + hi) // 2             # micro-batches: each bf16 grad accumulated in fp32 (reduce_dtype)
+                for a, z, div in ((lo, mid, 2), (mid, hi, 2)) if case.get("micro") else ((lo, hi, 1),):
+                    loss = mse(fwd, X[step, a:z], Y[step, a:z], dtype)
+                    (loss / (WORLD * div)).backward()
+                    tot += float(loss.detach()) / (WORLD * div)
+                    if fwd is not model:           # each rank's bf16 grad, reduced in fp32
+                        for m, p in zip(model.parameters(), fwd.parameters()):
+                            if p.grad is not None:
+                                m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                            p.grad = None
             if (step, rule.pass_index) == case.get("nan"):
                 model.l1.weight.grad[NAN_GLOBAL] = math.nan
             _maybe_raise(case, step, rule.pass_index)
