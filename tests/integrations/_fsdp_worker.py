@@ -53,10 +53,11 @@ def make_optimizer(model, case):
 def sharded(case, mesh=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    model = Net()
+    model = Net().to(case.get("dtype", torch.float32))
     kw = {"mesh": mesh or init_device_mesh("cpu", (WORLD,))}
     if case.get("mp"):
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=case.get("mp_dtype", torch.bfloat16),
+                                               reduce_dtype=case.get("reduce_dtype", torch.float32))
     if "reshard_after_forward" in case:
         kw["reshard_after_forward"] = case["reshard_after_forward"]
     fully_shard(model.l1, **kw)
@@ -289,6 +290,12 @@ def refusals():
     m2 = sharded({})
     m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
     attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
+    # fp16 needs a loss scaler, which cannot drive the rule's several optimizer steps per update
+    for name, case in (("fp16_compute", {"mp": True, "mp_dtype": torch.float16}),
+                       ("fp16_reduce", {"mp": True, "reduce_dtype": torch.float16}),
+                       ("fp16_params", {"dtype": torch.float16})):
+        m4 = sharded(case)
+        attempt(name, lambda: gf.wrap(m4, torch.optim.AdamW(m4.parameters())))
     # the model must come back resharded from the closure: the rule edits the shards between passes
     m3 = sharded({})
     m3.set_reshard_after_backward(False)

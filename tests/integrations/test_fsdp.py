@@ -205,6 +205,9 @@ def test_unsupported_configurations_are_refused(runs):
     for recs in runs:
         r = recs["_refusals"]
         assert "CPUOffloadPolicy" in r["cpu_offload"]
+        for name in ("fp16_compute", "fp16_reduce", "fp16_params"):
+            assert r[name].startswith("ValueError") and "float16 is not supported" in r[name], r[name]
+            assert "GradScaler" in r[name] and "bfloat16" in r[name]
         assert "inactive_threshold" in r["inactive_threshold"]
         assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
         assert "'gxpo' or 'sfpo'" in r["algo"]

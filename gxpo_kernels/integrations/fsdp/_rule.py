@@ -48,6 +48,13 @@ def _param_groups(module) -> list:
     return [g for g in groups if g is not None]
 
 
+_FP16 = ("float16 is not supported by GXPO/SFPO on FSDP2: fp16 needs loss scaling, and torch's GradScaler cannot "
+         "drive the rule (it calls optimizer.step() several times per update itself, so scaler.step's unscale and "
+         "overflow skip never run, and a loss scaled in the closure reaches clipping, the gates and the "
+         "extrapolation scaled); use bfloat16, or DeepSpeed's fp16 (gxpo_kernels.integrations.deepspeed), whose loss "
+         "scale the rule advances once per update")
+
+
 def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
     """Refuse what the rule does not support, by name; returns the (common, 1-D) device mesh."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -60,6 +67,9 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
         if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
             raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
                              "an accelerator); shard without offload_policy")
+        mp = getattr(group, "mp_policy", None)
+        if mp is not None and torch.float16 in (mp.param_dtype, mp.reduce_dtype, mp.output_dtype):
+            raise ValueError(f"MixedPrecisionPolicy with {_FP16}")
     owned = {id(p) for p in model.parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if not params:
@@ -72,6 +82,8 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
         if not isinstance(p, DTensor):
             raise ValueError("every trainable parameter must be sharded by fully_shard (a DTensor); found a plain "
                              f"tensor of shape {tuple(p.shape)}")
+        if p.dtype == torch.float16:
+            raise ValueError(f"a parameter in {_FP16}")
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"only FSDP2's 1-D dim-0 sharding is supported (HSDP and tensor parallelism are not); "
                              f"got mesh {tuple(p.device_mesh.shape)} with placements {p.placements}")
