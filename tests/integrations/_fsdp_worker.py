@@ -286,9 +286,15 @@ def refusals():
     attempt("not_fsdp", lambda: gf.wrap(plain, torch.optim.AdamW(plain.parameters())))
     attempt("algo", lambda: gf.wrap(m, torch.optim.AdamW(m.parameters()), "adam"))
     attempt("foreign_param", lambda: gf.wrap(m, torch.optim.AdamW(list(m.parameters()) + list(plain.parameters()))))
-    # FSDP2 builds no CPUOffloadPolicy without an accelerator: give one shard group the policy it would hold
-    m2 = sharded({})
-    m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
+    # the policy as fully_shard sets it (torch 2.13 builds it on a CPU mesh); where an older torch refuses
+    # without an accelerator, give one shard group the policy it would hold
+    from torch.distributed.fsdp import fully_shard
+    m2 = Net()
+    try:
+        fully_shard(m2, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    except (RuntimeError, ValueError, AssertionError):
+        m2 = sharded({})
+        m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
     attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
     # fp16 needs a loss scaler, which cannot drive the rule's several optimizer steps per update
     for name, case in (("fp16_compute", {"mp": True, "mp_dtype": torch.float16}),

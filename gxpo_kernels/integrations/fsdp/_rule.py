@@ -65,8 +65,8 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for group in (g for mod in model.modules() for g in _param_groups(mod)):   # (the device check below too)
         if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
-            raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
-                             "an accelerator); shard without offload_policy")
+            raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: on a CPU mesh it "
+                             "moves nothing, and its real path needs an accelerator); shard without offload_policy")
         mp = getattr(group, "mp_policy", None)
         if mp is not None and torch.float16 in (mp.param_dtype, mp.reduce_dtype, mp.output_dtype):
             raise ValueError(f"MixedPrecisionPolicy with {_FP16}")
