@@ -312,9 +312,42 @@ def refusals():
         out["unsharded_after_closure"] = None
     except RuntimeError as e:
         out["unsharded_after_closure"] = str(e)
+    out.update(unreduced_after_closure())
     out["per_param_mesh"] = per_param_mesh()
     out.update(checkpoint_of_other_settings())
     out.update(entropy_on_one_rank())
+    return out
+
+
+def unreduced_after_closure():
+    """A closure that leaves gradient sync off for its last backward (``set_requires_gradient_sync(False)``): FSDP
+    keeps the gradients in its unsharded parameters, the sharded .grad stays None. The step used to take it for a
+    zero gradient (a "small_g0" fallback, nothing moved) and the pending sum went into the next backward. Now:
+    RuntimeError on every rank, the step rewound, the pending gradients dropped, so a step with sync back on
+    equals a fresh model's first step bit for bit."""
+    from gxpo_kernels.integrations import fsdp as gf
+    out = {}
+    for mp in (False, True):                 # the pending sum in .grad (fp32) and in FSDP's reduce_dtype buffer
+        case = {"mp": mp}
+        model = sharded(case)
+        opt = make_optimizer(model, case)
+        rule = gf.wrap(model, opt, gate=None)
+        before, inner = [full(p) for p in model.parameters()], fsdp_closure(model, opt, rule, 0, case)
+
+        def closure():
+            model.set_requires_gradient_sync(False)
+            return inner()
+        try:
+            rule.step(closure)
+            out[f"unreduced_mp{int(mp)}"] = None
+        except RuntimeError as e:
+            out[f"unreduced_mp{int(mp)}"] = str(e)
+        rewound = all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())) and not opt.state
+        model.set_requires_gradient_sync(True)
+        rule.step(fsdp_closure(model, opt, rule, 0, case))
+        fresh = train(case, steps=1)[0]
+        out[f"unreduced_mp{int(mp)}_then_clean"] = rewound and all(
+            torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters()))
     return out
 
 

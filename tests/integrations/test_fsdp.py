@@ -213,6 +213,9 @@ def test_unsupported_configurations_are_refused(runs):
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
         assert "still unsharded after the closure" in r["unsharded_after_closure"]
+        for mp in (0, 1):                              # gradient sync left off for the closure's last backward
+            assert "kept its gradients unreduced" in r[f"unreduced_mp{mp}"], r[f"unreduced_mp{mp}"]
+            assert r[f"unreduced_mp{mp}_then_clean"]
         assert r["per_param_mesh"] in (True, None)     # a second mesh of the same ranks (None: torch has none)
 
 

@@ -114,6 +114,22 @@ class _FSDPRule(ShardedReductions):
                                "closure's last backward")
         return loss
 
+    def _unreduced_grads_refusal(self) -> Optional[RuntimeError]:
+        """The error when the closure left a gradient unreduced in FSDP's unsharded parameters (gradient sync off,
+        ``set_requires_gradient_sync(False)``, for its last backward): that pass's gradient then misses it (the
+        sharded ``.grad`` is None or partial), and the next backward adds the pending sum into the next pass's."""
+        for group in self._shard_groups:
+            for fp in getattr(group, "fsdp_params", ()):
+                up = getattr(fp, "_unsharded_param", None)
+                if getattr(fp, "unsharded_accumulated_grad", None) is not None or (up is not None and
+                                                                                    up.grad is not None):
+                    return RuntimeError(
+                        f"{self._rule_name}.step: an FSDP module kept its gradients unreduced after the closure "
+                        "(set_requires_gradient_sync(False) on its last backward?): the pass's gradients would miss "
+                        "them and the next backward would add them to the next pass's; turn gradient sync back on "
+                        "before the closure's last backward")
+        return None
+
     def _abort_step_(self) -> None:
         """An exception inside the step. Between a forward and its backward FSDP leaves modules unsharded (the root
         always: it keeps its parameters for the backward); the rewind then edits the shards, and the next forward
@@ -153,8 +169,10 @@ class _FSDPRule(ShardedReductions):
 
     def _reduced_grad_norm(self, grads, refusal) -> torch.Tensor:
         """sqrt(Σ_ranks ‖local shards‖²) and the count of ranks that refused their gradients (a sparse one, a
-        frozen parameter with a grad): one all-reduce of two float64 (NaN/inf anywhere -> NaN/inf everywhere; a
-        refusal anywhere -> an error everywhere)."""
+        frozen parameter with a grad, gradients left unreduced): one all-reduce of two float64 (NaN/inf anywhere
+        -> NaN/inf everywhere; a refusal anywhere -> an error everywhere)."""
+        if refusal is None:   # a check of this rank's FSDP state: it rides the same all-reduce
+            refusal = self._unreduced_grads_refusal()
         sq = torch.zeros(2, dtype=torch.float64, device=self._reduce_device())
         local = [g for g in grads if g is not None and g.numel()] if refusal is None else []
         if local:
