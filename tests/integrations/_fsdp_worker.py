@@ -30,9 +30,11 @@ class Net(torch.nn.Module):
         self.l1 = torch.nn.Linear(7, 13)
         self.l2 = torch.nn.Linear(13, 3)
         self.gain = torch.nn.Parameter(1.0 + 0.1 * torch.randn(1, 3))
+        self.skip_gain = False              # a branch some ranks do not take: gain gets no gradient there
 
     def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x))) * self.gain
+        h = self.l2(torch.tanh(self.l1(x)))
+        return h if self.skip_gain else h * self.gain
 
 
 def mse(model, x, y, dtype=torch.float32):
@@ -43,20 +45,27 @@ def make_optimizer(model, case):
     if not case.get("groups"):
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     named = list(model.named_parameters())
+    bias = {"weight_decay": 0.3, "lr": 3 * LR} if case.get("group_lr") else {"weight_decay": 0.0}
     return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.01},
-                              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}], lr=LR)
+                              {"params": [p for n, p in named if n.endswith("bias")], **bias}], lr=LR)
 
 
 def sharded(case, mesh=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    model = Net()
+    model = Net().to(case.get("dtype", torch.float32))
     kw = {"mesh": mesh or init_device_mesh("cpu", (WORLD,))}
     if case.get("mp"):
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=case.get("mp_dtype", torch.bfloat16),
+                                               reduce_dtype=case.get("reduce_dtype", torch.float32))
+    if "reshard_after_forward" in case:
+        kw["reshard_after_forward"] = case["reshard_after_forward"]
     fully_shard(model.l1, **kw)
     fully_shard(model.l2, **kw)
     fully_shard(model, **kw)
+    if case.get("unused_on_rank0"):     # rank 0 skips the gain; FSDP then reduce-scatters a zero for it there
+        model.skip_gain = dist.get_rank() == 0
+        model.set_reduce_scatter_unused_params(True)
     return model
 
 
@@ -74,6 +83,8 @@ def fsdp_closure(model, opt, rule, step, case):
             mid = (lo + hi) // 2
             for b, (a, z) in enumerate(((lo, mid), (mid, hi))):
                 model.set_requires_gradient_sync(b == 1)
+                if case.get("last_backward"):
+                    model.set_is_last_backward(b == 1)
                 loss = mse(model, X[step, a:z], Y[step, a:z]) / 2
                 loss.backward()
                 _maybe_raise(case, step, rule.pass_index, key="raise_between_micro")
@@ -275,10 +286,22 @@ def refusals():
     attempt("not_fsdp", lambda: gf.wrap(plain, torch.optim.AdamW(plain.parameters())))
     attempt("algo", lambda: gf.wrap(m, torch.optim.AdamW(m.parameters()), "adam"))
     attempt("foreign_param", lambda: gf.wrap(m, torch.optim.AdamW(list(m.parameters()) + list(plain.parameters()))))
-    # FSDP2 builds no CPUOffloadPolicy without an accelerator: give one shard group the policy it would hold
-    m2 = sharded({})
-    m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
+    # the policy as fully_shard sets it (torch 2.13 builds it on a CPU mesh); where an older torch refuses
+    # without an accelerator, give one shard group the policy it would hold
+    from torch.distributed.fsdp import fully_shard
+    m2 = Net()
+    try:
+        fully_shard(m2, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    except (RuntimeError, ValueError, AssertionError):
+        m2 = sharded({})
+        m2.l1._get_fsdp_state()._fsdp_param_group.offload_policy = CPUOffloadPolicy()
     attempt("cpu_offload", lambda: gf.wrap(m2, torch.optim.AdamW(m2.parameters())))
+    # fp16 needs a loss scaler, which cannot drive the rule's several optimizer steps per update
+    for name, case in (("fp16_compute", {"mp": True, "mp_dtype": torch.float16}),
+                       ("fp16_reduce", {"mp": True, "reduce_dtype": torch.float16}),
+                       ("fp16_params", {"dtype": torch.float16})):
+        m4 = sharded(case)
+        attempt(name, lambda: gf.wrap(m4, torch.optim.AdamW(m4.parameters())))
     # the model must come back resharded from the closure: the rule edits the shards between passes
     m3 = sharded({})
     m3.set_reshard_after_backward(False)
@@ -289,9 +312,42 @@ def refusals():
         out["unsharded_after_closure"] = None
     except RuntimeError as e:
         out["unsharded_after_closure"] = str(e)
+    out.update(unreduced_after_closure())
     out["per_param_mesh"] = per_param_mesh()
     out.update(checkpoint_of_other_settings())
     out.update(entropy_on_one_rank())
+    return out
+
+
+def unreduced_after_closure():
+    """A closure that leaves gradient sync off for its last backward (``set_requires_gradient_sync(False)``): FSDP
+    keeps the gradients in its unsharded parameters, the sharded .grad stays None. The step used to take it for a
+    zero gradient (a "small_g0" fallback, nothing moved) and the pending sum went into the next backward. Now:
+    RuntimeError on every rank, the step rewound, the pending gradients dropped, so a step with sync back on
+    equals a fresh model's first step bit for bit."""
+    from gxpo_kernels.integrations import fsdp as gf
+    out = {}
+    for mp in (False, True):                 # the pending sum in .grad (fp32) and in FSDP's reduce_dtype buffer
+        case = {"mp": mp}
+        model = sharded(case)
+        opt = make_optimizer(model, case)
+        rule = gf.wrap(model, opt, gate=None)
+        before, inner = [full(p) for p in model.parameters()], fsdp_closure(model, opt, rule, 0, case)
+
+        def closure():
+            model.set_requires_gradient_sync(False)
+            return inner()
+        try:
+            rule.step(closure)
+            out[f"unreduced_mp{int(mp)}"] = None
+        except RuntimeError as e:
+            out[f"unreduced_mp{int(mp)}"] = str(e)
+        rewound = all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters())) and not opt.state
+        model.set_requires_gradient_sync(True)
+        rule.step(fsdp_closure(model, opt, rule, 0, case))
+        fresh = train(case, steps=1)[0]
+        out[f"unreduced_mp{int(mp)}_then_clean"] = rewound and all(
+            torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), fresh.parameters()))
     return out
 
 
@@ -404,13 +460,17 @@ def single_process_reference(case):
             tot = 0.0
             for r in range(WORLD):                 # FSDP averages the ranks' gradients of their half-batch means
                 lo, hi = r * ROWS // WORLD, (r + 1) * ROWS // WORLD
-                loss = mse(fwd, X[step, lo:hi], Y[step, lo:hi], dtype)
-                (loss / WORLD).backward()
-                tot += float(loss.detach()) / WORLD
-                if fwd is not model:               # each rank's bf16 grad, reduced in fp32
-                    for m, p in zip(model.parameters(), fwd.parameters()):
-                        m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
-                        p.grad = None
+                fwd.skip_gain = bool(case.get("unused_on_rank0")) and r == 0
+                mid = (lo + hi) // 2             # micro-batches: each bf16 grad accumulated in fp32 (reduce_dtype)
+                for a, z, div in ((lo, mid, 2), (mid, hi, 2)) if case.get("micro") else ((lo, hi, 1),):
+                    loss = mse(fwd, X[step, a:z], Y[step, a:z], dtype)
+                    (loss / (WORLD * div)).backward()
+                    tot += float(loss.detach()) / (WORLD * div)
+                    if fwd is not model:           # each rank's bf16 grad, reduced in fp32
+                        for m, p in zip(model.parameters(), fwd.parameters()):
+                            if p.grad is not None:
+                                m.grad = p.grad.float() if m.grad is None else m.grad + p.grad.float()
+                            p.grad = None
             if (step, rule.pass_index) == case.get("nan"):
                 model.l1.weight.grad[NAN_GLOBAL] = math.nan
             _maybe_raise(case, step, rule.pass_index)

@@ -48,6 +48,14 @@ CASES = {
     # micro-batches accumulated without gradient sync, an exception between them: their partial sum (kept in
     # FSDP's unsharded .grad) used to be added to the retried pass's gradient
     "gxpo_micro_raise_between": dict(micro=True, rule=dict(gate=None), raise_between_micro=(1, 1)),
+    # the same with bf16 compute (FSDP accumulates the micro-batches in its fp32 reduce_dtype buffer, which the
+    # rewind must drop too), set_is_last_backward on the last micro-batch only, reshard_after_forward=False
+    "gxpo_mp_micro_raise_between": dict(mp=True, micro=True, last_backward=True, reshard_after_forward=False,
+                                        rule=dict(gate=None), raise_between_micro=(1, 1)),
+    # a branch rank 0 does not take (gain: no gradient there; FSDP's set_reduce_scatter_unused_params), param
+    # groups with their own lr and weight decay, a NaN fallback and the window gate
+    "gxpo_unused_on_rank0_group_lr": dict(steps=4, unused_on_rank0=True, groups=True, group_lr=True, nan=(1, 1),
+                                          rule=dict(gate="window", window=2, tau=0.3, optimizer_aware=True)),
     "gxpo_plain": dict(steps=4, rule=dict(gate="window", window=2, tau=0.3)),
     "ds_z3_gxpo_plain": dict(kind="deepspeed", steps=4, rule=dict(gate="window", window=2, tau=0.3)),
 }
@@ -197,11 +205,17 @@ def test_unsupported_configurations_are_refused(runs):
     for recs in runs:
         r = recs["_refusals"]
         assert "CPUOffloadPolicy" in r["cpu_offload"]
+        for name in ("fp16_compute", "fp16_reduce", "fp16_params"):
+            assert r[name].startswith("ValueError") and "float16 is not supported" in r[name], r[name]
+            assert "GradScaler" in r[name] and "bfloat16" in r[name]
         assert "inactive_threshold" in r["inactive_threshold"]
         assert "fully_shard" in r["not_fsdp"] and r["not_fsdp"].startswith("TypeError")
         assert "'gxpo' or 'sfpo'" in r["algo"]
         assert "not the model's" in r["foreign_param"]
         assert "still unsharded after the closure" in r["unsharded_after_closure"]
+        for mp in (0, 1):                              # gradient sync left off for the closure's last backward
+            assert "kept its gradients unreduced" in r[f"unreduced_mp{mp}"], r[f"unreduced_mp{mp}"]
+            assert r[f"unreduced_mp{mp}_then_clean"]
         assert r["per_param_mesh"] in (True, None)     # a second mesh of the same ranks (None: torch has none)
 
 

@@ -20,7 +20,8 @@ The rule keeps θ0 (and GXPO's ĝ0) for this rank's local shards only and runs t
 gathered outside FSDP's own forward. The gradient norm (clipping, finite check, the norm gate), the
 extrapolation statistics and the entropy are reduced over the mesh's process group, so every rank takes the
 same branch on the same step. Supported: 1-D meshes (``fully_shard``'s default), ``MixedPrecisionPolicy``
-(e.g. bf16 compute over fp32 sharded parameters), any torch optimizer. Refused by name: ``CPUOffloadPolicy``,
+(e.g. bf16 compute over fp32 sharded parameters), any torch optimizer. Refused by name: float16 (a
+``MixedPrecisionPolicy`` or parameters: fp16 needs a GradScaler, which cannot drive the rule), ``CPUOffloadPolicy``,
 HSDP / tensor parallelism (2-D meshes, other placements), parameters not sharded by ``fully_shard``,
 ``inactive_threshold`` (a per-tensor statistic; a shard is part of a tensor).
 Checkpointing: :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distributed.checkpoint``).

@@ -48,6 +48,13 @@ def _param_groups(module) -> list:
     return [g for g in groups if g is not None]
 
 
+_FP16 = ("float16 is not supported by GXPO/SFPO on FSDP2: fp16 needs loss scaling, and torch's GradScaler cannot "
+         "drive the rule (it calls optimizer.step() several times per update itself, so scaler.step's unscale and "
+         "overflow skip never run, and a loss scaled in the closure reaches clipping, the gates and the "
+         "extrapolation scaled); use bfloat16, or DeepSpeed's fp16 (gxpo_kernels.integrations.deepspeed), whose loss "
+         "scale the rule advances once per update")
+
+
 def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
     """Refuse what the rule does not support, by name; returns the (common, 1-D) device mesh."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -58,8 +65,11 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for group in (g for mod in model.modules() for g in _param_groups(mod)):   # (the device check below too)
         if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
-            raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: FSDP2 offload needs "
-                             "an accelerator); shard without offload_policy")
+            raise ValueError("CPUOffloadPolicy is not supported by GXPO/SFPO on FSDP2 (untested: on a CPU mesh it "
+                             "moves nothing, and its real path needs an accelerator); shard without offload_policy")
+        mp = getattr(group, "mp_policy", None)
+        if mp is not None and torch.float16 in (mp.param_dtype, mp.reduce_dtype, mp.output_dtype):
+            raise ValueError(f"MixedPrecisionPolicy with {_FP16}")
     owned = {id(p) for p in model.parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if not params:
@@ -72,6 +82,8 @@ def check_fsdp(model, optimizer) -> "torch.distributed.device_mesh.DeviceMesh":
         if not isinstance(p, DTensor):
             raise ValueError("every trainable parameter must be sharded by fully_shard (a DTensor); found a plain "
                              f"tensor of shape {tuple(p.shape)}")
+        if p.dtype == torch.float16:
+            raise ValueError(f"a parameter in {_FP16}")
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"only FSDP2's 1-D dim-0 sharding is supported (HSDP and tensor parallelism are not); "
                              f"got mesh {tuple(p.device_mesh.shape)} with placements {p.placements}")
@@ -101,6 +113,22 @@ class _FSDPRule(ShardedReductions):
                                "the next forward would reuse the stale unsharded copy; leave resharding on for the "
                                "closure's last backward")
         return loss
+
+    def _unreduced_grads_refusal(self) -> Optional[RuntimeError]:
+        """The error when the closure left a gradient unreduced in FSDP's unsharded parameters (gradient sync off,
+        ``set_requires_gradient_sync(False)``, for its last backward): that pass's gradient then misses it (the
+        sharded ``.grad`` is None or partial), and the next backward adds the pending sum into the next pass's."""
+        for group in self._shard_groups:
+            for fp in getattr(group, "fsdp_params", ()):
+                up = getattr(fp, "_unsharded_param", None)
+                if getattr(fp, "unsharded_accumulated_grad", None) is not None or (up is not None and
+                                                                                    up.grad is not None):
+                    return RuntimeError(
+                        f"{self._rule_name}.step: an FSDP module kept its gradients unreduced after the closure "
+                        "(set_requires_gradient_sync(False) on its last backward?): the pass's gradients would miss "
+                        "them and the next backward would add them to the next pass's; turn gradient sync back on "
+                        "before the closure's last backward")
+        return None
 
     def _abort_step_(self) -> None:
         """An exception inside the step. Between a forward and its backward FSDP leaves modules unsharded (the root
@@ -141,8 +169,10 @@ class _FSDPRule(ShardedReductions):
 
     def _reduced_grad_norm(self, grads, refusal) -> torch.Tensor:
         """sqrt(Σ_ranks ‖local shards‖²) and the count of ranks that refused their gradients (a sparse one, a
-        frozen parameter with a grad): one all-reduce of two float64 (NaN/inf anywhere -> NaN/inf everywhere; a
-        refusal anywhere -> an error everywhere)."""
+        frozen parameter with a grad, gradients left unreduced): one all-reduce of two float64 (NaN/inf anywhere
+        -> NaN/inf everywhere; a refusal anywhere -> an error everywhere)."""
+        if refusal is None:   # a check of this rank's FSDP state: it rides the same all-reduce
+            refusal = self._unreduced_grads_refusal()
         sq = torch.zeros(2, dtype=torch.float64, device=self._reduce_device())
         local = [g for g in grads if g is not None and g.numel()] if refusal is None else []
         if local:
