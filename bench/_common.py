@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -61,7 +62,7 @@ def step_peak_rss(step: Callable[[], object]) -> dict:
     ``torch._dynamo`` is imported first: the first call of any ``torch.library`` custom op imports it (~70 MiB
     of RSS, once per process), which would otherwise count as the step's memory for providers built on custom
     ops and not for those whose own import already loaded it (Liger's)."""
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("torch._dynamo")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                      # resets VmHWM to the current RSS
     base = _rss_kb("VmRSS")
