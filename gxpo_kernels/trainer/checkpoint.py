@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import saved_setting
+from .config import same_setting, saved_setting
 
 PREFIX = "checkpoint-"
 # TrainConfig fields that may differ between a run and its resumption (everything else must match)
@@ -185,7 +185,7 @@ def check_config(path: str, config: dict) -> None:
 
     def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
         a, b = saved_setting(saved, k), config.get(k)
-        return (a is None) == (b is None) if k == "deepspeed" else a == b
+        return (a is None) == (b is None) if k == "deepspeed" else same_setting(k, a, b)
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and not same(k))
     if diff:
         raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +

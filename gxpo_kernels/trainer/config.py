@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .tasks import TASKS
+from .tasks import DEFAULT_VAL_SIZE, TASKS
 
 FPA_OBJECTIVES = ("dpo", "rpo", "simper", "kto", "pg")
 FPA_ALGOS = tuple(f"fpa_{o}" for o in FPA_OBJECTIVES)   # offline FPA objectives on rollout preference pairs
@@ -427,6 +427,15 @@ def saved_setting(saved: dict, key: str):
         v = f.default_factory()
         return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v   # as the record stores it
     return None if f.default is dataclasses.MISSING else f.default
+
+
+def same_setting(key: str, a, b) -> bool:
+    """Whether two recorded values of a ``TrainConfig`` field give the same run. ``val_size`` None draws
+    ``DEFAULT_VAL_SIZE`` prompts wherever an explicit ``DEFAULT_VAL_SIZE`` can run (one the val split cannot fill
+    is refused at start), so runs recorded with either (2048 was the default before None) resume with the other."""
+    if key == "val_size":
+        a, b = (DEFAULT_VAL_SIZE if v is None else v for v in (a, b))
+    return a == b
 
 
 def preset(name: str) -> SpeedupConfig:

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Dict, Optional
 
-from .config import SpeedupConfig, TrainConfig, parse_method, saved_setting
+from .config import SpeedupConfig, TrainConfig, parse_method, same_setting, saved_setting
 from .stats import effective_step_multiplier
 from .tasks import check_inputs
 
@@ -258,7 +258,8 @@ def _completed_from_index(out_dir: str, base_train: dict, methods, seeds) -> Dic
             old = json.load(f)
         saved = old["train"]
         keep = ("seed", "algo", "advantage", "out_dir", "lr_mult", "quiet")
-        diff = sorted(k for k in base_train if k not in keep and saved_setting(saved, k) != base_train[k])
+        diff = sorted(k for k in base_train if k not in keep
+                      and not same_setting(k, saved_setting(saved, k), base_train[k]))
         if not diff:
             runs, _ = load_index_runs(out_dir, strict=False)
             # complete = marked so *and* every update step still on disk (a records.jsonl cut short is rerun)

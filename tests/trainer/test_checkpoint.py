@@ -10,6 +10,7 @@
 - resuming with different settings, or from a folder that is no checkpoint, fails clearly;
 - the final model folder loads with ``from_pretrained`` and holds the trained weights.
 """
+import dataclasses
 import glob
 import json
 import os
@@ -290,3 +291,18 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage, what):
     damage(out / "checkpoint-2")
     with pytest.raises(ValueError, match=f"--resume .*{what}"):
         loop.train(cfg.replace(resume=str(out / "checkpoint-2"), steps=3))
+
+
+@pytest.mark.parametrize("saved, now", [(2048, None), (None, 2048), (2048, 2048), (None, None)])
+def test_resume_across_the_val_size_default(tmp_path, saved, now):
+    """val_size None (the default: 2048 prompts, or the whole val split when it holds fewer) and an explicit 2048
+    pick the same validation set in every run that can start (an explicit 2048 that the split cannot fill is
+    refused), so a checkpoint recorded with either resumes with the other: checkpoints written while 2048 was the
+    default stay resumable. Other sizes are still refused."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig(val_size=saved))))
+    train = dataclasses.asdict(TrainConfig(val_size=now))
+    ckpt.check_config(str(ck), train)
+    with pytest.raises(ValueError, match="now 2047"):
+        ckpt.check_config(str(ck), dict(train, val_size=2047))

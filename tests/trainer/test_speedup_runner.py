@@ -373,3 +373,14 @@ def test_progress_bars_start_with_their_runs():
         assert bars.bars["grpo seed 0"].format_dict["elapsed"] >= 0.5   # not started: its clock is untouched
     finally:
         bars.close()
+
+
+def test_resume_across_the_val_size_default(tmp_path):
+    """A runs.json written while 2048 was val_size's default resumes under today's default (None: the same 2048
+    prompts wherever an explicit 2048 can run); another size is still 'another config'."""
+    from gxpo_kernels.trainer.config import TrainConfig
+    (tmp_path / "runs.json").write_text(json.dumps({"train": dataclasses.asdict(TrainConfig(val_size=2048)),
+                                                    "runs": {}}))
+    assert speedup._completed_from_index(str(tmp_path), dataclasses.asdict(TrainConfig()), ["grpo"], [0]) == {}
+    with pytest.raises(ValueError, match="another config .differs in val_size"):
+        speedup._completed_from_index(str(tmp_path), dataclasses.asdict(TrainConfig(val_size=2047)), ["grpo"], [0])
