@@ -130,6 +130,11 @@ def _loss_options(trainer) -> GRPOLossOptions:
     """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
     if trainer.loss_type not in LOSS_TYPES:  # e.g. set on the trainer after the hook was enabled
         raise ValueError(_unsupported(trainer))
+    if trainer.loss_type == "dr_grpo" and trainer.max_completion_length is None:
+        # TRL divides by B * max_completion_length (a TypeError at its first loss call); our aggregation would
+        # fall back to each micro-batch's completion width, a normaliser that changes from batch to batch
+        raise ValueError("loss_type='dr_grpo' with max_completion_length=None is not supported by "
+                         "gxpo_kernels.integrations.trl: Dr. GRPO normalises by max_completion_length; set it")
     try:
         return GRPOLossOptions(
             temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
