@@ -858,6 +858,7 @@ def test_subclass_dict_options_take_json_as_keywords(tmp_path):
     (dict(multi_objective_aggregation="normalize_then_sum"), dict(advantage_estimator="fade"),
      "multi_objective_aggregation"),
     (dict(loss_type="vespo"), dict(update="grpo"), "loss_type='vespo'"),
+    (dict(loss_type="dr_grpo", max_completion_length=None), dict(update="gxpo"), "max_completion_length=None"),
 ])
 def test_subclass_refusals(tmp_path, cfg, kwargs, name):
     with pytest.raises(ValueError, match=name):
