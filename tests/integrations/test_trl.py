@@ -376,6 +376,20 @@ def test_hook_reads_trainer_options_at_each_call(tmp_path):
         tr._compute_loss(tr.model, make_batch(tr))
 
 
+@pytest.mark.parametrize("enable_first", [False, True])
+def test_hook_keeps_the_temperature_trl_built_its_head_with(tmp_path, enable_first):
+    """TRL 1.16 hands args.temperature to its fused LM head (and to generation) when the trainer is built, so a later
+    change of trainer.temperature or args.temperature moves neither TRL's loss nor its old / ref log-probs. The
+    hook read trainer.temperature at every call: after such a change its log-probs, ratios and entropies came from
+    another temperature (loss off by 2.4% here)."""
+    tr = make_trainer(tmp_path, loss_type="grpo", temperature=0.7, beta=0.05, entropy_coef=0.01)
+    if enable_first:
+        gtrl.enable_gxpo_loss(tr, backend="torch")
+        tr.args.temperature = 0.9
+    tr.temperature = 1.3
+    check_parity(tr, make_batch(tr), enable=not enable_first)
+
+
 def test_trl_policy_loss_matches_float64_formula():
     """The pure loss function against a direct float64 transcription of TRL 1.16's dapo + entropy bonus."""
     torch.manual_seed(3)
