@@ -126,21 +126,35 @@ def _unsupported(trainer, for_update: bool = False) -> Optional[str]:
     return None
 
 
+def _loss_temperature(trainer) -> float:
+    """The temperature TRL's loss uses: TRL 1.16 hands ``temperature`` to its fused LM head (and to generation)
+    when the trainer is built (``args.temperature``), so a later change of ``trainer.temperature`` or
+    ``args.temperature`` reaches neither; the hook keeps the value it found when it was first enabled (following a
+    change would score against old and ref log-probs of another temperature)."""
+    fixed = getattr(trainer, "_gxpo_temperature", None)
+    return float(trainer.args.temperature) if fixed is None else fixed
+
+
 def _loss_options(trainer) -> GRPOLossOptions:
     """TRL's loss options as our ``GRPOLossOptions`` (entropy bonus and normaliser handled outside)."""
     if trainer.loss_type not in LOSS_TYPES:  # e.g. set on the trainer after the hook was enabled
         raise ValueError(_unsupported(trainer))
+    if trainer.loss_type == "dr_grpo" and trainer.max_completion_length is None:
+        # TRL divides by B * max_completion_length (a TypeError at its first loss call); our aggregation would
+        # fall back to each micro-batch's completion width, a normaliser that changes from batch to batch
+        raise ValueError("loss_type='dr_grpo' with max_completion_length=None is not supported by "
+                         "gxpo_kernels.integrations.trl: Dr. GRPO normalises by max_completion_length; set it")
     try:
         return GRPOLossOptions(
-            temperature=float(trainer.temperature), eps_low=float(trainer.epsilon_low),
+            temperature=_loss_temperature(trainer), eps_low=float(trainer.epsilon_low),
             eps_high=float(trainer.epsilon_high), delta=trainer.args.delta, beta=float(trainer.beta),
             entropy_coef=0.0, importance_sampling=trainer.importance_sampling_level,
             loss_agg_mode=LOSS_TYPES[trainer.loss_type],
             max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
     except ValueError as e:  # name TRL's options, not ours (eps_low is TRL's epsilon)
         raise ValueError(f"TRL's epsilon={trainer.epsilon_low}, epsilon_high={trainer.epsilon_high}, "
-                         f"delta={trainer.args.delta}, beta={trainer.beta} or temperature={trainer.temperature} is "
-                         f"not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high are TRL's "
+                         f"delta={trainer.args.delta}, beta={trainer.beta} or temperature={_loss_temperature(trainer)} "
+                         f"is not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high are TRL's "
                          "epsilon/epsilon_high)") from None
 
 
@@ -295,7 +309,7 @@ def policy_token_logprobs(trainer, model, inputs):
     with trainer.accelerator.autocast():
         if path == "hidden":
             out = model(input_ids=input_ids, attention_mask=attention_mask, gxpo_targets=completion_ids,
-                        gxpo_mask=score_mask, gxpo_temperature=float(trainer.temperature),
+                        gxpo_mask=score_mask, gxpo_temperature=_loss_temperature(trainer),
                         gxpo_fp32_head=bool(trainer.args.cast_lm_head_to_fp32), gxpo_backend=backend,
                         gxpo_aux_loss=aux)
             return (out[0], out[1], out[2] if aux else None)
@@ -308,7 +322,8 @@ def policy_token_logprobs(trainer, model, inputs):
     from ..ops.logprobs.op import token_logprobs
     if logits.dtype == torch.float64:  # our kernels take fp32/bf16/fp16
         logits = logits.float()
-    logp, ent = token_logprobs(logits, completion_ids, float(trainer.temperature), mask=score_mask, backend=backend)
+    logp, ent = token_logprobs(logits, completion_ids, _loss_temperature(trainer), mask=score_mask,
+                               backend=backend)
     return logp, ent, (out.aux_loss if aux else None)
 
 
@@ -484,6 +499,7 @@ def enable_gxpo_loss(trainer, *, loss_path: str = "auto", backend: str = "auto")
     if path == "hidden":    # reads them live
         from .hf import patch_causal_lm
         patch_causal_lm(_head_model(trainer))
+    trainer._gxpo_temperature = _loss_temperature(trainer)  # kept when enabled again
     trainer._gxpo_loss_path = path
     trainer._gxpo_backend = backend
     trainer.gxpo_loss_path = path

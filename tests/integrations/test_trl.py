@@ -118,8 +118,9 @@ def check_parity(trainer, inputs, path="auto", rtol=2e-4, atol=2e-6, backend="to
         torch.testing.assert_close(ours[1][name], ref[1][name], rtol=rtol, atol=atol, msg=lambda s: f"{name}: {s}")
     assert ref[2].keys() == ours[2].keys(), (sorted(ref[2]), sorted(ours[2]))
     for key in ref[2]:
-        for a, b in zip(ref[2][key], ours[2][key]):
-            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
+        assert len(ref[2][key]) == len(ours[2][key]), key
+        for a, b in zip(ref[2][key], ours[2][key]):  # NaN where TRL logs NaN (a min over no sequence)
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
     return ref, ours
 
 
@@ -151,6 +152,66 @@ def test_loss_parity_loss_types(tmp_path, loss_type, is_level):
 def test_loss_parity_options(tmp_path, opts):
     tr = make_trainer(tmp_path, temperature=1.3, **opts)
     check_parity(tr, make_batch(tr, tool_mask=True))
+
+
+def _mask_rows(*rows):
+    """mask_truncated_completions: TRL zeroes the whole completion_mask row of a truncated completion."""
+    def change(tr, x):
+        x["completion_mask"][list(rows)] = 0
+        x["num_items_in_batch"] = x["completion_mask"].sum() * 3
+    return change
+
+
+def _pad_past_max(tr, x):
+    """pad_to_multiple_of: the completion tensors are wider than max_completion_length (dr_grpo's normaliser)."""
+    for k in ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps"):
+        if k in x:
+            x[k] = torch.nn.functional.pad(x[k], (0, 3))
+
+
+def _sequence_is_ratio(tr, x):
+    """vLLM's sequence_mask / sequence_truncate modes give a (B, 1) importance-sampling ratio."""
+    tr.use_vllm = tr.args.use_vllm = True
+    isr = torch.rand(x["completion_ids"].shape[0], 1, generator=torch.Generator().manual_seed(3)) * 2
+    isr[2] = 0.0
+    x["importance_sampling_ratio"] = isr
+
+
+@pytest.mark.parametrize("opts, change", [
+    (dict(loss_type="grpo", beta=0.05, entropy_coef=0.01), _mask_rows(1, 3)),
+    (dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.05), _mask_rows(1, 3)),
+    (dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.02), _mask_rows(0, 3)),
+    (dict(loss_type="bnpo", beta=0.1, entropy_coef=0.1), _mask_rows(0, 1, 2, 3, 4, 5)),
+    (dict(loss_type="dr_grpo", max_completion_length=6, beta=0.05), _pad_past_max),
+    (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05), _sequence_is_ratio),
+    (dict(loss_type="dapo", off_policy_mask_threshold=0.01), _sequence_is_ratio),
+    (dict(loss_type="grpo", top_entropy_quantile=0.0, importance_sampling_level="sequence", entropy_coef=0.02), None),
+], ids=["grpo-empty-rows", "luspo-seq-empty-rows", "dapo-topq-empty-rows", "bnpo-empty-batch", "dr_grpo-padded",
+        "grpo-seq-vllm-seq-is", "dapo-offpolicy-vllm-seq-is", "grpo-seq-topq0"])
+def test_loss_parity_masked_rows_padding_and_sequence_ratios(tmp_path, opts, change):
+    """Batches TRL produces under mask_truncated_completions (empty rows, an empty batch), pad_to_multiple_of
+    (completions wider than max_completion_length) and vLLM's sequence-level importance-sampling modes."""
+    tr = make_trainer(tmp_path, **opts)
+    inputs = make_batch(tr)
+    if change is not None:
+        change(tr, inputs)
+    check_parity(tr, inputs)
+
+
+@pytest.mark.parametrize("is_level, backend", [("token", "auto"), ("sequence", "torch")])
+def test_loss_parity_one_token_completions(tmp_path, is_level, backend):
+    """A completion width of one token (max_completion_length=1) with rows masked as truncated: TRL then takes its
+    (B, 1) tensors for per-sequence ones and averages kl and the clip ratios over all B rows, masked ones included
+    (as zeros: TRL scores attention-masked positions as log-prob 0, so old and ref are 0 there too)."""
+    tr = make_trainer(tmp_path, loss_type="grpo", beta=0.05, epsilon=0.05, max_completion_length=1,
+                      importance_sampling_level=is_level)
+    inputs = make_batch(tr, T=1, old_noise=0.5, ref_noise=0.5)
+    _mask_rows(1, 4)(tr, inputs)
+    keep = inputs["completion_mask"].bool()
+    for k in ("old_per_token_logps", "ref_per_token_logps"):
+        inputs[k] = torch.where(keep, inputs[k], 0.0)
+    ref, _ = check_parity(tr, inputs, backend=backend)
+    assert ref[2]["kl"][0] > 0 and ref[2]["clip_ratio/region_mean"][0] > 0
 
 
 def test_loss_parity_vllm_importance_sampling_correction(tmp_path):
@@ -313,6 +374,20 @@ def test_hook_reads_trainer_options_at_each_call(tmp_path):
     tr.loss_type = "sapo"  # an unsupported type set after enabling is refused by name at the call
     with pytest.raises(ValueError, match="loss_type='sapo'"):
         tr._compute_loss(tr.model, make_batch(tr))
+
+
+@pytest.mark.parametrize("enable_first", [False, True])
+def test_hook_keeps_the_temperature_trl_built_its_head_with(tmp_path, enable_first):
+    """TRL 1.16 hands args.temperature to its fused LM head (and to generation) when the trainer is built, so a later
+    change of trainer.temperature or args.temperature moves neither TRL's loss nor its old / ref log-probs. The
+    hook read trainer.temperature at every call: after such a change its log-probs, ratios and entropies came from
+    another temperature (loss off by 2.4% here)."""
+    tr = make_trainer(tmp_path, loss_type="grpo", temperature=0.7, beta=0.05, entropy_coef=0.01)
+    if enable_first:
+        gtrl.enable_gxpo_loss(tr, backend="torch")
+        tr.args.temperature = 0.9
+    tr.temperature = 1.3
+    check_parity(tr, make_batch(tr), enable=not enable_first)
 
 
 def test_trl_policy_loss_matches_float64_formula():
@@ -506,6 +581,11 @@ def test_grpo_loss_metrics_against_trl_logged_metrics(is_level):
     (dict(loss_type="sapo"), "loss_type='sapo'"),
     (dict(epsilon=1.0), "TRL's epsilon=1.0.*eps_low must be in"),   # TRL's lower bound 0: our ops refuse it
     (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
+    (dict(beta=-0.1), "beta=-0.1.*beta must be in"),
+    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    # TRL's dr_grpo divides by B * max_completion_length (a TypeError at its first loss); the hook used to fall
+    # back silently to each micro-batch's completion width
+    (dict(loss_type="dr_grpo", max_completion_length=None), "loss_type='dr_grpo' with max_completion_length=None"),
 ])
 def test_unsupported_options_refused(tmp_path, cfg, name):
     """Refused before anything changes: the options TRL's loss reads (epsilon, delta) used to be checked after the
@@ -792,6 +872,7 @@ def test_subclass_dict_options_take_json_as_keywords(tmp_path):
     (dict(multi_objective_aggregation="normalize_then_sum"), dict(advantage_estimator="fade"),
      "multi_objective_aggregation"),
     (dict(loss_type="vespo"), dict(update="grpo"), "loss_type='vespo'"),
+    (dict(loss_type="dr_grpo", max_completion_length=None), dict(update="gxpo"), "max_completion_length=None"),
 ])
 def test_subclass_refusals(tmp_path, cfg, kwargs, name):
     with pytest.raises(ValueError, match=name):
