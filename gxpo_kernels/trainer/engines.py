@@ -298,7 +298,16 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"--deepspeed {path!r}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"--deepspeed {path!r}: the config must be a JSON object")
-    stage = int((d.get("zero_optimization") or {}).get("stage", 0))
+    def number(where: dict, key: str, default, kind=int):
+        # a number, or a clear error: "auto" is a placeholder HF's Trainer / accelerate fill in, which no one does here
+        v = where.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise ValueError(f"--deepspeed {path!r}: {key} must be {'an int' if kind is int else 'a number'}, got "
+                             f"{v!r}" + (" (HF Trainer's 'auto' placeholders are not filled in here: write the value)"
+                                         if v == "auto" else ""))
+        return kind(v)
+
+    stage = number(d.get("zero_optimization") or {}, "stage", 0)
     bf16 = bool((d.get("bf16") or {}).get("enabled", False))
     if stage not in (1, 2, 3) and not (stage == 0 and bf16):
         raise ValueError(f"--deepspeed {path!r}: needs zero_optimization.stage 1, 2 or 3 (or bf16 at stage 0, the "
@@ -307,7 +316,7 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
         raise ValueError(f"--deepspeed {path!r} has its own scheduler and --lr_scheduler_type is "
                          f"{cfg.lr_scheduler_type!r}: choose one")
     B = cfg.prompts * cfg.group
-    gas = int(d.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps))
+    gas = number(d, "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
     if cfg.gradient_accumulation_steps not in (1, gas):
         raise ValueError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} conflicts with the "
                          f"gradient_accumulation_steps {gas} of --deepspeed {path!r}: give one of them")
@@ -317,8 +326,9 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
     d["gradient_accumulation_steps"] = gas
     d["train_micro_batch_size_per_gpu"] = B // gas
     d.pop("train_batch_size", None)                   # DeepSpeed derives it: micro * gas * world
-    clip, default_clip = d.get("gradient_clipping"), TrainConfig.__dataclass_fields__["max_grad_norm"].default
-    if clip is not None and cfg.max_grad_norm != default_clip and float(clip) != cfg.max_grad_norm:
+    clip = number(d, "gradient_clipping", None, float) if "gradient_clipping" in d else None
+    default_clip = TrainConfig.__dataclass_fields__["max_grad_norm"].default
+    if clip is not None and cfg.max_grad_norm != default_clip and clip != cfg.max_grad_norm:
         raise ValueError(f"--max_grad_norm {cfg.max_grad_norm} conflicts with the gradient_clipping {clip} of "
                          f"--deepspeed {path!r} (DeepSpeed clips, with the config's value): give one of them")
     d.setdefault("gradient_clipping", cfg.max_grad_norm)

@@ -237,6 +237,20 @@ def test_max_grad_norm_and_config_gradient_clipping_conflict(tmp_path):
     assert load_ds_config(str(path), cfg.replace(max_grad_norm=0.3))["gradient_clipping"] == 0.3
 
 
+@pytest.mark.parametrize("field", ["gradient_clipping", "gradient_accumulation_steps", "stage"])
+def test_auto_placeholders_in_the_config_are_one_clear_error(tmp_path, field):
+    """HF Trainer configs carry "auto" placeholders that nothing fills in here: each used to be a bare
+    ``could not convert string to float: 'auto'`` (or int()) ValueError; now the message names the field."""
+    from gxpo_kernels.trainer.engines import load_ds_config
+    d = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+    (d["zero_optimization"] if field == "stage" else d)[field] = "auto"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(d))
+    cfg = TrainConfig(algo="gxpo", prompts=4, group=4)
+    with pytest.raises(ValueError, match=f"{field} must be an? (int|number), got 'auto' \\(HF Trainer's 'auto'"):
+        load_ds_config(str(path), cfg.replace(max_grad_norm=0.5))
+
+
 def test_config_scheduler_and_lr_scheduler_type_are_exclusive(tmp_path):
     """A DeepSpeed config's own scheduler runs with lr_scheduler_type='constant' only (which then leaves the rate
     to DeepSpeed); another schedule on top of it is refused before any work."""
