@@ -61,7 +61,8 @@ def _wrapper_name(model: nn.Module) -> Optional[str]:
 
 
 def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
-    """Raise a TypeError naming the wrapper (and what to do) when ``model`` is DDP / FSDP / DeepSpeed / PEFT."""
+    """Raise a TypeError naming the wrapper (and what to do) when ``model`` is DDP / FSDP / DeepSpeed / PEFT or a
+    ``torch.compile`` wrapper."""
     name = _wrapper_name(model)
     if name is None:
         return
