@@ -51,7 +51,7 @@ from ..ops.logprobs.linear import linear_token_logprobs
 
 
 def _wrapper_name(model: nn.Module) -> Optional[str]:
-    """The name of the training wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT), or None."""
+    """The name of the wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT, torch.compile), or None."""
     names = {c.__name__ for c in type(model).__mro__}
     for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel",
                  "OptimizedModule"):
