@@ -51,7 +51,7 @@ from ..ops.logprobs.linear import linear_token_logprobs
 
 
 def _wrapper_name(model: nn.Module) -> Optional[str]:
-    """The name of the training wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT), or None."""
+    """The name of the wrapper around a causal LM (DDP, FSDP, a DeepSpeed engine, PEFT, torch.compile), or None."""
     names = {c.__name__ for c in type(model).__mro__}
     for name in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "PeftModel",
                  "OptimizedModule"):
@@ -61,7 +61,8 @@ def _wrapper_name(model: nn.Module) -> Optional[str]:
 
 
 def check_unwrapped(model: nn.Module, fn: str = "causal_lm_grpo_loss") -> None:
-    """Raise a TypeError naming the wrapper (and what to do) when ``model`` is DDP / FSDP / DeepSpeed / PEFT."""
+    """Raise a TypeError naming the wrapper (and what to do) when ``model`` is DDP / FSDP / DeepSpeed / PEFT or a
+    ``torch.compile`` wrapper."""
     name = _wrapper_name(model)
     if name is None:
         return

@@ -173,6 +173,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert list((tmp_path / "bench").glob("*.json")) and (tmp_path / "gpu_check.log").is_file()
 
 
+def test_gpu_check_cpp_build_exit_code_reports_a_failed_build(tmp_path):
+    """gpu_check.sh's background build of the C++ extension exits non-zero when the build fails (load_extension
+    only warns and returns None), so its ``cpp_build rc=`` in summary.txt tells a failed build from a good one."""
+    line = next(ln for ln in (ROOT / "bench/gpu_check.sh").read_text().splitlines() if "load_extension" in ln
+                and ln.lstrip().startswith("$PY -c"))
+    code = line.split('"')[1]
+    env = dict(_env(), CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))   # no compiler: the build fails
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "could not build" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0
+
+
 def test_gpu_correctness_keeps_the_finished_cases_when_cut_short(tmp_path, monkeypatch):
     """correctness.json is rewritten after every case, marked incomplete until the last: the stage's time limit
     (SIGTERM from gpu_check.sh's ``timeout``) used to leave no file at all, losing every finished case."""

@@ -190,8 +190,8 @@ def extrapolate_cpp_(params, theta0, g0, g1, lowp_out, thr, *, alpha, K, clip_co
 
 def snapshot_copy_(dst, src) -> Optional[list]:
     """``dst[i].copy_(src[i])`` with non-temporal stores (the C++ op's ``snapshot_copy``) for every pair that is
-    CPU, contiguous, of one dtype and one numel; returns the indices of the other pairs (the caller copies those),
-    or None when the extension is unavailable."""
+    CPU, contiguous, of one dtype and one numel, with no negated view (``is_neg()``) on either side; returns the
+    indices of the other pairs (the caller copies those), or None when the extension is unavailable."""
     mod = load_extension()
     if mod is None:
         return None

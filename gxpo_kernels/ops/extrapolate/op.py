@@ -990,6 +990,9 @@ def extrapolate_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
         lowp_out: optional list (entries may be None) also receiving θ̃ in its own dtype (e.g. a bf16 model copy).
         delta, r_min, r_max: δ of the denominator guard and the clamp of r (defaults 1e-8, −2, 3).
         backend: "auto" (CUDA -> triton, CPU -> cpp), "triton", "cpp" or "torch" (the reference loop).
+        Every tensor must be contiguous, of a float dtype, on one device and not a lazily negated view
+        (``is_neg()``; pass ``x.resolve_neg()``), and a written tensor (params, lowp_out) must not overlap any
+        other: ``ValueError`` naming it otherwise (``TypeError`` for a dtype), before anything is written.
     Returns:
         float64 tensor [len(STAT_NAMES)] on the params' device: sums over all coordinates (r, r², scale,
         ‖θ2−θ0‖², ‖scale⊙(θ2−θ0)‖², ĝ0·ĝ1, ‖ĝ0‖², ‖ĝ1‖², inactive count, non-finite count, numel) and, last,
