@@ -1214,3 +1214,24 @@ def test_triton_failed_later_launch_names_the_moved_params(monkeypatch, exc):
     moved = [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)]
     assert moved == [0, 2]   # the fp32 group, launched first
     assert "indices [0, 2] were already overwritten" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_torch_backend_failure_mid_loop_names_the_moved_params(monkeypatch):
+    """The reference loop (``backend="torch"``, and the CPU fallback without a compiler) writes each tensor once
+    its own temporaries exist: an allocation failing at a later tensor leaves the earlier ones moved. The
+    exception keeps its type and names them; the next call gives the reference result."""
+    from gxpo_kernels.ops.extrapolate import reference
+    p, t0, g0, g1, lowp = _two_group_lists(7)
+    before, n = _clone(p), []
+    real = reference.retention_scale
+
+    def fail_third(*a, **k):
+        n.append(1)
+        if len(n) == 3:
+            raise torch.OutOfMemoryError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(reference, "retention_scale", fail_third)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="torch")
+    assert [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)] == [0, 1]
+    assert "failed at params[2] after params (and lowp_out) at indices [0, 1]" in "".join(info.value.__notes__)
