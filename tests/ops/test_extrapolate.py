@@ -1235,3 +1235,37 @@ def test_torch_backend_failure_mid_loop_names_the_moved_params(monkeypatch):
         extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="torch")
     assert [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)] == [0, 1]
     assert "failed at params[2] after params (and lowp_out) at indices [0, 1]" in "".join(info.value.__notes__)
+
+
+def test_dtype_code_table_is_not_left_half_filled(monkeypatch):
+    """The records' dtype-code table is read from the C++ extension on first use. An exception while it was
+    being read (an interrupt) used to leave it with the codes read so far: every later call with gradients of
+    another dtype then raised "the per-call gradient checks refused lists ..." for the rest of the process."""
+    from collections import OrderedDict
+
+    from gxpo_kernels.ops.extrapolate import _cpp, op
+    mod = _cpp.load_extension()
+    if mod is None or getattr(mod, "tensor_records", None) is None:
+        pytest.skip("no C++ compiler: no records")
+    n = []
+
+    class Failing:
+        def tensor_records(self, ts, *a):
+            n.append(1)
+            if len(n) == 2:
+                raise KeyboardInterrupt
+            return mod.tensor_records(ts, *a)
+    monkeypatch.setattr(op, "_CODES", {})
+    monkeypatch.setattr(op, "_CODE_OF", {})
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())
+    monkeypatch.setattr(_cpp, "load_extension", lambda: Failing())
+    with pytest.raises(KeyboardInterrupt):
+        op._record_reader()
+    monkeypatch.setattr(_cpp, "load_extension", lambda: mod)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        p, t0, g0, g1 = _make(dtype, seed=9)
+        rp = _clone(p)
+        for _ in range(2):   # the second call re-checks the cached layout from its records
+            out = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+            ref = extrapolate_ref_(rp, t0, g0, g1, alpha=0.5, K=5)
+            assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(p, rp))

@@ -704,9 +704,12 @@ def _record_reader():
     from ._cpp import load_extension
     fn = getattr(load_extension(), "tensor_records", None)
     if fn is not None and not _CODES:
-        for dt in _TL_DTYPES:   # (the codes are c10's enum, read here rather than written down)
-            _CODE_OF[dt] = code = int(np.frombuffer(fn([torch.empty(0, dtype=dt)], False), np.int64)[2]) & 255
-            _CODES[code] = dt
+        # (the codes are c10's enum, read here rather than written down); both tables are filled at once, after
+        # every code was read: a table left half-filled by an exception would refuse the other dtypes for good
+        code_of = {dt: int(np.frombuffer(fn([torch.empty(0, dtype=dt)], False), np.int64)[2]) & 255
+                   for dt in _TL_DTYPES}
+        _CODE_OF.update(code_of)
+        _CODES.update({code: dt for dt, code in code_of.items()})
     return fn
 
 
