@@ -495,13 +495,16 @@ class ExtrapolationRule:
             self._take_due_snapshot_()
         try:
             return body()
-        except BaseException:
+        except BaseException as e:
             self._abort_step_()
             if self._snapped_params:
                 with torch.no_grad():
                     self._restore_params_()
                     if self._snapped_opt:
                         self._restore_optimizer_state_()
+                if any(n.startswith("extrapolate_") for n in getattr(e, "__notes__", ())):
+                    e.add_note("the update rule has since rewound the step: every param is back where the step "
+                               "began (the note above describes the extrapolation's own writes)")
             (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
             self.gate.load_state_dict(gate_sd)
             self._zero_grad()

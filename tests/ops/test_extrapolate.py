@@ -1130,3 +1130,142 @@ def test_nonfinite_count_at_the_exact_16bit_overflow_bound(backend, ldt):
     if not (backend == "triton" and ldt == torch.bfloat16 and triton_interpret()):  # its bf16 cast truncates
         assert torch.equal(low[0].float().isfinite(), torch.tensor([False, True, False, True, True, False]))
     assert st["n_nonfinite"] == 3          # the count is the kernel's own bound check, also in the interpreter
+
+
+def _two_group_lists(seed):
+    """fp32 and bf16 params (two dtype groups of the Triton launch, interleaved), lowp_out, gradients."""
+    shapes, dts = [(37,), (5, 11), (301,), (1,)], [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    g = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dts)]
+    t0 = [torch.randn(s, generator=g) for s in shapes]
+    g0 = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dts)]
+    g1 = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dts)]
+    lowp = [torch.zeros(s, dtype=torch.float16) for s in shapes]
+    return p, t0, g0, g1, lowp
+
+
+@pytest.mark.parametrize("where", ["call_offsets", "out_buffer"])
+def test_triton_failure_before_the_last_launch_leaves_every_tensor_as_it_was(monkeypatch, where):
+    """A failure while preparing a later dtype group's launch (an allocation: torch.OutOfMemoryError caught by
+    a training loop that skips the batch; a misaligned gradient list found by its offsets) used to come after the
+    earlier groups' launches had moved their params: some tensors held θ̃, the others θ2. Every group is now
+    prepared before the first launch; and the next call gives what a fresh process gives."""
+    from collections import OrderedDict
+
+    from gxpo_kernels.ops.extrapolate import op
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())
+    p, t0, g0, g1, lowp = _two_group_lists(5)
+    before, lowp_before = _clone(p), _clone(lowp)
+    kw = dict(alpha=0.5, K=5, clip_coef0=0.8, inactive_threshold=1e-2, backend="triton")
+    calls = []
+    if where == "call_offsets":
+        real = op._Plan._call_offsets
+
+        def fail_second(self, *a):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("injected")
+            return real(self, *a)
+        monkeypatch.setattr(op._Plan, "_call_offsets", fail_second)
+    else:
+        real = torch.empty
+
+        def fail_second(*a, **k):
+            if k.get("dtype") == torch.float64 and len(a) == 1 and len(a[0]) == 2 and a[0][1] == 12:
+                calls.append(1)   # a launch's (grid, 12) statistics buffer
+                if len(calls) == 2:
+                    raise torch.OutOfMemoryError("injected")
+            return real(*a, **k)
+        monkeypatch.setattr(torch, "empty", fail_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        extrapolate_(p, t0, g0, g1, lowp_out=lowp, **kw)
+    assert len(calls) == 2
+    for a, b in zip(before + lowp_before, p + lowp):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    out = extrapolate_(p, t0, g0, g1, lowp_out=lowp, **kw)          # the same lists, the cached layout
+    fp, _, _, _, fl = _two_group_lists(5)
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())              # as a fresh process
+    ref = extrapolate_(fp, t0, g0, g1, lowp_out=fl, **kw)
+    assert torch.equal(out, ref)
+    for a, b in zip(fp + fl, p + lowp):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_triton_failed_later_launch_names_the_moved_params(monkeypatch, exc):
+    """A launch that fails after another group's launch wrote (a compile error, an interrupt during the first
+    call's JIT compilation) cannot be undone without a copy of θ2: the exception keeps its type and says which
+    params hold θ̃."""
+    from gxpo_kernels.ops.extrapolate import op
+    p, t0, g0, g1, lowp = _two_group_lists(6)
+    before = _clone(p)
+    real, n = op._extrapolate_kernel, []
+
+    class Failing:
+        def __getitem__(self, grid):
+            n.append(1)
+            if len(n) == 2:
+                raise exc("injected")
+            return real[grid]
+    monkeypatch.setattr(op, "_extrapolate_kernel", Failing())
+    with pytest.raises(exc) as info:
+        extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="triton")
+    moved = [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)]
+    assert moved == [0, 2]   # the fp32 group, launched first
+    assert "indices [0, 2] were already overwritten" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_torch_backend_failure_mid_loop_names_the_moved_params(monkeypatch):
+    """The reference loop (``backend="torch"``, and the CPU fallback without a compiler) writes each tensor once
+    its own temporaries exist: an allocation failing at a later tensor leaves the earlier ones moved. The
+    exception keeps its type and names them; the next call gives the reference result."""
+    from gxpo_kernels.ops.extrapolate import reference
+    p, t0, g0, g1, lowp = _two_group_lists(7)
+    before, n = _clone(p), []
+    real = reference.retention_scale
+
+    def fail_third(*a, **k):
+        n.append(1)
+        if len(n) == 3:
+            raise torch.OutOfMemoryError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(reference, "retention_scale", fail_third)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="torch")
+    assert [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)] == [0, 1]
+    assert "failed at params[2] after params (and lowp_out) at indices [0, 1]" in "".join(info.value.__notes__)
+
+
+def test_dtype_code_table_is_not_left_half_filled(monkeypatch):
+    """The records' dtype-code table is read from the C++ extension on first use. An exception while it was
+    being read (an interrupt) used to leave it with the codes read so far: every later call with gradients of
+    another dtype then raised "the per-call gradient checks refused lists ..." for the rest of the process."""
+    from collections import OrderedDict
+
+    from gxpo_kernels.ops.extrapolate import _cpp, op
+    mod = _cpp.load_extension()
+    if mod is None or getattr(mod, "tensor_records", None) is None:
+        pytest.skip("no C++ compiler: no records")
+    n = []
+
+    class Failing:
+        def tensor_records(self, ts, *a):
+            n.append(1)
+            if len(n) == 2:
+                raise KeyboardInterrupt
+            return mod.tensor_records(ts, *a)
+    monkeypatch.setattr(op, "_CODES", {})
+    monkeypatch.setattr(op, "_CODE_OF", {})
+    monkeypatch.setattr(op, "_LAYOUTS", OrderedDict())
+    monkeypatch.setattr(_cpp, "load_extension", lambda: Failing())
+    with pytest.raises(KeyboardInterrupt):
+        op._record_reader()
+    monkeypatch.setattr(_cpp, "load_extension", lambda: mod)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        p, t0, g0, g1 = _make(dtype, seed=9)
+        rp = _clone(p)
+        for _ in range(2):   # the second call re-checks the cached layout from its records
+            out = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+            ref = extrapolate_ref_(rp, t0, g0, g1, alpha=0.5, K=5)
+            assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(p, rp))

@@ -319,3 +319,52 @@ def test_bad_inputs_raise_clear_errors():
     call(bias=b, kw=dict(check_finite=True))
     with pytest.raises(ValueError, match="temperature"):
         linear_token_logprobs(d["hidden"], d["weight"], d["tokens"].clamp(min=0), 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError, KeyboardInterrupt])
+def test_grad_in_forward_failure_in_a_later_chunk_leaves_grads_as_they_were(monkeypatch, backend, exc):
+    """grad_in_forward=True runs the head's backward chunk by chunk inside forward. A failure in a later chunk
+    (an allocation, an interrupt), caught by a loop that skips the batch, must not leave a half-accumulated
+    d(weight) in the .grad of earlier micro-batches; the next call gives what a fresh call gives."""
+    from gxpo_kernels.ops.fused_head import engine
+    d = _inputs(B=2, T=21, V=97, seed=11)
+    h, w, b = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    g = torch.Generator().manual_seed(12)
+    w.grad, b.grad = torch.randn(w.shape, generator=g), torch.randn(b.shape, generator=g)   # earlier micro-batches
+    wg, bg = w.grad.clone(), b.grad.clone()
+    args = (d["tokens"], d["advantages"], d["mask"], d["old_logprobs"], d["ref_logprobs"])
+    opts = dict(bias=b, grad_in_forward=True, chunk_size=16, backend=backend, beta=0.05, entropy_coef=0.02)
+    n = []
+    if backend == "torch":
+        real = engine._bwd_torch_chunk
+
+        def fail_second(*a, **k):
+            n.append(1)
+            if len(n) == 2:
+                raise exc("injected")
+            return real(*a, **k)
+        monkeypatch.setattr(engine, "_bwd_torch_chunk", fail_second)
+    else:
+        real = engine._bwd_dlogits_kernel
+
+        class Failing:
+            def __getitem__(self, grid):
+                n.append(1)
+                if len(n) == 2:
+                    raise exc("injected")
+                return real[grid]
+        monkeypatch.setattr(engine, "_bwd_dlogits_kernel", Failing())
+    with pytest.raises(exc):
+        loss, _ = linear_grpo_loss(h, w, *args, **opts)
+        loss.backward()
+    assert len(n) == 2 and h.grad is None
+    assert torch.equal(w.grad, wg) and torch.equal(b.grad, bg)
+    monkeypatch.undo()
+    loss, _ = linear_grpo_loss(h, w, *args, **opts)
+    loss.backward()
+    h2, w2, b2 = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    loss2, _ = linear_grpo_loss(h2, w2, *args, **{**opts, "bias": b2})
+    loss2.backward()
+    assert torch.equal(loss.detach(), loss2.detach()) and torch.equal(h.grad, h2.grad)
+    assert torch.equal(w.grad, wg + w2.grad) and torch.equal(b.grad, bg + b2.grad)

@@ -523,3 +523,38 @@ def test_near_tied_top_logits_at_low_temperature(dtype):
         assert float((ent.double() - r_ent).abs().max()) <= 1e-6, temperature
         tol = 1e-5 if dtype == torch.float32 else 1e-2                      # bf16: the dlogits output's rounding
         assert _row_rel_err(dx, r_grad) <= tol, temperature
+
+
+def test_inplace_backward_failing_part_way_is_detected_on_retry(monkeypatch):
+    """inplace_backward=True overwrites the logits chunk by chunk (PyTorch path). A backward that fails part way
+    (an allocation) leaves them partly overwritten: no gradient reaches the parameters, a retried backward raises
+    autograd's in-place error rather than reading them, and the next step gives the fresh result."""
+    from gxpo_kernels.ops.logprobs import kernel as K
+    monkeypatch.setattr(K, "_TORCH_CHUNK_ELEMS", 4 * 1001)   # several chunks
+    g = torch.Generator().manual_seed(21)
+    lin = torch.nn.Linear(7, 1001)
+    x, tok = torch.randn(2, 9, 7, generator=g), torch.randint(0, 1001, (2, 9), generator=g)
+
+    def step():
+        logp, ent = token_logprobs(lin(x), tok, inplace_backward=True, temperature=0.7, backend="torch")
+        return logp.sum() + 0.1 * ent.sum()
+    loss = step()
+    real, n = K._log_probs_chunk, []
+
+    def fail_second(*a, **k):
+        n.append(1)
+        if len(n) == 2:
+            raise torch.OutOfMemoryError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(K, "_log_probs_chunk", fail_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        loss.backward(retain_graph=True)
+    monkeypatch.setattr(K, "_log_probs_chunk", real)
+    assert lin.weight.grad is None and lin.bias.grad is None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    step().backward()
+    gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
+    lin.zero_grad(set_to_none=True)
+    step().backward()
+    assert torch.equal(gw, lin.weight.grad) and torch.equal(gb, lin.bias.grad)

@@ -1074,3 +1074,36 @@ def test_a_bad_gate_or_rule_state_changes_nothing():
     with pytest.raises(ValueError, match="fallbacks"):
         rule.load_state_dict(bad)
     assert rule.state_dict() == before
+
+
+def test_extrapolation_failing_part_way_is_rewound_and_the_note_says_so(monkeypatch):
+    """The "torch" extrapolation writes tensor by tensor; failing at a later tensor (an allocation) it notes which
+    params it had moved. Inside a rule step the rewind puts them back, and a second note says so (the first alone
+    would describe a state the rule has already undone)."""
+    from gxpo_kernels.ops.extrapolate import reference
+    m = mlp()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    rule = GXPO(opt, backend="torch")
+    rule.step(_closure(m, opt, rule))
+    before = _state(m, opt)
+    real, n = reference.retention_scale, []
+
+    def fail_second(*a, **k):
+        n.append(1)
+        if len(n) == 2:
+            raise torch.OutOfMemoryError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(reference, "retention_scale", fail_second)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        rule.step(_closure(m, opt, rule))
+    notes = info.value.__notes__
+    assert len(n) == 2 and "indices [0]" in notes[0] and "rewound the step" in notes[1]
+    _assert_same(_state(m, opt), before)
+    monkeypatch.undo()
+    rule.step(_closure(m, opt, rule))   # the next step gives what a run without the failure gives
+    m2 = mlp()
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    rule2 = GXPO(opt2, backend="torch")
+    for _ in range(2):
+        rule2.step(_closure(m2, opt2, rule2))
+    _assert_same(_state(m, opt), _state(m2, opt2))

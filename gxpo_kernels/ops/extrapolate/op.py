@@ -412,7 +412,10 @@ class _Plan:
         per-call g0; None for the plain move). ``ptrs``: their addresses when the caller already read them
         (``_addresses(*lists)``, or their int64 bytes: see ``_as_array``); ``modes``: the dtype handling of each
         list (see ``_call_offsets``)."""
-        parts, keep = [], []
+        # every group's launch is prepared (its per-call checks, offsets, copies and output buffer) before the
+        # first launch writes: an exception there (an allocation failing, a misaligned list) leaves every
+        # tensor as it was, rather than some dtype groups moved and others not
+        launches, keep = [], []
         for grp in self.groups:
             align = grp["align"]
             bp, bt0, bl = (ref() for ref in grp["bases"])
@@ -441,14 +444,27 @@ class _Plan:
             n_chunks, grid = grp["n_chunks"], grp["grid"]
             out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
             thr_tab = grp["numel_tab"] if thr is None else thr if grp["whole"] else thr.index_select(0, grp["idx_t"])
-            _extrapolate_kernel[(grid,)](
-                bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
-                grp["c_t"], grp["c_s"], n_chunks, out,
-                float(alpha), float(clip_coef0), float(clip_coef1), float(delta), float(r_min), float(r_max),
-                K / 2 + 1.0, K=int(K), G0_DT=_TL_DTYPES[g0dt], G1_DT=_TL_DTYPES[g1dt], HAS_GRAD=lists is not None,
-                USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", ALIGN=align, **grp["const"])
-            parts.append(out)
-        return _combine(parts, self.device)
+            launches.append((grp, grid, out, dict(
+                args=(bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
+                      grp["c_t"], grp["c_s"], n_chunks, out, float(alpha), float(clip_coef0), float(clip_coef1),
+                      float(delta), float(r_min), float(r_max), K / 2 + 1.0),
+                kw=dict(K=int(K), G0_DT=_TL_DTYPES[g0dt], G1_DT=_TL_DTYPES[g1dt], HAS_GRAD=lists is not None,
+                        USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", ALIGN=align,
+                        **grp["const"]))))
+        done = []
+        for grp, grid, out, a in launches:
+            try:
+                _extrapolate_kernel[(grid,)](*a["args"], **a["kw"])
+            except BaseException as e:
+                # a launch that fails (a compile error, an interrupt during the first call's JIT compilation)
+                # after another group's launch cannot be undone without a copy of θ2: say which tensors moved
+                if done:
+                    e.add_note(f"extrapolate_: the launch of the dtype group {grp['dtypes'][0]} failed after the "
+                               f"params (and lowp_out) at indices {sorted(i for g in done for i in g['idx'])} were "
+                               "already overwritten with θ̃; the others still hold θ2")
+                raise
+            done.append(grp)
+        return _combine([out for _, _, out, _ in launches], self.device)
 
 
 def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
@@ -688,9 +704,12 @@ def _record_reader():
     from ._cpp import load_extension
     fn = getattr(load_extension(), "tensor_records", None)
     if fn is not None and not _CODES:
-        for dt in _TL_DTYPES:   # (the codes are c10's enum, read here rather than written down)
-            _CODE_OF[dt] = code = int(np.frombuffer(fn([torch.empty(0, dtype=dt)], False), np.int64)[2]) & 255
-            _CODES[code] = dt
+        # (the codes are c10's enum, read here rather than written down); both tables are filled at once, after
+        # every code was read: a table left half-filled by an exception would refuse the other dtypes for good
+        code_of = {dt: int(np.frombuffer(fn([torch.empty(0, dtype=dt)], False), np.int64)[2]) & 255
+                   for dt in _TL_DTYPES}
+        _CODE_OF.update(code_of)
+        _CODES.update({code: dt for dt, code in code_of.items()})
     return fn
 
 

@@ -91,56 +91,74 @@ def extrapolate_ref_(params: Sequence[torch.Tensor], theta0: Sequence[torch.Tens
     stats[STAT_INDEX["max_scale"]] = 1.0
     if has_grad and inactive_threshold is not None and thresholds is None:
         thresholds = inactive_thresholds(g0, inactive_threshold)
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-        t0 = theta0[i].reshape(-1).to(cdt)
-        t2 = p.reshape(-1).to(cdt)
-        d = t2 - t0
-        bad = torch.zeros(n, dtype=torch.bool, device=p.device)
-        if has_grad:
-            a0 = g0[i].reshape(-1).to(cdt) * clip_coef0
-            a1 = g1[i].reshape(-1).to(cdt) * clip_coef1
-            sgn = torch.where(a0 >= 0, 1.0, -1.0).to(cdt)
-            r = a1 / (sgn * torch.maximum(a0.abs(), torch.tensor(delta, dtype=cdt, device=p.device)))
-            inact = None
-            if thresholds is not None:
-                inact = g0[i].reshape(-1).to(cdt).abs() <= thresholds[i]
-                r = torch.where(inact, torch.ones_like(r), r)
-                stats[STAT_INDEX["n_inactive"]] += inact.sum().double()
-            r = torch.where(torch.isnan(r), torch.ones_like(r), r)
-            r = torch.clamp(r, r_min, r_max)
-            scale = retention_scale(r, K, scale_formula, delta)
-            if inact is not None:                       # neutral retention
-                scale = torch.where(inact, torch.ones_like(scale), scale)
-            new = t0 + (alpha * scale) * d
-            bad |= ~torch.isfinite(a0) | ~torch.isfinite(a1)
-            stats[STAT_INDEX["sum_r"]] += r.double().sum()
-            stats[STAT_INDEX["sum_r2"]] += (r * r).double().sum()
-            stats[STAT_INDEX["dot_g0_g1"]] += (a0 * a1).double().sum()
-            stats[STAT_INDEX["sq_g0"]] += (a0 * a0).double().sum()
-            stats[STAT_INDEX["sq_g1"]] += (a1 * a1).double().sum()
-        else:
-            scale = torch.ones_like(d)
-            new = t0 + alpha * d
-        sd = scale * d
-        # θ̃ as written: a finite value can overflow to inf in a 16-bit param or lowp_out (a 16-bit copy of a
-        # float64 value goes through float32, as torch converts a double)
-        bad |= ~torch.isfinite(new.to(p.dtype))
-        if lowp_out is not None and lowp_out[i] is not None:
-            bad |= ~torch.isfinite(new.to(lowp_out[i].dtype))
-        stats[STAT_INDEX["sum_scale"]] += scale.double().sum()
-        stats[STAT_INDEX["sq_disp"]] += (d * d).double().sum()
-        stats[STAT_INDEX["sq_scaled_disp"]] += (sd * sd).double().sum()
-        stats[STAT_INDEX["n_nonfinite"]] += bad.sum().double()
-        stats[STAT_INDEX["numel"]] += n
-        stats[STAT_INDEX["max_scale"]] = torch.maximum(stats[STAT_INDEX["max_scale"]], scale.max().double())
-        p.copy_(new.view_as(p))
-        if lowp_out is not None and lowp_out[i] is not None:
-            lowp_out[i].copy_(new.view_as(lowp_out[i]))
+    written = []
+    try:
+        for i, p in enumerate(params):
+            if p.numel():
+                _move_one_(i, p, theta0, g0, g1, lowp_out, thresholds, stats, alpha=alpha, K=K,
+                           clip_coef0=clip_coef0, clip_coef1=clip_coef1, scale_formula=scale_formula, delta=delta,
+                           r_min=r_min, r_max=r_max)
+                written.append(i)
+    except BaseException as e:
+        # each tensor is written once its own temporaries exist; undoing the earlier ones would need a copy of
+        # θ2 (memory as large as the params): say which tensors moved instead (the update rules rewind them)
+        if written:
+            e.add_note(f"extrapolate_ (torch backend): failed at params[{i}] after params (and lowp_out) at indices "
+                       f"{written} were already overwritten with θ̃; the others still hold θ2")
+        raise
     return stats
+
+
+def _move_one_(i, p, theta0, g0, g1, lowp_out, thresholds, stats, *, alpha, K, clip_coef0, clip_coef1,
+               scale_formula, delta, r_min, r_max) -> None:
+    """``extrapolate_ref_``'s work on one tensor: params[i] (and lowp_out[i]) written last, stats accumulated."""
+    has_grad = g0 is not None
+    n = p.numel()
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    t0 = theta0[i].reshape(-1).to(cdt)
+    t2 = p.reshape(-1).to(cdt)
+    d = t2 - t0
+    bad = torch.zeros(n, dtype=torch.bool, device=p.device)
+    if has_grad:
+        a0 = g0[i].reshape(-1).to(cdt) * clip_coef0
+        a1 = g1[i].reshape(-1).to(cdt) * clip_coef1
+        sgn = torch.where(a0 >= 0, 1.0, -1.0).to(cdt)
+        r = a1 / (sgn * torch.maximum(a0.abs(), torch.tensor(delta, dtype=cdt, device=p.device)))
+        inact = None
+        if thresholds is not None:
+            inact = g0[i].reshape(-1).to(cdt).abs() <= thresholds[i]
+            r = torch.where(inact, torch.ones_like(r), r)
+            stats[STAT_INDEX["n_inactive"]] += inact.sum().double()
+        r = torch.where(torch.isnan(r), torch.ones_like(r), r)
+        r = torch.clamp(r, r_min, r_max)
+        scale = retention_scale(r, K, scale_formula, delta)
+        if inact is not None:                       # neutral retention
+            scale = torch.where(inact, torch.ones_like(scale), scale)
+        new = t0 + (alpha * scale) * d
+        bad |= ~torch.isfinite(a0) | ~torch.isfinite(a1)
+        stats[STAT_INDEX["sum_r"]] += r.double().sum()
+        stats[STAT_INDEX["sum_r2"]] += (r * r).double().sum()
+        stats[STAT_INDEX["dot_g0_g1"]] += (a0 * a1).double().sum()
+        stats[STAT_INDEX["sq_g0"]] += (a0 * a0).double().sum()
+        stats[STAT_INDEX["sq_g1"]] += (a1 * a1).double().sum()
+    else:
+        scale = torch.ones_like(d)
+        new = t0 + alpha * d
+    sd = scale * d
+    # θ̃ as written: a finite value can overflow to inf in a 16-bit param or lowp_out (a 16-bit copy of a
+    # float64 value goes through float32, as torch converts a double)
+    bad |= ~torch.isfinite(new.to(p.dtype))
+    if lowp_out is not None and lowp_out[i] is not None:
+        bad |= ~torch.isfinite(new.to(lowp_out[i].dtype))
+    stats[STAT_INDEX["sum_scale"]] += scale.double().sum()
+    stats[STAT_INDEX["sq_disp"]] += (d * d).double().sum()
+    stats[STAT_INDEX["sq_scaled_disp"]] += (sd * sd).double().sum()
+    stats[STAT_INDEX["n_nonfinite"]] += bad.sum().double()
+    stats[STAT_INDEX["numel"]] += n
+    stats[STAT_INDEX["max_scale"]] = torch.maximum(stats[STAT_INDEX["max_scale"]], scale.max().double())
+    p.copy_(new.view_as(p))
+    if lowp_out is not None and lowp_out[i] is not None:
+        lowp_out[i].copy_(new.view_as(lowp_out[i]))
 
 
 def extrapolate_foreach_(params: List[torch.Tensor], theta0: List[torch.Tensor], g0: List[torch.Tensor],
