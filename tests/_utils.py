@@ -26,3 +26,25 @@ def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float, 
     abs_err = float((ref.double() - tri.double()).abs().max().detach()) if ref.numel() else 0.0
     r = rms_err_ratio(ref, tri)
     assert abs_err <= atol or r <= ratio, f"{name}: rms err ratio {r:.3e} > {ratio:.1e} (max abs err {abs_err:.3e})"
+
+
+class FailOnUse:
+    """A stand-in for ``real`` (a function, or a Triton kernel, which is indexed by its grid before the call) whose
+    ``k``-th use raises ``exc("injected")``; every other use defers to ``real``.
+    ``uses`` counts them: an exception-safety test injects a failure part way through an op with it."""
+
+    def __init__(self, real, k: int, exc=torch.OutOfMemoryError):
+        self.real, self.k, self.exc, self.uses = real, k, exc, 0
+
+    def _use(self) -> None:
+        self.uses += 1
+        if self.uses == self.k:
+            raise self.exc("injected")
+
+    def __call__(self, *args, **kwargs):
+        self._use()
+        return self.real(*args, **kwargs)
+
+    def __getitem__(self, grid):
+        self._use()
+        return self.real[grid]

@@ -14,7 +14,7 @@ import torch
 from gxpo_kernels.ops.extrapolate.op import STAT_INDEX, extrapolate_, stats_to_dict
 from gxpo_kernels.ops.extrapolate.reference import extrapolate_ref_, retention_scale
 from gxpo_kernels._utils import triton_interpret
-from tests._utils import assert_close
+from tests._utils import FailOnUse, assert_close
 
 SHAPES = [(37,), (0,), (5, 301), (1,), (2049,), (3, 0, 2), (7, 9)]
 BACKENDS = ["triton", "cpp"]
@@ -1200,15 +1200,7 @@ def test_triton_failed_later_launch_names_the_moved_params(monkeypatch, exc):
     from gxpo_kernels.ops.extrapolate import op
     p, t0, g0, g1, lowp = _two_group_lists(6)
     before = _clone(p)
-    real, n = op._extrapolate_kernel, []
-
-    class Failing:
-        def __getitem__(self, grid):
-            n.append(1)
-            if len(n) == 2:
-                raise exc("injected")
-            return real[grid]
-    monkeypatch.setattr(op, "_extrapolate_kernel", Failing())
+    monkeypatch.setattr(op, "_extrapolate_kernel", FailOnUse(op._extrapolate_kernel, 2, exc))
     with pytest.raises(exc) as info:
         extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="triton")
     moved = [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)]
@@ -1222,15 +1214,8 @@ def test_torch_backend_failure_mid_loop_names_the_moved_params(monkeypatch):
     exception keeps its type and names them; the next call gives the reference result."""
     from gxpo_kernels.ops.extrapolate import reference
     p, t0, g0, g1, lowp = _two_group_lists(7)
-    before, n = _clone(p), []
-    real = reference.retention_scale
-
-    def fail_third(*a, **k):
-        n.append(1)
-        if len(n) == 3:
-            raise torch.OutOfMemoryError("injected")
-        return real(*a, **k)
-    monkeypatch.setattr(reference, "retention_scale", fail_third)
+    before = _clone(p)
+    monkeypatch.setattr(reference, "retention_scale", FailOnUse(reference.retention_scale, 3))
     with pytest.raises(torch.OutOfMemoryError) as info:
         extrapolate_(p, t0, g0, g1, lowp_out=lowp, alpha=0.5, K=5, backend="torch")
     assert [i for i, (a, b) in enumerate(zip(before, p)) if not torch.equal(a, b)] == [0, 1]

@@ -19,7 +19,7 @@ from gxpo_kernels.ops.grpo.reference import grpo_loss_ref
 from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
 from gxpo_kernels.ops.grpo.linear import LinearGRPOLoss, linear_grpo_loss
 from gxpo_kernels.ops.logprobs.linear import linear_token_logprobs
-from tests._utils import assert_close
+from tests._utils import FailOnUse, assert_close
 
 # the module itself (gxpo_kernels.ops exports a function of the same name)
 ltl = importlib.import_module("gxpo_kernels.ops.logprobs.linear")
@@ -335,30 +335,13 @@ def test_grad_in_forward_failure_in_a_later_chunk_leaves_grads_as_they_were(monk
     wg, bg = w.grad.clone(), b.grad.clone()
     args = (d["tokens"], d["advantages"], d["mask"], d["old_logprobs"], d["ref_logprobs"])
     opts = dict(bias=b, grad_in_forward=True, chunk_size=16, backend=backend, beta=0.05, entropy_coef=0.02)
-    n = []
-    if backend == "torch":
-        real = engine._bwd_torch_chunk
-
-        def fail_second(*a, **k):
-            n.append(1)
-            if len(n) == 2:
-                raise exc("injected")
-            return real(*a, **k)
-        monkeypatch.setattr(engine, "_bwd_torch_chunk", fail_second)
-    else:
-        real = engine._bwd_dlogits_kernel
-
-        class Failing:
-            def __getitem__(self, grid):
-                n.append(1)
-                if len(n) == 2:
-                    raise exc("injected")
-                return real[grid]
-        monkeypatch.setattr(engine, "_bwd_dlogits_kernel", Failing())
+    name = "_bwd_torch_chunk" if backend == "torch" else "_bwd_dlogits_kernel"
+    fake = FailOnUse(getattr(engine, name), 2, exc)
+    monkeypatch.setattr(engine, name, fake)
     with pytest.raises(exc):
         loss, _ = linear_grpo_loss(h, w, *args, **opts)
         loss.backward()
-    assert len(n) == 2 and h.grad is None
+    assert fake.uses == 2 and h.grad is None
     assert torch.equal(w.grad, wg) and torch.equal(b.grad, bg)
     monkeypatch.undo()
     loss, _ = linear_grpo_loss(h, w, *args, **opts)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _utils import assert_close
+from _utils import FailOnUse, assert_close
 
 from gxpo_kernels.ops import token_logprobs
 from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
@@ -539,14 +539,8 @@ def test_inplace_backward_failing_part_way_is_detected_on_retry(monkeypatch):
         logp, ent = token_logprobs(lin(x), tok, inplace_backward=True, temperature=0.7, backend="torch")
         return logp.sum() + 0.1 * ent.sum()
     loss = step()
-    real, n = K._log_probs_chunk, []
-
-    def fail_second(*a, **k):
-        n.append(1)
-        if len(n) == 2:
-            raise torch.OutOfMemoryError("injected")
-        return real(*a, **k)
-    monkeypatch.setattr(K, "_log_probs_chunk", fail_second)
+    real = K._log_probs_chunk
+    monkeypatch.setattr(K, "_log_probs_chunk", FailOnUse(real, 2))
     with pytest.raises(torch.OutOfMemoryError):
         loss.backward(retain_graph=True)
     monkeypatch.setattr(K, "_log_probs_chunk", real)

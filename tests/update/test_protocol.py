@@ -15,6 +15,7 @@ import torch
 
 from gxpo_kernels.update import GXPO, SFPO
 from gxpo_kernels.update.gates import EMAGate, WindowGate
+from tests._utils import FailOnUse
 from tests.update._models import closure_for, loss_fn, mlp, plain_step
 
 
@@ -1086,18 +1087,12 @@ def test_extrapolation_failing_part_way_is_rewound_and_the_note_says_so(monkeypa
     rule = GXPO(opt, backend="torch")
     rule.step(_closure(m, opt, rule))
     before = _state(m, opt)
-    real, n = reference.retention_scale, []
-
-    def fail_second(*a, **k):
-        n.append(1)
-        if len(n) == 2:
-            raise torch.OutOfMemoryError("injected")
-        return real(*a, **k)
-    monkeypatch.setattr(reference, "retention_scale", fail_second)
+    fake = FailOnUse(reference.retention_scale, 2)
+    monkeypatch.setattr(reference, "retention_scale", fake)
     with pytest.raises(torch.OutOfMemoryError) as info:
         rule.step(_closure(m, opt, rule))
     notes = info.value.__notes__
-    assert len(n) == 2 and "indices [0]" in notes[0] and "rewound the step" in notes[1]
+    assert fake.uses == 2 and "indices [0]" in notes[0] and "rewound the step" in notes[1]
     _assert_same(_state(m, opt), before)
     monkeypatch.undo()
     rule.step(_closure(m, opt, rule))   # the next step gives what a run without the failure gives
