@@ -165,7 +165,10 @@ def _gxpo_bookkeeping_ab() -> list:
                          "one copy call for both snapshots and leaner host code in the step"),
                         ("bench/results/cpu-update-throughput-gxpo-ab4.json",
                          "later per-step checks: frozen and sparse gradients refused on every rank, nested optimizer "
-                         "state deep-copied, the prepared extrapolation keyed on parameter dtypes")):
+                         "state deep-copied, the prepared extrapolation keyed on parameter dtypes"),
+                        ("bench/results/cpu-update-throughput-gxpo-ab5.json",
+                         "later per-step work: param-group entries snapshotted, lazily negated parameters refused, "
+                         "SFPO's entropy checked up front")):
         doc = _json(rel)
         sizes = list(doc["rounds"][0]["after"])
         out += ["", f"Commit `{doc['after_commit'][:10]}` against `{doc['before_commit'][:10]}` ({change}), alternated "

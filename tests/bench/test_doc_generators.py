@@ -99,10 +99,14 @@ def test_gxpo_bookkeeping_prose_repeats_the_ab_files():
     third = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab3.json", "tiny")
     fourth = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab4.json", "tiny")
     assert f"(a median of {third['after'][0]}% in the third table)" in text
-    assert f"is at {fourth['after'][0]}% in the fourth ({fourth['before'][0]}% before its changes" in text
+    assert f"at {fourth['after'][0]}% in the fourth ({fourth['before'][0]}% before its changes" in text
     assert f"({fourth['after'][1]}% to {fourth['after'][2]}% per round at `tiny` there)" in text
     small = _ab_medians("bench/results/cpu-update-throughput-gxpo-ab4.json", "small")
     assert "`small` meets it" in text and float(small["after"][0]) <= 3.0
+    fifth, small5 = (_ab_medians("bench/results/cpu-update-throughput-gxpo-ab5.json", s) for s in ("tiny", "small"))
+    assert f"The fifth table measures {fifth['after'][0]}% at `tiny` ({fifth['before'][0]}% before its changes" in text
+    assert f"and {small5['after'][0]}% at `small` ({small5['before'][0]}% before)" in text
+    assert float(small5["after"][0]) <= 3.0 < float(fifth["after"][0])   # "`small` stays under, `tiny` is not shown"
 
 
 def test_readme_wall_clock_is_the_committed_runs():
