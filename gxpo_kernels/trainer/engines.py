@@ -301,7 +301,9 @@ def load_ds_config(path: str, cfg: TrainConfig) -> dict:
     def number(where: dict, key: str, default, kind=int):
         # a number, or a clear error: "auto" is a placeholder HF's Trainer / accelerate fill in, which no one does here
         v = where.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+        # (json reads Infinity / NaN as floats: int() of them raises a bare error, float() keeps them)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (kind is int and v != int(v)):
             raise ValueError(f"--deepspeed {path!r}: {key} must be {'an int' if kind is int else 'a number'}, got "
                              f"{v!r}" + (" (HF Trainer's 'auto' placeholders are not filled in here: write the value)"
                                          if v == "auto" else ""))

@@ -1,6 +1,6 @@
 """Memory of the fused-linear ops (``linear_grpo_loss``, ``linear_token_logprobs``, ``linear_fpa_logprobs``):
 the (tokens x vocab) logits are never allocated whole, only chunks of ``chunk_size`` rows, and the chunks do
-not pile up.
+not pile up; the torch path's row blocks that bound its temporaries keep the values (against float64).
 
 Counted, not timed: the CPU allocator reports every allocation and free to ``torch.profiler`` (in order), so
 the largest single allocation and the peak of live bytes during one forward + backward are exact and
@@ -188,3 +188,37 @@ def test_fpa_logprobs_reads_shifted_logits_in_place(backend, dtype, monkeypatch)
                         backend=backend)
     for got, exp in zip(out[0], want):
         torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 9, 13])
+def test_torch_row_blocks_keep_the_values(chunk, dtype):
+    """The torch path's row blocks (1/8 of a chunk, at least one row) at chunk row counts below 8 and not
+    divisible by it, with a -inf logit (a banned token), T != 1 and the entropy gradient: logp, entropy and the
+    gradients equal the float64 reference on materialised logits."""
+    from gxpo_kernels.ops.logprobs.reference import token_logprobs_ref
+    g = torch.Generator().manual_seed(chunk)
+    Bq, Tq, Hq, Vq = 2, 11, 5, 97
+    h = torch.randn(Bq, Tq, Hq, generator=g).to(dtype)
+    w = torch.randn(Vq, Hq, generator=g).to(dtype)
+    b = torch.randn(Vq, generator=g).to(dtype)
+    b[3] = -float("inf")
+    y = torch.randint(0, Vq, (Bq, Tq), generator=g)
+    y[y == 3] = 4
+    mask = torch.rand(Bq, Tq, generator=g) > 0.3
+    mask[0, :chunk] = False                   # whole chunks dropped
+    dlogp, dent = torch.randn(Bq, Tq, generator=g), torch.randn(Bq, Tq, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], y, 0.7, bias=leaves[2], mask=mask, chunk_size=chunk,
+                                    backend="torch")
+    ((lp * dlogp).sum() + (ent * dent).sum()).backward()
+    ref = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    rlp, rent = token_logprobs_ref(ref[0] @ ref[1].T + ref[2], y, 0.7)
+    zero = torch.zeros((), dtype=torch.float64)
+    rlp, rent = torch.where(mask, rlp, zero), torch.where(mask, rent, zero)
+    ((rlp * dlogp).sum() + (rent * dent).sum()).backward()
+    assert (lp.double() - rlp).abs().max() <= 1e-5 and (ent.double() - rent).abs().max() <= 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2     # bf16: the gradients' output rounding
+    for name, a, r in zip(("dh", "dw", "db"), leaves, ref):
+        err = float((a.grad.double() - r.grad).abs().max() / r.grad.abs().max())
+        assert err <= tol, f"{name}: relative error {err:.2e}"

@@ -251,6 +251,21 @@ def test_auto_placeholders_in_the_config_are_one_clear_error(tmp_path, field):
         load_ds_config(str(path), cfg.replace(max_grad_norm=0.5))
 
 
+@pytest.mark.parametrize("field", ["gradient_clipping", "gradient_accumulation_steps", "stage"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_in_the_config_are_one_clear_error(tmp_path, field, value):
+    """JSON as Python reads it accepts Infinity / NaN: a stage or gradient_accumulation_steps of them was a bare
+    OverflowError / ValueError from int() naming no field, and a gradient_clipping of them was taken as is."""
+    from gxpo_kernels.trainer.engines import load_ds_config
+    d = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+    (d["zero_optimization"] if field == "stage" else d)[field] = value
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(d))
+    cfg = TrainConfig(algo="gxpo", prompts=4, group=4)
+    with pytest.raises(ValueError, match=f"{field} must be an? (int|number), got (inf|-inf|nan)"):
+        load_ds_config(str(path), cfg)
+
+
 def test_config_scheduler_and_lr_scheduler_type_are_exclusive(tmp_path):
     """A DeepSpeed config's own scheduler runs with lr_scheduler_type='constant' only (which then leaves the rate
     to DeepSpeed); another schedule on top of it is refused before any work."""
