@@ -5,9 +5,11 @@ its half of every mini-batch and records full tensors (``DTensor.full_tensor()``
 only), per-step diagnostics, the collectives the rule issued outside the closure and its extrapolation calls;
 the parent compares them with ``single_process_reference`` (the plain rule on the whole mini-batch).
 """
+import contextlib
 import copy
 import math
 import os
+import shutil
 import tempfile
 
 import torch
@@ -222,19 +224,30 @@ def run_case(case):
     return rec
 
 
+
+@contextlib.contextmanager
+def _dcp_folder():
+    """A folder rank 0 makes and every rank saves into and loads from (a DCP checkpoint), removed once every rank
+    is done with it (after an exception it stays: a barrier there could wait for a rank that failed elsewhere)."""
+    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    yield path[0]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path[0], ignore_errors=True)
+
 def run_resume(case, k):
     """k steps, save (DCP), a fresh model / optimizer / rule, load, the remaining steps."""
     from gxpo_kernels.integrations import fsdp as gf
-    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    model, opt, rule, infos = train(case, steps=k)
-    saved_theta0 = [b.clone() for b in rule._theta0]
-    gf.save_checkpoint(path[0], model, opt, rule, buffers=True, extra={"marker": torch.tensor([k + 0.5])})
-    model = sharded(case)
-    opt = make_optimizer(model, case)
-    rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
-    extra = {"marker": torch.zeros(1)}
-    gf.load_checkpoint(path[0], model, opt, rule, buffers=True, extra=extra)
+    with _dcp_folder() as path:
+        model, opt, rule, infos = train(case, steps=k)
+        saved_theta0 = [b.clone() for b in rule._theta0]
+        gf.save_checkpoint(path, model, opt, rule, buffers=True, extra={"marker": torch.tensor([k + 0.5])})
+        model = sharded(case)
+        opt = make_optimizer(model, case)
+        rule = gf.wrap(model, opt, case.get("algo", "gxpo"), **case.get("rule", {}))
+        extra = {"marker": torch.zeros(1)}
+        gf.load_checkpoint(path, model, opt, rule, buffers=True, extra=extra)
     loaded_theta0_equal = all(torch.equal(a, b) for a, b in zip(saved_theta0, rule._theta0))
     *_, more = train(case, model=model, opt=opt, rule=rule, start=k)
     rec = record(model, opt, rule, infos + more)
@@ -381,19 +394,18 @@ def checkpoint_of_other_settings():
     """load_checkpoint into a rule built with another K: ValueError, and the model, the optimizer (no state) and
     the rule (no steps) as they were built."""
     from gxpo_kernels.integrations import fsdp as gf
-    path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
-    gf.save_checkpoint(path[0], model, opt, rule)
-    m = sharded({})
-    opt = make_optimizer(m, {})
-    rule = gf.wrap(m, opt, K=3, gate=None)
-    before, rule_before = [full(p) for p in m.parameters()], rule.state_dict()
-    try:
-        gf.load_checkpoint(path[0], m, opt, rule)
-        err = None
-    except ValueError as e:
-        err = str(e)
+    with _dcp_folder() as path:
+        model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
+        gf.save_checkpoint(path, model, opt, rule)
+        m = sharded({})
+        opt = make_optimizer(m, {})
+        rule = gf.wrap(m, opt, K=3, gate=None)
+        before, rule_before = [full(p) for p in m.parameters()], rule.state_dict()
+        try:
+            gf.load_checkpoint(path, m, opt, rule)
+            err = None
+        except ValueError as e:
+            err = str(e)
     return {"load_other_K": err, "load_other_K_unchanged": all(torch.equal(a, full(p)) for a, p in zip(
         before, m.parameters())) and not opt.state and rule.state_dict() == rule_before}
 
@@ -582,14 +594,13 @@ def worker_lm(rank, world, port, outdir, cases):
         steps = case.get("steps", 3)
         recs[name] = lm_record(*train_lm(case, world, steps))
         if case.get("kind") == "resume":
-            path = [tempfile.mkdtemp(prefix="gxpo_dcp_") if rank == 0 else None]
-            dist.broadcast_object_list(path, src=0)
-            objs, infos = train_lm(case, world, case["k"])
-            gf.save_checkpoint(path[0], *objs)
-            model = sharded_lm(case, world)
-            opt = _lm_optimizer(model, case)
-            objs = (model, opt, _lm_rule(model, opt, case))
-            gf.load_checkpoint(path[0], *objs)
+            with _dcp_folder() as path:
+                objs, infos = train_lm(case, world, case["k"])
+                gf.save_checkpoint(path, *objs)
+                model = sharded_lm(case, world)
+                opt = _lm_optimizer(model, case)
+                objs = (model, opt, _lm_rule(model, opt, case))
+                gf.load_checkpoint(path, *objs)
             objs, more = train_lm(case, world, steps, objs=objs, start=case["k"])
             recs[name + "/resumed"] = lm_record(objs, infos + more)
     torch.save(recs, os.path.join(outdir, f"rank{rank}.pt"))

@@ -22,7 +22,6 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
 """
 import json
 import os
-import tempfile
 import types
 
 import pytest
@@ -104,21 +103,20 @@ LM_CASES = {
 
 
 
-def _spawn(cases):
+def _spawn(cases, d):
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_ds_")
     mp.spawn(W.worker, args=(free_port(), d, cases), nprocs=W.WORLD, join=True)
     return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(W.WORLD)]
 
 
 @pytest.fixture(scope="module")
-def mlp_runs():
-    return _spawn(MLP_CASES)
+def mlp_runs(tmp_path_factory):
+    return _spawn(MLP_CASES, str(tmp_path_factory.mktemp("ds_mlp")))
 
 
 @pytest.fixture(scope="module")
-def lm_runs():
-    return _spawn(LM_CASES)
+def lm_runs(tmp_path_factory):
+    return _spawn(LM_CASES, str(tmp_path_factory.mktemp("ds_lm")))
 
 
 def _flat(ts):

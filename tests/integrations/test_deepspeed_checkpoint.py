@@ -3,7 +3,6 @@
 and ZeRO-2 fp16 with CPU offload and gradient accumulation (full fp32 parameters, the model's weights, Adam moments
 and step counts, learning rate, the fp16 loss scaler, the gate's state and the rule's counters); a checkpoint without the rule's state is refused; the rule's state loads with weights_only=True."""
 import os
-import tempfile
 
 import pytest
 import torch
@@ -16,10 +15,10 @@ NAMES = ("z2", "z3", "z2_fp16_offload_gas2")
 
 
 @pytest.fixture(scope="module")
-def records():
+def records(tmp_path_factory):
     import torch.multiprocessing as mp
     from tests.integrations import _ds_ckpt_worker as CW
-    d = tempfile.mkdtemp(prefix="gxpo_ds_ckpt_")
+    d = str(tmp_path_factory.mktemp("ds_ckpt"))
     mp.spawn(CW.worker, args=(free_port(), d, NAMES), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
 

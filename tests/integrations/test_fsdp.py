@@ -20,7 +20,6 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
   a closure that leaves the model unsharded; the TRL trainer's FSDP refusal.
 """
 import os
-import tempfile
 
 import pytest
 import torch
@@ -68,9 +67,9 @@ PARITY = [n for n, c in CASES.items() if c.get("kind", "fsdp") == "fsdp"]
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_fsdp_")
+    d = str(tmp_path_factory.mktemp("fsdp"))
     mp.spawn(W.worker, args=(free_port(), d, CASES), nprocs=W.WORLD, join=True)
     return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W.WORLD)]
 
@@ -249,9 +248,9 @@ LM_CASES = {
 
 
 @pytest.fixture(scope="module")
-def runs3():
+def runs3(tmp_path_factory):
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_fsdp3_")
+    d = str(tmp_path_factory.mktemp("fsdp3"))
     mp.spawn(W.worker_lm, args=(3, free_port(), d, LM_CASES), nprocs=3, join=True)
     return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(3)]
 
@@ -311,7 +310,7 @@ def test_trl_trainer_refuses_fsdp_by_name(tmp_path, monkeypatch):
     assert gtrl._unsupported(tr, for_update=False) is None
 
 
-def test_check_failing_on_one_rank_raises_on_every_rank():
+def test_check_failing_on_one_rank_raises_on_every_rank(tmp_path):
     """A check of one rank's own tensors (a frozen parameter with a .grad, an entropy that is no number, SFPO's
     slow-pass entropy missing) failed on rank 0 only: rank 0 raised while rank 1 went on into the next
     collective and waited there (a hang; here gloo's 20 s timeout); SFPO with a gate that does not read the
@@ -321,7 +320,7 @@ def test_check_failing_on_one_rank_raises_on_every_rank():
     next step runs paired on both. force_plain=True on rank 0 only (a plain step there, an active one on rank 1)
     is refused on both before anything changes."""
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_fsdp_refuse_")
+    d = str(tmp_path)
     ctx = mp.start_processes(W.worker_one_rank_refusals, args=(free_port(), d), nprocs=W.WORLD, join=False,
                              start_method="spawn")
     try:

@@ -367,11 +367,10 @@ def test_wrapped_models_refused_by_name():
 
 
 @pytest.mark.slow
-def test_patch_causal_lm_under_ddp():
+def test_patch_causal_lm_under_ddp(tmp_path):
     """2 CPU ranks (gloo), each with half the batch: after DDP's all-reduce both ranks hold the same gradient,
     equal to the single-process gradient of the mean of the two half-batch losses."""
     import os
-    import tempfile
     import torch.multiprocessing as mp
     from tests.integrations import _hf_ddp_worker as W
     from gxpo_kernels.integrations.hf import patch_causal_lm
@@ -388,7 +387,7 @@ def test_patch_causal_lm_under_ddp():
     losses = [model(h["ids"], h["am"], advantages=h["adv"], completion_mask=h["cm"], logits_to_keep=K,
                     old_logprobs=h["old"]).loss for h in halves]
     ((losses[0] + losses[1]) / 2).backward()
-    d = tempfile.mkdtemp(prefix="gxpo_hf_ddp_")
+    d = str(tmp_path)
     mp.spawn(W.worker, args=(d, batch, opts), nprocs=2, join=True)
     r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2))
     assert not torch.equal(r0["loss"], r1["loss"])        # the ranks really saw different data

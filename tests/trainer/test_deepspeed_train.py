@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -128,9 +127,9 @@ def _worker(rank, port, d):
 
 
 @pytest.fixture(scope="module")
-def spawned():
+def spawned(tmp_path_factory):
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_dstrain_")
+    d = str(tmp_path_factory.mktemp("dstrain"))
     mp.spawn(_worker, args=(free_port(), d), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 

@@ -14,7 +14,6 @@ spawn for every case (random advantages: the untrained tiny policy scores 0, so 
 import importlib.util
 import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -93,9 +92,9 @@ def _worker(rank, port, d):
 
 
 @pytest.fixture(scope="module")
-def spawned():
+def spawned(tmp_path_factory):
     import torch.multiprocessing as mp
-    d = tempfile.mkdtemp(prefix="gxpo_fsdptrain_")
+    d = str(tmp_path_factory.mktemp("fsdptrain"))
     mp.spawn(_worker, args=(free_port(), d), nprocs=2, join=True)
     return d, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
