@@ -204,11 +204,12 @@ class TrainConfig:
         if self.resume == "latest" and not self.out_dir:
             raise ValueError("resume='latest' needs out_dir (the run's output folder)")
         ints = {"hidden": 1, "layers": 1, "heads": 1, "steps": 1, "prompts": 1, "group": 2, "epochs": 1,
-                "val_every": 1, "val_size": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0,
+                "val_every": 1, "pass1_size": 0, "pass1_n": 1, "seed": 0, "init_seed": 0,
                 "eval_batch_size": 1, "gradient_accumulation_steps": 1}
         for name, lo in ints.items():
-            if not (name == "val_size" and self.val_size is None):
-                _int_at_least(name, getattr(self, name), lo)
+            _int_at_least(name, getattr(self, name), lo)
+        if self.val_size is not None:   # None: the default size (tasks.validation_set)
+            _int_at_least("val_size", self.val_size, 1)
         if (self.prompts * self.group) % self.gradient_accumulation_steps:
             raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
                              f"rows of a step, prompts * group = {self.prompts * self.group}")

@@ -298,7 +298,7 @@ class ExtrapolationRule:
                 dst.append(t)
                 src.append(b)
             for k, v in other.items():
-                st[k] = v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v)   # the snapshot stays intact
+                st[k] = _copy_entry(v)   # the snapshot stays intact
             # every snapshot key is back in the state: a longer state gained keys after the snapshot; they go again
             if len(st) != len(tens) + len(other):
                 for k in [k for k in st if k not in tens and k not in other]:

@@ -444,17 +444,17 @@ class _Plan:
             n_chunks, grid = grp["n_chunks"], grp["grid"]
             out = torch.empty((grid, 12), dtype=torch.float64, device=self.device)  # the store upcasts
             thr_tab = grp["numel_tab"] if thr is None else thr if grp["whole"] else thr.index_select(0, grp["idx_t"])
-            launches.append((grp, grid, out, dict(
-                args=(bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
-                      grp["c_t"], grp["c_s"], n_chunks, out, float(alpha), float(clip_coef0), float(clip_coef1),
-                      float(delta), float(r_min), float(r_max), K / 2 + 1.0),
-                kw=dict(K=int(K), G0_DT=_TL_DTYPES[g0dt], G1_DT=_TL_DTYPES[g1dt], HAS_GRAD=lists is not None,
-                        USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", ALIGN=align,
-                        **grp["const"]))))
+            launches.append((grp, grid, out,
+                             (bp, bt0, base_g0, base_g1, bl, grp["off_tab"], g0_off, g1_off, grp["numel_tab"], thr_tab,
+                              grp["c_t"], grp["c_s"], n_chunks, out, float(alpha), float(clip_coef0),
+                              float(clip_coef1), float(delta), float(r_min), float(r_max), K / 2 + 1.0),
+                             dict(K=int(K), G0_DT=_TL_DTYPES[g0dt], G1_DT=_TL_DTYPES[g1dt], HAS_GRAD=lists is not None,
+                                  USE_INACTIVE=thr is not None, CLOSED=scale_formula == "closed", ALIGN=align,
+                                  **grp["const"])))
         done = []
-        for grp, grid, out, a in launches:
+        for grp, grid, out, args, kw in launches:
             try:
-                _extrapolate_kernel[(grid,)](*a["args"], **a["kw"])
+                _extrapolate_kernel[(grid,)](*args, **kw)
             except BaseException as e:
                 # a launch that fails (a compile error, an interrupt during the first call's JIT compilation)
                 # after another group's launch cannot be undone without a copy of θ2: say which tensors moved
@@ -464,7 +464,7 @@ class _Plan:
                                "already overwritten with θ̃; the others still hold θ2")
                 raise
             done.append(grp)
-        return _combine([out for _, _, out, _ in launches], self.device)
+        return _combine([out for _, _, out, _, _ in launches], self.device)
 
 
 def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
@@ -892,8 +892,9 @@ def _check_grad_records(lay: _Layout, name: str, ts, rec: bytes) -> Optional[tup
     n = len(lay.numels)
     a = np.frombuffer(rec, np.int64)
     dt = _CODES.get(int(a[2 * n]) & 255)
-    if dt is not None and rec[8 * n:] == lay.grad_tail(dt)[0]:   # one dtype, every numel and meta as they must be
-        nbytes = lay.grad_tail(dt)[1]
+    tail = None if dt is None else lay.grad_tail(dt)
+    if tail is not None and rec[8 * n:] == tail[0]:   # one dtype, every numel and meta as they must be
+        nbytes = tail[1]
     else:   # a check fails, or (rarely) the list mixes dtypes
         metas = a[2 * n:]
         if not (np.array_equal(a[n:2 * n], lay.numel_np) and ((metas >> 8) == lay.grad_meta).all()):
