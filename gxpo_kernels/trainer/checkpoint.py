@@ -12,8 +12,9 @@ A checkpoint is a folder ``<out_dir>/checkpoint-<step>/`` holding
 
 Every ``.pt`` file the trainer writes holds tensors and plain Python values only, so it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load). A checkpoint is written into
-``checkpoint-<step>.tmp`` and renamed into place once complete, so a crash mid-save never leaves a folder that
-looks finished.
+``checkpoint-<step>.tmp``, every file and folder in it is flushed to disk (``fsync``), and only then is it renamed
+into place (and its parent folder flushed): a crash mid-save, of the process or of the machine, never leaves a
+folder that looks finished, and the previous checkpoint stays as it was. ``--resume`` refuses a ``.tmp`` folder.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from .config import same_setting, saved_setting
 PREFIX = "checkpoint-"
 # TrainConfig fields that may differ between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = ("steps", "resume", "out_dir", "cache_dir", "quiet", "save_steps", "save_model")
+# what the loop reads from trainer_state.pt on resume (besides world_size)
+TRAINER_STATE_KEYS = ("step", "backward_passes", "optimizer_steps", "wall_clock", "gate_fired_at", "rule", "fade")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,19 +110,46 @@ def resolve_resume(resume: str, out_dir: Optional[str]) -> str:
             raise ValueError(f"--resume latest: no finished checkpoint-<step> folder in {out_dir!r} (--save_steps N "
                              "writes one every N steps; --overwrite instead of --resume starts the run again)")
         return path
+    if os.path.basename(os.path.normpath(resume)).endswith(".tmp"):
+        raise ValueError(f"--resume {resume!r}: an unfinished checkpoint (a save that was interrupted: it is renamed "
+                         "to checkpoint-<step> once complete); resume from a finished one (--resume latest)")
     if not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
         raise ValueError(f"--resume {resume!r}: not a trainer checkpoint (no trainer_state.pt in it)")
     return resume
 
 
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's contents to disk (a folder: the names in it, so that a rename persists)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):   # (platforms that cannot open a folder: nothing to flush)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """``fsync`` every file under ``path``, then every folder (deepest first). Without it, after a power loss
+    or an OS crash a renamed folder can hold empty or partial files: the rename may reach the disk first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
 def replace_dir(tmp: str, final: str) -> None:
-    """Move the finished folder ``tmp`` to ``final`` (an older ``final`` is removed only after the move)."""
+    """Move the finished folder ``tmp`` to ``final``, durably: ``tmp``'s files are flushed to disk before the
+    rename and the parent folder after it (an older ``final`` is removed only after the move)."""
+    fsync_tree(tmp)
     old = None
     if os.path.exists(final):
         old = f"{final}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -197,6 +227,9 @@ def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:
     with _reading(path, "trainer_state.pt"):
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
         world = int(state["world_size"])
+        missing = [k for k in TRAINER_STATE_KEYS if k not in state]   # (a foreign file of that name)
+        if missing:
+            raise ValueError(f"--resume {path!r}: cannot read trainer_state.pt (it has no {', '.join(missing)})")
     if world != engine.world:
         raise ValueError(f"--resume {path!r}: saved with {world} ranks, resumed with {engine.world}")
     with _reading(path, "the model and optimizer state"):

@@ -114,6 +114,7 @@ class ExtrapolationRule:
         self._opt_snap_sig: Optional[tuple] = None     # (params, state keys and values) it was taken of
         self._group_snap: Optional[list] = None        # (param group, its entries but 'params') at the snapshot
         self._warned_entropy = False
+        self._in_step = False   # state_dict / load_state_dict refuse to run from inside a step (its closure)
 
     # ---- hooks a distributed subclass overrides -------------------------------------------------------
     def _param_list(self) -> List[torch.Tensor]:
@@ -397,16 +398,20 @@ class ExtrapolationRule:
         Everything that can be checked is checked before the first optimizer step.
         """
         self._check_closure(closure)
-        if not self.gate.rearm_due():
-            return self._outer_step(closure, entropy, force_plain)
-        # the re-arming is part of this step: an exception anywhere in it leaves the gate fired, as it was
-        gate_sd = self.gate.state_dict()
-        self.gate.rearm()
+        self._in_step = True
         try:
-            return self._outer_step(closure, entropy, force_plain)
-        except BaseException:
-            self.gate.load_state_dict(gate_sd)
-            raise
+            if not self.gate.rearm_due():
+                return self._outer_step(closure, entropy, force_plain)
+            # the re-arming is part of this step: an exception anywhere in it leaves the gate fired, as it was
+            gate_sd = self.gate.state_dict()
+            self.gate.rearm()
+            try:
+                return self._outer_step(closure, entropy, force_plain)
+            except BaseException:
+                self.gate.load_state_dict(gate_sd)
+                raise
+        finally:
+            self._in_step = False
 
     def _outer_step(self, closure, entropy, force_plain: bool) -> dict:
         if force_plain or self.gate.fired:
@@ -672,10 +677,25 @@ class ExtrapolationRule:
 
     # ---- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Gate statistics, counters and the fired flag (the optimizer's own state is saved separately)."""
+        """Gate statistics, counters and the fired flag (the optimizer's own state is saved separately), with
+        what ``load_state_dict`` checks: the rule's name and hyper-parameters, and ``_model_signature``. Only
+        between ``step`` calls: from inside a step (its closure) the counters and the gate are half-updated and
+        the step's snapshots are not part of the state, so that raises RuntimeError."""
+        self._refuse_in_step("state_dict")
         return {"gate": self.gate.state_dict(), "total_backward_passes": self.total_backward_passes,
                 "total_optimizer_steps": self.total_optimizer_steps, "outer_steps": self.outer_steps,
-                "fallbacks": self.fallbacks, **self._hparams()}
+                "fallbacks": self.fallbacks, "rule": self._rule_name, **self._model_signature(), **self._hparams()}
+
+    def _refuse_in_step(self, what: str) -> None:
+        if self._in_step:
+            raise RuntimeError(f"{self._rule_name}.{what} called during a step (from its closure): the counters and "
+                               "the gate are mid-update; call it between step() calls")
+
+    def _model_signature(self) -> dict:
+        """What the state belongs to: the optimizer's class and (number of trainable parameter tensors, their
+        total element count). A sharded subclass whose parameter list is this rank's shards returns {}."""
+        params = self._param_list()
+        return {"optimizer": type(self.optimizer).__name__, "params": [len(params), sum(p.numel() for p in params)]}
 
     def _hparams(self) -> dict:
         """Hyper-parameters a checkpoint must agree on (saved in state_dict, checked by load_state_dict)."""
@@ -684,14 +704,21 @@ class ExtrapolationRule:
     def load_state_dict(self, sd: dict) -> None:
         """Restore what ``state_dict`` saved. Raises ValueError, changing nothing, when the checkpoint was
         written by a rule with other hyper-parameters (K, alpha, scale formula, ...) or another gate setting
-        (tau, window, patience, ...): resuming it here would silently change the run."""
-        diff = {k: (sd[k], v) for k, v in self._hparams().items() if k in sd and sd[k] != v}
+        (tau, window, patience, ...), by another rule (GXPO's state into SFPO), or for another model or optimizer
+        (``_model_signature``: the optimizer's class, the trainable parameters' count and total size). Entries a
+        state saved by an older version lacks are not checked. RuntimeError from inside a step."""
+        self._refuse_in_step("load_state_dict")
+        if not isinstance(sd, dict):
+            raise ValueError(f"{self._rule_name}.load_state_dict: expected the dict of state_dict(), got "
+                             f"{type(sd).__name__}")
+        mine = {"rule": self._rule_name, **self._model_signature(), **self._hparams()}
+        diff = {k: (sd[k], v) for k, v in mine.items() if k in sd and sd[k] != v}
         gsd = sd.get("gate") if isinstance(sd.get("gate"), dict) else {}
         diff.update({f"gate {k}": (gsd[k], v) for k, v in self.gate.settings().items() if k in gsd and gsd[k] != v})
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs rule {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint was saved with other settings "
-                             f"({desc}); build the rule with the checkpoint's settings")
+                             f"({desc}); build the rule with the checkpoint's settings, model and optimizer")
         try:
             counters = [int(sd[k]) for k in ("total_backward_passes", "total_optimizer_steps", "outer_steps",
                                              "fallbacks")]

@@ -406,8 +406,33 @@ def checkpoint_of_other_settings():
             err = None
         except ValueError as e:
             err = str(e)
-    return {"load_other_K": err, "load_other_K_unchanged": all(torch.equal(a, full(p)) for a, p in zip(
+    out = {"load_other_K": err, "load_other_K_unchanged": all(torch.equal(a, full(p)) for a, p in zip(
         before, m.parameters())) and not opt.state and rule.state_dict() == rule_before}
+    # a checkpoint of an older version (its rule state without the rule's name and the model signature) loads
+    with _dcp_folder() as path:
+        model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
+        sd = rule.state_dict()
+        rule.state_dict = lambda: {k: v for k, v in sd.items() if k not in ("rule", "optimizer", "params")}
+        gf.save_checkpoint(path, model, opt, rule)
+        m = sharded({})
+        opt = make_optimizer(m, {})
+        fresh = gf.wrap(m, opt, gate=None)
+        gf.load_checkpoint(path, m, opt, fresh)
+        out["old_format_loads"] = fresh.state_dict() == sd and all(
+            torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), m.parameters()))
+    with _dcp_folder() as path:
+        model, opt, rule, _ = train({"rule": {"gate": None}}, steps=1)
+        gf.save_checkpoint(path, model, opt, rule)
+        m = sharded({})
+        opt = make_optimizer(m, {})
+        short = gf.wrap(m, opt, gate=None)
+        short.optimizer.param_groups[0]["params"][0].requires_grad_(False)   # one trainable tensor fewer
+        try:
+            gf.load_checkpoint(path, m, opt, short)
+            out["other_params"] = None
+        except ValueError as e:
+            out["other_params"] = str(e)
+    return out
 
 
 def entropy_on_one_rank():

@@ -224,6 +224,10 @@ def test_load_checkpoint_of_other_settings_changes_nothing(runs):
         r = recs["_refusals"]
         assert "K: checkpoint 5 vs rule 3" in r["load_other_K"]
         assert r["load_other_K_unchanged"]
+        # a rule state without the rule's name and model signature (an older version's checkpoint) still loads;
+        # a current one into a rule with one trainable parameter tensor fewer is refused
+        assert r["old_format_loads"]
+        assert "params: checkpoint [" in r["other_params"], r["other_params"]
 
 
 def test_entropy_passed_on_some_ranks_only_raises_on_every_rank(runs):

@@ -159,6 +159,9 @@ class _DeepSpeedRule(ShardedReductions):
     def _grad_list(self, params):
         return [self._stash.get(id(p)) for p in params]
 
+    def _model_signature(self) -> dict:
+        return {}   # the shards differ per rank (and rank 0's client_state is every rank's); DeepSpeed checks shapes
+
     def _global_grad_norm(self, grads) -> torch.Tensor:
         return torch.tensor(self._pass_norm, dtype=torch.float64)
 

@@ -28,6 +28,7 @@ Checkpointing: :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distri
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -84,6 +85,23 @@ def save_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
     dcp.save(sd, checkpoint_id=checkpoint_id)
 
 
+# entries of the rule's state_dict that a checkpoint of an older version lacks (load_state_dict skips them then)
+_NEWER_RULE_ENTRIES = ("rule", "optimizer", "params")
+
+
+def _rule_template(rule, checkpoint_id) -> dict:
+    """``rule.state_dict()`` as the structure ``dcp.load`` fills, without the entries the checkpoint folder lacks
+    of ``_NEWER_RULE_ENTRIES`` (DCP refuses a missing key)."""
+    template = rule.state_dict()
+    if isinstance(checkpoint_id, (str, os.PathLike)) and os.path.isdir(checkpoint_id):
+        from torch.distributed.checkpoint import FileSystemReader
+        saved = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+        for k in _NEWER_RULE_ENTRIES:
+            if f"rule.state.{k}" not in saved:
+                template.pop(k, None)
+    return template
+
+
 def load_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = False,
                     extra: Optional[dict] = None) -> None:
     """Inverse of :func:`save_checkpoint` into a freshly built model / optimizer / rule, sharded the same way
@@ -94,7 +112,7 @@ def load_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
     before = rule.state_dict()
-    saved = {"rule": {"state": rule.state_dict()}}
+    saved = {"rule": {"state": _rule_template(rule, checkpoint_id)}}
     dcp.load(saved, checkpoint_id=checkpoint_id)
     rule.load_state_dict(saved["rule"]["state"])      # checks the settings before it changes anything
     try:
