@@ -310,6 +310,7 @@ def test_resume_across_the_val_size_default(tmp_path, saved, now):
         ckpt.check_config(str(ck), dict(train, val_size=2047))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc (Linux)")
 def test_checkpoint_is_flushed_to_disk_before_it_is_renamed(tmp_path, monkeypatch):
     """Every file and folder of ``checkpoint-<N>.tmp`` is fsync-ed before the rename to ``checkpoint-<N>``, and
     the parent folder after it: otherwise a power loss or an OS crash can leave a renamed folder of empty or
