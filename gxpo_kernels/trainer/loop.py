@@ -467,7 +467,10 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                     for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
                         closure()
                         info["grad_norm"].append(engine.optimizer_step())
-                    info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
+                    # a pass whose gradient is not finite takes no optimizer step (engine.optimizer_step)
+                    skips = sum(map(engine.step_skipped, info["grad_norm"]))
+                    info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"] - skips,
+                                skipped=skips == timing["passes"])
                 else:
                     kw = {"entropy": ro.entropy} if rule.gate.needs_entropy and slow_pass_k is None else {}
                     info = dict(rule.step(closure, **kw))

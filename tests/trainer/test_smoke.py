@@ -9,13 +9,14 @@
   without the integration.
 """
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from gxpo_kernels.cli import main
-from gxpo_kernels.trainer import loop
+from gxpo_kernels.trainer import engines, loop
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig, parse_method
 
 TINY = dict(steps=3, prompts=4, group=4, val_every=3, val_size=16, pass1_size=4, pass1_n=2, hidden=32,
@@ -96,6 +97,30 @@ def test_backward_pass_counts(tmp_path, random_advantages, algo, per_step):
             assert u["active"] is True
     lines = (tmp_path / algo / "records.jsonl").read_text().splitlines()
     assert len(lines) == cfg.steps + 1
+
+
+@pytest.mark.parametrize("algo,per_step", [("grpo", 1), ("grpo_epochs", 3), ("gxpo", 3)])
+def test_nonfinite_gradient_skips_the_step_as_the_rules_do(tmp_path, random_advantages, monkeypatch, algo, per_step):
+    """Step 2's first pass has a NaN loss. GRPO stepped on its NaN gradient, wrote NaN into the weights and died
+    at its next rollout ("probability tensor contains either inf, nan"), stopping a whole speedup run, while
+    GXPO / SFPO skip such a step (``skipped``). Every method now skips it: the run ends, step 2 counts its passes
+    but no optimizer step for the NaN one, and the loss stays finite afterwards."""
+    real, calls = engines.PolicyLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == per_step + 1 else loss
+    monkeypatch.setattr(engines.PolicyLoss, "forward", forward)
+    cfg = TrainConfig(algo=algo, out_dir=str(tmp_path / algo), cache_dir=str(tmp_path / "cache"), quiet=True,
+                      gxpo_gate="none", save_model=False, **TINY)
+    records = loop.train(cfg)
+    d_bp = [b["backward_passes"] - a["backward_passes"] for a, b in zip(records, records[1:])]
+    d_opt = [b["optimizer_steps"] - a["optimizer_steps"] for a, b in zip(records, records[1:])]
+    assert d_bp == [per_step, 1 if algo == "gxpo" else per_step, per_step]   # (GXPO stops at a NaN pass 0)
+    assert d_opt == [per_step, 0 if algo == "gxpo" else per_step - 1, per_step]
+    assert records[2]["update"]["skipped"] is (per_step == 1 or algo == "gxpo")
+    assert math.isfinite(records[3]["loss"]) and records[3]["update"].get("skipped", False) is False
 
 
 def test_gxpo_gate_fires_and_falls_to_one_pass(tmp_path, random_advantages):
