@@ -20,6 +20,7 @@ Shapes: B = P * G rollout rows, T response tokens, V vocabulary; n pairs -> 2n r
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -72,17 +73,17 @@ def _side_means(c_w: torch.Tensor, c_l: torch.Tensor, n: int) -> Tuple[float, fl
 
 
 def update(cfg, model, ref_model, opt, params, ro: Rollout, adv: torch.Tensor,
-           clock: Callable[[], float]) -> Tuple[Dict, Dict, float, int]:
+           clock: Callable[[], float]) -> Tuple[Dict, Dict, float, float, int]:
     """One FPA update on the rollout ``ro`` -> (update info, {"loss", "metrics"} of the step, seconds of
-    forward+backward (policy and reference), backward passes)."""
+    forward+backward (policy and reference) on ``clock`` and in process CPU time, backward passes)."""
     rows_w, rows_l = build_pairs(ro.rewards, cfg.group)
     n = int(rows_w.numel())
     if n == 0:
-        return {"pairs": 0, "skipped": True, "backward_passes": 0, "optimizer_steps": 0}, {}, 0.0, 0
+        return {"pairs": 0, "skipped": True, "backward_passes": 0, "optimizer_steps": 0}, {}, 0.0, 0.0, 0
     device = ro.resp.device
     rows = torch.cat([rows_w, rows_l])
     pid, pattn, resp, mask = ro.prompt_ids[rows], ro.prompt_attn[rows], ro.resp[rows], ro.mask[rows]
-    tb = clock()
+    tb, cb = clock(), time.process_time()
     opt.zero_grad(set_to_none=True)
     with amp(device):
         logits = response_logits(model, pid, pattn, resp, mask)
@@ -92,7 +93,7 @@ def update(cfg, model, ref_model, opt, params, ro: Rollout, adv: torch.Tensor,
                                             mask=mask, backend=loss_backend(device))
     loss, m = objective(cfg, FPALogProbs(logp, ref_logp, fpa_logp, mask), n, adv[rows])
     loss.backward()
-    t_bwd = clock() - tb
+    t_bwd, cpu_bwd = clock() - tb, time.process_time() - cb
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     stepped = math.isfinite(grad_norm)   # a non-finite gradient takes no step (NaN weights), as in the rules
     if stepped:
@@ -106,4 +107,4 @@ def update(cfg, model, ref_model, opt, params, ro: Rollout, adv: torch.Tensor,
                "pairs": n, "logp_chosen": float(tok_logp[:n].mean()), "logp_rejected": float(tok_logp[n:].mean())}
     info = {"pairs": n, "skipped": not stepped, "grad_norm": grad_norm, "backward_passes": 1,
             "optimizer_steps": int(stepped)}
-    return info, {"loss": loss.detach(), "metrics": metrics}, t_bwd, 1
+    return info, {"loss": loss.detach(), "metrics": metrics}, t_bwd, cpu_bwd, 1

@@ -456,11 +456,12 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
 
             with timer.phase("update", rec):
                 if fpa:
-                    info, got, tb, passes = fpa_offline.update(cfg, policy, ref_model, engine.optimizer,
-                                                               [p for p in policy.parameters() if p.requires_grad],
-                                                               ro, adv, timer.now)
+                    info, got, tb, cb, passes = fpa_offline.update(
+                        cfg, policy, ref_model, engine.optimizer, [p for p in policy.parameters() if p.requires_grad],
+                        ro, adv, timer.now)
                     first.update(got)
                     timing["bwd"] += tb
+                    timing["cpu_bwd"] += cb
                     timing["passes"] += passes
                 elif rule is None:
                     info = {"grad_norm": []}
@@ -492,8 +493,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                         "response_len": rlen, "loss": first.get("loss"), "metrics": metrics, "update": upd,
                         "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
                         "t_backward": timing["bwd"], "t_optimizer": max(rec["t_update"] - timing["bwd"], 0.0),
-                        # CPU time of the passes, for the speedup report's cost model (None: not measured)
-                        "cpu_backward": None if fpa else timing["cpu_bwd"]})
+                        # CPU time of the passes, for the speedup report's cost model
+                        "cpu_backward": timing["cpu_bwd"]})
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
             if fpa:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gxpo_kernels.cli import main
-from gxpo_kernels.trainer import fpa_offline, loop
+from gxpo_kernels.trainer import fpa_offline, loop, stats
 from gxpo_kernels.trainer.config import FPA_ALGOS, SFTConfig, TrainConfig, preset
 from gxpo_kernels.trainer.fpa_offline import build_pairs
 
@@ -84,7 +84,9 @@ def test_fpa_run_records(tmp_path, mixed_rewards, algo, extra):
         assert r["wall_clock"] == pytest.approx(wall + r["t_rollout"] + r["t_backward"] + r["t_optimizer"],
                                                 rel=1e-6, abs=1e-6) and r["t_backward"] > 0
         wall = r["wall_clock"]
+        assert r["cpu_backward"] > 0   # (was None: a speedup run with an FPA method fell back to wall-clock costs)
         json.dumps(r, allow_nan=False)
+    assert stats.cost_clock([records]) == "cpu"
     assert "greedy_acc" in records[-1]["val"] and len(records[-1]["val"]["per_prompt"]) == cfg.val_size
 
 
