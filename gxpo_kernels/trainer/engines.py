@@ -169,11 +169,25 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def optimizer_step(self) -> Optional[float]:
-        """Clip to ``max_grad_norm`` and step (the plain GRPO variants); return the pre-clip gradient norm."""
+        """Clip to ``max_grad_norm`` and step (the plain GRPO variants); return the pre-clip gradient norm. A
+        non-finite norm skips the step (``step_skipped``), as the GXPO / SFPO rules skip theirs."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        return self._clipped_step(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
+
+    def _clipped_step(self, norm: float) -> float:
+        """The optimizer step after a clip that measured ``norm``; none when it is not finite: stepping would write
+        NaN into the weights (the run then died at its next rollout's sampling) while GXPO / SFPO, the rules GRPO
+        is compared with, skip such a step."""
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         self.optimizer.step()
         return norm
+
+    def step_skipped(self, norm: Optional[float]) -> bool:
+        """Whether ``optimizer_step`` (which returned ``norm``) skipped the step: a non-finite norm. None (an engine
+        that reports no norm) means it stepped."""
+        return norm is not None and not math.isfinite(norm)
 
     def dp_mean(self, vals: List[float]) -> List[float]:
         return [float(v) for v in vals]
@@ -415,6 +429,9 @@ class DeepSpeedEngine(_DistributedEngine):
         gn = self.engine.get_global_grad_norm()
         return None if gn is None else float(gn)
 
+    def step_skipped(self, norm: Optional[float]) -> bool:
+        return False                                      # DeepSpeed's engine.step() decides, and is counted
+
     @contextlib.contextmanager
     def eval_mode(self):
         self.engine.eval()
@@ -496,8 +513,7 @@ class FSDPEngine(_DistributedEngine):
     def optimizer_step(self) -> Optional[float]:
         norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.max_grad_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor over the shards
-        self.optimizer.step()
-        return float(norm)
+        return self._clipped_step(float(norm))   # (the norm is global: every rank skips or steps alike)
 
     def _dcp_state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -9,7 +9,7 @@ Per RL step the loop rolls out G responses per prompt as usual; this module then
    warm-start model), and ``ops.fpa_logprobs`` -> per-token log pi_theta, log pi_ref, log pi_hat
    (pi_hat = softmax((1 + lam) h_theta - lam h_ref), ``--fpa-lam``; lam = 0 is the base method);
 3. evaluates the objective of ``ops.fpa.objectives`` (coefficients at pi_hat, ``--fpa-side``), one backward,
-   gradient clipping, one optimizer step.
+   gradient clipping, one optimizer step (none when the gradient is not finite: ``update.skipped``).
 
 Unpaired objectives use the same rows: KTO takes chosen as desirable and rejected as undesirable (kl = 0);
 the offline PG takes the rows' group advantages (the trainer's ``--advantage``). A step with no pair makes no
@@ -19,6 +19,8 @@ Shapes: B = P * G rollout rows, T response tokens, V vocabulary; n pairs -> 2n r
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -71,17 +73,17 @@ def _side_means(c_w: torch.Tensor, c_l: torch.Tensor, n: int) -> Tuple[float, fl
 
 
 def update(cfg, model, ref_model, opt, params, ro: Rollout, adv: torch.Tensor,
-           clock: Callable[[], float]) -> Tuple[Dict, Dict, float, int]:
+           clock: Callable[[], float]) -> Tuple[Dict, Dict, float, float, int]:
     """One FPA update on the rollout ``ro`` -> (update info, {"loss", "metrics"} of the step, seconds of
-    forward+backward (policy and reference), backward passes)."""
+    forward+backward (policy and reference) on ``clock`` and in process CPU time, backward passes)."""
     rows_w, rows_l = build_pairs(ro.rewards, cfg.group)
     n = int(rows_w.numel())
     if n == 0:
-        return {"pairs": 0, "skipped": True, "backward_passes": 0, "optimizer_steps": 0}, {}, 0.0, 0
+        return {"pairs": 0, "skipped": True, "backward_passes": 0, "optimizer_steps": 0}, {}, 0.0, 0.0, 0
     device = ro.resp.device
     rows = torch.cat([rows_w, rows_l])
     pid, pattn, resp, mask = ro.prompt_ids[rows], ro.prompt_attn[rows], ro.resp[rows], ro.mask[rows]
-    tb = clock()
+    tb, cb = clock(), time.process_time()
     opt.zero_grad(set_to_none=True)
     with amp(device):
         logits = response_logits(model, pid, pattn, resp, mask)
@@ -91,13 +93,18 @@ def update(cfg, model, ref_model, opt, params, ro: Rollout, adv: torch.Tensor,
                                             mask=mask, backend=loss_backend(device))
     loss, m = objective(cfg, FPALogProbs(logp, ref_logp, fpa_logp, mask), n, adv[rows])
     loss.backward()
-    t_bwd = clock() - tb
+    t_bwd, cpu_bwd = clock() - tb, time.process_time() - cb
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    opt.step()
+    stepped = math.isfinite(grad_norm)   # a non-finite gradient takes no step (NaN weights), as in the rules
+    if stepped:
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
     c_w, c_l = _side_means(m["c_w"], m["c_l"], n)
     mf = mask.float()
     tok_logp = (logp.detach() * mf).sum(-1) / mf.sum(-1).clamp(min=1)      # per-row mean token log-prob
     metrics = {"c_w_mean": c_w, "c_l_mean": c_l, "base_loss": float(m["base_loss"]), "fpa_loss": float(m["fpa_loss"]),
                "pairs": n, "logp_chosen": float(tok_logp[:n].mean()), "logp_rejected": float(tok_logp[n:].mean())}
-    info = {"pairs": n, "skipped": False, "grad_norm": grad_norm, "backward_passes": 1, "optimizer_steps": 1}
-    return info, {"loss": loss.detach(), "metrics": metrics}, t_bwd, 1
+    info = {"pairs": n, "skipped": not stepped, "grad_norm": grad_norm, "backward_passes": 1,
+            "optimizer_steps": int(stepped)}
+    return info, {"loss": loss.detach(), "metrics": metrics}, t_bwd, cpu_bwd, 1

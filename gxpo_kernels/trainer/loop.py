@@ -456,18 +456,22 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
 
             with timer.phase("update", rec):
                 if fpa:
-                    info, got, tb, passes = fpa_offline.update(cfg, policy, ref_model, engine.optimizer,
-                                                               [p for p in policy.parameters() if p.requires_grad],
-                                                               ro, adv, timer.now)
+                    info, got, tb, cb, passes = fpa_offline.update(
+                        cfg, policy, ref_model, engine.optimizer, [p for p in policy.parameters() if p.requires_grad],
+                        ro, adv, timer.now)
                     first.update(got)
                     timing["bwd"] += tb
+                    timing["cpu_bwd"] += cb
                     timing["passes"] += passes
                 elif rule is None:
                     info = {"grad_norm": []}
                     for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
                         closure()
                         info["grad_norm"].append(engine.optimizer_step())
-                    info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"])
+                    # a pass whose gradient is not finite takes no optimizer step (engine.optimizer_step)
+                    skips = sum(map(engine.step_skipped, info["grad_norm"]))
+                    info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"] - skips,
+                                skipped=skips == timing["passes"])
                 else:
                     kw = {"entropy": ro.entropy} if rule.gate.needs_entropy and slow_pass_k is None else {}
                     info = dict(rule.step(closure, **kw))
@@ -489,8 +493,8 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                         "response_len": rlen, "loss": first.get("loss"), "metrics": metrics, "update": upd,
                         "backward_passes": bp_total, "optimizer_steps": opt_total, "wall_clock": wall,
                         "t_backward": timing["bwd"], "t_optimizer": max(rec["t_update"] - timing["bwd"], 0.0),
-                        # CPU time of the passes, for the speedup report's cost model (None: not measured)
-                        "cpu_backward": None if fpa else timing["cpu_bwd"]})
+                        # CPU time of the passes, for the speedup report's cost model
+                        "cpu_backward": timing["cpu_bwd"]})
             if fade_state is not None:
                 rec["fade"] = dict(fade_state)
             if fpa:

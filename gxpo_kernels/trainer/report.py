@@ -134,13 +134,8 @@ def _seed_entry(cur: stats.Curve, r: Optional[dict]) -> dict:
 
 
 def _median(v: np.ndarray) -> float:
-    """The median of per-seed ratios, except that an even count whose two middle values are a not-reached seed (0)
-    and a reached one gives 0 (not reached): their average is a ratio no seed had (0 and 2.0x gave 1.00x)."""
-    s = np.sort(v)
-    n = s.size
-    if n % 2 == 0 and s[n // 2 - 1] == 0 < s[n // 2]:
-        return 0.0
-    return float(np.median(s))
+    """``stats.median_ratio`` of per-seed ratios (a not-reached and a reached middle seed are not averaged)."""
+    return stats.median_ratio(v)
 
 
 def _summary(vals, *, n_boot, seed, level) -> dict:
@@ -158,11 +153,8 @@ def _summary(vals, *, n_boot, seed, level) -> dict:
 
 def _prompt_ci(per_seed_draws: list, level: float) -> Optional[list]:
     """CI of the median over seeds from per-seed bootstrap ratio draws (each [B]; NaN = degenerate)."""
-    m = np.stack(per_seed_draws)               # [S, B]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN draws -> NaN, dropped by percentile_ci
-        med = np.nanmedian(m, axis=0)
-    return stats.percentile_ci(med, level)
+    # the point estimate's median rule in every draw (all-NaN draws -> NaN, dropped by percentile_ci)
+    return stats.percentile_ci(stats.median_ratio(np.stack(per_seed_draws), axis=0), level)   # [S, B] -> [B]
 
 
 def _index_summary(index: Optional[Mapping]) -> Optional[dict]:
@@ -213,7 +205,7 @@ def _sensitivity(results: Mapping, compare) -> dict:
         d = {}
         for k in ("ratio_steps", "ratio_cost"):
             v = np.array([_nan(e[k]) if e["reached"] else 0.0 for e in ents if not e["degenerate"]])
-            meds = [float(np.nanmedian(np.delete(v, i))) for i in range(v.size)] if v.size > 1 else []
+            meds = [_median(np.delete(v, i)) for i in range(v.size)] if v.size > 1 else []
             meds = [x for x in meds if np.isfinite(x)]
             d[k] = [min(meds), max(meds)] if meds else None
         out["leave_one_seed_out"][m] = d

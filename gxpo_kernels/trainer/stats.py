@@ -98,9 +98,24 @@ def speedup(base_fig, m_fig, reached) -> np.ndarray:
     return np.where((b <= 0) | (ok & (m <= 0)), np.nan, r)
 
 
+def median_ratio(ratios, axis: int = -1):
+    """The median of speedup ratios along ``axis`` (0 = not reached; NaN = degenerate, left out), except that an
+    even count whose two middle values are a not-reached 0 and a reached ratio gives 0 (not reached): their
+    average is a ratio no seed had (0 and 2.0x gave 1.00x). All NaN gives NaN. The one median of the report's
+    ratios: the point estimate, both bootstraps and the leave-one-seed-out range use it."""
+    s = np.sort(np.moveaxis(np.asarray(ratios, dtype=np.float64), axis, -1), axis=-1)   # NaN sorts last
+    n = np.sum(~np.isnan(s), axis=-1)
+    pick = lambda i: np.take_along_axis(s, np.maximum(i, 0)[..., None], axis=-1)[..., 0]   # noqa: E731
+    lo, hi = pick((n - 1) // 2), pick(n // 2)
+    med = np.where((n % 2 == 0) & (lo == 0) & (hi > 0), 0.0, (lo + hi) / 2)
+    med = np.where(n == 0, np.nan, med)
+    return float(med) if med.ndim == 0 else med
+
+
 def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                 stat=np.median) -> list:
-    """Percentile bootstrap CI ``[lo, hi]`` of ``stat`` over ``values`` (resampled with replacement).
+                 stat=median_ratio) -> list:
+    """Percentile bootstrap CI ``[lo, hi]`` of ``stat`` (``stat(samples, axis=1)``; default ``median_ratio``)
+    over ``values`` (resampled with replacement).
 
     Deterministic given ``seed``; one value (or identical values) gives a zero-width interval.
     """

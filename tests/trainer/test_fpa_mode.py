@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gxpo_kernels.cli import main
-from gxpo_kernels.trainer import loop
+from gxpo_kernels.trainer import fpa_offline, loop, stats
 from gxpo_kernels.trainer.config import FPA_ALGOS, SFTConfig, TrainConfig, preset
 from gxpo_kernels.trainer.fpa_offline import build_pairs
 
@@ -84,8 +84,34 @@ def test_fpa_run_records(tmp_path, mixed_rewards, algo, extra):
         assert r["wall_clock"] == pytest.approx(wall + r["t_rollout"] + r["t_backward"] + r["t_optimizer"],
                                                 rel=1e-6, abs=1e-6) and r["t_backward"] > 0
         wall = r["wall_clock"]
+        assert r["cpu_backward"] > 0   # (was None: a speedup run with an FPA method fell back to wall-clock costs)
         json.dumps(r, allow_nan=False)
+    assert stats.cost_clock([records]) == "cpu"
     assert "greedy_acc" in records[-1]["val"] and len(records[-1]["val"]["per_prompt"]) == cfg.val_size
+
+
+def test_fpa_nonfinite_gradient_skips_the_step(tmp_path, mixed_rewards, monkeypatch):
+    """Step 2's objective is NaN: the optimizer stepped on the NaN gradient and the run died at its next rollout's
+    sampling. Now the step is skipped (one backward pass, no optimizer step, ``update.skipped``), as the GXPO /
+    SFPO rules skip theirs, and the run goes on."""
+    real_update, real_objective, updates = fpa_offline.update, fpa_offline.objective, []
+
+    def update(*args, **kwargs):   # (TrainConfig.validate calls the objective too: count the updates)
+        updates.append(1)
+        return real_update(*args, **kwargs)
+
+    def objective(*args, **kwargs):
+        loss, m = real_objective(*args, **kwargs)
+        return (loss * float("nan") if len(updates) == 2 else loss), m
+    monkeypatch.setattr(fpa_offline, "update", update)
+    monkeypatch.setattr(fpa_offline, "objective", objective)
+    cfg = TrainConfig(algo="fpa_dpo", out_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+                      **dict(TINY, save_model=False))
+    records = loop.train(cfg)
+    assert [r["backward_passes"] for r in records] == [0, 1, 2, 3]
+    assert [r["optimizer_steps"] for r in records] == [0, 1, 1, 2]
+    assert [r["update"]["skipped"] for r in records[1:]] == [False, True, False]
+    assert math.isfinite(records[3]["loss"])
 
 
 def test_fpa_step_without_pairs_makes_no_update(tmp_path):

@@ -453,13 +453,14 @@ def test_sensitivity_leave_one_seed_out_and_compare(tmp_path):
                                 index=dict(idx, threads=2, workers=1, train=dict(idx["train"], out_dir="b")))
     res = report.build_report(runs, tmp_path / "a", n_boot=100, plot=False, index=idx, compare=other)
     sens = res["meta"]["sensitivity"]
-    # per-seed step ratios 2, 1, 0 (never) -> medians without one seed: 0.5, 1.0, 1.5
-    assert sens["leave_one_seed_out"]["x"]["ratio_steps"] == [0.5, 1.5]
+    # per-seed step ratios 2, 1, 0 (never) -> medians without one seed: 0 (1 with 0), 0 (2 with 0), 1.5; the
+    # headline's median rule: a not-reached and a reached middle seed are not averaged (that gave 0.5 and 1.0)
+    assert sens["leave_one_seed_out"]["x"]["ratio_steps"] == [0.0, 1.5]
     c, = sens["compare"]
     assert c["note"] == "a rerun with threads 1 -> 2, workers 2 -> 1"     # out_dir differences are not named
     assert c["methods"]["x"]["ratio_steps"] == {"here": 1.0, "there": 1.0, "shift": 0.0}
     table = report.markdown_table(res)
-    assert "one seed is left out [min, max]: x steps [0.50,1.50]" in table
+    assert "one seed is left out [min, max]: x steps [0.00,1.50]" in table
     assert "Sensitivity against a rerun with threads 1 -> 2, workers 2 -> 1: x steps 1.00x -> 1.00x" in table
     assert json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["sensitivity"] == sens
 
@@ -593,3 +594,32 @@ def test_even_seed_count_does_not_average_not_reached_with_reached(tmp_path):
     line = next(ln for ln in report.conclusion_lines(res) if ln.startswith("sfpo"))
     assert "NOT REACHED in at least half the seeds (not reached in 1/2)" in line, line
     assert report._median(np.array([1.5, 2.0])) == 1.75 and report._median(np.array([0.0, 0.0, 2.0])) == 0
+
+
+def test_every_median_of_ratios_uses_the_headline_rule(tmp_path):
+    """The point estimate's median does not average a not-reached seed (0) with a reached one; the bootstraps
+    and the leave-one-seed-out range used plain medians that did. Two seeds, one never reaching GRPO's peak in
+    any prompt resample and one reaching it at 2x in every resample: the median is 0 (not reached), but every
+    prompt draw's median was 1.0, so ci_prompts was [1.0, 1.0], an interval excluding its own point estimate."""
+    P = 120
+    g = _nested(P, [0, 20, 40, 60, 80, 60])           # GRPO peaks at step 40 (80 of 120 prompts)
+    never = _nested(P, [0, 10, 20, 30, 40, 50])        # subsets of GRPO's peak set: below it in every resample
+    fast = g[[0, 2, 4, 4, 4, 4]]                       # GRPO's peak set at step 20: 2x in every resample
+    runs = {"grpo": {s: make_records(g.mean(1).tolist(), per_prompt=g) for s in (0, 1)},
+            "m": {0: make_records(never.mean(1).tolist(), per_prompt=never),
+                  1: make_records(fast.mean(1).tolist(), per_prompt=fast)}}
+    a = report.build_report(runs, tmp_path / "p", n_boot=200, plot=False)["methods"]["m"]["aggregate"]["strict"]
+    assert a["ratio_steps"]["median"] == 0 and a["ratio_steps"]["max"] == 2.0
+    assert a["ratio_steps"]["ci_prompts"] == [0.0, 0.0]
+    # over seeds: ratios 0, 2, 2, 2; a resample with two of each has median 0 (not 1), about 21% of them
+    m_curves = [SLOW, FAST, FAST, FAST]
+    runs = {"grpo": {s: make_records(GRPO) for s in range(4)},
+            "m": {s: make_records(c, bp=4, opt=4) for s, c in enumerate(m_curves)}}
+    a = report.build_report(runs, tmp_path / "s", n_boot=2000, ci_level=0.5, plot=False)["methods"]["m"]
+    r = a["aggregate"]["strict"]["ratio_steps"]
+    assert r["median"] == pytest.approx(4 / 3) and r["ci_seeds"][0] == 0.0   # (a plain median gave 0.667)
+    # vectorised rule, NaN (degenerate) left out
+    v = np.array([[0.0, 2.0, np.nan], [1.5, 2.0, np.nan], [0.0, 0.0, 3.0], [np.nan] * 3])
+    got = stats.median_ratio(v, axis=1)
+    assert got[:3].tolist() == [0.0, 1.75, 0.0] and np.isnan(got[3])
+    assert stats.median_ratio(v.T, axis=0)[:3].tolist() == [0.0, 1.75, 0.0]

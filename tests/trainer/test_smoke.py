@@ -3,19 +3,22 @@
 - ``gxpo-kernels speedup --preset test`` runs every default method in-process: per-run records.jsonl,
   runs.json, results.json and speedup.png are written, the table is printed, and records follow the schema;
 - backward-pass and optimizer-step bookkeeping per method: GRPO/grpo_lr 1 per update, grpo_epochs 3,
-  SFPO K+1, GXPO 3 while active (1 once gated, fallbacks excluded), on batches with non-zero advantages;
+  SFPO K+1, GXPO 3 while active (1 once gated, fallbacks excluded), on batches with non-zero advantages; and
+  the recorded counts against the backward / optimizer.step calls counted from outside, GXPO fallbacks included;
+- a non-finite gradient skips the optimizer step in every method (GRPO's too), and the run goes on;
 - the --lr-mult control really scales the learning rate;
 - bad input fails clearly: unknown algo / task / method names, a model folder that does not exist, --deepspeed
   without the integration.
 """
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from gxpo_kernels.cli import main
-from gxpo_kernels.trainer import loop
+from gxpo_kernels.trainer import engines, loop
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig, parse_method
 
 TINY = dict(steps=3, prompts=4, group=4, val_every=3, val_size=16, pass1_size=4, pass1_n=2, hidden=32,
@@ -96,6 +99,76 @@ def test_backward_pass_counts(tmp_path, random_advantages, algo, per_step):
             assert u["active"] is True
     lines = (tmp_path / algo / "records.jsonl").read_text().splitlines()
     assert len(lines) == cfg.steps + 1
+
+
+@pytest.mark.parametrize("algo,per_step", [("grpo", 1), ("grpo_epochs", 3), ("gxpo", 3)])
+def test_nonfinite_gradient_skips_the_step_as_the_rules_do(tmp_path, random_advantages, monkeypatch, algo, per_step):
+    """Step 2's first pass has a NaN loss. GRPO stepped on its NaN gradient, wrote NaN into the weights and died
+    at its next rollout ("probability tensor contains either inf, nan"), stopping a whole speedup run, while
+    GXPO / SFPO skip such a step (``skipped``). Every method now skips it: the run ends, step 2 counts its passes
+    but no optimizer step for the NaN one, and the loss stays finite afterwards."""
+    real, calls = engines.PolicyLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == per_step + 1 else loss
+    monkeypatch.setattr(engines.PolicyLoss, "forward", forward)
+    cfg = TrainConfig(algo=algo, out_dir=str(tmp_path / algo), cache_dir=str(tmp_path / "cache"), quiet=True,
+                      gxpo_gate="none", save_model=False, **TINY)
+    records = loop.train(cfg)
+    d_bp = [b["backward_passes"] - a["backward_passes"] for a, b in zip(records, records[1:])]
+    d_opt = [b["optimizer_steps"] - a["optimizer_steps"] for a, b in zip(records, records[1:])]
+    assert d_bp == [per_step, 1 if algo == "gxpo" else per_step, per_step]   # (GXPO stops at a NaN pass 0)
+    assert d_opt == [per_step, 0 if algo == "gxpo" else per_step - 1, per_step]
+    assert records[2]["update"]["skipped"] is (per_step == 1 or algo == "gxpo")
+    assert math.isfinite(records[3]["loss"]) and records[3]["update"].get("skipped", False) is False
+
+
+@pytest.mark.parametrize("algo,nan_call", [("grpo_epochs", None), ("sfpo", None), ("gxpo", 5), ("gxpo", 4)])
+def test_recorded_counts_match_what_ran(tmp_path, random_advantages, monkeypatch, algo, nan_call):
+    """The records' backward_passes / optimizer_steps against counts taken from outside: every Tensor.backward
+    (2 micro-batches per pass), every optimizer.step (a global post-hook), every rollout. nan_call makes that
+    PolicyLoss call's loss NaN: step 2's pass 1 (GXPO falls back: 2 passes, 2 optimizer steps) or pass 0
+    (skipped: 1 pass, none)."""
+    import torch.optim.optimizer as topt
+    seen = {"backward": 0, "step": 0, "rollout": 0}
+    real_bw, real_fw, real_ro, calls = torch.Tensor.backward, engines.PolicyLoss.forward, loop.rollout, []
+
+    def backward(self, *args, **kwargs):
+        seen["backward"] += 1
+        return real_bw(self, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        loss = real_fw(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) in (2 * nan_call - 1, 2 * nan_call) else loss   # both halves
+
+    def rollout(*args, **kwargs):
+        seen["rollout"] += 1
+        return real_ro(*args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    monkeypatch.setattr(loop, "rollout", rollout)
+    if nan_call:
+        monkeypatch.setattr(engines.PolicyLoss, "forward", forward)
+    snaps = []
+    cfg = TrainConfig(algo=algo, out_dir=str(tmp_path / algo), cache_dir=str(tmp_path / "cache"), quiet=True,
+                      gxpo_gate="none", sfpo_gate="none", gradient_accumulation_steps=2, save_model=False, **TINY)
+    loop.prepare_warm_start(cfg, log=lambda s: None)   # (its optimizer steps come before the hook)
+    hook = topt.register_optimizer_step_post_hook(lambda *a: seen.__setitem__("step", seen["step"] + 1))
+    try:
+        records = loop.train(cfg, progress=lambda r: snaps.append(dict(seen)))
+    finally:
+        hook.remove()
+    for a, b, r0, r1 in zip(snaps, snaps[1:], records, records[1:]):
+        assert b["backward"] - a["backward"] == 2 * (r1["backward_passes"] - r0["backward_passes"]), r1["step"]
+        assert b["step"] - a["step"] == r1["optimizer_steps"] - r0["optimizer_steps"], r1["step"]
+        assert b["rollout"] - a["rollout"] == 1
+    if nan_call:
+        fb = {5: ("nonfinite_g1", 2, 2), 4: ("nonfinite_g0", 1, 0)}[nan_call]
+        u = records[2]["update"]
+        assert (u["fallback_reason"], records[2]["backward_passes"] - records[1]["backward_passes"],
+                records[2]["optimizer_steps"] - records[1]["optimizer_steps"]) == fb
 
 
 def test_gxpo_gate_fires_and_falls_to_one_pass(tmp_path, random_advantages):
