@@ -351,6 +351,12 @@ class _Plan:
             numels = np.array(self.numels, dtype=np.int64).tobytes()
             self.tails = [numels + np.array([meta << 8 | _CODE_OF[dt] for dt in dts[name]], np.int64).tobytes()
                           for name in self.names]
+        # one dtype group over all params (the usual model): the checks and the offsets in one compiled call
+        self.grad_offsets = None
+        if self.tails is not None and len(self.groups) == 1 and self.groups[0]["whole"]:
+            from ._cpp import load_extension
+            self.grad_offsets = getattr(load_extension(), "grad_offsets", None)
+            self.scratch = torch.empty((len(self.names), len(params)), dtype=torch.int64)
 
     def moved(self) -> bool:
         """Whether the first static tensor of a dtype group (its base; g0's too when static) no longer has the
@@ -419,6 +425,28 @@ class _Plan:
         res = self._offsets(grp, _as_array(_addresses(*keep), len(keep)), tuple(ts[0].element_size() for ts in keep))
         return [(ts[0], off, al) for ts, (off, al) in zip(keep, res)], keep
 
+    def _fast_offsets(self, lists) -> Optional[list]:
+        """``_call_offsets`` of a plan with one dtype group over all params, for lists that pass the per-call checks
+        (``self.tails``), from one call of the C++ extension's ``grad_offsets`` (the checks, the addresses, their
+        bitwise OR and the element offsets in one pass); None when a list fails a check (the caller then runs the
+        general path, which names the offender)."""
+        r = self.grad_offsets(lists, self.tails, self.scratch)
+        if r is None:
+            return None
+        ptrs, low = r
+        grp = self.groups[0]
+        bases = [ts[0] for ts in lists]
+        eszs = tuple(map(_ESIZE, bases))
+        last = grp.get("call")
+        if last is None or last[0] != ptrs or last[1] != eszs:
+            if low % max(eszs):   # a list off its element grid: the general computation names it
+                self._offsets(grp, _as_array(ptrs, len(lists)), eszs)
+            align = grp["align"] if low & 15 == 0 else 1
+            # a copy: the scratch is rewritten by the next call, the cached offsets must not be
+            off = self.scratch.to(self.device, non_blocking=True, copy=True)
+            last = grp["call"] = (ptrs, eszs, [(o, align) for o in off.unbind(0)])
+        return [(b, off, al) for b, (off, al) in zip(bases, last[2])]
+
     def _checked_addresses(self, lists) -> Optional[bytes]:
         """The addresses of the per-call lists (int64 bytes, one list after the other) when every tensor passes the
         checks in one compiled pass per list (``tensor_records``: numel, contiguity, neg bit, device and dtype
@@ -462,7 +490,10 @@ class _Plan:
         # first launch writes: an exception there (an allocation failing, a misaligned list) leaves every
         # tensor as it was, rather than some dtype groups moved and others not
         launches, keep = [], []
-        if lists is not None and ptrs is None and self.tails is not None:
+        fast = None
+        if lists is not None and ptrs is None and self.grad_offsets is not None:
+            fast = self._fast_offsets(lists)
+        if lists is not None and ptrs is None and fast is None and self.tails is not None:
             ptrs = self._checked_addresses(lists)
             # every tensor has the dtype its group reads (checked): no dtype scan; else the Python-level checks,
             # and each list's dtypes scanned (a gradient in another dtype is read from a copy, never misread)
@@ -472,7 +503,9 @@ class _Plan:
             bp, bt0, bl = (ref() for ref in grp["bases"])
             if bp is None or bt0 is None or bl is None:   # (the owner of the plan holds them: never expected)
                 raise RuntimeError("extrapolate_: a tensor the launch plan was built for has been freed")
-            if lists is not None:
+            if fast is not None:
+                per, copies = fast, None
+            elif lists is not None:
                 if grp["whole"]:
                     gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
                 else:
@@ -481,6 +514,7 @@ class _Plan:
                     gp = _as_array(ptrs, len(lists))[:, idx].tobytes() if isinstance(ptrs, bytes) \
                         else _addresses(*gl)
                 per, copies = self._call_offsets(grp, gl, gp, modes)
+            if lists is not None:
                 if copies is not None:
                     keep.append(copies)   # alive until the launch below
                 if self.g0_per_call:
