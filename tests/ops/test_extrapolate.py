@@ -1306,3 +1306,34 @@ def test_prepared_plan_reads_a_gradient_of_another_dtype_despite_the_promise(per
         st = plan(g1, alpha=0.5, K=5, **kw)
         ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch")
         _check(f"g1[3] {view.dtype}", before, p, ref, st, torch.float32)
+
+
+def test_grad_offsets_reads_what_tensor_records_reads():
+    """The C++ extension's ``grad_offsets`` (a one-dtype-group plan's per-call checks and offsets in one pass) gives
+    the addresses ``tensor_records`` gives, their bitwise OR, and offsets from each list's first tensor in its
+    element size (negative ones too: tensors below the first); None for a list that fails any check, so that the
+    caller's Python-level checks name it."""
+    import numpy as np
+
+    from gxpo_kernels.ops.extrapolate import _cpp, op
+    mod, rd = _cpp.load_extension(), op._record_reader()
+    if mod is None or rd is None:
+        pytest.skip("no C++ compiler")
+    for dt in (torch.float32, torch.bfloat16):
+        buf = torch.zeros(4000, dtype=dt)
+        shapes = [(37,), (0,), (5, 13), (1,)]
+        lists = [[buf[o:o + math.prod(s)].view(s) for o, s in zip(offs, shapes)]
+                 for offs in ((900, 40, 100, 3), (2000, 1500, 1210, 2999))]
+        tails = [rd(ts, False)[8 * len(shapes):] for ts in lists]
+        offs = torch.full((2, len(shapes)), -7, dtype=torch.int64)
+        ptrs, low = mod.grad_offsets(lists, tails, offs)
+        a = np.frombuffer(ptrs, np.int64).reshape(2, -1)
+        assert ptrs == rd(lists[0], False)[:8 * len(shapes)] + rd(lists[1], False)[:8 * len(shapes)]
+        assert low == int(np.bitwise_or.reduce(a, axis=None))
+        assert offs.tolist() == ((a - a[:, :1]) // buf.element_size()).tolist()
+        assert offs[0, 1] < 0
+        other = torch.float64 if dt == torch.float32 else torch.float32
+        for bad in (torch.zeros(38, dtype=dt), torch.zeros(74, dtype=dt)[::2], torch.zeros(37, dtype=other),
+                    torch._neg_view(torch.zeros(37, dtype=dt)), torch.zeros(37, dtype=dt, device="meta"), 1.0):
+            assert mod.grad_offsets([lists[0], [bad] + lists[1][1:]], tails, offs) is None
+        assert mod.grad_offsets([lists[0], tuple(lists[1][:3])], tails, offs) is None   # one tensor short
