@@ -285,7 +285,12 @@ def host_overhead(out_path=None, reps=60):
     - ``*_same_addresses``: the gradients sit at the addresses of the previous call (a caching allocator's
       steady state); ``*_new_addresses``: new gradient tensors at new addresses before every call, carved from
       one pool as a caching allocator hands out cached blocks; ``plan_new_tensors_os``: new gradient tensors
-      that the OS allocates just before the call (cold tensor metadata: the pessimistic case)."""
+      that the OS allocates just before the call (cold tensor metadata: the pessimistic case);
+    - ``floor_new_addresses``: a call that does nothing, after the same refresh of two gradient lists as the
+      ``*_new_addresses`` cases: what the harness itself adds to their figures (on a loaded machine the process
+      clock charges the call some of the cost of building 676 tensors just before it).
+    ``passes_us`` also has ``rule_plan_key``: the update rules' per-step key of their prepared plan over the 338
+    params (``_params_key``, where the checkout has it)."""
     import json
     from gxpo_kernels.ops.extrapolate import op as X
 
@@ -320,6 +325,7 @@ def host_overhead(out_path=None, reps=60):
         kept = X.ExtrapolationPlan(P, T0, "per_call", grads_are_param_dtype=True)
         run_plan = lambda g: plan(g[1], alpha=0.5, K=5)  # noqa: E731
         run_kept = lambda g: kept(g[1], g0=g[0], alpha=0.5, K=5)  # noqa: E731
+        floor = lambda g: None  # noqa: E731
         res = {}
         # (name, fn, how the gradients change: 0 never, "os" OS-allocated before every call, "pool" carved
         # before every call, "fixed" carved at the same addresses before every call, 2 OS-allocated every other
@@ -331,8 +337,9 @@ def host_overhead(out_path=None, reps=60):
                                 ("plan_same_addresses", run_plan, 0),
                                 ("plan_new_addresses", run_plan, "pool"), ("plan_new_tensors_os", run_plan, "os"),
                                 ("plan_kept_g0_same_addresses", run_kept, 0),
-                                ("plan_kept_g0_new_addresses", run_kept, "pool")):
-            two = fn in (run_kept, public_kept)   # only these cases read a second gradient list
+                                ("plan_kept_g0_new_addresses", run_kept, "pool"),
+                                ("floor_new_addresses", floor, "pool")):
+            two = fn in (run_kept, public_kept, floor)   # only these cases read (or make) a second gradient list
             one = carve if fresh == "pool" else (lambda: carve(fixed=True)) if fresh == "fixed" else mk
             new = (lambda: (one(), one())) if two else (lambda: (None, one()))  # noqa: E731
             g = new()
@@ -373,6 +380,15 @@ def host_overhead(out_path=None, reps=60):
             records(G0, True)
             ts.append(time.process_time() - t)
         passes["tensor_records"] = 1e6 * statistics.median(ts)
+    from gxpo_kernels.update import base
+    key = getattr(base, "_params_key", None)
+    if key is not None:
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()
+            key(P)
+            ts.append(time.process_time() - t)
+        passes["rule_plan_key"] = 1e6 * statistics.median(ts)
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",
                layout="qwen2-1.5b", n_tensors=len(shapes), numel=sum(sizes),
                threads=torch.get_num_threads(), load_avg=os.getloadavg(), results=res, passes_us=passes)

@@ -40,8 +40,8 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .._utils import check_choice, check_scalar
 from ..ops.extrapolate import _cpp
-from ..ops.extrapolate.op import (_DEVICE, _DTYPE, _TL_DTYPES, EXTRAPOLATE_BACKENDS, ExtrapolationPlan, extrapolate_,
-                                  extrapolate_backend)
+from ..ops.extrapolate.op import (_DEVICE, _DTYPE, _TL_DTYPES, EXTRAPOLATE_BACKENDS, ExtrapolationPlan,
+                                  _record_reader, extrapolate_, extrapolate_backend)
 
 # torch optimizers whose step reads ``p.grad`` without writing into it (not fused, no grad scaler: see
 # ``_can_keep_grads``): a rule may keep pass 0's gradients as ĝ0. Not SGD: its foreach path with Nesterov
@@ -638,11 +638,10 @@ class ExtrapolationRule:
         lowp = self._lowp_targets()
         if lowp is None and self._backend_on(params[0]) in ("triton", "cpp"):
             # a prepared plan: the parameters and the rule's own buffers are validated (and on CUDA tabulated)
-            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage or dtype
-            # changes: a new storage can come at the old address). Kept pass-0 gradients (g0_kept) are new tensors
-            # every step, so the plan takes g0 per call too
-            key = (id(self._theta0), None if g0_kept else id(g0), tuple(map(torch.Tensor.data_ptr, params)),
-                   tuple(map(_DTYPE, params)))
+            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage, dtype or
+            # numel changes: a new storage can come at the old address; see _params_key). Kept pass-0 gradients
+            # (g0_kept) are new tensors every step, so the plan takes g0 per call too
+            key = (id(self._theta0), None if g0_kept else id(g0), _params_key(params))
             if getattr(self, "_xplan_key", None) != key:
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
                                                 backend=self.backend, grads_are_param_dtype=True)
@@ -726,6 +725,18 @@ class ExtrapolationRule:
             raise ValueError(f"{self._rule_name}.load_state_dict: the checkpoint misses {e.args[0]!r}") from None
         self.gate.load_state_dict(sd["gate"])             # checks everything before it changes anything
         (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
+
+
+def _params_key(params) -> object:
+    """What the prepared extrapolation plan of ``params`` was built for, as a value to compare with ==: with the C++
+    extension the ids, addresses, numels, dtypes, contiguity, neg bits and devices of all of them from one compiled
+    pass (``tensor_records``, bytes); else their addresses and dtypes (two Python-level passes). A change to any of
+    them (``model.to(...)``, ``p.data = ...``, a new storage at the old address) gives another key."""
+    rd = _record_reader()
+    rec = rd(params, True) if rd is not None else None
+    if rec is not None:
+        return rec
+    return tuple(map(torch.Tensor.data_ptr, params)), tuple(map(_DTYPE, params))
 
 
 def _step_needs_closure(optimizer) -> bool:

@@ -1254,3 +1254,90 @@ def test_dtype_code_table_is_not_left_half_filled(monkeypatch):
             out = extrapolate_(p, t0, g0, g1, alpha=0.5, K=5, backend="torch")
             ref = extrapolate_ref_(rp, t0, g0, g1, alpha=0.5, K=5)
             assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(p, rp))
+
+
+def _plan_case(per_call, promise):
+    """A prepared Triton plan and its lists; skipped without the C++ extension (the plan then checks only the
+    count and the addresses of the per-call lists, as documented)."""
+    from gxpo_kernels.ops.extrapolate.op import ExtrapolationPlan, _record_reader
+    if _record_reader() is None:
+        pytest.skip("no C++ compiler: the plan's per-call checks need tensor_records")
+    shapes = [(37,), (0,), (64, 3), (1030,)]
+    p, t0, g0, g1 = _make(torch.float32, shapes=shapes, seed=3)
+    plan = ExtrapolationPlan(p, t0, "per_call" if per_call else g0, backend="triton", grads_are_param_dtype=promise)
+    return plan, p, t0, g0, g1, (dict(g0=g0) if per_call else {})
+
+
+@pytest.mark.parametrize("per_call", [False, True])
+@pytest.mark.parametrize("bad", ["numel", "strided", "neg", "device"])
+def test_prepared_plan_checks_every_gradient_on_every_call(per_call, bad):
+    """A prepared (Triton) plan took only the count and the addresses of the gradients on a call: a gradient of
+    another numel, a strided or lazily negated one was read as if it were its param's (silently wrong numbers or
+    memory past its end). Every call now checks each gradient's numel, contiguity, neg bit and device (one compiled
+    pass per list with the C++ extension): ValueError naming it, nothing written. The first call passes, so the
+    plan's cached offsets exist when the bad list comes."""
+    plan, p, t0, g0, g1, kw = _plan_case(per_call, True)
+    plan(g1, alpha=0.5, K=5, **kw)
+    bad_g1 = list(g1)
+    if bad == "numel":
+        bad_g1[2] = torch.randn(64 * 3 + 1)
+    elif bad == "strided":
+        bad_g1[2] = torch.randn(3, 64).t()
+    elif bad == "neg":
+        bad_g1[2] = torch._neg_view(torch.randn(64, 3))
+    else:
+        bad_g1[2] = torch.randn(64, 3, device="meta")
+    before = _clone(p)
+    with pytest.raises(ValueError, match=r"g1\[2\]"):
+        plan(bad_g1, alpha=0.5, K=5, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, p))
+    if per_call:   # g0 read per call: checked the same way
+        with pytest.raises(ValueError, match=r"g0\[2\]"):
+            plan(g1, alpha=0.5, K=5, g0=bad_g1)
+
+
+@pytest.mark.parametrize("per_call", [False, True])
+def test_prepared_plan_reads_a_gradient_of_another_dtype_despite_the_promise(per_call):
+    """``grads_are_param_dtype=True`` (the update rules' plans) skipped the dtype scan: a bfloat16 gradient of a
+    float32 param, at the addresses of the previous call's float32 one (the cached offsets) or at new ones, was
+    read as float32 (silently wrong). The per-call check sees every dtype; such a list is read from copies."""
+    plan, p, t0, g0, g1, kw = _plan_case(per_call, True)
+    raw = torch.zeros(4 * 1030, dtype=torch.uint8)         # an fp32 view, then a bf16 view at the same address
+    for view in (raw.view(torch.float32), raw[:2 * 1030].view(torch.bfloat16), torch.randn(1030).bfloat16()):
+        view.copy_(torch.randn(1030))
+        g1 = g1[:3] + [view]
+        before = _clone(p)
+        st = plan(g1, alpha=0.5, K=5, **kw)
+        ref = extrapolate_(before, t0, g0, g1, alpha=0.5, K=5, backend="torch")
+        _check(f"g1[3] {view.dtype}", before, p, ref, st, torch.float32)
+
+
+def test_grad_offsets_reads_what_tensor_records_reads():
+    """The C++ extension's ``grad_offsets`` (a one-dtype-group plan's per-call checks and offsets in one pass) gives
+    the addresses ``tensor_records`` gives, their bitwise OR, and offsets from each list's first tensor in its
+    element size (negative ones too: tensors below the first); None for a list that fails any check, so that the
+    caller's Python-level checks name it."""
+    import numpy as np
+
+    from gxpo_kernels.ops.extrapolate import _cpp, op
+    mod, rd = _cpp.load_extension(), op._record_reader()
+    if mod is None or rd is None:
+        pytest.skip("no C++ compiler")
+    for dt in (torch.float32, torch.bfloat16):
+        buf = torch.zeros(4000, dtype=dt)
+        shapes = [(37,), (0,), (5, 13), (1,)]
+        lists = [[buf[o:o + math.prod(s)].view(s) for o, s in zip(offs, shapes)]
+                 for offs in ((900, 40, 100, 3), (2000, 1500, 1210, 2999))]
+        tails = [rd(ts, False)[8 * len(shapes):] for ts in lists]
+        offs = torch.full((2, len(shapes)), -7, dtype=torch.int64)
+        ptrs, low = mod.grad_offsets(lists, tails, offs)
+        a = np.frombuffer(ptrs, np.int64).reshape(2, -1)
+        assert ptrs == rd(lists[0], False)[:8 * len(shapes)] + rd(lists[1], False)[:8 * len(shapes)]
+        assert low == int(np.bitwise_or.reduce(a, axis=None))
+        assert offs.tolist() == ((a - a[:, :1]) // buf.element_size()).tolist()
+        assert offs[0, 1] < 0
+        other = torch.float64 if dt == torch.float32 else torch.float32
+        for bad in (torch.zeros(38, dtype=dt), torch.zeros(74, dtype=dt)[::2], torch.zeros(37, dtype=other),
+                    torch._neg_view(torch.zeros(37, dtype=dt)), torch.zeros(37, dtype=dt, device="meta"), 1.0):
+            assert mod.grad_offsets([lists[0], [bad] + lists[1][1:]], tails, offs) is None
+        assert mod.grad_offsets([lists[0], tuple(lists[1][:3])], tails, offs) is None   # one tensor short

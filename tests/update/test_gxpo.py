@@ -672,3 +672,26 @@ def test_corrective_cosine_is_opt_in():
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
     rule2 = GXPO(opt2, gate=None, gate_signal="cosine")
     assert -1.0 <= rule2.step(closure_for(m2, opt2, rule2))["cos_g0_gcorr"] <= 1.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_prepared_extrapolation_plan_follows_a_param_resized_at_the_same_address(backend):
+    """The rule's prepared plan was keyed on the params' addresses and dtypes only: a param whose numel changed at
+    the same address and dtype (``p.data = p.data[:k]``) kept the stale plan (on the Triton path, tables of the old
+    numel: read and written past the view's end, no error). The key now holds each param's id, numel, contiguity,
+    neg bit and device too: a new plan, whose validation refuses the θ0 buffer of the old size."""
+    from gxpo_kernels.ops.extrapolate.op import _record_reader
+    if _record_reader() is None:
+        pytest.skip("no C++ compiler: the key is the addresses and dtypes")
+    model = mlp()
+    rule = GXPO(torch.optim.AdamW(model.parameters(), lr=1e-2), K=5, alpha=0.5, gate=None, backend=backend)
+    params = list(model.parameters())
+    rule._theta0 = [p.detach().clone() for p in params]
+    g = [torch.randn_like(p) for p in params]
+    rule._extrapolate(params, [x.clone() for x in g], g, alpha=0.5, K=5, g0_kept=True)
+    plan = rule._xplan
+    rule._extrapolate(params, [x.clone() for x in g], g, alpha=0.5, K=5, g0_kept=True)
+    assert rule._xplan is plan                       # nothing changed: the same plan
+    params[1].data = params[1].data[:-1]             # not the first tensor of its dtype group (plan.moved())
+    with pytest.raises(ValueError, match=r"theta0\[1\] has 12 elements but params\[1\] has 11"):
+        rule._extrapolate(params, [x.clone() for x in g], g, alpha=0.5, K=5, g0_kept=True)

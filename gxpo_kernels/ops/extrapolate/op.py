@@ -338,6 +338,25 @@ class _Plan:
                            L_MID_DT=tl.float32 if cdt == torch.float64 and ldt in (torch.bfloat16, torch.float16)
                            else _TL_DTYPES[cdt], C_DT=_TL_DTYPES[cdt], HAS_LOWP=ldt is not None,
                            LIB_POW=self.lib_pow, CHUNK=self.chunk, BLOCK=self.block, num_warps=4)))
+        self.numels = list(map(_NUMEL, params))
+        # the per-call lists' checks: with the C++ extension, one compiled pass per list (``tensor_records``) whose
+        # numels and metas columns must equal these bytes (its params' numels, contiguous, no neg bit, the params'
+        # device, the dtype each group reads: the param's for g1, g0's planned dtype for g0): one bytes compare
+        self.records = _record_reader() if has_grad else None
+        self.tails = None
+        if self.records is not None:
+            meta = int(np.frombuffer(self.records(params[:1], False), np.int64)[2]) >> 8   # params[0]: valid
+            pdts = list(map(_DTYPE, params))
+            dts = {"g1": pdts, "g0": pdts if g0_dtypes is None else list(g0_dtypes)}
+            numels = np.array(self.numels, dtype=np.int64).tobytes()
+            self.tails = [numels + np.array([meta << 8 | _CODE_OF[dt] for dt in dts[name]], np.int64).tobytes()
+                          for name in self.names]
+        # one dtype group over all params (the usual model): the checks and the offsets in one compiled call
+        self.grad_offsets = None
+        if self.tails is not None and len(self.groups) == 1 and self.groups[0]["whole"]:
+            from ._cpp import load_extension
+            self.grad_offsets = getattr(load_extension(), "grad_offsets", None)
+            self.scratch = torch.empty((len(self.names), len(params)), dtype=torch.int64)
 
     def moved(self) -> bool:
         """Whether the first static tensor of a dtype group (its base; g0's too when static) no longer has the
@@ -406,6 +425,61 @@ class _Plan:
         res = self._offsets(grp, _as_array(_addresses(*keep), len(keep)), tuple(ts[0].element_size() for ts in keep))
         return [(ts[0], off, al) for ts, (off, al) in zip(keep, res)], keep
 
+    def _fast_offsets(self, lists) -> Optional[list]:
+        """``_call_offsets`` of a plan with one dtype group over all params, for lists that pass the per-call checks
+        (``self.tails``), from one call of the C++ extension's ``grad_offsets`` (the checks, the addresses, their
+        bitwise OR and the element offsets in one pass); None when a list fails a check (the caller then runs the
+        general path, which names the offender)."""
+        r = self.grad_offsets(lists, self.tails, self.scratch)
+        if r is None:
+            return None
+        ptrs, low = r
+        grp = self.groups[0]
+        bases = [ts[0] for ts in lists]
+        eszs = tuple(map(_ESIZE, bases))
+        last = grp.get("call")
+        if last is None or last[0] != ptrs or last[1] != eszs:
+            if low % max(eszs):   # a list off its element grid: the general computation names it
+                self._offsets(grp, _as_array(ptrs, len(lists)), eszs)
+            align = grp["align"] if low & 15 == 0 else 1
+            # a copy: the scratch is rewritten by the next call, the cached offsets must not be
+            off = self.scratch.to(self.device, non_blocking=True, copy=True)
+            last = grp["call"] = (ptrs, eszs, [(o, align) for o in off.unbind(0)])
+        return [(b, off, al) for b, (off, al) in zip(bases, last[2])]
+
+    def _checked_addresses(self, lists) -> Optional[bytes]:
+        """The addresses of the per-call lists (int64 bytes, one list after the other) when every tensor passes the
+        checks in one compiled pass per list (``tensor_records``: numel, contiguity, neg bit, device and dtype
+        against ``self.tails``); else None after the Python-level checks (``_check_call_lists``), which raise
+        naming a tensor that fails one, and let one in another float dtype through (the caller reads it from a
+        copy)."""
+        n8 = 8 * len(self.numels)
+        out = []
+        for ts, tail in zip(lists, self.tails):
+            rec = self.records(ts, False)
+            if rec is None or rec[n8:] != tail:
+                self._check_call_lists(lists)
+                return None
+            out.append(rec[:n8])
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _check_call_lists(self, lists) -> None:
+        for name, ts in zip(self.names, lists):
+            for i, (t, n) in enumerate(zip(ts, self.numels)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"extrapolate_: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+                if t.dtype not in _TL_DTYPES:
+                    raise TypeError(f"extrapolate_: {name}[{i}] must be float16/bfloat16/float32/float64, got "
+                                    f"{t.dtype}")
+                if t.numel() != n:
+                    raise ValueError(f"extrapolate_: {name}[{i}] has {t.numel()} elements but params[{i}] has {n}")
+                if t.device != self.device:
+                    raise ValueError(f"extrapolate_: {name}[{i}] is on {t.device} but the params are on "
+                                     f"{self.device}")
+                if not t.is_contiguous() or t.is_neg():
+                    raise ValueError(f"extrapolate_: {name}[{i}] must be contiguous and not a lazily negated view "
+                                     "(is_neg())")
+
     def run(self, lists, thr, *, ptrs=None, modes=("never",), alpha, K, clip_coef0,
             clip_coef1, scale_formula, delta, r_min, r_max) -> torch.Tensor:
         """Launch over the per-call gradient lists ``lists`` (each one tensor per param: (g1,), or (g0, g1) with a
@@ -416,19 +490,31 @@ class _Plan:
         # first launch writes: an exception there (an allocation failing, a misaligned list) leaves every
         # tensor as it was, rather than some dtype groups moved and others not
         launches, keep = [], []
+        fast = None
+        if lists is not None and ptrs is None and self.grad_offsets is not None:
+            fast = self._fast_offsets(lists)
+        if lists is not None and ptrs is None and fast is None and self.tails is not None:
+            ptrs = self._checked_addresses(lists)
+            # every tensor has the dtype its group reads (checked): no dtype scan; else the Python-level checks,
+            # and each list's dtypes scanned (a gradient in another dtype is read from a copy, never misread)
+            modes = ("never",) * len(lists) if ptrs is not None else ("always",) * len(lists)
         for grp in self.groups:
             align = grp["align"]
             bp, bt0, bl = (ref() for ref in grp["bases"])
             if bp is None or bt0 is None or bl is None:   # (the owner of the plan holds them: never expected)
                 raise RuntimeError("extrapolate_: a tensor the launch plan was built for has been freed")
-            if lists is not None:
+            if fast is not None:
+                per, copies = fast, None
+            elif lists is not None:
                 if grp["whole"]:
                     gl, gp = lists, ptrs if ptrs is not None else _addresses(*lists)
                 else:
                     idx = grp["idx"]
                     gl = [[ts[i] for i in idx] for ts in lists]
-                    gp = _addresses(*gl)
+                    gp = _as_array(ptrs, len(lists))[:, idx].tobytes() if isinstance(ptrs, bytes) \
+                        else _addresses(*gl)
                 per, copies = self._call_offsets(grp, gl, gp, modes)
+            if lists is not None:
                 if copies is not None:
                     keep.append(copies)   # alive until the launch below
                 if self.g0_per_call:
@@ -507,13 +593,16 @@ class ExtrapolationPlan:
     plan after ``model.to(...)``, reallocated buffers, a changed parameter set: on CUDA a call raises
     ``ValueError`` when the first tensor of a dtype group has moved or changed dtype or size, which
     ``model.to(...)`` does; a change to another tensor alone goes unnoticed), and g1[i] (and a per-call g0[i])
-    is the gradient of params[i] (same numel, contiguous, no pending negation (``is_neg()``); only the count and
-    the addresses are checked per call). Gradients whose dtypes differ within a list are read right (from copies,
-    see ``_Plan._call_offsets``): the plan scans their dtypes on every call (one attribute read per tensor), unless
-    ``grads_are_param_dtype=True`` promises that g1[i] (and a per-call g0[i]) has params[i]'s dtype, as
-    ``p.grad`` always has (the update rules pass it). On the CPU the plan calls the C++ op directly (it checks
-    every tensor's device, contiguity, numel and neg bit itself at negligible cost); with ``backend="torch"`` it
-    forwards to ``extrapolate_``.
+    is the gradient of params[i]. On CUDA every call checks each gradient's numel, contiguity, neg bit
+    (``is_neg()``), device and dtype, with the C++ extension in one compiled pass per list (``tensor_records``, a
+    few µs for hundreds of tensors, compared with the bytes a valid list has): ``ValueError`` naming a tensor that
+    fails, before anything is written (overlap with the params is not checked: ``extrapolate_`` does that).
+    Without the extension only the count and the addresses are checked per call. Gradients whose dtypes differ
+    within a list are read right (from copies, see ``_Plan._call_offsets``); without the extension the plan scans
+    their dtypes on every call (one attribute read per tensor) unless ``grads_are_param_dtype=True`` promises that
+    g1[i] (and a per-call g0[i]) has params[i]'s dtype, as ``p.grad`` always has (the update rules pass it). On
+    the CPU the plan calls the C++ op directly (it checks every tensor's device, contiguity, numel and neg bit
+    itself at negligible cost); with ``backend="torch"`` it forwards to ``extrapolate_``.
     """
 
     def __init__(self, params, theta0, g0=None, lowp_out=None, *, backend: str = "auto",
