@@ -258,8 +258,9 @@ def _reduce_lowp(case, grads):
 
     - FSDP2 (reduce_dtype fp32), DeepSpeed's BF16_Optimizer (grad_accum_dtype fp32): the micro-batches' gradients
       accumulated in fp32, summed over the ranks, / 3;
-    - ZeRO 1/2 bf16: each rank's micro-batches accumulated in bf16, divided by 3 IN BF16, summed in fp32 (the
+    - ZeRO-1 bf16: each rank's micro-batches accumulated in bf16, divided by 3 IN BF16, summed in fp32 (the
       fp32 communication_data_type), kept in bf16;
+    - ZeRO-2 bf16: the same reduction per micro-batch, the reduced micro-batches accumulated in bf16;
     - ZeRO-3 bf16: per micro-batch, each rank's gradient / 3 in fp32, summed in fp32, rounded to bf16; the
       micro-batches accumulated in bf16."""
     bf16, n = torch.bfloat16, len(grads[0][0])
@@ -273,6 +274,9 @@ def _reduce_lowp(case, grads):
         return [total([g[i].float() for rank in grads for g in rank]) / WORLD for i in range(n)]
     if case["stage"] == 3:
         return [total([total([rank[j][i].float() / WORLD for rank in grads]).to(bf16)
+                       for j in range(len(grads[0]))]).float() for i in range(n)]
+    if case["stage"] == 2:
+        return [total([total([(rank[j][i] / WORLD).float() for rank in grads]).to(bf16)
                        for j in range(len(grads[0]))]).float() for i in range(n)]
     return [total([(total([g[i] for g in rank]) / WORLD).float() for rank in grads]).to(bf16).float()
             for i in range(n)]

@@ -35,7 +35,8 @@ CASES = {
     "z3_gxpo_bf16_gas2_zero": dict(backend="deepspeed", stage=3, bf16=True, gas=2, zero=1, tol=5e-4,
                                    rule=dict(gate=None, fallback_grad="recompute", fallback_state="keep")),
     "z3_sfpo_nan": dict(backend="deepspeed", stage=3, algo="sfpo", nan=(1, 2), rule=SFPO),
-    "z2_gxpo_bf16_nan_gcorr": dict(backend="deepspeed", stage=2, bf16=True, nan=(2, 2), rule=dict(gate=None)),
+    "z2_gxpo_bf16_gas2_nan_gcorr": dict(backend="deepspeed", stage=2, bf16=True, gas=2, nan=(2, 2),
+                                        rule=dict(gate=None)),
     "z1_sfpo_bf16_gas2": dict(backend="deepspeed", stage=1, bf16=True, gas=2, algo="sfpo", rule=SFPO),
     # DeepSpeed's BF16_Optimizer (bf16 + fp32 gradient accumulation, stage 1); ZeRO-3 with CPU offload and
     # sub-groups of 20 elements (several per param group), optimizer-aware retention; SFPO's entropy gate on three
@@ -60,7 +61,7 @@ CASES = {
 }
 EXPECT = {   # (step, fallback_reason) of each case's fallback
     "z1_gxpo_nan": (1, "nonfinite_g1"), "z2_sfpo_gas2_nan": (2, "nonfinite_g1"), "z3_gxpo_bf16_gas2_zero":
-    (1, "small_g0"), "z3_sfpo_nan": (1, "nonfinite_gslow"), "z2_gxpo_bf16_nan_gcorr": (2, "nonfinite_gcorr"),
+    (1, "small_g0"), "z3_sfpo_nan": (1, "nonfinite_gslow"), "z2_gxpo_bf16_gas2_nan_gcorr": (2, "nonfinite_gcorr"),
     "z1_sfpo_bf16_gas2": None, "fsdp_gxpo_nan": (1, "nonfinite_g1"), "fsdp_gxpo_mp_gas2_zero": (2, "small_g0"),
     "fsdp_sfpo_gas2_nan": (1, "nonfinite_g1"), "fsdp_sfpo_mp_nan_slow": (2, "nonfinite_gslow"),
     "bf16_optimizer_gxpo_gas2_nan": (2, "nonfinite_g1")}
