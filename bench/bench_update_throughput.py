@@ -251,11 +251,16 @@ def bookkeeping_ab(out_path, before: str, rounds: int = 6) -> dict:
 
     def commit(root):
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    def dirty(root):   # tracked files changed since that commit: the figures would not be the commit's
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True).stdout.strip())
     doc = dict(what="GXPO bookkeeping in bench_update_throughput (CPU, 1 thread, process CPU time): this checkout "
                     f"and another, alternated in fresh processes, {rounds} rounds",
                command="OMP_NUM_THREADS=1 python -m pytest bench/bench_update_throughput.py -k gxpo "
                        "--benchmark-json=F, in each checkout alternately",
-               after_commit=commit(here), before_commit=commit(before), rounds=[])
+               after_commit=commit(here), before_commit=commit(before), after_dirty=dirty(here),
+               before_dirty=dirty(before), rounds=[])
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             row = {}

@@ -168,7 +168,10 @@ def _gxpo_bookkeeping_ab() -> list:
                          "state deep-copied, the prepared extrapolation keyed on parameter dtypes"),
                         ("bench/results/cpu-update-throughput-gxpo-ab5.json",
                          "later per-step work: param-group entries snapshotted, lazily negated parameters refused, "
-                         "SFPO's entropy checked up front")):
+                         "SFPO's entropy checked up front"),
+                        ("bench/results/cpu-update-throughput-gxpo-ab6.json",
+                         "the clip's norm and multiply as one foreach group without torch's grouping, the param-group "
+                         "snapshot as one dict copy per group")):
         doc = _json(rel)
         sizes = list(doc["rounds"][0]["after"])
         out += ["", f"Commit `{doc['after_commit'][:10]}` against `{doc['before_commit'][:10]}` ({change}), alternated "

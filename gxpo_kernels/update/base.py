@@ -129,10 +129,12 @@ class ExtrapolationRule:
         return stats
 
     def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
-        """Global L2 norm of ``grads`` over all ranks (a 0-d tensor); torch's ``get_total_norm`` here."""
-        grads = [g for g in grads if g is not None and g.numel()]
+        """Global L2 norm of ``grads`` over all ranks (a 0-d tensor); torch's ``get_total_norm`` here, bit for bit."""
+        grads = _nonempty(grads)
         if not grads:
             return torch.zeros(())
+        if _one_foreach_group(grads):   # get_total_norm's own computation for a single (device, dtype) group
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
         return torch.nn.utils.get_total_norm(grads, 2.0)
 
     def _reduced_grad_norm(self, grads: List[torch.Tensor], refusal: Optional[Exception]) -> torch.Tensor:
@@ -146,10 +148,13 @@ class ExtrapolationRule:
     def _clip_grads_(self, grads: List[torch.Tensor], total_norm: torch.Tensor) -> None:
         """grads *= min(1, c / (total_norm + 1e-6)), bit for bit as ``torch.nn.utils.clip_grad_norm_``."""
         coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
+        grads = _nonempty(grads)
+        if grads and _one_foreach_group(grads):   # (the common case: no grouping loop in Python)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+            return
         groups: Dict[tuple, List[torch.Tensor]] = {}
         for g in grads:
-            if g is not None and g.numel():
-                groups.setdefault((g.device, g.dtype), []).append(g)
+            groups.setdefault((g.device, g.dtype), []).append(g)
         for (dev, _), gs in groups.items():
             torch._foreach_mul_(gs, coef.to(dev))
 
@@ -231,10 +236,7 @@ class ExtrapolationRule:
 
     @_no_grad
     def _snapshot_optimizer_state_(self) -> None:
-        # the param groups' entries first (a few per group, copied every time): optimizers such as Prodigy or
-        # D-Adaptation keep state there (their step size d, a step count k) that the step advances
-        self._group_snap = [(g, {k: _copy_entry(v) for k, v in g.items() if k != "params"})
-                            for g in self.optimizer.param_groups]
+        self._snapshot_group_entries_()
         params = self._snapshot_param_list()
         # the whole state, in order: its keys, each entry's size and every key and value of the entries. When each
         # is the very object of the last snapshot (torch's optimizers update their state tensors in place), the
@@ -281,6 +283,22 @@ class ExtrapolationRule:
         # the signature's fast path above cannot see that it moved
         self._opt_snap, self._opt_snap_pairs = snap, (dst, src)
         self._opt_snap_sig = None if nested else (params, sig)
+
+    def _snapshot_group_entries_(self) -> None:
+        # the param groups' entries (a few per group, copied every time): optimizers such as Prodigy or
+        # D-Adaptation keep state there (their step size d, a step count k) that the step advances
+        # (a C-level copy of each group; only the entries of another type than a number or a string, such as
+        # Adam's betas or a tensor, go through ``_copy_entry``: the others it would keep by reference too)
+        snap = []
+        for g in self.optimizer.param_groups:
+            entries = dict(g)
+            entries.pop("params", None)
+            if not set(map(type, entries.values())) <= _SCALARS:
+                for k, v in entries.items():
+                    if type(v) not in _SCALARS:
+                        entries[k] = _copy_entry(v)
+            snap.append((g, entries))
+        self._group_snap = snap
 
     @torch.no_grad()
     def _restore_optimizer_state_(self) -> None:
@@ -338,7 +356,7 @@ class ExtrapolationRule:
         self._bp += 1
         return loss
 
-    @torch.no_grad()
+    @_no_grad
     def _clip(self, params) -> tuple:
         """Global-norm clip of the current grads. Returns (grads, pre-clip norm, post-clip norm) as floats."""
         grads = self._grad_list(params)
@@ -757,8 +775,10 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_TENSOR = frozenset((torch.Tensor,))   # the types torch's foreach ops take (``_foreach_supported_types``)
 # optimizer-state values a snapshot may keep by reference (anything else but a tensor is deep-copied)
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+_SCALARS = frozenset(_IMMUTABLE)   # exactly these types (a subclass goes through ``_copy_entry``, which decides)
 _FLOATS = frozenset(_TL_DTYPES)   # the parameter dtypes the extrapolation kernel takes
 _IS_CPU = operator.attrgetter("is_cpu")
 _LAYOUT = operator.attrgetter("layout")
@@ -768,6 +788,20 @@ _STRIDED = frozenset((torch.strided,))
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _ITEMS = operator.methodcaller("items")
 _chain = itertools.chain.from_iterable
+
+
+def _nonempty(grads: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """The gradients that are not None and hold elements, in order (C-level passes: this runs every pass)."""
+    out = list(filter(_NOT_NONE, grads))
+    return out if all(map(torch.Tensor.numel, out)) else [g for g in out if g.numel()]
+
+
+def _one_foreach_group(ts: List[torch.Tensor]) -> bool:
+    """Whether torch's clip would treat ``ts`` (not empty) as one foreach group: plain tensors of one dtype on one CPU
+    or CUDA device (``_group_tensors_by_device_and_dtype`` then keeps them as they are, in order)."""
+    dev = ts[0].device
+    return (dev.type in ("cpu", "cuda") and set(map(type, ts)) <= _TENSOR and len(set(map(_DTYPE, ts))) == 1
+            and (all(map(_IS_CPU, ts)) if dev.type == "cpu" else len(set(map(_DEVICE, ts))) == 1))
 
 
 def _copy_all_(dst: List[torch.Tensor], src: List[Optional[torch.Tensor]], stream: bool = False) -> None:

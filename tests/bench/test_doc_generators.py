@@ -1,6 +1,7 @@
 """The generators of docs/build_docs.py that render bench result files."""
 import json
 import pathlib
+import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -107,6 +108,14 @@ def test_gxpo_bookkeeping_prose_repeats_the_ab_files():
     assert f"The fifth table measures {fifth['after'][0]}% at `tiny` ({fifth['before'][0]}% before its changes" in text
     assert f"and {small5['after'][0]}% at `small` ({small5['before'][0]}% before)" in text
     assert float(small5["after"][0]) <= 3.0 < float(fifth["after"][0])   # "`small` stays under, `tiny` is not shown"
+    sixth, small6 = (_ab_medians("bench/results/cpu-update-throughput-gxpo-ab6.json", s) for s in ("tiny", "small"))
+    assert f"measures {sixth['after'][0]}% at `tiny` ({sixth['before'][0]}% before its changes in the same run" in text
+    assert f"and {small6['after'][0]}% at `small` ({small6['before'][0]}% before), at a load average" in text
+    doc6 = json.loads((ROOT / "bench/results/cpu-update-throughput-gxpo-ab6.json").read_text())
+    tiny6 = statistics.median(100 * r["after"]["tiny"]["overhead_timer_frac"] for r in doc6["rounds"])
+    assert f"{tiny6:.3f}% unrounded, so still not under the line" in text and tiny6 > 3.0
+    assert float(small6["after"][0]) > 3.0   # "`small` is not shown under the line in this run"
+    assert not (doc6["after_dirty"] or doc6["before_dirty"])   # both commits measured from clean checkouts
 
 
 def test_readme_wall_clock_is_the_committed_runs():

@@ -695,3 +695,31 @@ def test_prepared_extrapolation_plan_follows_a_param_resized_at_the_same_address
     params[1].data = params[1].data[:-1]             # not the first tensor of its dtype group (plan.moved())
     with pytest.raises(ValueError, match=r"theta0\[1\] has 12 elements but params\[1\] has 11"):
         rule._extrapolate(params, [x.clone() for x in g], g, alpha=0.5, K=5, g0_kept=True)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64,), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clip_is_torchs_clip_grad_norm_bit_for_bit(dtypes, max_norm, monkeypatch):
+    """The rule's clip (its own single-group foreach path where the gradients are plain tensors of one dtype on one
+    device, torch's ``get_total_norm`` and the grouped multiply otherwise) gives the norm and the clipped gradients
+    of ``torch.nn.utils.clip_grad_norm_`` bit for bit: awkward sizes, a parameter without a grad, an empty one."""
+    g = torch.Generator().manual_seed(len(dtypes) * 7 + int(max_norm))
+    shapes = [(13, 7), (1,), (0, 5), (3, 1, 9), (257,), (31, 3)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(shapes)]
+    for i, p in enumerate(params):
+        if i != 4:   # (257,) has no grad
+            p.grad = (torch.randn(p.shape, generator=g, dtype=torch.float64) * 3).to(p.dtype)
+    ref = [None if p.grad is None else p.grad.clone() for p in params]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for q, r in zip(ref_params, ref):
+        q.grad = r
+    want = torch.nn.utils.clip_grad_norm_(ref_params, max_norm)
+    if len(dtypes) == 1:   # one foreach group: the rule's own path, not torch's function
+        monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("not the one-group path"))
+    rule = GXPO(torch.optim.SGD(params, lr=0.1), max_grad_norm=max_norm, gate=None)
+    _, norm, clipped = rule._clip(params)
+    assert norm == float(want) and clipped == float(want) * min(1.0, max_norm / (float(want) + 1e-6))
+    for p, q in zip(params, ref_params):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert p.grad.dtype == q.grad.dtype and torch.equal(p.grad, q.grad)

@@ -228,3 +228,53 @@ def test_a_tensor_lr_is_restored_in_place():
         rule.step(closure)
     assert all(g["lr"] is t for g, t in zip(opt.param_groups, lrs))
     _assert_groups(_groups(opt), before)
+
+
+class _ShiftingGroupSGD(torch.optim.SGD):
+    """SGD whose param groups gain and change entries mid-run: ``hist`` is a float for two steps, then a list the
+    step appends to in place; ``scale`` a float, then a tensor updated in place; ``extra`` appears at step 3."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        for g in self.param_groups:
+            g.update(hist=0.0, scale=1.0, n=0)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            g["n"] += 1
+            if g["n"] <= 2:
+                g["hist"] += 1.0
+                g["scale"] = g["scale"] * 1.5
+            else:
+                if not isinstance(g["hist"], list):
+                    g["hist"], g["scale"] = [g["hist"]], torch.tensor(g["scale"], dtype=torch.float64)
+                g["hist"].append(float(g["n"]))
+                g["scale"].mul_(1.5)
+            if g["n"] >= 3:
+                g["extra"] = ("n", g["n"])
+        super().step()
+
+
+@pytest.mark.parametrize("raise_at", [2, 3])
+def test_group_entries_that_change_type_or_appear_mid_run_are_rewound(raise_at):
+    """The group snapshot keeps entries of the number / string types by reference and copies any other (a list the
+    step appends to, a tensor it updates in place, a tuple): after entries changed type and new ones appeared over
+    active steps, an exception after the first optimizer steps leaves every entry as the step found it (keeping
+    the list or the tensor by reference would keep the rewound steps' writes)."""
+    for rule_kw in ({}, {"transactional_state": True}):
+        m = mlp(torch.float64, seed=2)
+        w = list(m.parameters())
+        opt = _ShiftingGroupSGD([{"params": w[:1]}, {"params": w[1:]}])
+        rule = GXPO(opt, gate=None, **rule_kw)
+        for t in range(4 if rule_kw else 2):   # n = 6 (3 optimizer steps per active step; 1 when transactional)
+            rule.step(closure_for(m, opt, rule, batch=t % 4))
+        assert all(isinstance(g["hist"], list) and torch.is_tensor(g["scale"]) for g in opt.param_groups)
+        before = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        objs = [(g["hist"], g["scale"]) for g in opt.param_groups]
+        with pytest.raises(Boom):
+            rule.step(_raising(m, opt, raise_at=raise_at))
+        _assert_groups([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], before)
+        assert all(g["scale"] is s for g, (_, s) in zip(opt.param_groups, objs))   # the tensor restored in place
+        assert rule.step(closure_for(m, opt, rule))["active"]   # and the next step runs from there
+        assert [g["n"] for g in opt.param_groups] == ([9, 9] if not rule_kw else [5, 5])
