@@ -218,6 +218,19 @@ def _vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, adv: torch.Tenso
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _log_ratio_and_ratio(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor,
+                         opts: GRPOLossOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The token log-ratio logp - old (0 at masked positions) and the importance ratio exp(clamp(l)), l the
+    token log-ratio or, with ``importance_sampling="sequence"``, its masked mean over the sequence."""
+    tok_log_ratio = torch.where(mask, logp - old, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    log_ratio = tok_log_ratio
+    if opts.importance_sampling == "sequence":
+        log_ratio = masked_mean(tok_log_ratio, mask, dim=-1)[:, None].expand_as(logp)
+    c = opts.log_ratio_clamp
+    # clamp before exp (verl): exp never overflows, so the backward never meets 0 * inf
+    return tok_log_ratio, torch.exp(log_ratio if c is None else log_ratio.clamp(-c, c))
+
+
 def grpo_token_loss(
     logp: torch.Tensor,                    # (B, T) fp32 log pi_theta(token), differentiable
     entropy: Optional[torch.Tensor],       # (B, T) fp32 entropy of the full distribution, or None if not computed
@@ -252,13 +265,8 @@ def grpo_token_loss(
     # in a backward gives NaN (sequence-level IS shares one ratio across a row, so it would spread)
     adv = torch.where(mask, adv.expand_as(logp), zero)
     old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(dt)
-    tok_log_ratio = torch.where(mask, logp - old, zero)
-    log_ratio = tok_log_ratio
-    if opts.importance_sampling == "sequence":
-        log_ratio = masked_mean(tok_log_ratio, mask, dim=-1)[:, None].expand_as(logp)
+    tok_log_ratio, ratio = _log_ratio_and_ratio(logp, old, mask, opts)
     c = opts.log_ratio_clamp
-    # clamp before exp (verl): exp never overflows, so the backward never meets 0 * inf
-    ratio = torch.exp(log_ratio if c is None else log_ratio.clamp(-c, c))
 
     if opts.policy_loss == "clip":
         clipped = torch.clamp(ratio, 1.0 - opts.eps_low, 1.0 + opts.eps_high)
@@ -276,12 +284,16 @@ def grpo_token_loss(
 
     metrics: Dict[str, torch.Tensor] = {}
     if ref_logprobs is not None:
-        d = torch.where(mask, ref_logprobs.detach().to(dt) - logp, zero)
+        # float64 from logp: with use_bias_correction_kl the gradients of k3 and of r, r (1 - e^d) and k3 r, cancel
+        # to -r d; summed in float32 that lost 6% at ref - logp = 16 (kl_clamp=None), 0.08% at 12
+        lp64 = logp.double()
+        d = torch.where(mask, ref_logprobs.detach().double() - lp64, 0.0)
         k3 = kl_k3(d, c)
         if opts.kl_clamp is not None:
             k3 = torch.clamp(k3, -opts.kl_clamp, opts.kl_clamp)
         if opts.use_bias_correction_kl:
-            k3 = k3 * ratio
+            k3 = k3 * _log_ratio_and_ratio(lp64, old.double(), mask, opts)[1]
+        k3 = k3.to(dt)
         if opts.beta != 0.0:
             per_token = per_token + opts.beta * k3
         metrics["kl"] = masked_mean(k3.detach(), mask)
