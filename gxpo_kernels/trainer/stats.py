@@ -173,7 +173,8 @@ def _step_multiplier(upd: Mapping, kind: str, step: int) -> float:
 def effective_step_multiplier(records: Sequence[Mapping], method_kind: str) -> float:
     """Mean over update steps (step >= 1) of how many GRPO-sized steps each update moves θ.
 
-    * ``grpo``: 1 per step.
+    * ``grpo``: 1 per step; 0 for a step that took no optimizer step (``skipped``: every pass's gradient was
+      not finite, θ unchanged), as for the other kinds.
     * ``gxpo``: an active step moves θ0 → θ0 + α·scale⊙(θ2 − θ0); θ2 − θ0 is two optimizer steps, so the
       move is ≈ 2·α·scale_mean GRPO steps, plus one corrective step: ``2·α·scale_mean + 1``. Inactive
       (gate fired) or fallback steps count 1, skipped ones (``skipped``: non-finite gradients, θ unchanged) 0. ``scale_mean`` is the coordinate mean of the scale, so this is
@@ -190,7 +191,7 @@ def effective_step_multiplier(records: Sequence[Mapping], method_kind: str) -> f
     if not steps:
         raise ValueError("records hold no update step (step >= 1)")
     if method_kind == "grpo":
-        return 1.0
+        return float(np.mean([0.0 if (r.get("update") or {}).get("skipped", False) else 1.0 for r in steps]))
     if not any("active" in (r.get("update") or {}) for r in steps):
         raise ValueError(f"records log no update['active']: cannot tell active {method_kind} steps")
     vals = [_step_multiplier(r.get("update") or {}, method_kind, int(r["step"])) for r in steps]

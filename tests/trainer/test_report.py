@@ -245,6 +245,9 @@ def test_effective_step_multiplier():
     sf = [{"step": i, "update": {"active": i <= 3, "alpha": 0.8, "K": 3}} for i in range(1, 6)]
     assert stats.effective_step_multiplier(sf, "sfpo") == pytest.approx((3 * 3.4 + 2) / 5)
     assert stats.effective_step_multiplier(sf, "grpo") == 1.0
+    # GRPO skips a step whose gradient is not finite (update.skipped): θ did not move, 0 as for GXPO / SFPO
+    gr = [{"step": 0}] + [{"step": i, "update": {"grad_norm": [1.0], "skipped": i == 2}} for i in range(1, 5)]
+    assert stats.effective_step_multiplier(gr, "grpo") == pytest.approx(3 / 4)
     with pytest.raises(ValueError, match="scale_mean"):
         stats.effective_step_multiplier([{"step": 1, "update": {"active": True, "alpha": 0.5}}], "gxpo")
     with pytest.raises(ValueError, match="method_kind"):
