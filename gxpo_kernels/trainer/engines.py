@@ -185,8 +185,8 @@ class Engine:
         return norm
 
     def step_skipped(self, norm: Optional[float]) -> bool:
-        """Whether ``optimizer_step`` (which returned ``norm``) skipped the step: a non-finite norm. None (an engine
-        that reports no norm) means it stepped."""
+        """Whether the ``optimizer_step`` just called (which returned ``norm``) skipped the step: a non-finite norm.
+        None (an engine that reports no norm) means it stepped."""
         return norm is not None and not math.isfinite(norm)
 
     def dp_mean(self, vals: List[float]) -> List[float]:
@@ -430,7 +430,9 @@ class DeepSpeedEngine(_DistributedEngine):
         return None if gn is None else float(gn)
 
     def step_skipped(self, norm: Optional[float]) -> bool:
-        return False                                      # DeepSpeed's engine.step() decides, and is counted
+        # DeepSpeed's engine.step() decides: it skips an fp16 overflow (its norm then reads inf), and may step a
+        # bf16 NaN (ZeRO checks bf16 gradients only with check_grad_overflow)
+        return not self.engine.was_step_applied()
 
     @contextlib.contextmanager
     def eval_mode(self):

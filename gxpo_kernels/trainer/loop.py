@@ -464,12 +464,12 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
                     timing["cpu_bwd"] += cb
                     timing["passes"] += passes
                 elif rule is None:
-                    info = {"grad_norm": []}
+                    info, skips = {"grad_norm": []}, 0
                     for _ in range(cfg.epochs if cfg.algo == "grpo_epochs" else 1):
                         closure()
                         info["grad_norm"].append(engine.optimizer_step())
-                    # a pass whose gradient is not finite takes no optimizer step (engine.optimizer_step)
-                    skips = sum(map(engine.step_skipped, info["grad_norm"]))
+                        # a pass whose gradient is not finite takes no optimizer step (asked right after it)
+                        skips += engine.step_skipped(info["grad_norm"][-1])
                     info.update(backward_passes=timing["passes"], optimizer_steps=timing["passes"] - skips,
                                 skipped=skips == timing["passes"])
                 else:

@@ -256,3 +256,36 @@ def test_deepspeed_json_owns_gradient_accumulation(tmp_path):
     path.write_text(json.dumps(base))
     d = load_ds_config(str(path), cfg.replace(gradient_accumulation_steps=8))
     assert (d["gradient_accumulation_steps"], d["train_micro_batch_size_per_gpu"]) == (8, 2)
+
+
+class _StubDeepSpeed:
+    """What the trainer's DeepSpeedEngine reads of a DeepSpeed engine at a boundary step: ``step`` skips an fp16
+    overflow (``was_step_applied()`` False, ``get_global_grad_norm()`` inf, as ZeRO 1/2 set them) or a bf16 NaN
+    is stepped (ZeRO checks bf16 gradients only with check_grad_overflow: applied, norm NaN)."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.applied, self.norm = list(outcomes), None, None
+
+    def step(self):
+        self.applied, self.norm = self.outcomes.pop(0)
+
+    def was_step_applied(self):
+        return self.applied
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def test_deepspeed_engine_counts_the_steps_deepspeed_applied():
+    """GRPO on DeepSpeed counts a step as taken when DeepSpeed applied it (``was_step_applied``), asked right after
+    each ``optimizer_step``: an fp16 overflow DeepSpeed skipped was counted as an optimizer step (step_skipped was
+    always False), and a step's answer must not be the last step's (grpo_epochs steps several times)."""
+    from gxpo_kernels.trainer.engines import DeepSpeedEngine
+    eng = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    eng.engine = _StubDeepSpeed([(False, float("inf")), (True, 0.5), (True, float("nan"))])
+    got = []
+    for _ in range(3):
+        norm = eng.optimizer_step()
+        got.append((norm, eng.step_skipped(norm)))
+    assert got[0] == (float("inf"), True) and got[1] == (0.5, False)
+    assert got[2][1] is False and got[2][0] != got[2][0]   # stepped (DeepSpeed's choice), its NaN norm reported
