@@ -19,6 +19,7 @@ folder that looks finished, and the previous checkpoint stays as it was. ``--res
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -126,6 +127,10 @@ def _fsync(path: str) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as e:
+        # some filesystems (network mounts, FUSE) refuse fsync on a folder: its files were flushed, go on
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

@@ -312,8 +312,8 @@ def close(name, got, want, rtol, atol=1e-7):
 def describe(case, **extra):
     o = {k: v for k, v in case["o"].items() if v != getattr(GRPOLossOptions, k)}
     return (f"case={case['index']} (GXPO_FUZZ_SEED={SEED}) B,T,V,H={case['B']},{case['T']},{case['V']},{case['H']} "
-            f"{case['dtype']} opts={o} num_items={case['num_items']} banned={case['banned']} mask={case['mask'].int().tolist()} "
-            f"{extra}")
+            f"{case['dtype']} opts={o} num_items={case['num_items']} banned={case['banned']} "
+            f"mask={case['mask'].int().tolist()} {extra}")
 
 
 def call_loss(case, rng, path, backend, inputs):

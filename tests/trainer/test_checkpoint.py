@@ -339,6 +339,38 @@ def test_checkpoint_is_flushed_to_disk_before_it_is_renamed(tmp_path, monkeypatc
     assert ("fsync", out) in events[i + 1:]
 
 
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc (Linux)")
+def test_fsync_refused_on_a_folder_is_not_an_error_but_on_a_file_it_is(tmp_path, monkeypatch):
+    """Some filesystems (network mounts, FUSE) refuse fsync on a folder (EINVAL): the save goes on, its files
+    were flushed. A file whose fsync fails (EIO: its data may not be on disk) still fails the save, and the
+    previous checkpoint folder stays."""
+    import errno
+    real_fsync = os.fsync
+
+    def folder_refuses(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+    src, final = tmp_path / "ck.tmp", tmp_path / "ck"
+    src.mkdir()
+    (src / "a.pt").write_bytes(b"x")
+    monkeypatch.setattr(os, "fsync", folder_refuses)
+    ckpt.replace_dir(str(src), str(final))
+    assert (final / "a.pt").read_bytes() == b"x" and not src.exists()
+
+    def file_fails(fd):
+        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+    src.mkdir()
+    (src / "a.pt").write_bytes(b"y")
+    monkeypatch.setattr(os, "fsync", file_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        ckpt.replace_dir(str(src), str(final))
+    assert (final / "a.pt").read_bytes() == b"x"
+
+
 _KILLED_SAVE = """
 import io, os, signal, sys, torch
 from gxpo_kernels.trainer import loop

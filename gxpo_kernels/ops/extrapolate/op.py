@@ -595,8 +595,8 @@ class ExtrapolationPlan:
     ``model.to(...)`` does; a change to another tensor alone goes unnoticed), and g1[i] (and a per-call g0[i])
     is the gradient of params[i]. On CUDA every call checks each gradient's numel, contiguity, neg bit
     (``is_neg()``), device and dtype, with the C++ extension in one compiled pass per list (``tensor_records``, a
-    few µs for hundreds of tensors, compared with the bytes a valid list has): ``ValueError`` naming a tensor that
-    fails, before anything is written (overlap with the params is not checked: ``extrapolate_`` does that).
+    few µs for hundreds of tensors, compared with the bytes a valid list has): ``ValueError`` (``TypeError`` for
+    a non-tensor or a non-float dtype) naming a tensor that fails, before anything is written (overlap with the params is not checked: ``extrapolate_`` does that).
     Without the extension only the count and the addresses are checked per call. Gradients whose dtypes differ
     within a list are read right (from copies, see ``_Plan._call_offsets``); without the extension the plan scans
     their dtypes on every call (one attribute read per tensor) unless ``grads_are_param_dtype=True`` promises that
