@@ -19,7 +19,9 @@ import dataclasses
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import typing
 from typing import List, Optional
@@ -75,10 +77,11 @@ def _fail(message) -> None:
     raise SystemExit(2)
 
 
-def _interrupted(message) -> None:
-    """Ctrl-C (or SIGTERM of the speedup runner): one line saying what was kept and how to go on, exit 130."""
+def _interrupted(message, e: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: one line saying what was kept and how to go on, exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    from .trainer.speedup import Terminated
     sys.stderr.write(f"\n{PROG}: interrupted: {message}\n")
-    raise SystemExit(130)
+    raise SystemExit(143 if isinstance(e, Terminated) else 130)
 
 
 def _warn_ignored(a: argparse.Namespace, configs, exclude=()) -> None:
@@ -224,11 +227,11 @@ def _speedup(a) -> int:
     t0 = time.perf_counter()
     try:
         out = run_speedup(cfg, progress=not a.no_progress, overwrite=a.overwrite, resume=a.resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # (run_speedup turns SIGTERM into Terminated itself)
         out_dir = os.path.abspath(cfg.out_dir)
         _interrupted(f"{os.path.join(out_dir, 'runs.json')} marks the runs that finished; rerun with the same "
                      f"options{' (less --overwrite)' if a.overwrite else ''} and --out {out_dir} --resume to keep "
-                     "them and run the rest")
+                     "them and run the rest", e)
     print(format_table(out["results"]))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; outputs in {out['out_dir']}")
     return 0
@@ -257,7 +260,7 @@ class _TrainProgress:
 def _train(a) -> int:
     from .trainer import checkpoint, loop
     from .trainer.engines import load_ds_config
-    from .trainer.speedup import check_out_dir, check_writable_dir
+    from .trainer.speedup import check_out_dir, check_writable_dir, raise_terminated
 
     tc = config_from_args(a, TrainConfig())
     out = tc.out_dir or os.path.join("runs", f"{tc.algo}-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -281,18 +284,24 @@ def _train(a) -> int:
         import torch
         torch.set_num_threads(a.threads)
     bar = _TrainProgress(tc, enabled=rank0 and not a.no_progress)
+    # SIGTERM (a job scheduler preempting the run) stops it as Ctrl-C does (exit 143): it used to end the process
+    # without a word; the finished checkpoints are kept either way
+    old_term = signal.signal(signal.SIGTERM, raise_terminated) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         loop.train(tc, progress=bar, log=bar.bar.write if not a.no_progress else print)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.bar.close()
         out_dir = os.path.abspath(out)
         latest = checkpoint.latest_checkpoint(out_dir)
         if latest is not None:
             _interrupted(f"rerun with the same options{' (less --overwrite)' if a.overwrite else ''} and "
-                         f"--out {out_dir} --resume latest to continue from {os.path.basename(latest)}")
+                         f"--out {out_dir} --resume latest to continue from {os.path.basename(latest)}", e)
         _interrupted(f"{out_dir} holds no checkpoint (--save_steps N writes one every N steps); rerun with "
-                     f"--out {out_dir} --overwrite to start again")
+                     f"--out {out_dir} --overwrite to start again", e)
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         bar.bar.close()
     if rank0:
         print(f"records: {os.path.join(os.path.abspath(out), 'records.jsonl')}")

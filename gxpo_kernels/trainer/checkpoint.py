@@ -8,7 +8,10 @@ A checkpoint is a folder ``<out_dir>/checkpoint-<step>/`` holding
   controller's, the world size, and the fingerprint of the frozen reference policy when the run has one
   (``--beta`` > 0, ``fpa_*``: a resume rebuilds it from the warm start and refuses one with other weights);
 - ``rng_rank<r>.pt``: each rank's RNG states (torch CPU / CUDA, Python ``random``, NumPy) as tensors;
-- ``records.jsonl`` (the records up to that step) and ``config.json`` (the run's ``TrainConfig``).
+- ``records.jsonl`` (the records up to that step) and ``config.json`` (the run's ``TrainConfig``);
+- under DeepSpeed, ``deepspeed_config.json``: the DeepSpeed config as the engine received it (the JSON with the
+  trainer's fill-ins). A resume refuses a config that differs in any key but ``DS_RESUMABLE_KEYS`` (logging and
+  monitoring); checkpoints written before this file existed resume without that check.
 
 Every ``.pt`` file the trainer writes holds tensors and plain Python values only, so it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load). A checkpoint is written into
@@ -37,6 +40,10 @@ from .config import same_setting, saved_setting
 PREFIX = "checkpoint-"
 # TrainConfig fields that may differ between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = ("steps", "resume", "out_dir", "cache_dir", "quiet", "save_steps", "save_model")
+# DeepSpeed config keys (top level) a resume may change: logging / monitoring only, nothing of the math or sharding
+DS_RESUMABLE_KEYS = ("steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "comms_logger",
+                     "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "timers")
+DS_CONFIG_FILE = "deepspeed_config.json"
 # what the loop reads from trainer_state.pt on resume (besides world_size)
 TRAINER_STATE_KEYS = ("step", "backward_passes", "optimizer_steps", "wall_clock", "gate_fired_at", "rule", "fade")
 
@@ -192,6 +199,8 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, record
         torch.save(dict(trainer_state, world_size=engine.world), os.path.join(tmp, "trainer_state.pt"))
         write_records(os.path.join(tmp, "records.jsonl"), records)
         _write_json(os.path.join(tmp, "config.json"), config)
+        if getattr(engine, "ds_config", None) is not None:
+            _write_json(os.path.join(tmp, DS_CONFIG_FILE), engine.ds_config)
     engine.barrier()
     if engine.lead:
         replace_dir(tmp, final)
@@ -213,18 +222,39 @@ def _reading(path: str, what: str):
         raise ValueError(f"--resume {path!r}: cannot read {what} ({type(e).__name__}: {str(e)[:300]})") from e
 
 
-def check_config(path: str, config: dict) -> None:
-    """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``)."""
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"a.b": value}`` (so a difference names the nested key)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config(path: str, config: dict, ds_config: Optional[dict] = None) -> None:
+    """Refuse to resume a run whose settings differ from the checkpoint's (other than ``RESUMABLE_CHANGES``);
+    under DeepSpeed (``ds_config``: the config the engine was given) also one whose DeepSpeed config differs from
+    the checkpoint's ``deepspeed_config.json`` in a key outside ``DS_RESUMABLE_KEYS``."""
     with _reading(path, "config.json"), open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
 
-    def same(k):   # the DeepSpeed JSON may move (or differ per rank); DeepSpeed's loader checks its contents
+    def same(k):   # the DeepSpeed JSON may move (or differ per rank): its contents are compared below
         a, b = saved_setting(saved, k), config.get(k)
         return (a is None) == (b is None) if k == "deepspeed" else same_setting(k, a, b)
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and not same(k))
-    if diff:
-        raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " +
-                         ", ".join(f"{k}={saved_setting(saved, k)!r} (now {config.get(k)!r})" for k in diff))
+    shown = [f"{k}={saved_setting(saved, k)!r} (now {config.get(k)!r})" for k in diff]
+    ds_file = os.path.join(path, DS_CONFIG_FILE)
+    if ds_config is not None and os.path.isfile(ds_file):   # (older checkpoints lack the file: not checked)
+        with _reading(path, DS_CONFIG_FILE), open(ds_file) as f:
+            old, new = (_flat({k: v for k, v in c.items() if k not in DS_RESUMABLE_KEYS})
+                        for c in (json.load(f), json.loads(json.dumps(ds_config))))
+        missing = "<absent>"
+        shown += [f"deepspeed config {k}={old.get(k, missing)!r} (now {new.get(k, missing)!r})"
+                  for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+    if shown:
+        raise ValueError(f"--resume {path!r}: the checkpoint was made with different settings: " + ", ".join(shown))
 
 
 def load_checkpoint(path: str, engine) -> Tuple[dict, List[dict]]:

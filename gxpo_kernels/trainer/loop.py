@@ -350,7 +350,7 @@ def _run(cfg: TrainConfig, engine: Engine, progress, log) -> List[dict]:
     resume = ckpt.resolve_resume(cfg.resume, cfg.out_dir) if cfg.resume else None
     config = {"train": dataclasses.asdict(cfg)}
     if resume is not None:
-        ckpt.check_config(resume, config["train"])
+        ckpt.check_config(resume, config["train"], getattr(engine, "ds_config", None))
     model, tok, task, model_key = build_policy(cfg, device)   # same init_seed -> same weights on every rank
     max_new = cfg.max_new_tokens or task.max_answer_chars + 1
     val_pairs = validation_set(cfg, task)

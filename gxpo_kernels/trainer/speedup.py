@@ -159,6 +159,16 @@ def _init_worker(queue, threads: int = 1, stop=None) -> None:
     _QUEUE, _STOP = queue, stop
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler preempting the run, ``kill PID``): stops the run as Ctrl-C does; the CLI exits 143
+    (128 + SIGTERM) instead of Ctrl-C's 130."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler: raise :class:`Terminated` where the main thread is."""
+    raise Terminated()
+
+
 def _check_stop() -> None:
     """In a worker: end the job (at its next record or log line) once the runner has been interrupted. A signal
     to the runner alone (``kill PID``) does not reach the workers, which used to finish their runs first."""
@@ -369,7 +379,7 @@ def run_speedup(cfg: SpeedupConfig, *, progress: bool = True, log=print, report_
         # what is changed here (the SIGTERM handler, the environment, torch's thread count) is put back by the
         # `finally` below, also when a later part of the set-up fails (the pool, the queue, the progress bars)
         if threading.current_thread() is threading.main_thread():
-            old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+            old_term = signal.signal(signal.SIGTERM, raise_terminated)
         if workers:
             env_before = {k: os.environ.get(k) for k in env}
             os.environ.update(env)

@@ -446,3 +446,25 @@ def test_resume_is_bit_exact_for_every_method(tmp_path, random_advantages, extra
     a["trainer_state.pt"].pop("wall_clock"), b["trainer_state.pt"].pop("wall_clock")
     _assert_same(a, b)
     assert (a["trainer_state.pt"]["fade"] is None) == (extra.get("advantage") != "fade")
+
+
+def test_deepspeed_config_check_names_nested_keys_and_spares_old_checkpoints(tmp_path):
+    """``check_config`` with the engine's DeepSpeed config: a changed nested key (the ZeRO stage), an added one
+    and a removed one are each named with both values; logging keys may change; a checkpoint without
+    deepspeed_config.json (written before it existed) is not checked."""
+    train = dataclasses.asdict(TrainConfig(deepspeed="a.json"))
+    (tmp_path / "config.json").write_text(json.dumps(train))
+    saved = {"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
+             "gradient_clipping": 1.0, "steps_per_print": 10}
+    ckpt.check_config(str(tmp_path), dict(train, deepspeed="b.json"), dict(saved, gradient_clipping=0.1))  # old
+    (tmp_path / ckpt.DS_CONFIG_FILE).write_text(json.dumps(saved))
+    ckpt.check_config(str(tmp_path), train, dict(saved, steps_per_print=1, wandb={"enabled": True}))
+    new = dict(saved, zero_optimization={"stage": 3, "overlap_comm": True}, fp16={"enabled": True})
+    del new["gradient_clipping"]
+    with pytest.raises(ValueError) as e:
+        ckpt.check_config(str(tmp_path), train, new)
+    msg = str(e.value)
+    for part in ("deepspeed config zero_optimization.stage=2 (now 3)", "fp16.enabled='<absent>' (now True)",
+                 "gradient_clipping=1.0 (now '<absent>')"):
+        assert part in msg, msg
+    assert "overlap_comm" not in msg and "bf16" not in msg

@@ -480,3 +480,58 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, capsys, monkeypatch):
                       str(tmp_path / f"t{save}"), "--no_progress"])
         err = capsys.readouterr().err
         assert e.value.code == 130 and want in err and "Traceback" not in err, err
+
+
+def _sigterm_when(cmd, ready, tmp_path):
+    """Start ``cmd`` (the CLI) in its own process group, SIGTERM it once ``ready()``; return (rc, stderr, whether
+    a process of its group outlived it), every wait bounded."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "gxpo_kernels.cli", *cmd], cwd=str(tmp_path), env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not ready() and p.poll() is None and time.monotonic() - t0 < 180:
+            time.sleep(0.2)
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        orphans = True
+        for _ in range(100):             # the workers of a speedup run end with the runner
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                orphans = False
+                break
+            time.sleep(0.1)
+        return p.returncode, err, orphans
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    """SIGTERM (a scheduler preempting the job) killed `train` without a word; now both commands stop as on
+    Ctrl-C (one line naming the --resume rerun, no traceback), exit 143, and no speedup worker outlives the runner."""
+    out = tmp_path / "t"
+    rc, err, orphans = _sigterm_when(
+        ["train", "--steps", "500", "--save_steps", "1", "--sft_steps", "0", "--prompts", "2", "--group", "2",
+         "--val_size", "4", "--pass1_size", "0", "--val_every", "1000", "--no_save_model", "--no_progress",
+         "--out", str(out), "--cache_dir", str(tmp_path / "cache")],
+        lambda: (out / "checkpoint-1").is_dir(), tmp_path)
+    assert rc == 143 and "Traceback" not in err and not orphans, err[-3000:]
+    assert f"interrupted: rerun with the same options and --out {out} --resume latest to continue from" in err, err
+
+    out = tmp_path / "s"
+    rc, err, orphans = _sigterm_when(
+        ["speedup", "--preset", "test", "--workers", "2", "--steps", "500", "--no_progress", "--out", str(out),
+         "--cache_dir", str(tmp_path / "cache")],
+        lambda: any(f == "records.jsonl" for _, _, fs in os.walk(out) for f in fs), tmp_path)
+    assert rc == 143 and "Traceback" not in err and not orphans, err[-3000:]
+    assert f"interrupted: {out / 'runs.json'} marks the runs that finished" in err, err
+    assert json.loads((out / "runs.json").read_text())["status"] == "interrupted"

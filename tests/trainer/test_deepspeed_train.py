@@ -276,3 +276,30 @@ def test_config_scheduler_and_lr_scheduler_type_are_exclusive(tmp_path):
     assert load_ds_config(str(path), cfg)["scheduler"]["type"] == "WarmupLR"
     with pytest.raises(ValueError, match="has its own scheduler"):
         load_ds_config(str(path), cfg.replace(lr_scheduler_type="linear"))
+
+
+def test_resume_refuses_a_changed_deepspeed_config(tmp_path):
+    """The checkpoint keeps the DeepSpeed config it was trained with: a resume whose JSON changes a setting of the
+    math (here gradient_clipping) is refused naming the key, old and new value; a logging key may change."""
+    out, env = str(tmp_path / "out"), _env()
+    env.pop("RANK", None)                      # one process, no launcher: rank 0 of 1
+
+    def run(conf, *extra):
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps(conf))
+        cmd = [sys.executable, "-m", "gxpo_kernels.cli", "train", "--deepspeed", str(ds), "--algo", "grpo",
+               "--sft-steps", "0", "--prompts", "2", "--group", "2", "--val-size", "4", "--pass1-size", "0",
+               "--val-every", "100", "--save-steps", "1", "--no-save-model", "--no-progress", "--out", out,
+               "--cache-dir", str(tmp_path / "cache"), *extra]
+        return subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+
+    conf = dict(ZERO, zero_optimization={"stage": 1})
+    p = run(conf, "--steps", "1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run(dict(conf, gradient_clipping=0.5), "--steps", "2", "--resume", "latest")
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "gradient_clipping=1.0 (now 0.5)" in p.stderr, p.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "checkpoint-1", "deepspeed_config.json"))
+    p = run(dict(conf, steps_per_print=5, wall_clock_breakdown=False), "--steps", "2", "--resume", "latest")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [r["step"] for r in _records(os.path.join(out, "records.jsonl"))] == [0, 1, 2]
