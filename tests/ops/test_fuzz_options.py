@@ -579,3 +579,39 @@ def test_bias_corrected_kl_gradient_far_from_reference(backend, importance_sampl
     close("loss", loss, want, 1e-6)
     close("kl", met["kl"], torch.tensor(want_met["kl"], dtype=F64), 1e-6)
     close("d(logits)", x.grad, x64.grad, 1e-5)
+
+
+@pytest.mark.parametrize("regime", ["dual_clip_cap", "sequence_ratio_of_far_tokens"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_regimes_the_fuzz_rarely_draws(backend, regime):
+    """Two regimes the random draws reach too rarely at CI size for a mutant to be caught there: negative-advantage
+    tokens whose ratio passes ``dual_clip`` with no log-ratio clamp (the loss is the cap -dual_clip * A; a cap off
+    by 1% went unnoticed), and sequence-level IS whose token log-ratios are far past +-10 but average to a small
+    one (a per-token clamp before the mean went unnoticed). Value and d(logits) against the float64 reference."""
+    if backend == "triton" and not TRITON:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    B, T, V = 2, 3, 37
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(B, T, V, generator=g, dtype=F64)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    lp64, _ = ref_token_stats(logits, tokens, mask, 1.0)
+    if regime == "dual_clip_cap":
+        gap = torch.tensor([[2.0, 1.6, 0.1], [1.9, -0.5, 2.2]], dtype=F64)   # ratios e^2 ... > dual_clip = 3
+        adv = torch.tensor([-1.5, -0.7])
+        o = dict(GRPOLossOptions(dual_clip=3.0, log_ratio_clamp=None).__dict__)
+    else:
+        gap = torch.tensor([[15.0, -14.0, 0.5], [-12.0, 11.2, 2.1]], dtype=F64)   # row means 0.5 and 0.43
+        adv = torch.tensor([0.8, -1.1])
+        o = dict(GRPOLossOptions(importance_sampling="sequence").__dict__)
+    old = (lp64 - gap).float()
+    x = logits.float().requires_grad_(True)
+    loss, _ = grpo_loss(x, tokens, adv, mask, old, None, backend=backend, **o)
+    loss.backward()
+    x64 = logits.clone().requires_grad_(True)
+    lp, ent = ref_token_stats(x64, tokens, mask, 1.0)
+    want, _, margin = ref_loss(lp, ent, adv, mask, old, None, o)
+    assert float(margin) > 1e-3   # no token at a kink: the comparison is of one branch
+    want.backward()
+    close("loss", loss, want, 1e-6)
+    close("d(logits)", x.grad, x64.grad, 1e-5)
