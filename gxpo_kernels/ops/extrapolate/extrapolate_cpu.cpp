@@ -628,14 +628,23 @@ std::vector<int64_t> snapshot_copy(std::vector<at::Tensor> dst, std::vector<at::
   return left;
 }
 
+// A tensor's meta as tensor_records and grad_offsets read it (op.py decodes and builds the same bits):
+// dtype | contiguous << 8 | neg bit << 9 | device type << 16 | (device index + 1) << 24.
+static inline int64_t record_meta(const at::Tensor& t) {
+  const at::Device d = t.device();
+  return static_cast<int64_t>(static_cast<uint8_t>(t.scalar_type())) | (int64_t{t.is_contiguous()} << 8) |
+         (int64_t{t.is_neg()} << 9) | (static_cast<int64_t>(static_cast<uint8_t>(d.type())) << 16) |
+         (static_cast<int64_t>(static_cast<int>(d.index()) + 1) << 24);
+}
+
 // The public op's cache checks (op.py: _Layout.matches, _check_grads): the ids (with_ids), data_ptrs, numels and metas
-// (dtype | contiguous << 8 | neg bit << 9 | device type << 16 | (device index + 1) << 24) of the entries of a list or
-// tuple, one int64 column after the other (the addresses, or the numels and metas, are then one contiguous slice), in
-// one bytes object that Python compares with == (an id is the PyObject's address, as id() returns it). A None entry
-// gives zeros. Returns None when an entry is anything else than None, a torch.Tensor or a Parameter
-// (THPVariable_CheckExact: a subclass may override these attributes through __torch_function__, which this pass would
-// bypass), or when an attribute cannot be read (no storage): the caller then reads the attributes in Python. One C++
-// pass reads all of them; a Python-level pass per attribute costs a method call and an int object per tensor.
+// (record_meta) of the entries of a list or tuple, one int64 column after the other (the addresses, or the numels and
+// metas, are then one contiguous slice), in one bytes object that Python compares with == (an id is the PyObject's
+// address, as id() returns it). A None entry gives zeros. Returns None when an entry is anything else than None, a
+// torch.Tensor or a Parameter (THPVariable_CheckExact: a subclass may override these attributes through
+// __torch_function__, which this pass would bypass), or when an attribute cannot be read (no storage): the caller
+// then reads the attributes in Python. One C++ pass reads all of them; a Python-level pass per attribute costs a
+// method call and an int object per tensor.
 py::object tensor_records(py::handle seq, bool with_ids) {
   PyObject* s = seq.ptr();
   if (!PyList_Check(s) && !PyTuple_Check(s)) return py::none();
@@ -660,11 +669,7 @@ py::object tensor_records(py::handle seq, bool with_ids) {
       if (with_ids) ids[i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(o));
       ptrs[i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));   // as Tensor.data_ptr() reads it
       numels[i] = t.numel();
-      const at::Device d = t.device();
-      metas[i] = static_cast<int64_t>(static_cast<uint8_t>(t.scalar_type())) | (int64_t{t.is_contiguous()} << 8) |
-                 (int64_t{t.is_neg()} << 9) |
-                 (static_cast<int64_t>(static_cast<uint8_t>(d.type())) << 16) |
-                 (static_cast<int64_t>(static_cast<int>(d.index()) + 1) << 24);
+      metas[i] = record_meta(t);
     }
   } catch (const c10::Error&) {
     return py::none();
@@ -702,12 +707,7 @@ py::object grad_offsets(py::sequence lists, py::sequence tails, at::Tensor offs)
         PyObject* o = items[i];
         if (!THPVariable_CheckExact(o)) return py::none();
         const at::Tensor& t = THPVariable_Unpack(o);
-        const at::Device d = t.device();
-        const int64_t meta = static_cast<int64_t>(static_cast<uint8_t>(t.scalar_type())) |
-                             (int64_t{t.is_contiguous()} << 8) | (int64_t{t.is_neg()} << 9) |
-                             (static_cast<int64_t>(static_cast<uint8_t>(d.type())) << 16) |
-                             (static_cast<int64_t>(static_cast<int>(d.index()) + 1) << 24);
-        if (t.numel() != want[i] || meta != want[n + i]) return py::none();
+        if (t.numel() != want[i] || record_meta(t) != want[n + i]) return py::none();
         const int64_t a = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
         if (i == 0) {
           base = a;
