@@ -549,6 +549,28 @@ def test_fuzz_logprob_ops(path):
             close(f"fpa grad [{info}]", t.grad, t64.grad, 4 * rtol, atol=max(gtol * ot, 1e-9))
 
 
+def _fixed_case(seed):
+    """logits (2, 3, 37) float64, tokens, an all-True mask and the float64 token log-probs, for the fixed-case tests."""
+    B, T, V = 2, 3, 37
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=F64)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    return logits, tokens, torch.ones(B, T, dtype=torch.bool)
+
+
+def _against_reference(logits, tokens, adv, mask, old, ref, o, backend):
+    """``grpo_loss`` in fp32 on ``logits`` and the float64 reference, both backward: (loss, metrics, d(logits)) and
+    (loss, metrics, margin, d(logits)) of the reference."""
+    x = logits.float().requires_grad_(True)
+    loss, met = grpo_loss(x, tokens, adv, mask, old, ref, backend=backend, **o)
+    loss.backward()
+    x64 = logits.clone().requires_grad_(True)
+    lp, ent = ref_token_stats(x64, tokens, mask, 1.0)
+    want, want_met, margin = ref_loss(lp, ent, adv, mask, old, ref, o)
+    want.backward()
+    return (loss, met, x.grad), (want, want_met, margin, x64.grad)
+
+
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bias_corrected_kl_gradient_far_from_reference(backend, importance_sampling):
@@ -557,28 +579,19 @@ def test_bias_corrected_kl_gradient_far_from_reference(backend, importance_sampl
     runs); the KL term is now formed in float64 from logp."""
     if backend == "triton" and not TRITON:
         pytest.skip("needs TRITON_INTERPRET=1")
-    B, T, V = 2, 3, 37
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(B, T, V, generator=g, dtype=F64)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    logits, tokens, mask = _fixed_case(3)
     mask[1, 2] = False
-    lp64, ent64 = ref_token_stats(logits, tokens, mask, 1.0)
+    lp64, _ = ref_token_stats(logits, tokens, mask, 1.0)
     d = torch.tensor([[16.0, 14.0, 12.0], [15.0, 13.0, 0.0]], dtype=F64)
     old, ref = (lp64 - 18.5).float(), (lp64 + d).float()
     adv = torch.tensor([0.5, -1.0])
     o = dict(GRPOLossOptions(beta=0.1, kl_clamp=None, use_bias_correction_kl=True,
                              importance_sampling=importance_sampling).__dict__)
-    x = logits.float().requires_grad_(True)
-    loss, met = grpo_loss(x, tokens, adv, mask, old, ref, backend=backend, **o)
-    loss.backward()
-    x64 = logits.clone().requires_grad_(True)
-    lp, ent = ref_token_stats(x64, tokens, mask, 1.0)
-    want, want_met, _ = ref_loss(lp, ent, adv, mask, old, ref, o)
-    want.backward()
+    (loss, met, grad), (want, want_met, _, grad64) = _against_reference(logits, tokens, adv, mask, old, ref, o,
+                                                                         backend)
     close("loss", loss, want, 1e-6)
     close("kl", met["kl"], torch.tensor(want_met["kl"], dtype=F64), 1e-6)
-    close("d(logits)", x.grad, x64.grad, 1e-5)
+    close("d(logits)", grad, grad64, 1e-5)
 
 
 @pytest.mark.parametrize("regime", ["dual_clip_cap", "sequence_ratio_of_far_tokens"])
@@ -590,11 +603,7 @@ def test_regimes_the_fuzz_rarely_draws(backend, regime):
     one (a per-token clamp before the mean went unnoticed). Value and d(logits) against the float64 reference."""
     if backend == "triton" and not TRITON:
         pytest.skip("needs TRITON_INTERPRET=1")
-    B, T, V = 2, 3, 37
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(B, T, V, generator=g, dtype=F64)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    logits, tokens, mask = _fixed_case(5)
     lp64, _ = ref_token_stats(logits, tokens, mask, 1.0)
     if regime == "dual_clip_cap":
         gap = torch.tensor([[2.0, 1.6, 0.1], [1.9, -0.5, 2.2]], dtype=F64)   # ratios e^2 ... > dual_clip = 3
@@ -605,13 +614,7 @@ def test_regimes_the_fuzz_rarely_draws(backend, regime):
         adv = torch.tensor([0.8, -1.1])
         o = dict(GRPOLossOptions(importance_sampling="sequence").__dict__)
     old = (lp64 - gap).float()
-    x = logits.float().requires_grad_(True)
-    loss, _ = grpo_loss(x, tokens, adv, mask, old, None, backend=backend, **o)
-    loss.backward()
-    x64 = logits.clone().requires_grad_(True)
-    lp, ent = ref_token_stats(x64, tokens, mask, 1.0)
-    want, _, margin = ref_loss(lp, ent, adv, mask, old, None, o)
+    (loss, _, grad), (want, _, margin, grad64) = _against_reference(logits, tokens, adv, mask, old, None, o, backend)
     assert float(margin) > 1e-3   # no token at a kink: the comparison is of one branch
-    want.backward()
     close("loss", loss, want, 1e-6)
-    close("d(logits)", x.grad, x64.grad, 1e-5)
+    close("d(logits)", grad, grad64, 1e-5)
