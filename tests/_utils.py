@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: fla-style named RMS-ratio check plus exact float64 checks, and a free local port
-for multi-rank spawns."""
+"""Helpers shared by the tests: fla-style named RMS-ratio check plus exact float64 checks, a free local port and
+the spawn-and-load of multi-rank tests."""
+import os
 import socket
 
 import torch
@@ -10,6 +11,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, out_dir: str, cases, *, weights_only: bool = True) -> list:
+    """Run ``worker(rank, port, out_dir, cases)`` on ``world`` spawned ranks and load what each rank saved
+    (``out_dir/rank<r>.pt``), in rank order."""
+    import torch.multiprocessing as mp
+    mp.spawn(worker, args=(free_port(), out_dir, cases), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=weights_only) for r in range(world)]
+
+
+def flat64(ts) -> torch.Tensor:
+    """The tensors of ``ts`` as one flat float64 vector."""
+    return torch.cat([t.reshape(-1).double() for t in ts])
 
 
 def rms_err_ratio(ref: torch.Tensor, tri: torch.Tensor) -> float:

@@ -21,7 +21,6 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
 * refusals at start-up (engine without ZeRO, inactive_threshold, and config checks on fakes).
 """
 import json
-import os
 import types
 
 import pytest
@@ -30,7 +29,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _ds_worker as W  # noqa: E402
-from tests._utils import free_port  # noqa: E402
+from tests._utils import flat64, spawn_ranks  # noqa: E402
 
 G = dict(gate=None)
 MLP_CASES = {
@@ -101,33 +100,21 @@ LM_CASES = {
 }
 
 
-
-
-def _spawn(cases, d):
-    import torch.multiprocessing as mp
-    mp.spawn(W.worker, args=(free_port(), d, cases), nprocs=W.WORLD, join=True)
-    return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(W.WORLD)]
-
-
 @pytest.fixture(scope="module")
 def mlp_runs(tmp_path_factory):
-    return _spawn(MLP_CASES, str(tmp_path_factory.mktemp("ds_mlp")))
+    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ds_mlp")), MLP_CASES)
 
 
 @pytest.fixture(scope="module")
 def lm_runs(tmp_path_factory):
-    return _spawn(LM_CASES, str(tmp_path_factory.mktemp("ds_lm")))
-
-
-def _flat(ts):
-    return torch.cat([t.reshape(-1).double() for t in ts])
+    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ds_lm")), LM_CASES)
 
 
 def _check_parity(name, case, recs, rms_tol, max_tol):
     ref = W.single_process_reference(case)
     r0, r1 = recs[0][name], recs[1][name]
     for key in ("params", "exp_avg", "exp_avg_sq"):
-        a, b, c = _flat(r0[key]), _flat(r1[key]), _flat(ref[key])
+        a, b, c = flat64(r0[key]), flat64(r1[key]), flat64(ref[key])
         assert torch.equal(a, b), f"{name}/{key}: ranks disagree"
         err = (a - c).abs()
         rms = float((a - c).norm() / c.norm().clamp(min=1e-30))
@@ -152,7 +139,7 @@ def _check_parity(name, case, recs, rms_tol, max_tol):
     assert r0["sched_warnings"] == r1["sched_warnings"] == [], (name, r0["sched_warnings"])
     # the model the next forward sees is the master rounded to the model dtype, on every rank
     for rec in (r0, r1):
-        lp, master = _flat(rec["lowp"]), _flat(rec["params"])
+        lp, master = flat64(rec["lowp"]), flat64(rec["params"])
         tol = 0.0 if case.get("dtype", "fp32") == "fp32" else 2 ** -8
         assert float(((lp - master).abs() - tol * master.abs()).max()) <= 0, name
 
@@ -209,7 +196,7 @@ def test_nan_on_one_rank_falls_back_on_both(mlp_runs):
             info = recs[name]["infos"][step]
             assert info["fell_back"] and info["fallback_reason"] == reason, (name, info)
             assert all(torch.isfinite(p).all() for p in recs[name]["params"]), name
-        assert torch.equal(_flat(mlp_runs[0][name]["lowp"]), _flat(mlp_runs[1][name]["lowp"])), name
+        assert torch.equal(flat64(mlp_runs[0][name]["lowp"]), flat64(mlp_runs[1][name]["lowp"])), name
 
 
 def test_fp16_loss_scale_is_fixed_within_an_outer_step(mlp_runs):

@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _fsdp_worker as W  # noqa: E402
-from tests._utils import free_port  # noqa: E402
+from tests._utils import flat64, free_port, spawn_ranks  # noqa: E402
 
 NAN_G1 = dict(nan=(1, 1))
 CASES = {
@@ -68,18 +68,11 @@ PARITY = [n for n, c in CASES.items() if c.get("kind", "fsdp") == "fsdp"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-    d = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(W.worker, args=(free_port(), d, CASES), nprocs=W.WORLD, join=True)
-    return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W.WORLD)]
-
-
-def _flat(ts):
-    return torch.cat([t.reshape(-1).double() for t in ts])
+    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("fsdp")), CASES, weights_only=False)
 
 
 def _close(a, b, tol, what):
-    a, b = _flat(a), _flat(b)
+    a, b = flat64(a), flat64(b)
     err = float((a - b).abs().max())
     assert err <= tol * max(1.0, float(b.abs().max())), f"{what}: max abs err {err:.2e}"
 
@@ -89,7 +82,7 @@ def test_matches_single_process_rule(runs, name):
     ref = W.single_process_reference(CASES[name])
     r0, r1 = runs[0][name], runs[1][name]
     for key in ("params", "exp_avg", "exp_avg_sq"):
-        assert torch.equal(_flat(r0[key]), _flat(r1[key])), f"{name}/{key}: ranks disagree"
+        assert torch.equal(flat64(r0[key]), flat64(r1[key])), f"{name}/{key}: ranks disagree"
         _close(r0[key], ref[key], 1e-6, f"{name}/{key}")
     assert r0["step"] == r1["step"] == ref["step"]
     for k in ("fallbacks", "fired_step"):
@@ -189,7 +182,7 @@ def test_checkpoint_resume_is_bit_exact(runs, name, straight):
     for recs in runs:
         res, ref = recs[name], recs[straight]
         for key in ("params", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(_flat(res[key]), _flat(ref[key])), f"{name}/{key} differs after resume"
+            assert torch.equal(flat64(res[key]), flat64(ref[key])), f"{name}/{key} differs after resume"
         assert res["step"] == ref["step"] and res["rule_state"] == ref["rule_state"]
         assert res["fired_step"] == ref["fired_step"] is not None and res["fallbacks"] == ref["fallbacks"] == 1
         for a, b in zip(res["infos"], ref["infos"]):

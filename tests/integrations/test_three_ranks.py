@@ -8,7 +8,6 @@ After EVERY outer step each rank's full parameters equal the single-process rule
 decisions and every scalar the rule reduces over the ranks (norms, cosines, scales, gate z) are bit-identical
 on all three ranks and match the reference.
 """
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.integrations import _three_ranks_worker as W  # noqa: E402
-from tests._utils import free_port  # noqa: E402
+from tests._utils import flat64, spawn_ranks  # noqa: E402
 
 GATE = dict(gate="window", window=2, tau=0.3)
 SFPO = dict(gate=None, K=2, alpha=0.8)
@@ -71,18 +70,11 @@ LOCAL = {"loss", "loss_1", "loss_2", "loss_slow", "shard_numel"}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-    d = str(tmp_path_factory.mktemp("ranks3"))
-    mp.spawn(W.worker, args=(free_port(), d, CASES), nprocs=W.WORLD, join=True)
-    return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W.WORLD)]
-
-
-def _flat(ts):
-    return torch.cat([t.reshape(-1).double() for t in ts])
+    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ranks3")), CASES, weights_only=False)
 
 
 def _err(a, b):
-    a, b = _flat(a), _flat(b)
+    a, b = flat64(a), flat64(b)
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
 
 
@@ -100,7 +92,7 @@ def test_every_step_matches_single_process_rule(runs, name):
     tol = case.get("tol", 1e-5)
     for step, want in enumerate(ref["params"]):
         for rank, rec in enumerate(recs):
-            assert torch.equal(_flat(rec["params"][step]), _flat(recs[0]["params"][step])), (name, step, rank)
+            assert torch.equal(flat64(rec["params"][step]), flat64(recs[0]["params"][step])), (name, step, rank)
         err = _err(recs[0]["params"][step], want)
         assert err <= tol, f"{name}: step {step} params max err {err:.2e}"
     for key in ("exp_avg", "exp_avg_sq"):
