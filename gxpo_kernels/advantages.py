@@ -191,8 +191,8 @@ def fade_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
 def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Positive advantage mass over negative mass, sum(max(A, 0)) / sum(max(-A, 0)), for logging (0-d fp64).
 
-    ``mask`` (same shape, bool or 0/1) selects the entries counted. inf when there is no negative mass (nan if
-    both 0).
+    ``advantages``: a float tensor of any shape, e.g. (B,) or (B, T). ``mask`` (same shape, bool or 0/1) selects
+    the entries counted. inf when there is no negative mass (nan if both 0).
     """
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError("advantages must be a floating-point torch.Tensor")

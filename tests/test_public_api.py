@@ -44,3 +44,27 @@ def test_readme_api_imports_without_any_extra():
     ])
     for interpret in ("0", "1"):
         subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": interpret})
+
+
+def test_public_docstrings_name_every_parameter_and_shapes():
+    """Each public function and class says what every parameter of its signature is (by name) and, where it takes
+    or returns tensors, their shapes: the FPA objectives' and the gates' docstrings named none of theirs."""
+    import inspect
+    import re
+    tensor_api = {"grpo_loss", "GRPOLoss", "token_logprobs", "linear_grpo_loss", "LinearGRPOLoss",
+                  "linear_token_logprobs", "fpa_logprobs", "linear_fpa_logprobs", "FPALogProbs", "fpa_dpo_loss",
+                  "fpa_rpo_loss", "fpa_simper_loss", "fpa_kto_loss", "fpa_offline_pg_loss", "extrapolate_",
+                  "stats_to_dict", "group_advantages", "group_stats", "fade_advantages", "sign_ratio"}
+    bad = []
+    for name in sorted(EXPECTED - {"STAT_NAMES"}):
+        obj = getattr(gxpo_kernels, name)
+        doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__   # not a base class's
+        doc = (doc or "") + ((obj.__init__.__doc__ or "") if inspect.isclass(obj) else "")
+        params = [p.name for p in inspect.signature(obj).parameters.values()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        missing = [p for p in params if not re.search(rf"\b{p}\b", doc)]
+        if missing:
+            bad.append(f"{name}: {missing}")
+        if name in tensor_api and not re.search(r"\((B|N|V|len)\b|\bshapes?\b", doc):
+            bad.append(f"{name}: no shape")
+    assert not bad, bad

@@ -154,6 +154,12 @@ class NoGate(Gate):
 
 
 class EMAGate(Gate):
+    """GXPO's paper gate (module docstring): z of each value against an EMA of mean and std.
+
+    ``tau``: fire when |z| >= tau (0.5). ``omega``: EMA weight of the new value, in (0, 1] (0.1). ``mu0``,
+    ``sigma0``: starting mean and std (1.0, 1.0). ``sigma_min``: floor of the std (0.01). ``**opts``: the
+    common options (``one_sided``, ``patience``, ``warmup``, ``rearm_after``). Values are Python floats.
+    """
     name = "ema"
     SETTINGS = Gate.SETTINGS + ("omega", "sigma_min")
 
@@ -207,7 +213,12 @@ class _WindowBase(Gate):
 
 
 class WindowGate(_WindowBase):
-    """``eps``: added to the std (1e-8; the authors' later code uses 1e-9)."""
+    """The GXPO authors' later gate: z of the newest value against the preceding ``window`` values.
+
+    ``tau``: fire when |z| >= tau (0.5). ``window``: values in the baseline, >= 2 (30); no decision until it is
+    full. ``eps``: added to the std (1e-8; the authors' later code uses 1e-9). ``**opts``: the common options
+    (``one_sided``, ``patience``, ``warmup``, ``rearm_after``). Values are Python floats.
+    """
     name = "window"
     SETTINGS = _WindowBase.SETTINGS + ("eps",)
 
@@ -241,6 +252,12 @@ class WindowGate(_WindowBase):
 
 
 class EntropyGate(_WindowBase):
+    """SFPO's gate: z of the latest mean token entropy over the last ``window`` entropies, latest included.
+
+    ``tau``: fire when z >= tau (1.0; one-sided unless ``one_sided=False``). ``window``: entropies scored, >= 2
+    (30). ``**opts``: the common options (``one_sided``, ``patience``, ``warmup``, ``rearm_after``). Values are
+    Python floats (a 0-d tensor entropy is read with ``float``).
+    """
     name = "entropy"
     needs_entropy = True
 

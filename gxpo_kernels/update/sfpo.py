@@ -33,8 +33,9 @@ class SFPO(ExtrapolationRule):
         optimizer: any torch.optim.Optimizer whose step() needs no closure (LBFGS is refused). K: fast passes
             (int >= 1; 3). alpha: reposition fraction (0.8).
         max_grad_norm: global clip norm (1.0) or None. gate: "entropy" (default), "ema", "window", None or a
-            Gate; tau (1.0) and window (30) parameterise it; gate_one_sided / gate_patience / gate_warmup /
-            gate_rearm_after: the common gate options (see :mod:`~gxpo_kernels.update.gates`).
+            Gate; tau (1.0), window (30) and omega (0.1; the "ema" gate's) parameterise it; gate_one_sided /
+            gate_patience / gate_warmup / gate_rearm_after: the common gate options (see
+            :mod:`~gxpo_kernels.update.gates`).
         entropy_signal: which entropy the entropy gate sees: "argument" (default: ``step(closure, entropy=H)``,
             e.g. the rollout entropy) or "slow_pass" (the authors': the mean of the entropies the slow pass's
             closures report, i.e. at the repositioned point; a closure reports one by returning

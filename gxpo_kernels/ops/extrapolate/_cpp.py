@@ -8,7 +8,7 @@ shared by machines with other CPUs (a home directory on a network file system) n
 source shares one build (the source is copied into that folder and compiled from there, so ninja sees the same
 paths from any checkout).
 
-The first build says so on stderr and reports its duration (about 30-90 s). Builds are serialised by an OS file
+The first build says so on stderr and reports its duration. Builds are serialised by an OS file
 lock (``fcntl.flock``), which the kernel releases when its holder dies; torch's own lock file is not released
 when a build is killed midway (timeout, Ctrl-C), and every later build would wait on it forever. Whoever holds
 the OS lock knows that no build is running, so a torch lock file found then is stale and is removed.
@@ -137,7 +137,7 @@ def _build():
             os.replace(tmp, local_src)
         built = any(path.glob(f"{path.name}*.so"))
         if not built:
-            print(f"gxpo_kernels: building the C++ CPU op on first use (about 30-90 s) in {path}",
+            print(f"gxpo_kernels: building the C++ CPU op on first use (once per machine) in {path}",
                   file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         mod = cpp_extension.load(name=path.name, sources=[str(local_src)], extra_cflags=flags,

@@ -152,7 +152,8 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     """DPO with FPA coefficients: base loss -log sigmoid(u), u = beta[(S_w - R_w) - (S_l - R_l)] (sums).
 
     C_w = C_l = beta * sigmoid(-u) evaluated at pi_hat. ``chosen``/``rejected``: FPALogProbs with (B, T_w) and
-    (B, T_l) tensors (ref_logp required). Returns (loss (0-d), metrics); see the module docstring.
+    (B, T_l) float tensors (ref_logp required). ``beta`` > 0 (0.1). ``fpa_side``: "both" (default) or "rejected"
+    (see the module docstring). Returns (loss (0-d), metrics).
     """
     beta = _check_pos(beta, "beta")
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
@@ -164,7 +165,12 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
 
 def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.1, alpha: float = 1.0,
                  fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
-    """RPO: the FPA-DPO term plus ``alpha`` * NLL(y_w) / |y_w| (the NLL gradient is the plain autograd one)."""
+    """RPO: the FPA-DPO term plus ``alpha`` * NLL(y_w) / |y_w| (the NLL gradient is the plain autograd one).
+
+    ``chosen``/``rejected``: FPALogProbs with (B, T_w) and (B, T_l) float tensors (ref_logp required).
+    ``beta`` > 0 (0.1) and ``fpa_side`` ("both" or "rejected") as in :func:`fpa_dpo_loss`; ``alpha`` >= 0 (1.0).
+    Returns (loss (0-d), metrics), the metrics of :func:`fpa_dpo_loss` plus ``nll``.
+    """
     beta = _check_pos(beta, "beta")
     alpha = _check_pos(alpha, "alpha", allow_zero=True)
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
@@ -182,7 +188,9 @@ def fpa_simper_loss(chosen: FPALogProbs, rejected: FPALogProbs, *,
                     fpa_side: str = "both") -> Tuple[torch.Tensor, Metrics]:
     """SimPER: base loss -pi(y_w)^(1/|y_w|) + pi(y_l)^(1/|y_l|); C = pi(y)^(1/|y|) / |y| per side, at pi_hat.
 
-    No reference model is needed (``ref_logp`` may be None).
+    ``chosen``/``rejected``: FPALogProbs with (B, T_w) and (B, T_l) float tensors; no reference model is needed
+    (``ref_logp`` may be None). ``fpa_side``: "both" (default) or "rejected" (see the module docstring).
+    Returns (loss (0-d), metrics).
     """
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", False), _seq(rejected, "rejected", False)
@@ -212,7 +220,11 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
     r = S - R (summed log-ratio), z_ref = ``kl`` (the detached KL estimate, e.g. TRL's clamped mismatched-pair
     estimate; taken as given). Desirable: loss w_D (1 - sigmoid(beta (r - z_ref))); undesirable:
     w_U (1 - sigmoid(beta (z_ref - r))). Coefficient w * beta * sigmoid(z)(1 - sigmoid(z)), evaluated at pi_hat.
-    ``desirable``: (B,) bool. Metrics ``c_w`` / ``c_l`` are zero on the other kind of sample.
+    ``batch``: FPALogProbs with (B, T) float tensors (ref_logp required). ``desirable``: (B,) bool.
+    ``beta`` > 0 (0.1); ``kl``: a float or a one-element tensor (0.0); ``desirable_weight`` (w_D) and
+    ``undesirable_weight`` (w_U) >= 0 (1.0 each); ``fpa_side``: "both" (default) or "rejected" (pi_hat for the
+    undesirable samples only). Returns (loss (0-d), metrics); metrics ``c_w`` / ``c_l`` are zero on the other
+    kind of sample.
     """
     beta = _check_pos(beta, "beta")
     desirable_weight = _check_pos(desirable_weight, "desirable_weight", allow_zero=True)
@@ -247,8 +259,10 @@ def fpa_offline_pg_loss(batch: FPALogProbs, advantages: torch.Tensor, *,
     """Offline policy gradient (our choice): base loss -mean_i A_i * pi(y_i)^(1/|y_i|).
 
     Its gradient is -A_i * w_i * grad(S_i / |y_i|) with w = pi(y)^(1/|y|) (length-normalised likelihood);
-    FPA evaluates w at pi_hat. ``advantages``: (B,). "rejected" applies pi_hat to A_i < 0 samples only.
-    Metrics ``c_w`` / ``c_l`` hold |A_i| * w_i / |y_i| on positive / negative samples (zero elsewhere).
+    FPA evaluates w at pi_hat. ``batch``: FPALogProbs with (B, T) float tensors (ref_logp may be None).
+    ``advantages``: (B,) float. ``fpa_side``: "both" (default) or "rejected" (pi_hat for A_i < 0 samples only).
+    Returns (loss (0-d), metrics); metrics ``c_w`` / ``c_l`` hold |A_i| * w_i / |y_i| on positive / negative
+    samples (zero elsewhere).
     """
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     x = _seq(batch, "batch", False)

@@ -160,7 +160,10 @@ class LinearGRPOLoss(nn.Module):
     ``LinearGRPOLoss(options=None, *, compute_entropy, check_finite, validate, fp32_head, deterministic,
     chunk_size, grad_in_forward, backend, **loss_options)``; ``forward(hidden, weight, tokens, advantages,
     mask=None, old_logprobs=None, ref_logprobs=None, bias=None, num_items_in_batch=None)`` returns
-    ``(loss, metrics)``. ``self.options`` is the :class:`GRPOLossOptions`.
+    ``(loss, metrics)``. ``self.options`` is the :class:`GRPOLossOptions`. Tensors as in ``linear_grpo_loss``:
+    ``hidden`` (B, T, H) fp32, bf16 or fp16; ``weight`` (V, H), same dtype unless ``fp32_head``; ``tokens``
+    (B, T) int64/int32; ``advantages`` (B,), (B, 1) or (B, T); ``mask`` (B, T) bool or 0/1;
+    ``old_logprobs`` / ``ref_logprobs`` (B, T) or None; ``bias`` (V,) or None.
 
     Example::
 

@@ -107,7 +107,11 @@ class GRPOLoss(nn.Module):
 
     ``GRPOLoss(options=None, *, compute_entropy, inplace_backward, check_finite, validate, backend,
     **loss_options)``; ``forward(logits, tokens, advantages, mask=None, old_logprobs=None,
-    ref_logprobs=None, num_items_in_batch=None)``. ``self.options`` is the :class:`GRPOLossOptions`.
+    ref_logprobs=None, num_items_in_batch=None)`` returns ``(loss, metrics)``. ``self.options`` is the
+    :class:`GRPOLossOptions`. Tensors as in :func:`grpo_loss`: ``logits`` (B, T, V) fp32, bf16 or fp16;
+    ``tokens`` (B, T) int64/int32; ``advantages`` (B,), (B, 1) or (B, T); ``mask`` (B, T) bool or 0/1;
+    ``old_logprobs`` / ``ref_logprobs`` (B, T) or None. ``loss`` is a 0-d fp32 tensor (``(B, T)`` per token
+    with ``reduce=False``).
 
     Example:
         >>> crit = GRPOLoss(eps_high=0.28, loss_agg_mode="token-mean")
