@@ -56,7 +56,7 @@ for d in ('pytest', 'pytest-benchmark', 'transformers', 'liger-kernel', 'numpy')
 }
 stage probe 30 bash -c "$(declare -f probe); PY=$PY probe"
 # the C++ extension (extrapolate_'s CPU op, and the cached-list checks of the public op on every device) builds
-# once per machine in 30-90 s: start it now in the background, so that no timed stage spends its cap on it (a
+# once per machine (minutes): start it now in the background, so that no timed stage spends its cap on it (a
 # stage that needs it meanwhile waits on the build's lock rather than building it twice)
 # (load_extension warns and returns None on a failed build: exit 1 then, so the summary's rc says it failed)
 $PY -c "import sys; from gxpo_kernels.ops.extrapolate._cpp import load_extension; sys.exit(load_extension() is None)" \
