@@ -14,6 +14,7 @@ element) and 2 threads (wall clock), restoring θ2 before each call, and records
 ``test_gxpo_step_overhead`` times a GXPO active step on a tiny transformers Qwen2 against its 3 closures
 (fwd+bwd) + 3 clips + 3 AdamW steps, interleaved, and reports the overhead (wall and process CPU time).
 """
+import functools
 import math
 import operator
 import os
@@ -290,7 +291,7 @@ def host_overhead(out_path=None, reps=60):
       ``*_new_addresses`` cases: what the harness itself adds to their figures (on a loaded machine the process
       clock charges the call some of the cost of building 676 tensors just before it).
     ``passes_us`` also has ``rule_plan_key``: the update rules' per-step key of their prepared plan over the 338
-    params (``_params_key``, where the checkout has it)."""
+    params and their θ0 buffers (``_plan_key``; ``_params_key`` of the params alone in older checkouts)."""
     import json
     from gxpo_kernels.ops.extrapolate import op as X
 
@@ -381,12 +382,17 @@ def host_overhead(out_path=None, reps=60):
             ts.append(time.process_time() - t)
         passes["tensor_records"] = 1e6 * statistics.median(ts)
     from gxpo_kernels.update import base
-    key = getattr(base, "_params_key", None)
+    if hasattr(base, "_plan_key"):
+        key = functools.partial(base._plan_key, P, T0, None)
+    elif hasattr(base, "_params_key"):              # older checkouts: the params alone, θ0 keyed by its id
+        key = functools.partial(base._params_key, P)
+    else:
+        key = None
     if key is not None:
         ts = []
         for _ in range(reps):
             t = time.process_time()
-            key(P)
+            key()
             ts.append(time.process_time() - t)
         passes["rule_plan_key"] = 1e6 * statistics.median(ts)
     out = dict(what="host part of extrapolate_ on the CUDA path (launch stubbed), process CPU time",

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: fla-style named RMS-ratio check plus exact float64 checks, a free local port and
 the spawn-and-load of multi-rank tests."""
+import contextlib
 import os
 import socket
 
@@ -19,6 +20,23 @@ def spawn_ranks(worker, world: int, out_dir: str, cases, *, weights_only: bool =
     import torch.multiprocessing as mp
     mp.spawn(worker, args=(free_port(), out_dir, cases), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=weights_only) for r in range(world)]
+
+
+@contextlib.contextmanager
+def count_plan_builds():
+    """Count the update rules' builds of their prepared extrapolation plan (``ExtrapolationPlan`` as
+    ``gxpo_kernels.update.base`` calls it) inside the block: yields a one-element list, the count so far."""
+    from gxpo_kernels.update import base
+    real, n = base.ExtrapolationPlan, [0]
+
+    def counting(*args, **kwargs):
+        n[0] += 1
+        return real(*args, **kwargs)
+    base.ExtrapolationPlan = counting
+    try:
+        yield n
+    finally:
+        base.ExtrapolationPlan = real
 
 
 def flat64(ts) -> torch.Tensor:

@@ -656,10 +656,11 @@ class ExtrapolationRule:
         lowp = self._lowp_targets()
         if lowp is None and self._backend_on(params[0]) in ("triton", "cpp"):
             # a prepared plan: the parameters and the rule's own buffers are validated (and on CUDA tabulated)
-            # once; a call only reads the gradients (rebuilt when a buffer or a parameter's storage, dtype or
-            # numel changes: a new storage can come at the old address; see _params_key). Kept pass-0 gradients
-            # (g0_kept) are new tensors every step, so the plan takes g0 per call too
-            key = (id(self._theta0), None if g0_kept else id(g0), _params_key(params))
+            # once; a call only reads the gradients. It is rebuilt when the memory it was built for changes (an
+            # address, dtype, numel, ...: see _plan_key), not when the same memory comes in new tensor objects
+            # (DeepSpeed's views of its flat shards are new every step). Kept pass-0 gradients (g0_kept) are new
+            # tensors every step, so the plan takes g0 per call too
+            key = _plan_key(params, self._theta0, None if g0_kept else g0)
             if getattr(self, "_xplan_key", None) != key:
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
                                                 backend=self.backend, grads_are_param_dtype=True)
@@ -745,16 +746,22 @@ class ExtrapolationRule:
         (self.total_backward_passes, self.total_optimizer_steps, self.outer_steps, self.fallbacks) = counters
 
 
-def _params_key(params) -> object:
-    """What the prepared extrapolation plan of ``params`` was built for, as a value to compare with ==: with the C++
-    extension the ids, addresses, numels, dtypes, contiguity, neg bits and devices of all of them from one compiled
-    pass (``tensor_records``, bytes); else their addresses and dtypes (two Python-level passes). A change to any of
-    them (``model.to(...)``, ``p.data = ...``, a new storage at the old address) gives another key."""
+def _plan_key(params, theta0, g0) -> object:
+    """What the prepared extrapolation plan was built for, as a value to compare with ==: the memory of the
+    params, the θ0 buffers and a static g0 (None: per call), i.e. with the C++ extension the addresses, numels,
+    dtypes, contiguity, neg bits and devices of all of them from one compiled pass (``tensor_records``, bytes);
+    else their addresses, dtypes and numels (Python-level passes). A change to any of them (``model.to(...)``,
+    ``p.data = ...``, a reallocated buffer, a new storage at the old address in another dtype or size) gives
+    another key. The tensors' ids are left out: the plan reads and writes memory, and the same memory handed
+    over in new tensor objects (DeepSpeed's views of its flat shards, new every step) is the same plan. The plan
+    holds the tensors it was built with, so their memory cannot be freed and handed to other tensors while the
+    key still matches."""
+    ts = [*params, *theta0] if g0 is None else [*params, *theta0, *g0]
     rd = _record_reader()
-    rec = rd(params, True) if rd is not None else None
+    rec = rd(ts, False) if rd is not None else None
     if rec is not None:
         return rec
-    return tuple(map(torch.Tensor.data_ptr, params)), tuple(map(_DTYPE, params))
+    return tuple(map(torch.Tensor.data_ptr, ts)), tuple(map(_DTYPE, ts)), tuple(map(torch.Tensor.numel, ts))
 
 
 def _step_needs_closure(optimizer) -> bool:

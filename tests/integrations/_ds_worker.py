@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from tests._utils import count_plan_builds
+
 WORLD = 2
 LR = 1e-2
 ROWS = 8                      # rows per mini-batch (each rank takes ROWS / WORLD)
@@ -253,7 +255,8 @@ def run_case(case):
     _cpp.extrapolate_cpp_ = spy
     infos = []
     try:
-        with warnings.catch_warnings(record=True) as caught:   # e.g. torch's LR scheduler on a wrapped step
+        # caught: e.g. torch's LR scheduler on a wrapped step; builds: of the rule's prepared extrapolation
+        with warnings.catch_warnings(record=True) as caught, count_plan_builds() as builds:
             warnings.simplefilter("always")
             for step in range(case.get("steps", 3)):
                 ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
@@ -264,7 +267,7 @@ def run_case(case):
     finally:
         _cpp.extrapolate_cpp_ = orig
     rec = gather_full(engine, rule)
-    rec.update(infos=infos, cpp_calls=calls, kind=rule.zero.kind, lowp=lowp_full(engine),
+    rec.update(infos=infos, cpp_calls=calls, plan_builds=builds[0], kind=rule.zero.kind, lowp=lowp_full(engine),
                shard_numel=sum(s.numel() for s in rule.zero.shards()), n_shards=len(rule.zero.shards()),
                valid_numel=sum(n for runs in rule.zero.valid_segments() for _, n in runs),
                n_runs=sum(len(runs) for runs in rule.zero.valid_segments()),

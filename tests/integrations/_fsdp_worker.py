@@ -15,6 +15,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from tests._utils import count_plan_builds
 from tests.integrations import _ds_worker as DW
 
 WORLD, ROWS, LR = DW.WORLD, DW.ROWS, DW.LR
@@ -215,12 +216,13 @@ def run_case(case):
     _cpp.extrapolate_cpp_ = spy
     counter = CollectiveCounter()
     try:
-        model, opt, rule, infos = train(case, counter=counter)
+        with count_plan_builds() as builds:
+            model, opt, rule, infos = train(case, counter=counter)
     finally:
         counter.restore()
         _cpp.extrapolate_cpp_ = orig
     rec = record(model, opt, rule, infos)
-    rec["cpp_calls"] = calls
+    rec.update(cpp_calls=calls, plan_builds=builds[0])
     return rec
 
 

@@ -10,9 +10,9 @@ Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many con
   persistent parameters and parameter offload, fp16 with dynamic loss scaling (DeepSpeed's CPU accelerator
   refuses fp16; the worker lifts that check, torch runs fp16 on CPU), whose scale is fixed within an outer step;
 * shard-local: each rank's extrapolation touched only its shard (numel = total / 2 + padding), through the
-  C++ op (spied), and the low-precision weights equal the fp32 master after every update; ZeRO's padding
-  between parameters (parameter_alignment), in a param group smaller than a shard, or on a rank holding no
-  parameter at all is skipped;
+  C++ op (spied) and one prepared plan built once per run, and the low-precision weights equal the fp32
+  master after every update; ZeRO's padding between parameters (parameter_alignment), in a param group smaller
+  than a shard, or on a rank holding no parameter at all is skipped;
 * rank-consistent decisions: NaN injected on one rank in pass 0/1/2 -> both ranks take the same fallback
   (the reference's), parameters identical across ranks; the gate fires on the same step on both ranks and
   at the reference's step (the entropy gate sees the dp-mean entropy, per-rank values differ);
@@ -33,11 +33,11 @@ from tests._utils import flat64, spawn_ranks  # noqa: E402
 
 G = dict(gate=None)
 MLP_CASES = {
-    "z1": dict(stage=1, rule=G),
+    "z1": dict(stage=1, steps=4, rule=G),
     "z2_two_groups": dict(stage=2, groups=True, rule=G),
-    "z3": dict(stage=3, rule=G),
+    "z3": dict(stage=3, steps=4, rule=G),
     "z3_gas2_sched_subgroups": dict(stage=3, gas=2, sched=True, groups=True, sub_group=40, rule=G),
-    "z2_bf16": dict(stage=2, dtype="bf16", rule=G),
+    "z2_bf16": dict(stage=2, dtype="bf16", steps=4, rule=G),
     "bf16_optimizer": dict(stage=1, dtype="bf16", bf16_optimizer=True, groups=True, rule=G),
     "z2_offload": dict(stage=2, offload=True, rule=G),
     "z3_offload_sfpo": dict(stage=3, offload=True, algo="sfpo", rule=G),
@@ -180,6 +180,9 @@ def test_extrapolation_is_shard_local_and_uses_cpp(mlp_runs, name):
             assert c["params_err"] <= 1e-6, c
             assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(c["stats"], c["ref_stats"])), c
         assert rec["infos"][0]["extrapolate_backend"] == "cpp"
+        # one prepared extrapolation plan for the run: the views of the shards are new tensors every step (the
+        # same memory), and with the plan keyed on their ids it was built again on every step
+        assert rec["plan_builds"] == 1, rec["plan_builds"]
         assert rec["infos"][0]["shard_numel"] == rec["valid_numel"]
         if rank == 0 and "alignment" not in name:   # rank 0's shards hold no padding: one view per shard
             assert rec["n_runs"] == n_shards, rec["n_runs"]

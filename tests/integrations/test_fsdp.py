@@ -9,7 +9,8 @@ Two ranks on CPU (gloo), ONE spawn for every configuration (imports cost ~6-8 s 
   MixedPrecisionPolicy), and the same steps under DeepSpeed ZeRO-3 agree;
 * shard-local: θ0 / ĝ0 have the local shard shapes (rank 1 holds an empty shard of the (1, 3) gain), the
   extrapolation is one C++ call per active step on the local shards whose element counts sum to the model
-  size, and the rule issues only the documented collectives (no gather of any parameter);
+  size, through one prepared plan built once per run, and the rule issues only the documented collectives (no
+  gather of any parameter);
 * a second (per-parameter) mesh over the same ranks: the same steps as one mesh;
 * three ranks (a second spawn): a tied-embedding LM with a frozen layer whose parameters split unevenly (empty
   shards), a binding clip norm, per-block and root-only sharding, bf16 compute, SFPO, optimizer-aware with the
@@ -36,9 +37,9 @@ CASES = {
     "gxpo_nan_gcorr": dict(steps=4, rule=dict(gate=None), nan=(0, 2), raise_at=(1, 1), force_plain=(2,)),
     "sfpo_entropy_nan": dict(algo="sfpo", steps=5, rule=dict(K=2, gate="entropy", window=2, tau=0.5),
                              nan=(0, 1), entropy=[[1.0, 1.0], [1.0, 1.2], [1.0, 1.4], [1.0, 1.0], [2.0, 0.0]]),
-    "gxpo_groups_transactional_aware": dict(groups=True, rule=dict(gate=None, transactional_state=True,
+    "gxpo_groups_transactional_aware": dict(groups=True, steps=4, rule=dict(gate=None, transactional_state=True,
                                                                    optimizer_aware=True)),
-    "gxpo_mixed_precision": dict(mp=True, rule=dict(gate=None)),
+    "gxpo_mixed_precision": dict(mp=True, steps=4, rule=dict(gate=None)),
     # an exception between the forward and the backward of pass 2 (and of SFPO's slow pass): FSDP still holds
     # that pass's unsharded parameters, which the retried step's forward used to reuse instead of the rewound
     # shards; the rule now reshards on the rewind
@@ -136,6 +137,9 @@ def test_buffers_and_extrapolation_are_shard_local(runs, name):
         local = sum(torch.Size(s).numel() for s in rec["local_shapes"])
         assert all(c["numel"] == local and c["n"] == len(rec["local_shapes"]) for c in rec["cpp_calls"])
         assert all(i["shard_numel"] == local and i["extrapolate_backend"] == "cpp" for i in active)
+        # one prepared extrapolation plan for the run (the local shards come as new tensor objects every step: the
+        # same memory; keyed on their ids, the plan was built again on every active step)
+        assert rec["plan_builds"] == 1, rec["plan_builds"]
     assert rank == 1 and (0, 3) in runs[1][name]["local_shapes"]          # rank 1's empty shard of the gain
     assert sum(sum(torch.Size(s).numel() for s in recs[name]["local_shapes"]) for recs in runs) == total
 

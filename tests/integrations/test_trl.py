@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from gxpo_kernels.integrations import trl as gtrl  # noqa: E402
+from tests._utils import count_plan_builds  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-=?."
 VOCAB = 131  # not a power of two; ids >= len(CHARS) + 3 decode to nothing
@@ -676,6 +677,19 @@ def test_subclass_trains_with_the_update_rule(tmp_path, update, kwargs, per_step
     if update != "grpo":
         assert [h[f"{update}/backward_passes"] for h in logs] == per_step
     assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+
+
+def test_subclass_builds_the_prepared_extrapolation_once(tmp_path):
+    """The rule's prepared extrapolation plan (the C++ op here, the rule's default backend; the loss runs on the
+    torch backend) is built on the first active update and reused on the next ones: the parameters and the
+    rule's buffers keep their memory."""
+    tr = make_trainer(tmp_path, cls=gtrl.GXPOGRPOTrainer, loss_type="dapo", max_steps=4, max_grad_norm=1.0,
+                      trainer_kwargs=dict(update="gxpo", update_kwargs={"gate": None}, backend="torch"))
+    with count_plan_builds() as builds:
+        tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert [h["gxpo/active"] for h in logs] == [1.0] * 4
+    assert builds[0] == 1, builds[0]
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -3,7 +3,8 @@
 - ``gxpo-kernels speedup --preset test`` runs every default method in-process: per-run records.jsonl,
   runs.json, results.json and speedup.png are written, the table is printed, and records follow the schema;
 - backward-pass and optimizer-step bookkeeping per method: GRPO/grpo_lr 1 per update, grpo_epochs 3,
-  SFPO K+1, GXPO 3 while active (1 once gated, fallbacks excluded), on batches with non-zero advantages; and
+  SFPO K+1, GXPO 3 while active (1 once gated, fallbacks excluded), on batches with non-zero advantages, with one
+  build of the rule's prepared extrapolation plan per run; and
   the recorded counts against the backward / optimizer.step calls counted from outside, GXPO fallbacks included;
 - a non-finite gradient skips the optimizer step in every method (GRPO's too), and the run goes on;
 - the --lr-mult control really scales the learning rate;
@@ -20,6 +21,7 @@ import torch
 from gxpo_kernels.cli import main
 from gxpo_kernels.trainer import engines, loop
 from gxpo_kernels.trainer.config import SFTConfig, TrainConfig, parse_method
+from tests._utils import count_plan_builds
 
 TINY = dict(steps=3, prompts=4, group=4, val_every=3, val_size=16, pass1_size=4, pass1_n=2, hidden=32,
             sft=SFTConfig(max_steps=2, check_every=2, check_size=8, batch_size=16))
@@ -84,8 +86,11 @@ def random_advantages(monkeypatch):
                                            ("gxpo", 3)])
 def test_backward_pass_counts(tmp_path, random_advantages, algo, per_step):
     cfg = TrainConfig(algo=algo, out_dir=str(tmp_path / algo), cache_dir=str(tmp_path / "cache"), quiet=True,
-                      sfpo_K=3, gxpo_gate="none", sfpo_gate="none", **TINY)
-    records = loop.train(cfg)
+                      sfpo_K=3, gxpo_gate="none", sfpo_gate="none", **dict(TINY, steps=4))
+    with count_plan_builds() as builds:
+        records = loop.train(cfg)
+    # the rule's prepared extrapolation plan: built on the first active step, reused on the three others
+    assert builds[0] == (algo in ("gxpo", "sfpo"))
     _check_schema(records, cfg.steps, cfg.val_size)
     prev_bp = prev_opt = 0
     for r in records[1:]:

@@ -697,6 +697,96 @@ def test_prepared_extrapolation_plan_follows_a_param_resized_at_the_same_address
         rule._extrapolate(params, [x.clone() for x in g], g, alpha=0.5, K=5, g0_kept=True)
 
 
+@pytest.mark.parametrize("setup, backend", [(s, "cpp") for s in ("adamw", "adamw_bf16", "param_groups",
+                                                                  "sgd_nesterov", "optimizer_aware", "sfpo",
+                                                                  "sfpo_bf16")]
+                         + [("adamw_bf16", "triton"), ("sgd_nesterov", "triton")])   # (the interpreter is slow)
+def test_prepared_extrapolation_plan_is_built_once(setup, backend):
+    """Five active steps build the rule's prepared extrapolation plan once: AdamW keeping pass 0's gradients (a
+    per-call g0, fp32 and bf16 params), param groups, SGD with Nesterov momentum (ĝ0 copied into a buffer),
+    optimizer-aware retention (the buffer holds displacements) and SFPO. Then the parameters moved to new memory
+    of the same sizes and dtypes (``p.data = p.data.clone()``) build one more, and the step equals, bit for bit,
+    that of the same run without the move."""
+    from tests._utils import count_plan_builds
+    dtype = torch.bfloat16 if setup.endswith("bf16") else torch.float32
+
+    def build(model):
+        ps = model.parameters()
+        if setup == "param_groups":
+            ps = [{"params": [model[0].weight, model[2].weight]},
+                  {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0, "lr": 2e-2}]
+        opt = torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True) if setup == "sgd_nesterov" else \
+            torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01)
+        if setup.startswith("sfpo"):
+            return opt, SFPO(opt, K=3, alpha=0.8, gate=None, backend=backend)
+        return opt, GXPO(opt, K=5, alpha=0.5, gate=None, backend=backend, optimizer_aware=setup == "optimizer_aware")
+
+    def step(model, opt, rule, batch):
+        c = closure_for(model, opt, rule, batch=batch)
+        info = rule.step(c if isinstance(rule, GXPO) else [c] * 4)
+        assert info["active"] and not info["fell_back"], info
+    model, ref = mlp(dtype), mlp(dtype)
+    (opt, rule), (ref_opt, ref_rule) = build(model), build(ref)
+    for batch in range(5):
+        step(ref, ref_opt, ref_rule, batch % 2)
+    with count_plan_builds() as builds:
+        for batch in range(5):
+            step(model, opt, rule, batch % 2)
+        assert builds[0] == 1
+        for p in model.parameters():                 # new memory (the old one is freed): the plan must follow
+            p.data = p.data.clone()
+        step(model, opt, rule, 1)
+        assert builds[0] == 2
+    step(ref, ref_opt, ref_rule, 1)
+    assert params_equal(model, ref)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_prepared_extrapolation_plan_follows_memory_not_tensor_objects(backend):
+    """What DeepSpeed hands the rule: the parameters and θ0 as views of flat buffers, new view objects every step.
+    The plan was keyed on the tensors' ids, so it was built again on every call; it is keyed on their memory
+    (addresses, numels, dtypes, layout) now: the same memory in new views reuses it, and other memory (the flat
+    buffer swapped for a new one, as ``engine.offload_states()`` does, or views at other offsets) builds a new
+    one, whose results land in the new memory (against the float64 reference)."""
+    from tests._utils import count_plan_builds
+    shapes, g = [(13, 7), (1,), (301,), (5, 3)], torch.Generator().manual_seed(5)
+    n = sum(math.prod(s) for s in shapes)
+    flat, flat0 = torch.randn(n + 9, generator=g), torch.randn(n + 9, generator=g)
+    rule = GXPO(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), K=5, alpha=0.5, gate=None,
+                backend=backend)
+
+    def views(buf, skip=0):
+        out, o = [], skip
+        for s in shapes:
+            out.append(buf[o:o + math.prod(s)].view(s))
+            o += math.prod(s)
+        return out
+
+    def call(skip=0):
+        params = views(flat, skip)
+        rule._theta0 = views(flat0, skip)
+        g0 = [torch.randn(p.shape, generator=g) * 1e-2 for p in params]
+        g1 = [x + torch.randn(x.shape, generator=g) * 1e-3 for x in g0]
+        want = [p.double() for p in params]
+        want_stats = extrapolate_ref_(want, [t.double() for t in rule._theta0], [x.double() for x in g0],
+                                      [x.double() for x in g1], alpha=0.5, K=5)
+        stats = rule._extrapolate(params, g0, g1, alpha=0.5, K=5, g0_kept=True)
+        for p, w in zip(views(flat, skip), want):    # the memory the caller sees now
+            assert torch.allclose(p.double(), w, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(stats.double(), want_stats.double(), rtol=1e-4)
+    with count_plan_builds() as builds:
+        for _ in range(4):
+            call()
+        assert builds[0] == 1
+        flat.data = flat.data.clone()                # the same tensor object, new memory
+        call()
+        assert builds[0] == 2
+        call(skip=3)                                 # views at other offsets
+        assert builds[0] == 3
+        call(skip=3)
+        assert builds[0] == 3
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64,), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])
 def test_clip_is_torchs_clip_grad_norm_bit_for_bit(dtypes, max_norm, monkeypatch):
