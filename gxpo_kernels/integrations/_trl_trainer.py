@@ -9,6 +9,7 @@ accumulation, optimizer, scheduler and DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -340,14 +341,26 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             folder = os.path.join(self._get_output_dir(trial=trial), name)
             torch.save(self.gxpo_state_dict(), os.path.join(folder, UPDATE_STATE_FILE))
 
+        def train(self, resume_from_checkpoint=None, *args, **kwargs):
+            # check our saved state before HF loads anything (the model's weights here, DeepSpeed's engine, the
+            # optimizer): a refused state leaves the trainer as it was. The optimizer-dependent part of the rule's
+            # check runs again in _load_optimizer_and_scheduler, once the optimizer exists.
+            ckpt = resume_from_checkpoint
+            if isinstance(ckpt, bool):
+                from transformers.trainer_utils import get_last_checkpoint
+                ckpt = get_last_checkpoint(self.args.output_dir) if ckpt else None   # None: HF raises
+            if ckpt is not None:
+                self._gxpo_checked_update_state(ckpt)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
         def _load_optimizer_and_scheduler(self, checkpoint):
-            path = None if checkpoint is None else os.path.join(checkpoint, UPDATE_STATE_FILE)
-            st = load_update_state(path) if path is not None and os.path.exists(path) else None
-            if st is not None and st["fade"] is not None and self._fade is not None:
-                self._fade_check_settings(st["fade"], path)   # before anything (the optimizer too) is loaded
+            # validate first, then let HF load the optimizer and scheduler, then apply what was validated: a
+            # refused update state leaves the optimizer as it was (it used to be loaded before the rule's check)
+            st = None if checkpoint is None else self._gxpo_checked_update_state(checkpoint)
             super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint is None:
                 return
+            path = os.path.join(checkpoint, UPDATE_STATE_FILE)
             if st is None:
                 if self._fade is not None or self.gxpo_update != "grpo":
                     warnings.warn(f"{checkpoint} has no {UPDATE_STATE_FILE} (not saved by GXPOGRPOTrainer): the "
@@ -361,7 +374,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                                             "ignored" if self._fade is None else
                                             "has no FADE controller state (saved without FADE); the controller "
                                             "starts fresh"))
-            if st["rule"] is not None:
+            if st["rule"] is not None and self.gxpo_update != "grpo":
                 if self._gxpo_rule is not None:
                     self._gxpo_rule.load_state_dict(st["rule"])
                 else:
@@ -372,6 +385,44 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
                 self._fade_pending_n = int(st.get("fade_pending_n", 0))
                 # the [entropy sum, token count] pairs the next update folds in
                 self._fade_entropy = [list(e) for e in st.get("fade_entropy", [])]
+
+        def _gxpo_checked_update_state(self, checkpoint) -> Optional[dict]:
+            """``checkpoint``'s ``gxpo_update_state.pt`` (None when it has none), after checking that this trainer
+            can load it: FADE's settings and state, and the rule's (its name, hyper-parameters, gate settings and,
+            once the optimizer exists, its optimizer class and trainable parameters). The checks load the state
+            into throw-away copies; ValueError, naming the file, changes nothing."""
+            path = os.path.join(checkpoint, UPDATE_STATE_FILE)
+            if not os.path.exists(path):
+                return None
+            st = load_update_state(path)
+            if st["fade"] is not None and self._fade is not None:
+                self._fade_check_settings(st["fade"], path)
+            try:
+                if st["fade"] is not None and self._fade is not None:
+                    copy.deepcopy(self._fade).load_state_dict(st["fade"])
+                    int(st.get("fade_pending_n", 0))
+                if st["rule"] is not None and self.gxpo_update != "grpo":
+                    self._gxpo_check_rule_state(st["rule"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: {e}") from None
+            return st
+
+        def _gxpo_check_rule_state(self, sd) -> None:
+            """Load ``sd`` into a throw-away rule with this trainer's settings (ValueError if refused): on the real
+            optimizer where it exists, else (before ``train()`` built it, or under DeepSpeed, whose rule state
+            carries no optimizer signature) on a stand-in, without the optimizer class and parameter counts."""
+            from ..update import GXPO, SFPO, Gate
+            kw = {"max_grad_norm": None, **self._gxpo_update_kwargs}
+            if isinstance(kw.get("gate"), Gate):
+                kw["gate"] = copy.deepcopy(kw["gate"])   # the probe must not load into the rule's own gate
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            stand_in = inner is None or engine(self) == "deepspeed"
+            if stand_in:
+                inner = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            probe = (GXPO if self.gxpo_update == "gxpo" else SFPO)(inner, **kw)
+            if stand_in and isinstance(sd, dict):
+                sd = {k: v for k, v in sd.items() if k not in probe._model_signature()}
+            probe.load_state_dict(sd)
 
         def _fade_check_settings(self, saved: dict, path: str) -> None:
             """Refuse (ValueError) FADE state saved with other fade_kwargs than this trainer's, as the update rule

@@ -153,9 +153,10 @@ def _loss_options(trainer) -> GRPOLossOptions:
             max_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None)
     except ValueError as e:  # name TRL's options, not ours (eps_low is TRL's epsilon)
         raise ValueError(f"TRL's epsilon={trainer.epsilon_low}, epsilon_high={trainer.epsilon_high}, "
-                         f"delta={trainer.args.delta}, beta={trainer.beta} or temperature={_loss_temperature(trainer)} "
-                         f"is not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high are TRL's "
-                         "epsilon/epsilon_high)") from None
+                         f"delta={trainer.args.delta}, beta={trainer.beta}, importance_sampling_level="
+                         f"{trainer.importance_sampling_level!r} or temperature={_loss_temperature(trainer)} "
+                         f"is not supported by gxpo_kernels.integrations.trl: {e} (eps_low/eps_high/"
+                         "importance_sampling are TRL's epsilon/epsilon_high/importance_sampling_level)") from None
 
 
 # -------------------------------------------------------------------------------------- the loss, TRL-shaped

@@ -583,6 +583,8 @@ def test_grpo_loss_metrics_against_trl_logged_metrics(is_level):
     (dict(epsilon=1.0), "TRL's epsilon=1.0.*eps_low must be in"),   # TRL's lower bound 0: our ops refuse it
     (dict(delta=1.2, epsilon_high=0.28), "delta=1.2.*delta must be in"),  # TRL only recommends delta > 1 + eps
     (dict(beta=-0.1), "beta=-0.1.*beta must be in"),
+    # TRL raises only at the first loss call; the message used to name our option (importance_sampling), not TRL's
+    (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'.*must be one of"),
     (dict(loss_type="vespo"), "loss_type='vespo'"),
     # TRL's dr_grpo divides by B * max_completion_length (a TypeError at its first loss); the hook used to fall
     # back silently to each micro-batch's completion width

@@ -337,3 +337,138 @@ def test_trl_trainer_resume_continues_the_rule(tmp_path):
     p0, p1 = params(full), params(resumed)
     for n in p0:
         torch.testing.assert_close(p1[n], p0[n], rtol=1e-6, atol=1e-7)
+
+
+# TRL options whose loss inputs come from TRL's own pipeline (old log-probs of num_iterations > 1 and
+# steps_per_generation > gradient_accumulation_steps, a real reference model, truncation masks, scaled rewards),
+# each run through trainer.train() with and without the hook
+TRAIN_CASES = {
+    "steps_per_generation=4 grpo epsilon_high delta beta": dict(   # negative-advantage ratios pass delta at steps 2, 3
+        steps_per_generation=4, per_device_train_batch_size=4, loss_type="grpo", epsilon_high=0.28, delta=1.3,
+        beta=0.04),
+    "steps_per_generation=4 GA=2 dapo mask_truncated": dict(
+        steps_per_generation=4, gradient_accumulation_steps=2, per_device_train_batch_size=2, loss_type="dapo",
+        mask_truncated_completions=True, max_completion_length=5),
+    "GA=2 bnpo scale_rewards=batch top_entropy_quantile": dict(
+        gradient_accumulation_steps=2, per_device_train_batch_size=2, loss_type="bnpo", scale_rewards="batch",
+        top_entropy_quantile=0.5, entropy_coef=0.01),
+    "num_iterations=2 dr_grpo scale_rewards=none sync_ref_model": dict(
+        num_iterations=2, loss_type="dr_grpo", scale_rewards="none", beta=0.05, sync_ref_model=True,
+        ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+    "num_iterations=2 luspo GSPO mask_truncated": dict(
+        num_iterations=2, loss_type="luspo", importance_sampling_level="sequence", mask_truncated_completions=True,
+        max_completion_length=4),
+    "num_iterations=2 bnpo off_policy_mask no bias-corrected KL": dict(
+        num_iterations=2, loss_type="bnpo", off_policy_mask_threshold=0.01, beta=0.02, use_bias_correction_kl=False,
+        epsilon=0.1),
+    "GA=3 grpo GSPO top_entropy_quantile=0": dict(
+        gradient_accumulation_steps=3, loss_type="grpo", importance_sampling_level="sequence",
+        top_entropy_quantile=0.0, entropy_coef=0.02),
+}
+
+
+@pytest.mark.parametrize("cfg", TRAIN_CASES.values(), ids=TRAIN_CASES.keys())
+def test_training_parity_with_trl(tmp_path, cfg):
+    """Three optimizer steps of ``trainer.train()``, TRL's loss vs the hook, same seed: every step's gradients,
+    every logged metric and the final parameters agree within fp32 rounding. SGD (not Adam, whose m / sqrt(v)
+    turns rounding-level gradient differences into lr-sized steps) with a large learning rate, so that the
+    num_iterations=2 steps are off-policy and the clip binds. A bias towards EOS in generation (generation only;
+    the loss scores the sampled tokens without it) gives a mix of truncated and finished completions."""
+    from transformers import TrainerCallback
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            seen.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    base = dict(optim="sgd", learning_rate=1.0, max_steps=3, generation_kwargs={"sequence_bias": [[[1], 3.0]]})
+    cfg = dict(base, **cfg)
+    runs = []
+    for hook in (False, True):
+        seen = []
+        tr = make_trainer(tmp_path / str(hook), **cfg)
+        tr.add_callback(Grads())
+        if hook:
+            gtrl.enable_gxpo_loss(tr, backend="torch")
+            assert tr.gxpo_loss_path == "hidden"
+        logs = train_logs(tr)
+        runs.append((logs, seen, params(tr)))
+    (want_logs, want_grads, want_p), (logs, grads, p) = runs
+    assert len(logs) == len(want_logs) == len(grads) == len(want_grads) == 3
+    for want, got in zip(want_logs, logs):
+        assert want.keys() == got.keys()
+        for key in want:
+            if "time" not in key and "runtime" not in key:
+                assert math.isclose(want[key], got[key], rel_tol=1e-4, abs_tol=1e-6), (key, want[key], got[key])
+    for want, got in zip(want_grads, grads):
+        assert want.keys() == got.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    for n in want_p:   # the gradients' rounding differences, times the learning rate
+        torch.testing.assert_close(p[n], want_p[n], rtol=1e-5, atol=1e-6 * cfg["learning_rate"])
+    # each case exercises what it names
+    if cfg.get("num_iterations", 1) > 1 or cfg.get("steps_per_generation", 0) > 2:
+        assert any(h["clip_ratio/region_mean"] > 0 for h in want_logs)
+    if cfg.get("beta"):
+        assert any(h["kl"] > 0 for h in want_logs)
+    if cfg.get("mask_truncated_completions"):
+        assert any(0 < h["completions/clipped_ratio"] < 1 for h in want_logs if "completions/clipped_ratio" in h)
+
+
+def _opt_state(tr):
+    return copy.deepcopy(tr.optimizer.state_dict()) if tr.optimizer is not None else None
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["rule-pending", "rule-built"])
+def test_refused_rule_state_leaves_optimizer_and_rule_as_they_were(tmp_path, built):
+    """A checkpoint whose rule state this trainer refuses (another gate window here): HF's optimizer state used
+    to be loaded first and the rule's check came after (at the first training step when the rule was not built
+    yet), so the refused resume left the checkpoint's Adam moments in the optimizer. Now the state is checked
+    first: optimizer, scheduler and rule are exactly as before; a matching trainer then loads it."""
+    kw = dict(update="gxpo", update_kwargs={"gate": "window", "window": 2, "tau": 50.0, "backend": "torch"},
+              backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1, max_steps=1)
+    full.train()
+    ckpt = str(tmp_path / "full" / "out" / "checkpoint-1")
+    other_kw = dict(kw, update_kwargs=dict(kw["update_kwargs"], window=3))
+    other = make_trainer(tmp_path / "other", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=other_kw)
+    other.create_optimizer_and_scheduler(num_training_steps=2)      # what train() builds before it loads these
+    if built:
+        rule = other._get_rule(other.model)
+        rule.total_backward_passes, rule.outer_steps = 5, 2
+    before = (_opt_state(other), other.lr_scheduler.state_dict(),
+              None if other._gxpo_rule is None else other._gxpo_rule.state_dict())
+    with pytest.raises(ValueError, match=r"gate window: checkpoint 2 vs rule 3"):
+        other._load_optimizer_and_scheduler(ckpt)
+    after = (_opt_state(other), other.lr_scheduler.state_dict(),
+             None if other._gxpo_rule is None else other._gxpo_rule.state_dict())
+    assert after == before and other._gxpo_pending_state is None
+    same = make_trainer(tmp_path / "same", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw)
+    same.create_optimizer_and_scheduler(num_training_steps=2)
+    same._load_optimizer_and_scheduler(ckpt)
+    assert same._gxpo_pending_state == full._gxpo_rule.state_dict()
+    assert same.optimizer.state_dict()["state"]                     # Adam's moments from the checkpoint
+
+
+def test_refused_resume_in_train_changes_nothing(tmp_path):
+    """``train(resume_from_checkpoint=...)`` with a rule state of other settings is refused before HF loads the
+    model's weights or the optimizer (and before any generation), naming the setting; the trainer then trains
+    from where it was. It used to fail only at the first training step, after both had been overwritten."""
+    kw = dict(update="sfpo", update_kwargs={"K": 2, "gate": None, "backend": "torch"}, backend="torch")
+    full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
+                        save_steps=1, max_steps=1)
+    full.train()
+    other = make_trainer(tmp_path / "other", cls=gtrl.GXPOGRPOTrainer,
+                         trainer_kwargs=dict(kw, update_kwargs=dict(kw["update_kwargs"], alpha=0.5)))
+    p0 = params(other)
+    generated = []
+    real = other._generate_and_score_completions
+    other._generate_and_score_completions = lambda inputs: generated.append(1) or real(inputs)
+    with pytest.raises(ValueError, match=r"alpha: checkpoint 0.8 vs rule 0.5"):
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-1"))
+    assert generated == [] and other.optimizer is None and other._gxpo_rule is None
+    assert other._gxpo_pending_state is None
+    for n, p in params(other).items():
+        assert torch.equal(p, p0[n]), n
+    other.train()                                                    # no stale state: trains from scratch
+    assert other._gxpo_rule.total_backward_passes == 2 * 3 and other.state.global_step == 2
