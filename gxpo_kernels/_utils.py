@@ -309,6 +309,15 @@ def has_internal_overlap(x: torch.Tensor) -> bool:
     return False
 
 
+def saved_tensor_hooks_active() -> bool:
+    """True inside ``torch.autograd.graph.saved_tensors_hooks`` (a non-reentrant ``torch.utils.checkpoint``,
+    ``save_on_cpu``, activation offloading). Tensors saved there skip autograd's version check, so an op that
+    overwrites a saved input in its backward must not rely on that check. Where torch no longer has the query,
+    it answers True (the safe choice)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
 def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor] = None,
                           name: str = "tokens") -> None:
     """Token ids at unmasked positions must lie in [0, vocab_size); masked positions may hold anything."""

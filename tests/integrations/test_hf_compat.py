@@ -121,6 +121,44 @@ def test_tied_embeddings_after_resize_and_unpatch():
     _assert_same(_reference(model, ids, *batch[1:]), _reference(plain, ids, *batch[1:]))
 
 
+def _accumulated(model, batches, fused, **opts):
+    """Gradient accumulation as a trainer does it: .grad starts at 0.25 (a previous step's leftover that must be
+    added to), each micro-batch's loss is scaled by 1 / len(batches) and backpropagated on its own."""
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    total = 0
+    for ids, am, cm, adv, old in batches:
+        K = cm.shape[1]
+        if fused:
+            loss = model(input_ids=ids, attention_mask=am, advantages=adv, completion_mask=cm, logits_to_keep=K,
+                         old_logprobs=old, grpo_options=opts).loss
+        else:
+            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[:, -K - 1:-1]
+            loss, _ = grpo_loss_ref(logits.double(), ids[:, -K:], adv, cm.bool(), old)
+        (loss / len(batches)).backward()
+        total = total + loss.detach() / len(batches)
+    return total, {n: g - 0.25 for n, g in _grads(model).items()}
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("backend, reentrant", [("torch", None), ("torch", True), ("torch", False),
+                                                ("triton", True), ("triton", False)])
+def test_tied_head_gradient_accumulation(backend, reentrant, grad_in_forward):
+    """Tied Qwen2 (the lm_head weight is the input embedding, as in Qwen2-0.5B): three micro-batches of different
+    prompt / completion lengths accumulated into a non-zero .grad, with ``grad_in_forward`` off and on and with
+    gradient checkpointing (reentrant or not) or without: every parameter's gradient, the tied one summing both
+    uses, equals the logits path's, and nothing written during forward is counted twice by a recomputation."""
+    batches = [_batch(B=3, P=4, K=5, seed=1), _batch(B=3, P=6, K=3, seed=2), _batch(B=4, P=3, K=7, seed=3)]
+    want = _accumulated(_model(tied=True).train(), batches, fused=False)
+    model = _model(tied=True).train()
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    patch_causal_lm(model)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    _assert_same(_accumulated(model, batches, fused=True, backend=backend, grad_in_forward=grad_in_forward), want)
+
+
 def test_left_padding_with_position_ids():
     """Generation-style batches: left padding, position ids counted from the first real token (as ``generate``
     makes them; RoPE sees only their differences, so these give the default's numbers) and stretched ones (which
@@ -222,7 +260,8 @@ def test_head_subclass_with_own_forward_refused():
 
 def test_peft_lora_base_model():
     """PEFT: patch ``peft_model.get_base_model()``, call the PEFT model with the GRPO targets; the LoRA adapters'
-    gradients equal the plain PEFT model's (with reentrant checkpointing too). Adapters on lm_head are refused."""
+    gradients equal the plain PEFT model's (with reentrant checkpointing too). Adapters on lm_head (LoRA, or a
+    trainable copy through ``modules_to_save``) are refused."""
     peft = pytest.importorskip("peft")
 
     def lora(targets=("q_proj", "v_proj", "up_proj")):
@@ -243,6 +282,9 @@ def test_peft_lora_base_model():
     _assert_same(_fused(model, *batch), want)
     with pytest.raises(TypeError, match="lora.*not supported"):
         patch_causal_lm(lora(("q_proj", "lm_head")).get_base_model())
+    saved = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(TypeError, match="ModulesToSaveWrapper.*not supported"):
+        patch_causal_lm(saved.get_base_model())
 
 
 def test_generate_unaffected():

@@ -62,8 +62,10 @@ def grpo_loss(
         compute_entropy: compute the entropy metric (same pass, nearly free); forced on if entropy_coef != 0.
         inplace_backward: write dlogits into the logits buffer during backward (saves a (B, T, V) buffer;
             the logits' values are destroyed). Logits whose elements overlap in memory (stride-0 or
-            ``unfold`` views) are refused. Ignored under ``torch.compile``, for a leaf (or a view of one) and
-            for a lazily negated view (``logits.is_neg()``).
+            ``unfold`` views) are refused. Ignored under ``torch.compile``, for a leaf (or a view of one), for
+            a lazily negated view (``logits.is_neg()``) and inside saved-tensor hooks (a non-reentrant
+            ``torch.utils.checkpoint``, ``save_on_cpu``), which skip autograd's check that saved tensors are
+            unchanged.
         check_finite: raise ValueError if logits hold NaN/inf at unmasked positions (reads the logits once
             more and synchronises with the GPU).
         validate: "cheap" (shapes, dtypes, devices, hyperparameters; no host sync) or "full" (also ids in

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, compiled_safe_tokens,
-                       has_internal_overlap, nan_at, resolve_backend)
+                       has_internal_overlap, nan_at, resolve_backend, saved_tensor_hooks_active)
 from . import _library
 
 
@@ -84,6 +84,10 @@ def _token_logprobs(logits, tokens, mask, temperature, compute_entropy, inplace_
     if inplace_backward and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         # the memory of a leaf (or a view of one) is the caller's tensor, and autograd copies a leaf's gradient
         # anyway: overwriting it would destroy the caller's values and save nothing
+        inplace_backward = False
+    if inplace_backward and saved_tensor_hooks_active():
+        # saved-tensor hooks (a non-reentrant checkpoint, save_on_cpu) skip autograd's version check: another node
+        # that saved these logits, a second backward or a checkpoint's recomputation would silently read d(logits)
         inplace_backward = False
     if inplace_backward and logits.is_neg():
         # a negated view (its memory holds -logits) cannot be the registered in-place op's mutated argument (the
