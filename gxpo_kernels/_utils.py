@@ -163,6 +163,8 @@ def check_tensor(x, name: str, *, ndim=None, dtypes=None, floating: bool = False
     """Raise TypeError/ValueError naming ``name`` if ``x`` is not a tensor of the expected kind."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:   # the kernels read strided memory ("Cannot access storage of SparseTensorImpl")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; pass {name}.to_dense()")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:

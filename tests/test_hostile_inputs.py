@@ -255,3 +255,24 @@ def test_unmasked_padding_id_makes_the_gradient_nan_too(backend):
     fn = torch.compile(lambda x: token_logprobs(x, tokens, backend=backend)[0], backend="aot_eager", dynamic=False)
     fn(logits).sum().backward()
     assert torch.isnan(logits.grad[bad]).all() and torch.isfinite(logits.grad[~bad]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_tensors_are_refused_by_name(backend):
+    """Sparse logits failed inside the kernels' host code ("Cannot access storage of SparseTensorImpl" on the
+    PyTorch path, "unsupported memory format option Contiguous" on the Triton path); every tensor argument
+    checked by shape and dtype now names itself and the fix (to_dense)."""
+    g = torch.Generator().manual_seed(6)
+    logits, tokens = torch.randn(2, 3, V, generator=g), torch.randint(0, V, (2, 3), generator=g)
+    h, w, adv = torch.randn(2, 3, H, generator=g), torch.randn(V, H, generator=g), torch.randn(2, generator=g)
+    calls = {
+        "logits": lambda: token_logprobs(logits.to_sparse(), tokens, backend=backend),
+        "logits ": lambda: grpo_loss(logits.to_sparse(), tokens, adv, backend=backend),
+        "ref_logits": lambda: fpa_logprobs(logits, logits.to_sparse(), tokens, backend=backend),
+        "weight": lambda: linear_grpo_loss(h, w.to_sparse(), tokens, adv, backend=backend),
+        "hidden": lambda: linear_token_logprobs(h.to_sparse(), w, tokens, backend=backend),
+        "tokens": lambda: token_logprobs(logits, tokens.to_sparse(), backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name.strip()} must be a dense \(strided\) tensor.*to_dense"):
+            call()
