@@ -276,3 +276,36 @@ def test_sparse_tensors_are_refused_by_name(backend):
     for name, call in calls.items():
         with pytest.raises(TypeError, match=rf"{name.strip()} must be a dense \(strided\) tensor.*to_dense"):
             call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fpa_lam_beyond_1e6_is_refused_by_name(backend):
+    """lam had no upper bound: (1 + lam) * logits overflowed fp32, so lam = 1e20 gave NaN fpa log-probs on the
+    Triton path and values off by 3e13 on the PyTorch path, and lam = 1e300 an internal "value cannot be converted
+    to type float without overflow". lam now follows one range, [0, 1e6], in both FPA ops and the CLI's
+    --fpa_lam, as the temperature follows [1e-6, 1e6]; at the bound the values match float64 to fp32's
+    lam * 6e-8 * |logits|."""
+    from gxpo_kernels.ops.fpa.reference import fpa_logprobs_ref
+    g = torch.Generator().manual_seed(7)
+    logits, ref = torch.randn(2, 3, V, generator=g), torch.randn(2, 3, V, generator=g)
+    tokens, h, w = torch.randint(0, V, (2, 3), generator=g), torch.randn(2, 3, H, generator=g), torch.randn(V, H)
+    for lam in (1e6 * (1 + 1e-9), 1e20, 1e300):
+        with pytest.raises(ValueError, match=r"lam must be in \[0, 1e6\]"):
+            fpa_logprobs(logits, ref, tokens, lam=lam, backend=backend)
+        with pytest.raises(ValueError, match=r"lam must be in \[0, 1e6\]"):
+            linear_fpa_logprobs(h, w, h, w, tokens, lam=lam, backend=backend)
+    got = fpa_logprobs(logits, ref, tokens, lam=1e6, backend=backend)[2]
+    want = fpa_logprobs_ref(logits.double(), ref.double(), tokens, lam=1e6)[2]
+    bound = 1e6 * 6e-8 * float(torch.cat([logits, ref]).abs().max()) * 2
+    assert torch.isfinite(got).all() and float((got.double() - want).abs().max()) < bound
+
+
+def test_cli_fpa_lam_range(tmp_path, monkeypatch):
+    """--fpa_lam 1e20 is an error naming the option, exit 2 (it started a run with NaN fpa log-probs)."""
+    from gxpo_kernels import cli
+    from gxpo_kernels.trainer import loop
+    monkeypatch.setattr(loop, "train", lambda *a, **k: [])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        cli.main(["train", "--algo", "fpa_dpo", "--fpa_lam", "1e20", "--no_progress", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "fpa_lam must be in [0, 1e6], got 1e+20" in err.getvalue()
