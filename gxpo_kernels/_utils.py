@@ -140,6 +140,17 @@ def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
                                "torch.autograd.grad)")
 
 
+def refuse_second_derivative(op_name: str, ops: str) -> None:
+    """Register, as the autograd formula of the backward op ``op_name``, an error naming the public ``ops``: their
+    backward is itself not differentiable, and PyTorch's own message for an op without a formula ("no autograd
+    formula was registered. Please use register_autograd to add one") points the user at our internals."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ops} are differentiable once: a second derivative (create_graph=True followed by a "
+                           f"backward through the gradient, torch.autograd.functional.hessian) would go through "
+                           f"their backward op {op_name}, which has no derivative")
+    torch.library.register_autograd(op_name, backward)
+
+
 def resolved(*tensors: Optional[torch.Tensor]) -> tuple:
     """The tensors with a pending negation materialised (``resolve_neg``: the tensor itself when its neg bit is
     unset, a C-level check). A lazily negated view (``torch._neg_view(x)``, ``z.conj().imag``) keeps the
@@ -152,6 +163,8 @@ def check_tensor(x, name: str, *, ndim=None, dtypes=None, floating: bool = False
     """Raise TypeError/ValueError naming ``name`` if ``x`` is not a tensor of the expected kind."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:   # the kernels read strided memory ("Cannot access storage of SparseTensorImpl")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; pass {name}.to_dense()")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -293,8 +306,13 @@ def compiled_safe_tokens(tokens: torch.Tensor, vocab_size: int, mask: Optional[t
 
 
 def nan_at(bad: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``x`` with NaN where ``bad`` (from ``compiled_safe_tokens``) is True; ``x`` itself when ``bad`` is None."""
-    return x if bad is None else torch.where(bad.reshape(x.shape), float("nan"), x)
+    """``x`` with NaN where ``bad`` (from ``safe_tokens`` / ``compiled_safe_tokens``) is True, in value and in
+    gradient: ``x * (NaN or 1)``, where ``torch.where(bad, nan, x)`` gave the bad positions a zero gradient, so a
+    NaN loss came with a finite gradient (the other tokens', the bad ones left out) that an optimizer step would
+    take; ``x`` itself when ``bad`` is None."""
+    if bad is None:
+        return x
+    return x * torch.where(bad.reshape(x.shape), float("nan"), 1.0).to(x.dtype)
 
 
 def has_internal_overlap(x: torch.Tensor) -> bool:
@@ -330,7 +348,11 @@ def check_tokens_in_range(tokens: torch.Tensor, vocab_size: int, mask: Optional[
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) at unmasked positions; found ids in [{lo}, {hi}]")
+        # a negative id is most often a label padding (Hugging Face's ignore_index -100): say how to ignore it
+        hint = (f"; a padding id such as Hugging Face's ignore_index -100 is not ignored here: mask those positions "
+                f"(mask={name} != -100; a masked position's id is never read)") if lo < 0 else ""
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) at unmasked positions; found ids in [{lo}, {hi}]"
+                         + hint)
 
 
 def checked_mask(mask: Optional[torch.Tensor], shape, device, tokens: torch.Tensor, vocab_size: int, *,

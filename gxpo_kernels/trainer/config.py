@@ -346,6 +346,11 @@ APPLIES_TO = {
     "task": (lambda c: c.dataset is None, "the toy tasks (without --dataset)"),
     **{n: (lambda c: c.dataset is not None, "--dataset") for n in ("prompt_field", "answer_field")},
     "chat_template": (lambda c: c.model is not None, "--model"),
+    # the sampled metrics are off with --pass1_size 0, and a checkpoint interval past the last step writes none
+    **{n: (lambda c: c.pass1_size > 0, "the sampled pass@k metrics (--pass1_size > 0)")
+       for n in ("pass1_n", "pass_k", "val_temperature")},
+    "save_steps": (lambda c: c.save_steps <= c.steps,
+                   "runs of --steps >= --save_steps (the first checkpoint is written at step --save_steps)"),
 }
 
 

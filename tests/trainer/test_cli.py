@@ -164,7 +164,7 @@ BAD = [
     (["train", "--algo", "gxpo", "--gxpo_tau", "0"], "gxpo_tau must be in (0, inf)"),
     (["train", "--sfpo_K", "0"], "sfpo_K must be in [1, inf)"),
     (["train", "--sfpo_alpha", "-1"], "sfpo_alpha must be in (0, inf)"),
-    (["train", "--fpa_lam", "-1"], "fpa_lam must be in [0, inf)"),
+    (["train", "--fpa_lam", "-1"], "fpa_lam must be in [0, 1e6]"),
     (["train", "--algo", "fpa_dpo", "--fpa_beta", "0"], "fpa_beta must be in (0, inf)"),
     (["train", "--algo", "fpa_rpo", "--fpa_rpo_alpha", "-1"], "fpa_rpo_alpha must be in [0, inf)"),
     (["train", "--advantage", "fade", "--fade_target_entropy", "-1"], "fade_target_entropy must be in [0, inf)"),

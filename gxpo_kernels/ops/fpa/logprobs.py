@@ -14,8 +14,16 @@ from ._library import fpa_logprobs_op
 from .kernel import FLOAT_DTYPES, as_3d
 
 
+# (1 + lam) * logits / temperature stays finite in fp32 (as TEMPERATURE_RANGE does for 1 / temperature); the fpa
+# log-probs lose about lam * 6e-8 * |logits| / temperature anyway (0.1 at lam = 1e6 for logits of scale 2)
+LAM_RANGE = "[0, 1e6]"
+
+
 def check_lam_temperature(lam, temperature) -> Tuple[float, float]:
-    return check_scalar(lam, "lam", "[0, inf)"), check_temperature(temperature)
+    """``lam`` in ``LAM_RANGE`` and the temperature (one rule for every FPA op and the trainer's --fpa_lam). Past
+    1e6 the kernels' fp32 logits of pi_hat overflowed: lam = 1e20 gave NaN (Triton) or log-probs off by 3e13
+    (PyTorch), lam = 1e300 an internal "cannot be converted to type float without overflow"."""
+    return check_scalar(lam, "lam", LAM_RANGE), check_temperature(temperature)
 
 
 def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, lam: float = 1.0,
@@ -28,7 +36,7 @@ def fpa_logprobs(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.T
         ref_logits: same shape as ``logits``, reference-model logits, fp32/bf16/fp16 (its own dtype; never
             differentiated).
         tokens: (B, T) int64/int32 token ids; must lie in [0, V) where ``mask`` is set.
-        lam: extrapolation strength lambda >= 0 (default 1.0; 0 gives pi_hat = pi_theta).
+        lam: extrapolation strength lambda in [0, 1e6] (default 1.0; 0 gives pi_hat = pi_theta).
         temperature: h = logits / temperature for both models (> 0).
         mask: optional (B, T) bool or 0/1; masked positions return 0 and get zero gradient.
         backend: "auto" (CUDA -> Triton, CPU -> PyTorch, unless TRITON_INTERPRET=1), "triton" or "torch".

@@ -205,9 +205,14 @@ def fpa_simper_loss(chosen: FPALogProbs, rejected: FPALogProbs, *,
 
 # ----------------------------------------------------------------------------------------- unpaired methods
 def _as_scalar_tensor(x, name, like):
+    """A number (checked by ``check_scalar``) or a one-element real tensor (kept on its device: its value is not
+    read) as a 0-d tensor like ``like``."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(x.shape)}")
+        if x.dtype == torch.bool or x.is_complex():
+            # as check_scalar refuses them: a bool tensor was read as 1.0, a complex one lost its imaginary part
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got dtype {x.dtype}")
         return x.detach().reshape(()).to(device=like.device, dtype=like.dtype)
     return torch.tensor(check_scalar(x, name), dtype=like.dtype, device=like.device)
 

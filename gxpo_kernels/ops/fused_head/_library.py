@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..._utils import check_no_forward_ad
+from ..._utils import check_no_forward_ad, refuse_second_derivative
 from .engine import MaskedRows, _HeadConfig, linear_token_stats_bwd, linear_token_stats_fwd
 
 
@@ -90,6 +90,8 @@ def _backward(ctx, dlogp, dentropy, _dlse):
 
 
 torch.library.register_autograd("gxpo::linear_token_stats_fwd", _backward, setup_context=_setup_context)
+refuse_second_derivative("gxpo::linear_token_stats_bwd",
+                         "linear_token_logprobs, linear_grpo_loss and linear_fpa_logprobs")
 
 
 def cfg_args(cfg: _HeadConfig) -> tuple:

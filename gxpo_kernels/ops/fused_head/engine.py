@@ -24,9 +24,11 @@ Reference on materialised logits: ``logprobs/reference.py``'s ``token_logprobs_r
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -422,16 +424,20 @@ def validate_head(hidden, weight, bias, fp32_head: bool, *, hidden_ndim=(2, 3), 
     check_same_device(hidden, hn, **{wn: weight, bn: bias})
 
 
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
-                                       and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """``chunk_size`` as a Python int (or None); any positive integer type counts (numpy's too: ``np.int64(4)``
+    was refused as "not a positive int"), a bool does not (True used to mean 1)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, (bool, np.bool_)) and chunk_size > 0:
+        return int(chunk_size)
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def make_head_config(device, backend, fp32_head, deterministic, chunk_size) -> _HeadConfig:
     """The static choices of one call; its fields, in order, are the trailing arguments of the registered ops."""
-    check_chunk_size(chunk_size)
-    return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic), chunk_size)
+    return _HeadConfig(resolve_backend(backend, device), bool(fp32_head), bool(deterministic),
+                       check_chunk_size(chunk_size))
 
 
 class MaskedRows:

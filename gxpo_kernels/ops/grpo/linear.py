@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import BACKENDS, check_bias_finite, check_choice, check_no_forward_ad, check_validate, safe_tokens
+from ..._utils import (BACKENDS, check_bias_finite, check_choice, check_no_forward_ad, check_validate, nan_at,
+                       safe_tokens)
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, check_chunk_size, linear_token_stats_bwd, linear_token_stats_fwd,
@@ -137,7 +138,7 @@ def linear_grpo_loss(
     inv_t = 1.0 / opts.temperature
 
     def loss_fn(lp, en):
-        lp = torch.where(bad, float("nan"), lp)
+        lp = nan_at(bad, lp)   # NaN loss and gradient at an unmasked id out of range
         if check_finite:
             _check_finite(lp.detach(), "per-token log-probs", m)
         return grpo_token_loss(lp, en if keep_entropy else None, advantages, m, old_logprobs, ref_logprobs, opts,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite
-from ..._utils import BACKENDS, check_choice, check_validate, resolve_backend, safe_tokens
+from ..._utils import BACKENDS, check_choice, check_validate, nan_at, resolve_backend, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..logprobs.op import _token_logprobs, validate_logits
 
@@ -45,7 +45,8 @@ def grpo_loss(
             ``logits[:, :-1]``; strided slices are read in place). Math is fp32 whatever the dtype. A -inf
             logit is a token of probability 0 (no NaN in the loss, the entropy or the gradient).
         tokens: (B, T) int64/int32 sampled token ids, in [0, V) at unmasked positions (an id out of range
-            makes the loss NaN; ``validate="full"`` raises instead).
+            makes the loss NaN; ``validate="full"`` raises instead). Hugging Face's -100 label padding is such
+            an id: mask it (``mask=tokens != -100``).
         advantages: (B,) or (B, 1) per sequence, or (B, T) per token, any float dtype.
         mask: (B, T) bool or 0/1 (None = all valid). Masked positions cost nothing and get zero gradient.
         old_logprobs: (B, T) log-probs of the behaviour policy; None = on-policy (ratio 1, gradient kept).
@@ -99,7 +100,7 @@ def grpo_loss(
     tok, bad = safe_tokens(tokens, V, m)
     want_entropy = bool(compute_entropy) or opts.needs_entropy_grad
     logp, entropy = _token_logprobs(logits, tok, m, opts.temperature, want_entropy, inplace_backward, bk)
-    logp = torch.where(bad, float("nan"), logp)
+    logp = nan_at(bad, logp)   # NaN loss and gradient at an unmasked id out of range
     return grpo_token_loss(logp, entropy, advantages, m, old_logprobs, ref_logprobs, opts,
                            num_items_in_batch=num_items_in_batch)
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..._utils import check_no_forward_ad
+from ..._utils import check_no_forward_ad, refuse_second_derivative
 from .kernel import token_logprobs_bwd, token_logprobs_fwd
 
 
@@ -87,6 +87,7 @@ def _backward(ctx, dlogp, dentropy, _dlse):
 
 
 torch.library.register_autograd("gxpo::token_logprobs_fwd", _backward, setup_context=_setup_context)
+refuse_second_derivative("gxpo::token_logprobs_bwd", "token_logprobs, grpo_loss and fpa_logprobs")
 
 
 def token_logprobs_op(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,

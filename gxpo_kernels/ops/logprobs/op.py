@@ -36,7 +36,8 @@ def token_logprobs(
     Args:
         logits: (B, T, V) fp32/bf16/fp16 scores, already aligned with ``tokens`` (for causal LM output
             ``logits[:, :-1]`` with ``tokens = input_ids[:, 1:]``; the slice is read in place, not copied).
-        tokens: (B, T) int64/int32 target ids in [0, V) at unmasked positions.
+        tokens: (B, T) int64/int32 target ids in [0, V) at unmasked positions (Hugging Face's -100 label
+            padding is not ignored: mask it, ``mask=tokens != -100``).
         temperature: divides the logits before the softmax (> 0). Runtime value: no recompilation.
         mask: (B, T) bool or 0/1, or None. Masked positions get logp = entropy = 0 and zero gradient, and
             cost no pass over the vocabulary.
