@@ -385,6 +385,60 @@ def worker(rank, port, outdir, cases):
     torch.distributed.destroy_process_group()
 
 
+def one_rank_raises(rank, port, stage, q):
+    """Rank 1's closure raises before its forward in pass 1 of an active step (a loss that fails on one rank's
+    data); the exception ends the process, as in a training script. Puts (rank, "Type: message") on ``q``."""
+    rank_env(rank, port)
+    from gxpo_kernels.integrations import deepspeed as gds
+    model = make_mlp()
+    engine, rule = gds.initialize(model=model, config=ds_config(stage), optimizer=make_optimizer(model, {}),
+                                  gxpo=dict(gate=None, backend="torch"))   # (no C++ op build: seconds count)
+
+    def closure():
+        if rank == 1 and rule.pass_index == 1:
+            raise Injected("the loss failed on rank 1")
+        loss = batch_loss(engine, 0, rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+        engine.backward(loss)
+        return float(loss)
+    try:
+        rule.step(closure)
+        q.put((rank, None))
+    except Exception as e:
+        q.put((rank, f"{type(e).__name__}: {e}"))
+        raise
+
+
+def one_rank_raises_main(stage: int, timeout: float) -> None:
+    """Run ``one_rank_raises`` on 2 fresh processes; print JSON: exit codes (None: still running at ``timeout``
+    seconds, then killed), each rank's error and the seconds until the last rank ended."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    from tests._utils import free_port
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=one_rank_raises, args=(r, port, stage, q)) for r in range(WORLD)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(0.1, timeout - (time.monotonic() - t0)))
+    wall = time.monotonic() - t0
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = {}
+    while not q.empty():
+        r, err = q.get()
+        errors[r] = err
+    print(json.dumps({"exitcodes": codes, "errors": errors, "seconds": wall}))
+
+
 def _allreduce_probe():
     from gxpo_kernels.integrations.deepspeed._rule import _DeepSpeedRule
 

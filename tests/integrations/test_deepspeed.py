@@ -348,3 +348,24 @@ def test_initialize_finds_the_shipped_config_by_name(tmp_path, monkeypatch):
     for missing in ("ds_zero9.json", str(tmp_path / "sub" / "ds_zero2.json")):
         with pytest.raises(FileNotFoundError, match="shipped configs: ds_zero2.json"):
             gds.initialize(model=torch.nn.Linear(2, 2), config=missing, gxpo={})
+
+
+def test_closure_raising_on_one_rank_ends_every_rank():
+    """A closure that raises on rank 1 only, before its forward (a loss failing on one rank's data): under ZeRO-2
+    the rule's rewind on rank 1 ran the all-gather that re-syncs the module's weights, which met rank 0's gradient
+    reduction in its backward: both ranks hung (until the process group's 30-minute timeout). Now rank 1 raises its
+    error and ends, and rank 0 fails in its backward on the closed connection, in bounded time."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", "from tests.integrations import _ds_worker as W; "
+                        "W.one_rank_raises_main(stage=2, timeout=90)"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert None not in out["exitcodes"], f"a rank still ran after {out['seconds']:.0f} s (hung): {out}"
+    assert out["exitcodes"] == [1, 1] and out["errors"]["1"] == "Injected: the loss failed on rank 1", out
+    assert "Connection closed by peer" in out["errors"]["0"] or "Connection reset" in out["errors"]["0"], out

@@ -14,6 +14,7 @@ spawn for every case (random advantages: the untrained tiny policy scores 0, so 
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -202,3 +203,110 @@ def test_fsdp_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--fsdp", "--algo", "fpa_dpo", "--out", str(tmp_path / "o")])
     assert "--fsdp drives" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- stopped under torchrun
+def _torchrun(out, *extra):
+    """Start ``torchrun --nproc_per_node 2 -m gxpo_kernels.cli train --fsdp`` (a tiny GRPO run, a checkpoint
+    every 2 steps) in its own process group; returns the Popen (stdout discarded, stderr into ``<out>.err``: a
+    pipe nobody reads while the run goes on could fill up and block it)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "gxpo_kernels.cli",
+           "train", "--fsdp", "--save_steps", "2", "--sft_steps", "0", "--prompts", "2", "--group", "2",
+           "--hidden", "32", "--val_size", "4", "--pass1_size", "0", "--val_every", "1000", "--no_save_model",
+           "--no_progress", "--quiet", "--out", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
+    with open(f"{out}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=str(out.parent), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+
+
+def _stop(p, out, sig, ready, pid=None):
+    """Once ``ready()``, send ``sig`` to ``pid`` (default: the launcher); return (return code, stderr, seconds
+    from the signal to the launcher's end, whether a process of its group outlived it). Every wait is bounded."""
+    import signal
+    import time
+    try:
+        t0 = time.monotonic()
+        while not ready() and p.poll() is None and time.monotonic() - t0 < 150:
+            time.sleep(0.05)
+        assert p.poll() is None, open(f"{out}.err").read()[-3000:]
+        t1 = time.monotonic()
+        os.kill(pid() if pid else p.pid, sig)
+        p.wait(timeout=90)
+        took = time.monotonic() - t1
+        err = open(f"{out}.err").read()
+        try:
+            os.killpg(p.pid, 0)
+            orphans = True
+        except ProcessLookupError:
+            orphans = False
+        return p.returncode, err, took, orphans
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _steps_done(out):
+    try:
+        return [json.loads(line)["step"] for line in open(out / "records.jsonl").read().splitlines() if line]
+    except (OSError, ValueError):   # not there yet, or a line being written
+        return []
+
+
+def _checkpoints_complete(out):
+    """Every ``checkpoint-<N>`` folder (not ``.tmp``) holds everything a 2-rank FSDP resume reads."""
+    names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
+    for n in names:
+        files = set(os.listdir(out / n))
+        assert {"trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt", "records.jsonl", "config.json", "fsdp"} <= files, n
+        assert os.path.isfile(out / n / "fsdp" / ".metadata"), n
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not os.path.isfile(os.path.join(os.path.dirname(sys.executable),
+                                                                                 "torchrun")),
+                    reason="needs torchrun next to python, and /proc")
+def test_torchrun_sigterm_and_a_killed_rank_resume_bit_exactly(tmp_path):
+    """SIGTERM to torchrun mid-run: it forwards it to both ranks, each stops as on Ctrl-C (one line naming the
+    --resume latest rerun) and torchrun exits 1 (its own SignalException) in bounded time, leaving only finished
+    checkpoints. ``--resume latest`` then recomputes the steps done after that checkpoint exactly as the stopped run
+    did (the records of those steps, timings aside, are equal). SIGKILL of one rank of that resumed run ends the
+    launcher (exit 1, ChildFailedError) in bounded time, again leaving only finished checkpoints."""
+    import signal
+    out = tmp_path / "out"
+    p = _torchrun(out, "--steps", "500")
+
+    def past_a_checkpoint():   # a step finished after the newest checkpoint: the resume has to redo it
+        done = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-") and
+                n.split("-")[1].isdigit()] if out.is_dir() else []
+        return bool(done) and max(_steps_done(out) or [0]) > max(done)
+    rc, err, took, orphans = _stop(p, out, signal.SIGTERM, past_a_checkpoint)
+    assert rc == 1 and took < 60 and not orphans, (rc, took, err[-3000:])
+    assert err.count(f"interrupted: rerun with the same options and --out {out} --resume latest") == 2, err[-3000:]
+    names = _checkpoints_complete(out)
+    stopped = _strip(_records(out / "records.jsonl"))
+    last, ckpt = stopped[-1]["step"], int(names[-1].split("-")[1])
+    assert last > ckpt, (last, names)
+
+    p = _torchrun(out, "--steps", "500", "--resume", "latest")
+
+    def worker():   # the launcher's newest child (rank 1); from /proc: no procps needed
+        kids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
+                kids.append(int(pid))
+        return max(kids)
+    rc, err, took, orphans = _stop(p, out, signal.SIGKILL, lambda: max(_steps_done(out) or [0]) > last, pid=worker)
+    assert rc == 1 and took < 60 and not orphans and "ChildFailedError" in err, (rc, took, err[-3000:])
+    resumed = _strip(_records(out / "records.jsonl"))
+    assert resumed[:last + 1] == stopped and len(resumed) > last + 1
+    _checkpoints_complete(out)

@@ -139,6 +139,7 @@ def save_checkpoint(engine, rule, save_dir: str, tag=None, client_state: Optiona
     if CLIENT_STATE_KEY in state:
         raise ValueError(f"client_state already has the key {CLIENT_STATE_KEY!r}, which holds the rule's state")
     state[CLIENT_STATE_KEY] = rule.state_dict()
+    rule.sync_weights()   # the module's weights as the fp32 shards, also after a step that raised
     return engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
 

@@ -256,6 +256,13 @@ class _DeepSpeedRule(ShardedReductions):
             self.zero.resync_lp()
             self._lp_dirty = False
 
+    def sync_weights(self) -> None:
+        """Bring the module's (low-precision) weights up to the fp32 master shards where a step that raised left
+        them behind (ZeRO-1/2 and the BF16_Optimizer re-gather them at the next ``step`` or ``save_checkpoint``
+        only, see ``step``); nothing when they are current. A collective: call it on every rank, e.g. before an
+        evaluation forward after an exception from ``step`` that every rank caught."""
+        self._sync_lp()
+
     def _run_closure(self, closure: Callable, pass_index: int):
         if self._pending:
             raise RuntimeError("internal: a DeepSpeed-applied optimizer step was not consumed by the update rule")
@@ -294,8 +301,9 @@ class _DeepSpeedRule(ShardedReductions):
     def _abort_step_(self) -> None:
         """An exception inside the step: drop a DeepSpeed-applied step that was not consumed (the rewind of the
         shards and the optimizer state follows), drop the gradients a closure that raised after
-        ``engine.backward`` left in ZeRO's accumulation buffers, and re-sync the low-precision copy after the
-        rewind."""
+        ``engine.backward`` left in ZeRO's accumulation buffers, and mark the low-precision copy stale (``step``
+        re-syncs it after the rewind: at once under ZeRO-3, lazily where that is a collective). No collective here:
+        the exception may have been raised on this rank only."""
         self._pending = False
         self._lp_dirty = True
         if self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0:
@@ -331,7 +339,12 @@ class _DeepSpeedRule(ShardedReductions):
         try:
             info = super().step(closure, entropy=entropy, force_plain=force_plain)
         except BaseException:
-            self._sync_lp()
+            # the rewound shards reach the module's weights here only where that is local (ZeRO-3). ZeRO-1/2 and the
+            # BF16_Optimizer re-gather them with an all-gather, which an exception raised on some ranks only (their
+            # closure) would pair with the other ranks' collectives: every rank hung. There they stay marked stale
+            # and are re-gathered by the next step before its first forward, by save_checkpoint or sync_weights()
+            if self.zero.kind == "z3":
+                self._sync_lp()
             # the step was rewound: so are the counters its internal engine.step() calls advanced
             eng.global_steps, eng.global_samples, eng.skipped_steps = g_steps, g_samples, skipped
             if scaler_snap is not None:
