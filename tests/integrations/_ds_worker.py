@@ -189,11 +189,27 @@ def _closure(engine, rule, step, *, gas, nan_rank=None, nan_pass=None, nan_step=
     return closure
 
 
-def _step(rule, closure, entropy):
-    """rule.step; an injected exception is retried once (the rule rewound the step)."""
+def _step(rule, closure, entropy, engine=None, case=None):
+    """rule.step; an injected exception is retried once (the rule rewound the step). With ``engine`` and
+    ``case``, what the module's weights are between the two: under ZeRO-1/2 a forward and state_dict() refuse the
+    stale weights until rule.sync_weights(), after which they equal the rewound master (case["_stale_checks"])."""
     try:
         return rule.step(closure, entropy=entropy)
     except Injected:
+        if engine is not None:
+            errors = []
+            for read in (lambda: batch_loss(engine, 0, 0, 1), engine.module.state_dict):
+                try:
+                    read()
+                    errors.append(None)
+                except RuntimeError as e:
+                    errors.append(str(e))
+            rule.sync_weights()
+            master = gather_full(engine, rule)["params"]
+            diff = max(float((lp - m.to(LOWP.get(case.get("dtype"), torch.float32)).float()).abs().max())
+                       for lp, m in zip(lowp_full(engine), master))
+            batch_loss(engine, 0, 0, 1)                # reads the synced weights
+            case.setdefault("_stale_checks", []).append({"errors": errors, "diff": diff})
         return rule.step(closure, entropy=entropy)
 
 
@@ -262,7 +278,7 @@ def run_case(case):
                 ent = case["entropy"][step][torch.distributed.get_rank()] if "entropy" in case else None
                 info = _step(rule, _closure(engine, rule, step, gas=case.get("gas", 1),
                                             nan_rank=case.get("nan_rank"), nan_pass=case.get("nan_pass"),
-                                            nan_step=case.get("nan_step"), case=case), ent)
+                                            nan_step=case.get("nan_step"), case=case), ent, engine, case)
                 infos.append({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))})
     finally:
         _cpp.extrapolate_cpp_ = orig
@@ -276,6 +292,7 @@ def run_case(case):
                fallbacks=rule.fallbacks,
                total_numel=sum(p.numel() for p in make_model(case).parameters() if p.requires_grad),
                loss_scales=case.get("_scales"), skipped_steps=engine.skipped_steps,
+               stale_checks=case.get("_stale_checks"),
                sched_warnings=[str(w.message) for w in caught if "learning rate scheduler" in str(w.message)])
     return rec
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Callable, List, Optional
 
 import torch
@@ -50,6 +51,7 @@ class _DeepSpeedRule(ShardedReductions):
         self._pending = False
         self._pass_norm = math.nan
         self._lp_dirty = False
+        self._lp_stale = False   # a step raised and left the module's weights behind the master (ZeRO-1/2)
         self._stash = {}
         self._any_applied = False
         self._overflow_seen = False
@@ -71,16 +73,26 @@ class _DeepSpeedRule(ShardedReductions):
             step._wrapped_by_lr_sched = True              # runs: else its first step warns "overridden after ..."
         opt.step = step                                   # instance attribute: DeepSpeed calls optimizer.step()
         opt._gxpo_rule_attached = True
+        # stale weights must not be read silently (see step's except branch); a weak reference: the module must
+        # not keep a detached rule alive
+        check = _StaleWeightsCheck(weakref.ref(self))
+        self._stale_hooks = (engine.module.register_forward_pre_hook(check),
+                             engine.module.register_state_dict_pre_hook(check))
 
     def detach(self) -> None:
         """Remove the base-optimizer wrapper and restore the engine's gradient clipping where ``wrap``'s
         ``max_grad_norm`` changed it (the engine then trains as plain DeepSpeed again)."""
+        if self._lp_stale:   # the hook goes with the rule: stale weights would then be read silently
+            raise RuntimeError("a rule.step raised and left the module's weights behind the fp32 master shards: "
+                               "call rule.sync_weights() on every rank before detach()")
         opt = self.zero.base_optimizer
         if self._instance_step is not None:
             opt.step = self._instance_step
         else:
             vars(opt).pop("step", None)
         opt._gxpo_rule_attached = False
+        for h in self._stale_hooks:
+            h.remove()
         if getattr(self, "_engine_clip_grad", None) is not None:
             self.engine.optimizer.clip_grad = self._engine_clip_grad
 
@@ -255,12 +267,14 @@ class _DeepSpeedRule(ShardedReductions):
         if self._lp_dirty:
             self.zero.resync_lp()
             self._lp_dirty = False
+        self._lp_stale = False
 
     def sync_weights(self) -> None:
         """Bring the module's (low-precision) weights up to the fp32 master shards where a step that raised left
         them behind (ZeRO-1/2 and the BF16_Optimizer re-gather them at the next ``step`` or ``save_checkpoint``
         only, see ``step``); nothing when they are current. A collective: call it on every rank, e.g. before an
-        evaluation forward after an exception from ``step`` that every rank caught."""
+        evaluation forward after an exception from ``step`` that every rank caught (until then a forward of the
+        module or its ``state_dict()`` raises RuntimeError rather than read the stale weights)."""
         self._sync_lp()
 
     def _run_closure(self, closure: Callable, pass_index: int):
@@ -342,9 +356,12 @@ class _DeepSpeedRule(ShardedReductions):
             # the rewound shards reach the module's weights here only where that is local (ZeRO-3). ZeRO-1/2 and the
             # BF16_Optimizer re-gather them with an all-gather, which an exception raised on some ranks only (their
             # closure) would pair with the other ranks' collectives: every rank hung. There they stay marked stale
-            # and are re-gathered by the next step before its first forward, by save_checkpoint or sync_weights()
+            # and are re-gathered by the next step before its first forward, by save_checkpoint or sync_weights();
+            # until then a forward or state_dict() of the module raises (_StaleWeightsCheck)
             if self.zero.kind == "z3":
                 self._sync_lp()
+            else:
+                self._lp_stale = self._lp_dirty
             # the step was rewound: so are the counters its internal engine.step() calls advanced
             eng.global_steps, eng.global_samples, eng.skipped_steps = g_steps, g_samples, skipped
             if scaler_snap is not None:
@@ -370,6 +387,22 @@ class _DeepSpeedRule(ShardedReductions):
             info["extrapolate_backend"] = self.last_extrapolation["backend"]
         self._report_gate_entropy(info)
         return info
+
+
+class _StaleWeightsCheck:
+    """Forward and state-dict pre-hook of the engine's module: refuses to let the module's weights be read while
+    a ``rule.step`` that raised has left them behind the fp32 master shards (ZeRO-1/2, BF16_Optimizer)."""
+
+    def __init__(self, rule_ref):
+        self.rule_ref = rule_ref
+
+    def __call__(self, module, *args, **kwargs):
+        rule = self.rule_ref()
+        if rule is not None and rule._lp_stale:
+            raise RuntimeError("the module's weights are behind the fp32 master shards: a rule.step raised, and "
+                               "re-gathering them (ZeRO-1/2, BF16_Optimizer) is a collective the step could not "
+                               "run then (the exception may have been raised on this rank only). Call "
+                               "rule.sync_weights() on every rank first (rule.step and gds.save_checkpoint do it)")
 
 
 class DeepSpeedGXPO(_DeepSpeedRule, GXPO):
