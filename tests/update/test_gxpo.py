@@ -678,7 +678,7 @@ def test_corrective_cosine_is_opt_in():
 def test_prepared_extrapolation_plan_follows_a_param_resized_at_the_same_address(backend):
     """The rule's prepared plan was keyed on the params' addresses and dtypes only: a param whose numel changed at
     the same address and dtype (``p.data = p.data[:k]``) kept the stale plan (on the Triton path, tables of the old
-    numel: read and written past the view's end, no error). The key now holds each param's id, numel, contiguity,
+    numel: read and written past the view's end, no error). The key now holds each param's numel, contiguity,
     neg bit and device too: a new plan, whose validation refuses the θ0 buffer of the old size."""
     from gxpo_kernels.ops.extrapolate.op import _record_reader
     if _record_reader() is None:
