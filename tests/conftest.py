@@ -11,6 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's shared-memory all-reduce (inference only) is ~65 s of C++ compiling on a clean clone; gloo does training's
+os.environ.setdefault("GXPO_DEEPSPEED_SHM", "0")
 for _var, _sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("TRITON_CACHE_DIR", "triton"),
                    ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("HF_HOME", "hf")):
     os.environ.setdefault(_var, str(_root / ".cache" / _sub))

@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--local_rank", type=int, default=-1)   # passed by the deepspeed launcher
     args = ap.parse_args()
 
+    gds.apply_shm_setting()                                 # GXPO_DEEPSPEED_SHM=0: no shm-op build on CPU
     deepspeed.init_distributed()                            # gloo on CPU, NCCL on GPUs
     rank = torch.distributed.get_rank()
     with open(find_config(args.config)) as f:

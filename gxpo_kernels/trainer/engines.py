@@ -374,6 +374,8 @@ class DeepSpeedEngine(_DistributedEngine):
         self.ds_config = load_ds_config(cfg.deepspeed, cfg)    # fail before any process-group set-up
         import deepspeed
         from deepspeed.accelerator import get_accelerator
+        from ..integrations.deepspeed import apply_shm_setting
+        apply_shm_setting()         # before DeepSpeed's communication backend is made (here or in initialize)
         owned = not dist.is_initialized()
         if owned:
             _single_rank_env()

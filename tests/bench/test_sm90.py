@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from bench.sm90.compile import parse_sass
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -42,70 +44,99 @@ def test_parse_sass_loops_and_counts():
     assert outer.counts["LDL_STL"] == 1 and inner.counts["LDG"] == 0
 
 
-def test_sm90_check_compiles_every_library_kernel(tmp_path):
-    """A whole run fails on a @triton.jit kernel that no scenario launches: the check only compiled what
-    scenarios.py listed, so a new kernel went unchecked while the check still passed."""
+# One fresh process collects every scenario's launches once for the two tests below (a subprocess: the launches
+# are recorded from real JIT functions, not the interpreter's), with a copy of the library that has one more kernel.
+_COLLECT = """
+import json, sys
+from bench.sm90 import collect, uncovered_kernels
+from bench.sm90.scenarios import library_kernels
+items = collect()
+
+
+def of(ops):   # the compile requests of these ops' scenarios, as collect(ops) lists them
+    return [ln for ln, _, cases in items if any(c.split(" [")[0] in ops for c in cases)]
+
+
+print(json.dumps(dict(
+    now=uncovered_kernels(items), kernels=sorted(n for _, n in library_kernels()),
+    launched=sorted({ln.name for ln, _, _ in items}), with_new=uncovered_kernels(items, sys.argv[1]),
+    extrapolate=[dict(ln.kwargs, C_DT=str(ln.kwargs["C_DT"])) for ln in of(["extrapolate_"])],
+    heads=[(str(ln.args[0].dtype), str(ln.args[1].dtype)) for ln in of(["linear_head_fwd", "linear_fpa_fwd"])]),
+    default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
     import shutil
     # a copy of the library with one more kernel (and a device helper that kernel calls)
-    root = tmp_path / "gxpo_kernels"
+    root = tmp_path_factory.mktemp("lib") / "gxpo_kernels"
     shutil.copytree(ROOT / "gxpo_kernels", root, ignore=shutil.ignore_patterns("__pycache__"))
     with open(root / "ops" / "logprobs" / "kernel.py", "a") as f:
         f.write("\n\n@triton.jit\ndef _new_helper(x):\n    return x + 1\n\n\n"
                 "@triton.jit(do_not_specialize=['n'])\ndef _new_kernel(p, n, BLOCK: tl.constexpr):\n"
                 "    o = tl.arange(0, BLOCK)\n    tl.store(p + o, _new_helper(tl.load(p + o)), mask=o < n)\n")
-    # (a subprocess: the launches are recorded from real JIT functions, not the interpreter's)
-    code = ("import json, sys; from bench.sm90 import collect, uncovered_kernels;"
-            "from bench.sm90.scenarios import library_kernels; items = collect();"
-            "print(json.dumps([uncovered_kernels(items), sorted(n for _, n in library_kernels()),"
-            " sorted({ln.name for ln, _, _ in items}), uncovered_kernels(items, sys.argv[1])]))")
-    p = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, env=_env(), capture_output=True,
+    p = subprocess.run([sys.executable, "-c", _COLLECT, str(root)], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    now, kernels, launched, with_new = json.loads(p.stdout.splitlines()[-1])
-    assert now == [] and kernels == launched
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def test_sm90_check_compiles_every_library_kernel(collected):
+    """A whole run fails on a @triton.jit kernel that no scenario launches: the check only compiled what
+    scenarios.py listed, so a new kernel went unchecked while the check still passed."""
+    assert collected["now"] == [] and collected["kernels"] == collected["launched"]
+    with_new = collected["with_new"]
     assert len(with_new) == 1 and with_new[0].startswith("_new_kernel (gxpo_kernels.ops.logprobs.kernel)"), with_new
+
+
+# Runs ``python -m MODULE ARGS...`` for each [MODULE, ARGS...] of argv[1] in this one process (one interpreter start
+# and import instead of one per command) and prints [exit status, stdout, stderr] per command.
+_CLI_RUNS = """
+import contextlib, io, json, runpy, sys
+res = []
+for mod, *args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [mod, *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(mod, run_name="__main__", alter_sys=True)
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    res.append([rc, out.getvalue(), err.getvalue()])
+print(json.dumps(res))
+"""
 
 
 def test_sm90_filters_that_match_nothing_fail():
     """A misspelt ``--ops`` or a ``--cases`` that no scenario label holds compiled nothing and exited 0, reporting
     "0 compiles" and no failure: a check that passes having checked nothing. It now exits 2 naming the filter;
     so does the sweep for an op it has no launcher for, and ``--jobs 0``. (No kernel is compiled here.)"""
-    for args, needle in ((["--ops", "token_logprob_fwd"], "token_logprob_fwd"),
-                         (["--ops", "token_logprobs_fwd", "--cases", "no-such-case"], "no-such-case"),
-                         (["--jobs", "0"], "--jobs")):
-        p = subprocess.run([sys.executable, "-m", "bench.sm90", *args], cwd=ROOT, env=_env(), capture_output=True,
-                           text=True, timeout=600)
-        assert p.returncode == 2 and needle in p.stderr, (args, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    p = subprocess.run([sys.executable, "-m", "bench.sm90.sweep", "--ops", "fpa_fwd"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 2 and "fpa_fwd" in p.stderr, p.stderr[-2000:]
-    # the --help text is the whole description, not its first line cut mid-sentence
-    p = subprocess.run([sys.executable, "-m", "bench.sm90", "--help"], cwd=ROOT, env=_env(), capture_output=True,
+    cmds = [["bench.sm90", "--ops", "token_logprob_fwd"],
+            ["bench.sm90", "--ops", "token_logprobs_fwd", "--cases", "no-such-case"], ["bench.sm90", "--jobs", "0"],
+            ["bench.sm90.sweep", "--ops", "fpa_fwd"], ["bench.sm90", "--help"]]
+    p = subprocess.run([sys.executable, "-c", _CLI_RUNS, json.dumps(cmds)], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
-    assert p.returncode == 0 and "blown budget" in " ".join(p.stdout.split()), p.stdout
+    assert p.returncode == 0, p.stderr[-4000:]
+    runs = json.loads(p.stdout.splitlines()[-1])
+    for cmd, needle, (rc, out, err) in zip(cmds, ("token_logprob_fwd", "no-such-case", "--jobs", "fpa_fwd"), runs):
+        assert rc == 2 and needle in err, (cmd, rc, out[-2000:], err[-2000:])
+    # the --help text is the whole description, not its first line cut mid-sentence
+    rc, out, _ = runs[-1]
+    assert rc == 0 and "blown budget" in " ".join(out.split()), out
 
 
-def test_sm90_extrapolate_scenarios_cover_its_constexpr_branches():
+def test_sm90_extrapolate_scenarios_cover_its_constexpr_branches(collected):
     """The closed-form scale (libdevice pow), the ALIGN = 1 path (a numel off the 16-byte grid) and float64
     params are compiled too: the scenarios used to launch only the Horner form on aligned fp32/bf16 lists. So is
     a fused-linear forward on a bf16 hidden state and an fp32 weight (``fp32_head=True``)."""
-    kw = _collected("dict(ln.kwargs, C_DT=str(ln.kwargs['C_DT']))", ["extrapolate_"])
+    kw = collected["extrapolate"]
     assert any(k["CLOSED"] and k["LIB_POW"] for k in kw) and any(not k["CLOSED"] for k in kw)
     assert any(k["ALIGN"] == 1 for k in kw) and any(k["ALIGN"] > 1 for k in kw)
     assert any("fp64" in k["C_DT"] for k in kw) and any(not k["HAS_GRAD"] for k in kw)
     # mixed head inputs (bf16 hidden, fp32 weight, fp32_head=True) are a forward compile of their own
-    heads = _collected("(str(ln.args[0].dtype), str(ln.args[1].dtype))", ["linear_head_fwd", "linear_fpa_fwd"])
-    assert ["torch.bfloat16", "torch.float32"] in heads
-
-
-def _collected(expr: str, ops) -> list:
-    """``expr`` (of a recorded launch ``ln``) for every compile request of ``ops``, from a fresh process."""
-    code = (f"import json; from bench.sm90 import collect; print(json.dumps([{expr} for ln, _, _ in "
-            f"collect({list(ops)!r})], default=str))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.splitlines()[-1])
+    assert ["torch.bfloat16", "torch.float32"] in collected["heads"]
 
 
 def _check_doc(doc, triton_version=None):

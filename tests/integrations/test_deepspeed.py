@@ -1,6 +1,6 @@
 """GXPO / SFPO inside DeepSpeed ZeRO 1/2/3 and the BF16_Optimizer (gxpo_kernels.integrations.deepspeed).
 
-Two ranks on CPU (gloo), spawned twice (imports cost ~6-8 s per spawn), many configurations per spawn:
+Two ranks on CPU (gloo), spawned once (imports cost ~6-8 s per spawn) for all the configurations:
 
 * parity: N outer steps give the same full fp32 parameters, Adam moments and step counts (DeepSpeed's
   ``safe_get_full_*``) as the single-process rule on the same data: stages 1/2/3 fp32, stage 2 bf16,
@@ -101,13 +101,19 @@ LM_CASES = {
 
 
 @pytest.fixture(scope="module")
-def mlp_runs(tmp_path_factory):
-    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ds_mlp")), MLP_CASES)
+def ds_runs(tmp_path_factory):
+    """Every case in one spawn: each spawn costs process start-up, DeepSpeed's import and a gloo group."""
+    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ds")), {**MLP_CASES, **LM_CASES})
 
 
 @pytest.fixture(scope="module")
-def lm_runs(tmp_path_factory):
-    return spawn_ranks(W.worker, W.WORLD, str(tmp_path_factory.mktemp("ds_lm")), LM_CASES)
+def mlp_runs(ds_runs):
+    return ds_runs
+
+
+@pytest.fixture(scope="module")
+def lm_runs(ds_runs):
+    return ds_runs
 
 
 def _check_parity(name, case, recs, rms_tol, max_tol):
@@ -330,6 +336,28 @@ def test_low_precision_master_and_missing_internals_are_refused():
     with pytest.raises(RuntimeError, match=r"update_lp_params.*0\.19"):
         check_engine(eng)
     assert check_engine(_fake_engine()) == "z12"
+
+
+def test_shm_allreduce_switch(monkeypatch):
+    """GXPO_DEEPSPEED_SHM=0 makes DeepSpeed's backend skip its shared-memory all-reduce op (no JIT build); 1 leaves
+    DeepSpeed's default; any other value is an error naming the variable."""
+    import importlib
+    from gxpo_kernels.integrations.deepspeed import apply_shm_setting
+    dct = importlib.import_module("deepspeed.comm.torch")
+    default = dct.build_shm_op
+    monkeypatch.setattr(dct, "build_shm_op", default)          # restored afterwards
+    monkeypatch.setenv("GXPO_DEEPSPEED_SHM", "1")
+    apply_shm_setting()
+    assert dct.build_shm_op is default
+    monkeypatch.setenv("GXPO_DEEPSPEED_SHM", "off")
+    with pytest.raises(ValueError, match="GXPO_DEEPSPEED_SHM must be 0 or 1, got 'off'"):
+        apply_shm_setting()
+    assert dct.build_shm_op is default
+    monkeypatch.setenv("GXPO_DEEPSPEED_SHM", "0")
+    apply_shm_setting()
+    built = []
+    monkeypatch.setattr(dct, "get_accelerator", lambda: built.append(1))     # what the real builder asks first
+    assert dct.build_shm_op() is None and built == []
 
 
 def test_initialize_finds_the_shipped_config_by_name(tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ def test_torchrun_cli_gxpo_zero2(tmp_path):
     p = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("records: ") == 1            # only rank 0 reports (and writes)
+    # GXPO_DEEPSPEED_SHM=0 (conftest): DeepSpeed's CPU shared-memory all-reduce op is neither built nor loaded
+    assert "shm_comm" not in p.stdout + p.stderr
     assert sorted(os.listdir(out)) == ["config.json", "model", "records.jsonl"]
     assert os.path.isfile(out / "model" / "config.json") and os.path.isfile(out / "model" / "char_tokenizer.json")
     conf = json.loads((out / "config.json").read_text())
@@ -122,6 +124,8 @@ def _worker(rank, port, d):
     torch.manual_seed(999)
     resumed = loop.train(base.replace(out_dir=os.path.join(d, "resume", "cut"), resume="latest"))
     out["resume"] = {"full": full, "resumed": resumed, "rng": (rng_full, torch.get_rng_state())}
+    import deepspeed.comm.comm as dcomm
+    out["shm_op"] = dcomm.cdb.shm_comm_op is not None
     torch.save(out, os.path.join(d, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -185,6 +189,13 @@ def test_deepspeed_refuses_fpa_and_speedup(tmp_path, capsys):
 def _strip(records):
     return [{k: v for k, v in r.items() if k != "wall_clock" and not k.startswith(("t_", "cpu_", "gpu_"))}
             for r in records]
+
+
+def test_shm_allreduce_skipped_when_asked(spawned):
+    """GXPO_DEEPSPEED_SHM=0 (set by conftest): DeepSpeed's communication backend, made by deepspeed.initialize on
+    a process group the caller created, has no shared-memory all-reduce op (it used to JIT-build one)."""
+    assert os.environ.get("GXPO_DEEPSPEED_SHM") == "0"
+    assert [r["shm_op"] for r in spawned[1]] == [False, False]
 
 
 def test_resume_zero3_is_bit_exact(spawned):

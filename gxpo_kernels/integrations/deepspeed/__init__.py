@@ -41,7 +41,9 @@ per-tensor statistic; shards cut across tensors). DeepSpeed range: ``SUPPORTED_D
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import os
 from typing import Optional, Tuple, Union
 
 from ..._utils import require
@@ -50,11 +52,27 @@ from ._rule import DeepSpeedGXPO, DeepSpeedSFPO
 from ._zero import SUPPORTED_DEEPSPEED, ZeroShards, check_engine
 
 __all__ = ["initialize", "wrap", "save_checkpoint", "load_checkpoint", "DeepSpeedGXPO", "DeepSpeedSFPO",
-           "CausalLMGRPOLoss", "SUPPORTED_DEEPSPEED", "CLIENT_STATE_KEY"]
+           "CausalLMGRPOLoss", "SUPPORTED_DEEPSPEED", "CLIENT_STATE_KEY", "apply_shm_setting"]
 
 CLIENT_STATE_KEY = "gxpo_kernels_update_rule"  # where the rule's state lives in DeepSpeed's client_state
 
 _ALGOS = {"gxpo": DeepSpeedGXPO, "sfpo": DeepSpeedSFPO}
+SHM_ENV = "GXPO_DEEPSPEED_SHM"
+
+
+def apply_shm_setting() -> None:
+    """``GXPO_DEEPSPEED_SHM=0``: the next DeepSpeed process group on the CPU accelerator goes without DeepSpeed's
+    shared-memory all-reduce op, whose first use is a C++ JIT build (a minute or two; it needs a compiler). That op
+    serves only ``inference_all_reduce`` (DeepSpeed inference); training's collectives are torch.distributed's
+    (gloo) either way. Unset or ``1``: DeepSpeed's default. :func:`initialize` and ``gxpo-kernels train --deepspeed``
+    call it before DeepSpeed sets up its communication backend; a backend set up earlier (your own
+    ``deepspeed.init_distributed()``) keeps what it has."""
+    value = os.environ.get(SHM_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{SHM_ENV} must be 0 or 1, got {value!r}")
+    if value == "0":
+        # the module, not ``deepspeed.comm``'s attribute of that name (which is torch itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def wrap(engine, algo: str = "gxpo", **rule_kwargs) -> Union[DeepSpeedGXPO, DeepSpeedSFPO]:
@@ -127,6 +145,7 @@ def initialize(*, model, config, optimizer=None, gxpo: Optional[dict] = None, sf
     cfg["gradient_clipping"] = 0.0 if kw["max_grad_norm"] is None else float(kw["max_grad_norm"])
     if optimizer is not None:
         cfg.setdefault("zero_allow_untested_optimizer", True)
+    apply_shm_setting()        # deepspeed.initialize sets up DeepSpeed's communication backend
     engine, *_ = deepspeed.initialize(model=model, config=cfg, optimizer=optimizer, **deepspeed_kwargs)
     return engine, wrap(engine, algo, **kw)
 
