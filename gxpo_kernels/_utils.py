@@ -405,8 +405,7 @@ def normalize_mask(mask: Optional[torch.Tensor], shape, device, check_values: bo
     every non-zero entry as True."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_tensor(mask, "mask")   # a tensor, dense (a sparse mask failed inside PyTorch's indexing)
     check_shape(mask, "mask", shape)
     if mask.dtype == torch.bool:
         return mask

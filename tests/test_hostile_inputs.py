@@ -279,6 +279,29 @@ def test_sparse_tensors_are_refused_by_name(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_mask_is_refused_by_name(backend):
+    """The mask of the log-prob ops (and of FPALogProbs) goes through normalize_mask, not check_tensor: a sparse
+    mask still failed inside PyTorch ("Could not run 'aten::index.Tensor' with arguments from the 'SparseCPU'
+    backend") after the other tensor arguments were refused by name."""
+    from gxpo_kernels import fpa_simper_loss
+    g = torch.Generator().manual_seed(6)
+    logits, tokens = torch.randn(2, 3, V, generator=g), torch.randint(0, V, (2, 3), generator=g)
+    h, w = torch.randn(2, 3, H, generator=g), torch.randn(V, H, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool).to_sparse()
+    seq = FPALogProbs(-torch.rand(2, 3, generator=g), None, -torch.rand(2, 3, generator=g))
+    calls = {
+        "token_logprobs": lambda: token_logprobs(logits, tokens, mask=mask, backend=backend),
+        "linear_token_logprobs": lambda: linear_token_logprobs(h, w, tokens, mask=mask, backend=backend),
+        "fpa_logprobs": lambda: fpa_logprobs(logits, logits, tokens, mask=mask, backend=backend),
+        "linear_fpa_logprobs": lambda: linear_fpa_logprobs(h, w, h, w, tokens, mask=mask, backend=backend),
+        "FPALogProbs": lambda: fpa_simper_loss(seq._replace(mask=mask), seq),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=r"mask must be a dense \(strided\) tensor.*to_dense"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fpa_lam_beyond_1e6_is_refused_by_name(backend):
     """lam had no upper bound: (1 + lam) * logits overflowed fp32, so lam = 1e20 gave NaN fpa log-probs on the
     Triton path and values off by 3e13 on the PyTorch path, and lam = 1e300 an internal "value cannot be converted

@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import pickle
+import shutil
 import warnings
 
 import pytest
@@ -451,9 +452,10 @@ def test_refused_rule_state_leaves_optimizer_and_rule_as_they_were(tmp_path, bui
 
 
 def test_refused_resume_in_train_changes_nothing(tmp_path):
-    """``train(resume_from_checkpoint=...)`` with a rule state of other settings is refused before HF loads the
-    model's weights or the optimizer (and before any generation), naming the setting; the trainer then trains
-    from where it was. It used to fail only at the first training step, after both had been overwritten."""
+    """``train(resume_from_checkpoint=...)`` (a path, or True: the output folder's last checkpoint) with a rule
+    state of other settings is refused before HF loads the model's weights or the optimizer (and before any
+    generation), naming the setting; the trainer then trains from where it was. It used to fail only at the
+    first training step, after both had been overwritten."""
     kw = dict(update="sfpo", update_kwargs={"K": 2, "gate": None, "backend": "torch"}, backend="torch")
     full = make_trainer(tmp_path / "full", cls=gtrl.GXPOGRPOTrainer, trainer_kwargs=kw, save_strategy="steps",
                         save_steps=1, max_steps=1)
@@ -464,8 +466,11 @@ def test_refused_resume_in_train_changes_nothing(tmp_path):
     generated = []
     real = other._generate_and_score_completions
     other._generate_and_score_completions = lambda inputs: generated.append(1) or real(inputs)
-    with pytest.raises(ValueError, match=r"alpha: checkpoint 0.8 vs rule 0.5"):
-        other.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-1"))
+    ckpt = tmp_path / "full" / "out" / "checkpoint-1"
+    shutil.copytree(ckpt, tmp_path / "other" / "out" / "checkpoint-1")   # what resume_from_checkpoint=True finds
+    for resume in (str(ckpt), True):
+        with pytest.raises(ValueError, match=r"alpha: checkpoint 0.8 vs rule 0.5"):
+            other.train(resume_from_checkpoint=resume)
     assert generated == [] and other.optimizer is None and other._gxpo_rule is None
     assert other._gxpo_pending_state is None
     for n, p in params(other).items():

@@ -488,6 +488,19 @@ def _spacing(x):
     return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 8)
 
 
+def _closure_seeing(m, opt, at_call, seen, key):
+    """``_closure(m, opt, 0)`` that keeps, in ``seen[key]``, copies of the trainable parameters at its
+    ``at_call``-th call: the point whose gradient that call takes."""
+    inner, calls = _closure(m, opt, 0), [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == at_call:
+            seen[key] = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+        return inner()
+    return closure
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_gxpo_bf16_parameters_against_the_authors(seed):
     """bf16 parameters. The authors keep θ0, g0 and g1 in the parameters' dtype and compute the ratio, the scale
@@ -503,28 +516,10 @@ def test_gxpo_bf16_parameters_against_the_authors(seed):
         m2 = copy.deepcopy(m1)
         o1, o2 = _groups(m1, "sgd_momentum"), _groups(m2, "sgd_momentum")
         seen = {}
-
-        def c1():
-            o1.zero_grad()
-            if rule.pass_index == 2:
-                seen["ours"] = [p.detach().clone() for p in m1.parameters() if p.requires_grad]
-            loss = m1.loss(0)
-            loss.backward()
-            return loss
-        calls = [0]
-
-        def c2():
-            o2.zero_grad()
-            calls[0] += 1
-            if calls[0] == 3:
-                seen["theirs"] = [p.detach().clone() for p in m2.parameters() if p.requires_grad]
-            loss = m2.loss(0)
-            loss.backward()
-            return loss
         rule = GXPO.paper_protocol(o1, gate=None, backend="torch")
         ref = _AuthorsGXPO(m2, o2, tau=math.inf, scale_dtype=scale_dtype)
-        rule.step(c1)
-        ref.step(c2)
+        rule.step(_closure_seeing(m1, o1, 3, seen, "ours"))       # pass 2: at θ̃
+        ref.step(_closure_seeing(m2, o2, 3, seen, "theirs"))
         thetas[scale_dtype] = seen["theirs"]
     last = ref.last
     exact = _AuthorsGXPO(torch.nn.Module(), None, scale_dtype=torch.float64)
@@ -576,26 +571,8 @@ def test_sfpo_bf16_parameters_within_one_ulp_of_the_authors(seed):
     o1, o2 = _groups(m1, "adamw_amsgrad"), _groups(m2, "adamw_amsgrad")
     rule = SFPO(o1, K=3, alpha=0.8, gate=None, fallback_state="keep", backend="torch")
     seen = {}
-
-    def c1():
-        o1.zero_grad()
-        if rule.pass_index == 3:
-            seen[1] = [p.detach().clone() for p in m1.parameters() if p.requires_grad]
-        loss = m1.loss(0)
-        loss.backward()
-        return loss
-    calls = [0]
-
-    def c2():
-        o2.zero_grad()
-        calls[0] += 1
-        if calls[0] == 4:
-            seen[2] = [p.detach().clone() for p in m2.parameters() if p.requires_grad]
-        loss = m2.loss(0)
-        loss.backward()
-        return loss
-    rule.step(c1)
-    slow, fast = _authors_sfpo_batch(m2, o2, [c2], K=3, alpha=0.8)
+    rule.step(_closure_seeing(m1, o1, 4, seen, 1))                   # the slow pass: at the repositioned point
+    slow, fast = _authors_sfpo_batch(m2, o2, [_closure_seeing(m2, o2, 4, seen, 2)], K=3, alpha=0.8)
     for ours, theirs, t0, tf in zip(seen[1], seen[2], slow, fast):
         want = t0.double() + 0.8 * (tf.double() - t0.double())
         assert float(((ours.double() - want).abs() / _spacing(want)).max()) <= 0.5 + 2 ** -15
