@@ -241,6 +241,23 @@ def check_scalar(value, name: str, interval: str = "(-inf, inf)", *, optional: b
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """A flag as a Python ``bool``: ``True`` / ``False`` or a numpy bool (``np.bool_``). Anything else raises
+    TypeError naming ``name``: a string such as ``"no"`` or ``"false"`` is truthy and read as True, and the ints 0
+    and 1 are refused too, as ``check_scalar`` refuses a bool where a number is expected (one rule each way; a
+    0-d tensor is refused, since reading it would sync with a GPU)."""
+    t = type(value)
+    if isinstance(value, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_")):   # np.bool_
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+
+
+def check_bools(**flags) -> None:
+    """``check_bool`` for each keyword: ``check_bools(compute_entropy=compute_entropy, ...)``."""
+    for name, value in flags.items():
+        check_bool(value, name)
+
+
 # logits / temperature and its reciprocal stay finite and well-scaled in fp32 over this range
 TEMPERATURE_RANGE = "[1e-6, 1e6]"
 

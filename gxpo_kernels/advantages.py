@@ -18,7 +18,7 @@ model, so there is deliberately no fused kernel.
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -210,6 +210,18 @@ def _scalar(x, name) -> float:
     return check_scalar(x.detach() if isinstance(x, torch.Tensor) else x, name)
 
 
+def _check_float64(value, name: str) -> None:
+    """Refuse a floating value held in less than float64 (a float32 tensor, ``np.float32``): its low bits are gone."""
+    if isinstance(value, torch.Tensor):
+        narrow = value.is_floating_point() and value.dtype != torch.float64
+    else:   # a numpy scalar has a dtype; Python numbers have none
+        dtype = getattr(value, "dtype", None)
+        narrow = getattr(dtype, "kind", None) == "f" and dtype.itemsize < 8
+    if narrow:
+        raise TypeError(f"{name} is a {value.dtype} value: a float64 statistic stored in less than float64 has lost "
+                        "precision; pass the state as state_dict() returns it (Python floats)")
+
+
 class FADEController:
     """FADE's controllers for alpha (focal exponent) and delta (negative-advantage divisor) (docs/algorithms.md, section 5).
 
@@ -290,13 +302,23 @@ class FADEController:
         return {**self.settings(), "p_hat": self.p_hat, "h_hat": self.h_hat, "steps": self.steps}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restore hyperparameters and state saved by ``state_dict``. Everything is validated (the
-        hyperparameters through ``__init__``) before anything changes: a bad state raises and leaves the
-        controller as it was."""
+        """Restore hyperparameters and state saved by ``state_dict`` (the same ten keys in every version of this
+        library). Strict, as torch's loading: a missing or unknown key (a typo, another object's state) raises
+        ValueError naming it. Lossless: a float held in less than float64 (a float32 tensor, ``np.float32``)
+        raises TypeError naming the key, since the EMA statistics it stood for were float64. Everything is
+        validated (the hyperparameters through ``__init__``) before anything changes: a bad state raises and
+        leaves the controller as it was."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
         names = list(self.settings())
-        missing = {*names, "p_hat", "h_hat", "steps"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
+        keys = {*names, "p_hat", "h_hat", "steps"}
+        missing, unknown = keys - set(state), set(state) - keys
+        if missing or unknown:
+            raise ValueError("FADEController state: " + "; ".join(
+                f"{what} keys {sorted(ks, key=repr)}" for what, ks in (("missing", missing), ("unknown", unknown))
+                if ks) + f" (expected exactly {sorted(keys)})")
+        for k in sorted(keys):
+            _check_float64(state[k], k)
         new = FADEController(**{k: state[k] for k in names})
         new.p_hat = check_scalar(state["p_hat"], "p_hat", "[0, 1]")
         new.h_hat = check_scalar(state["h_hat"], "h_hat", "[0, inf)", optional=True)

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from ._utils import (check_choice, check_same_device, check_scalar, check_shape, check_temperature,
+from ._utils import (check_bool, check_choice, check_same_device, check_scalar, check_shape, check_temperature,
                      check_tensor, check_tokens_in_range, check_validate, normalize_mask)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -111,8 +111,7 @@ class GRPOLossOptions:
         setf("log_ratio_clamp", check_scalar(self.log_ratio_clamp, "log_ratio_clamp", "(0, 80]", optional=True))
         setf("kl_clamp", check_scalar(self.kl_clamp, "kl_clamp", "(0, inf)", optional=True))
         for name in ("use_bias_correction_kl", "reduce"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            setf(name, check_bool(getattr(self, name), name))
         check_choice(self.empty_sequences, "empty_sequences", EMPTY_SEQUENCES)
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             setf(name, check_scalar(getattr(self, name), name, "(0, inf)"))

@@ -360,3 +360,38 @@ def test_batch_scale_is_trls_scale_rewards_batch(G, dtype):
     with pytest.raises(ValueError, match="batch std"):           # constant groups, a batch spread of 2e300
         group_advantages(torch.tensor([1e300, 1e300, -1e300, -1e300], dtype=torch.float64), group_size=2,
                          scale="batch")
+
+
+def test_controller_load_is_strict_lossless_and_atomic():
+    """load_state_dict ignored unknown keys (a typo'd "p_hatt" or another object's state loaded silently, as
+    torch's strict loading would not) and took a float32 tensor for a float64 statistic (p_hat lost its low
+    bits). Now: a missing or unknown key is a ValueError naming it, a float held in less than float64 a TypeError
+    naming the key, and a refused load changes nothing. The ten keys every version of the library saved (the
+    literal below, from the first release) still load, as do float64 tensors and numpy float64."""
+    import numpy as np
+    c = FADEController(ema=0.1)
+    for r, h in ((0.3, 1.37), (0.61, 1.1), (0.27, 0.93)):
+        c.update(r, h)
+    before = c.state_dict()
+    bad_keys = ({**before, "p_hatt": 0.1}, {**before, "alpha": 2.0, "p_hat": 0.9},
+                {k: v for k, v in before.items() if k != "steps"} | {"step": 3})
+    for bad, names in zip(bad_keys, (["'p_hatt'"], ["'alpha'"], ["missing keys ['steps']", "unknown keys ['step']"])):
+        with pytest.raises(ValueError, match="FADEController state") as e:
+            c.load_state_dict(bad)
+        assert all(n in str(e.value) for n in names), str(e.value)
+        assert c.state_dict() == before
+    for key, value in (("p_hat", torch.tensor(before["p_hat"])), ("h_hat", np.float32(before["h_hat"])),
+                       ("ema", torch.tensor(0.1, dtype=torch.bfloat16)), ("p_hat", np.array(0.3, np.float16))):
+        with pytest.raises(TypeError, match=f"{key} is a .*float.*lost precision"):
+            c.load_state_dict({**before, key: value})
+        assert c.state_dict() == before
+    with pytest.raises(TypeError, match="state must be a dict"):
+        c.load_state_dict([("p_hat", 0.5)])
+    exact = FADEController()
+    exact.load_state_dict({**before, "p_hat": torch.tensor(before["p_hat"], dtype=torch.float64),
+                           "h_hat": np.float64(before["h_hat"]), "steps": torch.tensor(3)})
+    assert exact.state_dict() == before   # bit for bit
+    first_release = {"alpha_max": 3.0, "target_entropy": 0.6, "ema": 0.02, "ema_convention": "slow", "p0": 0.5,
+                     "delta_min": 0.3, "delta_max": 1.0, "p_hat": 0.41, "h_hat": 1.2, "steps": 7}
+    exact.load_state_dict(first_release)
+    assert exact.state_dict() == first_release

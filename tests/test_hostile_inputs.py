@@ -332,3 +332,92 @@ def test_cli_fpa_lam_range(tmp_path, monkeypatch):
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         cli.main(["train", "--algo", "fpa_dpo", "--fpa_lam", "1e20", "--no_progress", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "fpa_lam must be in [0, 1e6], got 1e+20" in err.getvalue()
+
+
+def test_fpa_beta_and_weights_beyond_1e6_are_refused_by_name():
+    """beta = 1e39 or 1e300 gave a NaN loss (beta is inf in fp32, and inf * a zero margin is NaN); a KTO weight
+    of 1e300 an internal "value cannot be converted to type float without overflow"; RPO's alpha = 1e300 a NaN
+    loss when the NLL is 0. beta follows (0, 1e6] and the weights [0, 1e6] (as lam follows [0, 1e6]); the CLI's
+    --fpa_beta / --fpa_rpo_alpha take the same rule. At the bound the loss is finite and matches float64."""
+    from gxpo_kernels import fpa_dpo_loss, fpa_rpo_loss
+    from gxpo_kernels.trainer.config import TrainConfig
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(3, 4, generator=g)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    same = FPALogProbs(lp, lp.clone(), lp.clone(), mask)     # zero margins: where inf * 0 made the NaN
+    des = torch.tensor([True, False, True])
+    for big in (1e6 * (1 + 1e-9), 1e39, 1e300):
+        for call in (lambda: fpa_dpo_loss(same, same, beta=big), lambda: fpa_rpo_loss(same, same, beta=big),
+                     lambda: fpa_kto_loss(same, des, beta=big)):
+            with pytest.raises(ValueError, match=r"beta must be in \(0, 1e6\]"):
+                call()
+        for name in ("desirable_weight", "undesirable_weight"):
+            with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1e6\]"):
+                fpa_kto_loss(same, des, **{name: big})
+        with pytest.raises(ValueError, match=r"alpha must be in \[0, 1e6\]"):
+            fpa_rpo_loss(same, same, alpha=big)
+    w = FPALogProbs(-torch.rand(3, 4, generator=g), lp, -torch.rand(3, 4, generator=g), mask)
+    loss = fpa_dpo_loss(w, same, beta=1e6)[0]
+    u = 1e6 * ((w.logp.double().sum(1) - lp.double().sum(1)) - 0.0)
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(u).mean()),
+                                                                  rel=1e-6)
+    assert torch.isfinite(fpa_kto_loss(same, des, beta=1e6, desirable_weight=1e6)[0])
+    with pytest.raises(ValueError, match=r"fpa_beta must be in \(0, 1e6\]"):
+        TrainConfig(algo="fpa_dpo", fpa_beta=1e300).validate()
+
+
+BOOL_FLAG_CALLS = {
+    "token_logprobs": lambda x, **f: token_logprobs(x.logits, x.tokens, **f),
+    "grpo_loss": lambda x, **f: grpo_loss(x.logits, x.tokens, x.adv, **f),
+    "GRPOLoss": lambda x, **f: __import__("gxpo_kernels").GRPOLoss(**f),
+    "linear_grpo_loss": lambda x, **f: linear_grpo_loss(x.h, x.w, x.tokens, x.adv, **f),
+    "LinearGRPOLoss": lambda x, **f: LinearGRPOLoss(**f),
+    "linear_token_logprobs": lambda x, **f: linear_token_logprobs(x.h, x.w, x.tokens, **f),
+    "linear_fpa_logprobs": lambda x, **f: linear_fpa_logprobs(x.h, x.w, x.h, x.w, x.tokens, **f),
+    "GRPOLossOptions": lambda x, **f: __import__("gxpo_kernels").GRPOLossOptions(**f),
+    "GXPO": lambda x, **f: __import__("gxpo_kernels").GXPO(x.opt(), **f),
+    "SFPO": lambda x, **f: __import__("gxpo_kernels").SFPO(x.opt(), **f),
+    "WindowGate": lambda x, **f: __import__("gxpo_kernels").WindowGate(**f),
+    "GXPO.step": lambda x, **f: __import__("gxpo_kernels").GXPO(x.opt()).step(lambda: None, **f),
+}
+BOOL_FLAGS = {
+    "token_logprobs": ("compute_entropy", "inplace_backward"),
+    "grpo_loss": ("compute_entropy", "inplace_backward", "check_finite", "use_bias_correction_kl", "reduce"),
+    "GRPOLoss": ("compute_entropy", "inplace_backward", "check_finite", "reduce"),
+    "linear_grpo_loss": ("compute_entropy", "inplace_backward", "check_finite", "fp32_head", "deterministic",
+                         "grad_in_forward"),
+    "LinearGRPOLoss": ("compute_entropy", "check_finite", "fp32_head", "deterministic", "grad_in_forward"),
+    "linear_token_logprobs": ("compute_entropy", "fp32_head", "deterministic", "check_finite"),
+    "linear_fpa_logprobs": ("fp32_head", "deterministic"),
+    "GRPOLossOptions": ("use_bias_correction_kl", "reduce"),
+    "GXPO": ("transactional_state", "atomic", "optimizer_aware", "skip_corrective", "corrective_cosine",
+             "gate_one_sided"),
+    "SFPO": ("transactional_state", "atomic", "gate_one_sided"),
+    "WindowGate": ("one_sided",),
+    "GXPO.step": ("force_plain",),
+}
+
+
+@pytest.mark.parametrize("op", sorted(BOOL_FLAGS))
+def test_bool_flags_refuse_strings_and_ints_by_name(op):
+    """compute_entropy="no" counted as True (any non-empty string is truthy), and so did "false" for fp32_head,
+    skip_corrective, atomic ...: every public bool flag now takes True / False or a numpy bool only, one rule
+    (gxpo_kernels._utils.check_bool), and refuses anything else, 0 and 1 included, with a TypeError naming it."""
+    class X:
+        g = torch.Generator().manual_seed(5)
+        logits, tokens = torch.randn(2, 3, V, generator=g), torch.randint(0, V, (2, 3), generator=g)
+        h, w, adv = torch.randn(2, 3, H, generator=g), torch.randn(V, H, generator=g), torch.randn(2, generator=g)
+
+        @staticmethod
+        def opt():
+            return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+
+    call = BOOL_FLAG_CALLS[op]
+    for flag in BOOL_FLAGS[op]:
+        for bad in ("no", "False", 0, 1, None, torch.tensor(True)):
+            if bad is None and flag == "gate_one_sided":
+                continue   # None: the gate's own default
+            with pytest.raises(TypeError, match=rf"^{flag.removeprefix('gate_')} must be a bool \(True or False\)"):
+                call(X, **{flag: bad})
+    if op != "GXPO.step":   # (its closure is a dummy)
+        call(X, **{BOOL_FLAGS[op][0]: np.bool_(False)})   # a numpy bool is a bool

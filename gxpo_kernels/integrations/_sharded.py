@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from .._utils import check_bool
 from ..update.base import _to_float
 
 
@@ -92,6 +93,7 @@ class ShardedReductions:
         rank, before anything changes (decide it on the whole batch, e.g. from rewards reduced over the ranks). An
         entropy refused on some ranks: their error there, a RuntimeError on the others, before anything changes
         (refused at the step's end, it would leave those ranks rewound and the others stepped)."""
+        check_bool(force_plain, "force_plain")   # (the same bad value on every rank raises on every rank)
         refusal = None
         if not force_plain and (not self.gate.fired or self.gate.rearm_due()):   # an active step
             refusal = self._entropy_refusal(entropy)

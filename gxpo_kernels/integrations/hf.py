@@ -46,6 +46,7 @@ try:  # transformers is needed only by the patched forward's output type
 except ImportError:  # pragma: no cover - depends on the environment
     ModelOutputBase = object
 
+from .._utils import check_bools
 from ..ops.grpo.linear import linear_grpo_loss
 from ..ops.logprobs.linear import linear_token_logprobs
 
@@ -282,6 +283,7 @@ def causal_lm_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attentio
     Returns fp32 (logp (B, K), entropy (B, K) or None); positions outside the mask (default
     ``attention_mask[:, -K:]``) are skipped and hold 0.
     """
+    check_bools(compute_entropy=compute_entropy, fp32_head=fp32_head)   # before the model's forward
     head = _lm_head(model)
     K = _keep(input_ids, logits_to_keep)
     hidden, tokens = causal_lm_hidden_states(model, input_ids, attention_mask, K, **(model_kwargs or {}))

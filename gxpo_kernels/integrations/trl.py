@@ -49,7 +49,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._utils import BACKENDS, check_choice, check_scalar, check_shape, check_tensor, require
+from .._utils import BACKENDS, check_bool, check_choice, check_scalar, check_shape, check_tensor, require
 from ..losses import GRPOLossOptions, check_token_inputs, grpo_token_loss, kl_k3, masked_mean
 
 TESTED_TRL = ("1.16.0", "1.17.0")  # [min, max) of the TRL versions this module was tested against
@@ -195,6 +195,7 @@ def trl_policy_loss(
         raise ValueError(f"pg_weight must have shape {(B, T)} or {(B, 1)}, got {tuple(pg_weight.shape)}")
     accumulation = check_scalar(accumulation, "accumulation", "(0, inf)")
     entropy_coef = check_scalar(entropy_coef, "entropy_coef")
+    kl_ratio_weight = check_bool(kl_ratio_weight, "kl_ratio_weight")
     adv = advantages.to(logp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None]

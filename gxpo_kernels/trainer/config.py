@@ -48,7 +48,7 @@ class SFTConfig:
     check_every: int = _f(25, "warm-start accuracy check interval (steps)")
     check_size: int = _f(512, "validation prompts used by the warm-start check")
     max_steps: int = _f(1500, "warm-start step cap (0 = no warm start)", aliases=("--sft_steps", "--sft-steps"))
-    pool_size: int = _f(50000, "size of the warm-start problem pool")
+    pool_size: int = _f(50000, "size of the warm-start problem pool (drawn up front: at most 1e8)")
 
     def validate(self) -> "SFTConfig":
         if not (_finite(self.lr) and self.lr > 0):
@@ -58,6 +58,8 @@ class SFTConfig:
         for name in ("batch_size", "check_every", "check_size", "pool_size"):
             _int_at_least(f"sft_{name}", getattr(self, name), 1)
         _int_at_least("sft_max_steps", self.max_steps, 0)
+        _at_most("sft_pool_size", self.pool_size, MAX_DRAWN_PROMPTS, _DRAWN)
+        _at_most("sft_batch_size", self.batch_size, MAX_GENERATE_ROWS, "rows of one warm-start forward")
         if self.max_steps > 0 and self.pool_size < self.batch_size:   # each batch is drawn without replacement
             raise ValueError(f"sft_pool_size ({self.pool_size}) must be >= sft_batch_size ({self.batch_size})")
         return self
@@ -66,6 +68,27 @@ class SFTConfig:
 def _int_at_least(name: str, v, lo: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+# Upper bounds for sizes that would exhaust memory before a run did anything useful (checked on valid ints):
+# - MAX_DRAWN_PROMPTS: the run draws its prompt lists up front as Python (prompt, answer) string pairs, about
+#   180 bytes each for the toy tasks: the RL stream (steps * prompts per rank), the warm-start pool
+#   (sft_pool_size) and the validation set (val_size). 1e8 pairs are ~18 GB of host memory and minutes of drawing.
+# - MAX_GENERATE_ROWS: the sequences one generate call samples together (a step's prompts * group, an evaluation
+#   chunk, a warm-start batch), each with its KV cache (2 * layers * hidden values per token: 2 KiB a token for
+#   the default tiny model, 32 KiB for a 16-token row, so 2^20 rows are ~32 GiB before any logits).
+MAX_DRAWN_PROMPTS = 10 ** 8
+MAX_GENERATE_ROWS = 2 ** 20
+
+
+def _at_most(name: str, v: int, bound: int, why: str) -> None:
+    if v > bound:
+        raise ValueError(f"{name} = {v} is too large: at most {bound} ({why}; see MAX_DRAWN_PROMPTS and "
+                         "MAX_GENERATE_ROWS in gxpo_kernels/trainer/config.py)")
+
+
+_DRAWN = "the run draws these prompts up front, ~180 bytes each"
+_ROWS = "sequences sampled in one generate call, each with its KV cache"
 
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -99,7 +122,7 @@ class TrainConfig:
     seed: int = _f(0, "RL seed (sampling, prompt order)")
     init_seed: int = _f(0, "model init + warm start seed (shared by every method of a run)")
     steps: int = _f(200, "RL update steps", aliases=("--max_steps", "--max-steps"))
-    prompts: int = _f(16, "prompts per step (P)")
+    prompts: int = _f(16, "prompts per step (P; P x G at most 2^20 sequences)")
     group: int = _f(8, "samples per prompt (G, >= 2)", aliases=("--num_generations", "--num-generations"))
     gradient_accumulation_steps: int = _f(1, "micro-batches per gradient pass: the prompts x group rows go "
                                           "through forward + backward in this many slices (it must divide "
@@ -138,8 +161,8 @@ class TrainConfig:
     fpa_lam: float = _f(1.0, "fpa_*: pi_hat = softmax((1 + lam) h_theta - lam h_ref); 0 = the base objective")
     fpa_side: str = _f("both", "fpa_*: coefficients at pi_hat on both sides or the rejected side only",
                        choices=FPA_SIDES)
-    fpa_beta: float = _f(0.1, "fpa_dpo / fpa_rpo / fpa_kto: beta")
-    fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL")
+    fpa_beta: float = _f(0.1, "fpa_dpo / fpa_rpo / fpa_kto: beta, in (0, 1e6]")
+    fpa_rpo_alpha: float = _f(1.0, "fpa_rpo: weight of the chosen response's NLL, in [0, 1e6]")
     val_every: int = _f(10, "validate every N steps", aliases=("--eval_steps", "--eval-steps"))
     val_size: Optional[int] = _f(None, "held-out prompts for greedy accuracy (None: 2048, or the whole val split "
                                        "when it holds fewer)")
@@ -148,7 +171,7 @@ class TrainConfig:
     pass1_size: int = _f(128, "prompts for the sampled metrics pass@1 / pass@k (0 = off)")
     pass1_n: int = _f(4, "samples per prompt for pass@1 / pass@k (n)")
     val_temperature: float = _f(1.0, "sampling temperature of pass@1 / pass@k")
-    pass_k: List[int] = _f(help="k values of pass@k (unbiased estimator over n samples; each k <= n)",
+    pass_k: List[int] = _f(help="k values of pass@k (unbiased estimator over n samples; each k <= n, each once)",
                            default_factory=lambda: [1])
     log_per_prompt: bool = _f(True, "store 0/1 greedy correctness per validation prompt (bootstrap CIs)")
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -210,6 +233,15 @@ class TrainConfig:
             _int_at_least(name, getattr(self, name), lo)
         if self.val_size is not None:   # None: the default size (tasks.validation_set)
             _int_at_least("val_size", self.val_size, 1)
+            _at_most("val_size", self.val_size, MAX_DRAWN_PROMPTS, _DRAWN)
+        _at_most("prompts * group", self.prompts * self.group, MAX_GENERATE_ROWS, _ROWS)
+        _at_most("steps * prompts", self.steps * self.prompts, MAX_DRAWN_PROMPTS,
+                 "the run draws its whole prompt stream up front, ~180 bytes a prompt")
+        val = DEFAULT_VAL_SIZE if self.val_size is None else self.val_size
+        _at_most("min(eval_batch_size, val_size)", min(self.eval_batch_size, val), MAX_GENERATE_ROWS, _ROWS)
+        if self.pass1_size:
+            _at_most("min(eval_batch_size, pass1_size, val_size) * pass1_n",
+                     min(self.eval_batch_size, self.pass1_size, val) * self.pass1_n, MAX_GENERATE_ROWS, _ROWS)
         if (self.prompts * self.group) % self.gradient_accumulation_steps:
             raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the "
                              f"rows of a step, prompts * group = {self.prompts * self.group}")
@@ -223,6 +255,9 @@ class TrainConfig:
         if not self.pass_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.pass1_n
                                   for k in self.pass_k):
             raise ValueError(f"pass_k must be ints in [1, pass1_n = {self.pass1_n}], got {self.pass_k!r}")
+        dup = sorted({k for k in self.pass_k if self.pass_k.count(k) > 1})
+        if dup:   # (it computed and logged the same pass@k twice)
+            raise ValueError(f"pass_k must not repeat a k: {dup} given more than once in {self.pass_k!r}")
         self.sft.validate()
         return self
 

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .._utils import check_choice, check_scalar
+from .._utils import check_bool, check_bools, check_choice, check_scalar
 from ..ops.extrapolate import _cpp
 from ..ops.extrapolate.op import (_DEVICE, _DTYPE, _TL_DTYPES, EXTRAPOLATE_BACKENDS, ExtrapolationPlan,
                                   _record_reader, extrapolate_, extrapolate_backend)
@@ -86,6 +86,7 @@ class ExtrapolationRule:
                             "takes one optimizer.step() per pass with the gradients it has clipped; use a "
                             "first-order optimizer such as AdamW")
         max_grad_norm = check_scalar(max_grad_norm, "max_grad_norm", "(0, inf)", optional=True)
+        check_bools(transactional_state=transactional_state, atomic=atomic)
         check_choice(backend, "backend", EXTRAPOLATE_BACKENDS)
         check_choice(fallback_grad, "fallback_grad", ("reuse", "recompute"))
         if fallback_state not in (None, "restore", "keep"):
@@ -415,6 +416,7 @@ class ExtrapolationRule:
         are restored to where the step began (``atomic=True``, the default) and the exception propagates.
         Everything that can be checked is checked before the first optimizer step.
         """
+        check_bool(force_plain, "force_plain")
         self._check_closure(closure)
         self._in_step = True
         try:

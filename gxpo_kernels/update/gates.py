@@ -32,7 +32,7 @@ import math
 from collections import deque
 from typing import Optional
 
-from .._utils import check_scalar
+from .._utils import check_bool, check_scalar
 
 
 class Gate:
@@ -48,6 +48,7 @@ class Gate:
         patience = check_scalar(patience, "patience", "[1, inf)", integer=True)
         warmup = check_scalar(warmup, "warmup", "[0, inf)", integer=True)
         rearm_after = check_scalar(rearm_after, "rearm_after", "[1, inf)", integer=True, optional=True)
+        one_sided = check_bool(one_sided, "one_sided")
         self.tau = float(tau)
         self.one_sided, self.patience, self.warmup, self.rearm_after = bool(one_sided), patience, warmup, rearm_after
         self.fired = False

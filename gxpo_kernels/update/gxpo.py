@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .._utils import check_scalar
+from .._utils import check_bools, check_scalar
 from ..ops.extrapolate.op import MAX_K, STAT_INDEX, stats_to_dict
 from .base import ExtrapolationRule, _no_grad, _to_float
 from .gates import Gate, make_gate
@@ -101,6 +101,8 @@ class GXPO(ExtrapolationRule):
             raise ValueError(f"scale_formula must be 'horner' or 'closed', got {scale_formula!r}")
         inactive_threshold = check_scalar(inactive_threshold, "inactive_threshold", "[0, inf)", optional=True)
         min_grad_norm = check_scalar(min_grad_norm, "min_grad_norm", "[0, inf)")
+        check_bools(optimizer_aware=optimizer_aware, skip_corrective=skip_corrective,
+                    corrective_cosine=corrective_cosine)
         if gate_signal not in GATE_SIGNALS:
             raise ValueError(f"gate_signal must be one of {GATE_SIGNALS}, got {gate_signal!r}")
         if zero_lr not in ("raise", "neutral"):

@@ -165,8 +165,11 @@ BAD = [
     (["train", "--sfpo_K", "0"], "sfpo_K must be in [1, inf)"),
     (["train", "--sfpo_alpha", "-1"], "sfpo_alpha must be in (0, inf)"),
     (["train", "--fpa_lam", "-1"], "fpa_lam must be in [0, 1e6]"),
-    (["train", "--algo", "fpa_dpo", "--fpa_beta", "0"], "fpa_beta must be in (0, inf)"),
-    (["train", "--algo", "fpa_rpo", "--fpa_rpo_alpha", "-1"], "fpa_rpo_alpha must be in [0, inf)"),
+    (["train", "--algo", "fpa_dpo", "--fpa_beta", "0"], "fpa_beta must be in (0, 1e6]"),
+    (["train", "--algo", "fpa_rpo", "--fpa_rpo_alpha", "-1"], "fpa_rpo_alpha must be in [0, 1e6]"),
+    # beta = 1e300 made the FPA loss NaN (inf * 0 in fp32); a weight of 1e300 an internal overflow error
+    (["train", "--algo", "fpa_dpo", "--fpa_beta", "1e300"], "fpa_beta must be in (0, 1e6], got 1e+300"),
+    (["train", "--algo", "fpa_rpo", "--fpa_rpo_alpha", "1e7"], "fpa_rpo_alpha must be in [0, 1e6], got 10000000.0"),
     (["train", "--advantage", "fade", "--fade_target_entropy", "-1"], "fade_target_entropy must be in [0, inf)"),
     (["speedup", "--eps_low", "1.5"], "eps_low must be in [0, 1)"),
     # the model shape and the device, which used to fail as raw tracebacks (exit 1)
@@ -192,6 +195,24 @@ BAD = [
     (["train", "--gradient_accumulation_steps", "4", "--deepspeed", "ds_zero2.json"],
      "--gradient_accumulation_steps 4 conflicts with the gradient_accumulation_steps 2 of --deepspeed"),
     (["train", "--eval_batch_size", "0"], "eval_batch_size must be an int >= 1"),
+    # sizes that passed validation and then exhausted memory inside the run (drawing ~1e14 prompts up front, a
+    # 1e12-problem warm-start pool, one generate call of 1e15 rows): the bound and why, before any work
+    (["train", "--prompts", str(10 ** 14)], "prompts * group = 800000000000000 is too large: at most 1048576 "
+                                            "(sequences sampled in one generate call"),
+    (["train", "--num_generations", str(10 ** 14)], "prompts * group = 1600000000000000 is too large"),
+    (["train", "--sft_pool_size", str(10 ** 12)], "sft_pool_size = 1000000000000 is too large: at most 100000000 "
+                                                  "(the run draws these prompts up front"),
+    (["train", "--sft_batch_size", str(2 ** 21), "--sft_pool_size", str(2 ** 22)],
+     "sft_batch_size = 2097152 is too large: at most 1048576"),
+    (["train", "--steps", str(10 ** 8)], "steps * prompts = 1600000000 is too large: at most 100000000 (the run "
+                                         "draws its whole prompt stream up front"),
+    (["train", "--val_size", str(10 ** 9)], "val_size = 1000000000 is too large: at most 100000000"),
+    (["train", "--val_size", str(2 ** 21), "--eval_batch_size", str(2 ** 21)],
+     "min(eval_batch_size, val_size) = 2097152 is too large"),
+    (["train", "--pass1_n", str(10 ** 5), "--pass_k", "1"],
+     "min(eval_batch_size, pass1_size, val_size) * pass1_n = 12800000 is too large"),
+    # --pass_k 1 1 computed and logged pass@1 twice
+    (["train", "--pass_k", "1", "1"], "pass_k must not repeat a k: [1] given more than once in [1, 1]"),
     # an explicit --val_size the task's val split cannot fill: the error says what to pass
     (["train", "--task", "addition2", "--val_size", "2030"], "(found 2029); pass --val_size 2029 or less"),
 ]
@@ -535,3 +556,18 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
     assert rc == 143 and "Traceback" not in err and not orphans, err[-3000:]
     assert f"interrupted: {out / 'runs.json'} marks the runs that finished" in err, err
     assert json.loads((out / "runs.json").read_text())["status"] == "interrupted"
+
+
+def test_size_bounds_leave_large_legitimate_values_alone():
+    """The memory bounds cap what the run allocates at once, not how long it runs: a million steps of the default
+    16 prompts, an eval_batch_size far above the validation set (the calls take min(eval_batch_size, prompts
+    left)) and pass@k over many samples of few prompts all validate."""
+    from gxpo_kernels.trainer.config import MAX_DRAWN_PROMPTS, MAX_GENERATE_ROWS, TrainConfig
+    TrainConfig(steps=10 ** 6).validate()
+    TrainConfig(eval_batch_size=10 ** 12).validate()
+    TrainConfig(pass1_size=4, pass1_n=2 ** 18, pass_k=[1, 2 ** 18]).validate()
+    TrainConfig(prompts=2 ** 10, group=2 ** 10).validate()                  # exactly MAX_GENERATE_ROWS rows
+    TrainConfig(steps=MAX_DRAWN_PROMPTS // 16).validate()
+    with pytest.raises(ValueError, match="prompts . group = 1049600 is too large"):
+        TrainConfig(prompts=2 ** 10 + 1, group=2 ** 10).validate()
+    assert MAX_GENERATE_ROWS == 2 ** 20

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._utils import (autocast_off, check_no_forward_ad, check_same_device, check_shape, check_tensor, checked_mask,
-                       compiled_safe_tokens, nan_at, resolved, triton_interpret)
+from ..._utils import (autocast_off, check_bools, check_no_forward_ad, check_same_device, check_shape, check_tensor,
+                       checked_mask, compiled_safe_tokens, nan_at, resolved, triton_interpret)
 from ..fused_head._library import cfg_args
 from ..fused_head.engine import (_NEG, MaskedRows, _HeadConfig, _chunk_logits, _chunk_rows,
                                  _kernel_flags, _logits_tile, make_head_config, row_logsumexp, validate_head,
@@ -246,6 +246,7 @@ def linear_fpa_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     """
     if isinstance(hidden, torch.Tensor) and hidden.dim() < 2:
         raise ValueError(f"hidden must have shape (*, H) with at least 2 dims, got {tuple(hidden.shape)}")
+    check_bools(fp32_head=fp32_head, deterministic=deterministic)
     validate_head(hidden, weight, bias, fp32_head, hidden_ndim=None)
     V = weight.shape[0]
     _check_ref_head(ref_hidden, ref_weight, ref_bias, hidden, V, fp32_head)

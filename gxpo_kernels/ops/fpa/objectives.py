@@ -97,8 +97,20 @@ def _check_pair(w: _Seq, l: _Seq):
         raise ValueError("chosen and rejected must be on one device")
 
 
-def _check_pos(value, name, allow_zero=False):
-    return check_scalar(value, name, "[0, inf)" if allow_zero else "(0, inf)")
+# beta and the loss weights multiply fp32 sums of log-ratios: past ~3.4e38 the coefficient itself is inf in fp32 and
+# inf * 0 (a zero margin, a zero NLL, a saturated sigmoid) made the loss NaN (beta = 1e39 or 1e300: NaN; a weight
+# of 1e300: an internal "cannot be converted to type float without overflow"). Up to 1e6 beta * margin stays
+# finite for any summed margin below 3e32, far past real sequence log-probs (as LAM_RANGE bounds lam).
+BETA_RANGE = "(0, 1e6]"
+WEIGHT_RANGE = "[0, 1e6]"
+
+
+def _check_beta(value):
+    return check_scalar(value, "beta", BETA_RANGE)
+
+
+def _check_weight(value, name):
+    return check_scalar(value, name, WEIGHT_RANGE)
 
 
 class _DifferentiableOnce(torch.autograd.Function):
@@ -152,10 +164,10 @@ def fpa_dpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     """DPO with FPA coefficients: base loss -log sigmoid(u), u = beta[(S_w - R_w) - (S_l - R_l)] (sums).
 
     C_w = C_l = beta * sigmoid(-u) evaluated at pi_hat. ``chosen``/``rejected``: FPALogProbs with (B, T_w) and
-    (B, T_l) float tensors (ref_logp required). ``beta`` > 0 (0.1). ``fpa_side``: "both" (default) or "rejected"
-    (see the module docstring). Returns (loss (0-d), metrics).
+    (B, T_l) float tensors (ref_logp required). ``beta`` in (0, 1e6] (0.1; ``BETA_RANGE``). ``fpa_side``: "both"
+    (default) or "rejected" (see the module docstring). Returns (loss (0-d), metrics).
     """
-    beta = _check_pos(beta, "beta")
+    beta = _check_beta(beta)
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
     _check_pair(w, l)
@@ -168,11 +180,11 @@ def fpa_rpo_loss(chosen: FPALogProbs, rejected: FPALogProbs, *, beta: float = 0.
     """RPO: the FPA-DPO term plus ``alpha`` * NLL(y_w) / |y_w| (the NLL gradient is the plain autograd one).
 
     ``chosen``/``rejected``: FPALogProbs with (B, T_w) and (B, T_l) float tensors (ref_logp required).
-    ``beta`` > 0 (0.1) and ``fpa_side`` ("both" or "rejected") as in :func:`fpa_dpo_loss`; ``alpha`` >= 0 (1.0).
+    ``beta`` in (0, 1e6] (0.1) and ``fpa_side`` as in :func:`fpa_dpo_loss`; ``alpha`` in [0, 1e6] (1.0).
     Returns (loss (0-d), metrics), the metrics of :func:`fpa_dpo_loss` plus ``nll``.
     """
-    beta = _check_pos(beta, "beta")
-    alpha = _check_pos(alpha, "alpha", allow_zero=True)
+    beta = _check_beta(beta)
+    alpha = _check_weight(alpha, "alpha")
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     w, l = _seq(chosen, "chosen", True), _seq(rejected, "rejected", True)
     _check_pair(w, l)
@@ -226,14 +238,14 @@ def fpa_kto_loss(batch: FPALogProbs, desirable: torch.Tensor, *, beta: float = 0
     estimate; taken as given). Desirable: loss w_D (1 - sigmoid(beta (r - z_ref))); undesirable:
     w_U (1 - sigmoid(beta (z_ref - r))). Coefficient w * beta * sigmoid(z)(1 - sigmoid(z)), evaluated at pi_hat.
     ``batch``: FPALogProbs with (B, T) float tensors (ref_logp required). ``desirable``: (B,) bool.
-    ``beta`` > 0 (0.1); ``kl``: a float or a one-element tensor (0.0); ``desirable_weight`` (w_D) and
-    ``undesirable_weight`` (w_U) >= 0 (1.0 each); ``fpa_side``: "both" (default) or "rejected" (pi_hat for the
-    undesirable samples only). Returns (loss (0-d), metrics); metrics ``c_w`` / ``c_l`` are zero on the other
+    ``beta`` in (0, 1e6] (0.1); ``kl``: a float or a one-element tensor (0.0); ``desirable_weight`` (w_D)
+    and ``undesirable_weight`` (w_U) in [0, 1e6] (1.0 each); ``fpa_side``: "both" (default) or "rejected" (pi_hat
+    for the undesirable samples only). Returns (loss (0-d), metrics); metrics ``c_w`` / ``c_l`` are zero on the other
     kind of sample.
     """
-    beta = _check_pos(beta, "beta")
-    desirable_weight = _check_pos(desirable_weight, "desirable_weight", allow_zero=True)
-    undesirable_weight = _check_pos(undesirable_weight, "undesirable_weight", allow_zero=True)
+    beta = _check_beta(beta)
+    desirable_weight = _check_weight(desirable_weight, "desirable_weight")
+    undesirable_weight = _check_weight(undesirable_weight, "undesirable_weight")
     check_choice(fpa_side, "fpa_side", FPA_SIDES)
     x = _seq(batch, "batch", True)
     check_tensor(desirable, "desirable", ndim=1)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
-from ..._utils import (BACKENDS, check_bias_finite, check_choice, check_no_forward_ad, check_validate, nan_at,
-                       safe_tokens)
+from ..._utils import (BACKENDS, check_bias_finite, check_bools, check_choice, check_no_forward_ad, check_validate,
+                       nan_at, safe_tokens)
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import (MaskedRows, check_chunk_size, linear_token_stats_bwd, linear_token_stats_fwd,
@@ -121,6 +121,8 @@ def linear_grpo_loss(
                                    old_logp, temperature=0.7, eps_high=0.28)
         loss.backward()
     """
+    check_bools(compute_entropy=compute_entropy, inplace_backward=inplace_backward, check_finite=check_finite,
+                fp32_head=fp32_head, deterministic=deterministic, grad_in_forward=grad_in_forward)
     del inplace_backward  # no logits buffer exists
     opts = GRPOLossOptions.build(options, **loss_options)
     validate_head(hidden, weight, bias, fp32_head, hidden_ndim=3)
@@ -179,6 +181,8 @@ class LinearGRPOLoss(nn.Module):
         super().__init__()
         # validate now so a bad option fails at construction, not at the first step
         self.options = GRPOLossOptions.build(options, **loss_options)
+        check_bools(compute_entropy=compute_entropy, check_finite=check_finite, fp32_head=fp32_head,
+                    deterministic=deterministic, grad_in_forward=grad_in_forward)
         check_validate(validate)
         check_choice(backend, "backend", BACKENDS)
         check_chunk_size(chunk_size)

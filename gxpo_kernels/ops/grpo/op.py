@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..._utils import check_finite as _check_finite
-from ..._utils import BACKENDS, check_choice, check_validate, nan_at, resolve_backend, safe_tokens
+from ..._utils import BACKENDS, check_bools, check_choice, check_validate, nan_at, resolve_backend, safe_tokens
 from ...losses import GRPOLossOptions, grpo_token_loss, validate_loss_inputs
 from ..logprobs.op import _token_logprobs, validate_logits
 
@@ -89,6 +89,7 @@ def grpo_loss(
         >>> sorted(m)
         ['clip_frac_high', 'clip_frac_low', 'entropy', 'logp_mean', 'ratio_mean']
     """
+    check_bools(compute_entropy=compute_entropy, inplace_backward=inplace_backward, check_finite=check_finite)
     validate_logits(logits)
     B, T, V = logits.shape
     opts = GRPOLossOptions.build(options, **loss_options)
@@ -126,6 +127,7 @@ class GRPOLoss(nn.Module):
                  backend: str = "auto", **loss_options):
         super().__init__()
         self.options = GRPOLossOptions.build(options, **loss_options)  # validate now, not at the first forward
+        check_bools(compute_entropy=compute_entropy, inplace_backward=inplace_backward, check_finite=check_finite)
         check_choice(backend, "backend", BACKENDS)
         check_validate(validate)
         self.call_options = dict(compute_entropy=compute_entropy, inplace_backward=inplace_backward,

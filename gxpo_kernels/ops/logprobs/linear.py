@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_bias_finite, check_same_device, check_shape, check_temperature, check_tensor, checked_mask,
-                       compiled_safe_tokens, nan_at)
+from ..._utils import (check_bias_finite, check_bools, check_same_device, check_shape, check_temperature, check_tensor,
+                       checked_mask, compiled_safe_tokens, nan_at)
 from ..._utils import check_finite as _check_finite  # the public kwarg `check_finite` shadows it
 from ..fused_head._library import token_stats_rows
 from ..fused_head.engine import make_head_config, validate_head
@@ -43,6 +43,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
         logp, ent = linear_token_logprobs(h, model.lm_head.weight, ids, temperature=0.7, mask=completion_mask)
     """
+    check_bools(compute_entropy=compute_entropy, fp32_head=fp32_head, deterministic=deterministic,
+                check_finite=check_finite)
     validate_head(hidden, weight, bias, fp32_head)
     temperature = check_temperature(temperature)
     shape = hidden.shape[:-1]

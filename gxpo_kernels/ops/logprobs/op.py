@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._utils import (check_same_device, check_temperature, check_tensor, checked_mask, compiled_safe_tokens,
-                       has_internal_overlap, nan_at, resolve_backend, saved_tensor_hooks_active)
+from ..._utils import (check_bools, check_same_device, check_temperature, check_tensor, checked_mask,
+                       compiled_safe_tokens, has_internal_overlap, nan_at, resolve_backend, saved_tensor_hooks_active)
 from . import _library
 
 
@@ -59,6 +59,7 @@ def token_logprobs(
         >>> logp.shape, ent.shape
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
+    check_bools(compute_entropy=compute_entropy, inplace_backward=inplace_backward)
     validate_logits(logits)
     B, T, V = logits.shape
     check_tensor(tokens, "tokens", ndim=2)
