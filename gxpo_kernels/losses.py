@@ -55,7 +55,8 @@ class GRPOLossOptions:
             token log-ratio). "sequence" is for ``clip`` only.
         loss_agg_mode: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
             "seq-mean-token-sum-norm" (Dr.GRPO: sum / (B * max_length)).
-        max_length: T_max of "seq-mean-token-sum-norm" (default: the tensors' T).
+        max_length: T_max of "seq-mean-token-sum-norm" (default: the tensors' T); verl's ``loss_scale_factor``
+            divides by T_max alone, so its loss is ours times B.
         policy_loss: "clip" (PPO/GRPO clipped surrogate), "cispo", "sapo" or "vespo".
         log_ratio_clamp: |log-ratio| and |ref - logp| are clamped to this before ``exp`` (verl: 20), so the
             ratio and k3 stay finite with finite gradients; None = no clamp (TRL/Liger; may overflow).
