@@ -22,7 +22,7 @@ from typing import Dict, Mapping, NamedTuple, Optional
 
 import torch
 
-from ._utils import check_same_device, check_scalar, normalize_mask
+from ._utils import check_same_device, check_scalar, check_tensor, normalize_mask
 
 SCALES = ("std", "batch", "none")
 EMA_CONVENTIONS = ("slow", "fast")
@@ -53,8 +53,7 @@ def _group_moments(rewards: torch.Tensor, group_size: Optional[int], group_ids: 
     """(``group_stats``'s GroupStats, (N,) float64 rewards less their group mean). The moments are those of the
     rewards less their group's minimum, and so is the centred reward: r - mean with the mean rounded to the
     rewards' magnitude lost a spread of a few ulps ([0.7, 0.7, 0.7 + 1 ulp] centred to [0, 0, 1 ulp])."""
-    if not isinstance(rewards, torch.Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    check_tensor(rewards, "rewards")   # a tensor, dense (a sparse one failed inside PyTorch's reshape)
     if rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be (N,) or (num_prompts, G), got shape {tuple(rewards.shape)}")
     if rewards.numel() == 0:
@@ -68,7 +67,8 @@ def _group_moments(rewards: torch.Tensor, group_size: Optional[int], group_ids: 
     if group_ids is not None:
         if group_size is not None:
             raise ValueError("pass either group_size or group_ids, not both")
-        if not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point or \
+        check_tensor(group_ids, "group_ids")
+        if group_ids.dtype.is_floating_point or \
                 group_ids.dtype == torch.bool or group_ids.is_complex():
             raise TypeError("group_ids must be an integer torch.Tensor")
         if tuple(group_ids.shape) != (N,):
@@ -194,8 +194,7 @@ def sign_ratio(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
     ``advantages``: a float tensor of any shape, e.g. (B,) or (B, T). ``mask`` (same shape, bool or 0/1) selects
     the entries counted. inf when there is no negative mass (nan if both 0).
     """
-    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
-        raise TypeError("advantages must be a floating-point torch.Tensor")
+    check_tensor(advantages, "advantages", floating=True)   # dense too (sparse failed inside PyTorch)
     a = advantages.detach().double()
     if mask is not None:
         # (``mask.bool()`` read a weight such as 0.5 as 1: the one mask rule of the library instead)

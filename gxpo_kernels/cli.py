@@ -77,10 +77,25 @@ def _fail(message) -> None:
     raise SystemExit(2)
 
 
+def _rank0() -> bool:
+    """Whether this process is rank 0 of a distributed run, or in none: torch.distributed's rank while a process
+    group is up, else the launcher's ``RANK`` (torchrun, deepspeed), else ``LOCAL_RANK``."""
+    dist = sys.modules.get("torch.distributed")   # (imported by then if a group is up: no torch import here)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "").strip()
+        if value.lstrip("-").isdigit():
+            return int(value) == 0
+    return True
+
+
 def _interrupted(message, e: KeyboardInterrupt) -> None:
-    """Ctrl-C or SIGTERM: one line saying what was kept and how to go on, exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    """Ctrl-C or SIGTERM: one line saying what was kept and how to go on (on rank 0 only: torchrun stops every
+    rank), exit 130 (Ctrl-C) or 143 (SIGTERM) on every rank."""
     from .trainer.speedup import Terminated
-    sys.stderr.write(f"\n{PROG}: interrupted: {message}\n")
+    if _rank0():
+        sys.stderr.write(f"\n{PROG}: interrupted: {message}\n")
     raise SystemExit(143 if isinstance(e, Terminated) else 130)
 
 

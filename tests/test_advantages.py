@@ -395,3 +395,29 @@ def test_controller_load_is_strict_lossless_and_atomic():
                      "delta_min": 0.3, "delta_max": 1.0, "p_hat": 0.41, "h_hat": 1.2, "steps": 7}
     exact.load_state_dict(first_release)
     assert exact.state_dict() == first_release
+
+
+def test_sparse_rewards_and_advantages_are_refused_by_name():
+    """A sparse rewards / group_ids / advantages tensor failed inside PyTorch ("reshape is not implemented for
+    sparse tensors", "Could not run 'aten::clamp' ... 'SparseCPU'"); they now go through the ops' check_tensor
+    and name the argument and the fix (to_dense), COO and CSR alike."""
+    g = torch.Generator().manual_seed(34)
+    rewards = (torch.rand(3, 5, generator=g) > 0.5).float()
+    ids = torch.randint(0, 4, (15,), generator=g)
+    calls = {
+        "rewards": [lambda: group_advantages(rewards.to_sparse(), group_size=5),
+                    lambda: group_advantages(rewards.to_sparse_csr()),
+                    lambda: fade_advantages(rewards.reshape(-1).to_sparse(), group_size=5, alpha=2.0),
+                    lambda: group_stats(rewards.to_sparse())],
+        "group_ids": [lambda: group_advantages(rewards.reshape(-1), group_ids=ids.to_sparse())],
+        "advantages": [lambda: sign_ratio(torch.randn(3, 5, generator=g).to_sparse()),
+                       lambda: sign_ratio(torch.randn(3, 5, generator=g).to_sparse_csr())],
+    }
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=rf"^{name} must be a dense \(strided\) tensor.*to_dense"):
+                fn()
+    # the dense tensors still work (and a non-float advantages tensor is still refused by name)
+    assert group_advantages(rewards).shape == (3, 5)
+    with pytest.raises(TypeError, match="advantages must be a floating-point tensor"):
+        sign_ratio(torch.ones(3, dtype=torch.int64))

@@ -379,7 +379,12 @@ BOOL_FLAG_CALLS = {
     "SFPO": lambda x, **f: __import__("gxpo_kernels").SFPO(x.opt(), **f),
     "WindowGate": lambda x, **f: __import__("gxpo_kernels").WindowGate(**f),
     "GXPO.step": lambda x, **f: __import__("gxpo_kernels").GXPO(x.opt()).step(lambda: None, **f),
+    # the integrations' flags, checked before a model / engine / process group is needed
+    "CausalLMGRPOLoss": lambda x, **f: _integration("deepspeed").CausalLMGRPOLoss(torch.nn.Linear(2, 2), **f),
+    "fsdp.save_checkpoint": lambda x, **f: _integration("fsdp").save_checkpoint("unused", None, None, None, **f),
+    "fsdp.load_checkpoint": lambda x, **f: _integration("fsdp").load_checkpoint("unused", None, None, None, **f),
 }
+NO_VALID_CALL = ("GXPO.step", "fsdp.save_checkpoint", "fsdp.load_checkpoint")   # dummy closure / model
 BOOL_FLAGS = {
     "token_logprobs": ("compute_entropy", "inplace_backward"),
     "grpo_loss": ("compute_entropy", "inplace_backward", "check_finite", "use_bias_correction_kl", "reduce"),
@@ -395,7 +400,15 @@ BOOL_FLAGS = {
     "SFPO": ("transactional_state", "atomic", "gate_one_sided"),
     "WindowGate": ("one_sided",),
     "GXPO.step": ("force_plain",),
+    "CausalLMGRPOLoss": ("fused_linear",),
+    "fsdp.save_checkpoint": ("buffers",),
+    "fsdp.load_checkpoint": ("buffers",),
 }
+
+
+def _integration(name):
+    import importlib
+    return importlib.import_module(f"gxpo_kernels.integrations.{name}")
 
 
 @pytest.mark.parametrize("op", sorted(BOOL_FLAGS))
@@ -419,5 +432,5 @@ def test_bool_flags_refuse_strings_and_ints_by_name(op):
                 continue   # None: the gate's own default
             with pytest.raises(TypeError, match=rf"^{flag.removeprefix('gate_')} must be a bool \(True or False\)"):
                 call(X, **{flag: bad})
-    if op != "GXPO.step":   # (its closure is a dummy)
+    if op not in NO_VALID_CALL:
         call(X, **{BOOL_FLAGS[op][0]: np.bool_(False)})   # a numpy bool is a bool

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._utils import require
+from .._utils import check_bool, require
 
 UPDATE_STATE_FILE = "gxpo_update_state.pt"
 UPDATES = ("gxpo", "sfpo", "grpo")
@@ -137,6 +137,8 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             if opts["advantage_estimator"] not in ADVANTAGE_ESTIMATORS:
                 raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, "
                                  f"got {opts['advantage_estimator']!r}")
+            # (a string from code, such as "false", was truthy: read as True)
+            opts["recompute_old_logp"] = check_bool(opts["recompute_old_logp"], "recompute_old_logp")
             check_version()
             super().__init__(*args, **kwargs)
             enable_loss(self, loss_path=opts["loss_path"], backend=opts["backend"])
@@ -148,7 +150,7 @@ def make_trainer_classes(*, enable_loss, unsupported, check_version, engine, ent
             self._gxpo_update_kwargs = dict(opts["update_kwargs"] or {})
             if self.gxpo_update != "grpo":
                 self._gxpo_check_update_kwargs()
-            self._gxpo_recompute_old = bool(opts["recompute_old_logp"])
+            self._gxpo_recompute_old = opts["recompute_old_logp"]
             self._gxpo_rule = None
             self._gxpo_pending_state = None
             self._gxpo_skip_outer_step = False

@@ -661,14 +661,15 @@ class ExtrapolationRule:
             # once; a call only reads the gradients. It is rebuilt when the memory it was built for changes (an
             # address, dtype, numel, ...: see _plan_key), not when the same memory comes in new tensor objects
             # (DeepSpeed's views of its flat shards are new every step). Kept pass-0 gradients (g0_kept) are new
-            # tensors every step, so the plan takes g0 per call too
+            # tensors every step, so the plan takes g0 per call too. The same memory: the C++ op reads the tensors
+            # taken now, not the ones the plan was built with; a Triton plan whose own tensors' storage moved in
+            # place (the memory passed now at their old addresses) cannot, and is built again from these
             key = _plan_key(params, self._theta0, None if g0_kept else g0)
-            if getattr(self, "_xplan_key", None) != key:
+            if getattr(self, "_xplan_key", None) != key or \
+                    not self._xplan._take_lists_(params, self._theta0, None if g0_kept else g0):
                 self._xplan = ExtrapolationPlan(params, self._theta0, "per_call" if g0_kept else g0,
                                                 backend=self.backend, grads_are_param_dtype=True)
                 self._xplan_key = key
-            else:   # the same memory: the C++ op reads these tensors, not the ones the plan was built with
-                self._xplan._take_lists_(params, self._theta0, None if g0_kept else g0)
             return self._xplan(g1, g0=g0 if g0_kept else None, alpha=alpha, K=K, scale_formula=scale_formula,
                                inactive_threshold=inactive_threshold)
         return extrapolate_(params, self._theta0, g0, g1, alpha=alpha, K=K, scale_formula=scale_formula,
@@ -758,8 +759,8 @@ def _plan_key(params, theta0, g0) -> object:
     ``p.data = ...``, a reallocated buffer, a new storage at the old address in another dtype or size) gives
     another key. The tensors' ids are left out: the plan reads and writes memory, and the same memory handed
     over in new tensor objects (DeepSpeed's views of its flat shards, new every step) is the same plan. Equal
-    records mean the plan writes the memory passed now: on CUDA it launches on the addresses it tabulated (and
-    raises when a tensor it was built with has moved); on the CPU the caller hands it the call's tensors
+    records mean the plan writes the memory passed now: on CUDA it launches on the addresses it tabulated (when
+    a tensor it was built with has moved, ``_take_lists_`` says so and the rule builds it again); on the CPU the caller hands it the call's tensors
     (``ExtrapolationPlan._take_lists_``), as the storage under the ones it was built with may have moved in place
     (``share_memory_``, a storage ``resize_``) with other memory now at the old addresses."""
     ts = [*params, *theta0] if g0 is None else [*params, *theta0, *g0]

@@ -162,6 +162,18 @@ def test_config_subclass_sets_the_options(tmp_path):
                              processing_class=make_tokenizer(), update="gxpo")
 
 
+def test_recompute_old_logp_must_be_a_bool(tmp_path):
+    """recompute_old_logp="false" (from code, or a config built in code) was truthy and read as True; it now goes
+    through check_bool, as the library's other flags, before TRL builds anything (no model needed)."""
+    for bad in ("false", 0, 1):
+        with pytest.raises(TypeError, match=r"^recompute_old_logp must be a bool \(True or False\)"):
+            gtrl.GXPOGRPOTrainer(model=None, recompute_old_logp=bad)
+        args = gtrl.GXPOGRPOConfig(output_dir=str(tmp_path / "o"), recompute_old_logp=bad, use_cpu=True, bf16=False,
+                                   report_to="none")
+        with pytest.raises(TypeError, match=r"^recompute_old_logp must be a bool \(True or False\)"):
+            gtrl.GXPOGRPOTrainer(model=None, args=args)
+
+
 def test_adaptive_entropy_matches_trl(tmp_path):
     """TRL's adaptive entropy controller: same applied coefficient, loss, gradients and controller state over a
     sequence of micro-batches crossing two accumulation windows."""

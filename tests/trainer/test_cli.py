@@ -571,3 +571,22 @@ def test_size_bounds_leave_large_legitimate_values_alone():
     with pytest.raises(ValueError, match="prompts . group = 1049600 is too large"):
         TrainConfig(prompts=2 ** 10 + 1, group=2 ** 10).validate()
     assert MAX_GENERATE_ROWS == 2 ** 20
+
+
+@pytest.mark.parametrize("env, printed", [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False),
+                                          ({"LOCAL_RANK": "2"}, False), ({"RANK": "0", "LOCAL_RANK": "0"}, True)])
+def test_interrupted_line_on_rank_zero_only(monkeypatch, capsys, env, printed):
+    """Under torchrun every rank printed the same "interrupted: ..." line; now only rank 0 (RANK, else LOCAL_RANK,
+    or torch.distributed's rank when a group is up) prints it, and every rank keeps the exit code (130 for
+    Ctrl-C, 143 for SIGTERM)."""
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    for e, code in ((KeyboardInterrupt(), 130), (speedup.Terminated(), 143)):
+        with pytest.raises(SystemExit) as exc:
+            cli._interrupted("rerun with --resume latest", e)
+        assert exc.value.code == code
+        err = capsys.readouterr().err
+        assert (f"{cli.PROG}: interrupted: rerun with --resume latest" in err) == printed, err
+        assert printed or err == ""

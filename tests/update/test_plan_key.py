@@ -127,13 +127,18 @@ def test_prepared_plan_frees_what_it_was_built_for():
     assert now() is None
 
 
-def test_prepared_plan_writes_the_memory_passed_now_when_its_own_views_moved():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_prepared_plan_writes_the_memory_passed_now_when_its_own_views_moved(backend):
     """A sharded rule hands the plan new views of the same memory every step (DeepSpeed's flat shards), and the
     plan keeps the views it was built with. When the storage under those views moves in place (``share_memory_``,
     a storage ``resize_``) and the memory passed now is at the old addresses (here a second storage over the same
     NumPy buffer; after a resize, an allocator handing the freed block out again), the key matches: the CPU op was
     handed the plan's old views and wrote the moved storage, leaving the memory passed now as it was (no error).
-    It is handed this call's tensors now (against the float64 reference)."""
+    It is handed this call's tensors now (against the float64 reference). The Triton plan launches on the views it
+    holds and raised ValueError ("a parameter or buffer the plan was built for moved"); the rule rebuilds it now
+    (a second build), from the tensors passed now."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     np = pytest.importorskip("numpy")
     from gxpo_kernels.ops.extrapolate.reference import extrapolate_ref_
     shapes, gen = [(13, 7), (301,), (5, 3)], torch.Generator().manual_seed(0)
@@ -141,7 +146,7 @@ def test_prepared_plan_writes_the_memory_passed_now_when_its_own_views_moved():
     arr = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     flat0 = torch.randn(n, generator=gen)
     rule = GXPO(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), K=5, alpha=0.5, gate=None,
-                backend="cpp")
+                backend=backend)
 
     def views(buf):
         out, o = [], 0
@@ -167,4 +172,6 @@ def test_prepared_plan_writes_the_memory_passed_now_when_its_own_views_moved():
         first.untyped_storage().share_memory_()      # the plan's views now see other memory
         assert first.data_ptr() != arr.ctypes.data
         call(torch.from_numpy(arr))                  # the old memory, in another storage: the same records
-        assert builds[0] == 1
+        assert builds[0] == (1 if backend == "cpp" else 2)
+        call(torch.from_numpy(arr))                  # (new views of the same memory: the plan is kept)
+        assert builds[0] == (1 if backend == "cpp" else 2)

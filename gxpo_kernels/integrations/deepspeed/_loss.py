@@ -13,6 +13,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..._utils import check_bool
+
 
 class CausalLMGRPOLoss(nn.Module):
     """``forward(input_ids, attention_mask, advantages, ...) -> loss`` of a wrapped causal LM.
@@ -33,7 +35,7 @@ class CausalLMGRPOLoss(nn.Module):
     def __init__(self, model: nn.Module, *, fused_linear: bool = True, **loss_opts):
         super().__init__()
         self.model = model
-        self.fused_linear = bool(fused_linear)
+        self.fused_linear = check_bool(fused_linear, "fused_linear")   # ("no" was truthy)
         self.loss_opts = loss_opts
         self.metrics: Dict[str, torch.Tensor] = {}
 

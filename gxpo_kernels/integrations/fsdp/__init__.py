@@ -33,6 +33,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..._utils import check_bool
 from ._rule import FSDPGXPO, FSDPSFPO, check_fsdp
 
 __all__ = ["wrap", "FSDPGXPO", "FSDPSFPO", "check_fsdp", "save_checkpoint", "load_checkpoint"]
@@ -78,6 +79,7 @@ def save_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
     """``torch.distributed.checkpoint.save`` of the sharded model, the optimizer state and the rule's state
     (gate statistics, fired flag, counters; with ``buffers=True`` also θ0 / ĝ0 of the last step). Collective:
     call it on every rank between ``rule.step`` calls. ``extra``: more entries (e.g. a scheduler's state)."""
+    buffers = check_bool(buffers, "buffers")   # before the collective: "no" was truthy (saved the buffers)
     import torch.distributed.checkpoint as dcp
     sd = _state(model, optimizer, rule, buffers)
     if extra:
@@ -109,6 +111,7 @@ def load_checkpoint(checkpoint_id, model, optimizer, rule, *, buffers: bool = Fa
     filled in place with the saved entries of the same names. The rule's state is read first: a rule built with
     other settings than the checkpoint's (K, alpha, the gate's, ...) raises ValueError before the model, the
     optimizer, the rule or ``extra`` change."""
+    buffers = check_bool(buffers, "buffers")   # before anything is read or changed
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
     before = rule.state_dict()

@@ -620,17 +620,21 @@ class ExtrapolationPlan:
             if self.backend == "triton" and len(params) else None
         self._modes = (self._check_dtypes,) * (2 if self.g0_per_call else 1)
 
-    def _take_lists_(self, params, theta0, g0=None) -> None:
+    def _take_lists_(self, params, theta0, g0=None) -> bool:
         """Take a call's tensor objects for the static lists where the plan reads them per call (the C++ op, the
         PyTorch paths), when the caller has checked that they are the memory the plan was built for (the update
         rules' key on their records): the op then works on the memory passed now even when the storage under the
         tensors the plan was built with has moved in place since (``share_memory_``, a storage ``resize_``) and
         other memory came at the old addresses. ``g0``: a static g0's tensors, None to keep them. The Triton plan
-        launches on the addresses it tabulated and raises when its base tensors moved: nothing to take there."""
+        launches on the base tensors it holds: nothing to take there, and when they moved (``_Plan.moved``, a few
+        attribute reads) it returns False, as the plan cannot write the memory passed now: build a new one (a
+        call would raise ValueError). True otherwise."""
         if self._plan is None:
             self.params, self.theta0 = list(params), list(theta0)
             if g0 is not None and not self.g0_per_call:
                 self.g0 = list(g0)
+            return True
+        return not self._plan.moved()
 
     def __call__(self, g1, *, g0=None, alpha: float, K: int, clip_coef0: float = 1.0, clip_coef1: float = 1.0,
                  scale_formula: str = "horner", inactive_threshold: Optional[float] = None, delta: float = 1e-8,
