@@ -760,9 +760,10 @@ def _plan_key(params, theta0, g0) -> object:
     another key. The tensors' ids are left out: the plan reads and writes memory, and the same memory handed
     over in new tensor objects (DeepSpeed's views of its flat shards, new every step) is the same plan. Equal
     records mean the plan writes the memory passed now: on CUDA it launches on the addresses it tabulated (when
-    a tensor it was built with has moved, ``_take_lists_`` says so and the rule builds it again); on the CPU the caller hands it the call's tensors
-    (``ExtrapolationPlan._take_lists_``), as the storage under the ones it was built with may have moved in place
-    (``share_memory_``, a storage ``resize_``) with other memory now at the old addresses."""
+    a tensor it was built with has moved, ``_take_lists_`` says so and the rule builds it again); on the CPU the
+    caller hands it the call's tensors (``ExtrapolationPlan._take_lists_``), as the storage under the ones it was
+    built with may have moved in place (``share_memory_``, a storage ``resize_``) with other memory now at the old
+    addresses."""
     ts = [*params, *theta0] if g0 is None else [*params, *theta0, *g0]
     rd = _record_reader()
     rec = rd(ts, False) if rd is not None else None
