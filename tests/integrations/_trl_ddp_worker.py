@@ -5,7 +5,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# test_trl (this folder) imports tests._utils: the repository root too (a script's path holds only its folder)
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))]
 from test_trl import gtrl, make_trainer, reward_binary  # noqa: E402
 
 out = pathlib.Path(sys.argv[1])

@@ -7,7 +7,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# test_trl (this folder) imports tests._utils: the repository root too (a script's path holds only its folder)
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 import deepspeed.comm.torch  # noqa: E402,F401
