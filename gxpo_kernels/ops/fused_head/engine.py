@@ -28,7 +28,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -429,7 +428,8 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     was refused as "not a positive int"), a bool does not (True used to mean 1)."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, (bool, np.bool_)) and chunk_size > 0:
+    # (numbers.Integral holds numpy's integer types but not numpy's bool)
+    if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size > 0:
         return int(chunk_size)
     raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
